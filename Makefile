@@ -1,0 +1,27 @@
+# Two entry points, each creating the virtual environment when it is missing:
+#   make study   - the Fashion-MNIST precision study (finds its data itself)
+#   make test    - the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# Use the shared data folder beside the checkout when there is one.
+SHARED_DATA := $(abspath ../shared/data)
+ifneq ($(wildcard $(SHARED_DATA)/fashion-mnist),)
+export MIXPREC_DATA ?= $(SHARED_DATA)
+endif
+
+.PHONY: study test clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+study: $(STAMP)
+	$(VENV)/bin/mixprec fashion-mnist --out runs/fashion-mnist
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

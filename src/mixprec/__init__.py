@@ -1,0 +1,32 @@
+"""mixprec: mixed-precision quantization and inference for PyTorch models."""
+
+from mixprec.errors import (
+    CalibrationError,
+    CheckpointError,
+    DataError,
+    InputError,
+    MixprecError,
+    PolicyError,
+)
+from mixprec.policy import Policy, Rule
+from mixprec.quant_report import LayerReport, QuantReport
+from mixprec.quantize import quantize
+from mixprec.serialization import load, save
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationError",
+    "CheckpointError",
+    "DataError",
+    "InputError",
+    "LayerReport",
+    "MixprecError",
+    "Policy",
+    "PolicyError",
+    "QuantReport",
+    "Rule",
+    "load",
+    "quantize",
+    "save",
+]

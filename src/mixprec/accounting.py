@@ -1,0 +1,38 @@
+"""Exact byte accounting of the tensors modules hold."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def own_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Parameters and buffers registered directly on ``module`` (not its children)."""
+    tensors = [t for _, t in module.named_parameters(recurse=False)]
+    tensors += [t for _, t in module.named_buffers(recurse=False) if t is not None]
+    return tensors
+
+
+def own_bytes(module: nn.Module) -> int:
+    """Bytes of the tensors registered directly on ``module``."""
+    return sum(t.nbytes for t in own_tensors(module))
+
+
+def modules_with_tensors(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that hold tensors of their own, in ``named_modules`` order."""
+    return [(name, module) for name, module in model.named_modules() if own_tensors(module)]
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every distinct tensor (parameter or persistent buffer) the model holds.
+
+    Tensors sharing storage (tied weights) are counted once.
+    """
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for tensor in model.state_dict(keep_vars=True).values():
+        key = (tensor.untyped_storage().data_ptr(), tensor.nbytes)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.nbytes
+    return total

@@ -1,0 +1,41 @@
+"""Wall-clock timing: interleaved rounds, medians, no timed assertions anywhere."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+
+
+def _per_call(fn: Callable[[], object], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def interleaved_medians(candidates: Mapping[str, Callable[[], object]], rounds: int = 7,
+                        min_seconds: float = 0.05, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each candidate, measured in interleaved rounds.
+
+    Each candidate is warmed up, then given a call count that makes one measurement last
+    at least ``min_seconds``. Every round times every candidate once (the order rotates
+    between rounds so none always runs first); the result is the median over rounds.
+    """
+    if not candidates:
+        raise ValueError("interleaved_medians needs at least one candidate")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    calls: dict[str, int] = {}
+    for name, fn in candidates.items():
+        for _ in range(warmup):
+            fn()
+        once = max(_per_call(fn, 1), 1e-7)
+        calls[name] = max(1, int(min_seconds / once))
+    names = list(candidates)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(_per_call(candidates[name], calls[name]))
+    return {name: statistics.median(values) for name, values in samples.items()}

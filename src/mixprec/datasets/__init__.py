@@ -1,0 +1,1 @@
+"""Dataset loaders: find local copies, validate every byte, never commit data."""

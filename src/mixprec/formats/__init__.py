@@ -1,0 +1,39 @@
+"""Numbers only: quantization schemes and parameters, rounding, half storage, int4 packing."""
+
+from mixprec.formats.affine import (
+    SCALE_MIN,
+    QParams,
+    dequantize,
+    fake_quantize,
+    integer_dtype,
+    minmax,
+    param_shape,
+    qparams_from_range,
+    qparams_from_tensor,
+    quantize,
+    slice_view,
+)
+from mixprec.formats.half import HALF_DTYPES, HalfConversion, half_dtype, to_half
+from mixprec.formats.int4 import pack_int4, unpack_int4
+from mixprec.formats.spec import QuantSpec
+
+__all__ = [
+    "HALF_DTYPES",
+    "SCALE_MIN",
+    "HalfConversion",
+    "QParams",
+    "QuantSpec",
+    "dequantize",
+    "fake_quantize",
+    "half_dtype",
+    "integer_dtype",
+    "minmax",
+    "pack_int4",
+    "param_shape",
+    "qparams_from_range",
+    "qparams_from_tensor",
+    "quantize",
+    "slice_view",
+    "to_half",
+    "unpack_int4",
+]

@@ -1,0 +1,20 @@
+"""Quantized modules that own their packed storage and pick a kernel."""
+
+from mixprec.nn.base import QuantizedModule
+from mixprec.nn.embedding import HalfEmbedding, Int8Embedding, W4Embedding
+from mixprec.nn.linear_half import HalfLinear
+from mixprec.nn.linear_int8 import Int8DynamicLinear, Int8StaticLinear, Int8TensorFakeQuantLinear
+from mixprec.nn.linear_weight_only import W4Linear, W8Linear
+
+__all__ = [
+    "HalfEmbedding",
+    "HalfLinear",
+    "Int8DynamicLinear",
+    "Int8Embedding",
+    "Int8StaticLinear",
+    "Int8TensorFakeQuantLinear",
+    "QuantizedModule",
+    "W4Embedding",
+    "W4Linear",
+    "W8Linear",
+]

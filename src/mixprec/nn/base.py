@@ -1,0 +1,52 @@
+"""Common ground of mixprec's quantized modules."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mixprec.errors import InputError
+
+
+class QuantizedModule(nn.Module):
+    """A module that owns low-precision storage (as buffers) and runs a named kernel.
+
+    Subclasses set :attr:`precision` (the policy name, e.g. ``"w4g32"``) and
+    :attr:`kernel` (what the forward pass actually executes).
+    """
+
+    precision: str
+    kernel: str
+
+    def storage_bytes(self) -> int:
+        """Exact bytes of every tensor this module holds."""
+        return sum(t.nbytes for t in self.state_dict().values())
+
+
+def check_linear_input(x: Tensor, in_features: int, name: str) -> None:
+    """Refuse inputs a linear layer cannot take, with a message saying what would fit."""
+    if not isinstance(x, Tensor):
+        raise InputError(f"{name} takes a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise InputError(
+            f"{name} takes float32, float16 or bfloat16 input, got {x.dtype}; "
+            "convert with x.float()"
+        )
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise InputError(
+            f"{name} expects input of shape [..., {in_features}], got {tuple(x.shape)}"
+        )
+    if x.device.type != "cpu":
+        raise InputError(f"{name} runs on the CPU; move the input there (x.cpu()), got {x.device}")
+
+
+def check_token_ids(ids: Tensor, num_embeddings: int, name: str) -> None:
+    """Refuse token ids that are not integers in ``[0, num_embeddings)``."""
+    if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32):
+        got = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
+        raise InputError(f"{name} takes int64 or int32 token ids, got {got}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_embeddings):
+        raise InputError(
+            f"{name} has {num_embeddings} rows; token ids must lie in [0, {num_embeddings - 1}], "
+            f"got values in [{int(ids.min())}, {int(ids.max())}]"
+        )

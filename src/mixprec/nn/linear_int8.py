@@ -1,0 +1,149 @@
+"""int8 linear layers: dynamic per-token, static per-tensor, and the seed's fake-quant baseline.
+
+Weights are int8 in the ``[out, in]`` layout of ``nn.Linear``. Bias stays float32 since it
+is added after the int32 accumulator is rescaled to float.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mixprec.formats import QuantSpec, dequantize, qparams_from_tensor, quantize
+from mixprec.formats.affine import QParams
+from mixprec.kernels import INT8_MATMUL_KERNEL, int8_matmul, quantize_per_tensor, quantize_per_token_symmetric
+from mixprec.nn.base import QuantizedModule, check_linear_input
+
+#: int8 weights, symmetric [-127, 127], one scale per output channel.
+WEIGHT_PER_CHANNEL = QuantSpec(bits=8, signed=True, symmetric=True, granularity="channel", axis=0)
+#: int8 weights or activations, symmetric [-127, 127], one scale for the tensor.
+PER_TENSOR_SYMMETRIC = QuantSpec(bits=8, signed=True, symmetric=True, granularity="tensor")
+#: Static activations: asymmetric int8 [-128, 127], one scale and zero point.
+STATIC_ACTIVATION = QuantSpec(bits=8, signed=True, symmetric=False, granularity="tensor")
+
+
+class _Int8WeightLinear(QuantizedModule):
+    """Holds int8 weight codes, their float32 scales, and an optional float32 bias."""
+
+    weight_spec: QuantSpec = WEIGHT_PER_CHANNEL
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        nscales = out_features if self.weight_spec.granularity == "channel" else 1
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(nscales))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    def _set_weight(self, linear: nn.Linear) -> None:
+        qp = qparams_from_tensor(linear.weight.detach(), self.weight_spec)
+        self.weight.copy_(quantize(linear.weight.detach(), qp))
+        self.weight_scale.copy_(qp.scale.reshape(-1))
+        if self.bias is not None:
+            self.bias.copy_(linear.bias.detach())
+
+    def weight_qparams(self) -> QParams:
+        scale = self.weight_scale if self.weight_spec.granularity == "channel" else self.weight_scale[0]
+        return QParams(self.weight_spec, scale.clone(), torch.zeros_like(scale, dtype=torch.int32))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, precision={self.precision}"
+
+
+class Int8DynamicLinear(_Int8WeightLinear):
+    """``int8``: per-token symmetric int8 activations, int8 x int8 GEMM, int32 accumulation.
+
+    ``y[m, n] = acc[m, n] * s_x[m] * s_w[n] + b[n]`` evaluated in float32 left to right,
+    where ``acc`` is the exact int32 dot product of the codes. A token holding NaN or
+    +-inf has a non-finite scale, so its output row is non-finite (NaN or +-inf), never a
+    finite-looking value.
+    """
+
+    precision = "int8"
+    kernel = INT8_MATMUL_KERNEL
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "Int8DynamicLinear":
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        module._set_weight(linear)
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_linear_input(x, self.in_features, type(self).__name__)
+        x2d = x.reshape(-1, self.in_features).to(torch.float32)
+        q, scale = quantize_per_token_symmetric(x2d)
+        y = int8_matmul(q, self.weight.t()).to(torch.float32).mul_(scale).mul_(self.weight_scale)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int8StaticLinear(_Int8WeightLinear):
+    """``int8-static``: activations quantized with calibrated per-tensor asymmetric parameters.
+
+    ``q_x = clamp(round_half_even(x / s_x) + z_x, -128, 127)`` with ``s_x, z_x`` fixed at
+    calibration; ``y[m, n] = acc[m, n] * (s_x * s_w[n]) + b'[n]`` where the zero-point term
+    is folded into the stored bias ``b'[n] = b[n] - s_x * s_w[n] * z_x * sum_k W_q[n, k]``.
+    Inputs beyond the calibrated range saturate.
+    """
+
+    precision = "int8-static"
+    kernel = INT8_MATMUL_KERNEL
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias=True)
+        self.register_buffer("input_scale", torch.ones(()))
+        self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int32))
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, input_qparams: QParams) -> "Int8StaticLinear":
+        if input_qparams.spec != STATIC_ACTIVATION:
+            raise ValueError(f"static activations need spec {STATIC_ACTIVATION}, got {input_qparams.spec}")
+        module = cls(linear.in_features, linear.out_features, bias=True)
+        module._set_weight(linear)
+        module.input_scale.copy_(input_qparams.scale)
+        module.input_zero_point.copy_(input_qparams.zero_point)
+        bias = linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features)
+        row_sums = module.weight.to(torch.int32).sum(dim=1).to(torch.float32)
+        combined = module.input_scale * module.weight_scale
+        module.bias.copy_(bias - combined * module.input_zero_point.to(torch.float32) * row_sums)
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_linear_input(x, self.in_features, type(self).__name__)
+        x2d = x.reshape(-1, self.in_features).to(torch.float32)
+        q = quantize_per_tensor(x2d, float(self.input_scale), int(self.input_zero_point), -128, 127)
+        y = int8_matmul(q, self.weight.t()).to(torch.float32)
+        y.mul_(self.input_scale * self.weight_scale).add_(self.bias)
+        nan_in = torch.isnan(x2d).any(dim=1)
+        if bool(nan_in.any()):
+            y[nan_in] = float("nan")
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int8TensorFakeQuantLinear(_Int8WeightLinear):
+    """``int8-tensor``: the seed project's scheme, kept as a baseline.
+
+    Dynamic symmetric per-tensor quantization of activations and weights, then
+    dequantize and run the matmul in float32 ("fake" quantization): memory shrinks, but
+    nothing runs in int8 and it is slower than plain float32.
+    """
+
+    precision = "int8-tensor"
+    kernel = "fake-quant: dequantize, float32 matmul"
+    weight_spec = PER_TENSOR_SYMMETRIC
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "Int8TensorFakeQuantLinear":
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        module._set_weight(linear)
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_linear_input(x, self.in_features, type(self).__name__)
+        xf = x.to(torch.float32)
+        x_qp = qparams_from_tensor(xf, PER_TENSOR_SYMMETRIC)
+        x_fq = dequantize(quantize(xf, x_qp), x_qp)
+        w = dequantize(self.weight, self.weight_qparams())
+        return F.linear(x_fq, w, self.bias).to(x.dtype)

@@ -1,0 +1,180 @@
+"""Precision names and the quantized module each one builds.
+
+Names (used in Python, TOML and the CLI):
+
+=============  =====================================================  ===========
+name           meaning                                                 applies to
+=============  =====================================================  ===========
+fp32           unchanged                                               all
+bf16, fp16     weights (and bias) stored and computed in half          Linear, Embedding
+int8           Linear: int8 weights per output channel (symmetric),    Linear, Embedding
+               int8 activations per token (dynamic, symmetric),
+               int8 x int8 GEMM, int32 accumulation.
+               Embedding: uint8 row-wise asymmetric table.
+int8-static    int8 weights per channel, activations per tensor with   Linear
+               calibrated asymmetric parameters
+int8-tensor    the seed project's dynamic symmetric per-tensor fake    Linear
+               quantization (baseline)
+w8             int8 weight-only, per output channel                    Linear
+w4, w4gN       int4 weight-only in groups of N (Linear default 32;     Linear, Embedding
+               Embedding ``w4`` is row-wise, asymmetric)
+=============  =====================================================  ===========
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from mixprec.errors import PolicyError
+from mixprec.formats import QParams
+from mixprec.nn import (
+    HalfEmbedding,
+    HalfLinear,
+    Int8DynamicLinear,
+    Int8Embedding,
+    Int8StaticLinear,
+    Int8TensorFakeQuantLinear,
+    QuantizedModule,
+    W4Embedding,
+    W4Linear,
+    W8Linear,
+)
+
+FAMILIES = ("fp32", "bf16", "fp16", "int8", "int8-static", "int8-tensor", "w8", "w4")
+LINEAR_FAMILIES = FAMILIES
+EMBEDDING_FAMILIES = ("fp32", "bf16", "fp16", "int8", "w4")
+#: Group size of ``w4`` on a Linear.
+DEFAULT_LINEAR_GROUP = 32
+_GROUPED = re.compile(r"w4g([0-9]+)")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A parsed precision name: its family and, for ``w4gN``, the group size."""
+
+    family: str
+    group_size: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"w4g{self.group_size}" if self.group_size is not None else self.family
+
+    @property
+    def is_static(self) -> bool:
+        return self.family == "int8-static"
+
+
+def valid_names() -> str:
+    """Human-readable list of valid precision names."""
+    return ", ".join(FAMILIES) + ", w4gN (N an even group size, e.g. w4g128)"
+
+
+def parse_precision(name: object) -> Precision:
+    """Parse a precision name, raising PolicyError with the valid names if unknown."""
+    if isinstance(name, Precision):
+        return name
+    if not isinstance(name, str):
+        raise PolicyError(f"precision must be a string, got {type(name).__name__}; valid: {valid_names()}")
+    if name in FAMILIES:
+        return Precision(name)
+    match = _GROUPED.fullmatch(name)
+    if match:
+        group = int(match.group(1))
+        if group < 2 or group % 2:
+            raise PolicyError(f"precision {name!r}: the group size must be even and >= 2")
+        return Precision("w4", group)
+    raise PolicyError(f"unknown precision {name!r}; valid: {valid_names()}")
+
+
+def quantizable(module: nn.Module) -> bool:
+    """Whether mixprec knows how to replace this module."""
+    return isinstance(module, (nn.Linear, nn.Embedding)) and not isinstance(module, QuantizedModule)
+
+
+def _features(module: nn.Module) -> int:
+    return module.in_features if isinstance(module, nn.Linear) else module.embedding_dim
+
+
+def check_applicable(name: str, module: nn.Module, precision: Precision) -> None:
+    """Raise PolicyError if ``precision`` cannot be applied to ``module``."""
+    kind = type(module).__name__
+    families = LINEAR_FAMILIES if isinstance(module, nn.Linear) else EMBEDDING_FAMILIES
+    if precision.family not in families:
+        raise PolicyError(
+            f"precision {precision.name!r} is not valid for layer {name!r} ({kind}); "
+            f"valid for {kind}: {', '.join(families)}"
+        )
+    group = group_size_for(module, precision)
+    features = _features(module)
+    if group is not None and features % group:
+        divisors = [d for d in range(2, features + 1, 2) if features % d == 0]
+        raise PolicyError(
+            f"group size {group} does not divide the {features} input features of layer {name!r}; "
+            f"group sizes that do: {', '.join(map(str, divisors[:10])) or 'none (odd width)'}"
+        )
+    if isinstance(module, nn.Embedding) and module.max_norm is not None and precision.family != "fp32":
+        raise PolicyError(f"embedding {name!r} uses max_norm, which a frozen low-precision table cannot honour")
+
+
+def group_size_for(module: nn.Module, precision: Precision) -> int | None:
+    """Effective group size: Linear ``w4`` -> 32, Embedding ``w4`` -> whole row."""
+    if precision.family != "w4":
+        return None
+    if precision.group_size is not None:
+        return precision.group_size
+    return DEFAULT_LINEAR_GROUP if isinstance(module, nn.Linear) else module.embedding_dim
+
+
+def build(module: nn.Module, precision: Precision, input_qparams: QParams | None = None) -> nn.Module:
+    """Quantize a float ``nn.Linear``/``nn.Embedding`` into the module for ``precision``."""
+    family = precision.family
+    if family == "fp32":
+        return module
+    if isinstance(module, nn.Embedding):
+        if family in ("bf16", "fp16"):
+            return HalfEmbedding.from_float(module, family)
+        if family == "int8":
+            return Int8Embedding.from_float(module)
+        return W4Embedding.from_float(module, precision.group_size)
+    if family in ("bf16", "fp16"):
+        return HalfLinear.from_float(module, family)
+    if family == "int8":
+        return Int8DynamicLinear.from_float(module)
+    if family == "int8-static":
+        if input_qparams is None:
+            raise PolicyError("int8-static needs calibrated input parameters")
+        return Int8StaticLinear.from_float(module, input_qparams)
+    if family == "int8-tensor":
+        return Int8TensorFakeQuantLinear.from_float(module)
+    if family == "w8":
+        return W8Linear.from_float(module)
+    return W4Linear.from_float(module, group_size_for(module, precision))
+
+
+def build_empty(module: nn.Module, precision: Precision) -> nn.Module:
+    """The quantized module for ``precision`` with placeholder storage of the right shapes."""
+    family = precision.family
+    if family == "fp32":
+        return module
+    if isinstance(module, nn.Embedding):
+        rows, dim = module.num_embeddings, module.embedding_dim
+        if family in ("bf16", "fp16"):
+            return HalfEmbedding(rows, dim, family)
+        if family == "int8":
+            return Int8Embedding(rows, dim)
+        return W4Embedding(rows, dim, precision.group_size)
+    shape = (module.in_features, module.out_features, module.bias is not None)
+    if family in ("bf16", "fp16"):
+        return HalfLinear(*shape, fmt=family)
+    if family == "w4":
+        return W4Linear(*shape, group_size=group_size_for(module, precision))
+    classes: dict[str, type[nn.Module]] = {
+        "int8": Int8DynamicLinear,
+        "int8-static": Int8StaticLinear,
+        "int8-tensor": Int8TensorFakeQuantLinear,
+        "w8": W8Linear,
+    }
+    return classes[family](*shape)

@@ -1,0 +1,1 @@
+"""Tables, CSV/JSON and plots of measured results."""

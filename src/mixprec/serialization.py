@@ -1,0 +1,155 @@
+"""Saving and loading quantized models: safetensors plus JSON metadata, never pickle.
+
+The file is one ``.safetensors`` file. Its header metadata holds, under the key
+``"mixprec"``, a JSON object ``{"format": "mixprec", "version": 1, "layers": {name:
+precision}, "aliases": {key: canonical key}}``. :func:`load` rebuilds the quantized
+layers on a freshly built float model of the same architecture, validates every tensor's
+name, shape and dtype and every scale before it changes anything, then swaps them in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from mixprec.accounting import model_bytes, modules_with_tensors, own_bytes
+from mixprec.errors import CheckpointError, MixprecError
+from mixprec.io_utils import atomic_path
+from mixprec.nn import QuantizedModule
+from mixprec.precision import build_empty, check_applicable, parse_precision
+from mixprec.quant_report import LayerReport, QuantReport
+
+FORMAT_VERSION = 1
+
+
+def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Write ``model``'s tensors and its layers' precisions to ``path`` (atomically)."""
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"save takes a torch.nn.Module, got {type(model).__name__}")
+    layers = {name: module.precision for name, module in model.named_modules() if isinstance(module, QuantizedModule)}
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for key, tensor in model.state_dict().items():
+        if tensor.device.type != "cpu":
+            raise CheckpointError(f"tensor {key!r} is on {tensor.device}; move the model to the CPU before saving")
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if identity in seen:
+            aliases[key] = seen[identity]
+            continue
+        seen[identity] = key
+        tensors[key] = tensor.contiguous()
+    metadata = {"format": "mixprec", "version": FORMAT_VERSION, "layers": layers, "aliases": aliases}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"mixprec": json.dumps(metadata)})
+
+
+def _read_metadata(path: Path) -> tuple[dict[str, str], dict[str, str], dict[str, Tensor]]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get("mixprec")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist") from None
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
+    if raw is None:
+        raise CheckpointError(f"{str(path)!r} has no mixprec metadata; was it written by mixprec.save?")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{str(path)!r} has corrupt mixprec metadata: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != "mixprec" or meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{str(path)!r} has metadata format/version {meta.get('format')!r}/{meta.get('version')!r}; "
+            f"this mixprec reads mixprec/{FORMAT_VERSION}"
+        )
+    layers, aliases = meta.get("layers"), meta.get("aliases", {})
+    if not isinstance(layers, dict) or not isinstance(aliases, dict):
+        raise CheckpointError(f"{str(path)!r} metadata lacks its 'layers' table")
+    return layers, aliases, tensors
+
+
+def load(model: nn.Module, path: str | os.PathLike[str]) -> QuantReport:
+    """Load a checkpoint written by :func:`save` into a freshly built float ``model``.
+
+    Raises CheckpointError, leaving ``model`` untouched, if anything does not fit.
+    """
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"load takes a torch.nn.Module, got {type(model).__name__}")
+    already = [name for name, m in model.named_modules() if isinstance(m, QuantizedModule)]
+    if already:
+        raise CheckpointError(f"load needs a float model, but {already[0]!r} is already quantized")
+    layers, aliases, stored = _read_metadata(Path(path))
+    fp32_bytes = model_bytes(model)
+    modules = dict(model.named_modules())
+    replacements: dict[str, nn.Module] = {}
+    for name, precision_name in layers.items():
+        if name not in modules:
+            raise CheckpointError(f"checkpoint has quantized layer {name!r}, which the model lacks")
+        try:
+            precision = parse_precision(precision_name)
+            check_applicable(name, modules[name], precision)
+            replacements[name] = build_empty(modules[name], precision)
+        except MixprecError as exc:
+            raise CheckpointError(f"layer {name!r} cannot take the saved precision: {exc}") from None
+    expected = _expected_state(model, replacements)
+    tensors = dict(stored)
+    for key, canonical in aliases.items():
+        if canonical not in stored:
+            raise CheckpointError(f"alias {key!r} points at missing tensor {canonical!r}")
+        tensors[key] = stored[canonical]
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint tensors do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for key, target in expected.items():
+        got = tensors[key]
+        if got.shape != target.shape or got.dtype != target.dtype:
+            raise CheckpointError(
+                f"tensor {key!r}: checkpoint has {got.dtype} {tuple(got.shape)}, "
+                f"the model needs {target.dtype} {tuple(target.shape)}"
+            )
+        if key.rpartition(".")[2] in ("weight_scale", "input_scale") and not (
+            torch.isfinite(got).all() and (got > 0).all()
+        ):
+            raise CheckpointError(f"tensor {key!r} holds scales that are not finite and positive")
+    for name, new in replacements.items():
+        prefix = f"{name}."
+        new.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    with torch.no_grad():
+        for name, new in replacements.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        model.load_state_dict({k: tensors[k] for k in expected})
+    return _loaded_report(model, layers, fp32_bytes)
+
+
+def _expected_state(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, Tensor]:
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if not any(key.startswith(f"{name}.") for name in replacements):
+            state[key] = tensor
+    for name, module in replacements.items():
+        state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+    return state
+
+
+def _loaded_report(model: nn.Module, layers: dict[str, str], fp32_bytes: int) -> QuantReport:
+    rows = []
+    for name, module in modules_with_tensors(model):
+        bytes_after = own_bytes(module)
+        rows.append(LayerReport(
+            name=name, module_type=type(module).__name__, precision=layers.get(name, "fp32"),
+            kernel=getattr(module, "kernel", "unchanged"), rule="checkpoint",
+            bytes_before=bytes_after, bytes_after=bytes_after,
+        ))
+    return QuantReport(tuple(rows), model_bytes(model), fp32_bytes)
