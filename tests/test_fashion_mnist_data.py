@@ -51,7 +51,8 @@ def test_download_verifies_checksums(fashion_dir: Path, monkeypatch: pytest.Monk
     target = tmp_path / "cache"
     assert fashion_mnist.download_to(target, mirror.as_uri() + "/") == target
     assert fashion_mnist.load_split("test", target).images.shape == (10000, 28, 28)
-    (mirror / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01" + struct.pack(">I", 1) + b"\x00"))
+    wrong = gzip.compress(b"\x00\x00\x08\x01" + struct.pack(">I", 1) + b"\x00")
+    (mirror / "t10k-labels-idx1-ubyte.gz").write_bytes(wrong)
     (target / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DataError, match="SHA-256"):
         fashion_mnist.download_to(target, mirror.as_uri() + "/")

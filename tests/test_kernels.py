@@ -6,7 +6,24 @@ import pytest
 import torch
 
 from mixprec.formats import QuantSpec, qparams_from_tensor, quantize
-from mixprec.kernels import MAX_REDUCTION, int8_matmul, int8_matmul_reference, quantize_per_token_symmetric
+from mixprec.kernels import (
+    MAX_REDUCTION,
+    int8_matmul,
+    int8_matmul_reference,
+    native,
+    quantize_per_token_symmetric,
+    quantize_per_token_symmetric_torch,
+    rescale_accumulator_torch,
+)
+
+
+def awkward_rows() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(40, 301, generator=generator) * torch.logspace(-30, 30, 40).unsqueeze(1)
+    x[3] = 0.0
+    x[4, :5] = torch.tensor([0.5, 1.5, 2.5, -2.5, 127.0]) / 127.0 * 127.0  # ties on the grid
+    x[5] = 1e-40  # subnormal inputs
+    return x
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 7, 3), (1, 784, 64), (5, 13, 9), (33, 63, 17), (256, 784, 64), (8, 1000, 130)])
@@ -32,10 +49,35 @@ def test_int8_matmul_refuses_bad_operands() -> None:
 
 
 def test_per_token_quantization_equals_the_general_rule_bit_for_bit() -> None:
-    generator = torch.Generator().manual_seed(3)
-    x = torch.randn(64, 300, generator=generator) * torch.logspace(-3, 3, 64).unsqueeze(1)
-    x[5] = 0.0
+    x = awkward_rows()
     q, scale = quantize_per_token_symmetric(x)
     qp = qparams_from_tensor(x, QuantSpec(bits=8, signed=True, symmetric=True, granularity="channel", axis=0))
     assert torch.equal(q, quantize(x, qp))
     assert torch.equal(scale.squeeze(1), qp.scale)
+
+
+def test_native_kernels_build_here() -> None:
+    assert native.load_error() is None, native.load_error()
+
+
+def test_native_and_torch_quantization_agree_bit_for_bit() -> None:
+    x = awkward_rows()
+    q_native, s_native = native.quantize_rows_s8(x)
+    q_torch, s_torch = quantize_per_token_symmetric_torch(x)
+    assert torch.equal(q_native, q_torch) and torch.equal(s_native, s_torch)
+
+
+def test_non_finite_rows_get_a_nan_scale_on_both_paths() -> None:
+    x = awkward_rows()[:4].clone()
+    x[1, 2] = float("nan")
+    x[2, 0] = float("-inf")
+    for _, scale in (native.quantize_rows_s8(x), quantize_per_token_symmetric_torch(x)):
+        assert torch.isnan(scale[1:3]).all() and torch.isfinite(scale[[0, 3]]).all()
+
+
+def test_native_and_torch_rescale_agree_bit_for_bit() -> None:
+    generator = torch.Generator().manual_seed(8)
+    acc = torch.randint(-(2**30), 2**30, (33, 17), dtype=torch.int32, generator=generator)
+    rows, cols, bias = torch.rand(33, 1) * 1e-3, torch.rand(17) * 1e-2, torch.randn(17)
+    for b in (bias, None):
+        assert torch.equal(native.rescale_rows_cols(acc, rows, cols, b), rescale_accumulator_torch(acc, rows, cols, b))

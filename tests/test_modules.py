@@ -8,6 +8,7 @@ from torch import nn
 
 from mixprec import InputError
 from mixprec.formats import QuantSpec, dequantize, qparams_from_tensor, quantize, unpack_int4
+from mixprec.kernels import native
 from mixprec.nn import HalfEmbedding, HalfLinear, Int8DynamicLinear, Int8Embedding, W4Embedding, W4Linear, W8Linear
 
 
@@ -24,6 +25,16 @@ def test_int8_dynamic_linear_matches_integer_reference_exactly() -> None:
     acc = quantize(x, x_qp).long() @ module.weight.long().t()
     expected = acc.float() * x_qp.scale.unsqueeze(1) * module.weight_scale + layer.bias.detach()
     assert torch.equal(module(x), expected)
+
+
+def test_int8_dynamic_linear_without_native_kernels_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = Int8DynamicLinear.from_float(linear())
+    x = torch.randn(9, 96)
+    fused = module(x)
+    assert "fused C++" in module.kernel
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert "PyTorch-op" in module.kernel
+    assert torch.equal(module(x), fused)
 
 
 def test_int8_dynamic_linear_is_close_to_float() -> None:

@@ -79,12 +79,14 @@ def test_rule_matching_no_module_is_refused_unless_allowed() -> None:
 
 
 def test_precision_not_valid_for_the_module_type() -> None:
-    with pytest.raises(PolicyError, match="(?s)'w8' is not valid for layer 'emb' \\(Embedding\\).*fp32, bf16, fp16, int8, w4"):
+    expected = "(?s)'w8' is not valid for layer 'emb' \\(Embedding\\).*fp32, bf16, fp16, int8, w4"
+    with pytest.raises(PolicyError, match=expected):
         Policy([("emb", "w8")]).plan(Net())
 
 
 def test_group_size_must_divide_the_input_features() -> None:
-    with pytest.raises(PolicyError, match="group size 28 does not divide the 96 input features of layer 'fc2'.*2, 4, 6, 8"):
+    expected = "group size 28 does not divide the 96 input features of layer 'fc2'.*2, 4, 6, 8"
+    with pytest.raises(PolicyError, match=expected):
         Policy([("fc2", "w4g28")]).plan(Net())
 
 
@@ -98,7 +100,8 @@ def test_static_precision_needs_calibration() -> None:
 def test_calibration_with_nan_or_nothing_is_refused() -> None:
     policy = Policy([("fc.", "int8-static")])
     with pytest.raises(CalibrationError, match="batch 1 holds NaN"):
-        mixprec.quantize(Net(), policy, calibration=[torch.zeros(2, 3, dtype=torch.long), (torch.full((2, 2), float("nan")),)])
+        batches = [torch.zeros(2, 3, dtype=torch.long), (torch.full((2, 2), float("nan")),)]
+        mixprec.quantize(Net(), policy, calibration=batches)
     with pytest.raises(CalibrationError, match="empty"):
         mixprec.quantize(Net(), policy, calibration=[])
 

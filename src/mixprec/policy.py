@@ -172,7 +172,7 @@ class Policy:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, object]) -> "Policy":
+    def from_dict(cls, data: Mapping[str, object]) -> Policy:
         """Build from ``{"default": ..., "allow_unused": ..., "rules": [{"pattern", "precision"}]}``."""
         if not isinstance(data, Mapping):
             raise PolicyError(f"a policy is a table/dict, got {type(data).__name__}")
@@ -187,7 +187,7 @@ class Policy:
         return cls(rules, default=data.get("default", "fp32"), allow_unused=data.get("allow_unused", False))  # type: ignore[arg-type]
 
     @classmethod
-    def from_toml(cls, path: str | os.PathLike[str]) -> "Policy":
+    def from_toml(cls, path: str | os.PathLike[str]) -> Policy:
         """Read a policy file::
 
             default = "fp32"

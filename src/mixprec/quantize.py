@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mixprec.accounting import model_bytes, modules_with_tensors, own_bytes
 from mixprec.errors import CalibrationError, PolicyError
 from mixprec.formats import QParams
 from mixprec.nn.linear_int8 import STATIC_ACTIVATION
 from mixprec.observers import OBSERVERS, make_observer
-from mixprec.accounting import model_bytes, modules_with_tensors, own_bytes
 from mixprec.policy import LayerPlan, Policy
 from mixprec.precision import build
 from mixprec.quant_report import LayerReport, QuantReport
@@ -77,7 +77,9 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
     return QuantReport(tuple(rows), model_bytes(model), fp32_bytes)
 
 
-def calibrate(model: nn.Module, plans: list[LayerPlan], calibration: Iterable[Any], observer: str) -> dict[str, QParams]:
+def calibrate(
+    model: nn.Module, plans: list[LayerPlan], calibration: Iterable[Any], observer: str
+) -> dict[str, QParams]:
     """Observe the inputs of the given layers over the calibration batches."""
     observers = {plan.name: make_observer(observer, STATIC_ACTIVATION) for plan in plans}
 

@@ -1,6 +1,12 @@
 """Fast compute paths, each with a slow reference beside it."""
 
-from mixprec.kernels.activation_quant import quantize_per_tensor, quantize_per_token_symmetric
+from mixprec.kernels.activation_quant import (
+    quantize_per_tensor,
+    quantize_per_token_symmetric,
+    quantize_per_token_symmetric_torch,
+    rescale_accumulator,
+    rescale_accumulator_torch,
+)
 from mixprec.kernels.int8_matmul import KERNEL_NAME as INT8_MATMUL_KERNEL
 from mixprec.kernels.int8_matmul import MAX_REDUCTION, int8_matmul, int8_matmul_reference
 
@@ -11,4 +17,7 @@ __all__ = [
     "int8_matmul_reference",
     "quantize_per_tensor",
     "quantize_per_token_symmetric",
+    "quantize_per_token_symmetric_torch",
+    "rescale_accumulator",
+    "rescale_accumulator_torch",
 ]

@@ -99,7 +99,7 @@ class Int8Embedding(_IntEmbedding):
                          scale_dtype=torch.float32)
 
     @classmethod
-    def from_float(cls, embedding: nn.Embedding) -> "Int8Embedding":
+    def from_float(cls, embedding: nn.Embedding) -> Int8Embedding:
         module = cls(embedding.num_embeddings, embedding.embedding_dim)
         module._set_table(embedding)
         return module
@@ -116,7 +116,7 @@ class W4Embedding(_IntEmbedding):
         self.precision = "w4" if group_size is None else f"w4g{group_size}"
 
     @classmethod
-    def from_float(cls, embedding: nn.Embedding, group_size: int | None = None) -> "W4Embedding":
+    def from_float(cls, embedding: nn.Embedding, group_size: int | None = None) -> W4Embedding:
         module = cls(embedding.num_embeddings, embedding.embedding_dim, group_size)
         module._set_table(embedding)
         return module
@@ -134,7 +134,7 @@ class HalfEmbedding(QuantizedModule):
         self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=half_dtype(fmt)))
 
     @classmethod
-    def from_float(cls, embedding: nn.Embedding, fmt: str) -> "HalfEmbedding":
+    def from_float(cls, embedding: nn.Embedding, fmt: str) -> HalfEmbedding:
         check_embedding(embedding)
         module = cls(embedding.num_embeddings, embedding.embedding_dim, fmt)
         converted = to_half(embedding.weight, module.weight.dtype)

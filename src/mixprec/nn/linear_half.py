@@ -33,7 +33,7 @@ class HalfLinear(QuantizedModule):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, fmt: str) -> "HalfLinear":
+    def from_float(cls, linear: nn.Linear, fmt: str) -> HalfLinear:
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, fmt)
         converted = to_half(linear.weight, module.weight.dtype)
         module.weight.copy_(converted.tensor)

@@ -12,7 +12,14 @@ from torch import Tensor, nn
 
 from mixprec.formats import QuantSpec, dequantize, qparams_from_tensor, quantize
 from mixprec.formats.affine import QParams
-from mixprec.kernels import INT8_MATMUL_KERNEL, int8_matmul, quantize_per_tensor, quantize_per_token_symmetric
+from mixprec.kernels import (
+    INT8_MATMUL_KERNEL,
+    int8_matmul,
+    native,
+    quantize_per_tensor,
+    quantize_per_token_symmetric,
+    rescale_accumulator,
+)
 from mixprec.nn.base import QuantizedModule, check_linear_input
 
 #: int8 weights, symmetric [-127, 127], one scale per output channel.
@@ -56,15 +63,18 @@ class Int8DynamicLinear(_Int8WeightLinear):
 
     ``y[m, n] = acc[m, n] * s_x[m] * s_w[n] + b[n]`` evaluated in float32 left to right,
     where ``acc`` is the exact int32 dot product of the codes. A token holding NaN or
-    +-inf has a non-finite scale, so its output row is non-finite (NaN or +-inf), never a
-    finite-looking value.
+    +-inf gives an all-NaN output row.
     """
 
     precision = "int8"
-    kernel = INT8_MATMUL_KERNEL
+
+    @property
+    def kernel(self) -> str:  # type: ignore[override]
+        fused = "fused C++" if native.available() else "PyTorch-op"
+        return f"{INT8_MATMUL_KERNEL}; {fused} per-token quantization and rescale"
 
     @classmethod
-    def from_float(cls, linear: nn.Linear) -> "Int8DynamicLinear":
+    def from_float(cls, linear: nn.Linear) -> Int8DynamicLinear:
         module = cls(linear.in_features, linear.out_features, linear.bias is not None)
         module._set_weight(linear)
         return module
@@ -73,9 +83,7 @@ class Int8DynamicLinear(_Int8WeightLinear):
         check_linear_input(x, self.in_features, type(self).__name__)
         x2d = x.reshape(-1, self.in_features).to(torch.float32)
         q, scale = quantize_per_token_symmetric(x2d)
-        y = int8_matmul(q, self.weight.t()).to(torch.float32).mul_(scale).mul_(self.weight_scale)
-        if self.bias is not None:
-            y.add_(self.bias)
+        y = rescale_accumulator(int8_matmul(q, self.weight.t()), scale, self.weight_scale, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -97,7 +105,7 @@ class Int8StaticLinear(_Int8WeightLinear):
         self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int32))
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, input_qparams: QParams) -> "Int8StaticLinear":
+    def from_float(cls, linear: nn.Linear, input_qparams: QParams) -> Int8StaticLinear:
         if input_qparams.spec != STATIC_ACTIVATION:
             raise ValueError(f"static activations need spec {STATIC_ACTIVATION}, got {input_qparams.spec}")
         module = cls(linear.in_features, linear.out_features, bias=True)
@@ -135,7 +143,7 @@ class Int8TensorFakeQuantLinear(_Int8WeightLinear):
     weight_spec = PER_TENSOR_SYMMETRIC
 
     @classmethod
-    def from_float(cls, linear: nn.Linear) -> "Int8TensorFakeQuantLinear":
+    def from_float(cls, linear: nn.Linear) -> Int8TensorFakeQuantLinear:
         module = cls(linear.in_features, linear.out_features, linear.bias is not None)
         module._set_weight(linear)
         return module

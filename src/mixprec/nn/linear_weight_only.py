@@ -37,7 +37,7 @@ class W8Linear(QuantizedModule):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear) -> "W8Linear":
+    def from_float(cls, linear: nn.Linear) -> W8Linear:
         module = cls(linear.in_features, linear.out_features, linear.bias is not None)
         qp = qparams_from_tensor(linear.weight.detach(), WEIGHT_PER_CHANNEL)
         module.weight.copy_(quantize(linear.weight.detach(), qp))
@@ -82,7 +82,7 @@ class W4Linear(QuantizedModule):
         return QuantSpec(bits=4, signed=True, symmetric=True, granularity="group", group_size=self.group_size)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, group_size: int = 32) -> "W4Linear":
+    def from_float(cls, linear: nn.Linear, group_size: int = 32) -> W4Linear:
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
         weight = linear.weight.detach().to(torch.float32)
         qp = qparams_from_tensor(weight, module.spec)

@@ -1,0 +1,107 @@
+// Fused CPU kernels for int8 linears: per-row (per-token) activation quantization and
+// the float epilogue of an int32 accumulator. Compiled on first use by
+// mixprec/kernels/native.py with -ffp-contract=off and without fast-math, so every
+// float operation rounds exactly as the PyTorch reference path does.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+
+namespace {
+
+constexpr float kScaleMin = 1.17549435e-38f;  // 2**-126, the smallest normal float32
+constexpr float kRoundMagic = 12582912.0f;     // 1.5 * 2**23
+
+// scale = max(max|row| / 127, 2**-126); q = round_half_even(x / scale).
+// A row holding NaN or +-inf gets scale NaN and codes 0, so its output row is NaN.
+std::tuple<at::Tensor, at::Tensor> quantize_rows_s8(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "quantize_rows_s8 takes a contiguous float32 CPU matrix");
+  const int64_t rows = x.size(0), cols = x.size(1);
+  auto q = at::empty({rows, cols}, x.options().dtype(at::kChar));
+  auto scale = at::empty({rows, 1}, x.options());
+  const float* src = x.data_ptr<float>();
+  int8_t* dst = q.data_ptr<int8_t>();
+  float* scale_ptr = scale.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = src + r * cols;
+      int8_t* out = dst + r * cols;
+      // For non-negative floats the IEEE order equals the integer order of the bit
+      // patterns (inf = 0x7f800000, NaN above it), so max|x| is an integer max of
+      // (bits & 0x7fffffff), which vectorizes and detects non-finite values exactly.
+      const uint32_t* bits = reinterpret_cast<const uint32_t*>(row);
+      uint32_t amax_bits = 0;
+      for (int64_t c = 0; c < cols; ++c) amax_bits = std::max(amax_bits, bits[c] & 0x7fffffffu);
+      if (amax_bits >= 0x7f800000u) {
+        scale_ptr[r] = std::numeric_limits<float>::quiet_NaN();
+        std::fill(out, out + cols, int8_t{0});
+        continue;
+      }
+      float amax;
+      std::memcpy(&amax, &amax_bits, sizeof(amax));
+      const float s = std::max(amax, 127.0f * kScaleMin) / 127.0f;
+      scale_ptr[r] = s;
+      for (int64_t c = 0; c < cols; ++c) {
+        // |row[c] / s| <= 127 < 2**22, where adding and subtracting 1.5 * 2**23 rounds to
+        // the nearest integer, ties to even (the default rounding mode), exactly.
+        const float rounded = (row[c] / s + kRoundMagic) - kRoundMagic;
+        out[c] = static_cast<int8_t>(static_cast<int32_t>(rounded));
+      }
+    }
+  });
+  return {q, scale};
+}
+
+// y[m, n] = ((float(acc[m, n]) * row_scale[m]) * col_scale[n]) + bias[n], each step
+// rounded to float32 (no fused multiply-add).
+at::Tensor rescale_rows_cols(const at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor& col_scale,
+                             const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == at::kInt && acc.is_contiguous(),
+              "rescale_rows_cols takes a contiguous int32 accumulator");
+  const int64_t rows = acc.size(0), cols = acc.size(1);
+  TORCH_CHECK(row_scale.numel() == rows && row_scale.scalar_type() == at::kFloat && row_scale.is_contiguous(),
+              "row_scale must be float32 with one value per row");
+  TORCH_CHECK(col_scale.numel() == cols && col_scale.scalar_type() == at::kFloat && col_scale.is_contiguous(),
+              "col_scale must be float32 with one value per column");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->numel() == cols && bias->scalar_type() == at::kFloat && bias->is_contiguous(),
+                "bias must be float32 with one value per column");
+  }
+  auto y = at::empty({rows, cols}, acc.options().dtype(at::kFloat));
+  const int32_t* a = acc.data_ptr<int32_t>();
+  const float* rs = row_scale.data_ptr<float>();
+  const float* cs = col_scale.data_ptr<float>();
+  const float* b = has_bias ? bias->data_ptr<float>() : nullptr;
+  float* out = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float s = rs[r];
+      const int32_t* arow = a + r * cols;
+      float* yrow = out + r * cols;
+      if (b != nullptr) {
+        for (int64_t c = 0; c < cols; ++c) yrow[c] = static_cast<float>(arow[c]) * s * cs[c] + b[c];
+      } else {
+        for (int64_t c = 0; c < cols; ++c) yrow[c] = static_cast<float>(arow[c]) * s * cs[c];
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mixprec, m) {
+  m.def("quantize_rows_s8(Tensor x) -> (Tensor, Tensor)", &quantize_rows_s8);
+  m.def("rescale_rows_cols(Tensor acc, Tensor row_scale, Tensor col_scale, Tensor? bias) -> Tensor",
+        &rescale_rows_cols);
+}

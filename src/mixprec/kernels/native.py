@@ -1,0 +1,53 @@
+"""Fused C++ kernels, compiled on first use with PyTorch's extension builder.
+
+The build uses ``-O3 -march=native -ffp-contract=off`` and no fast-math flags, so results
+equal the PyTorch reference path bit for bit. If the build fails (no compiler, no
+headers) or ``MIXPREC_NATIVE=0`` is set, :func:`available` is False, mixprec warns once
+with the reason, and the int8 layers run their PyTorch path, recording that kernel name.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("csrc") / "int8_rows.cpp"
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+
+
+@functools.lru_cache(maxsize=1)
+def load_error() -> str | None:
+    """None if the native kernels are loaded, else why they are not."""
+    if os.environ.get("MIXPREC_NATIVE", "1") == "0":
+        return "disabled by MIXPREC_NATIVE=0"
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name="mixprec_native", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
+             is_python_module=False, verbose=False)
+    except Exception as exc:  # any build or load failure means: use the PyTorch path
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        warnings.warn(f"mixprec: native int8 kernels unavailable ({reason}); "
+                      "int8 layers use the slower PyTorch path", RuntimeWarning, stacklevel=2)
+        return reason
+    return None
+
+
+def available() -> bool:
+    """Whether the fused kernels can be called."""
+    return load_error() is None
+
+
+def quantize_rows_s8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused per-row symmetric int8 quantization (see csrc/int8_rows.cpp)."""
+    return torch.ops.mixprec.quantize_rows_s8(x)
+
+
+def rescale_rows_cols(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """Fused ``acc * row_scale * col_scale + bias`` in float32 (see csrc/int8_rows.cpp)."""
+    return torch.ops.mixprec.rescale_rows_cols(acc, row_scale, col_scale, bias)
