@@ -13,6 +13,7 @@ from mixprec.kernels import (
     native,
     quantize_per_token_symmetric,
     quantize_per_token_symmetric_torch,
+    quantize_static_torch,
     rescale_accumulator_torch,
 )
 
@@ -81,3 +82,15 @@ def test_native_and_torch_rescale_agree_bit_for_bit() -> None:
     rows, cols, bias = torch.rand(33, 1) * 1e-3, torch.rand(17) * 1e-2, torch.randn(17)
     for b in (bias, None):
         assert torch.equal(native.rescale_rows_cols(acc, rows, cols, b), rescale_accumulator_torch(acc, rows, cols, b))
+
+
+def test_native_and_torch_static_quantization_agree_bit_for_bit() -> None:
+    x = awkward_rows()[:8].clone() * 1e-28
+    x[1, 3] = float("nan")
+    x[2, :3] = torch.tensor([float("inf"), float("-inf"), 1e30])
+    for scale, zero_point in ((0.01, -5), (1e-3, 127), (3.0, -128)):
+        q_native, flag_native = native.quantize_rows_static_s8(x, scale, zero_point)
+        q_torch, flag_torch = quantize_static_torch(x, scale, zero_point)
+        assert torch.equal(q_native, q_torch)
+        assert torch.equal(flag_native.isnan(), flag_torch.isnan()) and flag_native.isnan().sum() == 1
+        assert int(q_native[2, 0]) == 127 and int(q_native[2, 1]) == -128

@@ -1,9 +1,10 @@
 """Fast compute paths, each with a slow reference beside it."""
 
 from mixprec.kernels.activation_quant import (
-    quantize_per_tensor,
     quantize_per_token_symmetric,
     quantize_per_token_symmetric_torch,
+    quantize_static,
+    quantize_static_torch,
     rescale_accumulator,
     rescale_accumulator_torch,
 )
@@ -15,9 +16,10 @@ __all__ = [
     "MAX_REDUCTION",
     "int8_matmul",
     "int8_matmul_reference",
-    "quantize_per_tensor",
     "quantize_per_token_symmetric",
     "quantize_per_token_symmetric_torch",
+    "quantize_static",
+    "quantize_static_torch",
     "rescale_accumulator",
     "rescale_accumulator_torch",
 ]

@@ -53,6 +53,23 @@ def rescale_accumulator(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias:
     return rescale_accumulator_torch(acc, row_scale, col_scale, bias)
 
 
-def quantize_per_tensor(x: Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> Tensor:
-    """``clamp(round_half_even(x / scale) + zero_point, qmin, qmax)`` as int8."""
-    return x.div(scale).round_().add_(zero_point).clamp_(qmin, qmax).to(torch.int8)
+def quantize_static_torch(x: Tensor, scale: float, zero_point: int) -> tuple[Tensor, Tensor]:
+    """PyTorch-op path of :func:`quantize_static`."""
+    scaled = x.div(scale)
+    nan = torch.isnan(scaled)
+    q = scaled.masked_fill_(nan, 0.0).clamp_(-256.0, 256.0).round_().add_(zero_point).clamp_(-128, 127)
+    flag = torch.where(nan.any(dim=1, keepdim=True), float("nan"), 1.0)
+    return q.to(torch.int8), flag
+
+
+def quantize_static(x: Tensor, scale: float, zero_point: int) -> tuple[Tensor, Tensor]:
+    """Quantize a float32 ``x [M, K]`` with one calibrated scale and zero point.
+
+    ``q = clamp(round_half_even(x / scale) + zero_point, -128, 127)``; +-inf and values
+    beyond the calibrated range saturate. Returns ``(q, row_flag [M, 1])`` where the flag
+    is 1 for rows without NaN and NaN otherwise: rescaling the accumulator by it turns
+    exactly the rows that held NaN into NaN.
+    """
+    if native.available() and x.is_contiguous():
+        return native.quantize_rows_static_s8(x, scale, zero_point)
+    return quantize_static_torch(x, scale, zero_point)

@@ -47,6 +47,11 @@ def quantize_rows_s8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.mixprec.quantize_rows_s8(x)
 
 
+def quantize_rows_static_s8(x: torch.Tensor, scale: float, zero_point: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused per-tensor static int8 quantization with NaN row flags (see csrc/int8_rows.cpp)."""
+    return torch.ops.mixprec.quantize_rows_static_s8(x, scale, zero_point)
+
+
 def rescale_rows_cols(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
     """Fused ``acc * row_scale * col_scale + bias`` in float32 (see csrc/int8_rows.cpp)."""

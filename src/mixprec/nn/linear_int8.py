@@ -16,8 +16,8 @@ from mixprec.kernels import (
     INT8_MATMUL_KERNEL,
     int8_matmul,
     native,
-    quantize_per_tensor,
     quantize_per_token_symmetric,
+    quantize_static,
     rescale_accumulator,
 )
 from mixprec.nn.base import QuantizedModule, check_linear_input
@@ -91,13 +91,18 @@ class Int8StaticLinear(_Int8WeightLinear):
     """``int8-static``: activations quantized with calibrated per-tensor asymmetric parameters.
 
     ``q_x = clamp(round_half_even(x / s_x) + z_x, -128, 127)`` with ``s_x, z_x`` fixed at
-    calibration; ``y[m, n] = acc[m, n] * (s_x * s_w[n]) + b'[n]`` where the zero-point term
-    is folded into the stored bias ``b'[n] = b[n] - s_x * s_w[n] * z_x * sum_k W_q[n, k]``.
-    Inputs beyond the calibrated range saturate.
+    calibration; ``y[m, n] = ((acc[m, n] * 1) * (s_x * s_w[n])) + b'[n]`` where the
+    zero-point term is folded into the stored bias
+    ``b'[n] = b[n] - s_x * s_w[n] * z_x * sum_k W_q[n, k]``. Inputs beyond the calibrated
+    range, +-inf included, saturate; a token holding NaN gives an all-NaN output row.
     """
 
     precision = "int8-static"
-    kernel = INT8_MATMUL_KERNEL
+
+    @property
+    def kernel(self) -> str:  # type: ignore[override]
+        fused = "fused C++" if native.available() else "PyTorch-op"
+        return f"{INT8_MATMUL_KERNEL}; {fused} static quantization and rescale"
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=True)
@@ -121,12 +126,9 @@ class Int8StaticLinear(_Int8WeightLinear):
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)
         x2d = x.reshape(-1, self.in_features).to(torch.float32)
-        q = quantize_per_tensor(x2d, float(self.input_scale), int(self.input_zero_point), -128, 127)
-        y = int8_matmul(q, self.weight.t()).to(torch.float32)
-        y.mul_(self.input_scale * self.weight_scale).add_(self.bias)
-        nan_in = torch.isnan(x2d).any(dim=1)
-        if bool(nan_in.any()):
-            y[nan_in] = float("nan")
+        q, row_flag = quantize_static(x2d.contiguous(), float(self.input_scale), int(self.input_zero_point))
+        combined = self.input_scale * self.weight_scale
+        y = rescale_accumulator(int8_matmul(q, self.weight.t()), row_flag, combined, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 

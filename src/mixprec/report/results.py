@@ -35,7 +35,7 @@ def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[st
         table.add_column(column, justify="left" if column in ("precision", "policy") else "right")
     for row in rows:
         table.add_row(*(_fmt(row[c]) for c in columns))
-    (console or Console(width=max(Console().width, 160))).print(table)
+    (console or Console(width=160)).print(table)
 
 
 def _fmt(value: Any) -> str:

@@ -108,7 +108,7 @@ class StudyConfig:
 
 def run(config: StudyConfig, console: Console | None = None) -> list[dict[str, object]]:
     """Run the whole study; write results.csv/.json and accuracy_vs_bytes.png to ``out``."""
-    console = console or Console()
+    console = console or Console(width=160)
     if config.epochs < 1 or config.rounds < 1 or config.calibration_samples < 1:
         raise ValueError("epochs, rounds and calibration_samples must all be >= 1")
     out = Path(config.out)

@@ -60,6 +60,45 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_s8(const at::Tensor& x) {
   return {q, scale};
 }
 
+// Static activations, one scale and zero point for the tensor:
+// q = clamp(round_half_even(x / scale) + zero_point, -128, 127); +-inf saturates.
+// Returns (q, row_flag [M, 1]) with row_flag 1 for a row without NaN and NaN otherwise,
+// so that rescaling the accumulator by it turns exactly the NaN rows into NaN.
+std::tuple<at::Tensor, at::Tensor> quantize_rows_static_s8(const at::Tensor& x, double scale,
+                                                           int64_t zero_point) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "quantize_rows_static_s8 takes a contiguous float32 CPU matrix");
+  TORCH_CHECK(zero_point >= -128 && zero_point <= 127, "zero_point must lie in [-128, 127]");
+  const int64_t rows = x.size(0), cols = x.size(1);
+  auto q = at::empty({rows, cols}, x.options().dtype(at::kChar));
+  auto flag = at::empty({rows, 1}, x.options());
+  const float* src = x.data_ptr<float>();
+  int8_t* dst = q.data_ptr<int8_t>();
+  float* flag_ptr = flag.data_ptr<float>();
+  const float s = static_cast<float>(scale);
+  const float zp = static_cast<float>(zero_point);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = src + r * cols;
+      int8_t* out = dst + r * cols;
+      bool has_nan = false;
+      for (int64_t c = 0; c < cols; ++c) {
+        const float v = row[c] / s;
+        const bool nan = v != v;
+        has_nan |= nan;
+        // Clamping to [-256, 256] first keeps the magic-number rounding exact and maps
+        // +-inf to the range ends; NaN gets code zero_point (the row flag covers it).
+        const float clipped = nan ? 0.0f : std::min(std::max(v, -256.0f), 256.0f);
+        const float rounded = (clipped + kRoundMagic) - kRoundMagic + zp;
+        out[c] = static_cast<int8_t>(static_cast<int32_t>(std::min(std::max(rounded, -128.0f), 127.0f)));
+      }
+      flag_ptr[r] = has_nan ? std::numeric_limits<float>::quiet_NaN() : 1.0f;
+    }
+  });
+  return {q, flag};
+}
+
 // y[m, n] = ((float(acc[m, n]) * row_scale[m]) * col_scale[n]) + bias[n], each step
 // rounded to float32 (no fused multiply-add).
 at::Tensor rescale_rows_cols(const at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor& col_scale,
@@ -102,6 +141,8 @@ at::Tensor rescale_rows_cols(const at::Tensor& acc, const at::Tensor& row_scale,
 
 TORCH_LIBRARY(mixprec, m) {
   m.def("quantize_rows_s8(Tensor x) -> (Tensor, Tensor)", &quantize_rows_s8);
+  m.def("quantize_rows_static_s8(Tensor x, float scale, int zero_point) -> (Tensor, Tensor)",
+        &quantize_rows_static_s8);
   m.def("rescale_rows_cols(Tensor acc, Tensor row_scale, Tensor col_scale, Tensor? bias) -> Tensor",
         &rescale_rows_cols);
 }
