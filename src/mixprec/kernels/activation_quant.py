@@ -57,7 +57,7 @@ def quantize_static_torch(x: Tensor, scale: float, zero_point: int) -> tuple[Ten
     """PyTorch-op path of :func:`quantize_static`."""
     scaled = x.div(scale)
     nan = torch.isnan(scaled)
-    q = scaled.masked_fill_(nan, 0.0).clamp_(-256.0, 256.0).round_().add_(zero_point).clamp_(-128, 127)
+    q = scaled.masked_fill_(nan, -256.0).clamp_(-256.0, 256.0).round_().add_(zero_point).clamp_(-128, 127)
     flag = torch.where(nan.any(dim=1, keepdim=True), float("nan"), 1.0)
     return q.to(torch.int8), flag
 

@@ -32,7 +32,7 @@ def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[st
                 console: Console | None = None) -> None:
     table = Table(title=title)
     for column in columns:
-        table.add_column(column, justify="left" if column in ("precision", "policy") else "right")
+        table.add_column(column, justify="left" if column in ("precision", "policy", "path") else "right")
     for row in rows:
         table.add_row(*(_fmt(row[c]) for c in columns))
     (console or Console(width=160)).print(table)

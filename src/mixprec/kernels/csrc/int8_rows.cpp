@@ -82,17 +82,21 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_static_s8(const at::Tensor& x, 
     for (int64_t r = begin; r < end; ++r) {
       const float* row = src + r * cols;
       int8_t* out = dst + r * cols;
-      bool has_nan = false;
       for (int64_t c = 0; c < cols; ++c) {
-        const float v = row[c] / s;
-        const bool nan = v != v;
-        has_nan |= nan;
         // Clamping to [-256, 256] first keeps the magic-number rounding exact and maps
-        // +-inf to the range ends; NaN gets code zero_point (the row flag covers it).
-        const float clipped = nan ? 0.0f : std::min(std::max(v, -256.0f), 256.0f);
-        const float rounded = (clipped + kRoundMagic) - kRoundMagic + zp;
-        out[c] = static_cast<int8_t>(static_cast<int32_t>(std::min(std::max(rounded, -128.0f), 127.0f)));
+        // +-inf to the range ends. The comparisons are written so that NaN becomes -256
+        // (code -128); the row flag marks such rows.
+        float v = row[c] / s;
+        v = v > -256.0f ? v : -256.0f;
+        v = v < 256.0f ? v : 256.0f;
+        float rounded = (v + kRoundMagic) - kRoundMagic + zp;
+        rounded = rounded > -128.0f ? rounded : -128.0f;
+        rounded = rounded < 127.0f ? rounded : 127.0f;
+        out[c] = static_cast<int8_t>(static_cast<int32_t>(rounded));
       }
+      const uint32_t* bits = reinterpret_cast<const uint32_t*>(row);
+      uint32_t has_nan = 0;
+      for (int64_t c = 0; c < cols; ++c) has_nan |= static_cast<uint32_t>((bits[c] & 0x7fffffffu) > 0x7f800000u);
       flag_ptr[r] = has_nan ? std::numeric_limits<float>::quiet_NaN() : 1.0f;
     }
   });
