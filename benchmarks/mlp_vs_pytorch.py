@@ -66,7 +66,8 @@ def main() -> None:
         medians = {}
         for batch in BATCHES:
             x = torch.rand(batch, 784)
-            medians[batch] = interleaved_medians({k: (lambda f=f: f(x)) for k, f in candidates.items()}, args.rounds)
+            calls = {k: (lambda f=f, x=x: f(x)) for k, f in candidates.items()}
+            medians[batch] = interleaved_medians(calls, args.rounds)
     for name in candidates:
         row: dict[str, object] = {"path": name}
         for batch in BATCHES:
