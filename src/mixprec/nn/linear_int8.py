@@ -6,6 +6,8 @@ is added after the int32 accumulator is rescaled to float.
 
 from __future__ import annotations
 
+from typing import Self
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -43,6 +45,13 @@ class _Int8WeightLinear(QuantizedModule):
         self.register_buffer("weight_scale", torch.ones(nscales))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> Self:
+        """Quantize ``linear``'s weight with :attr:`weight_spec`; copy its bias."""
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        module._set_weight(linear)
+        return module
+
     def _set_weight(self, linear: nn.Linear) -> None:
         qp = qparams_from_tensor(linear.weight.detach(), self.weight_spec)
         self.weight.copy_(quantize(linear.weight.detach(), qp))
@@ -72,12 +81,6 @@ class Int8DynamicLinear(_Int8WeightLinear):
     def kernel(self) -> str:  # type: ignore[override]
         fused = "fused C++" if native.available() else "PyTorch-op"
         return f"{INT8_MATMUL_KERNEL}; {fused} per-token quantization and rescale"
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear) -> Int8DynamicLinear:
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        module._set_weight(linear)
-        return module
 
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)
@@ -110,7 +113,7 @@ class Int8StaticLinear(_Int8WeightLinear):
         self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int32))
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, input_qparams: QParams) -> Int8StaticLinear:
+    def from_float(cls, linear: nn.Linear, input_qparams: QParams) -> Self:  # type: ignore[override]
         if input_qparams.spec != STATIC_ACTIVATION:
             raise ValueError(f"static activations need spec {STATIC_ACTIVATION}, got {input_qparams.spec}")
         module = cls(linear.in_features, linear.out_features, bias=True)
@@ -143,12 +146,6 @@ class Int8TensorFakeQuantLinear(_Int8WeightLinear):
     precision = "int8-tensor"
     kernel = "fake-quant: dequantize, float32 matmul"
     weight_spec = PER_TENSOR_SYMMETRIC
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear) -> Int8TensorFakeQuantLinear:
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        module._set_weight(linear)
-        return module
 
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)
