@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from mixprec.errors import PolicyError
 from mixprec.formats import QParams
@@ -128,8 +128,17 @@ def group_size_for(module: nn.Module, precision: Precision) -> int | None:
     return DEFAULT_LINEAR_GROUP if isinstance(module, nn.Linear) else module.embedding_dim
 
 
-def build(module: nn.Module, precision: Precision, input_qparams: QParams | None = None) -> nn.Module:
-    """Quantize a float ``nn.Linear``/``nn.Embedding`` into the module for ``precision``."""
+def has_integer_weights(module: nn.Module, precision: Precision) -> bool:
+    """Whether ``precision`` stores this Linear's weight as integer codes (GPTQ applies)."""
+    return isinstance(module, nn.Linear) and precision.family in ("int8", "int8-static", "int8-tensor", "w8", "w4")
+
+
+def build(module: nn.Module, precision: Precision, input_qparams: QParams | None = None,
+          hessian: Tensor | None = None) -> nn.Module:
+    """Quantize a float ``nn.Linear``/``nn.Embedding`` into the module for ``precision``.
+
+    ``hessian`` (Linear layers with integer weights only) selects GPTQ weight rounding.
+    """
     family = precision.family
     if family == "fp32":
         return module
@@ -142,16 +151,16 @@ def build(module: nn.Module, precision: Precision, input_qparams: QParams | None
     if family in ("bf16", "fp16"):
         return HalfLinear.from_float(module, family)
     if family == "int8":
-        return Int8DynamicLinear.from_float(module)
+        return Int8DynamicLinear.from_float(module, hessian)
     if family == "int8-static":
         if input_qparams is None:
             raise PolicyError("int8-static needs calibrated input parameters")
-        return Int8StaticLinear.from_float(module, input_qparams)
+        return Int8StaticLinear.from_float(module, input_qparams, hessian)
     if family == "int8-tensor":
-        return Int8TensorFakeQuantLinear.from_float(module)
+        return Int8TensorFakeQuantLinear.from_float(module, hessian)
     if family == "w8":
-        return W8Linear.from_float(module)
-    return W4Linear.from_float(module, group_size_for(module, precision))
+        return W8Linear.from_float(module, hessian)
+    return W4Linear.from_float(module, group_size_for(module, precision), hessian)
 
 
 def build_empty(module: nn.Module, precision: Precision) -> nn.Module:

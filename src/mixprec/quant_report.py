@@ -16,7 +16,10 @@ from mixprec.io_utils import write_text_atomic
 
 @dataclass(frozen=True)
 class LayerReport:
-    """One module: ``bytes_before`` is its float storage, ``bytes_after`` what it holds now."""
+    """One module: ``bytes_before`` is its float storage, ``bytes_after`` what it holds now.
+
+    ``weight_rounding`` is ``nearest`` or ``gptq`` for integer weights, ``-`` otherwise.
+    """
 
     name: str
     module_type: str
@@ -26,6 +29,7 @@ class LayerReport:
     bytes_before: int
     bytes_after: int
     overflow_count: int = 0
+    weight_rounding: str = "-"
 
 
 @dataclass(frozen=True)
@@ -86,11 +90,11 @@ class QuantReport:
     def table(self) -> Table:
         table = Table(title=f"mixprec: {self.fp32_bytes:,} B -> {self.total_bytes:,} B "
                       f"({self.compression:.2f}x smaller)")
-        for column in ("layer", "type", "precision", "kernel", "rule", "bytes before", "bytes after"):
+        for column in ("layer", "type", "precision", "rounding", "kernel", "rule", "bytes before", "bytes after"):
             table.add_column(column, justify="right" if column.startswith("bytes") else "left")
         for layer in self.layers:
-            table.add_row(layer.name, layer.module_type, layer.precision, layer.kernel, layer.rule,
-                          f"{layer.bytes_before:,}", f"{layer.bytes_after:,}")
+            table.add_row(layer.name, layer.module_type, layer.precision, layer.weight_rounding, layer.kernel,
+                          layer.rule, f"{layer.bytes_before:,}", f"{layer.bytes_after:,}")
         return table
 
     def __str__(self) -> str:

@@ -11,26 +11,32 @@ from torch import Tensor, nn
 from mixprec.accounting import model_bytes, modules_with_tensors, own_bytes
 from mixprec.errors import CalibrationError, PolicyError
 from mixprec.formats import QParams
+from mixprec.gptq import HessianAccumulator
 from mixprec.nn.linear_int8 import STATIC_ACTIVATION
 from mixprec.observers import OBSERVERS, make_observer
 from mixprec.policy import LayerPlan, Policy
-from mixprec.precision import build
+from mixprec.precision import build, has_integer_weights
 from mixprec.quant_report import LayerReport, QuantReport
+
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
 
 
 def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] | None = None,
-             observer: str = "minmax") -> QuantReport:
+             observer: str = "minmax", weight_rounding: str = "nearest") -> QuantReport:
     """Quantize ``model`` in place according to ``policy`` and report what each layer became.
 
     Args:
         model: any ``torch.nn.Module``; its ``nn.Linear`` and ``nn.Embedding`` layers are
             replaced, everything else is kept in float32.
         policy: a :class:`Policy`, or a precision name applied to every layer.
-        calibration: batches for ``int8-static`` layers. Each batch is passed to the model
+        calibration: batches for ``int8-static`` layers and GPTQ. Each batch is passed to the model
             as ``model(batch)`` (a tensor), ``model(*batch)`` (tuple/list) or
             ``model(**batch)`` (mapping). Calibration runs on the float model.
         observer: range estimator for static activations: ``minmax``, ``moving_average``,
             ``percentile`` or ``mse``.
+        weight_rounding: ``nearest`` (round each weight to its nearest code) or ``gptq``
+            (GPTQ error compensation from the calibration inputs' second moments; applies
+            to Linear layers with integer weights: int8, int8-static, int8-tensor, w8, w4).
 
     Every check (policy, applicability, calibration) runs before the first layer is
     replaced; layers are then replaced one at a time, so at most one layer's old and new
@@ -42,23 +48,28 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
         raise PolicyError(f"policy must be a mixprec.Policy or a precision name, got {type(policy).__name__}")
     if observer not in OBSERVERS:
         raise CalibrationError(f"unknown observer {observer!r}; choose one of {', '.join(OBSERVERS)}")
+    if weight_rounding not in WEIGHT_ROUNDINGS:
+        raise PolicyError(f"unknown weight_rounding {weight_rounding!r}; choose one of {', '.join(WEIGHT_ROUNDINGS)}")
     plans = policy.plan(model)
     fp32_bytes = model_bytes(model)
     before = {name: (type(module).__name__, own_bytes(module)) for name, module in modules_with_tensors(model)}
     static = [plan for plan in plans if plan.precision.is_static]
+    gptq = [plan for plan in plans if weight_rounding == "gptq" and has_integer_weights(plan.module, plan.precision)]
+    gptq_names = {plan.name for plan in gptq}
     input_qparams: dict[str, QParams] = {}
-    if static:
+    hessians: dict[str, Tensor] = {}
+    if static or gptq:
         if calibration is None:
-            names = ", ".join(repr(p.name) for p in static[:4])
-            raise CalibrationError(
-                f"int8-static layers ({names}) need calibration data: pass calibration=[batch, ...]"
-            )
-        input_qparams = calibrate(model, static, calibration, observer)
+            names = ", ".join(repr(p.name) for p in (static or gptq)[:4])
+            why = "int8-static layers" if static else "GPTQ weight rounding for layers"
+            raise CalibrationError(f"{why} ({names}) need calibration data: pass calibration=[batch, ...]")
+        input_qparams, hessians = calibrate(model, static, gptq, calibration, observer)
     decided = {plan.name: plan for plan in plans}
     with torch.no_grad():
         for plan in plans:
             if plan.precision.family != "fp32":
-                _replace(model, plan.name, build(plan.module, plan.precision, input_qparams.get(plan.name)))
+                new = build(plan.module, plan.precision, input_qparams.get(plan.name), hessians.pop(plan.name, None))
+                _replace(model, plan.name, new)
     rows = []
     modules = dict(model.named_modules())
     for name, (kind, bytes_before) in before.items():
@@ -73,22 +84,30 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
             bytes_before=bytes_before,
             bytes_after=own_bytes(module),
             overflow_count=getattr(module, "overflow_count", 0),
+            weight_rounding=("gptq" if name in gptq_names else "nearest")
+            if plan and has_integer_weights(plan.module, plan.precision) else "-",
         ))
     return QuantReport(tuple(rows), model_bytes(model), fp32_bytes)
 
 
 def calibrate(
-    model: nn.Module, plans: list[LayerPlan], calibration: Iterable[Any], observer: str
-) -> dict[str, QParams]:
-    """Observe the inputs of the given layers over the calibration batches."""
-    observers = {plan.name: make_observer(observer, STATIC_ACTIVATION) for plan in plans}
+    model: nn.Module, static: list[LayerPlan], gptq: list[LayerPlan], calibration: Iterable[Any], observer: str
+) -> tuple[dict[str, QParams], dict[str, Tensor]]:
+    """One pass over the calibration batches on the float model: activation ranges of the
+    ``static`` layers' inputs and input second moments (Hessians) of the ``gptq`` layers."""
+    observers = {plan.name: make_observer(observer, STATIC_ACTIVATION) for plan in static}
+    accumulators = {plan.name: HessianAccumulator(plan.module.in_features) for plan in gptq}
 
     def hook_for(name: str):  # noqa: ANN202
         def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            observers[name].observe(args[0])
+            if name in observers:
+                observers[name].observe(args[0])
+            if name in accumulators:
+                accumulators[name].observe(args[0])
         return hook
 
-    handles = [plan.module.register_forward_pre_hook(hook_for(plan.name)) for plan in plans]
+    layers = {plan.name: plan.module for plan in static + gptq}
+    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in layers.items()]
     batches = 0
     try:
         with torch.no_grad():
@@ -111,9 +130,11 @@ def calibrate(
     if batches == 0:
         raise CalibrationError("calibration data is empty; pass at least one batch")
     silent = [name for name, obs in observers.items() if obs.batches == 0]
+    silent += [name for name, acc in accumulators.items() if acc.rows == 0]
     if silent:
-        raise CalibrationError(f"calibration never reached layers {silent}; check the batches run them")
-    return {name: obs.qparams() for name, obs in observers.items()}
+        raise CalibrationError(f"calibration never reached layers {sorted(set(silent))}; check the batches run them")
+    return ({name: obs.qparams() for name, obs in observers.items()},
+            {name: acc.value() for name, acc in accumulators.items()})
 
 
 def _check_finite(batch: Any, index: int) -> None:

@@ -3,8 +3,8 @@
 from mixprec.nn.base import QuantizedModule
 from mixprec.nn.embedding import HalfEmbedding, Int8Embedding, W4Embedding
 from mixprec.nn.linear_half import HalfLinear
-from mixprec.nn.linear_int8 import Int8DynamicLinear, Int8StaticLinear, Int8TensorFakeQuantLinear
-from mixprec.nn.linear_weight_only import W4Linear, W8Linear
+from mixprec.nn.linear_int8 import Int8DynamicLinear, Int8StaticLinear, Int8TensorFakeQuantLinear, W8Linear
+from mixprec.nn.linear_weight_only import W4Linear
 
 __all__ = [
     "HalfEmbedding",

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 from mixprec.errors import InputError
+from mixprec.formats import QParams, QuantSpec, qparams_from_tensor, quantize
+from mixprec.gptq import gptq_quantize
 
 
 class QuantizedModule(nn.Module):
@@ -50,3 +54,19 @@ def check_token_ids(ids: Tensor, num_embeddings: int, name: str) -> None:
             f"{name} has {num_embeddings} rows; token ids must lie in [0, {num_embeddings - 1}], "
             f"got values in [{int(ids.min())}, {int(ids.max())}]"
         )
+
+
+def round_weight(weight: Tensor, spec: QuantSpec, hessian: Tensor | None = None,
+                 scale_fn: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, QParams]:
+    """Integer codes and parameters of a ``[out, in]`` weight under ``spec``.
+
+    Without ``hessian``: round to nearest (min/max scales, then ``scale_fn`` if given).
+    With ``hessian`` (``[in, in]``, from calibration): GPTQ error-compensating rounding.
+    """
+    weight = weight.detach().to(torch.float32)
+    if hessian is not None:
+        return gptq_quantize(weight, hessian, spec, scale_fn=scale_fn)
+    qp = qparams_from_tensor(weight, spec)
+    if scale_fn is not None:
+        qp = QParams(spec, scale_fn(qp.scale), qp.zero_point)
+    return quantize(weight, qp), qp

@@ -22,7 +22,7 @@ from mixprec.kernels import (
     quantize_static,
     rescale_accumulator,
 )
-from mixprec.nn.base import QuantizedModule, check_linear_input
+from mixprec.nn.base import QuantizedModule, check_linear_input, round_weight
 
 #: int8 weights, symmetric [-127, 127], one scale per output channel.
 WEIGHT_PER_CHANNEL = QuantSpec(bits=8, signed=True, symmetric=True, granularity="channel", axis=0)
@@ -46,15 +46,16 @@ class _Int8WeightLinear(QuantizedModule):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear) -> Self:
-        """Quantize ``linear``'s weight with :attr:`weight_spec`; copy its bias."""
+    def from_float(cls, linear: nn.Linear, hessian: Tensor | None = None) -> Self:
+        """Quantize ``linear``'s weight with :attr:`weight_spec` (GPTQ if ``hessian`` is
+        given, else round to nearest); copy its bias."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        module._set_weight(linear)
+        module._set_weight(linear, hessian)
         return module
 
-    def _set_weight(self, linear: nn.Linear) -> None:
-        qp = qparams_from_tensor(linear.weight.detach(), self.weight_spec)
-        self.weight.copy_(quantize(linear.weight.detach(), qp))
+    def _set_weight(self, linear: nn.Linear, hessian: Tensor | None) -> None:
+        codes, qp = round_weight(linear.weight, self.weight_spec, hessian)
+        self.weight.copy_(codes)
         self.weight_scale.copy_(qp.scale.reshape(-1))
         if self.bias is not None:
             self.bias.copy_(linear.bias.detach())
@@ -113,11 +114,12 @@ class Int8StaticLinear(_Int8WeightLinear):
         self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int32))
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, input_qparams: QParams) -> Self:  # type: ignore[override]
+    def from_float(cls, linear: nn.Linear, input_qparams: QParams,  # type: ignore[override]
+                   hessian: Tensor | None = None) -> Self:
         if input_qparams.spec != STATIC_ACTIVATION:
             raise ValueError(f"static activations need spec {STATIC_ACTIVATION}, got {input_qparams.spec}")
         module = cls(linear.in_features, linear.out_features, bias=True)
-        module._set_weight(linear)
+        module._set_weight(linear, hessian)
         module.input_scale.copy_(input_qparams.scale)
         module.input_zero_point.copy_(input_qparams.zero_point)
         bias = linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features)
@@ -154,3 +156,21 @@ class Int8TensorFakeQuantLinear(_Int8WeightLinear):
         x_fq = dequantize(quantize(xf, x_qp), x_qp)
         w = dequantize(self.weight, self.weight_qparams())
         return F.linear(x_fq, w, self.bias).to(x.dtype)
+
+
+class W8Linear(_Int8WeightLinear):
+    """``w8``: int8 weights (symmetric, per output channel), float32 activations.
+
+    ``y = (x @ W_q^T) * s_w + b`` in float32: the int8 codes are converted exactly to
+    float32, one matmul, then one multiply by the per-channel scale.
+    """
+
+    precision = "w8"
+    kernel = "int8 weights -> float32 matmul, per-channel rescale"
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_linear_input(x, self.in_features, type(self).__name__)
+        y = F.linear(x.to(torch.float32), self.weight.to(torch.float32)).mul_(self.weight_scale)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.to(x.dtype)

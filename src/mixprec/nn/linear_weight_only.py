@@ -1,4 +1,5 @@
-"""Weight-only quantized linears: int8 per channel (``w8``) and int4 per group (``w4gN``).
+"""Weight-only int4 linear (``w4gN``); the int8 weight-only ``w8`` shares the int8
+linears' storage and lives in :mod:`mixprec.nn.linear_int8`.
 
 Activations stay float32; weights are expanded to float32 inside the forward pass.
 """
@@ -9,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixprec.formats import QParams, QuantSpec, pack_int4, qparams_from_tensor, quantize, unpack_int4
-from mixprec.nn.base import QuantizedModule, check_linear_input
-from mixprec.nn.linear_int8 import WEIGHT_PER_CHANNEL
+from mixprec.formats import QuantSpec, pack_int4, unpack_int4
+from mixprec.nn.base import QuantizedModule, check_linear_input, round_weight
 
 #: fp16 is where group scales are stored; values are rounded to it before quantizing.
 W4_SCALE_DTYPE = torch.float16
@@ -19,39 +19,12 @@ W4_SCALE_DTYPE = torch.float16
 W4_SCALE_MIN = 2.0**-14
 
 
-class W8Linear(QuantizedModule):
-    """``w8``: int8 weights (symmetric, per output channel), float32 activations.
-
-    ``y = (x @ W_q^T) * s_w + b`` in float32: the int8 codes are converted exactly to
-    float32, one matmul, then one multiply by the per-channel scale.
-    """
-
-    precision = "w8"
-    kernel = "int8 weights -> float32 matmul, per-channel rescale"
-
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(out_features))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear) -> W8Linear:
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        qp = qparams_from_tensor(linear.weight.detach(), WEIGHT_PER_CHANNEL)
-        module.weight.copy_(quantize(linear.weight.detach(), qp))
-        module.weight_scale.copy_(qp.scale)
-        if module.bias is not None:
-            module.bias.copy_(linear.bias.detach())
-        return module
-
-    def forward(self, x: Tensor) -> Tensor:
-        check_linear_input(x, self.in_features, type(self).__name__)
-        y = F.linear(x.to(torch.float32), self.weight.to(torch.float32)).mul_(self.weight_scale)
-        if self.bias is not None:
-            y.add_(self.bias)
-        return y.to(x.dtype)
+def fp16_group_scale(scale: Tensor) -> Tensor:
+    """Round a group scale to its fp16 storage (kept >= 2**-14), returned as float32."""
+    stored = scale.clamp(min=W4_SCALE_MIN).to(W4_SCALE_DTYPE)
+    if torch.isinf(stored).any():
+        raise ValueError("weights beyond 7 * 65504 in magnitude have no fp16 group scale")
+    return stored.to(torch.float32)
 
 
 class W4Linear(QuantizedModule):
@@ -82,16 +55,12 @@ class W4Linear(QuantizedModule):
         return QuantSpec(bits=4, signed=True, symmetric=True, granularity="group", group_size=self.group_size)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, group_size: int = 32) -> W4Linear:
+    def from_float(cls, linear: nn.Linear, group_size: int = 32, hessian: Tensor | None = None) -> W4Linear:
+        """Quantize ``linear`` (GPTQ if ``hessian`` is given, else round to nearest)."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
-        weight = linear.weight.detach().to(torch.float32)
-        qp = qparams_from_tensor(weight, module.spec)
-        scale = qp.scale.clamp(min=W4_SCALE_MIN).to(W4_SCALE_DTYPE)
-        if torch.isinf(scale).any():
-            raise ValueError("weights beyond 7 * 65504 in magnitude have no fp16 group scale")
-        qp = QParams(qp.spec, scale.to(torch.float32), qp.zero_point)
-        module.weight_packed.copy_(pack_int4(quantize(weight, qp)))
-        module.weight_scale.copy_(scale)
+        codes, qp = round_weight(linear.weight, module.spec, hessian, scale_fn=fp16_group_scale)
+        module.weight_packed.copy_(pack_int4(codes))
+        module.weight_scale.copy_(qp.scale)
         if module.bias is not None:
             module.bias.copy_(linear.bias.detach())
         return module
