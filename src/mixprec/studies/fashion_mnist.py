@@ -46,13 +46,25 @@ class MLP(nn.Module):
         return self.fc2(self.relu(self.fc1(x.flatten(1))))
 
 
-def study_policies() -> dict[str, Policy]:
-    """Label -> policy. 784 is not a multiple of 32, so ``w4`` uses g28 on fc1 (784 = 28 x 28)."""
+@dataclass(frozen=True)
+class StudyRow:
+    """One configuration of the study: a policy and how integer weights are rounded."""
+
+    policy: Policy
+    weight_rounding: str = "nearest"
+
+
+def study_policies() -> dict[str, StudyRow]:
+    """Label -> configuration. 784 is not a multiple of 32, so ``w4`` uses g28 on fc1
+    (784 = 28 x 28), the nearest group size that divides it."""
     uniform = ["fp32", "bf16", "fp16", "int8", "int8-static", "int8-tensor", "w8", "w4g16"]
-    policies = {name: Policy(default=name) for name in uniform}
-    policies["w4 (fc1 g28, fc2 g32)"] = Policy([("fc1", "w4g28")], default="w4")
-    policies["mixed (fc1 int8, fc2 fp16)"] = Policy([("fc1", "int8"), ("fc2", "fp16")])
-    return policies
+    rows = {name: StudyRow(Policy(default=name)) for name in uniform}
+    w4 = Policy([("fc1", "w4g28")], default="w4")
+    rows["w4 (fc1 g28, fc2 g32)"] = StudyRow(w4)
+    rows["w4g16 gptq"] = StudyRow(Policy(default="w4g16"), "gptq")
+    rows["w4 (fc1 g28, fc2 g32) gptq"] = StudyRow(w4, "gptq")
+    rows["mixed (fc1 int8, fc2 fp16)"] = StudyRow(Policy([("fc1", "int8"), ("fc2", "fp16")]))
+    return rows
 
 
 def to_inputs(images: np.ndarray) -> Tensor:
@@ -124,9 +136,9 @@ def run(config: StudyConfig, console: Console | None = None) -> list[dict[str, o
     models: dict[str, nn.Module] = {}
     rows: dict[str, dict[str, object]] = {}
     batch32, batch256, batch1 = x_test[:32], x_test[:256], x_test[:1]
-    for label, policy in study_policies().items():
+    for label, row in study_policies().items():
         model = copy.deepcopy(fp32)
-        report = quantize(model, policy, calibration=calibration)
+        report = quantize(model, row.policy, calibration=calibration, weight_rounding=row.weight_rounding)
         models[label] = model
         rows[label] = {
             "precision": label,
