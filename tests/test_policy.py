@@ -132,3 +132,12 @@ def test_multihead_attention_projections_are_left_alone() -> None:
     model = nn.Sequential(nn.MultiheadAttention(16, 2), nn.Linear(16, 4))
     plans = Policy(default="int8").plan(model)
     assert [p.name for p in plans] == ["1"]
+
+
+def test_int8_gemm_refuses_reductions_that_could_overflow_int32() -> None:
+    from mixprec.kernels import MAX_REDUCTION
+
+    model = nn.Sequential(nn.Linear(MAX_REDUCTION + 2, 1))
+    with pytest.raises(PolicyError, match="131074 input features.*overflow-free only up to 131072: use w8"):
+        Policy(default="int8").plan(model)
+    Policy(default="w8").plan(model)

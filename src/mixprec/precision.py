@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from mixprec.errors import PolicyError
 from mixprec.formats import QParams
+from mixprec.kernels import MAX_REDUCTION
 from mixprec.nn import (
     HalfEmbedding,
     HalfLinear,
@@ -43,6 +44,8 @@ from mixprec.nn import (
     W8Linear,
 )
 
+#: Families whose Linear runs an int8 x int8 GEMM with int32 accumulation.
+INT8_GEMM_FAMILIES = ("int8", "int8-static")
 FAMILIES = ("fp32", "bf16", "fp16", "int8", "int8-static", "int8-tensor", "w8", "w4")
 LINEAR_FAMILIES = FAMILIES
 EMBEDDING_FAMILIES = ("fp32", "bf16", "fp16", "int8", "w4")
@@ -114,6 +117,11 @@ def check_applicable(name: str, module: nn.Module, precision: Precision) -> None
         raise PolicyError(
             f"group size {group} does not divide the {features} input features of layer {name!r}; "
             f"group sizes that do: {', '.join(map(str, divisors[:10])) or 'none (odd width)'}"
+        )
+    if isinstance(module, nn.Linear) and precision.family in INT8_GEMM_FAMILIES and module.in_features > MAX_REDUCTION:
+        raise PolicyError(
+            f"layer {name!r} has {module.in_features} input features; {precision.name!r} accumulates int8 products "
+            f"in int32, which is proven overflow-free only up to {MAX_REDUCTION}: use w8 or a float precision"
         )
     if isinstance(module, nn.Embedding) and module.max_norm is not None and precision.family != "fp32":
         raise PolicyError(f"embedding {name!r} uses max_norm, which a frozen low-precision table cannot honour")

@@ -8,12 +8,15 @@ from mixprec.kernels.activation_quant import (
     rescale_accumulator,
     rescale_accumulator_torch,
 )
+from mixprec.kernels.int8_linear import int8_linear_dynamic, int8_linear_dynamic_torch
 from mixprec.kernels.int8_matmul import KERNEL_NAME as INT8_MATMUL_KERNEL
 from mixprec.kernels.int8_matmul import MAX_REDUCTION, int8_matmul, int8_matmul_reference
 
 __all__ = [
     "INT8_MATMUL_KERNEL",
     "MAX_REDUCTION",
+    "int8_linear_dynamic",
+    "int8_linear_dynamic_torch",
     "int8_matmul",
     "int8_matmul_reference",
     "quantize_per_token_symmetric",

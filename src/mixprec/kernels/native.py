@@ -58,3 +58,9 @@ def rescale_rows_cols(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: tor
                       bias: torch.Tensor | None) -> torch.Tensor:
     """Fused ``acc * row_scale * col_scale + bias`` in float32 (see csrc/int8_rows.cpp)."""
     return torch.ops.mixprec.rescale_rows_cols(acc, row_scale, col_scale, bias)
+
+
+def int8_linear_dynamic(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`quantize_rows_s8`, ``torch._int_mm`` and :func:`rescale_rows_cols` in one call."""
+    return torch.ops.mixprec.int8_linear_dynamic(x, weight, weight_scale, bias)

@@ -16,9 +16,10 @@ from mixprec.formats import QuantSpec, dequantize, qparams_from_tensor, quantize
 from mixprec.formats.affine import QParams
 from mixprec.kernels import (
     INT8_MATMUL_KERNEL,
+    MAX_REDUCTION,
+    int8_linear_dynamic,
     int8_matmul,
     native,
-    quantize_per_token_symmetric,
     quantize_static,
     rescale_accumulator,
 )
@@ -39,6 +40,9 @@ class _Int8WeightLinear(QuantizedModule):
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
+        if in_features > MAX_REDUCTION:
+            raise ValueError(f"in_features {in_features} exceeds {MAX_REDUCTION}, the longest int8 reduction "
+                             "whose int32 accumulator cannot overflow")
         self.in_features, self.out_features = in_features, out_features
         nscales = out_features if self.weight_spec.granularity == "channel" else 1
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
@@ -80,14 +84,13 @@ class Int8DynamicLinear(_Int8WeightLinear):
 
     @property
     def kernel(self) -> str:  # type: ignore[override]
-        fused = "fused C++" if native.available() else "PyTorch-op"
-        return f"{INT8_MATMUL_KERNEL}; {fused} per-token quantization and rescale"
+        fused = "one fused C++ call" if native.available() else "PyTorch ops"
+        return f"{INT8_MATMUL_KERNEL}; per-token quantization and rescale in {fused}"
 
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)
         x2d = x.reshape(-1, self.in_features).to(torch.float32)
-        q, scale = quantize_per_token_symmetric(x2d)
-        y = rescale_accumulator(int8_matmul(q, self.weight.t()), scale, self.weight_scale, self.bias)
+        y = int8_linear_dynamic(x2d, self.weight, self.weight_scale, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 

@@ -141,12 +141,24 @@ at::Tensor rescale_rows_cols(const at::Tensor& acc, const at::Tensor& row_scale,
   return y;
 }
 
+// The whole dynamic int8 linear in one call: per-row quantization of x [M, K],
+// at::_int_mm against weight [N, K] (int32 accumulation), then the rescale epilogue.
+at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                               const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.size(1) == x.size(1),
+              "int8_linear_dynamic takes an int8 [N, K] weight matching x [M, K]");
+  auto [q, row_scale] = quantize_rows_s8(x);
+  return rescale_rows_cols(at::_int_mm(q, weight.t()), row_scale, weight_scale, bias);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mixprec, m) {
   m.def("quantize_rows_s8(Tensor x) -> (Tensor, Tensor)", &quantize_rows_s8);
   m.def("quantize_rows_static_s8(Tensor x, float scale, int zero_point) -> (Tensor, Tensor)",
         &quantize_rows_static_s8);
+  m.def("int8_linear_dynamic(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor",
+        &int8_linear_dynamic);
   m.def("rescale_rows_cols(Tensor acc, Tensor row_scale, Tensor col_scale, Tensor? bias) -> Tensor",
         &rescale_rows_cols);
 }

@@ -1,0 +1,28 @@
+"""The dynamic int8 linear as one kernel: per-token quantization, int8 GEMM, rescale."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from mixprec.kernels import native
+from mixprec.kernels.activation_quant import quantize_per_token_symmetric_torch, rescale_accumulator_torch
+from mixprec.kernels.int8_matmul import int8_matmul
+
+
+def int8_linear_dynamic_torch(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """PyTorch-op path (and reference) of :func:`int8_linear_dynamic`."""
+    q, row_scale = quantize_per_token_symmetric_torch(x)
+    return rescale_accumulator_torch(int8_matmul(q, weight.t()), row_scale, weight_scale, bias)
+
+
+def int8_linear_dynamic(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """``y = rescale(int8_matmul(quantize_per_token(x), weight^T))`` for float32 ``x [M, K]``.
+
+    ``weight`` is int8 ``[N, K]`` with float32 per-channel ``weight_scale [N]``; see
+    :func:`~mixprec.kernels.activation_quant.quantize_per_token_symmetric` and
+    :func:`~mixprec.kernels.activation_quant.rescale_accumulator` for the exact arithmetic.
+    The native path does all three steps in one call; both paths give identical bits.
+    """
+    if native.available() and x.is_contiguous():
+        return native.int8_linear_dynamic(x, weight, weight_scale, bias)
+    return int8_linear_dynamic_torch(x, weight, weight_scale, bias)
