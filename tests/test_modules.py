@@ -143,3 +143,13 @@ def test_int8_static_linear_saturates_inf_marks_nan_and_matches_its_fallback(mon
     assert torch.allclose(y[[0, 3]], expected, rtol=0, atol=2.4e-7)  # folded-bias rounding: measured 1.2e-7
     monkeypatch.setattr(native, "available", lambda: False)
     assert torch.equal(module(x).isnan(), y.isnan()) and torch.equal(module(x)[[0, 2, 3]], y[[0, 2, 3]])
+
+
+def test_int8_linears_take_any_leading_shape_layout_and_float_dtype() -> None:
+    layer = linear()
+    x_qp = qparams_from_tensor(torch.randn(256, 96), QuantSpec(bits=8, signed=True, symmetric=False))
+    for module in (Int8DynamicLinear.from_float(layer), Int8StaticLinear.from_float(layer, x_qp)):
+        x = torch.randn(3, 96, 4).transpose(1, 2)  # [3, 4, 96], not contiguous
+        y = module(x)
+        assert y.shape == (3, 4, 40) and torch.equal(y, module(x.contiguous().reshape(12, 96)).reshape(3, 4, 40))
+        assert module(x.to(torch.bfloat16)).dtype == torch.bfloat16

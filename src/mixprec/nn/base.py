@@ -44,6 +44,22 @@ def check_linear_input(x: Tensor, in_features: int, name: str) -> None:
         raise InputError(f"{name} runs on the CPU; move the input there (x.cpu()), got {x.device}")
 
 
+def as_float32_matrix(x: Tensor) -> Tensor:
+    """``x [..., K]`` as a contiguous float32 ``[M, K]`` (no copy when it already is one)."""
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
+    if x.dtype is not torch.float32:
+        x = x.to(torch.float32)
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def restore_shape(y: Tensor, x: Tensor) -> Tensor:
+    """``y [M, N]`` back to ``x``'s leading dimensions and dtype."""
+    if x.dim() != 2:
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if x.dtype is torch.float32 else y.to(x.dtype)
+
+
 def check_token_ids(ids: Tensor, num_embeddings: int, name: str) -> None:
     """Refuse token ids that are not integers in ``[0, num_embeddings)``."""
     if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32):

@@ -23,7 +23,7 @@ from mixprec.kernels import (
     quantize_static,
     rescale_accumulator,
 )
-from mixprec.nn.base import QuantizedModule, check_linear_input, round_weight
+from mixprec.nn.base import QuantizedModule, as_float32_matrix, check_linear_input, restore_shape, round_weight
 
 #: int8 weights, symmetric [-127, 127], one scale per output channel.
 WEIGHT_PER_CHANNEL = QuantSpec(bits=8, signed=True, symmetric=True, granularity="channel", axis=0)
@@ -89,9 +89,8 @@ class Int8DynamicLinear(_Int8WeightLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)
-        x2d = x.reshape(-1, self.in_features).to(torch.float32)
-        y = int8_linear_dynamic(x2d, self.weight, self.weight_scale, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = int8_linear_dynamic(as_float32_matrix(x), self.weight, self.weight_scale, self.bias)
+        return restore_shape(y, x)
 
 
 class Int8StaticLinear(_Int8WeightLinear):
@@ -133,11 +132,10 @@ class Int8StaticLinear(_Int8WeightLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)
-        x2d = x.reshape(-1, self.in_features).to(torch.float32)
-        q, row_flag = quantize_static(x2d.contiguous(), float(self.input_scale), int(self.input_zero_point))
+        q, row_flag = quantize_static(as_float32_matrix(x), float(self.input_scale), int(self.input_zero_point))
         combined = self.input_scale * self.weight_scale
         y = rescale_accumulator(int8_matmul(q, self.weight.t()), row_flag, combined, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return restore_shape(y, x)
 
 
 class Int8TensorFakeQuantLinear(_Int8WeightLinear):
