@@ -27,8 +27,11 @@ def load_error() -> str | None:
     if os.environ.get("MIXPREC_NATIVE", "1") == "0":
         return "disabled by MIXPREC_NATIVE=0"
     try:
+        import ninja  # the pip package: make its binary visible to PyTorch's builder
         from torch.utils.cpp_extension import load
 
+        if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         load(name="mixprec_native", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
              is_python_module=False, verbose=False)
     except Exception as exc:  # any build or load failure means: use the PyTorch path
