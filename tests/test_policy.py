@@ -141,3 +141,15 @@ def test_int8_gemm_refuses_reductions_that_could_overflow_int32() -> None:
     with pytest.raises(PolicyError, match="131074 input features.*overflow-free only up to 131072: use w8"):
         Policy(default="int8").plan(model)
     Policy(default="w8").plan(model)
+
+
+def test_report_writes_csv_and_json_atomically(tmp_path: Path) -> None:
+    import json
+
+    report = mixprec.quantize(Net(), Policy([("fc.", "int8")]))
+    report.to_json(tmp_path / "r.json")
+    report.to_csv(tmp_path / "r.csv")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["total_bytes"] == report.total_bytes and data["layers"][2]["name"] == "fc1"
+    assert (tmp_path / "r.csv").read_text().splitlines()[0].startswith("name,module_type,precision,kernel")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.json"]

@@ -38,3 +38,15 @@ def test_cli_refuses_bad_arguments(tmp_path: Path, capsys) -> None:  # noqa: ANN
         main(["fashion-mnist", "--epochs", "0"])
     assert exit_info.value.code == 2
     assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_cli_explain_prints_the_policy_table(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    policy = tmp_path / "policy.toml"
+    policy.write_text('default = "fp32"\n[[rules]]\npattern = "fc1"\nprecision = "w4g16"\n')
+    assert main(["explain", str(policy)]) == 0
+    out = capsys.readouterr().out
+    assert "fc1" in out and "w4g16" in out and "31,616" in out  # 784 * 64 / 2 + 2 * 64 * 49 + 4 * 64
+    bad = tmp_path / "bad.toml"
+    bad.write_text('default = "int3"\n')
+    assert main(["explain", str(bad)]) == 2
+    assert "unknown precision 'int3'" in capsys.readouterr().err

@@ -10,16 +10,19 @@ from mixprec.io_utils import atomic_path
 
 def accuracy_vs_bytes(path: str | os.PathLike[str], labels: Sequence[str], accuracy: Sequence[float],
                       total_bytes: Sequence[int], title: str) -> None:
-    """Scatter of accuracy (%) against total model bytes (log scale), one labeled point each."""
+    """Scatter of accuracy (%) against total model bytes (log scale); a legend names each point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    ax.scatter(total_bytes, accuracy, color="tab:blue", zorder=3)
-    for label, x, y in zip(labels, total_bytes, accuracy):
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
+    markers = "osD^v<>pP*Xh"
+    colors = plt.get_cmap("tab20").colors
+    for index, (label, x, y) in enumerate(zip(labels, total_bytes, accuracy)):
+        ax.scatter(x, y, marker=markers[index % len(markers)], color=colors[index % len(colors)], s=50,
+                   label=f"{label} ({y:.2f}%, {x:,} B)", zorder=3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     ax.set_xscale("log")
     ax.set_xlabel("model bytes (weights, biases, scales, zero points)")
     ax.set_ylabel("test accuracy (%)")
