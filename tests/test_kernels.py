@@ -11,7 +11,6 @@ from mixprec.kernels import (
     int8_matmul,
     int8_matmul_reference,
     native,
-    quantize_per_token_symmetric,
     quantize_per_token_symmetric_torch,
     quantize_static_torch,
     rescale_accumulator_torch,
@@ -51,7 +50,7 @@ def test_int8_matmul_refuses_bad_operands() -> None:
 
 def test_per_token_quantization_equals_the_general_rule_bit_for_bit() -> None:
     x = awkward_rows()
-    q, scale = quantize_per_token_symmetric(x)
+    q, scale = quantize_per_token_symmetric_torch(x)
     qp = qparams_from_tensor(x, QuantSpec(bits=8, signed=True, symmetric=True, granularity="channel", axis=0))
     assert torch.equal(q, quantize(x, qp))
     assert torch.equal(scale.squeeze(1), qp.scale)

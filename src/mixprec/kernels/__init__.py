@@ -1,7 +1,6 @@
 """Fast compute paths, each with a slow reference beside it."""
 
 from mixprec.kernels.activation_quant import (
-    quantize_per_token_symmetric,
     quantize_per_token_symmetric_torch,
     quantize_static,
     quantize_static_torch,
@@ -19,7 +18,6 @@ __all__ = [
     "int8_linear_dynamic_torch",
     "int8_matmul",
     "int8_matmul_reference",
-    "quantize_per_token_symmetric",
     "quantize_per_token_symmetric_torch",
     "quantize_static",
     "quantize_static_torch",

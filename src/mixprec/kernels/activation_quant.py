@@ -16,24 +16,18 @@ from mixprec.kernels import native
 
 
 def quantize_per_token_symmetric_torch(x: Tensor) -> tuple[Tensor, Tensor]:
-    """PyTorch-op path of :func:`quantize_per_token_symmetric`."""
-    scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=127.0 * SCALE_MIN).div_(127.0)
-    scale = torch.where(torch.isfinite(scale), scale, float("nan"))
-    q = x.div(scale).round_().to(torch.int8)
-    return q, scale
-
-
-def quantize_per_token_symmetric(x: Tensor) -> tuple[Tensor, Tensor]:
     """Quantize rows of a float32 ``x [M, K]`` to int8 in [-127, 127], one scale per row.
 
     ``scale = max(max|row| / 127, SCALE_MIN)``; ``q = round_half_even(x / scale)``, which
     lies in [-127, 127] without clamping since ``|x| <= 127 * scale`` up to one float
     rounding (which cannot reach 127.5). Returns ``(q, scale [M, 1])``. A row holding NaN
     or +-inf gets scale NaN (its codes are meaningless), which makes its output row NaN.
+    This is the PyTorch-op path; ``native.quantize_rows_s8`` is the fused one.
     """
-    if native.available() and x.is_contiguous():
-        return native.quantize_rows_s8(x)
-    return quantize_per_token_symmetric_torch(x)
+    scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=127.0 * SCALE_MIN).div_(127.0)
+    scale = torch.where(torch.isfinite(scale), scale, float("nan"))
+    q = x.div(scale).round_().to(torch.int8)
+    return q, scale
 
 
 def rescale_accumulator_torch(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None) -> Tensor:

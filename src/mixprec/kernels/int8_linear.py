@@ -19,7 +19,7 @@ def int8_linear_dynamic(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: T
     """``y = rescale(int8_matmul(quantize_per_token(x), weight^T))`` for float32 ``x [M, K]``.
 
     ``weight`` is int8 ``[N, K]`` with float32 per-channel ``weight_scale [N]``; see
-    :func:`~mixprec.kernels.activation_quant.quantize_per_token_symmetric` and
+    :func:`~mixprec.kernels.activation_quant.quantize_per_token_symmetric_torch` and
     :func:`~mixprec.kernels.activation_quant.rescale_accumulator` for the exact arithmetic.
     The native path does all three steps in one call; both paths give identical bits.
     """
