@@ -82,3 +82,8 @@ def test_gptq_model_tracks_float_better_on_held_out_inputs() -> None:
         assert {report.layer(n).weight_rounding for n in ("0", "2")} == {rounding}
         errors[rounding] = float(((model(held_out) - reference) ** 2).mean())
     assert errors["gptq"] < 0.7 * errors["nearest"]  # measured ratio 0.58
+
+
+def test_gptq_refuses_a_hessian_of_the_wrong_size() -> None:
+    with pytest.raises(ValueError, match=r"hessian must be \[8, 8\], got \(4, 4\)"):
+        gptq_quantize(torch.zeros(2, 8), torch.eye(4), CHANNEL)

@@ -1,0 +1,31 @@
+"""The timing and memory helpers (their inputs; no timed assertions)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixprec.bench.memory import bytes_allocated
+from mixprec.bench.timing import interleaved_medians
+
+
+def test_interleaved_medians_times_every_candidate() -> None:
+    calls = {"a": 0, "b": 0}
+
+    def bump(name: str) -> None:
+        calls[name] += 1
+
+    medians = interleaved_medians({"a": lambda: bump("a"), "b": lambda: bump("b")}, rounds=3, min_seconds=0.0)
+    assert set(medians) == {"a", "b"} and all(v >= 0 for v in medians.values())
+    assert calls["a"] >= 3 + 3 + 1 and calls["b"] >= 7  # warm-up, sizing call, one timing per round
+
+
+def test_interleaved_medians_refuses_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="at least one candidate"):
+        interleaved_medians({})
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        interleaved_medians({"a": lambda: None}, rounds=0)
+
+
+def test_bytes_allocated_counts_a_known_allocation() -> None:
+    assert bytes_allocated(lambda: torch.empty(1000, dtype=torch.float32)) == 4000
