@@ -11,6 +11,7 @@ from mixprec.kernels import (
     int8_matmul,
     int8_matmul_reference,
     native,
+    onednn_int8,
     quantize_per_token_symmetric_torch,
     quantize_static_torch,
     rescale_accumulator_torch,
@@ -93,3 +94,19 @@ def test_native_and_torch_static_quantization_agree_bit_for_bit() -> None:
         assert torch.equal(q_native, q_torch)
         assert torch.equal(flag_native.isnan(), flag_torch.isnan()) and flag_native.isnan().sum() == 1
         assert int(q_native[2, 0]) == 127 and int(q_native[2, 1]) == -128
+
+
+@pytest.mark.skipif(not onednn_int8.available(), reason="this CPU has no VNNI/AMX int8 kernel in oneDNN")
+@pytest.mark.parametrize("m,k,n", [(1, 7, 3), (1, 784, 64), (5, 13, 9), (33, 63, 17), (256, 100, 130), (4, 2000, 8)])
+def test_onednn_accumulators_equal_int64_reference(m: int, k: int, n: int) -> None:
+    generator = torch.Generator().manual_seed(m + 7 * k + n)
+    q = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=generator)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=generator)
+    q[0] = -127
+    w[0] = -128
+    w[-1] = 127
+    packed = onednn_int8.prepack(w)
+    assert torch.equal(onednn_int8.unpack(packed), w)
+    got = onednn_int8.matmul_u8((q.to(torch.int16) + 128).to(torch.uint8), packed, torch.ones(n),
+                                torch.zeros(n, dtype=torch.int32))
+    assert torch.equal(got, int8_matmul_reference(q, w.t()).to(torch.float32))

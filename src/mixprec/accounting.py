@@ -7,10 +7,11 @@ from torch import nn
 
 
 def own_tensors(module: nn.Module) -> list[torch.Tensor]:
-    """Parameters and buffers registered directly on ``module`` (not its children)."""
-    tensors = [t for _, t in module.named_parameters(recurse=False)]
-    tensors += [t for _, t in module.named_buffers(recurse=False) if t is not None]
-    return tensors
+    """The tensors ``module`` itself (not its children) puts in its state dict: its
+    parameters and persistent buffers, or what a module with a custom layout saves."""
+    state: dict[str, torch.Tensor] = {}
+    module._save_to_state_dict(state, "", keep_vars=True)
+    return list(state.values())
 
 
 def own_bytes(module: nn.Module) -> int:

@@ -34,7 +34,6 @@ from mixprec.kernels import MAX_REDUCTION
 from mixprec.nn import (
     HalfEmbedding,
     HalfLinear,
-    Int8DynamicLinear,
     Int8Embedding,
     Int8StaticLinear,
     Int8TensorFakeQuantLinear,
@@ -42,6 +41,7 @@ from mixprec.nn import (
     W4Embedding,
     W4Linear,
     W8Linear,
+    int8_dynamic_class,
 )
 
 #: Families whose Linear runs an int8 x int8 GEMM with int32 accumulation.
@@ -159,7 +159,7 @@ def build(module: nn.Module, precision: Precision, input_qparams: QParams | None
     if family in ("bf16", "fp16"):
         return HalfLinear.from_float(module, family)
     if family == "int8":
-        return Int8DynamicLinear.from_float(module, hessian)
+        return int8_dynamic_class(module.in_features, module.out_features).from_float(module, hessian)
     if family == "int8-static":
         if input_qparams is None:
             raise PolicyError("int8-static needs calibrated input parameters")
@@ -189,7 +189,7 @@ def build_empty(module: nn.Module, precision: Precision) -> nn.Module:
     if family == "w4":
         return W4Linear(*shape, group_size=group_size_for(module, precision))
     classes: dict[str, type[nn.Module]] = {
-        "int8": Int8DynamicLinear,
+        "int8": int8_dynamic_class(module.in_features, module.out_features),
         "int8-static": Int8StaticLinear,
         "int8-tensor": Int8TensorFakeQuantLinear,
         "w8": W8Linear,

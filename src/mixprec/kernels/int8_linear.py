@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from mixprec.kernels import native
-from mixprec.kernels.activation_quant import quantize_per_token_symmetric_torch, rescale_accumulator_torch
+from mixprec.kernels import native, onednn_int8
+from mixprec.kernels.activation_quant import (
+    quantize_per_token_symmetric_torch,
+    rescale_accumulator,
+    rescale_accumulator_torch,
+)
 from mixprec.kernels.int8_matmul import int8_matmul
 
 
@@ -26,3 +31,19 @@ def int8_linear_dynamic(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: T
     if native.available() and x.is_contiguous():
         return native.int8_linear_dynamic(x, weight, weight_scale, bias)
     return int8_linear_dynamic_torch(x, weight, weight_scale, bias)
+
+
+def int8_linear_packed(x: Tensor, packed: Tensor, unit_scale: Tensor, zero_points: Tensor, weight_scale: Tensor,
+                       bias: Tensor | None) -> Tensor:
+    """:func:`int8_linear_dynamic` with the GEMM run by oneDNN on prepacked weights.
+
+    The codes are the same per-token int8 codes shifted by +128 into uint8 (zero point
+    128), oneDNN returns ``float(acc)`` exactly, and the same rescale epilogue follows,
+    so the output equals :func:`int8_linear_dynamic`'s bit for bit.
+    """
+    if native.available() and x.is_contiguous():
+        q, row_scale = native.quantize_rows_u8(x)
+    else:
+        q_signed, row_scale = quantize_per_token_symmetric_torch(x)
+        q = (q_signed.to(torch.int16) + 128).to(torch.uint8)
+    return rescale_accumulator(onednn_int8.matmul_u8(q, packed, unit_scale, zero_points), row_scale, weight_scale, bias)

@@ -52,6 +52,11 @@ def quantize_rows_s8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.mixprec.quantize_rows_s8(x)
 
 
+def quantize_rows_u8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows_s8` with codes shifted by +128 into uint8 (zero point 128)."""
+    return torch.ops.mixprec.quantize_rows_u8(x)
+
+
 def quantize_rows_static_s8(x: torch.Tensor, scale: float, zero_point: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused per-tensor static int8 quantization with NaN row flags (see csrc/int8_rows.cpp)."""
     return torch.ops.mixprec.quantize_rows_static_s8(x, scale, zero_point)

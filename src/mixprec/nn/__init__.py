@@ -3,7 +3,14 @@
 from mixprec.nn.base import QuantizedModule
 from mixprec.nn.embedding import HalfEmbedding, Int8Embedding, W4Embedding
 from mixprec.nn.linear_half import HalfLinear
-from mixprec.nn.linear_int8 import Int8DynamicLinear, Int8StaticLinear, Int8TensorFakeQuantLinear, W8Linear
+from mixprec.nn.linear_int8 import (
+    Int8DynamicLinear,
+    Int8PackedLinear,
+    Int8StaticLinear,
+    Int8TensorFakeQuantLinear,
+    W8Linear,
+    int8_dynamic_class,
+)
 from mixprec.nn.linear_weight_only import W4Linear
 
 __all__ = [
@@ -11,10 +18,12 @@ __all__ = [
     "HalfLinear",
     "Int8DynamicLinear",
     "Int8Embedding",
+    "Int8PackedLinear",
     "Int8StaticLinear",
     "Int8TensorFakeQuantLinear",
     "QuantizedModule",
     "W4Embedding",
     "W4Linear",
     "W8Linear",
+    "int8_dynamic_class",
 ]

@@ -18,11 +18,14 @@ from mixprec.kernels import (
     INT8_MATMUL_KERNEL,
     MAX_REDUCTION,
     int8_linear_dynamic,
+    int8_linear_packed,
     int8_matmul,
     native,
+    onednn_int8,
     quantize_static,
     rescale_accumulator,
 )
+from mixprec.kernels.onednn_int8 import KERNEL_NAME as ONEDNN_KERNEL
 from mixprec.nn.base import QuantizedModule, as_float32_matrix, check_linear_input, restore_shape, round_weight
 
 #: int8 weights, symmetric [-127, 127], one scale per output channel.
@@ -59,10 +62,13 @@ class _Int8WeightLinear(QuantizedModule):
 
     def _set_weight(self, linear: nn.Linear, hessian: Tensor | None) -> None:
         codes, qp = round_weight(linear.weight, self.weight_spec, hessian)
-        self.weight.copy_(codes)
+        self._store_codes(codes)
         self.weight_scale.copy_(qp.scale.reshape(-1))
         if self.bias is not None:
             self.bias.copy_(linear.bias.detach())
+
+    def _store_codes(self, codes: Tensor) -> None:
+        self.weight.copy_(codes)
 
     def weight_qparams(self) -> QParams:
         scale = self.weight_scale if self.weight_spec.granularity == "channel" else self.weight_scale[0]
@@ -91,6 +97,72 @@ class Int8DynamicLinear(_Int8WeightLinear):
         check_linear_input(x, self.in_features, type(self).__name__)
         y = int8_linear_dynamic(as_float32_matrix(x), self.weight, self.weight_scale, self.bias)
         return restore_shape(y, x)
+
+
+class Int8PackedLinear(Int8DynamicLinear):
+    """``int8`` holding its weight only in oneDNN's prepacked layout (no dense copy).
+
+    Same arithmetic, same bits as :class:`Int8DynamicLinear`; the GEMM runs in oneDNN's
+    u8 x s8 kernel (VNNI/AMX). ``state_dict()`` unpacks the weight to the ordinary dense
+    int8 ``[out, in]`` tensor, so checkpoints do not depend on the layout, and loading
+    packs it again. Bytes are counted as the dense size (oneDNN may pad its blocks).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias)
+        self._store_codes(self._buffers.pop("weight"))
+        self._unit_scale = torch.ones(out_features)
+        self._zero_points = torch.zeros(out_features, dtype=torch.int32)
+
+    @property
+    def kernel(self) -> str:  # type: ignore[override]
+        fused = "fused C++" if native.available() else "PyTorch-op"
+        return f"{ONEDNN_KERNEL}; {fused} per-token quantization and rescale"
+
+    def _store_codes(self, codes: Tensor) -> None:
+        self._packed = onednn_int8.prepack(codes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_linear_input(x, self.in_features, type(self).__name__)
+        y = int8_linear_packed(as_float32_matrix(x), self._packed, self._unit_scale, self._zero_points,
+                               self.weight_scale, self.bias)
+        return restore_shape(y, x)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:  # type: ignore[override]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = onednn_int8.unpack(self._packed)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,  # type: ignore[override]
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        key = prefix + "weight"
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        dense = state_dict.get(key)
+        if dense is None:
+            missing_keys.append(key)
+        elif dense.dtype != torch.int8 or tuple(dense.shape) != (self.out_features, self.in_features):
+            error_msgs.append(f"{key}: expected int8 {(self.out_features, self.in_features)}, "
+                              f"got {dense.dtype} {tuple(dense.shape)}")
+        else:
+            self._store_codes(dense)
+
+    def __getstate__(self) -> dict:
+        """Deep copies and pickles carry the dense codes; the opaque packed tensor cannot be copied."""
+        state = self.__dict__.copy()
+        state["_packed"] = onednn_int8.unpack(self._packed)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        dense = state.pop("_packed")
+        super().__setstate__(state)
+        self._store_codes(dense)
+
+
+def int8_dynamic_class(in_features: int, out_features: int) -> type[Int8DynamicLinear]:
+    """The ``int8`` module for a shape: oneDNN-packed where that kernel is faster here."""
+    return Int8PackedLinear if onednn_int8.prefer_packed(out_features, in_features) else Int8DynamicLinear
 
 
 class Int8StaticLinear(_Int8WeightLinear):

@@ -18,22 +18,25 @@ namespace {
 constexpr float kScaleMin = 1.17549435e-38f;  // 2**-126, the smallest normal float32
 constexpr float kRoundMagic = 12582912.0f;     // 1.5 * 2**23
 
-// scale = max(max|row| / 127, 2**-126); q = round_half_even(x / scale).
-// A row holding NaN or +-inf gets scale NaN and codes 0, so its output row is NaN.
-std::tuple<at::Tensor, at::Tensor> quantize_rows_s8(const at::Tensor& x) {
+// scale = max(max|row| / 127, 2**-126); q = round_half_even(x / scale) + Offset, stored
+// as Code: int8 with Offset 0, or uint8 with Offset 128 (the u8 operand oneDNN's VNNI
+// kernels take, with zero point 128). A row holding NaN or +-inf gets scale NaN and
+// codes Offset, so its output row is NaN.
+template <typename Code, int Offset>
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
-              "quantize_rows_s8 takes a contiguous float32 CPU matrix");
+              "per-row quantization takes a contiguous float32 CPU matrix");
   const int64_t rows = x.size(0), cols = x.size(1);
-  auto q = at::empty({rows, cols}, x.options().dtype(at::kChar));
+  auto q = at::empty({rows, cols}, x.options().dtype(Offset == 0 ? at::kChar : at::kByte));
   auto scale = at::empty({rows, 1}, x.options());
   const float* src = x.data_ptr<float>();
-  int8_t* dst = q.data_ptr<int8_t>();
+  Code* dst = reinterpret_cast<Code*>(q.data_ptr());
   float* scale_ptr = scale.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* row = src + r * cols;
-      int8_t* out = dst + r * cols;
+      Code* out = dst + r * cols;
       // For non-negative floats the IEEE order equals the integer order of the bit
       // patterns (inf = 0x7f800000, NaN above it), so max|x| is an integer max of
       // (bits & 0x7fffffff), which vectorizes and detects non-finite values exactly.
@@ -42,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_s8(const at::Tensor& x) {
       for (int64_t c = 0; c < cols; ++c) amax_bits = std::max(amax_bits, bits[c] & 0x7fffffffu);
       if (amax_bits >= 0x7f800000u) {
         scale_ptr[r] = std::numeric_limits<float>::quiet_NaN();
-        std::fill(out, out + cols, int8_t{0});
+        std::fill(out, out + cols, static_cast<Code>(Offset));
         continue;
       }
       float amax;
@@ -53,12 +56,15 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_s8(const at::Tensor& x) {
         // |row[c] / s| <= 127 < 2**22, where adding and subtracting 1.5 * 2**23 rounds to
         // the nearest integer, ties to even (the default rounding mode), exactly.
         const float rounded = (row[c] / s + kRoundMagic) - kRoundMagic;
-        out[c] = static_cast<int8_t>(static_cast<int32_t>(rounded));
+        out[c] = static_cast<Code>(static_cast<int32_t>(rounded) + Offset);
       }
     }
   });
   return {q, scale};
 }
+
+std::tuple<at::Tensor, at::Tensor> quantize_rows_s8(const at::Tensor& x) { return quantize_rows<int8_t, 0>(x); }
+std::tuple<at::Tensor, at::Tensor> quantize_rows_u8(const at::Tensor& x) { return quantize_rows<uint8_t, 128>(x); }
 
 // Static activations, one scale and zero point for the tensor:
 // q = clamp(round_half_even(x / scale) + zero_point, -128, 127); +-inf saturates.
@@ -104,11 +110,33 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_static_s8(const at::Tensor& x, 
 }
 
 // y[m, n] = ((float(acc[m, n]) * row_scale[m]) * col_scale[n]) + bias[n], each step
-// rounded to float32 (no fused multiply-add).
+// rounded to float32 (no fused multiply-add). The accumulator is int32, or float32
+// already holding float(acc) (what oneDNN returns with unit scales).
+template <typename Acc>
+void rescale_impl(const at::Tensor& acc, const float* rs, const float* cs, const float* b, at::Tensor& y) {
+  const int64_t rows = acc.size(0), cols = acc.size(1);
+  const Acc* a = acc.data_ptr<Acc>();
+  float* out = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float s = rs[r];
+      const Acc* arow = a + r * cols;
+      float* yrow = out + r * cols;
+      if (b != nullptr) {
+        for (int64_t c = 0; c < cols; ++c) yrow[c] = static_cast<float>(arow[c]) * s * cs[c] + b[c];
+      } else {
+        for (int64_t c = 0; c < cols; ++c) yrow[c] = static_cast<float>(arow[c]) * s * cs[c];
+      }
+    }
+  });
+}
+
 at::Tensor rescale_rows_cols(const at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor& col_scale,
                              const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == at::kInt && acc.is_contiguous(),
-              "rescale_rows_cols takes a contiguous int32 accumulator");
+  TORCH_CHECK(acc.dim() == 2 && (acc.scalar_type() == at::kInt || acc.scalar_type() == at::kFloat) &&
+                  acc.is_contiguous(),
+              "rescale_rows_cols takes a contiguous int32 or float32 accumulator");
   const int64_t rows = acc.size(0), cols = acc.size(1);
   TORCH_CHECK(row_scale.numel() == rows && row_scale.scalar_type() == at::kFloat && row_scale.is_contiguous(),
               "row_scale must be float32 with one value per row");
@@ -120,24 +148,14 @@ at::Tensor rescale_rows_cols(const at::Tensor& acc, const at::Tensor& row_scale,
                 "bias must be float32 with one value per column");
   }
   auto y = at::empty({rows, cols}, acc.options().dtype(at::kFloat));
-  const int32_t* a = acc.data_ptr<int32_t>();
   const float* rs = row_scale.data_ptr<float>();
   const float* cs = col_scale.data_ptr<float>();
   const float* b = has_bias ? bias->data_ptr<float>() : nullptr;
-  float* out = y.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float s = rs[r];
-      const int32_t* arow = a + r * cols;
-      float* yrow = out + r * cols;
-      if (b != nullptr) {
-        for (int64_t c = 0; c < cols; ++c) yrow[c] = static_cast<float>(arow[c]) * s * cs[c] + b[c];
-      } else {
-        for (int64_t c = 0; c < cols; ++c) yrow[c] = static_cast<float>(arow[c]) * s * cs[c];
-      }
-    }
-  });
+  if (acc.scalar_type() == at::kInt) {
+    rescale_impl<int32_t>(acc, rs, cs, b, y);
+  } else {
+    rescale_impl<float>(acc, rs, cs, b, y);
+  }
   return y;
 }
 
@@ -155,6 +173,7 @@ at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& weight, co
 
 TORCH_LIBRARY(mixprec, m) {
   m.def("quantize_rows_s8(Tensor x) -> (Tensor, Tensor)", &quantize_rows_s8);
+  m.def("quantize_rows_u8(Tensor x) -> (Tensor, Tensor)", &quantize_rows_u8);
   m.def("quantize_rows_static_s8(Tensor x, float scale, int zero_point) -> (Tensor, Tensor)",
         &quantize_rows_static_s8);
   m.def("int8_linear_dynamic(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor",

@@ -1,0 +1,88 @@
+"""One Linear layer (default 4096 x 4096) in every mixprec precision against float32 and
+PyTorch's own dynamic int8, at several batch sizes M.
+
+All paths are timed in one process, interleaved, median of ``--rounds`` rounds; the
+output is the time per call and the speed-up over float32.
+
+    .venv/bin/python benchmarks/linear.py [--features 4096] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from torch import nn
+
+import mixprec
+from mixprec.bench.timing import interleaved_medians
+from mixprec.nn import Int8DynamicLinear
+from mixprec.report.results import print_table, write_csv
+
+BATCHES = (1, 8, 128, 1024)
+
+
+def torch_dynamic_int8(layer: nn.Module, engine: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """PyTorch's eager dynamic int8 (per-tensor activations), packed for ``engine``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        torch.backends.quantized.engine = engine
+        quantized = quantize_dynamic(copy.deepcopy(layer), {nn.Linear}, dtype=torch.qint8)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        torch.backends.quantized.engine = engine
+        return quantized(x)
+
+    return run
+
+
+def mixprec_path(layer: nn.Module, precision: str) -> nn.Module:
+    model = copy.deepcopy(layer)
+    mixprec.quantize(model, precision)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--features", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--csv", type=Path, default=Path("runs/bench/linear.csv"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(args.features, args.features)).eval()
+    dense_int8 = nn.Sequential(Int8DynamicLinear.from_float(layer[0]))
+    candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"fp32": layer}
+    for precision in ("int8", "w8", "w4", "bf16", "fp16"):
+        model = mixprec_path(layer, precision)
+        candidates[f"mixprec {precision} ({model[0].kernel.split(';')[0]})"] = model
+    candidates["mixprec int8 (torch._int_mm, forced)"] = dense_int8
+    for engine in ("x86", "onednn"):
+        candidates[f"torch dynamic int8 ({engine})"] = torch_dynamic_int8(layer, engine)
+    medians = {}
+    with torch.no_grad():
+        for batch in BATCHES:
+            x = torch.randn(batch, args.features)
+            calls = {k: (lambda f=f, x=x: f(x)) for k, f in candidates.items()}
+            medians[batch] = interleaved_medians(calls, args.rounds, min_seconds=0.1)
+    rows = []
+    for name in candidates:
+        row: dict[str, object] = {"path": name}
+        for batch in BATCHES:
+            row[f"M{batch}_ms"] = round(medians[batch][name] * 1e3, 3)
+            row[f"M{batch}_vs_fp32"] = round(medians[batch]["fp32"] / medians[batch][name], 2)
+        rows.append(row)
+    columns = ["path"] + [f"M{b}_{s}" for b in BATCHES for s in ("ms", "vs_fp32")]
+    print_table(f"Linear {args.features}x{args.features}, torch {torch.__version__}, {torch.get_num_threads()} "
+                f"threads, median of {args.rounds} interleaved rounds", rows, columns, Console(width=200))
+    write_csv(args.csv, rows, columns)
+
+
+if __name__ == "__main__":
+    main()
