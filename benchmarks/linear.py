@@ -43,6 +43,29 @@ def torch_dynamic_int8(layer: nn.Module, engine: str) -> Callable[[torch.Tensor]
     return run
 
 
+def peer_paths(layer: nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """torchao and optimum-quanto int8 paths (install with ``pip install -e '.[bench]'``)."""
+    peers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        model = copy.deepcopy(layer)
+        quantize_(model, Int8DynamicActivationInt8WeightConfig())
+        peers["torchao Int8DynamicActivationInt8Weight (eager)"] = model
+    except Exception as exc:  # a missing or incompatible peer is reported, never hidden
+        print(f"torchao unavailable: {type(exc).__name__}: {exc}")
+    try:
+        from optimum import quanto
+
+        model = copy.deepcopy(layer)
+        quanto.quantize(model, weights=quanto.qint8, activations=quanto.qint8)
+        quanto.freeze(model)
+        peers["optimum-quanto W8A8"] = model
+    except Exception as exc:
+        print(f"optimum-quanto unavailable: {type(exc).__name__}: {exc}")
+    return peers
+
+
 def mixprec_path(layer: nn.Module, precision: str) -> nn.Module:
     model = copy.deepcopy(layer)
     mixprec.quantize(model, precision)
@@ -59,12 +82,16 @@ def main() -> None:
     layer = nn.Sequential(nn.Linear(args.features, args.features)).eval()
     dense_int8 = nn.Sequential(Int8DynamicLinear.from_float(layer[0]))
     candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"fp32": layer}
+    kernels = {}
     for precision in ("int8", "w8", "w4", "bf16", "fp16"):
         model = mixprec_path(layer, precision)
-        candidates[f"mixprec {precision} ({model[0].kernel.split(';')[0]})"] = model
-    candidates["mixprec int8 (torch._int_mm, forced)"] = dense_int8
+        candidates[f"mixprec {precision}"] = model
+        kernels[f"mixprec {precision}"] = model[0].kernel
+    candidates["mixprec int8, _int_mm forced"] = dense_int8
+    kernels["mixprec int8, _int_mm forced"] = dense_int8[0].kernel
     for engine in ("x86", "onednn"):
         candidates[f"torch dynamic int8 ({engine})"] = torch_dynamic_int8(layer, engine)
+    candidates.update(peer_paths(layer))
     medians = {}
     with torch.no_grad():
         for batch in BATCHES:
@@ -81,6 +108,8 @@ def main() -> None:
     columns = ["path"] + [f"M{b}_{s}" for b in BATCHES for s in ("ms", "vs_fp32")]
     print_table(f"Linear {args.features}x{args.features}, torch {torch.__version__}, {torch.get_num_threads()} "
                 f"threads, median of {args.rounds} interleaved rounds", rows, columns, Console(width=200))
+    for name, kernel in kernels.items():
+        print(f"{name}: {kernel}")
     write_csv(args.csv, rows, columns)
 
 
