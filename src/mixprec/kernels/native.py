@@ -1,6 +1,7 @@
 """Fused C++ kernels, compiled on first use with PyTorch's extension builder.
 
-The build uses ``-O3 -march=native -ffp-contract=off`` and no fast-math flags, so results
+The build uses ``-O3 -march=native -ffp-contract=off -fopenmp-simd`` (SIMD pragmas only,
+no OpenMP runtime) and no fast-math flags, so results
 equal the PyTorch reference path bit for bit. It is built without OpenMP, so
 ``at::parallel_for`` runs on the calling thread: measured here, linking OpenMP into the
 extension made these memory-bound loops 3x slower, not faster. If the build fails (no compiler, no
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).with_name("csrc") / "int8_rows.cpp"
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,3 +73,9 @@ def int8_linear_dynamic(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
                         bias: torch.Tensor | None) -> torch.Tensor:
     """:func:`quantize_rows_s8`, ``torch._int_mm`` and :func:`rescale_rows_cols` in one call."""
     return torch.ops.mixprec.int8_linear_dynamic(x, weight, weight_scale, bias)
+
+
+def w8_linear_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """Weight-only int8 linear for few rows (see csrc/int8_rows.cpp)."""
+    return torch.ops.mixprec.w8_linear_rows(x, weight, scale, bias)

@@ -26,6 +26,8 @@ from mixprec.kernels import (
     rescale_accumulator,
 )
 from mixprec.kernels.onednn_int8 import KERNEL_NAME as ONEDNN_KERNEL
+from mixprec.kernels.weight_only import KERNEL_NAME as W8_KERNEL
+from mixprec.kernels.weight_only import w8_linear
 from mixprec.nn.base import QuantizedModule, as_float32_matrix, check_linear_input, restore_shape, round_weight
 
 #: int8 weights, symmetric [-127, 127], one scale per output channel.
@@ -234,16 +236,14 @@ class Int8TensorFakeQuantLinear(_Int8WeightLinear):
 class W8Linear(_Int8WeightLinear):
     """``w8``: int8 weights (symmetric, per output channel), float32 activations.
 
-    ``y = (x @ W_q^T) * s_w + b`` in float32: the int8 codes are converted exactly to
-    float32, one matmul, then one multiply by the per-channel scale.
+    ``y = (x @ W_q^T) * s_w + b`` accumulated in float32; see
+    :mod:`mixprec.kernels.weight_only` for the two paths and when each runs.
     """
 
     precision = "w8"
-    kernel = "int8 weights -> float32 matmul, per-channel rescale"
+    kernel = W8_KERNEL
 
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)
-        y = F.linear(x.to(torch.float32), self.weight.to(torch.float32)).mul_(self.weight_scale)
-        if self.bias is not None:
-            y.add_(self.bias)
-        return y.to(x.dtype)
+        y = w8_linear(as_float32_matrix(x), self.weight, self.weight_scale, self.bias)
+        return restore_shape(y, x)

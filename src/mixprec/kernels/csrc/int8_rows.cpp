@@ -169,6 +169,38 @@ at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& weight, co
   return rescale_rows_cols(at::_int_mm(q, weight.t()), row_scale, weight_scale, bias);
 }
 
+// Weight-only int8 for few rows: y[m, n] = (sum_k x[m, k] * float(w[n, k])) * scale[n]
+// + bias[n]. Each weight row is read once for all M rows of x (the GEMV is bound by
+// weight bytes, 4x fewer than float32). The sum is float32 in an unspecified order
+// (vectorized partial sums), so results differ from a float32 matmul by rounding only.
+at::Tensor w8_linear_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                          const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 [M, K]");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous() &&
+                  weight.size(1) == x.size(1),
+              "weight must be contiguous int8 [N, K]");
+  const int64_t rows = x.size(0), cols = x.size(1), outs = weight.size(0);
+  TORCH_CHECK(scale.numel() == outs && scale.scalar_type() == at::kFloat, "scale must be float32 [N]");
+  const bool has_bias = bias.has_value() && bias->defined();
+  auto y = at::empty({rows, outs}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* wp = weight.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  for (int64_t n = 0; n < outs; ++n) {
+    const int8_t* wrow = wp + n * cols;
+    for (int64_t m = 0; m < rows; ++m) {
+      const float* xrow = xp + m * cols;
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < cols; ++k) acc += xrow[k] * static_cast<float>(wrow[k]);
+      yp[m * outs + n] = acc * sp[n] + (bp != nullptr ? bp[n] : 0.0f);
+    }
+  }
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mixprec, m) {
@@ -178,6 +210,7 @@ TORCH_LIBRARY(mixprec, m) {
         &quantize_rows_static_s8);
   m.def("int8_linear_dynamic(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor",
         &int8_linear_dynamic);
+  m.def("w8_linear_rows(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor", &w8_linear_rows);
   m.def("rescale_rows_cols(Tensor acc, Tensor row_scale, Tensor col_scale, Tensor? bias) -> Tensor",
         &rescale_rows_cols);
 }
