@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,27 +19,12 @@ from rich.console import Console
 from torch import nn
 
 import mixprec
-from mixprec.bench.timing import interleaved_medians
+from mixprec.bench.peers import torch_dynamic_int8
+from mixprec.bench.sweep import batch_sweep
 from mixprec.nn import Int8DynamicLinear
 from mixprec.report.results import print_table, write_csv
 
 BATCHES = (1, 8, 128, 1024)
-
-
-def torch_dynamic_int8(layer: nn.Module, engine: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """PyTorch's eager dynamic int8 (per-tensor activations), packed for ``engine``."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import quantize_dynamic
-
-        torch.backends.quantized.engine = engine
-        quantized = quantize_dynamic(copy.deepcopy(layer), {nn.Linear}, dtype=torch.qint8)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        torch.backends.quantized.engine = engine
-        return quantized(x)
-
-    return run
 
 
 def peer_paths(layer: nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -92,20 +76,10 @@ def main() -> None:
     for engine in ("x86", "onednn"):
         candidates[f"torch dynamic int8 ({engine})"] = torch_dynamic_int8(layer, engine)
     candidates.update(peer_paths(layer))
-    medians = {}
-    with torch.no_grad():
-        for batch in BATCHES:
-            x = torch.randn(batch, args.features)
-            calls = {k: (lambda f=f, x=x: f(x)) for k, f in candidates.items()}
-            medians[batch] = interleaved_medians(calls, args.rounds, min_seconds=0.1)
-    rows = []
-    for name in candidates:
-        row: dict[str, object] = {"path": name}
-        for batch in BATCHES:
-            row[f"M{batch}_ms"] = round(medians[batch][name] * 1e3, 3)
-            row[f"M{batch}_vs_fp32"] = round(medians[batch]["fp32"] / medians[batch][name], 2)
-        rows.append(row)
-    columns = ["path"] + [f"M{b}_{s}" for b in BATCHES for s in ("ms", "vs_fp32")]
+    rows, columns = batch_sweep(
+        candidates, lambda batch: torch.randn(batch, args.features),
+        BATCHES, args.rounds, prefix="M", unit="ms", min_seconds=0.1
+    )
     print_table(f"Linear {args.features}x{args.features}, torch {torch.__version__}, {torch.get_num_threads()} "
                 f"threads, median of {args.rounds} interleaved rounds", rows, columns, Console(width=200))
     for name, kernel in kernels.items():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,27 +19,12 @@ import torch
 from rich.console import Console
 
 import mixprec
-from mixprec.bench.timing import interleaved_medians
+from mixprec.bench.peers import torch_dynamic_int8
+from mixprec.bench.sweep import batch_sweep
 from mixprec.report.results import print_table, write_csv
 from mixprec.studies.fashion_mnist import MLP
 
 BATCHES = (1, 32, 256)
-
-
-def torch_dynamic_int8(model: torch.nn.Module, engine: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """PyTorch's eager dynamic int8 (per-tensor activations), packed for ``engine``."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import quantize_dynamic
-
-        torch.backends.quantized.engine = engine
-        quantized = quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        torch.backends.quantized.engine = engine
-        return quantized(x)
-
-    return run
 
 
 def main() -> None:
@@ -61,20 +45,10 @@ def main() -> None:
         candidates[f"mixprec {precision}"] = model
     for engine in ("x86", "onednn"):
         candidates[f"torch dynamic int8 ({engine})"] = torch_dynamic_int8(fp32, engine)
-    rows = []
-    with torch.no_grad():
-        medians = {}
-        for batch in BATCHES:
-            x = torch.rand(batch, 784)
-            calls = {k: (lambda f=f, x=x: f(x)) for k, f in candidates.items()}
-            medians[batch] = interleaved_medians(calls, args.rounds)
-    for name in candidates:
-        row: dict[str, object] = {"path": name}
-        for batch in BATCHES:
-            row[f"b{batch}_us"] = round(medians[batch][name] * 1e6, 1)
-            row[f"b{batch}_vs_fp32"] = round(medians[batch]["fp32"] / medians[batch][name], 2)
-        rows.append(row)
-    columns = ["path"] + [f"b{b}_{s}" for b in BATCHES for s in ("us", "vs_fp32")]
+    rows, columns = batch_sweep(
+        candidates, lambda batch: torch.rand(batch, 784),
+        BATCHES, args.rounds, prefix="b", unit="us", min_seconds=0.05
+    )
     print_table(f"MLP 784-64-10, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                 f"median of {args.rounds} interleaved rounds", rows, columns, Console(width=160))
     write_csv(args.csv, rows, columns)
