@@ -163,3 +163,13 @@ def test_half_conversion_keeps_subnormals_and_counts_overflow() -> None:
     bf16 = to_half(torch.tensor([1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 1e-40]), torch.bfloat16)
     assert bf16.tensor.float().tolist()[:2] == [1.0, 1.0 + 2.0**-6]  # ties to even
     assert bf16.tensor[2].item() != 0.0 and bf16.overflow_count == 0
+
+
+def test_fp16_scale_keeps_scales_normal_and_refuses_overflow() -> None:
+    from mixprec.formats import FP16_SCALE_MIN, fp16_scale
+
+    rounded = fp16_scale(torch.tensor([1e-9, 0.1, 3.0]))
+    assert rounded.dtype == torch.float32 and float(rounded[0]) == FP16_SCALE_MIN
+    assert float(rounded[1]) == float(torch.tensor(0.1).half()) and float(rounded[2]) == 3.0
+    with pytest.raises(ValueError, match="exceeds 65504"):
+        fp16_scale(torch.tensor([1e6]))

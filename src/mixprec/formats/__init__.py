@@ -13,11 +13,12 @@ from mixprec.formats.affine import (
     quantize,
     slice_view,
 )
-from mixprec.formats.half import HALF_DTYPES, HalfConversion, half_dtype, to_half
+from mixprec.formats.half import FP16_SCALE_MIN, HALF_DTYPES, HalfConversion, fp16_scale, half_dtype, to_half
 from mixprec.formats.int4 import pack_int4, unpack_int4
 from mixprec.formats.spec import QuantSpec
 
 __all__ = [
+    "FP16_SCALE_MIN",
     "HALF_DTYPES",
     "SCALE_MIN",
     "HalfConversion",
@@ -25,6 +26,7 @@ __all__ = [
     "QuantSpec",
     "dequantize",
     "fake_quantize",
+    "fp16_scale",
     "half_dtype",
     "integer_dtype",
     "minmax",

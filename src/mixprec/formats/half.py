@@ -40,3 +40,19 @@ def to_half(x: Tensor, dtype: torch.dtype) -> HalfConversion:
     converted = x.detach().to(dtype)
     overflow = torch.isinf(converted) & torch.isfinite(x)
     return HalfConversion(tensor=converted, overflow_count=int(overflow.sum()))
+
+
+#: Smallest fp16 normal: scales stored in fp16 are kept at or above it.
+FP16_SCALE_MIN = 2.0**-14
+
+
+def fp16_scale(scale: Tensor) -> Tensor:
+    """Round quantization scales to their fp16 storage, returned as float32 values.
+
+    Scales are first raised to :data:`FP16_SCALE_MIN` (so they stay normal); a scale that
+    rounds beyond fp16's largest finite value (65504) is refused with ``ValueError``.
+    """
+    stored = scale.clamp(min=FP16_SCALE_MIN).to(torch.float16)
+    if torch.isinf(stored).any():
+        raise ValueError(f"scale {float(scale.max()):.6g} exceeds 65504, the largest finite fp16 value")
+    return stored.to(torch.float32)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from mixprec.formats import (
     QParams,
     QuantSpec,
+    fp16_scale,
     half_dtype,
     pack_int4,
     qparams_from_tensor,
@@ -27,8 +28,6 @@ from mixprec.formats import (
     unpack_int4,
 )
 from mixprec.nn.base import QuantizedModule, check_token_ids
-
-_W4_SCALE_MIN = 2.0**-14
 
 
 def check_embedding(embedding: nn.Embedding) -> None:
@@ -63,13 +62,11 @@ class _IntEmbedding(QuantizedModule):
         table = embedding.weight.detach().to(torch.float32)
         qp = qparams_from_tensor(table, self.spec)
         if self.weight_scale.dtype == torch.float16:
-            scale = qp.scale.clamp(min=_W4_SCALE_MIN).to(torch.float16)
-            if torch.isinf(scale).any():
-                raise ValueError("embedding values beyond 15 * 65504 in magnitude have no fp16 scale")
+            scale = fp16_scale(qp.scale)
             # Refit the zero points to the rounded scale so 0 stays exactly representable.
             lo = table.reshape(*qp.scale.shape, self.group_size).amin(-1).clamp(max=0.0)
-            zero_point = (-torch.round(lo / scale.float())).clamp(0, 15).to(torch.int32)
-            qp = QParams(qp.spec, scale.float(), zero_point)
+            zero_point = (-torch.round(lo / scale)).clamp(0, 15).to(torch.int32)
+            qp = QParams(qp.spec, scale, zero_point)
         codes = quantize(table, qp)
         self.weight.copy_(codes if self.bits == 8 else pack_int4(codes))
         self.weight_scale.copy_(qp.scale)

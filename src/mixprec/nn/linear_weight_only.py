@@ -10,21 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixprec.formats import QuantSpec, pack_int4, unpack_int4
+from mixprec.formats import QuantSpec, fp16_scale, pack_int4, unpack_int4
 from mixprec.nn.base import QuantizedModule, check_linear_input, round_weight
-
-#: fp16 is where group scales are stored; values are rounded to it before quantizing.
-W4_SCALE_DTYPE = torch.float16
-#: Smallest fp16 normal; group scales are kept at or above it.
-W4_SCALE_MIN = 2.0**-14
-
-
-def fp16_group_scale(scale: Tensor) -> Tensor:
-    """Round a group scale to its fp16 storage (kept >= 2**-14), returned as float32."""
-    stored = scale.clamp(min=W4_SCALE_MIN).to(W4_SCALE_DTYPE)
-    if torch.isinf(stored).any():
-        raise ValueError("weights beyond 7 * 65504 in magnitude have no fp16 group scale")
-    return stored.to(torch.float32)
 
 
 class W4Linear(QuantizedModule):
@@ -46,7 +33,7 @@ class W4Linear(QuantizedModule):
         self.precision = f"w4g{group_size}"
         self.register_buffer("weight_packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer(
-            "weight_scale", torch.ones(out_features, in_features // group_size, dtype=W4_SCALE_DTYPE)
+            "weight_scale", torch.ones(out_features, in_features // group_size, dtype=torch.float16)
         )
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
@@ -58,7 +45,7 @@ class W4Linear(QuantizedModule):
     def from_float(cls, linear: nn.Linear, group_size: int = 32, hessian: Tensor | None = None) -> W4Linear:
         """Quantize ``linear`` (GPTQ if ``hessian`` is given, else round to nearest)."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
-        codes, qp = round_weight(linear.weight, module.spec, hessian, scale_fn=fp16_group_scale)
+        codes, qp = round_weight(linear.weight, module.spec, hessian, scale_fn=fp16_scale)
         module.weight_packed.copy_(pack_int4(codes))
         module.weight_scale.copy_(qp.scale)
         if module.bias is not None:

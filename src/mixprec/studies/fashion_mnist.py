@@ -8,7 +8,6 @@ batch 256 and latency at batch 1 (interleaved medians, one process).
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,7 +163,3 @@ def run(config: StudyConfig, console: Console | None = None) -> list[dict[str, o
                       "Fashion-MNIST MLP: accuracy vs bytes")
     console.print(f"wrote {out / 'results.csv'}, {out / 'results.json'}, {out / 'accuracy_vs_bytes.png'}")
     return results
-
-
-def default_out() -> str:
-    return os.environ.get("MIXPREC_OUT", StudyConfig.out)
