@@ -16,7 +16,14 @@ from mixprec.kernels import (
     quantize_static_torch,
     rescale_accumulator_torch,
 )
-from mixprec.kernels.weight_only import w8_linear, w8_linear_expand
+from mixprec.kernels.weight_only import (
+    W4_ROWS_KERNEL_MAX_M,
+    w4_dequantize_torch,
+    w4_linear,
+    w4_linear_tiled,
+    w8_linear,
+    w8_linear_expand,
+)
 
 
 def awkward_rows() -> torch.Tensor:
@@ -132,3 +139,62 @@ def test_w8_dispatch_by_rows_and_weight_size() -> None:
     assert torch.equal(w8_linear(many, weight, scale, None), w8_linear_expand(many, weight, scale, None))
     small = weight[:512]
     assert torch.equal(w8_linear(few, small, scale[:512], None), w8_linear_expand(few, small, scale[:512], None))
+
+
+def random_w4(n: int, k: int, group: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every byte value (so every code -8..7 in both nibbles), fp16 scales, a bias."""
+    generator = torch.Generator().manual_seed(seed)
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=generator)
+    packed[0, : min(k // 2, 256)] = torch.arange(min(k // 2, 256), dtype=torch.uint8)
+    scale = (torch.rand(n, k // group, generator=generator) * 0.1).half()
+    return packed, scale, torch.randn(n, generator=generator)
+
+
+# Group sizes 32/64/128 take the AVX-512 paths, 16 and 28 the scalar ones.
+W4_SHAPES = [(70, 96, 32), (33, 4096, 128), (65, 48, 16), (9, 56, 28), (130, 2048, 64)]
+
+
+@pytest.mark.parametrize("n,k,group", W4_SHAPES)
+def test_w4_native_expansion_equals_torch_expansion_exactly(n: int, k: int, group: int) -> None:
+    packed, scale, _ = random_w4(n, k, group, seed=n + k)
+    expected = w4_dequantize_torch(packed, scale)
+    full = torch.empty(n, k)
+    native.w4_dequantize_rows(packed, scale, 0, full)
+    assert torch.equal(full, expected)
+    tail = torch.empty(n - 5, k)
+    native.w4_dequantize_rows(packed, scale, 5, tail)
+    assert torch.equal(tail, expected[5:])
+
+
+@pytest.mark.parametrize("n,k,group", W4_SHAPES)
+def test_w4_linear_matches_a_float64_reference(n: int, k: int, group: int) -> None:
+    packed, scale, bias = random_w4(n, k, group, seed=n * k)
+    weight = w4_dequantize_torch(packed, scale).double()
+    generator = torch.Generator().manual_seed(k)
+    worst = 0.0
+    for m in (1, 3, 4, 5, 8, 13, 16, 17, 40):  # every row block of the fused kernel, and the tiled path
+        x = torch.randn(m, k, generator=generator)
+        reference = x.double() @ weight.t() + bias.double()
+        magnitude = x.double().abs() @ weight.abs().t() + bias.double().abs()
+        got = w4_linear(x, packed, scale, bias).double()
+        worst = max(worst, float(((got - reference).abs() / magnitude).max()))
+    assert worst < 4e-7  # float32 rounding only: measured at most 2.1e-7 of sum |x * w| on these shapes
+
+
+def test_w4_dispatch_by_rows() -> None:
+    packed, scale, bias = random_w4(300, 512, 32, seed=3)
+    generator = torch.Generator().manual_seed(4)
+    few = torch.randn(W4_ROWS_KERNEL_MAX_M, 512, generator=generator)
+    many = torch.randn(W4_ROWS_KERNEL_MAX_M + 1, 512, generator=generator)
+    assert torch.equal(w4_linear(few, packed, scale, bias), native.w4_linear_rows(few, packed, scale, bias))
+    assert torch.equal(w4_linear(many, packed, scale, bias), w4_linear_tiled(many, packed, scale, bias))
+
+
+def test_w4_native_ops_refuse_mismatched_operands() -> None:
+    packed, scale, _ = random_w4(8, 64, 32, seed=5)
+    with pytest.raises(RuntimeError, match="scale must be"):
+        native.w4_linear_rows(torch.randn(2, 64), packed, scale.float(), None)
+    with pytest.raises(RuntimeError, match="packed must be"):
+        native.w4_linear_rows(torch.randn(2, 66), packed, scale, None)
+    with pytest.raises(RuntimeError, match="row range"):
+        native.w4_dequantize_rows(packed, scale, 4, torch.empty(5, 64))

@@ -153,3 +153,17 @@ def test_int8_linears_take_any_leading_shape_layout_and_float_dtype() -> None:
         y = module(x)
         assert y.shape == (3, 4, 40) and torch.equal(y, module(x.contiguous().reshape(12, 96)).reshape(3, 4, 40))
         assert module(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_every_module_refuses_inputs_on_another_device() -> None:
+    layer = linear()
+    x_qp = qparams_from_tensor(torch.randn(256, 96), QuantSpec(bits=8, signed=True, symmetric=False))
+    linears = [Int8DynamicLinear.from_float(layer), Int8StaticLinear.from_float(layer, x_qp),
+               W8Linear.from_float(layer), W4Linear.from_float(layer, 32), HalfLinear.from_float(layer, "bf16")]
+    for module in linears:
+        with pytest.raises(InputError, match=r"runs on the CPU; move the input there \(x.cpu\(\)\), got meta"):
+            module(torch.randn(2, 96, device="meta"))
+    emb = nn.Embedding(10, 8)
+    for module in (Int8Embedding.from_float(emb), W4Embedding.from_float(emb), HalfEmbedding.from_float(emb, "fp16")):
+        with pytest.raises(InputError, match="runs on the CPU; move the token ids there"):
+            module(torch.tensor([1, 2], device="meta"))

@@ -159,7 +159,8 @@ class Policy:
             target = build_empty(module, plan.precision)
             after = own_bytes(target)
             kernel = getattr(target, "kernel", "float32 (unchanged)")
-            rows.append(LayerReport(name, type(module).__name__, plan.precision.name, kernel, plan.rule, before, after))
+            rows.append(LayerReport(name, type(module).__name__, plan.precision.name, kernel, plan.rule, before, after,
+                                    slow_path=getattr(target, "slow_path", None) or ""))
             after_total += after
         return QuantReport(tuple(rows), after_total, model_bytes(model))
 

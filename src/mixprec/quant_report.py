@@ -18,7 +18,9 @@ from mixprec.io_utils import write_text_atomic
 class LayerReport:
     """One module: ``bytes_before`` is its float storage, ``bytes_after`` what it holds now.
 
-    ``weight_rounding`` is ``nearest`` or ``gptq`` for integer weights, ``-`` otherwise.
+    ``weight_rounding`` is ``nearest`` or ``gptq`` for integer weights, ``-`` otherwise;
+    ``slow_path`` says why the layer runs slower than its precision can on this machine
+    (a missing CPU feature or native build), empty when it does not.
     """
 
     name: str
@@ -30,6 +32,7 @@ class LayerReport:
     bytes_after: int
     overflow_count: int = 0
     weight_rounding: str = "-"
+    slow_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,8 @@ class QuantReport:
         for column in ("layer", "type", "precision", "rounding", "kernel", "rule", "bytes before", "bytes after"):
             table.add_column(column, justify="right" if column.startswith("bytes") else "left")
         for layer in self.layers:
-            table.add_row(layer.name, layer.module_type, layer.precision, layer.weight_rounding, layer.kernel,
+            kernel = f"{layer.kernel} [SLOW: {layer.slow_path}]" if layer.slow_path else layer.kernel
+            table.add_row(layer.name, layer.module_type, layer.precision, layer.weight_rounding, kernel,
                           layer.rule, f"{layer.bytes_before:,}", f"{layer.bytes_after:,}")
         return table
 

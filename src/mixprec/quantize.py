@@ -12,6 +12,7 @@ from mixprec.accounting import model_bytes, modules_with_tensors, own_bytes
 from mixprec.errors import CalibrationError, PolicyError
 from mixprec.formats import QParams
 from mixprec.gptq import HessianAccumulator
+from mixprec.nn.base import warn_slow_paths
 from mixprec.nn.linear_int8 import STATIC_ACTIVATION
 from mixprec.observers import OBSERVERS, make_observer
 from mixprec.policy import LayerPlan, Policy
@@ -65,11 +66,14 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
             raise CalibrationError(f"{why} ({names}) need calibration data: pass calibration=[batch, ...]")
         input_qparams, hessians = calibrate(model, static, gptq, calibration, observer)
     decided = {plan.name: plan for plan in plans}
+    built = []
     with torch.no_grad():
         for plan in plans:
             if plan.precision.family != "fp32":
                 new = build(plan.module, plan.precision, input_qparams.get(plan.name), hessians.pop(plan.name, None))
                 _replace(model, plan.name, new)
+                built.append((plan.name, new))
+    warn_slow_paths(built)
     rows = []
     modules = dict(model.named_modules())
     for name, (kind, bytes_before) in before.items():
@@ -86,6 +90,7 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
             overflow_count=getattr(module, "overflow_count", 0),
             weight_rounding=("gptq" if name in gptq_names else "nearest")
             if plan and has_integer_weights(plan.module, plan.precision) else "-",
+            slow_path=getattr(module, "slow_path", None) or "",
         ))
     return QuantReport(tuple(rows), model_bytes(model), fp32_bytes)
 

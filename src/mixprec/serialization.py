@@ -22,6 +22,7 @@ from mixprec.accounting import model_bytes, modules_with_tensors, own_bytes
 from mixprec.errors import CheckpointError, MixprecError
 from mixprec.io_utils import atomic_path
 from mixprec.nn import QuantizedModule
+from mixprec.nn.base import warn_slow_paths
 from mixprec.precision import build_empty, check_applicable, parse_precision
 from mixprec.quant_report import LayerReport, QuantReport
 
@@ -129,6 +130,7 @@ def load(model: nn.Module, path: str | os.PathLike[str]) -> QuantReport:
         for name, new in replacements.items():
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        warn_slow_paths(replacements.items())
         model.load_state_dict({k: tensors[k] for k in expected})
     return _loaded_report(model, layers, fp32_bytes)
 
@@ -150,6 +152,6 @@ def _loaded_report(model: nn.Module, layers: dict[str, str], fp32_bytes: int) ->
         rows.append(LayerReport(
             name=name, module_type=type(module).__name__, precision=layers.get(name, "fp32"),
             kernel=getattr(module, "kernel", "unchanged"), rule="checkpoint",
-            bytes_before=bytes_after, bytes_after=bytes_after,
+            bytes_before=bytes_after, bytes_after=bytes_after, slow_path=getattr(module, "slow_path", None) or "",
         ))
     return QuantReport(tuple(rows), model_bytes(model), fp32_bytes)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("csrc") / "int8_rows.cpp"
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int8_rows.cpp", "int4_weights.cpp")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
 
 
@@ -33,7 +33,7 @@ def load_error() -> str | None:
 
         if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        load(name="mixprec_native", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
+        load(name="mixprec_native", sources=[str(path) for path in _SOURCES], extra_cflags=_FLAGS,
              is_python_module=False, verbose=False)
     except Exception as exc:  # any build or load failure means: use the PyTorch path
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
@@ -79,3 +79,14 @@ def w8_linear_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """Weight-only int8 linear for few rows (see csrc/int8_rows.cpp)."""
     return torch.ops.mixprec.w8_linear_rows(x, weight, scale, bias)
+
+
+def w4_dequantize_rows(packed: torch.Tensor, scale: torch.Tensor, begin: int, out: torch.Tensor) -> None:
+    """Write float32 rows ``[begin, begin + len(out))`` of an int4 weight into ``out`` (see csrc/int4_weights.cpp)."""
+    torch.ops.mixprec.w4_dequantize_rows(packed, scale, begin, out)
+
+
+def w4_linear_rows(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """Int4 weight-only linear for few rows (see csrc/int4_weights.cpp)."""
+    return torch.ops.mixprec.w4_linear_rows(x, packed, scale, bias)

@@ -12,12 +12,12 @@ paths give identical bits.
 from __future__ import annotations
 
 import functools
-import platform
 import warnings
-from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from mixprec.kernels.cpu import cpu_flags
 
 #: Name recorded by modules that run :func:`matmul_u8`.
 KERNEL_NAME = "int8 GEMM, int32 accumulation (oneDNN, prepacked weights)"
@@ -28,18 +28,6 @@ KERNEL_NAME = "int8 GEMM, int32 accumulation (oneDNN, prepacked weights)"
 PACKED_MIN_WEIGHTS = 1 << 22
 #: CPU flags (Linux /proc/cpuinfo names) under which oneDNN has a native u8 x s8 kernel.
 INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """CPU feature flags from /proc/cpuinfo (empty where it does not exist)."""
-    path = Path("/proc/cpuinfo")
-    if platform.system() != "Linux" or not path.exists():
-        return frozenset()
-    for line in path.read_text().splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,6 +60,14 @@ def matmul_u8(q: Tensor, packed: Tensor, unit_scale: Tensor, zero_points: Tensor
     """
     return torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, packed, unit_scale, zero_points, None, 1.0, 0,
                                               torch.float32, "none", [], "")
+
+
+def slow_path(out_features: int, in_features: int) -> str | None:
+    """Why a dynamic int8 linear of this shape misses the prepacked kernel it would use, or None."""
+    if out_features * in_features < PACKED_MIN_WEIGHTS or available():
+        return None
+    return (f"oneDNN's prepacked int8 GEMM needs {' or '.join(INT8_FLAGS)} (not found); "
+            "torch._int_mm repacks this weight on every call")
 
 
 def prefer_packed(out_features: int, in_features: int) -> bool:

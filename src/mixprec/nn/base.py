@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -16,15 +17,30 @@ class QuantizedModule(nn.Module):
     """A module that owns low-precision storage (as buffers) and runs a named kernel.
 
     Subclasses set :attr:`precision` (the policy name, e.g. ``"w4g32"``) and
-    :attr:`kernel` (what the forward pass actually executes).
+    :attr:`kernel` (what the forward pass actually executes), and override
+    :attr:`slow_path` where a missing CPU feature or build sends them down a slower path.
     """
 
     precision: str
     kernel: str
 
+    @property
+    def slow_path(self) -> str | None:
+        """Why this module runs slower than its precision can here, or None when it does not."""
+        return None
+
     def storage_bytes(self) -> int:
         """Exact bytes of every tensor this module holds."""
         return sum(t.nbytes for t in self.state_dict().values())
+
+
+def warn_slow_paths(modules: Iterable[tuple[str, nn.Module]]) -> None:
+    """One RuntimeWarning per quantized module that runs a slow path, naming it and why."""
+    for name, module in modules:
+        reason = module.slow_path if isinstance(module, QuantizedModule) else None
+        if reason:
+            warnings.warn(f"mixprec: layer {name!r} ({module.precision}) runs a slow path: {reason}",
+                          RuntimeWarning, stacklevel=3)
 
 
 def check_linear_input(x: Tensor, in_features: int, name: str) -> None:
@@ -65,6 +81,8 @@ def check_token_ids(ids: Tensor, num_embeddings: int, name: str) -> None:
     if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32):
         got = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
         raise InputError(f"{name} takes int64 or int32 token ids, got {got}")
+    if ids.device.type != "cpu":
+        raise InputError(f"{name} runs on the CPU; move the token ids there (ids.cpu()), got {ids.device}")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_embeddings):
         raise InputError(
             f"{name} has {num_embeddings} rows; token ids must lie in [0, {num_embeddings - 1}], "

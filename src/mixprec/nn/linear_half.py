@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixprec.formats import half_dtype, to_half
+from mixprec.kernels.cpu import half_slow_path
 from mixprec.nn.base import QuantizedModule, check_linear_input
 
 
@@ -28,6 +29,7 @@ class HalfLinear(QuantizedModule):
         self.in_features, self.out_features = in_features, out_features
         self.precision = fmt
         self.kernel = f"{fmt} GEMM (float32 accumulation, {fmt} output)"
+        self._slow_path = half_slow_path(fmt)
         self.overflow_count = 0
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=dtype))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
@@ -43,6 +45,10 @@ class HalfLinear(QuantizedModule):
             module.bias.copy_(bias.tensor)
             module.overflow_count += bias.overflow_count
         return module
+
+    @property
+    def slow_path(self) -> str | None:
+        return self._slow_path
 
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)

@@ -25,9 +25,10 @@ from mixprec.kernels import (
     quantize_static,
     rescale_accumulator,
 )
+from mixprec.kernels.cpu import native_slow_path
 from mixprec.kernels.onednn_int8 import KERNEL_NAME as ONEDNN_KERNEL
 from mixprec.kernels.weight_only import KERNEL_NAME as W8_KERNEL
-from mixprec.kernels.weight_only import w8_linear
+from mixprec.kernels.weight_only import ROWS_KERNEL_MIN_WEIGHTS, w8_linear
 from mixprec.nn.base import QuantizedModule, as_float32_matrix, check_linear_input, restore_shape, round_weight
 
 #: int8 weights, symmetric [-127, 127], one scale per output channel.
@@ -95,6 +96,10 @@ class Int8DynamicLinear(_Int8WeightLinear):
         fused = "one fused C++ call" if native.available() else "PyTorch ops"
         return f"{INT8_MATMUL_KERNEL}; per-token quantization and rescale in {fused}"
 
+    @property
+    def slow_path(self) -> str | None:
+        return native_slow_path() or onednn_int8.slow_path(self.out_features, self.in_features)
+
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)
         y = int8_linear_dynamic(as_float32_matrix(x), self.weight, self.weight_scale, self.bias)
@@ -120,6 +125,10 @@ class Int8PackedLinear(Int8DynamicLinear):
     def kernel(self) -> str:  # type: ignore[override]
         fused = "fused C++" if native.available() else "PyTorch-op"
         return f"{ONEDNN_KERNEL}; {fused} per-token quantization and rescale"
+
+    @property
+    def slow_path(self) -> str | None:
+        return native_slow_path()
 
     def _store_codes(self, codes: Tensor) -> None:
         self._packed = onednn_int8.prepack(codes)
@@ -184,6 +193,10 @@ class Int8StaticLinear(_Int8WeightLinear):
         fused = "fused C++" if native.available() else "PyTorch-op"
         return f"{INT8_MATMUL_KERNEL}; {fused} static quantization and rescale"
 
+    @property
+    def slow_path(self) -> str | None:
+        return native_slow_path()
+
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=True)
         self.register_buffer("input_scale", torch.ones(()))
@@ -242,6 +255,10 @@ class W8Linear(_Int8WeightLinear):
 
     precision = "w8"
     kernel = W8_KERNEL
+
+    @property
+    def slow_path(self) -> str | None:
+        return native_slow_path() if self.weight.numel() >= ROWS_KERNEL_MIN_WEIGHTS else None
 
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)

@@ -1,17 +1,24 @@
 """Weight-only int4 linear (``w4gN``); the int8 weight-only ``w8`` shares the int8
 linears' storage and lives in :mod:`mixprec.nn.linear_int8`.
 
-Activations stay float32; weights are expanded to float32 inside the forward pass.
+Activations stay float32; see :mod:`mixprec.kernels.weight_only` for the kernels.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixprec.formats import QuantSpec, fp16_scale, pack_int4, unpack_int4
-from mixprec.nn.base import QuantizedModule, check_linear_input, round_weight
+from mixprec.formats import QuantSpec, fp16_scale, pack_int4
+from mixprec.kernels.cpu import native_slow_path
+from mixprec.kernels.weight_only import (
+    W4_FALLBACK_KERNEL_NAME,
+    W4_KERNEL_NAME,
+    w4_dequantize_torch,
+    w4_linear,
+    w4_linear_available,
+)
+from mixprec.nn.base import QuantizedModule, as_float32_matrix, check_linear_input, restore_shape, round_weight
 
 
 class W4Linear(QuantizedModule):
@@ -20,10 +27,8 @@ class W4Linear(QuantizedModule):
     Codes are symmetric in [-7, 7], packed two per byte (see :mod:`mixprec.formats.int4`);
     each group has an fp16 scale ``max|w| / 7`` (rounded to fp16 first, then used for
     quantizing, and kept at or above 2**-14). Bytes per weight: 0.5 + 2 / N.
-    Forward: ``W = codes * scale`` expanded to float32, then ``y = x @ W^T + b``.
+    Forward: ``y = x @ (codes * scale)^T + b`` in float32 (``codes * scale`` is exact).
     """
-
-    kernel = "int4 weights unpacked to float32, float32 matmul"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 32) -> None:
         super().__init__()
@@ -36,6 +41,14 @@ class W4Linear(QuantizedModule):
             "weight_scale", torch.ones(out_features, in_features // group_size, dtype=torch.float16)
         )
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @property
+    def kernel(self) -> str:  # type: ignore[override]
+        return W4_KERNEL_NAME if w4_linear_available() else W4_FALLBACK_KERNEL_NAME
+
+    @property
+    def slow_path(self) -> str | None:
+        return native_slow_path()
 
     @property
     def spec(self) -> QuantSpec:
@@ -54,15 +67,12 @@ class W4Linear(QuantizedModule):
 
     def dequantized_weight(self) -> Tensor:
         """The float32 weight the codes and scales represent, ``[out, in]``."""
-        codes = unpack_int4(self.weight_packed, signed=True).to(torch.float32)
-        groups = codes.view(self.out_features, -1, self.group_size)
-        return (groups * self.weight_scale.to(torch.float32).unsqueeze(-1)).view(
-            self.out_features, self.in_features
-        )
+        return w4_dequantize_torch(self.weight_packed, self.weight_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)
-        return F.linear(x.to(torch.float32), self.dequantized_weight(), self.bias).to(x.dtype)
+        rows = as_float32_matrix(x)
+        return restore_shape(w4_linear(rows, self.weight_packed, self.weight_scale, self.bias), x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"

@@ -1,0 +1,234 @@
+// Int4 weight-only kernels (w4gN). Weight layout: packed [N, K/2] uint8, element 2i in
+// the low nibble of byte i and 2i+1 in the high nibble, two's complement codes; fp16
+// scales [N, K/G]. The dequantized weight w = float(q) * s is exact in float32 (a 4-bit
+// code times an 11-bit fp16 significand needs at most 15 bits).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// Below this many weight elements a second thread costs more than it saves.
+constexpr int64_t kMinWeightsPerThread = int64_t{1} << 21;
+
+inline float code_value(int64_t nibble) { return static_cast<float>(nibble >= 8 ? nibble - 16 : nibble); }
+
+void check_w4(const at::Tensor& packed, const at::Tensor& scale, int64_t cols) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.size(1) * 2 == cols && packed.device().is_cpu(),
+              "packed must be a contiguous uint8 CPU tensor [N, K/2]");
+  TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kHalf && scale.is_contiguous() &&
+                  scale.size(0) == packed.size(0) && scale.size(1) > 0 && cols % (2 * scale.size(1)) == 0,
+              "scale must be a contiguous float16 tensor [N, K/G] with an even group size G");
+}
+
+// Runs body(begin, end) over [0, rows), on two threads when the work is large enough and
+// PyTorch is allowed more than one.
+template <typename Body>
+void split_rows(int64_t rows, int64_t work, const Body& body) {
+  if (work < 2 * kMinWeightsPerThread || at::get_num_threads() < 2 || rows < 2) {
+    body(0, rows);
+    return;
+  }
+  const int64_t middle = rows / 2;
+  std::thread helper([&] { body(middle, rows); });
+  body(0, middle);
+  helper.join();
+}
+
+// Row n's scales as float32.
+void row_scales(const at::Half* scale, int64_t n, int64_t groups, float* out) {
+  for (int64_t g = 0; g < groups; ++g) out[g] = static_cast<float>(scale[n * groups + g]);
+}
+
+// Scalar expansion of elements [begin, end) of one row (begin even).
+void dequantize_scalar(const uint8_t* prow, const float* srow, int64_t group, int64_t begin, int64_t end,
+                       float* wrow) {
+  for (int64_t k = begin; k < end; k += 2) {
+    const uint8_t byte = prow[k / 2];
+    wrow[k] = code_value(byte & 0xF) * srow[k / group];
+    wrow[k + 1] = code_value(byte >> 4) * srow[(k + 1) / group];
+  }
+}
+
+#if defined(__AVX512F__)
+// The 16 signed code values as float32 lanes, indexed by nibble.
+inline __m512 code_table() {
+  return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+}
+
+// Codes of 32 elements (16 bytes) as two vectors: lane i of `low` is element 2i, of
+// `high` element 2i+1, each already multiplied by its scale (exact, see top of file).
+// The lookup uses the low 4 bits of each 32-bit lane as the table index.
+inline void unpack32(const uint8_t* bytes, __m512 table_low, __m512 table_high, __m512& low, __m512& high) {
+  const __m512i lanes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  low = _mm512_permutexvar_ps(lanes, table_low);
+  high = _mm512_permutexvar_ps(_mm512_srli_epi32(lanes, 4), table_high);
+}
+#endif
+
+// Float32 weight rows [begin, end) into out (row stride K).
+void dequantize_rows_into(const uint8_t* packed, const at::Half* scale, int64_t cols, int64_t group, int64_t begin,
+                          int64_t end, float* out) {
+  const int64_t groups = cols / group;
+  std::vector<float> srow(groups);
+  for (int64_t n = begin; n < end; ++n) {
+    const uint8_t* prow = packed + n * (cols / 2);
+    row_scales(scale, n, groups, srow.data());
+    float* wrow = out + (n - begin) * cols;
+    int64_t done = 0;
+#if defined(__AVX512F__)
+    if (group % 32 == 0) {
+      const __m512i even = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      const __m512i odd = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+      for (int64_t k = 0; k < cols; k += 32) {
+        const __m512 table = _mm512_mul_ps(code_table(), _mm512_set1_ps(srow[k / group]));
+        __m512 low, high;
+        unpack32(prow + k / 2, table, table, low, high);
+        _mm512_storeu_ps(wrow + k, _mm512_permutex2var_ps(low, even, high));
+        _mm512_storeu_ps(wrow + k + 16, _mm512_permutex2var_ps(low, odd, high));
+      }
+      done = cols;
+    }
+#endif
+    dequantize_scalar(prow, srow.data(), group, done, cols, wrow);
+  }
+}
+
+// Writes float32 weight rows [begin, begin + out.size(0)) of a w4 linear into out, for
+// callers that multiply tile by tile and reuse one tile buffer.
+void w4_dequantize_rows(const at::Tensor& packed, const at::Tensor& scale, int64_t begin, at::Tensor& out) {
+  const int64_t cols = packed.size(1) * 2;
+  check_w4(packed, scale, cols);
+  TORCH_CHECK(out.dim() == 2 && out.scalar_type() == at::kFloat && out.is_contiguous() && out.size(1) == cols,
+              "out must be a contiguous float32 tensor [rows, K]");
+  const int64_t rows = out.size(0);
+  TORCH_CHECK(0 <= begin && begin + rows <= packed.size(0), "row range out of bounds");
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const at::Half* sp = scale.data_ptr<at::Half>();
+  float* op = out.data_ptr<float>();
+  const int64_t group = cols / scale.size(1);
+  split_rows(rows, rows * cols, [&](int64_t b, int64_t e) {
+    dequantize_rows_into(pp, sp, cols, group, begin + b, begin + e, op + b * cols);
+  });
+}
+
+#if defined(__AVX512F__)
+// x re-laid out per 32-element chunk as its 16 even then 16 odd elements, to meet the
+// unpacked codes without interleaving them.
+std::vector<float> deinterleave_chunks(const float* xp, int64_t rows, int64_t cols) {
+  std::vector<float> xd(rows * cols);
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t k = 0; k < cols; k += 2) {
+      const int64_t base = m * cols + k / 32 * 32, i = (k % 32) / 2;
+      xd[base + i] = xp[m * cols + k];
+      xd[base + 16 + i] = xp[m * cols + k + 1];
+    }
+  return xd;
+}
+
+// Output rows [begin, end) for the Rows rows of x starting at xd (de-interleaved). Chains
+// independent accumulators per row of x (low and high nibbles, and for four chains even
+// and odd chunks) hide the fused multiply-add latency; they are summed at the end.
+template <int Rows, int Chains>
+void linear_block(const float* xd, int64_t cols, const uint8_t* packed, const at::Half* scale, int64_t group,
+                  const float* bias, int64_t outs, int64_t begin, int64_t end, float* yp) {
+  const int64_t groups = cols / group;
+  std::vector<float> srow(groups);
+  for (int64_t n = begin; n < end; ++n) {
+    const uint8_t* prow = packed + n * (cols / 2);
+    row_scales(scale, n, groups, srow.data());
+    static_assert(Chains == 2 || Chains == 4, "two or four accumulator chains");
+    __m512 acc[4][Rows];
+    for (auto& chain : acc)
+      for (auto& a : chain) a = _mm512_setzero_ps();
+    for (int64_t k = 0; k < cols; k += 32) {
+      const int parity = Chains == 4 ? static_cast<int>((k / 32) & 1) : 0;
+      const __m512 table = _mm512_mul_ps(code_table(), _mm512_set1_ps(srow[k / group]));
+      __m512 low, high;
+      unpack32(prow + k / 2, table, table, low, high);
+      for (int m = 0; m < Rows; ++m) {
+        const float* xc = xd + m * cols + k;
+        acc[2 * parity][m] = _mm512_fmadd_ps(low, _mm512_loadu_ps(xc), acc[2 * parity][m]);
+        acc[2 * parity + 1][m] = _mm512_fmadd_ps(high, _mm512_loadu_ps(xc + 16), acc[2 * parity + 1][m]);
+      }
+    }
+    for (int m = 0; m < Rows; ++m) {
+      const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]), _mm512_add_ps(acc[2][m], acc[3][m]));
+      yp[m * outs + n] = _mm512_reduce_add_ps(sum) + (bias != nullptr ? bias[n] : 0.0f);
+    }
+  }
+}
+#endif
+
+// y[m, n] for output rows [begin, end): sum_k x[m, k] * w[n, k] + bias[n] in float32.
+void linear_rows(const float* xp, int64_t rows, int64_t cols, const uint8_t* packed, const at::Half* scale,
+                 int64_t group, const float* bias, int64_t outs, int64_t begin, int64_t end, float* yp) {
+#if defined(__AVX512F__)
+  if (group % 32 == 0) {
+    const std::vector<float> xd = deinterleave_chunks(xp, rows, cols);
+    int64_t m = 0;
+    for (; m + 8 <= rows; m += 8)
+      linear_block<8, 2>(xd.data() + m * cols, cols, packed, scale, group, bias, outs, begin, end, yp + m * outs);
+    for (; m + 4 <= rows; m += 4)
+      linear_block<4, 2>(xd.data() + m * cols, cols, packed, scale, group, bias, outs, begin, end, yp + m * outs);
+    for (; m < rows; ++m)
+      linear_block<1, 4>(xd.data() + m * cols, cols, packed, scale, group, bias, outs, begin, end, yp + m * outs);
+    return;
+  }
+#endif
+  const int64_t groups = cols / group;
+  std::vector<float> srow(groups), wrow(cols);
+  for (int64_t n = begin; n < end; ++n) {
+    row_scales(scale, n, groups, srow.data());
+    dequantize_scalar(packed + n * (cols / 2), srow.data(), group, 0, cols, wrow.data());
+    for (int64_t m = 0; m < rows; ++m) {
+      const float* xrow = xp + m * cols;
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < cols; ++k) sum += xrow[k] * wrow[k];
+      yp[m * outs + n] = sum + (bias != nullptr ? bias[n] : 0.0f);
+    }
+  }
+}
+
+// Int4 weight-only linear for few rows: the codes of each weight row are unpacked in
+// registers (a 16-entry table lookup, pre-scaled per group) and multiplied into all M rows
+// of x, so the weight is read at 0.5 byte per element. Float32 sums with fused
+// multiply-adds in a vectorized order: results differ from a float32 matmul of the
+// dequantized weight by rounding only.
+at::Tensor w4_linear_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                          const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "x must be a contiguous float32 CPU matrix [M, K]");
+  const int64_t rows = x.size(0), cols = x.size(1), outs = packed.size(0);
+  check_w4(packed, scale, cols);
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(!has_bias || (bias->numel() == outs && bias->scalar_type() == at::kFloat && bias->is_contiguous()),
+              "bias must be contiguous float32 [N]");
+  auto y = at::empty({rows, outs}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const at::Half* sp = scale.data_ptr<at::Half>();
+  const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t group = cols / scale.size(1);
+  split_rows(outs, outs * cols, [&](int64_t b, int64_t e) { linear_rows(xp, rows, cols, pp, sp, group, bp, outs, b, e, yp); });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mixprec, m) {
+  m.def("w4_dequantize_rows(Tensor packed, Tensor scale, int begin, Tensor(a!) out) -> ()", &w4_dequantize_rows);
+  m.def("w4_linear_rows(Tensor x, Tensor packed, Tensor scale, Tensor? bias) -> Tensor", &w4_linear_rows);
+}
