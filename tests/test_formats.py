@@ -12,6 +12,8 @@ from hypothesis.extra.numpy import arrays
 from mixprec.formats import (
     SCALE_MIN,
     QuantSpec,
+    all_finite,
+    count_infinite,
     dequantize,
     pack_int4,
     param_shape,
@@ -21,6 +23,8 @@ from mixprec.formats import (
     to_half,
     unpack_int4,
 )
+from mixprec.formats.finite import CHUNK_ELEMENTS
+from mixprec.nn import base
 
 SPECS = [
     QuantSpec(bits, signed, symmetric, granularity, 0 if granularity == "channel" else 0,
@@ -173,3 +177,28 @@ def test_fp16_scale_keeps_scales_normal_and_refuses_overflow() -> None:
     assert float(rounded[1]) == float(torch.tensor(0.1).half()) and float(rounded[2]) == 3.0
     with pytest.raises(ValueError, match="exceeds 65504"):
         fp16_scale(torch.tensor([1e6]))
+
+
+def test_finiteness_helpers_match_torch() -> None:
+    generator = torch.Generator().manual_seed(9)
+    for special in (None, float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(3000, generator=generator)
+        if special is not None:
+            x[1234] = special
+            x[2999] = special
+        assert all_finite(x) == bool(torch.isfinite(x).all())
+        assert all_finite(x.bfloat16()) == bool(torch.isfinite(x.bfloat16()).all())
+        assert count_infinite(x) == int(torch.isinf(x).sum())
+    assert all_finite(torch.empty(0)) and all_finite(torch.tensor([1, 2]))
+    big = torch.zeros(CHUNK_ELEMENTS * 2 + 5)
+    big[[0, CHUNK_ELEMENTS, -1]] = float("inf")  # one in each chunk
+    assert count_infinite(big) == 3
+
+
+def test_row_chunked_weight_quantization_gives_the_same_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(base, "QUANTIZE_CHUNK_ELEMENTS", 96 * 64)  # 11 chunks, the last one partial
+    weight = torch.randn(700, 96, generator=torch.Generator().manual_seed(10))
+    for spec in (QuantSpec(granularity="channel", axis=0), QuantSpec(bits=4, granularity="group", group_size=32),
+                 QuantSpec()):
+        qp = qparams_from_tensor(weight, spec)
+        assert torch.equal(base.quantize_rows_in_chunks(weight, qp), quantize(weight, qp))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -9,7 +12,7 @@ import torch
 from torch import nn
 
 import mixprec
-from mixprec import CalibrationError, Policy, PolicyError
+from mixprec import CalibrationError, Policy, PolicyError, quantize
 
 
 class Net(nn.Module):
@@ -153,3 +156,20 @@ def test_report_writes_csv_and_json_atomically(tmp_path: Path) -> None:
     assert data["total_bytes"] == report.total_bytes and data["layers"][2]["name"] == "fc1"
     assert (tmp_path / "r.csv").read_text().splitlines()[0].startswith("name,module_type,precision,kernel")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.json"]
+
+
+def test_quantize_frees_each_float_layer_before_building_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    quantize_module = sys.modules["mixprec.quantize"]
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    refs = {name: weakref.ref(model.get_submodule(name)) for name in ("0", "2", "4")}
+    alive_at_build: list[list[str]] = []
+    real_build = quantize_module.build
+
+    def watching_build(module, *args):  # noqa: ANN001, ANN202
+        gc.collect()
+        alive_at_build.append([name for name, ref in refs.items() if ref() is not None])
+        return real_build(module, *args)
+
+    monkeypatch.setattr(quantize_module, "build", watching_build)
+    quantize(model, Policy(default="int8", rules=[("2", "bf16")]))
+    assert alive_at_build == [["0", "2", "4"], ["2", "4"], ["4"]]

@@ -15,11 +15,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from mixprec.accounting import model_bytes, modules_with_tensors, own_bytes
 from mixprec.errors import PolicyError
+from mixprec.formats import all_finite
 from mixprec.precision import Precision, build_empty, check_applicable, parse_precision, quantizable
 from mixprec.quant_report import LayerReport, QuantReport
 
@@ -110,7 +110,7 @@ class Policy:
             precision_name, label = self.match(name)
             precision = parse_precision(precision_name)
             check_applicable(name, module, precision)
-            if precision.family != "fp32" and not all(torch.isfinite(t).all() for t in module.parameters()):
+            if precision.family != "fp32" and not all(all_finite(t) for t in module.parameters()):
                 raise PolicyError(f"layer {name!r} holds NaN or Inf weights; only finite weights can be quantized")
             used.add(label)
             plans.append(LayerPlan(name, module, precision, label))

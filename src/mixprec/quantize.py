@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from mixprec.accounting import model_bytes, modules_with_tensors, own_bytes
 from mixprec.errors import CalibrationError, PolicyError
-from mixprec.formats import QParams
+from mixprec.formats import QParams, all_finite
 from mixprec.gptq import HessianAccumulator
 from mixprec.nn.base import warn_slow_paths
 from mixprec.nn.linear_int8 import STATIC_ACTIVATION
@@ -40,8 +40,9 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
             to Linear layers with integer weights: int8, int8-static, int8-tensor, w8, w4).
 
     Every check (policy, applicability, calibration) runs before the first layer is
-    replaced; layers are then replaced one at a time, so at most one layer's old and new
-    storage exist together.
+    replaced; layers are then replaced one at a time and quantize keeps no reference to a
+    replaced float layer, so (when the caller holds none either) at most one layer's old
+    and new storage exist together.
     """
     if isinstance(policy, str):
         policy = Policy(default=policy)
@@ -65,31 +66,34 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
             why = "int8-static layers" if static else "GPTQ weight rounding for layers"
             raise CalibrationError(f"{why} ({names}) need calibration data: pass calibration=[batch, ...]")
         input_qparams, hessians = calibrate(model, static, gptq, calibration, observer)
-    decided = {plan.name: plan for plan in plans}
+    decided = {plan.name: (plan.precision.name, plan.rule, has_integer_weights(plan.module, plan.precision))
+               for plan in plans}
+    del static, gptq
     built = []
     with torch.no_grad():
-        for plan in plans:
+        while plans:
+            plan = plans.pop(0)
             if plan.precision.family != "fp32":
                 new = build(plan.module, plan.precision, input_qparams.get(plan.name), hessians.pop(plan.name, None))
                 _replace(model, plan.name, new)
                 built.append((plan.name, new))
+            del plan  # the float layer is freed here unless the caller holds it
     warn_slow_paths(built)
     rows = []
     modules = dict(model.named_modules())
     for name, (kind, bytes_before) in before.items():
         module = modules[name]
-        plan = decided.get(name)
+        precision, rule, integer_weights = decided.get(name, ("fp32", "-", False))
         rows.append(LayerReport(
             name=name,
             module_type=kind,
-            precision=plan.precision.name if plan else "fp32",
-            kernel=getattr(module, "kernel", "float32 (unchanged)" if plan else "unchanged"),
-            rule=plan.rule if plan else "-",
+            precision=precision,
+            kernel=getattr(module, "kernel", "float32 (unchanged)" if name in decided else "unchanged"),
+            rule=rule,
             bytes_before=bytes_before,
             bytes_after=own_bytes(module),
             overflow_count=getattr(module, "overflow_count", 0),
-            weight_rounding=("gptq" if name in gptq_names else "nearest")
-            if plan and has_integer_weights(plan.module, plan.precision) else "-",
+            weight_rounding=("gptq" if name in gptq_names else "nearest") if integer_weights else "-",
             slow_path=getattr(module, "slow_path", None) or "",
         ))
     return QuantReport(tuple(rows), model_bytes(model), fp32_bytes)
@@ -145,7 +149,7 @@ def calibrate(
 def _check_finite(batch: Any, index: int) -> None:
     tensors = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else [batch]
     for tensor in tensors:
-        if isinstance(tensor, Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if isinstance(tensor, Tensor) and not all_finite(tensor):
             raise CalibrationError(
                 f"calibration batch {index} holds NaN or Inf values; clean it or leave it out"
             )

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from mixprec.accounting import model_bytes, modules_with_tensors, own_bytes
 from mixprec.errors import CheckpointError, MixprecError
+from mixprec.formats import all_finite
 from mixprec.io_utils import atomic_path
 from mixprec.nn import QuantizedModule
 from mixprec.nn.base import warn_slow_paths
@@ -120,7 +121,7 @@ def load(model: nn.Module, path: str | os.PathLike[str]) -> QuantReport:
                 f"the model needs {target.dtype} {tuple(target.shape)}"
             )
         if key.rpartition(".")[2] in ("weight_scale", "input_scale") and not (
-            torch.isfinite(got).all() and (got > 0).all()
+            all_finite(got) and (got > 0).all()
         ):
             raise CheckpointError(f"tensor {key!r} holds scales that are not finite and positive")
     for name, new in replacements.items():

@@ -1,4 +1,9 @@
-"""Peer implementations that benchmarks compare against."""
+"""Peer implementations that benchmarks compare against, built by name.
+
+Each builder takes a float32 model it may modify or consume and returns a callable on
+float32 input. Peers that are not installed (``pip install -e '.[bench]'``) or fail to
+build raise; callers report the reason instead of hiding the row.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,12 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+Forward = Callable[[Tensor], Tensor]
 
 
-def torch_dynamic_int8(model: nn.Module, engine: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def torch_dynamic_int8(model: nn.Module, engine: str) -> Forward:
     """PyTorch's eager dynamic int8 (``torch.ao`` ``quantize_dynamic``, per-tensor
     activations) of a copy of ``model``, packed for ``engine`` (``x86`` or ``onednn``);
     the returned callable sets that engine before every call so engines can interleave."""
@@ -21,8 +28,63 @@ def torch_dynamic_int8(model: nn.Module, engine: str) -> Callable[[torch.Tensor]
         torch.backends.quantized.engine = engine
         quantized = quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
 
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def run(x: Tensor) -> Tensor:
         torch.backends.quantized.engine = engine
         return quantized(x)
 
     return run
+
+
+def torchao_int8_dynamic(model: nn.Module) -> Forward:
+    """torchao ``Int8DynamicActivationInt8WeightConfig``, eager (not compiled)."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    return model
+
+
+def _torchao_int4(model: nn.Module, dtype: torch.dtype) -> Forward:
+    from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+    from torchao.quantization import quantize_
+
+    model = model.to(dtype)
+    quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=32))
+    return lambda x: model(x.to(dtype)).float()
+
+
+def torchao_int4_bf16(model: nn.Module) -> Forward:
+    """torchao's int4 weight-only CPU prototype (group 32, ``_weight_int4pack_mm_for_cpu``), bf16 activations."""
+    return _torchao_int4(model, torch.bfloat16)
+
+
+def torchao_int4_fp32(model: nn.Module) -> Forward:
+    """The same with float32 activations."""
+    return _torchao_int4(model, torch.float32)
+
+
+def quanto_w8a8(model: nn.Module) -> Forward:
+    """optimum-quanto int8 weights and int8 activations, frozen."""
+    from optimum import quanto
+
+    quanto.quantize(model, weights=quanto.qint8, activations=quanto.qint8)
+    quanto.freeze(model)
+    return model
+
+
+PEERS: dict[str, Callable[[nn.Module], Forward]] = {
+    "torch dynamic int8 (x86/fbgemm)": lambda model: torch_dynamic_int8(model, "x86"),
+    "torch dynamic int8 (onednn)": lambda model: torch_dynamic_int8(model, "onednn"),
+    "torchao int8 dynamic (eager)": torchao_int8_dynamic,
+    "torchao int4 weight-only, bf16 act": torchao_int4_bf16,
+    "torchao int4 weight-only, fp32 act": torchao_int4_fp32,
+    "optimum-quanto W8A8": quanto_w8a8,
+}
+
+
+def build_peer(name: str, model: nn.Module) -> Forward:
+    """The peer ``name`` (a key of :data:`PEERS`) applied to ``model``."""
+    if name not in PEERS:
+        raise ValueError(f"unknown peer {name!r}; choose one of {', '.join(PEERS)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PEERS[name](model)

@@ -13,11 +13,14 @@ from mixprec.formats.affine import (
     quantize,
     slice_view,
 )
+from mixprec.formats.finite import all_finite, count_infinite
 from mixprec.formats.half import FP16_SCALE_MIN, HALF_DTYPES, HalfConversion, fp16_scale, half_dtype, to_half
 from mixprec.formats.int4 import pack_int4, unpack_int4
 from mixprec.formats.spec import QuantSpec
 
 __all__ = [
+    "all_finite",
+    "count_infinite",
     "FP16_SCALE_MIN",
     "HALF_DTYPES",
     "SCALE_MIN",

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mixprec.formats.finite import all_finite
 from mixprec.formats.spec import QuantSpec
 
 #: Smallest scale ever produced: the smallest normal float32, so ``x / scale`` and
@@ -152,7 +153,7 @@ def minmax(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
 
 def qparams_from_tensor(x: Tensor, spec: QuantSpec) -> QParams:
     """Min/max parameters computed from ``x`` itself (what weights use)."""
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise ValueError("tensor holds NaN or Inf; quantization needs finite values")
     return qparams_from_range(*minmax(x, spec), spec)
 
@@ -174,9 +175,9 @@ def quantize(x: Tensor, qparams: QParams) -> Tensor:
         )
     xv, scale = _broadcast(qparams.scale, x.to(torch.float32), spec)
     _, zero_point = _broadcast(qparams.zero_point, x, spec)
-    q = torch.round(xv / scale) + zero_point
-    q = q.clamp(spec.qmin, spec.qmax).to(integer_dtype(spec))
-    return q.reshape(x.shape)
+    q = xv / scale  # the only full-size float temporary: the steps below run in place
+    q.round_().add_(zero_point).clamp_(spec.qmin, spec.qmax)
+    return q.to(integer_dtype(spec)).reshape(x.shape)
 
 
 def dequantize(q: Tensor, qparams: QParams) -> Tensor:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mixprec.formats.finite import count_infinite
+
 HALF_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -38,8 +40,8 @@ def to_half(x: Tensor, dtype: torch.dtype) -> HalfConversion:
     if dtype not in HALF_DTYPES.values():
         raise ValueError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
     converted = x.detach().to(dtype)
-    overflow = torch.isinf(converted) & torch.isfinite(x)
-    return HalfConversion(tensor=converted, overflow_count=int(overflow.sum()))
+    # Rounding keeps +-inf and NaN as they are, so new infinities are overflows.
+    return HalfConversion(tensor=converted, overflow_count=count_infinite(converted) - count_infinite(x))
 
 
 #: Smallest fp16 normal: scales stored in fp16 are kept at or above it.

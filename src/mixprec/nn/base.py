@@ -103,4 +103,24 @@ def round_weight(weight: Tensor, spec: QuantSpec, hessian: Tensor | None = None,
     qp = qparams_from_tensor(weight, spec)
     if scale_fn is not None:
         qp = QParams(spec, scale_fn(qp.scale), qp.zero_point)
-    return quantize(weight, qp), qp
+    return quantize_rows_in_chunks(weight, qp), qp
+
+
+#: Most weight elements quantized at once by :func:`quantize_rows_in_chunks` (1 MiB of float32).
+QUANTIZE_CHUNK_ELEMENTS = 1 << 18
+
+
+def quantize_rows_in_chunks(weight: Tensor, qp: QParams) -> Tensor:
+    """``quantize(weight, qp)`` for a ``[out, in]`` weight, a block of rows at a time, so
+    the float temporaries stay at most :data:`QUANTIZE_CHUNK_ELEMENTS` elements (same codes:
+    per-tensor, per-output-channel and per-group parameters never span rows)."""
+    spec = qp.spec
+    if spec.granularity == "channel" and spec.axis not in (0, -2):
+        return quantize(weight, qp)
+    rows_per_chunk = max(1, QUANTIZE_CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    codes = []
+    for begin in range(0, weight.shape[0], rows_per_chunk):
+        end = begin + rows_per_chunk
+        rows_qp = qp if spec.granularity == "tensor" else QParams(spec, qp.scale[begin:end], qp.zero_point[begin:end])
+        codes.append(quantize(weight[begin:end], rows_qp))
+    return torch.cat(codes) if len(codes) > 1 else codes[0]

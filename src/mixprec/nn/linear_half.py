@@ -38,11 +38,11 @@ class HalfLinear(QuantizedModule):
     def from_float(cls, linear: nn.Linear, fmt: str) -> HalfLinear:
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, fmt)
         converted = to_half(linear.weight, module.weight.dtype)
-        module.weight.copy_(converted.tensor)
+        module.weight = converted.tensor  # replaces the placeholder: no second copy
         module.overflow_count = converted.overflow_count
         if module.bias is not None:
             bias = to_half(linear.bias, module.bias.dtype)
-            module.bias.copy_(bias.tensor)
+            module.bias = bias.tensor
             module.overflow_count += bias.overflow_count
         return module
 
