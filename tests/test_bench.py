@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import pytest
 import torch
 
+from mixprec.bench import encoder
+from mixprec.bench.encoder import EncoderShape
 from mixprec.bench.memory import bytes_allocated
 from mixprec.bench.timing import interleaved_medians
+from mixprec.cli import main
 
 
 def test_interleaved_medians_times_every_candidate() -> None:
@@ -42,3 +48,31 @@ def test_batch_sweep_rows_and_refusals() -> None:
         batch_sweep(candidates, lambda b: torch.zeros(b), (1,), rounds=1, baseline="fp16")
     with pytest.raises(ValueError, match="unit must be one of"):
         batch_sweep(candidates, lambda b: torch.zeros(b), (1,), rounds=1, unit="s")
+
+
+def test_bench_linear_command_writes_every_mixprec_path(tmp_path: Path) -> None:
+    out = tmp_path / "linear.csv"
+    assert main(["bench", "linear", "--features", "64", "--rounds", "1", "--csv", str(out)]) == 0
+    paths = {row["path"] for row in csv.DictReader(out.open())}
+    assert {"fp32", "mixprec int8", "mixprec w8", "mixprec w4", "mixprec bf16", "mixprec fp16"} <= paths
+
+
+def test_encoder_bench_measures_speed_error_and_memory_of_a_tiny_encoder() -> None:
+    shape = EncoderShape(layers=1, hidden=64, heads=4, ffn=128, batch=2, seq=8)
+    rows, failures = encoder.run(shape, rounds=1, memory=True, only=["mixprec int8", "mixprec w4"])
+    by_path = {row["path"]: row for row in rows}
+    assert not [name for name in failures if name.startswith(("fp32", "mixprec"))], failures
+    assert by_path["fp32"]["max_rel_error"] == 0.0 and by_path["fp32"]["vs_fp32"] == 1.0
+    int8 = by_path["mixprec int8"]
+    assert 0 < int8["max_rel_error"] < 0.05  # per-token int8 through one block: measured 0.006
+    assert int8["steady_bytes"] > 0 and by_path["fp32"]["steady_bytes"] > 0
+    assert set(by_path) == {"fp32", "mixprec int8", "mixprec w4"} and "best mixprec path" in encoder.summary(rows)
+    with pytest.raises(ValueError, match="unknown encoder paths"):
+        encoder.run(shape, rounds=1, only=["mixprec int3"])
+
+
+def test_bench_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["bench", "linear", "--rounds", "0"], ["bench", "attention"], ["bench", "linear", "--features", "-4"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    assert "must be a positive integer" in capsys.readouterr().err

@@ -42,7 +42,7 @@ def test_every_precision_runs_on_a_bare_cpu_with_the_same_results(precision: str
     expected_here = (cpu.half_slow_path(precision) if precision in ("bf16", "fp16") else None) or ""
     assert fast_report.layer("2").slow_path == expected_here
     force_bare_cpu(monkeypatch)
-    with pytest.warns(RuntimeWarning, match=r"layer '2' \(.*\) runs a slow path") as caught:
+    with pytest.warns(RuntimeWarning, match=r"'2'.* runs? a slow path") as caught:
         slow, slow_report = run(precision, x)
     if precision.startswith("int8"):
         assert torch.equal(slow, fast)  # every int8 path gives the same bits
@@ -50,7 +50,7 @@ def test_every_precision_runs_on_a_bare_cpu_with_the_same_results(precision: str
         assert torch.equal(slow, fast)  # same PyTorch op; only the hardware behind it differs
     else:  # float32 sums in another order
         assert float((slow - fast).abs().max()) <= 2e-6 * float(fast.abs().max())
-    assert slow_report.layer("2").slow_path and all("runs a slow path" in str(w.message) for w in caught)
+    assert slow_report.layer("2").slow_path and all("a slow path" in str(w.message) for w in caught)
     assert "SLOW" in str(slow_report)
 
 

@@ -173,3 +173,19 @@ def test_quantize_frees_each_float_layer_before_building_the_next(monkeypatch: p
     monkeypatch.setattr(quantize_module, "build", watching_build)
     quantize(model, Policy(default="int8", rules=[("2", "bf16")]))
     assert alive_at_build == [["0", "2", "4"], ["2", "4"], ["4"]]
+
+
+def test_slow_paths_warn_once_per_reason_naming_the_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mixprec.kernels import native
+
+    monkeypatch.setattr(native, "load_error", lambda: "forced off")
+    model = nn.Sequential(*(nn.Linear(8, 8) for _ in range(7)))
+    with pytest.warns(RuntimeWarning) as caught:
+        quantize(model, Policy(default="int8", rules=[("6", "w4g8")]))
+    messages = sorted(str(w.message) for w in caught if "slow path" in str(w.message))
+    assert messages == [
+        "mixprec: 6 int8 layers ('0', '1', '2', '3', '4' and 1 more) run a slow path: native kernels unavailable "
+        "(forced off); running the PyTorch-op path",
+        "mixprec: layer '6' (w4g8) runs a slow path: native kernels unavailable (forced off); "
+        "running the PyTorch-op path",
+    ]

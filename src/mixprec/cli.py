@@ -22,6 +22,40 @@ def _explain(args: argparse.Namespace) -> None:
     print(policy.explain(MLP()))
 
 
+def _bench(args: argparse.Namespace) -> None:
+    import warnings
+
+    import torch
+    from rich.console import Console
+
+    from mixprec.report.results import print_table, write_csv
+
+    console = Console(width=220)
+    setup = f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # slow paths show in the table; peers warn about deprecations
+        if args.what == "linear":
+            from mixprec.bench import linear
+
+            rows, columns, kernels, failures = linear.run(args.features, args.rounds)
+            print_table(f"Linear {args.features}x{args.features}, {setup}", rows, columns, console)
+            for name, kernel in kernels.items():
+                console.print(f"{name}: {kernel}")
+        else:
+            from mixprec.bench import encoder
+
+            shape = encoder.EncoderShape()
+            rows, failures = encoder.run(shape, args.rounds, memory=not args.no_memory)
+            columns = list(rows[0])
+            print_table(f"Encoder {shape}, {setup}", rows, columns, console)
+            console.print(encoder.summary(rows))
+    for name, why in failures.items():
+        console.print(f"not measured: {name}: {why}")
+    csv_path = args.csv or f"runs/bench/{args.what}.csv"
+    write_csv(csv_path, rows, columns)
+    console.print(f"wrote {csv_path}")
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -42,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     explain = sub.add_parser("explain", help="show what a policy TOML does to the study's MLP")
     explain.add_argument("policy", help="policy TOML file")
     explain.set_defaults(func=_explain)
+    bench = sub.add_parser("bench", help="speed and memory against float32 and the peer libraries")
+    bench.add_argument("what", choices=("linear", "encoder"),
+                       help="linear: one Linear at M = 1, 8, 128, 1024; encoder: a BERT-shaped 6-layer encoder")
+    bench.add_argument("--rounds", type=_positive, default=7, help="interleaved timing rounds (default: %(default)s)")
+    bench.add_argument("--features", type=_positive, default=4096,
+                       help="linear: in = out features (default: %(default)s)")
+    bench.add_argument("--no-memory", action="store_true", help="encoder: skip the per-path memory measurements")
+    bench.add_argument("--csv", help="CSV output path (default: runs/bench/<what>.csv)")
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -19,8 +19,8 @@ import gc
 import json
 import subprocess
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
@@ -86,12 +86,20 @@ def path_builders() -> dict[str, Callable[[nn.Module], Forward]]:
     return builders
 
 
-def time_paths(shape: EncoderShape, rounds: int) -> tuple[dict[str, float], dict[str, str], dict[str, float]]:
-    """Median seconds per forward of every path that builds, why the others did not, and
-    each path's largest output difference from float32 relative to the float32 output's largest magnitude."""
+def time_paths(shape: EncoderShape, rounds: int,
+               only: Sequence[str] | None = None) -> tuple[dict[str, float], dict[str, str], dict[str, float]]:
+    """Median seconds per forward of every path (or those named in ``only``; fp32 always)
+    that builds, why the others did not, and each path's largest output difference from
+    float32 relative to the float32 output's largest magnitude."""
     base, x = shape.model(), shape.input()
     forwards, failures = {}, {}
-    for name, build in path_builders().items():
+    builders = path_builders()
+    if only is not None:
+        unknown = sorted(set(only) - set(builders))
+        if unknown:
+            raise ValueError(f"unknown encoder paths {unknown}; choose from {sorted(builders)}")
+        builders = {name: build for name, build in builders.items() if name == "fp32" or name in only}
+    for name, build in builders.items():
         try:
             forwards[name] = build(copy.deepcopy(base))
         except Exception as exc:  # a missing or broken peer is reported, never hidden
@@ -131,10 +139,11 @@ def memory_child(name: str, shape: EncoderShape) -> dict[str, int]:
             "quantize_peak": quantize_peak}
 
 
-def measure_memory(name: str) -> dict[str, int] | str:
+def measure_memory(name: str, shape: EncoderShape) -> dict[str, int] | str:
     """:func:`memory_child` in a child process; a string says why it failed."""
-    result = subprocess.run([sys.executable, "-m", "mixprec.bench.encoder", name], capture_output=True, text=True,
-                            env=process_memory.child_environment(), check=False)
+    command = [sys.executable, "-m", "mixprec.bench.encoder", name, json.dumps(asdict(shape))]
+    result = subprocess.run(command, capture_output=True, text=True, env=process_memory.child_environment(),
+                            check=False)
     if result.returncode != 0:
         return (result.stderr.strip().splitlines() or ["no output"])[-1]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -146,10 +155,11 @@ def largest_layer_bytes(shape: EncoderShape) -> int:
                if isinstance(m, nn.Linear))
 
 
-def run(shape: EncoderShape, rounds: int, memory: bool = True) -> tuple[list[dict[str, object]], dict[str, str]]:
-    """Table rows for every path that builds (speed, error, and with ``memory`` the
-    resident-memory figures), and the failures by path name."""
-    medians, failures, errors = time_paths(shape, rounds)
+def run(shape: EncoderShape, rounds: int, memory: bool = True,
+        only: Sequence[str] | None = None) -> tuple[list[dict[str, object]], dict[str, str]]:
+    """Table rows for every path (or those in ``only``) that builds (speed, error, and
+    with ``memory`` the resident-memory figures), and the failures by path name."""
+    medians, failures, errors = time_paths(shape, rounds, only)
     largest = largest_layer_bytes(shape)
     rows = []
     fp32_steady = None
@@ -157,7 +167,7 @@ def run(shape: EncoderShape, rounds: int, memory: bool = True) -> tuple[list[dic
         row: dict[str, object] = {"path": name, "ms": round(seconds * 1e3, 2),
                                   "vs_fp32": round(medians["fp32"] / seconds, 2), "max_rel_error": errors[name]}
         if memory:
-            figures = measure_memory(name)
+            figures = measure_memory(name, shape)
             if isinstance(figures, str):
                 failures[f"{name} (memory)"] = figures
                 figures = {"steady": -1, "quantize_peak": -1}
@@ -171,5 +181,17 @@ def run(shape: EncoderShape, rounds: int, memory: bool = True) -> tuple[list[dic
     return rows, failures
 
 
+def summary(rows: list[dict[str, object]]) -> str:
+    """The best mixprec path against float32 and against the best peer path."""
+    speed = {str(row["path"]): float(row["vs_fp32"]) for row in rows}  # type: ignore[arg-type]
+    ours = max((name for name in speed if name.startswith("mixprec")), key=speed.__getitem__)
+    peers = [name for name in speed if not name.startswith("mixprec") and name != "fp32"]
+    text = f"best mixprec path: {ours}, {speed[ours]:.2f}x fp32"
+    if peers:
+        best_peer = max(peers, key=speed.__getitem__)
+        text += f"; best other path: {best_peer}, {speed[best_peer]:.2f}x fp32 ({speed[ours] / speed[best_peer]:.2f}x)"
+    return text
+
+
 if __name__ == "__main__":
-    print(json.dumps(memory_child(sys.argv[1], EncoderShape())))
+    print(json.dumps(memory_child(sys.argv[1], EncoderShape(**json.loads(sys.argv[2])))))

@@ -35,12 +35,20 @@ class QuantizedModule(nn.Module):
 
 
 def warn_slow_paths(modules: Iterable[tuple[str, nn.Module]]) -> None:
-    """One RuntimeWarning per quantized module that runs a slow path, naming it and why."""
+    """Warn (RuntimeWarning) about quantized modules that run a slow path: one warning per
+    precision and reason, naming the layers (the first five, then a count) and why."""
+    groups: dict[tuple[str, str], list[str]] = {}
     for name, module in modules:
         reason = module.slow_path if isinstance(module, QuantizedModule) else None
         if reason:
-            warnings.warn(f"mixprec: layer {name!r} ({module.precision}) runs a slow path: {reason}",
-                          RuntimeWarning, stacklevel=3)
+            groups.setdefault((module.precision, reason), []).append(name)
+    for (precision, reason), names in groups.items():
+        shown = ", ".join(repr(name) for name in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        if len(names) == 1:
+            which = f"layer {shown} ({precision}) runs"
+        else:
+            which = f"{len(names)} {precision} layers ({shown}) run"
+        warnings.warn(f"mixprec: {which} a slow path: {reason}", RuntimeWarning, stacklevel=3)
 
 
 def check_linear_input(x: Tensor, in_features: int, name: str) -> None:

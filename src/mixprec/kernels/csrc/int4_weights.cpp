@@ -3,12 +3,12 @@
 // scales [N, K/G]. The dequantized weight w = float(q) * s is exact in float32 (a 4-bit
 // code times an 11-bit fp16 significand needs at most 15 bits).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "split_rows.h"
 
 #include <algorithm>
 #include <cstdint>
-#include <thread>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -16,9 +16,6 @@
 #endif
 
 namespace {
-
-// Below this many weight elements a second thread costs more than it saves.
-constexpr int64_t kMinWeightsPerThread = int64_t{1} << 21;
 
 inline float code_value(int64_t nibble) { return static_cast<float>(nibble >= 8 ? nibble - 16 : nibble); }
 
@@ -29,20 +26,6 @@ void check_w4(const at::Tensor& packed, const at::Tensor& scale, int64_t cols) {
   TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kHalf && scale.is_contiguous() &&
                   scale.size(0) == packed.size(0) && scale.size(1) > 0 && cols % (2 * scale.size(1)) == 0,
               "scale must be a contiguous float16 tensor [N, K/G] with an even group size G");
-}
-
-// Runs body(begin, end) over [0, rows), on two threads when the work is large enough and
-// PyTorch is allowed more than one.
-template <typename Body>
-void split_rows(int64_t rows, int64_t work, const Body& body) {
-  if (work < 2 * kMinWeightsPerThread || at::get_num_threads() < 2 || rows < 2) {
-    body(0, rows);
-    return;
-  }
-  const int64_t middle = rows / 2;
-  std::thread helper([&] { body(middle, rows); });
-  body(0, middle);
-  helper.join();
 }
 
 // Row n's scales as float32.
@@ -117,7 +100,7 @@ void w4_dequantize_rows(const at::Tensor& packed, const at::Tensor& scale, int64
   const at::Half* sp = scale.data_ptr<at::Half>();
   float* op = out.data_ptr<float>();
   const int64_t group = cols / scale.size(1);
-  split_rows(rows, rows * cols, [&](int64_t b, int64_t e) {
+  mixprec::split_rows(rows, rows * cols, [&](int64_t b, int64_t e) {
     dequantize_rows_into(pp, sp, cols, group, begin + b, begin + e, op + b * cols);
   });
 }
@@ -222,7 +205,7 @@ at::Tensor w4_linear_rows(const at::Tensor& x, const at::Tensor& packed, const a
   const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t group = cols / scale.size(1);
-  split_rows(outs, outs * cols, [&](int64_t b, int64_t e) { linear_rows(xp, rows, cols, pp, sp, group, bp, outs, b, e, yp); });
+  mixprec::split_rows(outs, outs * cols, [&](int64_t b, int64_t e) { linear_rows(xp, rows, cols, pp, sp, group, bp, outs, b, e, yp); });
   return y;
 }
 
