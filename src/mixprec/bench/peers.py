@@ -7,7 +7,6 @@ build raise; callers report the reason instead of hiding the row.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable
 
@@ -18,15 +17,16 @@ Forward = Callable[[Tensor], Tensor]
 
 
 def torch_dynamic_int8(model: nn.Module, engine: str) -> Forward:
-    """PyTorch's eager dynamic int8 (``torch.ao`` ``quantize_dynamic``, per-tensor
-    activations) of a copy of ``model``, packed for ``engine`` (``x86`` or ``onednn``);
-    the returned callable sets that engine before every call so engines can interleave."""
+    """PyTorch's eager dynamic int8 (``torch.ao`` ``quantize_dynamic`` as users call it, which
+    returns a quantized copy; per-tensor activations), packed for ``engine`` (``x86`` or
+    ``onednn``); the returned callable sets that engine before every call so engines can
+    interleave."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from torch.ao.quantization import quantize_dynamic
 
         torch.backends.quantized.engine = engine
-        quantized = quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+        quantized = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
     def run(x: Tensor) -> Tensor:
         torch.backends.quantized.engine = engine
