@@ -19,6 +19,10 @@ w8             int8 weight-only, per output channel                    Linear
 w4, w4gN       int4 weight-only in groups of N (Linear default 32;     Linear, Embedding
                Embedding ``w4`` is row-wise, asymmetric)
 =============  =====================================================  ===========
+
+"Linear" includes GPT-2-style ``Conv1D`` layers of ``transformers`` (``y = x @ W + b``
+with ``W`` stored ``[in, out]``): they are quantized through a Linear view of the
+transposed weight and replaced by the same modules as ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -92,19 +96,48 @@ def parse_precision(name: object) -> Precision:
     raise PolicyError(f"unknown precision {name!r}; valid: {valid_names()}")
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a GPT-2-style ``Conv1D`` (``transformers.pytorch_utils``), found
+    by shape rather than by import so that mixprec does not need ``transformers``."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, Tensor) and weight.dim() == 2
+            and tuple(weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None)))
+
+
+def as_linear(module: nn.Module) -> nn.Module:
+    """``module`` itself, or for a ``Conv1D`` an ``nn.Linear`` sharing its (transposed) weight and bias."""
+    if not is_conv1d(module):
+        return module
+    linear = nn.Linear(module.nx, module.nf, bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(module.weight.detach().t(), requires_grad=False)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+    return linear
+
+
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` or a GPT-2-style ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 def quantizable(module: nn.Module) -> bool:
     """Whether mixprec knows how to replace this module."""
-    return isinstance(module, (nn.Linear, nn.Embedding)) and not isinstance(module, QuantizedModule)
+    return (is_linear(module) or isinstance(module, nn.Embedding)) and not isinstance(module, QuantizedModule)
+
+
+def in_features(module: nn.Module) -> int:
+    """Input width of a Linear-like layer."""
+    return as_linear(module).in_features
 
 
 def _features(module: nn.Module) -> int:
-    return module.in_features if isinstance(module, nn.Linear) else module.embedding_dim
+    return in_features(module) if is_linear(module) else module.embedding_dim
 
 
 def check_applicable(name: str, module: nn.Module, precision: Precision) -> None:
     """Raise PolicyError if ``precision`` cannot be applied to ``module``."""
     kind = type(module).__name__
-    families = LINEAR_FAMILIES if isinstance(module, nn.Linear) else EMBEDDING_FAMILIES
+    families = LINEAR_FAMILIES if is_linear(module) else EMBEDDING_FAMILIES
     if precision.family not in families:
         raise PolicyError(
             f"precision {precision.name!r} is not valid for layer {name!r} ({kind}); "
@@ -118,9 +151,9 @@ def check_applicable(name: str, module: nn.Module, precision: Precision) -> None
             f"group size {group} does not divide the {features} input features of layer {name!r}; "
             f"group sizes that do: {', '.join(map(str, divisors[:10])) or 'none (odd width)'}"
         )
-    if isinstance(module, nn.Linear) and precision.family in INT8_GEMM_FAMILIES and module.in_features > MAX_REDUCTION:
+    if is_linear(module) and precision.family in INT8_GEMM_FAMILIES and features > MAX_REDUCTION:
         raise PolicyError(
-            f"layer {name!r} has {module.in_features} input features; {precision.name!r} accumulates int8 products "
+            f"layer {name!r} has {features} input features; {precision.name!r} accumulates int8 products "
             f"in int32, which is proven overflow-free only up to {MAX_REDUCTION}: use w8 or a float precision"
         )
     if isinstance(module, nn.Embedding) and module.max_norm is not None and precision.family != "fp32":
@@ -133,12 +166,12 @@ def group_size_for(module: nn.Module, precision: Precision) -> int | None:
         return None
     if precision.group_size is not None:
         return precision.group_size
-    return DEFAULT_LINEAR_GROUP if isinstance(module, nn.Linear) else module.embedding_dim
+    return DEFAULT_LINEAR_GROUP if is_linear(module) else module.embedding_dim
 
 
 def has_integer_weights(module: nn.Module, precision: Precision) -> bool:
     """Whether ``precision`` stores this Linear's weight as integer codes (GPTQ applies)."""
-    return isinstance(module, nn.Linear) and precision.family in ("int8", "int8-static", "int8-tensor", "w8", "w4")
+    return is_linear(module) and precision.family in ("int8", "int8-static", "int8-tensor", "w8", "w4")
 
 
 def build(module: nn.Module, precision: Precision, input_qparams: QParams | None = None,
@@ -150,6 +183,7 @@ def build(module: nn.Module, precision: Precision, input_qparams: QParams | None
     family = precision.family
     if family == "fp32":
         return module
+    module = as_linear(module)
     if isinstance(module, nn.Embedding):
         if family in ("bf16", "fp16"):
             return HalfEmbedding.from_float(module, family)
@@ -176,6 +210,7 @@ def build_empty(module: nn.Module, precision: Precision) -> nn.Module:
     family = precision.family
     if family == "fp32":
         return module
+    module = as_linear(module)
     if isinstance(module, nn.Embedding):
         rows, dim = module.num_embeddings, module.embedding_dim
         if family in ("bf16", "fp16"):

@@ -16,7 +16,7 @@ from mixprec.nn.base import warn_slow_paths
 from mixprec.nn.linear_int8 import STATIC_ACTIVATION
 from mixprec.observers import OBSERVERS, make_observer
 from mixprec.policy import LayerPlan, Policy
-from mixprec.precision import build, has_integer_weights
+from mixprec.precision import build, has_integer_weights, in_features
 from mixprec.quant_report import LayerReport, QuantReport
 
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
@@ -27,8 +27,9 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
     """Quantize ``model`` in place according to ``policy`` and report what each layer became.
 
     Args:
-        model: any ``torch.nn.Module``; its ``nn.Linear`` and ``nn.Embedding`` layers are
-            replaced, everything else is kept in float32.
+        model: any ``torch.nn.Module`` (Hugging Face models included); its ``nn.Linear``,
+            GPT-2-style ``Conv1D`` and ``nn.Embedding`` layers are replaced, everything else
+            is kept in float32.
         policy: a :class:`Policy`, or a precision name applied to every layer.
         calibration: batches for ``int8-static`` layers and GPTQ. Each batch is passed to the model
             as ``model(batch)`` (a tensor), ``model(*batch)`` (tuple/list) or
@@ -105,7 +106,7 @@ def calibrate(
     """One pass over the calibration batches on the float model: activation ranges of the
     ``static`` layers' inputs and input second moments (Hessians) of the ``gptq`` layers."""
     observers = {plan.name: make_observer(observer, STATIC_ACTIVATION) for plan in static}
-    accumulators = {plan.name: HessianAccumulator(plan.module.in_features) for plan in gptq}
+    accumulators = {plan.name: HessianAccumulator(in_features(plan.module)) for plan in gptq}
 
     def hook_for(name: str):  # noqa: ANN202
         def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
