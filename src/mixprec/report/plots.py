@@ -9,8 +9,9 @@ from mixprec.io_utils import atomic_path
 
 
 def accuracy_vs_bytes(path: str | os.PathLike[str], labels: Sequence[str], accuracy: Sequence[float],
-                      total_bytes: Sequence[int], title: str) -> None:
-    """Scatter of accuracy (%) against total model bytes (log scale); a legend names each point."""
+                      total_bytes: Sequence[int], title: str, ylabel: str = "test accuracy (%)") -> None:
+    """Scatter of a score (accuracy in %, by default) against total model bytes (log
+    scale); a legend names each point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,11 +22,11 @@ def accuracy_vs_bytes(path: str | os.PathLike[str], labels: Sequence[str], accur
     colors = plt.get_cmap("tab20").colors
     for index, (label, x, y) in enumerate(zip(labels, total_bytes, accuracy)):
         ax.scatter(x, y, marker=markers[index % len(markers)], color=colors[index % len(colors)], s=50,
-                   label=f"{label} ({y:.2f}%, {x:,} B)", zorder=3)
+                   label=f"{label} ({y:.2f}, {x:,} B)", zorder=3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     ax.set_xscale("log")
     ax.set_xlabel("model bytes (weights, biases, scales, zero points)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

@@ -25,11 +25,10 @@ from mixprec.quantize import quantize
 from mixprec.report.plots import accuracy_vs_bytes
 from mixprec.report.results import print_table, write_csv, write_json
 from mixprec.serialization import save
+from mixprec.studies.common import weight_bytes
 
 COLUMNS = ("precision", "accuracy", "weight_bytes", "total_bytes", "activation_bytes_b32",
            "throughput_sps", "latency_ms_b1")
-#: Storage of the weight matrices only (no biases, scales or zero points).
-WEIGHT_BUFFERS = ("weight", "weight_packed")
 
 
 class MLP(nn.Module):
@@ -101,10 +100,6 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
     correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
                   for i in range(0, len(x), batch_size))
     return 100.0 * correct / len(x)
-
-
-def weight_bytes(model: nn.Module) -> int:
-    return sum(t.nbytes for name, t in model.state_dict().items() if name.rpartition(".")[2] in WEIGHT_BUFFERS)
 
 
 @dataclass(frozen=True)
