@@ -1,6 +1,7 @@
 # Two entry points, each creating the virtual environment when it is missing:
 #   make study   - the Fashion-MNIST precision study (finds its data itself)
 #   make test    - the test suite
+#   make transformer-study - all-MiniLM-L6-v2 in fp32, bf16, int8 and the mixed recipe
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -10,7 +11,7 @@ ifneq ($(wildcard $(SHARED_DATA)/fashion-mnist),)
 export MIXPREC_DATA ?= $(SHARED_DATA)
 endif
 
-.PHONY: study test clean
+.PHONY: study transformer-study test clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 study: $(STAMP)
 	$(VENV)/bin/mixprec fashion-mnist --out runs/fashion-mnist
+
+transformer-study: $(STAMP)
+	$(VENV)/bin/mixprec transformer-study --out runs/minilm
 
 test: $(STAMP)
 	$(PY) -m pytest -q

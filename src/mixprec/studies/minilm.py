@@ -6,7 +6,8 @@ For each policy: exact weight and total bytes, STS-B test Spearman x100 (cosine 
 mean-pooled, L2-normalized sentence embeddings against the gold scores), SST-2 dev
 accuracy (%) of a logistic-regression probe trained on that model's embeddings of SST-2
 training phrases, sentences/s at batch 32 and latency at batch 1 (interleaved medians,
-one process). Needs the ``hf`` extra.
+one process). Rows marked GPTQ round their integer Linear weights with GPTQ, calibrated on
+512 SST-2 training phrases that the probe does not train on. Needs the ``hf`` extra.
 """
 
 from __future__ import annotations
@@ -41,18 +42,33 @@ COLUMNS = ("policy", "stsb_spearman", "sst2_accuracy", "weight_bytes", "total_by
 BASELINE = "int8 (uniform)"
 
 
-def study_policies() -> dict[str, Policy]:
-    """Label -> policy. ``default`` covers the unused pooler (int8 outside fp32/bf16)."""
+CALIBRATION_PHRASES = 512
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    """One configuration: a policy and how integer weights are rounded."""
+
+    policy: Policy
+    weight_rounding: str = "nearest"
+
+
+def study_policies() -> dict[str, StudyRow]:
+    """Label -> configuration. ``default`` covers the unused pooler (int8 outside fp32/bf16)."""
     def recipe(attention: str) -> Policy:
         return Policy([(ATTENTION, attention), (FFN, "int8"), (EMBEDDINGS, "w4")], default="int8")
 
-    return {
-        "fp32": Policy(default="fp32"),
-        "bf16": Policy(default="bf16"),
-        BASELINE: Policy(default="int8"),
-        "mixed: fp16 attention, int8 FFN, w4 embeddings": recipe("fp16"),
-        "mixed: bf16 attention, int8 FFN, w4 embeddings": recipe("bf16"),
+    rows = {
+        "fp32": StudyRow(Policy(default="fp32")),
+        "bf16": StudyRow(Policy(default="bf16")),
+        BASELINE: StudyRow(Policy(default="int8")),
+        "mixed: fp16 attention, int8 FFN, w4 embeddings": StudyRow(recipe("fp16")),
+        "mixed: bf16 attention, int8 FFN, w4 embeddings": StudyRow(recipe("bf16")),
     }
+    for label in (BASELINE, "mixed: fp16 attention, int8 FFN, w4 embeddings",
+                  "mixed: bf16 attention, int8 FFN, w4 embeddings"):
+        rows[f"{label}, GPTQ"] = StudyRow(rows[label].policy, "gptq")
+    return rows
 
 
 def model_path(model: str | None = None) -> str:
@@ -142,20 +158,26 @@ def run(config: StudyConfig, console: Console | None = None) -> list[dict[str, o
     stsb = load_stsb_test(config.data)
     limit = config.stsb_pairs or len(stsb.scores)
     sst2_dev, sst2_train = load_sst2("dev", config.data), load_sst2("train", config.data)
-    pick = np.random.default_rng(config.seed).permutation(len(sst2_train.labels))[: config.sst2_train]
+    if config.sst2_train + CALIBRATION_PHRASES > len(sst2_train.labels):
+        raise ValueError(f"sst2_train must leave {CALIBRATION_PHRASES} of the {len(sst2_train.labels)} training "
+                         f"phrases for GPTQ calibration: at most {len(sst2_train.labels) - CALIBRATION_PHRASES}")
+    order = np.random.default_rng(config.seed).permutation(len(sst2_train.labels))
+    pick, held_out = order[: config.sst2_train], order[config.sst2_train:config.sst2_train + CALIBRATION_PHRASES]
     train_sentences = [sst2_train.sentences[i] for i in pick]
     train_labels = [sst2_train.labels[i] for i in pick]
     fp32, tokenizer = load_model(config.model)
+    calibration_phrases = [sst2_train.sentences[i] for i in held_out]
+    calibration = [tokenize(tokenizer, calibration_phrases[i:i + 32]) for i in range(0, len(calibration_phrases), 32)]
     batch32 = tokenize(tokenizer, stsb.first[:32])
     batch1 = tokenize(tokenizer, stsb.first[:1])
 
     models: dict[str, nn.Module] = {}
     rows: dict[str, dict[str, object]] = {}
-    for label, policy in study_policies().items():
+    for label, study_row in study_policies().items():
         model = copy.deepcopy(fp32)
-        report = quantize(model, policy)
+        report = quantize(model, study_row.policy, calibration=calibration, weight_rounding=study_row.weight_rounding)
         models[label] = model
-        write_text_atomic(out / f"policy-{_slug(label)}.toml", policy.to_toml())
+        write_text_atomic(out / f"policy-{_slug(label)}.toml", study_row.policy.to_toml())
         rows[label] = {
             "policy": label,
             "stsb_spearman": round(stsb_spearman(model, tokenizer, stsb.first[:limit], stsb.second[:limit],
