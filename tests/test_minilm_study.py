@@ -73,16 +73,20 @@ def test_minilm_bytes_equal_the_computed_expectation() -> None:
 
 def test_small_study_run_writes_its_outputs(shared_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "minilm"
-    rows = minilm.run(minilm.StudyConfig(data=str(shared_data), out=str(out), stsb_pairs=60, sst2_train=300, rounds=1))
+    mixed = "mixed: bf16 attention, int8 FFN, w4 embeddings, GPTQ"
+    rows = minilm.run(minilm.StudyConfig(data=str(shared_data), out=str(out), stsb_pairs=60, sst2_train=300, rounds=1,
+                                         only=(mixed,)))
     by_policy = {row["policy"]: row for row in rows}
-    assert set(by_policy) == set(minilm.study_policies())
+    assert set(by_policy) == {"fp32", minilm.BASELINE, mixed}
     fp32, int8 = by_policy["fp32"], by_policy[minilm.BASELINE]
     assert fp32["stsb_spearman"] > 70 and fp32["sst2_accuracy"] > 65  # a working encoder, not chance
     assert abs(float(int8["stsb_spearman"]) - float(fp32["stsb_spearman"])) < 1.5
     with (out / "results.csv").open() as handle:
-        assert len(list(csv.DictReader(handle))) == len(minilm.study_policies())
+        assert len(list(csv.DictReader(handle))) == 3
     assert (out / "spearman_vs_bytes.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "policy-int8-uniform.toml").read_text().startswith("default = 'int8'")
+    with pytest.raises(ValueError, match="unknown study rows"):
+        minilm.run(minilm.StudyConfig(data=str(shared_data), out=str(out), only=("int3",)))
 
 
 def test_transformer_study_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:

@@ -146,6 +146,8 @@ class StudyConfig:
     stsb_pairs: int | None = None
     rounds: int = 7
     seed: int = 0
+    #: Labels of :func:`study_policies` to run (fp32 and the int8 baseline always run); None: all.
+    only: tuple[str, ...] | None = None
 
 
 def run(config: StudyConfig, console: Console | None = None) -> list[dict[str, object]]:
@@ -153,6 +155,12 @@ def run(config: StudyConfig, console: Console | None = None) -> list[dict[str, o
     console = console or Console(width=200)
     if config.rounds < 1 or config.sst2_train < 2 or (config.stsb_pairs is not None and config.stsb_pairs < 2):
         raise ValueError("rounds must be >= 1, sst2_train and stsb_pairs >= 2")
+    rows_to_run = study_policies()
+    if config.only is not None:
+        unknown = sorted(set(config.only) - set(rows_to_run))
+        if unknown:
+            raise ValueError(f"unknown study rows {unknown}; choose from {sorted(rows_to_run)}")
+        rows_to_run = {k: v for k, v in rows_to_run.items() if k in ("fp32", BASELINE) or k in config.only}
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     stsb = load_stsb_test(config.data)
@@ -173,7 +181,7 @@ def run(config: StudyConfig, console: Console | None = None) -> list[dict[str, o
 
     models: dict[str, nn.Module] = {}
     rows: dict[str, dict[str, object]] = {}
-    for label, study_row in study_policies().items():
+    for label, study_row in rows_to_run.items():
         model = copy.deepcopy(fp32)
         report = quantize(model, study_row.policy, calibration=calibration, weight_rounding=study_row.weight_rounding)
         models[label] = model
