@@ -1,0 +1,115 @@
+"""The quantized KV cache: exact layout and bytes, error bounds, generation, bad settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixprec.nn.kv_cache import QuantizedKV
+
+transformers = pytest.importorskip("transformers")
+
+from mixprec.kv import QuantizedKVCache, float_cache_bytes  # noqa: E402
+
+
+def states(tokens: int, seed: int = 0, heads: int = 3, dim: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(2, heads, tokens, dim, generator=generator)
+    keys[..., 5] *= 20.0  # an outlier channel, as real keys have
+    return keys, torch.randn(2, heads, tokens, dim, generator=generator)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_window_chunks_and_exact_bytes(bits: int) -> None:
+    store = QuantizedKV(bits=bits, group_size=32, residual=16)
+    keys, values = states(100)
+    store.append(keys[:, :, :40], values[:, :, :40])
+    store.append(keys[:, :, 40:41], values[:, :, 40:41])
+    store.append(keys[:, :, 41:], values[:, :, 41:])
+    assert len(store) == 100 and store.quantized_tokens == 64 and store.recent_tokens == 36  # 16 <= 36 < 48
+    elements = 2 * 3 * 64 * 64  # batch x heads x quantized tokens x head_dim
+    per_group = 2 + 1  # fp16 scale + uint8 zero point
+    expected = 2 * elements * bits // 8 + per_group * (elements // 32) * 2 + 2 * 2 * 3 * 36 * 64 * 4
+    assert store.nbytes() == expected
+    got_keys, got_values = store.states(torch.float32)
+    assert torch.equal(got_keys[:, :, 64:], keys[:, :, 64:]) and torch.equal(got_values[:, :, 64:], values[:, :, 64:])
+
+
+def check_grid_error(x: torch.Tensor, got: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> None:
+    """Inside the grid's range the error is at most half a step; beyond it (the zero point
+    is rounded, so the grid can miss the range ends by half a step) at most one step."""
+    low, high = -zero * scale, (2**bits - 1 - zero) * scale
+    error = (got - x).abs()
+    inside = (x >= low) & (x <= high)
+    slack = 1e-6 * x.abs().amax()  # float32 rounding of x / scale and of (q - zero) * scale
+    assert bool((error[inside] <= (0.5 * scale.expand_as(x))[inside] + slack).all())
+    assert bool((error <= scale + slack).all())
+    assert bool(inside.float().mean() > 0.95)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_round_trip_error_is_at_most_half_a_step_inside_the_grid(bits: int) -> None:
+    store = QuantizedKV(bits=bits, group_size=32, residual=0)
+    keys, values = states(64, seed=1)
+    store.append(keys, values)
+    assert store.quantized_tokens == 64
+    got_keys, got_values = store.dequantized()
+    # Keys: one (scale, zero) per channel for each chunk of 32 tokens.
+    key_scale = store.key_scale.float().unsqueeze(3)
+    key_zero = store.key_zero.float().unsqueeze(3)
+    check_grid_error(keys.unflatten(2, (2, 32)), got_keys.unflatten(2, (2, 32)), key_scale, key_zero, bits)
+    # Values: one (scale, zero) per token for each group of 32 channels.
+    value_scale = store.value_scale.float().unsqueeze(-1)
+    value_zero = store.value_zero.float().unsqueeze(-1)
+    check_grid_error(values.unflatten(-1, (2, 32)), got_values.unflatten(-1, (2, 32)), value_scale, value_zero, bits)
+
+
+def tiny_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=200, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_generate_with_the_cache_and_teacher_forced_logits() -> None:
+    model = tiny_llama()
+    ids = torch.randint(0, 200, (1, 100), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids).logits
+        reference = model.generate(ids, max_new_tokens=30, do_sample=False,
+                                   past_key_values=transformers.DynamicCache())
+        for bits, tolerance in ((8, 0.02), (4, 0.3)):
+            cache = QuantizedKVCache(bits=bits, group_size=32, residual=16)
+            chunks = [model(ids[:, :60], past_key_values=cache).logits]
+            chunks += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(60, 100)]
+            error = float((torch.cat(chunks, dim=1) - full).abs().max() / full.abs().max())
+            assert error < tolerance  # measured: int8 0.006, int4 0.09
+            cache = QuantizedKVCache(bits=bits, group_size=32, residual=16)
+            out = model.generate(ids, max_new_tokens=30, do_sample=False, past_key_values=cache)
+            assert out.shape == reference.shape and cache.get_seq_length() == 129
+            if bits == 8:
+                assert torch.equal(out, reference)
+        dense = transformers.DynamicCache()
+        model(ids, past_key_values=dense)
+        assert float_cache_bytes(dense) == 2 * 2 * 2 * 100 * 32 * 4  # layers x (k, v) x heads x tokens x dim x fp32
+
+
+def test_bad_settings_and_inputs_are_refused() -> None:
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        QuantizedKVCache(bits=3)
+    with pytest.raises(ValueError, match="group size must be an even integer"):
+        QuantizedKVCache(group_size=33)
+    with pytest.raises(ValueError, match="residual window must be an integer >= 0"):
+        QuantizedKVCache(residual=-1)
+    store = QuantizedKV(bits=8, group_size=48, residual=0)
+    keys, values = states(48)
+    with pytest.raises(ValueError, match="group size 48 does not divide head_dim 64"):
+        store.append(keys, values)
+    keys[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        QuantizedKV().append(keys, values)
+    model = tiny_llama()
+    cache = QuantizedKVCache(max_length=model.config.max_position_embeddings)
+    with pytest.raises(ValueError, match=r"generation beyond the model.s context: 256 cached \+ 1 new tokens > 256"):
+        model.generate(torch.zeros(1, 250, dtype=torch.long), max_new_tokens=10, do_sample=False,
+                       past_key_values=cache)
