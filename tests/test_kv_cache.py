@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mixprec.kernels import native
 from mixprec.nn.kv_cache import QuantizedKV
 
 transformers = pytest.importorskip("transformers")
@@ -113,3 +114,17 @@ def test_bad_settings_and_inputs_are_refused() -> None:
     with pytest.raises(ValueError, match=r"generation beyond the model.s context: 256 cached \+ 1 new tokens > 256"):
         model.generate(torch.zeros(1, 250, dtype=torch.long), max_new_tokens=10, do_sample=False,
                        past_key_values=cache)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_native_dequantization_gives_the_torch_bits(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = QuantizedKV(bits=bits, group_size=32, residual=8)
+    keys, values = states(150, seed=3)
+    store.append(keys, values)
+    fast_keys, fast_values = store.states(torch.float32)
+    reference = store.dequantized()
+    done = store.quantized_tokens
+    assert torch.equal(fast_keys[:, :, :done], reference[0]) and torch.equal(fast_values[:, :, :done], reference[1])
+    monkeypatch.setattr(native, "available", lambda: False)
+    slow_keys, slow_values = store.states(torch.float32)
+    assert torch.equal(slow_keys, fast_keys) and torch.equal(slow_values, fast_values)

@@ -21,6 +21,13 @@ def _transformer_study(args: argparse.Namespace) -> None:
                     stsb_pairs=args.stsb_pairs, rounds=args.rounds, seed=args.seed))
 
 
+def _kv_bench(args: argparse.Namespace) -> None:
+    from mixprec.studies.kv_smollm2 import KVConfig, run
+
+    run(KVConfig(data=args.data, out=args.out, group_size=args.group_size, residual=args.residual,
+                 doc_tokens=args.doc_tokens, chunk=args.chunk, max_tokens=args.max_tokens, rounds=args.rounds))
+
+
 def _explain(args: argparse.Namespace) -> None:
     from mixprec.policy import Policy
     from mixprec.studies.fashion_mnist import MLP
@@ -91,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     minilm.add_argument("--rounds", type=_positive, default=7, help="timing rounds (default: %(default)s)")
     minilm.add_argument("--seed", type=int, default=0, help="random seed of the SST-2 sample (default: %(default)s)")
     minilm.set_defaults(func=_transformer_study)
+    kv = sub.add_parser("kv-bench", help="SmolLM2-135M with float, int8 and int4 KV caches: perplexity, bytes, speed")
+    kv.add_argument("--data", help="data folder holding stsb/ and sst2/ (default: $MIXPREC_DATA, then the cache)")
+    kv.add_argument("--out", default="runs/kv", help="output folder (default: %(default)s)")
+    kv.add_argument("--group-size", type=_positive, default=64, help="KV quantization group (default: %(default)s)")
+    kv.add_argument("--residual", type=int, default=64, help="recent tokens kept in float (default: %(default)s)")
+    kv.add_argument("--doc-tokens", type=_positive, default=1024, help="tokens per document (default: %(default)s)")
+    kv.add_argument("--chunk", type=_positive, default=128, help="tokens fed per forward (default: %(default)s)")
+    kv.add_argument("--max-tokens", type=_positive, help="cap each corpus at N tokens (default: all)")
+    kv.add_argument("--rounds", type=_positive, default=7, help="decode timing rounds (default: %(default)s)")
+    kv.set_defaults(func=_kv_bench)
     explain = sub.add_parser("explain", help="show what a policy TOML does to the study's MLP")
     explain.add_argument("policy", help="policy TOML file")
     explain.set_defaults(func=_explain)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int8_rows.cpp", "int4_weights.cpp")]
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int8_rows.cpp", "int4_weights.cpp", "kv_dequant.cpp")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
 
 
@@ -90,3 +90,15 @@ def w4_linear_rows(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """Int4 weight-only linear for few rows (see csrc/int4_weights.cpp)."""
     return torch.ops.mixprec.w4_linear_rows(x, packed, scale, bias)
+
+
+def kv_dequantize_keys(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, bits: int,
+                       out: torch.Tensor) -> None:
+    """Dequantize per-channel KV-cache keys into float32 ``out`` (see csrc/kv_dequant.cpp)."""
+    torch.ops.mixprec.kv_dequantize_keys(codes, scale, zero, group, bits, out)
+
+
+def kv_dequantize_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                         out: torch.Tensor) -> None:
+    """Dequantize per-token KV-cache values into float32 ``out`` (see csrc/kv_dequant.cpp)."""
+    torch.ops.mixprec.kv_dequantize_values(codes, scale, zero, bits, out)

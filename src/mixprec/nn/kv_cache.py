@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from mixprec.formats import FP16_SCALE_MIN, fp16_scale, pack_int4, unpack_int4
+from mixprec.kernels import native
 
 KV_BITS = (4, 8)
 
@@ -119,7 +120,7 @@ class QuantizedKV:
             self.recent_values = self.recent_values[:, :, group:].contiguous()
 
     def _quantize_chunk(self, keys: Tensor, values: Tensor) -> None:
-        keys, values = keys.float(), values.float()
+        keys, values = keys.float().contiguous(), values.float().contiguous()
         key_scale, key_zero = _affine(keys.amin(dim=2, keepdim=True), keys.amax(dim=2, keepdim=True), self.bits)
         key_codes = _codes(keys, key_scale, key_zero, self.bits)
         head_dim = values.shape[-1]
@@ -156,11 +157,30 @@ class QuantizedKV:
         return keys, values
 
     def states(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """All cached keys and values, ``[B, H, len(self), D]`` in ``dtype``."""
-        if self.recent_keys is None:
+        """All cached keys and values, ``[B, H, len(self), D]`` in ``dtype``.
+
+        For float32 with the native kernels, the quantized tokens are dequantized straight
+        into the returned tensors (one pass, same bits as :meth:`dequantized`).
+        """
+        if self.recent_keys is None or self.recent_values is None:
             raise ValueError("the cache is empty")
-        old = self.dequantized()
-        if old is None:
+        if self.key_codes is None:
             return self.recent_keys.to(dtype), self.recent_values.to(dtype)
-        return (torch.cat([old[0].to(dtype), self.recent_keys.to(dtype)], dim=2),
-                torch.cat([old[1].to(dtype), self.recent_values.to(dtype)], dim=2))
+        if dtype is not torch.float32 or not native.available():
+            old = self.dequantized()
+            assert old is not None
+            return (torch.cat([old[0].to(dtype), self.recent_keys.to(dtype)], dim=2),
+                    torch.cat([old[1].to(dtype), self.recent_values.to(dtype)], dim=2))
+        assert self.key_scale is not None and self.key_zero is not None and self.value_codes is not None
+        assert self.value_scale is not None and self.value_zero is not None
+        batch, heads, recent, dim = self.recent_keys.shape
+        done = self.quantized_tokens
+        keys = torch.empty(batch, heads, done + recent, dim)
+        values = torch.empty(batch, heads, done + recent, dim)
+        native.kv_dequantize_keys(self.key_codes, self.key_scale, self.key_zero, self.group_size, self.bits,
+                                  keys[:, :, :done])
+        native.kv_dequantize_values(self.value_codes, self.value_scale, self.value_zero, self.bits,
+                                    values[:, :, :done])
+        keys[:, :, done:] = self.recent_keys
+        values[:, :, done:] = self.recent_values
+        return keys, values
