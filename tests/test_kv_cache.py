@@ -128,3 +128,24 @@ def test_native_dequantization_gives_the_torch_bits(bits: int, monkeypatch: pyte
     monkeypatch.setattr(native, "available", lambda: False)
     slow_keys, slow_values = store.states(torch.float32)
     assert torch.equal(slow_keys, fast_keys) and torch.equal(slow_values, fast_values)
+
+
+def test_chunked_perplexity_through_a_float_cache_equals_one_full_forward() -> None:
+    from mixprec.studies.kv_smollm2 import documents, perplexity
+
+    model = tiny_llama()
+    ids = torch.randint(0, 200, (230,), generator=torch.Generator().manual_seed(4))
+
+    def tokenizer(text: str, return_tensors: str) -> dict[str, torch.Tensor]:
+        return {"input_ids": ids.unsqueeze(0)}
+
+    docs = documents(tokenizer, ["unused"], doc_tokens=100, max_tokens=None)
+    assert [len(d) for d in docs] == [100, 100, 30]
+    with torch.no_grad():
+        nll = sum(float(torch.nn.functional.cross_entropy(model(d.unsqueeze(0)).logits[0, :-1], d[1:],
+                                                          reduction="sum")) for d in docs)
+    expected = float(torch.exp(torch.tensor(nll / sum(len(d) - 1 for d in docs))))
+    got = perplexity(model, docs, transformers.DynamicCache, chunk=16)
+    assert abs(got - expected) / expected < 1e-5  # float32 summation order only
+    quantized = perplexity(model, docs, lambda: QuantizedKVCache(bits=4, group_size=16, residual=16), chunk=16)
+    assert quantized != got and abs(quantized - got) / got < 0.05
