@@ -160,6 +160,9 @@ def run(shape: EncoderShape, rounds: int, memory: bool = True,
     """Table rows for every path (or those in ``only``) that builds (speed, error, and
     with ``memory`` the resident-memory figures), and the failures by path name."""
     medians, failures, errors = time_paths(shape, rounds, only)
+    if memory and not process_memory.supported():
+        failures["memory"] = "resident memory needs Linux /proc/self/status; measured speed only"
+        memory = False
     largest = largest_layer_bytes(shape)
     rows = []
     fp32_steady = None

