@@ -93,3 +93,14 @@ def test_transformer_study_refuses_bad_arguments(capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         main(["transformer-study", "--sst2-train", "0"])
     assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_cli_explain_takes_a_hugging_face_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy = tmp_path / "recipe.toml"
+    policy.write_text(minilm.study_policies()["mixed: bf16 attention, int8 FFN, w4 embeddings"].policy.to_toml())
+    assert main(["explain", str(policy), "--model", minilm.model_path()]) == 0
+    out = capsys.readouterr().out
+    assert "20,508,852 B" in out  # the mixed recipe's exact bytes
+    assert out.count("int8") >= 13 and out.count("bf16") >= 24  # 12 FFN layers + pooler, 24 projections
+    assert main(["explain", str(policy), "--model", str(tmp_path / "missing")]) == 2
+    assert "cannot load a Hugging Face model" in capsys.readouterr().err

@@ -30,10 +30,17 @@ def _kv_bench(args: argparse.Namespace) -> None:
 
 def _explain(args: argparse.Namespace) -> None:
     from mixprec.policy import Policy
-    from mixprec.studies.fashion_mnist import MLP
 
     policy = Policy.from_toml(args.policy)
-    print(policy.explain(MLP()))
+    if args.model:
+        from mixprec.hf import load_pretrained
+
+        model = load_pretrained(args.model)
+    else:
+        from mixprec.studies.fashion_mnist import MLP
+
+        model = MLP()
+    print(policy.explain(model))
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -108,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--max-tokens", type=_positive, help="cap each corpus at N tokens (default: all)")
     kv.add_argument("--rounds", type=_positive, default=7, help="decode timing rounds (default: %(default)s)")
     kv.set_defaults(func=_kv_bench)
-    explain = sub.add_parser("explain", help="show what a policy TOML does to the study's MLP")
+    explain = sub.add_parser("explain", help="show what a policy TOML does to a model (default: the study's MLP)")
     explain.add_argument("policy", help="policy TOML file")
+    explain.add_argument("--model", help="a Hugging Face model folder or hub name (transformers.AutoModel)")
     explain.set_defaults(func=_explain)
     bench = sub.add_parser("bench", help="speed and memory against float32 and the peer libraries")
     bench.add_argument("what", choices=("linear", "encoder"),

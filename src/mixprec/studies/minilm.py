@@ -13,7 +13,6 @@ one process). Rows marked GPTQ round their integer Linear weights with GPTQ, cal
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 from mixprec.bench.timing import interleaved_medians
 from mixprec.datasets.text_tasks import load_sst2, load_stsb_test
 from mixprec.errors import DataError
+from mixprec.hf import load_pretrained
 from mixprec.io_utils import write_text_atomic
 from mixprec.policy import Policy
 from mixprec.quantize import quantize
@@ -86,11 +86,10 @@ def model_path(model: str | None = None) -> str:
 def load_model(model: str | None = None) -> tuple[nn.Module, object]:
     """The float32 encoder (``transformers.AutoModel``, eval mode) and its tokenizer."""
     path = model_path(model)
-    if Path(path).is_dir():
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local copy needs no network
-    from transformers import AutoModel, AutoTokenizer
+    encoder = load_pretrained(path)  # sets offline mode for a local folder
+    from transformers import AutoTokenizer
 
-    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    return encoder, AutoTokenizer.from_pretrained(path)
 
 
 def tokenize(tokenizer: object, sentences: Sequence[str]) -> dict[str, Tensor]:
