@@ -101,7 +101,7 @@ class Policy:
                 f"quantize() replaces submodules, and the model itself is a {type(model).__name__}; "
                 "wrap it first, e.g. nn.Sequential(layer)"
             )
-        names = _quantizable_names(model)
+        names = quantizable_names(model)
         plans: list[LayerPlan] = []
         used: set[str] = set()
         for name, module in model.named_modules():
@@ -220,7 +220,7 @@ def _toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def _quantizable_names(model: nn.Module) -> set[str]:
+def quantizable_names(model: nn.Module) -> set[str]:
     """Names of replaceable layers; Linears owned by nn.MultiheadAttention are excluded
     because that module reads their weights directly instead of calling them."""
     skip: set[str] = set()

@@ -76,7 +76,7 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
             plan = plans.pop(0)
             if plan.precision.family != "fp32":
                 new = build(plan.module, plan.precision, input_qparams.get(plan.name), hessians.pop(plan.name, None))
-                _replace(model, plan.name, new)
+                replace_module(model, plan.name, new)
                 built.append((plan.name, new))
             del plan  # the float layer is freed here unless the caller holds it
     warn_slow_paths(built)
@@ -156,7 +156,8 @@ def _check_finite(batch: Any, index: int) -> None:
             )
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` (dotted path) of ``model`` is."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
