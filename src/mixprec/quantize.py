@@ -123,16 +123,7 @@ def calibrate(
         with torch.no_grad():
             for index, batch in enumerate(calibration):
                 _check_finite(batch, index)
-                if isinstance(batch, Tensor):
-                    model(batch)
-                elif isinstance(batch, Mapping):
-                    model(**batch)
-                elif isinstance(batch, (tuple, list)):
-                    model(*batch)
-                else:
-                    raise CalibrationError(
-                        f"calibration batch {index} is a {type(batch).__name__}; use a tensor, tuple or dict"
-                    )
+                run_batch(model, batch, index)
                 batches += 1
     finally:
         for handle in handles:
@@ -145,6 +136,17 @@ def calibrate(
         raise CalibrationError(f"calibration never reached layers {sorted(set(silent))}; check the batches run them")
     return ({name: obs.qparams() for name, obs in observers.items()},
             {name: acc.value() for name, acc in accumulators.items()})
+
+
+def run_batch(model: nn.Module, batch: Any, index: int = 0) -> Any:
+    """``model(batch)`` for a tensor, ``model(*batch)`` for a tuple/list, ``model(**batch)`` for a mapping."""
+    if isinstance(batch, Tensor):
+        return model(batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    raise CalibrationError(f"batch {index} is a {type(batch).__name__}; use a tensor, tuple or dict")
 
 
 def _check_finite(batch: Any, index: int) -> None:

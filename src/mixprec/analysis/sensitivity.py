@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from mixprec.errors import CalibrationError, PolicyError
 from mixprec.io_utils import write_text_atomic
 from mixprec.policy import quantizable_names
 from mixprec.precision import build, build_empty, check_applicable, parse_precision
-from mixprec.quantize import replace_module
+from mixprec.quantize import replace_module, run_batch
 
 METRICS = ("sqnr", "kl")
 Metric = Callable[[Sequence[Tensor], Sequence[Tensor]], float]
@@ -91,14 +91,7 @@ class SensitivityTable:
 def default_forward(model: nn.Module, batch: Any) -> Tensor:
     """Run ``batch`` like :func:`mixprec.quantize` calibration does and take the output tensor
     (``logits`` or ``last_hidden_state`` of ``transformers`` outputs)."""
-    if isinstance(batch, Tensor):
-        out = model(batch)
-    elif isinstance(batch, Mapping):
-        out = model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        out = model(*batch)
-    else:
-        raise CalibrationError(f"a batch is a {type(batch).__name__}; use a tensor, tuple or dict, or pass forward=")
+    out = run_batch(model, batch)
     if isinstance(out, Tensor):
         return out
     for name in ("logits", "last_hidden_state"):

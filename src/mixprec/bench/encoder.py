@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from mixprec.accounting import model_bytes
 from mixprec.bench import process_memory
 from mixprec.bench.encoder_model import Encoder
-from mixprec.bench.peers import PEERS, Forward, build_peer
+from mixprec.bench.peers import PEERS, Forward, build_peer, failure_reason
 from mixprec.bench.timing import interleaved_medians
 from mixprec.policy import Policy
 from mixprec.quantize import quantize
@@ -103,7 +103,7 @@ def time_paths(shape: EncoderShape, rounds: int,
         try:
             forwards[name] = build(copy.deepcopy(base))
         except Exception as exc:  # a missing or broken peer is reported, never hidden
-            failures[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            failures[name] = failure_reason(exc)
     with torch.no_grad():
         reference = forwards["fp32"](x)
         errors = {name: float((f(x).float() - reference).abs().max() / reference.abs().max())

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from mixprec.bench.peers import PEERS, build_peer
+from mixprec.bench.peers import PEERS, build_peer, failure_reason
 from mixprec.bench.sweep import batch_sweep
 from mixprec.nn import Int8DynamicLinear
 from mixprec.quantize import quantize
@@ -44,7 +44,7 @@ def candidates(features: int) -> tuple[dict[str, Callable[[Tensor], Tensor]], di
         try:
             paths[name] = build_peer(name, copy.deepcopy(layer))
         except Exception as exc:  # a missing or broken peer is reported, never hidden
-            failures[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            failures[name] = failure_reason(exc)
     return paths, kernels, failures
 
 

@@ -81,6 +81,12 @@ PEERS: dict[str, Callable[[nn.Module], Forward]] = {
 }
 
 
+def failure_reason(exc: BaseException) -> str:
+    """One line saying why a path did not build: the exception type and its first line."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"
+
+
 def build_peer(name: str, model: nn.Module) -> Forward:
     """The peer ``name`` (a key of :data:`PEERS`) applied to ``model``."""
     if name not in PEERS:

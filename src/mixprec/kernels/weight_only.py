@@ -81,11 +81,6 @@ def w4_linear_tiled(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | Non
     return y
 
 
-def w4_linear_available() -> bool:
-    """Whether :func:`w4_linear` runs the native paths (else the PyTorch expansion)."""
-    return native.available()
-
-
 def w4_linear(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     """Int4 weight-only linear of a contiguous float32 ``x [M, K]`` (see module docstring)."""
     if not native.available():

@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mixprec.formats import FP16_SCALE_MIN, fp16_scale, pack_int4, unpack_int4
+from mixprec.errors import InputError
+from mixprec.formats import FP16_SCALE_MIN, all_finite, fp16_scale, pack_int4, unpack_int4
 from mixprec.kernels import native
 
 KV_BITS = (4, 8)
@@ -35,11 +36,11 @@ KV_BITS = (4, 8)
 def check_kv_config(bits: int, group_size: int, residual: int) -> None:
     """Refuse settings the cache cannot honour, saying what would fit."""
     if bits not in KV_BITS:
-        raise ValueError(f"KV cache bits must be 4 or 8, got {bits!r}")
+        raise InputError(f"KV cache bits must be 4 or 8, got {bits!r}")
     if not isinstance(group_size, int) or group_size < 2 or group_size % 2:
-        raise ValueError(f"KV cache group size must be an even integer >= 2, got {group_size!r}")
+        raise InputError(f"KV cache group size must be an even integer >= 2, got {group_size!r}")
     if not isinstance(residual, int) or residual < 0:
-        raise ValueError(f"KV cache residual window must be an integer >= 0, got {residual!r}")
+        raise InputError(f"KV cache residual window must be an integer >= 0, got {residual!r}")
 
 
 def _affine(x_min: Tensor, x_max: Tensor, bits: int) -> tuple[Tensor, Tensor]:
@@ -106,7 +107,7 @@ class QuantizedKV:
         if self.recent_keys is not None and keys.shape[:2] + keys.shape[3:] != self.recent_keys.shape[:2] + \
                 self.recent_keys.shape[3:]:
             raise ValueError(f"new states {tuple(keys.shape)} do not match the cached {tuple(self.recent_keys.shape)}")
-        if not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
+        if not (all_finite(keys) and all_finite(values)):
             raise ValueError("keys or values hold NaN or Inf; a quantized cache cannot store them")
         if self.recent_keys is None:
             self.recent_keys, self.recent_values = keys.detach(), values.detach()

@@ -126,10 +126,6 @@ class Int8PackedLinear(Int8DynamicLinear):
         fused = "fused C++" if native.available() else "PyTorch-op"
         return f"{ONEDNN_KERNEL}; {fused} per-token quantization and rescale"
 
-    @property
-    def slow_path(self) -> str | None:
-        return native_slow_path()
-
     def _store_codes(self, codes: Tensor) -> None:
         self._packed = onednn_int8.prepack(codes)
 

@@ -10,13 +10,13 @@ import torch
 from torch import Tensor, nn
 
 from mixprec.formats import QuantSpec, fp16_scale, pack_int4
+from mixprec.kernels import native
 from mixprec.kernels.cpu import native_slow_path
 from mixprec.kernels.weight_only import (
     W4_FALLBACK_KERNEL_NAME,
     W4_KERNEL_NAME,
     w4_dequantize_torch,
     w4_linear,
-    w4_linear_available,
 )
 from mixprec.nn.base import QuantizedModule, as_float32_matrix, check_linear_input, restore_shape, round_weight
 
@@ -44,7 +44,7 @@ class W4Linear(QuantizedModule):
 
     @property
     def kernel(self) -> str:  # type: ignore[override]
-        return W4_KERNEL_NAME if w4_linear_available() else W4_FALLBACK_KERNEL_NAME
+        return W4_KERNEL_NAME if native.available() else W4_FALLBACK_KERNEL_NAME
 
     @property
     def slow_path(self) -> str | None:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from mixprec.bench.timing import interleaved_medians
 from mixprec.datasets.text_tasks import load_sst2, load_stsb_test
 from mixprec.errors import DataError
+from mixprec.nn.kv_cache import check_kv_config
 from mixprec.report.results import print_table, write_csv, write_json
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -112,6 +113,7 @@ def run(config: KVConfig, console: Console | None = None) -> list[dict[str, obje
     console = console or Console(width=200)
     if config.rounds < 1 or config.chunk < 1 or config.doc_tokens < 2:
         raise ValueError("rounds and chunk must be >= 1, doc_tokens >= 2")
+    check_kv_config(8, config.group_size, config.residual)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_smollm2()
