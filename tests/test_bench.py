@@ -11,8 +11,8 @@ import torch
 from mixprec.bench import encoder
 from mixprec.bench.encoder import EncoderShape
 from mixprec.bench.memory import bytes_allocated
-from mixprec.bench.timing import interleaved_medians
 from mixprec.cli import main
+from mixprec.timing import interleaved_medians
 
 
 def test_interleaved_medians_times_every_candidate() -> None:

@@ -1,8 +1,9 @@
-"""Forward sensitivity: quantize one layer at a time and measure how the model's output moves.
+"""Per-layer sensitivity: the cost of quantizing one layer alone to one precision.
 
-For every quantizable layer and every candidate precision, the layer alone is replaced by
-its quantized module (the same one :func:`mixprec.quantize` builds), the model runs on
-the data, and the output is compared with the float model's:
+Forward metrics (no gradients): the layer alone is replaced by its quantized module (the
+same one :func:`mixprec.quantize` builds), the model runs on the data, and the output is
+compared with the float model's; the original layer is put back after each measurement,
+so the model ends as it started.
 
 - ``"sqnr"``: cost = noise-to-signal power ratio ``sum (y_q - y)^2 / sum y^2`` over all
   outputs (lower is better); ``value`` is the SQNR in dB, ``-10 log10(cost)``;
@@ -10,7 +11,15 @@ the data, and the output is compared with the float model's:
   last dimension, in nats (for logits);
 - a callable ``metric(reference_outputs, outputs) -> float`` (lower is better).
 
-The original layer is put back after each measurement, so the model ends as it started.
+Curvature metrics (need ``loss(model, batch) -> scalar``; see :mod:`.curvature`), with
+``dW = W_q - W`` the weight perturbation (``W_q`` the dequantized weight the quantized
+module multiplies by; activation quantization is not part of it):
+
+- ``"hessian"`` (HAWQ-V2): cost = ``max(Tr(H), 0) / n * ||dW||^2`` with ``Tr(H)`` the
+  Hutchinson trace of the layer's ``n``-element weight; ``value`` is ``Tr(H) / n``
+  (a negative estimate means noise or negative curvature and costs zero);
+- ``"fisher"``: cost = ``1/2 sum F * dW^2`` with ``F`` the diagonal empirical Fisher;
+  ``value`` is the mean of ``F``.
 """
 
 from __future__ import annotations
@@ -29,13 +38,16 @@ from rich.progress import Progress
 from torch import Tensor, nn
 
 from mixprec.accounting import own_bytes
+from mixprec.analysis.curvature import Loss, fisher_diagonals, hutchinson_traces
 from mixprec.errors import CalibrationError, PolicyError
 from mixprec.io_utils import write_text_atomic
 from mixprec.policy import quantizable_names
-from mixprec.precision import build, build_empty, check_applicable, parse_precision
+from mixprec.precision import Precision, as_linear, build, build_empty, check_applicable, is_conv1d, parse_precision
 from mixprec.quantize import replace_module, run_batch
 
-METRICS = ("sqnr", "kl")
+FORWARD_METRICS = ("sqnr", "kl")
+CURVATURE_METRICS = ("hessian", "fisher")
+METRICS = FORWARD_METRICS + CURVATURE_METRICS
 Metric = Callable[[Sequence[Tensor], Sequence[Tensor]], float]
 
 
@@ -116,8 +128,19 @@ def _kl_cost(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> float:
 
 
 def sensitivity(model: nn.Module, data: Iterable[Any], candidates: Sequence[str], metric: str | Metric = "sqnr",
-                forward: Callable[[nn.Module, Any], Tensor] | None = None, progress: bool = True) -> SensitivityTable:
+                forward: Callable[[nn.Module, Any], Tensor] | None = None, loss: Loss | None = None,
+                samples: int = 4, seed: int = 0, progress: bool = True) -> SensitivityTable:
     """Cost of quantizing each layer alone to each candidate precision (see module docstring).
+
+    Args:
+        data: batches, each given to the model as :func:`mixprec.quantize` calibration is.
+        candidates: precision names; ``fp32`` is allowed (cost 0).
+        metric: ``"sqnr"``, ``"kl"``, ``"hessian"``, ``"fisher"`` or a callable.
+        forward: ``(model, batch) -> Tensor`` for forward metrics (default: the output
+            tensor, ``logits`` or ``last_hidden_state``).
+        loss: ``(model, batch) -> scalar Tensor``, required by the curvature metrics.
+        samples: Hutchinson probe vectors per batch (``"hessian"`` only).
+        seed: seed of the probe vectors.
 
     Pairs where a candidate does not apply to a layer (e.g. ``int8`` with an input width
     beyond the int32 proof, ``w4`` groups that do not divide it) are left out; a candidate
@@ -126,18 +149,26 @@ def sensitivity(model: nn.Module, data: Iterable[Any], candidates: Sequence[str]
     batches = list(data)
     if not batches:
         raise CalibrationError("sensitivity needs data: pass at least one batch")
-    if not candidates:
-        raise PolicyError("sensitivity needs at least one candidate precision")
+    if isinstance(metric, str) and metric not in METRICS:
+        raise PolicyError(f"unknown metric {metric!r}; choose {', '.join(METRICS)} or pass a callable")
+    if metric in CURVATURE_METRICS and loss is None:
+        raise CalibrationError(f"metric {metric!r} needs loss=(model, batch) -> scalar tensor")
+    pairs = _applicable_pairs(model, candidates)
+    if metric in CURVATURE_METRICS:
+        rows = _curvature_rows(model, batches, pairs, str(metric), loss, samples, seed, progress)  # type: ignore[arg-type]
+    else:
+        rows = _forward_rows(model, batches, pairs, metric, forward or default_forward, progress)
+    return SensitivityTable(tuple(rows))
+
+
+def _applicable_pairs(model: nn.Module, candidates: Sequence[str]) -> list[tuple[str, nn.Module, Precision]]:
+    if not candidates or isinstance(candidates, str):
+        raise PolicyError(f"sensitivity needs a list of candidate precisions, got {candidates!r}")
     precisions = [parse_precision(name) for name in candidates]
     static = [p.name for p in precisions if p.is_static]
     if static:
         raise PolicyError(f"{static} need calibrated activations; sensitivity takes dynamic and weight-only "
                           "precisions (int8, w8, w4, bf16, fp16, ...)")
-    if isinstance(metric, str) and metric not in METRICS:
-        raise PolicyError(f"unknown metric {metric!r}; choose {', '.join(METRICS)} or pass a callable")
-    cost_of: Metric = {"sqnr": _sqnr_cost, "kl": _kl_cost}[metric] if isinstance(metric, str) else metric
-    metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
-    run = forward or default_forward
     names = sorted(quantizable_names(model), key=list(dict(model.named_modules())).index)
     pairs = []
     for name in names:
@@ -151,9 +182,24 @@ def sensitivity(model: nn.Module, data: Iterable[Any], candidates: Sequence[str]
     unused = sorted({p.name for p in precisions} - {p.name for _, _, p in pairs})
     if unused:
         raise PolicyError(f"candidates {unused} apply to no layer of this {type(model).__name__}")
+    return pairs
+
+
+def _row(name: str, module: nn.Module, precision: Precision, metric: str, cost: float, value: float) -> SensitivityRow:
+    if math.isnan(cost) or math.isnan(value):
+        raise CalibrationError(f"the metric {metric!r} gave NaN for layer {name!r} at {precision.name!r}")
+    return SensitivityRow(name, type(module).__name__, precision.name, metric, cost, value,
+                          own_bytes(module), own_bytes(build_empty(module, precision)))
+
+
+def _forward_rows(model: nn.Module, batches: list[Any], pairs: list[tuple[str, nn.Module, Precision]],
+                  metric: str | Metric, run: Callable[[nn.Module, Any], Tensor],
+                  progress: bool) -> list[SensitivityRow]:
+    cost_of: Metric = {"sqnr": _sqnr_cost, "kl": _kl_cost}[metric] if isinstance(metric, str) else metric
+    metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
+    rows = []
     with torch.no_grad():
         reference = [run(model, batch).detach() for batch in batches]
-        rows = []
         with Progress(transient=True, disable=not progress) as bar:
             task = bar.add_task("sensitivity", total=len(pairs))
             for name, module, precision in pairs:
@@ -164,10 +210,38 @@ def sensitivity(model: nn.Module, data: Iterable[Any], candidates: Sequence[str]
                 finally:
                     replace_module(model, name, module)
                 cost = float(cost_of(reference, outputs))
-                if math.isnan(cost):
-                    raise CalibrationError(f"the metric returned NaN for layer {name!r} at {precision.name!r}")
                 value = -10.0 * math.log10(cost) if metric_name == "sqnr" and cost > 0 else cost
-                rows.append(SensitivityRow(name, type(module).__name__, precision.name, metric_name, cost, value,
-                                           own_bytes(module), own_bytes(build_empty(module, precision))))
+                rows.append(_row(name, module, precision, metric_name, cost, value))
                 bar.advance(task)
-    return SensitivityTable(tuple(rows))
+    return rows
+
+
+def weight_perturbation(module: nn.Module, precision: Precision) -> Tensor:
+    """``W_q - W`` in float32, ``nn.Linear``/``nn.Embedding`` layout (zero for ``fp32``)."""
+    weight = as_linear(module).weight.detach().to(torch.float32)
+    if precision.family == "fp32":
+        return torch.zeros_like(weight)
+    with torch.no_grad():
+        return build(module, precision).dequantized_weight() - weight
+
+
+def _curvature_rows(model: nn.Module, batches: list[Any], pairs: list[tuple[str, nn.Module, Precision]],
+                    metric: str, loss: Loss, samples: int, seed: int, progress: bool) -> list[SensitivityRow]:
+    layers = dict.fromkeys(name for name, _, _ in pairs)
+    weights = {name: model.get_submodule(name).weight for name in layers}
+    if metric == "hessian":
+        traces = hutchinson_traces(model, batches, loss, weights, samples, seed, progress)
+        curvature = {name: traces[name] / weights[name].numel() for name in layers}
+    else:
+        fisher = fisher_diagonals(model, batches, loss, weights, progress)
+        fisher = {name: f.t() if is_conv1d(model.get_submodule(name)) else f for name, f in fisher.items()}
+        curvature = {name: float(f.mean()) for name, f in fisher.items()}
+    rows = []
+    for name, module, precision in pairs:
+        delta = weight_perturbation(module, precision)
+        if metric == "hessian":
+            cost = max(curvature[name], 0.0) * float(delta.double().pow(2).sum())
+        else:
+            cost = 0.5 * float((fisher[name].double() * delta.double().pow(2)).sum())
+        rows.append(_row(name, module, precision, metric, cost, curvature[name]))
+    return rows

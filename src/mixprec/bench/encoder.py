@@ -29,9 +29,9 @@ from mixprec.accounting import model_bytes
 from mixprec.bench import process_memory
 from mixprec.bench.encoder_model import Encoder
 from mixprec.bench.peers import PEERS, Forward, build_peer, failure_reason
-from mixprec.bench.timing import interleaved_medians
 from mixprec.policy import Policy
 from mixprec.quantize import quantize
+from mixprec.timing import interleaved_medians
 
 ATTENTION = r"layers\.\d+\.attention\.(query|key|value|output)"
 FFN = r"layers\.\d+\.ffn\.(up|down)"

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from mixprec.bench.timing import interleaved_medians
+from mixprec.timing import interleaved_medians
 
 UNITS = {"ms": 1e3, "us": 1e6}
 

@@ -29,6 +29,12 @@ class QuantizedModule(nn.Module):
         """Why this module runs slower than its precision can here, or None when it does not."""
         return None
 
+    def dequantized_weight(self) -> Tensor:
+        """The float32 weight the stored values represent, in ``nn.Linear`` / ``nn.Embedding``
+        layout (``[out, in]`` / ``[rows, dim]``): what the layer multiplies by, before any
+        activation quantization. Sensitivity measures use it as the weight perturbation."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its weight")
+
     def storage_bytes(self) -> int:
         """Exact bytes of every tensor this module holds."""
         return sum(t.nbytes for t in self.state_dict().values())

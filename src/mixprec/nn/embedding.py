@@ -72,6 +72,9 @@ class _IntEmbedding(QuantizedModule):
         self.weight_scale.copy_(qp.scale)
         self.weight_zero_point.copy_(qp.zero_point)
 
+    def dequantized_weight(self) -> Tensor:
+        return self(torch.arange(self.num_embeddings))
+
     def forward(self, ids: Tensor) -> Tensor:
         check_token_ids(ids, self.num_embeddings, type(self).__name__)
         rows = F.embedding(ids, self.weight)
@@ -138,6 +141,9 @@ class HalfEmbedding(QuantizedModule):
         module.weight.copy_(converted.tensor)
         module.overflow_count = converted.overflow_count
         return module
+
+    def dequantized_weight(self) -> Tensor:
+        return self.weight.to(torch.float32)
 
     def forward(self, ids: Tensor) -> Tensor:
         check_token_ids(ids, self.num_embeddings, type(self).__name__)

@@ -50,6 +50,9 @@ class HalfLinear(QuantizedModule):
     def slow_path(self) -> str | None:
         return self._slow_path
 
+    def dequantized_weight(self) -> Tensor:
+        return self.weight.to(torch.float32)
+
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)

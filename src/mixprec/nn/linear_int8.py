@@ -73,6 +73,13 @@ class _Int8WeightLinear(QuantizedModule):
     def _store_codes(self, codes: Tensor) -> None:
         self.weight.copy_(codes)
 
+    def weight_codes(self) -> Tensor:
+        """The int8 weight codes, ``[out, in]``."""
+        return self.weight
+
+    def dequantized_weight(self) -> Tensor:
+        return self.weight_codes().to(torch.float32) * self.weight_scale.reshape(-1, 1)
+
     def weight_qparams(self) -> QParams:
         scale = self.weight_scale if self.weight_spec.granularity == "channel" else self.weight_scale[0]
         return QParams(self.weight_spec, scale.clone(), torch.zeros_like(scale, dtype=torch.int32))
@@ -129,6 +136,9 @@ class Int8PackedLinear(Int8DynamicLinear):
     def _store_codes(self, codes: Tensor) -> None:
         self._packed = onednn_int8.prepack(codes)
 
+    def weight_codes(self) -> Tensor:
+        return onednn_int8.unpack(self._packed)
+
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)
         y = int8_linear_packed(as_float32_matrix(x), self._packed, self._unit_scale, self._zero_points,
@@ -137,7 +147,7 @@ class Int8PackedLinear(Int8DynamicLinear):
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:  # type: ignore[override]
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "weight"] = onednn_int8.unpack(self._packed)
+        destination[prefix + "weight"] = self.weight_codes()
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,  # type: ignore[override]
                               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:

@@ -18,7 +18,6 @@ from rich.progress import Progress
 from torch import Tensor, nn
 
 from mixprec.bench.memory import bytes_allocated
-from mixprec.bench.timing import interleaved_medians
 from mixprec.datasets.fashion_mnist import load_split
 from mixprec.policy import Policy
 from mixprec.quantize import quantize
@@ -26,6 +25,7 @@ from mixprec.report.plots import accuracy_vs_bytes
 from mixprec.report.results import print_table, write_csv, write_json
 from mixprec.serialization import save
 from mixprec.studies.common import weight_bytes
+from mixprec.timing import interleaved_medians
 
 COLUMNS = ("precision", "accuracy", "weight_bytes", "total_bytes", "activation_bytes_b32",
            "throughput_sps", "latency_ms_b1")

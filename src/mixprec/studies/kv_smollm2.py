@@ -30,11 +30,11 @@ import torch
 from rich.console import Console
 from torch import Tensor, nn
 
-from mixprec.bench.timing import interleaved_medians
 from mixprec.datasets.text_tasks import load_sst2, load_stsb_test
 from mixprec.errors import DataError
 from mixprec.nn.kv_cache import check_kv_config
 from mixprec.report.results import print_table, write_csv, write_json
+from mixprec.timing import interleaved_medians
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONTEXTS = (512, 1024, 2048)

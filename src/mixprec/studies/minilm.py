@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import Tensor, nn
 
-from mixprec.bench.timing import interleaved_medians
 from mixprec.datasets.text_tasks import load_sst2, load_stsb_test
 from mixprec.errors import DataError
 from mixprec.hf import load_pretrained
@@ -33,6 +32,7 @@ from mixprec.quantize import quantize
 from mixprec.report.plots import accuracy_vs_bytes
 from mixprec.report.results import print_table, write_csv, write_json
 from mixprec.studies.common import weight_bytes
+from mixprec.timing import interleaved_medians
 
 ATTENTION = r"encoder\.layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)"
 FFN = r"encoder\.layer\.\d+\.(intermediate|output)\.dense"

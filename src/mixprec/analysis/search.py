@@ -1,0 +1,224 @@
+"""Choose one precision per layer: least total sensitivity under a byte and/or latency budget.
+
+The problem is an integer linear program (HAWQ-V3 style): a binary ``x[l, p]`` per layer
+``l`` and option ``p`` (the table's candidates, plus ``fp32`` at zero cost unless left
+out), exactly one option per layer,
+
+    minimize    sum cost[l, p] x[l, p]
+    subject to  fixed_bytes + sum bytes[l, p] x[l, p] <= budget_bytes
+                base_s + sum seconds[l, p] x[l, p]    <= budget_latency_s
+
+solved exactly by HiGHS through ``scipy.optimize.milp``. Costs are the sensitivity
+table's (additive: SQNR noise powers and second-order loss terms add across layers to
+first order). ``fixed_bytes`` are the model's tensors outside the table's layers (norms,
+and layers the table does not cover, which stay float32). Among options of equal cost
+the smaller one wins (a tie-break weight far below any cost difference).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import nn
+
+from mixprec.accounting import model_bytes, own_bytes
+from mixprec.analysis.latency import LatencyTable
+from mixprec.analysis.sensitivity import SensitivityTable
+from mixprec.errors import PolicyError
+from mixprec.policy import Policy, quantizable_names
+from mixprec.precision import parse_precision
+
+
+@dataclass(frozen=True)
+class Option:
+    precision: str
+    cost: float
+    bytes: int
+    seconds: float | None
+
+
+@dataclass(frozen=True)
+class SearchProblem:
+    """Per-layer options (model order) and the parts of the model no choice changes."""
+
+    layers: dict[str, tuple[Option, ...]]
+    fixed_bytes: int
+    base_s: float | None
+
+    def bytes_of(self, choices: dict[str, str]) -> int:
+        return self.fixed_bytes + sum(self._option(layer, p).bytes for layer, p in choices.items())
+
+    def seconds_of(self, choices: dict[str, str]) -> float | None:
+        if self.base_s is None:
+            return None
+        return self.base_s + sum(self._option(layer, p).seconds or 0.0 for layer, p in choices.items())
+
+    def cost_of(self, choices: dict[str, str]) -> float:
+        return sum(self._option(layer, p).cost for layer, p in choices.items())
+
+    def extreme(self, key: str, largest: bool) -> dict[str, str]:
+        """Choices that make ``key`` (``"bytes"`` or ``"seconds"``) smallest or largest layer by layer."""
+        pick = max if largest else min
+        return {layer: pick(options, key=lambda o: getattr(o, key)).precision for layer, options in self.layers.items()}
+
+    def _option(self, layer: str, precision: str) -> Option:
+        for option in self.layers[layer]:
+            if option.precision == precision:
+                return option
+        raise PolicyError(f"layer {layer!r} has no option {precision!r}; options: "
+                          f"{[o.precision for o in self.layers[layer]]}")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The chosen precision of every layer, as a policy, with what the model predicts."""
+
+    policy: Policy
+    choices: dict[str, str]
+    predicted_cost: float
+    predicted_bytes: int
+    predicted_latency_s: float | None
+    budget_bytes: int | None = None
+    budget_latency_s: float | None = None
+    notes: dict[str, float] = field(default_factory=dict)
+
+    def to_toml(self) -> str:
+        """The policy TOML, preceded by comments stating the budgets and predictions."""
+        lines = [f"# mixprec search: predicted bytes {self.predicted_bytes}"
+                 + (f" (budget {self.budget_bytes})" if self.budget_bytes is not None else "")]
+        if self.predicted_latency_s is not None:
+            lines.append(f"# predicted latency {self.predicted_latency_s * 1e3:.3f} ms"
+                         + (f" (budget {self.budget_latency_s * 1e3:.3f} ms)"
+                            if self.budget_latency_s is not None else ""))
+        lines.append(f"# predicted total sensitivity {self.predicted_cost:.6g}")
+        lines += [f"# {key} {value:.6g}" for key, value in self.notes.items()]
+        return "\n".join(lines) + "\n" + self.policy.to_toml()
+
+
+def policy_for(choices: dict[str, str]) -> Policy:
+    """A policy naming every layer exactly (escaped full-match patterns); others stay fp32."""
+    return Policy([(re.escape(layer), precision) for layer, precision in choices.items()], default="fp32")
+
+
+def build_problem(model: nn.Module, table: SensitivityTable, latency: LatencyTable | None = None,
+                  candidates: Sequence[str] | None = None, allow_fp32: bool = True) -> SearchProblem:
+    """Gather each layer's options from the table (and latency table), checking they fit the model."""
+    if not isinstance(table, SensitivityTable) or not table.rows:
+        raise PolicyError("search needs a non-empty SensitivityTable (from mixprec.analysis.sensitivity)")
+    names = quantizable_names(model)
+    strangers = sorted({row.layer for row in table.rows} - names)
+    if strangers:
+        raise PolicyError(f"the sensitivity table names layers this {type(model).__name__} does not have as "
+                          f"quantizable layers ({strangers[:3]}): was it measured on another model?")
+    wanted = None if candidates is None else {parse_precision(c).name for c in candidates}
+    if wanted is not None:
+        missing = sorted(wanted - {row.precision for row in table.rows} - {"fp32"})
+        if missing:
+            raise PolicyError(f"candidates {missing} have no measurements in the sensitivity table")
+    times = None if latency is None else {(r.layer, r.precision): r.seconds for r in latency.rows}
+    layers: dict[str, list[Option]] = {}
+    for row in table.rows:
+        if wanted is not None and row.precision not in wanted:
+            continue
+        options = layers.setdefault(row.layer, [])
+        if allow_fp32 and not options and row.precision != "fp32" and (wanted is None or "fp32" in wanted):
+            options.append(Option("fp32", 0.0, row.bytes_fp32, _seconds(times, row.layer, "fp32")))
+        if row.precision == "fp32":
+            options[:] = [o for o in options if o.precision != "fp32"]
+        options.append(Option(row.precision, row.cost, row.bytes_after, _seconds(times, row.layer, row.precision)))
+    if not layers:
+        raise PolicyError(f"no table row matches the candidates {sorted(wanted or ())}")
+    order = list(dict(model.named_modules()))
+    layers = dict(sorted(layers.items(), key=lambda item: order.index(item[0])))
+    table_layers = {model.get_submodule(name) for name in layers}
+    fixed = model_bytes(model) - sum(own_bytes(module) for module in table_layers)
+    return SearchProblem({k: tuple(v) for k, v in layers.items()}, fixed,
+                         None if latency is None else latency.base_s)
+
+
+def _seconds(times: dict[tuple[str, str], float] | None, layer: str, precision: str) -> float | None:
+    if times is None:
+        return None
+    if (layer, precision) not in times:
+        raise PolicyError(f"the latency table has no time for layer {layer!r} at {precision!r}; measure it with "
+                          "mixprec.analysis.measure_latency over the same candidates")
+    return times[(layer, precision)]
+
+
+def search(model: nn.Module, table: SensitivityTable, budget_bytes: int | None = None,
+           budget_latency_s: float | None = None, latency: LatencyTable | None = None,
+           candidates: Sequence[str] | None = None, allow_fp32: bool = True) -> SearchResult:
+    """The least-sensitive policy whose predicted bytes (whole model) and/or latency fit.
+
+    Args:
+        table: per-layer costs (:func:`mixprec.analysis.sensitivity`), measured on ``model``.
+        budget_bytes: most bytes the quantized model may hold (all its tensors).
+        budget_latency_s: most predicted seconds per call on the latency table's batch.
+        latency: per-layer latencies (:func:`mixprec.analysis.measure_latency`); needed
+            for ``budget_latency_s`` and gives the prediction otherwise.
+        candidates: restrict the options to these precisions (default: all in the table).
+        allow_fp32: whether a layer may stay float32 (zero cost).
+
+    A budget below the smallest model the options allow, or above the largest (nothing
+    to trade), is refused with both limits in the message.
+    """
+    if budget_bytes is None and budget_latency_s is None:
+        raise PolicyError("search needs a budget: budget_bytes and/or budget_latency_s")
+    if budget_latency_s is not None and latency is None:
+        raise PolicyError("a latency budget needs per-layer latencies: pass latency=measure_latency(...)")
+    problem = build_problem(model, table, latency, candidates, allow_fp32)
+    if budget_bytes is not None:
+        _check_budget(problem, "bytes", budget_bytes)
+    if budget_latency_s is not None:
+        _check_budget(problem, "seconds", budget_latency_s)
+    choices = solve(problem, budget_bytes, budget_latency_s)
+    return SearchResult(policy_for(choices), choices, problem.cost_of(choices), problem.bytes_of(choices),
+                        problem.seconds_of(choices), budget_bytes, budget_latency_s)
+
+
+def _check_budget(problem: SearchProblem, key: str, budget: float) -> None:
+    measure = problem.bytes_of if key == "bytes" else problem.seconds_of
+    low, high = measure(problem.extreme(key, False)), measure(problem.extreme(key, True))
+    unit = "bytes" if key == "bytes" else "s"
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not np.isfinite(budget):
+        raise PolicyError(f"the {key} budget must be a finite number, got {budget!r}")
+    if budget < low:  # type: ignore[operator]
+        raise PolicyError(f"the {key} budget {budget:.6g} {unit} is below the smallest model these candidates "
+                          f"give ({low:.6g} {unit}, every layer at its smallest option): raise the budget or add a "
+                          "smaller candidate (e.g. w4)")
+    if budget > high:  # type: ignore[operator]
+        raise PolicyError(f"the {key} budget {budget:.6g} {unit} is above the largest model these candidates give "
+                          f"({high:.6g} {unit}, every layer at its largest option): nothing to trade, every layer "
+                          "can take its most accurate option; lower the budget")
+
+
+def solve(problem: SearchProblem, budget_bytes: float | None, budget_latency_s: float | None) -> dict[str, str]:
+    """Exact ILP solution (scipy's HiGHS); raises PolicyError if no choice fits."""
+    try:
+        from scipy.optimize import Bounds, LinearConstraint, milp
+    except ImportError:
+        raise PolicyError("the search needs scipy: pip install 'mixprec[search]'") from None
+    flat = [(layer, option) for layer, options in problem.layers.items() for option in options]
+    costs = np.array([o.cost for _, o in flat], dtype=np.float64)
+    sizes = np.array([o.bytes for _, o in flat], dtype=np.float64)
+    scale = costs.max() if costs.max() > 0 else 1.0
+    # Tie-break: 1e-9 of the largest cost spread over bytes, so equal-cost options pick the smaller.
+    objective = costs / scale + 1e-9 * sizes / sizes.max()
+    one_hot = np.zeros((len(problem.layers), len(flat)))
+    index_of = {layer: i for i, layer in enumerate(problem.layers)}
+    for column, (layer, _) in enumerate(flat):
+        one_hot[index_of[layer], column] = 1.0
+    constraints = [LinearConstraint(one_hot, 1.0, 1.0)]
+    if budget_bytes is not None:
+        constraints.append(LinearConstraint(sizes[None, :], -np.inf, budget_bytes - problem.fixed_bytes))
+    if budget_latency_s is not None:
+        seconds = np.array([o.seconds for _, o in flat], dtype=np.float64)
+        constraints.append(LinearConstraint(seconds[None, :], -np.inf, budget_latency_s - (problem.base_s or 0.0)))
+    result = milp(objective, constraints=constraints, integrality=np.ones(len(flat)), bounds=Bounds(0, 1),
+                  options={"mip_rel_gap": 0.0})
+    if result.status != 0 or result.x is None:
+        raise PolicyError(f"no choice of precisions meets both budgets ({result.message})")
+    return {layer: option.precision for (layer, option), x in zip(flat, result.x) if x > 0.5}
