@@ -21,6 +21,7 @@ from mixprec.analysis import (
     search,
     search_max_drop,
     sensitivity,
+    uniform_bytes,
     weight_error_ranking,
 )
 from mixprec.policy import Policy
@@ -163,3 +164,8 @@ def test_pareto_sweep_and_baselines(table) -> None:  # noqa: ANN001
     for _ in range(20):
         assert problem.bytes_of(random_choices(problem, budget, rng)) <= budget
     assert search(net, table, budget_bytes=budget).predicted_cost <= problem.cost_of(nncf)
+
+
+def test_uniform_bytes_is_what_quantize_gives() -> None:
+    for precision in ("int8", "w4", "bf16", "fp32"):
+        assert uniform_bytes(model(), precision) == quantize(model(), Policy(default=precision)).total_bytes

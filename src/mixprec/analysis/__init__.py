@@ -11,12 +11,19 @@ from mixprec.analysis.evaluated import (
     uniform_choices,
 )
 from mixprec.analysis.latency import LatencyRow, LatencyTable, measure_latency
-from mixprec.analysis.search import SearchProblem, SearchResult, build_problem, policy_for, search
+from mixprec.analysis.search import (
+    SearchProblem,
+    SearchResult,
+    build_problem,
+    policy_for,
+    search,
+    uniform_bytes,
+)
 from mixprec.analysis.sensitivity import METRICS, SensitivityRow, SensitivityTable, sensitivity, weight_perturbation
 
 __all__ = [
     "METRICS", "DropSearch", "LatencyRow", "LatencyTable", "Measured", "SearchProblem", "SearchResult",
     "SensitivityRow", "SensitivityTable", "build_problem", "measure_latency", "measure_policy", "pareto_sweep",
     "policy_for", "random_choices", "relative_weight_error", "search", "search_max_drop", "sensitivity",
-    "uniform_choices", "weight_error_ranking", "weight_perturbation",
+    "uniform_bytes", "uniform_choices", "weight_error_ranking", "weight_perturbation",
 ]

@@ -29,7 +29,7 @@ from mixprec.analysis.latency import LatencyTable
 from mixprec.analysis.sensitivity import SensitivityTable
 from mixprec.errors import PolicyError
 from mixprec.policy import Policy, quantizable_names
-from mixprec.precision import parse_precision
+from mixprec.precision import build_empty, check_applicable, parse_precision
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,21 @@ def build_problem(model: nn.Module, table: SensitivityTable, latency: LatencyTab
     fixed = model_bytes(model) - sum(own_bytes(module) for module in table_layers)
     return SearchProblem({k: tuple(v) for k, v in layers.items()}, fixed,
                          None if latency is None else latency.base_s)
+
+
+def uniform_bytes(model: nn.Module, precision: str) -> int:
+    """Exact bytes of ``model`` with every quantizable layer that takes ``precision`` at it
+    (the rest float32), without building it: the reference of budget ratios."""
+    target = parse_precision(precision)
+    total = model_bytes(model)
+    for name in quantizable_names(model):
+        module = model.get_submodule(name)
+        try:
+            check_applicable(name, module, target)
+        except PolicyError:
+            continue
+        total += own_bytes(build_empty(module, target)) - own_bytes(module)
+    return total
 
 
 def _seconds(times: dict[tuple[str, str], float] | None, layer: str, precision: str) -> float | None:

@@ -33,3 +33,38 @@ def accuracy_vs_bytes(path: str | os.PathLike[str], labels: Sequence[str], accur
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def score_vs_cost(path: str | os.PathLike[str], searched: Sequence[tuple[int, float | None, float]],
+                  marked: Sequence[tuple[str, int, float | None, float]], title: str, ylabel: str) -> None:
+    """Pareto plot: a score against model bytes (left) and predicted latency in ms (right,
+    when known). ``searched`` are ``(bytes, latency_ms, score)`` points joined by a line;
+    ``marked`` are labelled points ``(label, bytes, latency_ms, score)``, e.g. uniform precisions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_latency = all(p[1] is not None for p in searched) and bool(searched)
+    fig, axes = plt.subplots(1, 2 if with_latency else 1, figsize=(13 if with_latency else 8, 5), dpi=120,
+                             squeeze=False)
+    panels = [(axes[0][0], 0, "model bytes (weights, biases, scales, zero points)")]
+    if with_latency:
+        panels.append((axes[0][1], 1, "predicted latency (ms)"))
+    colors = plt.get_cmap("tab10").colors
+    for ax, key, xlabel in panels:
+        points = sorted((p[key], p[2]) for p in searched)
+        ax.plot([x for x, _ in points], [y for _, y in points], "o-", color="black", label="searched (ILP)", zorder=2)
+        for index, (label, size, ms, score) in enumerate(marked):
+            x = size if key == 0 else ms
+            if x is not None:
+                ax.scatter(x, score, marker="s", s=60, color=colors[index % len(colors)], label=label, zorder=3)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

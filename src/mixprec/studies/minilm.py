@@ -97,6 +97,13 @@ def tokenize(tokenizer: object, sentences: Sequence[str]) -> dict[str, Tensor]:
                           return_tensors="pt"))
 
 
+def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean over real tokens (``attention_mask`` 1), then L2-normalized: float32 ``[batch, hidden]``."""
+    mask = attention_mask.unsqueeze(-1).to(torch.float32)
+    pooled = (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return F.normalize(pooled, dim=1)
+
+
 @torch.no_grad()
 def embed(model: nn.Module, tokenizer: object, sentences: Sequence[str], batch_size: int = 64) -> Tensor:
     """Mean-pooled (over real tokens), L2-normalized float32 embeddings ``[N, hidden]``.
@@ -108,12 +115,10 @@ def embed(model: nn.Module, tokenizer: object, sentences: Sequence[str], batch_s
     for begin in range(0, len(order), batch_size):
         index = order[begin:begin + batch_size]
         batch = tokenize(tokenizer, [sentences[i] for i in index])
-        hidden = model(**batch).last_hidden_state.float()
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        pooled = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
         if out is None:
             out = torch.empty(len(sentences), pooled.shape[1])
-        out[torch.tensor(index)] = F.normalize(pooled, dim=1)
+        out[torch.tensor(index)] = pooled
     if out is None:
         raise DataError("no sentences to embed")
     return out

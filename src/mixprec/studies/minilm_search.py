@@ -1,0 +1,272 @@
+"""The search study (issue 5) on all-MiniLM-L6-v2, scored by STS-B test Spearman x100.
+
+1. Sensitivity of every layer at each candidate on SST-2 training phrases (never the
+   evaluation data): forward SQNR of the pooled sentence embedding, Hessian trace
+   (Hutchinson) and Fisher of a sentiment probe's cross-entropy (a logistic-regression
+   head fitted on the float model's embeddings of other SST-2 training phrases).
+2. Per-layer latency of each candidate at batch 32 (STS-B sentences), and the additive
+   latency model.
+3. Policies, each applied and scored on all STS-B test pairs: uniform precisions; the
+   search at the bytes of uniform ``int8``; at ``low_ratio`` x those bytes the search
+   (each metric), the NNCF-style heuristic (int4 for the layers with the least int4
+   weight error, int8 for the rest) and ``random_policies`` random policies; the search
+   under a latency budget (uniform ``int8``'s predicted latency).
+4. Predicted against measured latency (interleaved medians at batch 32).
+5. A Pareto sweep over byte budgets (CSV, PNG).
+6. The accuracy-constrained mode: bisection on the even-numbered STS-B pairs with a
+   ``max_drop`` bound, then the chosen policy scored on the odd-numbered pairs it never saw.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch import Tensor, nn
+
+from mixprec.analysis import (
+    Measured,
+    SensitivityTable,
+    build_problem,
+    measure_latency,
+    measure_policy,
+    random_choices,
+    search,
+    search_max_drop,
+    sensitivity,
+    uniform_bytes,
+    uniform_choices,
+    weight_error_ranking,
+)
+from mixprec.datasets.text_tasks import load_sst2, load_stsb_test
+from mixprec.errors import DataError
+from mixprec.io_utils import write_text_atomic
+from mixprec.quantize import quantize
+from mixprec.report.plots import score_vs_cost
+from mixprec.report.results import print_table, write_csv, write_json
+from mixprec.studies.minilm import embed, load_model, mean_pool, stsb_spearman, tokenize
+from mixprec.timing import interleaved_medians
+
+COLUMNS = ("label", "budget_bytes", "predicted_bytes", "measured_bytes", "bytes_vs_int8", "stsb_spearman",
+           "predicted_ms", "measured_ms", "latency_error_pct")
+METRIC_NAMES = ("sqnr", "hessian", "fisher")
+BATCH = 16
+
+
+@dataclass(frozen=True)
+class SearchStudyConfig:
+    data: str | None = None
+    out: str = "runs/minilm-search"
+    model: str | None = None
+    candidates: tuple[str, ...] = ("int8", "w4", "bf16")
+    sensitivity_phrases: int = 128
+    probe_phrases: int = 2000
+    hutchinson_samples: int = 8
+    random_policies: int = 10
+    low_ratio: float = 0.6
+    sweep_points: int = 8
+    max_drop: float = 0.3
+    rounds: int = 7
+    seed: int = 0
+
+
+def _probe(model: nn.Module, tokenizer: object, sentences: Sequence[str], labels: Sequence[int]) -> nn.Linear:
+    """A logistic-regression sentiment head (scikit-learn) on the float model's embeddings, as nn.Linear."""
+    from sklearn.linear_model import LogisticRegression
+
+    fit = LogisticRegression(max_iter=2000).fit(embed(model, tokenizer, sentences).numpy(), np.asarray(labels))
+    head = nn.Linear(fit.coef_.shape[1], 2)
+    with torch.no_grad():  # binary: logits (0, z) give the same softmax as scikit-learn's sigmoid(z)
+        head.weight.copy_(torch.cat([torch.zeros_like(torch.tensor(fit.coef_)), torch.tensor(fit.coef_)]))
+        head.bias.copy_(torch.tensor([0.0, float(fit.intercept_[0])]))
+    return head.requires_grad_(False)
+
+
+def pooled(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    return mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
+
+
+def _row(measured: Measured, int8_bytes: int) -> dict[str, Any]:
+    return {
+        "label": measured.label,
+        "budget_bytes": "" if measured.budget is None else int(measured.budget),
+        "predicted_bytes": measured.predicted_bytes,
+        "measured_bytes": measured.measured_bytes,
+        "bytes_vs_int8": round(measured.measured_bytes / int8_bytes, 4),
+        "stsb_spearman": round(measured.score, 2),
+        "predicted_ms": round((measured.predicted_latency_s or 0.0) * 1e3, 2),
+        "measured_ms": "",
+        "latency_error_pct": "",
+    }
+
+
+@dataclass
+class SentenceTask:
+    """The float model, its tokenizer, the analysis batches (SST-2 training phrases) and the
+    probe loss the curvature metrics differentiate."""
+
+    model: nn.Module
+    tokenizer: object
+    encoded: list[dict[str, Tensor]]
+    labelled: list[tuple[dict[str, Tensor], Tensor]]
+    head: nn.Linear
+
+    def loss(self, model: nn.Module, batch: tuple[dict[str, Tensor], Tensor]) -> Tensor:
+        """Cross-entropy of the sentiment probe on the pooled embedding (mean over the batch)."""
+        return F.cross_entropy(self.head(pooled(model, batch[0])), batch[1])
+
+    def sensitivity(self, metric: str, candidates: Sequence[str], samples: int = 8, seed: int = 0) -> SensitivityTable:
+        """``metric`` is ``sqnr``/``kl`` (of the pooled embedding) or ``hessian``/``fisher`` (of the probe loss)."""
+        if metric in ("hessian", "fisher"):
+            return sensitivity(self.model, self.labelled, candidates, metric, loss=self.loss, samples=samples,
+                               seed=seed)
+        return sensitivity(self.model, self.encoded, candidates, metric, forward=pooled)
+
+
+def sentence_task(data: str | None = None, model: str | None = None, phrases: int = 128, probe_phrases: int = 2000,
+                  seed: int = 0) -> SentenceTask:
+    """Load the model and draw ``phrases`` analysis phrases and ``probe_phrases`` other phrases
+    (for the probe) from SST-2 train with ``seed``."""
+    sst2 = load_sst2("train", data)
+    if phrases < 1 or probe_phrases < 2 or phrases + probe_phrases > len(sst2.labels):
+        raise DataError(f"need 1 <= phrases and 2 <= probe_phrases with phrases + probe_phrases <= "
+                        f"{len(sst2.labels)}, got {phrases} and {probe_phrases}")
+    order = np.random.default_rng(seed).permutation(len(sst2.labels))
+    analysis_ids, probe_ids = order[:phrases], order[phrases:phrases + probe_phrases]
+    fp32, tokenizer = load_model(model)
+    texts = [sst2.sentences[i] for i in analysis_ids]
+    labels = torch.tensor([sst2.labels[i] for i in analysis_ids])
+    starts = range(0, len(texts), BATCH)
+    encoded = [tokenize(tokenizer, texts[i:i + BATCH]) for i in starts]
+    labelled = [(batch, labels[i:i + BATCH]) for batch, i in zip(encoded, starts)]
+    head = _probe(fp32, tokenizer, [sst2.sentences[i] for i in probe_ids], [sst2.labels[i] for i in probe_ids])
+    return SentenceTask(fp32, tokenizer, encoded, labelled, head)
+
+
+def stsb_evaluator(tokenizer: object, data: str | None = None) -> Callable[..., float]:
+    """``evaluate(model, pairs=slice(None))``: STS-B test Spearman x100 over the selected pairs."""
+    stsb = load_stsb_test(data)
+
+    def evaluate(model: nn.Module, pairs: slice = slice(None)) -> float:
+        return stsb_spearman(model, tokenizer, stsb.first[pairs], stsb.second[pairs], stsb.scores[pairs])
+    return evaluate
+
+
+def run(config: SearchStudyConfig, console: Console | None = None) -> dict[str, Any]:
+    """Run the study; write results.csv, pareto.csv/.png, sensitivity tables, policies and summary.json."""
+    console = console or Console(width=200)
+    if not 0 < config.low_ratio < 1 or config.random_policies < 1 or config.sweep_points < 2 or config.rounds < 1:
+        raise ValueError("low_ratio must be in (0, 1); random_policies, rounds >= 1; sweep_points >= 2")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    task = sentence_task(config.data, config.model, config.sensitivity_phrases, config.probe_phrases, config.seed)
+    fp32, tokenizer = task.model, task.tokenizer
+    stsb = load_stsb_test(config.data)
+    tables: dict[str, SensitivityTable] = {}
+    seconds: dict[str, float] = {}
+    for metric in METRIC_NAMES:
+        start = time.perf_counter()
+        tables[metric] = task.sensitivity(metric, config.candidates, config.hutchinson_samples, config.seed)
+        seconds[metric] = round(time.perf_counter() - start, 1)
+        tables[metric].to_json(out / f"sensitivity-{metric}.json")
+        tables[metric].to_csv(out / f"sensitivity-{metric}.csv")
+        console.print(f"sensitivity ({metric}): {len(tables[metric].rows)} pairs in {seconds[metric]} s")
+    batch32 = tokenize(tokenizer, stsb.first[:32])
+    latency = measure_latency(fp32, batch32, config.candidates, rounds=config.rounds)
+    latency.to_json(out / "latency.json")
+
+    evaluate = stsb_evaluator(tokenizer, config.data)
+    problem = build_problem(fp32, tables["sqnr"], latency)
+    uniform = {p: measure_policy(fp32, f"uniform {p}", uniform_choices(problem, p), problem, evaluate)
+               for p in ("fp32", *config.candidates)}
+    int8_bytes = uniform_bytes(fp32, "int8")
+    low_budget = int(config.low_ratio * int8_bytes)
+    measured: list[Measured] = list(uniform.values())
+
+    def searched(metric: str, label: str, **budget: Any) -> Measured:
+        result = search(fp32, tables[metric], latency=latency, **budget)
+        point = measure_policy(fp32, label, result.choices, problem, evaluate,
+                               budget.get("budget_bytes", budget.get("budget_latency_s")))
+        measured.append(point)
+        write_text_atomic(out / f"policy-{label.replace(' ', '-').replace(',', '')}.toml", result.to_toml())
+        return point
+
+    at_int8 = {m: searched(m, f"searched {m}, int8 bytes", budget_bytes=int8_bytes) for m in METRIC_NAMES}
+    at_low = {m: searched(m, f"searched {m}, {config.low_ratio}x int8 bytes", budget_bytes=low_budget)
+              for m in METRIC_NAMES}
+    two_way = build_problem(fp32, tables["sqnr"], latency, candidates=["int8", "w4"], allow_fp32=False)
+    nncf = measure_policy(fp32, f"NNCF-style int4/int8, {config.low_ratio}x int8 bytes",
+                          weight_error_ranking(fp32, two_way, low_budget), problem, evaluate, low_budget)
+    rng = np.random.default_rng(config.seed)
+    randoms = [measure_policy(fp32, f"random {i}, {config.low_ratio}x int8 bytes",
+                              random_choices(problem, low_budget, rng), problem, evaluate, low_budget)
+               for i in range(config.random_policies)]
+    measured += [nncf, *randoms]
+    int8_latency = problem.seconds_of(uniform["int8"].choices)
+    fast = searched("sqnr", "searched sqnr, int8 latency", budget_latency_s=int8_latency)
+
+    timed = [*uniform.values(), at_int8["sqnr"], at_low["sqnr"], fast]
+    models = {}
+    for point in timed:
+        models[point.label] = copy.deepcopy(fp32)
+        quantize(models[point.label], point.policy)
+    with torch.no_grad():
+        times = interleaved_medians({k: (lambda m=m: m(**batch32)) for k, m in models.items()}, config.rounds)
+    rows = [_row(point, int8_bytes) for point in measured]
+    for row in rows:
+        if row["label"] in times:
+            row["measured_ms"] = round(times[row["label"]] * 1e3, 2)
+            row["latency_error_pct"] = round(100 * (row["predicted_ms"] / row["measured_ms"] - 1), 1)
+
+    low, high = problem.bytes_of(problem.extreme("bytes", False)), problem.bytes_of(problem.extreme("bytes", True))
+    budgets = [int(b) for b in np.geomspace(low, high, config.sweep_points)]
+    sweep = [measure_policy(fp32, f"searched sqnr, {b} B", search(fp32, tables["sqnr"], budget_bytes=b,
+                                                                    latency=latency).choices, problem, evaluate, b)
+             for b in budgets]
+    sweep_rows = [_row(point, int8_bytes) for point in sweep]
+    write_csv(out / "pareto.csv", sweep_rows, COLUMNS)
+    score_vs_cost(out / "pareto.png", [(p.predicted_bytes, (p.predicted_latency_s or 0) * 1e3, p.score) for p in sweep],
+                  [(p.label, p.measured_bytes, (p.predicted_latency_s or 0) * 1e3, p.score) for p in uniform.values()],
+                  "all-MiniLM-L6-v2: searched policies (SQNR sensitivity) vs uniform precisions",
+                  "STS-B test Spearman x100")
+
+    even, odd = slice(0, None, 2), slice(1, None, 2)
+    drop = search_max_drop(fp32, tables["sqnr"], lambda m: evaluate(m, even), config.max_drop)
+    chosen = copy.deepcopy(fp32)
+    quantize(chosen, drop.best.policy)
+    held_out = {"fp32": evaluate(fp32, odd), "chosen": evaluate(chosen, odd)}
+    write_text_atomic(out / "policy-max-drop.toml", drop.best.policy.to_toml())
+
+    summary = {
+        "config": asdict(config),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "sensitivity_seconds": seconds,
+        "int8_bytes": int8_bytes,
+        "low_budget_bytes": low_budget,
+        "at_int8_bytes": {m: p.score for m, p in at_int8.items()} | {"uniform int8": uniform["int8"].score},
+        "at_low_budget": {m: p.score for m, p in at_low.items()} | {
+            "nncf": nncf.score, "best random": max(p.score for p in randoms),
+            "random scores": [round(p.score, 2) for p in randoms]},
+        "max_drop": {"bound": config.max_drop, "validation fp32": drop.reference_score,
+                     "validation chosen": drop.best.score, "held-out fp32": held_out["fp32"],
+                     "held-out chosen": held_out["chosen"], "bytes": drop.best.measured_bytes,
+                     "bytes_vs_int8": round(drop.best.measured_bytes / int8_bytes, 4),
+                     "trials": [(t.predicted_bytes, round(t.score, 2)) for t in drop.trials]},
+    }
+    print_table(f"all-MiniLM-L6-v2 search: STS-B test Spearman, torch {torch.__version__}, "
+                f"{torch.get_num_threads()} threads", rows, COLUMNS, console)
+    print_table("Pareto sweep (searched, SQNR sensitivity)", sweep_rows, COLUMNS, console)
+    write_csv(out / "results.csv", rows, COLUMNS)
+    write_json(out / "summary.json", summary)
+    console.print(summary)
+    console.print(f"wrote {out}/results.csv, pareto.csv, pareto.png, summary.json, sensitivity-*.json, policies")
+    return summary
