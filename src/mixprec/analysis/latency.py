@@ -1,11 +1,11 @@
-"""Per-layer latency of each candidate kernel, measured on this CPU, and an additive model
-of whole-model latency built from it.
+"""Per-layer latency of each candidate kernel, measured on this CPU inside the running
+model, and an additive model of whole-model latency built from it.
 
-Each quantizable layer is timed alone on the input it receives when the model runs the
-given batch (captured with a forward pre-hook), once as float32 and once per candidate
-precision (interleaved rounds, median seconds per call). The rest of the model (attention
-arithmetic, norms, activations, ...) is ``base_s`` = the whole float32 model's median time
-minus the sum of its layers' float32 times, so a policy's predicted latency is
+Layers are timed where they run (forward hooks around each layer while the model runs the
+given batch), so their inputs arrive as they do in real use, not warm in cache from a
+previous identical call. The rest of the model (attention arithmetic, norms, activations,
+...) is ``base_s``: for each configuration, the whole model's time without hooks minus the
+sum of its layers' times; the median over configurations. A policy's predicted latency is
 ``base_s + sum of its layers' times``.
 """
 
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,14 +22,13 @@ from typing import Any
 
 import torch
 from rich.progress import Progress
-from torch import Tensor, nn
+from torch import nn
 
 from mixprec.errors import CalibrationError, PolicyError
 from mixprec.io_utils import write_text_atomic
 from mixprec.policy import quantizable_names
 from mixprec.precision import build, check_applicable, parse_precision
-from mixprec.quantize import run_batch
-from mixprec.timing import interleaved_medians
+from mixprec.quantize import replace_module, run_batch
 
 
 @dataclass(frozen=True)
@@ -80,31 +81,44 @@ class LatencyTable:
             raise CalibrationError(f"{str(path)!r} is not a latency table: {exc}") from None
 
 
-def capture_layer_inputs(model: nn.Module, batch: Any, names: Sequence[str]) -> dict[str, Tensor]:
-    """The first positional input each named layer receives when ``model`` runs ``batch``."""
-    inputs: dict[str, Tensor] = {}
-    handles = []
-    for name in names:
-        def hook(_module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            inputs.setdefault(name, args[0].detach().clone())
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            run_batch(model, batch)
-    finally:
-        for handle in handles:
+class _LayerClock:
+    """Forward hooks that add each layer's wall time (seconds) to a running total."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        self.totals = dict.fromkeys(names, 0.0)
+        self._started: dict[str, float] = {}
+        self._handles = []
+        for name in names:
+            module = model.get_submodule(name)
+            self._handles.append(module.register_forward_pre_hook(lambda *_, n=name: self._start(n)))
+            self._handles.append(module.register_forward_hook(lambda *_, n=name: self._stop(n)))
+
+    def _start(self, name: str) -> None:
+        self._started[name] = time.perf_counter()
+
+    def _stop(self, name: str) -> None:
+        self.totals[name] += time.perf_counter() - self._started.pop(name)
+
+    def remove(self) -> None:
+        for handle in self._handles:
             handle.remove()
-    missing = [name for name in names if name not in inputs]
-    if missing:
-        raise CalibrationError(f"layers {missing[:3]} did not run on the batch, so their latency cannot be "
-                               "measured; leave them out (layers=) or use a batch that reaches them")
-    return inputs
+
+
+def _install(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    for name, module in modules.items():
+        replace_module(model, name, module)
 
 
 def measure_latency(model: nn.Module, batch: Any, candidates: Sequence[str], layers: Sequence[str] | None = None,
-                    rounds: int = 7, progress: bool = True) -> LatencyTable:
-    """Time every layer (default: all quantizable ones that run) at float32 and at each
-    applicable candidate on ``batch``'s activations; see the module docstring."""
+                    rounds: int = 7, min_seconds: float = 0.2, progress: bool = True) -> LatencyTable:
+    """Time every layer (default: all quantizable ones) inside the running model, at float32
+    and at each candidate, on ``batch``; see the module docstring.
+
+    Configuration ``p`` puts every layer that takes ``p`` at ``p`` (float32 elsewhere). Each
+    round runs every configuration (rotating order) for at least ``min_seconds`` with
+    forward hooks timing each layer, then as long again without hooks for the whole-model
+    time; the tables hold medians over rounds. The model is restored afterwards.
+    """
     if rounds < 1:
         raise CalibrationError(f"rounds must be >= 1, got {rounds}")
     if not candidates or isinstance(candidates, str):
@@ -118,22 +132,56 @@ def measure_latency(model: nn.Module, batch: Any, candidates: Sequence[str], lay
     unknown = sorted(set(names) - quantizable_names(model))
     if unknown:
         raise PolicyError(f"{unknown[:3]} are not quantizable layers of this {type(model).__name__}")
-    inputs = capture_layer_inputs(model, batch, names)
-    rows: list[LatencyRow] = []
-    with torch.no_grad(), Progress(transient=True, disable=not progress) as bar:
-        model_fp32_s = interleaved_medians({"model": lambda: run_batch(model, batch)}, rounds)["model"]
-        task = bar.add_task("layer latency", total=len(names))
-        for name in names:
-            module, x = model.get_submodule(name), inputs[name]
-            variants = {"fp32": module}
-            for precision in precisions:
-                try:
-                    check_applicable(name, module, precision)
-                except PolicyError:
-                    continue
-                variants[precision.name] = build(module, precision)
-            medians = interleaved_medians({label: (lambda m=m, x=x: m(x)) for label, m in variants.items()}, rounds)
-            rows += [LatencyRow(name, label, seconds) for label, seconds in medians.items()]
-            bar.advance(task)
-    float_layers = sum(row.seconds for row in rows if row.precision == "fp32")
-    return LatencyTable(model_fp32_s - float_layers, model_fp32_s, tuple(rows))
+    originals = {name: model.get_submodule(name) for name in names}
+    configurations: dict[str, dict[str, nn.Module]] = {"fp32": dict(originals)}
+    for precision in precisions:
+        modules = dict(originals)
+        for name, module in originals.items():
+            try:
+                check_applicable(name, module, precision)
+            except PolicyError:
+                continue
+            modules[name] = build(module, precision)
+        configurations[precision.name] = modules
+    samples: dict[str, dict[str, list]] = {label: {"layers": [], "model": []} for label in configurations}
+    labels = list(configurations)
+    try:
+        with torch.no_grad(), Progress(transient=True, disable=not progress) as bar:
+            task = bar.add_task("layer latency", total=rounds * len(labels))
+            calls = _calls_per_measurement(model, batch, min_seconds)
+            for round_index in range(rounds):
+                shift = round_index % len(labels)
+                for label in labels[shift:] + labels[:shift]:
+                    _install(model, configurations[label])
+                    clock = _LayerClock(model, names)
+                    try:
+                        for _ in range(calls):
+                            run_batch(model, batch)
+                    finally:
+                        clock.remove()
+                    if any(total == 0.0 for total in clock.totals.values()):
+                        idle = [name for name, total in clock.totals.items() if total == 0.0]
+                        raise CalibrationError(f"layers {idle[:3]} did not run on the batch, so their latency "
+                                               "cannot be measured; leave them out (layers=)")
+                    samples[label]["layers"].append({k: v / calls for k, v in clock.totals.items()})
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        run_batch(model, batch)
+                    samples[label]["model"].append((time.perf_counter() - start) / calls)
+                    bar.advance(task)
+    finally:
+        _install(model, originals)
+    medians = {label: {name: statistics.median(s[name] for s in samples[label]["layers"]) for name in names}
+               for label in labels}
+    model_s = {label: statistics.median(samples[label]["model"]) for label in labels}
+    base_s = statistics.median(model_s[label] - sum(medians[label].values()) for label in labels)
+    rows = [LatencyRow(name, label, medians[label][name]) for name in names for label in labels
+            if label == "fp32" or configurations[label][name] is not originals[name]]
+    return LatencyTable(base_s, model_s["fp32"], tuple(rows))
+
+
+def _calls_per_measurement(model: nn.Module, batch: Any, min_seconds: float) -> int:
+    run_batch(model, batch)  # warm up
+    start = time.perf_counter()
+    run_batch(model, batch)
+    return max(1, int(min_seconds / max(time.perf_counter() - start, 1e-7)))

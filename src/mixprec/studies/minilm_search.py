@@ -20,8 +20,10 @@
 from __future__ import annotations
 
 import copy
+import math
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,16 +49,16 @@ from mixprec.analysis import (
     weight_error_ranking,
 )
 from mixprec.datasets.text_tasks import load_sst2, load_stsb_test
-from mixprec.errors import DataError
+from mixprec.errors import DataError, InputError
 from mixprec.io_utils import write_text_atomic
 from mixprec.quantize import quantize
 from mixprec.report.plots import score_vs_cost
 from mixprec.report.results import print_table, write_csv, write_json
-from mixprec.studies.minilm import embed, load_model, mean_pool, stsb_spearman, tokenize
+from mixprec.studies.minilm import embed, load_model, mean_pool, tokenize
 from mixprec.timing import interleaved_medians
 
 COLUMNS = ("label", "budget_bytes", "predicted_bytes", "measured_bytes", "bytes_vs_int8", "stsb_spearman",
-           "predicted_ms", "measured_ms", "latency_error_pct")
+           "embedding_sqnr_db", "predicted_ms", "measured_ms", "latency_error_pct")
 METRIC_NAMES = ("sqnr", "hessian", "fisher")
 BATCH = 16
 
@@ -94,14 +96,15 @@ def pooled(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
 
 
-def _row(measured: Measured, int8_bytes: int) -> dict[str, Any]:
+def _row(measured: Measured, int8_bytes: int, sqnr_db: float) -> dict[str, Any]:
     return {
         "label": measured.label,
-        "budget_bytes": "" if measured.budget is None else int(measured.budget),
+        "budget_bytes": "" if measured.budget is None or "latency" in measured.label else int(measured.budget),
         "predicted_bytes": measured.predicted_bytes,
         "measured_bytes": measured.measured_bytes,
         "bytes_vs_int8": round(measured.measured_bytes / int8_bytes, 4),
         "stsb_spearman": round(measured.score, 2),
+        "embedding_sqnr_db": round(sqnr_db, 2),
         "predicted_ms": round((measured.predicted_latency_s or 0.0) * 1e3, 2),
         "measured_ms": "",
         "latency_error_pct": "",
@@ -151,20 +154,58 @@ def sentence_task(data: str | None = None, model: str | None = None, phrases: in
     return SentenceTask(fp32, tokenizer, encoded, labelled, head)
 
 
-def stsb_evaluator(tokenizer: object, data: str | None = None) -> Callable[..., float]:
-    """``evaluate(model, pairs=slice(None))``: STS-B test Spearman x100 over the selected pairs."""
-    stsb = load_stsb_test(data)
+class StsbScorer:
+    """STS-B test scoring of a sentence-embedding model. ``scorer(model, pairs)`` returns the
+    Spearman correlation x100 of embedding cosines with the gold scores over ``pairs`` (a
+    slice; default all 1379), and records every pair's cosine (``last_cosine``) and the
+    SQNR in dB of all its sentence embeddings against the reference model's (``last_sqnr_db``)."""
 
-    def evaluate(model: nn.Module, pairs: slice = slice(None)) -> float:
-        return stsb_spearman(model, tokenizer, stsb.first[pairs], stsb.second[pairs], stsb.scores[pairs])
-    return evaluate
+    def __init__(self, tokenizer: object, data: str | None, reference: nn.Module) -> None:
+        stsb = load_stsb_test(data)
+        self.tokenizer, self.first, self.second = tokenizer, stsb.first, stsb.second
+        self.gold = np.asarray(stsb.scores, dtype=np.float64)
+        self.reference = self._embeddings(reference)
+        self.last_cosine = np.empty(0)
+        self.last_sqnr_db = math.nan
+
+    def _embeddings(self, model: nn.Module) -> Tensor:
+        return torch.stack([embed(model, self.tokenizer, self.first), embed(model, self.tokenizer, self.second)])
+
+    def spearman(self, cosine: np.ndarray, pairs: slice = slice(None)) -> float:
+        """Spearman x100 of recorded cosines against the gold scores over ``pairs``."""
+        from scipy.stats import spearmanr
+
+        return 100.0 * float(spearmanr(cosine[pairs], self.gold[pairs]).statistic)
+
+    def __call__(self, model: nn.Module, pairs: slice = slice(None)) -> float:
+        embeddings = self._embeddings(model)
+        noise = float((embeddings.double() - self.reference.double()).pow(2).sum())
+        self.last_sqnr_db = 10 * math.log10(float(self.reference.double().pow(2).sum()) / noise) if noise else math.inf
+        self.last_cosine = (embeddings[0] * embeddings[1]).sum(1).double().numpy()
+        return self.spearman(self.last_cosine, pairs)
+
+
+def paired_bootstrap(cosine_a: np.ndarray, cosine_b: np.ndarray, gold: np.ndarray, resamples: int = 1000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """Spearman x100 of ``a`` minus that of ``b`` against ``gold``, and the 2.5% and 97.5%
+    percentiles of that difference over ``resamples`` resamplings of the pairs (with
+    replacement, the same pairs for both)."""
+    from scipy.stats import spearmanr
+
+    def difference(index: np.ndarray) -> float:
+        return 100.0 * float(spearmanr(cosine_a[index], gold[index]).statistic
+                             - spearmanr(cosine_b[index], gold[index]).statistic)
+
+    rng = np.random.default_rng(seed)
+    draws = [difference(rng.integers(0, len(gold), len(gold))) for _ in range(resamples)]
+    return difference(np.arange(len(gold))), float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
 
 
 def run(config: SearchStudyConfig, console: Console | None = None) -> dict[str, Any]:
     """Run the study; write results.csv, pareto.csv/.png, sensitivity tables, policies and summary.json."""
     console = console or Console(width=200)
     if not 0 < config.low_ratio < 1 or config.random_policies < 1 or config.sweep_points < 2 or config.rounds < 1:
-        raise ValueError("low_ratio must be in (0, 1); random_policies, rounds >= 1; sweep_points >= 2")
+        raise InputError("low_ratio must be in (0, 1); random_policies, rounds >= 1; sweep_points >= 2")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     task = sentence_task(config.data, config.model, config.sensitivity_phrases, config.probe_phrases, config.seed)
@@ -183,35 +224,36 @@ def run(config: SearchStudyConfig, console: Console | None = None) -> dict[str, 
     latency = measure_latency(fp32, batch32, config.candidates, rounds=config.rounds)
     latency.to_json(out / "latency.json")
 
-    evaluate = stsb_evaluator(tokenizer, config.data)
+    scorer = StsbScorer(tokenizer, config.data, fp32)
     problem = build_problem(fp32, tables["sqnr"], latency)
-    uniform = {p: measure_policy(fp32, f"uniform {p}", uniform_choices(problem, p), problem, evaluate)
-               for p in ("fp32", *config.candidates)}
     int8_bytes = uniform_bytes(fp32, "int8")
     low_budget = int(config.low_ratio * int8_bytes)
-    measured: list[Measured] = list(uniform.values())
+    measured: list[Measured] = []
+    detail: dict[str, tuple[float, np.ndarray]] = {}
+
+    def measure(label: str, choices: dict[str, str], budget: float | None = None) -> Measured:
+        point = measure_policy(fp32, label, choices, problem, scorer, budget)
+        measured.append(point)
+        detail[label] = (scorer.last_sqnr_db, scorer.last_cosine)
+        return point
 
     def searched(metric: str, label: str, **budget: Any) -> Measured:
         result = search(fp32, tables[metric], latency=latency, **budget)
-        point = measure_policy(fp32, label, result.choices, problem, evaluate,
-                               budget.get("budget_bytes", budget.get("budget_latency_s")))
-        measured.append(point)
-        write_text_atomic(out / f"policy-{label.replace(' ', '-').replace(',', '')}.toml", result.to_toml())
-        return point
+        write_text_atomic(out / f"policy-{re.sub(r'[^A-Za-z0-9.]+', '-', label).strip('-')}.toml", result.to_toml())
+        return measure(label, result.choices, budget.get("budget_bytes", budget.get("budget_latency_s")))
 
+    uniform = {p: measure(f"uniform {p}", uniform_choices(problem, p)) for p in ("fp32", *config.candidates)}
     at_int8 = {m: searched(m, f"searched {m}, int8 bytes", budget_bytes=int8_bytes) for m in METRIC_NAMES}
     at_low = {m: searched(m, f"searched {m}, {config.low_ratio}x int8 bytes", budget_bytes=low_budget)
               for m in METRIC_NAMES}
     two_way = build_problem(fp32, tables["sqnr"], latency, candidates=["int8", "w4"], allow_fp32=False)
-    nncf = measure_policy(fp32, f"NNCF-style int4/int8, {config.low_ratio}x int8 bytes",
-                          weight_error_ranking(fp32, two_way, low_budget), problem, evaluate, low_budget)
+    nncf = measure(f"NNCF-style int4/int8, {config.low_ratio}x int8 bytes",
+                   weight_error_ranking(fp32, two_way, low_budget), low_budget)
     rng = np.random.default_rng(config.seed)
-    randoms = [measure_policy(fp32, f"random {i}, {config.low_ratio}x int8 bytes",
-                              random_choices(problem, low_budget, rng), problem, evaluate, low_budget)
-               for i in range(config.random_policies)]
-    measured += [nncf, *randoms]
-    int8_latency = problem.seconds_of(uniform["int8"].choices)
-    fast = searched("sqnr", "searched sqnr, int8 latency", budget_latency_s=int8_latency)
+    randoms = [measure(f"random {i}, {config.low_ratio}x int8 bytes", random_choices(problem, low_budget, rng),
+                       low_budget) for i in range(config.random_policies)]
+    int8_latency = problem.seconds_of(uniform["int8"].choices) or 0.0
+    fast = searched("sqnr", f"searched sqnr, int8 latency ({int8_latency * 1e3:.1f} ms)", budget_latency_s=int8_latency)
 
     timed = [*uniform.values(), at_int8["sqnr"], at_low["sqnr"], fast]
     models = {}
@@ -220,18 +262,20 @@ def run(config: SearchStudyConfig, console: Console | None = None) -> dict[str, 
         quantize(models[point.label], point.policy)
     with torch.no_grad():
         times = interleaved_medians({k: (lambda m=m: m(**batch32)) for k, m in models.items()}, config.rounds)
-    rows = [_row(point, int8_bytes) for point in measured]
+    del models
+    rows = [_row(point, int8_bytes, detail[point.label][0]) for point in measured]
     for row in rows:
         if row["label"] in times:
             row["measured_ms"] = round(times[row["label"]] * 1e3, 2)
             row["latency_error_pct"] = round(100 * (row["predicted_ms"] / row["measured_ms"] - 1), 1)
 
     low, high = problem.bytes_of(problem.extreme("bytes", False)), problem.bytes_of(problem.extreme("bytes", True))
-    budgets = [int(b) for b in np.geomspace(low, high, config.sweep_points)]
-    sweep = [measure_policy(fp32, f"searched sqnr, {b} B", search(fp32, tables["sqnr"], budget_bytes=b,
-                                                                    latency=latency).choices, problem, evaluate, b)
-             for b in budgets]
-    sweep_rows = [_row(point, int8_bytes) for point in sweep]
+    sweep = []
+    for budget in (int(b) for b in np.geomspace(low, high, config.sweep_points)):
+        choices = search(fp32, tables["sqnr"], budget_bytes=budget, latency=latency).choices
+        sweep.append(measure_policy(fp32, f"searched sqnr, {budget} B", choices, problem, scorer, budget))
+        detail[sweep[-1].label] = (scorer.last_sqnr_db, scorer.last_cosine)
+    sweep_rows = [_row(point, int8_bytes, detail[point.label][0]) for point in sweep]
     write_csv(out / "pareto.csv", sweep_rows, COLUMNS)
     score_vs_cost(out / "pareto.png", [(p.predicted_bytes, (p.predicted_latency_s or 0) * 1e3, p.score) for p in sweep],
                   [(p.label, p.measured_bytes, (p.predicted_latency_s or 0) * 1e3, p.score) for p in uniform.values()],
@@ -239,12 +283,24 @@ def run(config: SearchStudyConfig, console: Console | None = None) -> dict[str, 
                   "STS-B test Spearman x100")
 
     even, odd = slice(0, None, 2), slice(1, None, 2)
-    drop = search_max_drop(fp32, tables["sqnr"], lambda m: evaluate(m, even), config.max_drop)
+    drop = search_max_drop(fp32, tables["sqnr"], lambda m: scorer(m, even), config.max_drop)
     chosen = copy.deepcopy(fp32)
     quantize(chosen, drop.best.policy)
-    held_out = {"fp32": evaluate(fp32, odd), "chosen": evaluate(chosen, odd)}
+    held_out = {"fp32": scorer(fp32, odd), "chosen": scorer(chosen, odd)}
     write_text_atomic(out / "policy-max-drop.toml", drop.best.policy.to_toml())
 
+    best_random = max(randoms, key=lambda p: p.score)
+    validated_random = max(randoms, key=lambda p: scorer.spearman(detail[p.label][1], even))
+    held_out_protocol = {point.label: round(scorer.spearman(detail[point.label][1], odd), 2) for point in
+                         (uniform["fp32"], uniform["int8"], uniform["w4"], at_low["sqnr"], at_low["hessian"],
+                          at_low["fisher"], nncf, validated_random)}
+    comparisons = {
+        f"{a.label} - {b.label}": dict(zip(("difference", "ci95_low", "ci95_high"), (round(v, 3) for v in
+                                       paired_bootstrap(detail[a.label][1], detail[b.label][1], scorer.gold,
+                                                        seed=config.seed))))
+        for a, b in ((at_int8["sqnr"], uniform["int8"]), (at_low["sqnr"], best_random), (at_low["sqnr"], nncf),
+                     (at_low["sqnr"], uniform["w4"]), (best_random, uniform["w4"]))
+    }
     summary = {
         "config": asdict(config),
         "torch": torch.__version__,
@@ -254,8 +310,13 @@ def run(config: SearchStudyConfig, console: Console | None = None) -> dict[str, 
         "low_budget_bytes": low_budget,
         "at_int8_bytes": {m: p.score for m, p in at_int8.items()} | {"uniform int8": uniform["int8"].score},
         "at_low_budget": {m: p.score for m, p in at_low.items()} | {
-            "nncf": nncf.score, "best random": max(p.score for p in randoms),
-            "random scores": [round(p.score, 2) for p in randoms]},
+            "nncf": nncf.score, "best random": best_random.score,
+            "random scores": [round(p.score, 2) for p in randoms],
+            "embedding sqnr dB": {"searched sqnr": detail[at_low["sqnr"].label][0], "nncf": detail[nncf.label][0],
+                                  "best of random by sqnr": max(detail[p.label][0] for p in randoms)}},
+        "paired_bootstrap_spearman": comparisons,
+        "odd_pairs_with_random_chosen_on_even_pairs": held_out_protocol,
+        "latency_error_pct": {row["label"]: row["latency_error_pct"] for row in rows if row["label"] in times},
         "max_drop": {"bound": config.max_drop, "validation fp32": drop.reference_score,
                      "validation chosen": drop.best.score, "held-out fp32": held_out["fp32"],
                      "held-out chosen": held_out["chosen"], "bytes": drop.best.measured_bytes,

