@@ -48,15 +48,18 @@ def score_vs_cost(path: str | os.PathLike[str], searched: Sequence[tuple[int, fl
     with_latency = all(p[1] is not None for p in searched) and bool(searched)
     fig, axes = plt.subplots(1, 2 if with_latency else 1, figsize=(13 if with_latency else 8, 5), dpi=120,
                              squeeze=False)
-    panels = [(axes[0][0], 0, "model bytes (weights, biases, scales, zero points)")]
+    panels = [(axes[0][0], 0, "model MB (weights, biases, scales, zero points; 1 MB = 10^6 B)")]
     if with_latency:
         panels.append((axes[0][1], 1, "predicted latency (ms)"))
     colors = plt.get_cmap("tab10").colors
     for ax, key, xlabel in panels:
-        points = sorted((p[key], p[2]) for p in searched)
-        ax.plot([x for x, _ in points], [y for _, y in points], "o-", color="black", label="searched (ILP)", zorder=2)
+        unit = 1e-6 if key == 0 else 1.0
+        points = sorted((p[key] * unit, p[2]) for p in searched)  # type: ignore[operator]
+        # Bytes are the budget axis, so the searched points form a curve; latency is only predicted for them.
+        ax.plot([x for x, _ in points], [y for _, y in points], "o-" if key == 0 else "o", color="black",
+                label="searched (ILP)", zorder=2)
         for index, (label, size, ms, score) in enumerate(marked):
-            x = size if key == 0 else ms
+            x = size * 1e-6 if key == 0 else ms
             if x is not None:
                 ax.scatter(x, score, marker="s", s=60, color=colors[index % len(colors)], label=label, zorder=3)
         ax.set_xlabel(xlabel)
