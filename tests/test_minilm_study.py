@@ -104,3 +104,15 @@ def test_cli_explain_takes_a_hugging_face_model(tmp_path: Path, capsys: pytest.C
     assert out.count("int8") >= 13 and out.count("bf16") >= 24  # 12 FFN layers + pooler, 24 projections
     assert main(["explain", str(policy), "--model", str(tmp_path / "missing")]) == 2
     assert "cannot load a Hugging Face model" in capsys.readouterr().err
+
+
+def test_searched_row_fits_the_uniform_int8_bytes_and_names_every_layer(shared_data: Path) -> None:
+    from mixprec.analysis import uniform_bytes
+    from mixprec.policy import quantizable_names
+
+    model, tokenizer = minilm.load_model()
+    batch = minilm.tokenize(tokenizer, load_sst2("train", shared_data).sentences[:32])
+    policy = minilm.searched_policy(model, [batch])
+    assert policy.explain(model).total_bytes <= uniform_bytes(model, "int8")
+    assert {plan.rule for plan in policy.plan(model)} == {r.pattern for r in policy.rules}
+    assert len(policy.rules) == len(quantizable_names(model))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import Tensor, nn
 
+from mixprec.analysis import search, sensitivity, uniform_bytes
 from mixprec.datasets.text_tasks import load_sst2, load_stsb_test
 from mixprec.errors import DataError
 from mixprec.hf import load_pretrained
@@ -40,6 +41,7 @@ EMBEDDINGS = r"embeddings\.(word|position|token_type)_embeddings"
 COLUMNS = ("policy", "stsb_spearman", "sst2_accuracy", "weight_bytes", "total_bytes", "bytes_vs_int8",
            "sentences_per_s_b32", "vs_fp32_b32", "vs_int8_b32", "latency_ms_b1")
 BASELINE = "int8 (uniform)"
+SEARCHED = "searched (SQNR sensitivity), int8 bytes"
 
 
 CALIBRATION_PHRASES = 512
@@ -69,6 +71,18 @@ def study_policies() -> dict[str, StudyRow]:
                   "mixed: bf16 attention, int8 FFN, w4 embeddings"):
         rows[f"{label}, GPTQ"] = StudyRow(rows[label].policy, "gptq")
     return rows
+
+
+def pooled(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """The pooled, normalized sentence embedding of a tokenized batch."""
+    return mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
+
+
+def searched_policy(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> Policy:
+    """The search's policy at the bytes of uniform ``int8`` (candidates int8, w4, bf16, fp32),
+    from the SQNR of the pooled embedding on ``batches``."""
+    table = sensitivity(model, batches, ["int8", "w4", "bf16"], forward=pooled, progress=False)
+    return search(model, table, budget_bytes=uniform_bytes(model, "int8")).policy
 
 
 def model_path(model: str | None = None) -> str:
@@ -152,6 +166,9 @@ class StudyConfig:
     seed: int = 0
     #: Labels of :func:`study_policies` to run (fp32 and the int8 baseline always run); None: all.
     only: tuple[str, ...] | None = None
+    #: Add the searched row (SQNR sensitivity on 128 of the calibration phrases, search at
+    #: the bytes of uniform int8, candidates int8/w4/bf16) when ``only`` allows it.
+    search: bool = True
 
 
 def run(config: StudyConfig, console: Console | None = None) -> list[dict[str, object]]:
@@ -161,7 +178,7 @@ def run(config: StudyConfig, console: Console | None = None) -> list[dict[str, o
         raise ValueError("rounds must be >= 1, sst2_train and stsb_pairs >= 2")
     rows_to_run = study_policies()
     if config.only is not None:
-        unknown = sorted(set(config.only) - set(rows_to_run))
+        unknown = sorted(set(config.only) - set(rows_to_run) - {SEARCHED})
         if unknown:
             raise ValueError(f"unknown study rows {unknown}; choose from {sorted(rows_to_run)}")
         rows_to_run = {k: v for k, v in rows_to_run.items() if k in ("fp32", BASELINE) or k in config.only}
@@ -183,6 +200,8 @@ def run(config: StudyConfig, console: Console | None = None) -> list[dict[str, o
     batch32 = tokenize(tokenizer, stsb.first[:32])
     batch1 = tokenize(tokenizer, stsb.first[:1])
 
+    if config.search and (config.only is None or SEARCHED in config.only):
+        rows_to_run[SEARCHED] = StudyRow(searched_policy(fp32, calibration[:4]))
     models: dict[str, nn.Module] = {}
     rows: dict[str, dict[str, object]] = {}
     for label, study_row in rows_to_run.items():

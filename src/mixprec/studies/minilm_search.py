@@ -54,7 +54,7 @@ from mixprec.io_utils import write_text_atomic
 from mixprec.quantize import quantize
 from mixprec.report.plots import score_vs_cost
 from mixprec.report.results import print_table, write_csv, write_json
-from mixprec.studies.minilm import embed, load_model, mean_pool, tokenize
+from mixprec.studies.minilm import embed, load_model, pooled, tokenize
 from mixprec.timing import interleaved_medians
 
 COLUMNS = ("label", "budget_bytes", "predicted_bytes", "measured_bytes", "bytes_vs_int8", "stsb_spearman",
@@ -90,10 +90,6 @@ def _probe(model: nn.Module, tokenizer: object, sentences: Sequence[str], labels
         head.weight.copy_(torch.cat([torch.zeros_like(torch.tensor(fit.coef_)), torch.tensor(fit.coef_)]))
         head.bias.copy_(torch.tensor([0.0, float(fit.intercept_[0])]))
     return head.requires_grad_(False)
-
-
-def pooled(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    return mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
 
 
 def _row(measured: Measured, int8_bytes: int, sqnr_db: float) -> dict[str, Any]:

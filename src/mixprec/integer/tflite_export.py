@@ -1,0 +1,149 @@
+"""Write an integer :class:`~mixprec.integer.graph.Graph` as a .tflite file (schema version
+3) through the flatbuffers builders of the ``tflite`` package; TensorFlow is not needed.
+
+Layout: buffer 0 is the empty sentinel; every tensor has its own buffer (empty for
+activations); constant data is stored little-endian. Tensors carry their scales and
+zero points (``quantized_dimension`` 0 for per-channel weights and biases); bias scales
+are ``float32(s_in * s_w)`` as the TFLite converter writes them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from mixprec.errors import InputError
+from mixprec.integer.graph import Graph, Quantization
+from mixprec.io_utils import atomic_path
+
+_ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 3}  # tflite.ActivationFunctionType
+
+
+def _require_tflite():  # noqa: ANN202
+    try:
+        import flatbuffers
+        import tflite
+    except ImportError:
+        raise InputError("exporting .tflite needs the tflite and flatbuffers packages: "
+                         "pip install 'mixprec[tflite]'") from None
+    return flatbuffers, tflite
+
+
+def export_tflite(graph: Graph, path: str | os.PathLike[str]) -> None:
+    """Write ``graph`` to ``path`` (atomically)."""
+    if not isinstance(graph, Graph):
+        raise InputError(f"export_tflite takes a mixprec.integer.Graph, got {type(graph).__name__}")
+    flatbuffers, tflite = _require_tflite()
+    builder = flatbuffers.Builder(1024)
+    tensors: list[tuple[str, tuple[int, ...], int, Quantization, bytes | None]] = []  # name, shape, type, quant, data
+
+    def add(name: str, shape: tuple[int, ...], dtype: int, quant: Quantization, data: bytes | None) -> int:
+        tensors.append((name, shape, dtype, quant, data))
+        return len(tensors) - 1
+
+    int8, int32 = tflite.TensorType.INT8, tflite.TensorType.INT32
+    current = add("input", graph.input_shape, int8, graph.input_quant, None)
+    operators = []
+    quant, shape = graph.input_quant, graph.input_shape
+    for index, node in enumerate(graph.nodes):
+        weights = add(f"fc{index}/weights", node.weights.shape, int8, node.weight_quant,
+                      node.weights.astype("<i1").tobytes())
+        inputs = [current, weights]
+        if node.bias is not None:
+            bias_scale = tuple(float(np.float32(quant.scale32[0] * s)) for s in node.weight_quant.scale32)
+            inputs.append(add(f"fc{index}/bias", node.bias.shape, int32,
+                              Quantization(bias_scale, (0,) * len(bias_scale)), node.bias.astype("<i4").tobytes()))
+        shape = (*shape[:-1], node.weights.shape[0])
+        current = add(f"fc{index}/output", shape, int8, node.output_quant, None)
+        operators.append((inputs, [current], _ACTIVATION_CODES[node.activation]))
+        quant = node.output_quant
+
+    # Buffers: 0 is the sentinel, tensor i uses buffer i + 1.
+    buffer_offsets = []
+    for data in [None] + [t[4] for t in tensors]:
+        vector = builder.CreateByteVector(data) if data else None
+        tflite.BufferStart(builder)
+        if vector is not None:
+            tflite.BufferAddData(builder, vector)
+        buffer_offsets.append(tflite.BufferEnd(builder))
+    tensor_offsets = []
+    for index, (name, tensor_shape, dtype, tensor_quant, _) in enumerate(tensors):
+        name_offset = builder.CreateString(name)
+        shape_offset = _int_vector(builder, tflite.TensorStartShapeVector, tensor_shape, builder.PrependInt32)
+        quant_offset = _quantization(builder, tflite, tensor_quant)
+        tflite.TensorStart(builder)
+        tflite.TensorAddShape(builder, shape_offset)
+        tflite.TensorAddType(builder, dtype)
+        tflite.TensorAddBuffer(builder, index + 1)
+        tflite.TensorAddName(builder, name_offset)
+        tflite.TensorAddQuantization(builder, quant_offset)
+        tensor_offsets.append(tflite.TensorEnd(builder))
+    operator_offsets = []
+    for inputs, outputs, activation in operators:
+        inputs_offset = _int_vector(builder, tflite.OperatorStartInputsVector, inputs, builder.PrependInt32)
+        outputs_offset = _int_vector(builder, tflite.OperatorStartOutputsVector, outputs, builder.PrependInt32)
+        tflite.FullyConnectedOptionsStart(builder)
+        tflite.FullyConnectedOptionsAddFusedActivationFunction(builder, activation)
+        options = tflite.FullyConnectedOptionsEnd(builder)
+        tflite.OperatorStart(builder)
+        tflite.OperatorAddOpcodeIndex(builder, 0)
+        tflite.OperatorAddInputs(builder, inputs_offset)
+        tflite.OperatorAddOutputs(builder, outputs_offset)
+        tflite.OperatorAddBuiltinOptionsType(builder, tflite.BuiltinOptions.FullyConnectedOptions)
+        tflite.OperatorAddBuiltinOptions(builder, options)
+        operator_offsets.append(tflite.OperatorEnd(builder))
+    tensors_vector = _offset_vector(builder, tflite.SubGraphStartTensorsVector, tensor_offsets)
+    operators_vector = _offset_vector(builder, tflite.SubGraphStartOperatorsVector, operator_offsets)
+    sub_inputs = _int_vector(builder, tflite.SubGraphStartInputsVector, [0], builder.PrependInt32)
+    sub_outputs = _int_vector(builder, tflite.SubGraphStartOutputsVector, [current], builder.PrependInt32)
+    tflite.SubGraphStart(builder)
+    tflite.SubGraphAddTensors(builder, tensors_vector)
+    tflite.SubGraphAddInputs(builder, sub_inputs)
+    tflite.SubGraphAddOutputs(builder, sub_outputs)
+    tflite.SubGraphAddOperators(builder, operators_vector)
+    subgraph = tflite.SubGraphEnd(builder)
+    tflite.OperatorCodeStart(builder)
+    tflite.OperatorCodeAddDeprecatedBuiltinCode(builder, tflite.BuiltinOperator.FULLY_CONNECTED)
+    tflite.OperatorCodeAddBuiltinCode(builder, tflite.BuiltinOperator.FULLY_CONNECTED)
+    tflite.OperatorCodeAddVersion(builder, 5 if any(len(n.weight_quant.scale) > 1 for n in graph.nodes) else 4)
+    opcode = tflite.OperatorCodeEnd(builder)
+    opcodes_vector = _offset_vector(builder, tflite.ModelStartOperatorCodesVector, [opcode])
+    subgraphs_vector = _offset_vector(builder, tflite.ModelStartSubgraphsVector, [subgraph])
+    buffers_vector = _offset_vector(builder, tflite.ModelStartBuffersVector, buffer_offsets)
+    description = builder.CreateString("mixprec integer graph")
+    tflite.ModelStart(builder)
+    tflite.ModelAddVersion(builder, 3)
+    tflite.ModelAddOperatorCodes(builder, opcodes_vector)
+    tflite.ModelAddSubgraphs(builder, subgraphs_vector)
+    tflite.ModelAddDescription(builder, description)
+    tflite.ModelAddBuffers(builder, buffers_vector)
+    builder.Finish(tflite.ModelEnd(builder), file_identifier=b"TFL3")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(bytes(builder.Output()))
+
+
+def _int_vector(builder, start, values, prepend) -> int:  # noqa: ANN001
+    """A vector of numbers (ints, or floats when ``prepend`` is PrependFloat32)."""
+    start(builder, len(values))
+    for value in reversed(list(values)):
+        prepend(value)
+    return builder.EndVector()
+
+
+def _offset_vector(builder, start, offsets) -> int:  # noqa: ANN001
+    start(builder, len(offsets))
+    for offset in reversed(offsets):
+        builder.PrependUOffsetTRelative(offset)
+    return builder.EndVector()
+
+
+def _quantization(builder, tflite, quant: Quantization) -> int:  # noqa: ANN001
+    scale = _int_vector(builder, tflite.QuantizationParametersStartScaleVector, quant.scale, builder.PrependFloat32)
+    zero_point = _int_vector(builder, tflite.QuantizationParametersStartZeroPointVector, quant.zero_point,
+                             builder.PrependInt64)
+    tflite.QuantizationParametersStart(builder)
+    tflite.QuantizationParametersAddScale(builder, scale)
+    tflite.QuantizationParametersAddZeroPoint(builder, zero_point)
+    tflite.QuantizationParametersAddQuantizedDimension(builder, quant.axis)
+    return tflite.QuantizationParametersEnd(builder)

@@ -1,0 +1,98 @@
+"""gemmlowp/TFLite fixed-point primitives against scalar Python-integer references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mixprec import InputError
+from mixprec.integer import (
+    INT32_MAX,
+    INT32_MIN,
+    multiply_by_quantized_multiplier,
+    quantize_multiplier,
+    rounding_divide_by_pot,
+    saturating_rounding_doubling_high_mul,
+)
+
+
+def srdhm_reference(a: int, b: int) -> int:
+    """gemmlowp's C++ written out with Python integers (C++ '/' truncates toward zero)."""
+    if a == b == INT32_MIN:
+        return INT32_MAX
+    product = a * b
+    nudge = (1 << 30) if product >= 0 else 1 - (1 << 30)
+    numerator = product + nudge
+    return int(numerator / 2**31) if abs(numerator) < 2**52 else (abs(numerator) >> 31) * (1 if numerator >= 0 else -1)
+
+
+def rdbpot_reference(x: int, exponent: int) -> int:
+    """Round x / 2^exponent to nearest, ties away from zero, by exact rational arithmetic."""
+    from fractions import Fraction
+
+    value = Fraction(x, 2**exponent)
+    floor = math.floor(value)
+    if value - floor == Fraction(1, 2):
+        return floor + 1 if value > 0 else floor
+    return round(value)
+
+
+EXTREMES = [INT32_MIN, INT32_MIN + 1, -(2**30), -3, -1, 0, 1, 3, 2**30, INT32_MAX - 1, INT32_MAX]
+
+
+def values(count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.concatenate([np.array(EXTREMES), rng.integers(INT32_MIN, INT32_MAX, count, endpoint=True)])
+
+
+def test_srdhm_matches_the_reference_bit_for_bit() -> None:
+    a, b = np.meshgrid(values(60, 0), values(60, 1))
+    got = saturating_rounding_doubling_high_mul(a.ravel(), b.ravel())
+    expected = [srdhm_reference(int(x), int(y)) for x, y in zip(a.ravel(), b.ravel())]
+    assert got.dtype == np.int32 and got.tolist() == expected
+    assert saturating_rounding_doubling_high_mul(INT32_MIN, INT32_MIN) == INT32_MAX
+
+
+def test_rounding_divide_by_pot_rounds_ties_away_from_zero() -> None:
+    xs = values(300, 2)
+    for exponent in (0, 1, 2, 5, 17, 31):
+        got = rounding_divide_by_pot(xs, exponent)
+        assert got.tolist() == [rdbpot_reference(int(x), exponent) for x in xs]
+    assert rounding_divide_by_pot([-5, -3, 3, 5], 1).tolist() == [-3, -2, 2, 3]  # -2.5 -> -3, 1.5 -> 2
+    with pytest.raises(InputError, match="0 <= exponent <= 31"):
+        rounding_divide_by_pot(1, 32)
+
+
+def test_quantize_multiplier_represents_the_ratio_and_handles_the_edges() -> None:
+    rng = np.random.default_rng(3)
+    for real in np.concatenate([rng.uniform(1e-6, 1.0, 200), [0.5, 0.25, 1.0, 1.9999999999]]):
+        multiplier, shift = quantize_multiplier(float(real))
+        assert 2**30 <= multiplier < 2**31
+        assert abs(multiplier * 2.0 ** (shift - 31) - real) <= real * 2.0**-31  # half an ulp of 31 bits
+    assert quantize_multiplier(0.0) == (0, 0)
+    assert quantize_multiplier(2.0**-40) == (0, 0)  # shift < -31: exactly zero, not garbage
+    assert multiply_by_quantized_multiplier(INT32_MAX, *quantize_multiplier(2.0**-40)) == 0
+    assert quantize_multiplier(1.0 - 2.0**-40) == (2**30, 1)  # rounds up to 2^31 -> halved, shift + 1
+    for bad in (-0.5, float("nan"), float("inf"), 2.0**31):
+        with pytest.raises(InputError):
+            quantize_multiplier(bad)
+
+
+def test_multiply_by_quantized_multiplier_rounds_once_to_nearest_ties_up() -> None:
+    from fractions import Fraction
+
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.integers(-(2**31), 2**31, 3000), [INT32_MIN, INT32_MAX, 0, -1, 1]])
+    for real in (0.0003, 0.0421, 0.37, 0.999, 1.5, 3.75):
+        multiplier, shift = quantize_multiplier(real)
+        got = multiply_by_quantized_multiplier(x, multiplier, shift)
+        factor = Fraction(multiplier, 2 ** (31 - shift))
+        expected = [min(max(math.floor(int(v) * factor + Fraction(1, 2)), INT32_MIN), INT32_MAX) for v in x]
+        assert got.tolist() == expected  # floor(x * m / 2^t + 1/2): nearest, ties toward +inf, saturated
+    assert multiply_by_quantized_multiplier([-3, 3], 2**30, 0).tolist() == [-1, 2]  # -1.5 -> -1, 1.5 -> 2
+    with pytest.raises(InputError, match=r"shift must lie in \[-31, 30\]"):
+        multiply_by_quantized_multiplier(1, 2**30, 31)
+    with pytest.raises(InputError, match="takes int32 x"):
+        multiply_by_quantized_multiplier(2**31, 2**30, 0)
