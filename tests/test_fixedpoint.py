@@ -12,6 +12,7 @@ from mixprec.integer import (
     INT32_MAX,
     INT32_MIN,
     multiply_by_quantized_multiplier,
+    multiply_by_quantized_multiplier_single_round,
     quantize_multiplier,
     rounding_divide_by_pot,
     saturating_rounding_doubling_high_mul,
@@ -80,19 +81,38 @@ def test_quantize_multiplier_represents_the_ratio_and_handles_the_edges() -> Non
             quantize_multiplier(bad)
 
 
-def test_multiply_by_quantized_multiplier_rounds_once_to_nearest_ties_up() -> None:
+def test_single_round_multiply_rounds_once_to_nearest_ties_up() -> None:
     from fractions import Fraction
 
     rng = np.random.default_rng(4)
     x = np.concatenate([rng.integers(-(2**31), 2**31, 3000), [INT32_MIN, INT32_MAX, 0, -1, 1]])
     for real in (0.0003, 0.0421, 0.37, 0.999, 1.5, 3.75):
         multiplier, shift = quantize_multiplier(real)
-        got = multiply_by_quantized_multiplier(x, multiplier, shift)
+        got = multiply_by_quantized_multiplier_single_round(x, multiplier, shift)
         factor = Fraction(multiplier, 2 ** (31 - shift))
         expected = [min(max(math.floor(int(v) * factor + Fraction(1, 2)), INT32_MIN), INT32_MAX) for v in x]
         assert got.tolist() == expected  # floor(x * m / 2^t + 1/2): nearest, ties toward +inf, saturated
-    assert multiply_by_quantized_multiplier([-3, 3], 2**30, 0).tolist() == [-1, 2]  # -1.5 -> -1, 1.5 -> 2
-    with pytest.raises(InputError, match=r"shift must lie in \[-31, 30\]"):
-        multiply_by_quantized_multiplier(1, 2**30, 31)
-    with pytest.raises(InputError, match="takes int32 x"):
-        multiply_by_quantized_multiplier(2**31, 2**30, 0)
+    assert multiply_by_quantized_multiplier_single_round([-3, 3], 2**30, 0).tolist() == [-1, 2]  # ties up
+    for function in (multiply_by_quantized_multiplier, multiply_by_quantized_multiplier_single_round):
+        with pytest.raises(InputError, match=r"shift must lie in \[-31, 30\]"):
+            function(1, 2**30, 31)
+        with pytest.raises(InputError, match="takes int32 x"):
+            function(2**31, 2**30, 0)
+
+
+def test_double_round_multiply_is_the_gemmlowp_composition() -> None:
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.integers(-(2**20), 2**20, 2000), [0, -1, 1]])
+    for real in (0.0003, 0.0421, 0.37, 0.999, 1.5, 3.75):
+        multiplier, shift = quantize_multiplier(real)
+        got = multiply_by_quantized_multiplier(x, multiplier, shift)
+        expected = [rdbpot_reference(srdhm_reference(int(v) << max(shift, 0), multiplier), max(-shift, 0)) for v in x]
+        assert got.tolist() == expected
+        # Two roundings: within 1/2 + 1/2^(right + 1) of the exact product (measured up to 0.75 at right = 1).
+        right = max(-shift, 0)
+        exact = x * (multiplier * 2.0 ** (shift - 31))
+        assert np.abs(got - exact).max() <= 0.5 + (0.5 / 2**right if right else 0.0) + 1e-9
+    assert multiply_by_quantized_multiplier([-3, 3], 2**30, 0).tolist() == [-1, 2]  # the high multiply: ties up
+    assert multiply_by_quantized_multiplier([-3, 3], 2**30, -1).tolist() == [-1, 1]  # exact -0.75 and 0.75
+    # x * 2^4 = 2^34 leaves int32: saturated to 2^31 - 1 (not wrapped to 0), then times 2^30 / 2^31.
+    assert multiply_by_quantized_multiplier(2**30, 2**30, 4) == 2**30

@@ -1,4 +1,4 @@
-"""Integer fully connected layers: byte-identical to LiteRT's reference kernels, and bad input refused."""
+"""Integer operators: byte-identical to LiteRT's reference kernels, and bad input refused."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mixprec import InputError
-from mixprec.integer.graph import FullyConnectedNode, Graph, Quantization
+from mixprec.integer.graph import AddNode, FullyConnectedNode, Graph, MulNode, Quantization, TensorSpec
 from mixprec.integer.tflite_export import export_tflite
 
 
@@ -21,23 +21,26 @@ def random_graph(rng: np.random.Generator, per_channel: bool, activation: str, b
         weights[0, :] = 127  # extremes in every layer
         scales = tuple(float(np.float32(s)) for s in rng.uniform(0.001, 0.03, count))
         output = Quantization.per_tensor(float(rng.uniform(0.05, 0.3)), int(rng.integers(-20, 20)))
-        nodes.append(FullyConnectedNode(weights, Quantization(scales, (0,) * count),
+        nodes.append(FullyConnectedNode((index,), weights, Quantization(scales, (0,) * count),
                                         rng.integers(-20000, 20000, width_out).astype(np.int32) if bias else None,
                                         output, activation if index == len(widths) - 2 else "relu"))
-    return Graph((1, widths[0]), Quantization.per_tensor(float(rng.uniform(0.02, 0.1)), int(rng.integers(-10, 10))),
-                 tuple(nodes))
+    quant = Quantization.per_tensor(float(rng.uniform(0.02, 0.1)), int(rng.integers(-10, 10)))
+    return Graph((TensorSpec("input", (1, widths[0]), quant),), tuple(nodes))
 
 
-def litert_outputs(path: Path, inputs: np.ndarray) -> np.ndarray:
+def litert_outputs(path: Path, *inputs: np.ndarray) -> np.ndarray:
+    """Run a .tflite file in LiteRT's reference kernels (BUILTIN_REF), inputs resized to the arrays."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     interpreter = Interpreter(model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
-    source, sink = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    interpreter.resize_tensor_input(source["index"], list(inputs.shape))
+    sources = sorted(interpreter.get_input_details(), key=lambda d: d["index"])
+    for source, array in zip(sources, inputs):
+        interpreter.resize_tensor_input(source["index"], list(array.shape))
     interpreter.allocate_tensors()
-    interpreter.set_tensor(source["index"], inputs)
+    for source, array in zip(sources, inputs):
+        interpreter.set_tensor(source["index"], array)
     interpreter.invoke()
-    return interpreter.get_tensor(sink["index"])
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
 
 
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per-tensor", "per-channel"])
@@ -61,22 +64,51 @@ def test_fully_connected_is_byte_identical_to_litert_reference_kernels(per_chann
 def test_graphs_refuse_bad_input() -> None:
     rng = np.random.default_rng(0)
     graph = random_graph(rng, True, "none", True)
-    with pytest.raises(InputError, match="takes an int8 numpy array, got float32"):
+    with pytest.raises(InputError, match="'input' must be an int8 numpy array, got float32"):
         graph(np.zeros((1, 24), np.float32))
-    with pytest.raises(InputError, match=r"input shape \(1, 23\) does not match the model's \(1, 24\)"):
+    with pytest.raises(InputError, match=r"'input' has shape \(1, 23\); the model's is \(1, 24\)"):
         graph(np.zeros((1, 23), np.int8))
+    with pytest.raises(InputError, match="takes 1 input arrays, got 2"):
+        graph(np.zeros((1, 24), np.int8), np.zeros((1, 24), np.int8))
     weights = np.zeros((4, 8), np.int8)
     output = Quantization.per_tensor(0.1)
     with pytest.raises(InputError, match="one scale or 4 \\(per output channel\\)"):
-        FullyConnectedNode(weights, Quantization((0.5, 0.25), (0, 0)), None, output)
+        FullyConnectedNode((0,), weights, Quantization((0.5, 0.25), (0, 0)), None, output)
     with pytest.raises(InputError, match="positive finite float32"):
         Quantization((0.1,), (0,))  # 0.1 is not a float32 value
     with pytest.raises(InputError, match="positive finite float32"):
         Quantization.per_tensor(float("nan"))
     with pytest.raises(InputError, match="unknown activation 'gelu'"):
-        FullyConnectedNode(weights, Quantization.per_tensor(0.1), None, output, "gelu")
-    with pytest.raises(InputError, match="operator 0 takes 8 features but receives 9"):
-        Graph((1, 9), Quantization.per_tensor(0.1), (FullyConnectedNode(weights, Quantization.per_tensor(0.1),
-                                                                         None, output),))
+        FullyConnectedNode((0,), weights, Quantization.per_tensor(0.1), None, output, "gelu")
+    spec = TensorSpec("x", (1, 9), Quantization.per_tensor(0.1))
+    with pytest.raises(InputError, match="operator 0: FULLY_CONNECTED takes 8 features but receives 9"):
+        Graph((spec,), (FullyConnectedNode((0,), weights, Quantization.per_tensor(0.1), None, output),))
+    with pytest.raises(InputError, match=r"operator 0 \(ADD\) reads tensors \(0, 1\), but only tensors 0..0"):
+        Graph((spec,), (AddNode((0, 1), output),))
+    with pytest.raises(InputError, match="do not broadcast"):
+        Graph((spec, TensorSpec("y", (1, 4), Quantization.per_tensor(0.1))), (MulNode((0, 1), output),))
+    with pytest.raises(InputError, match="MUL takes two input tensors"):
+        MulNode((0,), output)
     with pytest.raises(InputError, match="takes a mixprec.integer.Graph"):
         export_tflite("model", "x.tflite")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("node_class", [AddNode, MulNode], ids=["add", "mul"])
+@pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
+def test_add_and_mul_with_unequal_scales_are_byte_identical_to_litert(node_class: type, activation: str,
+                                                                      tmp_path: Path) -> None:
+    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("tflite")
+    rng = np.random.default_rng(7)
+    for trial, other_shape in enumerate([(1, 16), (1, 16), (1, 1)]):  # the last one broadcasts
+        scales = [float(rng.uniform(0.005, 0.5)) for _ in range(3)]
+        zero_points = [int(rng.integers(-128, 128)) for _ in range(3)]
+        graph = Graph((TensorSpec("a", (1, 16), Quantization.per_tensor(scales[0], zero_points[0])),
+                       TensorSpec("b", other_shape, Quantization.per_tensor(scales[1], zero_points[1]))),
+                      (node_class((0, 1), Quantization.per_tensor(scales[2], zero_points[2]), activation),))
+        path = tmp_path / f"op{trial}.tflite"
+        export_tflite(graph, path)
+        a = rng.integers(-128, 128, (1000, 16)).astype(np.int8)
+        b = rng.integers(-128, 128, (1000, *other_shape[1:])).astype(np.int8)
+        a[0], b[0] = -128, 127
+        assert np.array_equal(graph(a, b), litert_outputs(path, a, b)), (trial, scales, zero_points)

@@ -1,26 +1,37 @@
 """Integer-only engine in TFLite int8 conventions (issue 4).
 
-So far: the fixed-point primitives, the int8 fully connected operator (per-tensor and
-per-channel weights, int32 bias, ReLU/ReLU6 in the clamp), graphs that chain them, and
-.tflite export; the tests run exported graphs in LiteRT's reference kernels and require
-byte-identical outputs.
+So far: the fixed-point primitives; int8 FULLY_CONNECTED (per-tensor and per-channel
+weights, int32 bias, ReLU/ReLU6 in the clamp), ADD and MUL (unequal scales, broadcasting);
+graphs over numbered tensors; .tflite export. The tests run exported graphs in LiteRT's
+reference kernels and require byte-identical outputs.
 """
 
+from mixprec.integer.elementwise import AddParams, MulParams, add, mul
 from mixprec.integer.fixedpoint import (
     INT32_MAX,
     INT32_MIN,
     multiply_by_quantized_multiplier,
+    multiply_by_quantized_multiplier_single_round,
     quantize_multiplier,
     rounding_divide_by_pot,
     saturate_int32,
     saturating_rounding_doubling_high_mul,
 )
 from mixprec.integer.fully_connected import FullyConnectedParams, fully_connected
-from mixprec.integer.graph import FullyConnectedNode, Graph, Quantization, activation_range
+from mixprec.integer.graph import (
+    AddNode,
+    FullyConnectedNode,
+    Graph,
+    MulNode,
+    Quantization,
+    TensorSpec,
+    activation_range,
+)
 from mixprec.integer.tflite_export import export_tflite
 
 __all__ = [
-    "INT32_MAX", "INT32_MIN", "FullyConnectedNode", "FullyConnectedParams", "Graph", "Quantization",
-    "activation_range", "export_tflite", "fully_connected", "multiply_by_quantized_multiplier",
+    "INT32_MAX", "INT32_MIN", "AddNode", "AddParams", "FullyConnectedNode", "FullyConnectedParams", "Graph",
+    "MulNode", "MulParams", "Quantization", "TensorSpec", "activation_range", "add", "export_tflite",
+    "fully_connected", "mul", "multiply_by_quantized_multiplier", "multiply_by_quantized_multiplier_single_round",
     "quantize_multiplier", "rounding_divide_by_pot", "saturate_int32", "saturating_rounding_doubling_high_mul",
 ]

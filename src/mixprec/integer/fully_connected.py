@@ -8,8 +8,9 @@ For each output channel ``c``::
                    activation_min, activation_max)
 
 ``input_offset = -input_zero_point``; ``weight_offset = 0`` for int8 weights (symmetric);
-``MultiplyByQuantizedMultiplier`` is :func:`mixprec.integer.fixedpoint.multiply_by_quantized_multiplier`
-(round half away from zero, twice). ReLU/ReLU6 are folded into the clamp bounds.
+the rescale is :func:`mixprec.integer.fixedpoint.multiply_by_quantized_multiplier_single_round`
+(one rounding, nearest, ties toward +inf), which is what LiteRT's reference kernel computes.
+ReLU/ReLU6 are folded into the clamp bounds.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
-from mixprec.integer.fixedpoint import multiply_by_quantized_multiplier
+from mixprec.integer.fixedpoint import multiply_by_quantized_multiplier_single_round
 
 #: Longest reduction whose int32 accumulator cannot overflow: |x + input_offset| <= 255,
 #: |w| <= 128, so K * 255 * 128 + |bias| must stay below 2^31; with |bias| < 2^30 that is K <= 32,896.
@@ -77,5 +78,5 @@ def fully_connected(x: NDArray[np.int8], params: FullyConnectedParams) -> NDArra
     acc = (x.astype(np.int64) + params.input_offset) @ params.weights.astype(np.int64).T
     if params.bias is not None:
         acc += params.bias
-    scaled = multiply_by_quantized_multiplier(acc, params.multiplier, params.shift).astype(np.int64)
+    scaled = multiply_by_quantized_multiplier_single_round(acc, params.multiplier, params.shift).astype(np.int64)
     return np.clip(scaled + params.output_offset, params.activation_min, params.activation_max).astype(np.int8)

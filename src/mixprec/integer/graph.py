@@ -1,18 +1,23 @@
-"""An integer graph: a chain of int8 operators with the float-side quantization a .tflite
-file stores, and the integer runtime records derived from it exactly as LiteRT derives them.
+"""An integer graph: int8 operators over numbered tensors, with the float-side quantization a
+.tflite file stores, and the integer runtime records derived from it exactly as LiteRT
+derives them (the float arithmetic of each op's ``Prepare``, reproduced step by step).
 
-Float-side parameters are kept only to export and to derive the runtime records; running
-the graph touches integers only.
+Tensors ``0 .. len(inputs) - 1`` are the graph's inputs; node ``i`` produces tensor
+``len(inputs) + i``; the last node's tensor is the output. Float-side parameters are kept
+only to export and to derive the runtime records; running the graph touches integers only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
+from mixprec.integer.elementwise import ADD_LEFT_SHIFT, AddParams, MulParams, add, mul
 from mixprec.integer.fixedpoint import quantize_multiplier
 from mixprec.integer.fully_connected import FullyConnectedParams, fully_connected
 
@@ -66,31 +71,57 @@ def activation_range(activation: str, output: Quantization) -> tuple[int, int]:
     return low, 127 if activation == "relu" else min(127, quantize(6.0))
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input: name, shape (first dimension the batch) and quantization."""
+
+    name: str
+    shape: tuple[int, ...]
+    quant: Quantization
+
+    def __post_init__(self) -> None:
+        if len(self.shape) < 1 or any(int(d) < 1 for d in self.shape):
+            raise InputError(f"tensor {self.name!r}: shape must have positive sizes, got {self.shape}")
+        if len(self.quant.scale) != 1:
+            raise InputError(f"tensor {self.name!r}: activations are quantized per tensor")
+
+
+def _check_activation_and_output(output_quant: Quantization, activation: str) -> None:
+    if len(output_quant.scale) != 1:
+        raise InputError("operator outputs are quantized per tensor")
+    activation_range(activation, output_quant)
+
+
 @dataclass(frozen=True, eq=False)
 class FullyConnectedNode:
-    """An int8 FULLY_CONNECTED operator: int8 weights ``[out, in]`` (zero points 0, one scale
-    or one per output channel), optional int32 bias, the output's quantization and a fused
-    activation."""
+    """FULLY_CONNECTED of tensor ``inputs[0]``: int8 weights ``[out, in]`` (zero points 0, one
+    scale or one per output channel), optional int32 bias, output quantization, activation."""
 
+    inputs: tuple[int, ...]
     weights: NDArray[np.int8]
     weight_quant: Quantization
     bias: NDArray[np.int32] | None
     output_quant: Quantization
     activation: str = "none"
+    opcode = "FULLY_CONNECTED"
 
     def __post_init__(self) -> None:
         out_features = self.weights.shape[0]
+        if len(self.inputs) != 1:
+            raise InputError(f"FULLY_CONNECTED takes one input tensor, got {self.inputs}")
         if len(self.weight_quant.scale) not in (1, out_features) or any(self.weight_quant.zero_point):
             raise InputError(f"weights need one scale or {out_features} (per output channel) and zero points 0")
-        if len(self.output_quant.scale) != 1:
-            raise InputError("the output of a fully connected layer is quantized per tensor")
-        activation_range(self.activation, self.output_quant)
+        _check_activation_and_output(self.output_quant, self.activation)
 
-    def params(self, input_quant: Quantization) -> FullyConnectedParams:
-        """The runtime record, with LiteRT's multiplier arithmetic: per tensor
-        ``double(float(s_in * s_w)) / double(s_out)``; per channel ``double(s_in) *
-        double(s_w[c]) / double(s_out)``; then :func:`quantize_multiplier`."""
-        s_in, s_out = input_quant.scale32[0], self.output_quant.scale32[0]
+    def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        if shapes[0][-1] != self.weights.shape[1]:
+            raise InputError(f"FULLY_CONNECTED takes {self.weights.shape[1]} features but receives {shapes[0][-1]}")
+        return (*shapes[0][:-1], self.weights.shape[0])
+
+    def record(self, quants: Sequence[Quantization]) -> FullyConnectedParams:
+        """LiteRT's arithmetic: per tensor ``double(float(s_in * s_w)) / double(s_out)``; per
+        channel ``double(s_in) * double(s_w[c]) / double(s_out)``; then :func:`quantize_multiplier`."""
+        s_in, s_out = quants[0].scale32[0], self.output_quant.scale32[0]
         s_w = self.weight_quant.scale32
         if len(s_w) == 1:
             reals = [float(np.float32(s_in * s_w[0])) / float(s_out)]
@@ -99,50 +130,136 @@ class FullyConnectedNode:
         pairs = [quantize_multiplier(real) for real in reals]
         low, high = activation_range(self.activation, self.output_quant)
         return FullyConnectedParams(
-            weights=self.weights, bias=self.bias, input_offset=-input_quant.zero_point[0],
+            weights=self.weights, bias=self.bias, input_offset=-quants[0].zero_point[0],
             multiplier=np.array([m for m, _ in pairs], dtype=np.int32),
             shift=np.array([s for _, s in pairs], dtype=np.int32),
             output_offset=self.output_quant.zero_point[0], activation_min=low, activation_max=high)
 
+    @staticmethod
+    def run(record: FullyConnectedParams, x: NDArray[np.int8]) -> NDArray[np.int8]:
+        return fully_connected(x, record)
+
+
+@dataclass(frozen=True, eq=False)
+class _BinaryNode:
+    inputs: tuple[int, ...]
+    output_quant: Quantization
+    activation: str = "none"
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != 2:
+            raise InputError(f"{self.opcode} takes two input tensors, got {self.inputs}")
+        _check_activation_and_output(self.output_quant, self.activation)
+
+    def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        try:
+            return tuple(np.broadcast_shapes(*shapes))
+        except ValueError:
+            raise InputError(f"{self.opcode}: shapes {list(shapes)} do not broadcast") from None
+
+
+@dataclass(frozen=True, eq=False)
+class AddNode(_BinaryNode):
+    """ADD of two tensors (broadcasting)."""
+
+    opcode = "ADD"
+
+    def record(self, quants: Sequence[Quantization]) -> AddParams:
+        """LiteRT's ``Prepare``: ``twice_max = 2 * max(s_a, s_b)`` (float32); input multipliers
+        ``s / twice_max``; output ``twice_max / float32(2^20 * s_out)`` (in double)."""
+        s_a, s_b, s_out = quants[0].scale32[0], quants[1].scale32[0], self.output_quant.scale32[0]
+        twice_max = np.float32(2) * max(s_a, s_b)
+        a_m, a_s = quantize_multiplier(float(s_a) / float(twice_max))
+        b_m, b_s = quantize_multiplier(float(s_b) / float(twice_max))
+        o_m, o_s = quantize_multiplier(float(twice_max) / float(np.float32(2**ADD_LEFT_SHIFT) * s_out))
+        low, high = activation_range(self.activation, self.output_quant)
+        return AddParams(-quants[0].zero_point[0], -quants[1].zero_point[0], a_m, a_s, b_m, b_s, o_m, o_s,
+                         self.output_quant.zero_point[0], low, high)
+
+    @staticmethod
+    def run(record: AddParams, a: NDArray[np.int8], b: NDArray[np.int8]) -> NDArray[np.int8]:
+        return add(a, b, record)
+
+
+@dataclass(frozen=True, eq=False)
+class MulNode(_BinaryNode):
+    """MUL of two tensors (broadcasting)."""
+
+    opcode = "MUL"
+
+    def record(self, quants: Sequence[Quantization]) -> MulParams:
+        """LiteRT's ``Prepare``: ``double(s_a) * double(s_b) / double(s_out)``."""
+        s_a, s_b, s_out = quants[0].scale32[0], quants[1].scale32[0], self.output_quant.scale32[0]
+        multiplier, shift = quantize_multiplier(float(s_a) * float(s_b) / float(s_out))
+        low, high = activation_range(self.activation, self.output_quant)
+        return MulParams(-quants[0].zero_point[0], -quants[1].zero_point[0], multiplier, shift,
+                         self.output_quant.zero_point[0], low, high)
+
+    @staticmethod
+    def run(record: MulParams, a: NDArray[np.int8], b: NDArray[np.int8]) -> NDArray[np.int8]:
+        return mul(a, b, record)
+
+
+Node = FullyConnectedNode | AddNode | MulNode
+
 
 @dataclass(frozen=True, eq=False)
 class Graph:
-    """A chain of int8 operators from one int8 input of ``input_shape`` (first dimension the
-    batch) to one int8 output; calling it runs the integer records only."""
+    """Int8 operators over numbered tensors (see module docstring); calling it with one int8
+    array per input runs the integer records only. The batch (first) dimension of each input
+    may differ from the declared one."""
 
-    input_shape: tuple[int, ...]
-    input_quant: Quantization
-    nodes: tuple[FullyConnectedNode, ...]
-    _records: tuple[FullyConnectedParams, ...] = field(init=False, repr=False)
+    inputs: tuple[TensorSpec, ...]
+    nodes: tuple[Node, ...]
+    _records: tuple[Any, ...] = field(init=False, repr=False)
+    _shapes: tuple[tuple[int, ...], ...] = field(init=False, repr=False)
+    _quants: tuple[Quantization, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.nodes:
-            raise InputError("a graph needs at least one operator")
-        if len(self.input_shape) < 2 or any(int(d) < 1 for d in self.input_shape):
-            raise InputError(f"input_shape must be [batch, ..., features] with positive sizes, got {self.input_shape}")
-        records, quant, width = [], self.input_quant, self.input_shape[-1]
+        if not self.inputs or not self.nodes:
+            raise InputError("a graph needs at least one input and one operator")
+        shapes = [tuple(spec.shape) for spec in self.inputs]
+        quants = [spec.quant for spec in self.inputs]
+        records = []
         for index, node in enumerate(self.nodes):
-            if node.weights.shape[1] != width:
-                raise InputError(f"operator {index} takes {node.weights.shape[1]} features but receives {width}")
-            records.append(node.params(quant))
-            quant, width = node.output_quant, node.weights.shape[0]
+            known = len(shapes)
+            if any(not 0 <= i < known for i in node.inputs):
+                raise InputError(f"operator {index} ({node.opcode}) reads tensors {node.inputs}, but only tensors "
+                                 f"0..{known - 1} exist before it")
+            try:
+                shapes.append(node.output_shape([shapes[i] for i in node.inputs]))
+            except InputError as exc:
+                raise InputError(f"operator {index}: {exc}") from None
+            records.append(node.record([quants[i] for i in node.inputs]))
+            quants.append(node.output_quant)
         object.__setattr__(self, "_records", tuple(records))
+        object.__setattr__(self, "_shapes", tuple(shapes))
+        object.__setattr__(self, "_quants", tuple(quants))
+
+    @property
+    def tensor_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return self._shapes
+
+    @property
+    def tensor_quants(self) -> tuple[Quantization, ...]:
+        return self._quants
 
     @property
     def output_quant(self) -> Quantization:
-        return self.nodes[-1].output_quant
+        return self._quants[-1]
 
-    @property
-    def output_shape(self) -> tuple[int, ...]:
-        return (*self.input_shape[:-1], self.nodes[-1].weights.shape[0])
-
-    def __call__(self, x: NDArray[np.int8]) -> NDArray[np.int8]:
-        """Run on int8 ``x`` of shape ``[..., *input_shape[1:]]`` (any leading batch)."""
-        if not isinstance(x, np.ndarray) or x.dtype != np.int8:
-            raise InputError(f"the graph takes an int8 numpy array, got {getattr(x, 'dtype', type(x).__name__)}")
-        tail = self.input_shape[1:]
-        if x.ndim < len(tail) or tuple(x.shape[x.ndim - len(tail):]) != tail:
-            raise InputError(f"input shape {x.shape} does not match the model's {self.input_shape}")
-        for record in self._records:
-            x = fully_connected(x, record)
-        return x
+    def __call__(self, *arrays: NDArray[np.int8]) -> NDArray[np.int8]:
+        """Run on one int8 array per input (shapes as declared, batch dimension free)."""
+        if len(arrays) != len(self.inputs):
+            raise InputError(f"the graph takes {len(self.inputs)} input arrays, got {len(arrays)}")
+        for spec, array in zip(self.inputs, arrays):
+            if not isinstance(array, np.ndarray) or array.dtype != np.int8:
+                raise InputError(f"input {spec.name!r} must be an int8 numpy array, got "
+                                 f"{getattr(array, 'dtype', type(array).__name__)}")
+            if array.ndim != len(spec.shape) or tuple(array.shape[1:]) != tuple(spec.shape[1:]):
+                raise InputError(f"input {spec.name!r} has shape {array.shape}; the model's is {spec.shape} "
+                                 "(any batch size)")
+        values = list(arrays)
+        for node, record in zip(self.nodes, self._records):
+            values.append(node.run(record, *(values[i] for i in node.inputs)))
+        return values[-1]

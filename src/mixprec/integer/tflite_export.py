@@ -14,10 +14,13 @@ import os
 import numpy as np
 
 from mixprec.errors import InputError
-from mixprec.integer.graph import Graph, Quantization
+from mixprec.integer.graph import FullyConnectedNode, Graph, Quantization
 from mixprec.io_utils import atomic_path
 
 _ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 3}  # tflite.ActivationFunctionType
+_OPTIONS = {"FULLY_CONNECTED": "FullyConnectedOptions", "ADD": "AddOptions", "MUL": "MulOptions"}
+#: Operator versions that cover int8 (and per-channel FULLY_CONNECTED).
+_VERSIONS = {"FULLY_CONNECTED": 5, "ADD": 2, "MUL": 2}
 
 
 def _require_tflite():  # noqa: ANN202
@@ -43,21 +46,26 @@ def export_tflite(graph: Graph, path: str | os.PathLike[str]) -> None:
         return len(tensors) - 1
 
     int8, int32 = tflite.TensorType.INT8, tflite.TensorType.INT32
-    current = add("input", graph.input_shape, int8, graph.input_quant, None)
+    position = [add(spec.name, spec.shape, int8, spec.quant, None) for spec in graph.inputs]
+    opcodes: list[str] = []
     operators = []
-    quant, shape = graph.input_quant, graph.input_shape
+    shapes, quants = graph.tensor_shapes, graph.tensor_quants
     for index, node in enumerate(graph.nodes):
-        weights = add(f"fc{index}/weights", node.weights.shape, int8, node.weight_quant,
-                      node.weights.astype("<i1").tobytes())
-        inputs = [current, weights]
-        if node.bias is not None:
-            bias_scale = tuple(float(np.float32(quant.scale32[0] * s)) for s in node.weight_quant.scale32)
-            inputs.append(add(f"fc{index}/bias", node.bias.shape, int32,
-                              Quantization(bias_scale, (0,) * len(bias_scale)), node.bias.astype("<i4").tobytes()))
-        shape = (*shape[:-1], node.weights.shape[0])
-        current = add(f"fc{index}/output", shape, int8, node.output_quant, None)
-        operators.append((inputs, [current], _ACTIVATION_CODES[node.activation]))
-        quant = node.output_quant
+        inputs = [position[i] for i in node.inputs]
+        if isinstance(node, FullyConnectedNode):
+            inputs.append(add(f"op{index}/weights", node.weights.shape, int8, node.weight_quant,
+                              node.weights.astype("<i1").tobytes()))
+            if node.bias is not None:
+                s_in = quants[node.inputs[0]].scale32[0]
+                bias_scale = tuple(float(np.float32(s_in * s)) for s in node.weight_quant.scale32)
+                inputs.append(add(f"op{index}/bias", node.bias.shape, int32,
+                                  Quantization(bias_scale, (0,) * len(bias_scale)), node.bias.astype("<i4").tobytes()))
+        output_index = len(graph.inputs) + index
+        position.append(add(f"op{index}/{node.opcode.lower()}", shapes[output_index], int8, node.output_quant, None))
+        if node.opcode not in opcodes:
+            opcodes.append(node.opcode)
+        operators.append((opcodes.index(node.opcode), node.opcode, inputs, [position[-1]],
+                          _ACTIVATION_CODES[node.activation]))
 
     # Buffers: 0 is the sentinel, tensor i uses buffer i + 1.
     buffer_offsets = []
@@ -80,35 +88,40 @@ def export_tflite(graph: Graph, path: str | os.PathLike[str]) -> None:
         tflite.TensorAddQuantization(builder, quant_offset)
         tensor_offsets.append(tflite.TensorEnd(builder))
     operator_offsets = []
-    for inputs, outputs, activation in operators:
+    for opcode_index, opcode, inputs, outputs, activation in operators:
         inputs_offset = _int_vector(builder, tflite.OperatorStartInputsVector, inputs, builder.PrependInt32)
         outputs_offset = _int_vector(builder, tflite.OperatorStartOutputsVector, outputs, builder.PrependInt32)
-        tflite.FullyConnectedOptionsStart(builder)
-        tflite.FullyConnectedOptionsAddFusedActivationFunction(builder, activation)
-        options = tflite.FullyConnectedOptionsEnd(builder)
+        options_name = _OPTIONS[opcode]
+        getattr(tflite, f"{options_name}Start")(builder)
+        getattr(tflite, f"{options_name}AddFusedActivationFunction")(builder, activation)
+        options = getattr(tflite, f"{options_name}End")(builder)
         tflite.OperatorStart(builder)
-        tflite.OperatorAddOpcodeIndex(builder, 0)
+        tflite.OperatorAddOpcodeIndex(builder, opcode_index)
         tflite.OperatorAddInputs(builder, inputs_offset)
         tflite.OperatorAddOutputs(builder, outputs_offset)
-        tflite.OperatorAddBuiltinOptionsType(builder, tflite.BuiltinOptions.FullyConnectedOptions)
+        tflite.OperatorAddBuiltinOptionsType(builder, getattr(tflite.BuiltinOptions, options_name))
         tflite.OperatorAddBuiltinOptions(builder, options)
         operator_offsets.append(tflite.OperatorEnd(builder))
     tensors_vector = _offset_vector(builder, tflite.SubGraphStartTensorsVector, tensor_offsets)
     operators_vector = _offset_vector(builder, tflite.SubGraphStartOperatorsVector, operator_offsets)
-    sub_inputs = _int_vector(builder, tflite.SubGraphStartInputsVector, [0], builder.PrependInt32)
-    sub_outputs = _int_vector(builder, tflite.SubGraphStartOutputsVector, [current], builder.PrependInt32)
+    sub_inputs = _int_vector(builder, tflite.SubGraphStartInputsVector, position[:len(graph.inputs)],
+                             builder.PrependInt32)
+    sub_outputs = _int_vector(builder, tflite.SubGraphStartOutputsVector, [position[-1]], builder.PrependInt32)
     tflite.SubGraphStart(builder)
     tflite.SubGraphAddTensors(builder, tensors_vector)
     tflite.SubGraphAddInputs(builder, sub_inputs)
     tflite.SubGraphAddOutputs(builder, sub_outputs)
     tflite.SubGraphAddOperators(builder, operators_vector)
     subgraph = tflite.SubGraphEnd(builder)
-    tflite.OperatorCodeStart(builder)
-    tflite.OperatorCodeAddDeprecatedBuiltinCode(builder, tflite.BuiltinOperator.FULLY_CONNECTED)
-    tflite.OperatorCodeAddBuiltinCode(builder, tflite.BuiltinOperator.FULLY_CONNECTED)
-    tflite.OperatorCodeAddVersion(builder, 5 if any(len(n.weight_quant.scale) > 1 for n in graph.nodes) else 4)
-    opcode = tflite.OperatorCodeEnd(builder)
-    opcodes_vector = _offset_vector(builder, tflite.ModelStartOperatorCodesVector, [opcode])
+    opcode_offsets = []
+    for opcode in opcodes:
+        code = getattr(tflite.BuiltinOperator, opcode)
+        tflite.OperatorCodeStart(builder)
+        tflite.OperatorCodeAddDeprecatedBuiltinCode(builder, code)
+        tflite.OperatorCodeAddBuiltinCode(builder, code)
+        tflite.OperatorCodeAddVersion(builder, _VERSIONS[opcode])
+        opcode_offsets.append(tflite.OperatorCodeEnd(builder))
+    opcodes_vector = _offset_vector(builder, tflite.ModelStartOperatorCodesVector, opcode_offsets)
     subgraphs_vector = _offset_vector(builder, tflite.ModelStartSubgraphsVector, [subgraph])
     buffers_vector = _offset_vector(builder, tflite.ModelStartBuffersVector, buffer_offsets)
     description = builder.CreateString("mixprec integer graph")

@@ -1,0 +1,102 @@
+"""Int8 elementwise ADD and MUL with TFLite reference semantics (numpy broadcasting, as
+TFLite's broadcasting kernels).
+
+ADD (``reference_integer_ops::Add``), with ``left_shift = 20``::
+
+    a' = MBQM((a + a_offset) * 2^20, a_multiplier, a_shift)
+    b' = MBQM((b + b_offset) * 2^20, b_multiplier, b_shift)
+    out = clamp(MBQM(a' + b', out_multiplier, out_shift) + out_offset, act_min, act_max)
+
+MUL (``reference_integer_ops::Mul``)::
+
+    out = clamp(MBQM((a + a_offset) * (b + b_offset), multiplier, shift) + out_offset, act_min, act_max)
+
+``MBQM`` is :func:`mixprec.integer.fixedpoint.multiply_by_quantized_multiplier` (gemmlowp's
+high multiply, then a rounding shift: two roundings, ties away from zero), as in LiteRT's
+reference kernels. Every intermediate fits int32: ``|a + a_offset| <=
+255`` so ``255 * 2^20 < 2^28``, and products of offset values are at most ``255^2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from mixprec.errors import InputError
+from mixprec.integer.fixedpoint import multiply_by_quantized_multiplier
+
+ADD_LEFT_SHIFT = 20
+
+
+def _check_offsets(*offsets: int) -> None:
+    if any(not -255 <= int(offset) <= 255 for offset in offsets):
+        raise InputError(f"offsets must lie in [-255, 255], got {offsets}")
+
+
+def _check_int8(name: str, *arrays: NDArray[np.int8]) -> None:
+    for array in arrays:
+        if not isinstance(array, np.ndarray) or array.dtype != np.int8:
+            raise InputError(f"{name} takes int8 numpy arrays, got {getattr(array, 'dtype', type(array).__name__)}")
+    try:
+        np.broadcast_shapes(*(a.shape for a in arrays))
+    except ValueError:
+        raise InputError(f"{name}: shapes {[a.shape for a in arrays]} do not broadcast") from None
+
+
+@dataclass(frozen=True)
+class AddParams:
+    """Runtime record of an int8 ADD: integers only."""
+
+    a_offset: int
+    b_offset: int
+    a_multiplier: int
+    a_shift: int
+    b_multiplier: int
+    b_shift: int
+    output_multiplier: int
+    output_shift: int
+    output_offset: int
+    activation_min: int = -128
+    activation_max: int = 127
+
+    def __post_init__(self) -> None:
+        _check_offsets(self.a_offset, self.b_offset, self.output_offset)
+        if max(self.a_shift, self.b_shift, self.output_shift) > 0:
+            raise InputError("ADD multipliers must be smaller than one (shifts <= 0)")
+
+
+def add(a: NDArray[np.int8], b: NDArray[np.int8], params: AddParams) -> NDArray[np.int8]:
+    """Int8 ``a + b`` (see module docstring)."""
+    _check_int8("add", a, b)
+    shifted_a = (a.astype(np.int64) + params.a_offset) << ADD_LEFT_SHIFT
+    shifted_b = (b.astype(np.int64) + params.b_offset) << ADD_LEFT_SHIFT
+    total = (multiply_by_quantized_multiplier(shifted_a, params.a_multiplier, params.a_shift).astype(np.int64)
+             + multiply_by_quantized_multiplier(shifted_b, params.b_multiplier, params.b_shift))
+    out = multiply_by_quantized_multiplier(total, params.output_multiplier, params.output_shift).astype(np.int64)
+    return np.clip(out + params.output_offset, params.activation_min, params.activation_max).astype(np.int8)
+
+
+@dataclass(frozen=True)
+class MulParams:
+    """Runtime record of an int8 MUL: integers only."""
+
+    a_offset: int
+    b_offset: int
+    multiplier: int
+    shift: int
+    output_offset: int
+    activation_min: int = -128
+    activation_max: int = 127
+
+    def __post_init__(self) -> None:
+        _check_offsets(self.a_offset, self.b_offset, self.output_offset)
+
+
+def mul(a: NDArray[np.int8], b: NDArray[np.int8], params: MulParams) -> NDArray[np.int8]:
+    """Int8 ``a * b`` (see module docstring)."""
+    _check_int8("mul", a, b)
+    product = (a.astype(np.int64) + params.a_offset) * (b.astype(np.int64) + params.b_offset)
+    out = multiply_by_quantized_multiplier(product, params.multiplier, params.shift).astype(np.int64)
+    return np.clip(out + params.output_offset, params.activation_min, params.activation_max).astype(np.int8)
