@@ -1,7 +1,8 @@
 """Integer-only engine in TFLite int8 conventions (issue 4).
 
 So far: the fixed-point primitives; int8 FULLY_CONNECTED (per-tensor and per-channel
-weights, int32 bias, ReLU/ReLU6 in the clamp), ADD and MUL (unequal scales, broadcasting);
+weights, int32 bias, ReLU/ReLU6 in the clamp), ADD and MUL (unequal scales, broadcasting),
+LOGISTIC, TANH and SOFTMAX;
 graphs over numbered tensors; .tflite export. The tests run exported graphs in LiteRT's
 reference kernels and require byte-identical outputs.
 """
@@ -22,16 +23,21 @@ from mixprec.integer.graph import (
     AddNode,
     FullyConnectedNode,
     Graph,
+    LogisticNode,
     MulNode,
     Quantization,
+    SoftmaxNode,
+    TanhNode,
     TensorSpec,
     activation_range,
 )
 from mixprec.integer.tflite_export import export_tflite
+from mixprec.integer.tflite_import import load_tflite
 
 __all__ = [
-    "INT32_MAX", "INT32_MIN", "AddNode", "AddParams", "FullyConnectedNode", "FullyConnectedParams", "Graph",
-    "MulNode", "MulParams", "Quantization", "TensorSpec", "activation_range", "add", "export_tflite",
-    "fully_connected", "mul", "multiply_by_quantized_multiplier", "multiply_by_quantized_multiplier_single_round",
-    "quantize_multiplier", "rounding_divide_by_pot", "saturate_int32", "saturating_rounding_doubling_high_mul",
+    "AddNode", "AddParams", "FullyConnectedNode", "FullyConnectedParams", "Graph", "INT32_MAX", "INT32_MIN",
+    "LogisticNode", "MulNode", "MulParams", "Quantization", "SoftmaxNode", "TanhNode", "TensorSpec",
+    "activation_range", "add", "export_tflite", "fully_connected", "load_tflite", "mul",
+    "multiply_by_quantized_multiplier", "multiply_by_quantized_multiplier_single_round", "quantize_multiplier",
+    "rounding_divide_by_pot", "saturate_int32", "saturating_rounding_doubling_high_mul",
 ]

@@ -17,6 +17,15 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
+from mixprec.integer.activations import (
+    FIXED_OUTPUT,
+    SoftmaxParams,
+    TableParams,
+    apply_table,
+    lookup_table,
+    softmax,
+    softmax_params,
+)
 from mixprec.integer.elementwise import ADD_LEFT_SHIFT, AddParams, MulParams, add, mul
 from mixprec.integer.fixedpoint import quantize_multiplier
 from mixprec.integer.fully_connected import FullyConnectedParams, fully_connected
@@ -200,7 +209,61 @@ class MulNode(_BinaryNode):
         return mul(a, b, record)
 
 
-Node = FullyConnectedNode | AddNode | MulNode
+@dataclass(frozen=True, eq=False)
+class _UnaryNode:
+    inputs: tuple[int, ...]
+    activation = "none"
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != 1:
+            raise InputError(f"{self.opcode} takes one input tensor, got {self.inputs}")
+
+    @property
+    def output_quant(self) -> Quantization:
+        """Fixed by the op: LOGISTIC and SOFTMAX ``1/256, -128``; TANH ``1/128, 0``."""
+        return Quantization.per_tensor(*FIXED_OUTPUT[self.opcode])
+
+    def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        return shapes[0]
+
+
+@dataclass(frozen=True, eq=False)
+class LogisticNode(_UnaryNode):
+    """LOGISTIC (sigmoid) by a 256-entry table built in float32 from the input's quantization."""
+
+    opcode = "LOGISTIC"
+
+    def record(self, quants: Sequence[Quantization]) -> TableParams:
+        return TableParams(lookup_table(self.opcode, float(quants[0].scale32[0]), quants[0].zero_point[0]))
+
+    @staticmethod
+    def run(record: TableParams, x: NDArray[np.int8]) -> NDArray[np.int8]:
+        return apply_table(x, record)
+
+
+@dataclass(frozen=True, eq=False)
+class TanhNode(LogisticNode):
+    """TANH by a 256-entry table built in float32 from the input's quantization."""
+
+    opcode = "TANH"
+
+
+@dataclass(frozen=True, eq=False)
+class SoftmaxNode(_UnaryNode):
+    """SOFTMAX over the last axis with ``beta``."""
+
+    beta: float = 1.0
+    opcode = "SOFTMAX"
+
+    def record(self, quants: Sequence[Quantization]) -> SoftmaxParams:
+        return softmax_params(float(quants[0].scale32[0]), self.beta)
+
+    @staticmethod
+    def run(record: SoftmaxParams, x: NDArray[np.int8]) -> NDArray[np.int8]:
+        return softmax(x, record)
+
+
+Node = FullyConnectedNode | AddNode | MulNode | LogisticNode | TanhNode | SoftmaxNode
 
 
 @dataclass(frozen=True, eq=False)

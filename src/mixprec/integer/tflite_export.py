@@ -17,13 +17,15 @@ from mixprec.errors import InputError
 from mixprec.integer.graph import FullyConnectedNode, Graph, Quantization
 from mixprec.io_utils import atomic_path
 
-_ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 3}  # tflite.ActivationFunctionType
-_OPTIONS = {"FULLY_CONNECTED": "FullyConnectedOptions", "ADD": "AddOptions", "MUL": "MulOptions"}
+ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 3}  # tflite.ActivationFunctionType
+_OPTIONS = {"FULLY_CONNECTED": "FullyConnectedOptions", "ADD": "AddOptions", "MUL": "MulOptions",
+            "SOFTMAX": "SoftmaxOptions", "LOGISTIC": None, "TANH": None}
 #: Operator versions that cover int8 (and per-channel FULLY_CONNECTED).
-_VERSIONS = {"FULLY_CONNECTED": 5, "ADD": 2, "MUL": 2}
+_VERSIONS = {"FULLY_CONNECTED": 5, "ADD": 2, "MUL": 2, "SOFTMAX": 2, "LOGISTIC": 2, "TANH": 2}
 
 
-def _require_tflite():  # noqa: ANN202
+def require_tflite():  # noqa: ANN202
+    """The ``flatbuffers`` and ``tflite`` modules, or an InputError saying how to install them."""
     try:
         import flatbuffers
         import tflite
@@ -37,7 +39,7 @@ def export_tflite(graph: Graph, path: str | os.PathLike[str]) -> None:
     """Write ``graph`` to ``path`` (atomically)."""
     if not isinstance(graph, Graph):
         raise InputError(f"export_tflite takes a mixprec.integer.Graph, got {type(graph).__name__}")
-    flatbuffers, tflite = _require_tflite()
+    flatbuffers, tflite = require_tflite()
     builder = flatbuffers.Builder(1024)
     tensors: list[tuple[str, tuple[int, ...], int, Quantization, bytes | None]] = []  # name, shape, type, quant, data
 
@@ -64,8 +66,7 @@ def export_tflite(graph: Graph, path: str | os.PathLike[str]) -> None:
         position.append(add(f"op{index}/{node.opcode.lower()}", shapes[output_index], int8, node.output_quant, None))
         if node.opcode not in opcodes:
             opcodes.append(node.opcode)
-        operators.append((opcodes.index(node.opcode), node.opcode, inputs, [position[-1]],
-                          _ACTIVATION_CODES[node.activation]))
+        operators.append((opcodes.index(node.opcode), node, inputs, [position[-1]]))
 
     # Buffers: 0 is the sentinel, tensor i uses buffer i + 1.
     buffer_offsets = []
@@ -88,19 +89,18 @@ def export_tflite(graph: Graph, path: str | os.PathLike[str]) -> None:
         tflite.TensorAddQuantization(builder, quant_offset)
         tensor_offsets.append(tflite.TensorEnd(builder))
     operator_offsets = []
-    for opcode_index, opcode, inputs, outputs, activation in operators:
+    for opcode_index, node, inputs, outputs in operators:
         inputs_offset = _int_vector(builder, tflite.OperatorStartInputsVector, inputs, builder.PrependInt32)
         outputs_offset = _int_vector(builder, tflite.OperatorStartOutputsVector, outputs, builder.PrependInt32)
-        options_name = _OPTIONS[opcode]
-        getattr(tflite, f"{options_name}Start")(builder)
-        getattr(tflite, f"{options_name}AddFusedActivationFunction")(builder, activation)
-        options = getattr(tflite, f"{options_name}End")(builder)
+        options_name = _OPTIONS[node.opcode]
+        options = _options(builder, tflite, options_name, node) if options_name else None
         tflite.OperatorStart(builder)
         tflite.OperatorAddOpcodeIndex(builder, opcode_index)
         tflite.OperatorAddInputs(builder, inputs_offset)
         tflite.OperatorAddOutputs(builder, outputs_offset)
-        tflite.OperatorAddBuiltinOptionsType(builder, getattr(tflite.BuiltinOptions, options_name))
-        tflite.OperatorAddBuiltinOptions(builder, options)
+        if options is not None:
+            tflite.OperatorAddBuiltinOptionsType(builder, getattr(tflite.BuiltinOptions, options_name))
+            tflite.OperatorAddBuiltinOptions(builder, options)
         operator_offsets.append(tflite.OperatorEnd(builder))
     tensors_vector = _offset_vector(builder, tflite.SubGraphStartTensorsVector, tensor_offsets)
     operators_vector = _offset_vector(builder, tflite.SubGraphStartOperatorsVector, operator_offsets)
@@ -134,6 +134,15 @@ def export_tflite(graph: Graph, path: str | os.PathLike[str]) -> None:
     builder.Finish(tflite.ModelEnd(builder), file_identifier=b"TFL3")
     with atomic_path(path) as tmp:
         tmp.write_bytes(bytes(builder.Output()))
+
+
+def _options(builder, tflite, name: str, node) -> int:  # noqa: ANN001
+    getattr(tflite, f"{name}Start")(builder)
+    if name == "SoftmaxOptions":
+        tflite.SoftmaxOptionsAddBeta(builder, float(node.beta))
+    else:
+        getattr(tflite, f"{name}AddFusedActivationFunction")(builder, ACTIVATION_CODES[node.activation])
+    return getattr(tflite, f"{name}End")(builder)
 
 
 def _int_vector(builder, start, values, prepend) -> int:  # noqa: ANN001

@@ -1,0 +1,145 @@
+"""Read an int8 .tflite file into a :class:`~mixprec.integer.graph.Graph` (the ``tflite``
+package's flatbuffers readers; no TensorFlow).
+
+Supported: one subgraph of int8 tensors with FULLY_CONNECTED (int8 weights, optional int32
+bias), ADD, MUL, LOGISTIC, TANH and SOFTMAX, in the file's operator order, with a single
+output produced by the last operator. Anything else is refused by name; a file that is
+not a complete .tflite flatbuffer is refused before anything is built.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mixprec.errors import InputError
+from mixprec.integer.activations import FIXED_OUTPUT
+from mixprec.integer.graph import (
+    AddNode,
+    FullyConnectedNode,
+    Graph,
+    LogisticNode,
+    MulNode,
+    Quantization,
+    SoftmaxNode,
+    TanhNode,
+    TensorSpec,
+)
+from mixprec.integer.tflite_export import ACTIVATION_CODES, require_tflite
+
+SUPPORTED = ("FULLY_CONNECTED", "ADD", "MUL", "LOGISTIC", "TANH", "SOFTMAX")
+
+
+def load_tflite(path: str | os.PathLike[str]) -> Graph:
+    """The integer graph of an int8 .tflite file (see module docstring)."""
+    _, tflite = require_tflite()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {str(path)!r}: {exc}") from None
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise InputError(f"{str(path)!r} is not a .tflite file (no TFL3 identifier)")
+    try:
+        return _build(tflite, tflite.Model.GetRootAs(data, 0), path)
+    except (IndexError, ValueError, TypeError, AttributeError, OverflowError, struct.error) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{str(path)!r} is truncated or corrupt: {type(exc).__name__}: {exc}") from None
+
+
+def _names(tflite: Any, enum: Any) -> dict[int, str]:
+    return {value: name for name, value in vars(enum).items() if not name.startswith("_")}
+
+
+def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
+    if model.SubgraphsLength() != 1:
+        raise InputError(f"{str(path)!r} has {model.SubgraphsLength()} subgraphs; mixprec reads exactly one")
+    subgraph = model.Subgraphs(0)
+    op_names = _names(tflite, tflite.BuiltinOperator)
+    type_names = _names(tflite, tflite.TensorType)
+    activation_names = {code: name for name, code in ACTIVATION_CODES.items()}
+
+    def quantization(index: int) -> Quantization:
+        tensor = subgraph.Tensors(index)
+        q = tensor.Quantization()
+        if q is None or q.ScaleLength() == 0:
+            raise InputError(f"tensor {tensor.Name().decode()!r} has no quantization parameters")
+        return Quantization(tuple(float(v) for v in q.ScaleAsNumpy()), tuple(int(v) for v in q.ZeroPointAsNumpy()),
+                            q.QuantizedDimension())
+
+    def constant(index: int, dtype: str) -> np.ndarray:
+        tensor = subgraph.Tensors(index)
+        raw = model.Buffers(tensor.Buffer()).DataAsNumpy()
+        shape = tuple(int(d) for d in tensor.ShapeAsNumpy())
+        if isinstance(raw, int) or raw.size != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+            raise InputError(f"constant tensor {tensor.Name().decode()!r} holds no data of shape {shape}")
+        return raw.view(dtype).reshape(shape).astype(np.dtype(dtype).newbyteorder("="))
+
+    def tensor_type(index: int) -> str:
+        return type_names.get(subgraph.Tensors(index).Type(), "UNKNOWN")
+
+    inputs = [int(i) for i in subgraph.InputsAsNumpy()]
+    position = {}
+    specs = []
+    for number, index in enumerate(inputs):
+        if tensor_type(index) != "INT8":
+            raise InputError(f"input {number} is {tensor_type(index)}; mixprec's engine takes int8 inputs")
+        tensor = subgraph.Tensors(index)
+        specs.append(TensorSpec(tensor.Name().decode(), tuple(int(d) for d in tensor.ShapeAsNumpy()),
+                                quantization(index)))
+        position[index] = number
+    nodes = []
+    for op_index in range(subgraph.OperatorsLength()):
+        operator = subgraph.Operators(op_index)
+        code = model.OperatorCodes(operator.OpcodeIndex())
+        name = op_names.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()), "CUSTOM")
+        if name not in SUPPORTED:
+            raise InputError(f"operator {op_index} is {name}, which mixprec's integer engine does not support "
+                             f"(supported: {', '.join(SUPPORTED)})")
+        op_inputs = [int(i) for i in operator.InputsAsNumpy()]
+        (output,) = [int(i) for i in operator.OutputsAsNumpy()]
+        if tensor_type(output) != "INT8":
+            raise InputError(f"operator {op_index} ({name}) outputs {tensor_type(output)}; only int8 is supported")
+        options = operator.BuiltinOptions()
+        activation = "none"
+        if name in ("FULLY_CONNECTED", "ADD", "MUL"):
+            holder = {"FULLY_CONNECTED": tflite.FullyConnectedOptions, "ADD": tflite.AddOptions,
+                      "MUL": tflite.MulOptions}[name]()
+            if options is not None:
+                holder.Init(options.Bytes, options.Pos)
+                code_value = holder.FusedActivationFunction()
+                if code_value not in activation_names:
+                    raise InputError(f"operator {op_index} ({name}) has an unsupported fused activation {code_value}")
+                activation = activation_names[code_value]
+        missing = [i for i in (op_inputs[:1] if name == "FULLY_CONNECTED" else op_inputs) if i not in position]
+        if missing:
+            raise InputError(f"operator {op_index} ({name}) reads tensor {missing[0]} before anything produces it")
+        if name == "FULLY_CONNECTED":
+            weights = constant(op_inputs[1], "<i1").astype(np.int8)
+            bias = constant(op_inputs[2], "<i4").astype(np.int32) if len(op_inputs) > 2 and op_inputs[2] >= 0 else None
+            node = FullyConnectedNode((position[op_inputs[0]],), weights, quantization(op_inputs[1]), bias,
+                                      quantization(output), activation)
+        elif name in ("ADD", "MUL"):
+            node_class = AddNode if name == "ADD" else MulNode
+            node = node_class((position[op_inputs[0]], position[op_inputs[1]]), quantization(output), activation)
+        else:
+            fixed = Quantization.per_tensor(*FIXED_OUTPUT[name])
+            if quantization(output) != fixed:
+                raise InputError(f"operator {op_index} ({name}) has output quantization {quantization(output)}; its "
+                                 f"int8 kernel requires scale {fixed.scale[0]} and zero point {fixed.zero_point[0]}")
+            if name == "SOFTMAX":
+                holder = tflite.SoftmaxOptions()
+                holder.Init(options.Bytes, options.Pos)
+                node = SoftmaxNode((position[op_inputs[0]],), float(holder.Beta()))
+            else:
+                node = (LogisticNode if name == "LOGISTIC" else TanhNode)((position[op_inputs[0]],))
+        nodes.append(node)
+        position[output] = len(specs) + len(nodes) - 1
+    outputs = [int(i) for i in subgraph.OutputsAsNumpy()]
+    if len(outputs) != 1 or position.get(outputs[0]) != len(specs) + len(nodes) - 1:
+        raise InputError("mixprec reads graphs with one output, produced by the last operator")
+    return Graph(tuple(specs), tuple(nodes))
