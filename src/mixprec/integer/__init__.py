@@ -2,7 +2,7 @@
 
 So far: the fixed-point primitives; int8 FULLY_CONNECTED (per-tensor and per-channel
 weights, int32 bias, ReLU/ReLU6 in the clamp), ADD and MUL (unequal scales, broadcasting),
-LOGISTIC, TANH and SOFTMAX;
+LOGISTIC and TANH (float32 tables), SOFTMAX (gemmlowp fixed point);
 graphs over numbered tensors; .tflite export. The tests run exported graphs in LiteRT's
 reference kernels and require byte-identical outputs.
 """
