@@ -40,6 +40,7 @@ from mixprec.analysis import (
     build_problem,
     measure_latency,
     measure_policy,
+    policy_for,
     random_choices,
     search,
     search_max_drop,
@@ -212,6 +213,18 @@ def paired_bootstrap(cosine_a: np.ndarray, cosine_b: np.ndarray, gold: np.ndarra
     return difference(np.arange(len(gold))), float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
 
 
+def _time_policies(model: nn.Module, batch: dict[str, Tensor], rounds: int,
+                   policies: dict[str, dict[str, str]]) -> dict[str, float]:
+    """Median seconds per call of each policy (layer -> precision) on ``batch``, interleaved.
+    Run right after the latency table, so prediction and measurement see the same machine."""
+    models = {}
+    for label, choices in policies.items():
+        models[label] = copy.deepcopy(model)
+        quantize(models[label], policy_for(choices))
+    with torch.no_grad():
+        return interleaved_medians({k: (lambda m=m: m(**batch)) for k, m in models.items()}, rounds)
+
+
 def run(config: SearchStudyConfig, console: Console | None = None) -> dict[str, Any]:
     """Run the study; write results.csv, pareto.csv/.png, sensitivity tables, policies and summary.json."""
     console = console or Console(width=200)
@@ -234,6 +247,16 @@ def run(config: SearchStudyConfig, console: Console | None = None) -> dict[str, 
     batch32 = tokenize(tokenizer, stsb.first[:32])
     latency = measure_latency(fp32, batch32, config.candidates, rounds=config.rounds)
     latency.to_json(out / "latency.json")
+    problem = build_problem(fp32, tables["sqnr"], latency)
+    int8_bytes = uniform_bytes(fp32, "int8")
+    low_budget = int(config.low_ratio * int8_bytes)
+    int8_latency = problem.seconds_of(uniform_choices(problem, "int8")) or 0.0
+    fast_label = f"searched sqnr, int8 latency ({int8_latency * 1e3:.1f} ms)"
+    times = _time_policies(fp32, batch32, config.rounds, {
+        **{f"uniform {p}": uniform_choices(problem, p) for p in ("fp32", *config.candidates)},
+        "searched sqnr, int8 bytes": search(fp32, tables["sqnr"], budget_bytes=int8_bytes).choices,
+        f"searched sqnr, {config.low_ratio}x int8 bytes": search(fp32, tables["sqnr"], budget_bytes=low_budget).choices,
+        fast_label: search(fp32, tables["sqnr"], budget_latency_s=int8_latency, latency=latency).choices})
 
     scorer = StsbScorer(tokenizer, config.data, fp32)
     even, odd = slice(0, None, 2), slice(1, None, 2)
@@ -245,9 +268,6 @@ def run(config: SearchStudyConfig, console: Console | None = None) -> dict[str, 
         tables["task"].to_json(out / "sensitivity-task.json")
         console.print(f"sensitivity (task: STS-B even pairs): {len(tables['task'].rows)} pairs in {seconds['task']} s")
     metrics = [*METRIC_NAMES, *(["task"] if config.task_metric else [])]
-    problem = build_problem(fp32, tables["sqnr"], latency)
-    int8_bytes = uniform_bytes(fp32, "int8")
-    low_budget = int(config.low_ratio * int8_bytes)
     measured: list[Measured] = []
     detail: dict[str, tuple[float, np.ndarray]] = {}
 
@@ -272,17 +292,7 @@ def run(config: SearchStudyConfig, console: Console | None = None) -> dict[str, 
     rng = np.random.default_rng(config.seed)
     randoms = [measure(f"random {i}, {config.low_ratio}x int8 bytes", random_choices(problem, low_budget, rng),
                        low_budget) for i in range(config.random_policies)]
-    int8_latency = problem.seconds_of(uniform["int8"].choices) or 0.0
-    fast = searched("sqnr", f"searched sqnr, int8 latency ({int8_latency * 1e3:.1f} ms)", budget_latency_s=int8_latency)
-
-    timed = [*uniform.values(), at_int8["sqnr"], at_low["sqnr"], fast]
-    models = {}
-    for point in timed:
-        models[point.label] = copy.deepcopy(fp32)
-        quantize(models[point.label], point.policy)
-    with torch.no_grad():
-        times = interleaved_medians({k: (lambda m=m: m(**batch32)) for k, m in models.items()}, config.rounds)
-    del models
+    searched("sqnr", fast_label, budget_latency_s=int8_latency)
     rows = [_row(point, int8_bytes, detail[point.label][0]) for point in measured]
     for row in rows:
         if row["label"] in times:
