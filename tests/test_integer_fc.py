@@ -212,3 +212,32 @@ def test_load_tflite_refuses_truncated_files_and_unknown_ops(tmp_path: Path) -> 
     (tmp_path / "conv.tflite").write_bytes(bytes(patched))
     with pytest.raises(InputError, match="operator 3 is CONV_2D, which mixprec's integer engine does not support"):
         load_tflite(tmp_path / "conv.tflite")
+
+
+def test_operator_records_and_kernels_refuse_bad_input() -> None:
+    from mixprec.integer import FullyConnectedParams, add, fully_connected, mul
+    from mixprec.integer.activations import softmax_params
+    from mixprec.integer.elementwise import AddParams, MulParams
+
+    weights, one = np.zeros((4, 8), np.int8), np.array([2**30], np.int32)
+    with pytest.raises(InputError, match="weights must be a 2-D int8 array"):
+        FullyConnectedParams(weights.astype(np.int16), None, 0, one, np.zeros(1, np.int32), 0)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match=r"bias must be int32 \[4\]"):
+        FullyConnectedParams(weights, np.zeros(3, np.int32), 0, one, np.zeros(1, np.int32), 0)
+    with pytest.raises(InputError, match="offsets out of range"):
+        FullyConnectedParams(weights, None, 300, one, np.zeros(1, np.int32), 0)
+    record = FullyConnectedParams(weights, None, 0, one, np.zeros(1, np.int32), 0)
+    with pytest.raises(InputError, match="does not end in 8 features"):
+        fully_connected(np.zeros((2, 7), np.int8), record)
+    with pytest.raises(InputError, match="takes an int8 numpy array"):
+        fully_connected(np.zeros((2, 8), np.float32), record)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="do not broadcast"):
+        add(np.zeros((2, 3), np.int8), np.zeros((2, 4), np.int8), AddParams(0, 0, 2**30, 0, 2**30, 0, 2**30, 0, 0))
+    with pytest.raises(InputError, match="ADD multipliers must be smaller than one"):
+        AddParams(0, 0, 2**30, 1, 2**30, 0, 2**30, 0, 0)
+    with pytest.raises(InputError, match="takes int8 numpy arrays"):
+        mul(np.zeros(3, np.int16), np.zeros(3, np.int8), MulParams(0, 0, 2**30, 0, 0))  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="beta must be a positive finite number"):
+        softmax_params(0.1, float("nan"))
+    with pytest.raises(InputError, match="too small"):
+        softmax_params(1e-9, 1.0)

@@ -58,7 +58,7 @@ def brute_force(net: nn.Module, table, budget: int) -> float:  # noqa: ANN001
 def test_the_ilp_finds_the_brute_force_optimum_and_predicts_exact_bytes(table) -> None:  # noqa: ANN001
     net = model()
     problem = build_problem(net, table)
-    low, high = problem.bytes_of(problem.extreme("bytes", False)), problem.bytes_of(problem.extreme("bytes", True))
+    low, high = problem.limits("bytes")
     for budget in np.linspace(low, high, 9).astype(int):
         result = search(net, table, budget_bytes=int(budget))
         assert result.predicted_bytes <= budget
@@ -104,7 +104,7 @@ def test_a_latency_budget_is_met_by_prediction_and_is_optimal(table) -> None:  #
 def test_budgets_and_tables_are_checked(table) -> None:  # noqa: ANN001
     net = model()
     problem = build_problem(net, table)
-    low, high = problem.bytes_of(problem.extreme("bytes", False)), problem.bytes_of(problem.extreme("bytes", True))
+    low, high = problem.limits("bytes")
     with pytest.raises(PolicyError, match=rf"below the smallest model these candidates give \({low} bytes"):
         search(net, table, budget_bytes=low - 1)
     with pytest.raises(PolicyError, match=rf"above the largest model these candidates give \({high} bytes"):
@@ -153,7 +153,7 @@ def test_max_drop_search_returns_the_smallest_measured_policy_within_the_drop(ta
 def test_pareto_sweep_and_baselines(table) -> None:  # noqa: ANN001
     net = model()
     problem = build_problem(net, table)
-    low, high = problem.bytes_of(problem.extreme("bytes", False)), problem.bytes_of(problem.extreme("bytes", True))
+    low, high = problem.limits("bytes")
     points = pareto_sweep(net, table, output_error(net), [low, (low + high) // 2, high], uniform=["int8", "w4"])
     assert [p.label for p in points][-2:] == ["uniform int8", "uniform w4"]
     assert points[0].score <= points[1].score <= points[2].score == 0.0
@@ -189,3 +189,27 @@ def test_latency_refuses_layers_that_do_not_run() -> None:
         measure_latency(Branchy(), data()[0], ["int8"], rounds=1, min_seconds=0.001, progress=False)
     with pytest.raises(PolicyError, match="are not quantizable layers"):
         measure_latency(model(), data()[0], ["int8"], layers=["1"], progress=False)
+
+
+def test_helpers_refuse_bad_input(table) -> None:  # noqa: ANN001
+    from mixprec import CalibrationError
+
+    net = model()
+    problem = build_problem(net, table)
+    low, _ = problem.limits("bytes")
+    with pytest.raises(PolicyError, match="at least one byte budget"):
+        pareto_sweep(net, table, output_error(net), [])
+    with pytest.raises(PolicyError, match=rf"the smallest model holds {low} bytes > budget {low - 1}"):
+        random_choices(problem, low - 1, np.random.default_rng(0))
+    with pytest.raises(PolicyError, match="'w8' is not among the options"):
+        weight_error_ranking(net, problem, low, low="w8")
+    with pytest.raises(PolicyError, match="objective='latency' needs latency="):
+        search_max_drop(net, table, output_error(net), 0.1, objective="latency")
+    with pytest.raises(PolicyError, match="objective must be 'bytes' or 'latency'"):
+        search_max_drop(net, table, output_error(net), 0.1, objective="speed")
+    with pytest.raises(CalibrationError, match="rounds must be >= 1"):
+        measure_latency(net, data()[0], ["int8"], rounds=0)
+    with pytest.raises(PolicyError, match=r"\['int8-static'\] need calibrated activations"):
+        measure_latency(net, data()[0], ["int8-static"])
+    with pytest.raises(PolicyError, match="needs a list of candidate precisions"):
+        measure_latency(net, data()[0], [])

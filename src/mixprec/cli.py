@@ -68,7 +68,6 @@ def _search(args: argparse.Namespace) -> None:
     table = SensitivityTable.from_json(args.table)
     latency = LatencyTable.from_json(args.latency) if args.latency else None
     model, tokenizer = load_model(args.model)
-    budget_ms = args.budget_ms
     if args.max_drop is not None:
         evaluate = StsbScorer(tokenizer, args.data, model)
         found = search_max_drop(model, table, lambda m: evaluate(m, slice(0, None, 2)), args.max_drop,
@@ -81,7 +80,8 @@ def _search(args: argparse.Namespace) -> None:
         budget = args.budget_bytes
         if args.budget_ratio is not None:
             budget = int(args.budget_ratio * uniform_bytes(model, "int8"))
-        result = search(model, table, budget, None if budget_ms is None else budget_ms / 1e3, latency, args.candidates)
+        result = search(model, table, budget, None if args.budget_ms is None else args.budget_ms / 1e3, latency,
+                        args.candidates)
         text = result.to_toml()
         print(text.split("default =")[0].strip())
     write_text_atomic(args.out, text)

@@ -83,8 +83,7 @@ def search_max_drop(model: nn.Module, table: SensitivityTable, evaluate: Evaluat
         raise PolicyError(f"steps must be >= 1, got {steps}")
     problem = build_problem(model, table, latency, candidates, allow_fp32)
     key = "bytes" if objective == "bytes" else "seconds"
-    measure = problem.bytes_of if key == "bytes" else problem.seconds_of
-    low, high = measure(problem.extreme(key, False)), measure(problem.extreme(key, True))
+    low, high = problem.limits(key)
     reference = float(evaluate(model))
     trials: list[Measured] = []
     seen: dict[tuple[tuple[str, str], ...], Measured] = {}

@@ -24,10 +24,11 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
+from mixprec.analysis.sensitivity import applicable, dynamic_candidates
 from mixprec.errors import CalibrationError, PolicyError
 from mixprec.io_utils import write_text_atomic
 from mixprec.policy import quantizable_names
-from mixprec.precision import build, check_applicable, parse_precision
+from mixprec.precision import build
 from mixprec.quantize import replace_module, run_batch
 
 
@@ -121,12 +122,7 @@ def measure_latency(model: nn.Module, batch: Any, candidates: Sequence[str], lay
     """
     if rounds < 1:
         raise CalibrationError(f"rounds must be >= 1, got {rounds}")
-    if not candidates or isinstance(candidates, str):
-        raise PolicyError(f"measure_latency needs a list of candidate precisions, got {candidates!r}")
-    precisions = [parse_precision(name) for name in candidates]
-    static = [p.name for p in precisions if p.is_static]
-    if static:
-        raise PolicyError(f"{static} need calibrated activations; time dynamic and weight-only precisions")
+    precisions = dynamic_candidates(candidates)
     order = list(dict(model.named_modules()))
     names = sorted(quantizable_names(model), key=order.index) if layers is None else list(layers)
     unknown = sorted(set(names) - quantizable_names(model))
@@ -135,14 +131,8 @@ def measure_latency(model: nn.Module, batch: Any, candidates: Sequence[str], lay
     originals = {name: model.get_submodule(name) for name in names}
     configurations: dict[str, dict[str, nn.Module]] = {"fp32": dict(originals)}
     for precision in precisions:
-        modules = dict(originals)
-        for name, module in originals.items():
-            try:
-                check_applicable(name, module, precision)
-            except PolicyError:
-                continue
-            modules[name] = build(module, precision)
-        configurations[precision.name] = modules
+        configurations[precision.name] = {name: build(module, precision) if applicable(name, module, [precision])
+                                          else module for name, module in originals.items()}
     samples: dict[str, dict[str, list]] = {label: {"layers": [], "model": []} for label in configurations}
     labels = list(configurations)
     try:

@@ -64,6 +64,11 @@ class SearchProblem:
         pick = max if largest else min
         return {layer: pick(options, key=lambda o: getattr(o, key)).precision for layer, options in self.layers.items()}
 
+    def limits(self, key: str) -> tuple[float, float]:
+        """Smallest and largest whole-model ``key`` (``"bytes"`` or ``"seconds"``) the options give."""
+        measure = self.bytes_of if key == "bytes" else self.seconds_of
+        return measure(self.extreme(key, False)), measure(self.extreme(key, True))  # type: ignore[return-value]
+
     def _option(self, layer: str, precision: str) -> Option:
         for option in self.layers[layer]:
             if option.precision == precision:
@@ -195,8 +200,7 @@ def search(model: nn.Module, table: SensitivityTable, budget_bytes: int | None =
 
 
 def _check_budget(problem: SearchProblem, key: str, budget: float) -> None:
-    measure = problem.bytes_of if key == "bytes" else problem.seconds_of
-    low, high = measure(problem.extreme(key, False)), measure(problem.extreme(key, True))
+    low, high = problem.limits(key)
     unit = "bytes" if key == "bytes" else "s"
     if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not np.isfinite(budget):
         raise PolicyError(f"the {key} budget must be a finite number, got {budget!r}")

@@ -161,24 +161,36 @@ def sensitivity(model: nn.Module, data: Iterable[Any], candidates: Sequence[str]
     return SensitivityTable(tuple(rows))
 
 
-def _applicable_pairs(model: nn.Module, candidates: Sequence[str]) -> list[tuple[str, nn.Module, Precision]]:
+def dynamic_candidates(candidates: Sequence[str]) -> list[Precision]:
+    """Parse candidate precision names, refusing an empty list and static ones (which need
+    calibrated activations)."""
     if not candidates or isinstance(candidates, str):
-        raise PolicyError(f"sensitivity needs a list of candidate precisions, got {candidates!r}")
+        raise PolicyError(f"needs a list of candidate precisions, got {candidates!r}")
     precisions = [parse_precision(name) for name in candidates]
     static = [p.name for p in precisions if p.is_static]
     if static:
-        raise PolicyError(f"{static} need calibrated activations; sensitivity takes dynamic and weight-only "
+        raise PolicyError(f"{static} need calibrated activations; take dynamic and weight-only "
                           "precisions (int8, w8, w4, bf16, fp16, ...)")
+    return precisions
+
+
+def applicable(name: str, module: nn.Module, precisions: Sequence[Precision]) -> list[Precision]:
+    """The candidates that apply to one layer (see :func:`mixprec.precision.check_applicable`)."""
+    chosen = []
+    for precision in precisions:
+        try:
+            check_applicable(name, module, precision)
+        except PolicyError:
+            continue
+        chosen.append(precision)
+    return chosen
+
+
+def _applicable_pairs(model: nn.Module, candidates: Sequence[str]) -> list[tuple[str, nn.Module, Precision]]:
+    precisions = dynamic_candidates(candidates)
     names = sorted(quantizable_names(model), key=list(dict(model.named_modules())).index)
-    pairs = []
-    for name in names:
-        module = model.get_submodule(name)
-        for precision in precisions:
-            try:
-                check_applicable(name, module, precision)
-            except PolicyError:
-                continue
-            pairs.append((name, module, precision))
+    pairs = [(name, model.get_submodule(name), precision) for name in names
+             for precision in applicable(name, model.get_submodule(name), precisions)]
     unused = sorted({p.name for p in precisions} - {p.name for _, _, p in pairs})
     if unused:
         raise PolicyError(f"candidates {unused} apply to no layer of this {type(model).__name__}")

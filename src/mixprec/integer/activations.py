@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 from mixprec.errors import InputError
 from mixprec.integer.fixedpoint import (
@@ -53,7 +53,9 @@ def _c_float_function(name: str, values: NDArray[np.float32]) -> NDArray[np.floa
     return np.array([function(float(v)) for v in values], dtype=np.float32)
 
 
-def _round_half_away(values: NDArray[np.float32]) -> NDArray[np.float32]:
+def round_half_away(values: ArrayLike) -> NDArray[np.float32]:
+    """``std::round`` / ``TfLiteRound`` in float32: nearest, ties away from zero."""
+    values = np.asarray(values, dtype=np.float32)
     return (np.sign(values) * np.floor(np.abs(values) + np.float32(0.5))).astype(np.float32)
 
 
@@ -68,7 +70,7 @@ def lookup_table(kind: str, input_scale: float, input_zero_point: int) -> NDArra
     else:
         y = _c_float_function("tanhf", x)
     out_scale, out_zero_point = FIXED_OUTPUT[kind]
-    rescaled = _round_half_away((y * (np.float32(1) / np.float32(out_scale))).astype(np.float32))
+    rescaled = round_half_away((y * (np.float32(1) / np.float32(out_scale))).astype(np.float32))
     quantized = (rescaled + np.float32(out_zero_point)).astype(np.int64)
     return np.clip(quantized, -128, 127).astype(np.int8)
 

@@ -23,6 +23,7 @@ from mixprec.integer.activations import (
     TableParams,
     apply_table,
     lookup_table,
+    round_half_away,
     softmax,
     softmax_params,
 )
@@ -60,11 +61,6 @@ class Quantization:
         return np.asarray(self.scale, dtype=np.float32)
 
 
-def _round_away(value: NDArray[np.float32]) -> NDArray[np.int64]:
-    """``TfLiteRound`` (``std::round``): nearest, ties away from zero."""
-    return (np.sign(value) * np.floor(np.abs(value) + np.float32(0.5))).astype(np.int64)
-
-
 def activation_range(activation: str, output: Quantization) -> tuple[int, int]:
     """TFLite ``CalculateActivationRangeQuantized`` for int8 (``f / scale`` in float32)."""
     if activation not in ACTIVATIONS:
@@ -72,7 +68,7 @@ def activation_range(activation: str, output: Quantization) -> tuple[int, int]:
     scale, zero_point = output.scale32[0], output.zero_point[0]
 
     def quantize(value: float) -> int:
-        return zero_point + int(_round_away(np.float32(value) / scale))
+        return zero_point + int(round_half_away(np.float32(value) / scale))
 
     if activation == "none":
         return -128, 127

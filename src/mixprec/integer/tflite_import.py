@@ -45,13 +45,13 @@ def load_tflite(path: str | os.PathLike[str]) -> Graph:
         raise InputError(f"{str(path)!r} is not a .tflite file (no TFL3 identifier)")
     try:
         return _build(tflite, tflite.Model.GetRootAs(data, 0), path)
+    except InputError:
+        raise
     except (IndexError, ValueError, TypeError, AttributeError, OverflowError, struct.error) as exc:
-        if isinstance(exc, InputError):
-            raise
         raise InputError(f"{str(path)!r} is truncated or corrupt: {type(exc).__name__}: {exc}") from None
 
 
-def _names(tflite: Any, enum: Any) -> dict[int, str]:
+def _names(enum: Any) -> dict[int, str]:
     return {value: name for name, value in vars(enum).items() if not name.startswith("_")}
 
 
@@ -59,8 +59,8 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
     if model.SubgraphsLength() != 1:
         raise InputError(f"{str(path)!r} has {model.SubgraphsLength()} subgraphs; mixprec reads exactly one")
     subgraph = model.Subgraphs(0)
-    op_names = _names(tflite, tflite.BuiltinOperator)
-    type_names = _names(tflite, tflite.TensorType)
+    op_names = _names(tflite.BuiltinOperator)
+    type_names = _names(tflite.TensorType)
     activation_names = {code: name for name, code in ACTIVATION_CODES.items()}
 
     def quantization(index: int) -> Quantization:

@@ -40,6 +40,7 @@ from mixprec.analysis import (
     build_problem,
     measure_latency,
     measure_policy,
+    pareto_sweep,
     policy_for,
     random_choices,
     search,
@@ -99,7 +100,7 @@ def _probe(model: nn.Module, tokenizer: object, sentences: Sequence[str], labels
 def _row(measured: Measured, int8_bytes: int, sqnr_db: float) -> dict[str, Any]:
     return {
         "label": measured.label,
-        "budget_bytes": "" if measured.budget is None or "latency" in measured.label else int(measured.budget),
+        "budget_bytes": "" if measured.budget is None else int(measured.budget),
         "predicted_bytes": measured.predicted_bytes,
         "measured_bytes": measured.measured_bytes,
         "bytes_vs_int8": round(measured.measured_bytes / int8_bytes, 4),
@@ -280,7 +281,7 @@ def run(config: SearchStudyConfig, console: Console | None = None) -> dict[str, 
     def searched(metric: str, label: str, **budget: Any) -> Measured:
         result = search(fp32, tables[metric], latency=latency, **budget)
         write_text_atomic(out / f"policy-{re.sub(r'[^A-Za-z0-9.]+', '-', label).strip('-')}.toml", result.to_toml())
-        return measure(label, result.choices, budget.get("budget_bytes", budget.get("budget_latency_s")))
+        return measure(label, result.choices, budget.get("budget_bytes"))
 
     uniform = {p: measure(f"uniform {p}", uniform_choices(problem, p)) for p in ("fp32", *config.candidates)}
     at_int8 = {m: searched(m, f"searched {m}, int8 bytes", budget_bytes=int8_bytes) for m in metrics}
@@ -299,12 +300,17 @@ def run(config: SearchStudyConfig, console: Console | None = None) -> dict[str, 
             row["measured_ms"] = round(times[row["label"]] * 1e3, 2)
             row["latency_error_pct"] = round(100 * (row["predicted_ms"] / row["measured_ms"] - 1), 1)
 
-    low, high = problem.bytes_of(problem.extreme("bytes", False)), problem.bytes_of(problem.extreme("bytes", True))
-    sweep = []
-    for budget in (int(b) for b in np.geomspace(low, high, config.sweep_points)):
-        choices = search(fp32, tables["sqnr"], budget_bytes=budget, latency=latency).choices
-        sweep.append(measure_policy(fp32, f"searched sqnr, {budget} B", choices, problem, scorer, budget))
-        detail[sweep[-1].label] = (scorer.last_sqnr_db, scorer.last_cosine)
+    low, high = problem.limits("bytes")
+    swept: list[tuple[float, np.ndarray]] = []
+
+    def recording(model: nn.Module) -> float:
+        score = scorer(model)
+        swept.append((scorer.last_sqnr_db, scorer.last_cosine))
+        return score
+
+    budgets = [int(b) for b in np.geomspace(low, high, config.sweep_points)]
+    sweep = pareto_sweep(fp32, tables["sqnr"], recording, budgets, latency=latency)
+    detail.update({point.label: record for point, record in zip(sweep, swept)})
     sweep_rows = [_row(point, int8_bytes, detail[point.label][0]) for point in sweep]
     write_csv(out / "pareto.csv", sweep_rows, COLUMNS)
     score_vs_cost(out / "pareto.png", [(p.predicted_bytes, (p.predicted_latency_s or 0) * 1e3, p.score) for p in sweep],
