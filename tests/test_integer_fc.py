@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mixprec import InputError
-from mixprec.integer.graph import (
+from mixprec.integer import (
     AddNode,
     FullyConnectedNode,
     Graph,
@@ -75,7 +75,7 @@ def test_fully_connected_is_byte_identical_to_litert_reference_kernels(per_chann
 def test_graphs_refuse_bad_input() -> None:
     rng = np.random.default_rng(0)
     graph = random_graph(rng, True, "none", True)
-    with pytest.raises(InputError, match="'input' must be an int8 numpy array, got float32"):
+    with pytest.raises(InputError, match="'input' must be a numpy array of int8, got float32"):
         graph(np.zeros((1, 24), np.float32))
     with pytest.raises(InputError, match=r"'input' has shape \(1, 23\); the model's is \(1, 24\)"):
         graph(np.zeros((1, 23), np.int8))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
-from numpy.typing import ArrayLike, NDArray
+from numpy.typing import NDArray
 
 from mixprec.errors import InputError
 from mixprec.integer.fixedpoint import (
@@ -34,6 +34,7 @@ from mixprec.integer.fixedpoint import (
     saturating_rounding_doubling_high_mul,
 )
 from mixprec.integer.fixedpoint_functions import exp_on_negative_values, reciprocal, wrap_int32
+from mixprec.integer.rounding import round_half_away
 
 #: Output quantization each op requires: (scale, zero point).
 FIXED_OUTPUT = {"LOGISTIC": (1.0 / 256, -128), "TANH": (1.0 / 128, 0), "SOFTMAX": (1.0 / 256, -128)}
@@ -51,12 +52,6 @@ def _libm() -> ctypes.CDLL:
 def _c_float_function(name: str, values: NDArray[np.float32]) -> NDArray[np.float32]:
     function = getattr(_libm(), name)
     return np.array([function(float(v)) for v in values], dtype=np.float32)
-
-
-def round_half_away(values: ArrayLike) -> NDArray[np.float32]:
-    """``std::round`` / ``TfLiteRound`` in float32: nearest, ties away from zero."""
-    values = np.asarray(values, dtype=np.float32)
-    return (np.sign(values) * np.floor(np.abs(values) + np.float32(0.5))).astype(np.float32)
 
 
 def lookup_table(kind: str, input_scale: float, input_zero_point: int) -> NDArray[np.int8]:

@@ -14,14 +14,18 @@ import os
 import numpy as np
 
 from mixprec.errors import InputError
-from mixprec.integer.graph import FullyConnectedNode, Graph, Quantization
+from mixprec.integer.graph import Graph
+from mixprec.integer.nodes import FullyConnectedNode, MeanNode, ReshapeNode
+from mixprec.integer.tensors import Quantization
 from mixprec.io_utils import atomic_path
 
 ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 3}  # tflite.ActivationFunctionType
 _OPTIONS = {"FULLY_CONNECTED": "FullyConnectedOptions", "ADD": "AddOptions", "MUL": "MulOptions",
-            "SOFTMAX": "SoftmaxOptions", "LOGISTIC": None, "TANH": None}
+            "SOFTMAX": "SoftmaxOptions", "MEAN": "ReducerOptions", "LOGISTIC": None, "TANH": None,
+            "RESHAPE": None, "QUANTIZE": None, "DEQUANTIZE": None}
 #: Operator versions that cover int8 (and per-channel FULLY_CONNECTED).
-_VERSIONS = {"FULLY_CONNECTED": 5, "ADD": 2, "MUL": 2, "SOFTMAX": 2, "LOGISTIC": 2, "TANH": 2}
+_VERSIONS = {"FULLY_CONNECTED": 5, "ADD": 2, "MUL": 2, "SOFTMAX": 2, "LOGISTIC": 2, "TANH": 2, "MEAN": 2,
+             "RESHAPE": 1, "QUANTIZE": 2, "DEQUANTIZE": 2}
 
 
 def require_tflite():  # noqa: ANN202
@@ -41,17 +45,18 @@ def export_tflite(graph: Graph, path: str | os.PathLike[str]) -> None:
         raise InputError(f"export_tflite takes a mixprec.integer.Graph, got {type(graph).__name__}")
     flatbuffers, tflite = require_tflite()
     builder = flatbuffers.Builder(1024)
-    tensors: list[tuple[str, tuple[int, ...], int, Quantization, bytes | None]] = []  # name, shape, type, quant, data
+    tensors: list[tuple[str, tuple[int, ...], int, Quantization | None, bytes | None]] = []  # name, shape, ...
 
-    def add(name: str, shape: tuple[int, ...], dtype: int, quant: Quantization, data: bytes | None) -> int:
+    def add(name: str, shape: tuple[int, ...], dtype: int, quant: Quantization | None, data: bytes | None) -> int:
         tensors.append((name, shape, dtype, quant, data))
         return len(tensors) - 1
 
     int8, int32 = tflite.TensorType.INT8, tflite.TensorType.INT32
-    position = [add(spec.name, spec.shape, int8, spec.quant, None) for spec in graph.inputs]
+    types = {"int8": int8, "float32": tflite.TensorType.FLOAT32}
+    position = [add(spec.name, spec.shape, types[spec.dtype], spec.quant, None) for spec in graph.inputs]
     opcodes: list[str] = []
     operators = []
-    shapes, quants = graph.tensor_shapes, graph.tensor_quants
+    shapes, quants, dtypes = graph.tensor_shapes, graph.tensor_quants, graph.tensor_dtypes
     for index, node in enumerate(graph.nodes):
         inputs = [position[i] for i in node.inputs]
         if isinstance(node, FullyConnectedNode):
@@ -62,8 +67,15 @@ def export_tflite(graph: Graph, path: str | os.PathLike[str]) -> None:
                 bias_scale = tuple(float(np.float32(s_in * s)) for s in node.weight_quant.scale32)
                 inputs.append(add(f"op{index}/bias", node.bias.shape, int32,
                                   Quantization(bias_scale, (0,) * len(bias_scale)), node.bias.astype("<i4").tobytes()))
+        elif isinstance(node, MeanNode):
+            axes = np.asarray(sorted(node.axes), dtype="<i4")
+            inputs.append(add(f"op{index}/axes", axes.shape, int32, None, axes.tobytes()))
+        elif isinstance(node, ReshapeNode):
+            new_shape = np.asarray((-1, *node.shape), dtype="<i4")  # -1: the batch stays free
+            inputs.append(add(f"op{index}/shape", new_shape.shape, int32, None, new_shape.tobytes()))
         output_index = len(graph.inputs) + index
-        position.append(add(f"op{index}/{node.opcode.lower()}", shapes[output_index], int8, node.output_quant, None))
+        position.append(add(f"op{index}/{node.opcode.lower()}", shapes[output_index], types[dtypes[output_index]],
+                            quants[output_index], None))
         if node.opcode not in opcodes:
             opcodes.append(node.opcode)
         operators.append((opcodes.index(node.opcode), node, inputs, [position[-1]]))
@@ -80,13 +92,14 @@ def export_tflite(graph: Graph, path: str | os.PathLike[str]) -> None:
     for index, (name, tensor_shape, dtype, tensor_quant, _) in enumerate(tensors):
         name_offset = builder.CreateString(name)
         shape_offset = _int_vector(builder, tflite.TensorStartShapeVector, tensor_shape, builder.PrependInt32)
-        quant_offset = _quantization(builder, tflite, tensor_quant)
+        quant_offset = _quantization(builder, tflite, tensor_quant) if tensor_quant is not None else None
         tflite.TensorStart(builder)
         tflite.TensorAddShape(builder, shape_offset)
         tflite.TensorAddType(builder, dtype)
         tflite.TensorAddBuffer(builder, index + 1)
         tflite.TensorAddName(builder, name_offset)
-        tflite.TensorAddQuantization(builder, quant_offset)
+        if quant_offset is not None:
+            tflite.TensorAddQuantization(builder, quant_offset)
         tensor_offsets.append(tflite.TensorEnd(builder))
     operator_offsets = []
     for opcode_index, node, inputs, outputs in operators:
@@ -140,6 +153,8 @@ def _options(builder, tflite, name: str, node) -> int:  # noqa: ANN001
     getattr(tflite, f"{name}Start")(builder)
     if name == "SoftmaxOptions":
         tflite.SoftmaxOptionsAddBeta(builder, float(node.beta))
+    elif name == "ReducerOptions":
+        tflite.ReducerOptionsAddKeepDims(builder, bool(node.keep_dims))
     else:
         getattr(tflite, f"{name}AddFusedActivationFunction")(builder, ACTIVATION_CODES[node.activation])
     return getattr(tflite, f"{name}End")(builder)

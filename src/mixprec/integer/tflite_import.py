@@ -2,8 +2,9 @@
 package's flatbuffers readers; no TensorFlow).
 
 Supported: one subgraph of int8 tensors with FULLY_CONNECTED (int8 weights, optional int32
-bias), ADD, MUL, LOGISTIC, TANH and SOFTMAX, in the file's operator order, with a single
-output produced by the last operator. Anything else is refused by name; a file that is
+bias), ADD, MUL, MEAN (constant axes), RESHAPE (constant shape tensor, batch free), LOGISTIC,
+TANH, SOFTMAX, QUANTIZE (float32 or int8 input) and DEQUANTIZE (float32 output), in the file's
+operator order, with a single output produced by the last operator. Anything else is refused by name; a file that is
 not a complete .tflite flatbuffer is refused before anything is built.
 """
 
@@ -18,20 +19,26 @@ import numpy as np
 
 from mixprec.errors import InputError
 from mixprec.integer.activations import FIXED_OUTPUT
-from mixprec.integer.graph import (
+from mixprec.integer.graph import Graph
+from mixprec.integer.nodes import (
     AddNode,
+    DequantizeNode,
     FullyConnectedNode,
-    Graph,
     LogisticNode,
+    MeanNode,
     MulNode,
-    Quantization,
+    QuantizeNode,
+    ReshapeNode,
     SoftmaxNode,
     TanhNode,
-    TensorSpec,
 )
+from mixprec.integer.tensors import Quantization, TensorSpec
 from mixprec.integer.tflite_export import ACTIVATION_CODES, require_tflite
 
-SUPPORTED = ("FULLY_CONNECTED", "ADD", "MUL", "LOGISTIC", "TANH", "SOFTMAX")
+SUPPORTED = ("FULLY_CONNECTED", "ADD", "MUL", "MEAN", "RESHAPE", "LOGISTIC", "TANH", "SOFTMAX", "QUANTIZE",
+             "DEQUANTIZE")
+#: Element types per opcode: (input types accepted, output type).
+_TYPES = {"QUANTIZE": (("INT8", "FLOAT32"), "INT8"), "DEQUANTIZE": (("INT8",), "FLOAT32")}
 
 
 def load_tflite(path: str | os.PathLike[str]) -> Graph:
@@ -86,11 +93,12 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
     position = {}
     specs = []
     for number, index in enumerate(inputs):
-        if tensor_type(index) != "INT8":
-            raise InputError(f"input {number} is {tensor_type(index)}; mixprec's engine takes int8 inputs")
+        if tensor_type(index) not in ("INT8", "FLOAT32"):
+            raise InputError(f"input {number} is {tensor_type(index)}; mixprec's engine takes int8 or float32 inputs")
         tensor = subgraph.Tensors(index)
+        is_float = tensor_type(index) == "FLOAT32"
         specs.append(TensorSpec(tensor.Name().decode(), tuple(int(d) for d in tensor.ShapeAsNumpy()),
-                                quantization(index)))
+                                None if is_float else quantization(index), "float32" if is_float else "int8"))
         position[index] = number
     nodes = []
     for op_index in range(subgraph.OperatorsLength()):
@@ -102,8 +110,10 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
                              f"(supported: {', '.join(SUPPORTED)})")
         op_inputs = [int(i) for i in operator.InputsAsNumpy()]
         (output,) = [int(i) for i in operator.OutputsAsNumpy()]
-        if tensor_type(output) != "INT8":
-            raise InputError(f"operator {op_index} ({name}) outputs {tensor_type(output)}; only int8 is supported")
+        accepted, produced = _TYPES.get(name, (("INT8",), "INT8"))
+        if tensor_type(output) != produced or tensor_type(op_inputs[0]) not in accepted:
+            raise InputError(f"operator {op_index} ({name}) maps {tensor_type(op_inputs[0])} to "
+                             f"{tensor_type(output)}; mixprec supports {' or '.join(accepted)} to {produced}")
         options = operator.BuiltinOptions()
         activation = "none"
         if name in ("FULLY_CONNECTED", "ADD", "MUL"):
@@ -115,7 +125,8 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
                 if code_value not in activation_names:
                     raise InputError(f"operator {op_index} ({name}) has an unsupported fused activation {code_value}")
                 activation = activation_names[code_value]
-        missing = [i for i in (op_inputs[:1] if name == "FULLY_CONNECTED" else op_inputs) if i not in position]
+        missing = [i for i in (op_inputs[:1] if name in ("FULLY_CONNECTED", "MEAN", "RESHAPE") else op_inputs)
+                   if i not in position]
         if missing:
             raise InputError(f"operator {op_index} ({name}) reads tensor {missing[0]} before anything produces it")
         if name == "FULLY_CONNECTED":
@@ -123,6 +134,24 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
             bias = constant(op_inputs[2], "<i4").astype(np.int32) if len(op_inputs) > 2 and op_inputs[2] >= 0 else None
             node = FullyConnectedNode((position[op_inputs[0]],), weights, quantization(op_inputs[1]), bias,
                                       quantization(output), activation)
+        elif name == "MEAN":
+            holder = tflite.ReducerOptions()
+            if options is not None:
+                holder.Init(options.Bytes, options.Pos)
+            axes = tuple(int(a) for a in constant(op_inputs[1], "<i4").reshape(-1))
+            node = MeanNode((position[op_inputs[0]],), axes, quantization(output), bool(holder.KeepDims()))
+        elif name == "RESHAPE":
+            if len(op_inputs) < 2:
+                raise InputError(f"operator {op_index} (RESHAPE) has no shape tensor; mixprec reads that form only")
+            new_shape = tuple(int(d) for d in constant(op_inputs[1], "<i4").reshape(-1))
+            if len(new_shape) < 2 or new_shape[0] not in (-1, 1) or -1 in new_shape[1:]:
+                raise InputError(f"operator {op_index} (RESHAPE) has shape {new_shape}; mixprec reads shapes that "
+                                 "keep the batch first and give every other size")
+            node = ReshapeNode((position[op_inputs[0]],), new_shape[1:])
+        elif name == "QUANTIZE":
+            node = QuantizeNode((position[op_inputs[0]],), quantization(output))
+        elif name == "DEQUANTIZE":
+            node = DequantizeNode((position[op_inputs[0]],))
         elif name in ("ADD", "MUL"):
             node_class = AddNode if name == "ADD" else MulNode
             node = node_class((position[op_inputs[0]], position[op_inputs[1]]), quantization(output), activation)

@@ -1,0 +1,76 @@
+"""Int8 MEAN over non-batch axes with LiteRT's reference semantics
+(``reference_ops::QuantizedMeanOrSum``, which its reference MEAN kernel uses for every int8
+case). Integers only; ``1/count`` is folded into the output multiplier::
+
+    multiplier, shift = quantize_multiplier(double(s_in) / double(s_out))
+    k = min(floor(log2(count)), 32, 31 + shift)             # headroom taken from the multiplier
+    multiplier = (multiplier * 2^k) // count                # truncating (both positive)
+    shift = shift - k
+    out = clamp(MBQM(sum(q) - zp_in * count, multiplier, shift) + zp_out, -128, 127)
+
+with :func:`~mixprec.integer.fixedpoint.multiply_by_quantized_multiplier` (two roundings, ties
+away from zero). The sum is exact: at most 2^23 int8 elements per output keep
+``|sum - zp_in * count| <= 255 * 2^23`` inside int32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from mixprec.errors import InputError
+from mixprec.integer.fixedpoint import multiply_by_quantized_multiplier, quantize_multiplier
+
+MAX_MEAN_COUNT = 2**23
+
+
+@dataclass(frozen=True)
+class MeanParams:
+    """Runtime record of MEAN: the reduced ``axes`` (sorted, never 0), ``keep_dims``, the
+    element ``count`` per output, and the folded ``multiplier``/``shift`` (integers only)."""
+
+    axes: tuple[int, ...]
+    keep_dims: bool
+    count: int
+    input_zero_point: int
+    output_zero_point: int
+    multiplier: int
+    shift: int
+
+
+def mean_params(shape: tuple[int, ...], axes: tuple[int, ...], keep_dims: bool, input_scale: float,
+                input_zero_point: int, output_scale: float, output_zero_point: int) -> MeanParams:
+    """The record LiteRT's ``Prepare`` and ``Eval`` compute for a MEAN over ``axes`` of ``shape``."""
+    axes = tuple(sorted(set(int(a) for a in axes)))
+    if not axes or any(not 1 <= a < len(shape) for a in axes):
+        raise InputError(f"MEAN reduces axes among 1..{len(shape) - 1} (axis 0 is the batch), got {axes}")
+    count = int(np.prod([shape[a] for a in axes]))
+    if count > MAX_MEAN_COUNT:
+        raise InputError(f"MEAN over {count} elements exceeds {MAX_MEAN_COUNT}, the most whose int32 sum is exact")
+    multiplier, shift = quantize_multiplier(float(np.float32(input_scale)) / float(np.float32(output_scale)))
+    headroom = min(count.bit_length() - 1, 32, 31 + shift)
+    return MeanParams(axes, keep_dims, count, int(input_zero_point), int(output_zero_point),
+                      (multiplier << headroom) // count, shift - headroom)
+
+
+def mean_shape(shape: tuple[int, ...], axes: tuple[int, ...], keep_dims: bool) -> tuple[int, ...]:
+    """Output shape of MEAN over ``axes``."""
+    if keep_dims:
+        return tuple(1 if i in axes else d for i, d in enumerate(shape))
+    return tuple(d for i, d in enumerate(shape) if i not in axes)
+
+
+def mean(q: NDArray[np.int8], params: MeanParams) -> NDArray[np.int8]:
+    """int8 ``q`` -> int8 mean over ``params.axes`` (see module docstring)."""
+    if not isinstance(q, np.ndarray) or q.dtype != np.int8:
+        raise InputError(f"mean takes an int8 numpy array, got {getattr(q, 'dtype', type(q).__name__)}")
+    count = int(np.prod([q.shape[a] for a in params.axes])) if q.ndim > max(params.axes) else -1
+    if count != params.count:
+        raise InputError(f"mean over axes {params.axes} was built for {params.count} elements per output; "
+                         f"shape {q.shape} gives {count}")
+    total = q.astype(np.int64).sum(axis=params.axes, keepdims=params.keep_dims)
+    scaled = multiply_by_quantized_multiplier(total - params.input_zero_point * params.count, params.multiplier,
+                                              params.shift).astype(np.int64)
+    return np.clip(scaled + params.output_zero_point, -128, 127).astype(np.int8)

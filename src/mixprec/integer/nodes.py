@@ -1,0 +1,335 @@
+"""Operators of an integer graph. Each node holds the float-side description a .tflite file
+stores (quantization, options) and derives its integer runtime record exactly as LiteRT's
+``Prepare`` does (the float arithmetic reproduced step by step); ``run`` applies the record.
+
+A node's ``inputs`` are tensor numbers of its graph; ``output_dtype`` is ``"int8"`` unless
+stated; ``output_quant`` is the output's quantization (None for float32 outputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from mixprec.errors import InputError
+from mixprec.integer.activations import (
+    FIXED_OUTPUT,
+    SoftmaxParams,
+    TableParams,
+    apply_table,
+    lookup_table,
+    softmax,
+    softmax_params,
+)
+from mixprec.integer.conversions import RequantizeParams, dequantize, quantize, requantize, requantize_params
+from mixprec.integer.elementwise import ADD_LEFT_SHIFT, AddParams, MulParams, add, mul
+from mixprec.integer.fixedpoint import quantize_multiplier
+from mixprec.integer.fully_connected import FullyConnectedParams, fully_connected
+from mixprec.integer.mean import MeanParams, mean, mean_params, mean_shape
+from mixprec.integer.tensors import Quantization, activation_range
+
+
+class _Node:
+    """What every node shares: int8 inputs and output unless a node says otherwise."""
+
+    input_dtypes: tuple[str, ...] = ("int8",)
+    output_dtype = "int8"
+
+    def result_quant(self, quants: Sequence[Quantization | None]) -> Quantization | None:
+        """The output tensor's quantization given the inputs' (most ops fix their own)."""
+        return self.output_quant
+
+
+def _check_activation_and_output(output_quant: Quantization, activation: str) -> None:
+    if len(output_quant.scale) != 1:
+        raise InputError("operator outputs are quantized per tensor")
+    activation_range(activation, output_quant)
+
+
+@dataclass(frozen=True, eq=False)
+class FullyConnectedNode(_Node):
+    """FULLY_CONNECTED of tensor ``inputs[0]``: int8 weights ``[out, in]`` (zero points 0, one
+    scale or one per output channel), optional int32 bias, output quantization, activation."""
+
+    inputs: tuple[int, ...]
+    weights: NDArray[np.int8]
+    weight_quant: Quantization
+    bias: NDArray[np.int32] | None
+    output_quant: Quantization
+    activation: str = "none"
+    opcode = "FULLY_CONNECTED"
+
+    def __post_init__(self) -> None:
+        out_features = self.weights.shape[0]
+        if len(self.inputs) != 1:
+            raise InputError(f"FULLY_CONNECTED takes one input tensor, got {self.inputs}")
+        if len(self.weight_quant.scale) not in (1, out_features) or any(self.weight_quant.zero_point):
+            raise InputError(f"weights need one scale or {out_features} (per output channel) and zero points 0")
+        _check_activation_and_output(self.output_quant, self.activation)
+
+    def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        if shapes[0][-1] != self.weights.shape[1]:
+            raise InputError(f"FULLY_CONNECTED takes {self.weights.shape[1]} features but receives {shapes[0][-1]}")
+        return (*shapes[0][:-1], self.weights.shape[0])
+
+    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> FullyConnectedParams:
+        """LiteRT's arithmetic: per tensor ``double(float(s_in * s_w)) / double(s_out)``; per
+        channel ``double(s_in) * double(s_w[c]) / double(s_out)``; then :func:`quantize_multiplier`."""
+        s_in, s_out = quants[0].scale32[0], self.output_quant.scale32[0]
+        s_w = self.weight_quant.scale32
+        if len(s_w) == 1:
+            reals = [float(np.float32(s_in * s_w[0])) / float(s_out)]
+        else:
+            reals = [float(s_in) * float(s) / float(s_out) for s in s_w]
+        pairs = [quantize_multiplier(real) for real in reals]
+        low, high = activation_range(self.activation, self.output_quant)
+        return FullyConnectedParams(
+            weights=self.weights, bias=self.bias, input_offset=-quants[0].zero_point[0],
+            multiplier=np.array([m for m, _ in pairs], dtype=np.int32),
+            shift=np.array([s for _, s in pairs], dtype=np.int32),
+            output_offset=self.output_quant.zero_point[0], activation_min=low, activation_max=high)
+
+    @staticmethod
+    def run(record: FullyConnectedParams, x: NDArray[np.int8]) -> NDArray[np.int8]:
+        return fully_connected(x, record)
+
+
+@dataclass(frozen=True, eq=False)
+class _BinaryNode(_Node):
+    inputs: tuple[int, ...]
+    output_quant: Quantization
+    activation: str = "none"
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != 2:
+            raise InputError(f"{self.opcode} takes two input tensors, got {self.inputs}")
+        _check_activation_and_output(self.output_quant, self.activation)
+
+    def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        try:
+            return tuple(np.broadcast_shapes(*shapes))
+        except ValueError:
+            raise InputError(f"{self.opcode}: shapes {list(shapes)} do not broadcast") from None
+
+
+@dataclass(frozen=True, eq=False)
+class AddNode(_BinaryNode):
+    """ADD of two tensors (broadcasting)."""
+
+    opcode = "ADD"
+
+    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> AddParams:
+        """LiteRT's ``Prepare``: ``twice_max = 2 * max(s_a, s_b)`` (float32); input multipliers
+        ``s / twice_max``; output ``twice_max / float32(2^20 * s_out)`` (in double)."""
+        s_a, s_b, s_out = quants[0].scale32[0], quants[1].scale32[0], self.output_quant.scale32[0]
+        twice_max = np.float32(2) * max(s_a, s_b)
+        a_m, a_s = quantize_multiplier(float(s_a) / float(twice_max))
+        b_m, b_s = quantize_multiplier(float(s_b) / float(twice_max))
+        o_m, o_s = quantize_multiplier(float(twice_max) / float(np.float32(2**ADD_LEFT_SHIFT) * s_out))
+        low, high = activation_range(self.activation, self.output_quant)
+        return AddParams(-quants[0].zero_point[0], -quants[1].zero_point[0], a_m, a_s, b_m, b_s, o_m, o_s,
+                         self.output_quant.zero_point[0], low, high)
+
+    @staticmethod
+    def run(record: AddParams, a: NDArray[np.int8], b: NDArray[np.int8]) -> NDArray[np.int8]:
+        return add(a, b, record)
+
+
+@dataclass(frozen=True, eq=False)
+class MulNode(_BinaryNode):
+    """MUL of two tensors (broadcasting)."""
+
+    opcode = "MUL"
+
+    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> MulParams:
+        """LiteRT's ``Prepare``: ``double(s_a) * double(s_b) / double(s_out)``."""
+        s_a, s_b, s_out = quants[0].scale32[0], quants[1].scale32[0], self.output_quant.scale32[0]
+        multiplier, shift = quantize_multiplier(float(s_a) * float(s_b) / float(s_out))
+        low, high = activation_range(self.activation, self.output_quant)
+        return MulParams(-quants[0].zero_point[0], -quants[1].zero_point[0], multiplier, shift,
+                         self.output_quant.zero_point[0], low, high)
+
+    @staticmethod
+    def run(record: MulParams, a: NDArray[np.int8], b: NDArray[np.int8]) -> NDArray[np.int8]:
+        return mul(a, b, record)
+
+
+@dataclass(frozen=True, eq=False)
+class _UnaryNode(_Node):
+    inputs: tuple[int, ...]
+    activation = "none"
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != 1:
+            raise InputError(f"{self.opcode} takes one input tensor, got {self.inputs}")
+
+    @property
+    def output_quant(self) -> Quantization:
+        """Fixed by the op: LOGISTIC and SOFTMAX ``1/256, -128``; TANH ``1/128, 0``."""
+        return Quantization.per_tensor(*FIXED_OUTPUT[self.opcode])
+
+    def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        return shapes[0]
+
+
+@dataclass(frozen=True, eq=False)
+class LogisticNode(_UnaryNode):
+    """LOGISTIC (sigmoid) by a 256-entry table built in float32 from the input's quantization."""
+
+    opcode = "LOGISTIC"
+
+    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> TableParams:
+        return TableParams(lookup_table(self.opcode, float(quants[0].scale32[0]), quants[0].zero_point[0]))
+
+    @staticmethod
+    def run(record: TableParams, x: NDArray[np.int8]) -> NDArray[np.int8]:
+        return apply_table(x, record)
+
+
+@dataclass(frozen=True, eq=False)
+class TanhNode(LogisticNode):
+    """TANH by a 256-entry table built in float32 from the input's quantization."""
+
+    opcode = "TANH"
+
+
+@dataclass(frozen=True, eq=False)
+class SoftmaxNode(_UnaryNode):
+    """SOFTMAX over the last axis with ``beta``."""
+
+    beta: float = 1.0
+    opcode = "SOFTMAX"
+
+    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> SoftmaxParams:
+        return softmax_params(float(quants[0].scale32[0]), self.beta)
+
+    @staticmethod
+    def run(record: SoftmaxParams, x: NDArray[np.int8]) -> NDArray[np.int8]:
+        return softmax(x, record)
+
+
+@dataclass(frozen=True, eq=False)
+class MeanNode(_Node):
+    """MEAN of tensor ``inputs[0]`` over ``axes`` (never the batch axis 0), optionally keeping
+    the reduced dimensions (see :mod:`mixprec.integer.mean`)."""
+
+    inputs: tuple[int, ...]
+    axes: tuple[int, ...]
+    output_quant: Quantization
+    keep_dims: bool = False
+    opcode = "MEAN"
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != 1:
+            raise InputError(f"MEAN takes one input tensor, got {self.inputs}")
+        _check_activation_and_output(self.output_quant, "none")
+
+    def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        rank = len(shapes[0])
+        if not self.axes or any(not 1 <= a < rank for a in self.axes):
+            raise InputError(f"MEAN reduces axes among 1..{rank - 1} of shape {shapes[0]} (axis 0 is the "
+                             f"batch), got {self.axes}")
+        return mean_shape(shapes[0], tuple(self.axes), self.keep_dims)
+
+    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> MeanParams:
+        return mean_params(shapes[0], self.axes, self.keep_dims, quants[0].scale[0], quants[0].zero_point[0],
+                           self.output_quant.scale[0], self.output_quant.zero_point[0])
+
+    @staticmethod
+    def run(record: MeanParams, x: NDArray[np.int8]) -> NDArray[np.int8]:
+        return mean(x, record)
+
+
+@dataclass(frozen=True, eq=False)
+class ReshapeNode(_Node):
+    """RESHAPE of tensor ``inputs[0]`` to ``(batch, *shape)``: the bytes are unchanged, the
+    quantization carries over."""
+
+    inputs: tuple[int, ...]
+    shape: tuple[int, ...]
+    opcode = "RESHAPE"
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != 1:
+            raise InputError(f"RESHAPE takes one input tensor, got {self.inputs}")
+        if not self.shape or any(int(d) < 1 for d in self.shape):
+            raise InputError(f"RESHAPE needs positive non-batch sizes, got {self.shape}")
+
+    def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        if int(np.prod(shapes[0][1:])) != int(np.prod(self.shape)):
+            raise InputError(f"RESHAPE cannot turn {shapes[0][1:]} into {self.shape} (per batch element)")
+        return (shapes[0][0], *self.shape)
+
+    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        return tuple(self.shape)
+
+    def result_quant(self, quants: Sequence[Quantization | None]) -> Quantization | None:
+        return quants[0]
+
+    @staticmethod
+    def run(record: tuple[int, ...], x: NDArray[np.int8]) -> NDArray[np.int8]:
+        return x.reshape(x.shape[0], *record)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizeNode(_Node):
+    """QUANTIZE of tensor ``inputs[0]``: float32 -> int8 (``quantize``), or int8 -> int8 on a
+    new grid (``requantize``), see :mod:`mixprec.integer.conversions`."""
+
+    inputs: tuple[int, ...]
+    output_quant: Quantization
+    opcode = "QUANTIZE"
+    input_dtypes = ("float32", "int8")
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != 1:
+            raise InputError(f"QUANTIZE takes one input tensor, got {self.inputs}")
+        _check_activation_and_output(self.output_quant, "none")
+
+    def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        return shapes[0]
+
+    def record(self, quants: Sequence[Quantization | None], shapes: Sequence[tuple[int, ...]]) -> object:
+        out = self.output_quant
+        if quants[0] is None:
+            return (out.scale[0], out.zero_point[0])
+        return requantize_params(quants[0].scale[0], quants[0].zero_point[0], out.scale[0], out.zero_point[0])
+
+    @staticmethod
+    def run(record: object, x: NDArray) -> NDArray[np.int8]:
+        if isinstance(record, RequantizeParams):
+            return requantize(x, record)
+        return quantize(x, *record)
+
+
+@dataclass(frozen=True, eq=False)
+class DequantizeNode(_Node):
+    """DEQUANTIZE of int8 tensor ``inputs[0]`` to float32 (see :mod:`mixprec.integer.conversions`)."""
+
+    inputs: tuple[int, ...]
+    opcode = "DEQUANTIZE"
+    output_dtype = "float32"
+
+    def result_quant(self, quants: Sequence[Quantization | None]) -> Quantization | None:
+        return None
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != 1:
+            raise InputError(f"DEQUANTIZE takes one input tensor, got {self.inputs}")
+
+    def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        return shapes[0]
+
+    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> tuple[float, int]:
+        return (quants[0].scale[0], quants[0].zero_point[0])
+
+    @staticmethod
+    def run(record: tuple[float, int], x: NDArray[np.int8]) -> NDArray[np.float32]:
+        return dequantize(x, *record)
+
+
+Node = (FullyConnectedNode | AddNode | MulNode | LogisticNode | TanhNode | SoftmaxNode | MeanNode | ReshapeNode
+        | QuantizeNode | DequantizeNode)

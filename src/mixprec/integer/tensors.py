@@ -1,0 +1,82 @@
+"""Tensor descriptions of the integer engine: element types, affine quantization as a
+.tflite file stores it, graph inputs, and TFLite's quantized activation range."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from mixprec.errors import InputError
+from mixprec.integer.rounding import round_half_away
+
+ACTIVATIONS = ("none", "relu", "relu6")
+#: Element types a graph tensor may have.
+DTYPES = ("int8", "float32")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Affine parameters of one tensor as stored in a .tflite file: float32 ``scale`` and
+    integer ``zero_point`` (one each per tensor, or one per channel along ``axis``);
+    ``real = scale * (q - zero_point)``."""
+
+    scale: tuple[float, ...]
+    zero_point: tuple[int, ...]
+    axis: int = 0
+
+    def __post_init__(self) -> None:
+        scales = np.asarray(self.scale, dtype=np.float64)
+        if len(self.scale) == 0 or len(self.scale) != len(self.zero_point):
+            raise InputError(f"need one zero point per scale, got {len(self.scale)} scales and "
+                             f"{len(self.zero_point)} zero points")
+        if not np.all(np.isfinite(scales)) or np.any(scales <= 0) or np.any(scales != scales.astype(np.float32)):
+            raise InputError(f"scales must be positive finite float32 values, got {self.scale[:4]}")
+
+    @classmethod
+    def per_tensor(cls, scale: float, zero_point: int = 0) -> Quantization:
+        """One float32 scale (``scale`` is rounded to float32) and one zero point."""
+        if not -128 <= int(zero_point) <= 127:
+            raise InputError(f"an int8 zero point must lie in [-128, 127], got {zero_point}")
+        return cls((float(np.float32(scale)),), (int(zero_point),))
+
+    @property
+    def scale32(self) -> NDArray[np.float32]:
+        return np.asarray(self.scale, dtype=np.float32)
+
+
+def activation_range(activation: str, output: Quantization) -> tuple[int, int]:
+    """TFLite ``CalculateActivationRangeQuantized`` for int8 (``f / scale`` in float32)."""
+    if activation not in ACTIVATIONS:
+        raise InputError(f"unknown activation {activation!r}; choose {', '.join(ACTIVATIONS)}")
+    scale, zero_point = output.scale32[0], output.zero_point[0]
+
+    def quantize(value: float) -> int:
+        return zero_point + int(round_half_away(np.float32(value) / scale))
+
+    if activation == "none":
+        return -128, 127
+    low = max(-128, quantize(0.0))
+    return low, 127 if activation == "relu" else min(127, quantize(6.0))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input: name, shape (first dimension the batch), element type, and the
+    quantization (required for int8, absent for float32)."""
+
+    name: str
+    shape: tuple[int, ...]
+    quant: Quantization | None
+    dtype: str = "int8"
+
+    def __post_init__(self) -> None:
+        if len(self.shape) < 1 or any(int(d) < 1 for d in self.shape):
+            raise InputError(f"tensor {self.name!r}: shape must have positive sizes, got {self.shape}")
+        if self.dtype not in DTYPES:
+            raise InputError(f"tensor {self.name!r}: element type {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.dtype == "int8" and (self.quant is None or len(self.quant.scale) != 1):
+            raise InputError(f"tensor {self.name!r}: int8 activations need one (per-tensor) quantization")
+        if self.dtype == "float32" and self.quant is not None:
+            raise InputError(f"tensor {self.name!r}: float32 tensors carry no quantization")

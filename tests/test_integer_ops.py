@@ -1,0 +1,139 @@
+"""MEAN, RESHAPE, QUANTIZE and DEQUANTIZE: byte-identical to LiteRT's reference kernels,
+read back by load_tflite, and bad input refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_integer_fc import litert_outputs
+
+from mixprec import InputError
+from mixprec.integer import (
+    DequantizeNode,
+    Graph,
+    MeanNode,
+    Quantization,
+    QuantizeNode,
+    ReshapeNode,
+    TensorSpec,
+    export_tflite,
+    load_tflite,
+)
+from mixprec.integer.conversions import quantize
+from mixprec.integer.rounding import round_half_away
+
+needs_litert = pytest.mark.skipif(
+    not all(__import__("importlib").util.find_spec(m) for m in ("ai_edge_litert", "tflite")),
+    reason="needs ai-edge-litert and tflite")
+
+
+def assert_matches_litert(graph: Graph, path: Path, *inputs: np.ndarray) -> np.ndarray:
+    """Export, run in LiteRT's reference kernels and in mixprec; outputs must match bit for bit."""
+    export_tflite(graph, path)
+    expected, got = litert_outputs(path, *inputs), graph(*inputs)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert np.array_equal(got.view(np.uint8), expected.view(np.uint8))
+    reloaded = load_tflite(path)(*inputs)
+    assert np.array_equal(reloaded.view(np.uint8), expected.view(np.uint8))
+    return got
+
+
+def random_quant(rng: np.random.Generator, low: float, high: float) -> Quantization:
+    return Quantization.per_tensor(float(rng.uniform(low, high)), int(rng.integers(-40, 40)))
+
+
+@needs_litert
+@pytest.mark.parametrize(("shape", "axes", "keep_dims"), [
+    ((8, 6), (1,), False), ((8, 6), (1, 2), True), ((8, 1, 6), (1, 2), True), ((5, 3, 7), (2,), False),
+    ((13,), (1,), False)])
+def test_mean_is_byte_identical_to_litert(shape: tuple[int, ...], axes: tuple[int, ...], keep_dims: bool,
+                                          tmp_path: Path) -> None:
+    rng = np.random.default_rng(len(shape) * 100 + sum(shape))
+    for trial in range(4):
+        q_in = random_quant(rng, 0.01, 0.2)
+        # Equal quantization, a finer and a coarser output grid.
+        q_out = q_in if trial == 0 else random_quant(rng, 0.002 if trial == 1 else 0.05, 0.05 if trial == 1 else 0.5)
+        graph = Graph((TensorSpec("x", (1, *shape), q_in),), (MeanNode((0,), axes, q_out, keep_dims),))
+        x = rng.integers(-128, 128, (1000, *shape)).astype(np.int8)
+        x[0], x[1] = -128, 127
+        got = assert_matches_litert(graph, tmp_path / f"mean{trial}.tflite", x)
+        # Against the real-valued mean: the final rounding (1/2 step), the high multiply's
+        # rounding (1/2 of 2^-right_shift steps) and the folded multiplier's error.
+        record = graph._records[0]
+        centred = x.astype(np.float64) - q_in.zero_point[0]
+        real = (q_in.scale32[0] * centred).mean(axis=axes, keepdims=keep_dims)
+        ideal = np.clip(real / q_out.scale32[0] + q_out.zero_point[0], -128, 127)
+        exact_ratio = float(q_in.scale32[0]) / float(q_out.scale32[0]) / record.count
+        used_ratio = record.multiplier * 2.0 ** (record.shift - 31)
+        bound = 0.5 + 0.5 * 2.0 ** min(record.shift, 0) + np.abs(centred.sum(axis=axes)).max() * abs(
+            used_ratio - exact_ratio)
+        assert np.abs(got - ideal).max() <= bound
+
+
+@needs_litert
+def test_reshape_keeps_bytes_and_feeds_mean(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    q = random_quant(rng, 0.02, 0.1)
+    graph = Graph((TensorSpec("x", (1, 8, 6), q),),
+                  (ReshapeNode((0,), (8, 1, 6)), MeanNode((1,), (1, 2), random_quant(rng, 0.01, 0.05), True),
+                   ReshapeNode((2,), (6,))))
+    x = rng.integers(-128, 128, (1000, 8, 6)).astype(np.int8)
+    assert assert_matches_litert(graph, tmp_path / "reshape.tflite", x).shape == (1000, 6)
+    flat = Graph((TensorSpec("x", (1, 8, 6), q),), (ReshapeNode((0,), (48,)),))
+    assert np.array_equal(flat(x), x.reshape(1000, 48))
+    assert flat.output_quant == q
+
+
+@needs_litert
+def test_quantize_requantize_and_dequantize_are_byte_identical_to_litert(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    for _ in range(4):
+        q_in, q_out = random_quant(rng, 0.01, 0.2), random_quant(rng, 0.01, 0.2)
+        x = rng.integers(-128, 128, (1000, 16)).astype(np.int8)
+        assert_matches_litert(Graph((TensorSpec("x", (1, 16), q_in),), (QuantizeNode((0,), q_out),)),
+                              tmp_path / "requantize.tflite", x)
+        assert_matches_litert(Graph((TensorSpec("x", (1, 16), q_in),), (DequantizeNode((0,)),)),
+                              tmp_path / "dequantize.tflite", x)
+        scale = q_out.scale32[0]
+        real = (rng.standard_normal((1000, 16)) * scale * 50).astype(np.float32)
+        # Exact ties (x.5 steps, both signs), saturation, infinities, the largest floats.
+        real[0, :8] = np.array([0.5, -0.5, 1.5, -2.5, 300, -300, np.inf, -np.inf], np.float32) * scale
+        real[1, :2] = np.array([2e9, -2e9], np.float32) * scale  # beyond int8, inside int32
+        graph = Graph((TensorSpec("x", (1, 16), None, "float32"),), (QuantizeNode((0,), q_out),))
+        in_int32 = real.copy()
+        # LiteRT casts x / scale to int32, undefined in C++ beyond its range (x86 gives -2^31, so
+        # +inf becomes -128); mixprec saturates instead, checked below.
+        in_int32[0, 6:8] = 0
+        assert_matches_litert(graph, tmp_path / "quantize.tflite", in_int32)
+        real[1, 2:4] = [np.finfo(np.float32).max, -np.finfo(np.float32).max]
+        assert graph(real)[0, 6:8].tolist() == [127, -128] and graph(real)[1, 2:4].tolist() == [127, -128]
+
+
+def test_round_half_away_is_exact_at_the_float32_edges() -> None:
+    below_half = np.nextafter(np.float32(0.5), np.float32(0))
+    values = np.array([below_half, -below_half, 0.5, -0.5, 2.5, -2.5, 8388607.5, 1e30, np.inf, -0.0], np.float32)
+    assert round_half_away(values).tolist() == [0, 0, 1, -1, 3, -3, 8388608, float(np.float32(1e30)), np.inf, 0]
+
+
+def test_integer_ops_refuse_bad_input() -> None:
+    q = Quantization.per_tensor(0.1, 0)
+    with pytest.raises(InputError, match="axis 0 is the batch"):
+        Graph((TensorSpec("x", (1, 8, 6), q),), (MeanNode((0,), (0,), q),))
+    with pytest.raises(InputError, match=r"cannot turn \(8, 6\) into \(7, 7\)"):
+        Graph((TensorSpec("x", (1, 8, 6), q),), (ReshapeNode((0,), (7, 7)),))
+    with pytest.raises(InputError, match="takes int8 inputs, but tensor 0 is float32"):
+        Graph((TensorSpec("x", (1, 8), None, "float32"),), (MeanNode((0,), (1,), q),))
+    with pytest.raises(InputError, match="float32 tensors carry no quantization"):
+        TensorSpec("x", (1, 8), q, "float32")
+    with pytest.raises(InputError, match="int8 zero point must lie in"):
+        Quantization.per_tensor(0.1, 200)
+    with pytest.raises(InputError, match="NaN has no int8 code"):
+        quantize(np.array([1.0, np.nan], np.float32), 0.1, 0)
+    graph = Graph((TensorSpec("x", (1, 4), None, "float32"),), (QuantizeNode((0,), q), DequantizeNode((1,))))
+    with pytest.raises(InputError, match="must be a numpy array of float32, got int8"):
+        graph(np.zeros((2, 4), np.int8))
+    codes = np.array([0, 1, -2, 127], np.float64)  # 0.05 / 0.1 is a tie in float32: away from zero
+    expected = (float(np.float32(0.1)) * codes).astype(np.float32)
+    assert np.array_equal(graph(np.array([[0.04, 0.05, -0.15, 20.0]], np.float32))[0], expected)
