@@ -78,14 +78,15 @@ def test_qformat_round_trips_through_affine_grids() -> None:
     codes = np.arange(-128, 128, dtype=np.int8)
     q4_3 = QFormat(4, 3)
     assert q4_3.quantization == Quantization.per_tensor(0.125, 0)
-    # Onto a finer affine grid and back: exact. Onto a coarser one: nearest (ties away from zero).
+    # Onto a finer affine grid and back: exact. Onto a coarser one: gemmlowp's two roundings
+    # (high multiply, then shift), so within 3/4 of a code (5/4 -> 5/2 -> 3 -> 3/2 -> 2).
     fine = Quantization.per_tensor(0.0625, -2)
     on_fine = qformat_to_affine(codes[65:-64], q4_3, fine)
     assert np.array_equal(on_fine.astype(int), codes[65:-64].astype(int) * 2 - 2)
     assert np.array_equal(affine_to_qformat(on_fine, fine, q4_3), codes[65:-64])
     coarse = Quantization.per_tensor(0.5, 0)
-    expected = np.sign(codes) * np.floor(np.abs(codes.astype(float)) / 4 + 0.5)
-    assert np.array_equal(qformat_to_affine(codes, q4_3, coarse), expected.astype(np.int8))
+    error = qformat_to_affine(codes, q4_3, coarse) - codes.astype(float) / 4
+    assert np.abs(error).max() == 0.75 and abs(error.mean()) < 0.1
     assert np.array_equal(affine_to_qformat(np.array([127, -128], np.int8), coarse, q4_3), [127, -128])
     with pytest.raises(InputError, match="Q5.3 is not an 8-bit signed format"):
         QFormat(5, 3)
