@@ -22,8 +22,15 @@ from numpy.typing import NDArray
 
 from mixprec.errors import InputError
 from mixprec.integer.conversions import requantize, requantize_params
-from mixprec.integer.half import HalfArray, bfloat16_to_float32, half_format, to_bfloat16, to_float16
+from mixprec.integer.half import HalfArray, bfloat16_to_float32, half_format, round_to_format, to_bfloat16, to_float16
 from mixprec.integer.tensors import Quantization
+
+
+def int8_to_half_table(quant: Quantization, dtype: str) -> NDArray[np.float32]:
+    """The 256 half values of codes -128..127 under ``quant`` (index ``code + 128``), as float32."""
+    _check_per_tensor(quant)
+    real = float(quant.scale32[0]) * (np.arange(-128, 128, dtype=np.float64) - quant.zero_point[0])
+    return round_to_format(real, dtype).astype(np.float32)
 
 
 def int8_to_half(q: NDArray[np.int8], quant: Quantization, dtype: str = "float16") -> HalfArray:
@@ -42,7 +49,13 @@ def half_to_int8(x: NDArray, quant: Quantization) -> NDArray[np.int8]:
     if not isinstance(x, np.ndarray) or x.dtype not in (np.float16, np.uint16):
         raise InputError("half_to_int8 takes float16 values or bfloat16 bit patterns (uint16), got "
                          f"{getattr(x, 'dtype', type(x).__name__)}")
-    real = (x if x.dtype == np.float16 else bfloat16_to_float32(x)).astype(np.float64)
+    return half_values_to_int8(x.astype(np.float32) if x.dtype == np.float16 else bfloat16_to_float32(x), quant)
+
+
+def half_values_to_int8(x: NDArray[np.float32], quant: Quantization) -> NDArray[np.int8]:
+    """:func:`half_to_int8` of half values held in float32 (the islands' working form)."""
+    _check_per_tensor(quant)
+    real = np.asarray(x, dtype=np.float64)
     nan = int(np.isnan(real).sum())
     if nan:
         raise InputError(f"{nan} NaN values reached the half -> int8 bridge; NaN has no int8 code "

@@ -1,0 +1,117 @@
+"""The run / bench / golden / plot modes shared by the integer-engine examples.
+
+Artifacts live in ``examples/goldens/<name>.safetensors`` (the trained float weights) and
+``examples/goldens/<name>.int8`` (the pipeline's int8 outputs on the held-out set, row-major
+bytes). ``golden`` trains and writes both; the other modes use the stored weights when present
+(so every mode measures the same model), else train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from mixprec.integer.kws import KeywordSpotter, build_pipeline, worst_error
+from mixprec.integer.pipeline import stage_table
+from mixprec.io_utils import atomic_path
+
+GOLDENS = Path(__file__).resolve().parent / "goldens"
+#: Issue 4's parity targets for the keyword spotter: worst error in output steps and of the range.
+MAX_LSB, MAX_OF_RANGE = 1.0, 0.001
+
+
+def load_model(name: str, make: Callable[[], KeywordSpotter]) -> KeywordSpotter:
+    """The stored weights of example ``name`` in a fresh model from ``make``."""
+    model = make()
+    model.load_state_dict(load_file(GOLDENS / f"{name}.safetensors"))
+    return model.eval()
+
+
+def run_modes(name: str, train: Callable[[], KeywordSpotter], calibration: torch.Tensor, held_out: torch.Tensor,
+              labels: torch.Tensor, argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=name, description=f"{name}: the integer engine's keyword spotter")
+    parser.add_argument("mode", choices=["run", "bench", "golden", "plot"])
+    parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="the half island")
+    parser.add_argument("--batch", type=int, default=4096, help="bench: samples per batch")
+    parser.add_argument("--out", type=Path, default=Path("runs") / name, help="bench/plot output folder")
+    args = parser.parse_args(argv)
+    weights = GOLDENS / f"{name}.safetensors"
+    if args.mode == "golden" or not weights.exists():
+        model = train()
+        GOLDENS.mkdir(exist_ok=True)
+        with atomic_path(weights) as tmp:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    model = load_model(name, lambda: KeywordSpotter(held_out.shape[-1], 8, int(labels.max()) + 1))
+    pipeline = build_pipeline(model, calibration, args.dtype)
+    if args.mode == "golden":
+        codes = pipeline.run_codes(held_out.numpy())
+        with atomic_path(GOLDENS / f"{name}.int8") as tmp:
+            tmp.write_bytes(codes.tobytes())
+        print(f"wrote {weights} and {GOLDENS / f'{name}.int8'} ({codes.nbytes} bytes)")
+        return 0
+    if args.mode == "run":
+        return report_parity(pipeline, model, held_out, labels)
+    if args.mode == "bench":
+        return bench(pipeline, held_out, args.batch, args.out)
+    return plot(pipeline, model, held_out, args.out)
+
+
+def report_parity(pipeline, model: KeywordSpotter, held_out: torch.Tensor, labels: torch.Tensor) -> int:  # noqa: ANN001
+    error = worst_error(pipeline, model, held_out)
+    with torch.no_grad():
+        float_accuracy = float((model(held_out).argmax(-1) == labels).float().mean())
+    mixed = pipeline.run_float(held_out.numpy()).argmax(-1)
+    mixed_accuracy = float((torch.from_numpy(mixed) == labels).float().mean())
+    passed = error["worst_lsb"] <= MAX_LSB and error["worst_of_range"] <= MAX_OF_RANGE
+    print(f"held-out samples: {len(held_out)}")
+    print(f"accuracy: float32 {float_accuracy:.4f}, int8/half pipeline {mixed_accuracy:.4f}; "
+          f"argmax agreement {error['agreement']:.4f}")
+    print(f"worst |error|: {error['worst']:.5f} = {error['worst_lsb']:.3f} output steps = "
+          f"{100 * error['worst_of_range']:.3f}% of the float output range {error['range']:.3f}")
+    print(f"targets: <= {MAX_LSB} step and <= {100 * MAX_OF_RANGE}% of range: {'PASS' if passed else 'FAIL'}")
+    return 0 if passed else 1
+
+
+def bench(pipeline, held_out: torch.Tensor, batch: int, out: Path) -> int:  # noqa: ANN001
+    repeats = -(-batch // len(held_out))
+    x = np.concatenate([pipeline.quantize_input(held_out.numpy())] * repeats)[:batch]
+    profiles = pipeline.profile(x, repeats=5)
+    table = stage_table(profiles)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "stages.csv") as tmp:
+        tmp.write_text(table)
+    print(table, end="")
+    start = time.perf_counter()
+    pipeline(x)
+    seconds = time.perf_counter() - start
+    print(f"whole pipeline, batch {batch}: {seconds * 1e3:.2f} ms = {batch / seconds:,.0f} samples/s")
+    return 0
+
+
+def plot(pipeline, model: KeywordSpotter, held_out: torch.Tensor, out: Path) -> int:  # noqa: ANN001
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with torch.no_grad():
+        reference = model(held_out).numpy().ravel()
+    got = pipeline.run_float(held_out.numpy()).ravel()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.scatter(reference, got, s=2)
+    left.set(xlabel="float32 logit", ylabel="int8/half pipeline logit (dequantized)", title="float vs pipeline")
+    right.plot(np.abs(got - reference), ".", markersize=2)
+    right.axhline(pipeline.output_quant.scale32[0], color="red", label="one output step")
+    right.set(xlabel="output element", ylabel="|error|", title="absolute error per element")
+    right.legend()
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "parity.png") as tmp:
+        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    print(f"wrote {out / 'parity.png'}")
+    return 0

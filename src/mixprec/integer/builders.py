@@ -1,0 +1,85 @@
+"""Builders: float PyTorch modules plus calibration data -> the engine's integer and half
+records. Runtime records hold integers (or half values); every float decision is made here.
+
+- :func:`calibrate`: asymmetric int8 from the observed min/max, widened to include 0:
+  ``scale = float32((max - min) / 255)``, ``zero_point = clamp(round_half_even(-128 - min / scale))``.
+- :func:`fully_connected_from`: symmetric int8 weights per output channel (or per tensor),
+  ``scale = float32(max|w| / 127)``, ``code = round_half_even(w / scale)`` in [-127, 127];
+  int32 bias ``round_half_even(b / float32(s_in * s_w))`` as the TFLite converter stores it.
+- :func:`half_linear_from` / :func:`linear_attention_from`: weights rounded once to the half
+  format (nearest, ties to even).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike
+from torch import nn
+
+from mixprec.errors import InputError
+from mixprec.integer.half import round_to_format
+from mixprec.integer.half_ops import HalfLinearParams, LinearAttentionParams
+from mixprec.integer.nodes import FullyConnectedNode
+from mixprec.integer.tensors import Quantization
+
+
+def _numpy(values: ArrayLike | torch.Tensor) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().to(torch.float64).cpu().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+def calibrate(samples: ArrayLike | torch.Tensor) -> Quantization:
+    """Per-tensor asymmetric int8 quantization covering ``samples`` and 0 (see module docstring)."""
+    values = _numpy(samples)
+    if values.size == 0 or not np.isfinite(values).all():
+        raise InputError(f"calibration needs finite samples, got {values.size} values"
+                         f"{' with NaN/Inf' if values.size else ''}")
+    low, high = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+    if high == low:
+        return Quantization.per_tensor(1.0, 0)
+    scale = float(np.float32((high - low) / 255))
+    zero_point = int(np.clip(np.round(-128 - low / scale), -128, 127))
+    return Quantization.per_tensor(scale, zero_point)
+
+
+def fully_connected_from(linear: nn.Linear, input_tensor: int, input_quant: Quantization,
+                         output_quant: Quantization, activation: str = "none",
+                         per_channel: bool = True) -> FullyConnectedNode:
+    """An int8 FULLY_CONNECTED node reading graph tensor ``input_tensor`` (see module docstring)."""
+    if not isinstance(linear, nn.Linear):
+        raise InputError(f"fully_connected_from takes an nn.Linear, got {type(linear).__name__}")
+    weight = _numpy(linear.weight)
+    if not np.isfinite(weight).all():
+        raise InputError("the layer's weights hold NaN or Inf")
+    peak = np.abs(weight).max(axis=1) if per_channel else np.array([np.abs(weight).max()])
+    scales = np.maximum(peak, np.finfo(np.float32).tiny).astype(np.float32) / np.float32(127)
+    per_row = scales.astype(np.float64)[:, None] if per_channel else float(scales[0])
+    codes = np.clip(np.round(weight / per_row), -127, 127).astype(np.int8)
+    bias = None
+    if linear.bias is not None:
+        bias_scale = (np.float32(input_quant.scale32[0]) * scales).astype(np.float32).astype(np.float64)
+        bias = np.round(_numpy(linear.bias) / bias_scale).astype(np.int64)
+        if np.abs(bias).max(initial=0) >= 2**30:
+            raise InputError("a bias is too large for its int32 grid (|b / (s_in * s_w)| >= 2^30)")
+        bias = bias.astype(np.int32)
+    weight_quant = Quantization(tuple(float(s) for s in scales), (0,) * len(scales))
+    return FullyConnectedNode((input_tensor,), codes, weight_quant, bias, output_quant, activation)
+
+
+def half_linear_from(linear: nn.Linear, dtype: str) -> HalfLinearParams:
+    """The layer's weights and bias rounded to ``dtype``."""
+    if not isinstance(linear, nn.Linear):
+        raise InputError(f"half_linear_from takes an nn.Linear, got {type(linear).__name__}")
+    weight = round_to_format(_numpy(linear.weight), dtype).astype(np.float32)
+    bias = round_to_format(_numpy(linear.bias), dtype).astype(np.float32) if linear.bias is not None else None
+    return HalfLinearParams(weight, bias, dtype)
+
+
+def linear_attention_from(query: nn.Linear, key: nn.Linear, value: nn.Linear, epsilon: float,
+                          dtype: str) -> LinearAttentionParams:
+    """A linear-attention record from three projections; ``epsilon`` is rounded to ``dtype``."""
+    rounded_epsilon = float(round_to_format(np.float64(epsilon), dtype))
+    return LinearAttentionParams(half_linear_from(query, dtype), half_linear_from(key, dtype),
+                                 half_linear_from(value, dtype), rounded_epsilon)

@@ -1,0 +1,128 @@
+"""The keyword-spotting topology of the integer engine, as a float PyTorch model and as a
+mixed pipeline built from it:
+
+    int8 input [S, F] -> int8 FULLY_CONNECTED F->E + ReLU (per step) -> bridge to half
+    -> mean_s(h + linear_attention(h)) in the half island -> bridge to int8
+    -> int8 FULLY_CONNECTED E->classes -> int8 logits
+
+:class:`KeywordSpotter` computes the same function in float32 (the reference the pipeline is
+measured against); :func:`build_pipeline` calibrates every int8 tensor on data it is given.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from mixprec.errors import InputError
+from mixprec.integer.builders import calibrate, fully_connected_from, linear_attention_from
+from mixprec.integer.graph import Graph
+from mixprec.integer.pipeline import AttentionPoolStage, IntegerStage, Pipeline, ToHalfStage, ToInt8Stage
+from mixprec.integer.tensors import TensorSpec
+
+
+class LinearAttentionHead(nn.Module):
+    """Single-head linear attention with the ReLU feature map (float32 reference of
+    :func:`mixprec.integer.half_ops.linear_attention`)."""
+
+    def __init__(self, width: int, epsilon: float = 1.0) -> None:
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.epsilon = epsilon
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        q, k, v = torch.relu(self.query(h)), torch.relu(self.key(h)), self.value(h)
+        kv = k.transpose(-1, -2) @ v
+        normalizer = (q * k.sum(dim=-2, keepdim=True)).sum(dim=-1, keepdim=True) + self.epsilon
+        return (q @ kv) / normalizer
+
+
+class KeywordSpotter(nn.Module):
+    """``[B, S, F]`` features -> ``[B, classes]`` logits (see module docstring)."""
+
+    def __init__(self, features: int = 8, width: int = 8, classes: int = 4, epsilon: float = 1.0) -> None:
+        super().__init__()
+        self.frontend = nn.Linear(features, width)
+        self.attention = LinearAttentionHead(width, epsilon)
+        self.classifier = nn.Linear(width, classes)
+
+    def stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every tensor the pipeline quantizes: input, frontend output, pooled, logits."""
+        h = torch.relu(self.frontend(x))
+        pooled = (h + self.attention(h)).mean(dim=-2)
+        return {"input": x, "frontend": h, "pooled": pooled, "logits": self.classifier(pooled)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(x)["logits"]
+
+
+def build_pipeline(model: KeywordSpotter, calibration: torch.Tensor, dtype: str = "float16") -> Pipeline:
+    """The mixed pipeline of ``model``, every int8 grid calibrated on ``calibration`` ``[N, S, F]``."""
+    if not isinstance(model, KeywordSpotter):
+        raise InputError(f"build_pipeline takes a KeywordSpotter, got {type(model).__name__}")
+    if calibration.ndim != 3 or calibration.shape[-1] != model.frontend.in_features:
+        raise InputError(f"calibration data must be [N, steps, {model.frontend.in_features}], "
+                         f"got {tuple(calibration.shape)}")
+    with torch.no_grad():  # in float64, so the grids do not hang on float32 summation order
+        observed = copy.deepcopy(model).double().stages(calibration.double())
+    quants = {name: calibrate(values) for name, values in observed.items()}
+    steps, features = calibration.shape[1:]
+    width = model.frontend.out_features
+    frontend = Graph((TensorSpec("features", (1, steps, features), quants["input"]),),
+                     (fully_connected_from(model.frontend, 0, quants["input"], quants["frontend"], "relu"),))
+    classifier = Graph((TensorSpec("pooled", (1, width), quants["pooled"]),),
+                       (fully_connected_from(model.classifier, 0, quants["pooled"], quants["logits"]),))
+    head = model.attention
+    attention = linear_attention_from(head.query, head.key, head.value, head.epsilon, dtype)
+    return Pipeline(quants["input"], (steps, features), (
+        IntegerStage("frontend_int8", frontend),
+        ToHalfStage("bridge_to_half", quants["frontend"], dtype, (steps, width)),
+        AttentionPoolStage("attention_pool_half", attention, (steps, width)),
+        ToInt8Stage("bridge_to_int8", quants["pooled"], (width,)),
+        IntegerStage("classifier_int8", classifier),
+    ))
+
+
+def worst_error(pipeline: Pipeline, model: KeywordSpotter, x: torch.Tensor) -> dict[str, float]:
+    """The pipeline's dequantized logits against the float model's on ``x``: worst absolute
+    error, in output steps (LSB) and as a fraction of the float logits' range."""
+    with torch.no_grad():
+        reference = model(x.float()).double().numpy()
+    got = pipeline.run_float(x.float().numpy()).astype(np.float64)
+    error = np.abs(got - reference)
+    span = float(reference.max() - reference.min())
+    return {"worst": float(error.max()), "worst_lsb": float(error.max() / pipeline.output_quant.scale32[0]),
+            "worst_of_range": float(error.max() / span), "range": span,
+            "agreement": float((got.argmax(-1) == reference.argmax(-1)).mean())}
+
+
+def simulate(pipeline: Pipeline, x: np.ndarray) -> np.ndarray:
+    """The pipeline's function in float64 without its arithmetic: the same int8 weights, int32
+    biases, half weights and activation grids, but exact products and sums, exact attention
+    (no half rounding inside it) and one rounding per int8 tensor (half to even). The
+    pipeline's difference from this is the engine's own error."""
+    frontend, to_half, pool, to_int8, classifier = pipeline.stages
+    assert isinstance(frontend, IntegerStage) and isinstance(pool, AttentionPoolStage)
+
+    def grid(values: np.ndarray, quant) -> np.ndarray:  # noqa: ANN001
+        scale, zero_point = float(quant.scale32[0]), quant.zero_point[0]
+        return (np.clip(np.round(values / scale) + zero_point, -128, 127) - zero_point) * scale
+
+    def dense(values: np.ndarray, node, input_quant) -> np.ndarray:  # noqa: ANN001
+        scales = node.weight_quant.scale32.astype(np.float64)
+        weight = node.weights.astype(np.float64) * scales[:, None]
+        bias = 0.0 if node.bias is None else node.bias * (float(input_quant.scale32[0]) * scales)
+        return values @ weight.T + bias
+
+    h = grid(np.maximum(dense(grid(np.asarray(x, np.float64), pipeline.input_quant), frontend.graph.nodes[0],
+                              pipeline.input_quant), 0), to_half.quant)
+    att = pool.attention
+    q, k = (np.maximum(h @ p.weight.T.astype(np.float64) + p.bias, 0) for p in (att.query, att.key))
+    v = h @ att.value.weight.T.astype(np.float64) + att.value.bias
+    kv = np.swapaxes(k, -1, -2) @ v
+    normalizer = (q * k.sum(axis=-2, keepdims=True)).sum(axis=-1, keepdims=True) + att.epsilon
+    pooled = grid((h + (q @ kv) / normalizer).mean(axis=-2), to_int8.quant)
+    return grid(dense(pooled, classifier.graph.nodes[0], to_int8.quant), pipeline.output_quant)
