@@ -86,17 +86,22 @@ def build_pipeline(model: KeywordSpotter, calibration: torch.Tensor, dtype: str 
     ))
 
 
-def worst_error(pipeline: Pipeline, model: KeywordSpotter, x: torch.Tensor) -> dict[str, float]:
-    """The pipeline's dequantized logits against the float model's on ``x``: worst absolute
-    error, in output steps (LSB) and as a fraction of the float logits' range."""
+def parity(pipeline: Pipeline, model: KeywordSpotter, x: torch.Tensor) -> dict[str, float]:
+    """The pipeline's dequantized logits on ``x`` against the float model (``float_*``) and
+    against :func:`simulate` (``engine_*``, the engine's own error): worst absolute error, in
+    output steps (LSB), and as a fraction of the float logits' range; the share of outputs
+    that differ from the simulation; argmax agreement with the float model."""
     with torch.no_grad():
-        reference = model(x.float()).double().numpy()
+        reference = copy.deepcopy(model).double()(x.double()).numpy()
     got = pipeline.run_float(x.float().numpy()).astype(np.float64)
-    error = np.abs(got - reference)
-    span = float(reference.max() - reference.min())
-    return {"worst": float(error.max()), "worst_lsb": float(error.max() / pipeline.output_quant.scale32[0]),
-            "worst_of_range": float(error.max() / span), "range": span,
-            "agreement": float((got.argmax(-1) == reference.argmax(-1)).mean())}
+    simulated = simulate(pipeline, x.double().numpy())
+    step, span = float(pipeline.output_quant.scale32[0]), float(reference.max() - reference.min())
+    result = {"range": span, "step": step, "agreement": float((got.argmax(-1) == reference.argmax(-1)).mean()),
+              "engine_differing": float((got != simulated).mean())}
+    for label, target in (("float", reference), ("engine", simulated)):
+        worst = float(np.abs(got - target).max())
+        result |= {f"{label}_worst": worst, f"{label}_worst_lsb": worst / step, f"{label}_worst_of_range": worst / span}
+    return result
 
 
 def simulate(pipeline: Pipeline, x: np.ndarray) -> np.ndarray:

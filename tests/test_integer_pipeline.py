@@ -1,0 +1,127 @@
+"""Half-precision island ops, mixed pipelines, and the keyword-spotting example's goldens."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mixprec import InputError
+from mixprec.integer import Quantization
+from mixprec.integer.builders import calibrate, half_linear_from, linear_attention_from
+from mixprec.integer.half_ops import HalfLinearParams, half_linear, half_mean, linear_attention, round_half
+from mixprec.integer.pipeline import Pipeline, ToHalfStage, ToInt8Stage
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def half_values(rng: np.random.Generator, shape: tuple[int, ...], dtype: str = "float16") -> np.ndarray:
+    return round_half(rng.standard_normal(shape).astype(np.float32), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_linear_is_the_stated_sequential_float32_sum(dtype: str) -> None:
+    rng = np.random.default_rng(0)
+    linear = torch.nn.Linear(5, 3)
+    params = half_linear_from(linear, dtype)
+    x = half_values(rng, (4, 5), dtype)
+    got = half_linear(x, params)
+    for row in range(4):
+        for out in range(3):
+            acc = np.float32(0)
+            for k in range(5):
+                acc = np.float32(acc + np.float32(x[row, k] * params.weight[out, k]))
+            expected = round_half(np.float32(acc + params.bias[out]), dtype)
+            assert got[row, out] == expected
+    assert np.array_equal(round_half(got, dtype), got)  # outputs are half values
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_linear_attention_tracks_float64_within_the_formats_precision(dtype: str) -> None:
+    rng = np.random.default_rng(1)
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(8, 8) for _ in range(3)]
+    params = linear_attention_from(*layers, epsilon=1.0, dtype=dtype)
+    x = half_values(rng, (256, 8, 8), dtype)
+    got = linear_attention(x, params)
+
+    def exact(p: HalfLinearParams) -> np.ndarray:
+        return x.astype(np.float64) @ p.weight.T.astype(np.float64) + p.bias
+
+    q, k, v = np.maximum(exact(params.query), 0), np.maximum(exact(params.key), 0), exact(params.value)
+    num = q @ (np.swapaxes(k, -1, -2) @ v)
+    den = (q * k.sum(axis=-2, keepdims=True)).sum(axis=-1, keepdims=True) + params.epsilon
+    reference = num / den
+    relative = np.abs(got - reference).max() / np.abs(reference).max()
+    unit = 2.0 ** -11 if dtype == "float16" else 2.0 ** -8  # the format's unit roundoff
+    # Measured: 2.58 (float16) and 1.80 (bfloat16) unit roundoffs of the largest output.
+    assert relative <= 2 * (2.58 if dtype == "float16" else 1.80) * unit
+
+
+def test_half_mean_and_half_linear_refuse_bad_input() -> None:
+    with pytest.raises(InputError, match="not float16 values; round them first"):
+        HalfLinearParams(np.full((2, 2), 0.1, np.float32), None, "float16")
+    params = HalfLinearParams(np.ones((2, 3), np.float32), None, "float16")
+    with pytest.raises(InputError, match="half_linear takes 3 features"):
+        half_linear(np.ones((4, 2), np.float32), params)
+    assert half_mean(np.array([[1.0, 2.0, 4.0]], np.float32), axis=-1, dtype="float16").tolist() == [
+        float(np.float16(7 / 3))]
+
+
+def test_pipelines_refuse_bad_input_and_nan_at_the_bridge() -> None:
+    quant = Quantization.per_tensor(0.1, 0)
+    with pytest.raises(InputError, match="must end in int8"):
+        Pipeline(quant, (4,), (ToHalfStage("up", quant, "float16", (4,)),))
+    with pytest.raises(InputError, match="takes half values but receives int8"):
+        Pipeline(quant, (4,), (ToInt8Stage("down", quant, (4,)),))
+    pipeline = Pipeline(quant, (4,), (ToHalfStage("up", quant, "float16", (4,)), ToInt8Stage("down", quant, (4,))))
+    codes = np.arange(-128, 128, dtype=np.int8).reshape(64, 4)
+    assert np.array_equal(pipeline(codes), codes)  # float16 holds every code of this grid exactly
+    with pytest.raises(InputError, match=r"takes \[batch, 4\] inputs, got shape \(2, 5\)"):
+        pipeline(np.zeros((2, 5), np.int8))
+    with pytest.raises(InputError, match="takes an int8 numpy array"):
+        pipeline(np.zeros((2, 4), np.float32))
+    with pytest.raises(InputError, match="1 NaN values reached the half -> int8 bridge"):
+        pipeline.stages[1](np.array([[0.0, np.nan, 1.0, 2.0]], np.float32))
+    with pytest.raises(InputError, match="calibration needs finite samples"):
+        calibrate(np.array([1.0, np.inf]))
+
+
+@pytest.fixture(scope="module")
+def kws_example():  # noqa: ANN201
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import kws_synthetic
+        from example_modes import load_model
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    from mixprec.integer.kws import build_pipeline
+
+    model = load_model("kws_synthetic", kws_synthetic.make_model)
+    calibration, _ = kws_synthetic.make_set(512, seed=3)
+    held_out, labels = kws_synthetic.make_set(1024, seed=2)
+    return model, build_pipeline(model, calibration), held_out, labels
+
+
+def test_kws_pipeline_reproduces_its_golden_bytes(kws_example) -> None:  # noqa: ANN001
+    _, pipeline, held_out, _ = kws_example
+    golden = (EXAMPLES / "goldens" / "kws_synthetic.int8").read_bytes()
+    assert pipeline.run_codes(held_out.numpy()).tobytes() == golden
+
+
+def test_kws_pipeline_parity_on_distinct_held_out_samples(kws_example) -> None:  # noqa: ANN001
+    from mixprec.integer.kws import parity
+
+    model, pipeline, held_out, labels = kws_example
+    assert len(np.unique(held_out.numpy().reshape(len(held_out), -1), axis=0)) == len(held_out) >= 256
+    figures = parity(pipeline, model, held_out)
+    # Measured: the engine is within one output step of the exact simulation of the quantized
+    # model (the target); against the float32 model the quantization grids add up to 3.73 steps.
+    assert figures["engine_worst_lsb"] <= 1.0 + 1e-4
+    assert figures["float_worst_lsb"] <= 2 * 3.73
+    assert figures["agreement"] == 1.0
+    mixed = pipeline.run_float(held_out.numpy()).argmax(-1)
+    assert (torch.from_numpy(mixed) == labels).float().mean() >= 0.99
