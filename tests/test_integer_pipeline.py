@@ -125,3 +125,32 @@ def test_kws_pipeline_parity_on_distinct_held_out_samples(kws_example) -> None: 
     assert figures["agreement"] == 1.0
     mixed = pipeline.run_float(held_out.numpy()).argmax(-1)
     assert (torch.from_numpy(mixed) == labels).float().mean() >= 0.99
+
+
+def test_spoken_digits_pipeline_matches_float_accuracy_and_its_golden_bytes() -> None:
+    from mixprec.datasets.spoken_digits import locate
+    from mixprec.errors import DataError
+
+    try:
+        locate()
+    except DataError as exc:
+        pytest.skip(str(exc))
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import kws_spoken_digits as example
+        from example_modes import load_model
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    from mixprec.integer.kws import build_pipeline
+
+    model = load_model("kws_spoken_digits", example.make_model)
+    pipeline = build_pipeline(model, example.calibration_set())
+    _, _, test_x, test_y = example.splits()
+    assert len(test_x) == 300  # takes 0-4 of 6 speakers x 10 digits
+    codes = pipeline.run_codes(test_x.numpy())
+    assert codes.tobytes() == (EXAMPLES / "goldens" / "kws_spoken_digits.int8").read_bytes()
+    with torch.no_grad():
+        float_accuracy = float((model(test_x).argmax(-1) == test_y).float().mean())
+    mixed_accuracy = float((torch.from_numpy(codes.argmax(-1)) == test_y).float().mean())
+    # Measured: 96.67% both; the target is within one point.
+    assert abs(mixed_accuracy - float_accuracy) <= 0.01 and float_accuracy >= 0.95
