@@ -154,3 +154,49 @@ def test_spoken_digits_pipeline_matches_float_accuracy_and_its_golden_bytes() ->
     mixed_accuracy = float((torch.from_numpy(codes.argmax(-1)) == test_y).float().mean())
     # Measured: 96.67% both; the target is within one point.
     assert abs(mixed_accuracy - float_accuracy) <= 0.01 and float_accuracy >= 0.95
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_fused_keyword_spotter_is_bit_identical_to_the_reference(kws_example, dtype: str) -> None:  # noqa: ANN001
+    from mixprec.integer.kws import FusedKeywordSpotter, build_pipeline
+    from mixprec.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.load_error()}")
+    model, _, held_out, _ = kws_example
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import kws_synthetic
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    pipeline = build_pipeline(model, kws_synthetic.make_set(512, seed=3)[0], dtype)
+    fused = FusedKeywordSpotter(pipeline)
+    rng = np.random.default_rng(7)
+    random_codes = rng.integers(-128, 128, (1003, 8, 8)).astype(np.int8)  # not a multiple of the 16 lanes
+    random_codes[:2] = [[[-128]], [[127]]]
+    for codes in (pipeline.quantize_input(held_out.numpy()), random_codes, random_codes[:1]):
+        assert np.array_equal(fused(codes), pipeline(codes))
+    with pytest.raises(InputError, match=r"takes \[batch, 8, 8\] inputs"):
+        fused(np.zeros((4, 8, 7), np.int8))
+
+
+def test_fused_keyword_spotter_reports_nan_like_the_reference() -> None:
+    from mixprec.integer.kws import FusedKeywordSpotter, KeywordSpotter, build_pipeline
+    from mixprec.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.load_error()}")
+    torch.manual_seed(0)
+    model = KeywordSpotter(4, 4, 3).eval()
+    with torch.no_grad():  # half overflow: num and den become inf, inf / inf is NaN
+        for layer in (model.attention.query, model.attention.key, model.attention.value):
+            layer.weight.fill_(60000.0)
+    x = torch.rand(64, 8, 4)
+    pipeline = build_pipeline(model, x)
+    codes = pipeline.quantize_input(x.numpy())
+    with pytest.raises(InputError, match="NaN values reached the half -> int8 bridge"):
+        pipeline(codes)
+    with pytest.raises(InputError, match="NaN values reached the half -> int8 bridge"):
+        FusedKeywordSpotter(pipeline)(codes)
+    with pytest.raises(InputError, match="takes the pipeline build_pipeline makes"):
+        FusedKeywordSpotter(Pipeline(pipeline.input_quant, (8, 4), pipeline.stages[:1]))

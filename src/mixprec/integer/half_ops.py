@@ -118,7 +118,8 @@ def linear_attention(x: HalfValues, params: LinearAttentionParams) -> HalfValues
         den += q[..., e] * z[..., None, e]
     num = round_half(num, dtype)
     den = round_half(round_half(den, dtype) + np.float32(params.epsilon), dtype)
-    return round_half(num / den[..., None], dtype)
+    with np.errstate(invalid="ignore", divide="ignore"):  # inf / inf is NaN, refused at the int8 bridge
+        return round_half(num / den[..., None], dtype)
 
 
 def half_add(a: HalfValues, b: HalfValues, dtype: str) -> HalfValues:

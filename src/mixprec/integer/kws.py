@@ -131,3 +131,53 @@ def simulate(pipeline: Pipeline, x: np.ndarray) -> np.ndarray:
     normalizer = (q * k.sum(axis=-2, keepdims=True)).sum(axis=-1, keepdims=True) + att.epsilon
     pooled = grid((h + (q @ kv) / normalizer).mean(axis=-2), to_int8.quant)
     return grid(dense(pooled, classifier.graph.nodes[0], to_int8.quant), pipeline.output_quant)
+
+
+class FusedKeywordSpotter:
+    """The pipeline of :func:`build_pipeline` as one native pass
+    (``mixprec/kernels/csrc/kws_pipeline.cpp``), bit-identical to calling the pipeline: the
+    same records, the same arithmetic, in blocks of 16 samples. Needs the native kernels."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        from mixprec.kernels import native
+
+        if not native.available():
+            raise InputError(f"the fused keyword spotter needs mixprec's native kernels: {native.load_error()}")
+        kinds = [type(stage) for stage in pipeline.stages]
+        if kinds != [IntegerStage, ToHalfStage, AttentionPoolStage, ToInt8Stage, IntegerStage] or any(
+                len(stage.graph.nodes) != 1 for stage in (pipeline.stages[0], pipeline.stages[4])):
+            raise InputError("FusedKeywordSpotter takes the pipeline build_pipeline makes "
+                             "(frontend, bridge, attention pool, bridge, classifier)")
+        frontend, to_half, pool, to_int8, classifier = pipeline.stages
+        self.pipeline = pipeline
+        attention = pool.attention
+        layers = (attention.query, attention.key, attention.value)
+        self._args = (
+            *self._dense(frontend.graph), torch.from_numpy(to_half._table.copy()),
+            torch.from_numpy(np.stack([layer.weight for layer in layers])),
+            torch.from_numpy(np.stack([self._bias(layer) for layer in layers])), float(attention.epsilon),
+            int(attention.dtype == "bfloat16"), float(to_int8.quant.scale32[0]), int(to_int8.quant.zero_point[0]),
+            *self._dense(classifier.graph))
+        self._native = native
+
+    @staticmethod
+    def _bias(layer) -> np.ndarray:  # noqa: ANN001
+        return layer.bias if layer.bias is not None else np.zeros(layer.weight.shape[0], np.float32)
+
+    @staticmethod
+    def _dense(graph: Graph) -> tuple:
+        record = graph._records[0]
+        out_features = record.weights.shape[0]
+        bias = record.bias if record.bias is not None else np.zeros(out_features, np.int32)
+        return (torch.from_numpy(np.ascontiguousarray(record.weights)), torch.from_numpy(bias.copy()),
+                torch.from_numpy(record.multiplier.copy()), torch.from_numpy(record.shift.copy()),
+                record.input_offset, record.output_offset, record.activation_min, record.activation_max)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """int8 ``[B, S, F]`` -> int8 logits ``[B, classes]``, as ``pipeline(x)``."""
+        self.pipeline._check(x)
+        out, nan_count = self._native.kws_pipeline(torch.from_numpy(np.ascontiguousarray(x)), *self._args)
+        if nan_count:
+            raise InputError(f"{nan_count} NaN values reached the half -> int8 bridge; NaN has no int8 code "
+                             "(find where the half-precision island produced them)")
+        return out.numpy()

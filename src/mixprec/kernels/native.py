@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int8_rows.cpp", "int4_weights.cpp", "kv_dequant.cpp")]
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int8_rows.cpp", "int4_weights.cpp", "kv_dequant.cpp",
+                                                                         "kws_pipeline.cpp")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
 
 
@@ -102,3 +103,8 @@ def kv_dequantize_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.T
                          out: torch.Tensor) -> None:
     """Dequantize per-token KV-cache values into float32 ``out`` (see csrc/kv_dequant.cpp)."""
     torch.ops.mixprec.kv_dequantize_values(codes, scale, zero, bits, out)
+
+
+def kws_pipeline(*args: object) -> tuple[torch.Tensor, int]:
+    """The fused keyword-spotting pipeline (see csrc/kws_pipeline.cpp; arguments as there)."""
+    return torch.ops.mixprec.kws_pipeline(*args)
