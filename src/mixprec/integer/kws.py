@@ -90,7 +90,8 @@ def parity(pipeline: Pipeline, model: KeywordSpotter, x: torch.Tensor) -> dict[s
     """The pipeline's dequantized logits on ``x`` against the float model (``float_*``) and
     against :func:`simulate` (``engine_*``, the engine's own error): worst absolute error, in
     output steps (LSB), and as a fraction of the float logits' range; the share of outputs
-    that differ from the simulation; argmax agreement with the float model."""
+    that differ from the simulation; argmax agreement with the float model; the share of
+    outputs saturated at the calibrated grid's ends and the worst error among the others."""
     with torch.no_grad():
         reference = copy.deepcopy(model).double()(x.double()).numpy()
     got = pipeline.run_float(x.float().numpy()).astype(np.float64)
@@ -101,6 +102,11 @@ def parity(pipeline: Pipeline, model: KeywordSpotter, x: torch.Tensor) -> dict[s
     for label, target in (("float", reference), ("engine", simulated)):
         worst = float(np.abs(got - target).max())
         result |= {f"{label}_worst": worst, f"{label}_worst_lsb": worst / step, f"{label}_worst_of_range": worst / span}
+    out = pipeline.output_quant
+    codes = np.round(got / step) + out.zero_point[0]
+    inside = (codes > -128) & (codes < 127)  # outputs not clipped at the calibrated range's ends
+    result["saturated"] = float((~inside).mean())
+    result["float_worst_unsaturated_lsb"] = float(np.abs(got - reference)[inside].max(initial=0.0) / step)
     return result
 
 
