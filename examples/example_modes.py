@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mixprec.integer.kws import KeywordSpotter, build_pipeline, parity
-from mixprec.integer.pipeline import stage_table
+from mixprec.integer.profile import stage_table
 from mixprec.io_utils import atomic_path
 
 GOLDENS = Path(__file__).resolve().parent / "goldens"
@@ -33,6 +33,28 @@ def load_model(name: str, make: Callable[[], KeywordSpotter]) -> KeywordSpotter:
     return model.eval()
 
 
+def stored_model(name: str, make_model: Callable[[], torch.nn.Module], train: Callable[[torch.nn.Module], None],
+                 retrain: bool) -> torch.nn.Module:
+    """The stored model of example ``name``; trained (and stored) first when ``retrain`` or
+    when nothing is stored yet."""
+    weights = GOLDENS / f"{name}.safetensors"
+    if retrain or not weights.exists():
+        model = make_model()
+        train(model)
+        GOLDENS.mkdir(exist_ok=True)
+        with atomic_path(weights) as tmp:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    return load_model(name, make_model)
+
+
+def write_golden(name: str, codes: np.ndarray) -> None:
+    """Store the int8 output bytes of example ``name``."""
+    path = GOLDENS / f"{name}.int8"
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(codes.tobytes())
+    print(f"wrote {GOLDENS / f'{name}.safetensors'} and {path} ({codes.nbytes} bytes)")
+
+
 def run_modes(name: str, make_model: Callable[[], KeywordSpotter], train: Callable[[KeywordSpotter], None],
               calibration: torch.Tensor, held_out: torch.Tensor, labels: torch.Tensor,
               argv: list[str] | None = None) -> int:
@@ -43,20 +65,10 @@ def run_modes(name: str, make_model: Callable[[], KeywordSpotter], train: Callab
     parser.add_argument("--batch", type=int, default=4096, help="bench: samples per batch")
     parser.add_argument("--out", type=Path, default=Path("runs") / name, help="bench/plot output folder")
     args = parser.parse_args(argv)
-    weights = GOLDENS / f"{name}.safetensors"
-    if args.mode == "golden" or not weights.exists():
-        model = make_model()
-        train(model)
-        GOLDENS.mkdir(exist_ok=True)
-        with atomic_path(weights) as tmp:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    model = load_model(name, make_model)
+    model = stored_model(name, make_model, train, retrain=args.mode == "golden")
     pipeline = build_pipeline(model, calibration, args.dtype)
     if args.mode == "golden":
-        codes = pipeline.run_codes(held_out.numpy())
-        with atomic_path(GOLDENS / f"{name}.int8") as tmp:
-            tmp.write_bytes(codes.tobytes())
-        print(f"wrote {weights} and {GOLDENS / f'{name}.int8'} ({codes.nbytes} bytes)")
+        write_golden(name, pipeline.run_codes(held_out.numpy()))
         return 0
     if args.mode == "run":
         return report_parity(pipeline, model, held_out, labels)
@@ -108,23 +120,29 @@ def bench(pipeline, held_out: torch.Tensor, batch: int, out: Path) -> int:  # no
 
 
 def plot(pipeline, model: KeywordSpotter, held_out: torch.Tensor, out: Path) -> int:  # noqa: ANN001
+    with torch.no_grad():
+        reference = model(held_out).numpy().ravel()
+    plot_parity(reference, pipeline.run_float(held_out.numpy()).ravel(), float(pipeline.output_quant.scale32[0]),
+                out / "parity.png")
+    return 0
+
+
+def plot_parity(reference: np.ndarray, got: np.ndarray, step: float, path: Path) -> None:
+    """Scatter of float vs dequantized int8 outputs, and the absolute error per element."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with torch.no_grad():
-        reference = model(held_out).numpy().ravel()
-    got = pipeline.run_float(held_out.numpy()).ravel()
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.scatter(reference, got, s=2)
-    left.set(xlabel="float32 logit", ylabel="int8/half pipeline logit (dequantized)", title="float vs pipeline")
+    left.set(xlabel="float32 output", ylabel="integer engine output (dequantized)", title="float vs engine")
     right.plot(np.abs(got - reference), ".", markersize=2)
-    right.axhline(pipeline.output_quant.scale32[0], color="red", label="one output step")
+    right.axhline(step, color="red", label="one output step")
     right.set(xlabel="output element", ylabel="|error|", title="absolute error per element")
     right.legend()
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "parity.png") as tmp:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    print(f"wrote {out / 'parity.png'}")
-    return 0
+    plt.close(figure)
+    print(f"wrote {path}")

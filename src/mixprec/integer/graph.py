@@ -7,7 +7,7 @@ node's runtime record once; calling it touches only those records.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 import numpy as np
@@ -15,6 +15,7 @@ from numpy.typing import NDArray
 
 from mixprec.errors import InputError
 from mixprec.integer.nodes import Node
+from mixprec.integer.profile import StageProfile, median_seconds
 from mixprec.integer.tensors import Quantization, TensorSpec
 
 
@@ -92,3 +93,29 @@ class Graph:
         for node, record in zip(self.nodes, self._records):
             values.append(node.run(record, *(values[i] for i in node.inputs)))
         return values[-1]
+
+    def profile(self, *arrays: NDArray, repeats: int = 5) -> list[StageProfile]:
+        """Per operator: bytes of its runtime constants, output bytes per batch element, and
+        the median time over ``repeats`` runs on ``arrays``."""
+        self(*arrays)  # validates the inputs
+        steps = [(lambda *args, n=node, r=record: n.run(r, *args), tuple(node.inputs))
+                 for node, record in zip(self.nodes, self._records)]
+        seconds = median_seconds(steps, list(arrays), repeats)
+        rows = []
+        for index, (node, record) in enumerate(zip(self.nodes, self._records)):
+            output = len(self.inputs) + index
+            itemsize = np.dtype(self._dtypes[output]).itemsize
+            rows.append(StageProfile(f"{index}:{node.opcode.lower()}", _constant_bytes(record),
+                                     int(np.prod(self._shapes[output][1:])) * itemsize, seconds[index]))
+        return rows
+
+
+def _constant_bytes(record: Any) -> int:
+    """Bytes of the numpy arrays a runtime record holds (its constants)."""
+    if isinstance(record, np.ndarray):
+        return record.nbytes
+    if isinstance(record, tuple):
+        return sum(_constant_bytes(item) for item in record)
+    if is_dataclass(record):
+        return sum(_constant_bytes(getattr(record, f.name)) for f in fields(record))
+    return 0

@@ -24,10 +24,19 @@ from mixprec.integer.activations import (
     softmax,
     softmax_params,
 )
+from mixprec.integer.attention import (
+    LinearAttentionInt8Params,
+    SoftmaxAttentionParams,
+    linear_attention_int8,
+    linear_attention_int8_params,
+    softmax_attention,
+    softmax_attention_params,
+)
 from mixprec.integer.conversions import RequantizeParams, dequantize, quantize, requantize, requantize_params
 from mixprec.integer.elementwise import ADD_LEFT_SHIFT, AddParams, MulParams, add, mul
 from mixprec.integer.fixedpoint import quantize_multiplier
 from mixprec.integer.fully_connected import FullyConnectedParams, fully_connected
+from mixprec.integer.layer_norm import LayerNormParams, layer_norm, layer_norm_params
 from mixprec.integer.mean import MeanParams, mean, mean_params, mean_shape
 from mixprec.integer.tensors import Quantization, activation_range
 
@@ -331,5 +340,163 @@ class DequantizeNode(_Node):
         return dequantize(x, *record)
 
 
+@dataclass(frozen=True, eq=False)
+class EmbeddingNode(_Node):
+    """Rows of an int8 ``table [V, E]`` (quantization ``table_quant``, any zero point) gathered
+    by the int32 token ids of tensor ``inputs[0]``; the output keeps the table's grid, so its
+    zero point travels with it. Ids outside ``0..V-1`` are refused."""
+
+    inputs: tuple[int, ...]
+    table: NDArray[np.int8]
+    table_quant: Quantization
+    opcode = "EMBEDDING"
+    input_dtypes = ("int32",)
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != 1 or self.table.dtype != np.int8 or self.table.ndim != 2:
+            raise InputError("EMBEDDING takes one int32 id tensor and an int8 table [vocabulary, width]")
+        _check_activation_and_output(self.table_quant, "none")
+
+    @property
+    def output_quant(self) -> Quantization:
+        return self.table_quant
+
+    def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        return (*shapes[0], self.table.shape[1])
+
+    def record(self, quants: Sequence[Quantization | None], shapes: Sequence[tuple[int, ...]]) -> NDArray[np.int8]:
+        return self.table
+
+    @staticmethod
+    def run(record: NDArray[np.int8], ids: NDArray[np.int32]) -> NDArray[np.int8]:
+        bad = (ids < 0) | (ids >= record.shape[0])
+        if bad.any():
+            raise InputError(f"{int(bad.sum())} token ids lie outside 0..{record.shape[0] - 1} "
+                             f"(for example {int(ids[bad].flat[0])})")
+        return record[ids]
+
+
+@dataclass(frozen=True, eq=False)
+class AddConstantNode(_Node):
+    """ADD of tensor ``inputs[0]`` and an int8 ``constant`` broadcast over the batch (for
+    example a positional encoding ``[S, E]``), with ADD's arithmetic and rounding."""
+
+    inputs: tuple[int, ...]
+    constant: NDArray[np.int8]
+    constant_quant: Quantization
+    output_quant: Quantization
+    opcode = "ADD_CONSTANT"
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != 1 or self.constant.dtype != np.int8:
+            raise InputError("ADD_CONSTANT takes one input tensor and an int8 constant")
+        _check_activation_and_output(self.constant_quant, "none")
+        _check_activation_and_output(self.output_quant, "none")
+
+    def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        if tuple(shapes[0][1:]) != tuple(self.constant.shape):
+            raise InputError(f"ADD_CONSTANT adds a {self.constant.shape} constant to {shapes[0][1:]} per batch element")
+        return shapes[0]
+
+    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> tuple:
+        add_node = AddNode((0, 1), self.output_quant)
+        return add_node.record([quants[0], self.constant_quant], shapes), self.constant
+
+    @staticmethod
+    def run(record: tuple, x: NDArray[np.int8]) -> NDArray[np.int8]:
+        params, constant = record
+        return add(x, constant, params)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerNormNode(_Node):
+    """Layer normalization over the last axis of tensor ``inputs[0]`` in integers
+    (:mod:`mixprec.integer.layer_norm`), from float ``gamma``, ``beta`` and ``epsilon``."""
+
+    inputs: tuple[int, ...]
+    gamma: NDArray[np.float32]
+    beta: NDArray[np.float32]
+    epsilon: float
+    output_quant: Quantization
+    opcode = "LAYER_NORM"
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != 1:
+            raise InputError(f"LAYER_NORM takes one input tensor, got {self.inputs}")
+        _check_activation_and_output(self.output_quant, "none")
+
+    def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        if shapes[0][-1] != len(self.gamma):
+            raise InputError(f"LAYER_NORM has {len(self.gamma)} channels but receives {shapes[0][-1]}")
+        return shapes[0]
+
+    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> LayerNormParams:
+        return layer_norm_params(self.gamma, self.beta, self.epsilon, quants[0].scale[0], quants[0].zero_point[0],
+                                 self.output_quant.scale[0], self.output_quant.zero_point[0])
+
+    @staticmethod
+    def run(record: LayerNormParams, x: NDArray[np.int8]) -> NDArray[np.int8]:
+        return layer_norm(x, record)
+
+
+def _scale_and_zero(quant: Quantization) -> tuple[float, int]:
+    return quant.scale[0], quant.zero_point[0]
+
+
+@dataclass(frozen=True, eq=False)
+class _AttentionNode(_Node):
+    inputs: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != 3:
+            raise InputError(f"{self.opcode} takes query, key and value tensors, got {self.inputs}")
+        _check_activation_and_output(self.output_quant, "none")
+
+    def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        q, k, v = shapes
+        if len(q) != 3 or q[:-1] != k[:-1] or k[:-1] != v[:-1] or q[-1] != k[-1]:
+            raise InputError(f"{self.opcode} needs [B, S, P] query/key and [B, S, P_v] value, got {list(shapes)}")
+        return v
+
+
+@dataclass(frozen=True, eq=False)
+class SoftmaxAttentionNode(_AttentionNode):
+    """Softmax attention of (query, key, value) tensors, scores on ``score_quant``
+    (:mod:`mixprec.integer.attention`)."""
+
+    score_quant: Quantization = None  # type: ignore[assignment]
+    output_quant: Quantization = None  # type: ignore[assignment]
+    opcode = "SOFTMAX_ATTENTION"
+
+    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> SoftmaxAttentionParams:
+        return softmax_attention_params(shapes[0][-1], *(_scale_and_zero(q) for q in quants),
+                                        _scale_and_zero(self.score_quant), _scale_and_zero(self.output_quant))
+
+    @staticmethod
+    def run(record: SoftmaxAttentionParams, q: NDArray[np.int8], k: NDArray[np.int8],
+            v: NDArray[np.int8]) -> NDArray[np.int8]:
+        return softmax_attention(q, k, v, record)
+
+
+@dataclass(frozen=True, eq=False)
+class LinearAttentionNode(_AttentionNode):
+    """ReLU-feature linear attention of (query, key, value) tensors with ``epsilon``
+    (:mod:`mixprec.integer.attention`)."""
+
+    epsilon: float = 1.0
+    output_quant: Quantization = None  # type: ignore[assignment]
+    opcode = "LINEAR_ATTENTION"
+
+    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> LinearAttentionInt8Params:
+        return linear_attention_int8_params(self.epsilon, *(_scale_and_zero(q) for q in quants),
+                                            _scale_and_zero(self.output_quant))
+
+    @staticmethod
+    def run(record: LinearAttentionInt8Params, q: NDArray[np.int8], k: NDArray[np.int8],
+            v: NDArray[np.int8]) -> NDArray[np.int8]:
+        return linear_attention_int8(q, k, v, record)
+
+
 Node = (FullyConnectedNode | AddNode | MulNode | LogisticNode | TanhNode | SoftmaxNode | MeanNode | ReshapeNode
-        | QuantizeNode | DequantizeNode)
+        | QuantizeNode | DequantizeNode | EmbeddingNode | AddConstantNode | LayerNormNode | SoftmaxAttentionNode
+        | LinearAttentionNode)

@@ -14,8 +14,6 @@ stage, the bytes of its constants and of its output per sample, and its time
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +26,7 @@ from mixprec.integer.graph import Graph
 from mixprec.integer.half import half_format
 from mixprec.integer.half_ops import LinearAttentionParams, half_add, half_mean, linear_attention
 from mixprec.integer.nodes import FullyConnectedNode
+from mixprec.integer.profile import StageProfile, median_seconds
 from mixprec.integer.tensors import Quantization
 
 HALF_BYTES = 2
@@ -143,16 +142,6 @@ class ToInt8Stage:
 Stage = IntegerStage | ToHalfStage | AttentionPoolStage | ToInt8Stage
 
 
-@dataclass(frozen=True)
-class StageProfile:
-    """One stage's figures: constant bytes, output bytes per sample, median seconds per batch."""
-
-    name: str
-    weight_bytes: int
-    activation_bytes: int
-    seconds: float
-
-
 @dataclass(frozen=True, eq=False)
 class Pipeline:
     """Stages from an int8 input on ``input_quant`` (shape ``input_shape`` per sample) to an
@@ -202,15 +191,9 @@ class Pipeline:
         self._check(x)
         if repeats < 1:
             raise InputError(f"repeats must be at least 1, got {repeats}")
-        times: list[list[float]] = [[] for _ in self.stages]
-        for _ in range(repeats):
-            value = x
-            for index, stage in enumerate(self.stages):
-                start = time.perf_counter()
-                value = stage(value)
-                times[index].append(time.perf_counter() - start)
-        return [StageProfile(stage.name, stage.weight_bytes, stage.output_bytes(), float(np.median(spent)))
-                for stage, spent in zip(self.stages, times)]
+        seconds = median_seconds([(stage, (-1,)) for stage in self.stages], [x], repeats)
+        return [StageProfile(stage.name, stage.weight_bytes, stage.output_bytes(), spent)
+                for stage, spent in zip(self.stages, seconds)]
 
     def _check(self, x: NDArray) -> None:
         if not isinstance(x, np.ndarray) or x.dtype != np.int8:
@@ -218,10 +201,3 @@ class Pipeline:
         if tuple(x.shape[1:]) != tuple(self.input_shape):
             raise InputError(f"the pipeline takes [batch, {', '.join(map(str, self.input_shape))}] inputs, "
                              f"got shape {x.shape}")
-
-
-def stage_table(profiles: Sequence[StageProfile]) -> str:
-    """``name,weight_bytes,activation_bytes,time`` CSV lines (time in seconds)."""
-    lines = ["name,weight_bytes,activation_bytes,time"]
-    lines += [f"{p.name},{p.weight_bytes},{p.activation_bytes},{p.seconds:.6g}" for p in profiles]
-    return "\n".join(lines) + "\n"

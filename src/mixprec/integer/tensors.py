@@ -12,8 +12,8 @@ from mixprec.errors import InputError
 from mixprec.integer.rounding import round_half_away
 
 ACTIVATIONS = ("none", "relu", "relu6")
-#: Element types a graph tensor may have.
-DTYPES = ("int8", "float32")
+#: Element types a graph tensor may have (int32: token ids).
+DTYPES = ("int8", "float32", "int32")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def activation_range(activation: str, output: Quantization) -> tuple[int, int]:
 @dataclass(frozen=True)
 class TensorSpec:
     """A graph input: name, shape (first dimension the batch), element type, and the
-    quantization (required for int8, absent for float32)."""
+    quantization (required for int8, absent for float32 and int32)."""
 
     name: str
     shape: tuple[int, ...]
@@ -78,5 +78,5 @@ class TensorSpec:
             raise InputError(f"tensor {self.name!r}: element type {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.dtype == "int8" and (self.quant is None or len(self.quant.scale) != 1):
             raise InputError(f"tensor {self.name!r}: int8 activations need one (per-tensor) quantization")
-        if self.dtype == "float32" and self.quant is not None:
-            raise InputError(f"tensor {self.name!r}: float32 tensors carry no quantization")
+        if self.dtype != "int8" and self.quant is not None:
+            raise InputError(f"tensor {self.name!r}: {self.dtype} tensors carry no quantization")
