@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {len(x)} held-out sequences; accuracy float32 {f['float_accuracy']:.4f}, "
                   f"int8 {f['int8_accuracy']:.4f}")
             print(f"  worst |error| vs float32: {f['float_worst_lsb']:.2f} steps = "
-                  f"{100 * f['float_worst_of_range']:.2f}% of the output range {f['range']:.1f} [<= {100 * MAX_OF_RANGE}%: {'PASS' if passed else 'FAIL'}]; "
+                  f"{100 * f['float_worst_of_range']:.2f}% of the output range {f['range']:.1f} "
+                  f"[<= {100 * MAX_OF_RANGE}%: {'PASS' if passed else 'FAIL'}]; "
                   f"mean {f['float_mean_lsb']:.2f} steps")
             print(f"  split: engine vs exact simulation {f['engine_worst_lsb']:.2f} steps, simulation vs float32 "
                   f"{f['quantization_worst_lsb']:.2f} steps; every operator alone within "
