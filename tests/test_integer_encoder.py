@@ -99,6 +99,11 @@ def test_embedding_keeps_its_zero_point_and_refuses_bad_ids() -> None:
         graph(np.array([[0, 16, -1, 3]], np.int32))
     with pytest.raises(InputError, match="must be a numpy array of int32"):
         graph(ids.astype(np.int64))
+    pytest.importorskip("tflite")
+    from mixprec.integer import export_tflite
+
+    with pytest.raises(InputError, match="EMBEDDING has no TFLite builtin operator"):
+        export_tflite(graph, Path("never-written.tflite"))
     with pytest.raises(InputError, match=r"adds a \(3, 16\) constant to \(4, 16\)"):
         Graph(graph.inputs, (graph.nodes[0], AddConstantNode((1,), table[:3], table_quant, table_quant)))
 

@@ -43,6 +43,10 @@ def export_tflite(graph: Graph, path: str | os.PathLike[str]) -> None:
     """Write ``graph`` to ``path`` (atomically)."""
     if not isinstance(graph, Graph):
         raise InputError(f"export_tflite takes a mixprec.integer.Graph, got {type(graph).__name__}")
+    unsupported = sorted({node.opcode for node in graph.nodes if node.opcode not in _OPTIONS})
+    if unsupported:
+        raise InputError(f"{', '.join(unsupported)} has no TFLite builtin operator; export_tflite writes "
+                         f"{', '.join(sorted(_OPTIONS))}")
     flatbuffers, tflite = require_tflite()
     builder = flatbuffers.Builder(1024)
     tensors: list[tuple[str, tuple[int, ...], int, Quantization | None, bytes | None]] = []  # name, shape, ...
