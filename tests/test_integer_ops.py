@@ -137,3 +137,21 @@ def test_integer_ops_refuse_bad_input() -> None:
     codes = np.array([0, 1, -2, 127], np.float64)  # 0.05 / 0.1 is a tie in float32: away from zero
     expected = (float(np.float32(0.1)) * codes).astype(np.float32)
     assert np.array_equal(graph(np.array([[0.04, 0.05, -0.15, 20.0]], np.float32))[0], expected)
+
+
+@needs_litert
+def test_load_tflite_refuses_unsupported_tensor_types(tmp_path: Path) -> None:
+    import tflite
+
+    q = Quantization.per_tensor(0.1, 0)
+    path = tmp_path / "mean.tflite"
+    export_tflite(Graph((TensorSpec("x", (1, 8, 6), q),), (MeanNode((0,), (1,), q),)), path)
+    data = bytearray(path.read_bytes())
+    subgraph = tflite.Model.GetRootAs(bytes(data), 0).Subgraphs(0)
+    output = subgraph.Tensors(int(subgraph.OutputsAsNumpy()[0]))
+    offset = output._tab.Offset(6)  # the tensor's type (a byte)
+    assert data[output._tab.Pos + offset] == tflite.TensorType.INT8
+    data[output._tab.Pos + offset] = tflite.TensorType.INT16
+    (tmp_path / "int16.tflite").write_bytes(bytes(data))
+    with pytest.raises(InputError, match="operator 0 \\(MEAN\\) maps INT8 to INT16; mixprec supports INT8 to INT8"):
+        load_tflite(tmp_path / "int16.tflite")
