@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from example_modes import plot_parity, stored_model, write_golden  # noqa: E402
+from example_modes import fit, plot_parity, stored_model, write_golden  # noqa: E402
 
 from mixprec.integer.encoder import TinyEncoder, build_encoder_graph  # noqa: E402
 from mixprec.integer.profile import stage_table  # noqa: E402
@@ -49,15 +49,7 @@ def make_model(attention: str) -> TinyEncoder:
 def train(model: TinyEncoder) -> None:
     """Adam (lr 1e-2), 3,000 steps of 256 sequences."""
     x, y = make_set(16384, seed=1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(3000):
-        batch = torch.randint(0, len(x), (256,), generator=generator)
-        loss = torch.nn.functional.cross_entropy(model(x[batch]).reshape(-1, CLASSES), y[batch].reshape(-1))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    fit(model, x, y, torch.optim.Adam(model.parameters(), lr=1e-2), steps=3000, batch=256)
 
 
 def held_out_set() -> tuple[torch.Tensor, torch.Tensor]:

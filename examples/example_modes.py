@@ -33,6 +33,21 @@ def load_model(name: str, make: Callable[[], KeywordSpotter]) -> KeywordSpotter:
     return model.eval()
 
 
+def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, steps: int,
+        batch: int) -> None:
+    """Cross-entropy training on random batches (generator seeded 0); logits and labels are
+    flattened so per-token heads train the same way. Leaves the model in eval mode."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        rows = torch.randint(0, len(x), (batch,), generator=generator)
+        logits = model(x[rows])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[rows].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
 def stored_model(name: str, make_model: Callable[[], torch.nn.Module], train: Callable[[torch.nn.Module], None],
                  retrain: bool) -> torch.nn.Module:
     """The stored model of example ``name``; trained (and stored) first when ``retrain`` or

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from example_modes import run_modes  # noqa: E402
+from example_modes import fit, run_modes  # noqa: E402
 
 from mixprec.datasets.spoken_digits import spoken_digit_features  # noqa: E402
 from mixprec.integer.kws import KeywordSpotter  # noqa: E402
@@ -48,15 +48,7 @@ def make_model() -> KeywordSpotter:
 def train(model: KeywordSpotter) -> None:
     """AdamW (lr 1e-2, weight decay 1e-4), 3,000 steps of 128 training recordings."""
     x, y, _, _ = splits()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(3000):
-        batch = torch.randint(0, len(x), (128,), generator=generator)
-        loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    fit(model, x, y, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4), steps=3000, batch=128)
 
 
 def calibration_set() -> torch.Tensor:

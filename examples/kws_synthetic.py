@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from example_modes import run_modes  # noqa: E402
+from example_modes import fit, run_modes  # noqa: E402
 
 from mixprec.integer.kws import KeywordSpotter  # noqa: E402
 
@@ -51,18 +51,10 @@ def make_model() -> KeywordSpotter:
     return KeywordSpotter(FEATURES, 8, CLASSES, epsilon=4.0)
 
 
-def train(model: KeywordSpotter, seed: int = 0) -> None:
+def train(model: KeywordSpotter) -> None:
     """Adam for 600 steps of 256 samples from a 8192-sample training set."""
     x, y = make_set(8192, seed=1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(600):
-        batch = torch.randint(0, len(x), (256,), generator=generator)
-        loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    fit(model, x, y, torch.optim.Adam(model.parameters(), lr=1e-2), steps=600, batch=256)
 
 
 def main(argv: list[str] | None = None) -> int:
