@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mixprec.cli import main
 from mixprec.policy import Policy
@@ -68,3 +69,13 @@ def test_paired_bootstrap_separates_a_real_difference_from_none() -> None:
     assert minilm_search.paired_bootstrap(close, close, gold, resamples=50) == (0.0, 0.0, 0.0)
     difference, low, high = minilm_search.paired_bootstrap(close, far, gold, resamples=200)
     assert 0 < low < difference < high
+
+
+def test_cosine_distortion_sees_angles_not_lengths() -> None:
+    torch.manual_seed(0)
+    reference = [torch.randn(16, 32), torch.randn(8, 32)]
+    assert minilm_search.cosine_distortion(reference, reference) == 0.0
+    assert minilm_search.cosine_distortion(reference, [4.0 * e for e in reference]) == 0.0  # rescaling
+    small = [e + 0.01 * torch.randn_like(e) for e in reference]
+    large = [e + 0.1 * torch.randn_like(e) for e in reference]
+    assert 0 < minilm_search.cosine_distortion(reference, small) < minilm_search.cosine_distortion(reference, large)
