@@ -200,3 +200,38 @@ def test_fused_keyword_spotter_reports_nan_like_the_reference() -> None:
         FusedKeywordSpotter(pipeline)(codes)
     with pytest.raises(InputError, match="takes the pipeline build_pipeline makes"):
         FusedKeywordSpotter(Pipeline(pipeline.input_quant, (8, 4), pipeline.stages[:1]))
+
+
+def test_profiles_report_every_stage_and_operator(kws_example) -> None:  # noqa: ANN001
+    from mixprec.integer.profile import stage_table
+
+    _, pipeline, held_out, _ = kws_example
+    codes = pipeline.quantize_input(held_out.numpy()[:64])
+    rows = pipeline.profile(codes, repeats=2)
+    assert [row.name for row in rows] == [stage.name for stage in pipeline.stages]
+    assert [row.activation_bytes for row in rows] == [64, 128, 16, 8, 4]  # per sample: int8 8x8, half 8x8, ...
+    assert rows[0].weight_bytes == 8 * 8 + 8 * 4 and all(row.seconds > 0 for row in rows)
+    graph_rows = pipeline.stages[0].graph.profile(codes, repeats=1)
+    assert len(graph_rows) == 1 and graph_rows[0].name == "0:fully_connected"
+    assert graph_rows[0].weight_bytes == 64 + 32 + 32 + 32  # int8 weights, int32 bias, multipliers, shifts
+    table = stage_table(rows).splitlines()
+    assert table[0] == "name,weight_bytes,activation_bytes,time" and len(table) == 6
+    with pytest.raises(InputError, match="repeats must be at least 1"):
+        pipeline.profile(codes, repeats=0)
+
+
+def test_spoken_digit_front_end_and_loader_refuse_bad_input(tmp_path: Path) -> None:
+    from mixprec.datasets.spoken_digits import load_recordings, log_mel_segments, mel_filterbank
+    from mixprec.errors import DataError
+
+    filters = mel_filterbank(16, 8000)
+    assert filters.shape == (16, 129) and np.all(filters >= 0) and np.allclose(filters.max(axis=1), 1, atol=0.2)
+    tone = np.sin(2 * np.pi * 440 * np.arange(4000) / 8000).astype(np.float32)
+    features = log_mel_segments(tone, 8000, steps=8, bands=16)
+    assert features.shape == (8, 16) and features.dtype == np.float32
+    assert np.all(features.argmax(axis=1) == features[0].argmax())  # a steady tone: one loudest band
+    assert log_mel_segments(tone[:100], 8000, steps=8, bands=16).shape == (8, 16)  # shorter than a frame
+    with pytest.raises(InputError, match="split must be 'train' or 'test'"):
+        load_recordings("dev")
+    with pytest.raises(DataError, match="fsdd/recordings not found"):
+        load_recordings("train", root=tmp_path)
