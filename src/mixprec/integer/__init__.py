@@ -1,11 +1,17 @@
-"""Integer-only engine in TFLite int8 conventions (issue 4).
+"""Integer-only engine in TFLite int8 conventions, with half-precision islands.
 
-So far: the fixed-point primitives; int8 FULLY_CONNECTED (per-tensor and per-channel
-weights, int32 bias, ReLU/ReLU6 in the clamp), ADD and MUL (unequal scales, broadcasting),
-MEAN, RESHAPE, LOGISTIC and TANH (float32 tables), SOFTMAX (gemmlowp fixed point), QUANTIZE
-(float32 -> int8 and int8 -> int8) and DEQUANTIZE; graphs over numbered tensors; .tflite
-export and import. The tests run exported graphs in LiteRT's reference kernels and require
-byte-identical outputs.
+- Graphs of int8 operators over numbered tensors: FULLY_CONNECTED (per-tensor and
+  per-channel weights, int32 bias, ReLU/ReLU6 in the clamp), ADD and MUL (unequal scales,
+  broadcasting), MEAN, RESHAPE, LOGISTIC and TANH (float32 tables), SOFTMAX (gemmlowp fixed
+  point), QUANTIZE and DEQUANTIZE: byte-identical to LiteRT's reference kernels, exported to
+  and imported from .tflite. Beyond TFLite's builtins: EMBEDDING, ADD_CONSTANT (positional
+  encodings), LAYER_NORM, SOFTMAX_ATTENTION and LINEAR_ATTENTION in integers.
+- Bridges between int8 and float16/bfloat16 (:mod:`~mixprec.integer.bridges`), island
+  operators (:mod:`~mixprec.integer.half_ops`) and pipelines joining them
+  (:mod:`~mixprec.integer.pipeline`); builders from float modules plus calibration data
+  (:mod:`~mixprec.integer.builders`); the keyword spotter (:mod:`~mixprec.integer.kws`) and
+  encoder (:mod:`~mixprec.integer.encoder`) topologies; exact-arithmetic simulation of a
+  graph (:mod:`~mixprec.integer.simulate`).
 """
 
 from mixprec.integer.elementwise import AddParams, MulParams, add, mul
@@ -22,22 +28,31 @@ from mixprec.integer.fixedpoint import (
 from mixprec.integer.fully_connected import FullyConnectedParams, fully_connected
 from mixprec.integer.graph import Graph
 from mixprec.integer.nodes import (
+    AddConstantNode,
     AddNode,
     DequantizeNode,
+    EmbeddingNode,
     FullyConnectedNode,
+    LayerNormNode,
+    LinearAttentionNode,
     LogisticNode,
     MeanNode,
     MulNode,
     QuantizeNode,
     ReshapeNode,
+    SoftmaxAttentionNode,
     SoftmaxNode,
     TanhNode,
 )
+from mixprec.integer.pipeline import AttentionPoolStage, IntegerStage, Pipeline, ToHalfStage, ToInt8Stage
+from mixprec.integer.simulate import operator_errors, simulate
 from mixprec.integer.tensors import Quantization, TensorSpec, activation_range
 from mixprec.integer.tflite_export import export_tflite
 from mixprec.integer.tflite_import import load_tflite
 
 __all__ = [
+    "AddConstantNode", "AttentionPoolStage", "EmbeddingNode", "IntegerStage", "LayerNormNode", "LinearAttentionNode",
+    "Pipeline", "SoftmaxAttentionNode", "ToHalfStage", "ToInt8Stage", "operator_errors", "simulate",
     "AddNode", "AddParams", "DequantizeNode", "FullyConnectedNode", "FullyConnectedParams", "Graph", "INT32_MAX",
     "INT32_MIN", "LogisticNode", "MeanNode", "MulNode", "MulParams", "Quantization", "QuantizeNode", "ReshapeNode",
     "SoftmaxNode", "TanhNode", "TensorSpec", "activation_range", "add", "export_tflite", "fully_connected",
