@@ -101,9 +101,8 @@ def kws_example():  # noqa: ANN201
     from mixprec.integer.kws import build_pipeline
 
     model = load_model("kws_synthetic", kws_synthetic.make_model)
-    calibration, _ = kws_synthetic.make_set(512, seed=3)
     held_out, labels = kws_synthetic.make_set(1024, seed=2)
-    return model, build_pipeline(model, calibration), held_out, labels
+    return model, build_pipeline(model, kws_synthetic.calibration_set()), held_out, labels
 
 
 def test_kws_pipeline_reproduces_its_golden_bytes(kws_example) -> None:  # noqa: ANN001
@@ -119,9 +118,9 @@ def test_kws_pipeline_parity_on_distinct_held_out_samples(kws_example) -> None: 
     assert len(np.unique(held_out.numpy().reshape(len(held_out), -1), axis=0)) == len(held_out) >= 256
     figures = parity(pipeline, model, held_out)
     # Measured: the engine is within one output step of the exact simulation of the quantized
-    # model (the target); against the float32 model the quantization grids add up to 3.73 steps.
+    # model (the target); against the float32 model the quantization grids add up to 1.94 steps.
     assert figures["engine_worst_lsb"] <= 1.0 + 1e-4
-    assert figures["float_worst_lsb"] <= 2 * 3.73
+    assert figures["float_worst_lsb"] <= 2 * 1.94
     assert figures["agreement"] == 1.0
     mixed = pipeline.run_float(held_out.numpy()).argmax(-1)
     assert (torch.from_numpy(mixed) == labels).float().mean() >= 0.99
@@ -152,7 +151,7 @@ def test_spoken_digits_pipeline_matches_float_accuracy_and_its_golden_bytes() ->
     with torch.no_grad():
         float_accuracy = float((model(test_x).argmax(-1) == test_y).float().mean())
     mixed_accuracy = float((torch.from_numpy(codes.argmax(-1)) == test_y).float().mean())
-    # Measured: 96.67% both; the target is within one point.
+    # Measured: float32 96.67%, pipeline 97.00%; the target is within one point.
     assert abs(mixed_accuracy - float_accuracy) <= 0.01 and float_accuracy >= 0.95
 
 
@@ -169,7 +168,7 @@ def test_fused_keyword_spotter_is_bit_identical_to_the_reference(kws_example, dt
         import kws_synthetic
     finally:
         sys.path.remove(str(EXAMPLES))
-    pipeline = build_pipeline(model, kws_synthetic.make_set(512, seed=3)[0], dtype)
+    pipeline = build_pipeline(model, kws_synthetic.calibration_set(), dtype)
     fused = FusedKeywordSpotter(pipeline)
     rng = np.random.default_rng(7)
     random_codes = rng.integers(-128, 128, (1003, 8, 8)).astype(np.int8)  # not a multiple of the 16 lanes
