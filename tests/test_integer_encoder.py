@@ -99,11 +99,6 @@ def test_embedding_keeps_its_zero_point_and_refuses_bad_ids() -> None:
         graph(np.array([[0, 16, -1, 3]], np.int32))
     with pytest.raises(InputError, match="must be a numpy array of int32"):
         graph(ids.astype(np.int64))
-    pytest.importorskip("tflite")
-    from mixprec.integer import export_tflite
-
-    with pytest.raises(InputError, match="EMBEDDING has no TFLite builtin operator"):
-        export_tflite(graph, Path("never-written.tflite"))
     with pytest.raises(InputError, match=r"adds a \(3, 16\) constant to \(4, 16\)"):
         Graph(graph.inputs, (graph.nodes[0], AddConstantNode((1,), table[:3], table_quant, table_quant)))
 
@@ -141,3 +136,34 @@ def test_encoder_stack_goldens_and_parity(encoder_example, attention: str, measu
     assert max(errors.values()) <= 2.0
     assert figures["float_worst_lsb"] <= 2 * measured_worst
     assert figures["float_accuracy"] - figures["int8_accuracy"] <= 2 * measured_drop
+
+
+def test_embedding_and_positional_encoding_export_as_gather_and_add(tmp_path: Path) -> None:
+    """EMBEDDING is TFLite's GATHER and ADD_CONSTANT its ADD with a constant tensor: byte-identical
+    to LiteRT's reference kernels; layer norm has no builtin and is refused by name."""
+    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("tflite")
+    from test_integer_fc import litert_outputs
+
+    from mixprec.integer import LayerNormNode, export_tflite, load_tflite
+
+    rng = np.random.default_rng(4)
+    table_quant, positions_quant = Quantization.per_tensor(0.03, 17), Quantization.per_tensor(0.008, -3)
+    table = quantized(rng, (16, 8))
+    positions = quantized(rng, (6, 8))
+    graph = Graph((TensorSpec("ids", (1, 6), None, "int32"),),
+                  (EmbeddingNode((0,), table, table_quant),
+                   AddConstantNode((1,), positions, positions_quant, Quantization.per_tensor(0.035, 5))))
+    path = tmp_path / "embedding.tflite"
+    export_tflite(graph, path)
+    ids = rng.integers(0, 16, (1000, 6)).astype(np.int32)
+    expected = litert_outputs(path, ids)
+    assert np.array_equal(graph(ids), expected)
+    reloaded = load_tflite(path)
+    assert [node.opcode for node in reloaded.nodes] == ["EMBEDDING", "ADD_CONSTANT"]
+    assert np.array_equal(reloaded(ids), expected)
+    normed = Graph(graph.inputs, (*graph.nodes, LayerNormNode((2,), np.ones(8, np.float32), np.zeros(8, np.float32),
+                                                               1e-5, Quantization.per_tensor(0.02, 0))))
+    with pytest.raises(InputError, match="LAYER_NORM has no TFLite builtin operator"):
+        export_tflite(normed, tmp_path / "never-written.tflite")
+    assert not (tmp_path / "never-written.tflite").exists()

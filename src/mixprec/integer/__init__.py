@@ -3,9 +3,10 @@
 - Graphs of int8 operators over numbered tensors: FULLY_CONNECTED (per-tensor and
   per-channel weights, int32 bias, ReLU/ReLU6 in the clamp), ADD and MUL (unequal scales,
   broadcasting), MEAN, RESHAPE, LOGISTIC and TANH (float32 tables), SOFTMAX (gemmlowp fixed
-  point), QUANTIZE and DEQUANTIZE: byte-identical to LiteRT's reference kernels, exported to
-  and imported from .tflite. Beyond TFLite's builtins: EMBEDDING, ADD_CONSTANT (positional
-  encodings), LAYER_NORM, SOFTMAX_ATTENTION and LINEAR_ATTENTION in integers.
+  point), QUANTIZE, DEQUANTIZE, EMBEDDING (TFLite's GATHER) and ADD_CONSTANT (positional
+  encodings; TFLite's ADD): byte-identical to LiteRT's reference kernels, exported to and
+  imported from .tflite. Beyond TFLite's builtins: LAYER_NORM, SOFTMAX_ATTENTION and
+  LINEAR_ATTENTION in integers.
 - Bridges between int8 and float16/bfloat16 (:mod:`~mixprec.integer.bridges`), island
   operators (:mod:`~mixprec.integer.half_ops`) and pipelines joining them
   (:mod:`~mixprec.integer.pipeline`); builders from float modules plus calibration data

@@ -15,17 +15,20 @@ import numpy as np
 
 from mixprec.errors import InputError
 from mixprec.integer.graph import Graph
-from mixprec.integer.nodes import FullyConnectedNode, MeanNode, ReshapeNode
+from mixprec.integer.nodes import AddConstantNode, EmbeddingNode, FullyConnectedNode, MeanNode, ReshapeNode
 from mixprec.integer.tensors import Quantization
 from mixprec.io_utils import atomic_path
 
 ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 3}  # tflite.ActivationFunctionType
 _OPTIONS = {"FULLY_CONNECTED": "FullyConnectedOptions", "ADD": "AddOptions", "MUL": "MulOptions",
             "SOFTMAX": "SoftmaxOptions", "MEAN": "ReducerOptions", "LOGISTIC": None, "TANH": None,
-            "RESHAPE": None, "QUANTIZE": None, "DEQUANTIZE": None}
+            "RESHAPE": None, "QUANTIZE": None, "DEQUANTIZE": None, "EMBEDDING": "GatherOptions",
+            "ADD_CONSTANT": "AddOptions"}
+#: mixprec operators written as a TFLite builtin of another name.
+BUILTIN_OF = {"EMBEDDING": "GATHER", "ADD_CONSTANT": "ADD"}
 #: Operator versions that cover int8 (and per-channel FULLY_CONNECTED).
 _VERSIONS = {"FULLY_CONNECTED": 5, "ADD": 2, "MUL": 2, "SOFTMAX": 2, "LOGISTIC": 2, "TANH": 2, "MEAN": 2,
-             "RESHAPE": 1, "QUANTIZE": 2, "DEQUANTIZE": 2}
+             "RESHAPE": 1, "QUANTIZE": 2, "DEQUANTIZE": 2, "GATHER": 3}
 
 
 def require_tflite():  # noqa: ANN202
@@ -56,7 +59,7 @@ def export_tflite(graph: Graph, path: str | os.PathLike[str]) -> None:
         return len(tensors) - 1
 
     int8, int32 = tflite.TensorType.INT8, tflite.TensorType.INT32
-    types = {"int8": int8, "float32": tflite.TensorType.FLOAT32}
+    types = {"int8": int8, "float32": tflite.TensorType.FLOAT32, "int32": int32}
     position = [add(spec.name, spec.shape, types[spec.dtype], spec.quant, None) for spec in graph.inputs]
     opcodes: list[str] = []
     operators = []
@@ -74,15 +77,22 @@ def export_tflite(graph: Graph, path: str | os.PathLike[str]) -> None:
         elif isinstance(node, MeanNode):
             axes = np.asarray(sorted(node.axes), dtype="<i4")
             inputs.append(add(f"op{index}/axes", axes.shape, int32, None, axes.tobytes()))
+        elif isinstance(node, EmbeddingNode):  # GATHER(params, indices)
+            inputs.insert(0, add(f"op{index}/table", node.table.shape, int8, node.table_quant,
+                                 node.table.astype("<i1").tobytes()))
+        elif isinstance(node, AddConstantNode):
+            inputs.append(add(f"op{index}/constant", node.constant.shape, int8, node.constant_quant,
+                              node.constant.astype("<i1").tobytes()))
         elif isinstance(node, ReshapeNode):
             new_shape = np.asarray((-1, *node.shape), dtype="<i4")  # -1: the batch stays free
             inputs.append(add(f"op{index}/shape", new_shape.shape, int32, None, new_shape.tobytes()))
         output_index = len(graph.inputs) + index
         position.append(add(f"op{index}/{node.opcode.lower()}", shapes[output_index], types[dtypes[output_index]],
                             quants[output_index], None))
-        if node.opcode not in opcodes:
-            opcodes.append(node.opcode)
-        operators.append((opcodes.index(node.opcode), node, inputs, [position[-1]]))
+        builtin = BUILTIN_OF.get(node.opcode, node.opcode)
+        if builtin not in opcodes:
+            opcodes.append(builtin)
+        operators.append((opcodes.index(builtin), node, inputs, [position[-1]]))
 
     # Buffers: 0 is the sentinel, tensor i uses buffer i + 1.
     buffer_offsets = []
@@ -159,8 +169,11 @@ def _options(builder, tflite, name: str, node) -> int:  # noqa: ANN001
         tflite.SoftmaxOptionsAddBeta(builder, float(node.beta))
     elif name == "ReducerOptions":
         tflite.ReducerOptionsAddKeepDims(builder, bool(node.keep_dims))
+    elif name == "GatherOptions":
+        tflite.GatherOptionsAddAxis(builder, 0)
     else:
-        getattr(tflite, f"{name}AddFusedActivationFunction")(builder, ACTIVATION_CODES[node.activation])
+        activation = getattr(node, "activation", "none")
+        getattr(tflite, f"{name}AddFusedActivationFunction")(builder, ACTIVATION_CODES[activation])
     return getattr(tflite, f"{name}End")(builder)
 
 

@@ -2,9 +2,11 @@
 package's flatbuffers readers; no TensorFlow).
 
 Supported: one subgraph of int8 tensors with FULLY_CONNECTED (int8 weights, optional int32
-bias), ADD, MUL, MEAN (constant axes), RESHAPE (constant shape tensor, batch free), LOGISTIC,
-TANH, SOFTMAX, QUANTIZE (float32 or int8 input) and DEQUANTIZE (float32 output), in the file's
-operator order, with a single output produced by the last operator. Anything else is refused by name; a file that is
+bias), ADD (of two tensors, or of a tensor and an int8 constant), MUL, MEAN (constant axes),
+RESHAPE (constant shape tensor, batch free), LOGISTIC, TANH, SOFTMAX, QUANTIZE (float32 or
+int8 input), DEQUANTIZE (float32 output) and GATHER (an int8 constant table on axis 0,
+int32 ids: an embedding), in the file's operator order, with a single output produced by the
+last operator. Graph inputs are int8, float32 or int32 (ids). Anything else is refused by name; a file that is
 not a complete .tflite flatbuffer is refused before anything is built.
 """
 
@@ -21,8 +23,10 @@ from mixprec.errors import InputError
 from mixprec.integer.activations import FIXED_OUTPUT
 from mixprec.integer.graph import Graph
 from mixprec.integer.nodes import (
+    AddConstantNode,
     AddNode,
     DequantizeNode,
+    EmbeddingNode,
     FullyConnectedNode,
     LogisticNode,
     MeanNode,
@@ -36,7 +40,7 @@ from mixprec.integer.tensors import Quantization, TensorSpec
 from mixprec.integer.tflite_export import ACTIVATION_CODES, require_tflite
 
 SUPPORTED = ("FULLY_CONNECTED", "ADD", "MUL", "MEAN", "RESHAPE", "LOGISTIC", "TANH", "SOFTMAX", "QUANTIZE",
-             "DEQUANTIZE")
+             "DEQUANTIZE", "GATHER")
 #: Element types per opcode: (input types accepted, output type).
 _TYPES = {"QUANTIZE": (("INT8", "FLOAT32"), "INT8"), "DEQUANTIZE": (("INT8",), "FLOAT32")}
 
@@ -93,13 +97,18 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
     position = {}
     specs = []
     for number, index in enumerate(inputs):
-        if tensor_type(index) not in ("INT8", "FLOAT32"):
-            raise InputError(f"input {number} is {tensor_type(index)}; mixprec's engine takes int8 or float32 inputs")
+        kind = {"INT8": "int8", "FLOAT32": "float32", "INT32": "int32"}.get(tensor_type(index))
+        if kind is None:
+            raise InputError(f"input {number} is {tensor_type(index)}; mixprec's engine takes int8, float32 or int32 "
+                             "inputs")
         tensor = subgraph.Tensors(index)
-        is_float = tensor_type(index) == "FLOAT32"
         specs.append(TensorSpec(tensor.Name().decode(), tuple(int(d) for d in tensor.ShapeAsNumpy()),
-                                None if is_float else quantization(index), "float32" if is_float else "int8"))
+                                quantization(index) if kind == "int8" else None, kind))
         position[index] = number
+
+    def is_constant(index: int) -> bool:
+        raw = model.Buffers(subgraph.Tensors(index).Buffer()).DataAsNumpy()
+        return not isinstance(raw, int) and raw.size > 0
     nodes = []
     for op_index in range(subgraph.OperatorsLength()):
         operator = subgraph.Operators(op_index)
@@ -125,8 +134,8 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
                 if code_value not in activation_names:
                     raise InputError(f"operator {op_index} ({name}) has an unsupported fused activation {code_value}")
                 activation = activation_names[code_value]
-        missing = [i for i in (op_inputs[:1] if name in ("FULLY_CONNECTED", "MEAN", "RESHAPE") else op_inputs)
-                   if i not in position]
+        read = [i for i in op_inputs if i >= 0 and not is_constant(i)]
+        missing = [i for i in read if i not in position]
         if missing:
             raise InputError(f"operator {op_index} ({name}) reads tensor {missing[0]} before anything produces it")
         if name == "FULLY_CONNECTED":
@@ -152,6 +161,22 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
             node = QuantizeNode((position[op_inputs[0]],), quantization(output))
         elif name == "DEQUANTIZE":
             node = DequantizeNode((position[op_inputs[0]],))
+        elif name == "GATHER":
+            holder = tflite.GatherOptions()
+            if options is not None:
+                holder.Init(options.Bytes, options.Pos)
+            if holder.Axis() != 0 or holder.BatchDims() != 0 or not is_constant(op_inputs[0]) or \
+                    tensor_type(op_inputs[1]) != "INT32":
+                raise InputError(f"operator {op_index} (GATHER) is not an embedding lookup; mixprec reads an int8 "
+                                 "constant table gathered on axis 0 by int32 ids")
+            node = EmbeddingNode((position[op_inputs[1]],), constant(op_inputs[0], "<i1").astype(np.int8),
+                                 quantization(op_inputs[0]))
+        elif name == "ADD" and any(is_constant(i) for i in op_inputs):
+            if activation != "none" or is_constant(op_inputs[0]):
+                raise InputError(f"operator {op_index} (ADD) adds a constant first or with a fused activation; "
+                                 "mixprec reads tensor + constant without one")
+            node = AddConstantNode((position[op_inputs[0]],), constant(op_inputs[1], "<i1").astype(np.int8),
+                                   quantization(op_inputs[1]), quantization(output))
         elif name in ("ADD", "MUL"):
             node_class = AddNode if name == "ADD" else MulNode
             node = node_class((position[op_inputs[0]], position[op_inputs[1]]), quantization(output), activation)
