@@ -76,3 +76,19 @@ def test_bench_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None
         with pytest.raises(SystemExit):
             main(argv)
     assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_interleaved_medians_pauses_the_garbage_collector_while_timing() -> None:
+    import gc
+
+    from mixprec.timing import interleaved_medians
+
+    seen: list[bool] = []
+    interleaved_medians({"probe": lambda: seen.append(gc.isenabled())}, rounds=2, min_seconds=0.0, warmup=1)
+    assert seen and not any(seen) and gc.isenabled()
+    gc.disable()
+    try:
+        interleaved_medians({"probe": lambda: None}, rounds=1, min_seconds=0.0, warmup=0)
+        assert not gc.isenabled()  # left as the caller had it
+    finally:
+        gc.enable()

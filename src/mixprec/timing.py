@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -20,12 +21,26 @@ def interleaved_medians(candidates: Mapping[str, Callable[[], object]], rounds: 
 
     Each candidate is warmed up, then given a call count that makes one measurement last
     at least ``min_seconds``. Every round times every candidate once (the order rotates
-    between rounds so none always runs first); the result is the median over rounds.
+    between rounds so none always runs first); the result is the median over rounds. As
+    ``timeit`` does, Python's cyclic garbage collector is run once before and paused during
+    the measurements, so collections of earlier garbage do not land in one candidate's time.
     """
     if not candidates:
         raise ValueError("interleaved_medians needs at least one candidate")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        return _interleaved(candidates, rounds, min_seconds, warmup)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _interleaved(candidates: Mapping[str, Callable[[], object]], rounds: int, min_seconds: float,
+                 warmup: int) -> dict[str, float]:
     calls: dict[str, int] = {}
     for name, fn in candidates.items():
         for _ in range(warmup):
