@@ -24,7 +24,7 @@ from example_modes import fit, plot_parity, stored_model, write_golden  # noqa: 
 
 from mixprec.integer.encoder import TinyEncoder, build_encoder_graph  # noqa: E402
 from mixprec.integer.profile import stage_table  # noqa: E402
-from mixprec.integer.simulate import operator_errors, real, simulate  # noqa: E402
+from mixprec.integer.simulate import operator_errors, simulate  # noqa: E402
 from mixprec.io_utils import atomic_path  # noqa: E402
 
 VOCABULARY, STEPS, CLASSES = 16, 8, 4
@@ -72,7 +72,7 @@ def evaluate(model: TinyEncoder, graph, x: torch.Tensor, y: torch.Tensor) -> dic
         reference = model.double()(x).numpy()
         model.float()
     quant = graph.output_quant
-    got, simulated = real(graph(ids), quant), simulate(graph, ids)
+    got, simulated = quant.values_of(graph(ids)), simulate(graph, ids)
     step, span = float(quant.scale32[0]), float(reference.max() - reference.min())
     return {"float_accuracy": float((reference.argmax(-1) == y.numpy()).mean()),
             "int8_accuracy": float((got.argmax(-1) == y.numpy()).mean()),
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.mode == "plot":
             with torch.no_grad():
                 reference = model(x).numpy().ravel()
-            plot_parity(reference, real(graph(ids), graph.output_quant).ravel(), float(graph.output_quant.scale32[0]),
-                        args.out / f"{name}.png")
+            out = graph.output_quant
+            plot_parity(reference, out.values_of(graph(ids)).ravel(), float(out.scale32[0]), args.out / f"{name}.png")
         else:
             f = evaluate(model, graph, x, y)
             passed = f["float_worst_of_range"] <= MAX_OF_RANGE

@@ -21,7 +21,6 @@ from mixprec.integer.attention import (
 )
 from mixprec.integer.layer_norm import integer_sqrt, layer_norm, layer_norm_params
 from mixprec.integer.nodes import AddConstantNode, EmbeddingNode
-from mixprec.integer.simulate import real
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -42,7 +41,7 @@ def test_layer_norm_is_within_one_step_of_float() -> None:
         x = rng.integers(-128, 128, (20_000, width)).astype(np.int8)
         x[0] = 7  # a constant row: zero variance gives beta
         got = layer_norm(x, params)
-        x_real = real(x, Quantization.per_tensor(s_in, z_in))
+        x_real = Quantization.per_tensor(s_in, z_in).values_of(x)
         reference = torch.nn.functional.layer_norm(torch.from_numpy(x_real), (width,), torch.from_numpy(gamma),
                                                    torch.from_numpy(beta), 1e-5).numpy()
         ideal = np.clip(reference / np.float32(s_out) + z_out, -128, 127)
@@ -62,7 +61,7 @@ def test_softmax_attention_matches_its_float_definition() -> None:
     params = softmax_attention_params(8, grids["q"], grids["k"], grids["v"], grids["score"], grids["out"])
     q, k, v = (quantized(rng, (2000, 8, 8)) for _ in range(3))
     got = softmax_attention(q, k, v, params)
-    Q, K, V = (real(c, Quantization.per_tensor(*grids[n])) for c, n in ((q, "q"), (k, "k"), (v, "v")))
+    Q, K, V = (Quantization.per_tensor(*grids[n]).values_of(c) for c, n in ((q, "q"), (k, "k"), (v, "v")))
     scores = np.clip(np.round(Q @ np.swapaxes(K, -1, -2) / math.sqrt(8) / np.float32(0.01)), -128, 127)
     probabilities = np.exp(scores * np.float32(0.01))
     probabilities /= probabilities.sum(axis=-1, keepdims=True)
@@ -80,7 +79,7 @@ def test_linear_attention_int8_matches_its_float_definition() -> None:
     params = linear_attention_int8_params(1.0, grids["q"], grids["k"], grids["v"], grids["out"])
     q, k, v = (quantized(rng, (2000, 8, 8)) for _ in range(3))
     got = linear_attention_int8(q, k, v, params)
-    Q, K, V = (real(c, Quantization.per_tensor(*grids[n])) for c, n in ((q, "q"), (k, "k"), (v, "v")))
+    Q, K, V = (Quantization.per_tensor(*grids[n]).values_of(c) for c, n in ((q, "q"), (k, "k"), (v, "v")))
     den = (Q * K.sum(axis=-2, keepdims=True)).sum(axis=-1, keepdims=True) + 1.0
     ideal = np.clip((Q @ (np.swapaxes(K, -1, -2) @ V)) / den / np.float32(0.02) - 3, -128, 127)
     assert np.abs(got - ideal).max() <= 0.5 + 1e-3  # measured 0.50001: the final rounding
@@ -94,7 +93,7 @@ def test_embedding_keeps_its_zero_point_and_refuses_bad_ids() -> None:
     graph = Graph((TensorSpec("ids", (1, 4), None, "int32"),), (EmbeddingNode((0,), table, table_quant),))
     ids = np.array([[0, 15, 3, 3]], np.int32)
     out = graph(ids)
-    assert np.allclose(real(out, graph.output_quant), (table[ids].astype(float) - 37) * np.float32(0.1))
+    assert np.allclose(graph.output_quant.values_of(out), (table[ids].astype(float) - 37) * np.float32(0.1))
     with pytest.raises(InputError, match="2 token ids lie outside 0..15"):
         graph(np.array([[0, 16, -1, 3]], np.int32))
     with pytest.raises(InputError, match="must be a numpy array of int32"):

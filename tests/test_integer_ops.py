@@ -61,7 +61,7 @@ def test_mean_is_byte_identical_to_litert(shape: tuple[int, ...], axes: tuple[in
         got = assert_matches_litert(graph, tmp_path / f"mean{trial}.tflite", x)
         # Against the real-valued mean: the final rounding (1/2 step), the high multiply's
         # rounding (1/2 of 2^-right_shift steps) and the folded multiplier's error.
-        record = graph._records[0]
+        record = graph.records[0]
         centred = x.astype(np.float64) - q_in.zero_point[0]
         real = (q_in.scale32[0] * centred).mean(axis=axes, keepdims=keep_dims)
         ideal = np.clip(real / q_out.scale32[0] + q_out.zero_point[0], -128, 127)

@@ -23,23 +23,21 @@ from numpy.typing import NDArray
 from mixprec.errors import InputError
 from mixprec.integer.conversions import requantize, requantize_params
 from mixprec.integer.half import HalfArray, bfloat16_to_float32, half_format, round_to_format, to_bfloat16, to_float16
-from mixprec.integer.tensors import Quantization
+from mixprec.integer.tensors import Quantization, require_array
 
 
 def int8_to_half_table(quant: Quantization, dtype: str) -> NDArray[np.float32]:
     """The 256 half values of codes -128..127 under ``quant`` (index ``code + 128``), as float32."""
     _check_per_tensor(quant)
-    real = float(quant.scale32[0]) * (np.arange(-128, 128, dtype=np.float64) - quant.zero_point[0])
-    return round_to_format(real, dtype).astype(np.float32)
+    return round_to_format(quant.values_of(np.arange(-128, 128)), dtype).astype(np.float32)
 
 
 def int8_to_half(q: NDArray[np.int8], quant: Quantization, dtype: str = "float16") -> HalfArray:
     """Affine int8 -> ``dtype`` (float16 array, or bfloat16 bits in uint16), see module docstring."""
     _check_per_tensor(quant)
     half_format(dtype)
-    if not isinstance(q, np.ndarray) or q.dtype != np.int8:
-        raise InputError(f"int8_to_half takes an int8 numpy array, got {getattr(q, 'dtype', type(q).__name__)}")
-    real = float(quant.scale32[0]) * (q.astype(np.float64) - quant.zero_point[0])
+    require_array("int8_to_half", q, np.int8)
+    real = quant.values_of(q)
     return to_float16(real) if dtype == "float16" else to_bfloat16(real)
 
 
@@ -60,9 +58,7 @@ def half_values_to_int8(x: NDArray[np.float32], quant: Quantization) -> NDArray[
     if nan:
         raise InputError(f"{nan} NaN values reached the half -> int8 bridge; NaN has no int8 code "
                          "(find where the half-precision island produced them)")
-    with np.errstate(over="ignore"):
-        steps = np.round(real / float(quant.scale32[0]))  # half to even; +-inf stays infinite and saturates
-    return np.clip(steps + quant.zero_point[0], -128, 127).astype(np.int8)
+    return quant.nearest_codes(real)
 
 
 @dataclass(frozen=True)

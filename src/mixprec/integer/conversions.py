@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 from mixprec.errors import InputError
 from mixprec.integer.fixedpoint import multiply_by_quantized_multiplier, quantize_multiplier
 from mixprec.integer.rounding import round_half_away
+from mixprec.integer.tensors import require_array
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def requantize_params(input_scale: float, input_zero_point: int, output_scale: f
 
 def requantize(q: NDArray[np.int8], params: RequantizeParams) -> NDArray[np.int8]:
     """int8 on one affine grid -> int8 on another (see module docstring)."""
-    _check_dtype("requantize", q, np.int8)
+    require_array("requantize", q, np.int8)
     scaled = multiply_by_quantized_multiplier(q.astype(np.int64) + params.input_offset, params.multiplier,
                                               params.shift).astype(np.int64)
     return np.clip(scaled + params.output_offset, -128, 127).astype(np.int8)
@@ -55,7 +56,7 @@ def requantize(q: NDArray[np.int8], params: RequantizeParams) -> NDArray[np.int8
 
 def quantize(x: NDArray[np.float32], scale: float, zero_point: int) -> NDArray[np.int8]:
     """float32 -> affine int8 (see module docstring)."""
-    _check_dtype("quantize", x, np.float32)
+    require_array("quantize", x, np.float32)
     if np.isnan(x).any():
         raise InputError(f"quantize got {int(np.isnan(x).sum())} NaN values; NaN has no int8 code")
     with np.errstate(over="ignore"):  # overflow gives +-inf, which saturates below
@@ -65,11 +66,5 @@ def quantize(x: NDArray[np.float32], scale: float, zero_point: int) -> NDArray[n
 
 def dequantize(q: NDArray[np.int8], scale: float, zero_point: int) -> NDArray[np.float32]:
     """affine int8 -> float32 (see module docstring)."""
-    _check_dtype("dequantize", q, np.int8)
+    require_array("dequantize", q, np.int8)
     return (float(np.float32(scale)) * (q.astype(np.float64) - int(zero_point))).astype(np.float32)
-
-
-def _check_dtype(op: str, array: NDArray, dtype: type) -> None:
-    if not isinstance(array, np.ndarray) or array.dtype != dtype:
-        raise InputError(f"{op} takes a {np.dtype(dtype).name} numpy array, got "
-                         f"{getattr(array, 'dtype', type(array).__name__)}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -28,7 +27,7 @@ from mixprec.integer.nodes import (
     LinearAttentionNode,
     SoftmaxAttentionNode,
 )
-from mixprec.integer.tensors import Quantization, TensorSpec
+from mixprec.integer.tensors import TensorSpec
 
 ATTENTIONS = ("softmax", "linear")
 
@@ -125,13 +124,10 @@ def build_encoder_graph(model: TinyEncoder, calibration: torch.Tensor) -> Graph:
         nodes.append(node)
         return len(nodes)  # tensor 0 is the ids input
 
-    def codes(values: np.ndarray, q: Quantization) -> np.ndarray:
-        return np.clip(np.round(values / float(q.scale32[0])) + q.zero_point[0], -128, 127).astype(np.int8)
-
-    h = emit(EmbeddingNode((0,), codes(table, table_quant), table_quant))
+    h = emit(EmbeddingNode((0,), table_quant.nearest_codes(table), table_quant))
     steps = calibration.shape[1]
     positions = model.positions[:steps].double().numpy()
-    h = emit(AddConstantNode((h,), codes(positions, quant["positions"]), quant["positions"], quant["encoded"]))
+    h = emit(AddConstantNode((h,), quant["positions"].nearest_codes(positions), quant["positions"], quant["encoded"]))
     h_quant = quant["encoded"]
     for index, block in enumerate(model.blocks):
         name = f"block{index}."

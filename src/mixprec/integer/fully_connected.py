@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 
 from mixprec.errors import InputError
 from mixprec.integer.fixedpoint import multiply_by_quantized_multiplier_single_round
+from mixprec.integer.tensors import require_array
 
 #: Longest reduction whose int32 accumulator cannot overflow: |x + input_offset| <= 255,
 #: |w| <= 128, so K * 255 * 128 + |bias| must stay below 2^31; with |bias| < 2^30 that is K <= 32,896.
@@ -70,8 +71,7 @@ class FullyConnectedParams:
 
 def fully_connected(x: NDArray[np.int8], params: FullyConnectedParams) -> NDArray[np.int8]:
     """``x`` int8 ``[..., in]`` -> int8 ``[..., out]`` (see module docstring)."""
-    if not isinstance(x, np.ndarray) or x.dtype != np.int8:
-        raise InputError(f"fully_connected takes an int8 numpy array, got {getattr(x, 'dtype', type(x).__name__)}")
+    require_array("fully_connected", x, np.int8)
     in_features = params.weights.shape[1]
     if x.ndim < 1 or x.shape[-1] != in_features:
         raise InputError(f"input shape {x.shape} does not end in {in_features} features")

@@ -63,6 +63,11 @@ class Graph:
         object.__setattr__(self, "_dtypes", tuple(dtypes))
 
     @property
+    def records(self) -> tuple[Any, ...]:
+        """Each operator's runtime record, in order."""
+        return self._records
+
+    @property
     def tensor_shapes(self) -> tuple[tuple[int, ...], ...]:
         return self._shapes
 

@@ -21,6 +21,7 @@ from mixprec.errors import InputError
 from mixprec.integer.builders import calibrate, fully_connected_from, linear_attention_from
 from mixprec.integer.graph import Graph
 from mixprec.integer.pipeline import AttentionPoolStage, IntegerStage, Pipeline, ToHalfStage, ToInt8Stage
+from mixprec.integer.simulate import exact_operator, linear_attention_exact, onto_grid
 from mixprec.integer.tensors import TensorSpec
 
 
@@ -94,7 +95,8 @@ def parity(pipeline: Pipeline, model: KeywordSpotter, x: torch.Tensor) -> dict[s
     outputs saturated at the calibrated grid's ends and the worst error among the others."""
     with torch.no_grad():
         reference = copy.deepcopy(model).double()(x.double()).numpy()
-    got = pipeline.run_float(x.float().numpy()).astype(np.float64)
+    codes = pipeline.run_codes(x.float().numpy())
+    got = pipeline.output_quant.values_of(codes)
     simulated = simulate(pipeline, x.double().numpy())
     step, span = float(pipeline.output_quant.scale32[0]), float(reference.max() - reference.min())
     result = {"range": span, "step": step, "agreement": float((got.argmax(-1) == reference.argmax(-1)).mean()),
@@ -102,8 +104,6 @@ def parity(pipeline: Pipeline, model: KeywordSpotter, x: torch.Tensor) -> dict[s
     for label, target in (("float", reference), ("engine", simulated)):
         worst = float(np.abs(got - target).max())
         result |= {f"{label}_worst": worst, f"{label}_worst_lsb": worst / step, f"{label}_worst_of_range": worst / span}
-    out = pipeline.output_quant
-    codes = np.round(got / step) + out.zero_point[0]
     inside = (codes > -128) & (codes < 127)  # outputs not clipped at the calibrated range's ends
     result["saturated"] = float((~inside).mean())
     result["float_worst_unsaturated_lsb"] = float(np.abs(got - reference)[inside].max(initial=0.0) / step)
@@ -117,26 +117,12 @@ def simulate(pipeline: Pipeline, x: np.ndarray) -> np.ndarray:
     pipeline's difference from this is the engine's own error."""
     frontend, to_half, pool, to_int8, classifier = pipeline.stages
     assert isinstance(frontend, IntegerStage) and isinstance(pool, AttentionPoolStage)
-
-    def grid(values: np.ndarray, quant) -> np.ndarray:  # noqa: ANN001
-        scale, zero_point = float(quant.scale32[0]), quant.zero_point[0]
-        return (np.clip(np.round(values / scale) + zero_point, -128, 127) - zero_point) * scale
-
-    def dense(values: np.ndarray, node, input_quant) -> np.ndarray:  # noqa: ANN001
-        scales = node.weight_quant.scale32.astype(np.float64)
-        weight = node.weights.astype(np.float64) * scales[:, None]
-        bias = 0.0 if node.bias is None else node.bias * (float(input_quant.scale32[0]) * scales)
-        return values @ weight.T + bias
-
-    h = grid(np.maximum(dense(grid(np.asarray(x, np.float64), pipeline.input_quant), frontend.graph.nodes[0],
-                              pipeline.input_quant), 0), to_half.quant)
+    inputs = onto_grid(np.asarray(x, np.float64), pipeline.input_quant)
+    h = onto_grid(exact_operator(frontend.graph.nodes[0], [inputs], [pipeline.input_quant]), to_half.quant)
     att = pool.attention
-    q, k = (np.maximum(h @ p.weight.T.astype(np.float64) + p.bias, 0) for p in (att.query, att.key))
-    v = h @ att.value.weight.T.astype(np.float64) + att.value.bias
-    kv = np.swapaxes(k, -1, -2) @ v
-    normalizer = (q * k.sum(axis=-2, keepdims=True)).sum(axis=-1, keepdims=True) + att.epsilon
-    pooled = grid((h + (q @ kv) / normalizer).mean(axis=-2), to_int8.quant)
-    return grid(dense(pooled, classifier.graph.nodes[0], to_int8.quant), pipeline.output_quant)
+    q, k, v = (h @ layer.weight.T.astype(np.float64) + layer.bias for layer in (att.query, att.key, att.value))
+    pooled = onto_grid((h + linear_attention_exact(q, k, v, att.epsilon)).mean(axis=-2), to_int8.quant)
+    return onto_grid(exact_operator(classifier.graph.nodes[0], [pooled], [to_int8.quant]), pipeline.output_quant)
 
 
 class FusedKeywordSpotter:
@@ -159,7 +145,7 @@ class FusedKeywordSpotter:
         attention = pool.attention
         layers = (attention.query, attention.key, attention.value)
         self._args = (
-            *self._dense(frontend.graph), torch.from_numpy(to_half._table.copy()),
+            *self._dense(frontend.graph), torch.from_numpy(to_half.table.copy()),
             torch.from_numpy(np.stack([layer.weight for layer in layers])),
             torch.from_numpy(np.stack([self._bias(layer) for layer in layers])), float(attention.epsilon),
             int(attention.dtype == "bfloat16"), float(to_int8.quant.scale32[0]), int(to_int8.quant.zero_point[0]),
@@ -172,7 +158,7 @@ class FusedKeywordSpotter:
 
     @staticmethod
     def _dense(graph: Graph) -> tuple:
-        record = graph._records[0]
+        record = graph.records[0]
         out_features = record.weights.shape[0]
         bias = record.bias if record.bias is not None else np.zeros(out_features, np.int32)
         return (torch.from_numpy(np.ascontiguousarray(record.weights)), torch.from_numpy(bias.copy()),
@@ -181,7 +167,7 @@ class FusedKeywordSpotter:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """int8 ``[B, S, F]`` -> int8 logits ``[B, classes]``, as ``pipeline(x)``."""
-        self.pipeline._check(x)
+        self.pipeline.check_input(x)
         out, nan_count = self._native.kws_pipeline(torch.from_numpy(np.ascontiguousarray(x)), *self._args)
         if nan_count:
             raise InputError(f"{nan_count} NaN values reached the half -> int8 bridge; NaN has no int8 code "

@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 
 from mixprec.errors import InputError
 from mixprec.integer.fixedpoint import multiply_by_quantized_multiplier, quantize_multiplier
+from mixprec.integer.tensors import require_array
 
 RSQRT_BITS = 30
 MAX_WIDTH = 2**14
@@ -79,8 +80,7 @@ def integer_sqrt(n: NDArray[np.int64]) -> NDArray[np.int64]:
 
 def layer_norm(x: NDArray[np.int8], params: LayerNormParams) -> NDArray[np.int8]:
     """int8 ``[..., E]`` -> int8 ``[..., E]`` (see module docstring)."""
-    if not isinstance(x, np.ndarray) or x.dtype != np.int8:
-        raise InputError(f"layer_norm takes an int8 numpy array, got {getattr(x, 'dtype', type(x).__name__)}")
+    require_array("layer_norm", x, np.int8)
     width = params.sign.shape[0]
     if x.shape[-1] != width:
         raise InputError(f"layer_norm was built for {width} channels, got shape {x.shape}")

@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 
 from mixprec.errors import InputError
 from mixprec.integer.fixedpoint import multiply_by_quantized_multiplier, quantize_multiplier
+from mixprec.integer.tensors import require_array
 
 MAX_MEAN_COUNT = 2**23
 
@@ -64,8 +65,7 @@ def mean_shape(shape: tuple[int, ...], axes: tuple[int, ...], keep_dims: bool) -
 
 def mean(q: NDArray[np.int8], params: MeanParams) -> NDArray[np.int8]:
     """int8 ``q`` -> int8 mean over ``params.axes`` (see module docstring)."""
-    if not isinstance(q, np.ndarray) or q.dtype != np.int8:
-        raise InputError(f"mean takes an int8 numpy array, got {getattr(q, 'dtype', type(q).__name__)}")
+    require_array("mean", q, np.int8)
     count = int(np.prod([q.shape[a] for a in params.axes])) if q.ndim > max(params.axes) else -1
     if count != params.count:
         raise InputError(f"mean over axes {params.axes} was built for {params.count} elements per output; "

@@ -27,7 +27,7 @@ from mixprec.integer.half import half_format
 from mixprec.integer.half_ops import LinearAttentionParams, half_add, half_mean, linear_attention
 from mixprec.integer.nodes import FullyConnectedNode
 from mixprec.integer.profile import StageProfile, median_seconds
-from mixprec.integer.tensors import Quantization
+from mixprec.integer.tensors import Quantization, require_array
 
 HALF_BYTES = 2
 
@@ -74,11 +74,11 @@ class ToHalfStage:
     shape: tuple[int, ...]
     input_kind = "int8"
     output_kind = "half"
-    _table: NDArray[np.float32] = field(init=False, repr=False)
+    table: NDArray[np.float32] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         half_format(self.dtype)
-        object.__setattr__(self, "_table", int8_to_half_table(self.quant, self.dtype))
+        object.__setattr__(self, "table", int8_to_half_table(self.quant, self.dtype))
 
     weight_bytes = 0
 
@@ -86,7 +86,7 @@ class ToHalfStage:
         return int(np.prod(self.shape)) * HALF_BYTES
 
     def __call__(self, x: NDArray[np.int8]) -> NDArray[np.float32]:
-        return self._table[x.astype(np.int16) + 128]
+        return self.table[x.astype(np.int16) + 128]
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,7 +168,7 @@ class Pipeline:
 
     def __call__(self, x: NDArray[np.int8]) -> NDArray[np.int8]:
         """int8 ``[B, *input_shape]`` -> int8 output codes."""
-        self._check(x)
+        self.check_input(x)
         for stage in self.stages:
             x = stage(x)
         return x
@@ -188,16 +188,14 @@ class Pipeline:
 
     def profile(self, x: NDArray[np.int8], repeats: int = 5) -> list[StageProfile]:
         """Per stage: constant bytes, output bytes per sample, median time over ``repeats`` runs."""
-        self._check(x)
-        if repeats < 1:
-            raise InputError(f"repeats must be at least 1, got {repeats}")
+        self.check_input(x)
         seconds = median_seconds([(stage, (-1,)) for stage in self.stages], [x], repeats)
         return [StageProfile(stage.name, stage.weight_bytes, stage.output_bytes(), spent)
                 for stage, spent in zip(self.stages, seconds)]
 
-    def _check(self, x: NDArray) -> None:
-        if not isinstance(x, np.ndarray) or x.dtype != np.int8:
-            raise InputError(f"the pipeline takes an int8 numpy array, got {getattr(x, 'dtype', type(x).__name__)}")
+    def check_input(self, x: NDArray) -> None:
+        """Refuse anything but int8 ``[batch, *input_shape]``."""
+        require_array("the pipeline", x, np.int8)
         if tuple(x.shape[1:]) != tuple(self.input_shape):
             raise InputError(f"the pipeline takes [batch, {', '.join(map(str, self.input_shape))}] inputs, "
                              f"got shape {x.shape}")

@@ -37,15 +37,9 @@ from mixprec.integer.nodes import (
 from mixprec.integer.tensors import Quantization
 
 
-def real(codes: NDArray, quant: Quantization) -> NDArray[np.float64]:
-    """Dequantize per-tensor int8 codes to float64 (exact)."""
-    return (codes.astype(np.float64) - quant.zero_point[0]) * float(quant.scale32[0])
-
-
 def onto_grid(values: NDArray[np.float64], quant: Quantization) -> NDArray[np.float64]:
     """``values`` rounded onto ``quant``'s int8 grid (nearest, ties to even, saturating), as reals."""
-    codes = np.clip(np.round(values / float(quant.scale32[0])) + quant.zero_point[0], -128, 127)
-    return (codes - quant.zero_point[0]) * float(quant.scale32[0])
+    return quant.values_of(quant.nearest_codes(values))
 
 
 def _activation(values: NDArray[np.float64], activation: str) -> NDArray[np.float64]:
@@ -74,17 +68,22 @@ def _layer_norm(node: LayerNormNode, x: NDArray[np.float64]) -> NDArray[np.float
     return centred / np.sqrt(variance + node.epsilon) * node.gamma.astype(np.float64) + node.beta.astype(np.float64)
 
 
+def linear_attention_exact(q: NDArray, k: NDArray, v: NDArray, epsilon: float) -> NDArray[np.float64]:
+    """ReLU-feature linear attention, exact: ``relu(q) (relu(k)^T v) / (relu(q) . sum_t relu(k) + epsilon)``."""
+    q, k = np.maximum(q, 0), np.maximum(k, 0)
+    normalizer = (q * k.sum(axis=-2, keepdims=True)).sum(axis=-1, keepdims=True) + epsilon
+    return (q @ (np.swapaxes(k, -1, -2) @ v)) / normalizer
+
+
 def _attention(node, q: NDArray, k: NDArray, v: NDArray) -> NDArray[np.float64]:  # noqa: ANN001
     if isinstance(node, SoftmaxAttentionNode):
         scores = onto_grid(q @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1]), node.score_quant)
         probabilities = onto_grid(_softmax(scores), Quantization.per_tensor(1 / 256, -128))
         return probabilities @ v
-    q, k = np.maximum(q, 0), np.maximum(k, 0)
-    normalizer = (q * k.sum(axis=-2, keepdims=True)).sum(axis=-1, keepdims=True) + node.epsilon
-    return (q @ (np.swapaxes(k, -1, -2) @ v)) / normalizer
+    return linear_attention_exact(q, k, v, node.epsilon)
 
 
-def _exact(node, args: list[NDArray], in_quants: list[Quantization | None]) -> NDArray:  # noqa: ANN001
+def exact_operator(node, args: list[NDArray], in_quants: list[Quantization | None]) -> NDArray:  # noqa: ANN001
     """The operator's mathematical result on real-valued inputs (before rounding onto its grid)."""
     if isinstance(node, FullyConnectedNode):
         return _fully_connected(node, args[0], in_quants[0])
@@ -93,9 +92,9 @@ def _exact(node, args: list[NDArray], in_quants: list[Quantization | None]) -> N
     if isinstance(node, MulNode):
         return _activation(args[0] * args[1], node.activation)
     if isinstance(node, AddConstantNode):
-        return args[0] + real(node.constant, node.constant_quant)
+        return args[0] + node.constant_quant.values_of(node.constant)
     if isinstance(node, EmbeddingNode):
-        return real(node.table, node.table_quant)[args[0]]
+        return node.table_quant.values_of(node.table)[args[0]]
     if isinstance(node, LayerNormNode):
         return _layer_norm(node, args[0])
     if isinstance(node, (SoftmaxAttentionNode, LinearAttentionNode)):
@@ -123,7 +122,7 @@ def _check(graph: Graph, inputs: tuple[NDArray, ...]) -> None:
 
 
 def _as_real(value: NDArray, quant: Quantization | None) -> NDArray:
-    return real(value, quant) if quant is not None and value.dtype == np.int8 else np.asarray(value)
+    return quant.values_of(value) if quant is not None and value.dtype == np.int8 else np.asarray(value)
 
 
 def simulate(graph: Graph, *inputs: NDArray) -> NDArray[np.float64]:
@@ -132,7 +131,7 @@ def simulate(graph: Graph, *inputs: NDArray) -> NDArray[np.float64]:
     quants = graph.tensor_quants
     values = [_as_real(x, spec.quant) for x, spec in zip(inputs, graph.inputs)]
     for index, node in enumerate(graph.nodes):
-        result = _exact(node, [values[i] for i in node.inputs], [quants[i] for i in node.inputs])
+        result = exact_operator(node, [values[i] for i in node.inputs], [quants[i] for i in node.inputs])
         out_quant = quants[len(graph.inputs) + index]
         values.append(onto_grid(result, out_quant) if out_quant is not None else result)
     return values[-1]
@@ -147,14 +146,14 @@ def operator_errors(graph: Graph, *inputs: NDArray) -> list[tuple[str, float]]:
     quants = graph.tensor_quants
     values = list(inputs)
     errors = []
-    for index, (node, record) in enumerate(zip(graph.nodes, graph._records)):
+    for index, (node, record) in enumerate(zip(graph.nodes, graph.records)):
         args = [values[i] for i in node.inputs]
         out = node.run(record, *args)
         out_quant = quants[len(graph.inputs) + index]
         if out_quant is not None:
             in_real = [_as_real(a, quants[i]) for a, i in zip(args, node.inputs)]
-            exact = onto_grid(_exact(node, in_real, [quants[i] for i in node.inputs]), out_quant)
-            worst = np.abs(real(out, out_quant) - exact).max(initial=0.0) / float(out_quant.scale32[0])
+            exact = onto_grid(exact_operator(node, in_real, [quants[i] for i in node.inputs]), out_quant)
+            worst = np.abs(out_quant.values_of(out) - exact).max(initial=0.0) / float(out_quant.scale32[0])
             errors.append((f"{index}:{node.opcode}", float(worst)))
         values.append(out)
     return errors

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 from mixprec.errors import InputError
 from mixprec.integer.rounding import round_half_away
@@ -45,6 +45,24 @@ class Quantization:
     def scale32(self) -> NDArray[np.float32]:
         return np.asarray(self.scale, dtype=np.float32)
 
+    def values_of(self, codes: NDArray) -> NDArray[np.float64]:
+        """Per-tensor codes as real values ``scale * (q - zero_point)``, exact in float64."""
+        self._require_per_tensor()
+        return (np.asarray(codes).astype(np.float64) - self.zero_point[0]) * float(self.scale32[0])
+
+    def nearest_codes(self, values: ArrayLike) -> NDArray[np.int8]:
+        """Real ``values`` onto this per-tensor int8 grid: ``clamp(round_half_even(x / scale) +
+        zero_point, -128, 127)``, the quotient in float64; infinities saturate. (NaN is the
+        caller's to refuse: it has no code.)"""
+        self._require_per_tensor()
+        with np.errstate(over="ignore", invalid="ignore"):
+            steps = np.round(np.asarray(values, dtype=np.float64) / float(self.scale32[0]))
+        return np.clip(steps + self.zero_point[0], -128, 127).astype(np.int8)
+
+    def _require_per_tensor(self) -> None:
+        if len(self.scale) != 1:
+            raise InputError(f"this needs a per-tensor grid, not {len(self.scale)} per-channel scales")
+
 
 def activation_range(activation: str, output: Quantization) -> tuple[int, int]:
     """TFLite ``CalculateActivationRangeQuantized`` for int8 (``f / scale`` in float32)."""
@@ -59,6 +77,15 @@ def activation_range(activation: str, output: Quantization) -> tuple[int, int]:
         return -128, 127
     low = max(-128, quantize(0.0))
     return low, 127 if activation == "relu" else min(127, quantize(6.0))
+
+
+def require_array(operation: str, array: object, dtype: type) -> None:
+    """Refuse anything but a numpy array of ``dtype``, naming the operation and what came."""
+    if not isinstance(array, np.ndarray) or array.dtype != dtype:
+        name = np.dtype(dtype).name
+        article = "an" if name[0] in "aeiou" else "a"
+        raise InputError(f"{operation} takes {article} {name} numpy array, got "
+                         f"{getattr(array, 'dtype', type(array).__name__)}")
 
 
 @dataclass(frozen=True)
