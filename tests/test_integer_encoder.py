@@ -166,3 +166,58 @@ def test_embedding_and_positional_encoding_export_as_gather_and_add(tmp_path: Pa
     with pytest.raises(InputError, match="LAYER_NORM has no TFLite builtin operator"):
         export_tflite(normed, tmp_path / "never-written.tflite")
     assert not (tmp_path / "never-written.tflite").exists()
+
+
+def test_builders_records_and_simulation_refuse_bad_input() -> None:
+    from mixprec.integer.attention import LinearAttentionInt8Params, SoftmaxAttentionParams
+    from mixprec.integer.builders import fully_connected_from, half_linear_from, linear_attention_from
+    from mixprec.integer.encoder import TinyEncoder, build_encoder_graph
+    from mixprec.integer.kws import KeywordSpotter, build_pipeline
+    from mixprec.integer.layer_norm import LayerNormParams
+    from mixprec.integer.simulate import operator_errors, simulate
+
+    q = Quantization.per_tensor(0.1, 0)
+    with pytest.raises(InputError, match="takes an nn.Linear, got Conv1d"):
+        fully_connected_from(torch.nn.Conv1d(2, 2, 1), 0, q, q)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="takes an nn.Linear, got ReLU"):
+        half_linear_from(torch.nn.ReLU(), "float16")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="unknown half format 'fp8'"):
+        half_linear_from(torch.nn.Linear(2, 2), "fp8")
+    with pytest.raises(InputError, match="must share one half format"):
+        from mixprec.integer.half_ops import LinearAttentionParams
+
+        LinearAttentionParams(half_linear_from(torch.nn.Linear(2, 2), "float16"),
+                              half_linear_from(torch.nn.Linear(2, 2), "bfloat16"),
+                              half_linear_from(torch.nn.Linear(2, 2), "float16"), 1.0)
+    with pytest.raises(InputError, match="epsilon must be a positive float16 value"):
+        layers = [torch.nn.Linear(2, 2) for _ in range(3)]
+        LinearAttentionParams(*(half_linear_from(layer, "float16") for layer in layers), 0.0)
+    assert linear_attention_from(*[torch.nn.Linear(2, 2) for _ in range(3)], 0.1, "float16").epsilon == float(
+        np.float16(0.1))
+    with pytest.raises(InputError, match="build_pipeline takes a KeywordSpotter, got Linear"):
+        build_pipeline(torch.nn.Linear(2, 2), torch.zeros(4, 8, 8))  # type: ignore[arg-type]
+    with pytest.raises(InputError, match=r"calibration data must be \[N, steps, 8\], got \(4, 8\)"):
+        build_pipeline(KeywordSpotter(), torch.zeros(4, 8))
+    with pytest.raises(InputError, match="attention must be one of softmax, linear, got 'cosine'"):
+        TinyEncoder(attention="cosine")
+    with pytest.raises(InputError, match="calibration must be integer token ids"):
+        build_encoder_graph(TinyEncoder(), torch.zeros(4, 8))
+    with pytest.raises(InputError, match="build_encoder_graph takes a TinyEncoder"):
+        build_encoder_graph(KeywordSpotter(), torch.zeros(4, 8, dtype=torch.long))  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="the integer epsilon must be >= 1"):
+        LinearAttentionInt8Params(0, 0, 0, 0, 2**30, 0, 0)
+    with pytest.raises(InputError, match="exp table must hold 256 non-increasing entries"):
+        SoftmaxAttentionParams(0, 0, 0, 2**30, 0, 0, np.zeros(256, np.int32), 2**30, 0, 0)
+    one = np.ones(4, np.int32)
+    with pytest.raises(InputError, match=r"must all have shape \(4,\)"):
+        LayerNormParams(0, 0, one.astype(np.int64), one[:3], one, one, 0)
+    with pytest.raises(InputError, match="gamma and beta must be finite vectors"):
+        layer_norm_params(np.array([1.0, np.nan]), np.zeros(2), 1e-5, 0.1, 0, 0.1, 0)
+    with pytest.raises(InputError, match="needs a per-tensor grid, not 2 per-channel scales"):
+        Quantization((0.5, 0.25), (0, 0)).values_of(np.zeros(2, np.int8))
+    graph = Graph((TensorSpec("ids", (1, 4), None, "int32"),),
+                  (EmbeddingNode((0,), np.zeros((16, 8), np.int8), q),))
+    with pytest.raises(InputError, match="simulate takes a mixprec.integer.Graph"):
+        simulate("graph", np.zeros((1, 4), np.int32))  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="the graph takes 1 inputs, got 2"):
+        operator_errors(graph, np.zeros((1, 4), np.int32), np.zeros((1, 4), np.int32))
