@@ -54,7 +54,7 @@ def test_bench_linear_command_writes_every_mixprec_path(tmp_path: Path) -> None:
     out = tmp_path / "linear.csv"
     assert main(["bench", "linear", "--features", "64", "--rounds", "1", "--csv", str(out)]) == 0
     paths = {row["path"] for row in csv.DictReader(out.open())}
-    assert {"fp32", "mixprec int8", "mixprec w8", "mixprec w4", "mixprec bf16", "mixprec fp16"} <= paths
+    assert {"fp32", "mixprec int8", "mixprec w8", "mixprec w4", "mixprec w4a8", "mixprec bf16", "mixprec fp16"} <= paths
 
 
 def test_encoder_bench_measures_speed_error_and_memory_of_a_tiny_encoder() -> None:

@@ -18,6 +18,9 @@ int8-tensor    the seed project's dynamic symmetric per-tensor fake    Linear
 w8             int8 weight-only, per output channel                    Linear
 w4, w4gN       int4 weight-only in groups of N (Linear default 32;     Linear, Embedding
                Embedding ``w4`` is row-wise, asymmetric)
+w4a8, w4a8gN   int4 weights in groups of N (default 32, N a multiple    Linear
+               of 4) as ``w4``; activations int8 per token (dynamic,
+               symmetric, as ``int8``); int4 x int8 VNNI GEMM
 =============  =====================================================  ===========
 
 "Linear" includes GPT-2-style ``Conv1D`` layers of ``transformers`` (``y = x @ W + b``
@@ -42,6 +45,7 @@ from mixprec.nn import (
     Int8StaticLinear,
     Int8TensorFakeQuantLinear,
     QuantizedModule,
+    W4A8Linear,
     W4Embedding,
     W4Linear,
     W8Linear,
@@ -50,24 +54,26 @@ from mixprec.nn import (
 
 #: Families whose Linear runs an int8 x int8 GEMM with int32 accumulation.
 INT8_GEMM_FAMILIES = ("int8", "int8-static")
-FAMILIES = ("fp32", "bf16", "fp16", "int8", "int8-static", "int8-tensor", "w8", "w4")
+FAMILIES = ("fp32", "bf16", "fp16", "int8", "int8-static", "int8-tensor", "w8", "w4", "w4a8")
+#: Families that store int4 codes in groups along the input dimension.
+GROUPED_FAMILIES = ("w4", "w4a8")
 LINEAR_FAMILIES = FAMILIES
 EMBEDDING_FAMILIES = ("fp32", "bf16", "fp16", "int8", "w4")
-#: Group size of ``w4`` on a Linear.
+#: Group size of ``w4`` and ``w4a8`` on a Linear.
 DEFAULT_LINEAR_GROUP = 32
-_GROUPED = re.compile(r"w4g([0-9]+)")
+_GROUPED = re.compile(r"(w4|w4a8)g([0-9]+)")
 
 
 @dataclass(frozen=True)
 class Precision:
-    """A parsed precision name: its family and, for ``w4gN``, the group size."""
+    """A parsed precision name: its family and, for ``w4gN`` / ``w4a8gN``, the group size."""
 
     family: str
     group_size: int | None = None
 
     @property
     def name(self) -> str:
-        return f"w4g{self.group_size}" if self.group_size is not None else self.family
+        return f"{self.family}g{self.group_size}" if self.group_size is not None else self.family
 
     @property
     def is_static(self) -> bool:
@@ -76,7 +82,7 @@ class Precision:
 
 def valid_names() -> str:
     """Human-readable list of valid precision names."""
-    return ", ".join(FAMILIES) + ", w4gN (N an even group size, e.g. w4g128)"
+    return ", ".join(FAMILIES) + ", w4gN (N an even group size, e.g. w4g128), w4a8gN (N a multiple of 4)"
 
 
 def parse_precision(name: object) -> Precision:
@@ -89,10 +95,13 @@ def parse_precision(name: object) -> Precision:
         return Precision(name)
     match = _GROUPED.fullmatch(name)
     if match:
-        group = int(match.group(1))
+        family, group = match.group(1), int(match.group(2))
         if group < 2 or group % 2:
             raise PolicyError(f"precision {name!r}: the group size must be even and >= 2")
-        return Precision("w4", group)
+        if family == "w4a8" and group % 4:
+            raise PolicyError(f"precision {name!r}: w4a8 multiplies 4 codes at a time, so its group size must be "
+                              f"a multiple of 4 (e.g. {name[:-len(str(group))]}{group + 4 - group % 4})")
+        return Precision(family, group)
     raise PolicyError(f"unknown precision {name!r}; valid: {valid_names()}")
 
 
@@ -161,8 +170,8 @@ def check_applicable(name: str, module: nn.Module, precision: Precision) -> None
 
 
 def group_size_for(module: nn.Module, precision: Precision) -> int | None:
-    """Effective group size: Linear ``w4`` -> 32, Embedding ``w4`` -> whole row."""
-    if precision.family != "w4":
+    """Effective group size: Linear ``w4``/``w4a8`` -> 32, Embedding ``w4`` -> whole row."""
+    if precision.family not in GROUPED_FAMILIES:
         return None
     if precision.group_size is not None:
         return precision.group_size
@@ -171,7 +180,7 @@ def group_size_for(module: nn.Module, precision: Precision) -> int | None:
 
 def has_integer_weights(module: nn.Module, precision: Precision) -> bool:
     """Whether ``precision`` stores this Linear's weight as integer codes (GPTQ applies)."""
-    return is_linear(module) and precision.family in ("int8", "int8-static", "int8-tensor", "w8", "w4")
+    return is_linear(module) and precision.family in ("int8", "int8-static", "int8-tensor", "w8", *GROUPED_FAMILIES)
 
 
 def build(module: nn.Module, precision: Precision, input_qparams: QParams | None = None,
@@ -202,6 +211,8 @@ def build(module: nn.Module, precision: Precision, input_qparams: QParams | None
         return Int8TensorFakeQuantLinear.from_float(module, hessian)
     if family == "w8":
         return W8Linear.from_float(module, hessian)
+    if family == "w4a8":
+        return W4A8Linear.from_float(module, group_size_for(module, precision), hessian)
     return W4Linear.from_float(module, group_size_for(module, precision), hessian)
 
 
@@ -221,8 +232,9 @@ def build_empty(module: nn.Module, precision: Precision) -> nn.Module:
     shape = (module.in_features, module.out_features, module.bias is not None)
     if family in ("bf16", "fp16"):
         return HalfLinear(*shape, fmt=family)
-    if family == "w4":
-        return W4Linear(*shape, group_size=group_size_for(module, precision))
+    if family in GROUPED_FAMILIES:
+        module_class = W4A8Linear if family == "w4a8" else W4Linear
+        return module_class(*shape, group_size=group_size_for(module, precision))
     classes: dict[str, type[nn.Module]] = {
         "int8": int8_dynamic_class(module.in_features, module.out_features),
         "int8-static": Int8StaticLinear,

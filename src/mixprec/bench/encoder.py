@@ -43,6 +43,7 @@ POLICIES: dict[str, Policy] = {
     "mixprec int8": Policy(default="int8"),
     "mixprec w8": Policy(default="w8"),
     "mixprec w4": Policy(default="w4"),
+    "mixprec w4a8": Policy(default="w4a8"),
     "mixprec mixed: attention bf16, FFN int8": Policy(default="fp32", rules=[(ATTENTION, "bf16"), (FFN, "int8")]),
     "mixprec mixed: attention int8, FFN bf16": Policy(default="fp32", rules=[(ATTENTION, "int8"), (FFN, "bf16")]),
 }

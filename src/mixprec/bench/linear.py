@@ -19,7 +19,7 @@ from mixprec.nn import Int8DynamicLinear
 from mixprec.quantize import quantize
 
 BATCHES = (1, 8, 128, 1024)
-PRECISIONS = ("int8", "w8", "w4", "bf16", "fp16")
+PRECISIONS = ("int8", "w8", "w4", "w4a8", "bf16", "fp16")
 #: Left out of this sweep: 100x slower than float32, one call at M = 1024 would take minutes.
 SKIPPED_PEERS = ("torchao int4 weight-only, fp32 act",)
 

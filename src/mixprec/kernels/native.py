@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int8_rows.cpp", "int4_weights.cpp", "kv_dequant.cpp",
-                                                                         "kws_pipeline.cpp")]
+                                                                         "kws_pipeline.cpp", "w4a8_gemm.cpp")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
 
 
@@ -91,6 +91,17 @@ def w4_linear_rows(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """Int4 weight-only linear for few rows (see csrc/int4_weights.cpp)."""
     return torch.ops.mixprec.w4_linear_rows(x, packed, scale, bias)
+
+
+def w4a8_available() -> bool:
+    """Whether the native build has the AVX512-VNNI int4 x int8 kernel (see csrc/w4a8_gemm.cpp)."""
+    return available() and bool(torch.ops.mixprec.w4a8_available())
+
+
+def w4a8_linear(xq: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """Int4 weights times per-row int8 activation codes ``xq`` with scales ``x_scale`` (see csrc/w4a8_gemm.cpp)."""
+    return torch.ops.mixprec.w4a8_linear(xq, x_scale, packed, scale, bias)
 
 
 def kv_dequantize_keys(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, bits: int,

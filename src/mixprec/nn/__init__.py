@@ -11,7 +11,7 @@ from mixprec.nn.linear_int8 import (
     W8Linear,
     int8_dynamic_class,
 )
-from mixprec.nn.linear_weight_only import W4Linear
+from mixprec.nn.linear_weight_only import W4A8Linear, W4Linear
 
 __all__ = [
     "HalfEmbedding",
@@ -22,6 +22,7 @@ __all__ = [
     "Int8StaticLinear",
     "Int8TensorFakeQuantLinear",
     "QuantizedModule",
+    "W4A8Linear",
     "W4Embedding",
     "W4Linear",
     "W8Linear",

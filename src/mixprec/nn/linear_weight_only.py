@@ -1,7 +1,8 @@
-"""Weight-only int4 linear (``w4gN``); the int8 weight-only ``w8`` shares the int8
+"""Int4 linears: weight-only ``w4gN`` (float32 activations) and ``w4a8gN`` (the same int4
+storage with dynamic int8 activations). The int8 weight-only ``w8`` shares the int8
 linears' storage and lives in :mod:`mixprec.nn.linear_int8`.
 
-Activations stay float32; see :mod:`mixprec.kernels.weight_only` for the kernels.
+Kernels: :mod:`mixprec.kernels.weight_only` and :mod:`mixprec.kernels.w4a8_linear`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 
 from mixprec.formats import QuantSpec, fp16_scale, pack_int4
 from mixprec.kernels import native
+from mixprec.kernels import w4a8_linear as w4a8
 from mixprec.kernels.cpu import native_slow_path
 from mixprec.kernels.weight_only import (
     W4_FALLBACK_KERNEL_NAME,
@@ -76,3 +78,35 @@ class W4Linear(QuantizedModule):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+class W4A8Linear(W4Linear):
+    """``w4a8gN``: :class:`W4Linear`'s int4 storage, activations quantized per row to int8.
+
+    Forward: ``y = sx * sum_g s_g * (xq . q)_g + b`` with exact integer group dot products
+    (see :mod:`mixprec.kernels.w4a8_linear` for the rounding). Faster than ``w4`` from a few
+    rows up, at the cost of the activation rounding that ``int8`` also pays; outputs of a
+    row do not depend on the other rows of the batch. The group size must be a multiple of 4
+    (the VNNI kernel multiplies 4 codes per lane).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 32) -> None:
+        if group_size % 4:
+            raise ValueError(f"w4a8 needs a group size divisible by 4, got {group_size}")
+        super().__init__(in_features, out_features, bias, group_size)
+        self.precision = f"w4a8g{group_size}"
+
+    @property
+    def kernel(self) -> str:  # type: ignore[override]
+        return w4a8.KERNEL_NAME if w4a8.native_path() else w4a8.FALLBACK_KERNEL_NAME
+
+    @property
+    def slow_path(self) -> str | None:
+        if w4a8.native_path():
+            return None
+        return native_slow_path() or "the native build has no AVX512-VNNI kernel (this CPU or compiler lacks it)"
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_linear_input(x, self.in_features, type(self).__name__)
+        rows = as_float32_matrix(x)
+        return restore_shape(w4a8.w4a8_linear(rows, self.weight_packed, self.weight_scale, self.bias), x)

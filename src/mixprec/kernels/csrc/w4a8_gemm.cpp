@@ -1,0 +1,227 @@
+// Int4 weights times dynamically quantized int8 activations: the many-row path of w4gN.
+//
+// y[m, n] = sx[m] * sum_g s[n, g] * D[m, n, g] + bias[n], where D[m, n, g] is the exact
+// integer dot product of the int8 activation codes xq[m, k] and the int4 weight codes
+// q[n, k] over group g (k in [g * G, (g + 1) * G)). Rounding, in this order: each D is
+// exact (int32, |D| <= 8 * 127 * G); float(D) is exact for G < 16384; the group terms are
+// summed in float32 in increasing g with one rounding per term (fused multiply-add); then
+// y = fma(sum, sx[m], bias[n]), one rounding.
+//
+// VNNI's vpdpbusd multiplies unsigned by signed bytes, so the weights enter as the unsigned
+// codes u = q + 8 in [0, 15] (the two's complement nibble XOR 8) and the activations as
+// signed codes; sum u * xq = D + 8 * sum xq, so each group's accumulator starts at
+// -8 * sum_{k in g} xq[m, k]. Lanes run along output channels: a block of 32 channels is
+// unpacked once into [K/4][32][4] bytes (4 consecutive k of one channel per 32-bit lane)
+// and reused by every row of x; each 4-byte quad of an x row is broadcast.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "split_rows.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define MIXPREC_W4A8 1
+#else
+#define MIXPREC_W4A8 0
+#endif
+
+namespace {
+
+// Output channels per unpacked block: two vectors of 16 int32 lanes.
+constexpr int64_t kBlock = 32;
+
+void check_inputs(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& packed, const at::Tensor& scale,
+                  const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(xq.dim() == 2 && xq.scalar_type() == at::kChar && xq.is_contiguous() && xq.device().is_cpu(),
+              "xq must be a contiguous int8 CPU matrix [M, K]");
+  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous() && x_scale.numel() == xq.size(0),
+              "x_scale must hold one float32 per row of xq");
+  const int64_t cols = xq.size(1);
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.size(1) * 2 == cols && packed.device().is_cpu(),
+              "packed must be a contiguous uint8 CPU tensor [N, K/2]");
+  TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kHalf && scale.is_contiguous() &&
+                  scale.size(0) == packed.size(0) && scale.size(1) > 0 && cols % (4 * scale.size(1)) == 0,
+              "scale must be a contiguous float16 tensor [N, K/G] with a group size G divisible by 4");
+  TORCH_CHECK(cols / scale.size(1) < 16384, "group size must be below 16384");
+  TORCH_CHECK(!bias.has_value() || !bias->defined() ||
+                  (bias->numel() == packed.size(0) && bias->scalar_type() == at::kFloat && bias->is_contiguous()),
+              "bias must be contiguous float32 [N]");
+}
+
+#if MIXPREC_W4A8
+// -8 * sum of each group of G codes of each row: the accumulators' starting values.
+std::vector<int32_t> group_offsets(const int8_t* xq, int64_t rows, int64_t cols, int64_t group) {
+  const int64_t groups = cols / group;
+  std::vector<int32_t> offsets(rows * groups);
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int8_t* codes = xq + m * cols + g * group;
+      int32_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < group; ++k) sum += codes[k];
+      offsets[m * groups + g] = -8 * sum;
+    }
+  return offsets;
+}
+
+// The four unsigned codes u = q + 8 of elements k..k+3 from the two packed bytes holding
+// them (element 2i in the low nibble of byte i), as the bytes of one 32-bit lane: each
+// 16-bit word [b, b] becomes [b & 15, b >> 4], after XOR 0x88 turned nibbles into q + 8.
+inline __m512i spread_nibbles(__m512i words_doubled) {
+  const __m512i low = _mm512_and_si512(words_doubled, _mm512_set1_epi16(0x000F));
+  const __m512i high = _mm512_and_si512(_mm512_srli_epi16(words_doubled, 4), _mm512_set1_epi16(0x0F00));
+  return _mm512_or_si512(low, high);
+}
+
+// Unpacks channels [n0, n0 + count) (count <= 32) into block ([K/4][32][4] bytes, lanes of
+// missing channels zero) and their scales into block_scale ([groups][32] float32).
+void unpack_block(const uint8_t* packed, const at::Half* scale, int64_t cols, int64_t groups, int64_t n0,
+                  int64_t count, uint8_t* block, float* block_scale) {
+  const int64_t row_bytes = cols / 2;
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i offsets = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(row_bytes)));
+  // Within each 128-bit lane, dword i takes bytes [4i, 4i, 4i+1, 4i+1] (first quad) or
+  // [4i+2, 4i+2, 4i+3, 4i+3] (second quad) of the gathered dword.
+  const __m512i first = _mm512_set4_epi32(0x0D0D0C0C, 0x09090808, 0x05050404, 0x01010000);
+  const __m512i second = _mm512_set4_epi32(0x0F0F0E0E, 0x0B0B0A0A, 0x07070606, 0x03030202);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x88));
+  for (int64_t half = 0; half < 2; ++half) {
+    const int64_t lane0 = half * 16;
+    const int64_t present = std::clamp<int64_t>(count - lane0, 0, 16);
+    const __mmask16 mask = static_cast<__mmask16>((1u << present) - 1u);
+    const uint8_t* base = packed + (n0 + lane0) * row_bytes;
+    int64_t k = 0;
+    for (; k + 8 <= cols; k += 8) {
+      const __m512i bytes = _mm512_xor_si512(
+          flip, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, offsets, base + k / 2, 1));
+      _mm512_storeu_si512(block + ((k / 4) * kBlock + lane0) * 4, spread_nibbles(_mm512_shuffle_epi8(bytes, first)));
+      _mm512_storeu_si512(block + ((k / 4 + 1) * kBlock + lane0) * 4,
+                          spread_nibbles(_mm512_shuffle_epi8(bytes, second)));
+    }
+    for (; k < cols; k += 4) {  // a last quad when K % 8 == 4
+      uint8_t* lane_bytes = block + ((k / 4) * kBlock + lane0) * 4;
+      std::memset(lane_bytes, 0, 16 * 4);
+      for (int64_t j = 0; j < present; ++j)
+        for (int64_t e = 0; e < 4; ++e) {
+          const uint8_t byte = base[j * row_bytes + (k + e) / 2] ^ 0x88;
+          lane_bytes[j * 4 + e] = (e % 2 == 0) ? (byte & 0x0F) : (byte >> 4);
+        }
+    }
+  }
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t j = 0; j < kBlock; ++j)
+      block_scale[g * kBlock + j] = j < count ? static_cast<float>(scale[(n0 + j) * groups + g]) : 0.0f;
+}
+
+inline __m512i broadcast_quad(const int8_t* codes) {
+  int32_t quad;
+  std::memcpy(&quad, codes, sizeof(quad));
+  return _mm512_set1_epi32(quad);
+}
+
+// Rows rows of x against one unpacked block of 32 channels; writes y[m, n0 + j], j < count.
+template <int Rows>
+void block_rows(const int8_t* xq, const int32_t* offsets, const float* x_scale, int64_t cols, int64_t group,
+                const uint8_t* block, const float* block_scale, const float* bias, int64_t n0, int64_t count,
+                int64_t outs, float* y) {
+  const int64_t groups = cols / group, quads_per_group = group / 4;
+  __m512 sum[Rows][2];
+  for (auto& row : sum) row[0] = row[1] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i acc[Rows][2];
+    for (int m = 0; m < Rows; ++m) acc[m][0] = acc[m][1] = _mm512_set1_epi32(offsets[m * groups + g]);
+    const uint8_t* wq = block + g * quads_per_group * kBlock * 4;
+    const int8_t* xg = xq + g * group;
+    for (int64_t q = 0; q < quads_per_group; ++q) {
+      const __m512i w0 = _mm512_loadu_si512(wq + q * kBlock * 4);
+      const __m512i w1 = _mm512_loadu_si512(wq + q * kBlock * 4 + 64);
+      for (int m = 0; m < Rows; ++m) {
+        const __m512i xb = broadcast_quad(xg + m * cols + q * 4);
+        acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], w0, xb);
+        acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], w1, xb);
+      }
+    }
+    const __m512 s0 = _mm512_loadu_ps(block_scale + g * kBlock);
+    const __m512 s1 = _mm512_loadu_ps(block_scale + g * kBlock + 16);
+    for (int m = 0; m < Rows; ++m) {
+      sum[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][0]), s0, sum[m][0]);
+      sum[m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][1]), s1, sum[m][1]);
+    }
+  }
+  const int64_t present0 = std::min<int64_t>(count, 16), present1 = std::max<int64_t>(count - 16, 0);
+  const __mmask16 mask0 = static_cast<__mmask16>((1u << present0) - 1u);
+  const __mmask16 mask1 = static_cast<__mmask16>((1u << present1) - 1u);
+  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(mask0, bias + n0) : _mm512_setzero_ps();
+  const __m512 b1 = bias ? _mm512_maskz_loadu_ps(mask1, bias + n0 + 16) : _mm512_setzero_ps();
+  for (int m = 0; m < Rows; ++m) {
+    const __m512 sx = _mm512_set1_ps(x_scale[m]);
+    _mm512_mask_storeu_ps(y + m * outs + n0, mask0, _mm512_fmadd_ps(sum[m][0], sx, b0));
+    _mm512_mask_storeu_ps(y + m * outs + n0 + 16, mask1, _mm512_fmadd_ps(sum[m][1], sx, b1));
+  }
+}
+
+// All rows of x against output blocks [block_begin, block_end).
+void linear_blocks(const int8_t* xq, const int32_t* offsets, const float* x_scale, int64_t rows, int64_t cols,
+                   const uint8_t* packed, const at::Half* scale, int64_t groups, const float* bias, int64_t outs,
+                   int64_t block_begin, int64_t block_end, float* y) {
+  const int64_t group = cols / groups;
+  std::vector<uint8_t> block(cols * kBlock);
+  std::vector<float> block_scale(groups * kBlock);
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const int64_t n0 = b * kBlock, count = std::min(kBlock, outs - n0);
+    unpack_block(packed, scale, cols, groups, n0, count, block.data(), block_scale.data());
+    const auto run = [&](auto rows_tag, int64_t m) {
+      constexpr int Rows = decltype(rows_tag)::value;
+      block_rows<Rows>(xq + m * cols, offsets + m * groups, x_scale + m, cols, group, block.data(),
+                       block_scale.data(), bias, n0, count, outs, y + m * outs);
+    };
+    int64_t m = 0;
+    for (; m + 6 <= rows; m += 6) run(std::integral_constant<int, 6>{}, m);
+    switch (rows - m) {
+      case 5: run(std::integral_constant<int, 5>{}, m); break;
+      case 4: run(std::integral_constant<int, 4>{}, m); break;
+      case 3: run(std::integral_constant<int, 3>{}, m); break;
+      case 2: run(std::integral_constant<int, 2>{}, m); break;
+      case 1: run(std::integral_constant<int, 1>{}, m); break;
+      default: break;
+    }
+  }
+}
+#endif
+
+// Whether this build has the VNNI kernel (AVX512-VNNI and AVX512-BW at compile time).
+bool w4a8_available() { return MIXPREC_W4A8 == 1; }
+
+at::Tensor w4a8_linear(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& packed,
+                       const at::Tensor& scale, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(w4a8_available(), "this build of the mixprec kernels has no AVX512-VNNI int4 x int8 kernel");
+  check_inputs(xq, x_scale, packed, scale, bias);
+  const int64_t rows = xq.size(0), cols = xq.size(1), outs = packed.size(0), groups = scale.size(1);
+  auto y = at::empty({rows, outs}, x_scale.options());
+#if MIXPREC_W4A8
+  const int8_t* xp = xq.data_ptr<int8_t>();
+  const std::vector<int32_t> offsets = group_offsets(xp, rows, cols, cols / groups);
+  const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
+  const int64_t blocks = (outs + kBlock - 1) / kBlock;
+  mixprec::split_rows(blocks, rows * outs * cols / 16, [&](int64_t b, int64_t e) {
+    linear_blocks(xp, offsets.data(), x_scale.data_ptr<float>(), rows, cols, packed.data_ptr<uint8_t>(),
+                  scale.data_ptr<at::Half>(), groups, bp, outs, b, e, y.data_ptr<float>());
+  });
+#endif
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mixprec, m) {
+  m.def("w4a8_available() -> bool", &w4a8_available);
+  m.def("w4a8_linear(Tensor xq, Tensor x_scale, Tensor packed, Tensor scale, Tensor? bias) -> Tensor",
+        &w4a8_linear);
+}
