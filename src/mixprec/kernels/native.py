@@ -1,12 +1,12 @@
 """Fused C++ kernels, compiled on first use with PyTorch's extension builder.
 
-The build uses ``-O3 -march=native -ffp-contract=off -fopenmp-simd`` (SIMD pragmas only,
-no OpenMP runtime) and no fast-math flags, so results
-equal the PyTorch reference path bit for bit. It is built without OpenMP, so
-``at::parallel_for`` runs on the calling thread: measured here, linking OpenMP into the
-extension made these memory-bound loops 3x slower, not faster. If the build fails (no compiler, no
-headers) or ``MIXPREC_NATIVE=0`` is set, :func:`available` is False, mixprec warns once
-with the reason, and the int8 layers run their PyTorch path, recording that kernel name.
+The build uses ``-O3 -march=native -ffp-contract=off -fopenmp`` and no fast-math flags,
+so results equal the PyTorch reference path bit for bit. OpenMP: the GEMM-like kernels
+split their output rows over PyTorch's own OpenMP threads (``csrc/split_rows.h``); the
+memory-bound quantize and rescale loops stay on the calling thread, which measured faster
+here. If the build fails (no compiler, no headers) or ``MIXPREC_NATIVE=0`` is set,
+:func:`available` is False, mixprec warns once with the reason, and the int8 layers run
+their PyTorch path, recording that kernel name.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int8_rows.cpp", "int4_weights.cpp", "kv_dequant.cpp",
-                                                                         "kws_pipeline.cpp", "w4a8_gemm.cpp")]
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
+_SOURCES = [Path(__file__).with_name("csrc") / name
+            for name in ("int8_rows.cpp", "int4_weights.cpp", "kv_dequant.cpp", "kws_pipeline.cpp", "w4a8_gemm.cpp")]
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 
 
 @functools.lru_cache(maxsize=1)
