@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from mixprec.errors import InputError
-from mixprec.formats import QParams, QuantSpec, qparams_from_tensor, quantize
+from mixprec.formats import QParams, QuantSpec, integer_dtype, qparams_from_tensor, quantize
 from mixprec.gptq import gptq_quantize
 
 
@@ -132,9 +132,9 @@ def quantize_rows_in_chunks(weight: Tensor, qp: QParams) -> Tensor:
     if spec.granularity == "channel" and spec.axis not in (0, -2):
         return quantize(weight, qp)
     rows_per_chunk = max(1, QUANTIZE_CHUNK_ELEMENTS // max(1, weight.shape[1]))
-    codes = []
+    codes = torch.empty(weight.shape, dtype=integer_dtype(spec))
     for begin in range(0, weight.shape[0], rows_per_chunk):
         end = begin + rows_per_chunk
         rows_qp = qp if spec.granularity == "tensor" else QParams(spec, qp.scale[begin:end], qp.zero_point[begin:end])
-        codes.append(quantize(weight[begin:end], rows_qp))
-    return torch.cat(codes) if len(codes) > 1 else codes[0]
+        codes[begin:end] = quantize(weight[begin:end], rows_qp)
+    return codes

@@ -20,7 +20,14 @@ from mixprec.kernels.weight_only import (
     w4_dequantize_torch,
     w4_linear,
 )
-from mixprec.nn.base import QuantizedModule, as_float32_matrix, check_linear_input, restore_shape, round_weight
+from mixprec.nn.base import (
+    QUANTIZE_CHUNK_ELEMENTS,
+    QuantizedModule,
+    as_float32_matrix,
+    check_linear_input,
+    restore_shape,
+    round_weight,
+)
 
 
 class W4Linear(QuantizedModule):
@@ -61,7 +68,9 @@ class W4Linear(QuantizedModule):
         """Quantize ``linear`` (GPTQ if ``hessian`` is given, else round to nearest)."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
         codes, qp = round_weight(linear.weight, module.spec, hessian, scale_fn=fp16_scale)
-        module.weight_packed.copy_(pack_int4(codes))
+        rows_per_chunk = max(1, QUANTIZE_CHUNK_ELEMENTS // linear.in_features)
+        for begin in range(0, linear.out_features, rows_per_chunk):  # packing's int16 temporaries stay small
+            module.weight_packed[begin:begin + rows_per_chunk] = pack_int4(codes[begin:begin + rows_per_chunk])
         module.weight_scale.copy_(qp.scale)
         if module.bias is not None:
             module.bias.copy_(linear.bias.detach())
