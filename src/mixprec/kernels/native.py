@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 _SOURCES = [Path(__file__).with_name("csrc") / name
-            for name in ("int8_rows.cpp", "int4_weights.cpp", "kv_dequant.cpp", "kws_pipeline.cpp", "w4a8_gemm.cpp")]
+            for name in ("int8_rows.cpp", "int4_weights.cpp", "kv_dequant.cpp", "kv_attention.cpp", "kws_pipeline.cpp",
+                         "w4a8_gemm.cpp")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 
 
@@ -114,6 +115,20 @@ def kv_dequantize_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.T
                          out: torch.Tensor) -> None:
     """Dequantize per-token KV-cache values into float32 ``out`` (see csrc/kv_dequant.cpp)."""
     torch.ops.mixprec.kv_dequantize_values(codes, scale, zero, bits, out)
+
+
+def kv_attention_available() -> bool:
+    """Whether the native build has the decode attention over cache codes (see csrc/kv_attention.cpp)."""
+    return available() and bool(torch.ops.mixprec.kv_attention_available())
+
+
+def kv_decode_attention(query: torch.Tensor, key_codes: torch.Tensor, key_scale: torch.Tensor,
+                        key_zero: torch.Tensor, value_codes: torch.Tensor, value_scale: torch.Tensor,
+                        value_zero: torch.Tensor, recent_keys: torch.Tensor, recent_values: torch.Tensor, group: int,
+                        bits: int, scaling: float) -> torch.Tensor:
+    """One decode step of attention read from the quantized cache (see csrc/kv_attention.cpp)."""
+    return torch.ops.mixprec.kv_decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale,
+                                                 value_zero, recent_keys, recent_values, group, bits, scaling)
 
 
 def kws_pipeline(*args: object) -> tuple[torch.Tensor, int]:

@@ -24,6 +24,7 @@ head_dim)`` (values), plus the float residual window.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mixprec.errors import InputError
@@ -31,6 +32,8 @@ from mixprec.formats import FP16_SCALE_MIN, all_finite, fp16_scale, pack_int4, u
 from mixprec.kernels import native
 
 KV_BITS = (4, 8)
+#: Most query heads per KV head the native decode attention handles.
+MAX_QUERY_GROUP = 8
 
 
 def check_kv_config(bits: int, group_size: int, residual: int) -> None:
@@ -185,3 +188,40 @@ class QuantizedKV:
         keys[:, :, done:] = self.recent_keys
         values[:, :, done:] = self.recent_values
         return keys, values
+
+    # ---- attention -----------------------------------------------------------------
+    def reads_codes(self, query: Tensor) -> bool:
+        """Whether :meth:`attend` runs the native kernel on the codes for this query."""
+        if self.key_codes is None or self.recent_keys is None or not native.kv_attention_available():
+            return False
+        assert self.value_scale is not None
+        heads, dim = self.recent_keys.shape[1], self.recent_keys.shape[3]
+        value_group = dim // self.value_scale.shape[-1]
+        return (query.dtype is torch.float32 and self.recent_keys.dtype is torch.float32 and dim % 32 == 0
+                and value_group % 32 == 0 and query.shape[1] % heads == 0
+                and 1 <= query.shape[1] // heads <= MAX_QUERY_GROUP)
+
+    def attend(self, query: Tensor, scaling: float) -> Tensor:
+        """Attention of single-token queries ``[B, H * R, 1, D]`` over every cached token
+        (no mask: decoding attends to the whole cache), returned ``[B, H * R, 1, D]``.
+
+        Where :meth:`reads_codes` holds, the native kernel reads the codes directly (each key
+        chunk's scales folded into the query, codes minus zero points as exact integers, see
+        ``csrc/kv_attention.cpp``); otherwise the cache is dequantized and attended with
+        PyTorch's scaled-dot-product attention. Both equal exact attention over the
+        dequantized cache to float32 rounding.
+        """
+        if query.dim() != 4 or query.shape[2] != 1:
+            raise ValueError(f"attend takes the queries of one new token, [batch, heads, 1, head_dim]; "
+                             f"got {tuple(query.shape)}")
+        if self.reads_codes(query):
+            assert self.key_scale is not None and self.key_zero is not None and self.value_codes is not None
+            assert self.value_scale is not None and self.value_zero is not None
+            assert self.recent_keys is not None and self.recent_values is not None
+            out = native.kv_decode_attention(query.squeeze(2).contiguous(), self.key_codes, self.key_scale,
+                                             self.key_zero, self.value_codes, self.value_scale, self.value_zero,
+                                             self.recent_keys.contiguous(), self.recent_values.contiguous(),
+                                             self.group_size, self.bits, scaling)
+            return out.unsqueeze(2)
+        keys, values = self.states(query.dtype)
+        return F.scaled_dot_product_attention(query, keys, values, scale=scaling, enable_gqa=True)

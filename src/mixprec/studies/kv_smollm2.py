@@ -1,5 +1,8 @@
 """The KV-cache benchmark (issue 6) on SmolLM2-135M-Instruct: perplexity, cache bytes and
-decode speed with a float cache and mixprec's int8 and int4 caches.
+decode speed with a float cache and mixprec's int8 and int4 caches, the latter both
+dequantizing for attention and attending on the codes (``attention="codes"``; the model runs
+:func:`mixprec.kv.use_code_attention`, under which the float and dequantizing caches get
+PyTorch's SDPA exactly as before).
 
 - Perplexity: the SST-2 dev sentences and the STS-B test sentences, each set joined into
   one token stream (sentences separated by a newline) and cut into documents of
@@ -8,6 +11,9 @@ decode speed with a float cache and mixprec's int8 and int4 caches.
   over every position after the first.
 - Cache bytes after prefilling 512 / 1,024 / 2,048 tokens, against the same cache in
   bf16 (half the float32 cache the model fills).
+- The ``codes`` caches hold the same bytes as their ``dequantize`` twins, and teacher-forced
+  chunks of several tokens take the same dequantizing path in both, so their perplexity is
+  not run again: it is the twin's.
 - Decode: after the prefill (bytes are read before it), seconds per generated token,
   median of ``rounds`` measurements of at least 0.3 s each, interleaved across the caches;
   measured before the perplexity runs (after them the same steps measured up to 30% slower
@@ -108,7 +114,7 @@ def run(config: KVConfig, console: Console | None = None) -> list[dict[str, obje
     """Run the benchmark; write results.csv/.json to ``out``."""
     from transformers import DynamicCache
 
-    from mixprec.kv import QuantizedKVCache, float_cache_bytes
+    from mixprec.kv import QuantizedKVCache, float_cache_bytes, use_code_attention
 
     console = console or Console(width=200)
     if config.rounds < 1 or config.chunk < 1 or config.doc_tokens < 2:
@@ -117,6 +123,7 @@ def run(config: KVConfig, console: Console | None = None) -> list[dict[str, obje
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_smollm2()
+    use_code_attention(model)
     stsb, sst2 = load_stsb_test(config.data), load_sst2("dev", config.data)
     corpora = {"sst2_dev": documents(tokenizer, sst2.sentences, config.doc_tokens, config.max_tokens),
                "stsb": documents(tokenizer, stsb.first + stsb.second, config.doc_tokens, config.max_tokens)}
@@ -125,13 +132,17 @@ def run(config: KVConfig, console: Console | None = None) -> list[dict[str, obje
         "int8": lambda: QuantizedKVCache(8, config.group_size, config.residual),
         "int4": lambda: QuantizedKVCache(4, config.group_size, config.residual),
     }
-    rows: dict[str, dict[str, object]] = {name: {"cache": name} for name in caches}
+    decode_caches = {**caches, **{
+        f"int{bits}, attention on codes": (lambda b=bits: QuantizedKVCache(b, config.group_size, config.residual,
+                                                                          attention="codes"))
+        for bits in (8, 4)}}
+    rows: dict[str, dict[str, object]] = {name: {"cache": name} for name in decode_caches}
     stream = documents(tokenizer, stsb.first + stsb.second, max(CONTEXTS) + 1, None)[0]
     if len(stream) < max(CONTEXTS) + 1:
         raise DataError(f"the STS-B sentences give {len(stream)} tokens; the decode contexts need {max(CONTEXTS) + 1}")
     for context in CONTEXTS:
         prompt = stream[:context].unsqueeze(0)
-        filled = {name: make() for name, make in caches.items()}
+        filled = {name: make() for name, make in decode_caches.items()}
         with torch.no_grad():
             for cache in filled.values():
                 model(prompt, past_key_values=cache)
@@ -152,7 +163,10 @@ def run(config: KVConfig, console: Console | None = None) -> list[dict[str, obje
         for name, make in caches.items():
             rows[name][f"ppl_{corpus}"] = round(perplexity(model, docs, make, config.chunk), 4)
             console.print(f"{name} {corpus}: {rows[name][f'ppl_{corpus}']}")
-    for name in caches:
+    for bits in (8, 4):
+        rows[f"int{bits}, attention on codes"].update(
+            {key: value for key, value in rows[f"int{bits}"].items() if key.startswith("ppl_")})
+    for name in decode_caches:
         for corpus in corpora:
             rows[name][f"ppl_{corpus}_vs_float"] = round(
                 float(rows[name][f"ppl_{corpus}"]) / float(rows["float"][f"ppl_{corpus}"]) - 1.0, 5)
