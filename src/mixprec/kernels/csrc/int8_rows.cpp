@@ -107,11 +107,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_static_s8(const at::Tensor& x, 
 // y[m, n] = ((float(acc[m, n]) * row_scale[m]) * col_scale[n]) + bias[n], each step
 // rounded to float32 (no fused multiply-add). The accumulator is int32, or float32
 // already holding float(acc) (what oneDNN returns with unit scales).
+// `out` may be the accumulator's own memory (each element is read before it is written).
 template <typename Acc>
-void rescale_impl(const at::Tensor& acc, const float* rs, const float* cs, const float* b, at::Tensor& y) {
+void rescale_impl(const at::Tensor& acc, const float* rs, const float* cs, const float* b, float* out) {
   const int64_t rows = acc.size(0), cols = acc.size(1);
-  const Acc* a = acc.data_ptr<Acc>();
-  float* out = y.data_ptr<float>();
+  const Acc* a = static_cast<const Acc*>(acc.data_ptr());
   for (int64_t r = 0; r < rows; ++r) {  // one thread: see the top of this file
     const float s = rs[r];
     const Acc* arow = a + r * cols;
@@ -124,8 +124,9 @@ void rescale_impl(const at::Tensor& acc, const float* rs, const float* cs, const
   }
 }
 
-at::Tensor rescale_rows_cols(const at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor& col_scale,
-                             const c10::optional<at::Tensor>& bias) {
+// Writes the rescaled accumulator to `out` (float32 [M, N], possibly acc's own memory).
+void rescale_into(const at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor& col_scale,
+                  const c10::optional<at::Tensor>& bias, float* out) {
   TORCH_CHECK(acc.dim() == 2 && (acc.scalar_type() == at::kInt || acc.scalar_type() == at::kFloat) &&
                   acc.is_contiguous(),
               "rescale_rows_cols takes a contiguous int32 or float32 accumulator");
@@ -139,16 +140,29 @@ at::Tensor rescale_rows_cols(const at::Tensor& acc, const at::Tensor& row_scale,
     TORCH_CHECK(bias->numel() == cols && bias->scalar_type() == at::kFloat && bias->is_contiguous(),
                 "bias must be float32 with one value per column");
   }
-  auto y = at::empty({rows, cols}, acc.options().dtype(at::kFloat));
   const float* rs = row_scale.data_ptr<float>();
   const float* cs = col_scale.data_ptr<float>();
   const float* b = has_bias ? bias->data_ptr<float>() : nullptr;
   if (acc.scalar_type() == at::kInt) {
-    rescale_impl<int32_t>(acc, rs, cs, b, y);
+    rescale_impl<int32_t>(acc, rs, cs, b, out);
   } else {
-    rescale_impl<float>(acc, rs, cs, b, y);
+    rescale_impl<float>(acc, rs, cs, b, out);
   }
+}
+
+at::Tensor rescale_rows_cols(const at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor& col_scale,
+                             const c10::optional<at::Tensor>& bias) {
+  auto y = at::empty(acc.sizes(), acc.options().dtype(at::kFloat));
+  rescale_into(acc, row_scale, col_scale, bias, y.data_ptr<float>());
   return y;
+}
+
+// In place: the int32 or float32 accumulator's memory receives the float32 result (one
+// large buffer per call instead of two), returned as a float32 view of it.
+at::Tensor rescale_rows_cols_(at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor& col_scale,
+                              const c10::optional<at::Tensor>& bias) {
+  rescale_into(acc, row_scale, col_scale, bias, static_cast<float*>(acc.data_ptr()));
+  return acc.scalar_type() == at::kFloat ? acc : acc.view(at::kFloat);
 }
 
 // The whole dynamic int8 linear in one call: per-row quantization of x [M, K],
@@ -158,7 +172,8 @@ at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& weight, co
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.size(1) == x.size(1),
               "int8_linear_dynamic takes an int8 [N, K] weight matching x [M, K]");
   auto [q, row_scale] = quantize_rows_s8(x);
-  return rescale_rows_cols(at::_int_mm(q, weight.t()), row_scale, weight_scale, bias);
+  auto acc = at::_int_mm(q, weight.t());
+  return rescale_rows_cols_(acc, row_scale, weight_scale, bias);
 }
 
 // Weight-only int8 for few rows: y[m, n] = (sum_k x[m, k] * float(w[n, k])) * scale[n]
@@ -203,6 +218,8 @@ TORCH_LIBRARY(mixprec, m) {
   m.def("int8_linear_dynamic(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor",
         &int8_linear_dynamic);
   m.def("w8_linear_rows(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor", &w8_linear_rows);
+  m.def("rescale_rows_cols_(Tensor(a!) acc, Tensor row_scale, Tensor col_scale, Tensor? bias) -> Tensor(a!)",
+        &rescale_rows_cols_);
   m.def("rescale_rows_cols(Tensor acc, Tensor row_scale, Tensor col_scale, Tensor? bias) -> Tensor",
         &rescale_rows_cols);
 }
