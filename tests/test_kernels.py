@@ -26,6 +26,12 @@ from mixprec.kernels.weight_only import (
 )
 
 
+@pytest.fixture(autouse=True)
+def native_kernels_built() -> None:
+    """The fused kernels are what this file tests: a failed build fails every test here."""
+    assert native.available(), native.load_error()
+
+
 def awkward_rows() -> torch.Tensor:
     generator = torch.Generator().manual_seed(7)
     x = torch.randn(40, 301, generator=generator) * torch.logspace(-30, 30, 40).unsqueeze(1)
@@ -89,7 +95,11 @@ def test_native_and_torch_rescale_agree_bit_for_bit() -> None:
     acc = torch.randint(-(2**30), 2**30, (33, 17), dtype=torch.int32, generator=generator)
     rows, cols, bias = torch.rand(33, 1) * 1e-3, torch.rand(17) * 1e-2, torch.randn(17)
     for b in (bias, None):
-        assert torch.equal(native.rescale_rows_cols(acc, rows, cols, b), rescale_accumulator_torch(acc, rows, cols, b))
+        expected = rescale_accumulator_torch(acc, rows, cols, b)
+        assert torch.equal(native.rescale_rows_cols(acc, rows, cols, b), expected)
+        float_acc = acc.float()  # what oneDNN returns; rescaled in place, same bits
+        in_place = native.rescale_rows_cols_(float_acc, rows, cols, b)
+        assert in_place.data_ptr() == float_acc.data_ptr() and torch.equal(in_place, expected)
 
 
 def test_native_and_torch_static_quantization_agree_bit_for_bit() -> None:
