@@ -63,17 +63,19 @@ def test_minilm_bytes_equal_the_computed_expectation() -> None:
     pooler = int8_linear(hidden, hidden)
     uniform_int8 = layers * int8_block + int8_embeddings + pooler + norms
     mixed_block = 4 * half_linear(hidden, hidden) + int8_linear(ffn, hidden) + int8_linear(hidden, ffn)
-    w4_embeddings = (vocab + positions + 2) * (hidden // 2 + 3)  # uint4 row + fp16 scale + uint8 zero point
+    w4_embeddings = (vocab + positions + 2) * (hidden // 2 + 3 * hidden // 64)  # uint4 row + per group of 64:
+    # fp16 scale + uint8 zero point
     mixed = layers * mixed_block + w4_embeddings + pooler + norms
     assert policies[minilm.BASELINE].policy.explain(model).total_bytes == uniform_int8 == 23_046_188
-    for label in ("mixed: fp16 attention, int8 FFN, w4 embeddings", "mixed: bf16 attention, int8 FFN, w4 embeddings"):
-        assert policies[label].policy.explain(model).total_bytes == mixed == 20_508_852
+    for attention in ("fp16", "bf16"):
+        label = f"mixed: {attention} attention, int8 FFN, w4g64 embeddings"
+        assert policies[label].policy.explain(model).total_bytes == mixed == 20_974_392
     assert mixed / uniform_int8 < 0.95
 
 
 def test_small_study_run_writes_its_outputs(shared_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "minilm"
-    mixed = "mixed: bf16 attention, int8 FFN, w4 embeddings, GPTQ"
+    mixed = "mixed: bf16 attention, int8 FFN, w4g64 embeddings, GPTQ"
     rows = minilm.run(minilm.StudyConfig(data=str(shared_data), out=str(out), stsb_pairs=60, sst2_train=300, rounds=1,
                                          only=(mixed,)))
     by_policy = {row["policy"]: row for row in rows}
@@ -97,10 +99,10 @@ def test_transformer_study_refuses_bad_arguments(capsys: pytest.CaptureFixture[s
 
 def test_cli_explain_takes_a_hugging_face_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     policy = tmp_path / "recipe.toml"
-    policy.write_text(minilm.study_policies()["mixed: bf16 attention, int8 FFN, w4 embeddings"].policy.to_toml())
+    policy.write_text(minilm.study_policies()["mixed: bf16 attention, int8 FFN, w4g64 embeddings"].policy.to_toml())
     assert main(["explain", str(policy), "--model", minilm.model_path()]) == 0
     out = capsys.readouterr().out
-    assert "20,508,852 B" in out  # the mixed recipe's exact bytes
+    assert "20,974,392 B" in out  # the mixed recipe's exact bytes
     assert out.count("int8") >= 13 and out.count("bf16") >= 24  # 12 FFN layers + pooler, 24 projections
     assert main(["explain", str(policy), "--model", str(tmp_path / "missing")]) == 2
     assert "cannot load a Hugging Face model" in capsys.readouterr().err
