@@ -4,7 +4,6 @@ example's goldens and parity."""
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -103,14 +102,8 @@ def test_embedding_keeps_its_zero_point_and_refuses_bad_ids() -> None:
 
 
 @pytest.fixture(scope="module")
-def encoder_example():  # noqa: ANN201
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import encoder_stacks
-        from example_modes import load_model
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return encoder_stacks, load_model
+def encoder_example(import_example):  # noqa: ANN001, ANN201
+    return import_example("encoder_stacks"), import_example("example_modes").load_model
 
 
 @pytest.mark.parametrize(("attention", "measured_worst", "measured_drop"), [("softmax", 8.78, 0.0022),

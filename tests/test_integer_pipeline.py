@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -91,13 +90,9 @@ def test_pipelines_refuse_bad_input_and_nan_at_the_bridge() -> None:
 
 
 @pytest.fixture(scope="module")
-def kws_example():  # noqa: ANN201
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import kws_synthetic
-        from example_modes import load_model
-    finally:
-        sys.path.remove(str(EXAMPLES))
+def kws_example(import_example):  # noqa: ANN001, ANN201
+    kws_synthetic = import_example("kws_synthetic")
+    load_model = import_example("example_modes").load_model
     from mixprec.integer.kws import build_pipeline
 
     model = load_model("kws_synthetic", kws_synthetic.make_model)
@@ -126,7 +121,7 @@ def test_kws_pipeline_parity_on_distinct_held_out_samples(kws_example) -> None: 
     assert (torch.from_numpy(mixed) == labels).float().mean() >= 0.99
 
 
-def test_spoken_digits_pipeline_matches_float_accuracy_and_its_golden_bytes() -> None:
+def test_spoken_digits_pipeline_matches_float_accuracy_and_its_golden_bytes(import_example) -> None:  # noqa: ANN001
     from mixprec.datasets.spoken_digits import locate
     from mixprec.errors import DataError
 
@@ -134,12 +129,8 @@ def test_spoken_digits_pipeline_matches_float_accuracy_and_its_golden_bytes() ->
         locate()
     except DataError as exc:
         pytest.skip(str(exc))
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import kws_spoken_digits as example
-        from example_modes import load_model
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    example = import_example("kws_spoken_digits")
+    load_model = import_example("example_modes").load_model
     from mixprec.integer.kws import build_pipeline
 
     model = load_model("kws_spoken_digits", example.make_model)
@@ -156,18 +147,15 @@ def test_spoken_digits_pipeline_matches_float_accuracy_and_its_golden_bytes() ->
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_fused_keyword_spotter_is_bit_identical_to_the_reference(kws_example, dtype: str) -> None:  # noqa: ANN001
+def test_fused_keyword_spotter_is_bit_identical_to_the_reference(kws_example, import_example,  # noqa: ANN001
+                                                                  dtype: str) -> None:
     from mixprec.integer.kws import FusedKeywordSpotter, build_pipeline
     from mixprec.kernels import native
 
     if not native.available():
         pytest.skip(f"native kernels unavailable: {native.load_error()}")
     model, _, held_out, _ = kws_example
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import kws_synthetic
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    kws_synthetic = import_example("kws_synthetic")
     pipeline = build_pipeline(model, kws_synthetic.calibration_set(), dtype)
     fused = FusedKeywordSpotter(pipeline)
     rng = np.random.default_rng(7)

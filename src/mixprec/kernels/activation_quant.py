@@ -47,6 +47,14 @@ def rescale_accumulator(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias:
     return rescale_accumulator_torch(acc, row_scale, col_scale, bias)
 
 
+def rescale_accumulator_(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """:func:`rescale_accumulator` written over a float32 ``acc`` that the caller owns (one
+    buffer instead of two; same bits), returned."""
+    if native.available() and acc.is_contiguous():
+        return native.rescale_rows_cols_(acc, row_scale, col_scale, bias)
+    return rescale_accumulator_torch(acc, row_scale, col_scale, bias)  # in place for float32 too
+
+
 def quantize_static_torch(x: Tensor, scale: float, zero_point: int) -> tuple[Tensor, Tensor]:
     """PyTorch-op path of :func:`quantize_static`."""
     scaled = x.div(scale)

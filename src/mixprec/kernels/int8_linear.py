@@ -8,7 +8,7 @@ from torch import Tensor
 from mixprec.kernels import native, onednn_int8
 from mixprec.kernels.activation_quant import (
     quantize_per_token_symmetric_torch,
-    rescale_accumulator,
+    rescale_accumulator_,
     rescale_accumulator_torch,
 )
 from mixprec.kernels.int8_matmul import int8_matmul
@@ -46,7 +46,5 @@ def int8_linear_packed(x: Tensor, packed: Tensor, unit_scale: Tensor, zero_point
     else:
         q_signed, row_scale = quantize_per_token_symmetric_torch(x)
         q = (q_signed.to(torch.int16) + 128).to(torch.uint8)
-    acc = onednn_int8.matmul_u8(q, packed, unit_scale, zero_points)
-    if native.available() and acc.is_contiguous():
-        return native.rescale_rows_cols_(acc, row_scale, weight_scale, bias)  # acc is ours: no second buffer
-    return rescale_accumulator(acc, row_scale, weight_scale, bias)
+    return rescale_accumulator_(onednn_int8.matmul_u8(q, packed, unit_scale, zero_points), row_scale, weight_scale,
+                                bias)

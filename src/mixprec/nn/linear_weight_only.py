@@ -39,6 +39,9 @@ class W4Linear(QuantizedModule):
     Forward: ``y = x @ (codes * scale)^T + b`` in float32 (``codes * scale`` is exact).
     """
 
+    #: ``(x [M, K] float32, packed, scale, bias) -> y [M, N]``: the kernel entry point.
+    matmul = staticmethod(w4_linear)
+
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 32) -> None:
         super().__init__()
         if in_features % group_size:
@@ -83,7 +86,7 @@ class W4Linear(QuantizedModule):
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)
         rows = as_float32_matrix(x)
-        return restore_shape(w4_linear(rows, self.weight_packed, self.weight_scale, self.bias), x)
+        return restore_shape(self.matmul(rows, self.weight_packed, self.weight_scale, self.bias), x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
@@ -98,6 +101,8 @@ class W4A8Linear(W4Linear):
     row do not depend on the other rows of the batch. The group size must be a multiple of 4
     (the VNNI kernel multiplies 4 codes per lane).
     """
+
+    matmul = staticmethod(w4a8.w4a8_linear)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 32) -> None:
         if group_size % 4:
@@ -114,8 +119,3 @@ class W4A8Linear(W4Linear):
         if w4a8.native_path():
             return None
         return native_slow_path() or "the native build has no AVX512-VNNI kernel (this CPU or compiler lacks it)"
-
-    def forward(self, x: Tensor) -> Tensor:
-        check_linear_input(x, self.in_features, type(self).__name__)
-        rows = as_float32_matrix(x)
-        return restore_shape(w4a8.w4a8_linear(rows, self.weight_packed, self.weight_scale, self.bias), x)
