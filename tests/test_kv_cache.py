@@ -225,3 +225,22 @@ def test_generation_reading_the_codes(monkeypatch: pytest.MonkeyPatch) -> None:
         QuantizedKVCache(attention="fused")
     with pytest.raises(TypeError, match="takes a transformers model"):
         use_code_attention(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.skipif(not native.kv_attention_available(), reason="no AVX-512 decode attention in this build")
+def test_native_decode_attention_refuses_mismatched_operands() -> None:
+    store = QuantizedKV(8, 32, 0)
+    store.append(*states(64, seed=5))
+    operands = [store.key_codes, store.key_scale, store.key_zero, store.value_codes, store.value_scale,
+                store.value_zero, store.recent_keys, store.recent_values]
+    query = torch.randn(2, 6, 64)
+    with pytest.raises(RuntimeError, match=r"query must be \[B, H \* R, D\]"):
+        native.kv_decode_attention(torch.randn(2, 5, 64), *operands, 32, 8, 0.125)
+    with pytest.raises(RuntimeError, match="query must be float32"):
+        native.kv_decode_attention(query.double(), *operands, 32, 8, 0.125)
+    with pytest.raises(RuntimeError, match="key scales and zero points must be"):
+        native.kv_decode_attention(query, *operands, 64, 8, 0.125)
+    with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
+        native.kv_decode_attention(query, *operands, 32, 3, 0.125)
+    with pytest.raises(RuntimeError, match="query heads per KV head must be 1 to 8"):
+        native.kv_decode_attention(torch.randn(2, 27, 64), *operands, 32, 8, 0.125)
