@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mixprec.cli import main
+from mixprec.errors import InputError
 from mixprec.policy import Policy
 
 pytest.importorskip("transformers")
@@ -79,3 +80,12 @@ def test_cosine_distortion_sees_angles_not_lengths() -> None:
     small = [e + 0.01 * torch.randn_like(e) for e in reference]
     large = [e + 0.1 * torch.randn_like(e) for e in reference]
     assert 0 < minilm_search.cosine_distortion(reference, small) < minilm_search.cosine_distortion(reference, large)
+
+
+def test_cross_fitting_takes_each_pair_from_the_other_halfs_choice() -> None:
+    fit_on_even, fit_on_odd = np.arange(7.0), -np.arange(7.0)
+    combined = minilm_search.cross_fitted(fit_on_even, fit_on_odd)
+    assert combined.tolist() == [0.0, 1.0, -2.0, 3.0, -4.0, 5.0, -6.0]
+    assert fit_on_even.tolist() == list(range(7))  # inputs untouched
+    with pytest.raises(InputError, match="same pairs"):
+        minilm_search.cross_fitted(fit_on_even, fit_on_odd[:6])

@@ -16,6 +16,9 @@
 5. A Pareto sweep over byte budgets (CSV, PNG).
 6. The accuracy-constrained mode: bisection on the even-numbered STS-B pairs with a
    ``max_drop`` bound, then the chosen policy scored on the odd-numbered pairs it never saw.
+7. With the task metric (each layer's Spearman drop on one half of the pairs), two-fold
+   cross-fitting: the search and the choice of the best random policy are made on each half
+   and scored on the other, so every pair scores a choice that never saw it.
 """
 
 from __future__ import annotations
@@ -80,7 +83,8 @@ class SearchStudyConfig:
     sweep_points: int = 8
     max_drop: float = 0.3
     #: Also search with a task metric: each layer's STS-B Spearman drop on the even-numbered
-    #: pairs (about 10 minutes here); its policies are judged on the odd-numbered pairs.
+    #: pairs, and again on the odd-numbered ones (about 10 minutes each here); each half's
+    #: policies are judged on the other half (two-fold cross-fitting).
     task_metric: bool = True
     rounds: int = 7
     seed: int = 0
@@ -214,6 +218,18 @@ def spearman_drop(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> flo
     return float(reference[0][0] - outputs[0][0])
 
 
+def cross_fitted(fit_on_even: np.ndarray, fit_on_odd: np.ndarray) -> np.ndarray:
+    """Two-fold cross-fitting over the STS-B pairs: every pair's cosine from the policy chosen
+    on the other half (odd-numbered pairs from the one fitted on even pairs, even-numbered
+    pairs from the one fitted on odd pairs), so all pairs score held-out choices."""
+    if fit_on_even.shape != fit_on_odd.shape or fit_on_even.ndim != 1:
+        raise InputError(f"need two cosine vectors over the same pairs, got shapes {fit_on_even.shape} and "
+                         f"{fit_on_odd.shape}")
+    combined = fit_on_even.copy()
+    combined[0::2] = fit_on_odd[0::2]
+    return combined
+
+
 def paired_bootstrap(cosine_a: np.ndarray, cosine_b: np.ndarray, gold: np.ndarray, resamples: int = 1000,
                      seed: int = 0) -> tuple[float, float, float]:
     """Spearman x100 of ``a`` minus that of ``b`` against ``gold``, and the 2.5% and 97.5%
@@ -278,12 +294,14 @@ def run(config: SearchStudyConfig, console: Console | None = None) -> dict[str, 
     scorer = StsbScorer(tokenizer, config.data, fp32)
     even, odd = slice(0, None, 2), slice(1, None, 2)
     if config.task_metric:
-        start = time.perf_counter()
-        tables["task"] = sensitivity(fp32, [even], config.candidates, metric=spearman_drop,
-                                     forward=lambda model, pairs: torch.tensor([scorer(model, pairs)]))
-        seconds["task"] = round(time.perf_counter() - start, 1)
-        tables["task"].to_json(out / "sensitivity-task.json")
-        console.print(f"sensitivity (task: STS-B even pairs): {len(tables['task'].rows)} pairs in {seconds['task']} s")
+        for name, half in (("task", even), ("task-odd", odd)):
+            start = time.perf_counter()
+            tables[name] = sensitivity(fp32, [half], config.candidates, metric=spearman_drop,
+                                       forward=lambda model, pairs: torch.tensor([scorer(model, pairs)]))
+            seconds[name] = round(time.perf_counter() - start, 1)
+            tables[name].to_json(out / f"sensitivity-{name}.json")
+            console.print(f"sensitivity ({name}: STS-B {'even' if half == even else 'odd'} pairs): "
+                          f"{len(tables[name].rows)} pairs in {seconds[name]} s")
     metrics = [*METRIC_NAMES, *(["task"] if config.task_metric else [])]
     measured: list[Measured] = []
     detail: dict[str, tuple[float, np.ndarray]] = {}
@@ -310,6 +328,9 @@ def run(config: SearchStudyConfig, console: Console | None = None) -> dict[str, 
     randoms = [measure(f"random {i}, {config.low_ratio}x int8 bytes", random_choices(problem, low_budget, rng),
                        low_budget) for i in range(config.random_policies)]
     searched("sqnr", fast_label, budget_latency_s=int8_latency)
+    if config.task_metric:
+        fit_on_odd = searched("task-odd", f"searched task (odd pairs), {config.low_ratio}x int8 bytes",
+                              budget_bytes=low_budget)
     rows = [_row(point, int8_bytes, detail[point.label][0]) for point in measured]
     for row in rows:
         if row["label"] in times:
@@ -354,6 +375,18 @@ def run(config: SearchStudyConfig, console: Console | None = None) -> dict[str, 
     if config.task_metric:
         named += [(at_low["task"], validated_random, odd), (at_low["task"], nncf, odd),
                   (at_low["task"], at_low["sqnr"], odd)]
+    cross_fit: dict[str, Any] | None = None
+    if config.task_metric:
+        random_for_even = max(randoms, key=lambda p: scorer.spearman(detail[p.label][1], odd))
+        crossed = {
+            "searched task": cross_fitted(detail[at_low["task"].label][1], detail[fit_on_odd.label][1]),
+            "best of random": cross_fitted(detail[validated_random.label][1], detail[random_for_even.label][1]),
+            "NNCF-style": detail[nncf.label][1], "searched sqnr": detail[at_low["sqnr"].label][1],
+            "uniform w4": detail[uniform["w4"].label][1], "uniform fp32": detail[uniform["fp32"].label][1]}
+        cross_fit = {"spearman": {k: round(scorer.spearman(v), 2) for k, v in crossed.items()}} | {
+            f"searched task - {other}": dict(zip(("difference", "ci95_low", "ci95_high"), (round(v, 3) for v in (
+                paired_bootstrap(crossed["searched task"], crossed[other], scorer.gold, seed=config.seed)))))
+            for other in ("best of random", "NNCF-style", "searched sqnr", "uniform fp32")}
     comparisons = {
         f"{a.label} - {b.label}{'' if pairs == pairs_all else ' (odd pairs)'}": dict(zip(
             ("difference", "ci95_low", "ci95_high"),
@@ -377,6 +410,7 @@ def run(config: SearchStudyConfig, console: Console | None = None) -> dict[str, 
                                   "best of random by sqnr": max(detail[p.label][0] for p in randoms)}},
         "paired_bootstrap_spearman": comparisons,
         "odd_pairs_with_random_chosen_on_even_pairs": held_out_protocol,
+        "cross_fitted_all_pairs": cross_fit,
         "latency_error_pct": {row["label"]: row["latency_error_pct"] for row in rows if row["label"] in times},
         "max_drop": {"bound": config.max_drop, "validation fp32": drop.reference_score,
                      "validation chosen": drop.best.score, "held-out fp32": held_out["fp32"],
