@@ -98,3 +98,36 @@ def test_policy_mistakes_on_hf_models_name_real_modules() -> None:
     with pytest.raises(PolicyError, match=r"matches only modules mixprec does not quantize "
                                           r"\('embeddings\.LayerNorm': LayerNorm\)"):
         mixprec.quantize(model, Policy([(r".*LayerNorm", "int8")]))
+
+
+def test_the_search_counts_a_tied_weight_once_and_predicts_exact_bytes() -> None:
+    import numpy as np
+
+    from mixprec.accounting import model_bytes
+    from mixprec.analysis import build_problem, policy_for, random_choices, search, sensitivity, uniform_bytes
+
+    model = tiny_llama()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    for precision in ("int8", "w4", "bf16", "fp32"):
+        assert uniform_bytes(model, precision) == mixprec.quantize(tiny_llama(), Policy(default=precision)).total_bytes
+    ids = torch.randint(0, 120, (2, 16), generator=torch.Generator().manual_seed(0))
+    table = sensitivity(model, [ids], ["int8", "w4"], progress=False)
+    problem = build_problem(model, table)
+
+    def measured(choices: dict[str, str]) -> int:
+        return mixprec.quantize(tiny_llama(), policy_for(choices)).total_bytes
+
+    everything_fp32 = dict.fromkeys(problem.layers, "fp32")
+    head_only = everything_fp32 | {"lm_head": "int8"}  # the embedding still holds the float weight
+    assert problem.bytes_of(everything_fp32) == model_bytes(model)
+    assert problem.bytes_of(head_only) == measured(head_only) > model_bytes(model)
+    low, high = problem.limits("bytes")
+    assert low == measured(problem.extreme("bytes", False)) < uniform_bytes(model, "int8")
+    assert high == measured(problem.extreme("bytes", True)) > model_bytes(model)
+    for budget in np.linspace(low, high, 5).astype(int):
+        result = search(model, table, budget_bytes=int(budget))
+        assert result.predicted_bytes == measured(result.choices) <= budget
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        choices = random_choices(problem, (low + high) // 2, rng)
+        assert problem.bytes_of(choices) == measured(choices) <= (low + high) // 2

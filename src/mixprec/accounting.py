@@ -24,6 +24,12 @@ def modules_with_tensors(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module in model.named_modules() if own_tensors(module)]
 
 
+def storage_key(tensor: torch.Tensor) -> tuple[int, int]:
+    """What identifies one stored tensor across modules (tied weights share it): the
+    address of its storage and its size in bytes."""
+    return tensor.untyped_storage().data_ptr(), tensor.nbytes
+
+
 def model_bytes(model: nn.Module) -> int:
     """Bytes of every distinct tensor (parameter or persistent buffer) the model holds.
 
@@ -32,8 +38,22 @@ def model_bytes(model: nn.Module) -> int:
     seen: set[tuple[int, int]] = set()
     total = 0
     for tensor in model.state_dict(keep_vars=True).values():
-        key = (tensor.untyped_storage().data_ptr(), tensor.nbytes)
+        key = storage_key(tensor)
         if key not in seen:
             seen.add(key)
             total += tensor.nbytes
     return total
+
+
+def tensor_holders(model: nn.Module) -> dict[tuple[int, int], tuple[int, tuple[str, ...]]]:
+    """Every distinct tensor of ``model`` (by :func:`storage_key`): its bytes and the names of
+    the modules that hold it as one of their own tensors, in ``named_modules`` order. A tied
+    weight has two or more holders."""
+    holders: dict[tuple[int, int], tuple[int, tuple[str, ...]]] = {}
+    for name, module in model.named_modules():
+        for tensor in own_tensors(module):
+            key = storage_key(tensor)
+            size, names = holders.get(key, (tensor.nbytes, ()))
+            if name not in names:
+                holders[key] = (size, (*names, name))
+    return holders

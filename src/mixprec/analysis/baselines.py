@@ -50,14 +50,13 @@ def weight_error_ranking(model: nn.Module, problem: SearchProblem, budget_bytes:
 
 def random_choices(problem: SearchProblem, budget_bytes: int, rng: np.random.Generator) -> dict[str, str]:
     """One random policy within ``budget_bytes`` (see module docstring)."""
-    choices = {layer: min(options, key=lambda o: o.bytes).precision for layer, options in problem.layers.items()}
+    choices = problem.extreme("bytes", largest=False)
     if problem.bytes_of(choices) > budget_bytes:
         raise PolicyError(f"the smallest model holds {problem.bytes_of(choices)} bytes > budget {budget_bytes}")
     layers = list(problem.layers)
     for index in rng.permutation(len(layers)):
         layer = layers[index]
-        current = problem.bytes_of(choices)
-        now = next(o for o in problem.layers[layer] if o.precision == choices[layer])
-        fitting = [o for o in problem.layers[layer] if current - now.bytes + o.bytes <= budget_bytes]
-        choices[layer] = fitting[int(rng.integers(len(fitting)))].precision
+        fitting = [o.precision for o in problem.layers[layer]
+                   if problem.bytes_of({**choices, layer: o.precision}) <= budget_bytes]
+        choices[layer] = fitting[int(rng.integers(len(fitting)))]
     return choices

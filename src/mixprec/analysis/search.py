@@ -8,7 +8,10 @@ out), exactly one option per layer,
     subject to  fixed_bytes + sum bytes[l, p] x[l, p] <= budget_bytes
                 base_s + sum seconds[l, p] x[l, p]    <= budget_latency_s
 
-solved exactly by HiGHS through ``scipy.optimize.milp``. Costs are the sensitivity
+solved exactly by HiGHS through ``scipy.optimize.milp``. A tensor several layers hold
+(a tied weight, e.g. a language model's head and its input embedding) counts once, and
+only while one of its holders stays float32: a binary ``z[t] = OR_l x[l, fp32]`` carries
+its bytes, so quantizing one holder does not free it. Costs are the sensitivity
 table's (additive: SQNR noise powers and second-order loss terms add across layers to
 first order). ``fixed_bytes`` are the model's tensors outside the table's layers (norms,
 and layers the table does not cover, which stay float32). Among options of equal cost
@@ -20,11 +23,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from torch import nn
 
-from mixprec.accounting import model_bytes, own_bytes
+from mixprec.accounting import model_bytes, own_bytes, tensor_holders
 from mixprec.analysis.latency import LatencyTable
 from mixprec.analysis.sensitivity import SensitivityTable
 from mixprec.errors import PolicyError
@@ -41,15 +45,28 @@ class Option:
 
 
 @dataclass(frozen=True)
+class SharedTensor:
+    """A tensor two or more of the searched layers hold (a tied weight): in the quantized
+    model while any of them stays float32, counted once."""
+
+    bytes: int
+    layers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class SearchProblem:
-    """Per-layer options (model order) and the parts of the model no choice changes."""
+    """Per-layer options (model order), the bytes no choice changes, and the tensors the
+    layers share (whose bytes are not in any option's)."""
 
     layers: dict[str, tuple[Option, ...]]
     fixed_bytes: int
     base_s: float | None
+    shared: tuple[SharedTensor, ...] = ()
 
     def bytes_of(self, choices: dict[str, str]) -> int:
-        return self.fixed_bytes + sum(self._option(layer, p).bytes for layer, p in choices.items())
+        """Whole-model bytes with ``choices`` (layers left out count as holding nothing)."""
+        held = sum(t.bytes for t in self.shared if any(choices.get(layer) == "fp32" for layer in t.layers))
+        return self.fixed_bytes + held + sum(self._option(layer, p).bytes for layer, p in choices.items())
 
     def seconds_of(self, choices: dict[str, str]) -> float | None:
         if self.base_s is None:
@@ -60,7 +77,10 @@ class SearchProblem:
         return sum(self._option(layer, p).cost for layer, p in choices.items())
 
     def extreme(self, key: str, largest: bool) -> dict[str, str]:
-        """Choices that make ``key`` (``"bytes"`` or ``"seconds"``) smallest or largest layer by layer."""
+        """Choices that make ``key`` (``"bytes"`` or ``"seconds"``) smallest or largest: layer
+        by layer, or by the exact program when shared tensors tie layers' bytes together."""
+        if key == "bytes" and self.shared:
+            return _bytes_extreme(self, largest)
         pick = max if largest else min
         return {layer: pick(options, key=lambda o: getattr(o, key)).precision for layer, options in self.layers.items()}
 
@@ -124,39 +144,63 @@ def build_problem(model: nn.Module, table: SensitivityTable, latency: LatencyTab
         if missing:
             raise PolicyError(f"candidates {missing} have no measurements in the sensitivity table")
     times = None if latency is None else {(r.layer, r.precision): r.seconds for r in latency.rows}
+    table_layers = {row.layer for row in table.rows if wanted is None or row.precision in wanted}
+    shared, shared_bytes = _shared_tensors(model, table_layers)
     layers: dict[str, list[Option]] = {}
     for row in table.rows:
         if wanted is not None and row.precision not in wanted:
             continue
         options = layers.setdefault(row.layer, [])
+        fp32_bytes = row.bytes_fp32 - shared_bytes.get(row.layer, 0)
         if allow_fp32 and not options and row.precision != "fp32" and (wanted is None or "fp32" in wanted):
-            options.append(Option("fp32", 0.0, row.bytes_fp32, _seconds(times, row.layer, "fp32")))
+            options.append(Option("fp32", 0.0, fp32_bytes, _seconds(times, row.layer, "fp32")))
         if row.precision == "fp32":
             options[:] = [o for o in options if o.precision != "fp32"]
-        options.append(Option(row.precision, row.cost, row.bytes_after, _seconds(times, row.layer, row.precision)))
+        after = fp32_bytes if row.precision == "fp32" else row.bytes_after
+        options.append(Option(row.precision, row.cost, after, _seconds(times, row.layer, row.precision)))
     if not layers:
         raise PolicyError(f"no table row matches the candidates {sorted(wanted or ())}")
     order = list(dict(model.named_modules()))
     layers = dict(sorted(layers.items(), key=lambda item: order.index(item[0])))
-    table_layers = {model.get_submodule(name) for name in layers}
-    fixed = model_bytes(model) - sum(own_bytes(module) for module in table_layers)
-    return SearchProblem({k: tuple(v) for k, v in layers.items()}, fixed,
-                         None if latency is None else latency.base_s)
+    fixed = model_bytes(model) - sum(t.bytes for t in shared) - sum(
+        own_bytes(model.get_submodule(name)) - shared_bytes.get(name, 0) for name in layers)
+    keeps_fp32 = {layer for layer, options in layers.items() if any(o.precision == "fp32" for o in options)}
+    return SearchProblem({k: tuple(v) for k, v in layers.items()}, fixed, None if latency is None else latency.base_s,
+                         tuple(t for t in shared if keeps_fp32 & set(t.layers)))
+
+
+def _shared_tensors(model: nn.Module, layers: set[str]) -> tuple[list[SharedTensor], dict[str, int]]:
+    """Tensors held by two or more of ``layers`` and by nothing else, and per layer the bytes
+    of its own tensors that are shared with any other module (those outside ``layers`` stay
+    in the fixed bytes)."""
+    shared, shared_bytes = [], {}
+    for size, holders in tensor_holders(model).values():
+        if len(holders) < 2:
+            continue
+        for name in set(holders) & layers:
+            shared_bytes[name] = shared_bytes.get(name, 0) + size
+        if set(holders) <= layers:
+            shared.append(SharedTensor(size, holders))
+    return shared, shared_bytes
 
 
 def uniform_bytes(model: nn.Module, precision: str) -> int:
     """Exact bytes of ``model`` with every quantizable layer that takes ``precision`` at it
-    (the rest float32), without building it: the reference of budget ratios."""
+    (the rest float32), without building it: the reference of budget ratios. A tied tensor
+    is freed only when every module holding it is replaced."""
     target = parse_precision(precision)
-    total = model_bytes(model)
+    if target.name == "fp32":
+        return model_bytes(model)
+    replaced: dict[str, nn.Module] = {}
     for name in quantizable_names(model):
         module = model.get_submodule(name)
         try:
             check_applicable(name, module, target)
         except PolicyError:
             continue
-        total += own_bytes(build_empty(module, target)) - own_bytes(module)
-    return total
+        replaced[name] = module
+    freed = sum(size for size, holders in tensor_holders(model).values() if set(holders) <= replaced.keys())
+    return model_bytes(model) - freed + sum(own_bytes(build_empty(m, target)) for m in replaced.values())
 
 
 def _seconds(times: dict[tuple[str, str], float] | None, layer: str, precision: str) -> float | None:
@@ -216,28 +260,75 @@ def _check_budget(problem: SearchProblem, key: str, budget: float) -> None:
 
 def solve(problem: SearchProblem, budget_bytes: float | None, budget_latency_s: float | None) -> dict[str, str]:
     """Exact ILP solution (scipy's HiGHS); raises PolicyError if no choice fits."""
+    _, LinearConstraint, _ = _scipy_milp()
+    flat, sizes, constraints = _program(problem)
+    costs = np.array([o.cost for _, o in flat] + [0.0] * len(problem.shared), dtype=np.float64)
+    scale = costs.max() if costs.max() > 0 else 1.0
+    # Tie-break: 1e-9 of the largest cost spread over bytes, so equal-cost options pick the smaller.
+    objective = costs / scale + 1e-9 * sizes / sizes.max()
+    if budget_bytes is not None:
+        constraints.append(LinearConstraint(sizes[None, :], -np.inf, budget_bytes - problem.fixed_bytes))
+    if budget_latency_s is not None:
+        seconds = np.array([o.seconds for _, o in flat] + [0.0] * len(problem.shared), dtype=np.float64)
+        constraints.append(LinearConstraint(seconds[None, :], -np.inf, budget_latency_s - (problem.base_s or 0.0)))
+    choices = _minimize(objective, constraints, flat)
+    if choices is None:
+        raise PolicyError("no choice of precisions meets both budgets")
+    return choices
+
+
+def _bytes_extreme(problem: SearchProblem, largest: bool) -> dict[str, str]:
+    """The choices with the fewest (or most) whole-model bytes, shared tensors counted once."""
+    flat, sizes, constraints = _program(problem)
+    choices = _minimize(-sizes if largest else sizes, constraints, flat)
+    if choices is None:
+        raise PolicyError("the search program has no solution: every layer needs at least one option")
+    return choices
+
+
+def _scipy_milp() -> tuple[Any, Any, Any]:
     try:
         from scipy.optimize import Bounds, LinearConstraint, milp
     except ImportError:
         raise PolicyError("the search needs scipy: pip install 'mixprec[search]'") from None
+    return Bounds, LinearConstraint, milp
+
+
+def _program(problem: SearchProblem) -> tuple[list[tuple[str, Option]], np.ndarray, list[Any]]:
+    """The program's variables (one binary per layer option, in ``flat`` order, then one per
+    shared tensor), their bytes, and the constraints every solution meets: one option per
+    layer, and each shared tensor's variable equal to the OR of its holders' fp32 options."""
+    _, LinearConstraint, _ = _scipy_milp()
     flat = [(layer, option) for layer, options in problem.layers.items() for option in options]
-    costs = np.array([o.cost for _, o in flat], dtype=np.float64)
-    sizes = np.array([o.bytes for _, o in flat], dtype=np.float64)
-    scale = costs.max() if costs.max() > 0 else 1.0
-    # Tie-break: 1e-9 of the largest cost spread over bytes, so equal-cost options pick the smaller.
-    objective = costs / scale + 1e-9 * sizes / sizes.max()
-    one_hot = np.zeros((len(problem.layers), len(flat)))
+    width = len(flat) + len(problem.shared)
+    sizes = np.array([o.bytes for _, o in flat] + [t.bytes for t in problem.shared], dtype=np.float64)
+    one_hot = np.zeros((len(problem.layers), width))
     index_of = {layer: i for i, layer in enumerate(problem.layers)}
     for column, (layer, _) in enumerate(flat):
         one_hot[index_of[layer], column] = 1.0
     constraints = [LinearConstraint(one_hot, 1.0, 1.0)]
-    if budget_bytes is not None:
-        constraints.append(LinearConstraint(sizes[None, :], -np.inf, budget_bytes - problem.fixed_bytes))
-    if budget_latency_s is not None:
-        seconds = np.array([o.seconds for _, o in flat], dtype=np.float64)
-        constraints.append(LinearConstraint(seconds[None, :], -np.inf, budget_latency_s - (problem.base_s or 0.0)))
-    result = milp(objective, constraints=constraints, integrality=np.ones(len(flat)), bounds=Bounds(0, 1),
+    fp32_column = {layer: column for column, (layer, option) in enumerate(flat) if option.precision == "fp32"}
+    at_least, at_most = [], []
+    for index, tensor in enumerate(problem.shared):
+        columns = [fp32_column[layer] for layer in tensor.layers if layer in fp32_column]
+        for column in columns:  # z >= x[l, fp32]
+            row = np.zeros(width)
+            row[[len(flat) + index, column]] = (1.0, -1.0)
+            at_least.append(row)
+        row = np.zeros(width)  # z <= sum of x[l, fp32]
+        row[len(flat) + index], row[columns] = 1.0, -1.0
+        at_most.append(row)
+    if at_least:
+        constraints += [LinearConstraint(np.array(at_least), 0.0, np.inf),
+                        LinearConstraint(np.array(at_most), -np.inf, 0.0)]
+    return flat, sizes, constraints
+
+
+def _minimize(objective: np.ndarray, constraints: list[Any], flat: list[tuple[str, Option]]) -> dict[str, str] | None:
+    """Solve exactly (no relative gap); the chosen option of every layer, or None if infeasible."""
+    Bounds, _, milp = _scipy_milp()
+    result = milp(objective, constraints=constraints, integrality=np.ones(len(objective)), bounds=Bounds(0, 1),
                   options={"mip_rel_gap": 0.0})
     if result.status != 0 or result.x is None:
-        raise PolicyError(f"no choice of precisions meets both budgets ({result.message})")
+        return None
     return {layer: option.precision for (layer, option), x in zip(flat, result.x) if x > 0.5}
