@@ -24,7 +24,7 @@ from example_modes import fit, plot_parity, stored_model, write_golden  # noqa: 
 
 from mixprec.integer.encoder import TinyEncoder, build_encoder_graph  # noqa: E402
 from mixprec.integer.profile import stage_table  # noqa: E402
-from mixprec.integer.simulate import operator_errors, simulate  # noqa: E402
+from mixprec.integer.simulate import operator_errors, rounding_attribution, simulate  # noqa: E402
 from mixprec.io_utils import atomic_path  # noqa: E402
 
 VOCABULARY, STEPS, CLASSES = 16, 8, 4
@@ -84,6 +84,18 @@ def evaluate(model: TinyEncoder, graph, x: torch.Tensor, y: torch.Tensor) -> dic
             "operator_worst_lsb": max(error for _, error in operator_errors(graph, ids)), "range": span}
 
 
+def largest_roundings(model: TinyEncoder, graph, x: torch.Tensor, count: int = 4) -> str:  # noqa: ANN001
+    """The tensors whose grids cost the most (mixprec.integer.simulate.rounding_attribution),
+    each alone, as a share of the output range."""
+    with torch.no_grad():
+        reference = model.double()(x).numpy()
+        model.float()
+    span = float(reference.max() - reference.min())
+    attribution = rounding_attribution(graph, x.numpy().astype(np.int32), reference=reference)
+    return "worst error with one tensor rounded at a time: " + ", ".join(
+        f"{name} {100 * error / span:.2f}%" for name, error in attribution[:count + 1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="encoder_stacks", description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["run", "bench", "golden", "plot"])
@@ -124,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  split: engine vs exact simulation {f['engine_worst_lsb']:.2f} steps, simulation vs float32 "
                   f"{f['quantization_worst_lsb']:.2f} steps; every operator alone within "
                   f"{f['operator_worst_lsb']:.2f} step of exact")
+            print("  " + largest_roundings(model, graph, x))
     return 1 if failed else 0
 
 

@@ -214,3 +214,38 @@ def test_builders_records_and_simulation_refuse_bad_input() -> None:
         simulate("graph", np.zeros((1, 4), np.int32))  # type: ignore[arg-type]
     with pytest.raises(InputError, match="the graph takes 1 inputs, got 2"):
         operator_errors(graph, np.zeros((1, 4), np.int32), np.zeros((1, 4), np.int32))
+
+
+def test_simulation_rounds_only_the_tensors_asked_and_attributes_the_error() -> None:
+    from mixprec.integer.builders import fully_connected_from
+    from mixprec.integer.simulate import onto_grid, rounding_attribution, simulate
+
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)
+    x_quant, h_quant, y_quant = (Quantization.per_tensor(s, z) for s, z in ((0.05, 3), (0.04, -7), (0.03, 2)))
+    graph = Graph((TensorSpec("x", (1, 6), x_quant),),
+                  (fully_connected_from(first, 0, x_quant, h_quant), fully_connected_from(second, 1, h_quant, y_quant)))
+    x = np.random.default_rng(0).integers(-128, 128, (500, 6)).astype(np.int8)
+    assert np.array_equal(simulate(graph, x, rounded=(1, 2)), simulate(graph, x))
+
+    def affine(node, in_quant: Quantization) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+        """The node's weights and int32 bias as reals (the bias on the input x weight grid)."""
+        scales = node.weight_quant.scale32.astype(np.float64)
+        return node.weights * scales[:, None], node.bias * (float(in_quant.scale32[0]) * scales)
+
+    (w1, b1), (w2, b2) = affine(graph.nodes[0], x_quant), affine(graph.nodes[1], h_quant)
+    real = x_quant.values_of(x)
+    np.testing.assert_allclose(simulate(graph, x, rounded=()), (real @ w1.T + b1) @ w2.T + b2, rtol=1e-13, atol=1e-13)
+    assert np.array_equal(simulate(graph, x, rounded=(2,)), onto_grid(simulate(graph, x, rounded=()), y_quant))
+
+    with torch.no_grad():
+        reference = second(first(torch.from_numpy(real).float())).double().numpy()
+    attribution = rounding_attribution(graph, x, reference=reference)
+    assert [name for name, _ in attribution][0] == "weights only"
+    assert sorted(name for name, _ in attribution[1:]) == ["0:FULLY_CONNECTED", "1:FULLY_CONNECTED"]
+    assert attribution[0][1] < min(error for _, error in attribution[1:])
+    with pytest.raises(InputError, match=r"rounded names tensors \[7\] this graph does not have \(0..2\)"):
+        simulate(graph, x, rounded=(7,))
+    with pytest.raises(InputError, match=r"reference has shape \(500, 2\); the graph's output has \(500, 3\)"):
+        rounding_attribution(graph, x, reference=reference[:, :2])
+

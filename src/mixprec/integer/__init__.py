@@ -46,14 +46,15 @@ from mixprec.integer.nodes import (
     TanhNode,
 )
 from mixprec.integer.pipeline import AttentionPoolStage, IntegerStage, Pipeline, ToHalfStage, ToInt8Stage
-from mixprec.integer.simulate import operator_errors, simulate
+from mixprec.integer.simulate import operator_errors, rounding_attribution, simulate
 from mixprec.integer.tensors import Quantization, TensorSpec, activation_range
 from mixprec.integer.tflite_export import export_tflite
 from mixprec.integer.tflite_import import load_tflite
 
 __all__ = [
     "AddConstantNode", "AttentionPoolStage", "EmbeddingNode", "IntegerStage", "LayerNormNode", "LinearAttentionNode",
-    "Pipeline", "SoftmaxAttentionNode", "ToHalfStage", "ToInt8Stage", "operator_errors", "simulate",
+    "Pipeline", "SoftmaxAttentionNode", "ToHalfStage", "ToInt8Stage", "operator_errors", "rounding_attribution",
+    "simulate",
     "AddNode", "AddParams", "DequantizeNode", "FullyConnectedNode", "FullyConnectedParams", "Graph", "INT32_MAX",
     "INT32_MIN", "LogisticNode", "MeanNode", "MulNode", "MulParams", "Quantization", "QuantizeNode", "ReshapeNode",
     "SoftmaxNode", "TanhNode", "TensorSpec", "activation_range", "add", "export_tflite", "fully_connected",

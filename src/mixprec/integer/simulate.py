@@ -6,11 +6,16 @@ intermediate roundings) and then rounded once onto its own grid (nearest, ties t
 saturating). Weights, biases and grids are the graph's own. The difference between a graph's
 output and :func:`simulate` is therefore the engine's arithmetic error alone; the difference
 between :func:`simulate` and a float model is the quantization error alone.
+
+:func:`rounding_attribution` splits that quantization error further: the graph simulated
+with one tensor rounded at a time (every other tensor kept real, weights still int8), each
+against a float reference, says which tensor's grid costs the most.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import numpy as np
 from numpy.typing import NDArray
@@ -75,16 +80,23 @@ def linear_attention_exact(q: NDArray, k: NDArray, v: NDArray, epsilon: float) -
     return (q @ (np.swapaxes(k, -1, -2) @ v)) / normalizer
 
 
-def _attention(node, q: NDArray, k: NDArray, v: NDArray) -> NDArray[np.float64]:  # noqa: ANN001
+def _attention(node, q: NDArray, k: NDArray, v: NDArray, inner: bool) -> NDArray[np.float64]:  # noqa: ANN001
     if isinstance(node, SoftmaxAttentionNode):
-        scores = onto_grid(q @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1]), node.score_quant)
-        probabilities = onto_grid(_softmax(scores), Quantization.per_tensor(1 / 256, -128))
+        scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1])
+        if inner:
+            scores = onto_grid(scores, node.score_quant)
+        probabilities = _softmax(scores)
+        if inner:
+            probabilities = onto_grid(probabilities, Quantization.per_tensor(1 / 256, -128))
         return probabilities @ v
     return linear_attention_exact(q, k, v, node.epsilon)
 
 
-def exact_operator(node, args: list[NDArray], in_quants: list[Quantization | None]) -> NDArray:  # noqa: ANN001
-    """The operator's mathematical result on real-valued inputs (before rounding onto its grid)."""
+def exact_operator(node, args: list[NDArray], in_quants: list[Quantization | None],  # noqa: ANN001
+                   inner: bool = True) -> NDArray:
+    """The operator's mathematical result on real-valued inputs (before rounding onto its grid).
+    ``inner``: whether the operator's own intermediate grids round (softmax attention's scores
+    and 1/256 probabilities)."""
     if isinstance(node, FullyConnectedNode):
         return _fully_connected(node, args[0], in_quants[0])
     if isinstance(node, AddNode):
@@ -98,7 +110,7 @@ def exact_operator(node, args: list[NDArray], in_quants: list[Quantization | Non
     if isinstance(node, LayerNormNode):
         return _layer_norm(node, args[0])
     if isinstance(node, (SoftmaxAttentionNode, LinearAttentionNode)):
-        return _attention(node, *args)
+        return _attention(node, *args, inner)
     if isinstance(node, MeanNode):
         return args[0].mean(axis=tuple(node.axes), keepdims=node.keep_dims)
     if isinstance(node, ReshapeNode):
@@ -125,16 +137,44 @@ def _as_real(value: NDArray, quant: Quantization | None) -> NDArray:
     return quant.values_of(value) if quant is not None and value.dtype == np.int8 else np.asarray(value)
 
 
-def simulate(graph: Graph, *inputs: NDArray) -> NDArray[np.float64]:
-    """The real values of ``graph``'s output for ``inputs`` (see module docstring)."""
+def simulate(graph: Graph, *inputs: NDArray, rounded: Collection[int] | None = None) -> NDArray[np.float64]:
+    """The real values of ``graph``'s output for ``inputs`` (see module docstring).
+
+    ``rounded``: the graph tensors (numbered as in the graph: inputs first, then one per
+    node) that round onto their grids, with their operators' intermediate grids; the others
+    keep their exact real values. Default: every tensor, which is the quantized model.
+    """
     _check(graph, inputs)
     quants = graph.tensor_quants
+    if rounded is not None:
+        strays = sorted(set(rounded) - set(range(len(quants))))
+        if strays:
+            raise InputError(f"rounded names tensors {strays[:3]} this graph does not have (0..{len(quants) - 1})")
     values = [_as_real(x, spec.quant) for x, spec in zip(inputs, graph.inputs)]
     for index, node in enumerate(graph.nodes):
-        result = exact_operator(node, [values[i] for i in node.inputs], [quants[i] for i in node.inputs])
-        out_quant = quants[len(graph.inputs) + index]
-        values.append(onto_grid(result, out_quant) if out_quant is not None else result)
+        tensor = len(graph.inputs) + index
+        rounds = rounded is None or tensor in rounded
+        result = exact_operator(node, [values[i] for i in node.inputs], [quants[i] for i in node.inputs], rounds)
+        values.append(onto_grid(result, quants[tensor]) if rounds and quants[tensor] is not None else result)
     return values[-1]
+
+
+def rounding_attribution(graph: Graph, *inputs: NDArray, reference: NDArray) -> list[tuple[str, float]]:
+    """Which tensor's grid costs the most: the worst absolute error against ``reference`` (the
+    float model's output for ``inputs``, in real units) of the graph simulated with no tensor
+    rounded (``"weights only"``: the int8 weights alone), then with each rounded tensor alone
+    (``"index:OPCODE"`` of the node that makes it), largest first after the first entry.
+    Errors do not add up: roundings interact, and the worst case of each is over all outputs."""
+    expected = np.asarray(reference, dtype=np.float64)
+    weights_only = simulate(graph, *inputs, rounded=())
+    if expected.shape != weights_only.shape:
+        raise InputError(f"reference has shape {expected.shape}; the graph's output has {weights_only.shape}")
+    quants, first = graph.tensor_quants, len(graph.inputs)
+    alone = [(f"{index}:{node.opcode}", float(np.abs(simulate(graph, *inputs, rounded={first + index})
+                                                    - expected).max()))
+             for index, node in enumerate(graph.nodes) if quants[first + index] is not None]
+    return [("weights only", float(np.abs(weights_only - expected).max())),
+            *sorted(alone, key=lambda item: -item[1])]
 
 
 def operator_errors(graph: Graph, *inputs: NDArray) -> list[tuple[str, float]]:
