@@ -191,6 +191,17 @@ def test_latency_refuses_layers_that_do_not_run() -> None:
         measure_latency(model(), data()[0], ["int8"], layers=["1"], progress=False)
 
 
+def test_latency_is_timed_with_the_garbage_collector_paused() -> None:
+    import gc
+
+    seen: list[bool] = []
+    net = model()
+    net[0].register_forward_hook(lambda *_: seen.append(gc.isenabled()))
+    measure_latency(net, data()[0], ["int8"], rounds=2, min_seconds=0.0, progress=False)
+    assert len(seen) > 4 and not any(seen)
+    assert gc.isenabled()
+
+
 def test_helpers_refuse_bad_input(table) -> None:  # noqa: ANN001
     from mixprec import CalibrationError
 

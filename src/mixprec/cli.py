@@ -26,7 +26,8 @@ def _search_study(args: argparse.Namespace) -> None:
     from mixprec.studies.minilm_search import SearchStudyConfig, run
 
     run(SearchStudyConfig(data=args.data, out=args.out, model=args.model, random_policies=args.random_policies,
-                          low_ratio=args.low_ratio, max_drop=args.max_drop, rounds=args.rounds, seed=args.seed))
+                          low_ratio=args.low_ratio, max_drop=args.max_drop, rounds=args.rounds, seed=args.seed,
+                          task_metric=not args.no_task_metric))
 
 
 def _kv_bench(args: argparse.Namespace) -> None:
@@ -199,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Spearman points the max-drop mode may lose (default: %(default)s)")
     study5.add_argument("--rounds", type=_positive, default=7, help="timing rounds (default: %(default)s)")
     study5.add_argument("--seed", type=int, default=0, help="phrase sample and random policies (default: 0)")
+    study5.add_argument("--no-task-metric", action="store_true",
+                        help="skip the task-metric sensitivity (each layer's STS-B drop on each half of the pairs, "
+                             "about 20 minutes) and the cross-fitted comparison it feeds")
     study5.set_defaults(func=_search_study)
     kv = sub.add_parser("kv-bench", help="SmolLM2-135M with float, int8 and int4 KV caches: perplexity, bytes, speed")
     _add_text_data_arguments(kv, out="runs/kv")

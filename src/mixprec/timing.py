@@ -5,7 +5,8 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 
 def _per_call(fn: Callable[[], object], calls: int) -> float:
@@ -29,11 +30,19 @@ def interleaved_medians(candidates: Mapping[str, Callable[[], object]], rounds: 
         raise ValueError("interleaved_medians needs at least one candidate")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    with paused_garbage_collector():
+        return _interleaved(candidates, rounds, min_seconds, warmup)
+
+
+@contextmanager
+def paused_garbage_collector() -> Iterator[None]:
+    """Run Python's cyclic garbage collector once, then keep it paused inside the block (as
+    ``timeit`` does), so collections of earlier garbage do not land in a timed call."""
     was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
-        return _interleaved(candidates, rounds, min_seconds, warmup)
+        yield
     finally:
         if was_enabled:
             gc.enable()

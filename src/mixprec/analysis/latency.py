@@ -30,6 +30,7 @@ from mixprec.io_utils import write_text_atomic
 from mixprec.policy import quantizable_names
 from mixprec.precision import build
 from mixprec.quantize import replace_module, run_batch
+from mixprec.timing import paused_garbage_collector
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,9 @@ def measure_latency(model: nn.Module, batch: Any, candidates: Sequence[str], lay
     Configuration ``p`` puts every layer that takes ``p`` at ``p`` (float32 elsewhere). Each
     round runs every configuration (rotating order) for at least ``min_seconds`` with
     forward hooks timing each layer, then as long again without hooks for the whole-model
-    time; the tables hold medians over rounds. The model is restored afterwards.
+    time; the tables hold medians over rounds. Python's cyclic garbage collector is paused
+    while timing (:func:`mixprec.timing.paused_garbage_collector`). The model is restored
+    afterwards.
     """
     if rounds < 1:
         raise CalibrationError(f"rounds must be >= 1, got {rounds}")
@@ -136,7 +139,7 @@ def measure_latency(model: nn.Module, batch: Any, candidates: Sequence[str], lay
     samples: dict[str, dict[str, list]] = {label: {"layers": [], "model": []} for label in configurations}
     labels = list(configurations)
     try:
-        with torch.no_grad(), Progress(transient=True, disable=not progress) as bar:
+        with torch.no_grad(), paused_garbage_collector(), Progress(transient=True, disable=not progress) as bar:
             task = bar.add_task("layer latency", total=rounds * len(labels))
             calls = _calls_per_measurement(model, batch, min_seconds)
             for round_index in range(rounds):
