@@ -107,3 +107,10 @@ def test_best_of_groups_counts_how_often_the_search_beats_the_best_random() -> N
         best_of_groups(gold, pool, gold, group=31, resamples=10)
     with pytest.raises(InputError, match="must cover the 400 gold pairs"):
         best_of_groups(gold[:10], pool, gold, group=10, resamples=10)
+
+
+def test_the_random_baseline_refuses_fewer_draws_than_a_group(tmp_path: Path) -> None:
+    from mixprec.studies.minilm_random_baseline import run
+
+    with pytest.raises(InputError, match=r"draws \(3\) must be at least the group size \(5\)"):
+        run(minilm_search.SearchStudyConfig(out=str(tmp_path)), draws=3, group=5)

@@ -35,14 +35,7 @@ def model_bytes(model: nn.Module) -> int:
 
     Tensors sharing storage (tied weights) are counted once.
     """
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for tensor in model.state_dict(keep_vars=True).values():
-        key = storage_key(tensor)
-        if key not in seen:
-            seen.add(key)
-            total += tensor.nbytes
-    return total
+    return sum(size for size, _ in tensor_holders(model).values())
 
 
 def tensor_holders(model: nn.Module) -> dict[tuple[int, int], tuple[int, tuple[str, ...]]]:

@@ -12,7 +12,6 @@ groups the cross-fitted task-metric search beats, both ways.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,16 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 from rich.progress import track
-from torch import nn
 
-from mixprec.analysis import SensitivityTable, build_problem, policy_for, random_choices, search, uniform_bytes
+from mixprec.analysis import (
+    SensitivityTable,
+    build_problem,
+    measure_policy,
+    random_choices,
+    search,
+    uniform_bytes,
+)
 from mixprec.errors import InputError
-from mixprec.quantize import quantize
 from mixprec.report.results import write_json
 from mixprec.studies.minilm import load_model
 from mixprec.studies.minilm_search import SearchStudyConfig, StsbScorer, cross_fitted
@@ -96,9 +100,7 @@ def run(config: SearchStudyConfig, draws: int = 100, group: int = 10, resamples:
     problem = build_problem(fp32, tables["sqnr"])
 
     def cosines(choices: dict[str, str]) -> np.ndarray:
-        model: nn.Module = copy.deepcopy(fp32)
-        quantize(model, policy_for(choices))
-        scorer(model)
+        measure_policy(fp32, "", choices, problem, scorer)
         return scorer.last_cosine
 
     searched = cross_fitted(cosines(search(fp32, tables["task"], budget_bytes=budget).choices),

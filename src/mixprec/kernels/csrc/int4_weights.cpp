@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "split_rows.h"
+#include "w4_layout.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -18,15 +19,6 @@
 namespace {
 
 inline float code_value(int64_t nibble) { return static_cast<float>(nibble >= 8 ? nibble - 16 : nibble); }
-
-void check_w4(const at::Tensor& packed, const at::Tensor& scale, int64_t cols) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                  packed.size(1) * 2 == cols && packed.device().is_cpu(),
-              "packed must be a contiguous uint8 CPU tensor [N, K/2]");
-  TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kHalf && scale.is_contiguous() &&
-                  scale.size(0) == packed.size(0) && scale.size(1) > 0 && cols % (2 * scale.size(1)) == 0,
-              "scale must be a contiguous float16 tensor [N, K/G] with an even group size G");
-}
 
 // Row n's scales as float32.
 void row_scales(const at::Half* scale, int64_t n, int64_t groups, float* out) {
@@ -91,7 +83,7 @@ void dequantize_rows_into(const uint8_t* packed, const at::Half* scale, int64_t 
 // callers that multiply tile by tile and reuse one tile buffer.
 void w4_dequantize_rows(const at::Tensor& packed, const at::Tensor& scale, int64_t begin, at::Tensor& out) {
   const int64_t cols = packed.size(1) * 2;
-  check_w4(packed, scale, cols);
+  mixprec::check_w4_layout(packed, scale, cols, 2);
   TORCH_CHECK(out.dim() == 2 && out.scalar_type() == at::kFloat && out.is_contiguous() && out.size(1) == cols,
               "out must be a contiguous float32 tensor [rows, K]");
   const int64_t rows = out.size(0);
@@ -194,7 +186,7 @@ at::Tensor w4_linear_rows(const at::Tensor& x, const at::Tensor& packed, const a
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "x must be a contiguous float32 CPU matrix [M, K]");
   const int64_t rows = x.size(0), cols = x.size(1), outs = packed.size(0);
-  check_w4(packed, scale, cols);
+  mixprec::check_w4_layout(packed, scale, cols, 2);
   const bool has_bias = bias.has_value() && bias->defined();
   TORCH_CHECK(!has_bias || (bias->numel() == outs && bias->scalar_type() == at::kFloat && bias->is_contiguous()),
               "bias must be contiguous float32 [N]");

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include "split_rows.h"
+#include "w4_layout.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -43,12 +44,7 @@ void check_inputs(const at::Tensor& xq, const at::Tensor& x_scale, const at::Ten
   TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous() && x_scale.numel() == xq.size(0),
               "x_scale must hold one float32 per row of xq");
   const int64_t cols = xq.size(1);
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                  packed.size(1) * 2 == cols && packed.device().is_cpu(),
-              "packed must be a contiguous uint8 CPU tensor [N, K/2]");
-  TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kHalf && scale.is_contiguous() &&
-                  scale.size(0) == packed.size(0) && scale.size(1) > 0 && cols % (4 * scale.size(1)) == 0,
-              "scale must be a contiguous float16 tensor [N, K/G] with a group size G divisible by 4");
+  mixprec::check_w4_layout(packed, scale, cols, 4);
   TORCH_CHECK(cols / scale.size(1) < 16384, "group size must be below 16384");
   TORCH_CHECK(!bias.has_value() || !bias->defined() ||
                   (bias->numel() == packed.size(0) && bias->scalar_type() == at::kFloat && bias->is_contiguous()),
