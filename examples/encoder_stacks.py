@@ -7,7 +7,11 @@ position must say how often its token occurs (1, 2, 3, or 4 or more), which need
 Trained on 16,384 sequences; calibrated on 512 others; measured on 1,024 held-out sequences
 (distinct, none seen in calibration).
 
-    python examples/encoder_stacks.py run [--attention softmax|linear]   # also: bench, golden, plot
+    python examples/encoder_stacks.py run [--attention softmax|linear] [--range-margin F]
+    python examples/encoder_stacks.py bench|golden|plot
+
+``run`` also prints what TFLite's 16x8 mode (int16 activations, int8 weights) would give the
+same graph, simulated exactly (``mixprec.integer.simulate(..., activation_bits=16)``).
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ def evaluate(model: TinyEncoder, graph, x: torch.Tensor, y: torch.Tensor) -> dic
             "float_mean_lsb": float(np.abs(got - reference).mean() / step),
             "engine_worst_lsb": float(np.abs(got - simulated).max() / step),
             "quantization_worst_lsb": float(np.abs(simulated - reference).max() / step),
+            "int16_worst_of_range": float(np.abs(simulate(graph, ids, activation_bits=16) - reference).max() / span),
             "operator_worst_lsb": max(error for _, error in operator_errors(graph, ids)), "range": span}
 
 
@@ -101,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mode", choices=["run", "bench", "golden", "plot"])
     parser.add_argument("--attention", choices=["softmax", "linear"], nargs="+", default=["softmax", "linear"])
     parser.add_argument("--out", type=Path, default=Path("runs") / "encoder_stacks")
+    parser.add_argument("--range-margin", type=float, default=0.0,
+                        help="run: widen every calibrated activation range by this fraction (default 0)")
     args = parser.parse_args(argv)
     calibration, _ = make_set(512, seed=3)
     x, y = held_out_set()
@@ -108,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     for attention in args.attention:
         name = f"encoder_{attention}"
         model = stored_model(name, lambda a=attention: make_model(a), train, retrain=args.mode == "golden")
-        graph = build_encoder_graph(model, calibration)
+        graph = build_encoder_graph(model, calibration, args.range_margin if args.mode == "run" else 0.0)
         ids = x.numpy().astype(np.int32)
         if args.mode == "golden":
             write_golden(name, graph(ids))
@@ -136,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  split: engine vs exact simulation {f['engine_worst_lsb']:.2f} steps, simulation vs float32 "
                   f"{f['quantization_worst_lsb']:.2f} steps; every operator alone within "
                   f"{f['operator_worst_lsb']:.2f} step of exact")
+            print(f"  with int16 activations on the same ranges (TFLite 16x8, simulated exactly): worst "
+                  f"{100 * f['int16_worst_of_range']:.2f}% of the output range")
             print("  " + largest_roundings(model, graph, x))
     return 1 if failed else 0
 

@@ -161,6 +161,33 @@ def test_embedding_and_positional_encoding_export_as_gather_and_add(tmp_path: Pa
     assert not (tmp_path / "never-written.tflite").exists()
 
 
+@pytest.mark.parametrize(("attention", "int8_of_range", "int16_of_range", "weights_only_of_range"),
+                         [("softmax", 0.0321, 0.0104, 0.0104), ("linear", 0.0510, 0.0141, 0.0142)])
+def test_encoder_stack_with_range_margin_and_int16_what_if(encoder_example, attention: str, int8_of_range: float,  # noqa: ANN001
+                                                           int16_of_range: float, weights_only_of_range: float) -> None:
+    """Measured (BENCHMARKS.md, ``run --range-margin 0.05``): with 5% margins the int8 stack
+    stays at 3-5% of range, while int16 activations on the same ranges would fall to the
+    floor the int8 weights alone set."""
+    from mixprec.integer.encoder import build_encoder_graph
+    from mixprec.integer.simulate import simulate
+
+    example, load_model = encoder_example
+    model = load_model(f"encoder_{attention}", lambda: example.make_model(attention))
+    calibration = example.make_set(512, seed=3)[0]
+    plain, widened = build_encoder_graph(model, calibration), build_encoder_graph(model, calibration, 0.05)
+    assert widened.nodes[1].constant_quant == plain.nodes[1].constant_quant  # the positions are a constant
+    assert widened.output_quant.scale32[0] > plain.output_quant.scale32[0]
+    x, y = example.held_out_set()
+    figures = example.evaluate(model, widened, x, y)
+    assert figures["float_worst_of_range"] == pytest.approx(int8_of_range, rel=0.01)
+    assert figures["int16_worst_of_range"] == pytest.approx(int16_of_range, rel=0.01)
+    with torch.no_grad():
+        reference = model.double()(x).numpy()
+        model.float()
+    weights_only = np.abs(simulate(widened, x.numpy().astype(np.int32), rounded=()) - reference).max()
+    assert weights_only / figures["range"] == pytest.approx(weights_only_of_range, rel=0.01)
+
+
 def test_builders_records_and_simulation_refuse_bad_input() -> None:
     from mixprec.integer.attention import LinearAttentionInt8Params, SoftmaxAttentionParams
     from mixprec.integer.builders import fully_connected_from, half_linear_from, linear_attention_from
@@ -237,6 +264,17 @@ def test_simulation_rounds_only_the_tensors_asked_and_attributes_the_error() -> 
     real = x_quant.values_of(x)
     np.testing.assert_allclose(simulate(graph, x, rounded=()), (real @ w1.T + b1) @ w2.T + b2, rtol=1e-13, atol=1e-13)
     assert np.array_equal(simulate(graph, x, rounded=(2,)), onto_grid(simulate(graph, x, rounded=()), y_quant))
+    exact = simulate(graph, x, rounded=())
+    assert np.array_equal(simulate(graph, x, rounded=(2,), activation_bits=16), onto_grid(exact, y_quant, 16))
+    # int16 counterpart of y's grid: symmetric, max(|-128 - 2|, |127 - 2|) * 0.03 / 32767 per step.
+    step16 = float(np.float32(130 * np.float32(0.03) / 32767))
+    inside = np.abs(exact) <= 32767 * step16
+    on16 = onto_grid(exact, y_quant, 16)
+    assert np.abs(on16 - exact)[inside].max() <= step16 / 2 * (1 + 1e-9)
+    assert np.allclose(on16 / step16, np.round(on16 / step16), rtol=0, atol=1e-6)
+    # Both widths clip the same outliers; elsewhere int16 steps are 255/65535-ish of int8 ones.
+    assert np.median(np.abs(simulate(graph, x, activation_bits=16) - exact)) < np.median(
+        np.abs(simulate(graph, x) - exact)) / 50
 
     with torch.no_grad():
         reference = second(first(torch.from_numpy(real).float())).double().numpy()
@@ -246,6 +284,10 @@ def test_simulation_rounds_only_the_tensors_asked_and_attributes_the_error() -> 
     assert attribution[0][1] < min(error for _, error in attribution[1:])
     with pytest.raises(InputError, match=r"rounded names tensors \[7\] this graph does not have \(0..2\)"):
         simulate(graph, x, rounded=(7,))
+    with pytest.raises(InputError, match=r"activation_bits must be one of \(8, 16\), got 12"):
+        simulate(graph, x, activation_bits=12)
+    with pytest.raises(InputError, match=r"activation bits must be one of \(8, 16\), got 4"):
+        onto_grid(exact, y_quant, 4)
     with pytest.raises(InputError, match=r"reference has shape \(500, 2\); the graph's output has \(500, 3\)"):
         rounding_attribution(graph, x, reference=reference[:, :2])
 

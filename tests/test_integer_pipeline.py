@@ -87,6 +87,17 @@ def test_pipelines_refuse_bad_input_and_nan_at_the_bridge() -> None:
         pipeline.stages[1](np.array([[0.0, np.nan, 1.0, 2.0]], np.float32))
     with pytest.raises(InputError, match="calibration needs finite samples"):
         calibrate(np.array([1.0, np.inf]))
+    with pytest.raises(InputError, match=r"range margin is a fraction of the calibrated range in \[0, 1\], got -0.1"):
+        calibrate(np.array([1.0, 2.0]), margin=-0.1)
+
+
+def test_calibration_margin_widens_only_the_ends_the_data_set() -> None:
+    both = calibrate(np.array([-1.0, 3.0]), margin=0.1)  # [-1.4, 3.4]
+    assert both.scale[0] == float(np.float32(4.8 / 255))
+    assert both.values_of(np.array([-128, 127])) == pytest.approx([-1.4, 3.4], abs=both.scale[0])
+    relu = calibrate(np.array([0.5, 2.0]), margin=0.25)  # 0 is an end: [0, 2.5]
+    assert relu.scale[0] == float(np.float32(2.5 / 255)) and relu.zero_point[0] == -128
+    assert calibrate(np.array([0.5, 2.0])) == calibrate(np.array([0.5, 2.0]), margin=0.0)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """Builders: float PyTorch modules plus calibration data -> the engine's integer and half
 records. Runtime records hold integers (or half values); every float decision is made here.
 
-- :func:`calibrate`: asymmetric int8 from the observed min/max, widened to include 0:
-  ``scale = float32((max - min) / 255)``, ``zero_point = clamp(round_half_even(-128 - min / scale))``.
+- :func:`calibrate`: asymmetric int8 from the observed min/max, widened to include 0 (and
+  optionally by a margin beyond the data): ``scale = float32((max - min) / 255)``,
+  ``zero_point = clamp(round_half_even(-128 - min / scale))``.
 - :func:`fully_connected_from`: symmetric int8 weights per output channel (or per tensor),
   ``scale = float32(max|w| / 127)``, ``code = round_half_even(w / scale)`` in [-127, 127];
   int32 bias ``round_half_even(b / float32(s_in * s_w))`` as the TFLite converter stores it.
@@ -30,13 +31,21 @@ def _numpy(values: ArrayLike | torch.Tensor) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
-def calibrate(samples: ArrayLike | torch.Tensor) -> Quantization:
-    """Per-tensor asymmetric int8 quantization covering ``samples`` and 0 (see module docstring)."""
+def calibrate(samples: ArrayLike | torch.Tensor, margin: float = 0.0) -> Quantization:
+    """Per-tensor asymmetric int8 quantization covering ``samples`` and 0 (see module docstring).
+
+    ``margin``: each end the data set (not an end at 0) moves out by ``margin`` times the
+    covered range, so unseen inputs that reach a little past the calibration data are not
+    clipped, at the price of a step ``1 + 2 * margin`` times coarser (at most)."""
+    if not 0.0 <= margin <= 1.0:
+        raise InputError(f"the range margin is a fraction of the calibrated range in [0, 1], got {margin!r}")
     values = _numpy(samples)
     if values.size == 0 or not np.isfinite(values).all():
         raise InputError(f"calibration needs finite samples, got {values.size} values"
                          f"{' with NaN/Inf' if values.size else ''}")
     low, high = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+    pad = margin * (high - low)
+    low, high = low - pad if low < 0 else low, high + pad if high > 0 else high
     if high == low:
         return Quantization.per_tensor(1.0, 0)
     scale = float(np.float32((high - low) / 255))

@@ -104,10 +104,12 @@ class TinyEncoder(nn.Module):
         return self.stages(ids)["logits"]
 
 
-def build_encoder_graph(model: TinyEncoder, calibration: torch.Tensor) -> Graph:
+def build_encoder_graph(model: TinyEncoder, calibration: torch.Tensor, range_margin: float = 0.0) -> Graph:
     """The int8 graph of ``model`` (int32 ids in, int8 logits out), every grid calibrated on
     ``calibration`` ids ``[N, S]``; per-channel int8 weights; the embedding table quantized
-    asymmetrically (its zero point is kept)."""
+    asymmetrically (its zero point is kept). ``range_margin``: every activation range widened
+    by this fraction (:func:`~mixprec.integer.builders.calibrate`); the embedding table and the
+    positional encoding are constants and keep their exact ranges."""
     if not isinstance(model, TinyEncoder):
         raise InputError(f"build_encoder_graph takes a TinyEncoder, got {type(model).__name__}")
     if calibration.ndim != 2 or calibration.dtype not in (torch.int32, torch.int64):
@@ -115,7 +117,8 @@ def build_encoder_graph(model: TinyEncoder, calibration: torch.Tensor) -> Graph:
                          f"{tuple(calibration.shape)}")
     with torch.no_grad():
         observed = copy.deepcopy(model).double().stages(calibration.long())
-    quant = {name: calibrate(values) for name, values in observed.items()}
+    quant = {name: calibrate(values, 0.0 if name == "positions" else range_margin)
+             for name, values in observed.items()}
     table = model.embedding.weight.detach().double().numpy()
     table_quant = calibrate(table)
     nodes: list = []

@@ -10,6 +10,10 @@ between :func:`simulate` and a float model is the quantization error alone.
 :func:`rounding_attribution` splits that quantization error further: the graph simulated
 with one tensor rounded at a time (every other tensor kept real, weights still int8), each
 against a float reference, says which tensor's grid costs the most.
+
+``activation_bits=16`` asks what TFLite's 16x8 mode (int16 activations, int8 weights) would
+give the same graph before anyone builds it: every activation grid is replaced by the
+symmetric int16 grid covering the same real range (see :func:`onto_grid`).
 """
 
 from __future__ import annotations
@@ -41,10 +45,25 @@ from mixprec.integer.nodes import (
 )
 from mixprec.integer.tensors import Quantization
 
+#: Activation widths :func:`simulate` can round onto.
+ACTIVATION_BITS = (8, 16)
 
-def onto_grid(values: NDArray[np.float64], quant: Quantization) -> NDArray[np.float64]:
-    """``values`` rounded onto ``quant``'s int8 grid (nearest, ties to even, saturating), as reals."""
-    return quant.values_of(quant.nearest_codes(values))
+
+def onto_grid(values: NDArray[np.float64], quant: Quantization, bits: int = 8) -> NDArray[np.float64]:
+    """``values`` rounded onto ``quant``'s int8 grid (nearest, ties to even, saturating), as reals.
+
+    ``bits=16``: onto the int16 grid TFLite's 16x8 mode would give the same tensor instead:
+    zero point 0, ``scale = float32(max(|low|, |high|) / 32767)`` where ``[low, high]`` is the
+    real range of ``quant``'s int8 grid, codes ``clamp(round_half_even(x / scale), -32768, 32767)``."""
+    if bits == 8:
+        return quant.values_of(quant.nearest_codes(values))
+    if bits != 16:
+        raise InputError(f"activation bits must be one of {ACTIVATION_BITS}, got {bits!r}")
+    low, high = quant.values_of(np.array([-128, 127]))
+    scale = float(np.float32(max(abs(low), abs(high)) / 32767))
+    with np.errstate(over="ignore", invalid="ignore"):
+        steps = np.round(np.asarray(values, dtype=np.float64) / scale)
+    return np.clip(steps, -32768, 32767) * scale
 
 
 def _activation(values: NDArray[np.float64], activation: str) -> NDArray[np.float64]:
@@ -80,23 +99,23 @@ def linear_attention_exact(q: NDArray, k: NDArray, v: NDArray, epsilon: float) -
     return (q @ (np.swapaxes(k, -1, -2) @ v)) / normalizer
 
 
-def _attention(node, q: NDArray, k: NDArray, v: NDArray, inner: bool) -> NDArray[np.float64]:  # noqa: ANN001
+def _attention(node, q: NDArray, k: NDArray, v: NDArray, inner: bool, bits: int) -> NDArray[np.float64]:  # noqa: ANN001
     if isinstance(node, SoftmaxAttentionNode):
         scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1])
         if inner:
-            scores = onto_grid(scores, node.score_quant)
+            scores = onto_grid(scores, node.score_quant, bits)
         probabilities = _softmax(scores)
         if inner:
-            probabilities = onto_grid(probabilities, Quantization.per_tensor(1 / 256, -128))
+            probabilities = onto_grid(probabilities, Quantization.per_tensor(1 / 256, -128), bits)
         return probabilities @ v
     return linear_attention_exact(q, k, v, node.epsilon)
 
 
 def exact_operator(node, args: list[NDArray], in_quants: list[Quantization | None],  # noqa: ANN001
-                   inner: bool = True) -> NDArray:
+                   inner: bool = True, bits: int = 8) -> NDArray:
     """The operator's mathematical result on real-valued inputs (before rounding onto its grid).
     ``inner``: whether the operator's own intermediate grids round (softmax attention's scores
-    and 1/256 probabilities)."""
+    and 1/256 probabilities), onto ``bits``-wide grids (:func:`onto_grid`)."""
     if isinstance(node, FullyConnectedNode):
         return _fully_connected(node, args[0], in_quants[0])
     if isinstance(node, AddNode):
@@ -110,7 +129,7 @@ def exact_operator(node, args: list[NDArray], in_quants: list[Quantization | Non
     if isinstance(node, LayerNormNode):
         return _layer_norm(node, args[0])
     if isinstance(node, (SoftmaxAttentionNode, LinearAttentionNode)):
-        return _attention(node, *args, inner)
+        return _attention(node, *args, inner, bits)
     if isinstance(node, MeanNode):
         return args[0].mean(axis=tuple(node.axes), keepdims=node.keep_dims)
     if isinstance(node, ReshapeNode):
@@ -137,14 +156,19 @@ def _as_real(value: NDArray, quant: Quantization | None) -> NDArray:
     return quant.values_of(value) if quant is not None and value.dtype == np.int8 else np.asarray(value)
 
 
-def simulate(graph: Graph, *inputs: NDArray, rounded: Collection[int] | None = None) -> NDArray[np.float64]:
+def simulate(graph: Graph, *inputs: NDArray, rounded: Collection[int] | None = None,
+             activation_bits: int = 8) -> NDArray[np.float64]:
     """The real values of ``graph``'s output for ``inputs`` (see module docstring).
 
     ``rounded``: the graph tensors (numbered as in the graph: inputs first, then one per
     node) that round onto their grids, with their operators' intermediate grids; the others
     keep their exact real values. Default: every tensor, which is the quantized model.
+    ``activation_bits``: 8 (the graph's own grids) or 16 (each grid's int16 counterpart,
+    :func:`onto_grid`); the graph's inputs stay as given, the weights stay int8.
     """
     _check(graph, inputs)
+    if activation_bits not in ACTIVATION_BITS:
+        raise InputError(f"activation_bits must be one of {ACTIVATION_BITS}, got {activation_bits!r}")
     quants = graph.tensor_quants
     if rounded is not None:
         strays = sorted(set(rounded) - set(range(len(quants))))
@@ -154,8 +178,10 @@ def simulate(graph: Graph, *inputs: NDArray, rounded: Collection[int] | None = N
     for index, node in enumerate(graph.nodes):
         tensor = len(graph.inputs) + index
         rounds = rounded is None or tensor in rounded
-        result = exact_operator(node, [values[i] for i in node.inputs], [quants[i] for i in node.inputs], rounds)
-        values.append(onto_grid(result, quants[tensor]) if rounds and quants[tensor] is not None else result)
+        result = exact_operator(node, [values[i] for i in node.inputs], [quants[i] for i in node.inputs], rounds,
+                                activation_bits)
+        rounds = rounds and quants[tensor] is not None
+        values.append(onto_grid(result, quants[tensor], activation_bits) if rounds else result)
     return values[-1]
 
 
