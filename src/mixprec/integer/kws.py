@@ -92,7 +92,8 @@ def parity(pipeline: Pipeline, model: KeywordSpotter, x: torch.Tensor) -> dict[s
     against :func:`simulate` (``engine_*``, the engine's own error): worst absolute error, in
     output steps (LSB), and as a fraction of the float logits' range; the share of outputs
     that differ from the simulation; argmax agreement with the float model; the share of
-    outputs saturated at the calibrated grid's ends and the worst error among the others."""
+    outputs saturated at the calibrated grid's ends and the worst error among the others;
+    ``int16_worst_of_range``: the same against :func:`simulate` with int16 activations."""
     with torch.no_grad():
         reference = copy.deepcopy(model).double()(x.double()).numpy()
     codes = pipeline.run_codes(x.float().numpy())
@@ -104,25 +105,31 @@ def parity(pipeline: Pipeline, model: KeywordSpotter, x: torch.Tensor) -> dict[s
     for label, target in (("float", reference), ("engine", simulated)):
         worst = float(np.abs(got - target).max())
         result |= {f"{label}_worst": worst, f"{label}_worst_lsb": worst / step, f"{label}_worst_of_range": worst / span}
+    int16 = simulate(pipeline, x.double().numpy(), activation_bits=16)
+    result["int16_worst_of_range"] = float(np.abs(int16 - reference).max() / span)
     inside = (codes > -128) & (codes < 127)  # outputs not clipped at the calibrated range's ends
     result["saturated"] = float((~inside).mean())
     result["float_worst_unsaturated_lsb"] = float(np.abs(got - reference)[inside].max(initial=0.0) / step)
     return result
 
 
-def simulate(pipeline: Pipeline, x: np.ndarray) -> np.ndarray:
+def simulate(pipeline: Pipeline, x: np.ndarray, activation_bits: int = 8) -> np.ndarray:
     """The pipeline's function in float64 without its arithmetic: the same int8 weights, int32
     biases, half weights and activation grids, but exact products and sums, exact attention
     (no half rounding inside it) and one rounding per int8 tensor (half to even). The
-    pipeline's difference from this is the engine's own error."""
+    pipeline's difference from this is the engine's own error. ``activation_bits=16``: every
+    int8 tensor (the input too) on its int16 counterpart instead
+    (:func:`mixprec.integer.simulate.onto_grid`), what TFLite's 16x8 mode would give."""
     frontend, to_half, pool, to_int8, classifier = pipeline.stages
     assert isinstance(frontend, IntegerStage) and isinstance(pool, AttentionPoolStage)
-    inputs = onto_grid(np.asarray(x, np.float64), pipeline.input_quant)
-    h = onto_grid(exact_operator(frontend.graph.nodes[0], [inputs], [pipeline.input_quant]), to_half.quant)
+    bits = activation_bits
+    inputs = onto_grid(np.asarray(x, np.float64), pipeline.input_quant, bits)
+    h = onto_grid(exact_operator(frontend.graph.nodes[0], [inputs], [pipeline.input_quant]), to_half.quant, bits)
     att = pool.attention
     q, k, v = (h @ layer.weight.T.astype(np.float64) + layer.bias for layer in (att.query, att.key, att.value))
-    pooled = onto_grid((h + linear_attention_exact(q, k, v, att.epsilon)).mean(axis=-2), to_int8.quant)
-    return onto_grid(exact_operator(classifier.graph.nodes[0], [pooled], [to_int8.quant]), pipeline.output_quant)
+    pooled = onto_grid((h + linear_attention_exact(q, k, v, att.epsilon)).mean(axis=-2), to_int8.quant, bits)
+    logits = exact_operator(classifier.graph.nodes[0], [pooled], [to_int8.quant])
+    return onto_grid(logits, pipeline.output_quant, bits)
 
 
 class FusedKeywordSpotter:
