@@ -69,12 +69,18 @@ def held_out_set() -> tuple[torch.Tensor, torch.Tensor]:
     return x[keep], y[keep]
 
 
+def float64_reference(model: TinyEncoder, x: torch.Tensor) -> np.ndarray:
+    """The float model's logits for ``x`` computed in float64 (the model is left in float32)."""
+    with torch.no_grad():
+        reference = model.double()(x).numpy()
+    model.float()
+    return reference
+
+
 def evaluate(model: TinyEncoder, graph, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:  # noqa: ANN001
     """Accuracy, and worst errors against float32 and the exact simulation, in steps and of range."""
     ids = x.numpy().astype(np.int32)
-    with torch.no_grad():
-        reference = model.double()(x).numpy()
-        model.float()
+    reference = float64_reference(model, x)
     quant = graph.output_quant
     got, simulated = quant.values_of(graph(ids)), simulate(graph, ids)
     step, span = float(quant.scale32[0]), float(reference.max() - reference.min())
@@ -92,9 +98,7 @@ def evaluate(model: TinyEncoder, graph, x: torch.Tensor, y: torch.Tensor) -> dic
 def largest_roundings(model: TinyEncoder, graph, x: torch.Tensor, count: int = 4) -> str:  # noqa: ANN001
     """The tensors whose grids cost the most (mixprec.integer.simulate.rounding_attribution),
     each alone, as a share of the output range."""
-    with torch.no_grad():
-        reference = model.double()(x).numpy()
-        model.float()
+    reference = float64_reference(model, x)
     span = float(reference.max() - reference.min())
     attribution = rounding_attribution(graph, x.numpy().astype(np.int32), reference=reference)
     return "worst error with one tensor rounded at a time: " + ", ".join(

@@ -181,9 +181,7 @@ def test_encoder_stack_with_range_margin_and_int16_what_if(encoder_example, atte
     figures = example.evaluate(model, widened, x, y)
     assert figures["float_worst_of_range"] == pytest.approx(int8_of_range, rel=0.01)
     assert figures["int16_worst_of_range"] == pytest.approx(int16_of_range, rel=0.01)
-    with torch.no_grad():
-        reference = model.double()(x).numpy()
-        model.float()
+    reference = example.float64_reference(model, x)
     weights_only = np.abs(simulate(widened, x.numpy().astype(np.int32), rounded=()) - reference).max()
     assert weights_only / figures["range"] == pytest.approx(weights_only_of_range, rel=0.01)
 

@@ -132,6 +132,10 @@ def test_kws_pipeline_parity_on_distinct_held_out_samples(kws_example) -> None: 
     # int8 weights' own share; int8 activations give 0.80%.
     assert figures["int16_worst_of_range"] == pytest.approx(0.00134, rel=0.01)
     assert figures["float_worst_of_range"] > 5 * figures["int16_worst_of_range"]
+    from mixprec.integer.kws import simulate
+
+    with pytest.raises(InputError, match=r"activation bits must be one of \(8, 16\), got 12"):
+        simulate(pipeline, held_out.double().numpy(), activation_bits=12)
     mixed = pipeline.run_float(held_out.numpy()).argmax(-1)
     assert (torch.from_numpy(mixed) == labels).float().mean() >= 0.99
 

@@ -22,7 +22,7 @@ from mixprec.integer.builders import calibrate, fully_connected_from, linear_att
 from mixprec.integer.graph import Graph
 from mixprec.integer.pipeline import AttentionPoolStage, IntegerStage, Pipeline, ToHalfStage, ToInt8Stage
 from mixprec.integer.simulate import exact_operator, linear_attention_exact, onto_grid
-from mixprec.integer.tensors import TensorSpec
+from mixprec.integer.tensors import Quantization, TensorSpec
 
 
 class LinearAttentionHead(nn.Module):
@@ -122,14 +122,16 @@ def simulate(pipeline: Pipeline, x: np.ndarray, activation_bits: int = 8) -> np.
     (:func:`mixprec.integer.simulate.onto_grid`), what TFLite's 16x8 mode would give."""
     frontend, to_half, pool, to_int8, classifier = pipeline.stages
     assert isinstance(frontend, IntegerStage) and isinstance(pool, AttentionPoolStage)
-    bits = activation_bits
-    inputs = onto_grid(np.asarray(x, np.float64), pipeline.input_quant, bits)
-    h = onto_grid(exact_operator(frontend.graph.nodes[0], [inputs], [pipeline.input_quant]), to_half.quant, bits)
+
+    def grid(values: np.ndarray, quant: Quantization) -> np.ndarray:
+        return onto_grid(values, quant, activation_bits)
+
+    inputs = grid(np.asarray(x, np.float64), pipeline.input_quant)
+    h = grid(exact_operator(frontend.graph.nodes[0], [inputs], [pipeline.input_quant]), to_half.quant)
     att = pool.attention
     q, k, v = (h @ layer.weight.T.astype(np.float64) + layer.bias for layer in (att.query, att.key, att.value))
-    pooled = onto_grid((h + linear_attention_exact(q, k, v, att.epsilon)).mean(axis=-2), to_int8.quant, bits)
-    logits = exact_operator(classifier.graph.nodes[0], [pooled], [to_int8.quant])
-    return onto_grid(logits, pipeline.output_quant, bits)
+    pooled = grid((h + linear_attention_exact(q, k, v, att.epsilon)).mean(axis=-2), to_int8.quant)
+    return grid(exact_operator(classifier.graph.nodes[0], [pooled], [to_int8.quant]), pipeline.output_quant)
 
 
 class FusedKeywordSpotter:
