@@ -121,3 +121,17 @@ def test_tied_weights_are_saved_once(tmp_path: Path) -> None:
         fresh[0].weight.zero_()
     mixprec.load(fresh, path)
     assert torch.equal(fresh[1].weight, model[0].weight) and fresh[1].weight is fresh[0].weight
+
+
+def test_written_files_honour_the_umask(tmp_path: Path) -> None:
+    import os
+
+    from mixprec.io_utils import write_text_atomic
+
+    for mask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+        previous = os.umask(mask)
+        try:
+            write_text_atomic(tmp_path / f"f{mask}.txt", "x")
+        finally:
+            os.umask(previous)
+        assert (tmp_path / f"f{mask}.txt").stat().st_mode & 0o777 == mode

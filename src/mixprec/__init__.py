@@ -4,10 +4,12 @@ from mixprec.errors import (
     CalibrationError,
     CheckpointError,
     DataError,
+    ExportError,
     InputError,
     MixprecError,
     PolicyError,
 )
+from mixprec.export import export
 from mixprec.policy import Policy, Rule
 from mixprec.quant_report import LayerReport, QuantReport
 from mixprec.quantize import quantize
@@ -19,6 +21,7 @@ __all__ = [
     "CalibrationError",
     "CheckpointError",
     "DataError",
+    "ExportError",
     "InputError",
     "LayerReport",
     "MixprecError",
@@ -26,6 +29,7 @@ __all__ = [
     "PolicyError",
     "QuantReport",
     "Rule",
+    "export",
     "load",
     "quantize",
     "save",

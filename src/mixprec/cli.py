@@ -112,6 +112,28 @@ def _explain(args: argparse.Namespace) -> None:
     print(policy.explain(model))
 
 
+def _export(args: argparse.Namespace) -> None:
+    from mixprec.export import FORMATS, export
+    from mixprec.hf import load_pretrained, load_tokenizer
+    from mixprec.policy import Policy
+    from mixprec.quantize import quantize
+
+    policy = Policy.from_toml(args.policy) if args.policy else Policy(default=args.precision)
+    fmt = FORMATS[args.format]
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:  # refused before the model is loaded
+        raise MixprecError(f"{out} exists; choose another --out or pass --overwrite to replace it")
+    model = load_pretrained(args.model, causal_lm=args.format == "gguf")
+    options: dict[str, object] = {}
+    if "tokenizer" in fmt.options:
+        options["tokenizer"] = load_tokenizer(args.model)
+    if args.gguf_pre:
+        options["gguf_pre"] = args.gguf_pre
+    print(quantize(model, policy))
+    written = export(model, out, format=args.format, overwrite=args.overwrite, **options)
+    print(f"wrote {written} ({args.format})")
+
+
 def _bench(args: argparse.Namespace) -> None:
     import warnings
 
@@ -270,6 +292,21 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("policy", help="policy TOML file")
     explain.add_argument("--model", help="a Hugging Face model folder or hub name (transformers.AutoModel)")
     explain.set_defaults(func=_explain)
+    from mixprec.export import FORMATS
+
+    exporter = sub.add_parser("export", help="quantize a Hugging Face model with a policy and write it for another "
+                                             "runtime (" + "; ".join(f.description for f in FORMATS.values()) + ")")
+    exporter.add_argument("model", help="a Hugging Face model folder, hub name or .gguf file")
+    chosen = exporter.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--policy", help="policy TOML (written by hand or by `mixprec search`)")
+    chosen.add_argument("--precision", type=lambda text: _precisions(text)[0],
+                        help="one precision for every layer, e.g. w8g32")
+    exporter.add_argument("--format", required=True, choices=sorted(FORMATS), help="output format")
+    exporter.add_argument("--out", required=True, help="output file (gguf)")
+    exporter.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    exporter.add_argument("--gguf-pre", help="gguf: llama.cpp's pre-tokenizer name (e.g. smollm, llama-bpe, qwen2); "
+                                             "inferred only for plain GPT-2 byte-level BPE")
+    exporter.set_defaults(func=_export)
     bench = sub.add_parser("bench", help="speed and memory against float32 and the peer libraries")
     bench.add_argument("what", choices=("linear", "encoder"),
                        help="linear: one Linear at M = 1, 8, 128, 1024; encoder: a BERT-shaped 6-layer encoder")

@@ -27,3 +27,7 @@ class CheckpointError(MixprecError):
 
 class InputError(MixprecError):
     """A tensor passed to a quantized module has the wrong dtype, shape, values or device."""
+
+
+class ExportError(MixprecError):
+    """A model, layer or option cannot be written in the requested export format."""

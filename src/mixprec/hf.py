@@ -10,15 +10,50 @@ from torch import nn
 from mixprec.errors import DataError
 
 
-def load_pretrained(name_or_path: str) -> nn.Module:
-    """``transformers.AutoModel.from_pretrained`` in eval mode; a local folder loads offline."""
+def _transformers():  # noqa: ANN202
     try:
-        from transformers import AutoModel
+        import transformers
     except ImportError:
         raise DataError("loading Hugging Face models needs transformers: pip install 'mixprec[hf]'") from None
-    if Path(name_or_path).is_dir():
+    return transformers
+
+
+def _source(name_or_path: str) -> tuple[str, dict]:
+    """``(folder or hub name, extra from_pretrained arguments)``: a ``.gguf`` file loads through
+    transformers' GGUF reader (dequantized to float32); a local path loads offline."""
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise DataError(f"no GGUF file at {name_or_path!r}")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local copy needs no network
+    elif path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1:
+        raise DataError(f"no model folder at {name_or_path!r} (give a local folder, a .gguf file or a hub name "
+                        "like 'HuggingFaceTB/SmolLM2-135M')")
+    return name_or_path, {}
+
+
+def load_pretrained(name_or_path: str, causal_lm: bool = False) -> nn.Module:
+    """``transformers.AutoModel`` (or ``AutoModelForCausalLM``) ``.from_pretrained`` in float32
+    and eval mode; a local folder or ``.gguf`` file loads offline."""
+    transformers = _transformers()
+    source, extra = _source(name_or_path)
+    auto = transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModel
     try:
-        return AutoModel.from_pretrained(name_or_path).eval()
+        import torch
+
+        return auto.from_pretrained(source, dtype=torch.float32, **extra).eval()
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot load a Hugging Face model from {name_or_path!r}: {exc}") from None
+
+
+def load_tokenizer(name_or_path: str) -> object:
+    """The model's ``transformers.AutoTokenizer`` (from the same folder, hub name or .gguf file)."""
+    transformers = _transformers()
+    source, extra = _source(name_or_path)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(source, **extra)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot load the tokenizer of {name_or_path!r}: {exc}") from None

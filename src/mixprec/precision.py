@@ -16,6 +16,9 @@ int8-static    int8 weights per channel, activations per tensor with   Linear
 int8-tensor    the seed project's dynamic symmetric per-tensor fake    Linear
                quantization (baseline)
 w8             int8 weight-only, per output channel                    Linear
+w8gN           int8 weight-only in groups of N along the input          Linear, Embedding
+               (symmetric, fp16 scale per group; N = 32 is llama.cpp's
+               Q8_0 block)
 w4, w4gN       int4 weight-only in groups of N (Linear default 32;     Linear, Embedding
                Embedding ``w4`` is row-wise, asymmetric)
 w4a8, w4a8gN   int4 weights in groups of N (default 32, N a multiple    Linear
@@ -48,6 +51,8 @@ from mixprec.nn import (
     W4A8Linear,
     W4Embedding,
     W4Linear,
+    W8GroupEmbedding,
+    W8GroupLinear,
     W8Linear,
     int8_dynamic_class,
 )
@@ -58,15 +63,15 @@ FAMILIES = ("fp32", "bf16", "fp16", "int8", "int8-static", "int8-tensor", "w8", 
 #: Families that store int4 codes in groups along the input dimension.
 GROUPED_FAMILIES = ("w4", "w4a8")
 LINEAR_FAMILIES = FAMILIES
-EMBEDDING_FAMILIES = ("fp32", "bf16", "fp16", "int8", "w4")
+EMBEDDING_FAMILIES = ("fp32", "bf16", "fp16", "int8", "w4", "w8")
 #: Group size of ``w4`` and ``w4a8`` on a Linear.
 DEFAULT_LINEAR_GROUP = 32
-_GROUPED = re.compile(r"(w4|w4a8)g([0-9]+)")
+_GROUPED = re.compile(r"(w4|w4a8|w8)g([0-9]+)")
 
 
 @dataclass(frozen=True)
 class Precision:
-    """A parsed precision name: its family and, for ``w4gN`` / ``w4a8gN``, the group size."""
+    """A parsed precision name: its family and, for ``w4gN`` / ``w4a8gN`` / ``w8gN``, the group size."""
 
     family: str
     group_size: int | None = None
@@ -82,7 +87,8 @@ class Precision:
 
 def valid_names() -> str:
     """Human-readable list of valid precision names."""
-    return ", ".join(FAMILIES) + ", w4gN (N an even group size, e.g. w4g128), w4a8gN (N a multiple of 4)"
+    return (", ".join(FAMILIES) + ", w4gN (N an even group size, e.g. w4g128), w4a8gN (N a multiple of 4), "
+            "w8gN (N even, e.g. w8g32)")
 
 
 def parse_precision(name: object) -> Precision:
@@ -152,6 +158,9 @@ def check_applicable(name: str, module: nn.Module, precision: Precision) -> None
             f"precision {precision.name!r} is not valid for layer {name!r} ({kind}); "
             f"valid for {kind}: {', '.join(families)}"
         )
+    if isinstance(module, nn.Embedding) and precision.family == "w8" and precision.group_size is None:
+        raise PolicyError(f"embedding {name!r}: int8 weight-only tables come in groups (w8gN, e.g. w8g32); "
+                          "or use int8 (row-wise asymmetric)")
     group = group_size_for(module, precision)
     features = _features(module)
     if group is not None and features % group:
@@ -170,7 +179,10 @@ def check_applicable(name: str, module: nn.Module, precision: Precision) -> None
 
 
 def group_size_for(module: nn.Module, precision: Precision) -> int | None:
-    """Effective group size: Linear ``w4``/``w4a8`` -> 32, Embedding ``w4`` -> whole row."""
+    """Effective group size: Linear ``w4``/``w4a8`` -> 32, Embedding ``w4`` -> whole row;
+    ``w8gN`` -> N, per-channel ``w8`` -> None."""
+    if precision.family == "w8":
+        return precision.group_size
     if precision.family not in GROUPED_FAMILIES:
         return None
     if precision.group_size is not None:
@@ -198,6 +210,8 @@ def build(module: nn.Module, precision: Precision, input_qparams: QParams | None
             return HalfEmbedding.from_float(module, family)
         if family == "int8":
             return Int8Embedding.from_float(module)
+        if family == "w8":
+            return W8GroupEmbedding.from_float(module, precision.group_size)
         return W4Embedding.from_float(module, precision.group_size)
     if family in ("bf16", "fp16"):
         return HalfLinear.from_float(module, family)
@@ -209,6 +223,8 @@ def build(module: nn.Module, precision: Precision, input_qparams: QParams | None
         return Int8StaticLinear.from_float(module, input_qparams, hessian)
     if family == "int8-tensor":
         return Int8TensorFakeQuantLinear.from_float(module, hessian)
+    if family == "w8" and precision.group_size is not None:
+        return W8GroupLinear.from_float(module, precision.group_size, hessian)
     if family == "w8":
         return W8Linear.from_float(module, hessian)
     if family == "w4a8":
@@ -228,6 +244,8 @@ def build_empty(module: nn.Module, precision: Precision) -> nn.Module:
             return HalfEmbedding(rows, dim, family)
         if family == "int8":
             return Int8Embedding(rows, dim)
+        if family == "w8":
+            return W8GroupEmbedding(rows, dim, precision.group_size)
         return W4Embedding(rows, dim, precision.group_size)
     shape = (module.in_features, module.out_features, module.bias is not None)
     if family in ("bf16", "fp16"):
@@ -235,6 +253,8 @@ def build_empty(module: nn.Module, precision: Precision) -> nn.Module:
     if family in GROUPED_FAMILIES:
         module_class = W4A8Linear if family == "w4a8" else W4Linear
         return module_class(*shape, group_size=group_size_for(module, precision))
+    if family == "w8" and precision.group_size is not None:
+        return W8GroupLinear(*shape, group_size=precision.group_size)
     classes: dict[str, type[nn.Module]] = {
         "int8": int8_dynamic_class(module.in_features, module.out_features),
         "int8-static": Int8StaticLinear,

@@ -88,3 +88,29 @@ def w4_linear(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None) -> 
     if x.shape[0] <= W4_ROWS_KERNEL_MAX_M:
         return native.w4_linear_rows(x, packed, scale, bias)
     return w4_linear_tiled(x, packed, scale, bias)
+
+
+W8G_KERNEL_NAME = "int8 weights in groups: expanded to float32 in 16 MiB tiles (PyTorch ops) + float32 matmul"
+
+
+def w8g_dequantize(codes: Tensor, scale: Tensor) -> Tensor:
+    """The float32 weight ``[N, K]`` of int8 codes ``[N, K]`` and fp16 group scales ``[N, K/G]``:
+    ``q * s`` per element, exact in float32 (an 8-bit code times an 11-bit significand)."""
+    out_features, groups = scale.shape
+    expanded = codes.to(torch.float32).view(out_features, groups, -1) * scale.to(torch.float32).unsqueeze(-1)
+    return expanded.view(out_features, -1)
+
+
+def w8g_linear(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """``w8gN`` linear of a float32 ``x [M, K]``: ``y = x @ (q * s)^T + b``, the weight expanded
+    a tile of output rows at a time (no whole float32 copy of it is held)."""
+    out_features, in_features = codes.shape
+    tile_rows = max(1, min(out_features, W4_TILE_ELEMENTS // in_features))
+    if tile_rows == out_features:
+        return F.linear(x, w8g_dequantize(codes, scale), bias)
+    y = torch.empty(x.shape[0], out_features)
+    for begin in range(0, out_features, tile_rows):
+        end = min(out_features, begin + tile_rows)
+        tile = w8g_dequantize(codes[begin:end], scale[begin:end])
+        y[:, begin:end] = F.linear(x, tile, None if bias is None else bias[begin:end])
+    return y

@@ -1,7 +1,7 @@
 """Quantized modules that own their packed storage and pick a kernel."""
 
 from mixprec.nn.base import QuantizedModule
-from mixprec.nn.embedding import HalfEmbedding, Int8Embedding, W4Embedding
+from mixprec.nn.embedding import HalfEmbedding, Int8Embedding, W4Embedding, W8GroupEmbedding
 from mixprec.nn.linear_half import HalfLinear
 from mixprec.nn.linear_int8 import (
     Int8DynamicLinear,
@@ -11,7 +11,7 @@ from mixprec.nn.linear_int8 import (
     W8Linear,
     int8_dynamic_class,
 )
-from mixprec.nn.linear_weight_only import W4A8Linear, W4Linear
+from mixprec.nn.linear_weight_only import W4A8Linear, W4Linear, W8GroupLinear
 
 __all__ = [
     "HalfEmbedding",
@@ -25,6 +25,8 @@ __all__ = [
     "W4A8Linear",
     "W4Embedding",
     "W4Linear",
+    "W8GroupEmbedding",
+    "W8GroupLinear",
     "W8Linear",
     "int8_dynamic_class",
 ]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from mixprec.errors import InputError
-from mixprec.formats import QParams, QuantSpec, integer_dtype, qparams_from_tensor, quantize
+from mixprec.formats import QParams, QuantSpec, fp16_scale, integer_dtype, qparams_from_tensor, quantize
 from mixprec.gptq import gptq_quantize
 
 
@@ -138,3 +138,30 @@ def quantize_rows_in_chunks(weight: Tensor, qp: QParams) -> Tensor:
         rows_qp = qp if spec.granularity == "tensor" else QParams(spec, qp.scale[begin:end], qp.zero_point[begin:end])
         codes[begin:end] = quantize(weight[begin:end], rows_qp)
     return codes
+
+
+def w8_group_spec(group_size: int) -> QuantSpec:
+    """``w8gN`` weights: symmetric int8 codes in [-127, 127], one scale per ``group_size``
+    consecutive elements of a row (the scale then rounded to fp16)."""
+    return QuantSpec(bits=8, signed=True, symmetric=True, granularity="group", group_size=group_size)
+
+
+class W8GroupStorage(QuantizedModule):
+    """``w8gN`` storage shared by the Linear and the Embedding: int8 codes ``weight [rows,
+    columns]`` and fp16 scales ``weight_scale [rows, columns / N]``, set by one rounding rule
+    (so a weight tied between a head and a table gets the same codes in both)."""
+
+    def __init__(self, rows: int, columns: int, group_size: int) -> None:
+        super().__init__()
+        if columns % group_size:
+            raise ValueError(f"group size {group_size} does not divide the {columns} weights of a row")
+        self.group_size = group_size
+        self.precision = f"w8g{group_size}"
+        self.register_buffer("weight", torch.zeros(rows, columns, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(rows, columns // group_size, dtype=torch.float16))
+
+    def _set_codes(self, weight: Tensor, hessian: Tensor | None = None) -> None:
+        """Round ``weight`` (GPTQ with ``hessian``, else to nearest) onto fp16-scaled groups."""
+        codes, qp = round_weight(weight, w8_group_spec(self.group_size), hessian, scale_fn=fp16_scale)
+        self.weight.copy_(codes)
+        self.weight_scale.copy_(qp.scale)

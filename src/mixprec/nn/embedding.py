@@ -8,6 +8,10 @@ Integer tables are asymmetric (a zero point per row or group, subtracted on look
 - ``w4`` (row-wise) / ``w4gN`` (groups of N along the row): uint4 codes [0, 15] packed
   two per byte, an fp16 scale and a uint8 zero point per group.
   Bytes per row: ``dim / 2 + 3 * groups``.
+- ``w8gN``: symmetric int8 codes [-127, 127] with an fp16 scale per group of N, no zero
+  point: the same codes and scales as a ``w8gN`` Linear of the same weight (so a table tied
+  to a language model's head quantizes identically in both places). Bytes per row:
+  ``dim + 2 * groups``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from mixprec.formats import (
     to_half,
     unpack_int4,
 )
-from mixprec.nn.base import QuantizedModule, check_token_ids
+from mixprec.nn.base import QuantizedModule, W8GroupStorage, check_token_ids
 
 
 def check_embedding(embedding: nn.Embedding) -> None:
@@ -148,6 +152,35 @@ class HalfEmbedding(QuantizedModule):
     def forward(self, ids: Tensor) -> Tensor:
         check_token_ids(ids, self.num_embeddings, type(self).__name__)
         return F.embedding(ids, self.weight).to(torch.float32)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, precision={self.precision}"
+
+
+class W8GroupEmbedding(W8GroupStorage):
+    """``w8gN`` table: symmetric int8 codes with an fp16 scale per group of N along the row."""
+
+    kernel = "int8 row gather, dequantize looked-up rows"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int = 32) -> None:
+        super().__init__(num_embeddings, embedding_dim, group_size)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding, group_size: int = 32) -> W8GroupEmbedding:
+        check_embedding(embedding)
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, group_size)
+        module._set_codes(embedding.weight)
+        return module
+
+    def dequantized_weight(self) -> Tensor:
+        return self(torch.arange(self.num_embeddings))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        check_token_ids(ids, self.num_embeddings, type(self).__name__)
+        groups = F.embedding(ids, self.weight).reshape(*ids.shape, -1, self.group_size).to(torch.float32)
+        scale = F.embedding(ids, self.weight_scale).unsqueeze(-1).to(torch.float32)
+        return (groups * scale).reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, precision={self.precision}"

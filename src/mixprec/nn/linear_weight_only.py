@@ -1,6 +1,6 @@
-"""Int4 linears: weight-only ``w4gN`` (float32 activations) and ``w4a8gN`` (the same int4
-storage with dynamic int8 activations). The int8 weight-only ``w8`` shares the int8
-linears' storage and lives in :mod:`mixprec.nn.linear_int8`.
+"""Grouped weight-only linears: int4 ``w4gN`` (float32 activations), ``w4a8gN`` (the same int4
+storage with dynamic int8 activations) and int8 ``w8gN``. The per-channel int8 weight-only
+``w8`` shares the int8 linears' storage and lives in :mod:`mixprec.nn.linear_int8`.
 
 Kernels: :mod:`mixprec.kernels.weight_only` and :mod:`mixprec.kernels.w4a8_linear`.
 """
@@ -17,12 +17,16 @@ from mixprec.kernels.cpu import native_slow_path
 from mixprec.kernels.weight_only import (
     W4_FALLBACK_KERNEL_NAME,
     W4_KERNEL_NAME,
+    W8G_KERNEL_NAME,
     w4_dequantize_torch,
     w4_linear,
+    w8g_dequantize,
+    w8g_linear,
 )
 from mixprec.nn.base import (
     QUANTIZE_CHUNK_ELEMENTS,
     QuantizedModule,
+    W8GroupStorage,
     as_float32_matrix,
     check_linear_input,
     restore_shape,
@@ -119,3 +123,41 @@ class W4A8Linear(W4Linear):
         if w4a8.native_path():
             return None
         return native_slow_path() or "the native build has no AVX512-VNNI kernel (this CPU or compiler lacks it)"
+
+
+class W8GroupLinear(W8GroupStorage):
+    """``w8gN``: int8 weights in groups of N along the input dimension, float32 activations.
+
+    Codes are symmetric in [-127, 127], one per byte; each group has an fp16 scale
+    ``max|w| / 127`` (rounded to fp16 first, then used for quantizing, kept at or above
+    2**-14), codes ``clamp(round_half_even(w / scale), -127, 127)``. Bytes per weight:
+    1 + 2 / N. With N = 32 this is llama.cpp's Q8_0 block, value for value.
+    Forward: ``y = x @ (codes * scale)^T + b`` in float32 (``codes * scale`` is exact).
+    """
+
+    kernel = W8G_KERNEL_NAME
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 32) -> None:
+        super().__init__(out_features, in_features, group_size)
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int = 32, hessian: Tensor | None = None) -> W8GroupLinear:
+        """Quantize ``linear`` (GPTQ if ``hessian`` is given, else round to nearest)."""
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
+        module._set_codes(linear.weight, hessian)
+        if module.bias is not None:
+            module.bias.copy_(linear.bias.detach())
+        return module
+
+    def dequantized_weight(self) -> Tensor:
+        return w8g_dequantize(self.weight, self.weight_scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_linear_input(x, self.in_features, type(self).__name__)
+        return restore_shape(w8g_linear(as_float32_matrix(x), self.weight, self.weight_scale, self.bias), x)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
