@@ -113,7 +113,7 @@ def _explain(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from mixprec.export import FORMATS, export
+    from mixprec.export import FORMATS, check_exportable, export
     from mixprec.hf import load_pretrained, load_tokenizer
     from mixprec.policy import Policy
     from mixprec.quantize import quantize
@@ -123,12 +123,18 @@ def _export(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not args.overwrite:  # refused before the model is loaded
         raise MixprecError(f"{out} exists; choose another --out or pass --overwrite to replace it")
-    model = load_pretrained(args.model, causal_lm=args.format == "gguf")
+    model = load_pretrained(args.model, causal_lm=args.format == "gguf", own_architecture=True)
     options: dict[str, object] = {}
-    if "tokenizer" in fmt.options:
-        options["tokenizer"] = load_tokenizer(args.model)
+    if args.format == "gguf":
+        options["tokenizer"] = load_tokenizer(args.model)  # GGUF files carry the vocabulary
+    elif "tokenizer" in fmt.options:
+        try:
+            options["tokenizer"] = load_tokenizer(args.model)
+        except MixprecError:
+            print(f"note: {args.model} has no tokenizer to copy into the export")
     if args.gguf_pre:
         options["gguf_pre"] = args.gguf_pre
+    check_exportable(model, policy, args.format)
     print(quantize(model, policy))
     written = export(model, out, format=args.format, overwrite=args.overwrite, **options)
     print(f"wrote {written} ({args.format})")
@@ -302,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     chosen.add_argument("--precision", type=lambda text: _precisions(text)[0],
                         help="one precision for every layer, e.g. w8g32")
     exporter.add_argument("--format", required=True, choices=sorted(FORMATS), help="output format")
-    exporter.add_argument("--out", required=True, help="output file (gguf)")
+    exporter.add_argument("--out", required=True, help="output file (gguf) or folder (compressed-tensors)")
     exporter.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     exporter.add_argument("--gguf-pre", help="gguf: llama.cpp's pre-tokenizer name (e.g. smollm, llama-bpe, qwen2); "
                                              "inferred only for plain GPT-2 byte-level BPE")

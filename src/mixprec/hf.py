@@ -35,15 +35,20 @@ def _source(name_or_path: str) -> tuple[str, dict]:
     return name_or_path, {}
 
 
-def load_pretrained(name_or_path: str, causal_lm: bool = False) -> nn.Module:
-    """``transformers.AutoModel`` (or ``AutoModelForCausalLM``) ``.from_pretrained`` in float32
-    and eval mode; a local folder or ``.gguf`` file loads offline."""
+def load_pretrained(name_or_path: str, causal_lm: bool = False, own_architecture: bool = False) -> nn.Module:
+    """``from_pretrained`` in float32 and eval mode: ``transformers.AutoModel``, or
+    ``AutoModelForCausalLM`` (``causal_lm``), or the class the config names first in
+    ``architectures`` (``own_architecture``, e.g. with its LM head). A local folder or
+    ``.gguf`` file loads offline."""
     transformers = _transformers()
     source, extra = _source(name_or_path)
-    auto = transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModel
     try:
         import torch
 
+        auto = transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModel
+        if own_architecture:
+            names = getattr(transformers.AutoConfig.from_pretrained(source, **extra), "architectures", None) or []
+            auto = getattr(transformers, names[0], auto) if names else auto
         return auto.from_pretrained(source, dtype=torch.float32, **extra).eval()
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot load a Hugging Face model from {name_or_path!r}: {exc}") from None

@@ -5,6 +5,7 @@ own storage without a second rounding, registered in :mod:`mixprec.export.regist
 which refuses, by layer name, what a format cannot hold. Formats:
 
 - ``gguf``: llama.cpp / Ollama (:mod:`mixprec.export.gguf`).
+- ``compressed-tensors``: vLLM, SGLang, transformers (:mod:`mixprec.export.compressed_tensors`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from pathlib import Path
 from torch import nn
 
 from mixprec.errors import ExportError
-from mixprec.export import gguf as _gguf  # noqa: F401  (registers the format)
-from mixprec.export.registry import FORMATS, find_format, model_layers, refuse_unheld
-from mixprec.io_utils import atomic_path
+from mixprec.export import compressed_tensors as _compressed_tensors  # noqa: F401  (registers the format)
+from mixprec.export import gguf as _gguf  # noqa: F401
+from mixprec.export.registry import FORMATS, ExportLayer, find_format, layer_kind, model_layers, refuse_unheld
+from mixprec.io_utils import atomic_folder, atomic_path
+from mixprec.policy import Policy
 
 
 def export(model: nn.Module, path: str | os.PathLike[str], format: str, *, overwrite: bool = False,
@@ -27,8 +30,9 @@ def export(model: nn.Module, path: str | os.PathLike[str], format: str, *, overw
     Every layer keeps the precision it has: a layer the format cannot hold is refused by
     name with the nearest precision it can hold, before anything is written. The output
     is written under a temporary name and renamed into place; an existing ``path`` is
-    refused unless ``overwrite`` is True. ``options`` are the format's own (for ``gguf``:
-    ``tokenizer``, ``gguf_pre``, ``name``). Returns the path written.
+    refused unless ``overwrite`` is True. ``options`` are the format's own (``gguf``:
+    ``tokenizer``, ``gguf_pre``, ``name``; ``compressed-tensors``: ``tokenizer``). Returns the
+    path written (a file, or a folder for ``compressed-tensors``).
     """
     if not isinstance(model, nn.Module):
         raise ExportError(f"export takes a torch.nn.Module, got {type(model).__name__}")
@@ -44,9 +48,21 @@ def export(model: nn.Module, path: str | os.PathLike[str], format: str, *, overw
         raise ExportError(f"{target} is a {'folder' if target.is_dir() else 'file'}; format {fmt.name!r} writes a "
                           f"{'folder' if fmt.folder else 'file'}")
     refuse_unheld(fmt, model_layers(model))
-    with atomic_path(target) as tmp:
-        fmt.write(model, tmp, dict(options))
+    if fmt.folder:
+        with atomic_folder(target, replace=overwrite) as tmp:
+            fmt.write(model, tmp, dict(options))
+    else:
+        with atomic_path(target) as tmp:
+            fmt.write(model, tmp, dict(options))
     return target
 
 
-__all__ = ["FORMATS", "export"]
+def check_exportable(model: nn.Module, policy: Policy, format: str) -> None:
+    """Refuse (ExportError, naming every layer) a policy whose precisions ``format`` cannot
+    hold, before anything is quantized."""
+    fmt = find_format(format)
+    refuse_unheld(fmt, [ExportLayer(plan.name, layer_kind(plan.module) or "linear", plan.precision.name)
+                        for plan in policy.plan(model)])
+
+
+__all__ = ["FORMATS", "check_exportable", "export"]
