@@ -6,6 +6,7 @@ which refuses, by layer name, what a format cannot hold. Formats:
 
 - ``gguf``: llama.cpp / Ollama (:mod:`mixprec.export.gguf`).
 - ``compressed-tensors``: vLLM, SGLang, transformers (:mod:`mixprec.export.compressed_tensors`).
+- ``onnx``: ONNX Runtime (:mod:`mixprec.export.onnx`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from mixprec.errors import ExportError
 from mixprec.export import compressed_tensors as _compressed_tensors  # noqa: F401  (registers the format)
 from mixprec.export import gguf as _gguf  # noqa: F401
+from mixprec.export import onnx as _onnx  # noqa: F401
 from mixprec.export.registry import FORMATS, ExportLayer, find_format, layer_kind, model_layers, refuse_unheld
 from mixprec.io_utils import atomic_folder, atomic_path
 from mixprec.policy import Policy
@@ -31,7 +33,8 @@ def export(model: nn.Module, path: str | os.PathLike[str], format: str, *, overw
     name with the nearest precision it can hold, before anything is written. The output
     is written under a temporary name and renamed into place; an existing ``path`` is
     refused unless ``overwrite`` is True. ``options`` are the format's own (``gguf``:
-    ``tokenizer``, ``gguf_pre``, ``name``; ``compressed-tensors``: ``tokenizer``). Returns the
+    ``tokenizer``, ``gguf_pre``, ``name``; ``compressed-tensors``: ``tokenizer``; ``onnx``:
+    ``example``, an input tensor for models that are not transformers encoders). Returns the
     path written (a file, or a folder for ``compressed-tensors``).
     """
     if not isinstance(model, nn.Module):

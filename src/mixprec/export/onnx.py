@@ -1,0 +1,259 @@
+"""``format="onnx"``: MLPs and BERT-style encoders for ONNX Runtime.
+
+The model is traced with PyTorch's TorchScript ONNX exporter; each quantized Linear is
+written as the operators below (opset 21, plus ``com.microsoft`` for ``MatMulNBits``):
+
+=============  ========================================================================
+mixprec        ONNX
+=============  ========================================================================
+int8           ``s = max(ReduceMax(|x|, -1), 127 * 2**-126) / 127``,
+               ``q = Cast<int8>(Round(x / s))``, ``MatMulInteger(q, W^T)`` (int32),
+               ``(float(acc) * s) * w_scale + b``: mixprec's own arithmetic, step by step
+int8-static    ``q = Cast<int8>(Clip(Round(x / s_x) + z_x, -128, 127))``, ``MatMulInteger``,
+               ``float(acc) * (s_x * w_scale) + b'`` (b' with the zero point folded in)
+w8             ``MatMul(x, Cast<float>(W^T)) * w_scale + b``
+w4gN, w8gN     ``MatMulNBits`` (bits 4 / 8, block N, float32 activations: accuracy_level 0)
+w4a8gN         ``MatMulNBits`` with accuracy_level 4 (ONNX Runtime rounds activations to
+               int8 per block in its own way, mixprec per token)
+fp16           ``Cast<float16>``, float16 ``MatMul`` + bias, ``Cast<float>``
+=============  ========================================================================
+
+``MatMulNBits`` needs N a power of two >= 16; its codes are mixprec's plus the format's
+zero point (8 or 128), its scales mixprec's fp16 scales widened exactly. Embeddings
+(fp16, bf16, int8, w4) and everything that is not a Linear are traced as mixprec runs them.
+``bf16`` Linears are refused: ONNX Runtime's CPU provider has no bfloat16 MatMul.
+
+Inputs: a transformers encoder (``config`` and ``input_ids``) gets ``input_ids``,
+``attention_mask`` (and ``token_type_ids`` when its config has token types) and returns
+``last_hidden_state``, batch and sequence dynamic; any other module needs
+``example=`` (a tensor) and gets one input ``input`` and one output ``output``, batch dynamic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from mixprec.errors import ExportError
+from mixprec.export.registry import ExportFormat, register
+from mixprec.formats import SCALE_MIN, unpack_int4
+from mixprec.nn import (
+    HalfLinear,
+    Int8DynamicLinear,
+    Int8StaticLinear,
+    QuantizedModule,
+    W4A8Linear,
+    W4Linear,
+    W8GroupLinear,
+    W8Linear,
+)
+
+OPSET = 21
+_POWER_OF_TWO_BLOCKS = {16, 32, 64, 128, 256, 512, 1024, 2048}
+
+
+def nearest(kind: str, precision: str) -> str | None:
+    """None when the ONNX writer holds ``precision`` for ``kind``, else the nearest held one."""
+    if kind == "embedding":
+        return None if precision in ("fp32", "fp16", "bf16", "int8") or precision.startswith("w4") else "int8"
+    if precision in ("fp32", "fp16", "int8", "int8-static", "w8"):
+        return None
+    if precision == "bf16":
+        return "fp16 (ONNX Runtime's CPU provider has no bfloat16 MatMul)"
+    for family in ("w4a8g", "w4g", "w8g"):
+        if precision.startswith(family):
+            block = int(precision[len(family):])
+            return None if block in _POWER_OF_TWO_BLOCKS else f"{family}32 or {family}64 (MatMulNBits blocks)"
+    return "int8"
+
+
+def _constant(g: object, value: float | list[int], dtype: torch.dtype = torch.float32) -> object:
+    return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+
+def _rescale(g: object, acc: object, row_scale: object, col_scale: object, bias: object) -> object:
+    """``(float(acc) * row_scale) * col_scale + bias``, one float32 rounding per step."""
+    y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), row_scale), col_scale)
+    return y if bias is None else g.op("Add", y, bias)
+
+
+class _ScaledLinear(torch.autograd.Function):
+    """``(x, W^T [K, N], per-column scale, bias)``: traced for its symbolic only (the value
+    it returns while tracing is a placeholder of the output's shape)."""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor, weight_t: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:  # noqa: ARG004
+        return x.new_empty(*x.shape[:-1], weight_t.shape[1])
+
+
+class _Int8Dynamic(_ScaledLinear):
+    @staticmethod
+    def symbolic(g: object, x: object, weight_t: object, scale: object, bias: object) -> object:
+        amax = g.op("ReduceMax", g.op("Abs", x), _constant(g, [-1], torch.int64), keepdims_i=1)
+        row_scale = g.op("Div", g.op("Max", amax, _constant(g, 127.0 * SCALE_MIN)), _constant(g, 127.0))
+        codes = g.op("Cast", g.op("Round", g.op("Div", x, row_scale)), to_i=3)  # int8
+        return _rescale(g, g.op("MatMulInteger", codes, weight_t), row_scale, scale, bias)
+
+
+class _Int8Static(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: Tensor, weight_t: Tensor, input_scale: Tensor, zero_point: Tensor,  # noqa: ARG004
+                combined: Tensor, bias: Tensor) -> Tensor:
+        return x.new_empty(*x.shape[:-1], weight_t.shape[1])
+
+    @staticmethod
+    def symbolic(g: object, x: object, weight_t: object, input_scale: object, zero_point: object, combined: object,
+                 bias: object) -> object:
+        shifted = g.op("Add", g.op("Round", g.op("Div", x, input_scale)), zero_point)
+        codes = g.op("Cast", g.op("Clip", shifted, _constant(g, -128.0), _constant(g, 127.0)), to_i=3)
+        acc = g.op("MatMulInteger", codes, weight_t)
+        return g.op("Add", g.op("Mul", g.op("Cast", acc, to_i=1), combined), bias)
+
+
+class _W8(_ScaledLinear):
+    @staticmethod
+    def symbolic(g: object, x: object, weight_t: object, scale: object, bias: object) -> object:
+        y = g.op("Mul", g.op("MatMul", x, g.op("Cast", weight_t, to_i=1)), scale)
+        return y if bias is None else g.op("Add", y, bias)
+
+
+class _MatMulNBits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: Tensor, blocks: Tensor, scales: Tensor, bias: Tensor | None,  # noqa: ARG004
+                bits: int, block: int, accuracy: int, out_features: int) -> Tensor:
+        return x.new_empty(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def symbolic(g: object, x: object, blocks: object, scales: object, bias: object, bits: int, block: int,
+                 accuracy: int, out_features: int) -> object:
+        in_features = blocks.type().sizes()[1] * block
+        y = g.op("com.microsoft::MatMulNBits", x, blocks, scales, K_i=in_features, N_i=out_features, bits_i=bits,
+                 block_size_i=block, accuracy_level_i=accuracy)
+        return y if bias is None else g.op("Add", y, bias)
+
+
+class _OnnxLinear(nn.Module):
+    """Stands in for a quantized Linear while it is traced: holds the tensors in the ONNX
+    layout as buffers (they become the file's initializers) and emits the operators above."""
+
+    def __init__(self, module: QuantizedModule) -> None:
+        super().__init__()
+        self.kind = type(module)
+        bias = getattr(module, "bias", None)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        if isinstance(module, W4Linear):
+            codes = unpack_int4(module.weight_packed, signed=True)
+            self._nbits(codes, module.weight_scale, 4, module.group_size, 4 if isinstance(module, W4A8Linear) else 0)
+        elif isinstance(module, W8GroupLinear):
+            self._nbits(module.weight, module.weight_scale, 8, module.group_size, 0)
+        elif isinstance(module, Int8StaticLinear):
+            self.register_buffer("weight_t", module.weight.t().contiguous())
+            self.register_buffer("input_scale", module.input_scale.reshape(()).clone())
+            self.register_buffer("zero_point", module.input_zero_point.to(torch.float32).reshape(()))
+            self.register_buffer("combined", (module.input_scale * module.weight_scale).reshape(-1))
+        elif isinstance(module, (Int8DynamicLinear, W8Linear)):
+            self.register_buffer("weight_t", module.weight_codes().t().contiguous())
+            self.register_buffer("scale", module.weight_scale.reshape(-1).clone())
+        else:
+            raise ExportError(f"ONNX export cannot hold a {module.precision} layer ({type(module).__name__})")
+
+    def _nbits(self, codes: Tensor, scale: Tensor, bits: int, block: int, accuracy: int) -> None:
+        """MatMulNBits storage: ``[N, K / block, block * bits / 8]`` bytes of ``u = code + 2**(bits-1)``
+        (for 4 bits, element ``2i`` in the low nibble of byte ``i``), float32 scales ``[N * K / block]``."""
+        rows, columns = codes.shape
+        unsigned = (codes.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+        if bits == 4:
+            unsigned = unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)
+        self.register_buffer("blocks", unsigned.reshape(rows, columns // block, -1).contiguous())
+        self.register_buffer("scales", scale.to(torch.float32).reshape(-1).clone())
+        self.bits, self.block, self.accuracy, self.out_features = bits, block, accuracy, rows
+
+    def forward(self, x: Tensor) -> Tensor:
+        if hasattr(self, "blocks"):
+            return _MatMulNBits.apply(x, self.blocks, self.scales, self.bias, self.bits, self.block, self.accuracy,
+                                      self.out_features)
+        if self.kind is Int8StaticLinear:
+            return _Int8Static.apply(x, self.weight_t, self.input_scale, self.zero_point, self.combined, self.bias)
+        if issubclass(self.kind, W8Linear):
+            return _W8.apply(x, self.weight_t, self.scale, self.bias)
+        return _Int8Dynamic.apply(x, self.weight_t, self.scale, self.bias)
+
+
+@contextlib.contextmanager
+def _stand_ins(model: nn.Module) -> Iterator[None]:
+    """Swap every quantized Linear (not the half ones, which trace as they run) for its ONNX
+    stand-in, and put the originals back afterwards."""
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantizedModule) and not hasattr(module, "num_embeddings") \
+                and not isinstance(module, HalfLinear):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, _OnnxLinear(module))
+            swapped.append((parent, child, module))
+    try:
+        yield
+    finally:
+        for parent, child, module in swapped:
+            setattr(parent, child, module)
+
+
+class _EncoderOutputs(nn.Module):
+    """A transformers encoder called with keyword inputs, returning ``last_hidden_state``."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self.model(**dict(zip(self.names, inputs))).last_hidden_state
+
+
+def _traced_call(model: nn.Module, example: object) -> tuple[nn.Module, tuple[Tensor, ...], list[str], list[str],
+                                                             dict[str, dict[int, str]]]:
+    config = getattr(model, "config", None)
+    if config is not None and "input_ids" in inspect.signature(model.forward).parameters:
+        if example is not None:
+            raise ExportError("a transformers encoder is traced with its own example tokens; drop example=")
+        names = ("input_ids", "attention_mask") + (("token_type_ids",)
+                                                   if getattr(config, "type_vocab_size", 0) > 1 else ())
+        ids = torch.ones(2, 8, dtype=torch.int64)
+        inputs = (ids, torch.ones_like(ids)) + ((torch.zeros_like(ids),) if len(names) == 3 else ())
+        axes = {name: {0: "batch", 1: "sequence"} for name in names}
+        axes["last_hidden_state"] = {0: "batch", 1: "sequence"}
+        return _EncoderOutputs(model, names), inputs, list(names), ["last_hidden_state"], axes
+    if not isinstance(example, Tensor):
+        raise ExportError(f"ONNX export of a {type(model).__name__} needs example=<an input tensor> to trace it "
+                          f"(got {type(example).__name__}); transformers encoders need none")
+    return model, (example,), ["input"], ["output"], {"input": {0: "batch"}, "output": {0: "batch"}}
+
+
+def write_onnx(model: nn.Module, path: Path, options: dict) -> None:
+    """Trace ``model`` (as mixprec quantized it) into one ONNX file at ``path``.
+    Option ``example``: an input tensor, for models that are not transformers encoders."""
+    traced, inputs, input_names, output_names, axes = _traced_call(model, options.get("example"))
+    was_training = model.training
+    model.eval()
+    try:
+        with _stand_ins(model), warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the tracer's notes on Python-side checks and the legacy exporter
+            torch.onnx.export(traced, inputs, str(path), dynamo=False, input_names=input_names,
+                              output_names=output_names, dynamic_axes=axes, opset_version=OPSET,
+                              custom_opsets={"com.microsoft": 1}, do_constant_folding=True)
+    finally:
+        model.train(was_training)
+
+
+ONNX = register(ExportFormat(
+    name="onnx",
+    description="ONNX Runtime: one .onnx file (MLPs and BERT-style encoders)",
+    nearest=nearest,
+    write=write_onnx,
+    options=("example",),
+))
