@@ -7,7 +7,9 @@
 32 STS-B test sentences) and batch 1 (the first one), through PyTorch float32, mixprec eager
 (uniform int8, the README's bf16 recipe), ONNX Runtime on mixprec's exports (float32, int8,
 int8 with w4g64 embeddings, w4a8g32, the fp16-attention recipe) and ONNX Runtime's own
-``quantize_dynamic`` (uniform dynamic int8, its defaults) of the same float32 file. Every
+``quantize_dynamic`` (uniform dynamic int8, its defaults) of the same float32 file; and
+transformers reading mixprec's compressed-tensors folders (int8, w4g32, the recipe with
+fp16 embeddings) beside mixprec eager on the same policy (accuracy only). Every
 path's STS-B test Spearman x100 (all 1,379 pairs, mean-pooled embeddings) and milliseconds
 per batch: median of interleaved rounds, each round a block of calls of at least 0.2 s
 per path (ONNX Runtime's thread pool spins after a call and would slow whatever ran next).
@@ -77,6 +79,7 @@ def minilm_policies() -> dict[str, Policy]:
 
 
 def run_minilm(rounds: int, out: Path, data: str | None) -> list[dict[str, object]]:
+    import transformers
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from mixprec.studies.minilm import load_model, model_path, tokenize
@@ -105,20 +108,32 @@ def run_minilm(rounds: int, out: Path, data: str | None) -> list[dict[str, objec
         file = work / f"{len(paths)}.onnx"
         mixprec.export(model, file, format="onnx")
         paths[f"ONNX Runtime, mixprec {label}"] = (OrtEncoder(file, threads), f"{report.total_bytes:,}")
+    for label, policy in {"int8, fp32 embeddings": Policy([(EMBEDDINGS, "fp32")], default="int8"),
+                          "w4g32, fp32 embeddings": Policy([(EMBEDDINGS, "fp32")], default="w4g32"),
+                          "recipe with fp16 embeddings": Policy([(ATTENTION, "bf16"), (FFN, "int8"),
+                                                                 (EMBEDDINGS, "fp16")], default="int8")}.items():
+        model = load_model()[0]
+        report = mixprec.quantize(model, policy)
+        paths[f"mixprec eager {label} (for the next row)"] = (model, f"{report.total_bytes:,}")
+        folder = mixprec.export(model, work / f"{len(paths)}-ct", format="compressed-tensors")
+        reader = transformers.AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+        paths[f"transformers reading mixprec's compressed-tensors {label}"] = (reader, "-")
     rows = []
     for label, (model, nbytes) in paths.items():
         rows.append({"path": label, "stsb": round(scorer(model), 2), "bytes (mixprec)": nbytes,
                      "onnx file bytes": f"{model.path.stat().st_size:,}" if isinstance(model, OrtEncoder) else "-"})
+    timed = {label: model for label, (model, _) in paths.items() if "compressed-tensors" not in label
+             and "next row" not in label}
     for batch_size, batch in batches.items():
         calls: dict[str, Callable[[], object]] = {}
-        for label, (model, _) in paths.items():
+        for label, model in timed.items():
             calls[label] = (lambda m=model, b=batch: _no_grad(m, b))
         medians = interleaved_medians(calls, rounds=rounds, min_seconds=0.2)
         for row in rows:
-            row[f"ms batch {batch_size}"] = round(1e3 * medians[row["path"]], 2)
+            row[f"ms batch {batch_size}"] = round(1e3 * medians[row["path"]], 2) if row["path"] in medians else "-"
     peer = next(r for r in rows if "quantize_dynamic" in r["path"])
     for row in rows:
-        row["x ORT int8 (b32)"] = round(peer["ms batch 32"] / row["ms batch 32"], 2)
+        row["x ORT int8 (b32)"] = round(peer["ms batch 32"] / row["ms batch 32"], 2) if row["path"] in timed else "-"
     columns = list(rows[0])
     print_table(f"all-MiniLM-L6-v2 ({model_path()}), {threads} threads, median of {rounds} interleaved rounds",
                 rows, columns)

@@ -119,7 +119,7 @@ def test_modules_refuse_bad_inputs_clearly() -> None:
     module = Int8DynamicLinear.from_float(linear())
     with pytest.raises(InputError, match=r"\[\.\.\., 96\]"):
         module(torch.randn(2, 95))
-    with pytest.raises(InputError, match="float32, float16 or bfloat16"):
+    with pytest.raises(InputError, match="float32, float16, bfloat16 or float64"):
         module(torch.ones(2, 96, dtype=torch.int64))
     emb = Int8Embedding.from_float(nn.Embedding(10, 8))
     with pytest.raises(InputError, match=r"\[0, 9\]"):

@@ -175,7 +175,10 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
@@ -194,7 +197,10 @@ def _precisions(text: str) -> list[str]:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
@@ -206,7 +212,10 @@ def _add_text_data_arguments(parser: argparse.ArgumentParser, out: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mixprec import __version__
+
     parser = argparse.ArgumentParser(prog="mixprec", description="Mixed-precision quantization for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"mixprec {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     study = sub.add_parser("fashion-mnist", help="train the 784-64-10 MLP and compare every precision")
     study.add_argument("--data", help="folder with the Fashion-MNIST files (default: search, then download)")

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from mixprec.accounting import model_bytes, modules_with_tensors, own_bytes
-from mixprec.errors import CalibrationError, PolicyError
+from mixprec.errors import CalibrationError, ExportError, PolicyError
 from mixprec.formats import QParams, all_finite
 from mixprec.gptq import HessianAccumulator
 from mixprec.nn.base import warn_slow_paths
@@ -80,6 +80,8 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
                 built.append((plan.name, new))
             del plan  # the float layer is freed here unless the caller holds it
     warn_slow_paths(built)
+    if built:
+        guard_save_pretrained(model)
     rows = []
     modules = dict(model.named_modules())
     for name, (kind, bytes_before) in before.items():
@@ -163,3 +165,19 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def guard_save_pretrained(model: nn.Module) -> None:
+    """Make a quantized transformers model's ``save_pretrained`` (and so ``push_to_hub``) refuse:
+    its folder would reload as float weights with stray scales, silently wrong."""
+    if not callable(getattr(type(model), "save_pretrained", None)):
+        return
+
+    def save_pretrained(*_args: object, **_kwargs: object) -> None:
+        raise ExportError(
+            "this model holds mixprec-quantized layers, which transformers' save_pretrained would write as a folder "
+            "that reloads wrong; use mixprec.save(model, 'model.safetensors') (reload with mixprec.load) or "
+            "mixprec.export(model, folder, format='compressed-tensors') (transformers and vLLM read it)"
+        )
+
+    model.save_pretrained = save_pretrained

@@ -26,6 +26,7 @@ from mixprec.nn import QuantizedModule
 from mixprec.nn.base import warn_slow_paths
 from mixprec.precision import build_empty, check_applicable, parse_precision
 from mixprec.quant_report import LayerReport, QuantReport
+from mixprec.quantize import guard_save_pretrained
 
 FORMAT_VERSION = 1
 
@@ -132,6 +133,7 @@ def load(model: nn.Module, path: str | os.PathLike[str]) -> QuantReport:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         warn_slow_paths(replacements.items())
+        guard_save_pretrained(model)
         model.load_state_dict({k: tensors[k] for k in expected})
     return _loaded_report(model, layers, fp32_bytes)
 

@@ -256,7 +256,7 @@ def write_onnx(model: nn.Module, path: Path, options: dict) -> None:
     """Trace ``model`` (as mixprec quantized it) into one ONNX file at ``path``.
     Option ``example``: an input tensor, for models that are not transformers encoders."""
     traced, inputs, input_names, output_names, axes = _traced_call(model, options.get("example"))
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
         with _stand_ins(model), warnings.catch_warnings(), torch.no_grad():
@@ -265,7 +265,8 @@ def write_onnx(model: nn.Module, path: Path, options: dict) -> None:
                               output_names=output_names, dynamic_axes=axes, opset_version=OPSET,
                               custom_opsets={"com.microsoft": 1}, do_constant_folding=True)
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
 
 
 ONNX = register(ExportFormat(

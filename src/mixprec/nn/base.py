@@ -24,6 +24,30 @@ class QuantizedModule(nn.Module):
     precision: str
     kernel: str
 
+    #: dtype of what lookups return (embeddings); Linears return their input's dtype.
+    output_dtype: torch.dtype = torch.float32
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.training = False  # built for inference; model.train() later is refused at forward time
+        self.register_forward_pre_hook(_refuse_training)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202
+        """Dtype casts (``.half()``, ``.to(torch.bfloat16)``, ``.float()``) leave the stored codes,
+        scales and half weights as the policy made them and set only :attr:`output_dtype`; a
+        move to another device is refused (the kernels are CPU-only)."""
+        probe = torch.zeros(())
+        try:
+            moved = fn(probe)
+        except (RuntimeError, AssertionError) as exc:
+            raise InputError(f"{type(self).__name__} ({self.precision}) runs on the CPU only: {exc}") from None
+        if isinstance(moved, Tensor) and moved.device != probe.device:
+            raise InputError(f"{type(self).__name__} ({self.precision}) runs on the CPU only; its storage cannot "
+                             f"move to {moved.device} (keep the model on the CPU)")
+        if isinstance(moved, Tensor) and moved.dtype.is_floating_point:
+            self.output_dtype = moved.dtype
+        return self
+
     @property
     def slow_path(self) -> str | None:
         """Why this module runs slower than its precision can here, or None when it does not."""
@@ -38,6 +62,14 @@ class QuantizedModule(nn.Module):
     def storage_bytes(self) -> int:
         """Exact bytes of every tensor this module holds."""
         return sum(t.nbytes for t in self.state_dict().values())
+
+
+def _refuse_training(module: QuantizedModule, _args: tuple) -> None:
+    if module.training and torch.is_grad_enabled():
+        raise InputError(
+            f"{type(module).__name__} ({module.precision}) is inference-only: its forward computes no gradients. "
+            "Call model.eval() (or run under torch.no_grad()); mixprec has no quantization-aware training yet"
+        )
 
 
 def warn_slow_paths(modules: Iterable[tuple[str, nn.Module]]) -> None:
@@ -61,10 +93,10 @@ def check_linear_input(x: Tensor, in_features: int, name: str) -> None:
     """Refuse inputs a linear layer cannot take, with a message saying what would fit."""
     if not isinstance(x, Tensor):
         raise InputError(f"{name} takes a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise InputError(
-            f"{name} takes float32, float16 or bfloat16 input, got {x.dtype}; "
-            "convert with x.float()"
+            f"{name} takes float32, float16, bfloat16 or float64 input (computed in its own precision, returned "
+            f"in the input's dtype), got {x.dtype}; convert with x.float()"
         )
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise InputError(

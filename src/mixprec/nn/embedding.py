@@ -1,7 +1,9 @@
 """Embedding tables in int8, int4 or half precision.
 
-Integer tables are asymmetric (a zero point per row or group, subtracted on lookup):
-``row = (q - zero_point) * scale`` for just the looked-up rows, in float32.
+Lookups return float32 rows, or the dtype a later ``model.half()`` / ``.to(dtype)`` asked
+for (the stored table never changes). Integer tables are asymmetric (a zero point per row
+or group, subtracted on lookup): ``row = (q - zero_point) * scale`` for just the looked-up
+rows, in float32.
 
 - ``int8``: uint8 codes [0, 255], one float32 scale and one uint8 zero point per row.
   Bytes per row: ``dim + 5``.
@@ -77,10 +79,14 @@ class _IntEmbedding(QuantizedModule):
         self.weight_zero_point.copy_(qp.zero_point)
 
     def dequantized_weight(self) -> Tensor:
-        return self(torch.arange(self.num_embeddings))
+        return self._lookup(torch.arange(self.num_embeddings))
 
     def forward(self, ids: Tensor) -> Tensor:
         check_token_ids(ids, self.num_embeddings, type(self).__name__)
+        return self._lookup(ids).to(self.output_dtype)
+
+    def _lookup(self, ids: Tensor) -> Tensor:
+        """The float32 rows of valid ``ids``."""
         rows = F.embedding(ids, self.weight)
         codes = rows if self.bits == 8 else unpack_int4(rows, signed=False)
         groups = codes.reshape(*ids.shape, -1, self.group_size).to(torch.int32)
@@ -151,7 +157,7 @@ class HalfEmbedding(QuantizedModule):
 
     def forward(self, ids: Tensor) -> Tensor:
         check_token_ids(ids, self.num_embeddings, type(self).__name__)
-        return F.embedding(ids, self.weight).to(torch.float32)
+        return F.embedding(ids, self.weight).to(self.output_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, precision={self.precision}"
@@ -174,10 +180,14 @@ class W8GroupEmbedding(W8GroupStorage):
         return module
 
     def dequantized_weight(self) -> Tensor:
-        return self(torch.arange(self.num_embeddings))
+        return self._lookup(torch.arange(self.num_embeddings))
 
     def forward(self, ids: Tensor) -> Tensor:
         check_token_ids(ids, self.num_embeddings, type(self).__name__)
+        return self._lookup(ids).to(self.output_dtype)
+
+    def _lookup(self, ids: Tensor) -> Tensor:
+        """The float32 rows of valid ``ids``: ``code * scale``, exact."""
         groups = F.embedding(ids, self.weight).reshape(*ids.shape, -1, self.group_size).to(torch.float32)
         scale = F.embedding(ids, self.weight_scale).unsqueeze(-1).to(torch.float32)
         return (groups * scale).reshape(*ids.shape, self.embedding_dim)
