@@ -92,3 +92,32 @@ def test_cli_numbers_are_refused_in_plain_words(capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit):
         main(["search-study", "--low-ratio", "half"])
     assert "argument --low-ratio: must be a positive number, got 'half'" in capsys.readouterr().err
+
+
+def test_unused_rules_name_the_toml_key_and_a_second_quantize_says_why() -> None:
+    model = quantized_lm()
+    with pytest.raises(mixprec.PolicyError, match=r"write allow_unused = true in a policy TOML") as err:
+        mixprec.quantize(model, Policy([(r".*v_proj", "int8"), (r".*q_proj", "int8")]))
+    assert "matches only modules mixprec does not quantize" in str(err.value)
+    twice = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    mixprec.quantize(twice, Policy(default="int8"))
+    with pytest.raises(mixprec.PolicyError, match=r"no layer mixprec can quantize .* was it quantized already"):
+        mixprec.quantize(twice, Policy([("0", "int8")]))
+
+
+def test_report_tables_keep_whole_layer_names_in_a_narrow_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "100")
+    model = quantized_lm()
+    text = str(mixprec.quantize(transformers.LlamaForCausalLM(model.config).eval(), POLICY))
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "…" not in text
+    first_column = "".join(line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│"))
+    for name in ("model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"):
+        assert name in first_column  # wrapped over lines, never cut
+
+
+def test_the_native_build_is_found_in_the_cache_after_first_use() -> None:
+    from mixprec.kernels import native
+
+    if native.available():
+        assert native._built_before()

@@ -136,9 +136,12 @@ class Policy:
                 why = "it matches no module"
             problems.append(f"rule {rule.pattern!r} -> {rule.precision!r}: {why}")
         examples = ", ".join(repr(n) for n in sorted(names)[:5])
+        layers = (f"quantizable layers look like: {examples}" if examples else
+                  "the model has no layer mixprec can quantize (no nn.Linear, Conv1D or nn.Embedding left: "
+                  "was it quantized already?)")
         raise PolicyError(
-            "unused rules (pass allow_unused=True to accept them):\n  " + "\n  ".join(problems)
-            + f"\nquantizable layers look like: {examples}"
+            "unused rules (pass allow_unused=True, or write allow_unused = true in a policy TOML, to accept them):"
+            "\n  " + "\n  ".join(problems) + f"\n{layers}"
         )
 
     def explain(self, model: nn.Module) -> QuantReport:

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, fields
 
 from rich.console import Console
@@ -94,7 +95,8 @@ class QuantReport:
         table = Table(title=f"mixprec: {self.fp32_bytes:,} B -> {self.total_bytes:,} B "
                       f"({self.compression:.2f}x smaller)")
         for column in ("layer", "type", "precision", "rounding", "kernel", "rule", "bytes before", "bytes after"):
-            table.add_column(column, justify="right" if column.startswith("bytes") else "left")
+            # names wrap rather than lose their distinguishing end to an ellipsis
+            table.add_column(column, justify="right" if column.startswith("bytes") else "left", overflow="fold")
         for layer in self.layers:
             kernel = f"{layer.kernel} [SLOW: {layer.slow_path}]" if layer.slow_path else layer.kernel
             table.add_row(layer.name, layer.module_type, layer.precision, layer.weight_rounding, kernel,
@@ -102,6 +104,6 @@ class QuantReport:
         return table
 
     def __str__(self) -> str:
-        console = Console(width=160, record=True, file=io.StringIO())
+        console = Console(width=max(100, shutil.get_terminal_size((160, 24)).columns), record=True, file=io.StringIO())
         console.print(self.table())
         return console.export_text()

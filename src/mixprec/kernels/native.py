@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -35,14 +37,33 @@ def load_error() -> str | None:
 
         if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        started = time.perf_counter()
+        building = not _built_before()
+        if building:
+            print("mixprec: compiling the native kernels (first use only, about a minute on 2 cores)...",
+                  file=sys.stderr, flush=True)
         load(name="mixprec_native", sources=[str(path) for path in _SOURCES], extra_cflags=_FLAGS,
              is_python_module=False, verbose=False)
+        if building:
+            print(f"mixprec: native kernels built in {time.perf_counter() - started:.0f} s", file=sys.stderr,
+                  flush=True)
     except Exception as exc:  # any build or load failure means: use the PyTorch path
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         warnings.warn(f"mixprec: native int8 kernels unavailable ({reason}); "
                       "int8 layers use the slower PyTorch path", RuntimeWarning, stacklevel=2)
         return reason
     return None
+
+
+def _built_before() -> bool:
+    """Whether PyTorch's extension cache already holds a build of the kernels (then loading takes
+    a moment; otherwise it compiles them)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory("mixprec_native", False)) / "mixprec_native.so").is_file()
+    except Exception:  # a private helper: if it changes, just say nothing
+        return True
 
 
 def available() -> bool:
