@@ -92,8 +92,10 @@ class Policy:
                 return rule.precision, rule.pattern
         return self.default, "default"
 
-    def plan(self, model: nn.Module) -> list[LayerPlan]:
-        """Decide every quantizable layer; raise PolicyError before anything is changed."""
+    def plan(self, model: nn.Module, check_values: bool = True) -> list[LayerPlan]:
+        """Decide every quantizable layer; raise PolicyError before anything is changed.
+        ``check_values=False`` skips the finite-weights check (for a model whose weights are
+        not loaded yet, on the meta device)."""
         if not isinstance(model, nn.Module):
             raise PolicyError(f"policies apply to torch.nn.Module, got {type(model).__name__}")
         if quantizable(model):
@@ -110,7 +112,7 @@ class Policy:
             precision_name, label = self.match(name)
             precision = parse_precision(precision_name)
             check_applicable(name, module, precision)
-            if precision.family != "fp32" and not all(all_finite(t) for t in module.parameters()):
+            if check_values and precision.family != "fp32" and not all(all_finite(t) for t in module.parameters()):
                 raise PolicyError(f"layer {name!r} holds NaN or Inf weights; only finite weights can be quantized")
             used.add(label)
             plans.append(LayerPlan(name, module, precision, label))

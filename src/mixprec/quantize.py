@@ -177,7 +177,9 @@ def guard_save_pretrained(model: nn.Module) -> None:
         raise ExportError(
             "this model holds mixprec-quantized layers, which transformers' save_pretrained would write as a folder "
             "that reloads wrong; use mixprec.save(model, 'model.safetensors') (reload with mixprec.load) or "
-            "mixprec.export(model, folder, format='compressed-tensors') (transformers and vLLM read it)"
+            "mixprec.export(model, folder, format='compressed-tensors') (transformers and vLLM read it); or load with "
+            "from_pretrained(..., quantization_config=MixprecConfig(policy)) from mixprec.export.hf_quantizer, "
+            "whose save_pretrained round-trips"
         )
 
     model.save_pretrained = save_pretrained
