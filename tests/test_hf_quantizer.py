@@ -85,3 +85,27 @@ def test_refusals_before_loading(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="run on the CPU; load without a device_map"):
         transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=MixprecConfig(MIXED),
                                                           device_map={"": "cuda:0"})
+
+
+def test_damaged_or_foreign_folders_are_refused(tmp_path: Path) -> None:
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from mixprec import CheckpointError
+
+    folder = save_float(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=MixprecConfig(MIXED))
+    loaded.save_pretrained(tmp_path / "q")
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    del tensors["model.layers.1.self_attn.q_proj.weight_scale"]
+    save_file(tensors, tmp_path / "q" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"lacks 1 tensor\(s\) .*\.layers\.1\.self_attn\.q_proj\.weight_scale\)"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    # a float folder whose config claims to be a mixprec save: transformers' own size check stops it
+    # (its report names each mismatched tensor), before mixprec's check for missing ones
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = MixprecConfig(MIXED).to_dict()
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        transformers.AutoModelForCausalLM.from_pretrained(folder)

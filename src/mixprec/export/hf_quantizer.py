@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixprec.errors import PolicyError
+from mixprec.errors import CheckpointError, PolicyError
 from mixprec.nn import HalfLinear, Int8DynamicLinear, Int8PackedLinear, QuantizedModule
 from mixprec.nn.base import warn_slow_paths
 from mixprec.nn.linear_int8 import int8_dynamic_class
@@ -186,6 +186,8 @@ class MixprecQuantizer(HfQuantizer):
         _replace(model, name, quantized)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        if self.pre_quantized:
+            self._refuse_missing(model)
         for name, module in list(model.named_modules()):
             if type(module) is Int8DynamicLinear and int8_dynamic_class(module.in_features, module.out_features) \
                     is Int8PackedLinear:
@@ -201,6 +203,17 @@ class MixprecQuantizer(HfQuantizer):
                 wanted = module.weight.dtype if isinstance(module, HalfLinear) else torch.float32
                 module.bias = bias.detach().to(wanted)
         warn_slow_paths((name, m) for name, m in model.named_modules() if isinstance(m, QuantizedModule))
+
+    def _refuse_missing(self, model: nn.Module) -> None:
+        """A mixprec folder must hold every tensor of every quantized layer: transformers fills a
+        missing one with fresh values (and only logs it), which for codes and scales is garbage."""
+        missing = [f"{name}.{key}" for name in self.plans for key, tensor in model.get_submodule(name)._buffers.items()
+                   if tensor is not None and not getattr(tensor, "_is_hf_initialized", False)]
+        if missing:
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            raise CheckpointError(f"the folder lacks {len(missing)} tensor(s) of mixprec-quantized layers ({shown}): "
+                                  "it was not written by save_pretrained of a model loaded with this MixprecConfig, "
+                                  "or it is damaged")
 
     @property
     def is_trainable(self) -> bool:
