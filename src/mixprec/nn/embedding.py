@@ -42,7 +42,23 @@ def check_embedding(embedding: nn.Embedding) -> None:
         raise ValueError("embeddings with max_norm renormalize their weights on lookup; remove max_norm first")
 
 
-class _IntEmbedding(QuantizedModule):
+class _LookupTable(QuantizedModule):
+    """A quantized table: subclasses give :meth:`_lookup`, the float32 rows of valid ids."""
+
+    num_embeddings: int
+
+    def _lookup(self, ids: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def dequantized_weight(self) -> Tensor:
+        return self._lookup(torch.arange(self.num_embeddings))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        check_token_ids(ids, self.num_embeddings, type(self).__name__)
+        return self._lookup(ids).to(self.output_dtype)
+
+
+class _IntEmbedding(_LookupTable):
     """Shared storage and lookup of asymmetric integer tables with per-group parameters."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int,
@@ -77,13 +93,6 @@ class _IntEmbedding(QuantizedModule):
         self.weight.copy_(codes if self.bits == 8 else pack_int4(codes))
         self.weight_scale.copy_(qp.scale)
         self.weight_zero_point.copy_(qp.zero_point)
-
-    def dequantized_weight(self) -> Tensor:
-        return self._lookup(torch.arange(self.num_embeddings))
-
-    def forward(self, ids: Tensor) -> Tensor:
-        check_token_ids(ids, self.num_embeddings, type(self).__name__)
-        return self._lookup(ids).to(self.output_dtype)
 
     def _lookup(self, ids: Tensor) -> Tensor:
         """The float32 rows of valid ``ids``."""
@@ -163,7 +172,7 @@ class HalfEmbedding(QuantizedModule):
         return f"{self.num_embeddings}, {self.embedding_dim}, precision={self.precision}"
 
 
-class W8GroupEmbedding(W8GroupStorage):
+class W8GroupEmbedding(_LookupTable, W8GroupStorage):
     """``w8gN`` table: symmetric int8 codes with an fp16 scale per group of N along the row."""
 
     kernel = "int8 row gather, dequantize looked-up rows"
@@ -178,13 +187,6 @@ class W8GroupEmbedding(W8GroupStorage):
         module = cls(embedding.num_embeddings, embedding.embedding_dim, group_size)
         module._set_codes(embedding.weight)
         return module
-
-    def dequantized_weight(self) -> Tensor:
-        return self._lookup(torch.arange(self.num_embeddings))
-
-    def forward(self, ids: Tensor) -> Tensor:
-        check_token_ids(ids, self.num_embeddings, type(self).__name__)
-        return self._lookup(ids).to(self.output_dtype)
 
     def _lookup(self, ids: Tensor) -> Tensor:
         """The float32 rows of valid ``ids``: ``code * scale``, exact."""
