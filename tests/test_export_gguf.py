@@ -254,3 +254,13 @@ def test_cli_exports_a_model_folder(tokenizer, tmp_path: Path, capsys: pytest.Ca
                  "--out", str(tmp_path / "y.gguf")]) == 2
     assert "no model folder at" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy.toml", "tiny", "tiny.gguf"]
+
+
+def test_check_exportable_reads_a_linears_w4_as_w4g32() -> None:
+    from mixprec.export import check_exportable
+
+    check_exportable(tiny_lm(), Policy([(r".*mlp\..*", "w4"), (r"lm_head|model\.embed_tokens", "w8g32")]), "gguf")
+    with pytest.raises(ExportError, match=r"mlp\.up_proj' \(linear, w4g64\): use w4g32"):
+        check_exportable(tiny_lm(), Policy([(r".*mlp\..*", "w4g64")]), "gguf")
+    with pytest.raises(ExportError, match=r"embed_tokens' \(embedding, w4\): use w8g32"):
+        check_exportable(tiny_lm(), Policy([(r"model\.embed_tokens", "w4")]), "gguf")

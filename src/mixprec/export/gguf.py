@@ -61,7 +61,7 @@ def nearest(kind: str, precision: str) -> str | None:
     held = _LINEAR_HELD if kind == "linear" else _EMBEDDING_HELD
     if precision in held:
         return None
-    if precision.startswith(("w4", "int4")) and kind == "linear":
+    if precision.startswith("w4") and kind == "linear":
         return "w4g32 (Q4_0)"
     return "w8g32 (Q8_0)" + (" or fp16" if kind == "embedding" else "")
 
@@ -150,7 +150,7 @@ def _tied_head(model: nn.Module, config: object) -> bool:
     return True
 
 
-def _write_hyperparameters(writer: object, config: object, arch: str) -> None:
+def _write_hyperparameters(writer: object, config: object) -> None:
     hidden = int(_config_value(config, "hidden_size"))
     heads = int(_config_value(config, "num_attention_heads"))
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
@@ -226,7 +226,7 @@ def write_gguf(model: nn.Module, path: Path, options: dict) -> None:
     writer = gguf.GGUFWriter(str(path), config.model_type)
     try:
         writer.add_name(str(options.get("name") or getattr(config, "_name_or_path", "") or config.model_type))
-        _write_hyperparameters(writer, config, config.model_type)
+        _write_hyperparameters(writer, config)
         _write_tokenizer(writer, tokenizer, int(config.vocab_size), options.get("gguf_pre"))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for name, data, raw in tensors:
