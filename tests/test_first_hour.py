@@ -121,3 +121,9 @@ def test_the_native_build_is_found_in_the_cache_after_first_use() -> None:
 
     if native.available():
         assert native._built_before()
+
+
+def test_random_baseline_before_a_study_says_what_to_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["search-random-baseline", "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "has no sensitivity-sqnr.json: run `mixprec search-study --out" in err and "Errno" not in err

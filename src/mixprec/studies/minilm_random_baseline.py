@@ -28,7 +28,7 @@ from mixprec.analysis import (
     search,
     uniform_bytes,
 )
-from mixprec.errors import InputError
+from mixprec.errors import DataError, InputError
 from mixprec.report.results import write_json
 from mixprec.studies.minilm import load_model
 from mixprec.studies.minilm_search import SearchStudyConfig, StsbScorer, cross_fitted
@@ -92,6 +92,10 @@ def run(config: SearchStudyConfig, draws: int = 100, group: int = 10, resamples:
     if draws < group:
         raise InputError(f"draws ({draws}) must be at least the group size ({group})")
     out = Path(config.out)
+    missing = [name for name in ("sqnr", "task", "task-odd") if not (out / f"sensitivity-{name}.json").is_file()]
+    if missing:
+        raise DataError(f"{out} has no sensitivity-{missing[0]}.json: run `mixprec search-study --out {out}` first "
+                        "(with the task metric; it writes the tables this baseline reads)")
     tables = {name: SensitivityTable.from_json(out / f"sensitivity-{name}.json")
               for name in ("sqnr", "task", "task-odd")}
     fp32, tokenizer = load_model(config.model)
