@@ -112,6 +112,10 @@ def report_parity(pipeline, model: KeywordSpotter, held_out: torch.Tensor, label
         print(f"{title}: worst {figures[f'{label}_worst']:.5f} = {lsb:.3f} steps "
               f"[<= {MAX_LSB}: {'PASS' if lsb_ok else 'FAIL'}] = {100 * of_range:.3f}% of range "
               f"[<= {100 * MAX_OF_RANGE}%: {'PASS' if range_ok else 'FAIL'}]")
+        if label == "float" and not (lsb_ok and range_ok):
+            print("  (the % FAILs are expected with int8 activations: half a step of an int8 output grid spanning "
+                  "the range is already 0.196% of it; the exit code follows the engine's parity in steps, <= 1 "
+                  "step; int16 activations, below, are what can meet the float target)")
     print(f"outputs differing from the simulation: {100 * figures['engine_differing']:.2f}%; saturated at the "
           f"calibrated range's ends: {100 * figures['saturated']:.2f}% (worst error among the rest "
           f"{figures['float_worst_unsaturated_lsb']:.3f} steps vs float32)")
