@@ -30,8 +30,9 @@ def child(folder: str, way: str) -> None:
     import transformers
 
     import mixprec
+    from mixprec import Policy
     from mixprec.bench.process_memory import PeakSampler, anon_bytes
-    from mixprec.export.hf_quantizer import MixprecConfig, _policy_from
+    from mixprec.export.hf_quantizer import MixprecConfig
 
     before = anon_bytes()
     with PeakSampler() as sampler:
@@ -39,7 +40,7 @@ def child(folder: str, way: str) -> None:
             model = transformers.LlamaForCausalLM.from_pretrained(folder, quantization_config=MixprecConfig(POLICY))
         else:
             model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
-            mixprec.quantize(model, _policy_from(POLICY))
+            mixprec.quantize(model, Policy.from_dict(POLICY))
     steady = anon_bytes() - before
     held = sum(t.nbytes for t in model.state_dict().values())
     print(json.dumps({"peak": sampler.peak - before, "steady": steady, "model_bytes": held}))

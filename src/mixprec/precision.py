@@ -190,6 +190,13 @@ def group_size_for(module: nn.Module, precision: Precision) -> int | None:
     return DEFAULT_LINEAR_GROUP if is_linear(module) else module.embedding_dim
 
 
+def built_name(module: nn.Module, precision: Precision) -> str:
+    """The precision name the built layer carries: a Linear's ``w4`` / ``w4a8`` is ``w4g32`` /
+    ``w4a8g32``; every other name is kept as written."""
+    group = group_size_for(module, precision) if is_linear(module) else None
+    return precision.name if group is None or precision.group_size else f"{precision.family}g{group}"
+
+
 def has_integer_weights(module: nn.Module, precision: Precision) -> bool:
     """Whether ``precision`` stores this Linear's weight as integer codes (GPTQ applies)."""
     return is_linear(module) and precision.family in ("int8", "int8-static", "int8-tensor", "w8", *GROUPED_FAMILIES)

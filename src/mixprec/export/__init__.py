@@ -23,7 +23,7 @@ from mixprec.export import onnx as _onnx  # noqa: F401
 from mixprec.export.registry import FORMATS, ExportLayer, find_format, layer_kind, model_layers, refuse_unheld
 from mixprec.io_utils import atomic_folder, atomic_path
 from mixprec.policy import Policy
-from mixprec.precision import group_size_for
+from mixprec.precision import built_name
 
 
 def export(model: nn.Module, path: str | os.PathLike[str], format: str, *, overwrite: bool = False,
@@ -65,13 +65,8 @@ def check_exportable(model: nn.Module, policy: Policy, format: str) -> None:
     """Refuse (ExportError, naming every layer) a policy whose precisions ``format`` cannot
     hold, before anything is quantized."""
     fmt = find_format(format)
-    layers = []
-    for plan in policy.plan(model):
-        kind = layer_kind(plan.module) or "linear"
-        group = group_size_for(plan.module, plan.precision) if kind == "linear" else None
-        # the name the built layer will carry: a Linear's "w4" is "w4g32"
-        name = plan.precision.name if group is None or plan.precision.group_size else f"{plan.precision.family}g{group}"
-        layers.append(ExportLayer(plan.name, kind, name))
+    layers = [ExportLayer(plan.name, layer_kind(plan.module) or "linear", built_name(plan.module, plan.precision))
+              for plan in policy.plan(model)]
     refuse_unheld(fmt, layers)
 
 

@@ -58,7 +58,7 @@ def nearest(kind: str, precision: str) -> str | None:
         return None
     if precision == "int8-static":
         return "int8 (dynamic per-token activations)"
-    return "w4g32" if precision in ("w4", "w4a8") else "int8"
+    return "int8"
 
 
 def pack_int32(codes: Tensor, bits: int) -> Tensor:
@@ -88,33 +88,24 @@ def scheme_and_tensors(module: QuantizedModule) -> tuple[dict, dict[str, Tensor]
     bias = getattr(module, "bias", None)
     tensors: dict[str, Tensor] = {} if bias is None else {"bias": bias.detach().to(torch.float32)}
     if isinstance(module, W4Linear):
-        codes = unpack_int4(module.weight_packed, signed=True)
+        codes, scale, bits, group = unpack_int4(module.weight_packed, signed=True), module.weight_scale, 4, \
+            module.group_size
         activations = TOKEN_INT8 if isinstance(module, W4A8Linear) else None
-        scheme = {"weights": _weight_args(4, "group", module.group_size), "input_activations": activations,
-                  "format": "pack-quantized"}
-        tensors.update(weight_packed=pack_int32(codes, 4), weight_scale=module.weight_scale.to(torch.float32),
-                       weight_shape=torch.tensor(codes.shape, dtype=torch.int64))
-        return scheme, tensors
-    if isinstance(module, W8GroupLinear):
-        scheme = {"weights": _weight_args(8, "group", module.group_size), "input_activations": None,
-                  "format": "pack-quantized"}
-        tensors.update(weight_packed=pack_int32(module.weight, 8), weight_scale=module.weight_scale.to(torch.float32),
-                       weight_shape=torch.tensor(module.weight.shape, dtype=torch.int64))
-        return scheme, tensors
-    if isinstance(module, (W8Linear, Int8DynamicLinear)):
-        codes = module.weight_codes()
-        scale = module.weight_scale.to(torch.float32).reshape(-1, 1)
-        if isinstance(module, W8Linear):
-            scheme = {"weights": _weight_args(8, "channel", None), "input_activations": None,
-                      "format": "pack-quantized"}
-            tensors.update(weight_packed=pack_int32(codes, 8), weight_scale=scale,
-                           weight_shape=torch.tensor(codes.shape, dtype=torch.int64))
-        else:
-            scheme = {"weights": _weight_args(8, "channel", None), "input_activations": TOKEN_INT8,
-                      "format": "int-quantized"}
-            tensors.update(weight=codes.clone(), weight_scale=scale)
-        return scheme, tensors
-    raise ExportError(f"compressed-tensors cannot hold a {module.precision} layer ({type(module).__name__})")
+    elif isinstance(module, W8GroupLinear):
+        codes, scale, bits, group, activations = module.weight, module.weight_scale, 8, module.group_size, None
+    elif isinstance(module, W8Linear):
+        codes, scale, bits, group, activations = module.weight, module.weight_scale.reshape(-1, 1), 8, None, None
+    elif isinstance(module, Int8DynamicLinear):
+        tensors.update(weight=module.weight_codes().clone(), weight_scale=module.weight_scale.reshape(-1, 1).clone())
+        return {"weights": _weight_args(8, "channel", None), "input_activations": TOKEN_INT8,
+                "format": "int-quantized"}, tensors
+    else:
+        raise ExportError(f"compressed-tensors cannot hold a {module.precision} layer ({type(module).__name__})")
+    scheme = {"weights": _weight_args(bits, "group" if group else "channel", group), "input_activations": activations,
+              "format": "pack-quantized"}
+    tensors.update(weight_packed=pack_int32(codes, bits), weight_scale=scale.to(torch.float32),
+                   weight_shape=torch.tensor(codes.shape, dtype=torch.int64))
+    return scheme, tensors
 
 
 def _check_model(model: nn.Module) -> object:

@@ -28,7 +28,7 @@ from mixprec.errors import CheckpointError, PolicyError
 from mixprec.nn import HalfLinear, Int8DynamicLinear, Int8PackedLinear, QuantizedModule
 from mixprec.nn.base import warn_slow_paths
 from mixprec.nn.linear_int8 import int8_dynamic_class
-from mixprec.policy import Policy, Rule
+from mixprec.policy import Policy
 from mixprec.precision import as_linear, build, build_empty
 
 try:
@@ -52,9 +52,8 @@ def _policy_from(value: object) -> Policy:
         return value
     if isinstance(value, str):
         return Policy(default=value)
-    if isinstance(value, dict) and "default" in value:
-        rules = [Rule(rule["pattern"], rule["precision"]) for rule in value.get("rules", [])]
-        return Policy(rules, default=value["default"], allow_unused=bool(value.get("allow_unused", False)))
+    if isinstance(value, dict):
+        return Policy.from_dict(value)
     raise PolicyError("MixprecConfig(policy=...) takes a mixprec.Policy, a precision name or a policy dict "
                       "({'default': ..., 'rules': [{'pattern': ..., 'precision': ...}]}), "
                       f"got {type(value).__name__}")
@@ -73,9 +72,7 @@ class MixprecConfig(QuantizationConfigMixin):
                               "load the float model and call mixprec.quantize(model, policy, calibration=...)")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": METHOD, "policy": {
-            "default": self.policy.default, "allow_unused": self.policy.allow_unused,
-            "rules": [{"pattern": rule.pattern, "precision": rule.precision} for rule in self.policy.rules]}}
+        return {"quant_method": METHOD, "policy": self.policy.to_dict()}
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False,

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from mixprec.errors import ExportError
 from mixprec.export.registry import ExportFormat, register
-from mixprec.formats import SCALE_MIN, unpack_int4
+from mixprec.formats import SCALE_MIN, pack_int4, unpack_int4
 from mixprec.nn import (
     HalfLinear,
     Int8DynamicLinear,
@@ -187,7 +187,7 @@ class _OnnxLinear(nn.Module):
         rows, columns = codes.shape
         unsigned = (codes.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
         if bits == 4:
-            unsigned = unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)
+            unsigned = pack_int4(unsigned)  # mixprec's own nibble order is MatMulNBits
         self.register_buffer("blocks", unsigned.reshape(rows, columns // block, -1).contiguous())
         self.register_buffer("scales", scale.to(torch.float32).reshape(-1).clone())
         self.bits, self.block, self.accuracy, self.out_features = bits, block, accuracy, rows
