@@ -10,7 +10,7 @@ import torch
 import mixprec
 from mixprec import Policy, PolicyError
 from mixprec.nn import QuantizedModule
-from mixprec.precision import as_linear, is_conv1d
+from mixprec.precision import as_linear, is_gpt2_conv1d
 
 transformers = pytest.importorskip("transformers")
 
@@ -80,7 +80,7 @@ def test_policies_written_against_hf_names_quantize_and_round_trip(case: str, tm
 def test_gpt2_conv1d_layers_are_replaced_like_linears() -> None:
     model = tiny_gpt2()
     conv = model.transformer.h[0].mlp.c_fc
-    assert is_conv1d(conv) and not is_conv1d(torch.nn.Linear(4, 4))
+    assert is_gpt2_conv1d(conv) and not is_gpt2_conv1d(torch.nn.Linear(4, 4))
     x = torch.randn(5, 64)
     with torch.no_grad():
         assert torch.allclose(as_linear(conv)(x), conv(x), rtol=0, atol=1e-5)  # same math, other summation order

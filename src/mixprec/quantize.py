@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from mixprec.accounting import model_bytes, modules_with_tensors, own_bytes
+from mixprec.batchnorm import FoldSearch, find_folds, folded_conv
 from mixprec.errors import CalibrationError, ExportError, PolicyError
 from mixprec.formats import QParams, all_finite
 from mixprec.gptq import HessianAccumulator
@@ -16,20 +17,20 @@ from mixprec.nn.base import warn_slow_paths
 from mixprec.nn.linear_int8 import STATIC_ACTIVATION
 from mixprec.observers import OBSERVERS, make_observer
 from mixprec.policy import LayerPlan, Policy
-from mixprec.precision import build, has_integer_weights, in_features
+from mixprec.precision import build, has_integer_weights, in_features, rounds_to_integers
 from mixprec.quant_report import LayerReport, QuantReport
 
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 
 
 def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] | None = None,
-             observer: str = "minmax", weight_rounding: str = "nearest") -> QuantReport:
+             observer: str = "minmax", weight_rounding: str = "nearest", fold_batchnorm: bool = True) -> QuantReport:
     """Quantize ``model`` in place according to ``policy`` and report what each layer became.
 
     Args:
         model: any ``torch.nn.Module`` (Hugging Face models included); its ``nn.Linear``,
-            GPT-2-style ``Conv1D`` and ``nn.Embedding`` layers are replaced, everything else
-            is kept in float32.
+            GPT-2-style ``Conv1D``, ``nn.Embedding``, ``nn.Conv1d`` and ``nn.Conv2d`` layers are
+            replaced, everything else is kept in float32.
         policy: a :class:`Policy`, or a precision name applied to every layer.
         calibration: batches for ``int8-static`` layers and GPTQ. Each batch is passed to the model
             as ``model(batch)`` (a tensor), ``model(*batch)`` (tuple/list) or
@@ -39,6 +40,9 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
         weight_rounding: ``nearest`` (round each weight to its nearest code) or ``gptq``
             (GPTQ error compensation from the calibration inputs' second moments; applies
             to Linear layers with integer weights: int8, int8-static, int8-tensor, w8, w4).
+        fold_batchnorm: fold each BatchNorm that only reads a quantized convolution's output into
+            that convolution before quantizing it (see :mod:`mixprec.batchnorm`; the BatchNorm
+            becomes ``nn.Identity`` and the report says so). False keeps them apart.
 
     Every check (policy, applicability, calibration) runs before the first layer is
     replaced; layers are then replaced one at a time and quantize keeps no reference to a
@@ -53,6 +57,8 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
         raise CalibrationError(f"unknown observer {observer!r}; choose one of {', '.join(OBSERVERS)}")
     if weight_rounding not in WEIGHT_ROUNDINGS:
         raise PolicyError(f"unknown weight_rounding {weight_rounding!r}; choose one of {', '.join(WEIGHT_ROUNDINGS)}")
+    if not isinstance(fold_batchnorm, bool):
+        raise PolicyError(f"fold_batchnorm must be True or False, got {fold_batchnorm!r}")
     plans = policy.plan(model)
     fp32_bytes = model_bytes(model)
     before = {name: (type(module).__name__, own_bytes(module)) for name, module in modules_with_tensors(model)}
@@ -67,31 +73,50 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
             why = "int8-static layers" if static else "GPTQ weight rounding for layers"
             raise CalibrationError(f"{why} ({names}) need calibration data: pass calibration=[batch, ...]")
         input_qparams, hessians = calibrate(model, static, gptq, calibration, observer)
-    decided = {plan.name: (plan.precision.name, plan.rule, has_integer_weights(plan.module, plan.precision))
+    decided = {plan.name: (plan.precision.name, plan.rule, rounds_to_integers(plan.precision))
                for plan in plans}
     del static, gptq
+    quantized = {plan.name for plan in plans if plan.precision.family != "fp32"}
+    search = find_folds(model) if fold_batchnorm and quantized else FoldSearch((), {})
+    folds = {fold.conv: fold.batchnorm for fold in search.folds if fold.conv in quantized}
+    unfolded = {fold.batchnorm: why for fold, why in search.refused.items() if fold.conv in quantized}
     built = []
     with torch.no_grad():
         while plans:
             plan = plans.pop(0)
             if plan.precision.family != "fp32":
-                new = build(plan.module, plan.precision, input_qparams.get(plan.name), hessians.pop(plan.name, None))
+                module = plan.module
+                if plan.name in folds:
+                    module = folded_conv(module, model.get_submodule(folds[plan.name]))
+                    replace_module(model, folds[plan.name], nn.Identity())
+                new = build(module, plan.precision, input_qparams.get(plan.name), hessians.pop(plan.name, None))
+                if plan.name in folds:
+                    new.folded_batchnorm = folds[plan.name]
                 replace_module(model, plan.name, new)
                 built.append((plan.name, new))
+                del module
             del plan  # the float layer is freed here unless the caller holds it
     warn_slow_paths(built)
     if built:
         guard_save_pretrained(model)
     rows = []
     modules = dict(model.named_modules())
+    folded_into = {bn: conv for conv, bn in folds.items()}
     for name, (kind, bytes_before) in before.items():
         module = modules[name]
         precision, rule, integer_weights = decided.get(name, ("fp32", "-", False))
+        kernel = getattr(module, "kernel", "float32 (unchanged)" if name in decided else "unchanged")
+        if name in folds:
+            kernel = f"{kernel}; BatchNorm {folds[name]!r} folded in"
+        elif name in folded_into:
+            precision, rule, kernel = "folded", "fold_batchnorm", f"folded into {folded_into[name]!r}"
+        elif name in unfolded:
+            kernel = f"float32, not folded: {unfolded[name]}"
         rows.append(LayerReport(
             name=name,
             module_type=kind,
             precision=precision,
-            kernel=getattr(module, "kernel", "float32 (unchanged)" if name in decided else "unchanged"),
+            kernel=kernel,
             rule=rule,
             bytes_before=bytes_before,
             bytes_after=own_bytes(module),

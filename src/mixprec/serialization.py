@@ -2,7 +2,8 @@
 
 The file is one ``.safetensors`` file. Its header metadata holds, under the key
 ``"mixprec"``, a JSON object ``{"format": "mixprec", "version": 1, "layers": {name:
-precision}, "aliases": {key: canonical key}}``. :func:`load` rebuilds the quantized
+precision}, "aliases": {key: canonical key}, "folded": {batchnorm: convolution}}`` (``folded``
+names the BatchNorms that :func:`mixprec.quantize` folded into a convolution). :func:`load` rebuilds the quantized
 layers on a freshly built float model of the same architecture, validates every tensor's
 name, shape and dtype and every scale before it changes anything, then swaps them in.
 """
@@ -19,11 +20,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mixprec.accounting import model_bytes, modules_with_tensors, own_bytes
+from mixprec.batchnorm import with_bias_template
 from mixprec.errors import CheckpointError, MixprecError
 from mixprec.formats import all_finite
 from mixprec.io_utils import atomic_path
 from mixprec.nn import QuantizedModule
 from mixprec.nn.base import warn_slow_paths
+from mixprec.nn.conv_layout import is_conv
 from mixprec.precision import build_empty, check_applicable, parse_precision
 from mixprec.quant_report import LayerReport, QuantReport
 from mixprec.quantize import guard_save_pretrained
@@ -36,6 +39,8 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"save takes a torch.nn.Module, got {type(model).__name__}")
     layers = {name: module.precision for name, module in model.named_modules() if isinstance(module, QuantizedModule)}
+    folded = {module.folded_batchnorm: name for name, module in model.named_modules()
+              if getattr(module, "folded_batchnorm", None)}
     tensors: dict[str, Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
@@ -48,12 +53,13 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
             continue
         seen[identity] = key
         tensors[key] = tensor.contiguous()
-    metadata = {"format": "mixprec", "version": FORMAT_VERSION, "layers": layers, "aliases": aliases}
+    metadata = {"format": "mixprec", "version": FORMAT_VERSION, "layers": layers, "aliases": aliases,
+                "folded": folded}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"mixprec": json.dumps(metadata)})
 
 
-def _read_metadata(path: Path) -> tuple[dict[str, str], dict[str, str], dict[str, Tensor]]:
+def _read_metadata(path: Path) -> tuple[dict[str, str], dict[str, str], dict[str, str], dict[str, Tensor]]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get("mixprec")
@@ -73,10 +79,10 @@ def _read_metadata(path: Path) -> tuple[dict[str, str], dict[str, str], dict[str
             f"{str(path)!r} has metadata format/version {meta.get('format')!r}/{meta.get('version')!r}; "
             f"this mixprec reads mixprec/{FORMAT_VERSION}"
         )
-    layers, aliases = meta.get("layers"), meta.get("aliases", {})
-    if not isinstance(layers, dict) or not isinstance(aliases, dict):
+    layers, aliases, folded = meta.get("layers"), meta.get("aliases", {}), meta.get("folded", {})
+    if not isinstance(layers, dict) or not isinstance(aliases, dict) or not isinstance(folded, dict):
         raise CheckpointError(f"{str(path)!r} metadata lacks its 'layers' table")
-    return layers, aliases, tensors
+    return layers, aliases, folded, tensors
 
 
 def load(model: nn.Module, path: str | os.PathLike[str]) -> QuantReport:
@@ -89,9 +95,10 @@ def load(model: nn.Module, path: str | os.PathLike[str]) -> QuantReport:
     already = [name for name, m in model.named_modules() if isinstance(m, QuantizedModule)]
     if already:
         raise CheckpointError(f"load needs a float model, but {already[0]!r} is already quantized")
-    layers, aliases, stored = _read_metadata(Path(path))
+    layers, aliases, folded, stored = _read_metadata(Path(path))
     fp32_bytes = model_bytes(model)
     modules = dict(model.named_modules())
+    folds = _check_folds(folded, layers, modules)
     replacements: dict[str, nn.Module] = {}
     for name, precision_name in layers.items():
         if name not in modules:
@@ -99,9 +106,13 @@ def load(model: nn.Module, path: str | os.PathLike[str]) -> QuantReport:
         try:
             precision = parse_precision(precision_name)
             check_applicable(name, modules[name], precision)
-            replacements[name] = build_empty(modules[name], precision)
+            float_shape = with_bias_template(modules[name]) if name in folds else modules[name]
+            replacements[name] = build_empty(float_shape, precision)
         except MixprecError as exc:
             raise CheckpointError(f"layer {name!r} cannot take the saved precision: {exc}") from None
+        if name in folds:
+            replacements[name].folded_batchnorm = folds[name]
+    replacements.update({batchnorm: nn.Identity() for batchnorm in folds.values()})
     expected = _expected_state(model, replacements)
     tensors = dict(stored)
     for key, canonical in aliases.items():
@@ -136,6 +147,21 @@ def load(model: nn.Module, path: str | os.PathLike[str]) -> QuantReport:
         guard_save_pretrained(model)
         model.load_state_dict({k: tensors[k] for k in expected})
     return _loaded_report(model, layers, fp32_bytes)
+
+
+def _check_folds(folded: dict, layers: dict[str, str], modules: dict[str, nn.Module]) -> dict[str, str]:
+    """Convolution -> the BatchNorm folded into it, after checking both exist as such."""
+    folds = {}
+    for batchnorm, conv in folded.items():
+        if not isinstance(modules.get(batchnorm), (nn.BatchNorm1d, nn.BatchNorm2d)):
+            got = type(modules[batchnorm]).__name__ if batchnorm in modules else "nothing"
+            raise CheckpointError(f"checkpoint folded BatchNorm {batchnorm!r} into {conv!r}, but the model has "
+                                  f"{got} there")
+        if conv not in layers or not is_conv(modules.get(conv, nn.Identity())):
+            raise CheckpointError(f"checkpoint folded BatchNorm {batchnorm!r} into {conv!r}, which is not a "
+                                  "quantized convolution of the checkpoint and the model")
+        folds[conv] = batchnorm
+    return folds
 
 
 def _expected_state(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, Tensor]:

@@ -42,7 +42,15 @@ from mixprec.analysis.curvature import Loss, fisher_diagonals, hutchinson_traces
 from mixprec.errors import CalibrationError, PolicyError
 from mixprec.io_utils import write_text_atomic
 from mixprec.policy import quantizable_names
-from mixprec.precision import Precision, as_linear, build, build_empty, check_applicable, is_conv1d, parse_precision
+from mixprec.precision import (
+    Precision,
+    as_linear,
+    build,
+    build_empty,
+    check_applicable,
+    is_gpt2_conv1d,
+    parse_precision,
+)
 from mixprec.quantize import replace_module, run_batch
 
 FORWARD_METRICS = ("sqnr", "kl")
@@ -246,7 +254,7 @@ def _curvature_rows(model: nn.Module, batches: list[Any], pairs: list[tuple[str,
         curvature = {name: traces[name] / weights[name].numel() for name in layers}
     else:
         fisher = fisher_diagonals(model, batches, loss, weights, progress)
-        fisher = {name: f.t() if is_conv1d(model.get_submodule(name)) else f for name, f in fisher.items()}
+        fisher = {name: f.t() if is_gpt2_conv1d(model.get_submodule(name)) else f for name, f in fisher.items()}
         curvature = {name: float(f.mean()) for name, f in fisher.items()}
     rows = []
     for name, module, precision in pairs:

@@ -85,14 +85,12 @@ class FullyConnectedNode(_Node):
         return (*shapes[0][:-1], self.weights.shape[0])
 
     def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> FullyConnectedParams:
-        """LiteRT's arithmetic: per tensor ``double(float(s_in * s_w)) / double(s_out)``; per
-        channel ``double(s_in) * double(s_w[c]) / double(s_out)``; then :func:`quantize_multiplier`."""
+        """LiteRT's arithmetic, per tensor and per channel: ``double(s_in) * double(s_w[c]) /
+        double(s_out)``, then :func:`quantize_multiplier`. (Rounding the product to float32 first
+        gave a multiplier a few units off and, on about 1 in 60 random two-layer graphs, one output
+        1 LSB away from LiteRT's reference kernels.)"""
         s_in, s_out = quants[0].scale32[0], self.output_quant.scale32[0]
-        s_w = self.weight_quant.scale32
-        if len(s_w) == 1:
-            reals = [float(np.float32(s_in * s_w[0])) / float(s_out)]
-        else:
-            reals = [float(s_in) * float(s) / float(s_out) for s in s_w]
+        reals = [float(s_in) * float(s) / float(s_out) for s in self.weight_quant.scale32]
         pairs = [quantize_multiplier(real) for real in reals]
         low, high = activation_range(self.activation, self.output_quant)
         return FullyConnectedParams(

@@ -1,6 +1,7 @@
 """Quantized modules that own their packed storage and pick a kernel."""
 
 from mixprec.nn.base import QuantizedModule
+from mixprec.nn.conv import HalfConv, Int8Conv, Int8StaticConv, QuantizedConv, W4Conv, W8Conv
 from mixprec.nn.embedding import HalfEmbedding, Int8Embedding, W4Embedding, W8GroupEmbedding
 from mixprec.nn.linear_half import HalfLinear
 from mixprec.nn.linear_int8 import (
@@ -14,6 +15,12 @@ from mixprec.nn.linear_int8 import (
 from mixprec.nn.linear_weight_only import W4A8Linear, W4Linear, W8GroupLinear
 
 __all__ = [
+    "HalfConv",
+    "Int8Conv",
+    "Int8StaticConv",
+    "QuantizedConv",
+    "W4Conv",
+    "W8Conv",
     "HalfEmbedding",
     "HalfLinear",
     "Int8DynamicLinear",

@@ -64,6 +64,53 @@ class QuantizedModule(nn.Module):
         return sum(t.nbytes for t in self.state_dict().values())
 
 
+class PackedWeightMixin:
+    """For int8 modules that may hold their weight only in a backend's opaque prepacked tensor
+    (the ``weight`` buffer then absent): ``state_dict()`` carries the dense int8 codes as
+    ``weight``, loading packs them again, deep copies and pickles carry the dense codes.
+
+    The module provides :attr:`dense_weight_shape`, ``weight_codes()`` (dense codes) and
+    ``_store_codes(codes)`` (packs them), and keeps the packed tensor in ``_packed``.
+    """
+
+    dense_weight_shape: tuple[int, ...]
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if "weight" not in self._buffers:
+            destination[prefix + "weight"] = self.weight_codes()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if "weight" in self._buffers:
+            return
+        key = prefix + "weight"
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        dense = state_dict.get(key)
+        if dense is None:
+            missing_keys.append(key)
+        elif dense.dtype != torch.int8 or tuple(dense.shape) != tuple(self.dense_weight_shape):
+            error_msgs.append(f"{key}: expected int8 {tuple(self.dense_weight_shape)}, got {dense.dtype} "
+                              f"{tuple(dense.shape)}")
+        else:
+            self._store_codes(dense)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if "_packed" in state:
+            state["_packed"] = self.weight_codes()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        dense = state.pop("_packed", None)
+        super().__setstate__(state)
+        if dense is not None:
+            self._store_codes(dense)
+
+
 def _refuse_training(module: QuantizedModule, _args: tuple) -> None:
     if module.training and torch.is_grad_enabled():
         raise InputError(

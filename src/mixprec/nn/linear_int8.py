@@ -29,7 +29,14 @@ from mixprec.kernels.cpu import native_slow_path
 from mixprec.kernels.onednn_int8 import KERNEL_NAME as ONEDNN_KERNEL
 from mixprec.kernels.weight_only import KERNEL_NAME as W8_KERNEL
 from mixprec.kernels.weight_only import ROWS_KERNEL_MIN_WEIGHTS, w8_linear
-from mixprec.nn.base import QuantizedModule, as_float32_matrix, check_linear_input, restore_shape, round_weight
+from mixprec.nn.base import (
+    PackedWeightMixin,
+    QuantizedModule,
+    as_float32_matrix,
+    check_linear_input,
+    restore_shape,
+    round_weight,
+)
 
 #: int8 weights, symmetric [-127, 127], one scale per output channel.
 WEIGHT_PER_CHANNEL = QuantSpec(bits=8, signed=True, symmetric=True, granularity="channel", axis=0)
@@ -113,7 +120,7 @@ class Int8DynamicLinear(_Int8WeightLinear):
         return restore_shape(y, x)
 
 
-class Int8PackedLinear(Int8DynamicLinear):
+class Int8PackedLinear(PackedWeightMixin, Int8DynamicLinear):
     """``int8`` holding its weight only in oneDNN's prepacked layout (no dense copy).
 
     Same arithmetic, same bits as :class:`Int8DynamicLinear`; the GEMM runs in oneDNN's
@@ -124,6 +131,7 @@ class Int8PackedLinear(Int8DynamicLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias)
+        self.dense_weight_shape = (out_features, in_features)
         self._store_codes(self._buffers.pop("weight"))
         self._unit_scale = torch.ones(out_features)
         self._zero_points = torch.zeros(out_features, dtype=torch.int32)
@@ -144,37 +152,6 @@ class Int8PackedLinear(Int8DynamicLinear):
         y = int8_linear_packed(as_float32_matrix(x), self._packed, self._unit_scale, self._zero_points,
                                self.weight_scale, self.bias)
         return restore_shape(y, x)
-
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:  # type: ignore[override]
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "weight"] = self.weight_codes()
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,  # type: ignore[override]
-                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-        key = prefix + "weight"
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if key in unexpected_keys:
-            unexpected_keys.remove(key)
-        dense = state_dict.get(key)
-        if dense is None:
-            missing_keys.append(key)
-        elif dense.dtype != torch.int8 or tuple(dense.shape) != (self.out_features, self.in_features):
-            error_msgs.append(f"{key}: expected int8 {(self.out_features, self.in_features)}, "
-                              f"got {dense.dtype} {tuple(dense.shape)}")
-        else:
-            self._store_codes(dense)
-
-    def __getstate__(self) -> dict:
-        """Deep copies and pickles carry the dense codes; the opaque packed tensor cannot be copied."""
-        state = self.__dict__.copy()
-        state["_packed"] = onednn_int8.unpack(self._packed)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        dense = state.pop("_packed")
-        super().__setstate__(state)
-        self._store_codes(dense)
 
 
 def int8_dynamic_class(in_features: int, out_features: int) -> type[Int8DynamicLinear]:

@@ -1,0 +1,139 @@
+"""BatchNorm folding: a ``Conv -> BatchNorm`` pair becomes one convolution.
+
+In inference a BatchNorm is the affine map ``y = (x - mean) * gamma / sqrt(var + eps) + beta``
+per channel, so a convolution whose output only it reads can absorb it:
+
+    s[o]     = gamma[o] / sqrt(var[o] + eps)          (gamma = 1 without affine parameters)
+    W'[o]    = W[o] * s[o]
+    b'[o]    = (b[o] - mean[o]) * s[o] + beta[o]     (b = 0 without a conv bias, beta = 0 without affine)
+
+computed in float64 and rounded once to float32. The pair is found in the model's traced
+graph (``torch.fx``): the BatchNorm's only input is the convolution's output, which nothing
+else reads, each module is called once and held under one name, the channel counts agree
+and the BatchNorm tracks running statistics. A model ``torch.fx`` cannot trace falls back
+to neighbours inside an ``nn.Sequential`` (whose children see nothing but the previous
+child's output). A BatchNorm that follows a convolution but fails a condition is not folded,
+and :func:`find_folds` says why.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mixprec.nn.conv_layout import is_conv
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+@dataclass(frozen=True)
+class Fold:
+    """The BatchNorm ``batchnorm`` folds into the convolution ``conv`` (module names)."""
+
+    conv: str
+    batchnorm: str
+
+
+@dataclass(frozen=True)
+class FoldSearch:
+    """What :func:`find_folds` found: the pairs that fold, and the pairs that do not, with why."""
+
+    folds: tuple[Fold, ...]
+    refused: dict[Fold, str]
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    return type(module) in _BATCHNORMS
+
+
+def find_folds(model: nn.Module) -> FoldSearch:
+    """Every ``Conv -> BatchNorm`` pair of ``model`` that can fold (see module docstring)."""
+    modules = dict(model.named_modules())
+    held = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
+    try:
+        pairs, calls = _traced_pairs(model)
+    except Exception:  # noqa: BLE001 - any tracing failure means: use the Sequential structure
+        pairs, calls = _sequential_pairs(model), None
+    folds, refused = [], {}
+    for conv_name, bn_name, only_reader in pairs:
+        conv, bn = modules[conv_name], modules[bn_name]
+        reason = _refusal(conv, bn, conv_name, only_reader, held, calls)
+        if reason:
+            refused[Fold(conv_name, bn_name)] = reason
+        else:
+            folds.append(Fold(conv_name, bn_name))
+    return FoldSearch(tuple(folds), refused)
+
+
+def _refusal(conv: nn.Module, bn: nn.Module, conv_name: str, only_reader: bool, held: Counter,
+             calls: Counter | None) -> str | None:
+    if not only_reader:
+        return f"the output of {conv_name!r} is read elsewhere too, so folding would change that reader's input"
+    if held[id(conv)] > 1 or held[id(bn)] > 1:
+        return "the convolution or the BatchNorm is held under more than one name (shared module)"
+    if calls is not None and (calls[id(conv)] > 1 or calls[id(bn)] > 1):
+        return "the convolution or the BatchNorm is called more than once"
+    if bn.num_features != conv.out_channels:
+        return f"it has {bn.num_features} channels and {conv_name!r} outputs {conv.out_channels}"
+    if bn.running_mean is None or bn.running_var is None:
+        return "it tracks no running statistics (track_running_stats=False): it normalizes by each batch"
+    return None
+
+
+def _traced_pairs(model: nn.Module) -> tuple[list[tuple[str, str, bool]], Counter]:
+    graph = torch.fx.symbolic_trace(model).graph
+    modules = dict(model.named_modules())
+    calls: Counter = Counter()
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = modules[str(node.target)]
+        calls[id(module)] += 1
+        if not _is_batchnorm(module) or not node.args:
+            continue
+        source = node.args[0]
+        if isinstance(source, torch.fx.Node) and source.op == "call_module" and is_conv(modules[str(source.target)]):
+            pairs.append((str(source.target), str(node.target), len(source.users) == 1))
+    return pairs, calls
+
+
+def _sequential_pairs(model: nn.Module) -> list[tuple[str, str, bool]]:
+    pairs = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if is_conv(conv) and _is_batchnorm(bn):
+                prefix = f"{name}." if name else ""
+                pairs.append((prefix + conv_name, prefix + bn_name, True))
+    return pairs
+
+
+def folded_conv(conv: nn.Module, bn: nn.Module) -> nn.Module:
+    """A new float32 convolution equal to ``bn(conv(x))`` in inference (formulas above), with a bias."""
+    with torch.no_grad():
+        scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.double()
+        bias = conv.bias.double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64)
+        bias = (bias - bn.running_mean.double()) * scale
+        if bn.bias is not None:
+            bias = bias + bn.bias.double()
+        weight = conv.weight.double() * scale.reshape(-1, *([1] * (conv.weight.dim() - 1)))
+        folded = with_bias_template(conv)
+        folded.weight = nn.Parameter(weight.to(torch.float32), requires_grad=False)
+        folded.bias = nn.Parameter(bias.to(torch.float32), requires_grad=False)
+    return folded
+
+
+def with_bias_template(conv: nn.Module, device: str = "meta") -> nn.Module:
+    """A convolution with ``conv``'s geometry and a bias (storage on ``device``, uninitialised):
+    the shape a folded convolution has."""
+    return type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                      padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
+                      padding_mode=conv.padding_mode, device=device).eval()
