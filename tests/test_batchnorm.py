@@ -150,3 +150,46 @@ def test_save_and_load_a_folded_model(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="folded BatchNorm 'tail' into 'stem.0', but the model has Conv1d"):
         mixprec.load(fresh, bad)
     assert isinstance(fresh.stem[1], nn.BatchNorm1d)  # left untouched
+
+
+def _small_cnn() -> nn.Module:
+    torch.manual_seed(5)
+    return _randomize(nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)))
+
+
+def test_fold_batchnorm_in_place_keeps_the_float_function() -> None:
+    model = _small_cnn()
+    x = torch.randn(4, 1, 12, 12)
+    with torch.no_grad():
+        before = model(x)
+        search = mixprec.fold_batchnorm(model)
+        after = model(x)
+    assert search.folds == (Fold("0", "1"), Fold("3", "4"))
+    assert isinstance(model[1], nn.Identity) and isinstance(model[4], nn.Identity)
+    assert float((after - before).abs().max() / before.abs().max()) < 5e-7  # float32 rounding only
+    with pytest.raises(PolicyError, match="fold_batchnorm takes a torch.nn.Module"):
+        mixprec.fold_batchnorm("model")
+
+
+def test_measurements_on_unfolded_pairs_warn_and_folded_ones_search_to_exact_bytes() -> None:
+    from mixprec.analysis.latency import measure_latency
+    from mixprec.analysis.search import search, uniform_bytes
+    from mixprec.analysis.sensitivity import sensitivity
+
+    x = torch.randn(8, 1, 12, 12)
+    with pytest.warns(RuntimeWarning, match=r"sensitivity sees 2 BatchNorms \('1', '4'\).*fold_batchnorm"):
+        sensitivity(_small_cnn(), [x], ["int8"], progress=False)
+    model = _small_cnn()
+    mixprec.fold_batchnorm(model)
+    table = sensitivity(model, [x], ["int8", "w4", "bf16"], progress=False)
+    assert {row.layer for row in table.rows} == {"0", "3", "6", "10"}
+    assert all(table.cost("3", "w4") > table.cost("3", p) for p in ("int8", "bf16"))
+    latency = measure_latency(model, x, ["int8", "w4"], rounds=1, min_seconds=0.01, progress=False)
+    assert {row.layer for row in latency.rows} >= {"0", "3", "6"}
+    budget = int(0.8 * uniform_bytes(model, "int8"))
+    result = search(model, table, budget_bytes=budget)
+    report = mixprec.quantize(model, result.policy)
+    assert report.total_bytes == result.predicted_bytes <= budget

@@ -1,5 +1,6 @@
 """mixprec: mixed-precision quantization and inference for PyTorch models."""
 
+from mixprec.batchnorm import fold_batchnorm
 from mixprec.errors import (
     CalibrationError,
     CheckpointError,
@@ -30,6 +31,7 @@ __all__ = [
     "QuantReport",
     "Rule",
     "export",
+    "fold_batchnorm",
     "load",
     "quantize",
     "save",

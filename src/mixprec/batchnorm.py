@@ -18,12 +18,14 @@ and :func:`find_folds` says why.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from mixprec.errors import PolicyError
 from mixprec.nn.conv_layout import is_conv
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -137,3 +139,42 @@ def with_bias_template(conv: nn.Module, device: str = "meta") -> nn.Module:
     return type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                       padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
                       padding_mode=conv.padding_mode, device=device).eval()
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` (dotted path) of ``model`` is."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def fold_batchnorm(model: nn.Module) -> FoldSearch:
+    """Fold every foldable ``Conv -> BatchNorm`` pair of a float ``model`` in place: the convolution
+    takes the folded weight and bias (float32), the BatchNorm becomes ``nn.Identity``. Returns what
+    was folded and what was not, with why.
+
+    :func:`mixprec.quantize` folds the pairs whose convolution it quantizes by itself; fold first
+    when measuring sensitivity or latency, so that the measurements see the convolutions that
+    ``quantize`` will build.
+    """
+    if not isinstance(model, nn.Module):
+        raise PolicyError(f"fold_batchnorm takes a torch.nn.Module, got {type(model).__name__}")
+    search = find_folds(model)
+    for fold in search.folds:
+        conv, bn = model.get_submodule(fold.conv), model.get_submodule(fold.batchnorm)
+        replace_module(model, fold.conv, folded_conv(conv, bn))
+        replace_module(model, fold.batchnorm, nn.Identity())
+    return search
+
+
+def warn_unfolded(model: nn.Module, what: str) -> None:
+    """Warn (RuntimeWarning) when ``model`` holds pairs :func:`mixprec.quantize` would fold, so that
+    ``what`` (a measurement) would see unfolded convolutions that ``quantize`` never builds."""
+    if not any(_is_batchnorm(module) for module in model.modules()):
+        return
+    folds = find_folds(model).folds
+    if folds:
+        names = ", ".join(repr(fold.batchnorm) for fold in folds[:3]) + (" ..." if len(folds) > 3 else "")
+        warnings.warn(f"mixprec: {what} sees {len(folds)} BatchNorms ({names}) that quantize() folds into their "
+                      "convolutions; call mixprec.fold_batchnorm(model) first so it measures the folded "
+                      "convolutions that quantize() builds", RuntimeWarning, stacklevel=3)

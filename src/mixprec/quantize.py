@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from mixprec.accounting import model_bytes, modules_with_tensors, own_bytes
-from mixprec.batchnorm import FoldSearch, find_folds, folded_conv
+from mixprec.batchnorm import FoldSearch, find_folds, folded_conv, replace_module
 from mixprec.errors import CalibrationError, ExportError, PolicyError
 from mixprec.formats import QParams, all_finite
 from mixprec.gptq import HessianAccumulator
@@ -183,13 +183,6 @@ def _check_finite(batch: Any, index: int) -> None:
             raise CalibrationError(
                 f"calibration batch {index} holds NaN or Inf values; clean it or leave it out"
             )
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where the submodule ``name`` (dotted path) of ``model`` is."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def guard_save_pretrained(model: nn.Module) -> None:

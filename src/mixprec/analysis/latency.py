@@ -25,6 +25,7 @@ from rich.progress import Progress
 from torch import nn
 
 from mixprec.analysis.sensitivity import applicable, dynamic_candidates
+from mixprec.batchnorm import warn_unfolded
 from mixprec.errors import CalibrationError, PolicyError
 from mixprec.io_utils import write_text_atomic
 from mixprec.policy import quantizable_names
@@ -131,6 +132,7 @@ def measure_latency(model: nn.Module, batch: Any, candidates: Sequence[str], lay
     unknown = sorted(set(names) - quantizable_names(model))
     if unknown:
         raise PolicyError(f"{unknown[:3]} are not quantizable layers of this {type(model).__name__}")
+    warn_unfolded(model, "measure_latency")
     originals = {name: model.get_submodule(name) for name in names}
     configurations: dict[str, dict[str, nn.Module]] = {"fp32": dict(originals)}
     for precision in precisions:

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from mixprec.accounting import own_bytes
 from mixprec.analysis.curvature import Loss, fisher_diagonals, hutchinson_traces
+from mixprec.batchnorm import warn_unfolded
 from mixprec.errors import CalibrationError, PolicyError
 from mixprec.io_utils import write_text_atomic
 from mixprec.policy import quantizable_names
@@ -162,6 +163,7 @@ def sensitivity(model: nn.Module, data: Iterable[Any], candidates: Sequence[str]
     if metric in CURVATURE_METRICS and loss is None:
         raise CalibrationError(f"metric {metric!r} needs loss=(model, batch) -> scalar tensor")
     pairs = _applicable_pairs(model, candidates)
+    warn_unfolded(model, "sensitivity")
     if metric in CURVATURE_METRICS:
         rows = _curvature_rows(model, batches, pairs, str(metric), loss, samples, seed, progress)  # type: ignore[arg-type]
     else:
