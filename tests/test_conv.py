@@ -234,3 +234,21 @@ def test_bad_policies_for_convolutions_name_the_layer_and_the_fix() -> None:
     with pytest.raises(PolicyError, match="66312 weights in its window.*overflow-free only up to 66311"):
         Policy(default="int8").plan(wide)
     Policy(default="w8").plan(wide)
+
+
+def test_fused_activation_quantization_equals_the_pytorch_ops() -> None:
+    from mixprec.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels: {native.load_error()}")
+    torch.manual_seed(0)
+    for shape in ((64, 28, 28, 16), (3, 5, 7, 3)):  # both cores, then one
+        x = torch.randn(shape) * 3
+        x[1, 1, 2, 2] = float("nan")
+        x[2, 0, 0, 0], x[0, 0, 0, 1], x[0, 1, 0, 0] = float("inf"), -float("inf"), 1e30
+        for zero_point in (0, 17, 128, 255):
+            fused = native.quantize_samples_u8(x, shape[0], 0.0123, zero_point)
+            reference = int8_conv.quantize_samples_u8_torch(x, shape[0], 0.0123, zero_point)
+            assert torch.equal(fused[0], reference[0])
+            assert fused[1].isnan().nonzero().flatten().tolist() == [1]
+            assert torch.equal(fused[1].nan_to_num(), reference[1].nan_to_num())

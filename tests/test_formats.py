@@ -202,3 +202,16 @@ def test_row_chunked_weight_quantization_gives_the_same_codes(monkeypatch: pytes
                  QuantSpec()):
         qp = qparams_from_tensor(weight, spec)
         assert torch.equal(base.quantize_rows_in_chunks(weight, qp), quantize(weight, qp))
+
+
+def test_scalar_asymmetric_qparams_equal_the_tensor_ones() -> None:
+    from mixprec.formats.affine import asymmetric_scalar_qparams
+    from mixprec.nn.linear_int8 import STATIC_ACTIVATION
+
+    rng = np.random.default_rng(0)
+    ranges = [(0.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (-1e-30, 1e-30), (-3e38, 3e38), (2.5, 7.0), (-7.0, -2.5)]
+    ranges += [tuple(sorted(rng.normal(0, 10, 2) * 10.0 ** rng.integers(-6, 6, 2))) for _ in range(2000)]
+    for low, high in ranges:
+        low, high = float(np.float32(low)), float(np.float32(high))
+        qp = qparams_from_range(torch.tensor(low), torch.tensor(high), STATIC_ACTIVATION)
+        assert asymmetric_scalar_qparams(low, high, STATIC_ACTIVATION) == (float(qp.scale), int(qp.zero_point))

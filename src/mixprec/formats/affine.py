@@ -21,8 +21,10 @@ Parameter layout by granularity, for a tensor ``x``:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -142,6 +144,17 @@ def qparams_from_range(min_val: Tensor, max_val: Tensor, spec: QuantSpec) -> QPa
         zero_point = (spec.qmin - torch.round(lo / scale)).clamp(spec.qmin, spec.qmax)
         zero_point = zero_point.to(torch.int32)
     return QParams(spec=spec, scale=scale, zero_point=zero_point)
+
+
+def asymmetric_scalar_qparams(low: float, high: float, spec: QuantSpec) -> tuple[float, int]:
+    """:func:`qparams_from_range` of one finite asymmetric range in float32 scalar arithmetic
+    (the same roundings; no tensor ops, for per-call activation ranges): ``(scale, zero_point)``."""
+    if spec.symmetric or not (math.isfinite(low) and math.isfinite(high)) or low > high:
+        raise ValueError(f"needs a finite range low <= high and an asymmetric spec, got [{low}, {high}], {spec}")
+    lo, hi = np.float32(min(low, 0.0)), np.float32(max(high, 0.0))
+    scale = max(np.float32(hi - lo) / np.float32(spec.qmax - spec.qmin), np.float32(SCALE_MIN))
+    zero_point = min(max(spec.qmin - int(np.round(np.float32(lo / scale))), spec.qmin), spec.qmax)
+    return float(scale), zero_point
 
 
 def minmax(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mixprec.kernels.activation_quant import quantize_static
+from mixprec.kernels import native
+from mixprec.kernels.activation_quant import quantize_static_torch
 from mixprec.kernels.cpu import cpu_flags
 from mixprec.kernels.onednn_int8 import INT8_FLAGS
 
@@ -72,20 +73,27 @@ def slow_path() -> str | None:
             "running the exact PyTorch reference (a float convolution on the codes)")
 
 
+def quantize_samples_u8_torch(x: Tensor, samples: int, scale: float, zero_point: int) -> tuple[Tensor, Tensor]:
+    """PyTorch-op path of ``native.quantize_samples_u8``: uint8 codes of a contiguous float32 ``x``
+    made of ``samples`` equal blocks, and a flag per block (1.0, or NaN where it holds NaN)."""
+    signed, flag = quantize_static_torch(x.reshape(samples, -1), scale, zero_point - 128)
+    codes = signed.view(torch.uint8).bitwise_xor_(0x80)  # s + 128 (mod 256): the uint8 code
+    return codes.reshape(x.shape), flag.reshape(samples)
+
+
 def quantize_activation(x: Tensor, scale: float, zero_point: int) -> tuple[Tensor, Tensor]:
     """uint8 codes of a float32 ``x [N, C, H, W]`` in channels-last memory, and a per-sample flag.
 
     ``zero_point`` is the uint8 zero point (0..255). Codes follow the rounding rule above;
     +-inf and values beyond the range saturate. The flag ``[N]`` is 1.0 for samples without
     NaN and NaN for the others (their codes are meaningless; multiplying the output by the
-    flag makes exactly those samples NaN).
+    flag makes exactly those samples NaN). The fused C++ pass and the PyTorch ops give the
+    same bits.
     """
-    batch, channels = x.shape[0], x.shape[1]
-    rows = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, channels)
-    signed, row_flag = quantize_static(rows, scale, zero_point - 128)
-    codes = signed.view(torch.uint8).bitwise_xor_(0x80)  # s + 128 (mod 256): the uint8 code
-    codes = codes.reshape(batch, x.shape[2], x.shape[3], channels).permute(0, 3, 1, 2)
-    return codes, row_flag.reshape(batch, -1).amax(dim=1) if row_flag.numel() else row_flag.reshape(batch)
+    nhwc = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    quantize = native.quantize_samples_u8 if native.available() else quantize_samples_u8_torch
+    codes, flag = quantize(nhwc, x.shape[0], scale, zero_point)
+    return codes.permute(0, 3, 1, 2), flag
 
 
 def prepack(weight: Tensor, geometry: ConvGeometry) -> Tensor:

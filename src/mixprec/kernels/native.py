@@ -86,6 +86,12 @@ def quantize_rows_static_s8(x: torch.Tensor, scale: float, zero_point: int) -> t
     return torch.ops.mixprec.quantize_rows_static_s8(x, scale, zero_point)
 
 
+def quantize_samples_u8(x: torch.Tensor, samples: int, scale: float, zero_point: int) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+    """Fused per-tensor uint8 quantization with NaN flags per sample (see csrc/int8_rows.cpp)."""
+    return torch.ops.mixprec.quantize_samples_u8(x, samples, scale, zero_point)
+
+
 def rescale_rows_cols(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
     """Fused ``acc * row_scale * col_scale + bias`` in float32 (see csrc/int8_rows.cpp)."""

@@ -10,13 +10,14 @@ Every module returns its input's dtype and takes unbatched inputs as ``nn.Conv``
 
 from __future__ import annotations
 
+import math
 from typing import Self
 
 import torch
 from torch import Tensor, nn
 
-from mixprec.formats import QuantSpec, fp16_scale, half_dtype, pack_int4, qparams_from_range, to_half, unpack_int4
-from mixprec.formats.affine import QParams
+from mixprec.formats import QuantSpec, fp16_scale, half_dtype, pack_int4, to_half, unpack_int4
+from mixprec.formats.affine import QParams, asymmetric_scalar_qparams
 from mixprec.kernels import int8_conv
 from mixprec.kernels.int8_conv import MAX_CONV_REDUCTION
 from mixprec.nn.base import PackedWeightMixin, QuantizedModule, round_weight
@@ -246,14 +247,14 @@ class Int8Conv(PackedWeightMixin, _Int8WeightConv):
     def activation_qparams(self, x: Tensor) -> tuple[float, int, Tensor]:
         """``(s_x, uint8 zero point, x)`` for this call: the range of ``x`` (of its finite values,
         +-inf then turned into NaN so that those samples come out NaN)."""
-        low, high = torch.aminmax(x)
-        if not (torch.isfinite(low) and torch.isfinite(high)):
+        low, high = (float(v) for v in torch.aminmax(x))
+        if not (math.isfinite(low) and math.isfinite(high)):
             finite = torch.isfinite(x)
             x = torch.where(finite, x, float("nan"))
             kept = x[finite]
-            low, high = torch.aminmax(kept) if kept.numel() else (low.new_zeros(()), low.new_zeros(()))
-        qp = qparams_from_range(low, high, STATIC_ACTIVATION)
-        return float(qp.scale), int(qp.zero_point) + 128, x
+            low, high = (float(v) for v in torch.aminmax(kept)) if kept.numel() else (0.0, 0.0)
+        scale, zero_point = asymmetric_scalar_qparams(low, high, STATIC_ACTIVATION)
+        return scale, zero_point + 128, x
 
     def convolve(self, x: Tensor) -> Tensor:
         x = x.to(torch.float32)
