@@ -3,6 +3,7 @@
 #   make test    - the test suite
 #   make transformer-study - all-MiniLM-L6-v2 in fp32, bf16, int8 and the mixed recipe
 #   make search-study - sensitivity and the precision search on all-MiniLM-L6-v2
+#   make cnn-study - ResNet-8 (Fashion-MNIST) and DS-CNN (spoken digits): uniform, searched, random policies
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -12,7 +13,7 @@ ifneq ($(wildcard $(SHARED_DATA)/fashion-mnist),)
 export MIXPREC_DATA ?= $(SHARED_DATA)
 endif
 
-.PHONY: study transformer-study search-study test clean
+.PHONY: study transformer-study search-study cnn-study test clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +28,9 @@ transformer-study: $(STAMP)
 
 search-study: $(STAMP)
 	$(VENV)/bin/mixprec search-study --out runs/minilm-search
+
+cnn-study: $(STAMP)
+	$(VENV)/bin/mixprec cnn-study --out runs/cnn
 
 test: $(STAMP)
 	$(PY) -m pytest -q

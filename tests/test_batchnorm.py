@@ -193,3 +193,52 @@ def test_measurements_on_unfolded_pairs_warn_and_folded_ones_search_to_exact_byt
     result = search(model, table, budget_bytes=budget)
     report = mixprec.quantize(model, result.policy)
     assert report.total_bytes == result.predicted_bytes <= budget
+
+
+class ReluChains(nn.Module):
+    """conv1 -> bn1 -> relu1 fuses; conv2 -> relu2 fuses; relu3 reads conv3, whose output the
+    sum reads too, so it stays."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv2, self.relu2 = nn.Conv2d(8, 8, 1), nn.ReLU()
+        self.conv3, self.relu3 = nn.Conv2d(8, 8, 1), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        z = self.conv3(y)
+        return self.relu3(z) + z
+
+
+def test_relus_after_int8_convolutions_run_in_their_epilogue(tmp_path: Path) -> None:
+    from mixprec.batchnorm import ReluFusion
+
+    def make() -> nn.Module:
+        torch.manual_seed(4)
+        return _randomize(ReluChains())
+
+    model = make()
+    assert find_folds(model).relus == (ReluFusion("conv1", "relu1"), ReluFusion("conv2", "relu2"))
+    x = torch.randn(2, 3, 9, 9)
+    report = mixprec.quantize(model, "int8-static", calibration=[x])
+    assert isinstance(model.relu1, nn.Identity) and isinstance(model.relu2, nn.Identity)
+    assert isinstance(model.relu3, nn.ReLU) and model.conv3.fused_relu is None
+    kernels = {row.name: row.kernel for row in report.layers}
+    assert "ReLU 'relu1' fused" in kernels["conv1"] and "BatchNorm 'bn1' folded in" in kernels["conv1"]
+    y = model(x)
+    from mixprec.nn.linear_int8 import STATIC_ACTIVATION
+
+    fresh = make()
+    qp = mixprec.formats.QParams(STATIC_ACTIVATION, model.conv1.input_scale.clone(),
+                                 model.conv1.input_zero_point.clone())
+    reference = mixprec.nn.Int8StaticConv.from_float(folded_conv(fresh.conv1, fresh.bn1), qp)
+    assert torch.equal(model.conv1(x), reference(x).relu())
+    mixprec.save(model, tmp_path / "fused.safetensors")
+    loaded = make()
+    mixprec.load(loaded, tmp_path / "fused.safetensors")
+    assert isinstance(loaded.relu2, nn.Identity) and loaded.conv2.fused_relu == "relu2"
+    assert torch.equal(loaded(x), y)
+    w8 = make()
+    mixprec.quantize(w8, "w8")
+    assert isinstance(w8.relu1, nn.ReLU)  # only int8 convolutions have the epilogue

@@ -43,8 +43,11 @@ def tensor_holders(model: nn.Module) -> dict[tuple[int, int], tuple[int, tuple[s
     the modules that hold it as one of their own tensors, in ``named_modules`` order. A tied
     weight has two or more holders."""
     holders: dict[tuple[int, int], tuple[int, tuple[str, ...]]] = {}
+    alive = []  # tensors made on the fly (unpacked weights) stay alive, so no address is reused
     for name, module in model.named_modules():
-        for tensor in own_tensors(module):
+        tensors = own_tensors(module)
+        alive.append(tensors)
+        for tensor in tensors:
             key = storage_key(tensor)
             size, names = holders.get(key, (tensor.nbytes, ()))
             if name not in names:

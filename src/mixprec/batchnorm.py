@@ -40,11 +40,32 @@ class Fold:
 
 
 @dataclass(frozen=True)
+class ReluFusion:
+    """The ``nn.ReLU`` module ``relu`` reads only the output of ``conv`` (directly, or through a
+    BatchNorm that folds into it), so an int8 convolution can apply it in its epilogue."""
+
+    conv: str
+    relu: str
+
+
+@dataclass(frozen=True)
 class FoldSearch:
-    """What :func:`find_folds` found: the pairs that fold, and the pairs that do not, with why."""
+    """What :func:`find_folds` found: the pairs that fold, the pairs that do not (with why), and
+    the ReLU modules that could run in their convolution's epilogue."""
 
     folds: tuple[Fold, ...]
     refused: dict[Fold, str]
+    relus: tuple[ReluFusion, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Edge:
+    """Module ``target`` takes module ``source``'s output as its input; ``only_reader``: nothing
+    else reads that output."""
+
+    source: str
+    target: str
+    only_reader: bool
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
@@ -52,22 +73,36 @@ def _is_batchnorm(module: nn.Module) -> bool:
 
 
 def find_folds(model: nn.Module) -> FoldSearch:
-    """Every ``Conv -> BatchNorm`` pair of ``model`` that can fold (see module docstring)."""
+    """Every ``Conv -> BatchNorm`` pair of ``model`` that can fold (see module docstring), and
+    every ``Conv [-> BatchNorm that folds] -> nn.ReLU`` chain whose ReLU only reads the convolution."""
     modules = dict(model.named_modules())
     held = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
     try:
-        pairs, calls = _traced_pairs(model)
+        edges, calls = _traced_edges(model)
     except Exception:  # noqa: BLE001 - any tracing failure means: use the Sequential structure
-        pairs, calls = _sequential_pairs(model), None
+        edges, calls = _sequential_edges(model), None
     folds, refused = [], {}
-    for conv_name, bn_name, only_reader in pairs:
-        conv, bn = modules[conv_name], modules[bn_name]
-        reason = _refusal(conv, bn, conv_name, only_reader, held, calls)
+    for edge in edges:
+        conv, bn = modules[edge.source], modules[edge.target]
+        if not (is_conv(conv) and _is_batchnorm(bn)):
+            continue
+        reason = _refusal(conv, bn, edge.source, edge.only_reader, held, calls)
         if reason:
-            refused[Fold(conv_name, bn_name)] = reason
+            refused[Fold(edge.source, edge.target)] = reason
         else:
-            folds.append(Fold(conv_name, bn_name))
-    return FoldSearch(tuple(folds), refused)
+            folds.append(Fold(edge.source, edge.target))
+    folded_into = {fold.batchnorm: fold.conv for fold in folds}
+    relus = []
+    for edge in edges:
+        relu = modules[edge.target]
+        if type(relu) is not nn.ReLU or not edge.only_reader or held[id(relu)] > 1 or (calls and calls[id(relu)] > 1):
+            continue
+        source = modules[edge.source]
+        if is_conv(source) and held[id(source)] == 1 and not (calls and calls[id(source)] > 1):
+            relus.append(ReluFusion(edge.source, edge.target))
+        elif edge.source in folded_into:
+            relus.append(ReluFusion(folded_into[edge.source], edge.target))
+    return FoldSearch(tuple(folds), refused, tuple(relus))
 
 
 def _refusal(conv: nn.Module, bn: nn.Module, conv_name: str, only_reader: bool, held: Counter,
@@ -85,35 +120,30 @@ def _refusal(conv: nn.Module, bn: nn.Module, conv_name: str, only_reader: bool, 
     return None
 
 
-def _traced_pairs(model: nn.Module) -> tuple[list[tuple[str, str, bool]], Counter]:
+def _traced_edges(model: nn.Module) -> tuple[list[_Edge], Counter]:
     graph = torch.fx.symbolic_trace(model).graph
     modules = dict(model.named_modules())
     calls: Counter = Counter()
-    pairs = []
+    edges = []
     for node in graph.nodes:
         if node.op != "call_module":
             continue
-        module = modules[str(node.target)]
-        calls[id(module)] += 1
-        if not _is_batchnorm(module) or not node.args:
-            continue
-        source = node.args[0]
-        if isinstance(source, torch.fx.Node) and source.op == "call_module" and is_conv(modules[str(source.target)]):
-            pairs.append((str(source.target), str(node.target), len(source.users) == 1))
-    return pairs, calls
+        calls[id(modules[str(node.target)])] += 1
+        source = node.args[0] if node.args else None
+        if isinstance(source, torch.fx.Node) and source.op == "call_module":
+            edges.append(_Edge(str(source.target), str(node.target), len(source.users) == 1))
+    return edges, calls
 
 
-def _sequential_pairs(model: nn.Module) -> list[tuple[str, str, bool]]:
-    pairs = []
+def _sequential_edges(model: nn.Module) -> list[_Edge]:
+    edges = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Sequential):
             continue
-        children = list(module.named_children())
-        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
-            if is_conv(conv) and _is_batchnorm(bn):
-                prefix = f"{name}." if name else ""
-                pairs.append((prefix + conv_name, prefix + bn_name, True))
-    return pairs
+        prefix = f"{name}." if name else ""
+        children = [prefix + child for child, _ in module.named_children()]
+        edges += [_Edge(source, target, True) for source, target in zip(children, children[1:])]
+    return edges
 
 
 def folded_conv(conv: nn.Module, bn: nn.Module) -> nn.Module:

@@ -22,6 +22,15 @@ def _transformer_study(args: argparse.Namespace) -> None:
                     stsb_pairs=args.stsb_pairs, rounds=args.rounds, seed=args.seed))
 
 
+def _cnn_study(args: argparse.Namespace) -> None:
+    from mixprec.studies.cnn import CnnStudyConfig, run
+
+    run(CnnStudyConfig(data=args.data, out=args.out, models=tuple(args.models), resnet_epochs=args.resnet_epochs,
+                       dscnn_epochs=args.dscnn_epochs, kws_test_speaker=args.kws_test_speaker or None,
+                       seed=args.seed, budget_ratios=tuple(args.budget_ratios),
+                       random_policies=args.random_policies, rounds=args.rounds))
+
+
 def _search_study(args: argparse.Namespace) -> None:
     from mixprec.studies.minilm_search import SearchStudyConfig, run
 
@@ -224,6 +233,25 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     study.add_argument("--rounds", type=_positive, default=7, help="timing rounds (default: %(default)s)")
     study.set_defaults(func=_fashion_mnist)
+
+    cnn = sub.add_parser("cnn-study", help="ResNet-8 (Fashion-MNIST) and DS-CNN (spoken digits): uniform, searched, "
+                                           "heuristic and random policies")
+    cnn.add_argument("--data", help="data folder holding fashion-mnist/ and fsdd/ (default: $MIXPREC_DATA, then the "
+                                    "cache)")
+    cnn.add_argument("--out", default="runs/cnn", help="output folder (default: %(default)s)")
+    cnn.add_argument("--models", type=lambda text: text.split(","), default=["resnet8", "dscnn"],
+                     help="comma-separated: resnet8, dscnn (default: both)")
+    cnn.add_argument("--resnet-epochs", type=_positive, default=3, help="ResNet-8 epochs (default: %(default)s)")
+    cnn.add_argument("--dscnn-epochs", type=_positive, default=15, help="DS-CNN epochs (default: %(default)s)")
+    cnn.add_argument("--kws-test-speaker", default="lucas",
+                     help="speaker held out as the DS-CNN's test set; '' for the dataset's own split of takes "
+                          "(default: %(default)s)")
+    cnn.add_argument("--budget-ratios", type=lambda text: [_positive_float(v) for v in text.split(",")],
+                     default=[0.6, 0.7], help="byte budgets as ratios of uniform int8 (default: 0.6,0.7)")
+    cnn.add_argument("--random-policies", type=_positive, default=30, help="random policies per budget (default: 30)")
+    cnn.add_argument("--rounds", type=_positive, default=5, help="timing rounds (default: %(default)s)")
+    cnn.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    cnn.set_defaults(func=_cnn_study)
     minilm = sub.add_parser("transformer-study",
                             help="all-MiniLM-L6-v2 in fp32, bf16, uniform int8 and the mixed recipe (STS-B, SST-2)")
     _add_text_data_arguments(minilm, out="runs/minilm")

@@ -14,10 +14,11 @@ from mixprec.errors import CalibrationError, ExportError, PolicyError
 from mixprec.formats import QParams, all_finite
 from mixprec.gptq import HessianAccumulator
 from mixprec.nn.base import warn_slow_paths
+from mixprec.nn.conv_layout import is_conv
 from mixprec.nn.linear_int8 import STATIC_ACTIVATION
 from mixprec.observers import OBSERVERS, make_observer
 from mixprec.policy import LayerPlan, Policy
-from mixprec.precision import build, has_integer_weights, in_features, rounds_to_integers
+from mixprec.precision import INT8_GEMM_FAMILIES, build, has_integer_weights, in_features, rounds_to_integers
 from mixprec.quant_report import LayerReport, QuantReport
 
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
@@ -42,7 +43,10 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
             to Linear layers with integer weights: int8, int8-static, int8-tensor, w8, w4).
         fold_batchnorm: fold each BatchNorm that only reads a quantized convolution's output into
             that convolution before quantizing it (see :mod:`mixprec.batchnorm`; the BatchNorm
-            becomes ``nn.Identity`` and the report says so). False keeps them apart.
+            becomes ``nn.Identity`` and the report says so), and run each ``nn.ReLU`` module that
+            only reads an ``int8`` / ``int8-static`` convolution's (folded) output in that
+            convolution's epilogue (the ReLU becomes ``nn.Identity``; the kernel says so).
+            False keeps them apart.
 
     Every check (policy, applicability, calibration) runs before the first layer is
     replaced; layers are then replaced one at a time and quantize keeps no reference to a
@@ -79,6 +83,8 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
     quantized = {plan.name for plan in plans if plan.precision.family != "fp32"}
     search = find_folds(model) if fold_batchnorm and quantized else FoldSearch((), {})
     folds = {fold.conv: fold.batchnorm for fold in search.folds if fold.conv in quantized}
+    int8_convs = {plan.name for plan in plans if plan.precision.family in INT8_GEMM_FAMILIES and is_conv(plan.module)}
+    relus = {fusion.conv: fusion.relu for fusion in search.relus if fusion.conv in int8_convs}
     unfolded = {fold.batchnorm: why for fold, why in search.refused.items() if fold.conv in quantized}
     built = []
     with torch.no_grad():
@@ -92,6 +98,9 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
                 new = build(module, plan.precision, input_qparams.get(plan.name), hessians.pop(plan.name, None))
                 if plan.name in folds:
                     new.folded_batchnorm = folds[plan.name]
+                if plan.name in relus:
+                    new.fused_relu = relus[plan.name]
+                    replace_module(model, relus[plan.name], nn.Identity())
                 replace_module(model, plan.name, new)
                 built.append((plan.name, new))
                 del module

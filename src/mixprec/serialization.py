@@ -2,10 +2,12 @@
 
 The file is one ``.safetensors`` file. Its header metadata holds, under the key
 ``"mixprec"``, a JSON object ``{"format": "mixprec", "version": 1, "layers": {name:
-precision}, "aliases": {key: canonical key}, "folded": {batchnorm: convolution}}`` (``folded``
-names the BatchNorms that :func:`mixprec.quantize` folded into a convolution). :func:`load` rebuilds the quantized
-layers on a freshly built float model of the same architecture, validates every tensor's
-name, shape and dtype and every scale before it changes anything, then swaps them in.
+precision}, "aliases": {key: canonical key}, "folded": {batchnorm: convolution}, "fused_relu":
+{relu: convolution}}`` (the BatchNorms that :func:`mixprec.quantize` folded into a convolution
+and the ReLU modules it fused into one; both are ``nn.Identity`` in the quantized model).
+:func:`load` rebuilds the quantized layers on a freshly built float model of the same
+architecture, validates every tensor's name, shape and dtype and every scale before it
+changes anything, then swaps them in.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     layers = {name: module.precision for name, module in model.named_modules() if isinstance(module, QuantizedModule)}
     folded = {module.folded_batchnorm: name for name, module in model.named_modules()
               if getattr(module, "folded_batchnorm", None)}
+    fused = {module.fused_relu: name for name, module in model.named_modules() if getattr(module, "fused_relu", None)}
     tensors: dict[str, Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
@@ -54,12 +57,13 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
         seen[identity] = key
         tensors[key] = tensor.contiguous()
     metadata = {"format": "mixprec", "version": FORMAT_VERSION, "layers": layers, "aliases": aliases,
-                "folded": folded}
+                "folded": folded, "fused_relu": fused}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"mixprec": json.dumps(metadata)})
 
 
-def _read_metadata(path: Path) -> tuple[dict[str, str], dict[str, str], dict[str, str], dict[str, Tensor]]:
+def _read_metadata(path: Path) -> tuple[dict[str, str], dict[str, str], dict[str, str], dict[str, str],
+                                        dict[str, Tensor]]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get("mixprec")
@@ -79,10 +83,11 @@ def _read_metadata(path: Path) -> tuple[dict[str, str], dict[str, str], dict[str
             f"{str(path)!r} has metadata format/version {meta.get('format')!r}/{meta.get('version')!r}; "
             f"this mixprec reads mixprec/{FORMAT_VERSION}"
         )
-    layers, aliases, folded = meta.get("layers"), meta.get("aliases", {}), meta.get("folded", {})
-    if not isinstance(layers, dict) or not isinstance(aliases, dict) or not isinstance(folded, dict):
+    layers, aliases = meta.get("layers"), meta.get("aliases", {})
+    folded, fused = meta.get("folded", {}), meta.get("fused_relu", {})
+    if not all(isinstance(table, dict) for table in (layers, aliases, folded, fused)):
         raise CheckpointError(f"{str(path)!r} metadata lacks its 'layers' table")
-    return layers, aliases, folded, tensors
+    return layers, aliases, folded, fused, tensors
 
 
 def load(model: nn.Module, path: str | os.PathLike[str]) -> QuantReport:
@@ -95,10 +100,11 @@ def load(model: nn.Module, path: str | os.PathLike[str]) -> QuantReport:
     already = [name for name, m in model.named_modules() if isinstance(m, QuantizedModule)]
     if already:
         raise CheckpointError(f"load needs a float model, but {already[0]!r} is already quantized")
-    layers, aliases, folded, stored = _read_metadata(Path(path))
+    layers, aliases, folded, fused, stored = _read_metadata(Path(path))
     fp32_bytes = model_bytes(model)
     modules = dict(model.named_modules())
-    folds = _check_folds(folded, layers, modules)
+    folds = _merged_into_convs(folded, (nn.BatchNorm1d, nn.BatchNorm2d), "folded BatchNorm", layers, modules)
+    relus = _merged_into_convs(fused, (nn.ReLU,), "fused ReLU", layers, modules)
     replacements: dict[str, nn.Module] = {}
     for name, precision_name in layers.items():
         if name not in modules:
@@ -112,7 +118,9 @@ def load(model: nn.Module, path: str | os.PathLike[str]) -> QuantReport:
             raise CheckpointError(f"layer {name!r} cannot take the saved precision: {exc}") from None
         if name in folds:
             replacements[name].folded_batchnorm = folds[name]
-    replacements.update({batchnorm: nn.Identity() for batchnorm in folds.values()})
+        if name in relus:
+            replacements[name].fused_relu = relus[name]
+    replacements.update({merged: nn.Identity() for merged in (*folds.values(), *relus.values())})
     expected = _expected_state(model, replacements)
     tensors = dict(stored)
     for key, canonical in aliases.items():
@@ -149,19 +157,20 @@ def load(model: nn.Module, path: str | os.PathLike[str]) -> QuantReport:
     return _loaded_report(model, layers, fp32_bytes)
 
 
-def _check_folds(folded: dict, layers: dict[str, str], modules: dict[str, nn.Module]) -> dict[str, str]:
-    """Convolution -> the BatchNorm folded into it, after checking both exist as such."""
-    folds = {}
-    for batchnorm, conv in folded.items():
-        if not isinstance(modules.get(batchnorm), (nn.BatchNorm1d, nn.BatchNorm2d)):
-            got = type(modules[batchnorm]).__name__ if batchnorm in modules else "nothing"
-            raise CheckpointError(f"checkpoint folded BatchNorm {batchnorm!r} into {conv!r}, but the model has "
-                                  f"{got} there")
+def _merged_into_convs(merged: dict, kinds: tuple[type[nn.Module], ...], what: str, layers: dict[str, str],
+                       modules: dict[str, nn.Module]) -> dict[str, str]:
+    """Convolution -> the module merged into it (a folded BatchNorm, a fused ReLU), after checking
+    both exist as such."""
+    into = {}
+    for name, conv in merged.items():
+        if not isinstance(modules.get(name), kinds):
+            got = type(modules[name]).__name__ if name in modules else "nothing"
+            raise CheckpointError(f"checkpoint {what} {name!r} into {conv!r}, but the model has {got} there")
         if conv not in layers or not is_conv(modules.get(conv, nn.Identity())):
-            raise CheckpointError(f"checkpoint folded BatchNorm {batchnorm!r} into {conv!r}, which is not a "
-                                  "quantized convolution of the checkpoint and the model")
-        folds[conv] = batchnorm
-    return folds
+            raise CheckpointError(f"checkpoint {what} {name!r} into {conv!r}, which is not a quantized convolution "
+                                  "of the checkpoint and the model")
+        into[conv] = name
+    return into
 
 
 def _expected_state(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, Tensor]:

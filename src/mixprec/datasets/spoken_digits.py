@@ -111,3 +111,20 @@ def spoken_digit_features(split: str, steps: int = 8, bands: int = 16,
     recordings = load_recordings(split, root)
     features = np.stack([log_mel_segments(r.audio, r.rate, steps, bands) for r in recordings])
     return features, np.array([r.digit for r in recordings])
+
+
+def held_out_speaker_features(test_speaker: str, steps: int = 8, bands: int = 16,
+                              root: str | os.PathLike[str] | None = None) -> tuple[np.ndarray, ...]:
+    """``(train_x, train_y, test_x, test_y)`` with every recording of ``test_speaker`` held out for
+    the test split and the other speakers' recordings (all takes) for training: a model then
+    meets a voice it never heard, as a deployed keyword spotter does."""
+    recordings = load_recordings("train", root) + load_recordings("test", root)
+    speakers = sorted({r.speaker for r in recordings})
+    if test_speaker not in speakers:
+        raise InputError(f"unknown speaker {test_speaker!r}; the recordings hold {', '.join(speakers)}")
+    parts = []
+    for held_out in (False, True):
+        chosen = [r for r in recordings if (r.speaker == test_speaker) == held_out]
+        parts += [np.stack([log_mel_segments(r.audio, r.rate, steps, bands) for r in chosen]),
+                  np.array([r.digit for r in chosen])]
+    return tuple(parts)

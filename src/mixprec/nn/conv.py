@@ -201,8 +201,9 @@ class Int8Conv(PackedWeightMixin, _Int8WeightConv):
     (``state_dict()`` unpacks it to the dense int8 tensor; bytes count the dense size).
     """
 
-    #: Apply ``max(y, 0)`` in the convolution's epilogue (set when a following ReLU is fused).
-    relu: bool = False
+    #: Name of the ``nn.ReLU`` that :func:`mixprec.quantize` fused into this convolution (applied
+    #: as ``max(y, 0)`` in its epilogue; the ReLU is then an ``nn.Identity``), or None.
+    fused_relu: str | None = None
 
     def __init__(self, layout: ConvLayout, precision: str = "int8") -> None:
         if layout.window > MAX_CONV_REDUCTION:
@@ -224,7 +225,7 @@ class Int8Conv(PackedWeightMixin, _Int8WeightConv):
     @property
     def kernel(self) -> str:  # type: ignore[override]
         name = int8_conv.ONEDNN_KERNEL_NAME if int8_conv.available() else int8_conv.REFERENCE_KERNEL_NAME
-        return name + ("; ReLU fused" if self.relu else "")
+        return name + (f"; ReLU {self.fused_relu!r} fused" if self.fused_relu else "")
 
     @property
     def slow_path(self) -> str | None:
@@ -266,10 +267,10 @@ class Int8Conv(PackedWeightMixin, _Int8WeightConv):
         codes, sample_flag = int8_conv.quantize_activation(spatial, scale, zero_point)
         if "weight" in self._buffers:
             y = int8_conv.conv_reference(codes, scale, zero_point, self._as_2d(self.weight), self.weight_scale,
-                                         self.bias, self._geometry, self.relu)
+                                         self.bias, self._geometry, self.fused_relu is not None)
         else:
             y = int8_conv.conv_onednn(codes, scale, zero_point, self._packed, self.weight_scale,
-                                      self._weight_zero_points, self.bias, self._geometry, self.relu)
+                                      self._weight_zero_points, self.bias, self._geometry, self.fused_relu is not None)
         if torch.isnan(sample_flag).any():
             y = y.mul(sample_flag.reshape(-1, 1, 1, 1))
         return y.squeeze(2) if self.layout.dims == 1 else y

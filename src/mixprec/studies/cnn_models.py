@@ -24,7 +24,7 @@ from rich.progress import Progress
 from torch import Tensor, nn
 
 from mixprec.datasets.fashion_mnist import load_split
-from mixprec.datasets.spoken_digits import spoken_digit_features
+from mixprec.datasets.spoken_digits import held_out_speaker_features, spoken_digit_features
 
 
 def _conv_bn(cin: int, cout: int, kernel: int | tuple[int, int], stride: int = 1, groups: int = 1,
@@ -41,13 +41,15 @@ class ResidualBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         self.conv1, self.bn1 = _conv_bn(cin, cout, 3, stride)
+        self.relu1 = nn.ReLU()
         self.conv2, self.bn2 = _conv_bn(cout, cout, 3)
         self.shortcut = (nn.Sequential(*_conv_bn(cin, cout, 1, stride, padding=0))
                          if stride != 1 or cin != cout else nn.Identity())
+        self.relu2 = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+        y = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(y)) + self.shortcut(x))
 
 
 class ResNet8(nn.Module):
@@ -100,15 +102,20 @@ def fashion_mnist_task(data: str | None = None) -> Task:
     return Task("Fashion-MNIST", x[0], y[0], x[1], y[1])
 
 
-def spoken_digits_task(data: str | None = None) -> Task:
+def spoken_digits_task(data: str | None = None, test_speaker: str | None = None) -> Task:
     """Spoken digits as ``[N, 1, 49, 10]`` log-mel grids, standardized by the training split's
-    mean and standard deviation (one of each for the whole grid)."""
-    train_x, train_y = spoken_digit_features("train", 49, 10, data)
-    test_x, test_y = spoken_digit_features("test", 49, 10, data)
+    mean and standard deviation (one of each for the whole grid). ``test_speaker`` holds that
+    speaker's recordings out as the test set (the others train); None takes the dataset's own
+    split (takes 0-4 of every speaker for testing)."""
+    if test_speaker is None:
+        train_x, train_y = spoken_digit_features("train", 49, 10, data)
+        test_x, test_y = spoken_digit_features("test", 49, 10, data)
+    else:
+        train_x, train_y, test_x, test_y = held_out_speaker_features(test_speaker, 49, 10, data)
     mean, std = float(train_x.mean()), float(train_x.std())
     x = [torch.from_numpy((f - mean) / std).unsqueeze(1) for f in (train_x, test_x)]
-    return Task("spoken digits", x[0], torch.from_numpy(train_y.astype(np.int64)), x[1],
-                torch.from_numpy(test_y.astype(np.int64)))
+    name = "spoken digits" + (f" (speaker {test_speaker} held out)" if test_speaker else "")
+    return Task(name, x[0], torch.from_numpy(train_y.astype(np.int64)), x[1], torch.from_numpy(test_y.astype(np.int64)))
 
 
 def train(model: nn.Module, task: Task, epochs: int, seed: int, batch_size: int = 64, lr: float = 3e-3) -> nn.Module:
@@ -135,7 +142,11 @@ def train(model: nn.Module, task: Task, epochs: int, seed: int, batch_size: int 
 
 
 @torch.no_grad()
-def correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500) -> np.ndarray:
-    """Per-sample top-1 correctness (bool ``[N]``)."""
-    hits = [model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size] for i in range(0, len(x), batch_size)]
-    return torch.cat(hits).numpy()
+def per_sample_scores(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample top-1 correctness (bool ``[N]``) and cross-entropy in nats (float64 ``[N]``)."""
+    hits, losses = [], []
+    for i in range(0, len(x), batch_size):
+        logits = model(x[i:i + batch_size]).double()
+        hits.append(logits.argmax(1) == y[i:i + batch_size])
+        losses.append(F.cross_entropy(logits, y[i:i + batch_size], reduction="none"))
+    return torch.cat(hits).numpy(), torch.cat(losses).numpy()

@@ -1,0 +1,247 @@
+"""The CNN study: ResNet-8 on Fashion-MNIST and DS-CNN on spoken digits, where per-layer
+precisions really differ.
+
+For each model (:mod:`mixprec.studies.cnn_models`):
+
+1. Train in float32 (seeded), fold every BatchNorm into its convolution
+   (:func:`mixprec.fold_batchnorm`; the float accuracy is measured after folding).
+2. Sensitivity of every layer at ``int8``, ``w4`` and ``bf16`` (forward SQNR of the logits on
+   training samples, never the test set), and per-layer latency at batch 64.
+3. Policies, each quantized and scored on the whole test set: uniform ``bf16``, ``int8``,
+   ``int8-static`` (calibrated on training samples), ``w4``; at each byte budget (a ratio of
+   uniform ``int8``'s bytes) the ILP search, the NNCF-style heuristic and a pool of random
+   policies; the search under uniform ``int8``'s predicted latency.
+4. The random baseline, cross-fitted: groups of ``group`` policies are drawn from the pool; the
+   best of a group is chosen on the even-numbered test samples and scored on the odd ones,
+   and the other way round, so that every sample scores a choice that never saw it. The share
+   of groups whose cross-fitted accuracy the searched policy beats is reported.
+5. Throughput at batch 1 and 64 (interleaved medians, one process), a Pareto plot, CSV/JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from torch import nn
+
+from mixprec.analysis import (
+    SearchProblem,
+    build_problem,
+    measure_latency,
+    random_choices,
+    search,
+    sensitivity,
+    uniform_bytes,
+    uniform_choices,
+    weight_error_ranking,
+)
+from mixprec.analysis.search import policy_for
+from mixprec.batchnorm import fold_batchnorm
+from mixprec.errors import InputError
+from mixprec.policy import Policy
+from mixprec.quantize import quantize
+from mixprec.report.plots import score_vs_cost
+from mixprec.report.results import print_table, write_csv, write_json
+from mixprec.studies.cnn_models import (
+    DSCNN,
+    ResNet8,
+    Task,
+    fashion_mnist_task,
+    per_sample_scores,
+    spoken_digits_task,
+    train,
+)
+from mixprec.timing import interleaved_medians
+
+COLUMNS = ("label", "accuracy", "drop_vs_fp32", "test_nll", "bytes", "bytes_vs_int8", "predicted_ms_b64", "ms_b1",
+           "ms_b64", "speedup_b64")
+CANDIDATES = ("int8", "w4", "bf16")
+
+
+@dataclass(frozen=True)
+class CnnStudyConfig:
+    data: str | None = None
+    out: str = "runs/cnn"
+    models: tuple[str, ...] = ("resnet8", "dscnn")
+    resnet_epochs: int = 3
+    dscnn_epochs: int = 15
+    #: The DS-CNN's test set: this speaker's 500 recordings, never heard in training (None: the
+    #: dataset's own split, where float32 reaches 99.7% and no policy can differ).
+    kws_test_speaker: str | None = "lucas"
+    seed: int = 0
+    budget_ratios: tuple[float, ...] = (0.6, 0.7)
+    random_policies: int = 30
+    group: int = 10
+    resamples: int = 2000
+    sensitivity_samples: int = 256
+    calibration_samples: int = 512
+    rounds: int = 5
+
+    def check(self) -> None:
+        unknown = sorted(set(self.models) - set(MODELS))
+        if unknown or not self.models:
+            raise InputError(f"unknown models {unknown or '(none)'}; choose from {', '.join(MODELS)}")
+        if min(self.resnet_epochs, self.dscnn_epochs, self.rounds, self.sensitivity_samples,
+               self.calibration_samples, self.resamples) < 1:
+            raise InputError("epochs, rounds, sample counts and resamples must all be >= 1")
+        if not 1 <= self.group <= self.random_policies:
+            raise InputError(f"need 1 <= group ({self.group}) <= random_policies ({self.random_policies})")
+        if not self.budget_ratios or not all(0 < r < 1 for r in self.budget_ratios):
+            raise InputError(f"budget ratios must lie in (0, 1) of uniform int8's bytes, got {self.budget_ratios}")
+
+
+def _fashion(config: CnnStudyConfig) -> Task:
+    return fashion_mnist_task(None if config.data is None else str(Path(config.data) / "fashion-mnist"))
+
+
+def _spoken_digits(config: CnnStudyConfig) -> Task:
+    return spoken_digits_task(config.data, config.kws_test_speaker)
+
+
+#: Model name -> (what it is, its task, a fresh model, its training epochs from the config, batch size).
+MODELS: dict[str, tuple[str, Callable[[CnnStudyConfig], Task], Callable[[], nn.Module],
+                        Callable[[CnnStudyConfig], int], int]] = {
+    "resnet8": ("ResNet-8", _fashion, ResNet8, lambda c: c.resnet_epochs, 128),
+    "dscnn": ("DS-CNN keyword spotter (49x10 log-mel)", _spoken_digits, DSCNN, lambda c: c.dscnn_epochs, 64),
+}
+
+
+def cross_fitted_share(searched: np.ndarray, pool: list[np.ndarray], group: int, resamples: int, seed: int,
+                       higher_is_better: bool = True) -> dict[str, float]:
+    """How often the searched policy's mean score beats the cross-fitted best of ``group`` random
+    policies (see module docstring). Arrays are per-sample scores over the test set
+    (correctness, or cross-entropy with ``higher_is_better=False``)."""
+    sign = 1.0 if higher_is_better else -1.0
+    even, odd = slice(0, None, 2), slice(1, None, 2)
+    on_even = np.array([sign * p[even].mean() for p in pool])
+    on_odd = np.array([sign * p[odd].mean() for p in pool])
+    rng = np.random.default_rng(seed)
+    crossed = []
+    for _ in range(resamples):
+        members = rng.choice(len(pool), group, replace=False)
+        fit_even, fit_odd = pool[members[np.argmax(on_even[members])]], pool[members[np.argmax(on_odd[members])]]
+        combined = fit_even.copy()
+        combined[even] = fit_odd[even]  # even samples score the policy chosen on the odd ones
+        crossed.append(float(combined.mean()))
+    values = np.array(crossed)
+    target = float(searched.mean())
+    beats = (target > values) if higher_is_better else (target < values)
+    return {"searched": round(target, 5), "best_of_group_median": round(float(np.median(values)), 5),
+            "searched_beats_share": round(float(beats.mean()), 4),
+            "pool_median": round(float(np.median([p.mean() for p in pool])), 5)}
+
+
+class _Runner:
+    """One model's part of the study: scores policies on the test set and keeps the models."""
+
+    def __init__(self, fp32: nn.Module, task: Task, problem: SearchProblem, calibration: list[torch.Tensor]) -> None:
+        self.fp32, self.task, self.problem, self.calibration = fp32, task, problem, calibration
+        self.models: dict[str, nn.Module] = {}
+
+    def score(self, label: str, policy: Policy, keep: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+        model = copy.deepcopy(self.fp32)
+        static = "int8-static" in (policy.default, *(rule.precision for rule in policy.rules))
+        report = quantize(model, policy, calibration=self.calibration if static else None)
+        hits, losses = per_sample_scores(model, self.task.x_test, self.task.y_test)
+        if keep:
+            self.models[label] = model
+        return hits, losses, report.total_bytes
+
+
+def run_model(name: str, config: CnnStudyConfig, out: Path, console: Console) -> dict[str, Any]:
+    """The study for one model; writes ``{name}-results.csv/.json`` and ``{name}-pareto.png``."""
+    title, make_task, make_model, epochs_of, batch_size = MODELS[name]
+    task = make_task(config)
+    started = time.perf_counter()
+    fp32 = train(make_model(), task, epochs_of(config), config.seed, batch_size)
+    train_seconds = time.perf_counter() - started
+    folds = fold_batchnorm(fp32)
+    pick = torch.randperm(len(task.x_train), generator=torch.Generator().manual_seed(config.seed + 1))
+    sample = task.x_train[pick[: config.sensitivity_samples]]
+    calibration = list(task.x_train[pick[: config.calibration_samples]].split(128))
+    table = sensitivity(fp32, list(sample.split(128)), CANDIDATES, progress=False)
+    batch64, batch1 = task.x_test[:64], task.x_test[:1]
+    latency = measure_latency(fp32, batch64, CANDIDATES, rounds=config.rounds, progress=False)
+    problem = build_problem(fp32, table, latency)
+    runner = _Runner(fp32, task, problem, calibration)
+    int8_bytes = uniform_bytes(fp32, "int8")
+    rows: dict[str, dict[str, Any]] = {}
+    policies: dict[str, Policy] = {}
+
+    def add(label: str, policy: Policy, choices: dict[str, str] | None = None,
+            keep: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        hits, losses, size = runner.score(label, policy, keep)
+        policies[label] = policy
+        predicted = problem.seconds_of(choices) if choices is not None else None
+        rows[label] = {"label": label, "accuracy": round(100.0 * float(hits.mean()), 2),
+                       "test_nll": round(float(losses.mean()), 5), "bytes": size,
+                       "bytes_vs_int8": round(size / int8_bytes, 3),
+                       "predicted_ms_b64": None if predicted is None else round(predicted * 1e3, 3)}
+        return hits, losses
+
+    add("fp32", Policy(default="fp32"), uniform_choices(problem, "fp32"), keep=True)
+    for precision in ("bf16", "int8", "int8-static", "w4"):
+        choices = None if precision == "int8-static" else uniform_choices(problem, precision)
+        add(precision, Policy(default=precision), choices, keep=True)
+    comparisons = {}
+    rng = np.random.default_rng(config.seed)
+    for ratio in config.budget_ratios:
+        budget = int(ratio * int8_bytes)
+        result = search(fp32, table, budget_bytes=budget, latency=latency)
+        searched = add(f"searched {ratio:g}x int8 bytes", result.policy, result.choices, keep=True)
+        heuristic = weight_error_ranking(fp32, problem, budget)
+        add(f"NNCF-style {ratio:g}x", policy_for(heuristic), heuristic)
+        pool = [runner.score("random", policy_for(random_choices(problem, budget, rng)))
+                for _ in range(config.random_policies)]
+        comparisons[f"{ratio:g}x"] = {
+            "budget_bytes": budget,
+            "accuracy": cross_fitted_share(searched[0], [p[0] for p in pool], config.group, config.resamples,
+                                           config.seed),
+            "test_nll": cross_fitted_share(searched[1], [p[1] for p in pool], config.group, config.resamples,
+                                           config.seed, higher_is_better=False)}
+    int8_latency = problem.seconds_of(uniform_choices(problem, "int8"))
+    by_latency = search(fp32, table, budget_latency_s=int8_latency, latency=latency)
+    add("searched, int8 latency", by_latency.policy, by_latency.choices, keep=True)
+    with torch.no_grad():
+        b64 = interleaved_medians({k: (lambda m=m: m(batch64)) for k, m in runner.models.items()}, config.rounds)
+        b1 = interleaved_medians({k: (lambda m=m: m(batch1)) for k, m in runner.models.items()}, config.rounds)
+    fp32_accuracy = rows["fp32"]["accuracy"]
+    for label, row in rows.items():
+        row["drop_vs_fp32"] = round(fp32_accuracy - row["accuracy"], 2)
+        row["ms_b1"] = round(b1[label] * 1e3, 3) if label in b1 else None
+        row["ms_b64"] = round(b64[label] * 1e3, 3) if label in b64 else None
+        row["speedup_b64"] = round(b64["fp32"] / b64[label], 2) if label in b64 else None
+    results = list(rows.values())
+    print_table(f"{title}, {task.name}: {epochs_of(config)} epochs (seed {config.seed}), "
+                f"{torch.get_num_threads()} threads", results, COLUMNS, console)
+    console.print(comparisons)
+    write_csv(out / f"{name}-results.csv", results, COLUMNS)
+    payload = {"model": title, "task": task.name, "config": asdict(config), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "train_seconds": round(train_seconds, 1),
+               "folded": [asdict(f) for f in folds.folds], "int8_bytes": int8_bytes, "results": results,
+               "random_baseline": comparisons, "policies": {label: p.to_dict() for label, p in policies.items()}}
+    write_json(out / f"{name}-results.json", payload)
+    searched_points = [(r["bytes"], r["predicted_ms_b64"], r["accuracy"]) for r in results
+                       if r["label"].startswith("searched") and "latency" not in r["label"]]
+    marked = [(r["label"], r["bytes"], r["predicted_ms_b64"], r["accuracy"]) for r in results
+              if not r["label"].startswith("searched ")]
+    score_vs_cost(out / f"{name}-pareto.png", searched_points, marked, f"{title}: test accuracy vs cost",
+                  "test accuracy (%)")
+    return payload
+
+
+def run(config: CnnStudyConfig, console: Console | None = None) -> dict[str, Any]:
+    """Run the study for each model of ``config``; returns each model's payload."""
+    config.check()
+    console = console or Console(width=200)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return {name: run_model(name, config, out, console) for name in config.models}

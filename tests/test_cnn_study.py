@@ -1,0 +1,52 @@
+"""The CNN study end to end on the real spoken-digit data (a short run), and its bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mixprec import InputError
+from mixprec.studies.cnn import CnnStudyConfig, cross_fitted_share, run
+
+
+def test_a_short_dscnn_study_writes_every_row_and_the_comparison(tmp_path: Path) -> None:
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not (data / "fsdd" / "recordings").is_dir():
+        pytest.fail(f"test data missing: {data}/fsdd (tests need ../shared/data beside the project)")
+    config = CnnStudyConfig(data=str(data), out=str(tmp_path), models=("dscnn",), dscnn_epochs=2,
+                            random_policies=4, group=2, resamples=50, rounds=1)
+    run(config)
+    payload = json.loads((tmp_path / "dscnn-results.json").read_text())
+    labels = [row["label"] for row in payload["results"]]
+    assert labels[:5] == ["fp32", "bf16", "int8", "int8-static", "w4"]
+    assert "searched 0.6x int8 bytes" in labels and "NNCF-style 0.7x" in labels
+    for row in payload["results"]:
+        if row["label"].startswith("searched 0."):
+            ratio = float(row["label"].split()[1][:-1])
+            assert row["bytes"] <= ratio * payload["int8_bytes"]
+    assert set(payload["random_baseline"]) == {"0.6x", "0.7x"}
+    assert (tmp_path / "dscnn-results.csv").is_file() and (tmp_path / "dscnn-pareto.png").stat().st_size > 0
+    assert [fold["batchnorm"] for fold in payload["folded"]][:2] == ["features.1", "features.4"]
+
+
+def test_cross_fitted_share_picks_on_one_half_and_scores_the_other() -> None:
+    searched = np.array([1, 1, 1, 1], dtype=float)
+    # policy a is perfect on the even samples only, b on the odd ones: chosen on one half,
+    # each scores 0 on the other, so the searched policy beats every group
+    a, b = np.array([1, 0, 1, 0], dtype=float), np.array([0, 1, 0, 1], dtype=float)
+    result = cross_fitted_share(searched, [a, b], group=2, resamples=10, seed=0)
+    assert result["best_of_group_median"] == 0.0 and result["searched_beats_share"] == 1.0
+    losses = cross_fitted_share(np.array([0.5, 0.5]), [np.array([0.1, 0.9])], 1, 5, 0, higher_is_better=False)
+    assert losses["searched_beats_share"] == 0.0  # 0.5 is not below 0.5
+
+
+def test_bad_configurations_are_refused() -> None:
+    with pytest.raises(InputError, match="unknown models"):
+        CnnStudyConfig(models=("vgg",)).check()
+    with pytest.raises(InputError, match="group"):
+        CnnStudyConfig(random_policies=3, group=5).check()
+    with pytest.raises(InputError, match=r"budget ratios must lie in \(0, 1\)"):
+        CnnStudyConfig(budget_ratios=(1.5,)).check()
