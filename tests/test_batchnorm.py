@@ -242,3 +242,17 @@ def test_relus_after_int8_convolutions_run_in_their_epilogue(tmp_path: Path) -> 
     w8 = make()
     mixprec.quantize(w8, "w8")
     assert isinstance(w8.relu1, nn.ReLU)  # only int8 convolutions have the epilogue
+
+
+def test_relus_fuse_after_batchnorms_folded_beforehand() -> None:
+    from mixprec.batchnorm import ReluFusion
+
+    for model in (_small_cnn(), ReluChains()):  # nn.Sequential, and a traced module
+        mixprec.fold_batchnorm(model)
+        relus = find_folds(model).relus
+        assert relus and relus[0].conv in ("0", "conv1")
+    assert find_folds(_small_cnn()).relus[0] == ReluFusion("0", "2")
+    model = _small_cnn()
+    mixprec.fold_batchnorm(model)
+    mixprec.quantize(model, "int8")
+    assert isinstance(model[2], nn.Identity) and model[0].fused_relu == "2"

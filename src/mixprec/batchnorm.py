@@ -130,9 +130,18 @@ def _traced_edges(model: nn.Module) -> tuple[list[_Edge], Counter]:
             continue
         calls[id(modules[str(node.target)])] += 1
         source = node.args[0] if node.args else None
+        only_reader = isinstance(source, torch.fx.Node) and len(source.users) == 1
+        while _is_identity_call(source, modules):  # a BatchNorm folded earlier, for instance
+            source = source.args[0]
+            only_reader = only_reader and len(source.users) == 1
         if isinstance(source, torch.fx.Node) and source.op == "call_module":
-            edges.append(_Edge(str(source.target), str(node.target), len(source.users) == 1))
+            edges.append(_Edge(str(source.target), str(node.target), only_reader))
     return edges, calls
+
+
+def _is_identity_call(node: object, modules: dict[str, nn.Module]) -> bool:
+    return (isinstance(node, torch.fx.Node) and node.op == "call_module"
+            and type(modules[str(node.target)]) is nn.Identity and bool(node.args))
 
 
 def _sequential_edges(model: nn.Module) -> list[_Edge]:
@@ -141,7 +150,7 @@ def _sequential_edges(model: nn.Module) -> list[_Edge]:
         if not isinstance(module, nn.Sequential):
             continue
         prefix = f"{name}." if name else ""
-        children = [prefix + child for child, _ in module.named_children()]
+        children = [prefix + child for child, c in module.named_children() if type(c) is not nn.Identity]
         edges += [_Edge(source, target, True) for source, target in zip(children, children[1:])]
     return edges
 

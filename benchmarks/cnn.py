@@ -1,0 +1,170 @@
+"""The CNN study's two models against the int8 peers: speed at batch 1 and 64, and accuracy (issue 15).
+
+    .venv/bin/python benchmarks/cnn.py [--models resnet8,dscnn] [--rounds 5] [--out runs/cnn-bench]
+
+Each model is trained as ``mixprec cnn-study`` trains it (same seed, epochs and data) and its
+BatchNorms are folded. Then, in one process:
+
+- PyTorch float32, eager and ``torch.compile``;
+- mixprec eager: ``int8`` (dynamic activations), ``int8-static``, ``bf16`` and the searched
+  policy at 0.6x uniform ``int8``'s bytes (SQNR sensitivity on training samples, as the study);
+- PT2E with torchao's ``X86InductorQuantizer`` (static int8, its defaults) compiled by
+  Inductor with freezing (oneDNN int8 convolutions);
+- the deprecated ``torch.ao`` FX flow (``x86`` qconfig mapping, static int8), eager;
+- ONNX Runtime static int8 (``quantize_static``, QDQ, per-channel weights) of the float32
+  ONNX export, two intra-op threads.
+
+Every static path calibrates on the same 512 training samples. Milliseconds per batch are
+medians over rounds; each round runs every path for a block of calls of at least 0.2 s,
+in rotating order (ONNX Runtime's and OpenMP's threads spin after a call and would slow
+whatever ran next). Needs the extras ``bench`` (torchao) and ``onnx``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import mixprec
+from mixprec.analysis import search, sensitivity, uniform_bytes
+from mixprec.report.results import print_table, write_csv
+from mixprec.studies.cnn import CANDIDATES, MODELS, CnnStudyConfig
+from mixprec.studies.cnn_models import Task, per_sample_scores, train
+from mixprec.timing import interleaved_medians
+
+COLUMNS = ("model", "path", "accuracy", "ms_b1", "ms_b64", "speedup_b1", "speedup_b64")
+
+
+class Pt2eInductor:
+    """PT2E static int8 with the X86 Inductor quantizer, compiled with freezing: one export per
+    batch size, each calibrated on the same samples (with a dynamic batch, Inductor's int8
+    convolution lowering failed here: a stride assertion on the first convolution)."""
+
+    def __init__(self, model: nn.Module, calibration: list[torch.Tensor]) -> None:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        self.model, self.samples = model, torch.cat(calibration)
+        self.compiled: dict[int, Callable] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] not in self.compiled:
+            self.compiled[x.shape[0]] = self._build(x.shape[0])
+        return self.compiled[x.shape[0]](x)
+
+    def _build(self, batch: int) -> Callable:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer,
+            get_default_x86_inductor_quantization_config,
+        )
+
+        exported = torch.export.export(copy.deepcopy(self.model), (self.samples[:batch],)).module()
+        quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(exported, quantizer)
+        with torch.no_grad():
+            for start in range(0, len(self.samples) - batch + 1, batch):
+                prepared(self.samples[start:start + batch])
+        return torch.compile(convert_pt2e(prepared))
+
+
+def fx_int8(model: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor]) -> nn.Module:
+    """The deprecated torch.ao FX flow: static int8 with the x86 qconfig mapping."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (example,))
+    with torch.no_grad():
+        for batch_x in calibration:
+            prepared(batch_x)
+    return convert_fx(prepared)
+
+
+def ort_static(model: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor], folder: Path) -> Callable:
+    """ONNX Runtime static int8 (QDQ, per-channel weights) of the float32 export."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    float_path, int8_path = folder / "float.onnx", folder / "int8.onnx"
+    torch.onnx.export(model, (example,), str(float_path), input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"x": b.numpy()} for b in calibration])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    quantize_static(str(float_path), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+
+
+def run_model(name: str, config: CnnStudyConfig, rounds: int) -> list[dict[str, object]]:
+    title, make_task, make_model, epochs_of, batch_size = MODELS[name]
+    task: Task = make_task(config)
+    fp32 = train(make_model(), task, epochs_of(config), config.seed, batch_size)
+    mixprec.fold_batchnorm(fp32)
+    pick = torch.randperm(len(task.x_train), generator=torch.Generator().manual_seed(config.seed + 1))
+    calibration = list(task.x_train[pick[: config.calibration_samples]].split(128))
+    sample = list(task.x_train[pick[: config.sensitivity_samples]].split(128))
+    batch64, batch1 = task.x_test[:64], task.x_test[:1]
+
+    paths: dict[str, Callable] = {"float32 eager": fp32}
+    for precision in ("int8", "int8-static", "bf16"):
+        model = copy.deepcopy(fp32)
+        mixprec.quantize(model, precision, calibration=calibration)
+        paths[f"mixprec {precision}"] = model
+    table = sensitivity(fp32, sample, CANDIDATES, progress=False)
+    searched = copy.deepcopy(fp32)
+    mixprec.quantize(searched, search(fp32, table, budget_bytes=int(0.6 * uniform_bytes(fp32, "int8"))).policy)
+    paths["mixprec searched 0.6x int8 bytes"] = searched
+    paths["float32 torch.compile"] = torch.compile(copy.deepcopy(fp32))
+    paths["PT2E + Inductor int8"] = Pt2eInductor(fp32, calibration)
+    paths["torch.ao FX int8 (x86)"] = fx_int8(fp32, batch64, calibration)
+    with tempfile.TemporaryDirectory() as folder:
+        paths["ONNX Runtime static int8"] = ort_static(fp32, batch64, calibration, Path(folder))
+        with torch.no_grad():
+            accuracy = {label: 100.0 * float(per_sample_scores(path, task.x_test, task.y_test)[0].mean())
+                        for label, path in paths.items()}
+            b64 = interleaved_medians({k: (lambda p=p: p(batch64)) for k, p in paths.items()}, rounds, 0.2)
+            b1 = interleaved_medians({k: (lambda p=p: p(batch1)) for k, p in paths.items()}, rounds, 0.2)
+    return [{"model": f"{title} ({task.name})", "path": label, "accuracy": round(accuracy[label], 2),
+             "ms_b1": round(b1[label] * 1e3, 3), "ms_b64": round(b64[label] * 1e3, 3),
+             "speedup_b1": round(b1["float32 eager"] / b1[label], 2),
+             "speedup_b64": round(b64["float32 eager"] / b64[label], 2)} for label in paths]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="resnet8,dscnn", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--data", help="data folder holding fashion-mnist/ and fsdd/")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default="runs/cnn-bench")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    config = CnnStudyConfig(data=args.data)
+    rows = [row for name in args.models.split(",") for row in run_model(name, config, args.rounds)]
+    print_table(f"CNN inference, torch {torch.__version__}, {torch.get_num_threads()} threads", rows, COLUMNS)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "cnn.csv", rows, COLUMNS)
+    print(f"wrote {out / 'cnn.csv'}")
+
+
+if __name__ == "__main__":
+    main()
