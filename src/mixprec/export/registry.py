@@ -2,8 +2,8 @@
 
 A format says, for a layer kind (``"linear"`` or ``"embedding"``) and a precision name,
 whether it stores that layer exactly, and otherwise which precision nearest to it it does
-store. :func:`refuse_unheld` checks every layer before anything is written and names them
-all in one error.
+store; no format holds quantized convolutions (kind ``"conv"``) yet. :func:`refuse_unheld`
+checks every layer before anything is written and names them all in one error.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 from torch import nn
 
 from mixprec.errors import ExportError
-from mixprec.nn import QuantizedModule
+from mixprec.nn import QuantizedConv, QuantizedModule
+from mixprec.nn.conv_layout import is_conv
 from mixprec.precision import is_linear
 
 
@@ -68,7 +69,9 @@ def find_format(name: object) -> ExportFormat:
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"embedding"`` or None for a module (float or quantized) of a model."""
+    """``"linear"``, ``"embedding"``, ``"conv"`` or None for a module (float or quantized) of a model."""
+    if isinstance(module, QuantizedConv) or is_conv(module):
+        return "conv"
     if isinstance(module, QuantizedModule):
         return "embedding" if hasattr(module, "num_embeddings") else "linear"
     if is_linear(module):
@@ -94,6 +97,11 @@ def refuse_unheld(fmt: ExportFormat, layers: Iterable[ExportLayer]) -> None:
     nearest precision it can."""
     refused = []
     for layer in layers:
+        if layer.kind == "conv":  # no format carries quantized convolutions yet
+            if layer.precision != "fp32":
+                refused.append(f"{layer.name!r} (conv, {layer.precision}): use fp32 ({fmt.name} export does not "
+                               "carry quantized convolutions yet)")
+            continue
         nearest = fmt.nearest(layer.kind, layer.precision)
         if nearest is not None:
             refused.append(f"{layer.name!r} ({layer.kind}, {layer.precision}): use {nearest}")
