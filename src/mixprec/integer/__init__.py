@@ -15,6 +15,7 @@
   graph (:mod:`~mixprec.integer.simulate`).
 """
 
+from mixprec.integer.conv import ConvParams, conv2d
 from mixprec.integer.elementwise import AddParams, MulParams, add, mul
 from mixprec.integer.fixedpoint import (
     INT32_MAX,
@@ -31,6 +32,8 @@ from mixprec.integer.graph import Graph
 from mixprec.integer.nodes import (
     AddConstantNode,
     AddNode,
+    Conv2DNode,
+    DepthwiseConv2DNode,
     DequantizeNode,
     EmbeddingNode,
     FullyConnectedNode,
@@ -55,9 +58,10 @@ __all__ = [
     "AddConstantNode", "AttentionPoolStage", "EmbeddingNode", "IntegerStage", "LayerNormNode", "LinearAttentionNode",
     "Pipeline", "SoftmaxAttentionNode", "ToHalfStage", "ToInt8Stage", "operator_errors", "rounding_attribution",
     "simulate",
-    "AddNode", "AddParams", "DequantizeNode", "FullyConnectedNode", "FullyConnectedParams", "Graph", "INT32_MAX",
+    "AddNode", "AddParams", "Conv2DNode", "ConvParams", "DepthwiseConv2DNode", "DequantizeNode", "FullyConnectedNode",
+    "FullyConnectedParams", "Graph", "INT32_MAX",
     "INT32_MIN", "LogisticNode", "MeanNode", "MulNode", "MulParams", "Quantization", "QuantizeNode", "ReshapeNode",
     "SoftmaxNode", "TanhNode", "TensorSpec", "activation_range", "add", "export_tflite", "fully_connected",
-    "load_tflite", "mul", "multiply_by_quantized_multiplier", "multiply_by_quantized_multiplier_single_round",
+    "conv2d", "load_tflite", "mul", "multiply_by_quantized_multiplier", "multiply_by_quantized_multiplier_single_round",
     "quantize_multiplier", "rounding_divide_by_pot", "saturate_int32", "saturating_rounding_doubling_high_mul",
 ]

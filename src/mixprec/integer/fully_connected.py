@@ -53,20 +53,28 @@ class FullyConnectedParams:
         if in_features > MAX_FC_REDUCTION:
             raise InputError(f"{in_features} input features exceed {MAX_FC_REDUCTION}, the longest reduction "
                              "proven not to overflow the int32 accumulator")
-        if self.bias is not None and (self.bias.dtype != np.int32 or self.bias.shape != (out_features,)):
-            raise InputError(f"bias must be int32 [{out_features}], got {self.bias.dtype} {self.bias.shape}")
-        if self.bias is not None and np.abs(self.bias.astype(np.int64)).max(initial=0) >= 2**30:
-            raise InputError("bias values must stay below 2^30 in magnitude (the accumulator proof)")
-        for name in ("multiplier", "shift"):
-            value = getattr(self, name)
-            if value.dtype != np.int32 or value.shape not in ((1,), (out_features,)):
-                raise InputError(f"{name} must be int32 [1] or [{out_features}], got {value.dtype} {value.shape}")
-        if not -255 <= self.input_offset <= 255 or not -128 <= self.output_offset <= 127:
-            raise InputError(f"offsets out of range: input {self.input_offset} (need -255..255), "
-                             f"output {self.output_offset} (need -128..127)")
-        if not -128 <= self.activation_min <= self.activation_max <= 127:
-            raise InputError(f"activation range [{self.activation_min}, {self.activation_max}] is not within "
-                             "[-128, 127] or is empty")
+        check_accumulator_record(self, out_features)
+
+
+def check_accumulator_record(record: object, channels: int) -> None:
+    """Refuse a record (fully connected or convolution) whose bias, per-channel rescale, offsets
+    or activation range cannot hold: ``bias`` int32 ``[channels]`` below 2**30 in magnitude (the
+    accumulator proofs), ``multiplier`` / ``shift`` int32 ``[1]`` or ``[channels]``."""
+    bias = record.bias
+    if bias is not None and (bias.dtype != np.int32 or bias.shape != (channels,)):
+        raise InputError(f"bias must be int32 [{channels}], got {bias.dtype} {bias.shape}")
+    if bias is not None and np.abs(bias.astype(np.int64)).max(initial=0) >= 2**30:
+        raise InputError("bias values must stay below 2^30 in magnitude (the accumulator proof)")
+    for name in ("multiplier", "shift"):
+        value = getattr(record, name)
+        if value.dtype != np.int32 or value.shape not in ((1,), (channels,)):
+            raise InputError(f"{name} must be int32 [1] or [{channels}], got {value.dtype} {value.shape}")
+    if not -255 <= record.input_offset <= 255 or not -128 <= record.output_offset <= 127:
+        raise InputError(f"offsets out of range: input {record.input_offset} (need -255..255), "
+                         f"output {record.output_offset} (need -128..127)")
+    if not -128 <= record.activation_min <= record.activation_max <= 127:
+        raise InputError(f"activation range [{record.activation_min}, {record.activation_max}] is not within "
+                         "[-128, 127] or is empty")
 
 
 def fully_connected(x: NDArray[np.int8], params: FullyConnectedParams) -> NDArray[np.int8]:

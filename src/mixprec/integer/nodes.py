@@ -32,6 +32,7 @@ from mixprec.integer.attention import (
     softmax_attention,
     softmax_attention_params,
 )
+from mixprec.integer.conv import ConvParams, conv2d
 from mixprec.integer.conversions import RequantizeParams, dequantize, quantize, requantize, requantize_params
 from mixprec.integer.elementwise import ADD_LEFT_SHIFT, AddParams, MulParams, add, mul
 from mixprec.integer.fixedpoint import quantize_multiplier
@@ -50,6 +51,17 @@ class _Node:
     def result_quant(self, quants: Sequence[Quantization | None]) -> Quantization | None:
         """The output tensor's quantization given the inputs' (most ops fix their own)."""
         return self.output_quant
+
+
+def channel_multipliers(input_quant: Quantization, weight_quant: Quantization,
+                        output_quant: Quantization) -> tuple[NDArray[np.int32], NDArray[np.int32]]:
+    """Fixed-point rescale per weight scale, as LiteRT computes it for FULLY_CONNECTED and the
+    convolutions: ``double(s_in) * double(s_w[c]) / double(s_out)``, then
+    :func:`quantize_multiplier`. (Rounding the product to float32 first gave a multiplier a few
+    units off and, on about 1 in 60 random two-layer graphs, one output 1 LSB from LiteRT.)"""
+    s_in, s_out = float(input_quant.scale32[0]), float(output_quant.scale32[0])
+    pairs = [quantize_multiplier(s_in * float(s) / s_out) for s in weight_quant.scale32]
+    return np.array([m for m, _ in pairs], dtype=np.int32), np.array([s for _, s in pairs], dtype=np.int32)
 
 
 def _check_activation_and_output(output_quant: Quantization, activation: str) -> None:
@@ -85,23 +97,83 @@ class FullyConnectedNode(_Node):
         return (*shapes[0][:-1], self.weights.shape[0])
 
     def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> FullyConnectedParams:
-        """LiteRT's arithmetic, per tensor and per channel: ``double(s_in) * double(s_w[c]) /
-        double(s_out)``, then :func:`quantize_multiplier`. (Rounding the product to float32 first
-        gave a multiplier a few units off and, on about 1 in 60 random two-layer graphs, one output
-        1 LSB away from LiteRT's reference kernels.)"""
-        s_in, s_out = quants[0].scale32[0], self.output_quant.scale32[0]
-        reals = [float(s_in) * float(s) / float(s_out) for s in self.weight_quant.scale32]
-        pairs = [quantize_multiplier(real) for real in reals]
+        """LiteRT's arithmetic (:func:`channel_multipliers`)."""
+        multiplier, shift = channel_multipliers(quants[0], self.weight_quant, self.output_quant)
         low, high = activation_range(self.activation, self.output_quant)
         return FullyConnectedParams(
-            weights=self.weights, bias=self.bias, input_offset=-quants[0].zero_point[0],
-            multiplier=np.array([m for m, _ in pairs], dtype=np.int32),
-            shift=np.array([s for _, s in pairs], dtype=np.int32),
-            output_offset=self.output_quant.zero_point[0], activation_min=low, activation_max=high)
+            weights=self.weights, bias=self.bias, input_offset=-quants[0].zero_point[0], multiplier=multiplier,
+            shift=shift, output_offset=self.output_quant.zero_point[0], activation_min=low, activation_max=high)
 
     @staticmethod
     def run(record: FullyConnectedParams, x: NDArray[np.int8]) -> NDArray[np.int8]:
         return fully_connected(x, record)
+
+
+@dataclass(frozen=True, eq=False)
+class _ConvNode(_Node):
+    """A 2-D convolution of the NHWC tensor ``inputs[0]`` (see :mod:`mixprec.integer.conv`):
+    int8 weights (zero points 0, one scale or one per output channel), optional int32 bias,
+    ``padding`` ``"SAME"`` / ``"VALID"``, ``stride`` and ``dilation`` as ``(h, w)``."""
+
+    inputs: tuple[int, ...]
+    weights: NDArray[np.int8]
+    weight_quant: Quantization
+    bias: NDArray[np.int32] | None
+    output_quant: Quantization
+    padding: str = "SAME"
+    stride: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    activation: str = "none"
+    depthwise = False
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != 1:
+            raise InputError(f"{self.opcode} takes one input tensor, got {self.inputs}")
+        out = self.weights.shape[3] if self.depthwise else self.weights.shape[0]
+        axis = 3 if self.depthwise else 0
+        if len(self.weight_quant.scale) not in (1, out) or any(self.weight_quant.zero_point):
+            raise InputError(f"{self.opcode} weights need one scale or {out} (per output channel) and zero points 0")
+        if len(self.weight_quant.scale) > 1 and self.weight_quant.axis != axis:
+            raise InputError(f"{self.opcode} per-channel weight scales run along axis {axis}, "
+                             f"got {self.weight_quant.axis}")
+        _check_activation_and_output(self.output_quant, self.activation)
+        self._params(np.zeros(1, np.int32), np.zeros(1, np.int32), 0, -128, 127)  # checks the geometry
+
+    def _params(self, multiplier: NDArray[np.int32], shift: NDArray[np.int32], input_offset: int, low: int,
+                high: int) -> ConvParams:
+        return ConvParams(weights=self.weights, bias=self.bias, input_offset=input_offset, multiplier=multiplier,
+                          shift=shift, output_offset=self.output_quant.zero_point[0], stride=tuple(self.stride),
+                          dilation=tuple(self.dilation), padding=self.padding, depthwise=self.depthwise,
+                          activation_min=low, activation_max=high)
+
+    def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        return self._params(np.zeros(1, np.int32), np.zeros(1, np.int32), 0, -128, 127).output_shape(shapes[0])
+
+    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> ConvParams:
+        """LiteRT's arithmetic (PopulateConvolutionQuantizationParams, :func:`channel_multipliers`)."""
+        multiplier, shift = channel_multipliers(quants[0], self.weight_quant, self.output_quant)
+        low, high = activation_range(self.activation, self.output_quant)
+        return self._params(multiplier, shift, -quants[0].zero_point[0], low, high)
+
+    @staticmethod
+    def run(record: ConvParams, x: NDArray[np.int8]) -> NDArray[np.int8]:
+        return conv2d(x, record)
+
+
+@dataclass(frozen=True, eq=False)
+class Conv2DNode(_ConvNode):
+    """CONV_2D: weights ``[out, kh, kw, in]``, per-channel scales along axis 0."""
+
+    opcode = "CONV_2D"
+
+
+@dataclass(frozen=True, eq=False)
+class DepthwiseConv2DNode(_ConvNode):
+    """DEPTHWISE_CONV_2D: weights ``[1, kh, kw, out]`` (``out`` a multiple of the input channels:
+    the depth multiplier), per-channel scales along axis 3."""
+
+    opcode = "DEPTHWISE_CONV_2D"
+    depthwise = True
 
 
 @dataclass(frozen=True, eq=False)

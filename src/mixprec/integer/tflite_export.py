@@ -15,7 +15,15 @@ import numpy as np
 
 from mixprec.errors import InputError
 from mixprec.integer.graph import Graph
-from mixprec.integer.nodes import AddConstantNode, EmbeddingNode, FullyConnectedNode, MeanNode, ReshapeNode
+from mixprec.integer.nodes import (
+    AddConstantNode,
+    Conv2DNode,
+    DepthwiseConv2DNode,
+    EmbeddingNode,
+    FullyConnectedNode,
+    MeanNode,
+    ReshapeNode,
+)
 from mixprec.integer.tensors import Quantization
 from mixprec.io_utils import atomic_path
 
@@ -23,12 +31,13 @@ ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 3}  # tflite.ActivationFuncti
 _OPTIONS = {"FULLY_CONNECTED": "FullyConnectedOptions", "ADD": "AddOptions", "MUL": "MulOptions",
             "SOFTMAX": "SoftmaxOptions", "MEAN": "ReducerOptions", "LOGISTIC": None, "TANH": None,
             "RESHAPE": None, "QUANTIZE": None, "DEQUANTIZE": None, "EMBEDDING": "GatherOptions",
-            "ADD_CONSTANT": "AddOptions"}
+            "ADD_CONSTANT": "AddOptions", "CONV_2D": "Conv2DOptions",
+            "DEPTHWISE_CONV_2D": "DepthwiseConv2DOptions"}
 #: mixprec operators written as a TFLite builtin of another name.
 BUILTIN_OF = {"EMBEDDING": "GATHER", "ADD_CONSTANT": "ADD"}
 #: Operator versions that cover int8 (and per-channel FULLY_CONNECTED).
 _VERSIONS = {"FULLY_CONNECTED": 5, "ADD": 2, "MUL": 2, "SOFTMAX": 2, "LOGISTIC": 2, "TANH": 2, "MEAN": 2,
-             "RESHAPE": 1, "QUANTIZE": 2, "DEQUANTIZE": 2, "GATHER": 3}
+             "RESHAPE": 1, "QUANTIZE": 2, "DEQUANTIZE": 2, "GATHER": 3, "CONV_2D": 3, "DEPTHWISE_CONV_2D": 3}
 
 
 def require_tflite():  # noqa: ANN202
@@ -66,7 +75,7 @@ def export_tflite(graph: Graph, path: str | os.PathLike[str]) -> None:
     shapes, quants, dtypes = graph.tensor_shapes, graph.tensor_quants, graph.tensor_dtypes
     for index, node in enumerate(graph.nodes):
         inputs = [position[i] for i in node.inputs]
-        if isinstance(node, FullyConnectedNode):
+        if isinstance(node, (FullyConnectedNode, Conv2DNode, DepthwiseConv2DNode)):
             inputs.append(add(f"op{index}/weights", node.weights.shape, int8, node.weight_quant,
                               node.weights.astype("<i1").tobytes()))
             if node.bias is not None:
@@ -120,7 +129,7 @@ def export_tflite(graph: Graph, path: str | os.PathLike[str]) -> None:
         inputs_offset = _int_vector(builder, tflite.OperatorStartInputsVector, inputs, builder.PrependInt32)
         outputs_offset = _int_vector(builder, tflite.OperatorStartOutputsVector, outputs, builder.PrependInt32)
         options_name = _OPTIONS[node.opcode]
-        options = _options(builder, tflite, options_name, node) if options_name else None
+        options = _options(builder, tflite, options_name, node, shapes[node.inputs[0]]) if options_name else None
         tflite.OperatorStart(builder)
         tflite.OperatorAddOpcodeIndex(builder, opcode_index)
         tflite.OperatorAddInputs(builder, inputs_offset)
@@ -163,7 +172,7 @@ def export_tflite(graph: Graph, path: str | os.PathLike[str]) -> None:
         tmp.write_bytes(bytes(builder.Output()))
 
 
-def _options(builder, tflite, name: str, node) -> int:  # noqa: ANN001
+def _options(builder, tflite, name: str, node, input_shape: tuple[int, ...]) -> int:  # noqa: ANN001
     getattr(tflite, f"{name}Start")(builder)
     if name == "SoftmaxOptions":
         tflite.SoftmaxOptionsAddBeta(builder, float(node.beta))
@@ -171,6 +180,15 @@ def _options(builder, tflite, name: str, node) -> int:  # noqa: ANN001
         tflite.ReducerOptionsAddKeepDims(builder, bool(node.keep_dims))
     elif name == "GatherOptions":
         tflite.GatherOptionsAddAxis(builder, 0)
+    elif name in ("Conv2DOptions", "DepthwiseConv2DOptions"):
+        getattr(tflite, f"{name}AddPadding")(builder, getattr(tflite.Padding, node.padding))
+        getattr(tflite, f"{name}AddStrideH")(builder, node.stride[0])
+        getattr(tflite, f"{name}AddStrideW")(builder, node.stride[1])
+        getattr(tflite, f"{name}AddDilationHFactor")(builder, node.dilation[0])
+        getattr(tflite, f"{name}AddDilationWFactor")(builder, node.dilation[1])
+        getattr(tflite, f"{name}AddFusedActivationFunction")(builder, ACTIVATION_CODES[node.activation])
+        if name == "DepthwiseConv2DOptions":
+            tflite.DepthwiseConv2DOptionsAddDepthMultiplier(builder, node.weights.shape[3] // input_shape[3])
     else:
         activation = getattr(node, "activation", "none")
         getattr(tflite, f"{name}AddFusedActivationFunction")(builder, ACTIVATION_CODES[activation])

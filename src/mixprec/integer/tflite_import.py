@@ -25,6 +25,8 @@ from mixprec.integer.graph import Graph
 from mixprec.integer.nodes import (
     AddConstantNode,
     AddNode,
+    Conv2DNode,
+    DepthwiseConv2DNode,
     DequantizeNode,
     EmbeddingNode,
     FullyConnectedNode,
@@ -39,8 +41,9 @@ from mixprec.integer.nodes import (
 from mixprec.integer.tensors import Quantization, TensorSpec
 from mixprec.integer.tflite_export import ACTIVATION_CODES, require_tflite
 
-SUPPORTED = ("FULLY_CONNECTED", "ADD", "MUL", "MEAN", "RESHAPE", "LOGISTIC", "TANH", "SOFTMAX", "QUANTIZE",
-             "DEQUANTIZE", "GATHER")
+SUPPORTED = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "MUL", "MEAN", "RESHAPE", "LOGISTIC", "TANH",
+             "SOFTMAX", "QUANTIZE", "DEQUANTIZE", "GATHER")
+_CONVOLUTIONS = {"CONV_2D": Conv2DNode, "DEPTHWISE_CONV_2D": DepthwiseConv2DNode}
 #: Element types per opcode: (input types accepted, output type).
 _TYPES = {"QUANTIZE": (("INT8", "FLOAT32"), "INT8"), "DEQUANTIZE": (("INT8",), "FLOAT32")}
 
@@ -60,6 +63,25 @@ def load_tflite(path: str | os.PathLike[str]) -> Graph:
         raise
     except (IndexError, ValueError, TypeError, AttributeError, OverflowError, struct.error) as exc:
         raise InputError(f"{str(path)!r} is truncated or corrupt: {type(exc).__name__}: {exc}") from None
+
+
+def _convolution(name: str, options: Any, op_index: int, reads: tuple[int, ...], subgraph: Any, op_inputs: list[int],
+                 constant: Any, quantization: Any, output_quant: Quantization, activation: str) -> Any:
+    """A CONV_2D / DEPTHWISE_CONV_2D node from its operator (options already read into ``options``)."""
+    padding = {0: "SAME", 1: "VALID"}.get(options.Padding())
+    if padding is None:
+        raise InputError(f"operator {op_index} ({name}) has padding code {options.Padding()}; mixprec reads SAME "
+                         "and VALID")
+    weights = constant(op_inputs[1], "<i1").astype(np.int8)
+    bias = constant(op_inputs[2], "<i4").astype(np.int32) if len(op_inputs) > 2 and op_inputs[2] >= 0 else None
+    if name == "DEPTHWISE_CONV_2D":
+        channels = int(subgraph.Tensors(op_inputs[0]).ShapeAsNumpy()[-1])
+        if weights.shape[3] != channels * options.DepthMultiplier():
+            raise InputError(f"operator {op_index} (DEPTHWISE_CONV_2D) has {weights.shape[3]} output channels for "
+                             f"{channels} inputs and depth multiplier {options.DepthMultiplier()}")
+    return _CONVOLUTIONS[name](reads, weights, quantization(op_inputs[1]), bias, output_quant, padding,
+                               (options.StrideH(), options.StrideW()),
+                               (options.DilationHFactor(), options.DilationWFactor()), activation)
 
 
 def _names(enum: Any) -> dict[int, str]:
@@ -125,9 +147,10 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
                              f"{tensor_type(output)}; mixprec supports {' or '.join(accepted)} to {produced}")
         options = operator.BuiltinOptions()
         activation = "none"
-        if name in ("FULLY_CONNECTED", "ADD", "MUL"):
+        if name in ("FULLY_CONNECTED", "ADD", "MUL", *_CONVOLUTIONS):
             holder = {"FULLY_CONNECTED": tflite.FullyConnectedOptions, "ADD": tflite.AddOptions,
-                      "MUL": tflite.MulOptions}[name]()
+                      "MUL": tflite.MulOptions, "CONV_2D": tflite.Conv2DOptions,
+                      "DEPTHWISE_CONV_2D": tflite.DepthwiseConv2DOptions}[name]()
             if options is not None:
                 holder.Init(options.Bytes, options.Pos)
                 code_value = holder.FusedActivationFunction()
@@ -143,6 +166,9 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
             bias = constant(op_inputs[2], "<i4").astype(np.int32) if len(op_inputs) > 2 and op_inputs[2] >= 0 else None
             node = FullyConnectedNode((position[op_inputs[0]],), weights, quantization(op_inputs[1]), bias,
                                       quantization(output), activation)
+        elif name in _CONVOLUTIONS:
+            node = _convolution(name, holder, op_index, (position[op_inputs[0]],), subgraph, op_inputs,
+                                constant, quantization, quantization(output), activation)
         elif name == "MEAN":
             holder = tflite.ReducerOptions()
             if options is not None:

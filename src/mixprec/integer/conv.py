@@ -1,0 +1,144 @@
+"""Int8 2-D convolutions, TFLite reference semantics (``reference_integer_ops::ConvPerChannel``
+and ``DepthwiseConvPerChannel``), on NHWC tensors.
+
+For output position ``(n, y, x)`` and output channel ``c``::
+
+    acc = bias[c] + sum (w[c, ky, kx, i] * (x[n, y * s_h - pad_h + ky * d_h, x * s_w - pad_w + kx * d_w, i]
+                                             + input_offset))                      (exact, int32)
+    out = clamp(MultiplyByQuantizedMultiplier(acc, multiplier[c], shift[c]) + output_offset, act_min, act_max)
+
+over the kernel window and the input channels ``i`` (all of them for CONV_2D; for
+DEPTHWISE_CONV_2D only ``i = c // depth_multiplier``, the filter being ``[1, kh, kw, out]``).
+Window points outside the image are skipped, as if they held the input zero point.
+``input_offset = -input_zero_point``; the rescale is
+:func:`~mixprec.integer.fixedpoint.multiply_by_quantized_multiplier`, gemmlowp's two roundings
+(``SaturatingRoundingDoublingHighMul`` then ``RoundingDivideByPOT``): LiteRT's convolution
+kernels round that way, unlike its fully connected kernel (one rounding); with the single
+rounding, 19 of 15,360 outputs of a random stride-2 convolution came out 1 LSB off LiteRT.
+Padding follows TFLite: ``VALID`` none; ``SAME`` an output of
+``ceil(in / stride)`` and ``pad = max(0, (out - 1) * stride + (k - 1) * dilation + 1 - in) // 2``
+before (the odd remainder after). Computed with int64 numpy, vectorized over the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from mixprec.errors import InputError
+from mixprec.integer.fixedpoint import multiply_by_quantized_multiplier
+from mixprec.integer.fully_connected import check_accumulator_record
+from mixprec.integer.tensors import require_array
+
+PADDINGS = ("SAME", "VALID")
+#: Longest window (kernel x input channels per output) whose int32 accumulator cannot overflow:
+#: ``L * 255 * 128 + |bias| < 2**31`` with ``|bias| < 2**30`` (as the fully connected layer).
+MAX_CONV_WINDOW = 32_896
+
+
+def output_size(size: int, kernel: int, stride: int, dilation: int, padding: str) -> tuple[int, int]:
+    """``(output size, padding before)`` along one spatial axis (TFLite's ComputePaddingHeightWidth)."""
+    effective = (kernel - 1) * dilation + 1
+    if padding == "VALID":
+        return (size - effective + stride) // stride, 0
+    out = (size + stride - 1) // stride
+    return out, max(0, (out - 1) * stride + effective - size) // 2
+
+
+@dataclass(frozen=True, eq=False)
+class ConvParams:
+    """Runtime record of an int8 CONV_2D / DEPTHWISE_CONV_2D: integers and geometry only.
+
+    ``weights`` int8 ``[out, kh, kw, in]`` (CONV_2D) or ``[1, kh, kw, out]`` (depthwise, with
+    ``depth_multiplier`` = out / in); ``bias`` int32 ``[out]`` or None; ``multiplier`` and
+    ``shift`` int32 ``[out]`` or ``[1]``.
+    """
+
+    weights: NDArray[np.int8]
+    bias: NDArray[np.int32] | None
+    input_offset: int
+    multiplier: NDArray[np.int32]
+    shift: NDArray[np.int32]
+    output_offset: int
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    padding: str
+    depthwise: bool = False
+    activation_min: int = -128
+    activation_max: int = 127
+
+    def __post_init__(self) -> None:
+        if self.weights.dtype != np.int8 or self.weights.ndim != 4:
+            raise InputError(f"weights must be a 4-D int8 array, got {self.weights.dtype} {self.weights.shape}")
+        if self.depthwise and self.weights.shape[0] != 1:
+            raise InputError(f"depthwise weights are [1, kh, kw, out], got {self.weights.shape}")
+        out = self.out_channels
+        window = self.weights.shape[1] * self.weights.shape[2] * (1 if self.depthwise else self.weights.shape[3])
+        if window > MAX_CONV_WINDOW:
+            raise InputError(f"a window of {window} products exceeds {MAX_CONV_WINDOW}, the longest proven not to "
+                             "overflow the int32 accumulator")
+        if self.padding not in PADDINGS:
+            raise InputError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
+        if min(*self.stride, *self.dilation) < 1:
+            raise InputError(f"strides and dilations must be >= 1, got {self.stride} and {self.dilation}")
+        check_accumulator_record(self, out)
+
+    @property
+    def out_channels(self) -> int:
+        return self.weights.shape[3] if self.depthwise else self.weights.shape[0]
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+        """``[N, H', W', out]`` for an NHWC input shape."""
+        if len(shape) != 4:
+            raise InputError(f"a 2-D convolution takes NHWC input, got shape {shape}")
+        channels = shape[3]
+        if self.depthwise and self.out_channels % channels:
+            raise InputError(f"depthwise output channels ({self.out_channels}) must be a multiple of the "
+                             f"{channels} input channels")
+        if not self.depthwise and channels != self.weights.shape[3]:
+            raise InputError(f"CONV_2D weights take {self.weights.shape[3]} input channels, got {channels}")
+        (kh, kw), (sh, sw), (dh, dw) = self.weights.shape[1:3], self.stride, self.dilation
+        height, _ = output_size(shape[1], kh, sh, dh, self.padding)
+        width, _ = output_size(shape[2], kw, sw, dw, self.padding)
+        if height < 1 or width < 1:
+            raise InputError(f"a {kh}x{kw} kernel (dilation {self.dilation}) does not fit the {shape[1]}x{shape[2]} "
+                             "input with VALID padding")
+        return shape[0], height, width, self.out_channels
+
+
+def _windows(x: NDArray[np.int64], params: ConvParams, out_h: int, out_w: int) -> NDArray[np.int64]:
+    """``[N, H', W', kh, kw, C]``: each output position's window of ``x + input_offset`` (zero
+    outside the image)."""
+    kh, kw = params.weights.shape[1:3]
+    (sh, sw), (dh, dw) = params.stride, params.dilation
+    _, pad_top = output_size(x.shape[1], kh, sh, dh, params.padding)
+    _, pad_left = output_size(x.shape[2], kw, sw, dw, params.padding)
+    need_h, need_w = (out_h - 1) * sh + (kh - 1) * dh + 1, (out_w - 1) * sw + (kw - 1) * dw + 1
+    shifted = x + params.input_offset
+    padded = np.zeros((x.shape[0], max(need_h, pad_top + x.shape[1]), max(need_w, pad_left + x.shape[2]),
+                       x.shape[3]), dtype=np.int64)
+    padded[:, pad_top:pad_top + x.shape[1], pad_left:pad_left + x.shape[2]] = shifted
+    rows = (np.arange(out_h) * sh)[:, None] + np.arange(kh) * dh  # [H', kh]
+    cols = (np.arange(out_w) * sw)[:, None] + np.arange(kw) * dw  # [W', kw]
+    return padded[:, rows[:, None, :, None], cols[None, :, None, :], :]
+
+
+def conv2d(x: NDArray[np.int8], params: ConvParams) -> NDArray[np.int8]:
+    """``x`` int8 ``[N, H, W, C]`` -> int8 ``[N, H', W', out]`` (see module docstring)."""
+    require_array("conv2d", x, np.int8)
+    n, out_h, out_w, out = params.output_shape(x.shape)
+    windows = _windows(x.astype(np.int64), params, out_h, out_w)  # [N, H', W', kh, kw, C]
+    weights = params.weights.astype(np.int64)
+    if params.depthwise:
+        multiplier = out // x.shape[3]
+        expanded = np.repeat(windows, multiplier, axis=-1)  # channel i feeds outputs i*m .. i*m + m - 1
+        acc = np.einsum("nyxhwc,hwc->nyxc", expanded, weights[0])
+    else:
+        acc = np.einsum("nyxhwi,ohwi->nyxo", windows, weights)
+    if params.bias is not None:
+        acc += params.bias
+    scaled = multiply_by_quantized_multiplier(acc, params.multiplier, params.shift).astype(np.int64)
+    result = np.clip(scaled + params.output_offset, params.activation_min, params.activation_max).astype(np.int8)
+    return result.reshape(n, out_h, out_w, out)

@@ -1,0 +1,84 @@
+"""CONV_2D and DEPTHWISE_CONV_2D in the integer engine: byte-identical to LiteRT's reference
+kernels on random graphs, .tflite round trips, and bad input."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_integer_fc import litert_outputs
+
+from mixprec import InputError
+from mixprec.integer import Conv2DNode, DepthwiseConv2DNode, Graph, Quantization, TensorSpec, export_tflite, load_tflite
+from mixprec.integer.conv import output_size
+
+
+def _weight_quant(rng: np.random.Generator, count: int, per_channel: bool, axis: int) -> Quantization:
+    scales = tuple(float(np.float32(s)) for s in rng.uniform(0.002, 0.03, count if per_channel else 1))
+    return Quantization(scales, (0,) * len(scales), axis if per_channel else 0)
+
+
+def random_cnn(rng: np.random.Generator, per_channel: bool, padding: str, activation: str) -> Graph:
+    """conv (stride 2) -> depthwise (multiplier 2, dilation 2) -> 1x1 conv, on an 11x9x3 input."""
+    shape, channels, nodes = (1, 11, 9, 3), 3, []
+    layers = [("conv", 8, (3, 3), (2, 2), (1, 1)), ("dw", 2, (3, 2), (1, 1), (2, 2)), ("conv", 5, (1, 1), (1, 1),
+                                                                                       (1, 1))]
+    for index, (kind, width, kernel, stride, dilation) in enumerate(layers):
+        out = channels * width if kind == "dw" else width
+        if kind == "dw":
+            weights = rng.integers(-127, 128, (1, *kernel, out)).astype(np.int8)
+            quant, node_class = _weight_quant(rng, out, per_channel, 3), DepthwiseConv2DNode
+        else:
+            weights = rng.integers(-127, 128, (out, *kernel, channels)).astype(np.int8)
+            quant, node_class = _weight_quant(rng, out, per_channel, 0), Conv2DNode
+        weights.reshape(-1)[0] = 127  # an extreme in every layer
+        bias = rng.integers(-20000, 20000, out).astype(np.int32)
+        output = Quantization.per_tensor(float(rng.uniform(0.05, 0.3)), int(rng.integers(-20, 20)))
+        act = activation if index == len(layers) - 1 else "relu"
+        nodes.append(node_class((index,), weights, quant, bias, output, padding, stride, dilation, act))
+        channels = out
+    quant = Quantization.per_tensor(float(rng.uniform(0.02, 0.1)), int(rng.integers(-10, 10)))
+    return Graph((TensorSpec("input", shape, quant),), tuple(nodes))
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per-tensor", "per-channel"])
+@pytest.mark.parametrize("activation", ["none", "relu6"])
+def test_convolutions_are_byte_identical_to_litert_reference_kernels(padding: str, per_channel: bool,
+                                                                     activation: str, tmp_path: Path) -> None:
+    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("tflite")
+    rng = np.random.default_rng(zlib.crc32(f"{padding}-{per_channel}-{activation}".encode()))
+    for _ in range(3):
+        graph = random_cnn(rng, per_channel, padding, activation)
+        path = tmp_path / "cnn.tflite"
+        export_tflite(graph, path)
+        inputs = rng.integers(-128, 128, (64, 11, 9, 3)).astype(np.int8)
+        inputs[0], inputs[1] = -128, 127  # the input extremes
+        expected = litert_outputs(path, inputs)
+        assert np.array_equal(graph(inputs), expected)
+        assert np.array_equal(load_tflite(path)(inputs), expected)
+
+
+def test_same_padding_matches_tflite_sizes() -> None:
+    assert output_size(11, 3, 2, 1, "SAME") == (6, 1)
+    assert output_size(10, 4, 1, 1, "SAME") == (10, 1)  # 3 rows of padding: 1 before, 2 after
+    assert output_size(9, 2, 1, 2, "VALID") == (7, 0)
+
+
+def test_bad_convolutions_are_refused() -> None:
+    quant = Quantization.per_tensor(0.125)
+    weights = np.ones((4, 3, 3, 2), np.int8)
+    with pytest.raises(InputError, match="padding must be one of"):
+        Conv2DNode((0,), weights, quant, None, quant, "FULL")
+    with pytest.raises(InputError, match=r"per-channel weight scales run along axis 3, got 0"):
+        DepthwiseConv2DNode((0,), np.ones((1, 3, 3, 4), np.int8), Quantization((0.125,) * 4, (0,) * 4, 0), None, quant)
+    node = Conv2DNode((0,), weights, quant, None, quant, "VALID")
+    with pytest.raises(InputError, match="CONV_2D weights take 2 input channels, got 3"):
+        node.output_shape([(1, 8, 8, 3)])
+    with pytest.raises(InputError, match="does not fit the 2x2 input with VALID padding"):
+        node.output_shape([(1, 2, 2, 2)])
+    with pytest.raises(InputError, match="depthwise output channels \\(4\\) must be a multiple of the 3"):
+        DepthwiseConv2DNode((0,), np.ones((1, 3, 3, 4), np.int8), quant, None, quant).output_shape([(1, 5, 5, 3)])
