@@ -82,3 +82,34 @@ def test_bad_convolutions_are_refused() -> None:
         node.output_shape([(1, 2, 2, 2)])
     with pytest.raises(InputError, match="depthwise output channels \\(4\\) must be a multiple of the 3"):
         DepthwiseConv2DNode((0,), np.ones((1, 3, 3, 4), np.int8), quant, None, quant).output_shape([(1, 5, 5, 3)])
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+def test_pooling_is_byte_identical_to_litert_reference_kernels(padding: str, tmp_path: Path) -> None:
+    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("tflite")
+    from mixprec.integer import AveragePool2DNode, MaxPool2DNode
+
+    rng = np.random.default_rng(zlib.crc32(padding.encode()))
+    conv = random_cnn(rng, True, padding, "none").nodes[0]  # 11x9x3 -> 6x5x8 (SAME) or 5x4x8 (VALID)
+    for pools in [(MaxPool2DNode((1,), (3, 3), (2, 2), padding), AveragePool2DNode((2,), (2, 1), (1, 1), padding)),
+                  (AveragePool2DNode((1,), (3, 2), (2, 1), padding, "relu6"), MaxPool2DNode((2,), (2, 2), (1, 1),
+                                                                                           padding, "relu"))]:
+        graph = Graph((TensorSpec("input", (1, 11, 9, 3), Quantization.per_tensor(0.05, -3)),), (conv, *pools))
+        path = tmp_path / "pool.tflite"
+        export_tflite(graph, path)
+        inputs = rng.integers(-128, 128, (200, 11, 9, 3)).astype(np.int8)
+        expected = litert_outputs(path, inputs)
+        assert np.array_equal(graph(inputs), expected)
+        assert np.array_equal(load_tflite(path)(inputs), expected)
+
+
+def test_average_pooling_rounds_half_away_from_zero_over_in_image_points() -> None:
+    from mixprec.integer.conv import PoolParams, pool2d
+
+    same = PoolParams("AVERAGE", (2, 2), (1, 1), "SAME")  # padding after: windows of 4, 2, 2 and 1 points
+    positive = np.array([1, 2, 3, 4], np.int8).reshape(1, 2, 2, 1)
+    assert pool2d(positive, same)[0, :, :, 0].tolist() == [[3, 3], [4, 4]]  # 2.5 -> 3, 3 -> 3, 3.5 -> 4, 4
+    negative = -positive
+    assert pool2d(negative, same)[0, :, :, 0].tolist() == [[-3, -3], [-4, -4]]
+    assert pool2d(positive, PoolParams("MAX", (2, 2), (1, 1), "SAME"))[0, :, :, 0].tolist() == [[4, 4], [4, 4]]

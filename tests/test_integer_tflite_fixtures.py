@@ -18,7 +18,8 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 @pytest.mark.parametrize("name, operators", [
     ("ds_cnn_int8", ["CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D", "MEAN",
                      "FULLY_CONNECTED", "SOFTMAX"]),
-    ("residual_cnn_int8", ["CONV_2D", "CONV_2D", "ADD", "DEPTHWISE_CONV_2D", "MEAN", "FULLY_CONNECTED"]),
+    ("residual_cnn_int8", ["CONV_2D", "MAX_POOL_2D", "CONV_2D", "ADD", "DEPTHWISE_CONV_2D", "AVERAGE_POOL_2D",
+                           "MEAN", "FULLY_CONNECTED"]),
 ])
 def test_tensorflow_converted_cnns_are_byte_identical_to_litert(name: str, operators: list[str]) -> None:
     pytest.importorskip("ai_edge_litert")

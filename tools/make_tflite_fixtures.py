@@ -46,17 +46,19 @@ def ds_cnn(width: int = 16, blocks: int = 2) -> keras.Model:
 
 
 def residual_cnn(width: int = 8) -> keras.Model:
-    """A small ResNet-style network: a stride-2 convolution, a residual ADD, a depthwise layer
-    with depth multiplier 2, VALID padding, ReLU6. (No dilation: the converter writes a dilated
+    """A small ResNet-style network: a stride-2 convolution, max and average pooling with SAME
+    padding, a residual ADD, a depthwise layer with depth multiplier 2, VALID padding, ReLU6. (No dilation: the converter writes a dilated
     convolution as SPACE_TO_BATCH_ND / CONV_2D / BATCH_TO_SPACE_ND.)"""
     inputs = keras.Input((20, 20, 3))
     x = layers.Conv2D(width, 3, strides=2, padding="same")(inputs)
     x = layers.ReLU()(layers.BatchNormalization()(x))
+    x = layers.MaxPooling2D(3, strides=1, padding="same")(x)
     y = layers.Conv2D(width, 3, padding="same")(x)
     y = layers.BatchNormalization()(y)
     x = layers.ReLU()(layers.Add()([x, y]))
     x = layers.DepthwiseConv2D(3, depth_multiplier=2, padding="valid")(x)
     x = layers.ReLU(max_value=6.0)(x)
+    x = layers.AveragePooling2D(3, strides=2, padding="same")(x)
     x = layers.GlobalAveragePooling2D()(x)
     return keras.Model(inputs, layers.Dense(5)(x))
 

@@ -142,3 +142,68 @@ def conv2d(x: NDArray[np.int8], params: ConvParams) -> NDArray[np.int8]:
     scaled = multiply_by_quantized_multiplier(acc, params.multiplier, params.shift).astype(np.int64)
     result = np.clip(scaled + params.output_offset, params.activation_min, params.activation_max).astype(np.int8)
     return result.reshape(n, out_h, out_w, out)
+
+
+POOLS = ("AVERAGE", "MAX")
+
+
+@dataclass(frozen=True)
+class PoolParams:
+    """Runtime record of an int8 AVERAGE_POOL_2D / MAX_POOL_2D (the output keeps the input's
+    quantization, as TFLite requires)."""
+
+    kind: str
+    filter: tuple[int, int]
+    stride: tuple[int, int]
+    padding: str
+    activation_min: int = -128
+    activation_max: int = 127
+
+    def __post_init__(self) -> None:
+        if self.kind not in POOLS or self.padding not in PADDINGS:
+            raise InputError(f"pooling needs kind in {POOLS} and padding in {PADDINGS}, got {self.kind!r}, "
+                             f"{self.padding!r}")
+        if min(*self.filter, *self.stride) < 1:
+            raise InputError(f"filter and stride sizes must be >= 1, got {self.filter} and {self.stride}")
+        if not -128 <= self.activation_min <= self.activation_max <= 127:
+            raise InputError(f"activation range [{self.activation_min}, {self.activation_max}] is not within "
+                             "[-128, 127] or is empty")
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+        if len(shape) != 4:
+            raise InputError(f"pooling takes NHWC input, got shape {shape}")
+        height, _ = output_size(shape[1], self.filter[0], self.stride[0], 1, self.padding)
+        width, _ = output_size(shape[2], self.filter[1], self.stride[1], 1, self.padding)
+        if height < 1 or width < 1:
+            raise InputError(f"a {self.filter} pooling window does not fit the {shape[1]}x{shape[2]} input with "
+                             "VALID padding")
+        return shape[0], height, width, shape[3]
+
+
+def pool2d(x: NDArray[np.int8], params: PoolParams) -> NDArray[np.int8]:
+    """TFLite's reference int8 pooling over each window's in-image points (padding is skipped, not
+    counted): MAX takes their largest value; AVERAGE their sum ``s`` over their count ``c``,
+    rounded half away from zero in integers (``(s + c/2) / c`` for ``s > 0``, ``(s - c/2) / c``
+    otherwise, C division truncating toward zero); then the activation clamp."""
+    require_array("pool2d", x, np.int8)
+    n, out_h, out_w, channels = params.output_shape(x.shape)
+    (kh, kw), (sh, sw) = params.filter, params.stride
+    _, pad_top = output_size(x.shape[1], kh, sh, 1, params.padding)
+    _, pad_left = output_size(x.shape[2], kw, sw, 1, params.padding)
+    rows = (np.arange(out_h) * sh - pad_top)[:, None] + np.arange(kh)  # [H', kh] input rows, maybe outside
+    cols = (np.arange(out_w) * sw - pad_left)[:, None] + np.arange(kw)
+    inside = (((rows >= 0) & (rows < x.shape[1]))[:, None, :, None]
+              & ((cols >= 0) & (cols < x.shape[2]))[None, :, None, :])  # [H', W', kh, kw]
+    windows = x.astype(np.int64)[:, np.clip(rows, 0, x.shape[1] - 1)[:, None, :, None],
+                                 np.clip(cols, 0, x.shape[2] - 1)[None, :, None, :], :]  # [N, H', W', kh, kw, C]
+    mask = inside[None, :, :, :, :, None]
+    if params.kind == "MAX":
+        result = np.where(mask, windows, np.iinfo(np.int64).min).max(axis=(3, 4))
+    else:
+        total = np.where(mask, windows, 0).sum(axis=(3, 4))
+        count = inside.sum(axis=(2, 3))[None, :, :, None]
+        offset = np.where(total > 0, count // 2, -(count // 2))
+        numerator = total + offset
+        result = np.sign(numerator) * (np.abs(numerator) // count)  # C division: toward zero
+    return np.clip(result, params.activation_min, params.activation_max).astype(np.int8).reshape(
+        n, out_h, out_w, channels)

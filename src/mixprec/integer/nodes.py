@@ -32,7 +32,7 @@ from mixprec.integer.attention import (
     softmax_attention,
     softmax_attention_params,
 )
-from mixprec.integer.conv import ConvParams, conv2d
+from mixprec.integer.conv import ConvParams, PoolParams, conv2d, pool2d
 from mixprec.integer.conversions import RequantizeParams, dequantize, quantize, requantize, requantize_params
 from mixprec.integer.elementwise import ADD_LEFT_SHIFT, AddParams, MulParams, add, mul
 from mixprec.integer.fixedpoint import quantize_multiplier
@@ -174,6 +174,53 @@ class DepthwiseConv2DNode(_ConvNode):
 
     opcode = "DEPTHWISE_CONV_2D"
     depthwise = True
+
+
+@dataclass(frozen=True, eq=False)
+class _PoolNode(_Node):
+    """AVERAGE_POOL_2D / MAX_POOL_2D of the NHWC tensor ``inputs[0]``; the output keeps the
+    input's quantization (LiteRT refuses int8 pooling that changes it)."""
+
+    inputs: tuple[int, ...]
+    filter: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    padding: str = "VALID"
+    activation: str = "none"
+    kind = "AVERAGE"
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != 1:
+            raise InputError(f"{self.opcode} takes one input tensor, got {self.inputs}")
+        PoolParams(self.kind, tuple(self.filter), tuple(self.stride), self.padding)
+
+    def result_quant(self, quants: Sequence[Quantization | None]) -> Quantization | None:
+        return quants[0]
+
+    def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        return PoolParams(self.kind, tuple(self.filter), tuple(self.stride), self.padding).output_shape(shapes[0])
+
+    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> PoolParams:
+        low, high = activation_range(self.activation, quants[0])
+        return PoolParams(self.kind, tuple(self.filter), tuple(self.stride), self.padding, low, high)
+
+    @staticmethod
+    def run(record: PoolParams, x: NDArray[np.int8]) -> NDArray[np.int8]:
+        return pool2d(x, record)
+
+
+@dataclass(frozen=True, eq=False)
+class AveragePool2DNode(_PoolNode):
+    """AVERAGE_POOL_2D: the mean of each window's in-image points, rounded half away from zero."""
+
+    opcode = "AVERAGE_POOL_2D"
+
+
+@dataclass(frozen=True, eq=False)
+class MaxPool2DNode(_PoolNode):
+    """MAX_POOL_2D: the largest of each window's in-image points."""
+
+    opcode = "MAX_POOL_2D"
+    kind = "MAX"
 
 
 @dataclass(frozen=True, eq=False)

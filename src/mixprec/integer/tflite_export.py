@@ -32,12 +32,14 @@ _OPTIONS = {"FULLY_CONNECTED": "FullyConnectedOptions", "ADD": "AddOptions", "MU
             "SOFTMAX": "SoftmaxOptions", "MEAN": "ReducerOptions", "LOGISTIC": None, "TANH": None,
             "RESHAPE": None, "QUANTIZE": None, "DEQUANTIZE": None, "EMBEDDING": "GatherOptions",
             "ADD_CONSTANT": "AddOptions", "CONV_2D": "Conv2DOptions",
-            "DEPTHWISE_CONV_2D": "DepthwiseConv2DOptions"}
+            "DEPTHWISE_CONV_2D": "DepthwiseConv2DOptions", "AVERAGE_POOL_2D": "Pool2DOptions",
+            "MAX_POOL_2D": "Pool2DOptions"}
 #: mixprec operators written as a TFLite builtin of another name.
 BUILTIN_OF = {"EMBEDDING": "GATHER", "ADD_CONSTANT": "ADD"}
 #: Operator versions that cover int8 (and per-channel FULLY_CONNECTED).
 _VERSIONS = {"FULLY_CONNECTED": 5, "ADD": 2, "MUL": 2, "SOFTMAX": 2, "LOGISTIC": 2, "TANH": 2, "MEAN": 2,
-             "RESHAPE": 1, "QUANTIZE": 2, "DEQUANTIZE": 2, "GATHER": 3, "CONV_2D": 3, "DEPTHWISE_CONV_2D": 3}
+             "RESHAPE": 1, "QUANTIZE": 2, "DEQUANTIZE": 2, "GATHER": 3, "CONV_2D": 3, "DEPTHWISE_CONV_2D": 3,
+             "AVERAGE_POOL_2D": 2, "MAX_POOL_2D": 2}
 
 
 def require_tflite():  # noqa: ANN202
@@ -180,6 +182,13 @@ def _options(builder, tflite, name: str, node, input_shape: tuple[int, ...]) -> 
         tflite.ReducerOptionsAddKeepDims(builder, bool(node.keep_dims))
     elif name == "GatherOptions":
         tflite.GatherOptionsAddAxis(builder, 0)
+    elif name == "Pool2DOptions":
+        tflite.Pool2DOptionsAddPadding(builder, getattr(tflite.Padding, node.padding))
+        tflite.Pool2DOptionsAddStrideH(builder, node.stride[0])
+        tflite.Pool2DOptionsAddStrideW(builder, node.stride[1])
+        tflite.Pool2DOptionsAddFilterHeight(builder, node.filter[0])
+        tflite.Pool2DOptionsAddFilterWidth(builder, node.filter[1])
+        tflite.Pool2DOptionsAddFusedActivationFunction(builder, ACTIVATION_CODES[node.activation])
     elif name in ("Conv2DOptions", "DepthwiseConv2DOptions"):
         getattr(tflite, f"{name}AddPadding")(builder, getattr(tflite.Padding, node.padding))
         getattr(tflite, f"{name}AddStrideH")(builder, node.stride[0])

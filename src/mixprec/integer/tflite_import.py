@@ -25,12 +25,14 @@ from mixprec.integer.graph import Graph
 from mixprec.integer.nodes import (
     AddConstantNode,
     AddNode,
+    AveragePool2DNode,
     Conv2DNode,
     DepthwiseConv2DNode,
     DequantizeNode,
     EmbeddingNode,
     FullyConnectedNode,
     LogisticNode,
+    MaxPool2DNode,
     MeanNode,
     MulNode,
     QuantizeNode,
@@ -41,9 +43,10 @@ from mixprec.integer.nodes import (
 from mixprec.integer.tensors import Quantization, TensorSpec
 from mixprec.integer.tflite_export import ACTIVATION_CODES, require_tflite
 
-SUPPORTED = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "MUL", "MEAN", "RESHAPE", "LOGISTIC", "TANH",
-             "SOFTMAX", "QUANTIZE", "DEQUANTIZE", "GATHER")
+SUPPORTED = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "AVERAGE_POOL_2D", "MAX_POOL_2D", "ADD", "MUL", "MEAN",
+             "RESHAPE", "LOGISTIC", "TANH", "SOFTMAX", "QUANTIZE", "DEQUANTIZE", "GATHER")
 _CONVOLUTIONS = {"CONV_2D": Conv2DNode, "DEPTHWISE_CONV_2D": DepthwiseConv2DNode}
+_POOLS = {"AVERAGE_POOL_2D": AveragePool2DNode, "MAX_POOL_2D": MaxPool2DNode}
 #: Element types per opcode: (input types accepted, output type).
 _TYPES = {"QUANTIZE": (("INT8", "FLOAT32"), "INT8"), "DEQUANTIZE": (("INT8",), "FLOAT32")}
 
@@ -147,10 +150,11 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
                              f"{tensor_type(output)}; mixprec supports {' or '.join(accepted)} to {produced}")
         options = operator.BuiltinOptions()
         activation = "none"
-        if name in ("FULLY_CONNECTED", "ADD", "MUL", *_CONVOLUTIONS):
+        if name in ("FULLY_CONNECTED", "ADD", "MUL", *_CONVOLUTIONS, *_POOLS):
             holder = {"FULLY_CONNECTED": tflite.FullyConnectedOptions, "ADD": tflite.AddOptions,
                       "MUL": tflite.MulOptions, "CONV_2D": tflite.Conv2DOptions,
-                      "DEPTHWISE_CONV_2D": tflite.DepthwiseConv2DOptions}[name]()
+                      "DEPTHWISE_CONV_2D": tflite.DepthwiseConv2DOptions, "AVERAGE_POOL_2D": tflite.Pool2DOptions,
+                      "MAX_POOL_2D": tflite.Pool2DOptions}[name]()
             if options is not None:
                 holder.Init(options.Bytes, options.Pos)
                 code_value = holder.FusedActivationFunction()
@@ -169,6 +173,16 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
         elif name in _CONVOLUTIONS:
             node = _convolution(name, holder, op_index, (position[op_inputs[0]],), subgraph, op_inputs,
                                 constant, quantization, quantization(output), activation)
+        elif name in _POOLS:
+            if quantization(output) != quantization(op_inputs[0]):
+                raise InputError(f"operator {op_index} ({name}) changes the quantization; LiteRT's int8 pooling "
+                                 "keeps the input's scale and zero point")
+            padding = {0: "SAME", 1: "VALID"}.get(holder.Padding())
+            if padding is None:
+                raise InputError(f"operator {op_index} ({name}) has padding code {holder.Padding()}; mixprec reads "
+                                 "SAME and VALID")
+            node = _POOLS[name]((position[op_inputs[0]],), (holder.FilterHeight(), holder.FilterWidth()),
+                                (holder.StrideH(), holder.StrideW()), padding, activation)
         elif name == "MEAN":
             holder = tflite.ReducerOptions()
             if options is not None:
