@@ -113,3 +113,27 @@ def test_average_pooling_rounds_half_away_from_zero_over_in_image_points() -> No
     negative = -positive
     assert pool2d(negative, same)[0, :, :, 0].tolist() == [[-3, -3], [-4, -4]]
     assert pool2d(positive, PoolParams("MAX", (2, 2), (1, 1), "SAME"))[0, :, :, 0].tolist() == [[4, 4], [4, 4]]
+
+
+def test_pad_then_valid_convolution_is_byte_identical_to_litert(tmp_path: Path) -> None:
+    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("tflite")
+    from mixprec.integer import PadNode
+
+    rng = np.random.default_rng(7)
+    conv = random_cnn(rng, True, "VALID", "none").nodes[0]
+    graph = Graph((TensorSpec("input", (1, 11, 9, 3), Quantization.per_tensor(0.05, -3)),),
+                  (PadNode((0,), ((0, 0), (1, 2), (3, 0), (0, 0))), Conv2DNode((1,), *_fields(conv))))
+    assert graph.tensor_shapes[1] == (1, 14, 12, 3)
+    path = tmp_path / "pad.tflite"
+    export_tflite(graph, path)
+    inputs = rng.integers(-128, 128, (200, 11, 9, 3)).astype(np.int8)
+    expected = litert_outputs(path, inputs)
+    assert np.array_equal(graph(inputs), expected) and np.array_equal(load_tflite(path)(inputs), expected)
+    with pytest.raises(InputError, match="none on the batch"):
+        PadNode((0,), ((1, 0), (0, 0), (0, 0), (0, 0)))
+
+
+def _fields(node: Conv2DNode) -> tuple:
+    return (node.weights, node.weight_quant, node.bias, node.output_quant, node.padding, node.stride, node.dilation,
+            node.activation)

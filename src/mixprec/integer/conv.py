@@ -207,3 +207,13 @@ def pool2d(x: NDArray[np.int8], params: PoolParams) -> NDArray[np.int8]:
         result = np.sign(numerator) * (np.abs(numerator) // count)  # C division: toward zero
     return np.clip(result, params.activation_min, params.activation_max).astype(np.int8).reshape(
         n, out_h, out_w, channels)
+
+
+def pad(x: NDArray[np.int8], paddings: tuple[tuple[int, int], ...], zero_point: int) -> NDArray[np.int8]:
+    """TFLite's PAD of an int8 tensor: ``paddings[d] = (before, after)`` per dimension, filled with
+    the tensor's zero point (a real zero); the quantization is unchanged."""
+    require_array("pad", x, np.int8)
+    if len(paddings) != x.ndim or any(p < 0 for pair in paddings for p in pair):
+        raise InputError(f"PAD needs one non-negative (before, after) pair per dimension of a {x.ndim}-D "
+                         f"tensor, got {paddings}")
+    return np.pad(x, paddings, constant_values=np.int8(zero_point))

@@ -32,7 +32,7 @@ from mixprec.integer.attention import (
     softmax_attention,
     softmax_attention_params,
 )
-from mixprec.integer.conv import ConvParams, PoolParams, conv2d, pool2d
+from mixprec.integer.conv import ConvParams, PoolParams, conv2d, pad, pool2d
 from mixprec.integer.conversions import RequantizeParams, dequantize, quantize, requantize, requantize_params
 from mixprec.integer.elementwise import ADD_LEFT_SHIFT, AddParams, MulParams, add, mul
 from mixprec.integer.fixedpoint import quantize_multiplier
@@ -221,6 +221,37 @@ class MaxPool2DNode(_PoolNode):
 
     opcode = "MAX_POOL_2D"
     kind = "MAX"
+
+
+@dataclass(frozen=True, eq=False)
+class PadNode(_Node):
+    """PAD of tensor ``inputs[0]`` by ``paddings`` (one ``(before, after)`` pair per dimension,
+    the batch's ``(0, 0)`` included) with the zero point; the quantization is kept."""
+
+    inputs: tuple[int, ...]
+    paddings: tuple[tuple[int, int], ...]
+    opcode = "PAD"
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != 1:
+            raise InputError(f"PAD takes one input tensor, got {self.inputs}")
+        if any(len(pair) != 2 or min(pair) < 0 for pair in self.paddings) or tuple(self.paddings[:1]) != ((0, 0),):
+            raise InputError(f"PAD needs non-negative (before, after) pairs and none on the batch, got {self.paddings}")
+
+    def result_quant(self, quants: Sequence[Quantization | None]) -> Quantization | None:
+        return quants[0]
+
+    def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        if len(shapes[0]) != len(self.paddings):
+            raise InputError(f"PAD has {len(self.paddings)} (before, after) pairs for a {len(shapes[0])}-D tensor")
+        return tuple(size + before + after for size, (before, after) in zip(shapes[0], self.paddings))
+
+    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> tuple:
+        return tuple(tuple(pair) for pair in self.paddings), quants[0].zero_point[0]
+
+    @staticmethod
+    def run(record: tuple, x: NDArray[np.int8]) -> NDArray[np.int8]:
+        return pad(x, *record)
 
 
 @dataclass(frozen=True, eq=False)

@@ -22,6 +22,7 @@ from mixprec.integer.nodes import (
     EmbeddingNode,
     FullyConnectedNode,
     MeanNode,
+    PadNode,
     ReshapeNode,
 )
 from mixprec.integer.tensors import Quantization
@@ -33,13 +34,13 @@ _OPTIONS = {"FULLY_CONNECTED": "FullyConnectedOptions", "ADD": "AddOptions", "MU
             "RESHAPE": None, "QUANTIZE": None, "DEQUANTIZE": None, "EMBEDDING": "GatherOptions",
             "ADD_CONSTANT": "AddOptions", "CONV_2D": "Conv2DOptions",
             "DEPTHWISE_CONV_2D": "DepthwiseConv2DOptions", "AVERAGE_POOL_2D": "Pool2DOptions",
-            "MAX_POOL_2D": "Pool2DOptions"}
+            "MAX_POOL_2D": "Pool2DOptions", "PAD": None}
 #: mixprec operators written as a TFLite builtin of another name.
 BUILTIN_OF = {"EMBEDDING": "GATHER", "ADD_CONSTANT": "ADD"}
 #: Operator versions that cover int8 (and per-channel FULLY_CONNECTED).
 _VERSIONS = {"FULLY_CONNECTED": 5, "ADD": 2, "MUL": 2, "SOFTMAX": 2, "LOGISTIC": 2, "TANH": 2, "MEAN": 2,
              "RESHAPE": 1, "QUANTIZE": 2, "DEQUANTIZE": 2, "GATHER": 3, "CONV_2D": 3, "DEPTHWISE_CONV_2D": 3,
-             "AVERAGE_POOL_2D": 2, "MAX_POOL_2D": 2}
+             "AVERAGE_POOL_2D": 2, "MAX_POOL_2D": 2, "PAD": 2}
 
 
 def require_tflite():  # noqa: ANN202
@@ -85,6 +86,9 @@ def export_tflite(graph: Graph, path: str | os.PathLike[str]) -> None:
                 bias_scale = tuple(float(np.float32(s_in * s)) for s in node.weight_quant.scale32)
                 inputs.append(add(f"op{index}/bias", node.bias.shape, int32,
                                   Quantization(bias_scale, (0,) * len(bias_scale)), node.bias.astype("<i4").tobytes()))
+        elif isinstance(node, PadNode):
+            paddings = np.asarray(node.paddings, dtype="<i4")
+            inputs.append(add(f"op{index}/paddings", paddings.shape, int32, None, paddings.tobytes()))
         elif isinstance(node, MeanNode):
             axes = np.asarray(sorted(node.axes), dtype="<i4")
             inputs.append(add(f"op{index}/axes", axes.shape, int32, None, axes.tobytes()))

@@ -35,6 +35,7 @@ from mixprec.integer.nodes import (
     MaxPool2DNode,
     MeanNode,
     MulNode,
+    PadNode,
     QuantizeNode,
     ReshapeNode,
     SoftmaxNode,
@@ -44,7 +45,7 @@ from mixprec.integer.tensors import Quantization, TensorSpec
 from mixprec.integer.tflite_export import ACTIVATION_CODES, require_tflite
 
 SUPPORTED = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "AVERAGE_POOL_2D", "MAX_POOL_2D", "ADD", "MUL", "MEAN",
-             "RESHAPE", "LOGISTIC", "TANH", "SOFTMAX", "QUANTIZE", "DEQUANTIZE", "GATHER")
+             "RESHAPE", "PAD", "LOGISTIC", "TANH", "SOFTMAX", "QUANTIZE", "DEQUANTIZE", "GATHER")
 _CONVOLUTIONS = {"CONV_2D": Conv2DNode, "DEPTHWISE_CONV_2D": DepthwiseConv2DNode}
 _POOLS = {"AVERAGE_POOL_2D": AveragePool2DNode, "MAX_POOL_2D": MaxPool2DNode}
 #: Element types per opcode: (input types accepted, output type).
@@ -197,6 +198,11 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
                 raise InputError(f"operator {op_index} (RESHAPE) has shape {new_shape}; mixprec reads shapes that "
                                  "keep the batch first and give every other size")
             node = ReshapeNode((position[op_inputs[0]],), new_shape[1:])
+        elif name == "PAD":
+            if quantization(output) != quantization(op_inputs[0]):
+                raise InputError(f"operator {op_index} (PAD) changes the quantization; mixprec reads PAD that keeps it")
+            pairs = constant(op_inputs[1], "<i4").reshape(-1, 2)
+            node = PadNode((position[op_inputs[0]],), tuple((int(a), int(b)) for a, b in pairs))
         elif name == "QUANTIZE":
             node = QuantizeNode((position[op_inputs[0]],), quantization(output))
         elif name == "DEQUANTIZE":
