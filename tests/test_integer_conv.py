@@ -137,3 +137,35 @@ def test_pad_then_valid_convolution_is_byte_identical_to_litert(tmp_path: Path) 
 def _fields(node: Conv2DNode) -> tuple:
     return (node.weights, node.weight_quant, node.bias, node.output_quant, node.padding, node.stride, node.dilation,
             node.activation)
+
+
+def test_a_pytorch_ds_cnn_converts_to_an_int8_graph_identical_to_litert(tmp_path: Path) -> None:
+    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("tflite")
+    import torch
+    from torch import nn
+
+    import mixprec
+    from mixprec.integer.cnn_builder import cnn_graph_from
+    from mixprec.studies.cnn_models import DSCNN
+
+    torch.manual_seed(0)
+    model = DSCNN(width=16, blocks=2).eval()
+    with pytest.raises(InputError, match="fold the BatchNorms first"):
+        cnn_graph_from(list(model.features), torch.randn(8, 1, 49, 10))
+    mixprec.fold_batchnorm(model)
+    layers = [*model.features, nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), model.head]
+    graph = cnn_graph_from(layers, torch.randn(64, 1, 49, 10))
+    # the 10x4 stride-2 convolution pads (5, 1): not TFLite's SAME, so an explicit PAD
+    assert [node.opcode for node in graph.nodes] == ["PAD", "CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D",
+                                                      "DEPTHWISE_CONV_2D", "CONV_2D", "MAX_POOL_2D", "MEAN",
+                                                      "FULLY_CONNECTED"]
+    assert graph.nodes[1].activation == "relu" and graph.nodes[2].padding == "SAME"
+    path = tmp_path / "ds_cnn.tflite"
+    export_tflite(graph, path)
+    inputs = np.random.default_rng(1).integers(-128, 128, (300, 49, 10, 1)).astype(np.int8)
+    assert np.array_equal(graph(inputs), litert_outputs(path, inputs))
+    with pytest.raises(InputError, match="does not convert LayerNorm"):
+        cnn_graph_from([nn.Conv2d(1, 4, 3), nn.LayerNorm(4)], torch.randn(2, 1, 8, 8))
+    with pytest.raises(InputError, match="groups=2 is neither plain"):
+        cnn_graph_from([nn.Conv2d(4, 4, 3, groups=2)], torch.randn(2, 4, 8, 8))

@@ -8,7 +8,8 @@ For output position ``(n, y, x)`` and output channel ``c``::
     out = clamp(MultiplyByQuantizedMultiplier(acc, multiplier[c], shift[c]) + output_offset, act_min, act_max)
 
 over the kernel window and the input channels ``i`` (all of them for CONV_2D; for
-DEPTHWISE_CONV_2D only ``i = c // depth_multiplier``, the filter being ``[1, kh, kw, out]``).
+DEPTHWISE_CONV_2D only ``i = c // depth_multiplier``, the filter being ``[1, kh, kw, out]``),
+summed exactly (in float64, whose integers are exact far beyond the int32 accumulator).
 Window points outside the image are skipped, as if they held the input zero point.
 ``input_offset = -input_zero_point``; the rescale is
 :func:`~mixprec.integer.fixedpoint.multiply_by_quantized_multiplier`, gemmlowp's two roundings
@@ -17,7 +18,7 @@ kernels round that way, unlike its fully connected kernel (one rounding); with t
 rounding, 19 of 15,360 outputs of a random stride-2 convolution came out 1 LSB off LiteRT.
 Padding follows TFLite: ``VALID`` none; ``SAME`` an output of
 ``ceil(in / stride)`` and ``pad = max(0, (out - 1) * stride + (k - 1) * dilation + 1 - in) // 2``
-before (the odd remainder after). Computed with int64 numpy, vectorized over the batch.
+before (the odd remainder after). Vectorized over the batch.
 """
 
 from __future__ import annotations
@@ -108,17 +109,17 @@ class ConvParams:
         return shape[0], height, width, self.out_channels
 
 
-def _windows(x: NDArray[np.int64], params: ConvParams, out_h: int, out_w: int) -> NDArray[np.int64]:
+def _windows(x: NDArray[np.int8], params: ConvParams, out_h: int, out_w: int) -> NDArray[np.float64]:
     """``[N, H', W', kh, kw, C]``: each output position's window of ``x + input_offset`` (zero
-    outside the image)."""
+    outside the image), as float64 integers."""
     kh, kw = params.weights.shape[1:3]
     (sh, sw), (dh, dw) = params.stride, params.dilation
     _, pad_top = output_size(x.shape[1], kh, sh, dh, params.padding)
     _, pad_left = output_size(x.shape[2], kw, sw, dw, params.padding)
     need_h, need_w = (out_h - 1) * sh + (kh - 1) * dh + 1, (out_w - 1) * sw + (kw - 1) * dw + 1
-    shifted = x + params.input_offset
+    shifted = x.astype(np.float64) + params.input_offset
     padded = np.zeros((x.shape[0], max(need_h, pad_top + x.shape[1]), max(need_w, pad_left + x.shape[2]),
-                       x.shape[3]), dtype=np.int64)
+                       x.shape[3]), dtype=np.float64)
     padded[:, pad_top:pad_top + x.shape[1], pad_left:pad_left + x.shape[2]] = shifted
     rows = (np.arange(out_h) * sh)[:, None] + np.arange(kh) * dh  # [H', kh]
     cols = (np.arange(out_w) * sw)[:, None] + np.arange(kw) * dw  # [W', kw]
@@ -129,14 +130,18 @@ def conv2d(x: NDArray[np.int8], params: ConvParams) -> NDArray[np.int8]:
     """``x`` int8 ``[N, H, W, C]`` -> int8 ``[N, H', W', out]`` (see module docstring)."""
     require_array("conv2d", x, np.int8)
     n, out_h, out_w, out = params.output_shape(x.shape)
-    windows = _windows(x.astype(np.int64), params, out_h, out_w)  # [N, H', W', kh, kw, C]
-    weights = params.weights.astype(np.int64)
+    # Integer sums in float64 (BLAS): every partial sum is an integer below MAX_CONV_WINDOW * 255 * 128
+    # < 2**31, far inside float64's exact range, so the result is the exact int32 accumulator.
+    windows = _windows(x, params, out_h, out_w)  # [N, H', W', kh, kw, C]
+    weights = params.weights.astype(np.float64)
     if params.depthwise:
         multiplier = out // x.shape[3]
-        expanded = np.repeat(windows, multiplier, axis=-1)  # channel i feeds outputs i*m .. i*m + m - 1
-        acc = np.einsum("nyxhwc,hwc->nyxc", expanded, weights[0])
+        if multiplier > 1:  # channel i feeds outputs i*m .. i*m + m - 1
+            windows = np.repeat(windows, multiplier, axis=-1)
+        acc = np.einsum("nyxhwc,hwc->nyxc", windows, weights[0], optimize=True)
     else:
-        acc = np.einsum("nyxhwi,ohwi->nyxo", windows, weights)
+        acc = windows.reshape(n * out_h * out_w, -1) @ weights.reshape(out, -1).T
+    acc = acc.astype(np.int64).reshape(n, out_h, out_w, out)
     if params.bias is not None:
         acc += params.bias
     scaled = multiply_by_quantized_multiplier(acc, params.multiplier, params.shift).astype(np.int64)

@@ -1,0 +1,181 @@
+"""Float PyTorch CNN layers plus calibration data -> an int8 integer :class:`Graph` (NHWC).
+
+:func:`cnn_graph_from` takes a plain chain of layers, as a ``nn.Sequential`` lists them:
+
+- ``nn.Conv2d`` (BatchNorm folded first: :func:`mixprec.fold_batchnorm`; ``groups`` 1, or
+  depthwise with ``groups == in_channels``), followed optionally by ``nn.ReLU`` or ``nn.ReLU6``,
+  which become the operator's fused activation. Padding that TFLite's SAME reproduces (the same
+  output size and padding before) is written SAME, none is VALID, any other is an explicit PAD
+  with the zero point followed by a VALID convolution;
+- ``nn.MaxPool2d`` / ``nn.AvgPool2d`` with padding 0 (VALID) and, for the average,
+  ``count_include_pad`` irrelevant then;
+- ``nn.AdaptiveAvgPool2d(1)`` followed by ``nn.Flatten()``: MEAN over height and width;
+- ``nn.Linear``: FULLY_CONNECTED (on a flat ``[N, features]`` tensor);
+- ``nn.Identity`` (a folded BatchNorm) is skipped.
+
+Weights are symmetric int8 per output channel (``scale = float32(max|w| / 127)``, codes
+rounded half to even), biases int32 on the ``float32(s_in * s_w)`` grid, as the TFLite
+converter writes them; every activation tensor gets :func:`~mixprec.integer.builders.calibrate`'s
+asymmetric int8 quantization of its values on the calibration batch (after the fused ReLU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from mixprec.errors import InputError
+from mixprec.integer.builders import calibrate, fully_connected_from
+from mixprec.integer.conv import output_size
+from mixprec.integer.graph import Graph
+from mixprec.integer.nodes import (
+    AveragePool2DNode,
+    Conv2DNode,
+    DepthwiseConv2DNode,
+    MaxPool2DNode,
+    MeanNode,
+    PadNode,
+)
+from mixprec.integer.tensors import Quantization, TensorSpec
+
+_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+
+
+def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _tflite_padding(shape: tuple[int, ...], kernel: tuple[int, int], stride: tuple[int, int],
+                    dilation: tuple[int, int], padding: tuple[int, int]) -> str | None:
+    """``"VALID"`` or ``"SAME"`` when TFLite's padding equals PyTorch's symmetric ``padding`` here, else None."""
+    if padding == (0, 0):
+        return "VALID"
+    for axis in (0, 1):
+        size = shape[1 + axis]
+        torch_out = (size + 2 * padding[axis] - dilation[axis] * (kernel[axis] - 1) - 1) // stride[axis] + 1
+        same_out, same_before = output_size(size, kernel[axis], stride[axis], dilation[axis], "SAME")
+        if (torch_out, padding[axis]) != (same_out, same_before):
+            return None
+    return "SAME"
+
+
+def _conv_weights(conv: nn.Conv2d) -> tuple[np.ndarray, np.ndarray, Quantization, bool]:
+    """NHWC-layout codes, per-output-channel float32 scales, their Quantization, and whether depthwise."""
+    weight = conv.weight.detach().to(torch.float64).numpy()  # [out, in / groups, kh, kw]
+    if not np.isfinite(weight).all():
+        raise InputError("the convolution's weights hold NaN or Inf")
+    depthwise = conv.groups == conv.in_channels and conv.groups > 1
+    if conv.groups != 1 and not depthwise:
+        raise InputError(f"a convolution with groups={conv.groups} is neither plain (1) nor depthwise "
+                         f"({conv.in_channels}); TFLite has no grouped convolution")
+    scales = (np.maximum(np.abs(weight).reshape(conv.out_channels, -1).max(axis=1), np.finfo(np.float32).tiny)
+              .astype(np.float32) / np.float32(127))
+    codes = np.clip(np.round(weight / scales.astype(np.float64)[:, None, None, None]), -127, 127).astype(np.int8)
+    if depthwise:
+        codes = codes.transpose(1, 2, 3, 0)  # [1, kh, kw, out]
+    else:
+        codes = codes.transpose(0, 2, 3, 1)  # [out, kh, kw, in]
+    quant = Quantization(tuple(float(s) for s in scales), (0,) * len(scales), 3 if depthwise else 0)
+    return codes, scales, quant, depthwise
+
+
+def _bias(layer: nn.Module, input_quant: Quantization, scales: np.ndarray) -> np.ndarray | None:
+    if layer.bias is None:
+        return None
+    grid = (np.float32(input_quant.scale32[0]) * scales).astype(np.float32).astype(np.float64)
+    bias = np.round(layer.bias.detach().to(torch.float64).numpy() / grid)
+    if np.abs(bias).max(initial=0) >= 2**30:
+        raise InputError("a bias is too large for its int32 grid (|b / (s_in * s_w)| >= 2^30)")
+    return bias.astype(np.int32)
+
+
+def cnn_graph_from(layers: Sequence[nn.Module], calibration: torch.Tensor, per_channel: bool = True,
+                   margin: float = 0.0) -> Graph:
+    """The int8 graph of a chain of float layers (see module docstring).
+
+    ``calibration``: float NCHW inputs (a batch); the graph's input is their NHWC int8 image
+    with :func:`calibrate`'s parameters, and takes NHWC int8 arrays of any batch size.
+    """
+    layers = [layer for layer in layers if not isinstance(layer, nn.Identity)]
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 4 or not calibration.is_floating_point():
+        raise InputError("calibration must be a float NCHW tensor (a batch of the model's inputs)")
+    if not per_channel:
+        raise InputError("cnn_graph_from writes per-channel weights (as the TFLite converter does)")
+    x = calibration.detach().to(torch.float32)
+    quant = calibrate(x, margin)
+    spec = TensorSpec("input", (1, x.shape[2], x.shape[3], x.shape[1]), quant)
+    nodes: list = []
+    tensor, index = 0, 0
+    with torch.no_grad():
+        while index < len(layers):
+            layer = layers[index]
+            follower = layers[index + 1] if index + 1 < len(layers) else None
+            activation = _ACTIVATIONS.get(type(follower), "none")
+            if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                raise InputError("fold the BatchNorms first (mixprec.fold_batchnorm); TFLite has no int8 BatchNorm")
+            if isinstance(layer, nn.Conv2d):
+                x, added = _conv(layer, x, quant, tensor, activation, follower, margin)
+                index += 2 if activation != "none" else 1
+            elif isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
+                x, added = _pool(layer, x, tensor, activation, follower)
+                index += 2 if activation != "none" else 1
+            elif isinstance(layer, nn.AdaptiveAvgPool2d) and isinstance(follower, nn.Flatten):
+                if _pair(layer.output_size) != (1, 1):
+                    raise InputError("AdaptiveAvgPool2d must pool to 1x1 (a global mean) before Flatten")
+                x = x.mean((2, 3))
+                added = [MeanNode((tensor,), (1, 2), calibrate(x, margin))]
+                index += 2
+            elif isinstance(layer, nn.Linear):
+                if x.dim() != 2:
+                    raise InputError(f"nn.Linear needs a flat [N, features] input here, got shape {tuple(x.shape)}")
+                x = layer(x)
+                if activation != "none":
+                    x = follower(x)
+                    index += 1
+                added = [fully_connected_from(layer, tensor, quant, calibrate(x, margin), activation)]
+                index += 1
+            else:
+                raise InputError(f"cnn_graph_from does not convert {type(layer).__name__} (layer {index}); it takes "
+                                 "Conv2d, ReLU/ReLU6, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1) + Flatten, Linear")
+            nodes += added
+            tensor += len(added)
+            quant = added[-1].output_quant if hasattr(added[-1], "output_quant") else quant
+    return Graph((spec,), tuple(nodes))
+
+
+def _conv(conv: nn.Conv2d, x: torch.Tensor, input_quant: Quantization, tensor: int, activation: str,
+          follower: nn.Module | None, margin: float) -> tuple[torch.Tensor, list]:
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise InputError("convert convolutions with explicit zero padding (padding=(p_h, p_w), padding_mode='zeros')")
+    kernel, stride, dilation, padding = (_pair(conv.kernel_size), _pair(conv.stride), _pair(conv.dilation),
+                                         _pair(conv.padding))
+    shape = (x.shape[0], x.shape[2], x.shape[3], x.shape[1])
+    y = conv(x)
+    if activation != "none":
+        y = follower(y)
+    codes, scales, weight_quant, depthwise = _conv_weights(conv)
+    node_class = DepthwiseConv2DNode if depthwise else Conv2DNode
+    output_quant = calibrate(y, margin)
+    bias = _bias(conv, input_quant, scales)
+    tflite_padding = _tflite_padding(shape, kernel, stride, dilation, padding)
+    if tflite_padding is not None:
+        return y, [node_class((tensor,), codes, weight_quant, bias, output_quant, tflite_padding, stride, dilation,
+                              activation)]
+    pad = PadNode((tensor,), ((0, 0), (padding[0], padding[0]), (padding[1], padding[1]), (0, 0)))
+    return y, [pad, node_class((tensor + 1,), codes, weight_quant, bias, output_quant, "VALID", stride, dilation,
+                               activation)]
+
+
+def _pool(layer: nn.Module, x: torch.Tensor, tensor: int, activation: str,
+          follower: nn.Module | None) -> tuple[torch.Tensor, list]:
+    kernel, stride, padding = _pair(layer.kernel_size), _pair(layer.stride or layer.kernel_size), _pair(layer.padding)
+    if padding != (0, 0) or getattr(layer, "ceil_mode", False) or _pair(getattr(layer, "dilation", 1)) != (1, 1):
+        raise InputError(f"convert {type(layer).__name__} with padding 0, ceil_mode False and dilation 1 (VALID)")
+    y = layer(x)
+    if activation != "none":
+        y = follower(y)
+    node_class = MaxPool2DNode if isinstance(layer, nn.MaxPool2d) else AveragePool2DNode
+    return y, [node_class((tensor,), kernel, stride, "VALID", activation)]
