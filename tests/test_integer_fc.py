@@ -211,7 +211,7 @@ def test_load_tflite_refuses_truncated_files_and_unknown_ops(tmp_path: Path) -> 
         load_tflite(tmp_path / "text.tflite")
     with pytest.raises(InputError, match="cannot read"):
         load_tflite(tmp_path / "missing.tflite")
-    # Rename the TANH opcode to MAX_POOL_2D in the file: refused by name.
+    # Rename the TANH opcode to HARD_SWISH in the file: refused by name.
     import tflite
 
     model = tflite.Model.GetRootAs(data, 0)
@@ -219,13 +219,13 @@ def test_load_tflite_refuses_truncated_files_and_unknown_ops(tmp_path: Path) -> 
     tanh = next(c for c in codes if c.BuiltinCode() == tflite.BuiltinOperator.TANH)
     patched = bytearray(data)
     offset = tanh._tab.Offset(10)  # builtin_code (int32 field)
-    pool = int(tflite.BuiltinOperator.MAX_POOL_2D)
-    patched[tanh._tab.Pos + offset: tanh._tab.Pos + offset + 4] = pool.to_bytes(4, "little")
+    swish = int(tflite.BuiltinOperator.HARD_SWISH)
+    patched[tanh._tab.Pos + offset: tanh._tab.Pos + offset + 4] = swish.to_bytes(4, "little")
     offset = tanh._tab.Offset(4)  # deprecated_builtin_code (int8 field)
-    patched[tanh._tab.Pos + offset] = pool
-    (tmp_path / "pool.tflite").write_bytes(bytes(patched))
-    with pytest.raises(InputError, match="operator 3 is MAX_POOL_2D, which mixprec's integer engine does not support"):
-        load_tflite(tmp_path / "pool.tflite")
+    patched[tanh._tab.Pos + offset] = swish
+    (tmp_path / "swish.tflite").write_bytes(bytes(patched))
+    with pytest.raises(InputError, match="operator 3 is HARD_SWISH, which mixprec's integer engine does not support"):
+        load_tflite(tmp_path / "swish.tflite")
 
 
 def test_operator_records_and_kernels_refuse_bad_input() -> None:
