@@ -20,6 +20,9 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
                      "FULLY_CONNECTED", "SOFTMAX"]),
     ("residual_cnn_int8", ["CONV_2D", "MAX_POOL_2D", "CONV_2D", "ADD", "DEPTHWISE_CONV_2D", "AVERAGE_POOL_2D",
                            "MEAN", "FULLY_CONNECTED"]),
+    # each Flatten / Reshape arrives as SHAPE -> STRIDED_SLICE -> PACK -> RESHAPE, folded at import
+    ("flatten_residual_int8", ["CONV_2D", "RESHAPE", "FULLY_CONNECTED", "RESHAPE", "RESHAPE", "ADD",
+                               "FULLY_CONNECTED"]),
 ])
 def test_tensorflow_converted_cnns_are_byte_identical_to_litert(name: str, operators: list[str]) -> None:
     pytest.importorskip("ai_edge_litert")

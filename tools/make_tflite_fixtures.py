@@ -47,8 +47,9 @@ def ds_cnn(width: int = 16, blocks: int = 2) -> keras.Model:
 
 def residual_cnn(width: int = 8) -> keras.Model:
     """A small ResNet-style network: a stride-2 convolution, max and average pooling with SAME
-    padding, a residual ADD, a depthwise layer with depth multiplier 2, VALID padding, ReLU6. (No dilation: the converter writes a dilated
-    convolution as SPACE_TO_BATCH_ND / CONV_2D / BATCH_TO_SPACE_ND.)"""
+    padding, a residual ADD, a depthwise layer with depth multiplier 2, VALID padding, ReLU6.
+    (No dilation: the converter writes a dilated convolution as SPACE_TO_BATCH_ND / CONV_2D /
+    BATCH_TO_SPACE_ND.)"""
     inputs = keras.Input((20, 20, 3))
     x = layers.Conv2D(width, 3, strides=2, padding="same")(inputs)
     x = layers.ReLU()(layers.BatchNormalization()(x))
@@ -61,6 +62,16 @@ def residual_cnn(width: int = 8) -> keras.Model:
     x = layers.AveragePooling2D(3, strides=2, padding="same")(x)
     x = layers.GlobalAveragePooling2D()(x)
     return keras.Model(inputs, layers.Dense(5)(x))
+
+
+def flatten_residual(width: int = 16) -> keras.Model:
+    """A convolution, Flatten, and a residual MLP through Reshape / Flatten: the converter writes
+    each dynamic-batch reshape as SHAPE -> STRIDED_SLICE -> PACK -> RESHAPE."""
+    inputs = keras.Input((6, 6, 2))
+    x = layers.Flatten()(layers.Conv2D(4, 3, padding="same", activation="relu")(inputs))
+    y = layers.Dense(width, activation="relu")(x)
+    z = layers.Flatten()(layers.Reshape((4, width // 4))(y))
+    return keras.Model(inputs, layers.Dense(3)(layers.Add()([y, z])))
 
 
 def convert(model: keras.Model, rng: np.random.Generator) -> bytes:
@@ -82,7 +93,8 @@ def convert(model: keras.Model, rng: np.random.Generator) -> bytes:
 def main(folder: str) -> None:
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    for name, build in (("ds_cnn_int8", ds_cnn), ("residual_cnn_int8", residual_cnn)):
+    for name, build in (("ds_cnn_int8", ds_cnn), ("residual_cnn_int8", residual_cnn),
+                        ("flatten_residual_int8", flatten_residual)):
         rng = np.random.default_rng(0)
         tf.keras.utils.set_random_seed(0)
         model = build()

@@ -44,8 +44,11 @@ from mixprec.integer.nodes import (
 from mixprec.integer.tensors import Quantization, TensorSpec
 from mixprec.integer.tflite_export import ACTIVATION_CODES, require_tflite
 
+#: int32 shape arithmetic the converter writes for a dynamic-batch reshape (Keras Flatten):
+#: SHAPE -> STRIDED_SLICE (the batch) -> PACK (batch, sizes...) -> RESHAPE; folded at import.
+_SHAPE_OPS = ("SHAPE", "STRIDED_SLICE", "PACK")
 SUPPORTED = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "AVERAGE_POOL_2D", "MAX_POOL_2D", "ADD", "MUL", "MEAN",
-             "RESHAPE", "PAD", "LOGISTIC", "TANH", "SOFTMAX", "QUANTIZE", "DEQUANTIZE", "GATHER")
+             "RESHAPE", "PAD", "LOGISTIC", "TANH", "SOFTMAX", "QUANTIZE", "DEQUANTIZE", "GATHER", *_SHAPE_OPS)
 _CONVOLUTIONS = {"CONV_2D": Conv2DNode, "DEPTHWISE_CONV_2D": DepthwiseConv2DNode}
 _POOLS = {"AVERAGE_POOL_2D": AveragePool2DNode, "MAX_POOL_2D": MaxPool2DNode}
 #: Element types per opcode: (input types accepted, output type).
@@ -67,6 +70,33 @@ def load_tflite(path: str | os.PathLike[str]) -> Graph:
         raise
     except (IndexError, ValueError, TypeError, AttributeError, OverflowError, struct.error) as exc:
         raise InputError(f"{str(path)!r} is truncated or corrupt: {type(exc).__name__}: {exc}") from None
+
+
+def _shape_arithmetic(name: str, op_index: int, operator: Any, op_inputs: list[int], symbolic: dict[int, object],
+                      position: dict[int, int], constant: Any, is_constant: Any, tflite: Any) -> object:
+    """The folded value of one shape operator: ``"shape"`` of a graph tensor, its ``"batch"``, or
+    a reshape target ``(-1, sizes...)``; anything else is refused by name."""
+    refuse = InputError(f"operator {op_index} ({name}) computes a shape mixprec cannot fold; it reads the "
+                        "SHAPE -> STRIDED_SLICE -> PACK pattern of a dynamic-batch reshape")
+    if name == "SHAPE":
+        if op_inputs[0] not in position:
+            raise refuse
+        return "shape"
+    options = operator.BuiltinOptions()
+    if name == "STRIDED_SLICE":
+        holder = tflite.StridedSliceOptions()
+        if options is not None:
+            holder.Init(options.Bytes, options.Pos)
+        slices = [tuple(int(v) for v in constant(i, "<i4").reshape(-1)) for i in op_inputs[1:4]]
+        if symbolic.get(op_inputs[0]) != "shape" or slices != [(0,), (1,), (1,)] or holder.ShrinkAxisMask() != 1:
+            raise refuse
+        return "batch"
+    holder = tflite.PackOptions()
+    if options is not None:
+        holder.Init(options.Bytes, options.Pos)
+    if holder.Axis() != 0 or symbolic.get(op_inputs[0]) != "batch" or not all(is_constant(i) for i in op_inputs[1:]):
+        raise refuse
+    return (-1, *(int(constant(i, "<i4").reshape(-1)[0]) for i in op_inputs[1:]))
 
 
 def _convolution(name: str, options: Any, op_index: int, reads: tuple[int, ...], subgraph: Any, op_inputs: list[int],
@@ -136,6 +166,7 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
         raw = model.Buffers(subgraph.Tensors(index).Buffer()).DataAsNumpy()
         return not isinstance(raw, int) and raw.size > 0
     nodes = []
+    symbolic: dict[int, object] = {}  # int32 tensors of folded shape arithmetic
     for op_index in range(subgraph.OperatorsLength()):
         operator = subgraph.Operators(op_index)
         code = model.OperatorCodes(operator.OpcodeIndex())
@@ -145,6 +176,10 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
                              f"(supported: {', '.join(SUPPORTED)})")
         op_inputs = [int(i) for i in operator.InputsAsNumpy()]
         (output,) = [int(i) for i in operator.OutputsAsNumpy()]
+        if name in _SHAPE_OPS:
+            symbolic[output] = _shape_arithmetic(name, op_index, operator, op_inputs, symbolic, position, constant,
+                                                 is_constant, tflite)
+            continue
         accepted, produced = _TYPES.get(name, (("INT8",), "INT8"))
         if tensor_type(output) != produced or tensor_type(op_inputs[0]) not in accepted:
             raise InputError(f"operator {op_index} ({name}) maps {tensor_type(op_inputs[0])} to "
@@ -162,7 +197,7 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
                 if code_value not in activation_names:
                     raise InputError(f"operator {op_index} ({name}) has an unsupported fused activation {code_value}")
                 activation = activation_names[code_value]
-        read = [i for i in op_inputs if i >= 0 and not is_constant(i)]
+        read = [i for i in op_inputs if i >= 0 and not is_constant(i) and i not in symbolic]
         missing = [i for i in read if i not in position]
         if missing:
             raise InputError(f"operator {op_index} ({name}) reads tensor {missing[0]} before anything produces it")
@@ -193,7 +228,13 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
         elif name == "RESHAPE":
             if len(op_inputs) < 2:
                 raise InputError(f"operator {op_index} (RESHAPE) has no shape tensor; mixprec reads that form only")
-            new_shape = tuple(int(d) for d in constant(op_inputs[1], "<i4").reshape(-1))
+            if op_inputs[1] in symbolic:  # (-1, sizes...) from folded shape arithmetic
+                new_shape = symbolic[op_inputs[1]]
+                if not isinstance(new_shape, tuple):
+                    raise InputError(f"operator {op_index} (RESHAPE) takes its shape from {new_shape!r}; mixprec "
+                                     "folds only (batch, sizes...) packs")
+            else:
+                new_shape = tuple(int(d) for d in constant(op_inputs[1], "<i4").reshape(-1))
             if len(new_shape) < 2 or new_shape[0] not in (-1, 1) or -1 in new_shape[1:]:
                 raise InputError(f"operator {op_index} (RESHAPE) has shape {new_shape}; mixprec reads shapes that "
                                  "keep the batch first and give every other size")
