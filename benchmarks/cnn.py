@@ -36,7 +36,7 @@ import mixprec
 from mixprec.analysis import search, sensitivity, uniform_bytes
 from mixprec.report.results import print_table, write_csv
 from mixprec.studies.cnn import CANDIDATES, MODELS, CnnStudyConfig
-from mixprec.studies.cnn_models import Task, per_sample_scores, train
+from mixprec.studies.cnn_models import Task, per_sample_scores, seeded, train
 from mixprec.timing import interleaved_medians
 
 COLUMNS = ("model", "path", "accuracy", "ms_b1", "ms_b64", "speedup_b1", "speedup_b64")
@@ -115,7 +115,7 @@ def ort_static(model: nn.Module, example: torch.Tensor, calibration: list[torch.
 def run_model(name: str, config: CnnStudyConfig, rounds: int) -> list[dict[str, object]]:
     title, make_task, make_model, epochs_of, batch_size = MODELS[name]
     task: Task = make_task(config)
-    fp32 = train(make_model(), task, epochs_of(config), config.seed, batch_size)
+    fp32 = train(seeded(make_model, config.seed), task, epochs_of(config), config.seed, batch_size)
     mixprec.fold_batchnorm(fp32)
     pick = torch.randperm(len(task.x_train), generator=torch.Generator().manual_seed(config.seed + 1))
     calibration = list(task.x_train[pick[: config.calibration_samples]].split(128))

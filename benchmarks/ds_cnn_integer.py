@@ -25,7 +25,7 @@ import mixprec
 from mixprec.integer import export_tflite
 from mixprec.integer.cnn_builder import cnn_graph_from
 from mixprec.report.results import print_table
-from mixprec.studies.cnn_models import DSCNN, per_sample_scores, spoken_digits_task, train
+from mixprec.studies.cnn_models import DSCNN, per_sample_scores, seeded, spoken_digits_task, train
 from mixprec.timing import interleaved_medians
 
 
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     task = spoken_digits_task(args.data, "lucas")
-    model = train(DSCNN(), task, 15, 0)
+    model = train(seeded(DSCNN, 0), task, 15, 0)
     mixprec.fold_batchnorm(model)
     pick = torch.randperm(len(task.x_train), generator=torch.Generator().manual_seed(1))
     graph = cnn_graph_from([*model.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), model.head],

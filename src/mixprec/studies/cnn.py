@@ -56,6 +56,7 @@ from mixprec.studies.cnn_models import (
     Task,
     fashion_mnist_task,
     per_sample_scores,
+    seeded,
     spoken_digits_task,
     train,
 )
@@ -161,7 +162,7 @@ def run_model(name: str, config: CnnStudyConfig, out: Path, console: Console) ->
     title, make_task, make_model, epochs_of, batch_size = MODELS[name]
     task = make_task(config)
     started = time.perf_counter()
-    fp32 = train(make_model(), task, epochs_of(config), config.seed, batch_size)
+    fp32 = train(seeded(make_model, config.seed), task, epochs_of(config), config.seed, batch_size)
     train_seconds = time.perf_counter() - started
     folds = fold_batchnorm(fp32)
     pick = torch.randperm(len(task.x_train), generator=torch.Generator().manual_seed(config.seed + 1))

@@ -15,6 +15,7 @@ cross-entropy, shuffled mini-batches, seeded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,6 +117,13 @@ def spoken_digits_task(data: str | None = None, test_speaker: str | None = None)
     x = [torch.from_numpy((f - mean) / std).unsqueeze(1) for f in (train_x, test_x)]
     name = "spoken digits" + (f" (speaker {test_speaker} held out)" if test_speaker else "")
     return Task(name, x[0], torch.from_numpy(train_y.astype(np.int64)), x[1], torch.from_numpy(test_y.astype(np.int64)))
+
+
+def seeded(make: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """``make()`` with PyTorch's generator seeded first (its seed at start-up differs between
+    processes), so a model's initial weights are the same in every run."""
+    torch.manual_seed(seed)
+    return make()
 
 
 def train(model: nn.Module, task: Task, epochs: int, seed: int, batch_size: int = 64, lr: float = 3e-3) -> nn.Module:
