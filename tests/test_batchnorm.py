@@ -256,3 +256,20 @@ def test_relus_fuse_after_batchnorms_folded_beforehand() -> None:
     mixprec.fold_batchnorm(model)
     mixprec.quantize(model, "int8")
     assert isinstance(model[2], nn.Identity) and model[0].fused_relu == "2"
+
+
+def test_explain_shows_folds_and_fusions_with_the_bytes_quantize_gives() -> None:
+    policy = mixprec.Policy([("conv1|conv2", "int8")], default="w8")
+    explained = policy.explain(_randomize(ReluChains()))
+    rows = {row.name: row for row in explained.layers}
+    assert rows["bn1"].precision == "folded" and rows["bn1"].bytes_after == 0
+    assert "BatchNorm 'bn1' folded in" in rows["conv1"].kernel and "ReLU 'relu1' fused" in rows["conv1"].kernel
+    model = _randomize(ReluChains())
+    report = mixprec.quantize(model, policy)
+    assert explained.total_bytes == report.total_bytes
+    assert ([(r.name, r.precision, r.bytes_after) for r in explained.layers]
+            == [(r.name, r.precision, r.bytes_after) for r in report.layers])
+    unfolded = policy.explain(_randomize(ReluChains()), fold_batchnorm=False)
+    assert {row.name: row.precision for row in unfolded.layers}["bn1"] == "fp32"
+    kept = {row.name: row.kernel for row in mixprec.Policy(default="w8").explain(_randomize(Block())).layers}
+    assert kept["bn2"].startswith("float32, not folded: the output of 'conv2'")

@@ -180,6 +180,30 @@ def with_bias_template(conv: nn.Module, device: str = "meta") -> nn.Module:
                       padding_mode=conv.padding_mode, device=device).eval()
 
 
+@dataclass(frozen=True)
+class Merges:
+    """What quantizing merges: ``folds`` (convolution -> its BatchNorm), ``relus`` (int8
+    convolution -> the ReLU run in its epilogue) and ``unfolded`` (BatchNorm after a quantized
+    convolution that stays -> why)."""
+
+    folds: dict[str, str]
+    relus: dict[str, str]
+    unfolded: dict[str, str]
+
+    @property
+    def folded_into(self) -> dict[str, str]:
+        return {bn: conv for conv, bn in self.folds.items()}
+
+
+def plan_merges(model: nn.Module, quantized: set[str], int8_convs: set[str], enabled: bool) -> Merges:
+    """The folds and fusions :func:`mixprec.quantize` makes when the layers ``quantized`` are
+    quantized (``int8_convs`` among them at int8 / int8-static); none when not ``enabled``."""
+    search = find_folds(model) if enabled and quantized else FoldSearch((), {})
+    return Merges({f.conv: f.batchnorm for f in search.folds if f.conv in quantized},
+                  {f.conv: f.relu for f in search.relus if f.conv in int8_convs},
+                  {f.batchnorm: why for f, why in search.refused.items() if f.conv in quantized})
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where the submodule ``name`` (dotted path) of ``model`` is."""
     parent_name, _, child = name.rpartition(".")

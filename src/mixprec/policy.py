@@ -18,9 +18,11 @@ from pathlib import Path
 from torch import nn
 
 from mixprec.accounting import model_bytes, modules_with_tensors, own_bytes
+from mixprec.batchnorm import plan_merges, with_bias_template
 from mixprec.errors import PolicyError
 from mixprec.formats import all_finite
-from mixprec.precision import Precision, build_empty, check_applicable, parse_precision, quantizable
+from mixprec.nn.conv_layout import is_conv
+from mixprec.precision import INT8_GEMM_FAMILIES, Precision, build_empty, check_applicable, parse_precision, quantizable
 from mixprec.quant_report import LayerReport, QuantReport
 
 
@@ -146,24 +148,37 @@ class Policy:
             "\n  " + "\n  ".join(problems) + f"\n{layers}"
         )
 
-    def explain(self, model: nn.Module) -> QuantReport:
-        """What :func:`mixprec.quantize` would do, without changing the model.
+    def explain(self, model: nn.Module, fold_batchnorm: bool = True) -> QuantReport:
+        """What :func:`mixprec.quantize` would do, without changing the model (BatchNorm folds and
+        ReLU fusions included, as ``quantize(..., fold_batchnorm=...)`` makes them).
 
         Bytes after are exact: they come from building each layer's storage layout.
         """
         plans = {plan.name: plan for plan in self.plan(model)}
+        merges = plan_merges(model, {name for name, plan in plans.items() if plan.precision.family != "fp32"},
+                             int8_conv_names(plans.values()), fold_batchnorm)
+        folds, relus, folded_into = merges.folds, merges.relus, merges.folded_into
         rows: list[LayerReport] = []
         after_total = 0
         for name, module in modules_with_tensors(model):
             before = own_bytes(module)
             plan = plans.get(name)
+            if name in folded_into:
+                rows.append(LayerReport(name, type(module).__name__, "folded", f"folded into {folded_into[name]!r}",
+                                        "fold_batchnorm", before, 0))
+                continue
             if plan is None:
-                rows.append(LayerReport(name, type(module).__name__, "fp32", "unchanged", "-", before, before))
+                kernel = f"float32, not folded: {merges.unfolded[name]}" if name in merges.unfolded else "unchanged"
+                rows.append(LayerReport(name, type(module).__name__, "fp32", kernel, "-", before, before))
                 after_total += before
                 continue
-            target = build_empty(module, plan.precision)
+            target = build_empty(with_bias_template(module) if name in folds else module, plan.precision)
+            if name in relus:
+                target.fused_relu = relus[name]
             after = own_bytes(target)
             kernel = getattr(target, "kernel", "float32 (unchanged)")
+            if name in folds:
+                kernel = f"{kernel}; BatchNorm {folds[name]!r} folded in"
             rows.append(LayerReport(name, type(module).__name__, plan.precision.name, kernel, plan.rule, before, after,
                                     slow_path=getattr(target, "slow_path", None) or ""))
             after_total += after
@@ -223,6 +238,11 @@ def _toml_string(value: str) -> str:
     if "'" not in value and "\n" not in value:
         return f"'{value}'"
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def int8_conv_names(plans: Iterable[LayerPlan]) -> set[str]:
+    """The planned convolutions that run int8 x int8 (their epilogue can take a ReLU)."""
+    return {plan.name for plan in plans if plan.precision.family in INT8_GEMM_FAMILIES and is_conv(plan.module)}
 
 
 def quantizable_names(model: nn.Module) -> set[str]:

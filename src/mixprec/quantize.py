@@ -9,16 +9,15 @@ import torch
 from torch import Tensor, nn
 
 from mixprec.accounting import model_bytes, modules_with_tensors, own_bytes
-from mixprec.batchnorm import FoldSearch, find_folds, folded_conv, replace_module
+from mixprec.batchnorm import folded_conv, plan_merges, replace_module
 from mixprec.errors import CalibrationError, ExportError, PolicyError
 from mixprec.formats import QParams, all_finite
 from mixprec.gptq import HessianAccumulator
 from mixprec.nn.base import warn_slow_paths
-from mixprec.nn.conv_layout import is_conv
 from mixprec.nn.linear_int8 import STATIC_ACTIVATION
 from mixprec.observers import OBSERVERS, make_observer
-from mixprec.policy import LayerPlan, Policy
-from mixprec.precision import INT8_GEMM_FAMILIES, build, has_integer_weights, in_features, rounds_to_integers
+from mixprec.policy import LayerPlan, Policy, int8_conv_names
+from mixprec.precision import build, has_integer_weights, in_features, rounds_to_integers
 from mixprec.quant_report import LayerReport, QuantReport
 
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
@@ -80,12 +79,9 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
     decided = {plan.name: (plan.precision.name, plan.rule, rounds_to_integers(plan.precision))
                for plan in plans}
     del static, gptq
-    quantized = {plan.name for plan in plans if plan.precision.family != "fp32"}
-    search = find_folds(model) if fold_batchnorm and quantized else FoldSearch((), {})
-    folds = {fold.conv: fold.batchnorm for fold in search.folds if fold.conv in quantized}
-    int8_convs = {plan.name for plan in plans if plan.precision.family in INT8_GEMM_FAMILIES and is_conv(plan.module)}
-    relus = {fusion.conv: fusion.relu for fusion in search.relus if fusion.conv in int8_convs}
-    unfolded = {fold.batchnorm: why for fold, why in search.refused.items() if fold.conv in quantized}
+    merges = plan_merges(model, {plan.name for plan in plans if plan.precision.family != "fp32"},
+                         int8_conv_names(plans), fold_batchnorm)
+    folds, relus, unfolded = merges.folds, merges.relus, merges.unfolded
     built = []
     with torch.no_grad():
         while plans:
@@ -110,7 +106,7 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
         guard_save_pretrained(model)
     rows = []
     modules = dict(model.named_modules())
-    folded_into = {bn: conv for conv, bn in folds.items()}
+    folded_into = merges.folded_into
     for name, (kind, bytes_before) in before.items():
         module = modules[name]
         precision, rule, integer_weights = decided.get(name, ("fp32", "-", False))
