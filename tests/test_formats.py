@@ -215,3 +215,13 @@ def test_scalar_asymmetric_qparams_equal_the_tensor_ones() -> None:
         low, high = float(np.float32(low)), float(np.float32(high))
         qp = qparams_from_range(torch.tensor(low), torch.tensor(high), STATIC_ACTIVATION)
         assert asymmetric_scalar_qparams(low, high, STATIC_ACTIVATION) == (float(qp.scale), int(qp.zero_point))
+
+
+def test_scalar_asymmetric_qparams_refuse_what_has_no_grid() -> None:
+    from mixprec.formats.affine import asymmetric_scalar_qparams
+    from mixprec.nn.linear_int8 import STATIC_ACTIVATION
+
+    with pytest.raises(ValueError, match="finite range low <= high"):
+        asymmetric_scalar_qparams(float("nan"), 1.0, STATIC_ACTIVATION)
+    with pytest.raises(ValueError, match="finite range low <= high"):
+        asymmetric_scalar_qparams(2.0, 1.0, STATIC_ACTIVATION)

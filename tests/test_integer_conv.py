@@ -169,3 +169,14 @@ def test_a_pytorch_ds_cnn_converts_to_an_int8_graph_identical_to_litert(tmp_path
         cnn_graph_from([nn.Conv2d(1, 4, 3), nn.LayerNorm(4)], torch.randn(2, 1, 8, 8))
     with pytest.raises(InputError, match="groups=2 is neither plain"):
         cnn_graph_from([nn.Conv2d(4, 4, 3, groups=2)], torch.randn(2, 4, 8, 8))
+
+
+def test_bad_pooling_is_refused() -> None:
+    from mixprec.integer import AveragePool2DNode, MaxPool2DNode
+
+    with pytest.raises(InputError, match="padding in \\('SAME', 'VALID'\\)"):
+        MaxPool2DNode((0,), (2, 2), (1, 1), "FULL")
+    with pytest.raises(InputError, match="filter and stride sizes must be >= 1"):
+        AveragePool2DNode((0,), (0, 2))
+    with pytest.raises(InputError, match="does not fit the 2x2 input with VALID padding"):
+        MaxPool2DNode((0,), (3, 3)).output_shape([(1, 2, 2, 4)])

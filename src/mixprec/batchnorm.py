@@ -76,6 +76,8 @@ def find_folds(model: nn.Module) -> FoldSearch:
     """Every ``Conv -> BatchNorm`` pair of ``model`` that can fold (see module docstring), and
     every ``Conv [-> BatchNorm that folds] -> nn.ReLU`` chain whose ReLU only reads the convolution."""
     modules = dict(model.named_modules())
+    if not any(is_conv(module) for module in modules.values()):
+        return FoldSearch((), {})  # nothing to fold into: no tracing (a transformer may take seconds)
     held = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
     try:
         edges, calls = _traced_edges(model)
@@ -234,7 +236,7 @@ def warn_unfolded(model: nn.Module, what: str) -> None:
     """Warn (RuntimeWarning) when ``model`` holds pairs :func:`mixprec.quantize` would fold, so that
     ``what`` (a measurement) would see unfolded convolutions that ``quantize`` never builds."""
     if not any(_is_batchnorm(module) for module in model.modules()):
-        return
+        return  # only folds matter here; find_folds would still trace for ReLU fusions
     folds = find_folds(model).folds
     if folds:
         names = ", ".join(repr(fold.batchnorm) for fold in folds[:3]) + (" ..." if len(folds) > 3 else "")

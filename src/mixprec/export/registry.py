@@ -42,6 +42,7 @@ class ExportFormat:
         write: ``(model, path, options) -> None``; writes a finished file or folder at ``path``.
         options: the keyword options ``write`` takes (others are refused).
         folder: whether the output is a folder (else one file).
+        kinds: the layer kinds the format carries quantized.
     """
 
     name: str
@@ -50,6 +51,9 @@ class ExportFormat:
     write: Callable[[nn.Module, Path, dict], None]
     options: tuple[str, ...] = ()
     folder: bool = False
+    #: Layer kinds ``nearest`` answers for; a layer of another kind (``"conv"``, today) is held
+    #: only in fp32.
+    kinds: tuple[str, ...] = ("linear", "embedding")
 
 
 FORMATS: dict[str, ExportFormat] = {}
@@ -97,10 +101,11 @@ def refuse_unheld(fmt: ExportFormat, layers: Iterable[ExportLayer]) -> None:
     nearest precision it can."""
     refused = []
     for layer in layers:
-        if layer.kind == "conv":  # no format carries quantized convolutions yet
+        if layer.kind not in fmt.kinds:
             if layer.precision != "fp32":
-                refused.append(f"{layer.name!r} (conv, {layer.precision}): use fp32 ({fmt.name} export does not "
-                               "carry quantized convolutions yet)")
+                what = {"conv": "convolutions"}.get(layer.kind, f"{layer.kind} layers")
+                refused.append(f"{layer.name!r} ({layer.kind}, {layer.precision}): use fp32 ({fmt.name} export does "
+                               f"not carry quantized {what} yet)")
             continue
         nearest = fmt.nearest(layer.kind, layer.precision)
         if nearest is not None:

@@ -53,26 +53,37 @@ def calibrate(samples: ArrayLike | torch.Tensor, margin: float = 0.0) -> Quantiz
     return Quantization.per_tensor(scale, zero_point)
 
 
+def symmetric_int8_weights(weight: np.ndarray, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Int8 codes (``weight``'s shape) and float32 scales (``[out]``, or ``[1]`` per tensor) of a
+    float weight whose first axis is the output channel (see module docstring)."""
+    if not np.isfinite(weight).all():
+        raise InputError("the layer's weights hold NaN or Inf")
+    rows = weight.reshape(weight.shape[0], -1)
+    peak = np.abs(rows).max(axis=1) if per_channel else np.array([np.abs(rows).max()])
+    scales = np.maximum(peak, np.finfo(np.float32).tiny).astype(np.float32) / np.float32(127)
+    per_row = scales.astype(np.float64)[:, None] if per_channel else float(scales[0])
+    return np.clip(np.round(rows / per_row), -127, 127).astype(np.int8).reshape(weight.shape), scales
+
+
+def int32_bias(bias: torch.Tensor | None, input_quant: Quantization, scales: np.ndarray) -> np.ndarray | None:
+    """``round_half_even(b / float32(s_in * s_w))`` as int32, or None without a bias."""
+    if bias is None:
+        return None
+    grid = (np.float32(input_quant.scale32[0]) * scales).astype(np.float32).astype(np.float64)
+    codes = np.round(_numpy(bias) / grid)
+    if np.abs(codes).max(initial=0) >= 2**30:
+        raise InputError("a bias is too large for its int32 grid (|b / (s_in * s_w)| >= 2^30)")
+    return codes.astype(np.int32)
+
+
 def fully_connected_from(linear: nn.Linear, input_tensor: int, input_quant: Quantization,
                          output_quant: Quantization, activation: str = "none",
                          per_channel: bool = True) -> FullyConnectedNode:
     """An int8 FULLY_CONNECTED node reading graph tensor ``input_tensor`` (see module docstring)."""
     if not isinstance(linear, nn.Linear):
         raise InputError(f"fully_connected_from takes an nn.Linear, got {type(linear).__name__}")
-    weight = _numpy(linear.weight)
-    if not np.isfinite(weight).all():
-        raise InputError("the layer's weights hold NaN or Inf")
-    peak = np.abs(weight).max(axis=1) if per_channel else np.array([np.abs(weight).max()])
-    scales = np.maximum(peak, np.finfo(np.float32).tiny).astype(np.float32) / np.float32(127)
-    per_row = scales.astype(np.float64)[:, None] if per_channel else float(scales[0])
-    codes = np.clip(np.round(weight / per_row), -127, 127).astype(np.int8)
-    bias = None
-    if linear.bias is not None:
-        bias_scale = (np.float32(input_quant.scale32[0]) * scales).astype(np.float32).astype(np.float64)
-        bias = np.round(_numpy(linear.bias) / bias_scale).astype(np.int64)
-        if np.abs(bias).max(initial=0) >= 2**30:
-            raise InputError("a bias is too large for its int32 grid (|b / (s_in * s_w)| >= 2^30)")
-        bias = bias.astype(np.int32)
+    codes, scales = symmetric_int8_weights(_numpy(linear.weight), per_channel)
+    bias = int32_bias(linear.bias, input_quant, scales)
     weight_quant = Quantization(tuple(float(s) for s in scales), (0,) * len(scales))
     return FullyConnectedNode((input_tensor,), codes, weight_quant, bias, output_quant, activation)
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from mixprec.errors import InputError
-from mixprec.integer.builders import calibrate, fully_connected_from
+from mixprec.integer.builders import calibrate, fully_connected_from, int32_bias, symmetric_int8_weights
 from mixprec.integer.conv import output_size
 from mixprec.integer.graph import Graph
 from mixprec.integer.nodes import (
@@ -64,32 +64,14 @@ def _tflite_padding(shape: tuple[int, ...], kernel: tuple[int, int], stride: tup
 
 def _conv_weights(conv: nn.Conv2d) -> tuple[np.ndarray, np.ndarray, Quantization, bool]:
     """NHWC-layout codes, per-output-channel float32 scales, their Quantization, and whether depthwise."""
-    weight = conv.weight.detach().to(torch.float64).numpy()  # [out, in / groups, kh, kw]
-    if not np.isfinite(weight).all():
-        raise InputError("the convolution's weights hold NaN or Inf")
     depthwise = conv.groups == conv.in_channels and conv.groups > 1
     if conv.groups != 1 and not depthwise:
         raise InputError(f"a convolution with groups={conv.groups} is neither plain (1) nor depthwise "
                          f"({conv.in_channels}); TFLite has no grouped convolution")
-    scales = (np.maximum(np.abs(weight).reshape(conv.out_channels, -1).max(axis=1), np.finfo(np.float32).tiny)
-              .astype(np.float32) / np.float32(127))
-    codes = np.clip(np.round(weight / scales.astype(np.float64)[:, None, None, None]), -127, 127).astype(np.int8)
-    if depthwise:
-        codes = codes.transpose(1, 2, 3, 0)  # [1, kh, kw, out]
-    else:
-        codes = codes.transpose(0, 2, 3, 1)  # [out, kh, kw, in]
+    codes, scales = symmetric_int8_weights(conv.weight.detach().to(torch.float64).numpy())  # [out, in/g, kh, kw]
+    codes = codes.transpose(1, 2, 3, 0) if depthwise else codes.transpose(0, 2, 3, 1)  # [1,kh,kw,out] / [out,kh,kw,in]
     quant = Quantization(tuple(float(s) for s in scales), (0,) * len(scales), 3 if depthwise else 0)
     return codes, scales, quant, depthwise
-
-
-def _bias(layer: nn.Module, input_quant: Quantization, scales: np.ndarray) -> np.ndarray | None:
-    if layer.bias is None:
-        return None
-    grid = (np.float32(input_quant.scale32[0]) * scales).astype(np.float32).astype(np.float64)
-    bias = np.round(layer.bias.detach().to(torch.float64).numpy() / grid)
-    if np.abs(bias).max(initial=0) >= 2**30:
-        raise InputError("a bias is too large for its int32 grid (|b / (s_in * s_w)| >= 2^30)")
-    return bias.astype(np.int32)
 
 
 def cnn_graph_from(layers: Sequence[nn.Module], calibration: torch.Tensor, per_channel: bool = True,
@@ -159,7 +141,7 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor, input_quant: Quantization, tensor: i
     codes, scales, weight_quant, depthwise = _conv_weights(conv)
     node_class = DepthwiseConv2DNode if depthwise else Conv2DNode
     output_quant = calibrate(y, margin)
-    bias = _bias(conv, input_quant, scales)
+    bias = int32_bias(conv.bias, input_quant, scales)
     tflite_padding = _tflite_padding(shape, kernel, stride, dilation, padding)
     if tflite_padding is not None:
         return y, [node_class((tensor,), codes, weight_quant, bias, output_quant, tflite_padding, stride, dilation,

@@ -30,13 +30,13 @@ from numpy.typing import NDArray
 
 from mixprec.errors import InputError
 from mixprec.integer.fixedpoint import multiply_by_quantized_multiplier
-from mixprec.integer.fully_connected import check_accumulator_record
+from mixprec.integer.fully_connected import MAX_FC_REDUCTION, AccumulatorRecord
 from mixprec.integer.tensors import require_array
 
 PADDINGS = ("SAME", "VALID")
 #: Longest window (kernel x input channels per output) whose int32 accumulator cannot overflow:
-#: ``L * 255 * 128 + |bias| < 2**31`` with ``|bias| < 2**30`` (as the fully connected layer).
-MAX_CONV_WINDOW = 32_896
+#: the fully connected layer's proof, ``L * 255 * 128 + |bias| < 2**31`` with ``|bias| < 2**30``.
+MAX_CONV_WINDOW = MAX_FC_REDUCTION
 
 
 def output_size(size: int, kernel: int, stride: int, dilation: int, padding: str) -> tuple[int, int]:
@@ -49,7 +49,7 @@ def output_size(size: int, kernel: int, stride: int, dilation: int, padding: str
 
 
 @dataclass(frozen=True, eq=False)
-class ConvParams:
+class ConvParams(AccumulatorRecord):
     """Runtime record of an int8 CONV_2D / DEPTHWISE_CONV_2D: integers and geometry only.
 
     ``weights`` int8 ``[out, kh, kw, in]`` (CONV_2D) or ``[1, kh, kw, out]`` (depthwise, with
@@ -57,12 +57,6 @@ class ConvParams:
     ``shift`` int32 ``[out]`` or ``[1]``.
     """
 
-    weights: NDArray[np.int8]
-    bias: NDArray[np.int32] | None
-    input_offset: int
-    multiplier: NDArray[np.int32]
-    shift: NDArray[np.int32]
-    output_offset: int
     stride: tuple[int, int]
     dilation: tuple[int, int]
     padding: str
@@ -84,7 +78,7 @@ class ConvParams:
             raise InputError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
         if min(*self.stride, *self.dilation) < 1:
             raise InputError(f"strides and dilations must be >= 1, got {self.stride} and {self.dilation}")
-        check_accumulator_record(self, out)
+        self.check_accumulator(out)
 
     @property
     def out_channels(self) -> int:

@@ -30,12 +30,10 @@ MAX_FC_REDUCTION = 32_896
 
 
 @dataclass(frozen=True, eq=False)
-class FullyConnectedParams:
-    """Runtime record of an int8 fully connected layer: integers only.
-
-    ``weights`` int8 ``[out, in]``; ``bias`` int32 ``[out]`` or None; ``multiplier`` and
-    ``shift`` int32 ``[out]`` (per channel) or ``[1]`` (per tensor).
-    """
+class AccumulatorRecord:
+    """What the runtime records of FULLY_CONNECTED and the convolutions share: int8 ``weights``,
+    an int32 ``bias`` or None, the input offset, the per-channel (or per-tensor) fixed-point
+    rescale and the output offset. Subclasses add ``activation_min`` / ``activation_max``."""
 
     weights: NDArray[np.int8]
     bias: NDArray[np.int32] | None
@@ -43,6 +41,36 @@ class FullyConnectedParams:
     multiplier: NDArray[np.int32]
     shift: NDArray[np.int32]
     output_offset: int
+
+    def check_accumulator(self, channels: int) -> None:
+        """Refuse a bias, rescale, offsets or activation range that cannot hold: ``bias`` int32
+        ``[channels]`` below 2**30 in magnitude (the accumulator proofs), ``multiplier`` /
+        ``shift`` int32 ``[1]`` or ``[channels]``."""
+        bias = self.bias
+        if bias is not None and (bias.dtype != np.int32 or bias.shape != (channels,)):
+            raise InputError(f"bias must be int32 [{channels}], got {bias.dtype} {bias.shape}")
+        if bias is not None and np.abs(bias.astype(np.int64)).max(initial=0) >= 2**30:
+            raise InputError("bias values must stay below 2^30 in magnitude (the accumulator proof)")
+        for name in ("multiplier", "shift"):
+            value = getattr(self, name)
+            if value.dtype != np.int32 or value.shape not in ((1,), (channels,)):
+                raise InputError(f"{name} must be int32 [1] or [{channels}], got {value.dtype} {value.shape}")
+        if not -255 <= self.input_offset <= 255 or not -128 <= self.output_offset <= 127:
+            raise InputError(f"offsets out of range: input {self.input_offset} (need -255..255), "
+                             f"output {self.output_offset} (need -128..127)")
+        if not -128 <= self.activation_min <= self.activation_max <= 127:
+            raise InputError(f"activation range [{self.activation_min}, {self.activation_max}] is not within "
+                             "[-128, 127] or is empty")
+
+
+@dataclass(frozen=True, eq=False)
+class FullyConnectedParams(AccumulatorRecord):
+    """Runtime record of an int8 fully connected layer: integers only.
+
+    ``weights`` int8 ``[out, in]``; ``bias`` int32 ``[out]`` or None; ``multiplier`` and
+    ``shift`` int32 ``[out]`` (per channel) or ``[1]`` (per tensor).
+    """
+
     activation_min: int = -128
     activation_max: int = 127
 
@@ -53,28 +81,7 @@ class FullyConnectedParams:
         if in_features > MAX_FC_REDUCTION:
             raise InputError(f"{in_features} input features exceed {MAX_FC_REDUCTION}, the longest reduction "
                              "proven not to overflow the int32 accumulator")
-        check_accumulator_record(self, out_features)
-
-
-def check_accumulator_record(record: object, channels: int) -> None:
-    """Refuse a record (fully connected or convolution) whose bias, per-channel rescale, offsets
-    or activation range cannot hold: ``bias`` int32 ``[channels]`` below 2**30 in magnitude (the
-    accumulator proofs), ``multiplier`` / ``shift`` int32 ``[1]`` or ``[channels]``."""
-    bias = record.bias
-    if bias is not None and (bias.dtype != np.int32 or bias.shape != (channels,)):
-        raise InputError(f"bias must be int32 [{channels}], got {bias.dtype} {bias.shape}")
-    if bias is not None and np.abs(bias.astype(np.int64)).max(initial=0) >= 2**30:
-        raise InputError("bias values must stay below 2^30 in magnitude (the accumulator proof)")
-    for name in ("multiplier", "shift"):
-        value = getattr(record, name)
-        if value.dtype != np.int32 or value.shape not in ((1,), (channels,)):
-            raise InputError(f"{name} must be int32 [1] or [{channels}], got {value.dtype} {value.shape}")
-    if not -255 <= record.input_offset <= 255 or not -128 <= record.output_offset <= 127:
-        raise InputError(f"offsets out of range: input {record.input_offset} (need -255..255), "
-                         f"output {record.output_offset} (need -128..127)")
-    if not -128 <= record.activation_min <= record.activation_max <= 127:
-        raise InputError(f"activation range [{record.activation_min}, {record.activation_max}] is not within "
-                         "[-128, 127] or is empty")
+        self.check_accumulator(out_features)
 
 
 def fully_connected(x: NDArray[np.int8], params: FullyConnectedParams) -> NDArray[np.int8]:

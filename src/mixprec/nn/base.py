@@ -69,11 +69,9 @@ class PackedWeightMixin:
     (the ``weight`` buffer then absent): ``state_dict()`` carries the dense int8 codes as
     ``weight``, loading packs them again, deep copies and pickles carry the dense codes.
 
-    The module provides :attr:`dense_weight_shape`, ``weight_codes()`` (dense codes) and
+    The module provides a ``dense_weight_shape`` property, ``weight_codes()`` (dense codes) and
     ``_store_codes(codes)`` (packs them), and keeps the packed tensor in ``_packed``.
     """
-
-    dense_weight_shape: tuple[int, ...]
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -211,7 +211,6 @@ class Int8Conv(PackedWeightMixin, _Int8WeightConv):
                              "int32 accumulator cannot overflow")
         super().__init__(layout, precision)
         self._geometry = layout.geometry
-        self.dense_weight_shape = layout.weight_shape
         self._weight_zero_points = torch.zeros(layout.out_channels, dtype=torch.int32)
         if int8_conv.available():
             self._store_codes(self._buffers.pop("weight"))
@@ -230,6 +229,10 @@ class Int8Conv(PackedWeightMixin, _Int8WeightConv):
     @property
     def slow_path(self) -> str | None:
         return int8_conv.slow_path()
+
+    @property
+    def dense_weight_shape(self) -> tuple[int, ...]:
+        return self.layout.weight_shape
 
     def _store_codes(self, codes: Tensor) -> None:
         if "weight" in self._buffers:

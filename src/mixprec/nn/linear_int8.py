@@ -131,7 +131,6 @@ class Int8PackedLinear(PackedWeightMixin, Int8DynamicLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias)
-        self.dense_weight_shape = (out_features, in_features)
         self._store_codes(self._buffers.pop("weight"))
         self._unit_scale = torch.ones(out_features)
         self._zero_points = torch.zeros(out_features, dtype=torch.int32)
@@ -140,6 +139,10 @@ class Int8PackedLinear(PackedWeightMixin, Int8DynamicLinear):
     def kernel(self) -> str:  # type: ignore[override]
         fused = "fused C++" if native.available() else "PyTorch-op"
         return f"{ONEDNN_KERNEL}; {fused} per-token quantization and rescale"
+
+    @property
+    def dense_weight_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
 
     def _store_codes(self, codes: Tensor) -> None:
         self._packed = onednn_int8.prepack(codes)
