@@ -23,7 +23,7 @@ from torch import nn
 
 import mixprec
 from mixprec.integer import export_tflite
-from mixprec.integer.cnn_builder import cnn_graph_from
+from mixprec.integer.build.cnn import cnn_graph_from
 from mixprec.report.results import print_table
 from mixprec.studies.cnn_models import DSCNN, per_sample_scores, seeded, spoken_digits_task, train
 from mixprec.timing import interleaved_medians

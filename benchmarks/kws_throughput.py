@@ -21,7 +21,7 @@ sys.path.insert(0, str(EXAMPLES))
 import kws_synthetic  # noqa: E402
 from example_modes import load_model  # noqa: E402
 
-from mixprec.integer.kws import FusedKeywordSpotter, build_pipeline  # noqa: E402
+from mixprec.integer.models.kws import FusedKeywordSpotter, build_pipeline  # noqa: E402
 from mixprec.timing import interleaved_medians  # noqa: E402
 
 

@@ -11,7 +11,7 @@ Trained on 16,384 sequences; calibrated on 512 others; measured on 1,024 held-ou
     python examples/encoder_stacks.py bench|golden|plot
 
 ``run`` also prints what TFLite's 16x8 mode (int16 activations, int8 weights) would give the
-same graph, simulated exactly (``mixprec.integer.simulate(..., activation_bits=16)``).
+same graph, simulated exactly (``mixprec.integer.graph.simulate(..., activation_bits=16)``).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from example_modes import fit, plot_parity, stored_model, write_golden  # noqa: E402
 
-from mixprec.integer.encoder import TinyEncoder, build_encoder_graph  # noqa: E402
-from mixprec.integer.profile import stage_table  # noqa: E402
-from mixprec.integer.simulate import operator_errors, rounding_attribution, simulate  # noqa: E402
+from mixprec.integer.core.profile import stage_table  # noqa: E402
+from mixprec.integer.graph.simulate import operator_errors, rounding_attribution, simulate  # noqa: E402
+from mixprec.integer.models.encoder import TinyEncoder, build_encoder_graph  # noqa: E402
 from mixprec.io_utils import atomic_path  # noqa: E402
 
 VOCABULARY, STEPS, CLASSES = 16, 8, 4

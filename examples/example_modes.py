@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mixprec.integer.kws import KeywordSpotter, build_pipeline, parity
-from mixprec.integer.profile import stage_table
+from mixprec.integer.core.profile import stage_table
+from mixprec.integer.models.kws import KeywordSpotter, build_pipeline, parity
 from mixprec.io_utils import atomic_path
 
 GOLDENS = Path(__file__).resolve().parent / "goldens"

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from example_modes import fit, run_modes  # noqa: E402
 
 from mixprec.datasets.spoken_digits import spoken_digit_features  # noqa: E402
-from mixprec.integer.kws import KeywordSpotter  # noqa: E402
+from mixprec.integer.models.kws import KeywordSpotter  # noqa: E402
 
 STEPS, BANDS, WIDTH, DIGITS = 8, 16, 8, 10
 

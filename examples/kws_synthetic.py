@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from example_modes import fit, run_modes  # noqa: E402
 
-from mixprec.integer.kws import KeywordSpotter  # noqa: E402
+from mixprec.integer.models.kws import KeywordSpotter  # noqa: E402
 
 STEPS, FEATURES, CLASSES = 8, 8, 4
 

@@ -8,8 +8,8 @@ import torch
 
 from mixprec import InputError
 from mixprec.integer import Quantization
-from mixprec.integer.bridges import QFormat, affine_to_qformat, half_to_int8, int8_to_half, qformat_to_affine
-from mixprec.integer.half import bfloat16_to_float32, round_to_format, to_bfloat16, to_float16
+from mixprec.integer.half.bridges import QFormat, affine_to_qformat, half_to_int8, int8_to_half, qformat_to_affine
+from mixprec.integer.half.formats import bfloat16_to_float32, round_to_format, to_bfloat16, to_float16
 
 
 def wide_range_values(rng: np.random.Generator, count: int, low: float, high: float) -> np.ndarray:

@@ -119,7 +119,7 @@ def test_double_round_multiply_is_the_gemmlowp_composition() -> None:
 
 
 def test_gemmlowp_exp_and_reciprocal_approximate_the_real_functions() -> None:
-    from mixprec.integer.fixedpoint_functions import exp_on_negative_values, one_over_one_plus_x_for_x_in_0_1
+    from mixprec.integer.core.fixedpoint_functions import exp_on_negative_values, one_over_one_plus_x_for_x_in_0_1
 
     rng = np.random.default_rng(6)
     raw = -rng.integers(0, 31 * 2**26, 200_000)  # Q5.26 values in (-31, 0]

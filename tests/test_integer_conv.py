@@ -12,7 +12,7 @@ from test_integer_fc import litert_outputs
 
 from mixprec import InputError
 from mixprec.integer import Conv2DNode, DepthwiseConv2DNode, Graph, Quantization, TensorSpec, export_tflite, load_tflite
-from mixprec.integer.conv import output_size
+from mixprec.integer.ops.conv import output_size
 
 
 def _weight_quant(rng: np.random.Generator, count: int, per_channel: bool, axis: int) -> Quantization:
@@ -105,7 +105,7 @@ def test_pooling_is_byte_identical_to_litert_reference_kernels(padding: str, tmp
 
 
 def test_average_pooling_rounds_half_away_from_zero_over_in_image_points() -> None:
-    from mixprec.integer.conv import PoolParams, pool2d
+    from mixprec.integer.ops.conv import PoolParams, pool2d
 
     same = PoolParams("AVERAGE", (2, 2), (1, 1), "SAME")  # padding after: windows of 4, 2, 2 and 1 points
     positive = np.array([1, 2, 3, 4], np.int8).reshape(1, 2, 2, 1)
@@ -146,7 +146,7 @@ def test_a_pytorch_ds_cnn_converts_to_an_int8_graph_identical_to_litert(tmp_path
     from torch import nn
 
     import mixprec
-    from mixprec.integer.cnn_builder import cnn_graph_from
+    from mixprec.integer.build.cnn import cnn_graph_from
     from mixprec.studies.cnn_models import DSCNN
 
     torch.manual_seed(0)

@@ -12,14 +12,14 @@ import torch
 
 from mixprec import InputError
 from mixprec.integer import Graph, Quantization, TensorSpec
-from mixprec.integer.attention import (
+from mixprec.integer.graph.nodes import AddConstantNode, EmbeddingNode
+from mixprec.integer.ops.attention import (
     linear_attention_int8,
     linear_attention_int8_params,
     softmax_attention,
     softmax_attention_params,
 )
-from mixprec.integer.layer_norm import integer_sqrt, layer_norm, layer_norm_params
-from mixprec.integer.nodes import AddConstantNode, EmbeddingNode
+from mixprec.integer.ops.layer_norm import integer_sqrt, layer_norm, layer_norm_params
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -110,8 +110,8 @@ def encoder_example(import_example):  # noqa: ANN001, ANN201
                                                                            ("linear", 13.50, 0.0059)])
 def test_encoder_stack_goldens_and_parity(encoder_example, attention: str, measured_worst: float,  # noqa: ANN001
                                           measured_drop: float) -> None:
-    from mixprec.integer.encoder import build_encoder_graph
-    from mixprec.integer.simulate import operator_errors
+    from mixprec.integer.graph.simulate import operator_errors
+    from mixprec.integer.models.encoder import build_encoder_graph
 
     example, load_model = encoder_example
     model = load_model(f"encoder_{attention}", lambda: example.make_model(attention))
@@ -168,8 +168,8 @@ def test_encoder_stack_with_range_margin_and_int16_what_if(encoder_example, atte
     """Measured (BENCHMARKS.md, ``run --range-margin 0.05``): with 5% margins the int8 stack
     stays at 3-5% of range, while int16 activations on the same ranges would fall to the
     floor the int8 weights alone set."""
-    from mixprec.integer.encoder import build_encoder_graph
-    from mixprec.integer.simulate import simulate
+    from mixprec.integer.graph.simulate import simulate
+    from mixprec.integer.models.encoder import build_encoder_graph
 
     example, load_model = encoder_example
     model = load_model(f"encoder_{attention}", lambda: example.make_model(attention))
@@ -187,12 +187,12 @@ def test_encoder_stack_with_range_margin_and_int16_what_if(encoder_example, atte
 
 
 def test_builders_records_and_simulation_refuse_bad_input() -> None:
-    from mixprec.integer.attention import LinearAttentionInt8Params, SoftmaxAttentionParams
-    from mixprec.integer.builders import fully_connected_from, half_linear_from, linear_attention_from
-    from mixprec.integer.encoder import TinyEncoder, build_encoder_graph
-    from mixprec.integer.kws import KeywordSpotter, build_pipeline
-    from mixprec.integer.layer_norm import LayerNormParams
-    from mixprec.integer.simulate import operator_errors, simulate
+    from mixprec.integer.build.layers import fully_connected_from, half_linear_from, linear_attention_from
+    from mixprec.integer.graph.simulate import operator_errors, simulate
+    from mixprec.integer.models.encoder import TinyEncoder, build_encoder_graph
+    from mixprec.integer.models.kws import KeywordSpotter, build_pipeline
+    from mixprec.integer.ops.attention import LinearAttentionInt8Params, SoftmaxAttentionParams
+    from mixprec.integer.ops.layer_norm import LayerNormParams
 
     q = Quantization.per_tensor(0.1, 0)
     with pytest.raises(InputError, match="takes an nn.Linear, got Conv1d"):
@@ -202,7 +202,7 @@ def test_builders_records_and_simulation_refuse_bad_input() -> None:
     with pytest.raises(InputError, match="unknown half format 'fp8'"):
         half_linear_from(torch.nn.Linear(2, 2), "fp8")
     with pytest.raises(InputError, match="must share one half format"):
-        from mixprec.integer.half_ops import LinearAttentionParams
+        from mixprec.integer.half.ops import LinearAttentionParams
 
         LinearAttentionParams(half_linear_from(torch.nn.Linear(2, 2), "float16"),
                               half_linear_from(torch.nn.Linear(2, 2), "bfloat16"),
@@ -242,8 +242,8 @@ def test_builders_records_and_simulation_refuse_bad_input() -> None:
 
 
 def test_simulation_rounds_only_the_tensors_asked_and_attributes_the_error() -> None:
-    from mixprec.integer.builders import fully_connected_from
-    from mixprec.integer.simulate import onto_grid, rounding_attribution, simulate
+    from mixprec.integer.build.layers import fully_connected_from
+    from mixprec.integer.graph.simulate import onto_grid, rounding_attribution, simulate
 
     torch.manual_seed(0)
     first, second = torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)

@@ -21,7 +21,7 @@ from mixprec.integer import (
     TanhNode,
     TensorSpec,
 )
-from mixprec.integer.tflite_export import export_tflite
+from mixprec.integer.tflite.export import export_tflite
 
 
 def random_graph(rng: np.random.Generator, per_channel: bool, activation: str, bias: bool,
@@ -230,8 +230,8 @@ def test_load_tflite_refuses_truncated_files_and_unknown_ops(tmp_path: Path) -> 
 
 def test_operator_records_and_kernels_refuse_bad_input() -> None:
     from mixprec.integer import FullyConnectedParams, add, fully_connected, mul
-    from mixprec.integer.activations import softmax_params
-    from mixprec.integer.elementwise import AddParams, MulParams
+    from mixprec.integer.ops.activations import softmax_params
+    from mixprec.integer.ops.elementwise import AddParams, MulParams
 
     weights, one = np.zeros((4, 8), np.int8), np.array([2**30], np.int32)
     with pytest.raises(InputError, match="weights must be a 2-D int8 array"):

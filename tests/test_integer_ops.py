@@ -21,8 +21,8 @@ from mixprec.integer import (
     export_tflite,
     load_tflite,
 )
-from mixprec.integer.conversions import quantize
-from mixprec.integer.rounding import round_half_away
+from mixprec.integer.core.rounding import round_half_away
+from mixprec.integer.ops.conversions import quantize
 
 needs_litert = pytest.mark.skipif(
     not all(__import__("importlib").util.find_spec(m) for m in ("ai_edge_litert", "tflite")),

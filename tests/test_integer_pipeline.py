@@ -10,9 +10,9 @@ import torch
 
 from mixprec import InputError
 from mixprec.integer import Quantization
-from mixprec.integer.builders import calibrate, half_linear_from, linear_attention_from
-from mixprec.integer.half_ops import HalfLinearParams, half_linear, half_mean, linear_attention, round_half
-from mixprec.integer.pipeline import Pipeline, ToHalfStage, ToInt8Stage
+from mixprec.integer.build.layers import calibrate, half_linear_from, linear_attention_from
+from mixprec.integer.half.ops import HalfLinearParams, half_linear, half_mean, linear_attention, round_half
+from mixprec.integer.half.pipeline import Pipeline, ToHalfStage, ToInt8Stage
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -104,7 +104,7 @@ def test_calibration_margin_widens_only_the_ends_the_data_set() -> None:
 def kws_example(import_example):  # noqa: ANN001, ANN201
     kws_synthetic = import_example("kws_synthetic")
     load_model = import_example("example_modes").load_model
-    from mixprec.integer.kws import build_pipeline
+    from mixprec.integer.models.kws import build_pipeline
 
     model = load_model("kws_synthetic", kws_synthetic.make_model)
     held_out, labels = kws_synthetic.make_set(1024, seed=2)
@@ -118,7 +118,7 @@ def test_kws_pipeline_reproduces_its_golden_bytes(kws_example) -> None:  # noqa:
 
 
 def test_kws_pipeline_parity_on_distinct_held_out_samples(kws_example) -> None:  # noqa: ANN001
-    from mixprec.integer.kws import parity
+    from mixprec.integer.models.kws import parity
 
     model, pipeline, held_out, labels = kws_example
     assert len(np.unique(held_out.numpy().reshape(len(held_out), -1), axis=0)) == len(held_out) >= 256
@@ -132,7 +132,7 @@ def test_kws_pipeline_parity_on_distinct_held_out_samples(kws_example) -> None: 
     # int8 weights' own share; int8 activations give 0.80%.
     assert figures["int16_worst_of_range"] == pytest.approx(0.00134, rel=0.01)
     assert figures["float_worst_of_range"] > 5 * figures["int16_worst_of_range"]
-    from mixprec.integer.kws import simulate
+    from mixprec.integer.models.kws import simulate
 
     with pytest.raises(InputError, match=r"activation bits must be one of \(8, 16\), got 12"):
         simulate(pipeline, held_out.double().numpy(), activation_bits=12)
@@ -150,7 +150,7 @@ def test_spoken_digits_pipeline_matches_float_accuracy_and_its_golden_bytes(impo
         pytest.skip(str(exc))
     example = import_example("kws_spoken_digits")
     load_model = import_example("example_modes").load_model
-    from mixprec.integer.kws import build_pipeline
+    from mixprec.integer.models.kws import build_pipeline
 
     model = load_model("kws_spoken_digits", example.make_model)
     pipeline = build_pipeline(model, example.calibration_set())
@@ -168,7 +168,7 @@ def test_spoken_digits_pipeline_matches_float_accuracy_and_its_golden_bytes(impo
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_fused_keyword_spotter_is_bit_identical_to_the_reference(kws_example, import_example,  # noqa: ANN001
                                                                   dtype: str) -> None:
-    from mixprec.integer.kws import FusedKeywordSpotter, build_pipeline
+    from mixprec.integer.models.kws import FusedKeywordSpotter, build_pipeline
     from mixprec.kernels import native
 
     if not native.available():
@@ -187,7 +187,7 @@ def test_fused_keyword_spotter_is_bit_identical_to_the_reference(kws_example, im
 
 
 def test_fused_keyword_spotter_reports_nan_like_the_reference() -> None:
-    from mixprec.integer.kws import FusedKeywordSpotter, KeywordSpotter, build_pipeline
+    from mixprec.integer.models.kws import FusedKeywordSpotter, KeywordSpotter, build_pipeline
     from mixprec.kernels import native
 
     if not native.available():
@@ -209,7 +209,7 @@ def test_fused_keyword_spotter_reports_nan_like_the_reference() -> None:
 
 
 def test_profiles_report_every_stage_and_operator(kws_example) -> None:  # noqa: ANN001
-    from mixprec.integer.profile import stage_table
+    from mixprec.integer.core.profile import stage_table
 
     _, pipeline, held_out, _ = kws_example
     codes = pipeline.quantize_input(held_out.numpy()[:64])

@@ -1,23 +1,24 @@
 """Integer-only engine in TFLite int8 conventions, with half-precision islands.
 
-- Graphs of int8 operators over numbered tensors: FULLY_CONNECTED (per-tensor and
-  per-channel weights, int32 bias, ReLU/ReLU6 in the clamp), ADD and MUL (unequal scales,
-  broadcasting), MEAN, RESHAPE, LOGISTIC and TANH (float32 tables), SOFTMAX (gemmlowp fixed
-  point), QUANTIZE, DEQUANTIZE, EMBEDDING (TFLite's GATHER) and ADD_CONSTANT (positional
-  encodings; TFLite's ADD): byte-identical to LiteRT's reference kernels, exported to and
-  imported from .tflite. Beyond TFLite's builtins: LAYER_NORM, SOFTMAX_ATTENTION and
-  LINEAR_ATTENTION in integers.
-- Bridges between int8 and float16/bfloat16 (:mod:`~mixprec.integer.bridges`), island
-  operators (:mod:`~mixprec.integer.half_ops`) and pipelines joining them
-  (:mod:`~mixprec.integer.pipeline`); builders from float modules plus calibration data
-  (:mod:`~mixprec.integer.builders`); the keyword spotter (:mod:`~mixprec.integer.kws`) and
-  encoder (:mod:`~mixprec.integer.encoder`) topologies; exact-arithmetic simulation of a
-  graph (:mod:`~mixprec.integer.simulate`).
+Operators byte-identical to LiteRT's reference kernels: FULLY_CONNECTED (per-tensor and
+per-channel weights, int32 bias, ReLU/ReLU6 in the clamp), CONV_2D and DEPTHWISE_CONV_2D,
+AVERAGE_POOL_2D, MAX_POOL_2D, PAD, ADD and MUL (unequal scales, broadcasting), MEAN,
+RESHAPE, LOGISTIC and TANH (float32 tables), SOFTMAX (gemmlowp fixed point), QUANTIZE,
+DEQUANTIZE, EMBEDDING (TFLite's GATHER) and ADD_CONSTANT (positional encodings; TFLite's
+ADD); beyond TFLite's builtins, LAYER_NORM, SOFTMAX_ATTENTION and LINEAR_ATTENTION in integers.
+
+The layers, each importing only from those above it:
+
+- :mod:`~mixprec.integer.core`: rounding rules, fixed-point arithmetic, tensor quantization.
+- :mod:`~mixprec.integer.ops`: the operator kernels, pure functions over numpy arrays.
+- :mod:`~mixprec.integer.graph`: nodes, graphs over numbered tensors, exact simulation.
+- :mod:`~mixprec.integer.tflite`: .tflite export and import.
+- :mod:`~mixprec.integer.half`: float16 / bfloat16 islands, bridges to int8, pipelines.
+- :mod:`~mixprec.integer.build`: graphs from float PyTorch modules plus calibration data.
+- :mod:`~mixprec.integer.models`: the keyword spotter and encoder topologies of the examples.
 """
 
-from mixprec.integer.conv import ConvParams, conv2d
-from mixprec.integer.elementwise import AddParams, MulParams, add, mul
-from mixprec.integer.fixedpoint import (
+from mixprec.integer.core.fixedpoint import (
     INT32_MAX,
     INT32_MIN,
     multiply_by_quantized_multiplier,
@@ -27,9 +28,9 @@ from mixprec.integer.fixedpoint import (
     saturate_int32,
     saturating_rounding_doubling_high_mul,
 )
-from mixprec.integer.fully_connected import FullyConnectedParams, fully_connected
-from mixprec.integer.graph import Graph
-from mixprec.integer.nodes import (
+from mixprec.integer.core.tensors import Quantization, TensorSpec, activation_range
+from mixprec.integer.graph.graph import Graph
+from mixprec.integer.graph.nodes import (
     AddConstantNode,
     AddNode,
     AveragePool2DNode,
@@ -51,11 +52,13 @@ from mixprec.integer.nodes import (
     SoftmaxNode,
     TanhNode,
 )
-from mixprec.integer.pipeline import AttentionPoolStage, IntegerStage, Pipeline, ToHalfStage, ToInt8Stage
-from mixprec.integer.simulate import operator_errors, rounding_attribution, simulate
-from mixprec.integer.tensors import Quantization, TensorSpec, activation_range
-from mixprec.integer.tflite_export import export_tflite
-from mixprec.integer.tflite_import import load_tflite
+from mixprec.integer.graph.simulate import operator_errors, rounding_attribution, simulate
+from mixprec.integer.half.pipeline import AttentionPoolStage, IntegerStage, Pipeline, ToHalfStage, ToInt8Stage
+from mixprec.integer.ops.conv import ConvParams, conv2d
+from mixprec.integer.ops.elementwise import AddParams, MulParams, add, mul
+from mixprec.integer.ops.fully_connected import FullyConnectedParams, fully_connected
+from mixprec.integer.tflite.export import export_tflite
+from mixprec.integer.tflite.load import load_tflite
 
 __all__ = [
     "AddConstantNode", "AttentionPoolStage", "EmbeddingNode", "IntegerStage", "LayerNormNode", "LinearAttentionNode",

@@ -29,9 +29,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
-from mixprec.integer.fixedpoint import multiply_by_quantized_multiplier
-from mixprec.integer.fully_connected import MAX_FC_REDUCTION, AccumulatorRecord
-from mixprec.integer.tensors import require_array
+from mixprec.integer.core.fixedpoint import multiply_by_quantized_multiplier
+from mixprec.integer.core.tensors import require_array
+from mixprec.integer.ops.fully_connected import MAX_FC_REDUCTION, AccumulatorRecord
 
 PADDINGS = ("SAME", "VALID")
 #: Longest window (kernel x input channels per output) whose int32 accumulator cannot overflow:

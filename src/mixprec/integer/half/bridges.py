@@ -1,5 +1,5 @@
 """Bridges between affine int8 and the half-precision islands (float16, or bfloat16 as uint16
-bit patterns, see :mod:`mixprec.integer.half`), and between Qm.n fixed point and affine int8.
+bit patterns, see :mod:`mixprec.integer.half.formats`), and between Qm.n fixed point and affine int8.
 
 - int8 -> half: the real value ``scale * (q - zero_point)`` is exact in float64 (a float32
   times a 9-bit integer), then rounded once to the half format (nearest, ties to even).
@@ -10,7 +10,7 @@ bit patterns, see :mod:`mixprec.integer.half`), and between Qm.n fixed point and
   NaN is refused with an error naming how many there are.
 - Qm.n <-> affine: a Qm.n int8 code ``c`` means ``c * 2^-n`` (``m + n = 7``, sign bit apart),
   i.e. the affine grid ``scale = 2^-n, zero_point = 0``; converting either way is the integer
-  requantization of :mod:`mixprec.integer.conversions`.
+  requantization of :mod:`mixprec.integer.ops.conversions`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,16 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
-from mixprec.integer.conversions import requantize, requantize_params
-from mixprec.integer.half import HalfArray, bfloat16_to_float32, half_format, round_to_format, to_bfloat16, to_float16
-from mixprec.integer.tensors import Quantization, require_array
+from mixprec.integer.core.tensors import Quantization, require_array
+from mixprec.integer.half.formats import (
+    HalfArray,
+    bfloat16_to_float32,
+    half_format,
+    round_to_format,
+    to_bfloat16,
+    to_float16,
+)
+from mixprec.integer.ops.conversions import requantize, requantize_params
 
 
 def int8_to_half_table(quant: Quantization, dtype: str) -> NDArray[np.float32]:

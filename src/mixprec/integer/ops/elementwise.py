@@ -25,7 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
-from mixprec.integer.fixedpoint import multiply_by_quantized_multiplier
+from mixprec.integer.core.fixedpoint import multiply_by_quantized_multiplier
 
 ADD_LEFT_SHIFT = 20
 

@@ -21,8 +21,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
-from mixprec.integer.fixedpoint import multiply_by_quantized_multiplier_single_round
-from mixprec.integer.tensors import require_array
+from mixprec.integer.core.fixedpoint import multiply_by_quantized_multiplier_single_round
+from mixprec.integer.core.tensors import require_array
 
 #: Longest reduction whose int32 accumulator cannot overflow: |x + input_offset| <= 255,
 #: |w| <= 128, so K * 255 * 128 + |bias| must stay below 2^31; with |bias| < 2^30 that is K <= 32,896.

@@ -6,9 +6,9 @@ stage, the bytes of its constants and of its output per sample, and its time
 
 - :class:`IntegerStage`: an int8 :class:`~mixprec.integer.graph.Graph` with one input;
 - :class:`ToHalfStage`: affine int8 -> half values by a 256-entry table (each entry the
-  exact real value rounded once, see :mod:`mixprec.integer.bridges`);
+  exact real value rounded once, see :mod:`mixprec.integer.half.bridges`);
 - :class:`AttentionPoolStage`: ``mean_s(x + linear_attention(x))`` in the island
-  (:mod:`mixprec.integer.half_ops`);
+  (:mod:`mixprec.integer.half.ops`);
 - :class:`ToInt8Stage`: half values -> affine int8 (nearest-even, saturating, NaN refused).
 """
 
@@ -20,14 +20,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
-from mixprec.integer.bridges import half_values_to_int8, int8_to_half_table
-from mixprec.integer.conversions import dequantize, quantize
-from mixprec.integer.graph import Graph
-from mixprec.integer.half import half_format
-from mixprec.integer.half_ops import LinearAttentionParams, half_add, half_mean, linear_attention
-from mixprec.integer.nodes import FullyConnectedNode
-from mixprec.integer.profile import StageProfile, median_seconds
-from mixprec.integer.tensors import Quantization, require_array
+from mixprec.integer.core.profile import StageProfile, median_seconds
+from mixprec.integer.core.tensors import Quantization, require_array
+from mixprec.integer.graph.graph import Graph
+from mixprec.integer.graph.nodes import FullyConnectedNode
+from mixprec.integer.half.bridges import half_values_to_int8, int8_to_half_table
+from mixprec.integer.half.formats import half_format
+from mixprec.integer.half.ops import LinearAttentionParams, half_add, half_mean, linear_attention
+from mixprec.integer.ops.conversions import dequantize, quantize
 
 HALF_BYTES = 2
 

@@ -27,14 +27,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
-from mixprec.integer.fixedpoint import (
+from mixprec.integer.core.fixedpoint import (
     INT32_MAX,
     quantize_multiplier,
     rounding_divide_by_pot,
     saturating_rounding_doubling_high_mul,
 )
-from mixprec.integer.fixedpoint_functions import exp_on_negative_values, reciprocal, wrap_int32
-from mixprec.integer.rounding import round_half_away
+from mixprec.integer.core.fixedpoint_functions import exp_on_negative_values, reciprocal, wrap_int32
+from mixprec.integer.core.rounding import round_half_away
 
 #: Output quantization each op requires: (scale, zero point).
 FIXED_OUTPUT = {"LOGISTIC": (1.0 / 256, -128), "TANH": (1.0 / 128, 0), "SOFTMAX": (1.0 / 256, -128)}

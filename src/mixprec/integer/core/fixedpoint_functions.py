@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from mixprec.integer.fixedpoint import (
+from mixprec.integer.core.fixedpoint import (
     INT32_MAX,
     INT32_MIN,
     rounding_divide_by_pot,

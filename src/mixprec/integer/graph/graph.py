@@ -1,4 +1,4 @@
-"""An integer graph: operators (:mod:`mixprec.integer.nodes`) over numbered tensors.
+"""An integer graph: operators (:mod:`mixprec.integer.graph.nodes`) over numbered tensors.
 
 Tensors ``0 .. len(inputs) - 1`` are the graph's inputs; node ``i`` produces tensor
 ``len(inputs) + i``; the last node's tensor is the output. Building the graph derives every
@@ -14,9 +14,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
-from mixprec.integer.nodes import Node
-from mixprec.integer.profile import StageProfile, median_seconds
-from mixprec.integer.tensors import Quantization, TensorSpec
+from mixprec.integer.core.profile import StageProfile, median_seconds
+from mixprec.integer.core.tensors import Quantization, TensorSpec
+from mixprec.integer.graph.nodes import Node
 
 
 @dataclass(frozen=True, eq=False)

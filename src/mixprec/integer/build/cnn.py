@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from mixprec.errors import InputError
-from mixprec.integer.builders import calibrate, fully_connected_from, int32_bias, symmetric_int8_weights
-from mixprec.integer.conv import output_size
-from mixprec.integer.graph import Graph
-from mixprec.integer.nodes import (
+from mixprec.integer.build.layers import calibrate, fully_connected_from, int32_bias, symmetric_int8_weights
+from mixprec.integer.ops.conv import output_size
+from mixprec.integer.graph.graph import Graph
+from mixprec.integer.graph.nodes import (
     AveragePool2DNode,
     Conv2DNode,
     DepthwiseConv2DNode,
@@ -39,7 +39,7 @@ from mixprec.integer.nodes import (
     MeanNode,
     PadNode,
 )
-from mixprec.integer.tensors import Quantization, TensorSpec
+from mixprec.integer.core.tensors import Quantization, TensorSpec
 
 _ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 

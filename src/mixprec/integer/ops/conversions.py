@@ -20,9 +20,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
-from mixprec.integer.fixedpoint import multiply_by_quantized_multiplier, quantize_multiplier
-from mixprec.integer.rounding import round_half_away
-from mixprec.integer.tensors import require_array
+from mixprec.integer.core.fixedpoint import multiply_by_quantized_multiplier, quantize_multiplier
+from mixprec.integer.core.rounding import round_half_away
+from mixprec.integer.core.tensors import require_array
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from mixprec.errors import InputError
-from mixprec.integer.rounding import round_half_away
+from mixprec.integer.core.rounding import round_half_away
 
 ACTIVATIONS = ("none", "relu", "relu6")
 #: Element types a graph tensor may have (int32: token ids).

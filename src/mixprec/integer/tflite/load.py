@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from mixprec.errors import InputError
-from mixprec.integer.activations import FIXED_OUTPUT
-from mixprec.integer.graph import Graph
-from mixprec.integer.nodes import (
+from mixprec.integer.core.tensors import Quantization, TensorSpec
+from mixprec.integer.graph.graph import Graph
+from mixprec.integer.graph.nodes import (
     AddConstantNode,
     AddNode,
     AveragePool2DNode,
@@ -41,8 +41,8 @@ from mixprec.integer.nodes import (
     SoftmaxNode,
     TanhNode,
 )
-from mixprec.integer.tensors import Quantization, TensorSpec
-from mixprec.integer.tflite_export import ACTIVATION_CODES, require_tflite
+from mixprec.integer.ops.activations import FIXED_OUTPUT
+from mixprec.integer.tflite.export import ACTIVATION_CODES, require_tflite
 
 #: int32 shape arithmetic the converter writes for a dynamic-batch reshape (Keras Flatten):
 #: SHAPE -> STRIDED_SLICE (the batch) -> PACK (batch, sizes...) -> RESHAPE; folded at import.

@@ -19,10 +19,10 @@ from numpy.typing import ArrayLike
 from torch import nn
 
 from mixprec.errors import InputError
-from mixprec.integer.half import round_to_format
-from mixprec.integer.half_ops import HalfLinearParams, LinearAttentionParams
-from mixprec.integer.nodes import FullyConnectedNode
-from mixprec.integer.tensors import Quantization
+from mixprec.integer.half.formats import round_to_format
+from mixprec.integer.half.ops import HalfLinearParams, LinearAttentionParams
+from mixprec.integer.graph.nodes import FullyConnectedNode
+from mixprec.integer.core.tensors import Quantization
 
 
 def _numpy(values: ArrayLike | torch.Tensor) -> np.ndarray:

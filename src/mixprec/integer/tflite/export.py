@@ -14,8 +14,9 @@ import os
 import numpy as np
 
 from mixprec.errors import InputError
-from mixprec.integer.graph import Graph
-from mixprec.integer.nodes import (
+from mixprec.integer.core.tensors import Quantization
+from mixprec.integer.graph.graph import Graph
+from mixprec.integer.graph.nodes import (
     AddConstantNode,
     Conv2DNode,
     DepthwiseConv2DNode,
@@ -25,7 +26,6 @@ from mixprec.integer.nodes import (
     PadNode,
     ReshapeNode,
 )
-from mixprec.integer.tensors import Quantization
 from mixprec.io_utils import atomic_path
 
 ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 3}  # tflite.ActivationFunctionType

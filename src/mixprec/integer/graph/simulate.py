@@ -25,8 +25,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
-from mixprec.integer.graph import Graph
-from mixprec.integer.nodes import (
+from mixprec.integer.core.tensors import Quantization
+from mixprec.integer.graph.graph import Graph
+from mixprec.integer.graph.nodes import (
     AddConstantNode,
     AddNode,
     DequantizeNode,
@@ -43,7 +44,6 @@ from mixprec.integer.nodes import (
     SoftmaxNode,
     TanhNode,
 )
-from mixprec.integer.tensors import Quantization
 
 #: Activation widths :func:`simulate` can round onto.
 ACTIVATION_BITS = (8, 16)

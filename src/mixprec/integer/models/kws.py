@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from mixprec.errors import InputError
-from mixprec.integer.builders import calibrate, fully_connected_from, linear_attention_from
-from mixprec.integer.graph import Graph
-from mixprec.integer.pipeline import AttentionPoolStage, IntegerStage, Pipeline, ToHalfStage, ToInt8Stage
-from mixprec.integer.simulate import exact_operator, linear_attention_exact, onto_grid
-from mixprec.integer.tensors import Quantization, TensorSpec
+from mixprec.integer.build.layers import calibrate, fully_connected_from, linear_attention_from
+from mixprec.integer.core.tensors import Quantization, TensorSpec
+from mixprec.integer.graph.graph import Graph
+from mixprec.integer.graph.simulate import exact_operator, linear_attention_exact, onto_grid
+from mixprec.integer.half.pipeline import AttentionPoolStage, IntegerStage, Pipeline, ToHalfStage, ToInt8Stage
 
 
 class LinearAttentionHead(nn.Module):

@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
-from mixprec.integer.half import half_format
+from mixprec.integer.half.formats import half_format
 
 HalfValues = NDArray[np.float32]
 

@@ -15,7 +15,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
-from mixprec.integer.activations import (
+from mixprec.integer.core.fixedpoint import quantize_multiplier
+from mixprec.integer.core.tensors import Quantization, activation_range
+from mixprec.integer.ops.activations import (
     FIXED_OUTPUT,
     SoftmaxParams,
     TableParams,
@@ -24,7 +26,7 @@ from mixprec.integer.activations import (
     softmax,
     softmax_params,
 )
-from mixprec.integer.attention import (
+from mixprec.integer.ops.attention import (
     LinearAttentionInt8Params,
     SoftmaxAttentionParams,
     linear_attention_int8,
@@ -32,14 +34,12 @@ from mixprec.integer.attention import (
     softmax_attention,
     softmax_attention_params,
 )
-from mixprec.integer.conv import ConvParams, PoolParams, conv2d, pad, pool2d
-from mixprec.integer.conversions import RequantizeParams, dequantize, quantize, requantize, requantize_params
-from mixprec.integer.elementwise import ADD_LEFT_SHIFT, AddParams, MulParams, add, mul
-from mixprec.integer.fixedpoint import quantize_multiplier
-from mixprec.integer.fully_connected import FullyConnectedParams, fully_connected
-from mixprec.integer.layer_norm import LayerNormParams, layer_norm, layer_norm_params
-from mixprec.integer.mean import MeanParams, mean, mean_params, mean_shape
-from mixprec.integer.tensors import Quantization, activation_range
+from mixprec.integer.ops.conv import ConvParams, PoolParams, conv2d, pad, pool2d
+from mixprec.integer.ops.conversions import RequantizeParams, dequantize, quantize, requantize, requantize_params
+from mixprec.integer.ops.elementwise import ADD_LEFT_SHIFT, AddParams, MulParams, add, mul
+from mixprec.integer.ops.fully_connected import FullyConnectedParams, fully_connected
+from mixprec.integer.ops.layer_norm import LayerNormParams, layer_norm, layer_norm_params
+from mixprec.integer.ops.mean import MeanParams, mean, mean_params, mean_shape
 
 
 class _Node:
@@ -111,7 +111,7 @@ class FullyConnectedNode(_Node):
 
 @dataclass(frozen=True, eq=False)
 class _ConvNode(_Node):
-    """A 2-D convolution of the NHWC tensor ``inputs[0]`` (see :mod:`mixprec.integer.conv`):
+    """A 2-D convolution of the NHWC tensor ``inputs[0]`` (see :mod:`mixprec.integer.ops.conv`):
     int8 weights (zero points 0, one scale or one per output channel), optional int32 bias,
     ``padding`` ``"SAME"`` / ``"VALID"``, ``stride`` and ``dilation`` as ``(h, w)``."""
 
@@ -371,7 +371,7 @@ class SoftmaxNode(_UnaryNode):
 @dataclass(frozen=True, eq=False)
 class MeanNode(_Node):
     """MEAN of tensor ``inputs[0]`` over ``axes`` (never the batch axis 0), optionally keeping
-    the reduced dimensions (see :mod:`mixprec.integer.mean`)."""
+    the reduced dimensions (see :mod:`mixprec.integer.ops.mean`)."""
 
     inputs: tuple[int, ...]
     axes: tuple[int, ...]
@@ -434,7 +434,7 @@ class ReshapeNode(_Node):
 @dataclass(frozen=True, eq=False)
 class QuantizeNode(_Node):
     """QUANTIZE of tensor ``inputs[0]``: float32 -> int8 (``quantize``), or int8 -> int8 on a
-    new grid (``requantize``), see :mod:`mixprec.integer.conversions`."""
+    new grid (``requantize``), see :mod:`mixprec.integer.ops.conversions`."""
 
     inputs: tuple[int, ...]
     output_quant: Quantization
@@ -464,7 +464,7 @@ class QuantizeNode(_Node):
 
 @dataclass(frozen=True, eq=False)
 class DequantizeNode(_Node):
-    """DEQUANTIZE of int8 tensor ``inputs[0]`` to float32 (see :mod:`mixprec.integer.conversions`)."""
+    """DEQUANTIZE of int8 tensor ``inputs[0]`` to float32 (see :mod:`mixprec.integer.ops.conversions`)."""
 
     inputs: tuple[int, ...]
     opcode = "DEQUANTIZE"
@@ -559,7 +559,7 @@ class AddConstantNode(_Node):
 @dataclass(frozen=True, eq=False)
 class LayerNormNode(_Node):
     """Layer normalization over the last axis of tensor ``inputs[0]`` in integers
-    (:mod:`mixprec.integer.layer_norm`), from float ``gamma``, ``beta`` and ``epsilon``."""
+    (:mod:`mixprec.integer.ops.layer_norm`), from float ``gamma``, ``beta`` and ``epsilon``."""
 
     inputs: tuple[int, ...]
     gamma: NDArray[np.float32]
@@ -610,7 +610,7 @@ class _AttentionNode(_Node):
 @dataclass(frozen=True, eq=False)
 class SoftmaxAttentionNode(_AttentionNode):
     """Softmax attention of (query, key, value) tensors, scores on ``score_quant``
-    (:mod:`mixprec.integer.attention`)."""
+    (:mod:`mixprec.integer.ops.attention`)."""
 
     score_quant: Quantization = None  # type: ignore[assignment]
     output_quant: Quantization = None  # type: ignore[assignment]
@@ -629,7 +629,7 @@ class SoftmaxAttentionNode(_AttentionNode):
 @dataclass(frozen=True, eq=False)
 class LinearAttentionNode(_AttentionNode):
     """ReLU-feature linear attention of (query, key, value) tensors with ``epsilon``
-    (:mod:`mixprec.integer.attention`)."""
+    (:mod:`mixprec.integer.ops.attention`)."""
 
     epsilon: float = 1.0
     output_quant: Quantization = None  # type: ignore[assignment]

@@ -4,7 +4,7 @@ Topology (per the TinyMind encoder): token embedding, a fixed sinusoidal positio
 encoding, then per block ``LayerNorm -> attention -> residual add -> LayerNorm -> dense + ReLU
 -> dense -> residual add``, and a per-token dense head. Attention is single-head, either
 softmax (``softmax(q k^T / sqrt(P)) v``) or linear with the ReLU feature map; the integer
-forms are in :mod:`mixprec.integer.attention`. :func:`build_encoder_graph` calibrates every
+forms are in :mod:`mixprec.integer.ops.attention`. :func:`build_encoder_graph` calibrates every
 int8 tensor on the ids it is given.
 """
 
@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from mixprec.errors import InputError
-from mixprec.integer.builders import calibrate, fully_connected_from
-from mixprec.integer.graph import Graph
-from mixprec.integer.nodes import (
+from mixprec.integer.build.layers import calibrate, fully_connected_from
+from mixprec.integer.core.tensors import TensorSpec
+from mixprec.integer.graph.graph import Graph
+from mixprec.integer.graph.nodes import (
     AddConstantNode,
     AddNode,
     EmbeddingNode,
@@ -27,7 +28,6 @@ from mixprec.integer.nodes import (
     LinearAttentionNode,
     SoftmaxAttentionNode,
 )
-from mixprec.integer.tensors import TensorSpec
 
 ATTENTIONS = ("softmax", "linear")
 

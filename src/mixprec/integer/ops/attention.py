@@ -33,7 +33,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
-from mixprec.integer.fixedpoint import multiply_by_quantized_multiplier, quantize_multiplier
+from mixprec.integer.core.fixedpoint import multiply_by_quantized_multiplier, quantize_multiplier
 
 EXP_BITS = 24
 RATIO_BITS = 16

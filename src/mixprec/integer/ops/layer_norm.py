@@ -25,8 +25,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
-from mixprec.integer.fixedpoint import multiply_by_quantized_multiplier, quantize_multiplier
-from mixprec.integer.tensors import require_array
+from mixprec.integer.core.fixedpoint import multiply_by_quantized_multiplier, quantize_multiplier
+from mixprec.integer.core.tensors import require_array
 
 RSQRT_BITS = 30
 MAX_WIDTH = 2**14

@@ -1,0 +1,1 @@
+"""The topologies the examples run: the keyword spotter and the encoder stacks."""
