@@ -1,5 +1,5 @@
-"""Models made by TensorFlow's converter (tests/fixtures, made by tools/make_tflite_fixtures.py):
-read by mixprec's integer engine and byte-identical to LiteRT's reference kernels."""
+"""Models made by TensorFlow's converter (tests/fixtures, made by tools/make_tflite_fixtures.py),
+int8 and 16x8: read by mixprec's integer engine and byte-identical to LiteRT's reference kernels."""
 
 from __future__ import annotations
 
@@ -34,3 +34,39 @@ def test_tensorflow_converted_cnns_are_byte_identical_to_litert(name: str, opera
     inputs = rng.integers(-128, 128, (1000, *graph.inputs[0].shape[1:])).astype(np.int8)
     inputs[0], inputs[1] = -128, 127
     assert np.array_equal(graph(inputs), litert_outputs(path, inputs))
+
+
+def _int16_inputs(rng: np.random.Generator, shape: tuple[int, ...], scale: float) -> np.ndarray:
+    """1,000 inputs: half drawn over the whole int16 range, half like the calibration data
+    (standard normal values on the input grid), the extremes first."""
+    wide = rng.integers(-32768, 32768, (500, *shape))
+    typical = np.clip(np.round(rng.normal(0, 1, (500, *shape)) / scale), -32768, 32767)
+    inputs = np.concatenate([wide, typical]).astype(np.int16)
+    inputs[0], inputs[1] = -32768, 32767
+    return inputs
+
+
+@pytest.mark.parametrize("name, operators", [
+    ("ds_cnn_16x8", ["CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D", "AVERAGE_POOL_2D",
+                     "RESHAPE", "FULLY_CONNECTED"]),
+    ("pooled_cnn_16x8_float_io", ["QUANTIZE", "CONV_2D", "PAD", "MAX_POOL_2D", "DEPTHWISE_CONV_2D",
+                                  "AVERAGE_POOL_2D", "RESHAPE", "FULLY_CONNECTED", "FULLY_CONNECTED", "DEQUANTIZE"]),
+])
+def test_tensorflow_converted_16x8_cnns_are_byte_identical_to_litert(name: str, operators: list[str]) -> None:
+    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("tflite")
+    path = FIXTURES / f"{name}.tflite"
+    graph = load_tflite(path)
+    assert [node.opcode for node in graph.nodes] == operators
+    assert "int16" in graph.tensor_dtypes
+    assert all(node.bias is None or node.bias.dtype == np.int64 for node in graph.nodes if hasattr(node, "bias"))
+    spec = graph.inputs[0]
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    if spec.dtype == "int16":
+        inputs = _int16_inputs(rng, spec.shape[1:], spec.quant.scale[0])
+    else:  # float32 in: normal values, some far beyond the calibrated range (the QUANTIZE saturates)
+        inputs = rng.normal(0, 1, (1000, *spec.shape[1:])).astype(np.float32)
+        inputs[:100] *= 50
+    expected = litert_outputs(path, inputs)
+    assert expected.dtype == graph(inputs[:1]).dtype
+    assert np.array_equal(graph(inputs), expected)

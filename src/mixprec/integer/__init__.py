@@ -6,6 +6,9 @@ AVERAGE_POOL_2D, MAX_POOL_2D, PAD, ADD and MUL (unequal scales, broadcasting), M
 RESHAPE, LOGISTIC and TANH (float32 tables), SOFTMAX (gemmlowp fixed point), QUANTIZE,
 DEQUANTIZE, EMBEDDING (TFLite's GATHER) and ADD_CONSTANT (positional encodings; TFLite's
 ADD); beyond TFLite's builtins, LAYER_NORM, SOFTMAX_ATTENTION and LINEAR_ATTENTION in integers.
+TFLite's 16x8 mode (int16 activations with zero point 0, int8 weights, int64 biases) for
+FULLY_CONNECTED, the convolutions, pooling, PAD and RESHAPE, with QUANTIZE between int8 and
+int16 so one graph mixes both per operator.
 
 The layers, each importing only from those above it:
 

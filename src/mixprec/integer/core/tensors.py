@@ -12,8 +12,10 @@ from mixprec.errors import InputError
 from mixprec.integer.core.rounding import round_half_away
 
 ACTIVATIONS = ("none", "relu", "relu6")
-#: Element types a graph tensor may have (int32: token ids).
-DTYPES = ("int8", "float32", "int32")
+#: Element types a graph tensor may have (int16: TFLite's 16x8 activations; int32: token ids).
+DTYPES = ("int8", "int16", "float32", "int32")
+#: The quantized activation types and their code ranges (int16 is symmetric: zero point 0).
+CODE_RANGES = {"int8": (-128, 127), "int16": (-32768, 32767)}
 
 
 @dataclass(frozen=True)
@@ -64,19 +66,42 @@ class Quantization:
             raise InputError(f"this needs a per-tensor grid, not {len(self.scale)} per-channel scales")
 
 
-def activation_range(activation: str, output: Quantization) -> tuple[int, int]:
-    """TFLite ``CalculateActivationRangeQuantized`` for int8 (``f / scale`` in float32)."""
+def activation_range(activation: str, output: Quantization, dtype: str = "int8") -> tuple[int, int]:
+    """TFLite ``CalculateActivationRangeQuantized`` for an int8 or int16 output (``f / scale`` in
+    float32)."""
     if activation not in ACTIVATIONS:
         raise InputError(f"unknown activation {activation!r}; choose {', '.join(ACTIVATIONS)}")
+    smallest, largest = CODE_RANGES[dtype]
     scale, zero_point = output.scale32[0], output.zero_point[0]
 
     def quantize(value: float) -> int:
         return zero_point + int(round_half_away(np.float32(value) / scale))
 
     if activation == "none":
-        return -128, 127
-    low = max(-128, quantize(0.0))
-    return low, 127 if activation == "relu" else min(127, quantize(6.0))
+        return smallest, largest
+    low = max(smallest, quantize(0.0))
+    return low, largest if activation == "relu" else min(largest, quantize(6.0))
+
+
+def check_code_grid(dtype: str, quant: Quantization | None, what: str) -> None:
+    """Refuse a quantized tensor of ``dtype`` whose grid the type cannot hold: int8 and int16 need
+    one (per-tensor) quantization; int16's zero point must be 0 (TFLite's 16x8 mode)."""
+    if dtype not in CODE_RANGES:
+        return
+    if quant is None or len(quant.scale) != 1:
+        raise InputError(f"{what}: {dtype} activations need one (per-tensor) quantization")
+    low, high = CODE_RANGES[dtype]
+    if not low <= quant.zero_point[0] <= high or (dtype == "int16" and quant.zero_point[0] != 0):
+        rule = "0 (16x8 activations are symmetric)" if dtype == "int16" else f"in [{low}, {high}]"
+        raise InputError(f"{what}: an {dtype} zero point must be {rule}, got {quant.zero_point[0]}")
+
+
+def require_codes(operation: str, array: object, dtypes: tuple[str, ...] = ("int8", "int16")) -> str:
+    """Refuse anything but a numpy array of one of ``dtypes``; return its type's name."""
+    if not isinstance(array, np.ndarray) or array.dtype.name not in dtypes:
+        raise InputError(f"{operation} takes a numpy array of {' or '.join(dtypes)}, got "
+                         f"{getattr(array, 'dtype', type(array).__name__)}")
+    return array.dtype.name
 
 
 def require_array(operation: str, array: object, dtype: type) -> None:
@@ -91,7 +116,8 @@ def require_array(operation: str, array: object, dtype: type) -> None:
 @dataclass(frozen=True)
 class TensorSpec:
     """A graph input: name, shape (first dimension the batch), element type, and the
-    quantization (required for int8, absent for float32 and int32)."""
+    quantization (required for int8 and int16, zero point 0 for int16; absent for float32 and
+    int32)."""
 
     name: str
     shape: tuple[int, ...]
@@ -103,7 +129,6 @@ class TensorSpec:
             raise InputError(f"tensor {self.name!r}: shape must have positive sizes, got {self.shape}")
         if self.dtype not in DTYPES:
             raise InputError(f"tensor {self.name!r}: element type {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.dtype == "int8" and (self.quant is None or len(self.quant.scale) != 1):
-            raise InputError(f"tensor {self.name!r}: int8 activations need one (per-tensor) quantization")
-        if self.dtype != "int8" and self.quant is not None:
+        check_code_grid(self.dtype, self.quant, f"tensor {self.name!r}")
+        if self.dtype not in CODE_RANGES and self.quant is not None:
             raise InputError(f"tensor {self.name!r}: {self.dtype} tensors carry no quantization")

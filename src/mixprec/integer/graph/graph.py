@@ -22,7 +22,7 @@ from mixprec.integer.graph.nodes import Node
 @dataclass(frozen=True, eq=False)
 class Graph:
     """Operators over numbered tensors (see module docstring); calling it with one array per
-    input (int8, or float32 where the input is declared float32) runs the records only. The
+    input (of the type each input declares: int8, int16, float32 or int32) runs the records only. The
     batch (first) dimension of each input may differ from the declared one."""
 
     inputs: tuple[TensorSpec, ...]
@@ -54,9 +54,13 @@ class Graph:
                 shapes.append(node.output_shape(in_shapes))
             except InputError as exc:
                 raise InputError(f"operator {index}: {exc}") from None
-            records.append(node.record(in_quants, in_shapes))
+            in_dtypes = [dtypes[i] for i in node.inputs]
+            try:
+                records.append(node.prepare(in_quants, in_shapes, in_dtypes))
+            except InputError as exc:
+                raise InputError(f"operator {index} ({node.opcode}): {exc}") from None
             quants.append(node.result_quant(in_quants))
-            dtypes.append(node.output_dtype)
+            dtypes.append(node.result_dtype(in_dtypes))
         object.__setattr__(self, "_records", tuple(records))
         object.__setattr__(self, "_shapes", tuple(shapes))
         object.__setattr__(self, "_quants", tuple(quants))

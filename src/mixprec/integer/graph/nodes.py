@@ -4,6 +4,12 @@ stores (quantization, options) and derives its integer runtime record exactly as
 
 A node's ``inputs`` are tensor numbers of its graph; ``output_dtype`` is ``"int8"`` unless
 stated; ``output_quant`` is the output's quantization (None for float32 outputs).
+
+TFLite's 16x8 mode: FULLY_CONNECTED, CONV_2D and DEPTHWISE_CONV_2D (int8 weights, int64 or
+int32 bias), the pools, PAD and RESHAPE take int16 tensors (zero point 0) as well as int8 and
+give the type they take; QUANTIZE converts float32, int8 and int16 into either type and
+DEQUANTIZE reads both, so one graph mixes int8 and int16 per operator. The other operators
+take int8 only, and the graph refuses an int16 tensor there by name.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from numpy.typing import NDArray
 
 from mixprec.errors import InputError
 from mixprec.integer.core.fixedpoint import quantize_multiplier
-from mixprec.integer.core.tensors import Quantization, activation_range
+from mixprec.integer.core.tensors import Quantization, activation_range, check_code_grid
 from mixprec.integer.ops.activations import (
     FIXED_OUTPUT,
     SoftmaxParams,
@@ -52,6 +58,25 @@ class _Node:
         """The output tensor's quantization given the inputs' (most ops fix their own)."""
         return self.output_quant
 
+    def result_dtype(self, dtypes: Sequence[str]) -> str:
+        """The output tensor's element type given the inputs' (most ops fix their own)."""
+        return self.output_dtype
+
+    def prepare(self, quants: Sequence[Quantization | None], shapes: Sequence[tuple[int, ...]],
+                dtypes: Sequence[str]) -> object:
+        """LiteRT's ``Prepare``: the runtime record for inputs of these quantizations, shapes and
+        element types (nodes whose arithmetic ignores the types define ``record(quants, shapes)``)."""
+        return self.record(quants, shapes)
+
+
+class _EitherWidth:
+    """Mixed into nodes that take int8 or int16 (16x8) input and give the type they take."""
+
+    input_dtypes = ("int8", "int16")
+
+    def result_dtype(self, dtypes: Sequence[str]) -> str:
+        return dtypes[0]
+
 
 def channel_multipliers(input_quant: Quantization, weight_quant: Quantization,
                         output_quant: Quantization) -> tuple[NDArray[np.int32], NDArray[np.int32]]:
@@ -71,14 +96,15 @@ def _check_activation_and_output(output_quant: Quantization, activation: str) ->
 
 
 @dataclass(frozen=True, eq=False)
-class FullyConnectedNode(_Node):
+class FullyConnectedNode(_EitherWidth, _Node):
     """FULLY_CONNECTED of tensor ``inputs[0]``: int8 weights ``[out, in]`` (zero points 0, one
-    scale or one per output channel), optional int32 bias, output quantization, activation."""
+    scale or one per output channel), optional bias (int32; int64 or int32 for int16 input),
+    output quantization, activation."""
 
     inputs: tuple[int, ...]
     weights: NDArray[np.int8]
     weight_quant: Quantization
-    bias: NDArray[np.int32] | None
+    bias: NDArray | None
     output_quant: Quantization
     activation: str = "none"
     opcode = "FULLY_CONNECTED"
@@ -96,29 +122,33 @@ class FullyConnectedNode(_Node):
             raise InputError(f"FULLY_CONNECTED takes {self.weights.shape[1]} features but receives {shapes[0][-1]}")
         return (*shapes[0][:-1], self.weights.shape[0])
 
-    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> FullyConnectedParams:
+    def prepare(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]],
+                dtypes: Sequence[str]) -> FullyConnectedParams:
         """LiteRT's arithmetic (:func:`channel_multipliers`)."""
+        check_code_grid(dtypes[0], self.output_quant, "FULLY_CONNECTED output")
         multiplier, shift = channel_multipliers(quants[0], self.weight_quant, self.output_quant)
-        low, high = activation_range(self.activation, self.output_quant)
+        low, high = activation_range(self.activation, self.output_quant, dtypes[0])
         return FullyConnectedParams(
             weights=self.weights, bias=self.bias, input_offset=-quants[0].zero_point[0], multiplier=multiplier,
-            shift=shift, output_offset=self.output_quant.zero_point[0], activation_min=low, activation_max=high)
+            shift=shift, output_offset=self.output_quant.zero_point[0], activation_min=low, activation_max=high,
+            dtype=dtypes[0])
 
     @staticmethod
-    def run(record: FullyConnectedParams, x: NDArray[np.int8]) -> NDArray[np.int8]:
+    def run(record: FullyConnectedParams, x: NDArray) -> NDArray:
         return fully_connected(x, record)
 
 
 @dataclass(frozen=True, eq=False)
-class _ConvNode(_Node):
+class _ConvNode(_EitherWidth, _Node):
     """A 2-D convolution of the NHWC tensor ``inputs[0]`` (see :mod:`mixprec.integer.ops.conv`):
-    int8 weights (zero points 0, one scale or one per output channel), optional int32 bias,
-    ``padding`` ``"SAME"`` / ``"VALID"``, ``stride`` and ``dilation`` as ``(h, w)``."""
+    int8 weights (zero points 0, one scale or one per output channel), optional bias (int32;
+    int64 or int32 for int16 input), ``padding`` ``"SAME"`` / ``"VALID"``, ``stride`` and
+    ``dilation`` as ``(h, w)``."""
 
     inputs: tuple[int, ...]
     weights: NDArray[np.int8]
     weight_quant: Quantization
-    bias: NDArray[np.int32] | None
+    bias: NDArray | None
     output_quant: Quantization
     padding: str = "SAME"
     stride: tuple[int, int] = (1, 1)
@@ -137,26 +167,36 @@ class _ConvNode(_Node):
             raise InputError(f"{self.opcode} per-channel weight scales run along axis {axis}, "
                              f"got {self.weight_quant.axis}")
         _check_activation_and_output(self.output_quant, self.activation)
-        self._params(np.zeros(1, np.int32), np.zeros(1, np.int32), 0, -128, 127)  # checks the geometry
+        self._geometry()  # checks the geometry
 
-    def _params(self, multiplier: NDArray[np.int32], shift: NDArray[np.int32], input_offset: int, low: int,
-                high: int) -> ConvParams:
+    def _geometry(self) -> ConvParams:
+        """A record with a unit rescale: its shapes and checks, not its arithmetic."""
+        wide = self.bias is not None and self.bias.dtype == np.int64
+        offset = 0 if wide else self.output_quant.zero_point[0]
+        return self._params(np.zeros(1, np.int32), np.zeros(1, np.int32), 0, offset, "int16" if wide else "int8",
+                            -128, 127)
+
+    def _params(self, multiplier: NDArray[np.int32], shift: NDArray[np.int32], input_offset: int,
+                output_offset: int, dtype: str, low: int, high: int) -> ConvParams:
         return ConvParams(weights=self.weights, bias=self.bias, input_offset=input_offset, multiplier=multiplier,
-                          shift=shift, output_offset=self.output_quant.zero_point[0], stride=tuple(self.stride),
+                          shift=shift, output_offset=output_offset, stride=tuple(self.stride),
                           dilation=tuple(self.dilation), padding=self.padding, depthwise=self.depthwise,
-                          activation_min=low, activation_max=high)
+                          activation_min=low, activation_max=high, dtype=dtype)
 
     def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
-        return self._params(np.zeros(1, np.int32), np.zeros(1, np.int32), 0, -128, 127).output_shape(shapes[0])
+        return self._geometry().output_shape(shapes[0])
 
-    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> ConvParams:
+    def prepare(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]],
+                dtypes: Sequence[str]) -> ConvParams:
         """LiteRT's arithmetic (PopulateConvolutionQuantizationParams, :func:`channel_multipliers`)."""
+        check_code_grid(dtypes[0], self.output_quant, f"{self.opcode} output")
         multiplier, shift = channel_multipliers(quants[0], self.weight_quant, self.output_quant)
-        low, high = activation_range(self.activation, self.output_quant)
-        return self._params(multiplier, shift, -quants[0].zero_point[0], low, high)
+        low, high = activation_range(self.activation, self.output_quant, dtypes[0])
+        return self._params(multiplier, shift, -quants[0].zero_point[0], self.output_quant.zero_point[0], dtypes[0],
+                            low, high)
 
     @staticmethod
-    def run(record: ConvParams, x: NDArray[np.int8]) -> NDArray[np.int8]:
+    def run(record: ConvParams, x: NDArray) -> NDArray:
         return conv2d(x, record)
 
 
@@ -177,7 +217,7 @@ class DepthwiseConv2DNode(_ConvNode):
 
 
 @dataclass(frozen=True, eq=False)
-class _PoolNode(_Node):
+class _PoolNode(_EitherWidth, _Node):
     """AVERAGE_POOL_2D / MAX_POOL_2D of the NHWC tensor ``inputs[0]``; the output keeps the
     input's quantization (LiteRT refuses int8 pooling that changes it)."""
 
@@ -199,12 +239,13 @@ class _PoolNode(_Node):
     def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
         return PoolParams(self.kind, tuple(self.filter), tuple(self.stride), self.padding).output_shape(shapes[0])
 
-    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> PoolParams:
-        low, high = activation_range(self.activation, quants[0])
-        return PoolParams(self.kind, tuple(self.filter), tuple(self.stride), self.padding, low, high)
+    def prepare(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]],
+                dtypes: Sequence[str]) -> PoolParams:
+        low, high = activation_range(self.activation, quants[0], dtypes[0])
+        return PoolParams(self.kind, tuple(self.filter), tuple(self.stride), self.padding, low, high, dtypes[0])
 
     @staticmethod
-    def run(record: PoolParams, x: NDArray[np.int8]) -> NDArray[np.int8]:
+    def run(record: PoolParams, x: NDArray) -> NDArray:
         return pool2d(x, record)
 
 
@@ -224,7 +265,7 @@ class MaxPool2DNode(_PoolNode):
 
 
 @dataclass(frozen=True, eq=False)
-class PadNode(_Node):
+class PadNode(_EitherWidth, _Node):
     """PAD of tensor ``inputs[0]`` by ``paddings`` (one ``(before, after)`` pair per dimension,
     the batch's ``(0, 0)`` included) with the zero point; the quantization is kept."""
 
@@ -401,7 +442,7 @@ class MeanNode(_Node):
 
 
 @dataclass(frozen=True, eq=False)
-class ReshapeNode(_Node):
+class ReshapeNode(_EitherWidth, _Node):
     """RESHAPE of tensor ``inputs[0]`` to ``(batch, *shape)``: the bytes are unchanged, the
     quantization carries over."""
 
@@ -433,30 +474,36 @@ class ReshapeNode(_Node):
 
 @dataclass(frozen=True, eq=False)
 class QuantizeNode(_Node):
-    """QUANTIZE of tensor ``inputs[0]``: float32 -> int8 (``quantize``), or int8 -> int8 on a
-    new grid (``requantize``), see :mod:`mixprec.integer.ops.conversions`."""
+    """QUANTIZE of tensor ``inputs[0]``: float32 -> ``output_dtype`` (int8 or int16:
+    ``quantize``), or int8 / int16 -> ``output_dtype`` on a new grid (``requantize``), see
+    :mod:`mixprec.integer.ops.conversions`."""
 
     inputs: tuple[int, ...]
     output_quant: Quantization
+    output_dtype: str = "int8"
     opcode = "QUANTIZE"
-    input_dtypes = ("float32", "int8")
+    input_dtypes = ("float32", "int8", "int16")
 
     def __post_init__(self) -> None:
         if len(self.inputs) != 1:
             raise InputError(f"QUANTIZE takes one input tensor, got {self.inputs}")
-        _check_activation_and_output(self.output_quant, "none")
+        if self.output_dtype not in ("int8", "int16"):
+            raise InputError(f"QUANTIZE writes int8 or int16, got {self.output_dtype!r}")
+        check_code_grid(self.output_dtype, self.output_quant, "QUANTIZE output")
 
     def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
         return shapes[0]
 
-    def record(self, quants: Sequence[Quantization | None], shapes: Sequence[tuple[int, ...]]) -> object:
+    def prepare(self, quants: Sequence[Quantization | None], shapes: Sequence[tuple[int, ...]],
+                dtypes: Sequence[str]) -> object:
         out = self.output_quant
         if quants[0] is None:
-            return (out.scale[0], out.zero_point[0])
-        return requantize_params(quants[0].scale[0], quants[0].zero_point[0], out.scale[0], out.zero_point[0])
+            return (out.scale[0], out.zero_point[0], self.output_dtype)
+        return requantize_params(quants[0].scale[0], quants[0].zero_point[0], out.scale[0], out.zero_point[0],
+                                 dtypes[0], self.output_dtype)
 
     @staticmethod
-    def run(record: object, x: NDArray) -> NDArray[np.int8]:
+    def run(record: object, x: NDArray) -> NDArray:
         if isinstance(record, RequantizeParams):
             return requantize(x, record)
         return quantize(x, *record)
@@ -464,11 +511,13 @@ class QuantizeNode(_Node):
 
 @dataclass(frozen=True, eq=False)
 class DequantizeNode(_Node):
-    """DEQUANTIZE of int8 tensor ``inputs[0]`` to float32 (see :mod:`mixprec.integer.ops.conversions`)."""
+    """DEQUANTIZE of int8 or int16 tensor ``inputs[0]`` to float32 (see
+    :mod:`mixprec.integer.ops.conversions`)."""
 
     inputs: tuple[int, ...]
     opcode = "DEQUANTIZE"
     output_dtype = "float32"
+    input_dtypes = ("int8", "int16")
 
     def result_quant(self, quants: Sequence[Quantization | None]) -> Quantization | None:
         return None

@@ -1,4 +1,4 @@
-"""Int8 2-D convolutions, TFLite reference semantics (``reference_integer_ops::ConvPerChannel``
+"""Int8 and 16x8 2-D convolutions, TFLite reference semantics (``reference_integer_ops::ConvPerChannel``
 and ``DepthwiseConvPerChannel``), on NHWC tensors.
 
 For output position ``(n, y, x)`` and output channel ``c``::
@@ -19,6 +19,12 @@ rounding, 19 of 15,360 outputs of a random stride-2 convolution came out 1 LSB o
 Padding follows TFLite: ``VALID`` none; ``SAME`` an output of
 ``ceil(in / stride)`` and ``pad = max(0, (out - 1) * stride + (k - 1) * dilation + 1 - in) // 2``
 before (the odd remainder after). Vectorized over the batch.
+
+16x8 (``dtype="int16"``): int16 activations with zero point 0, an int64 (or int32) bias, the
+int64 accumulator rescaled by
+:func:`~mixprec.integer.core.fixedpoint.multiply_by_quantized_multiplier_int64`, as
+``reference_integer_ops::ConvPerChannel`` / ``DepthwiseConvPerChannel`` for int16. Pooling and
+PAD take int16 tensors as they take int8 ones.
 """
 
 from __future__ import annotations
@@ -29,14 +35,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
-from mixprec.integer.core.fixedpoint import multiply_by_quantized_multiplier
-from mixprec.integer.core.tensors import require_array
-from mixprec.integer.ops.fully_connected import MAX_FC_REDUCTION, AccumulatorRecord
+from mixprec.integer.core.fixedpoint import multiply_by_quantized_multiplier, multiply_by_quantized_multiplier_int64
+from mixprec.integer.core.tensors import CODE_RANGES, require_array, require_codes
+from mixprec.integer.ops.fully_connected import AccumulatorRecord
 
 PADDINGS = ("SAME", "VALID")
-#: Longest window (kernel x input channels per output) whose int32 accumulator cannot overflow:
-#: the fully connected layer's proof, ``L * 255 * 128 + |bias| < 2**31`` with ``|bias| < 2**30``.
-MAX_CONV_WINDOW = MAX_FC_REDUCTION
 
 
 def output_size(size: int, kernel: int, stride: int, dilation: int, padding: str) -> tuple[int, int]:
@@ -50,11 +53,12 @@ def output_size(size: int, kernel: int, stride: int, dilation: int, padding: str
 
 @dataclass(frozen=True, eq=False)
 class ConvParams(AccumulatorRecord):
-    """Runtime record of an int8 CONV_2D / DEPTHWISE_CONV_2D: integers and geometry only.
+    """Runtime record of a CONV_2D / DEPTHWISE_CONV_2D: integers and geometry only.
 
     ``weights`` int8 ``[out, kh, kw, in]`` (CONV_2D) or ``[1, kh, kw, out]`` (depthwise, with
-    ``depth_multiplier`` = out / in); ``bias`` int32 ``[out]`` or None; ``multiplier`` and
-    ``shift`` int32 ``[out]`` or ``[1]``.
+    ``depth_multiplier`` = out / in); ``bias`` ``[out]`` or None; ``multiplier`` and ``shift``
+    int32 ``[out]`` or ``[1]``; ``dtype`` the activations' type (int8 or int16). The window
+    (kernel x input channels per output) is bounded by the fully connected layer's proofs.
     """
 
     stride: tuple[int, int]
@@ -63,6 +67,10 @@ class ConvParams(AccumulatorRecord):
     depthwise: bool = False
     activation_min: int = -128
     activation_max: int = 127
+    dtype: str = "int8"
+    #: The rescales of the int32 (int8) and int64 (16x8) accumulators (see module docstring).
+    rescale_int32 = staticmethod(multiply_by_quantized_multiplier)
+    rescale_int64 = staticmethod(multiply_by_quantized_multiplier_int64)
 
     def __post_init__(self) -> None:
         if self.weights.dtype != np.int8 or self.weights.ndim != 4:
@@ -71,14 +79,11 @@ class ConvParams(AccumulatorRecord):
             raise InputError(f"depthwise weights are [1, kh, kw, out], got {self.weights.shape}")
         out = self.out_channels
         window = self.weights.shape[1] * self.weights.shape[2] * (1 if self.depthwise else self.weights.shape[3])
-        if window > MAX_CONV_WINDOW:
-            raise InputError(f"a window of {window} products exceeds {MAX_CONV_WINDOW}, the longest proven not to "
-                             "overflow the int32 accumulator")
         if self.padding not in PADDINGS:
             raise InputError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
         if min(*self.stride, *self.dilation) < 1:
             raise InputError(f"strides and dilations must be >= 1, got {self.stride} and {self.dilation}")
-        self.check_accumulator(out)
+        self.check_accumulator(out, window)
 
     @property
     def out_channels(self) -> int:
@@ -103,7 +108,7 @@ class ConvParams(AccumulatorRecord):
         return shape[0], height, width, self.out_channels
 
 
-def _windows(x: NDArray[np.int8], params: ConvParams, out_h: int, out_w: int) -> NDArray[np.float64]:
+def _windows(x: NDArray, params: ConvParams, out_h: int, out_w: int) -> NDArray[np.float64]:
     """``[N, H', W', kh, kw, C]``: each output position's window of ``x + input_offset`` (zero
     outside the image), as float64 integers."""
     kh, kw = params.weights.shape[1:3]
@@ -120,12 +125,13 @@ def _windows(x: NDArray[np.int8], params: ConvParams, out_h: int, out_w: int) ->
     return padded[:, rows[:, None, :, None], cols[None, :, None, :], :]
 
 
-def conv2d(x: NDArray[np.int8], params: ConvParams) -> NDArray[np.int8]:
-    """``x`` int8 ``[N, H, W, C]`` -> int8 ``[N, H', W', out]`` (see module docstring)."""
-    require_array("conv2d", x, np.int8)
+def conv2d(x: NDArray, params: ConvParams) -> NDArray:
+    """``x`` ``[N, H, W, C]`` of the record's type (int8 or int16) -> the same type
+    ``[N, H', W', out]`` (see module docstring)."""
+    require_array("conv2d", x, np.dtype(params.dtype).type)
     n, out_h, out_w, out = params.output_shape(x.shape)
-    # Integer sums in float64 (BLAS): every partial sum is an integer below MAX_CONV_WINDOW * 255 * 128
-    # < 2**31, far inside float64's exact range, so the result is the exact int32 accumulator.
+    # Integer sums in float64 (BLAS): every partial sum is an integer below 2**24 * 2**15 * 2**7 = 2**46
+    # (the accumulator proofs), inside float64's exact range, so the result is the exact accumulator.
     windows = _windows(x, params, out_h, out_w)  # [N, H', W', kh, kw, C]
     weights = params.weights.astype(np.float64)
     if params.depthwise:
@@ -138,9 +144,7 @@ def conv2d(x: NDArray[np.int8], params: ConvParams) -> NDArray[np.int8]:
     acc = acc.astype(np.int64).reshape(n, out_h, out_w, out)
     if params.bias is not None:
         acc += params.bias
-    scaled = multiply_by_quantized_multiplier(acc, params.multiplier, params.shift).astype(np.int64)
-    result = np.clip(scaled + params.output_offset, params.activation_min, params.activation_max).astype(np.int8)
-    return result.reshape(n, out_h, out_w, out)
+    return params.rescale(acc)
 
 
 POOLS = ("AVERAGE", "MAX")
@@ -148,8 +152,8 @@ POOLS = ("AVERAGE", "MAX")
 
 @dataclass(frozen=True)
 class PoolParams:
-    """Runtime record of an int8 AVERAGE_POOL_2D / MAX_POOL_2D (the output keeps the input's
-    quantization, as TFLite requires)."""
+    """Runtime record of an AVERAGE_POOL_2D / MAX_POOL_2D on int8 or int16 (``dtype``; the output
+    keeps the input's type and quantization, as TFLite requires)."""
 
     kind: str
     filter: tuple[int, int]
@@ -157,6 +161,7 @@ class PoolParams:
     padding: str
     activation_min: int = -128
     activation_max: int = 127
+    dtype: str = "int8"
 
     def __post_init__(self) -> None:
         if self.kind not in POOLS or self.padding not in PADDINGS:
@@ -164,9 +169,12 @@ class PoolParams:
                              f"{self.padding!r}")
         if min(*self.filter, *self.stride) < 1:
             raise InputError(f"filter and stride sizes must be >= 1, got {self.filter} and {self.stride}")
-        if not -128 <= self.activation_min <= self.activation_max <= 127:
+        if self.dtype not in CODE_RANGES:
+            raise InputError(f"pooling takes int8 or int16 tensors, got {self.dtype!r}")
+        low, high = CODE_RANGES[self.dtype]
+        if not low <= self.activation_min <= self.activation_max <= high:
             raise InputError(f"activation range [{self.activation_min}, {self.activation_max}] is not within "
-                             "[-128, 127] or is empty")
+                             f"[{low}, {high}] or is empty")
 
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
         if len(shape) != 4:
@@ -179,12 +187,12 @@ class PoolParams:
         return shape[0], height, width, shape[3]
 
 
-def pool2d(x: NDArray[np.int8], params: PoolParams) -> NDArray[np.int8]:
-    """TFLite's reference int8 pooling over each window's in-image points (padding is skipped, not
+def pool2d(x: NDArray, params: PoolParams) -> NDArray:
+    """TFLite's reference int8 / int16 pooling over each window's in-image points (padding is skipped, not
     counted): MAX takes their largest value; AVERAGE their sum ``s`` over their count ``c``,
     rounded half away from zero in integers (``(s + c/2) / c`` for ``s > 0``, ``(s - c/2) / c``
     otherwise, C division truncating toward zero); then the activation clamp."""
-    require_array("pool2d", x, np.int8)
+    require_array("pool2d", x, np.dtype(params.dtype).type)
     n, out_h, out_w, channels = params.output_shape(x.shape)
     (kh, kw), (sh, sw) = params.filter, params.stride
     _, pad_top = output_size(x.shape[1], kh, sh, 1, params.padding)
@@ -204,15 +212,15 @@ def pool2d(x: NDArray[np.int8], params: PoolParams) -> NDArray[np.int8]:
         offset = np.where(total > 0, count // 2, -(count // 2))
         numerator = total + offset
         result = np.sign(numerator) * (np.abs(numerator) // count)  # C division: toward zero
-    return np.clip(result, params.activation_min, params.activation_max).astype(np.int8).reshape(
+    return np.clip(result, params.activation_min, params.activation_max).astype(params.dtype).reshape(
         n, out_h, out_w, channels)
 
 
-def pad(x: NDArray[np.int8], paddings: tuple[tuple[int, int], ...], zero_point: int) -> NDArray[np.int8]:
-    """TFLite's PAD of an int8 tensor: ``paddings[d] = (before, after)`` per dimension, filled with
-    the tensor's zero point (a real zero); the quantization is unchanged."""
-    require_array("pad", x, np.int8)
+def pad(x: NDArray, paddings: tuple[tuple[int, int], ...], zero_point: int) -> NDArray:
+    """TFLite's PAD of an int8 or int16 tensor: ``paddings[d] = (before, after)`` per dimension,
+    filled with the tensor's zero point (a real zero); the type and quantization are unchanged."""
+    require_codes("pad", x)
     if len(paddings) != x.ndim or any(p < 0 for pair in paddings for p in pair):
         raise InputError(f"PAD needs one non-negative (before, after) pair per dimension of a {x.ndim}-D "
                          f"tensor, got {paddings}")
-    return np.pad(x, paddings, constant_values=np.int8(zero_point))
+    return np.pad(x, paddings, constant_values=x.dtype.type(zero_point))

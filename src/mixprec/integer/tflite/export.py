@@ -71,7 +71,8 @@ def export_tflite(graph: Graph, path: str | os.PathLike[str]) -> None:
         return len(tensors) - 1
 
     int8, int32 = tflite.TensorType.INT8, tflite.TensorType.INT32
-    types = {"int8": int8, "float32": tflite.TensorType.FLOAT32, "int32": int32}
+    types = {"int8": int8, "int16": tflite.TensorType.INT16, "float32": tflite.TensorType.FLOAT32, "int32": int32,
+             "int64": tflite.TensorType.INT64}
     position = [add(spec.name, spec.shape, types[spec.dtype], spec.quant, None) for spec in graph.inputs]
     opcodes: list[str] = []
     operators = []
@@ -84,8 +85,10 @@ def export_tflite(graph: Graph, path: str | os.PathLike[str]) -> None:
             if node.bias is not None:
                 s_in = quants[node.inputs[0]].scale32[0]
                 bias_scale = tuple(float(np.float32(s_in * s)) for s in node.weight_quant.scale32)
-                inputs.append(add(f"op{index}/bias", node.bias.shape, int32,
-                                  Quantization(bias_scale, (0,) * len(bias_scale)), node.bias.astype("<i4").tobytes()))
+                little_endian = node.bias.dtype.newbyteorder("<")
+                inputs.append(add(f"op{index}/bias", node.bias.shape, types[node.bias.dtype.name],
+                                  Quantization(bias_scale, (0,) * len(bias_scale)),
+                                  node.bias.astype(little_endian).tobytes()))
         elif isinstance(node, PadNode):
             paddings = np.asarray(node.paddings, dtype="<i4")
             inputs.append(add(f"op{index}/paddings", paddings.shape, int32, None, paddings.tobytes()))

@@ -1,13 +1,17 @@
-"""Read an int8 .tflite file into a :class:`~mixprec.integer.graph.Graph` (the ``tflite``
+"""Read an int8 or 16x8 .tflite file into a :class:`~mixprec.integer.graph.Graph` (the ``tflite``
 package's flatbuffers readers; no TensorFlow).
 
 Supported: one subgraph of int8 tensors with FULLY_CONNECTED (int8 weights, optional int32
-bias), ADD (of two tensors, or of a tensor and an int8 constant), MUL, MEAN (constant axes),
-RESHAPE (constant shape tensor, batch free), LOGISTIC, TANH, SOFTMAX, QUANTIZE (float32 or
-int8 input), DEQUANTIZE (float32 output) and GATHER (an int8 constant table on axis 0,
+bias), CONV_2D and DEPTHWISE_CONV_2D (likewise), AVERAGE_POOL_2D, MAX_POOL_2D, PAD, ADD (of
+two tensors, or of a tensor and an int8 constant), MUL, MEAN (constant axes), RESHAPE
+(constant shape tensor, batch free), LOGISTIC, TANH, SOFTMAX, QUANTIZE (float32 or int8
+input), DEQUANTIZE (float32 output) and GATHER (an int8 constant table on axis 0,
 int32 ids: an embedding), in the file's operator order, with a single output produced by the
-last operator. Graph inputs are int8, float32 or int32 (ids). Anything else is refused by name; a file that is
-not a complete .tflite flatbuffer is refused before anything is built.
+last operator. TFLite's 16x8 mode: FULLY_CONNECTED and the convolutions (int64 or int32 bias),
+the pools, PAD and RESHAPE on int16 tensors too, QUANTIZE between float32, int8 and int16,
+DEQUANTIZE of int16. Graph inputs are int8, int16, float32 or int32 (ids). Anything else is
+refused by name; a file that is not a complete .tflite flatbuffer is refused before anything
+is built.
 """
 
 from __future__ import annotations
@@ -51,8 +55,12 @@ SUPPORTED = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "AVERAGE_POOL_2D
              "RESHAPE", "PAD", "LOGISTIC", "TANH", "SOFTMAX", "QUANTIZE", "DEQUANTIZE", "GATHER", *_SHAPE_OPS)
 _CONVOLUTIONS = {"CONV_2D": Conv2DNode, "DEPTHWISE_CONV_2D": DepthwiseConv2DNode}
 _POOLS = {"AVERAGE_POOL_2D": AveragePool2DNode, "MAX_POOL_2D": MaxPool2DNode}
-#: Element types per opcode: (input types accepted, output type).
-_TYPES = {"QUANTIZE": (("INT8", "FLOAT32"), "INT8"), "DEQUANTIZE": (("INT8",), "FLOAT32")}
+#: Element types per opcode: (input types accepted, output types; None: the input's type).
+_TYPES = {"QUANTIZE": (("INT8", "INT16", "FLOAT32"), ("INT8", "INT16")),
+          "DEQUANTIZE": (("INT8", "INT16"), ("FLOAT32",)),
+          **{name: (("INT8", "INT16"), None) for name in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D",
+                                                          "AVERAGE_POOL_2D", "MAX_POOL_2D", "PAD", "RESHAPE")}}
+_KINDS = {"INT8": "int8", "INT16": "int16", "FLOAT32": "float32", "INT32": "int32"}
 
 
 def load_tflite(path: str | os.PathLike[str]) -> Graph:
@@ -100,22 +108,36 @@ def _shape_arithmetic(name: str, op_index: int, operator: Any, op_inputs: list[i
 
 
 def _convolution(name: str, options: Any, op_index: int, reads: tuple[int, ...], subgraph: Any, op_inputs: list[int],
-                 constant: Any, quantization: Any, output_quant: Quantization, activation: str) -> Any:
+                 constant: Any, tensor_type: Any, quantization: Any, output_quant: Quantization,
+                 activation: str) -> Any:
     """A CONV_2D / DEPTHWISE_CONV_2D node from its operator (options already read into ``options``)."""
     padding = {0: "SAME", 1: "VALID"}.get(options.Padding())
     if padding is None:
         raise InputError(f"operator {op_index} ({name}) has padding code {options.Padding()}; mixprec reads SAME "
                          "and VALID")
-    weights = constant(op_inputs[1], "<i1").astype(np.int8)
-    bias = constant(op_inputs[2], "<i4").astype(np.int32) if len(op_inputs) > 2 and op_inputs[2] >= 0 else None
+    weights, bias = _weights_and_bias(op_inputs, constant, tensor_type)
     if name == "DEPTHWISE_CONV_2D":
-        channels = int(subgraph.Tensors(op_inputs[0]).ShapeAsNumpy()[-1])
+        channels = _dims(subgraph.Tensors(op_inputs[0]))[-1]
         if weights.shape[3] != channels * options.DepthMultiplier():
             raise InputError(f"operator {op_index} (DEPTHWISE_CONV_2D) has {weights.shape[3]} output channels for "
                              f"{channels} inputs and depth multiplier {options.DepthMultiplier()}")
     return _CONVOLUTIONS[name](reads, weights, quantization(op_inputs[1]), bias, output_quant, padding,
                                (options.StrideH(), options.StrideW()),
                                (options.DilationHFactor(), options.DilationWFactor()), activation)
+
+
+def _weights_and_bias(op_inputs: list[int], constant: Any, tensor_type: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """A layer's int8 weights and its bias (int32, or int64 in 16x8 files), None when absent."""
+    weights = constant(op_inputs[1], "<i1").astype(np.int8)
+    if len(op_inputs) < 3 or op_inputs[2] < 0:
+        return weights, None
+    return weights, constant(op_inputs[2], "<i8" if tensor_type(op_inputs[2]) == "INT64" else "<i4")
+
+
+def _dims(tensor: Any) -> tuple[int, ...]:
+    """A tensor's shape; ``()`` for a scalar (the reader gives 0 for an empty shape vector)."""
+    shape = tensor.ShapeAsNumpy()
+    return () if isinstance(shape, int) else tuple(int(d) for d in shape)
 
 
 def _names(enum: Any) -> dict[int, str]:
@@ -141,7 +163,7 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
     def constant(index: int, dtype: str) -> np.ndarray:
         tensor = subgraph.Tensors(index)
         raw = model.Buffers(tensor.Buffer()).DataAsNumpy()
-        shape = tuple(int(d) for d in tensor.ShapeAsNumpy())
+        shape = _dims(tensor)
         if isinstance(raw, int) or raw.size != int(np.prod(shape)) * np.dtype(dtype).itemsize:
             raise InputError(f"constant tensor {tensor.Name().decode()!r} holds no data of shape {shape}")
         return raw.view(dtype).reshape(shape).astype(np.dtype(dtype).newbyteorder("="))
@@ -153,13 +175,13 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
     position = {}
     specs = []
     for number, index in enumerate(inputs):
-        kind = {"INT8": "int8", "FLOAT32": "float32", "INT32": "int32"}.get(tensor_type(index))
+        kind = _KINDS.get(tensor_type(index))
         if kind is None:
-            raise InputError(f"input {number} is {tensor_type(index)}; mixprec's engine takes int8, float32 or int32 "
-                             "inputs")
+            raise InputError(f"input {number} is {tensor_type(index)}; mixprec's engine takes int8, int16, float32 or "
+                             "int32 inputs")
         tensor = subgraph.Tensors(index)
-        specs.append(TensorSpec(tensor.Name().decode(), tuple(int(d) for d in tensor.ShapeAsNumpy()),
-                                quantization(index) if kind == "int8" else None, kind))
+        specs.append(TensorSpec(tensor.Name().decode(), _dims(tensor),
+                                quantization(index) if kind in ("int8", "int16") else None, kind))
         position[index] = number
 
     def is_constant(index: int) -> bool:
@@ -180,10 +202,12 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
             symbolic[output] = _shape_arithmetic(name, op_index, operator, op_inputs, symbolic, position, constant,
                                                  is_constant, tflite)
             continue
-        accepted, produced = _TYPES.get(name, (("INT8",), "INT8"))
-        if tensor_type(output) != produced or tensor_type(op_inputs[0]) not in accepted:
+        accepted, produced = _TYPES.get(name, (("INT8",), ("INT8",)))
+        source = tensor_type(op_inputs[0])
+        if tensor_type(output) not in (produced or (source,)) or source not in accepted:
+            supported = " or ".join(accepted) + " to " + (" or ".join(produced) if produced else "the same type")
             raise InputError(f"operator {op_index} ({name}) maps {tensor_type(op_inputs[0])} to "
-                             f"{tensor_type(output)}; mixprec supports {' or '.join(accepted)} to {produced}")
+                             f"{tensor_type(output)}; mixprec supports {supported}")
         options = operator.BuiltinOptions()
         activation = "none"
         if name in ("FULLY_CONNECTED", "ADD", "MUL", *_CONVOLUTIONS, *_POOLS):
@@ -202,13 +226,12 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
         if missing:
             raise InputError(f"operator {op_index} ({name}) reads tensor {missing[0]} before anything produces it")
         if name == "FULLY_CONNECTED":
-            weights = constant(op_inputs[1], "<i1").astype(np.int8)
-            bias = constant(op_inputs[2], "<i4").astype(np.int32) if len(op_inputs) > 2 and op_inputs[2] >= 0 else None
+            weights, bias = _weights_and_bias(op_inputs, constant, tensor_type)
             node = FullyConnectedNode((position[op_inputs[0]],), weights, quantization(op_inputs[1]), bias,
                                       quantization(output), activation)
         elif name in _CONVOLUTIONS:
             node = _convolution(name, holder, op_index, (position[op_inputs[0]],), subgraph, op_inputs,
-                                constant, quantization, quantization(output), activation)
+                                constant, tensor_type, quantization, quantization(output), activation)
         elif name in _POOLS:
             if quantization(output) != quantization(op_inputs[0]):
                 raise InputError(f"operator {op_index} ({name}) changes the quantization; LiteRT's int8 pooling "
@@ -245,7 +268,7 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
             pairs = constant(op_inputs[1], "<i4").reshape(-1, 2)
             node = PadNode((position[op_inputs[0]],), tuple((int(a), int(b)) for a, b in pairs))
         elif name == "QUANTIZE":
-            node = QuantizeNode((position[op_inputs[0]],), quantization(output))
+            node = QuantizeNode((position[op_inputs[0]],), quantization(output), _KINDS[tensor_type(output)])
         elif name == "DEQUANTIZE":
             node = DequantizeNode((position[op_inputs[0]],))
         elif name == "GATHER":

@@ -1,0 +1,181 @@
+"""TFLite's 16x8 mode in the integer engine: int16 activations (zero point 0), int8 weights,
+int64 biases, mixed with int8 per operator through QUANTIZE; byte-identical to LiteRT's
+reference kernels, .tflite round trips, the int64 rescales, and bad input."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_integer_fc import litert_outputs
+
+from mixprec import InputError
+from mixprec.integer import (
+    AddNode,
+    Conv2DNode,
+    DepthwiseConv2DNode,
+    DequantizeNode,
+    FullyConnectedNode,
+    Graph,
+    MaxPool2DNode,
+    Quantization,
+    QuantizeNode,
+    ReshapeNode,
+    TensorSpec,
+    export_tflite,
+    load_tflite,
+)
+from mixprec.integer.core.fixedpoint import (
+    multiply_by_quantized_multiplier_int64,
+    multiply_by_quantized_multiplier_single_round_int64,
+)
+
+
+def _scales(rng: np.random.Generator, count: int) -> tuple[float, ...]:
+    return tuple(float(np.float32(s)) for s in rng.uniform(0.002, 0.03, count))
+
+
+def _calibrated(inputs: tuple[TensorSpec, ...], nodes: list, make, dtype: str, sample: np.ndarray) -> object:
+    """The node ``make(grid)`` builds, its output grid fitted to what it gives on ``sample`` (the
+    largest magnitude onto 90% of the type's range; int8 grids centred by a zero point), so no
+    layer saturates wholesale and the comparison sees real arithmetic."""
+    codes = 32767 if dtype == "int16" else 127
+
+    def measure(biggest: float) -> tuple[float, float]:
+        graph = Graph(inputs, (*nodes, make(Quantization.per_tensor(biggest / codes))))
+        values = graph.output_quant.values_of(graph(sample))
+        return float(values.min()), float(values.max())
+
+    biggest = 1e9  # probes from wide to narrow until one sees the values, then one that fits them
+    for _ in range(20):
+        low, high = measure(biggest)
+        peak = max(abs(low), abs(high))
+        if peak > 0.05 * biggest:
+            break
+        biggest = max(4 * peak, biggest / 100)
+    low, high = measure(max(2 * peak, biggest / 100))
+    if dtype == "int16":
+        return make(Quantization.per_tensor(max(abs(low), abs(high), 1e-3) / (0.9 * 32767)))
+    scale = max(high - low, 1e-3) / (0.9 * 255)
+    return make(Quantization.per_tensor(scale, int(np.clip(round(-128 - low / scale + 12), -128, 127))))
+
+
+def mixed_graph(rng: np.random.Generator, per_channel: bool, activation: str) -> Graph:
+    """int8 in -> QUANTIZE int16 -> CONV_2D (stride 2) -> DEPTHWISE (multiplier 2, dilation 2) ->
+    MAX_POOL -> QUANTIZE int8 -> CONV_2D 1x1 (int8) -> QUANTIZE int16 -> RESHAPE ->
+    FULLY_CONNECTED (``activation``) -> DEQUANTIZE: int8 and 16x8 operators in one graph, each
+    output grid calibrated on random inputs."""
+    def weights_quant(count: int, axis: int) -> Quantization:
+        scales = _scales(rng, count if per_channel else 1)
+        return Quantization(scales, (0,) * len(scales), axis if per_channel else 0)
+
+    def wide_bias(count: int) -> np.ndarray:  # int64, some beyond int32 for the larger accumulators
+        return rng.integers(-(2**24), 2**24, count).astype(np.int64)
+
+    inputs = (TensorSpec("input", (1, 11, 9, 3),
+                         Quantization.per_tensor(float(rng.uniform(0.02, 0.1)), int(rng.integers(-10, 10)))),)
+    sample = rng.integers(-128, 128, (32, 11, 9, 3)).astype(np.int8)
+    conv_w = rng.integers(-127, 128, (6, 3, 3, 3)).astype(np.int8)
+    dw_w = rng.integers(-127, 128, (1, 3, 2, 12)).astype(np.int8)
+    pw_w = rng.integers(-127, 128, (5, 1, 1, 12)).astype(np.int8)
+    fc_w = rng.integers(-127, 128, (4, 5 * 3 * 2)).astype(np.int8)
+    for w in (conv_w, dw_w, pw_w, fc_w):
+        w.reshape(-1)[0] = 127
+    conv_q, dw_q, pw_q = weights_quant(6, 0), weights_quant(12, 3), weights_quant(5, 0)
+    conv_b, dw_b, pw_b = wide_bias(6), wide_bias(12), rng.integers(-20000, 20000, 5).astype(np.int32)
+    fc_b, fc_spread = wide_bias(4), _scales(rng, 4)
+    makers = [
+        ("int16", lambda q: QuantizeNode((0,), q, "int16")),
+        ("int16", lambda q: Conv2DNode((1,), conv_w, conv_q, conv_b, q, "SAME", (2, 2), (1, 1), "relu")),
+        ("int16", lambda q: DepthwiseConv2DNode((2,), dw_w, dw_q, dw_b, q, "VALID", (1, 1), (2, 2), "none")),
+        (None, MaxPool2DNode((3,), (2, 2), (1, 1), "SAME")),
+        ("int8", lambda q: QuantizeNode((4,), q)),
+        ("int8", lambda q: Conv2DNode((5,), pw_w, pw_q, pw_b, q, "SAME")),
+        ("int16", lambda q: QuantizeNode((6,), q, "int16")),
+        (None, ReshapeNode((7,), (30,))),
+        ("int16", None),  # the fully connected layer, built below once its input is known
+        (None, DequantizeNode((9,))),
+    ]
+    nodes: list = []
+    for dtype, make in makers:
+        if dtype is not None and make is None:
+            # weight scales that put the pre-activations near +-3, so ReLU / ReLU6 cut inside the range
+            prefix = Graph(inputs, tuple(nodes))
+            reach = float(np.abs(prefix.output_quant.values_of(prefix(sample))).max())
+            scales = tuple(float(np.float32(3 * s / 0.016 / (reach * 30 * 64))) for s in fc_spread)
+            fc_q = Quantization(scales if per_channel else scales[:1], (0,) * (4 if per_channel else 1))
+            make = lambda q, w=fc_q: FullyConnectedNode((8,), fc_w, w, fc_b, q, activation)  # noqa: E731
+        nodes.append(make if dtype is None else _calibrated(inputs, nodes, make, dtype, sample))
+    return Graph(inputs, tuple(nodes))
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per-tensor", "per-channel"])
+@pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
+def test_mixed_int8_and_16x8_graphs_are_byte_identical_to_litert(per_channel: bool, activation: str,
+                                                                 tmp_path: Path) -> None:
+    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("tflite")
+    rng = np.random.default_rng(zlib.crc32(f"16x8-{per_channel}-{activation}".encode()))
+    for _ in range(3):
+        graph = mixed_graph(rng, per_channel, activation)
+        assert graph.tensor_dtypes.count("int16") == 7 and graph.tensor_dtypes.count("int8") == 3
+        path = tmp_path / "mixed.tflite"
+        export_tflite(graph, path)
+        inputs = rng.integers(-128, 128, (64, 11, 9, 3)).astype(np.int8)
+        inputs[0], inputs[1] = -128, 127
+        expected = litert_outputs(path, inputs)
+        assert np.array_equal(graph(inputs), expected)
+        reloaded = load_tflite(path)
+        assert reloaded.tensor_dtypes == graph.tensor_dtypes
+        assert np.array_equal(reloaded(inputs), expected)
+
+
+def test_int64_rescales_match_their_definitions_in_exact_integers() -> None:
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.integers(-(2**47), 2**47, 4000), [-(2**47), 2**47 - 1, 0, 1, -1]])
+    multiplier = rng.integers(2**30, 2**31, x.size)
+    multiplier[:50] = 0x7FFF0000 + rng.integers(0, 0xFFFF, 50)  # the reduced form's saturating branch
+    shift = rng.integers(-31, 8, x.size)
+    reduced = multiply_by_quantized_multiplier_int64(x, multiplier, shift)
+    single = multiply_by_quantized_multiplier_single_round_int64(x, multiplier, shift)
+    for i in range(x.size):
+        xi, m, s = int(x[i]), int(multiplier[i]), int(shift[i])
+        r = 0x7FFF if m >= 0x7FFF0000 else (m + (1 << 15)) >> 16
+        expect_reduced = (xi * r + (1 << (14 - s))) >> (15 - s)
+        expect_single = (xi * m + (1 << (30 - s))) >> (31 - s)
+        assert reduced[i] == max(-(2**31), min(2**31 - 1, expect_reduced))
+        assert single[i] == max(-(2**31), min(2**31 - 1, expect_single))
+
+
+def test_bad_16x8_input_is_refused() -> None:
+    grid = Quantization.per_tensor(0.001)
+    with pytest.raises(InputError, match="zero point must be 0"):
+        TensorSpec("x", (1, 4), Quantization.per_tensor(0.001, 3), "int16")
+    with pytest.raises(InputError, match="zero point must be 0"):
+        QuantizeNode((0,), Quantization.per_tensor(0.001, 5), "int16")
+    with pytest.raises(InputError, match="int8 or int16"):
+        QuantizeNode((0,), grid, "int32")
+    weights = np.ones((3, 4), np.int8)
+    spec = TensorSpec("x", (1, 4), grid, "int16")
+    fc = FullyConnectedNode((0,), weights, Quantization.per_tensor(0.01), None, Quantization.per_tensor(0.01, 2))
+    with pytest.raises(InputError, match="FULLY_CONNECTED output: an int16 zero point must be 0"):
+        Graph((spec,), (fc,))
+    # int16 reaches an operator that has no 16x8 form here: refused by name, not run wrongly
+    with pytest.raises(InputError, match=r"operator 0 \(ADD\) takes int8 inputs, but tensor 0 is int16"):
+        Graph((spec, spec), (AddNode((0, 1), grid),))
+    # an int64 bias on int8 activations
+    wide = FullyConnectedNode((0,), weights, Quantization.per_tensor(0.01), np.zeros(3, np.int64), grid)
+    with pytest.raises(InputError, match="bias must be int32"):
+        Graph((TensorSpec("x", (1, 4), Quantization.per_tensor(0.01)),), (wide,))
+    with pytest.raises(InputError, match="shift must lie in"):
+        multiply_by_quantized_multiplier_int64(1, 2**30, 8)
+    with pytest.raises(InputError, match="2\\^47"):
+        multiply_by_quantized_multiplier_single_round_int64(2**47, 2**30, 0)
+    fine = Quantization.per_tensor(1e-9)  # s_in * s_w / s_out = 10^4: beyond the 16x8 rescale's 2^7
+    with pytest.raises(InputError, match="shifts up to 7"):
+        Graph((spec,), (FullyConnectedNode((0,), weights, Quantization.per_tensor(0.01), None, fine),))
+    graph = Graph((spec,), (FullyConnectedNode((0,), weights, Quantization.per_tensor(0.01), None, grid),))
+    with pytest.raises(InputError, match="int16"):
+        graph(np.zeros((2, 4), np.int8))
