@@ -4,9 +4,10 @@ batched throughput against LiteRT's interpreters, one process.
     .venv/bin/python benchmarks/ds_cnn_integer.py [--data ../shared/data] [--rounds 5]
 
 Trains the CNN study's DS-CNN (15 epochs, seed 0, speaker ``lucas`` held out), folds its
-BatchNorms, converts it with :func:`mixprec.integer.cnn_builder.cnn_graph_from` (512 training
-samples calibrate every tensor), and scores the float32 model and the int8 graph on the 500
-held-out recordings. The int8 graph is exported to .tflite and run in LiteRT: its reference
+BatchNorms, converts it with :func:`mixprec.integer.build.cnn.cnn_graph_from` (512 training
+samples calibrate every tensor), in int8 and in TFLite's 16x8 mode, and scores the float32
+model and both graphs on the 500 held-out recordings. Each graph is exported to .tflite and run
+in LiteRT: its reference
 kernels (``BUILTIN_REF``, which must give the same bytes) and its default optimized kernels.
 Samples per second on the 500 test inputs in one call: medians of interleaved rounds.
 """
@@ -58,30 +59,30 @@ def main() -> None:
     model = train(seeded(DSCNN, 0), task, 15, 0)
     mixprec.fold_batchnorm(model)
     pick = torch.randperm(len(task.x_train), generator=torch.Generator().manual_seed(1))
-    graph = cnn_graph_from([*model.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), model.head],
-                           task.x_train[pick[:512]])
-    inputs = graph.inputs[0].quant.nearest_codes(task.x_test.permute(0, 2, 3, 1).numpy())
+    layers = [*model.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), model.head]
     labels = task.y_test.numpy()
-    engine_out = graph(inputs)
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "ds_cnn.tflite"
-        export_tflite(graph, path)
-        reference, optimized = litert_runner(path, inputs, True), litert_runner(path, inputs, False)
-        same = bool(np.array_equal(reference(), engine_out))
-        with torch.no_grad():
-            times = interleaved_medians({"float32 PyTorch eager": lambda: model(task.x_test),
-                                         "mixprec integer engine (numpy)": lambda: graph(inputs),
-                                         "LiteRT BUILTIN_REF": reference, "LiteRT default kernels": optimized},
-                                        args.rounds, 0.2)
-        litert_accuracy = float((optimized().argmax(1) == labels).mean())
-    float_accuracy = float(per_sample_scores(model, task.x_test, task.y_test)[0].mean())
-    rows = [{"path": label, "samples_per_s": round(len(inputs) / seconds, 1)} for label, seconds in times.items()]
+    calls: dict = {"float32 PyTorch eager": lambda: model(task.x_test)}
+    accuracy = {"float32": float(per_sample_scores(model, task.x_test, task.y_test)[0].mean())}
+    same: dict[str, bool] = {}
+    with tempfile.TemporaryDirectory() as folder, torch.no_grad():
+        for kind, label in (("int8", "int8"), ("int16", "16x8")):
+            graph = cnn_graph_from(layers, task.x_train[pick[:512]], activations=kind)
+            inputs = graph.inputs[0].quant.nearest_codes(task.x_test.permute(0, 2, 3, 1).numpy(), kind)
+            engine_out = graph(inputs)
+            path = Path(folder) / f"ds_cnn_{kind}.tflite"
+            export_tflite(graph, path)
+            reference, optimized = litert_runner(path, inputs, True), litert_runner(path, inputs, False)
+            same[label] = bool(np.array_equal(reference(), engine_out))
+            accuracy[f"{label} engine"] = float((engine_out.argmax(1) == labels).mean())
+            accuracy[f"{label} LiteRT default kernels"] = float((optimized().argmax(1) == labels).mean())
+            calls.update({f"{label}: mixprec integer engine (numpy)": lambda g=graph, i=inputs: g(i),
+                          f"{label}: LiteRT BUILTIN_REF": reference, f"{label}: LiteRT default kernels": optimized})
+        times = interleaved_medians(calls, args.rounds, 0.2)
+    rows = [{"path": label, "samples_per_s": round(len(labels) / seconds, 1)} for label, seconds in times.items()]
     print_table(f"DS-CNN, 500 held-out recordings per call ({torch.get_num_threads()} threads)", rows,
                 ("path", "samples_per_s"))
-    print(f"accuracy: float32 {100 * float_accuracy:.2f}%, int8 engine "
-          f"{100 * float((engine_out.argmax(1) == labels).mean()):.2f}%, LiteRT default kernels "
-          f"{100 * litert_accuracy:.2f}%; engine bytes == LiteRT BUILTIN_REF: {same}")
-
+    print("accuracy: " + ", ".join(f"{name} {100 * value:.2f}%" for name, value in accuracy.items()))
+    print("engine bytes == LiteRT BUILTIN_REF: " + ", ".join(f"{name} {value}" for name, value in same.items()))
 
 if __name__ == "__main__":
     main()

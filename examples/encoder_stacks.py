@@ -1,6 +1,6 @@
 """Two int8 transformer encoder stacks through mixprec's integer engine (issue 4, example c).
 
-Vocabulary 16, 8 tokens, width 8, FFN 16, 2 blocks (mixprec.integer.encoder.TinyEncoder),
+Vocabulary 16, 8 tokens, width 8, FFN 16, 2 blocks (mixprec.integer.models.encoder.TinyEncoder),
 one with softmax attention and one with linear attention. The task has learnable structure:
 each sequence draws its 8 tokens from a random 4-token subset of the vocabulary, and every
 position must say how often its token occurs (1, 2, 3, or 4 or more), which needs attention.
@@ -96,7 +96,7 @@ def evaluate(model: TinyEncoder, graph, x: torch.Tensor, y: torch.Tensor) -> dic
 
 
 def largest_roundings(model: TinyEncoder, graph, x: torch.Tensor, count: int = 4) -> str:  # noqa: ANN001
-    """The tensors whose grids cost the most (mixprec.integer.simulate.rounding_attribution),
+    """The tensors whose grids cost the most (mixprec.integer.graph.simulate.rounding_attribution),
     each alone, as a share of the output range."""
     reference = float64_reference(model, x)
     span = float(reference.max() - reference.min())

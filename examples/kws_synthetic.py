@@ -1,7 +1,7 @@
 """Keyword spotting on a synthetic task, through mixprec's integer engine (issue 4, example a).
 
 Each sample is 8 steps x 8 features: one of 4 keyword templates, shifted in time by up to
-one step, scaled, over Gaussian noise. The float model (mixprec.integer.kws.KeywordSpotter)
+one step, scaled, over Gaussian noise. The float model (mixprec.integer.models.kws.KeywordSpotter)
 trains on 8,192 samples and the pipeline is calibrated on the same training set; everything
 is measured on a separate held-out set of 1,024 distinct samples neither ever saw.
 

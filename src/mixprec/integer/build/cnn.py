@@ -1,4 +1,4 @@
-"""Float PyTorch CNN layers plus calibration data -> an int8 integer :class:`Graph` (NHWC).
+"""Float PyTorch CNN layers plus calibration data -> an int8, 16x8 or mixed integer :class:`Graph` (NHWC).
 
 :func:`cnn_graph_from` takes a plain chain of layers, as a ``nn.Sequential`` lists them:
 
@@ -9,14 +9,23 @@
   with the zero point followed by a VALID convolution;
 - ``nn.MaxPool2d`` / ``nn.AvgPool2d`` with padding 0 (VALID) and, for the average,
   ``count_include_pad`` irrelevant then;
-- ``nn.AdaptiveAvgPool2d(1)`` followed by ``nn.Flatten()``: MEAN over height and width;
+- ``nn.AdaptiveAvgPool2d(1)`` followed by ``nn.Flatten()``: MEAN over height and width in
+  int8; in int16 (LiteRT's MEAN has no 16x8 form here) an AVERAGE_POOL_2D over the whole map
+  and a RESHAPE, as TensorFlow's converter writes a whole-map average pool;
 - ``nn.Linear``: FULLY_CONNECTED (on a flat ``[N, features]`` tensor);
 - ``nn.Identity`` (a folded BatchNorm) is skipped.
 
 Weights are symmetric int8 per output channel (``scale = float32(max|w| / 127)``, codes
 rounded half to even), biases int32 on the ``float32(s_in * s_w)`` grid, as the TFLite
-converter writes them; every activation tensor gets :func:`~mixprec.integer.builders.calibrate`'s
+converter writes them; every activation tensor gets :func:`~mixprec.integer.build.layers.calibrate`'s
 asymmetric int8 quantization of its values on the calibration batch (after the fused ReLU).
+
+``activations`` chooses each operator's activation type: ``"int8"``, ``"int16"`` (TFLite's
+16x8 mode: symmetric int16 tensors from
+:func:`~mixprec.integer.build.layers.calibrate_int16`, int64 biases), or one name per entry
+of ``layers`` (entries that fuse into the layer before them, ReLU and Flatten, and Identity
+are not read). Where consecutive operators differ, a QUANTIZE onto the next operator's type
+joins them; the graph's input takes the first operator's type.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import torch
 from torch import nn
 
 from mixprec.errors import InputError
-from mixprec.integer.build.layers import calibrate, fully_connected_from, int32_bias, symmetric_int8_weights
+from mixprec.integer.build.layers import bias_codes, calibrate_as, fully_connected_from, symmetric_int8_weights
 from mixprec.integer.ops.conv import output_size
 from mixprec.integer.graph.graph import Graph
 from mixprec.integer.graph.nodes import (
@@ -38,6 +47,8 @@ from mixprec.integer.graph.nodes import (
     MaxPool2DNode,
     MeanNode,
     PadNode,
+    QuantizeNode,
+    ReshapeNode,
 )
 from mixprec.integer.core.tensors import Quantization, TensorSpec
 
@@ -74,32 +85,47 @@ def _conv_weights(conv: nn.Conv2d) -> tuple[np.ndarray, np.ndarray, Quantization
     return codes, scales, quant, depthwise
 
 
-def cnn_graph_from(layers: Sequence[nn.Module], calibration: torch.Tensor, per_channel: bool = True,
-                   margin: float = 0.0) -> Graph:
-    """The int8 graph of a chain of float layers (see module docstring).
+def _activation_types(layers: Sequence[nn.Module], activations: str | Sequence[str]) -> list[str]:
+    types = [activations] * len(layers) if isinstance(activations, str) else list(activations)
+    if len(types) != len(layers) or any(kind not in ("int8", "int16") for kind in types):
+        raise InputError(f"activations must be 'int8', 'int16' or one of them per layer ({len(layers)}), got "
+                         f"{activations!r}")
+    return types
 
-    ``calibration``: float NCHW inputs (a batch); the graph's input is their NHWC int8 image
-    with :func:`calibrate`'s parameters, and takes NHWC int8 arrays of any batch size.
+
+def cnn_graph_from(layers: Sequence[nn.Module], calibration: torch.Tensor, per_channel: bool = True,
+                   margin: float = 0.0, activations: str | Sequence[str] = "int8") -> Graph:
+    """The integer graph of a chain of float layers (see module docstring).
+
+    ``calibration``: float NCHW inputs (a batch); the graph's input is their NHWC image on the
+    first operator's grid (int8 or int16), and takes NHWC arrays of any batch size.
     """
-    layers = [layer for layer in layers if not isinstance(layer, nn.Identity)]
+    types = _activation_types(layers, activations)
+    kept = [(layer, kind) for layer, kind in zip(layers, types) if not isinstance(layer, nn.Identity)]
+    layers, types = [layer for layer, _ in kept], [kind for _, kind in kept]
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 4 or not calibration.is_floating_point():
         raise InputError("calibration must be a float NCHW tensor (a batch of the model's inputs)")
     if not per_channel:
         raise InputError("cnn_graph_from writes per-channel weights (as the TFLite converter does)")
     x = calibration.detach().to(torch.float32)
-    quant = calibrate(x, margin)
-    spec = TensorSpec("input", (1, x.shape[2], x.shape[3], x.shape[1]), quant)
+    current = types[0] if types else "int8"
+    quant = calibrate_as(current, x, margin)
+    spec = TensorSpec("input", (1, x.shape[2], x.shape[3], x.shape[1]), quant, current)
     nodes: list = []
     tensor, index = 0, 0
     with torch.no_grad():
         while index < len(layers):
-            layer = layers[index]
+            layer, kind = layers[index], types[index]
             follower = layers[index + 1] if index + 1 < len(layers) else None
             activation = _ACTIVATIONS.get(type(follower), "none")
             if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 raise InputError("fold the BatchNorms first (mixprec.fold_batchnorm); TFLite has no int8 BatchNorm")
+            if kind != current:  # join the two types with a QUANTIZE onto the next operator's grid
+                quant = calibrate_as(kind, x, margin)
+                nodes.append(QuantizeNode((tensor,), quant, kind))
+                tensor, current = tensor + 1, kind
             if isinstance(layer, nn.Conv2d):
-                x, added = _conv(layer, x, quant, tensor, activation, follower, margin)
+                x, added = _conv(layer, x, quant, tensor, activation, follower, margin, kind)
                 index += 2 if activation != "none" else 1
             elif isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
                 x, added = _pool(layer, x, tensor, activation, follower)
@@ -107,8 +133,10 @@ def cnn_graph_from(layers: Sequence[nn.Module], calibration: torch.Tensor, per_c
             elif isinstance(layer, nn.AdaptiveAvgPool2d) and isinstance(follower, nn.Flatten):
                 if _pair(layer.output_size) != (1, 1):
                     raise InputError("AdaptiveAvgPool2d must pool to 1x1 (a global mean) before Flatten")
+                window = (x.shape[2], x.shape[3])
                 x = x.mean((2, 3))
-                added = [MeanNode((tensor,), (1, 2), calibrate(x, margin))]
+                added = ([MeanNode((tensor,), (1, 2), calibrate_as(kind, x, margin))] if kind == "int8" else
+                         [AveragePool2DNode((tensor,), window, window, "VALID"), ReshapeNode((tensor + 1,), (x.shape[1],))])
                 index += 2
             elif isinstance(layer, nn.Linear):
                 if x.dim() != 2:
@@ -117,7 +145,8 @@ def cnn_graph_from(layers: Sequence[nn.Module], calibration: torch.Tensor, per_c
                 if activation != "none":
                     x = follower(x)
                     index += 1
-                added = [fully_connected_from(layer, tensor, quant, calibrate(x, margin), activation)]
+                added = [fully_connected_from(layer, tensor, quant, calibrate_as(kind, x, margin), activation,
+                                              activations=kind)]
                 index += 1
             else:
                 raise InputError(f"cnn_graph_from does not convert {type(layer).__name__} (layer {index}); it takes "
@@ -129,7 +158,7 @@ def cnn_graph_from(layers: Sequence[nn.Module], calibration: torch.Tensor, per_c
 
 
 def _conv(conv: nn.Conv2d, x: torch.Tensor, input_quant: Quantization, tensor: int, activation: str,
-          follower: nn.Module | None, margin: float) -> tuple[torch.Tensor, list]:
+          follower: nn.Module | None, margin: float, kind: str) -> tuple[torch.Tensor, list]:
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise InputError("convert convolutions with explicit zero padding (padding=(p_h, p_w), padding_mode='zeros')")
     kernel, stride, dilation, padding = (_pair(conv.kernel_size), _pair(conv.stride), _pair(conv.dilation),
@@ -140,8 +169,8 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor, input_quant: Quantization, tensor: i
         y = follower(y)
     codes, scales, weight_quant, depthwise = _conv_weights(conv)
     node_class = DepthwiseConv2DNode if depthwise else Conv2DNode
-    output_quant = calibrate(y, margin)
-    bias = int32_bias(conv.bias, input_quant, scales)
+    output_quant = calibrate_as(kind, y, margin)
+    bias = bias_codes(conv.bias, input_quant, scales, kind)
     tflite_padding = _tflite_padding(shape, kernel, stride, dilation, padding)
     if tflite_padding is not None:
         return y, [node_class((tensor,), codes, weight_quant, bias, output_quant, tflite_padding, stride, dilation,

@@ -4,9 +4,12 @@ records. Runtime records hold integers (or half values); every float decision is
 - :func:`calibrate`: asymmetric int8 from the observed min/max, widened to include 0 (and
   optionally by a margin beyond the data): ``scale = float32((max - min) / 255)``,
   ``zero_point = clamp(round_half_even(-128 - min / scale))``.
+- :func:`calibrate_int16`: TFLite's 16x8 activations: symmetric int16, zero point 0,
+  ``scale = float32(max|x| / 32767)`` (widened by the margin likewise).
 - :func:`fully_connected_from`: symmetric int8 weights per output channel (or per tensor),
   ``scale = float32(max|w| / 127)``, ``code = round_half_even(w / scale)`` in [-127, 127];
-  int32 bias ``round_half_even(b / float32(s_in * s_w))`` as the TFLite converter stores it.
+  bias ``round_half_even(b / float32(s_in * s_w))`` as the TFLite converter stores it: int32
+  for int8 activations, int64 for int16 (:func:`bias_codes`).
 - :func:`half_linear_from` / :func:`linear_attention_from`: weights rounded once to the half
   format (nearest, ties to even).
 """
@@ -53,6 +56,23 @@ def calibrate(samples: ArrayLike | torch.Tensor, margin: float = 0.0) -> Quantiz
     return Quantization.per_tensor(scale, zero_point)
 
 
+def calibrate_int16(samples: ArrayLike | torch.Tensor, margin: float = 0.0) -> Quantization:
+    """Symmetric int16 quantization (zero point 0) covering ``samples`` (see module docstring)."""
+    if not 0.0 <= margin <= 1.0:
+        raise InputError(f"the range margin is a fraction of the calibrated range in [0, 1], got {margin!r}")
+    values = _numpy(samples)
+    if values.size == 0 or not np.isfinite(values).all():
+        raise InputError(f"calibration needs finite samples, got {values.size} values"
+                         f"{' with NaN/Inf' if values.size else ''}")
+    peak = float(np.abs(values).max()) * (1 + 2 * margin)
+    return Quantization.per_tensor(peak / 32767 if peak > 0 else 1.0, 0)
+
+
+def calibrate_as(dtype: str, samples: ArrayLike | torch.Tensor, margin: float = 0.0) -> Quantization:
+    """:func:`calibrate` for ``"int8"``, :func:`calibrate_int16` for ``"int16"``."""
+    return calibrate_int16(samples, margin) if dtype == "int16" else calibrate(samples, margin)
+
+
 def symmetric_int8_weights(weight: np.ndarray, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Int8 codes (``weight``'s shape) and float32 scales (``[out]``, or ``[1]`` per tensor) of a
     float weight whose first axis is the output channel (see module docstring)."""
@@ -65,25 +85,29 @@ def symmetric_int8_weights(weight: np.ndarray, per_channel: bool = True) -> tupl
     return np.clip(np.round(rows / per_row), -127, 127).astype(np.int8).reshape(weight.shape), scales
 
 
-def int32_bias(bias: torch.Tensor | None, input_quant: Quantization, scales: np.ndarray) -> np.ndarray | None:
-    """``round_half_even(b / float32(s_in * s_w))`` as int32, or None without a bias."""
+def bias_codes(bias: torch.Tensor | None, input_quant: Quantization, scales: np.ndarray,
+               activations: str = "int8") -> np.ndarray | None:
+    """``round_half_even(b / float32(s_in * s_w))``: int32 for int8 activations, int64 for int16
+    (16x8); None without a bias."""
     if bias is None:
         return None
     grid = (np.float32(input_quant.scale32[0]) * scales).astype(np.float32).astype(np.float64)
     codes = np.round(_numpy(bias) / grid)
-    if np.abs(codes).max(initial=0) >= 2**30:
-        raise InputError("a bias is too large for its int32 grid (|b / (s_in * s_w)| >= 2^30)")
-    return codes.astype(np.int32)
+    bits, dtype = (46, np.int64) if activations == "int16" else (30, np.int32)
+    if np.abs(codes).max(initial=0) >= 2**bits:
+        raise InputError(f"a bias is too large for its {np.dtype(dtype).name} grid (|b / (s_in * s_w)| >= 2^{bits})")
+    return codes.astype(dtype)
 
 
 def fully_connected_from(linear: nn.Linear, input_tensor: int, input_quant: Quantization,
                          output_quant: Quantization, activation: str = "none",
-                         per_channel: bool = True) -> FullyConnectedNode:
-    """An int8 FULLY_CONNECTED node reading graph tensor ``input_tensor`` (see module docstring)."""
+                         per_channel: bool = True, activations: str = "int8") -> FullyConnectedNode:
+    """A FULLY_CONNECTED node reading graph tensor ``input_tensor`` whose ``activations`` are
+    int8 or int16 (16x8), see module docstring."""
     if not isinstance(linear, nn.Linear):
         raise InputError(f"fully_connected_from takes an nn.Linear, got {type(linear).__name__}")
     codes, scales = symmetric_int8_weights(_numpy(linear.weight), per_channel)
-    bias = int32_bias(linear.bias, input_quant, scales)
+    bias = bias_codes(linear.bias, input_quant, scales, activations)
     weight_quant = Quantization(tuple(float(s) for s in scales), (0,) * len(scales))
     return FullyConnectedNode((input_tensor,), codes, weight_quant, bias, output_quant, activation)
 

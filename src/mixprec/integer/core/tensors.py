@@ -52,14 +52,16 @@ class Quantization:
         self._require_per_tensor()
         return (np.asarray(codes).astype(np.float64) - self.zero_point[0]) * float(self.scale32[0])
 
-    def nearest_codes(self, values: ArrayLike) -> NDArray[np.int8]:
-        """Real ``values`` onto this per-tensor int8 grid: ``clamp(round_half_even(x / scale) +
-        zero_point, -128, 127)``, the quotient in float64; infinities saturate. (NaN is the
-        caller's to refuse: it has no code.)"""
+    def nearest_codes(self, values: ArrayLike, dtype: str = "int8") -> NDArray:
+        """Real ``values`` onto this per-tensor grid in ``dtype`` (int8 or int16):
+        ``clamp(round_half_even(x / scale) + zero_point, lo, hi)``, the quotient in float64;
+        infinities saturate. (NaN is the caller's to refuse: it has no code.)"""
         self._require_per_tensor()
+        if dtype not in CODE_RANGES:
+            raise InputError(f"codes are int8 or int16, got {dtype!r}")
         with np.errstate(over="ignore", invalid="ignore"):
             steps = np.round(np.asarray(values, dtype=np.float64) / float(self.scale32[0]))
-        return np.clip(steps + self.zero_point[0], -128, 127).astype(np.int8)
+        return np.clip(steps + self.zero_point[0], *CODE_RANGES[dtype]).astype(dtype)
 
     def _require_per_tensor(self) -> None:
         if len(self.scale) != 1:

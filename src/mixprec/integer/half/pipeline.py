@@ -4,7 +4,7 @@ A :class:`Pipeline` runs its stages in order on a batch (first dimension) and re
 stage, the bytes of its constants and of its output per sample, and its time
 (:meth:`Pipeline.profile`). Stage kinds:
 
-- :class:`IntegerStage`: an int8 :class:`~mixprec.integer.graph.Graph` with one input;
+- :class:`IntegerStage`: an int8 :class:`~mixprec.integer.graph.graph.Graph` with one input;
 - :class:`ToHalfStage`: affine int8 -> half values by a 256-entry table (each entry the
   exact real value rounded once, see :mod:`mixprec.integer.half.bridges`);
 - :class:`AttentionPoolStage`: ``mean_s(x + linear_attention(x))`` in the island
@@ -174,7 +174,7 @@ class Pipeline:
         return x
 
     def quantize_input(self, x: NDArray[np.float32]) -> NDArray[np.int8]:
-        """float32 inputs onto ``input_quant`` (:func:`~mixprec.integer.conversions.quantize`)."""
+        """float32 inputs onto ``input_quant`` (:func:`~mixprec.integer.ops.conversions.quantize`)."""
         return quantize(np.asarray(x, dtype=np.float32), self.input_quant.scale[0], self.input_quant.zero_point[0])
 
     def run_codes(self, x: NDArray[np.float32]) -> NDArray[np.int8]:

@@ -108,7 +108,7 @@ def build_encoder_graph(model: TinyEncoder, calibration: torch.Tensor, range_mar
     """The int8 graph of ``model`` (int32 ids in, int8 logits out), every grid calibrated on
     ``calibration`` ids ``[N, S]``; per-channel int8 weights; the embedding table quantized
     asymmetrically (its zero point is kept). ``range_margin``: every activation range widened
-    by this fraction (:func:`~mixprec.integer.builders.calibrate`); the embedding table and the
+    by this fraction (:func:`~mixprec.integer.build.layers.calibrate`); the embedding table and the
     positional encoding are constants and keep their exact ranges."""
     if not isinstance(model, TinyEncoder):
         raise InputError(f"build_encoder_graph takes a TinyEncoder, got {type(model).__name__}")

@@ -27,7 +27,7 @@ from mixprec.integer.half.pipeline import AttentionPoolStage, IntegerStage, Pipe
 
 class LinearAttentionHead(nn.Module):
     """Single-head linear attention with the ReLU feature map (float32 reference of
-    :func:`mixprec.integer.half_ops.linear_attention`)."""
+    :func:`mixprec.integer.half.ops.linear_attention`)."""
 
     def __init__(self, width: int, epsilon: float = 1.0) -> None:
         super().__init__()
@@ -119,7 +119,7 @@ def simulate(pipeline: Pipeline, x: np.ndarray, activation_bits: int = 8) -> np.
     (no half rounding inside it) and one rounding per int8 tensor (half to even). The
     pipeline's difference from this is the engine's own error. ``activation_bits=16``: every
     int8 tensor (the input too) on its int16 counterpart instead
-    (:func:`mixprec.integer.simulate.onto_grid`), what TFLite's 16x8 mode would give."""
+    (:func:`mixprec.integer.graph.simulate.onto_grid`), what TFLite's 16x8 mode would give."""
     frontend, to_half, pool, to_int8, classifier = pipeline.stages
     assert isinstance(frontend, IntegerStage) and isinstance(pool, AttentionPoolStage)
 

@@ -20,7 +20,7 @@ ReLU, so ``q - zq >= 0`` and ``k - zk >= 0``)::
     out      = clamp(MBQM(ratio, m_out, shift_out) + z_out)    # m_out from s_v / (2^16 * s_out)
 
 with ``eps_q = max(1, round_half_even(epsilon / (s_q * s_k)))``. ``MBQM`` is the
-double-rounding :func:`~mixprec.integer.fixedpoint.multiply_by_quantized_multiplier`; all
+double-rounding :func:`~mixprec.integer.core.fixedpoint.multiply_by_quantized_multiplier`; all
 sums are exact in int64.
 """
 

@@ -12,7 +12,7 @@ DEPTHWISE_CONV_2D only ``i = c // depth_multiplier``, the filter being ``[1, kh,
 summed exactly (in float64, whose integers are exact far beyond the int32 accumulator).
 Window points outside the image are skipped, as if they held the input zero point.
 ``input_offset = -input_zero_point``; the rescale is
-:func:`~mixprec.integer.fixedpoint.multiply_by_quantized_multiplier`, gemmlowp's two roundings
+:func:`~mixprec.integer.core.fixedpoint.multiply_by_quantized_multiplier`, gemmlowp's two roundings
 (``SaturatingRoundingDoublingHighMul`` then ``RoundingDivideByPOT``): LiteRT's convolution
 kernels round that way, unlike its fully connected kernel (one rounding); with the single
 rounding, 19 of 15,360 outputs of a random stride-2 convolution came out 1 LSB off LiteRT.

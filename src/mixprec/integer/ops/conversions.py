@@ -8,7 +8,7 @@ int16 on either side), with LiteRT's reference semantics (``reference_ops::Affin
 - dequantize: ``float32(double(scale) * (q - zero_point))`` (the product is exact in double,
   so the result is the float32 nearest the true value, ties to even).
 - requantize: ``clamp(MBQM(q - zp_in, multiplier, shift) + zp_out, lo, hi)`` with
-  :func:`~mixprec.integer.fixedpoint.multiply_by_quantized_multiplier` (two roundings) and
+  :func:`~mixprec.integer.core.fixedpoint.multiply_by_quantized_multiplier` (two roundings) and
   ``multiplier, shift = quantize_multiplier(double(s_in) / double(s_out))``.
 """
 

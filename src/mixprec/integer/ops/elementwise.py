@@ -11,7 +11,7 @@ MUL (``reference_integer_ops::Mul``)::
 
     out = clamp(MBQM((a + a_offset) * (b + b_offset), multiplier, shift) + out_offset, act_min, act_max)
 
-``MBQM`` is :func:`mixprec.integer.fixedpoint.multiply_by_quantized_multiplier` (gemmlowp's
+``MBQM`` is :func:`mixprec.integer.core.fixedpoint.multiply_by_quantized_multiplier` (gemmlowp's
 high multiply, then a rounding shift: two roundings, ties away from zero), as in LiteRT's
 reference kernels. Every intermediate fits int32: ``|a + a_offset| <=
 255`` so ``255 * 2^20 < 2^28``, and products of offset values are at most ``255^2``.

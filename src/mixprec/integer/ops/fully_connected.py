@@ -8,7 +8,7 @@ For each output channel ``c``::
                    activation_min, activation_max)
 
 ``input_offset = -input_zero_point``; ``weight_offset = 0`` for int8 weights (symmetric);
-the rescale is :func:`mixprec.integer.fixedpoint.multiply_by_quantized_multiplier_single_round`
+the rescale is :func:`mixprec.integer.core.fixedpoint.multiply_by_quantized_multiplier_single_round`
 (one rounding, nearest, ties toward +inf), which is what LiteRT's reference kernel computes.
 ReLU/ReLU6 are folded into the clamp bounds.
 

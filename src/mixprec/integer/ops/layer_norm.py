@@ -12,7 +12,7 @@ where ``m_i, shift_i = quantize_multiplier(|gamma_i| * sqrt(E) / (s_out * 2^30))
 float work). This is ``gamma * (x - mean) / sqrt(var + eps) + beta`` because
 ``(x_i - mean) / sqrt(var + eps) = d_i * sqrt(E) / sqrt(V)``. Bounds: ``|d_i| <= sqrt(V)`` so
 ``|d_i * r| <= 2^30``; ``V < 2^60`` for ``E <= 2^14``, so ``2^60 // V >= 1``. ``MBQM`` is the double-rounding
-:func:`~mixprec.integer.fixedpoint.multiply_by_quantized_multiplier`; the integer square
+:func:`~mixprec.integer.core.fixedpoint.multiply_by_quantized_multiplier`; the integer square
 root is exact (float estimate, then integer correction).
 """
 

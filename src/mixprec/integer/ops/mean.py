@@ -8,7 +8,7 @@ case). Integers only; ``1/count`` is folded into the output multiplier::
     shift = shift - k
     out = clamp(MBQM(sum(q) - zp_in * count, multiplier, shift) + zp_out, -128, 127)
 
-with :func:`~mixprec.integer.fixedpoint.multiply_by_quantized_multiplier` (two roundings, ties
+with :func:`~mixprec.integer.core.fixedpoint.multiply_by_quantized_multiplier` (two roundings, ties
 away from zero). The sum is exact: at most 2^23 int8 elements per output keep
 ``|sum - zp_in * count| <= 255 * 2^23`` inside int32.
 """

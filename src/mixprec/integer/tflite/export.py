@@ -1,4 +1,4 @@
-"""Write an integer :class:`~mixprec.integer.graph.Graph` as a .tflite file (schema version
+"""Write an integer :class:`~mixprec.integer.graph.graph.Graph` as a .tflite file (schema version
 3) through the flatbuffers builders of the ``tflite`` package; TensorFlow is not needed.
 
 Layout: buffer 0 is the empty sentinel; every tensor has its own buffer (empty for

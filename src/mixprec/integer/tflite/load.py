@@ -1,4 +1,4 @@
-"""Read an int8 or 16x8 .tflite file into a :class:`~mixprec.integer.graph.Graph` (the ``tflite``
+"""Read an int8 or 16x8 .tflite file into a :class:`~mixprec.integer.graph.graph.Graph` (the ``tflite``
 package's flatbuffers readers; no TensorFlow).
 
 Supported: one subgraph of int8 tensors with FULLY_CONNECTED (int8 weights, optional int32
