@@ -233,3 +233,32 @@ def test_a_pytorch_ds_cnn_converts_to_16x8_and_mixed_graphs_identical_to_litert(
         cnn_graph_from(layers, calibration, activations=["int16"])
     with pytest.raises(InputError, match="one of them per layer"):
         cnn_graph_from(layers, calibration, activations="int4")
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16"])
+def test_concatenation_is_byte_identical_to_litert_and_refuses_mixed_grids(dtype: str, tmp_path: Path) -> None:
+    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("tflite")
+    from mixprec.integer import ConcatenationNode
+
+    rng = np.random.default_rng(zlib.crc32(f"concat-{dtype}".encode()))
+    grid = Quantization.per_tensor(0.05, 3 if dtype == "int8" else 0)
+    spec = TensorSpec("x", (1, 5, 4, 3), grid, dtype)
+    pool = MaxPool2DNode((0,), (2, 2), (1, 1), "SAME")
+    graph = Graph((spec,), (pool, ConcatenationNode((0, 1, 0), axis=-1), ReshapeNode((2,), (5, 36)),
+                            ConcatenationNode((3, 3), axis=1)))
+    assert graph.tensor_shapes[-1] == (1, 10, 36)
+    info = np.iinfo(dtype)
+    inputs = rng.integers(info.min, info.max + 1, (50, 5, 4, 3)).astype(dtype)
+    path = tmp_path / "concat.tflite"
+    export_tflite(graph, path)
+    expected = litert_outputs(path, inputs)
+    assert np.array_equal(graph(inputs), expected)
+    assert np.array_equal(load_tflite(path)(inputs), expected)
+    requantized = QuantizeNode((0,), Quantization.per_tensor(0.07, 0), dtype)
+    with pytest.raises(InputError, match="share one type and one grid"):
+        Graph((spec,), (requantized, ConcatenationNode((0, 1))))
+    with pytest.raises(InputError, match="non-batch axis"):
+        Graph((spec,), (ConcatenationNode((0, 0), axis=0),))
+    with pytest.raises(InputError, match="equal in every other dimension"):
+        Graph((spec,), (pool, ReshapeNode((1,), (4, 5, 3)), ConcatenationNode((0, 2), axis=-1)))

@@ -112,6 +112,21 @@ def pooled_cnn(width: int = 8) -> keras.Model:
     return keras.Model(inputs, layers.Dense(4)(x))
 
 
+def concat_reshape(batch: int | None = None) -> keras.Model:
+    """Two convolution branches joined by Concatenate (CONCATENATION on channels), Reshape,
+    expand_dims / squeeze, two Dense heads joined again: with a free batch the converter writes
+    EXPAND_DIMS and RESHAPEs with targets from folded shape arithmetic and from constants that
+    start with -1; with ``batch=1`` a constant target that includes the batch."""
+    inputs = keras.Input((8, 8, 2), batch_size=batch)
+    a = layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    b = layers.Conv2D(3, 1, padding="same")(inputs)
+    x = layers.Conv2D(4, 3, strides=2, padding="valid")(layers.Concatenate()([a, b]))
+    x = layers.Reshape((9, 4))(x)
+    x = layers.Lambda(lambda t: keras.ops.expand_dims(t, 1))(x)
+    x = layers.Flatten()(layers.Lambda(lambda t: keras.ops.squeeze(t, 1))(x))
+    return keras.Model(inputs, layers.Concatenate()([layers.Dense(5)(x), layers.Dense(3)(x)]))
+
+
 def convert_16x8(model: keras.Model, rng: np.random.Generator, integer_io: bool) -> bytes:
     """16x8 full-integer conversion; int16 inputs and outputs, or float32 ones (the converter
     then writes QUANTIZE float32 -> int16 first and DEQUANTIZE last)."""
@@ -150,15 +165,18 @@ def main(folder: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, build in (("ds_cnn_int8", ds_cnn), ("residual_cnn_int8", residual_cnn),
                         ("flatten_residual_int8", flatten_residual), ("ds_cnn_16x8", ds_cnn_pooled),
-                        ("pooled_cnn_16x8_float_io", pooled_cnn)):
+                        ("pooled_cnn_16x8_float_io", pooled_cnn), ("concat_reshape_int8", concat_reshape),
+                        ("concat_reshape_static_batch_int8", lambda: concat_reshape(batch=1)),
+                        ("concat_reshape_16x8", concat_reshape)):
         rng = np.random.default_rng(0)
         tf.keras.utils.set_random_seed(0)
         model = build()
         _randomize_batchnorms(model, rng)
+        if name.startswith("concat") or not name.endswith("_int8"):  # (the first int8 fixtures kept zero biases)
+            _randomize_dense_biases(model, rng)
         if name.endswith("_int8"):
             data = convert(model, rng)
         else:
-            _randomize_dense_biases(model, rng)
             data = convert_16x8(model, rng, integer_io=not name.endswith("float_io"))
         (out / f"{name}.tflite").write_bytes(data)
         print(f"wrote {out / name}.tflite ({len(data)} bytes)")

@@ -2,12 +2,12 @@
 
 Operators byte-identical to LiteRT's reference kernels: FULLY_CONNECTED (per-tensor and
 per-channel weights, int32 bias, ReLU/ReLU6 in the clamp), CONV_2D and DEPTHWISE_CONV_2D,
-AVERAGE_POOL_2D, MAX_POOL_2D, PAD, ADD and MUL (unequal scales, broadcasting), MEAN,
+AVERAGE_POOL_2D, MAX_POOL_2D, PAD, CONCATENATION, ADD and MUL (unequal scales, broadcasting), MEAN,
 RESHAPE, LOGISTIC and TANH (float32 tables), SOFTMAX (gemmlowp fixed point), QUANTIZE,
 DEQUANTIZE, EMBEDDING (TFLite's GATHER) and ADD_CONSTANT (positional encodings; TFLite's
 ADD); beyond TFLite's builtins, LAYER_NORM, SOFTMAX_ATTENTION and LINEAR_ATTENTION in integers.
 TFLite's 16x8 mode (int16 activations with zero point 0, int8 weights, int64 biases) for
-FULLY_CONNECTED, the convolutions, pooling, PAD and RESHAPE, with QUANTIZE between int8 and
+FULLY_CONNECTED, the convolutions, pooling, PAD, RESHAPE and CONCATENATION, with QUANTIZE between int8 and
 int16 so one graph mixes both per operator.
 
 The layers, each importing only from those above it:
@@ -37,6 +37,7 @@ from mixprec.integer.graph.nodes import (
     AddConstantNode,
     AddNode,
     AveragePool2DNode,
+    ConcatenationNode,
     Conv2DNode,
     DepthwiseConv2DNode,
     DequantizeNode,
@@ -67,7 +68,8 @@ __all__ = [
     "AddConstantNode", "AttentionPoolStage", "EmbeddingNode", "IntegerStage", "LayerNormNode", "LinearAttentionNode",
     "Pipeline", "SoftmaxAttentionNode", "ToHalfStage", "ToInt8Stage", "operator_errors", "rounding_attribution",
     "simulate",
-    "AddNode", "AddParams", "AveragePool2DNode", "MaxPool2DNode", "PadNode", "Conv2DNode", "ConvParams",
+    "AddNode", "AddParams", "AveragePool2DNode", "MaxPool2DNode", "PadNode", "ConcatenationNode", "Conv2DNode",
+    "ConvParams",
     "DepthwiseConv2DNode", "DequantizeNode", "FullyConnectedNode",
     "FullyConnectedParams", "Graph", "INT32_MAX",
     "INT32_MIN", "LogisticNode", "MeanNode", "MulNode", "MulParams", "Quantization", "QuantizeNode", "ReshapeNode",

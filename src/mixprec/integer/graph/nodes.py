@@ -6,7 +6,7 @@ A node's ``inputs`` are tensor numbers of its graph; ``output_dtype`` is ``"int8
 stated; ``output_quant`` is the output's quantization (None for float32 outputs).
 
 TFLite's 16x8 mode: FULLY_CONNECTED, CONV_2D and DEPTHWISE_CONV_2D (int8 weights, int64 or
-int32 bias), the pools, PAD and RESHAPE take int16 tensors (zero point 0) as well as int8 and
+int32 bias), the pools, PAD, RESHAPE and CONCATENATION take int16 tensors (zero point 0) as well as int8 and
 give the type they take; QUANTIZE converts float32, int8 and int16 into either type and
 DEQUANTIZE reads both, so one graph mixes int8 and int16 per operator. The other operators
 take int8 only, and the graph refuses an int16 tensor there by name.
@@ -473,6 +473,49 @@ class ReshapeNode(_EitherWidth, _Node):
 
 
 @dataclass(frozen=True, eq=False)
+class ConcatenationNode(_EitherWidth, _Node):
+    """CONCATENATION of tensors ``inputs`` along ``axis`` (not the batch; negative counts from
+    the end). LiteRT's int8 and int16 kernels copy bytes: every input must already be on one
+    grid, which the output keeps (TensorFlow's converter arranges that)."""
+
+    inputs: tuple[int, ...]
+    axis: int = -1
+    opcode = "CONCATENATION"
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) < 1:
+            raise InputError("CONCATENATION takes at least one input tensor")
+
+    def _axis(self, rank: int) -> int:
+        axis = self.axis + rank if self.axis < 0 else self.axis
+        if not 1 <= axis < rank:
+            raise InputError(f"CONCATENATION axis {self.axis} must name a non-batch axis of the {rank}-D inputs")
+        return axis
+
+    def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        rank = len(shapes[0])
+        axis = self._axis(rank)
+        if any(len(s) != rank or s[:axis] + s[axis + 1:] != shapes[0][:axis] + shapes[0][axis + 1:] for s in shapes):
+            raise InputError(f"CONCATENATION along axis {axis} needs inputs equal in every other dimension, "
+                             f"got {list(shapes)}")
+        return (*shapes[0][:axis], sum(s[axis] for s in shapes), *shapes[0][axis + 1:])
+
+    def result_quant(self, quants: Sequence[Quantization | None]) -> Quantization | None:
+        return quants[0]
+
+    def prepare(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]],
+                dtypes: Sequence[str]) -> int:
+        if any(q != quants[0] for q in quants) or any(d != dtypes[0] for d in dtypes):
+            raise InputError("CONCATENATION inputs must share one type and one grid (scale and zero point): "
+                             "LiteRT's integer kernel copies bytes; requantize the odd input first (QUANTIZE)")
+        return self._axis(len(shapes[0]))
+
+    @staticmethod
+    def run(axis: int, *arrays: NDArray) -> NDArray:
+        return np.concatenate(arrays, axis=axis)
+
+
+@dataclass(frozen=True, eq=False)
 class QuantizeNode(_Node):
     """QUANTIZE of tensor ``inputs[0]``: float32 -> ``output_dtype`` (int8 or int16:
     ``quantize``), or int8 / int16 -> ``output_dtype`` on a new grid (``requantize``), see
@@ -694,6 +737,7 @@ class LinearAttentionNode(_AttentionNode):
         return linear_attention_int8(q, k, v, record)
 
 
-Node = (FullyConnectedNode | AddNode | MulNode | LogisticNode | TanhNode | SoftmaxNode | MeanNode | ReshapeNode
+Node = (FullyConnectedNode | Conv2DNode | DepthwiseConv2DNode | AveragePool2DNode | MaxPool2DNode | PadNode
+        | AddNode | MulNode | LogisticNode | TanhNode | SoftmaxNode | MeanNode | ReshapeNode | ConcatenationNode
         | QuantizeNode | DequantizeNode | EmbeddingNode | AddConstantNode | LayerNormNode | SoftmaxAttentionNode
         | LinearAttentionNode)

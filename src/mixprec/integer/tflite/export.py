@@ -34,13 +34,13 @@ _OPTIONS = {"FULLY_CONNECTED": "FullyConnectedOptions", "ADD": "AddOptions", "MU
             "RESHAPE": None, "QUANTIZE": None, "DEQUANTIZE": None, "EMBEDDING": "GatherOptions",
             "ADD_CONSTANT": "AddOptions", "CONV_2D": "Conv2DOptions",
             "DEPTHWISE_CONV_2D": "DepthwiseConv2DOptions", "AVERAGE_POOL_2D": "Pool2DOptions",
-            "MAX_POOL_2D": "Pool2DOptions", "PAD": None}
+            "MAX_POOL_2D": "Pool2DOptions", "PAD": None, "CONCATENATION": "ConcatenationOptions"}
 #: mixprec operators written as a TFLite builtin of another name.
 BUILTIN_OF = {"EMBEDDING": "GATHER", "ADD_CONSTANT": "ADD"}
 #: Operator versions that cover int8 (and per-channel FULLY_CONNECTED).
 _VERSIONS = {"FULLY_CONNECTED": 5, "ADD": 2, "MUL": 2, "SOFTMAX": 2, "LOGISTIC": 2, "TANH": 2, "MEAN": 2,
              "RESHAPE": 1, "QUANTIZE": 2, "DEQUANTIZE": 2, "GATHER": 3, "CONV_2D": 3, "DEPTHWISE_CONV_2D": 3,
-             "AVERAGE_POOL_2D": 2, "MAX_POOL_2D": 2, "PAD": 2}
+             "AVERAGE_POOL_2D": 2, "MAX_POOL_2D": 2, "PAD": 2, "CONCATENATION": 2}
 
 
 def require_tflite():  # noqa: ANN202
@@ -187,6 +187,8 @@ def _options(builder, tflite, name: str, node, input_shape: tuple[int, ...]) -> 
         tflite.SoftmaxOptionsAddBeta(builder, float(node.beta))
     elif name == "ReducerOptions":
         tflite.ReducerOptionsAddKeepDims(builder, bool(node.keep_dims))
+    elif name == "ConcatenationOptions":
+        tflite.ConcatenationOptionsAddAxis(builder, int(node.axis))
     elif name == "GatherOptions":
         tflite.GatherOptionsAddAxis(builder, 0)
     elif name == "Pool2DOptions":

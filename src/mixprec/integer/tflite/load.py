@@ -3,15 +3,17 @@ package's flatbuffers readers; no TensorFlow).
 
 Supported: one subgraph of int8 tensors with FULLY_CONNECTED (int8 weights, optional int32
 bias), CONV_2D and DEPTHWISE_CONV_2D (likewise), AVERAGE_POOL_2D, MAX_POOL_2D, PAD, ADD (of
-two tensors, or of a tensor and an int8 constant), MUL, MEAN (constant axes), RESHAPE
-(constant shape tensor, batch free), LOGISTIC, TANH, SOFTMAX, QUANTIZE (float32 or int8
-input), DEQUANTIZE (float32 output) and GATHER (an int8 constant table on axis 0,
-int32 ids: an embedding), in the file's operator order, with a single output produced by the
-last operator. TFLite's 16x8 mode: FULLY_CONNECTED and the convolutions (int64 or int32 bias),
-the pools, PAD and RESHAPE on int16 tensors too, QUANTIZE between float32, int8 and int16,
-DEQUANTIZE of int16. Graph inputs are int8, int16, float32 or int32 (ids). Anything else is
-refused by name; a file that is not a complete .tflite flatbuffer is refused before anything
-is built.
+two tensors, or of a tensor and an int8 constant), MUL, MEAN (constant axes), CONCATENATION
+(of graph tensors on one grid), RESHAPE (a constant target with the batch first, -1 or 1, or
+without it, one -1 allowed; or the converter's dynamic-batch SHAPE -> STRIDED_SLICE -> PACK
+arithmetic, folded), EXPAND_DIMS and SQUEEZE away from the batch (read as RESHAPE),
+LOGISTIC, TANH, SOFTMAX, QUANTIZE (float32 or int8 input), DEQUANTIZE (float32 output) and
+GATHER (an int8 constant table on axis 0, int32 ids: an embedding), in the file's operator
+order, with a single output produced by the last operator. TFLite's 16x8 mode:
+FULLY_CONNECTED and the convolutions (int64 or int32 bias), the pools, PAD, CONCATENATION and
+the reshapes on int16 tensors too, QUANTIZE between float32, int8 and int16, DEQUANTIZE of
+int16. Graph inputs are int8, int16, float32 or int32 (ids). Anything else is refused by
+name; a file that is not a complete .tflite flatbuffer is refused before anything is built.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from mixprec.integer.graph.nodes import (
     AddConstantNode,
     AddNode,
     AveragePool2DNode,
+    ConcatenationNode,
     Conv2DNode,
     DepthwiseConv2DNode,
     DequantizeNode,
@@ -51,15 +54,19 @@ from mixprec.integer.tflite.export import ACTIVATION_CODES, require_tflite
 #: int32 shape arithmetic the converter writes for a dynamic-batch reshape (Keras Flatten):
 #: SHAPE -> STRIDED_SLICE (the batch) -> PACK (batch, sizes...) -> RESHAPE; folded at import.
 _SHAPE_OPS = ("SHAPE", "STRIDED_SLICE", "PACK")
+#: Operators that only relabel the dimensions, read as RESHAPE (the bytes do not change).
+_RESHAPES = ("RESHAPE", "EXPAND_DIMS", "SQUEEZE")
 SUPPORTED = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "AVERAGE_POOL_2D", "MAX_POOL_2D", "ADD", "MUL", "MEAN",
-             "RESHAPE", "PAD", "LOGISTIC", "TANH", "SOFTMAX", "QUANTIZE", "DEQUANTIZE", "GATHER", *_SHAPE_OPS)
+             "PAD", "CONCATENATION", "LOGISTIC", "TANH", "SOFTMAX", "QUANTIZE", "DEQUANTIZE", "GATHER", *_RESHAPES,
+             *_SHAPE_OPS)
 _CONVOLUTIONS = {"CONV_2D": Conv2DNode, "DEPTHWISE_CONV_2D": DepthwiseConv2DNode}
 _POOLS = {"AVERAGE_POOL_2D": AveragePool2DNode, "MAX_POOL_2D": MaxPool2DNode}
 #: Element types per opcode: (input types accepted, output types; None: the input's type).
 _TYPES = {"QUANTIZE": (("INT8", "INT16", "FLOAT32"), ("INT8", "INT16")),
           "DEQUANTIZE": (("INT8", "INT16"), ("FLOAT32",)),
           **{name: (("INT8", "INT16"), None) for name in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D",
-                                                          "AVERAGE_POOL_2D", "MAX_POOL_2D", "PAD", "RESHAPE")}}
+                                                          "AVERAGE_POOL_2D", "MAX_POOL_2D", "PAD", "CONCATENATION",
+                                                          *_RESHAPES)}}
 _KINDS = {"INT8": "int8", "INT16": "int16", "FLOAT32": "float32", "INT32": "int32"}
 
 
@@ -132,6 +139,46 @@ def _weights_and_bias(op_inputs: list[int], constant: Any, tensor_type: Any) -> 
     if len(op_inputs) < 3 or op_inputs[2] < 0:
         return weights, None
     return weights, constant(op_inputs[2], "<i8" if tensor_type(op_inputs[2]) == "INT64" else "<i4")
+
+
+def _reshape_target(name: str, op_index: int, operator: Any, op_inputs: list[int], symbolic: dict[int, object],
+                    constant: Any, in_dims: tuple[int, ...], out_dims: tuple[int, ...], tflite: Any) -> tuple[int, ...]:
+    """The non-batch sizes a RESHAPE / EXPAND_DIMS / SQUEEZE gives, as the converter writes them:
+    RESHAPE's target from folded shape arithmetic or a constant, with the batch first (-1 or
+    1) or without it, one -1 allowed among the sizes; EXPAND_DIMS and SQUEEZE (not on the batch)
+    take the output's declared sizes."""
+    per_example = int(np.prod(in_dims[1:]))
+    if name != "RESHAPE":
+        options = operator.BuiltinOptions()
+        if name == "SQUEEZE":
+            holder = tflite.SqueezeOptions()
+            if options is not None:
+                holder.Init(options.Bytes, options.Pos)
+            dims = holder.SqueezeDimsAsNumpy() if holder.SqueezeDimsLength() else []
+            touches_batch = len(dims) == 0 or any(int(d) in (0, -len(in_dims)) for d in dims)
+        else:
+            axis = int(constant(op_inputs[1], "<i4").reshape(-1)[0])
+            touches_batch = axis in (0, -len(in_dims) - 1)
+        if touches_batch or int(np.prod(out_dims[1:])) != per_example:
+            raise InputError(f"operator {op_index} ({name}) reshapes the batch dimension; mixprec keeps the batch "
+                             "first and free")
+        return out_dims[1:]
+    if len(op_inputs) < 2:
+        raise InputError(f"operator {op_index} (RESHAPE) has no shape tensor; mixprec reads that form only")
+    if op_inputs[1] in symbolic:  # (-1, sizes...) from folded shape arithmetic
+        target = symbolic[op_inputs[1]]
+        if not isinstance(target, tuple):
+            raise InputError(f"operator {op_index} (RESHAPE) takes its shape from {target!r}; mixprec folds only "
+                             "(batch, sizes...) packs")
+    else:
+        target = tuple(int(d) for d in constant(op_inputs[1], "<i4").reshape(-1))
+    for sizes in ((target[1:],) if target[:1] in ((-1,), (1,)) else ()) + (target,):
+        known = int(np.prod([d for d in sizes if d != -1]))
+        if sizes and sizes.count(-1) <= 1 and min(sizes) >= -1 and known > 0 and per_example % known == 0 and \
+                (-1 in sizes or known == per_example):
+            return tuple(per_example // known if d == -1 else d for d in sizes)
+    raise InputError(f"operator {op_index} (RESHAPE) has shape {target} for {in_dims[1:]} per batch element; mixprec "
+                     "reads shapes that keep the batch first (or leave it out) and give the other sizes")
 
 
 def _dims(tensor: Any) -> tuple[int, ...]:
@@ -210,11 +257,11 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
                              f"{tensor_type(output)}; mixprec supports {supported}")
         options = operator.BuiltinOptions()
         activation = "none"
-        if name in ("FULLY_CONNECTED", "ADD", "MUL", *_CONVOLUTIONS, *_POOLS):
+        if name in ("FULLY_CONNECTED", "ADD", "MUL", "CONCATENATION", *_CONVOLUTIONS, *_POOLS):
             holder = {"FULLY_CONNECTED": tflite.FullyConnectedOptions, "ADD": tflite.AddOptions,
                       "MUL": tflite.MulOptions, "CONV_2D": tflite.Conv2DOptions,
                       "DEPTHWISE_CONV_2D": tflite.DepthwiseConv2DOptions, "AVERAGE_POOL_2D": tflite.Pool2DOptions,
-                      "MAX_POOL_2D": tflite.Pool2DOptions}[name]()
+                      "MAX_POOL_2D": tflite.Pool2DOptions, "CONCATENATION": tflite.ConcatenationOptions}[name]()
             if options is not None:
                 holder.Init(options.Bytes, options.Pos)
                 code_value = holder.FusedActivationFunction()
@@ -248,20 +295,15 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
                 holder.Init(options.Bytes, options.Pos)
             axes = tuple(int(a) for a in constant(op_inputs[1], "<i4").reshape(-1))
             node = MeanNode((position[op_inputs[0]],), axes, quantization(output), bool(holder.KeepDims()))
-        elif name == "RESHAPE":
-            if len(op_inputs) < 2:
-                raise InputError(f"operator {op_index} (RESHAPE) has no shape tensor; mixprec reads that form only")
-            if op_inputs[1] in symbolic:  # (-1, sizes...) from folded shape arithmetic
-                new_shape = symbolic[op_inputs[1]]
-                if not isinstance(new_shape, tuple):
-                    raise InputError(f"operator {op_index} (RESHAPE) takes its shape from {new_shape!r}; mixprec "
-                                     "folds only (batch, sizes...) packs")
-            else:
-                new_shape = tuple(int(d) for d in constant(op_inputs[1], "<i4").reshape(-1))
-            if len(new_shape) < 2 or new_shape[0] not in (-1, 1) or -1 in new_shape[1:]:
-                raise InputError(f"operator {op_index} (RESHAPE) has shape {new_shape}; mixprec reads shapes that "
-                                 "keep the batch first and give every other size")
-            node = ReshapeNode((position[op_inputs[0]],), new_shape[1:])
+        elif name in _RESHAPES:
+            node = ReshapeNode((position[op_inputs[0]],), _reshape_target(
+                name, op_index, operator, op_inputs, symbolic, constant, _dims(subgraph.Tensors(op_inputs[0])),
+                _dims(subgraph.Tensors(output)), tflite))
+        elif name == "CONCATENATION":
+            if activation != "none" or any(is_constant(i) for i in op_inputs):
+                raise InputError(f"operator {op_index} (CONCATENATION) joins a constant or fuses an activation; "
+                                 "mixprec reads the concatenation of graph tensors")
+            node = ConcatenationNode(tuple(position[i] for i in op_inputs), int(holder.Axis()))
         elif name == "PAD":
             if quantization(output) != quantization(op_inputs[0]):
                 raise InputError(f"operator {op_index} (PAD) changes the quantization; mixprec reads PAD that keeps it")
