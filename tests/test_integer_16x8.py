@@ -20,6 +20,7 @@ from mixprec.integer import (
     FullyConnectedNode,
     Graph,
     MaxPool2DNode,
+    MulNode,
     Quantization,
     QuantizeNode,
     ReshapeNode,
@@ -163,8 +164,8 @@ def test_bad_16x8_input_is_refused() -> None:
     with pytest.raises(InputError, match="FULLY_CONNECTED output: an int16 zero point must be 0"):
         Graph((spec,), (fc,))
     # int16 reaches an operator that has no 16x8 form here: refused by name, not run wrongly
-    with pytest.raises(InputError, match=r"operator 0 \(ADD\) takes int8 inputs, but tensor 0 is int16"):
-        Graph((spec, spec), (AddNode((0, 1), grid),))
+    with pytest.raises(InputError, match=r"operator 0 \(MUL\) takes int8 inputs, but tensor 0 is int16"):
+        Graph((spec, spec), (MulNode((0, 1), grid),))
     # an int64 bias on int8 activations
     wide = FullyConnectedNode((0,), weights, Quantization.per_tensor(0.01), np.zeros(3, np.int64), grid)
     with pytest.raises(InputError, match="bias must be int32"):
@@ -262,3 +263,34 @@ def test_concatenation_is_byte_identical_to_litert_and_refuses_mixed_grids(dtype
         Graph((spec,), (ConcatenationNode((0, 0), axis=0),))
     with pytest.raises(InputError, match="equal in every other dimension"):
         Graph((spec,), (pool, ReshapeNode((1,), (4, 5, 3)), ConcatenationNode((0, 2), axis=-1)))
+
+
+def test_16x8_add_is_byte_identical_to_litert_and_the_power_of_two_form_is_refused(tmp_path: Path) -> None:
+    pytest.importorskip("ai_edge_litert")
+    tflite = pytest.importorskip("tflite")
+    rng = np.random.default_rng(11)
+    spec = TensorSpec("x", (1, 6, 5, 3), Quantization.per_tensor(0.004), "int16")
+    pool = MaxPool2DNode((0,), (2, 2), (1, 1), "SAME")
+    requantized = QuantizeNode((0,), Quantization.per_tensor(0.0023), "int16")
+    for activation in ("none", "relu", "relu6"):
+        add = AddNode((1, 2), Quantization.per_tensor(0.0061), activation)
+        graph = Graph((spec,), (pool, requantized, add))
+        inputs = rng.integers(-32768, 32768, (200, 6, 5, 3)).astype(np.int16)
+        path = tmp_path / f"add-{activation}.tflite"
+        export_tflite(graph, path)
+        expected = litert_outputs(path, inputs)
+        assert np.array_equal(graph(inputs), expected)
+        assert len(np.unique(expected)) > 200  # real arithmetic, not a saturated corner (ReLU6 gives 272 here)
+    # the same file flagged as the power-of-two-scale int16 ADD (another kernel) is refused
+    data = bytearray(path.read_bytes())
+    model = tflite.Model.GetRootAs(bytes(data), 0)
+    operator = model.Subgraphs(0).Operators(2)
+    table = operator.BuiltinOptions()
+    options = tflite.AddOptions()
+    options.Init(table.Bytes, table.Pos)
+    offset = options._tab.Offset(6)  # pot_scale_int16
+    assert offset and data[options._tab.Pos + offset] == 0
+    data[options._tab.Pos + offset] = 1
+    (tmp_path / "pot.tflite").write_bytes(bytes(data))
+    with pytest.raises(InputError, match="power-of-two-scale int16 ADD"):
+        load_tflite(tmp_path / "pot.tflite")

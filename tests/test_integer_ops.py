@@ -123,7 +123,7 @@ def test_integer_ops_refuse_bad_input() -> None:
         Graph((TensorSpec("x", (1, 8, 6), q),), (MeanNode((0,), (0,), q),))
     with pytest.raises(InputError, match=r"cannot turn \(8, 6\) into \(7, 7\)"):
         Graph((TensorSpec("x", (1, 8, 6), q),), (ReshapeNode((0,), (7, 7)),))
-    with pytest.raises(InputError, match="takes int8 inputs, but tensor 0 is float32"):
+    with pytest.raises(InputError, match="takes int8 or int16 inputs, but tensor 0 is float32"):
         Graph((TensorSpec("x", (1, 8), None, "float32"),), (MeanNode((0,), (1,), q),))
     with pytest.raises(InputError, match="float32 tensors carry no quantization"):
         TensorSpec("x", (1, 8), q, "float32")
@@ -153,5 +153,6 @@ def test_load_tflite_refuses_unsupported_tensor_types(tmp_path: Path) -> None:
     assert data[output._tab.Pos + offset] == tflite.TensorType.INT8
     data[output._tab.Pos + offset] = tflite.TensorType.INT16
     (tmp_path / "int16.tflite").write_bytes(bytes(data))
-    with pytest.raises(InputError, match="operator 0 \\(MEAN\\) maps INT8 to INT16; mixprec supports INT8 to INT8"):
+    with pytest.raises(InputError, match="operator 0 \\(MEAN\\) maps INT8 to INT16; mixprec supports INT8 or INT16 to "
+                                         "the same type"):
         load_tflite(tmp_path / "int16.tflite")

@@ -42,7 +42,7 @@ from mixprec.integer.ops.attention import (
 )
 from mixprec.integer.ops.conv import ConvParams, PoolParams, conv2d, pad, pool2d
 from mixprec.integer.ops.conversions import RequantizeParams, dequantize, quantize, requantize, requantize_params
-from mixprec.integer.ops.elementwise import ADD_LEFT_SHIFT, AddParams, MulParams, add, mul
+from mixprec.integer.ops.elementwise import ADD_LEFT_SHIFTS, AddParams, MulParams, add, mul
 from mixprec.integer.ops.fully_connected import FullyConnectedParams, fully_connected
 from mixprec.integer.ops.layer_norm import LayerNormParams, layer_norm, layer_norm_params
 from mixprec.integer.ops.mean import MeanParams, mean, mean_params, mean_shape
@@ -314,25 +314,31 @@ class _BinaryNode(_Node):
 
 
 @dataclass(frozen=True, eq=False)
-class AddNode(_BinaryNode):
-    """ADD of two tensors (broadcasting)."""
+class AddNode(_EitherWidth, _BinaryNode):
+    """ADD of two tensors (broadcasting), int8 or int16 (16x8, the general-scale path)."""
 
     opcode = "ADD"
 
-    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> AddParams:
+    def prepare(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]],
+                dtypes: Sequence[str]) -> AddParams:
         """LiteRT's ``Prepare``: ``twice_max = 2 * max(s_a, s_b)`` (float32); input multipliers
-        ``s / twice_max``; output ``twice_max / float32(2^20 * s_out)`` (in double)."""
+        ``s / twice_max``; output ``twice_max / float32(2^left_shift * s_out)`` (in double), the
+        left shift 20 for int8 and 15 for int16."""
+        if dtypes[0] != dtypes[1]:
+            raise InputError(f"ADD takes two tensors of one type, got {dtypes[0]} and {dtypes[1]}")
+        check_code_grid(dtypes[0], self.output_quant, "ADD output")
         s_a, s_b, s_out = quants[0].scale32[0], quants[1].scale32[0], self.output_quant.scale32[0]
         twice_max = np.float32(2) * max(s_a, s_b)
         a_m, a_s = quantize_multiplier(float(s_a) / float(twice_max))
         b_m, b_s = quantize_multiplier(float(s_b) / float(twice_max))
-        o_m, o_s = quantize_multiplier(float(twice_max) / float(np.float32(2**ADD_LEFT_SHIFT) * s_out))
-        low, high = activation_range(self.activation, self.output_quant)
+        left_shift = ADD_LEFT_SHIFTS[dtypes[0]]
+        o_m, o_s = quantize_multiplier(float(twice_max) / float(np.float32(2**left_shift) * s_out))
+        low, high = activation_range(self.activation, self.output_quant, dtypes[0])
         return AddParams(-quants[0].zero_point[0], -quants[1].zero_point[0], a_m, a_s, b_m, b_s, o_m, o_s,
-                         self.output_quant.zero_point[0], low, high)
+                         self.output_quant.zero_point[0], low, high, dtypes[0])
 
     @staticmethod
-    def run(record: AddParams, a: NDArray[np.int8], b: NDArray[np.int8]) -> NDArray[np.int8]:
+    def run(record: AddParams, a: NDArray, b: NDArray) -> NDArray:
         return add(a, b, record)
 
 
@@ -410,7 +416,7 @@ class SoftmaxNode(_UnaryNode):
 
 
 @dataclass(frozen=True, eq=False)
-class MeanNode(_Node):
+class MeanNode(_EitherWidth, _Node):
     """MEAN of tensor ``inputs[0]`` over ``axes`` (never the batch axis 0), optionally keeping
     the reduced dimensions (see :mod:`mixprec.integer.ops.mean`)."""
 
@@ -432,12 +438,14 @@ class MeanNode(_Node):
                              f"batch), got {self.axes}")
         return mean_shape(shapes[0], tuple(self.axes), self.keep_dims)
 
-    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> MeanParams:
+    def prepare(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]],
+                dtypes: Sequence[str]) -> MeanParams:
+        check_code_grid(dtypes[0], self.output_quant, "MEAN output")
         return mean_params(shapes[0], self.axes, self.keep_dims, quants[0].scale[0], quants[0].zero_point[0],
-                           self.output_quant.scale[0], self.output_quant.zero_point[0])
+                           self.output_quant.scale[0], self.output_quant.zero_point[0], dtypes[0])
 
     @staticmethod
-    def run(record: MeanParams, x: NDArray[np.int8]) -> NDArray[np.int8]:
+    def run(record: MeanParams, x: NDArray) -> NDArray:
         return mean(x, record)
 
 
@@ -640,7 +648,7 @@ class AddConstantNode(_Node):
 
     def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> tuple:
         add_node = AddNode((0, 1), self.output_quant)
-        return add_node.record([quants[0], self.constant_quant], shapes), self.constant
+        return add_node.prepare([quants[0], self.constant_quant], shapes, ("int8", "int8")), self.constant
 
     @staticmethod
     def run(record: tuple, x: NDArray[np.int8]) -> NDArray[np.int8]:

@@ -1,7 +1,9 @@
-"""Int8 elementwise ADD and MUL with TFLite reference semantics (numpy broadcasting, as
-TFLite's broadcasting kernels).
+"""Int8 elementwise ADD and MUL, and 16x8 ADD, with TFLite reference semantics (numpy
+broadcasting, as TFLite's broadcasting kernels).
 
-ADD (``reference_integer_ops::Add``), with ``left_shift = 20``::
+ADD (``reference_integer_ops::Add``), with ``left_shift = 20`` (int8) or 15 (int16, the
+general-scale 16x8 path TensorFlow's converter selects with ``pot_scale_int16 = false``; the
+offsets are then 0)::
 
     a' = MBQM((a + a_offset) * 2^20, a_multiplier, a_shift)
     b' = MBQM((b + b_offset) * 2^20, b_multiplier, b_shift)
@@ -14,7 +16,8 @@ MUL (``reference_integer_ops::Mul``)::
 ``MBQM`` is :func:`mixprec.integer.core.fixedpoint.multiply_by_quantized_multiplier` (gemmlowp's
 high multiply, then a rounding shift: two roundings, ties away from zero), as in LiteRT's
 reference kernels. Every intermediate fits int32: ``|a + a_offset| <=
-255`` so ``255 * 2^20 < 2^28``, and products of offset values are at most ``255^2``.
+255`` so ``255 * 2^20 < 2^28`` (int16: ``2^15 * 2^15 = 2^30``), and products of offset values
+are at most ``255^2``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from mixprec.errors import InputError
 from mixprec.integer.core.fixedpoint import multiply_by_quantized_multiplier
 
 ADD_LEFT_SHIFT = 20
+#: ADD's left shift per activation type.
+ADD_LEFT_SHIFTS = {"int8": ADD_LEFT_SHIFT, "int16": 15}
 
 
 def _check_offsets(*offsets: int) -> None:
@@ -35,10 +40,11 @@ def _check_offsets(*offsets: int) -> None:
         raise InputError(f"offsets must lie in [-255, 255], got {offsets}")
 
 
-def _check_int8(name: str, *arrays: NDArray[np.int8]) -> None:
+def _check_codes(name: str, dtype: type, *arrays: NDArray) -> None:
     for array in arrays:
-        if not isinstance(array, np.ndarray) or array.dtype != np.int8:
-            raise InputError(f"{name} takes int8 numpy arrays, got {getattr(array, 'dtype', type(array).__name__)}")
+        if not isinstance(array, np.ndarray) or array.dtype != dtype:
+            raise InputError(f"{name} takes {np.dtype(dtype).name} numpy arrays, got "
+                             f"{getattr(array, 'dtype', type(array).__name__)}")
     try:
         np.broadcast_shapes(*(a.shape for a in arrays))
     except ValueError:
@@ -47,7 +53,7 @@ def _check_int8(name: str, *arrays: NDArray[np.int8]) -> None:
 
 @dataclass(frozen=True)
 class AddParams:
-    """Runtime record of an int8 ADD: integers only."""
+    """Runtime record of an ADD on int8 or int16 (``dtype``): integers only."""
 
     a_offset: int
     b_offset: int
@@ -60,22 +66,28 @@ class AddParams:
     output_offset: int
     activation_min: int = -128
     activation_max: int = 127
+    dtype: str = "int8"
 
     def __post_init__(self) -> None:
         _check_offsets(self.a_offset, self.b_offset, self.output_offset)
         if max(self.a_shift, self.b_shift, self.output_shift) > 0:
             raise InputError("ADD multipliers must be smaller than one (shifts <= 0)")
+        if self.dtype not in ADD_LEFT_SHIFTS:
+            raise InputError(f"ADD runs on int8 or int16, got {self.dtype!r}")
+        if self.dtype == "int16" and (self.a_offset or self.b_offset or self.output_offset):
+            raise InputError("16x8 ADD takes zero points 0")
 
 
-def add(a: NDArray[np.int8], b: NDArray[np.int8], params: AddParams) -> NDArray[np.int8]:
-    """Int8 ``a + b`` (see module docstring)."""
-    _check_int8("add", a, b)
-    shifted_a = (a.astype(np.int64) + params.a_offset) << ADD_LEFT_SHIFT
-    shifted_b = (b.astype(np.int64) + params.b_offset) << ADD_LEFT_SHIFT
+def add(a: NDArray, b: NDArray, params: AddParams) -> NDArray:
+    """``a + b`` of the record's type (see module docstring)."""
+    _check_codes("add", np.dtype(params.dtype).type, a, b)
+    left_shift = ADD_LEFT_SHIFTS[params.dtype]
+    shifted_a = (a.astype(np.int64) + params.a_offset) << left_shift
+    shifted_b = (b.astype(np.int64) + params.b_offset) << left_shift
     total = (multiply_by_quantized_multiplier(shifted_a, params.a_multiplier, params.a_shift).astype(np.int64)
              + multiply_by_quantized_multiplier(shifted_b, params.b_multiplier, params.b_shift))
     out = multiply_by_quantized_multiplier(total, params.output_multiplier, params.output_shift).astype(np.int64)
-    return np.clip(out + params.output_offset, params.activation_min, params.activation_max).astype(np.int8)
+    return np.clip(out + params.output_offset, params.activation_min, params.activation_max).astype(params.dtype)
 
 
 @dataclass(frozen=True)
@@ -96,7 +108,7 @@ class MulParams:
 
 def mul(a: NDArray[np.int8], b: NDArray[np.int8], params: MulParams) -> NDArray[np.int8]:
     """Int8 ``a * b`` (see module docstring)."""
-    _check_int8("mul", a, b)
+    _check_codes("mul", np.int8, a, b)
     product = (a.astype(np.int64) + params.a_offset) * (b.astype(np.int64) + params.b_offset)
     out = multiply_by_quantized_multiplier(product, params.multiplier, params.shift).astype(np.int64)
     return np.clip(out + params.output_offset, params.activation_min, params.activation_max).astype(np.int8)

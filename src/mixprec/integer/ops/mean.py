@@ -1,4 +1,4 @@
-"""Int8 MEAN over non-batch axes with LiteRT's reference semantics
+"""Int8 and int16 (16x8) MEAN over non-batch axes with LiteRT's reference semantics
 (``reference_ops::QuantizedMeanOrSum``, which its reference MEAN kernel uses for every int8
 case). Integers only; ``1/count`` is folded into the output multiplier::
 
@@ -6,11 +6,11 @@ case). Integers only; ``1/count`` is folded into the output multiplier::
     k = min(floor(log2(count)), 32, 31 + shift)             # headroom taken from the multiplier
     multiplier = (multiplier * 2^k) // count                # truncating (both positive)
     shift = shift - k
-    out = clamp(MBQM(sum(q) - zp_in * count, multiplier, shift) + zp_out, -128, 127)
+    out = clamp(MBQM(sum(q) - zp_in * count, multiplier, shift) + zp_out, lo, hi)
 
 with :func:`~mixprec.integer.core.fixedpoint.multiply_by_quantized_multiplier` (two roundings, ties
-away from zero). The sum is exact: at most 2^23 int8 elements per output keep
-``|sum - zp_in * count| <= 255 * 2^23`` inside int32.
+away from zero), ``[lo, hi]`` the type's range. The sum is exact and inside int32: at most 2^23
+int8 elements per output (``|sum - zp_in * count| <= 255 * 2^23``), or 2^16 int16 ones.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from numpy.typing import NDArray
 
 from mixprec.errors import InputError
 from mixprec.integer.core.fixedpoint import multiply_by_quantized_multiplier, quantize_multiplier
-from mixprec.integer.core.tensors import require_array
+from mixprec.integer.core.tensors import CODE_RANGES, require_array
 
 MAX_MEAN_COUNT = 2**23
+#: The most elements per output whose int32 sum is exact, per activation type.
+MAX_MEAN_COUNTS = {"int8": MAX_MEAN_COUNT, "int16": 2**16}
 
 
 @dataclass(frozen=True)
@@ -39,21 +41,26 @@ class MeanParams:
     output_zero_point: int
     multiplier: int
     shift: int
+    dtype: str = "int8"
 
 
 def mean_params(shape: tuple[int, ...], axes: tuple[int, ...], keep_dims: bool, input_scale: float,
-                input_zero_point: int, output_scale: float, output_zero_point: int) -> MeanParams:
+                input_zero_point: int, output_scale: float, output_zero_point: int,
+                dtype: str = "int8") -> MeanParams:
     """The record LiteRT's ``Prepare`` and ``Eval`` compute for a MEAN over ``axes`` of ``shape``."""
     axes = tuple(sorted(set(int(a) for a in axes)))
     if not axes or any(not 1 <= a < len(shape) for a in axes):
         raise InputError(f"MEAN reduces axes among 1..{len(shape) - 1} (axis 0 is the batch), got {axes}")
     count = int(np.prod([shape[a] for a in axes]))
-    if count > MAX_MEAN_COUNT:
-        raise InputError(f"MEAN over {count} elements exceeds {MAX_MEAN_COUNT}, the most whose int32 sum is exact")
+    if dtype not in MAX_MEAN_COUNTS:
+        raise InputError(f"MEAN runs on int8 or int16, got {dtype!r}")
+    if count > MAX_MEAN_COUNTS[dtype]:
+        raise InputError(f"MEAN over {count} {dtype} elements exceeds {MAX_MEAN_COUNTS[dtype]}, the most whose int32 "
+                         "sum is exact")
     multiplier, shift = quantize_multiplier(float(np.float32(input_scale)) / float(np.float32(output_scale)))
     headroom = min(count.bit_length() - 1, 32, 31 + shift)
     return MeanParams(axes, keep_dims, count, int(input_zero_point), int(output_zero_point),
-                      (multiplier << headroom) // count, shift - headroom)
+                      (multiplier << headroom) // count, shift - headroom, dtype)
 
 
 def mean_shape(shape: tuple[int, ...], axes: tuple[int, ...], keep_dims: bool) -> tuple[int, ...]:
@@ -63,9 +70,9 @@ def mean_shape(shape: tuple[int, ...], axes: tuple[int, ...], keep_dims: bool) -
     return tuple(d for i, d in enumerate(shape) if i not in axes)
 
 
-def mean(q: NDArray[np.int8], params: MeanParams) -> NDArray[np.int8]:
-    """int8 ``q`` -> int8 mean over ``params.axes`` (see module docstring)."""
-    require_array("mean", q, np.int8)
+def mean(q: NDArray, params: MeanParams) -> NDArray:
+    """``q`` -> its mean over ``params.axes``, int8 or int16 as the record says (see module docstring)."""
+    require_array("mean", q, np.dtype(params.dtype).type)
     count = int(np.prod([q.shape[a] for a in params.axes])) if q.ndim > max(params.axes) else -1
     if count != params.count:
         raise InputError(f"mean over axes {params.axes} was built for {params.count} elements per output; "
@@ -73,4 +80,4 @@ def mean(q: NDArray[np.int8], params: MeanParams) -> NDArray[np.int8]:
     total = q.astype(np.int64).sum(axis=params.axes, keepdims=params.keep_dims)
     scaled = multiply_by_quantized_multiplier(total - params.input_zero_point * params.count, params.multiplier,
                                               params.shift).astype(np.int64)
-    return np.clip(scaled + params.output_zero_point, -128, 127).astype(np.int8)
+    return np.clip(scaled + params.output_zero_point, *CODE_RANGES[params.dtype]).astype(params.dtype)

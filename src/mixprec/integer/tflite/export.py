@@ -210,6 +210,8 @@ def _options(builder, tflite, name: str, node, input_shape: tuple[int, ...]) -> 
     else:
         activation = getattr(node, "activation", "none")
         getattr(tflite, f"{name}AddFusedActivationFunction")(builder, ACTIVATION_CODES[activation])
+        if name == "AddOptions":  # the general-scale 16x8 ADD (the schema's default is the power-of-two one)
+            tflite.AddOptionsAddPotScaleInt16(builder, False)
     return getattr(tflite, f"{name}End")(builder)
 
 

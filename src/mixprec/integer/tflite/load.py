@@ -10,10 +10,11 @@ arithmetic, folded), EXPAND_DIMS and SQUEEZE away from the batch (read as RESHAP
 LOGISTIC, TANH, SOFTMAX, QUANTIZE (float32 or int8 input), DEQUANTIZE (float32 output) and
 GATHER (an int8 constant table on axis 0, int32 ids: an embedding), in the file's operator
 order, with a single output produced by the last operator. TFLite's 16x8 mode:
-FULLY_CONNECTED and the convolutions (int64 or int32 bias), the pools, PAD, CONCATENATION and
-the reshapes on int16 tensors too, QUANTIZE between float32, int8 and int16, DEQUANTIZE of
-int16. Graph inputs are int8, int16, float32 or int32 (ids). Anything else is refused by
-name; a file that is not a complete .tflite flatbuffer is refused before anything is built.
+FULLY_CONNECTED and the convolutions (int64 or int32 bias), the pools, PAD, CONCATENATION, the
+reshapes, MEAN and ADD (its general-scale form, ``pot_scale_int16 = false``) on int16 tensors
+too, QUANTIZE between float32, int8 and int16, DEQUANTIZE of int16. Graph inputs are int8,
+int16, float32 or int32 (ids). Anything else is refused by name; a file that is not a
+complete .tflite flatbuffer is refused before anything is built.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ _TYPES = {"QUANTIZE": (("INT8", "INT16", "FLOAT32"), ("INT8", "INT16")),
           "DEQUANTIZE": (("INT8", "INT16"), ("FLOAT32",)),
           **{name: (("INT8", "INT16"), None) for name in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D",
                                                           "AVERAGE_POOL_2D", "MAX_POOL_2D", "PAD", "CONCATENATION",
-                                                          *_RESHAPES)}}
+                                                          "ADD", "MEAN", *_RESHAPES)}}
 _KINDS = {"INT8": "int8", "INT16": "int16", "FLOAT32": "float32", "INT32": "int32"}
 
 
@@ -330,6 +331,9 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
             node = AddConstantNode((position[op_inputs[0]],), constant(op_inputs[1], "<i1").astype(np.int8),
                                    quantization(op_inputs[1]), quantization(output))
         elif name in ("ADD", "MUL"):
+            if name == "ADD" and tensor_type(output) == "INT16" and (options is None or holder.PotScaleInt16()):
+                raise InputError(f"operator {op_index} (ADD) is the power-of-two-scale int16 ADD; mixprec reads the "
+                                 "general-scale 16x8 ADD (pot_scale_int16 = false) that TensorFlow's converter writes")
             node_class = AddNode if name == "ADD" else MulNode
             node = node_class((position[op_inputs[0]], position[op_inputs[1]]), quantization(output), activation)
         else:
