@@ -294,3 +294,31 @@ def test_16x8_add_is_byte_identical_to_litert_and_the_power_of_two_form_is_refus
     (tmp_path / "pot.tflite").write_bytes(bytes(data))
     with pytest.raises(InputError, match="power-of-two-scale int16 ADD"):
         load_tflite(tmp_path / "pot.tflite")
+
+
+def test_16x8_softmax_is_byte_identical_to_litert(tmp_path: Path) -> None:
+    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("tflite")
+    from mixprec.integer import SoftmaxNode
+    from mixprec.integer.ops.softmax16 import int16_table, softmax16_params
+
+    rng = np.random.default_rng(5)
+    for index, (scale, beta) in enumerate([(0.0002, 1.0), (0.0007, 0.5), (0.003, 1.0), (0.01, 2.0), (1e-5, 1.0)]):
+        graph = Graph((TensorSpec("x", (1, 3, 12), Quantization.per_tensor(scale), "int16"),),
+                      (SoftmaxNode((0,), beta),))
+        assert graph.tensor_dtypes[-1] == "int16" and graph.output_quant == Quantization.per_tensor(1 / 32768)
+        path = tmp_path / f"softmax{index}.tflite"
+        export_tflite(graph, path)
+        inputs = rng.integers(-32768, 32768, (300, 3, 12)).astype(np.int16)
+        inputs[0] = 0  # a flat row
+        inputs[1, :, 0], inputs[1, :, 1:] = 32767, -32768  # one winner
+        expected = litert_outputs(path, inputs)
+        assert np.array_equal(graph(inputs), expected)
+        assert np.array_equal(load_tflite(path)(inputs), expected)
+    # the tables interpolate exp and 1 / (1 + x) to within 2 LSB of Q0.15 at every point of their grids
+    exp_table = softmax16_params(0.001, 1.0).exp_table
+    assert exp_table.shape == (513,) and exp_table[-1] == 32767
+    assert np.abs(exp_table[:-1] - np.exp(np.linspace(-10, 0, 513)[:-1]) * 32768).max() <= 2
+    with pytest.raises(InputError, match="beta must be a positive"):
+        softmax16_params(0.001, 0.0)
+    assert int16_table(lambda v: 0.5, 0.0, 1.0).tolist() == [16384] * 513

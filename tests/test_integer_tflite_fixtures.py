@@ -74,6 +74,9 @@ def _int16_inputs(rng: np.random.Generator, shape: tuple[int, ...], scale: float
                      "RESHAPE", "FULLY_CONNECTED"]),
     ("pooled_cnn_16x8_float_io", ["QUANTIZE", "CONV_2D", "PAD", "MAX_POOL_2D", "DEPTHWISE_CONV_2D",
                                   "AVERAGE_POOL_2D", "RESHAPE", "FULLY_CONNECTED", "FULLY_CONNECTED", "DEQUANTIZE"]),
+    # MEAN and the 16x8 SOFTMAX (interpolated exp and reciprocal tables)
+    ("ds_cnn_softmax_16x8", ["CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D", "MEAN",
+                             "FULLY_CONNECTED", "SOFTMAX"]),
     # the 16x8 ADD (general scales) and MEAN
     ("residual_cnn_16x8", ["CONV_2D", "MAX_POOL_2D", "CONV_2D", "ADD", "DEPTHWISE_CONV_2D", "AVERAGE_POOL_2D",
                            "MEAN", "FULLY_CONNECTED"]),

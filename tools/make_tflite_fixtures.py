@@ -167,7 +167,8 @@ def main(folder: str) -> None:
                         ("flatten_residual_int8", flatten_residual), ("ds_cnn_16x8", ds_cnn_pooled),
                         ("pooled_cnn_16x8_float_io", pooled_cnn), ("concat_reshape_int8", concat_reshape),
                         ("concat_reshape_static_batch_int8", lambda: concat_reshape(batch=1)),
-                        ("concat_reshape_16x8", concat_reshape), ("residual_cnn_16x8", residual_cnn)):
+                        ("concat_reshape_16x8", concat_reshape), ("residual_cnn_16x8", residual_cnn),
+                        ("ds_cnn_softmax_16x8", ds_cnn)):
         rng = np.random.default_rng(0)
         tf.keras.utils.set_random_seed(0)
         model = build()

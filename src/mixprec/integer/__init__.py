@@ -1,14 +1,14 @@
 """Integer-only engine in TFLite int8 conventions, with half-precision islands.
 
-Operators byte-identical to LiteRT's reference kernels: FULLY_CONNECTED (per-tensor and
-per-channel weights, int32 bias, ReLU/ReLU6 in the clamp), CONV_2D and DEPTHWISE_CONV_2D,
-AVERAGE_POOL_2D, MAX_POOL_2D, PAD, CONCATENATION, ADD and MUL (unequal scales, broadcasting), MEAN,
-RESHAPE, LOGISTIC and TANH (float32 tables), SOFTMAX (gemmlowp fixed point), QUANTIZE,
-DEQUANTIZE, EMBEDDING (TFLite's GATHER) and ADD_CONSTANT (positional encodings; TFLite's
-ADD); beyond TFLite's builtins, LAYER_NORM, SOFTMAX_ATTENTION and LINEAR_ATTENTION in integers.
+Operators byte-identical to LiteRT's reference kernels: FULLY_CONNECTED (per-tensor and per-
+channel weights, int32 bias, ReLU/ReLU6 in the clamp), CONV_2D and DEPTHWISE_CONV_2D,
+AVERAGE_POOL_2D, MAX_POOL_2D, PAD, CONCATENATION, ADD and MUL (unequal scales, broadcasting),
+MEAN, RESHAPE, LOGISTIC and TANH (float32 tables), SOFTMAX (gemmlowp fixed point), QUANTIZE,
+DEQUANTIZE, EMBEDDING (TFLite's GATHER) and ADD_CONSTANT (positional encodings; TFLite's ADD);
+beyond TFLite's builtins, LAYER_NORM, SOFTMAX_ATTENTION and LINEAR_ATTENTION in integers.
 TFLite's 16x8 mode (int16 activations with zero point 0, int8 weights, int64 biases) for
-FULLY_CONNECTED, the convolutions, pooling, PAD, RESHAPE and CONCATENATION, with QUANTIZE between int8 and
-int16 so one graph mixes both per operator.
+FULLY_CONNECTED, the convolutions, pooling, PAD, RESHAPE, CONCATENATION, ADD, MEAN and SOFTMAX,
+with QUANTIZE between int8 and int16 so one graph mixes both per operator.
 
 The layers, each importing only from those above it:
 

@@ -59,7 +59,7 @@ class Graph:
                 records.append(node.prepare(in_quants, in_shapes, in_dtypes))
             except InputError as exc:
                 raise InputError(f"operator {index} ({node.opcode}): {exc}") from None
-            quants.append(node.result_quant(in_quants))
+            quants.append(node.result_grid(in_quants, in_dtypes))
             dtypes.append(node.result_dtype(in_dtypes))
         object.__setattr__(self, "_records", tuple(records))
         object.__setattr__(self, "_shapes", tuple(shapes))

@@ -6,10 +6,11 @@ A node's ``inputs`` are tensor numbers of its graph; ``output_dtype`` is ``"int8
 stated; ``output_quant`` is the output's quantization (None for float32 outputs).
 
 TFLite's 16x8 mode: FULLY_CONNECTED, CONV_2D and DEPTHWISE_CONV_2D (int8 weights, int64 or
-int32 bias), the pools, PAD, RESHAPE and CONCATENATION take int16 tensors (zero point 0) as well as int8 and
-give the type they take; QUANTIZE converts float32, int8 and int16 into either type and
-DEQUANTIZE reads both, so one graph mixes int8 and int16 per operator. The other operators
-take int8 only, and the graph refuses an int16 tensor there by name.
+int32 bias), the pools, PAD, RESHAPE, CONCATENATION, ADD, MEAN and SOFTMAX take int16 tensors
+(zero point 0) as well as int8 and give the type they take; QUANTIZE converts float32, int8 and
+int16 into either type and DEQUANTIZE reads both, so one graph mixes int8 and int16 per
+operator. The other operators take int8 only, and the graph refuses an int16 tensor there by
+name.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from mixprec.integer.ops.elementwise import ADD_LEFT_SHIFTS, AddParams, MulParam
 from mixprec.integer.ops.fully_connected import FullyConnectedParams, fully_connected
 from mixprec.integer.ops.layer_norm import LayerNormParams, layer_norm, layer_norm_params
 from mixprec.integer.ops.mean import MeanParams, mean, mean_params, mean_shape
+from mixprec.integer.ops.softmax16 import SOFTMAX16_OUTPUT, Softmax16Params, softmax16, softmax16_params
 
 
 class _Node:
@@ -61,6 +63,11 @@ class _Node:
     def result_dtype(self, dtypes: Sequence[str]) -> str:
         """The output tensor's element type given the inputs' (most ops fix their own)."""
         return self.output_dtype
+
+    def result_grid(self, quants: Sequence[Quantization | None], dtypes: Sequence[str]) -> Quantization | None:
+        """The output's quantization given the inputs' quantizations and types (by default
+        :meth:`result_quant`; an op whose fixed grid depends on the type says so)."""
+        return self.result_quant(quants)
 
     def prepare(self, quants: Sequence[Quantization | None], shapes: Sequence[tuple[int, ...]],
                 dtypes: Sequence[str]) -> object:
@@ -401,18 +408,25 @@ class TanhNode(LogisticNode):
 
 
 @dataclass(frozen=True, eq=False)
-class SoftmaxNode(_UnaryNode):
-    """SOFTMAX over the last axis with ``beta``."""
+class SoftmaxNode(_EitherWidth, _UnaryNode):
+    """SOFTMAX over the last axis with ``beta``: int8 (output grid ``1/256, -128``) or 16x8
+    (int16, output grid ``1/32768, 0``; :mod:`mixprec.integer.ops.softmax16`)."""
 
     beta: float = 1.0
     opcode = "SOFTMAX"
 
-    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> SoftmaxParams:
+    def result_grid(self, quants: Sequence[Quantization | None], dtypes: Sequence[str]) -> Quantization | None:
+        return Quantization.per_tensor(*SOFTMAX16_OUTPUT) if dtypes[0] == "int16" else self.output_quant
+
+    def prepare(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]],
+                dtypes: Sequence[str]) -> SoftmaxParams | Softmax16Params:
+        if dtypes[0] == "int16":
+            return softmax16_params(float(quants[0].scale32[0]), self.beta)
         return softmax_params(float(quants[0].scale32[0]), self.beta)
 
     @staticmethod
-    def run(record: SoftmaxParams, x: NDArray[np.int8]) -> NDArray[np.int8]:
-        return softmax(x, record)
+    def run(record: SoftmaxParams | Softmax16Params, x: NDArray) -> NDArray:
+        return softmax16(x, record) if isinstance(record, Softmax16Params) else softmax(x, record)
 
 
 @dataclass(frozen=True, eq=False)
