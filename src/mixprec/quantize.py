@@ -86,21 +86,22 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
     with torch.no_grad():
         while plans:
             plan = plans.pop(0)
-            if plan.precision.family != "fp32":
-                module = plan.module
-                if plan.name in folds:
-                    module = folded_conv(module, model.get_submodule(folds[plan.name]))
-                    replace_module(model, folds[plan.name], nn.Identity())
-                new = build(module, plan.precision, input_qparams.get(plan.name), hessians.pop(plan.name, None))
-                if plan.name in folds:
-                    new.folded_batchnorm = folds[plan.name]
-                if plan.name in relus:
-                    new.fused_relu = relus[plan.name]
-                    replace_module(model, relus[plan.name], nn.Identity())
-                replace_module(model, plan.name, new)
-                built.append((plan.name, new))
-                del module
-            del plan  # the float layer is freed here unless the caller holds it
+            name, precision, module = plan.name, plan.precision, plan.module
+            del plan
+            if precision.family != "fp32":
+                if name in folds:  # the folded copy replaces the layer before the original's memory is needed again
+                    module = folded_conv(module, model.get_submodule(folds[name]))
+                    replace_module(model, name, module)
+                    replace_module(model, folds[name], nn.Identity())
+                new = build(module, precision, input_qparams.get(name), hessians.pop(name, None))
+                if name in folds:
+                    new.folded_batchnorm = folds[name]
+                if name in relus:
+                    new.fused_relu = relus[name]
+                    replace_module(model, relus[name], nn.Identity())
+                replace_module(model, name, new)
+                built.append((name, new))
+            del module  # the float layer is freed here unless the caller holds it
     warn_slow_paths(built)
     if built:
         guard_save_pretrained(model)
