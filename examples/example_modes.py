@@ -24,6 +24,9 @@ from mixprec.io_utils import atomic_path
 GOLDENS = Path(__file__).resolve().parent / "goldens"
 #: Issue 4's parity targets for the keyword spotter: worst error in output steps and of the range.
 MAX_LSB, MAX_OF_RANGE = 1.0, 0.001
+#: Issue 16's target for the 16x8 pipeline against float32, as a fraction of the output range (an
+#: int16 output step is far below the half island's own rounding, so steps are no measure there).
+MAX_OF_RANGE_16X8 = 0.0015
 
 
 def load_model(name: str, make: Callable[[], KeywordSpotter]) -> KeywordSpotter:
@@ -63,8 +66,10 @@ def stored_model(name: str, make_model: Callable[[], torch.nn.Module], train: Ca
 
 
 def write_golden(name: str, codes: np.ndarray) -> None:
-    """Store the int8 output bytes of example ``name``."""
-    path = GOLDENS / f"{name}.int8"
+    """Store the output codes' bytes of example ``name`` (``<name>.int8``, or ``.int16`` in 16x8,
+    little-endian)."""
+    path = GOLDENS / f"{name}.{codes.dtype.name}"
+    codes = codes.astype(codes.dtype.newbyteorder("<"))
     with atomic_path(path) as tmp:
         tmp.write_bytes(codes.tobytes())
     print(f"wrote {GOLDENS / f'{name}.safetensors'} and {path} ({codes.nbytes} bytes)")
@@ -77,11 +82,13 @@ def run_modes(name: str, make_model: Callable[[], KeywordSpotter], train: Callab
     parser = argparse.ArgumentParser(prog=name, description=f"{name}: the integer engine's keyword spotter")
     parser.add_argument("mode", choices=["run", "bench", "golden", "plot"])
     parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="the half island")
+    parser.add_argument("--activations", choices=["int8", "int16"], default="int8",
+                        help="the integer stages' activations: int8, or int16 (TFLite's 16x8 mode)")
     parser.add_argument("--batch", type=int, default=4096, help="bench: samples per batch")
     parser.add_argument("--out", type=Path, default=Path("runs") / name, help="bench/plot output folder")
     args = parser.parse_args(argv)
     model = stored_model(name, make_model, train, retrain=args.mode == "golden")
-    pipeline = build_pipeline(model, calibration, args.dtype)
+    pipeline = build_pipeline(model, calibration, args.dtype, args.activations)
     if args.mode == "golden":
         write_golden(name, pipeline.run_codes(held_out.numpy()))
         return 0
@@ -101,7 +108,7 @@ def report_parity(pipeline, model: KeywordSpotter, held_out: torch.Tensor, label
     mixed_accuracy = float((torch.from_numpy(mixed) == labels).float().mean())
     print(f"held-out samples: {len(held_out)}; output step {figures['step']:.5f}, float output range "
           f"{figures['range']:.3f}")
-    print(f"accuracy: float32 {float_accuracy:.4f}, int8/half pipeline {mixed_accuracy:.4f}; "
+    print(f"accuracy: float32 {float_accuracy:.4f}, {pipeline.input_kind}/half pipeline {mixed_accuracy:.4f}; "
           f"argmax agreement {figures['agreement']:.4f}")
     verdicts = []
     for label, title in (("engine", "engine vs exact simulation of the quantized model"),
@@ -112,7 +119,7 @@ def report_parity(pipeline, model: KeywordSpotter, held_out: torch.Tensor, label
         print(f"{title}: worst {figures[f'{label}_worst']:.5f} = {lsb:.3f} steps "
               f"[<= {MAX_LSB}: {'PASS' if lsb_ok else 'FAIL'}] = {100 * of_range:.3f}% of range "
               f"[<= {100 * MAX_OF_RANGE}%: {'PASS' if range_ok else 'FAIL'}]")
-        if label == "float" and not (lsb_ok and range_ok):
+        if label == "float" and not (lsb_ok and range_ok) and pipeline.input_kind == "int8":
             print("  (the % FAILs are expected with int8 activations: half a step of an int8 output grid spanning "
                   "the range is already 0.196% of it; the exit code follows the engine's parity in steps, <= 1 "
                   "step; int16 activations, below, are what can meet the float target)")
@@ -121,6 +128,11 @@ def report_parity(pipeline, model: KeywordSpotter, held_out: torch.Tensor, label
           f"{figures['float_worst_unsaturated_lsb']:.3f} steps vs float32)")
     print(f"with int16 activations on the same ranges (TFLite 16x8, simulated exactly): worst "
           f"{100 * figures['int16_worst_of_range']:.3f}% of range vs float32")
+    if pipeline.input_kind == "int16":
+        met = figures["float_worst_of_range"] <= MAX_OF_RANGE_16X8
+        print(f"16x8 target, pipeline vs float32: {100 * figures['float_worst_of_range']:.3f}% of range "
+              f"[<= {100 * MAX_OF_RANGE_16X8}%: {'PASS' if met else 'FAIL'}] (the exit code follows this one)")
+        return 0 if met else 1
     return 0 if verdicts[0] else 1
 
 

@@ -2,8 +2,10 @@
 bit patterns, see :mod:`mixprec.integer.half.formats`), and between Qm.n fixed point and affine int8.
 
 - int8 -> half: the real value ``scale * (q - zero_point)`` is exact in float64 (a float32
-  times a 9-bit integer), then rounded once to the half format (nearest, ties to even).
-- half -> int8: ``q = clamp(round_half_even(x / scale) + zero_point, -128, 127)``. The float64
+  times a 9-bit integer; 17 bits for int16 codes), then rounded once to the half format
+  (nearest, ties to even).
+- half -> int8: ``q = clamp(round_half_even(x / scale) + zero_point, -128, 127)`` (int16 codes,
+  TFLite's 16x8 activations: zero point 0, clamped to ``[-32768, 32767]``). The float64
   quotient cannot land on a false tie (``x`` has at most 11 significant bits and ``scale`` 24,
   so a true quotient off a tie differs from it by far more than float64's rounding). Rules
   for non-finite inputs: +inf -> 127, -inf -> -128 (saturating, like every other overflow);
@@ -21,7 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
-from mixprec.integer.core.tensors import Quantization, require_array
+from mixprec.integer.core.tensors import CODE_RANGES, Quantization, check_code_grid, require_array
 from mixprec.integer.half.formats import (
     HalfArray,
     bfloat16_to_float32,
@@ -33,10 +35,12 @@ from mixprec.integer.half.formats import (
 from mixprec.integer.ops.conversions import requantize, requantize_params
 
 
-def int8_to_half_table(quant: Quantization, dtype: str) -> NDArray[np.float32]:
-    """The 256 half values of codes -128..127 under ``quant`` (index ``code + 128``), as float32."""
+def int8_to_half_table(quant: Quantization, dtype: str, codes: str = "int8") -> NDArray[np.float32]:
+    """The half values of every code of ``codes`` (int8: -128..127, index ``code + 128``; int16:
+    index ``code + 32768``) under ``quant``, as float32."""
     _check_per_tensor(quant)
-    return round_to_format(quant.values_of(np.arange(-128, 128)), dtype).astype(np.float32)
+    low, high = CODE_RANGES[codes]
+    return round_to_format(quant.values_of(np.arange(low, high + 1)), dtype).astype(np.float32)
 
 
 def int8_to_half(q: NDArray[np.int8], quant: Quantization, dtype: str = "float16") -> HalfArray:
@@ -57,15 +61,17 @@ def half_to_int8(x: NDArray, quant: Quantization) -> NDArray[np.int8]:
     return half_values_to_int8(x.astype(np.float32) if x.dtype == np.float16 else bfloat16_to_float32(x), quant)
 
 
-def half_values_to_int8(x: NDArray[np.float32], quant: Quantization) -> NDArray[np.int8]:
-    """:func:`half_to_int8` of half values held in float32 (the islands' working form)."""
+def half_values_to_int8(x: NDArray[np.float32], quant: Quantization, codes: str = "int8") -> NDArray:
+    """:func:`half_to_int8` of half values held in float32 (the islands' working form); int16
+    codes when ``codes="int16"``."""
     _check_per_tensor(quant)
+    check_code_grid(codes, quant, "the half -> integer bridge")
     real = np.asarray(x, dtype=np.float64)
     nan = int(np.isnan(real).sum())
     if nan:
-        raise InputError(f"{nan} NaN values reached the half -> int8 bridge; NaN has no int8 code "
+        raise InputError(f"{nan} NaN values reached the half -> {codes} bridge; NaN has no {codes} code "
                          "(find where the half-precision island produced them)")
-    return quant.nearest_codes(real)
+    return quant.nearest_codes(real, codes)
 
 
 @dataclass(frozen=True)

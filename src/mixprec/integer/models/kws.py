@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from mixprec.errors import InputError
-from mixprec.integer.build.layers import calibrate, fully_connected_from, linear_attention_from
-from mixprec.integer.core.tensors import Quantization, TensorSpec
+from mixprec.integer.build.layers import calibrate_as, fully_connected_from, linear_attention_from
+from mixprec.integer.core.tensors import CODE_RANGES, Quantization, TensorSpec
 from mixprec.integer.graph.graph import Graph
 from mixprec.integer.graph.simulate import exact_operator, linear_attention_exact, onto_grid
 from mixprec.integer.half.pipeline import AttentionPoolStage, IntegerStage, Pipeline, ToHalfStage, ToInt8Stage
@@ -60,8 +60,13 @@ class KeywordSpotter(nn.Module):
         return self.stages(x)["logits"]
 
 
-def build_pipeline(model: KeywordSpotter, calibration: torch.Tensor, dtype: str = "float16") -> Pipeline:
-    """The mixed pipeline of ``model``, every int8 grid calibrated on ``calibration`` ``[N, S, F]``."""
+def build_pipeline(model: KeywordSpotter, calibration: torch.Tensor, dtype: str = "float16",
+                   activations: str = "int8") -> Pipeline:
+    """The mixed pipeline of ``model``, every integer grid calibrated on ``calibration`` ``[N, S, F]``:
+    int8 activations, or ``activations="int16"`` for TFLite's 16x8 mode (symmetric int16 grids,
+    int64 biases; the weights stay int8)."""
+    if activations not in ("int8", "int16"):
+        raise InputError(f"activations must be 'int8' or 'int16', got {activations!r}")
     if not isinstance(model, KeywordSpotter):
         raise InputError(f"build_pipeline takes a KeywordSpotter, got {type(model).__name__}")
     if calibration.ndim != 3 or calibration.shape[-1] != model.frontend.in_features:
@@ -69,21 +74,23 @@ def build_pipeline(model: KeywordSpotter, calibration: torch.Tensor, dtype: str 
                          f"got {tuple(calibration.shape)}")
     with torch.no_grad():  # in float64, so the grids do not hang on float32 summation order
         observed = copy.deepcopy(model).double().stages(calibration.double())
-    quants = {name: calibrate(values) for name, values in observed.items()}
+    quants = {name: calibrate_as(activations, values) for name, values in observed.items()}
     steps, features = calibration.shape[1:]
     width = model.frontend.out_features
-    frontend = Graph((TensorSpec("features", (1, steps, features), quants["input"]),),
-                     (fully_connected_from(model.frontend, 0, quants["input"], quants["frontend"], "relu"),))
-    classifier = Graph((TensorSpec("pooled", (1, width), quants["pooled"]),),
-                       (fully_connected_from(model.classifier, 0, quants["pooled"], quants["logits"]),))
+    frontend = Graph((TensorSpec("features", (1, steps, features), quants["input"], activations),),
+                     (fully_connected_from(model.frontend, 0, quants["input"], quants["frontend"], "relu",
+                                           activations=activations),))
+    classifier = Graph((TensorSpec("pooled", (1, width), quants["pooled"], activations),),
+                       (fully_connected_from(model.classifier, 0, quants["pooled"], quants["logits"],
+                                             activations=activations),))
     head = model.attention
     attention = linear_attention_from(head.query, head.key, head.value, head.epsilon, dtype)
     return Pipeline(quants["input"], (steps, features), (
-        IntegerStage("frontend_int8", frontend),
-        ToHalfStage("bridge_to_half", quants["frontend"], dtype, (steps, width)),
+        IntegerStage(f"frontend_{activations}", frontend),
+        ToHalfStage("bridge_to_half", quants["frontend"], dtype, (steps, width), activations),
         AttentionPoolStage("attention_pool_half", attention, (steps, width)),
-        ToInt8Stage("bridge_to_int8", quants["pooled"], (width,)),
-        IntegerStage("classifier_int8", classifier),
+        ToInt8Stage(f"bridge_to_{activations}", quants["pooled"], (width,), activations),
+        IntegerStage(f"classifier_{activations}", classifier),
     ))
 
 
@@ -107,7 +114,8 @@ def parity(pipeline: Pipeline, model: KeywordSpotter, x: torch.Tensor) -> dict[s
         result |= {f"{label}_worst": worst, f"{label}_worst_lsb": worst / step, f"{label}_worst_of_range": worst / span}
     int16 = simulate(pipeline, x.double().numpy(), activation_bits=16)
     result["int16_worst_of_range"] = float(np.abs(int16 - reference).max() / span)
-    inside = (codes > -128) & (codes < 127)  # outputs not clipped at the calibrated range's ends
+    low, high = CODE_RANGES[pipeline.input_kind]
+    inside = (codes > low) & (codes < high)  # outputs not clipped at the calibrated range's ends
     result["saturated"] = float((~inside).mean())
     result["float_worst_unsaturated_lsb"] = float(np.abs(got - reference)[inside].max(initial=0.0) / step)
     return result
@@ -123,7 +131,11 @@ def simulate(pipeline: Pipeline, x: np.ndarray, activation_bits: int = 8) -> np.
     frontend, to_half, pool, to_int8, classifier = pipeline.stages
     assert isinstance(frontend, IntegerStage) and isinstance(pool, AttentionPoolStage)
 
+    codes = pipeline.input_kind
+
     def grid(values: np.ndarray, quant: Quantization) -> np.ndarray:
+        if codes == "int16":  # a 16x8 pipeline's grids are int16 already
+            return quant.values_of(quant.nearest_codes(values, "int16"))
         return onto_grid(values, quant, activation_bits)
 
     inputs = grid(np.asarray(x, np.float64), pipeline.input_quant)
@@ -149,6 +161,8 @@ class FusedKeywordSpotter:
                 len(stage.graph.nodes) != 1 for stage in (pipeline.stages[0], pipeline.stages[4])):
             raise InputError("FusedKeywordSpotter takes the pipeline build_pipeline makes "
                              "(frontend, bridge, attention pool, bridge, classifier)")
+        if pipeline.input_kind != "int8":
+            raise InputError("FusedKeywordSpotter runs the int8 pipeline; run a 16x8 one as pipeline(x)")
         frontend, to_half, pool, to_int8, classifier = pipeline.stages
         self.pipeline = pipeline
         attention = pool.attention
