@@ -24,6 +24,7 @@ from mixprec.integer import (
     Quantization,
     QuantizeNode,
     ReshapeNode,
+    TanhNode,
     TensorSpec,
     export_tflite,
     load_tflite,
@@ -164,8 +165,8 @@ def test_bad_16x8_input_is_refused() -> None:
     with pytest.raises(InputError, match="FULLY_CONNECTED output: an int16 zero point must be 0"):
         Graph((spec,), (fc,))
     # int16 reaches an operator that has no 16x8 form here: refused by name, not run wrongly
-    with pytest.raises(InputError, match=r"operator 0 \(MUL\) takes int8 inputs, but tensor 0 is int16"):
-        Graph((spec, spec), (MulNode((0, 1), grid),))
+    with pytest.raises(InputError, match=r"operator 0 \(TANH\) takes int8 inputs, but tensor 0 is int16"):
+        Graph((spec,), (TanhNode((0,)),))
     # an int64 bias on int8 activations
     wide = FullyConnectedNode((0,), weights, Quantization.per_tensor(0.01), np.zeros(3, np.int64), grid)
     with pytest.raises(InputError, match="bias must be int32"):
@@ -265,7 +266,7 @@ def test_concatenation_is_byte_identical_to_litert_and_refuses_mixed_grids(dtype
         Graph((spec,), (pool, ReshapeNode((1,), (4, 5, 3)), ConcatenationNode((0, 2), axis=-1)))
 
 
-def test_16x8_add_is_byte_identical_to_litert_and_the_power_of_two_form_is_refused(tmp_path: Path) -> None:
+def test_16x8_add_and_mul_are_byte_identical_to_litert_and_the_power_of_two_add_is_refused(tmp_path: Path) -> None:
     pytest.importorskip("ai_edge_litert")
     tflite = pytest.importorskip("tflite")
     rng = np.random.default_rng(11)
@@ -274,17 +275,19 @@ def test_16x8_add_is_byte_identical_to_litert_and_the_power_of_two_form_is_refus
     requantized = QuantizeNode((0,), Quantization.per_tensor(0.0023), "int16")
     for activation in ("none", "relu", "relu6"):
         add = AddNode((1, 2), Quantization.per_tensor(0.0061), activation)
-        graph = Graph((spec,), (pool, requantized, add))
+        mul = MulNode((1, 3), Quantization.per_tensor(0.21), activation)
+        graph = Graph((spec,), (pool, requantized, add, mul, AddNode((3, 4), Quantization.per_tensor(0.2))))
         inputs = rng.integers(-32768, 32768, (200, 6, 5, 3)).astype(np.int16)
         path = tmp_path / f"add-{activation}.tflite"
         export_tflite(graph, path)
         expected = litert_outputs(path, inputs)
         assert np.array_equal(graph(inputs), expected)
-        assert len(np.unique(expected)) > 200  # real arithmetic, not a saturated corner (ReLU6 gives 272 here)
+        if activation == "none":  # real arithmetic, not a saturated corner (ReLU6 leaves 61 codes here)
+            assert len(np.unique(expected)) > 1000
     # the same file flagged as the power-of-two-scale int16 ADD (another kernel) is refused
     data = bytearray(path.read_bytes())
     model = tflite.Model.GetRootAs(bytes(data), 0)
-    operator = model.Subgraphs(0).Operators(2)
+    operator = model.Subgraphs(0).Operators(2)  # the first ADD
     table = operator.BuiltinOptions()
     options = tflite.AddOptions()
     options.Init(table.Bytes, table.Pos)

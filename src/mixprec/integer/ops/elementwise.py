@@ -1,4 +1,4 @@
-"""Int8 elementwise ADD and MUL, and 16x8 ADD, with TFLite reference semantics (numpy
+"""Int8 and 16x8 elementwise ADD and MUL with TFLite reference semantics (numpy
 broadcasting, as TFLite's broadcasting kernels).
 
 ADD (``reference_integer_ops::Add``), with ``left_shift = 20`` (int8) or 15 (int16, the
@@ -92,7 +92,7 @@ def add(a: NDArray, b: NDArray, params: AddParams) -> NDArray:
 
 @dataclass(frozen=True)
 class MulParams:
-    """Runtime record of an int8 MUL: integers only."""
+    """Runtime record of a MUL on int8 or int16 (``dtype``; 16x8: zero points 0): integers only."""
 
     a_offset: int
     b_offset: int
@@ -101,14 +101,19 @@ class MulParams:
     output_offset: int
     activation_min: int = -128
     activation_max: int = 127
+    dtype: str = "int8"
 
     def __post_init__(self) -> None:
         _check_offsets(self.a_offset, self.b_offset, self.output_offset)
+        if self.dtype not in ADD_LEFT_SHIFTS:
+            raise InputError(f"MUL runs on int8 or int16, got {self.dtype!r}")
+        if self.dtype == "int16" and (self.a_offset or self.b_offset or self.output_offset):
+            raise InputError("16x8 MUL takes zero points 0")
 
 
-def mul(a: NDArray[np.int8], b: NDArray[np.int8], params: MulParams) -> NDArray[np.int8]:
-    """Int8 ``a * b`` (see module docstring)."""
-    _check_codes("mul", np.int8, a, b)
+def mul(a: NDArray, b: NDArray, params: MulParams) -> NDArray:
+    """``a * b`` of the record's type (see module docstring; an int16 product fits int32)."""
+    _check_codes("mul", np.dtype(params.dtype).type, a, b)
     product = (a.astype(np.int64) + params.a_offset) * (b.astype(np.int64) + params.b_offset)
     out = multiply_by_quantized_multiplier(product, params.multiplier, params.shift).astype(np.int64)
-    return np.clip(out + params.output_offset, params.activation_min, params.activation_max).astype(np.int8)
+    return np.clip(out + params.output_offset, params.activation_min, params.activation_max).astype(params.dtype)

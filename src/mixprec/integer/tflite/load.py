@@ -10,11 +10,11 @@ arithmetic, folded), EXPAND_DIMS and SQUEEZE away from the batch (read as RESHAP
 TANH, SOFTMAX, QUANTIZE (float32 or int8 input), DEQUANTIZE (float32 output) and GATHER (an
 int8 constant table on axis 0, int32 ids: an embedding), in the file's operator order, with a
 single output produced by the last operator. TFLite's 16x8 mode: FULLY_CONNECTED and the
-convolutions (int64 or int32 bias), the pools, PAD, CONCATENATION, the reshapes, MEAN, SOFTMAX
-and ADD (its general-scale form, ``pot_scale_int16 = false``) on int16 tensors too, QUANTIZE
-between float32, int8 and int16, DEQUANTIZE of int16. Graph inputs are int8, int16, float32 or
-int32 (ids). Anything else is refused by name; a file that is not a complete .tflite flatbuffer
-is refused before anything is built.
+convolutions (int64 or int32 bias), the pools, PAD, CONCATENATION, the reshapes, MEAN, MUL,
+SOFTMAX and ADD (its general-scale form, ``pot_scale_int16 = false``) on int16 tensors too,
+QUANTIZE between float32, int8 and int16, DEQUANTIZE of int16. Graph inputs are int8, int16,
+float32 or int32 (ids). Anything else is refused by name; a file that is not a complete .tflite
+flatbuffer is refused before anything is built.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ _TYPES = {"QUANTIZE": (("INT8", "INT16", "FLOAT32"), ("INT8", "INT16")),
           "DEQUANTIZE": (("INT8", "INT16"), ("FLOAT32",)),
           **{name: (("INT8", "INT16"), None) for name in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D",
                                                           "AVERAGE_POOL_2D", "MAX_POOL_2D", "PAD", "CONCATENATION",
-                                                          "ADD", "MEAN", "SOFTMAX", *_RESHAPES)}}
+                                                          "ADD", "MUL", "MEAN", "SOFTMAX", *_RESHAPES)}}
 _KINDS = {"INT8": "int8", "INT16": "int16", "FLOAT32": "float32", "INT32": "int32"}
 
 
