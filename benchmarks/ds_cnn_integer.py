@@ -5,8 +5,10 @@ batched throughput against LiteRT's interpreters, one process.
 
 Trains the CNN study's DS-CNN (15 epochs, seed 0, speaker ``lucas`` held out), folds its
 BatchNorms, converts it with :func:`mixprec.integer.build.cnn.cnn_graph_from` (512 training
-samples calibrate every tensor), in int8 and in TFLite's 16x8 mode, and scores the float32
-model and both graphs on the 500 held-out recordings. Each graph is exported to .tflite and run
+samples calibrate every tensor), in int8, in TFLite's 16x8 mode and in the int8/int16 mix
+:func:`~mixprec.integer.build.mix.choose_activation_types` picks within ``--budget`` times the
+int8 graph's activation arena (256 other training samples measure its sensitivities), and
+scores the float32 model and the three graphs on the 500 held-out recordings. Each graph is exported to .tflite and run
 in LiteRT: its reference
 kernels (``BUILTIN_REF``, which must give the same bytes) and its default optimized kernels.
 Samples per second on the 500 test inputs in one call: medians of interleaved rounds.
@@ -25,6 +27,7 @@ from torch import nn
 import mixprec
 from mixprec.integer import export_tflite
 from mixprec.integer.build.cnn import cnn_graph_from
+from mixprec.integer.build.mix import arena_bytes, choose_activation_types, graph_input
 from mixprec.report.results import print_table
 from mixprec.studies.cnn_models import DSCNN, per_sample_scores, seeded, spoken_digits_task, train
 from mixprec.timing import interleaved_medians
@@ -54,6 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help="data folder holding fsdd/")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=1.3, help="the searched mix's arena, x the int8 graph's")
     args = parser.parse_args()
     task = spoken_digits_task(args.data, "lucas")
     model = train(seeded(DSCNN, 0), task, 15, 0)
@@ -64,12 +68,21 @@ def main() -> None:
     calls: dict = {"float32 PyTorch eager": lambda: model(task.x_test)}
     accuracy = {"float32": float(per_sample_scores(model, task.x_test, task.y_test)[0].mean())}
     same: dict[str, bool] = {}
+    arenas: dict[str, int] = {}
+    calibration, validation = task.x_train[pick[:512]], task.x_train[pick[512:768]]
+    mix = choose_activation_types(layers, calibration, validation, budget=args.budget)
+    graphs = {"int8": cnn_graph_from(layers, calibration), "16x8": cnn_graph_from(layers, calibration,
+                                                                                 activations="int16"),
+              f"searched mix ({args.budget}x int8 arena)": mix.graph}
+    wide = [f"{index}:{type(layer).__name__}" for index, (layer, kind) in enumerate(zip(layers, mix.types))
+            if kind == "int16"]
+    print(f"searched mix: int16 activations for layers {', '.join(wide) or 'none'}; int8 elsewhere")
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
-        for kind, label in (("int8", "int8"), ("int16", "16x8")):
-            graph = cnn_graph_from(layers, task.x_train[pick[:512]], activations=kind)
-            inputs = graph.inputs[0].quant.nearest_codes(task.x_test.permute(0, 2, 3, 1).numpy(), kind)
+        for index, (label, graph) in enumerate(graphs.items()):
+            inputs = graph_input(graph, task.x_test)
             engine_out = graph(inputs)
-            path = Path(folder) / f"ds_cnn_{kind}.tflite"
+            arenas[label] = arena_bytes(graph)
+            path = Path(folder) / f"ds_cnn_{index}.tflite"
             export_tflite(graph, path)
             reference, optimized = litert_runner(path, inputs, True), litert_runner(path, inputs, False)
             same[label] = bool(np.array_equal(reference(), engine_out))
@@ -83,6 +96,8 @@ def main() -> None:
                 ("path", "samples_per_s"))
     print("accuracy: " + ", ".join(f"{name} {100 * value:.2f}%" for name, value in accuracy.items()))
     print("engine bytes == LiteRT BUILTIN_REF: " + ", ".join(f"{name} {value}" for name, value in same.items()))
+    print("activation arena, bytes per sample: " + ", ".join(f"{name} {value:,}" for name, value in arenas.items()))
+
 
 if __name__ == "__main__":
     main()

@@ -325,3 +325,36 @@ def test_16x8_softmax_is_byte_identical_to_litert(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="beta must be a positive"):
         softmax16_params(0.001, 0.0)
     assert int16_table(lambda v: 0.5, 0.0, 1.0).tolist() == [16384] * 513
+
+
+def test_the_activation_mix_search_keeps_its_budget_and_lowers_the_error() -> None:
+    import torch
+    from torch import nn
+
+    import mixprec
+    from mixprec.integer.build.mix import arena_bytes, choose_activation_types, output_error
+    from mixprec.studies.cnn_models import DSCNN
+
+    torch.manual_seed(0)
+    model = DSCNN(width=16, blocks=2).eval()
+    mixprec.fold_batchnorm(model)
+    layers = [*model.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), model.head]
+    calibration, validation = torch.randn(64, 1, 49, 10), torch.randn(48, 1, 49, 10)
+    with torch.no_grad():
+        reference = nn.Sequential(*layers)(validation).numpy()
+    from mixprec.integer.build.cnn import cnn_graph_from
+
+    int8_error = output_error(cnn_graph_from(layers, calibration), validation, reference)
+    # the arena is the largest operator's: int16 where it does not raise that maximum costs nothing
+    free = choose_activation_types(layers, calibration, validation, budget=1.0)
+    assert free.arena == free.int8_arena and free.error <= int8_error
+    mix = choose_activation_types(layers, calibration, validation, budget=1.5)
+    assert free.arena < mix.arena <= 1.5 * mix.int8_arena
+    assert mix.types.count("int16") > free.types.count("int16") and mix.error < free.error
+    assert mix.error == output_error(mix.graph, validation, reference)
+    # the arena of a chain: the largest input + output of one operator (bytes per sample)
+    first = mix.graph
+    sizes = [int(np.prod(s[1:])) * np.dtype(d).itemsize for s, d in zip(first.tensor_shapes, first.tensor_dtypes)]
+    assert arena_bytes(first) == max(sizes[k] + sizes[k + 1] for k in range(len(sizes) - 1))
+    with pytest.raises(InputError, match="at least 1.0"):
+        choose_activation_types(layers, calibration, validation, budget=0.5)
