@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             with torch.no_grad():
                 reference = model(x).numpy().ravel()
             out = graph.output_quant
-            plot_parity(reference, out.values_of(graph(ids)).ravel(), float(out.scale32[0]), args.out / f"{name}.png")
+            plot_parity(reference, out.values_of(graph(ids)).ravel(), float(out.scale32[0]), args.out / f"{name}.png",
+                        f"encoder stack {name!r}: int8 engine, {len(ids)} held-out sequences")
         else:
             f = evaluate(model, graph, x, y)
             passed = f["float_worst_of_range"] <= MAX_OF_RANGE

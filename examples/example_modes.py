@@ -96,7 +96,7 @@ def run_modes(name: str, make_model: Callable[[], KeywordSpotter], train: Callab
         return report_parity(pipeline, model, held_out, labels)
     if args.mode == "bench":
         return bench(pipeline, held_out, args.batch, args.out)
-    return plot(pipeline, model, held_out, args.out)
+    return plot(pipeline, model, held_out, args.out, name)
 
 
 def report_parity(pipeline, model: KeywordSpotter, held_out: torch.Tensor, labels: torch.Tensor) -> int:  # noqa: ANN001
@@ -152,28 +152,34 @@ def bench(pipeline, held_out: torch.Tensor, batch: int, out: Path) -> int:  # no
     return 0
 
 
-def plot(pipeline, model: KeywordSpotter, held_out: torch.Tensor, out: Path) -> int:  # noqa: ANN001
+def plot(pipeline, model: KeywordSpotter, held_out: torch.Tensor, out: Path, name: str = "") -> int:  # noqa: ANN001
     with torch.no_grad():
         reference = model(held_out).numpy().ravel()
+    title = f"{name}: {pipeline.input_kind} stages, {pipeline.stages[2].dtype} island, {len(held_out)} held-out"
     plot_parity(reference, pipeline.run_float(held_out.numpy()).ravel(), float(pipeline.output_quant.scale32[0]),
-                out / "parity.png")
+                out / f"parity_{pipeline.input_kind}.png", title)
     return 0
 
 
-def plot_parity(reference: np.ndarray, got: np.ndarray, step: float, path: Path) -> None:
-    """Scatter of float vs dequantized int8 outputs, and the absolute error per element."""
+def plot_parity(reference: np.ndarray, got: np.ndarray, step: float, path: Path, title: str) -> None:
+    """Scatter of float vs dequantized engine outputs against the line y = x, and the absolute
+    error per element against one output step; ``title`` names the model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.scatter(reference, got, s=2)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    figure.suptitle(title)
+    ends = [float(min(reference.min(), got.min())), float(max(reference.max(), got.max()))]
+    left.plot(ends, ends, color="grey", linewidth=0.8, label="y = x")
+    left.scatter(reference, got, s=2, label="outputs")
     left.set(xlabel="float32 output", ylabel="integer engine output (dequantized)", title="float vs engine")
-    right.plot(np.abs(got - reference), ".", markersize=2)
+    left.legend(loc="upper left", fontsize="small")
+    right.plot(np.abs(got - reference), ".", markersize=2, label="|error|")
     right.axhline(step, color="red", label="one output step")
     right.set(xlabel="output element", ylabel="|error|", title="absolute error per element")
-    right.legend()
+    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize="small")  # below: data stays clear
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
