@@ -72,7 +72,7 @@ def write_golden(name: str, codes: np.ndarray) -> None:
     codes = codes.astype(codes.dtype.newbyteorder("<"))
     with atomic_path(path) as tmp:
         tmp.write_bytes(codes.tobytes())
-    print(f"wrote {GOLDENS / f'{name}.safetensors'} and {path} ({codes.nbytes} bytes)")
+    print(f"wrote {path} ({codes.nbytes} bytes)")
 
 
 def run_modes(name: str, make_model: Callable[[], KeywordSpotter], train: Callable[[KeywordSpotter], None],
