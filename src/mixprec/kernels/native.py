@@ -22,7 +22,7 @@ import torch
 
 _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("int8_rows.cpp", "int4_weights.cpp", "kv_dequant.cpp", "kv_attention.cpp", "kws_pipeline.cpp",
-                         "w4a8_gemm.cpp")]
+                         "w4a8_gemm.cpp", "tflite_conv.cpp")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 
 
@@ -162,6 +162,11 @@ def kv_decode_attention(query: torch.Tensor, key_codes: torch.Tensor, key_scale:
     """One decode step of attention read from the quantized cache (see csrc/kv_attention.cpp)."""
     return torch.ops.mixprec.kv_decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale,
                                                  value_zero, recent_keys, recent_values, group, bits, scaling)
+
+
+def tflite_conv2d_s8(*args: object) -> torch.Tensor:
+    """The integer engine's int8 CONV_2D / DEPTHWISE_CONV_2D (see csrc/tflite_conv.cpp; arguments as there)."""
+    return torch.ops.mixprec.tflite_conv2d_s8(*args)
 
 
 def kws_pipeline(*args: object) -> tuple[torch.Tensor, int]:
