@@ -182,13 +182,16 @@ def test_bad_pooling_is_refused() -> None:
         MaxPool2DNode((0,), (3, 3)).output_shape([(1, 2, 2, 4)])
 
 
-def test_the_native_convolution_is_byte_identical_to_the_numpy_reference() -> None:
+@pytest.mark.parametrize("dtype", ["int8", "int16"])
+def test_the_native_convolution_is_byte_identical_to_the_numpy_reference(dtype: str) -> None:
     from mixprec.integer.ops.conv import ConvParams, _conv2d_native, conv2d_reference
     from mixprec.kernels import native
 
     if not native.available():
         pytest.skip(f"native kernels unavailable: {native.load_error()}")
     rng = np.random.default_rng(13)
+    wide = dtype == "int16"
+    code_range = 32768 if wide else 128
     for trial in range(40):
         depthwise = bool(trial % 2)
         channels = int(rng.integers(1, 9)) if trial % 4 < 2 else int(rng.integers(14, 40))  # both kernel branches
@@ -198,21 +201,22 @@ def test_the_native_convolution_is_byte_identical_to_the_numpy_reference() -> No
         weights = rng.integers(-127, 128, shape).astype(np.int8)
         per = out if trial % 3 else 1
         multiplier = rng.integers(2**30, 2**31 - 1, per).astype(np.int32)
+        multiplier[:1] = 0x7FFF0000 + int(rng.integers(0, 0xFFFF))  # the reduced 16x8 form's saturating branch
         window = kernel[0] * kernel[1] * (1 if depthwise else channels)
-        # a rescale that maps the typical accumulator (~ 128 * 74 * sqrt(window)) to tens of steps; one
-        # trial in eight shifts left instead, the saturating corner of the arithmetic
-        typical = int(np.log2(128 * 74 * np.sqrt(window) / 40))
+        # a rescale that maps the typical accumulator (~ range/2 * 74 * sqrt(window)) to tens of steps (hundreds
+        # for int16); one trial in eight shifts left instead, the saturating corner of the arithmetic
+        typical = int(np.log2(code_range * 74 * np.sqrt(window) / (40 * (256 if wide else 1))))
         shift = (rng.integers(0, 2, per) if trial % 8 == 7 else -typical + rng.integers(-1, 2, per)).astype(np.int32)
-        offset = int(rng.integers(-20, 20))
-        low = offset if trial % 3 == 0 else -128  # a fused ReLU's clamp in every third trial
-        reach = int(128 * 74 * np.sqrt(window))
-        bias = rng.integers(-reach, reach, out).astype(np.int32) if trial % 4 else None
+        offset = 0 if wide else int(rng.integers(-20, 20))
+        low = offset if trial % 3 == 0 else -code_range  # a fused ReLU's clamp in every third trial
+        reach = int(code_range * 74 * np.sqrt(window))
+        bias = rng.integers(-reach, reach, out).astype(np.int64 if wide else np.int32) if trial % 4 else None
         stride, dilation = (tuple(int(v) for v in rng.integers(1, 3, 2)) for _ in range(2))
-        params = ConvParams(weights=weights, bias=bias, input_offset=int(rng.integers(-127, 128)),
+        params = ConvParams(weights=weights, bias=bias, input_offset=0 if wide else int(rng.integers(-127, 128)),
                             multiplier=multiplier, shift=shift, output_offset=offset, stride=stride,
                             dilation=dilation, padding="SAME" if trial % 5 else "VALID", depthwise=depthwise,
-                            activation_min=low, activation_max=127)
-        x = rng.integers(-128, 128, (int(rng.integers(1, 6)), int(rng.integers(9, 16)), int(rng.integers(9, 16)),
-                                     channels)).astype(np.int8)
+                            activation_min=low, activation_max=code_range - 1, dtype=dtype)
+        x = rng.integers(-code_range, code_range, (int(rng.integers(1, 6)), int(rng.integers(9, 16)),
+                                                   int(rng.integers(9, 16)), channels)).astype(dtype)
         expected = conv2d_reference(x, params)
         assert np.array_equal(_conv2d_native(x, params), expected), trial

@@ -164,9 +164,10 @@ def kv_decode_attention(query: torch.Tensor, key_codes: torch.Tensor, key_scale:
                                                  value_zero, recent_keys, recent_values, group, bits, scaling)
 
 
-def tflite_conv2d_s8(*args: object) -> torch.Tensor:
-    """The integer engine's int8 CONV_2D / DEPTHWISE_CONV_2D (see csrc/tflite_conv.cpp; arguments as there)."""
-    return torch.ops.mixprec.tflite_conv2d_s8(*args)
+def tflite_conv2d(*args: object) -> torch.Tensor:
+    """The integer engine's int8 / 16x8 CONV_2D and DEPTHWISE_CONV_2D (see csrc/tflite_conv.cpp;
+    arguments as there)."""
+    return torch.ops.mixprec.tflite_conv2d(*args)
 
 
 def kws_pipeline(*args: object) -> tuple[torch.Tensor, int]:

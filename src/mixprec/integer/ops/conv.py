@@ -129,22 +129,22 @@ def _windows(x: NDArray, params: ConvParams, out_h: int, out_w: int) -> NDArray[
 
 def conv2d(x: NDArray, params: ConvParams) -> NDArray:
     """``x`` ``[N, H, W, C]`` of the record's type (int8 or int16) -> the same type
-    ``[N, H', W', out]`` (see module docstring): int8 by mixprec's native kernel when it is
-    built (``csrc/tflite_conv.cpp``, the same arithmetic in integers), else by
+    ``[N, H', W', out]`` (see module docstring): by mixprec's native kernel when it is built
+    (``csrc/tflite_conv.cpp``, the same arithmetic in integers), else by
     :func:`conv2d_reference`."""
     require_array("conv2d", x, np.dtype(params.dtype).type)
-    if params.dtype == "int8" and native.available():
+    if native.available():
         return _conv2d_native(x, params)
     return conv2d_reference(x, params)
 
 
-def _conv2d_native(x: NDArray[np.int8], params: ConvParams) -> NDArray[np.int8]:
+def _conv2d_native(x: NDArray, params: ConvParams) -> NDArray:
     _, out_h, out_w, _ = params.output_shape(x.shape)
     (kh, kw), (sh, sw), (dh, dw) = params.weights.shape[1:3], params.stride, params.dilation
     _, pad_top = output_size(x.shape[1], kh, sh, dh, params.padding)
     _, pad_left = output_size(x.shape[2], kw, sw, dw, params.padding)
     bias = None if params.bias is None else torch.from_numpy(np.ascontiguousarray(params.bias))
-    out = native.tflite_conv2d_s8(
+    out = native.tflite_conv2d(
         torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(params.weights)), bias,
         torch.from_numpy(np.ascontiguousarray(params.multiplier)), torch.from_numpy(np.ascontiguousarray(params.shift)),
         sh, sw, dh, dw, pad_top, pad_left, out_h, out_w, params.input_offset, params.output_offset,
