@@ -88,7 +88,7 @@ def main() -> None:
             same[label] = bool(np.array_equal(reference(), engine_out))
             accuracy[f"{label} engine"] = float((engine_out.argmax(1) == labels).mean())
             accuracy[f"{label} LiteRT default kernels"] = float((optimized().argmax(1) == labels).mean())
-            calls.update({f"{label}: mixprec integer engine (numpy)": lambda g=graph, i=inputs: g(i),
+            calls.update({f"{label}: mixprec integer engine": lambda g=graph, i=inputs: g(i),
                           f"{label}: LiteRT BUILTIN_REF": reference, f"{label}: LiteRT default kernels": optimized})
         times = interleaved_medians(calls, args.rounds, 0.2)
     rows = [{"path": label, "samples_per_s": round(len(labels) / seconds, 1)} for label, seconds in times.items()]
