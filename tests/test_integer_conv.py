@@ -220,3 +220,10 @@ def test_the_native_convolution_is_byte_identical_to_the_numpy_reference(dtype: 
                                                    int(rng.integers(9, 16)), channels)).astype(dtype)
         expected = conv2d_reference(x, params)
         assert np.array_equal(_conv2d_native(x, params), expected), trial
+    # a window of 800 products: int16's long-window path (the sum in int64)
+    weights = rng.integers(-127, 128, (6, 5, 5, 32)).astype(np.int8)
+    params = ConvParams(weights=weights, bias=None, input_offset=0, multiplier=np.array([1 << 30], np.int32),
+                        shift=np.array([-(12 + 8 * wide)], np.int32), output_offset=0, stride=(1, 1), dilation=(1, 1),
+                        padding="SAME", dtype=dtype, activation_min=-code_range, activation_max=code_range - 1)
+    x = rng.integers(-code_range, code_range, (3, 9, 9, 32)).astype(dtype)
+    assert np.array_equal(_conv2d_native(x, params), conv2d_reference(x, params))

@@ -65,9 +65,10 @@ struct Geometry {
   bool depthwise;
 };
 
-// In: int8 (accumulating in int32, gemmlowp's rescale) or int16 (16x8: int64, the reduced rescale).
-template <typename In, typename Acc>
-void convolve(const Geometry& g, const In* in, const int8_t* wt, const std::vector<Acc>& bias, const int32_t* m,
+// In: int8 (gemmlowp's rescale) or int16 (16x8: the reduced rescale). Sum: what the window's
+// products are summed in (int32 wherever that cannot overflow); the bias joins in int64 at the end.
+template <typename In, typename Sum>
+void convolve(const Geometry& g, const In* in, const int8_t* wt, const std::vector<int64_t>& bias, const int32_t* m,
               const int32_t* s, bool per_channel, int32_t in_off, int64_t output_offset, int64_t act_min,
               int64_t act_max, In* o) {
   const int64_t depth_multiplier = g.depthwise ? g.out_channels / g.channels : 1;
@@ -84,12 +85,12 @@ void convolve(const Geometry& g, const In* in, const int8_t* wt, const std::vect
   }
   const int64_t work = g.batch * g.out_h * g.out_w * g.out_channels * g.kh * g.kw * (g.depthwise ? 1 : g.channels);
   mixprec::split_rows(g.batch * g.out_h, work, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> acc(g.out_channels);
-    std::vector<Acc> shifted(std::max(g.out_channels, g.channels));
+    std::vector<Sum> acc(g.out_channels);
+    std::vector<Sum> shifted(std::max(g.out_channels, g.channels));
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.out_h, y = row % g.out_h;
       for (int64_t xo = 0; xo < g.out_w; ++xo) {
-        for (int64_t c = 0; c < g.out_channels; ++c) acc[c] = bias.empty() ? 0 : bias[c];
+        std::fill(acc.begin(), acc.end(), Sum{0});
         for (int64_t ky = 0; ky < g.kh; ++ky) {
           const int64_t iy = y * g.stride_h - g.pad_top + ky * g.dilation_h;
           if (iy < 0 || iy >= g.height) continue;
@@ -100,7 +101,7 @@ void convolve(const Geometry& g, const In* in, const int8_t* wt, const std::vect
             if (g.depthwise) {  // input channel c / depth_multiplier feeds output c
               const int8_t* wrow = wt + (ky * g.kw + kx) * g.out_channels;
               if (depth_multiplier == 1) {
-                for (int64_t c = 0; c < g.out_channels; ++c) acc[c] += static_cast<Acc>(pixel[c] + in_off) * wrow[c];
+                for (int64_t c = 0; c < g.out_channels; ++c) acc[c] += static_cast<Sum>(pixel[c] + in_off) * wrow[c];
               } else {
                 for (int64_t c = 0; c < g.out_channels; ++c) shifted[c] = pixel[c / depth_multiplier] + in_off;
                 for (int64_t c = 0; c < g.out_channels; ++c) acc[c] += shifted[c] * wrow[c];
@@ -109,14 +110,14 @@ void convolve(const Geometry& g, const In* in, const int8_t* wt, const std::vect
               for (int64_t i = 0; i < g.channels; ++i) shifted[i] = pixel[i] + in_off;
               for (int64_t c = 0; c < g.out_channels; ++c) {
                 const int8_t* wrow = wt + ((c * g.kh + ky) * g.kw + kx) * g.channels;
-                Acc sum = 0;
+                Sum sum = 0;
                 for (int64_t i = 0; i < g.channels; ++i) sum += shifted[i] * wrow[i];
                 acc[c] += sum;
               }
             } else {
               const int8_t* wblock = transposed.data() + (ky * g.kw + kx) * g.channels * g.out_channels;
               for (int64_t i = 0; i < g.channels; ++i) {
-                const Acc v = pixel[i] + in_off;
+                const Sum v = pixel[i] + in_off;
                 const int8_t* wrow = wblock + i * g.out_channels;
                 for (int64_t c = 0; c < g.out_channels; ++c) acc[c] += v * wrow[c];
               }
@@ -126,11 +127,12 @@ void convolve(const Geometry& g, const In* in, const int8_t* wt, const std::vect
         In* dst = o + ((n * g.out_h + y) * g.out_w + xo) * g.out_channels;
         for (int64_t c = 0; c < g.out_channels; ++c) {
           const int64_t k = per_channel ? c : 0;
+          const int64_t total = static_cast<int64_t>(acc[c]) + (bias.empty() ? 0 : bias[c]);
           int64_t v;
-          if constexpr (sizeof(In) == 1) {
-            v = static_cast<int64_t>(requantize(static_cast<int32_t>(acc[c]), m[k], s[k])) + output_offset;
+          if constexpr (sizeof(In) == 1) {  // the int8 bounds keep the total inside int32
+            v = static_cast<int64_t>(requantize(static_cast<int32_t>(total), m[k], s[k])) + output_offset;
           } else {
-            v = static_cast<int64_t>(requantize_wide(acc[c], m[k], s[k])) + output_offset;
+            v = static_cast<int64_t>(requantize_wide(total, m[k], s[k])) + output_offset;
           }
           dst[c] = static_cast<In>(std::clamp<int64_t>(v, act_min, act_max));
         }
@@ -170,13 +172,17 @@ at::Tensor tflite_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::op
   const int32_t* s = shift.data_ptr<int32_t>();
   const bool per_channel = multiplier.numel() > 1;
   const int32_t in_off = static_cast<int32_t>(input_offset);
-  if (wide) {
-    convolve<int16_t, int64_t>(g, x.data_ptr<int16_t>(), w.data_ptr<int8_t>(), bias64, m, s, per_channel, in_off,
+  // |int16 * int8| < 2^22, so a window of fewer than 2^9 products sums exactly in int32
+  const int64_t window = g.kh * g.kw * (depthwise ? 1 : g.channels);
+  if (!wide) {
+    convolve<int8_t, int32_t>(g, x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), bias64, m, s, per_channel, in_off,
+                              output_offset, act_min, act_max, out.data_ptr<int8_t>());
+  } else if (window < 512) {
+    convolve<int16_t, int32_t>(g, x.data_ptr<int16_t>(), w.data_ptr<int8_t>(), bias64, m, s, per_channel, in_off,
                                output_offset, act_min, act_max, out.data_ptr<int16_t>());
   } else {
-    const std::vector<int32_t> bias32(bias64.begin(), bias64.end());
-    convolve<int8_t, int32_t>(g, x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), bias32, m, s, per_channel, in_off,
-                              output_offset, act_min, act_max, out.data_ptr<int8_t>());
+    convolve<int16_t, int64_t>(g, x.data_ptr<int16_t>(), w.data_ptr<int8_t>(), bias64, m, s, per_channel, in_off,
+                               output_offset, act_min, act_max, out.data_ptr<int16_t>());
   }
   return out;
 }
