@@ -18,7 +18,10 @@ kernels round that way, unlike its fully connected kernel (one rounding); with t
 rounding, 19 of 15,360 outputs of a random stride-2 convolution came out 1 LSB off LiteRT.
 Padding follows TFLite: ``VALID`` none; ``SAME`` an output of
 ``ceil(in / stride)`` and ``pad = max(0, (out - 1) * stride + (k - 1) * dilation + 1 - in) // 2``
-before (the odd remainder after). Vectorized over the batch.
+before (the odd remainder after). :func:`conv2d` runs mixprec's native kernel
+(``kernels/csrc/tflite_conv.cpp``: the same integers, vectorized over output channels or input
+channels) when it is built, else :func:`conv2d_reference`, the numpy statement above (float64
+sums of exact integers, vectorized over the batch), which the native kernel is tested against.
 
 16x8 (``dtype="int16"``): int16 activations with zero point 0, an int64 (or int32) bias, the
 int64 accumulator rescaled by
