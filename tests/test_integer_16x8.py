@@ -358,3 +358,29 @@ def test_the_activation_mix_search_keeps_its_budget_and_lowers_the_error() -> No
     assert arena_bytes(first) == max(sizes[k] + sizes[k + 1] for k in range(len(sizes) - 1))
     with pytest.raises(InputError, match="at least 1.0"):
         choose_activation_types(layers, calibration, validation, budget=0.5)
+
+
+def test_activation_types_by_rules_over_layer_names() -> None:
+    import torch
+    from torch import nn
+
+    from mixprec.integer.build.cnn import cnn_graph_from
+    from mixprec.integer.build.mix import types_from_rules
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3))
+    names = [name for name, _ in model.named_children()]
+    types = types_from_rules(names, [("0", "int16"), (r"[46]", "int16")])
+    assert types == ["int16", "int8", "int8", "int8", "int16", "int8", "int16"]
+    graph = cnn_graph_from(list(model), torch.randn(16, 1, 8, 8), activations=types)
+    # int16 first convolution, QUANTIZE to int8, int8 convolution, QUANTIZE to int16, the int16 global mean
+    # (AVERAGE_POOL_2D + RESHAPE) and the int16 classifier
+    assert [node.opcode for node in graph.nodes] == ["CONV_2D", "QUANTIZE", "CONV_2D", "QUANTIZE", "AVERAGE_POOL_2D",
+                                                     "RESHAPE", "FULLY_CONNECTED"]
+    assert graph.tensor_dtypes == ("int16", "int16", "int8", "int8", "int16", "int16", "int16", "int16")
+    with pytest.raises(InputError, match="match none of the layer names"):
+        types_from_rules(names, [("head", "int16")])
+    with pytest.raises(InputError, match="activation types are"):
+        types_from_rules(names, [("0", "int4")])
+    with pytest.raises(InputError, match="not a regular expression"):
+        types_from_rules(names, [("(", "int16")])

@@ -1,0 +1,1 @@
+"""Builders of integer graphs from float PyTorch modules plus calibration data."""
