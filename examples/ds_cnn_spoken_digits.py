@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ from mixprec.integer.build.cnn import cnn_graph_from  # noqa: E402
 from mixprec.integer.build.mix import arena_bytes, choose_activation_types, graph_input  # noqa: E402
 from mixprec.integer.graph.graph import Graph  # noqa: E402
 from mixprec.studies.cnn_models import DSCNN, Task, seeded, spoken_digits_task, train  # noqa: E402
+from mixprec.timing import interleaved_medians  # noqa: E402
 
 NAME = "ds_cnn_spoken_digits"
 #: Issue 16's targets: int8 within 1 point of float32, the mix within 0.3 at <= 1.3x int8's arena.
@@ -85,8 +85,9 @@ def run(model: nn.Module, task: Task, built: dict[str, Graph]) -> int:
 
 
 def bench(task: Task, built: dict[str, Graph], rounds: int = 3) -> int:
-    """Samples per second of each graph on the 500 held-out recordings in one call (median of
-    ``rounds``), and of LiteRT's default interpreter on the exported file when it is installed."""
+    """Samples per second of each graph on the 500 held-out recordings in one call (medians of
+    ``rounds`` interleaved rounds), and of LiteRT's default interpreter on the exported file when
+    it is installed."""
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
@@ -104,13 +105,8 @@ def bench(task: Task, built: dict[str, Graph], rounds: int = 3) -> int:
                 interpreter.allocate_tensors()
                 interpreter.set_tensor(source, x)
                 calls["LiteRT default kernels"] = interpreter.invoke
-            for path_name, call in calls.items():
-                seconds = []
-                for _ in range(rounds):
-                    start = time.perf_counter()
-                    call()
-                    seconds.append(time.perf_counter() - start)
-                print(f"{label:>5} {path_name}: {len(x) / float(np.median(seconds)):,.1f} samples/s")
+            for path_name, seconds in interleaved_medians(calls, rounds, 0.2).items():
+                print(f"{label:>5} {path_name}: {len(x) / seconds:,.1f} samples/s")
     return 0
 
 

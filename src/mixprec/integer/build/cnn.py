@@ -38,7 +38,7 @@ from torch import nn
 
 from mixprec.errors import InputError
 from mixprec.integer.build.layers import bias_codes, calibrate_as, fully_connected_from, symmetric_int8_weights
-from mixprec.integer.ops.conv import output_size
+from mixprec.integer.core.tensors import Quantization, TensorSpec
 from mixprec.integer.graph.graph import Graph
 from mixprec.integer.graph.nodes import (
     AveragePool2DNode,
@@ -50,7 +50,7 @@ from mixprec.integer.graph.nodes import (
     QuantizeNode,
     ReshapeNode,
 )
-from mixprec.integer.core.tensors import Quantization, TensorSpec
+from mixprec.integer.ops.conv import output_size
 
 _ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 
@@ -135,8 +135,11 @@ def cnn_graph_from(layers: Sequence[nn.Module], calibration: torch.Tensor, per_c
                     raise InputError("AdaptiveAvgPool2d must pool to 1x1 (a global mean) before Flatten")
                 window = (x.shape[2], x.shape[3])
                 x = x.mean((2, 3))
-                added = ([MeanNode((tensor,), (1, 2), calibrate_as(kind, x, margin))] if kind == "int8" else
-                         [AveragePool2DNode((tensor,), window, window, "VALID"), ReshapeNode((tensor + 1,), (x.shape[1],))])
+                if kind == "int8":
+                    added = [MeanNode((tensor,), (1, 2), calibrate_as(kind, x, margin))]
+                else:  # no 16x8 MEAN here: a whole-map average pool, as the converter writes one
+                    added = [AveragePool2DNode((tensor,), window, window, "VALID"),
+                             ReshapeNode((tensor + 1,), (x.shape[1],))]
                 index += 2
             elif isinstance(layer, nn.Linear):
                 if x.dim() != 2:

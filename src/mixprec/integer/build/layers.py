@@ -22,10 +22,10 @@ from numpy.typing import ArrayLike
 from torch import nn
 
 from mixprec.errors import InputError
+from mixprec.integer.core.tensors import Quantization
+from mixprec.integer.graph.nodes import FullyConnectedNode
 from mixprec.integer.half.formats import round_to_format
 from mixprec.integer.half.ops import HalfLinearParams, LinearAttentionParams
-from mixprec.integer.graph.nodes import FullyConnectedNode
-from mixprec.integer.core.tensors import Quantization
 
 
 def _numpy(values: ArrayLike | torch.Tensor) -> np.ndarray:
@@ -34,18 +34,24 @@ def _numpy(values: ArrayLike | torch.Tensor) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
-def calibrate(samples: ArrayLike | torch.Tensor, margin: float = 0.0) -> Quantization:
-    """Per-tensor asymmetric int8 quantization covering ``samples`` and 0 (see module docstring).
-
-    ``margin``: each end the data set (not an end at 0) moves out by ``margin`` times the
-    covered range, so unseen inputs that reach a little past the calibration data are not
-    clipped, at the price of a step ``1 + 2 * margin`` times coarser (at most)."""
+def _calibration_values(samples: ArrayLike | torch.Tensor, margin: float) -> np.ndarray:
+    """``samples`` as float64, refusing an empty or non-finite set and a margin outside [0, 1]."""
     if not 0.0 <= margin <= 1.0:
         raise InputError(f"the range margin is a fraction of the calibrated range in [0, 1], got {margin!r}")
     values = _numpy(samples)
     if values.size == 0 or not np.isfinite(values).all():
         raise InputError(f"calibration needs finite samples, got {values.size} values"
                          f"{' with NaN/Inf' if values.size else ''}")
+    return values
+
+
+def calibrate(samples: ArrayLike | torch.Tensor, margin: float = 0.0) -> Quantization:
+    """Per-tensor asymmetric int8 quantization covering ``samples`` and 0 (see module docstring).
+
+    ``margin``: each end the data set (not an end at 0) moves out by ``margin`` times the
+    covered range, so unseen inputs that reach a little past the calibration data are not
+    clipped, at the price of a step ``1 + 2 * margin`` times coarser (at most)."""
+    values = _calibration_values(samples, margin)
     low, high = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
     pad = margin * (high - low)
     low, high = low - pad if low < 0 else low, high + pad if high > 0 else high
@@ -58,12 +64,7 @@ def calibrate(samples: ArrayLike | torch.Tensor, margin: float = 0.0) -> Quantiz
 
 def calibrate_int16(samples: ArrayLike | torch.Tensor, margin: float = 0.0) -> Quantization:
     """Symmetric int16 quantization (zero point 0) covering ``samples`` (see module docstring)."""
-    if not 0.0 <= margin <= 1.0:
-        raise InputError(f"the range margin is a fraction of the calibrated range in [0, 1], got {margin!r}")
-    values = _numpy(samples)
-    if values.size == 0 or not np.isfinite(values).all():
-        raise InputError(f"calibration needs finite samples, got {values.size} values"
-                         f"{' with NaN/Inf' if values.size else ''}")
+    values = _calibration_values(samples, margin)
     peak = float(np.abs(values).max()) * (1 + 2 * margin)
     return Quantization.per_tensor(peak / 32767 if peak > 0 else 1.0, 0)
 

@@ -108,7 +108,8 @@ def choose_activation_types(layers: Sequence[nn.Module], calibration: torch.Tens
 
     narrow = ["int8"] * len(layers)
     base = build(narrow)
-    limit = budget * arena_bytes(base)
+    base_arena = arena_bytes(base)
+    limit = budget * base_arena
     base_error = output_error(base, validation, reference)
     ranked = []
     for index, layer in enumerate(layers):
@@ -117,7 +118,7 @@ def choose_activation_types(layers: Sequence[nn.Module], calibration: torch.Tens
         trial = list(narrow)
         trial[index] = "int16"
         graph = build(trial)
-        added = max(arena_bytes(graph) - arena_bytes(base), 1)
+        added = max(arena_bytes(graph) - base_arena, 1)
         ranked.append(((base_error - output_error(graph, validation, reference)) / added, index))
     chosen, graph, error = list(narrow), base, base_error
     for gain, index in sorted(ranked, reverse=True):
@@ -130,4 +131,4 @@ def choose_activation_types(layers: Sequence[nn.Module], calibration: torch.Tens
             candidate_error = output_error(candidate, validation, reference)
             if candidate_error < error:  # together with the others chosen it must still help
                 chosen, graph, error = trial, candidate, candidate_error
-    return ActivationMix(tuple(chosen), graph, arena_bytes(graph), error, arena_bytes(base))
+    return ActivationMix(tuple(chosen), graph, arena_bytes(graph), error, base_arena)

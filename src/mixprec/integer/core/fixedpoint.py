@@ -117,14 +117,19 @@ def multiply_by_quantized_multiplier_single_round(x: ArrayLike, multiplier: Arra
     return saturate_int32((x64 * m64 + (np.int64(1) << (total - 1))) >> total)
 
 
-def multiply_by_quantized_multiplier_int64(x: ArrayLike, multiplier: ArrayLike,
-                                           shift: ArrayLike) -> NDArray[np.int32]:
-    """TFLite's ``MultiplyByQuantizedMultiplier`` of an int64 accumulator (see module docstring)."""
+def _check_wide_rescale(x: ArrayLike, multiplier: ArrayLike, shift: ArrayLike) -> tuple[NDArray[np.int64], ...]:
     x64, m64, s64 = _int64(x), _int64(multiplier), _int64(shift)
     if np.any((s64 < -31) | (s64 > 7)):
         raise InputError(f"a 16x8 multiplier shift must lie in [-31, 7], got {np.unique(s64)[:5]}")
     if np.any((m64 < 0) | (m64 > INT32_MAX)) or np.any((x64 < -(2**47)) | (x64 >= 2**47)):
         raise InputError("the int64 rescale takes |x| < 2^47 and a multiplier in [0, 2^31)")
+    return x64, m64, s64
+
+
+def multiply_by_quantized_multiplier_int64(x: ArrayLike, multiplier: ArrayLike,
+                                           shift: ArrayLike) -> NDArray[np.int32]:
+    """TFLite's ``MultiplyByQuantizedMultiplier`` of an int64 accumulator (see module docstring)."""
+    x64, m64, s64 = _check_wide_rescale(x, multiplier, shift)
     reduced = np.where(m64 < 0x7FFF0000, (m64 + (1 << 15)) >> 16, np.int64(0x7FFF))
     total = 15 - s64
     return saturate_int32((x64 * reduced + (np.int64(1) << (total - 1))) >> total)
@@ -134,11 +139,7 @@ def multiply_by_quantized_multiplier_single_round_int64(x: ArrayLike, multiplier
                                                         shift: ArrayLike) -> NDArray[np.int32]:
     """Single-rounding rescale of an int64 accumulator with the full multiplier (see module
     docstring): ``floor((x * m + 2^(t - 1)) / 2^t)``, ``t = 31 - shift``, exact."""
-    x64, m64, s64 = _int64(x), _int64(multiplier), _int64(shift)
-    if np.any((s64 < -31) | (s64 > 7)):
-        raise InputError(f"a 16x8 multiplier shift must lie in [-31, 7], got {np.unique(s64)[:5]}")
-    if np.any((m64 < 0) | (m64 > INT32_MAX)) or np.any((x64 < -(2**47)) | (x64 >= 2**47)):
-        raise InputError("the int64 rescale takes |x| < 2^47 and a multiplier in [0, 2^31)")
+    x64, m64, s64 = _check_wide_rescale(x, multiplier, shift)
     total = 31 - s64  # >= 24
     # x = high * 2^16 + low (0 <= low < 2^16): x*m + r = (high*m) * 2^16 + (low*m + r), each part in int64,
     # and floor(a / 2^t) = floor((high*m + floor((low*m + r) / 2^16)) / 2^(t - 16)) exactly.

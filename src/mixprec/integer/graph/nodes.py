@@ -85,6 +85,14 @@ class _EitherWidth:
         return dtypes[0]
 
 
+class _KeepsGrid(_EitherWidth):
+    """Mixed into the nodes that move codes without changing them (pooling, PAD, RESHAPE,
+    CONCATENATION): the output keeps the input's type and quantization."""
+
+    def result_quant(self, quants: Sequence[Quantization | None]) -> Quantization | None:
+        return quants[0]
+
+
 def channel_multipliers(input_quant: Quantization, weight_quant: Quantization,
                         output_quant: Quantization) -> tuple[NDArray[np.int32], NDArray[np.int32]]:
     """Fixed-point rescale per weight scale, as LiteRT computes it for FULLY_CONNECTED and the
@@ -224,7 +232,7 @@ class DepthwiseConv2DNode(_ConvNode):
 
 
 @dataclass(frozen=True, eq=False)
-class _PoolNode(_EitherWidth, _Node):
+class _PoolNode(_KeepsGrid, _Node):
     """AVERAGE_POOL_2D / MAX_POOL_2D of the NHWC tensor ``inputs[0]``; the output keeps the
     input's quantization (LiteRT refuses int8 pooling that changes it)."""
 
@@ -239,9 +247,6 @@ class _PoolNode(_EitherWidth, _Node):
         if len(self.inputs) != 1:
             raise InputError(f"{self.opcode} takes one input tensor, got {self.inputs}")
         PoolParams(self.kind, tuple(self.filter), tuple(self.stride), self.padding)
-
-    def result_quant(self, quants: Sequence[Quantization | None]) -> Quantization | None:
-        return quants[0]
 
     def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
         return PoolParams(self.kind, tuple(self.filter), tuple(self.stride), self.padding).output_shape(shapes[0])
@@ -272,7 +277,7 @@ class MaxPool2DNode(_PoolNode):
 
 
 @dataclass(frozen=True, eq=False)
-class PadNode(_EitherWidth, _Node):
+class PadNode(_KeepsGrid, _Node):
     """PAD of tensor ``inputs[0]`` by ``paddings`` (one ``(before, after)`` pair per dimension,
     the batch's ``(0, 0)`` included) with the zero point; the quantization is kept."""
 
@@ -285,9 +290,6 @@ class PadNode(_EitherWidth, _Node):
             raise InputError(f"PAD takes one input tensor, got {self.inputs}")
         if any(len(pair) != 2 or min(pair) < 0 for pair in self.paddings) or tuple(self.paddings[:1]) != ((0, 0),):
             raise InputError(f"PAD needs non-negative (before, after) pairs and none on the batch, got {self.paddings}")
-
-    def result_quant(self, quants: Sequence[Quantization | None]) -> Quantization | None:
-        return quants[0]
 
     def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
         if len(shapes[0]) != len(self.paddings):
@@ -470,7 +472,7 @@ class MeanNode(_EitherWidth, _Node):
 
 
 @dataclass(frozen=True, eq=False)
-class ReshapeNode(_EitherWidth, _Node):
+class ReshapeNode(_KeepsGrid, _Node):
     """RESHAPE of tensor ``inputs[0]`` to ``(batch, *shape)``: the bytes are unchanged, the
     quantization carries over."""
 
@@ -492,16 +494,13 @@ class ReshapeNode(_EitherWidth, _Node):
     def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
         return tuple(self.shape)
 
-    def result_quant(self, quants: Sequence[Quantization | None]) -> Quantization | None:
-        return quants[0]
-
     @staticmethod
     def run(record: tuple[int, ...], x: NDArray[np.int8]) -> NDArray[np.int8]:
         return x.reshape(x.shape[0], *record)
 
 
 @dataclass(frozen=True, eq=False)
-class ConcatenationNode(_EitherWidth, _Node):
+class ConcatenationNode(_KeepsGrid, _Node):
     """CONCATENATION of tensors ``inputs`` along ``axis`` (not the batch; negative counts from
     the end). LiteRT's int8 and int16 kernels copy bytes: every input must already be on one
     grid, which the output keeps (TensorFlow's converter arranges that)."""
@@ -527,9 +526,6 @@ class ConcatenationNode(_EitherWidth, _Node):
             raise InputError(f"CONCATENATION along axis {axis} needs inputs equal in every other dimension, "
                              f"got {list(shapes)}")
         return (*shapes[0][:axis], sum(s[axis] for s in shapes), *shapes[0][axis + 1:])
-
-    def result_quant(self, quants: Sequence[Quantization | None]) -> Quantization | None:
-        return quants[0]
 
     def prepare(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]],
                 dtypes: Sequence[str]) -> int:

@@ -35,9 +35,14 @@ ADD_LEFT_SHIFT = 20
 ADD_LEFT_SHIFTS = {"int8": ADD_LEFT_SHIFT, "int16": 15}
 
 
-def _check_offsets(*offsets: int) -> None:
+def _check_record(opcode: str, dtype: str, *offsets: int) -> None:
+    """Refuse a type other than int8 / int16, offsets outside [-255, 255], or (16x8) non-zero ones."""
+    if dtype not in ADD_LEFT_SHIFTS:
+        raise InputError(f"{opcode} runs on int8 or int16, got {dtype!r}")
     if any(not -255 <= int(offset) <= 255 for offset in offsets):
         raise InputError(f"offsets must lie in [-255, 255], got {offsets}")
+    if dtype == "int16" and any(offsets):
+        raise InputError(f"16x8 {opcode} takes zero points 0")
 
 
 def _check_codes(name: str, dtype: type, *arrays: NDArray) -> None:
@@ -69,13 +74,9 @@ class AddParams:
     dtype: str = "int8"
 
     def __post_init__(self) -> None:
-        _check_offsets(self.a_offset, self.b_offset, self.output_offset)
+        _check_record("ADD", self.dtype, self.a_offset, self.b_offset, self.output_offset)
         if max(self.a_shift, self.b_shift, self.output_shift) > 0:
             raise InputError("ADD multipliers must be smaller than one (shifts <= 0)")
-        if self.dtype not in ADD_LEFT_SHIFTS:
-            raise InputError(f"ADD runs on int8 or int16, got {self.dtype!r}")
-        if self.dtype == "int16" and (self.a_offset or self.b_offset or self.output_offset):
-            raise InputError("16x8 ADD takes zero points 0")
 
 
 def add(a: NDArray, b: NDArray, params: AddParams) -> NDArray:
@@ -104,11 +105,7 @@ class MulParams:
     dtype: str = "int8"
 
     def __post_init__(self) -> None:
-        _check_offsets(self.a_offset, self.b_offset, self.output_offset)
-        if self.dtype not in ADD_LEFT_SHIFTS:
-            raise InputError(f"MUL runs on int8 or int16, got {self.dtype!r}")
-        if self.dtype == "int16" and (self.a_offset or self.b_offset or self.output_offset):
-            raise InputError("16x8 MUL takes zero points 0")
+        _check_record("MUL", self.dtype, self.a_offset, self.b_offset, self.output_offset)
 
 
 def mul(a: NDArray, b: NDArray, params: MulParams) -> NDArray:
