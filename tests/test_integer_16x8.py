@@ -384,3 +384,15 @@ def test_activation_types_by_rules_over_layer_names() -> None:
         types_from_rules(names, [("0", "int4")])
     with pytest.raises(InputError, match="not a regular expression"):
         types_from_rules(names, [("(", "int16")])
+
+
+def test_int16_calibration_is_symmetric_and_refuses_bad_samples() -> None:
+    from mixprec.integer.build.layers import calibrate_int16
+
+    grid = calibrate_int16(np.array([-3.0, 1.5, 2.0]))
+    assert grid.zero_point == (0,) and grid.scale32[0] == np.float32(3.0 / 32767)
+    assert calibrate_int16(np.array([-3.0, 2.0]), margin=0.5).scale32[0] == np.float32(6.0 / 32767)
+    with pytest.raises(InputError, match="finite samples"):
+        calibrate_int16(np.array([1.0, np.nan]))
+    with pytest.raises(InputError, match="range margin"):
+        calibrate_int16(np.array([1.0]), margin=2.0)
