@@ -244,6 +244,8 @@ def test_fused_activation_quantization_equals_the_pytorch_ops() -> None:
     torch.manual_seed(0)
     for shape in ((64, 28, 28, 16), (3, 5, 7, 3)):  # both cores, then one
         x = torch.randn(shape) * 3
+        halves = (torch.arange(-600, 600, dtype=torch.float32) + 0.5) * 0.0123  # x / s at or next to ties
+        x.view(-1)[-min(x.numel(), 1200):] = halves[:min(x.numel(), 1200)]
         x[1, 1, 2, 2] = float("nan")
         x[2, 0, 0, 0], x[0, 0, 0, 1], x[0, 1, 0, 0] = float("inf"), -float("inf"), 1e30
         for zero_point in (0, 17, 128, 255):
@@ -252,6 +254,10 @@ def test_fused_activation_quantization_equals_the_pytorch_ops() -> None:
             assert torch.equal(fused[0], reference[0])
             assert fused[1].isnan().nonzero().flatten().tolist() == [1]
             assert torch.equal(fused[1].nan_to_num(), reference[1].nan_to_num())
+    bits = torch.randint(-2**31, 2**31 - 1, (4, 1003), dtype=torch.int32).view(torch.float32)  # every float class
+    fused = native.quantize_samples_u8(bits, 4, 3e-3, 77)
+    reference = int8_conv.quantize_samples_u8_torch(bits, 4, 3e-3, 77)
+    assert torch.equal(fused[0], reference[0]) and fused[1].isnan().all() and reference[1].isnan().all()
 
 
 def test_bytes_of_packed_weights_of_equal_size_are_each_counted() -> None:

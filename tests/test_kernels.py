@@ -80,6 +80,8 @@ def test_native_and_torch_quantization_agree_bit_for_bit() -> None:
     q_native, s_native = native.quantize_rows_s8(x)
     q_torch, s_torch = quantize_per_token_symmetric_torch(x)
     assert torch.equal(q_native, q_torch) and torch.equal(s_native, s_torch)
+    q_unsigned, s_unsigned = native.quantize_rows_u8(x)  # oneDNN's operand: the code + 128
+    assert torch.equal(q_unsigned, (q_torch.to(torch.int16) + 128).to(torch.uint8)) and torch.equal(s_unsigned, s_torch)
 
 
 def test_non_finite_rows_get_a_nan_scale_on_both_paths() -> None:

@@ -5,6 +5,7 @@
 // the calling thread: measured here, splitting them over PyTorch's OpenMP threads made
 // them 2-3x slower (0.24 ms against 0.08 ms to quantize 128 x 4096).
 #include <ATen/ATen.h>
+#include <immintrin.h>
 #include "split_rows.h"
 #include <torch/library.h>
 
@@ -19,6 +20,49 @@ namespace {
 
 constexpr float kScaleMin = 1.17549435e-38f;  // 2**-126, the smallest normal float32
 constexpr float kRoundMagic = 12582912.0f;     // 1.5 * 2**23
+
+// Codes of a span with one scale and zero point: q = clamp(round_half_even(x / s) + zp,
+// code_min, code_max), stored as Code; returns whether the span holds NaN. Clamping x / s to
+// [-bound, bound] first (bound >= 256 past every code range) keeps the magic-number rounding
+// exact and maps +-inf to the ends; the comparisons are written so that NaN becomes -bound
+// (code code_min). The AVX-512 loop gives the scalar loop's bits (max/min return their
+// second operand for NaN, as the scalar comparisons do; cvtps2dq rounds half to even in the
+// default rounding mode, as the magic-number addition does) at a third of its time (0.066 ms
+// against 0.198 ms for 512,000 floats, one thread, measured here: the compiler turns the
+// scalar clamps into chains of mask operations).
+template <typename Code>
+bool quantize_span(const float* __restrict in, Code* __restrict out, int64_t count, float s, int32_t zp,
+                   int32_t code_min, int32_t code_max, float bound) {
+  int64_t i = 0;
+  bool has_nan = false;
+#if defined(__AVX512F__)
+  __mmask16 nan_lanes = 0;
+  const __m512 divisor = _mm512_set1_ps(s), low = _mm512_set1_ps(-bound), high = _mm512_set1_ps(bound);
+  const __m512i offset = _mm512_set1_epi32(zp);
+  const __m512i lowest = _mm512_set1_epi32(code_min), highest = _mm512_set1_epi32(code_max);
+  for (; i + 16 <= count; i += 16) {
+    const __m512 x = _mm512_loadu_ps(in + i);
+    nan_lanes |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(x, divisor), low), high);
+    __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(v), offset);
+    q = _mm512_min_epi32(_mm512_max_epi32(q, lowest), highest);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(q));  // low bytes: the codes
+  }
+  has_nan = nan_lanes != 0;
+#endif
+  const float low_code = static_cast<float>(code_min), high_code = static_cast<float>(code_max);
+  for (; i < count; ++i) {
+    float v = in[i] / s;
+    has_nan |= std::isnan(in[i]);
+    v = v > -bound ? v : -bound;
+    v = v < bound ? v : bound;
+    float rounded = (v + kRoundMagic) - kRoundMagic + static_cast<float>(zp);
+    rounded = rounded > low_code ? rounded : low_code;
+    rounded = rounded < high_code ? rounded : high_code;
+    out[i] = static_cast<Code>(static_cast<int32_t>(rounded));
+  }
+  return has_nan;
+}
 
 // scale = max(max|row| / 127, 2**-126); q = round_half_even(x / scale) + Offset, stored
 // as Code: int8 with Offset 0, or uint8 with Offset 128 (the u8 operand oneDNN's VNNI
@@ -52,7 +96,16 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
     std::memcpy(&amax, &amax_bits, sizeof(amax));
     const float s = std::max(amax, 127.0f * kScaleMin) / 127.0f;
     scale_ptr[r] = s;
-    for (int64_t c = 0; c < cols; ++c) {
+    int64_t c = 0;
+#if defined(__AVX512F__)
+    const __m512 divisor = _mm512_set1_ps(s);
+    const __m512i offset = _mm512_set1_epi32(Offset);
+    for (; c + 16 <= cols; c += 16) {  // cvtps2dq: round half to even, as below
+      const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(row + c), divisor)), offset);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c), _mm512_cvtepi32_epi8(q));
+    }
+#endif
+    for (; c < cols; ++c) {
       // |row[c] / s| <= 127 < 2**22, where adding and subtracting 1.5 * 2**23 rounds to
       // the nearest integer, ties to even (the default rounding mode), exactly.
       const float rounded = (row[c] / s + kRoundMagic) - kRoundMagic;
@@ -81,25 +134,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_static_s8(const at::Tensor& x, 
   int8_t* dst = q.data_ptr<int8_t>();
   float* flag_ptr = flag.data_ptr<float>();
   const float s = static_cast<float>(scale);
-  const float zp = static_cast<float>(zero_point);
   for (int64_t r = 0; r < rows; ++r) {  // one thread: see the top of this file
-    const float* row = src + r * cols;
-    int8_t* out = dst + r * cols;
-    for (int64_t c = 0; c < cols; ++c) {
-      // Clamping to [-256, 256] first keeps the magic-number rounding exact and maps
-      // +-inf to the range ends. The comparisons are written so that NaN becomes -256
-      // (code -128); the row flag marks such rows.
-      float v = row[c] / s;
-      v = v > -256.0f ? v : -256.0f;
-      v = v < 256.0f ? v : 256.0f;
-      float rounded = (v + kRoundMagic) - kRoundMagic + zp;
-      rounded = rounded > -128.0f ? rounded : -128.0f;
-      rounded = rounded < 127.0f ? rounded : 127.0f;
-      out[c] = static_cast<int8_t>(static_cast<int32_t>(rounded));
-    }
-    const uint32_t* bits = reinterpret_cast<const uint32_t*>(row);
-    uint32_t has_nan = 0;
-    for (int64_t c = 0; c < cols; ++c) has_nan |= static_cast<uint32_t>((bits[c] & 0x7fffffffu) > 0x7f800000u);
+    const bool has_nan = quantize_span(src + r * cols, dst + r * cols, cols, s, static_cast<int32_t>(zero_point),
+                                       -128, 127, 256.0f);
     flag_ptr[r] = has_nan ? std::numeric_limits<float>::quiet_NaN() : 1.0f;
   }
   return {q, flag};
@@ -108,25 +145,6 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_static_s8(const at::Tensor& x, 
 // Work units per element given to split_rows: inputs of 2**19 elements and more run on
 // both cores (64 x 28 x 28 x 16 floats: 0.26 ms on one thread, 0.15 ms on two, measured here).
 constexpr int64_t kQuantizeWorkPerElement = 8;
-
-// One block of per-tensor uint8 codes: q = clamp(round_half_even(x / s) + zp, 0, 255); returns
-// whether the block holds NaN. As in quantize_rows_static_s8, clamping to [-512, 512] keeps
-// the magic-number rounding exact and maps +-inf to the ends; NaN becomes -512 (code 0).
-bool quantize_block_u8(const float* __restrict in, uint8_t* __restrict out, int64_t count, float s, float zp) {
-  for (int64_t i = 0; i < count; ++i) {
-    float v = in[i] / s;
-    v = v > -512.0f ? v : -512.0f;
-    v = v < 512.0f ? v : 512.0f;
-    float rounded = (v + kRoundMagic) - kRoundMagic + zp;
-    rounded = rounded > 0.0f ? rounded : 0.0f;
-    rounded = rounded < 255.0f ? rounded : 255.0f;
-    out[i] = static_cast<uint8_t>(static_cast<int32_t>(rounded));
-  }
-  const uint32_t* bits = reinterpret_cast<const uint32_t*>(in);
-  uint32_t has_nan = 0;
-  for (int64_t i = 0; i < count; ++i) has_nan |= static_cast<uint32_t>((bits[i] & 0x7fffffffu) > 0x7f800000u);
-  return has_nan != 0;
-}
 
 // Per-tensor uint8 activations of a convolution, one pass over a contiguous float32 tensor
 // holding `samples` equal consecutive blocks (channels-last [N, H, W, C]: one block a sample).
@@ -145,10 +163,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_samples_u8(const at::Tensor& x, int6
   uint8_t* dst = q.data_ptr<uint8_t>();
   float* flag_ptr = flag.data_ptr<float>();
   const float s = static_cast<float>(scale);
-  const float zp = static_cast<float>(zero_point);
+  const auto zp = static_cast<int32_t>(zero_point);
   mixprec::split_rows(samples, x.numel() * kQuantizeWorkPerElement, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const bool has_nan = quantize_block_u8(src + n * block, dst + n * block, block, s, zp);
+      const bool has_nan = quantize_span(src + n * block, dst + n * block, block, s, zp, 0, 255, 512.0f);
       flag_ptr[n] = has_nan ? std::numeric_limits<float>::quiet_NaN() : 1.0f;
     }
   });
