@@ -12,6 +12,7 @@ from mixprec.errors import (
 )
 from mixprec.export import export
 from mixprec.policy import Policy, Rule
+from mixprec.qat import FakeQuantLinear, prepare_qat
 from mixprec.quant_report import LayerReport, QuantReport
 from mixprec.quantize import quantize
 from mixprec.serialization import load, save
@@ -23,6 +24,7 @@ __all__ = [
     "CheckpointError",
     "DataError",
     "ExportError",
+    "FakeQuantLinear",
     "InputError",
     "LayerReport",
     "MixprecError",
@@ -33,6 +35,7 @@ __all__ = [
     "export",
     "fold_batchnorm",
     "load",
+    "prepare_qat",
     "quantize",
     "save",
 ]

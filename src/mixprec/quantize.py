@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mixprec import qat
 from mixprec.accounting import model_bytes, modules_with_tensors, own_bytes
 from mixprec.batchnorm import folded_conv, plan_merges, replace_module
 from mixprec.errors import CalibrationError, ExportError, PolicyError
@@ -63,6 +64,8 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
     if not isinstance(fold_batchnorm, bool):
         raise PolicyError(f"fold_batchnorm must be True or False, got {fold_batchnorm!r}")
     plans = policy.plan(model)
+    if qat.release(model, plans):  # trained through the policy: quantize the trained float layers
+        plans = policy.plan(model)
     fp32_bytes = model_bytes(model)
     before = {name: (type(module).__name__, own_bytes(module)) for name, module in modules_with_tensors(model)}
     static = [plan for plan in plans if plan.precision.is_static]

@@ -113,7 +113,8 @@ def _refuse_training(module: QuantizedModule, _args: tuple) -> None:
     if module.training and torch.is_grad_enabled():
         raise InputError(
             f"{type(module).__name__} ({module.precision}) is inference-only: its forward computes no gradients. "
-            "Call model.eval() (or run under torch.no_grad()); mixprec has no quantization-aware training yet"
+            "Call model.eval() (or run under torch.no_grad()); to fine-tune through a policy, call "
+            "mixprec.prepare_qat(model, policy) on the float model, train, then mixprec.quantize(model, policy)"
         )
 
 

@@ -1,6 +1,7 @@
 """The Fashion-MNIST precision study: a 784-64-10 ReLU MLP in every precision.
 
-Trains the MLP in float32 (seeded), then for each policy quantizes a copy and measures
+Trains the MLP in float32 (seeded), then for each policy quantizes a copy (one after
+quantization-aware fine-tuning through its policy) and measures
 test accuracy, exact bytes, bytes allocated by a batch-32 forward pass, throughput at
 batch 256 and latency at batch 1 (interleaved medians, one process).
 """
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from mixprec.bench.memory import bytes_allocated
 from mixprec.datasets.fashion_mnist import load_split
 from mixprec.policy import Policy
+from mixprec.qat import prepare_qat
 from mixprec.quantize import quantize
 from mixprec.report.plots import accuracy_vs_bytes
 from mixprec.report.results import print_table, write_csv, write_json
@@ -50,6 +52,13 @@ class StudyRow:
 
     policy: Policy
     weight_rounding: str = "nearest"
+    #: Epochs of quantization-aware training (mixprec.prepare_qat) on the float model before quantizing.
+    qat_epochs: int = 0
+
+
+#: Quantization-aware fine-tuning of the study's QAT row: epochs and the one-cycle peak learning rate.
+QAT_EPOCHS = 2
+QAT_LR = 3e-4
 
 
 def study_policies() -> dict[str, StudyRow]:
@@ -61,6 +70,7 @@ def study_policies() -> dict[str, StudyRow]:
     rows["w4 (fc1 g28, fc2 g32)"] = StudyRow(w4)
     rows["w4g16 gptq"] = StudyRow(Policy(default="w4g16"), "gptq")
     rows["w4 (fc1 g28, fc2 g32) gptq"] = StudyRow(w4, "gptq")
+    rows["w4 (fc1 g28, fc2 g32), QAT 2 epochs"] = StudyRow(w4, qat_epochs=QAT_EPOCHS)
     rows["mixed (fc1 int8, fc2 fp16)"] = StudyRow(Policy([("fc1", "int8"), ("fc2", "fp16")]))
     return rows
 
@@ -71,16 +81,24 @@ def to_inputs(images: np.ndarray) -> Tensor:
 
 
 def train(x: Tensor, y: Tensor, epochs: int, seed: int, batch_size: int = 128, lr: float = 2e-3) -> MLP:
-    """AdamW (weight decay 1e-4) with a one-cycle learning-rate schedule peaking at ``lr``,
-    cross-entropy, shuffled mini-batches; deterministic for a given seed."""
+    """A float32 :class:`MLP` trained by :func:`fit`; returned in eval mode."""
     torch.manual_seed(seed)
-    model = MLP()
+    return fit(MLP(), x, y, epochs, seed, batch_size, lr, "training fp32 MLP")
+
+
+def fit(model: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int, batch_size: int = 128, lr: float = 2e-3,
+        label: str = "training") -> nn.Module:
+    """AdamW (weight decay 1e-4) with a one-cycle learning-rate schedule peaking at ``lr``,
+    cross-entropy, shuffled mini-batches; deterministic for a given seed. Trains ``model`` in
+    place (a float model, or one prepared by :func:`mixprec.prepare_qat`) and returns it in
+    eval mode."""
+    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(seed)
     steps = (len(x) + batch_size - 1) // batch_size
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps)
     with Progress() as progress:
-        task = progress.add_task("training fp32 MLP", total=epochs * steps)
+        task = progress.add_task(label, total=epochs * steps)
         for _ in range(epochs):
             order = torch.randperm(len(x), generator=generator)
             for start in range(0, len(x), batch_size):
@@ -132,6 +150,9 @@ def run(config: StudyConfig, console: Console | None = None) -> list[dict[str, o
     batch32, batch256, batch1 = x_test[:32], x_test[:256], x_test[:1]
     for label, row in study_policies().items():
         model = copy.deepcopy(fp32)
+        if row.qat_epochs:
+            prepare_qat(model, row.policy)
+            fit(model, x_train, y_train, row.qat_epochs, config.seed + 2, lr=QAT_LR, label=f"QAT: {label}")
         report = quantize(model, row.policy, calibration=calibration, weight_rounding=row.weight_rounding)
         models[label] = model
         rows[label] = {

@@ -1,0 +1,186 @@
+"""Quantization-aware training: fine-tune a model through a policy, then :func:`mixprec.quantize` it.
+
+:func:`prepare_qat` replaces each ``nn.Linear`` the policy quantizes with a
+:class:`FakeQuantLinear` that keeps the float weight and bias as trainable parameters (the
+same ``Parameter`` objects, so an optimizer built before still holds them) and computes its
+forward on the values ``quantize`` will store:
+
+=============  =====================================================================
+precision      forward of the fake-quantized layer
+=============  =====================================================================
+int8           weight on ``int8``'s grid (symmetric int8 per output channel, scale
+               ``max|row| / 127``); activations on ``int8``'s per-token grid (scale
+               ``max(max|row| / 127, 2**-126)``, round half to even)
+w8             the weight on ``w8``'s grid (as ``int8``), float activations
+w8gN, w4gN     the weight on its groups' grid (symmetric, scale ``max|group| / 7`` or
+               ``/ 127`` rounded to fp16, as ``quantize`` rounds it)
+w4a8gN         ``w4gN``'s weight and ``int8``'s per-token activations
+bf16, fp16     weight, bias, activations and output rounded to the half type, the
+               product accumulated in float32
+=============  =====================================================================
+
+Rounding is straight-through: the forward uses the rounded value, the backward passes the
+gradient to the float value unchanged. Scales are not learned: they follow the weights
+(recomputed from the current float weight at every forward, by the rule ``quantize`` uses),
+so a scale is never zero or negative: every scale is at least 2**-126 (an all-zero row or
+group gets exactly that; fp16-scaled grids at least fp16's smallest normal, 2**-14).
+
+After training, ``mixprec.quantize(model, policy)`` with the same policy rounds each float
+weight exactly as the last forward did: the quantized layer's dequantized weight equals
+the fake-quantized one bit for bit. ``quantize`` refuses a prepared layer whose precision
+in the new policy differs from the one it was trained for.
+
+Trainable: Linear layers (and GPT-2-style ``Conv1D`` is not: prepare refuses it) in the
+precisions above. Refused by name: ``int8-static`` (its activation ranges come from
+calibration after training: train with ``int8``), ``int8-tensor``, and Embedding or
+convolution layers at anything but ``fp32`` (leave them at ``fp32`` while training, e.g.
+with a rule ``(r"embeddings\\..*", "fp32")``, and quantize them afterwards).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mixprec.batchnorm import replace_module
+from mixprec.errors import PolicyError
+from mixprec.formats import QuantSpec, dequantize, fp16_scale
+from mixprec.kernels.activation_quant import quantize_per_token_symmetric_torch
+from mixprec.nn.base import round_weight, w8_group_spec
+from mixprec.nn.linear_int8 import WEIGHT_PER_CHANNEL
+from mixprec.policy import LayerPlan, Policy
+from mixprec.precision import DEFAULT_LINEAR_GROUP, Precision, built_name
+
+#: Families :func:`prepare_qat` trains, and why the others are refused.
+TRAINABLE = ("int8", "w8", "w4", "w4a8", "bf16", "fp16")
+_REFUSED = {
+    "int8-static": "its activation scales come from calibration: train with 'int8', then quantize with "
+                   "'int8-static' and calibration data",
+    "int8-tensor": "it is a fake-quantization baseline, not a deployable precision: train with 'int8'",
+}
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _straight_through(value: Tensor, rounded: Tensor) -> Tensor:
+    """``rounded`` in the forward, the identity's gradient to ``value`` in the backward."""
+    return value + (rounded - value).detach()
+
+
+def _weight_grid(precision: Precision) -> tuple[QuantSpec, bool] | None:
+    """``(spec, fp16 scales)`` of the precision's integer weight grid, None for half precisions."""
+    if precision.family in ("int8", "w8") and precision.group_size is None:
+        return WEIGHT_PER_CHANNEL, False
+    if precision.family == "w8":
+        return w8_group_spec(precision.group_size), True
+    if precision.family in ("w4", "w4a8"):
+        group = precision.group_size or DEFAULT_LINEAR_GROUP
+        return QuantSpec(bits=4, signed=True, symmetric=True, granularity="group", group_size=group), True
+    return None
+
+
+class FakeQuantLinear(nn.Linear):
+    """An ``nn.Linear`` trained on the grid of ``precision`` (see the module docstring).
+
+    Its ``state_dict`` is an ``nn.Linear``'s (``weight``, ``bias`` in float32).
+    """
+
+    def __init__(self, linear: nn.Linear, precision: Precision) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight  # the same Parameter objects: optimizers keep working
+        self.bias = linear.bias
+        self.precision = precision
+        self._grid = _weight_grid(precision)
+        self.training = linear.training
+
+    def fake_weight(self) -> Tensor:
+        """The weight ``quantize`` would store, as float32, with straight-through gradients."""
+        if self._grid is None:
+            return _straight_through(self.weight, self.weight.to(_HALF[self.precision.family]).to(torch.float32))
+        spec, half_scales = self._grid
+        codes, qparams = round_weight(self.weight, spec, scale_fn=fp16_scale if half_scales else None)
+        rounded = dequantize(codes, qparams)
+        if half_scales:  # the modules dequantize with the fp16 scale widened: same value
+            rounded = rounded.to(torch.float32)
+        return _straight_through(self.weight, rounded)
+
+    def fake_input(self, x: Tensor) -> Tensor:
+        """``x`` as the quantized layer would see it: per-token int8 for ``int8`` / ``w4a8``,
+        rounded to the half type for ``bf16`` / ``fp16``, else unchanged."""
+        family = self.precision.family
+        if family in _HALF:
+            return _straight_through(x, x.to(_HALF[family]).to(torch.float32))
+        if family not in ("int8", "w4a8"):
+            return x
+        rows = x.detach().reshape(-1, self.in_features).to(torch.float32)
+        codes, scale = quantize_per_token_symmetric_torch(rows)
+        return _straight_through(x, (codes.to(torch.float32) * scale).reshape(x.shape))
+
+    def forward(self, x: Tensor) -> Tensor:
+        half = _HALF.get(self.precision.family)
+        if half is None:
+            return F.linear(self.fake_input(x), self.fake_weight(), self.bias)
+        bias = None if self.bias is None else _straight_through(self.bias, self.bias.to(half).to(torch.float32))
+        y = F.linear(self.fake_input(x), self.fake_weight(), bias)
+        return _straight_through(y, y.to(half).to(torch.float32))  # the half layer's output rounding
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, precision={self.precision.name} (quantization-aware training)"
+
+
+def prepare_qat(model: nn.Module, policy: Policy | str) -> dict[str, str]:
+    """Replace every Linear layer ``policy`` quantizes with a :class:`FakeQuantLinear`, in place.
+
+    Every layer is checked before the first is replaced. Returns ``{layer name: precision}``
+    of the prepared layers. Train the model as usual (it is left in its current mode), then
+    call ``mixprec.quantize(model, policy)`` with the same policy.
+
+    Raises:
+        PolicyError: a precision or layer kind QAT does not train (named, with what to do),
+            a model prepared already, or a policy that quantizes no Linear layer.
+    """
+    if isinstance(policy, str):
+        policy = Policy(default=policy)
+    if not isinstance(policy, Policy):
+        raise PolicyError(f"policy must be a mixprec.Policy or a precision name, got {type(policy).__name__}")
+    if not isinstance(model, nn.Module):
+        raise PolicyError(f"prepare_qat takes a torch.nn.Module, got {type(model).__name__}")
+    prepared = [name for name, module in model.named_modules() if isinstance(module, FakeQuantLinear)]
+    if prepared:
+        raise PolicyError(f"the model is prepared for QAT already (layer {prepared[0]!r}); prepare it once")
+    plans = [plan for plan in policy.plan(model) if plan.precision.family != "fp32"]
+    for plan in plans:
+        family = plan.precision.family
+        if family in _REFUSED:
+            raise PolicyError(f"layer {plan.name!r}: QAT cannot train {plan.precision.name}: {_REFUSED[family]}")
+        if type(plan.module) is not nn.Linear:
+            raise PolicyError(
+                f"layer {plan.name!r} ({type(plan.module).__name__}): QAT trains nn.Linear layers only; leave it at "
+                f"fp32 while training (a rule ({plan.name!r}, 'fp32')) and give it {plan.precision.name} when you "
+                "quantize")
+    if not plans:
+        raise PolicyError("the policy quantizes no layer of this model: nothing to train for")
+    for plan in plans:
+        replace_module(model, plan.name, FakeQuantLinear(plan.module, plan.precision))
+    return {plan.name: plan.precision.name for plan in plans}
+
+
+def release(model: nn.Module, plans: list[LayerPlan]) -> bool:
+    """Check that each prepared layer gets the precision it was trained for, then turn every
+    :class:`FakeQuantLinear` back into an ``nn.Linear`` holding the trained parameters (what
+    :func:`mixprec.quantize` rounds). ``plans`` are ``quantize``'s layer plans. Returns whether
+    any layer was prepared (the plans then name modules that left the model: plan again)."""
+    decided = {plan.name: built_name(plan.module, plan.precision) for plan in plans}
+    prepared = {name: module for name, module in model.named_modules() if isinstance(module, FakeQuantLinear)}
+    for name, module in prepared.items():
+        given = decided.get(name, "fp32")
+        if given != built_name(module, module.precision):
+            raise PolicyError(f"layer {name!r} was trained for {module.precision.name} (prepare_qat) but this policy "
+                              f"gives it {given}: quantize with the policy you trained with")
+    for name, module in prepared.items():
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        linear.weight, linear.bias = module.weight, module.bias
+        linear.train(module.training)
+        replace_module(model, name, linear)
+    return bool(prepared)
