@@ -115,3 +115,12 @@ def test_weight_scales_never_reach_zero() -> None:
     out = model(torch.randn(3, 32))
     out.sum().backward()
     assert torch.isfinite(model[0].weight.grad).all()
+
+
+def test_a_linear_without_bias_trains_and_quantizes() -> None:
+    model = nn.Sequential(nn.Linear(32, 4, bias=False))
+    prepare_qat(model, "w4g16")
+    assert list(model.state_dict()) == ["0.weight"] and model[0].bias is None
+    model(torch.randn(3, 32)).sum().backward()
+    mixprec.quantize(model.eval(), "w4g16")
+    assert model[0].bias is None and model[0].precision == "w4g16"

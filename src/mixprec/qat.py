@@ -89,7 +89,7 @@ class FakeQuantLinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # the same Parameter objects: optimizers keep working
-        self.bias = linear.bias
+        self.register_parameter("bias", linear.bias)
         self.precision = precision
         self._grid = _weight_grid(precision)
         self.training = linear.training
