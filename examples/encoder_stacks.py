@@ -7,7 +7,7 @@ position must say how often its token occurs (1, 2, 3, or 4 or more), which need
 Trained on 16,384 sequences; calibrated on 512 others; measured on 1,024 held-out sequences
 (distinct, none seen in calibration).
 
-    python examples/encoder_stacks.py run [--attention softmax|linear] [--range-margin F]
+    python examples/encoder_stacks.py run [--attention softmax|linear] [--range-margin F] [--qat-steps N]
     python examples/encoder_stacks.py bench|golden|plot
 
 ``run`` also prints what TFLite's 16x8 mode (int16 activations, int8 weights) would give the
@@ -22,14 +22,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from example_modes import fit, plot_parity, stored_model, write_golden  # noqa: E402
 
+from mixprec import Policy  # noqa: E402
+from mixprec.integer.build.layers import calibrate  # noqa: E402
 from mixprec.integer.core.profile import stage_table  # noqa: E402
 from mixprec.integer.graph.simulate import operator_errors, rounding_attribution, simulate  # noqa: E402
 from mixprec.integer.models.encoder import TinyEncoder, build_encoder_graph  # noqa: E402
 from mixprec.io_utils import atomic_path  # noqa: E402
+from mixprec.qat import prepare_qat, to_float  # noqa: E402
 
 VOCABULARY, STEPS, CLASSES = 16, 8, 4
 #: Issue 4's target for the encoder stacks: worst error against float32, as a share of the output range.
@@ -54,6 +58,30 @@ def train(model: TinyEncoder) -> None:
     """Adam (lr 1e-2), 3,000 steps of 256 sequences."""
     x, y = make_set(16384, seed=1)
     fit(model, x, y, torch.optim.Adam(model.parameters(), lr=1e-2), steps=3000, batch=256)
+
+
+class OnTableGrid(torch.nn.Module):
+    """Parametrization of the embedding table: its values on the engine's own per-tensor
+    asymmetric int8 grid (``calibrate`` of the current table), straight-through gradients."""
+
+    def forward(self, table: torch.Tensor) -> torch.Tensor:
+        values = table.detach().double().numpy()
+        grid = calibrate(values)
+        rounded = torch.from_numpy(grid.values_of(grid.nearest_codes(values))).to(table.dtype)
+        return table + (rounded - table).detach()
+
+
+def fine_tune_on_grid(model: TinyEncoder, steps: int) -> None:
+    """Quantization-aware fine-tuning: every Linear on ``w8``'s per-channel int8 grid (the
+    engine's weight grid) by ``mixprec.prepare_qat``, the embedding table on the engine's
+    table grid (:class:`OnTableGrid`); Adam (lr 3e-4), ``steps`` steps of 256 training
+    sequences. Leaves the float model with those rounded weights (``mixprec.qat.to_float``)."""
+    prepare_qat(model, Policy([("embedding", "fp32")], default="w8"))
+    parametrize.register_parametrization(model.embedding, "weight", OnTableGrid())
+    x, y = make_set(16384, seed=1)
+    fit(model, x, y, torch.optim.Adam(model.parameters(), lr=3e-4), steps=steps, batch=256)
+    parametrize.remove_parametrizations(model.embedding, "weight", leave_parametrized=True)
+    to_float(model)
 
 
 def held_out_set() -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs") / "encoder_stacks")
     parser.add_argument("--range-margin", type=float, default=0.0,
                         help="run: widen every calibrated activation range by this fraction (default 0)")
+    parser.add_argument("--qat-steps", type=int, default=0,
+                        help="run: first fine-tune this many steps with the weights on their int8 grid (mixprec QAT)")
     args = parser.parse_args(argv)
     calibration, _ = make_set(512, seed=3)
     x, y = held_out_set()
@@ -119,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     for attention in args.attention:
         name = f"encoder_{attention}"
         model = stored_model(name, lambda a=attention: make_model(a), train, retrain=args.mode == "golden")
+        if args.mode == "run" and args.qat_steps:
+            fine_tune_on_grid(model, args.qat_steps)
         graph = build_encoder_graph(model, calibration, args.range_margin if args.mode == "run" else 0.0)
         ids = x.numpy().astype(np.int32)
         if args.mode == "golden":

@@ -289,3 +289,31 @@ def test_simulation_rounds_only_the_tensors_asked_and_attributes_the_error() -> 
     with pytest.raises(InputError, match=r"reference has shape \(500, 2\); the graph's output has \(500, 3\)"):
         rounding_attribution(graph, x, reference=reference[:, :2])
 
+
+
+@pytest.mark.parametrize(("attention", "floor_before", "floor_after"), [("softmax", 0.0104, 0.0019),
+                                                                        ("linear", 0.0142, 0.0032)])
+def test_quantization_aware_fine_tuning_lowers_the_weights_floor(encoder_example, attention: str,  # noqa: ANN001
+                                                                 floor_before: float, floor_after: float) -> None:
+    """``run --qat-steps 600`` (BENCHMARKS.md): 600 steps with the Linears on their int8 grid
+    (mixprec.prepare_qat) and the table on its grid leave weights the builders find on their
+    grids again, and the error the weights alone cause falls more than 3x (issue 19's target)."""
+    from mixprec.integer.build.layers import symmetric_int8_weights
+    from mixprec.integer.graph.simulate import simulate
+    from mixprec.integer.models.encoder import build_encoder_graph
+
+    example, load_model = encoder_example
+    model = load_model(f"encoder_{attention}", lambda: example.make_model(attention))
+    example.fine_tune_on_grid(model, 600)
+    for name, linear in model.named_modules():
+        if isinstance(linear, torch.nn.Linear):
+            weight = linear.weight.detach().numpy().astype(np.float64)
+            codes, scales = symmetric_int8_weights(weight)
+            assert np.allclose(codes * scales.astype(np.float64)[:, None], weight, rtol=1e-6, atol=0), name
+    graph = build_encoder_graph(model, example.make_set(512, seed=3)[0])
+    x, _ = example.held_out_set()
+    reference = example.float64_reference(model, x)
+    floor = np.abs(simulate(graph, x.numpy().astype(np.int32), rounded=()) - reference).max()
+    share = floor / float(reference.max() - reference.min())
+    assert share == pytest.approx(floor_after, rel=0.05)
+    assert share <= floor_before / 3

@@ -124,3 +124,23 @@ def test_a_linear_without_bias_trains_and_quantizes() -> None:
     model(torch.randn(3, 32)).sum().backward()
     mixprec.quantize(model.eval(), "w4g16")
     assert model[0].bias is None and model[0].precision == "w4g16"
+
+
+def test_to_float_keeps_the_trained_forward_on_plain_linears() -> None:
+    model = _mlp()
+    prepare_qat(model, Policy([("0", "w8")], default="bf16"))
+    x = torch.randn(6, 64)
+    with torch.no_grad():
+        trained = model(x)
+    assert mixprec.qat.to_float(model) == {"0": "w8", "2": "bf16"}
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+    with torch.no_grad():
+        assert torch.equal(model[0](x), nn.functional.linear(x, model[0].weight, model[0].bias))
+        # weights on the grid: the layer's own rounding finds them again
+        again = FakeQuantLinear(model[0], mixprec.precision.parse_precision("w8")).fake_weight()
+        assert torch.equal(again, model[0].weight)
+        # bf16 keeps its output rounding in the training forward only; the weights are bf16 values
+        assert torch.equal(model[2].weight, model[2].weight.to(torch.bfloat16).float())
+        assert (model(x) - trained).abs().max() < 1e-2
+    with pytest.raises(PolicyError, match="holds no layer prepared by prepare_qat"):
+        mixprec.qat.to_float(model)

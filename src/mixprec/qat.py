@@ -28,7 +28,9 @@ group gets exactly that; fp16-scaled grids at least fp16's smallest normal, 2**-
 After training, ``mixprec.quantize(model, policy)`` with the same policy rounds each float
 weight exactly as the last forward did: the quantized layer's dequantized weight equals
 the fake-quantized one bit for bit. ``quantize`` refuses a prepared layer whose precision
-in the new policy differs from the one it was trained for.
+in the new policy differs from the one it was trained for. For toolchains that quantize a
+float model themselves, :func:`to_float` instead leaves plain Linears holding the rounded
+weights.
 
 Trainable: Linear layers (and GPT-2-style ``Conv1D`` is not: prepare refuses it) in the
 precisions above. Refused by name: ``int8-static`` (its activation ranges come from
@@ -164,6 +166,32 @@ def prepare_qat(model: nn.Module, policy: Policy | str) -> dict[str, str]:
     for plan in plans:
         replace_module(model, plan.name, FakeQuantLinear(plan.module, plan.precision))
     return {plan.name: plan.precision.name for plan in plans}
+
+
+def to_float(model: nn.Module) -> dict[str, str]:
+    """Turn every :class:`FakeQuantLinear` of ``model`` into an ``nn.Linear`` holding its
+    rounded weight (and, for bf16 / fp16, its rounded bias), in place: the float model the
+    training forward computed, for toolchains that quantize a float model themselves (the
+    integer engine's builders, a TFLite or ONNX converter): a per-channel int8 quantizer with
+    the same rule (scale ``max|row| / 127``) finds exactly these values on its grid again.
+    Returns ``{layer name: precision}`` of the layers converted.
+
+    Raises:
+        PolicyError: ``model`` holds no prepared layer.
+    """
+    prepared = {name: module for name, module in model.named_modules() if isinstance(module, FakeQuantLinear)}
+    if not prepared:
+        raise PolicyError("the model holds no layer prepared by prepare_qat: nothing to convert")
+    with torch.no_grad():
+        for name, module in prepared.items():
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.weight.copy_(module.fake_weight())
+            if module.bias is not None:
+                half = _HALF.get(module.precision.family)
+                linear.bias.copy_(module.bias if half is None else module.bias.to(half).to(torch.float32))
+            linear.train(module.training)
+            replace_module(model, name, linear)
+    return {name: module.precision.name for name, module in prepared.items()}
 
 
 def release(model: nn.Module, plans: list[LayerPlan]) -> bool:
