@@ -13,7 +13,7 @@ ifneq ($(wildcard $(SHARED_DATA)/fashion-mnist),)
 export MIXPREC_DATA ?= $(SHARED_DATA)
 endif
 
-.PHONY: study transformer-study search-study cnn-study test clean
+.PHONY: study transformer-study search-study cnn-study docs test clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +31,9 @@ search-study: $(STAMP)
 
 cnn-study: $(STAMP)
 	$(VENV)/bin/mixprec cnn-study --out runs/cnn
+
+docs: $(STAMP)
+	$(PY) tools/api_reference.py --out site
 
 test: $(STAMP)
 	$(PY) -m pytest -q
