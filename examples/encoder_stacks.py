@@ -25,6 +25,7 @@ import torch
 from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from example_modes import fine_tune_on_grid as fine_tune  # noqa: E402
 from example_modes import fit, plot_parity, stored_model, write_golden  # noqa: E402
 
 from mixprec import Policy  # noqa: E402
@@ -33,7 +34,6 @@ from mixprec.integer.core.profile import stage_table  # noqa: E402
 from mixprec.integer.graph.simulate import operator_errors, rounding_attribution, simulate  # noqa: E402
 from mixprec.integer.models.encoder import TinyEncoder, build_encoder_graph  # noqa: E402
 from mixprec.io_utils import atomic_path  # noqa: E402
-from mixprec.qat import prepare_qat, to_float  # noqa: E402
 
 VOCABULARY, STEPS, CLASSES = 16, 8, 4
 #: Issue 4's target for the encoder stacks: worst error against float32, as a share of the output range.
@@ -72,16 +72,12 @@ class OnTableGrid(torch.nn.Module):
 
 
 def fine_tune_on_grid(model: TinyEncoder, steps: int) -> None:
-    """Quantization-aware fine-tuning: every Linear on ``w8``'s per-channel int8 grid (the
-    engine's weight grid) by ``mixprec.prepare_qat``, the embedding table on the engine's
-    table grid (:class:`OnTableGrid`); Adam (lr 3e-4), ``steps`` steps of 256 training
-    sequences. Leaves the float model with those rounded weights (``mixprec.qat.to_float``)."""
-    prepare_qat(model, Policy([("embedding", "fp32")], default="w8"))
+    """Quantization-aware fine-tuning (``example_modes.fine_tune_on_grid``): every Linear on
+    ``w8``'s per-channel int8 grid (the engine's weight grid), the embedding table on the
+    engine's table grid (:class:`OnTableGrid`), ``steps`` steps on the 16,384 training sequences."""
     parametrize.register_parametrization(model.embedding, "weight", OnTableGrid())
-    x, y = make_set(16384, seed=1)
-    fit(model, x, y, torch.optim.Adam(model.parameters(), lr=3e-4), steps=steps, batch=256)
+    fine_tune(model, Policy([("embedding", "fp32")], default="w8"), *make_set(16384, seed=1), steps)
     parametrize.remove_parametrizations(model.embedding, "weight", leave_parametrized=True)
-    to_float(model)
 
 
 def held_out_set() -> tuple[torch.Tensor, torch.Tensor]:

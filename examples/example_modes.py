@@ -17,9 +17,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mixprec import Policy
 from mixprec.integer.core.profile import stage_table
 from mixprec.integer.models.kws import KeywordSpotter, build_pipeline, parity
 from mixprec.io_utils import atomic_path
+from mixprec.qat import prepare_qat, to_float
 
 GOLDENS = Path(__file__).resolve().parent / "goldens"
 #: Issue 4's parity targets for the keyword spotter: worst error in output steps and of the range.
@@ -51,6 +53,15 @@ def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: tor
     model.eval()
 
 
+def fine_tune_on_grid(model: torch.nn.Module, policy: Policy, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+    """Quantization-aware fine-tuning: ``mixprec.prepare_qat(model, policy)``, then :func:`fit`
+    (Adam, lr 3e-4, ``steps`` steps of 256 samples), then ``mixprec.qat.to_float``: the float
+    model keeps the rounded weights, which the engine's builders find on their grids again."""
+    prepare_qat(model, policy)
+    fit(model, x, y, torch.optim.Adam(model.parameters(), lr=3e-4), steps=steps, batch=256)
+    to_float(model)
+
+
 def stored_model(name: str, make_model: Callable[[], torch.nn.Module], train: Callable[[torch.nn.Module], None],
                  retrain: bool) -> torch.nn.Module:
     """The stored model of example ``name``; trained (and stored) first when ``retrain`` or
@@ -77,8 +88,9 @@ def write_golden(name: str, codes: np.ndarray) -> None:
 
 def run_modes(name: str, make_model: Callable[[], KeywordSpotter], train: Callable[[KeywordSpotter], None],
               calibration: torch.Tensor, held_out: torch.Tensor, labels: torch.Tensor,
-              argv: list[str] | None = None) -> int:
-    """Parse ``argv`` and run one mode; ``train`` trains a fresh ``make_model()`` in place."""
+              argv: list[str] | None = None, training: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
+    """Parse ``argv`` and run one mode; ``train`` trains a fresh ``make_model()`` in place;
+    ``training`` (features, labels) is what ``--qat-steps`` fine-tunes on."""
     parser = argparse.ArgumentParser(prog=name, description=f"{name}: the integer engine's keyword spotter")
     parser.add_argument("mode", choices=["run", "bench", "golden", "plot"])
     parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="the half island")
@@ -86,8 +98,16 @@ def run_modes(name: str, make_model: Callable[[], KeywordSpotter], train: Callab
                         help="the integer stages' activations: int8, or int16 (TFLite's 16x8 mode)")
     parser.add_argument("--batch", type=int, default=4096, help="bench: samples per batch")
     parser.add_argument("--out", type=Path, default=Path("runs") / name, help="bench/plot output folder")
+    parser.add_argument("--qat-steps", type=int, default=0,
+                        help="run/plot: first fine-tune this many steps with the weights on their grids (mixprec QAT: "
+                             "frontend and classifier on int8, the attention on the half island's type)")
     args = parser.parse_args(argv)
+    if args.qat_steps < 0 or (args.qat_steps and (training is None or args.mode not in ("run", "plot"))):
+        parser.error("--qat-steps takes a count >= 0, with the run or plot mode")
     model = stored_model(name, make_model, train, retrain=args.mode == "golden")
+    if args.qat_steps:
+        half = "fp16" if args.dtype == "float16" else "bf16"
+        fine_tune_on_grid(model, Policy([(r"attention\..*", half)], default="w8"), *training, args.qat_steps)
     pipeline = build_pipeline(model, calibration, args.dtype, args.activations)
     if args.mode == "golden":
         write_golden(name, pipeline.run_codes(held_out.numpy()))

@@ -57,8 +57,9 @@ def calibration_set() -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _, _, test_x, test_y = splits()
-    return run_modes("kws_spoken_digits", make_model, train, calibration_set(), test_x, test_y, argv)
+    train_x, train_y, test_x, test_y = splits()
+    return run_modes("kws_spoken_digits", make_model, train, calibration_set(), test_x, test_y, argv,
+                     training=(train_x, train_y))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ trains on 8,192 samples and the pipeline is calibrated on the same training set;
 is measured on a separate held-out set of 1,024 distinct samples neither ever saw.
 
     python examples/kws_synthetic.py run      # parity against float32: PASS/FAIL, accuracy
+    python examples/kws_synthetic.py run --activations int16 --qat-steps 300   # 16x8, weights fine-tuned on grid
     python examples/kws_synthetic.py bench    # CSV: name,weight_bytes,activation_bytes,time per stage
     python examples/kws_synthetic.py golden   # write the held-out int8 outputs (golden bytes)
     python examples/kws_synthetic.py plot     # float vs dequantized int8, and the absolute error
@@ -64,7 +65,8 @@ def calibration_set() -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     held_out, labels = make_set(1024, seed=2)
-    return run_modes("kws_synthetic", make_model, train, calibration_set(), held_out, labels, argv)
+    return run_modes("kws_synthetic", make_model, train, calibration_set(), held_out, labels, argv,
+                     training=make_set(8192, seed=1))
 
 
 if __name__ == "__main__":
