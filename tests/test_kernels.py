@@ -17,6 +17,7 @@ from mixprec.kernels import (
     rescale_accumulator_torch,
 )
 from mixprec.kernels.weight_only import (
+    ROWS_KERNEL_MAX_M,
     W4_ROWS_KERNEL_MAX_M,
     w4_dequantize_torch,
     w4_linear,
@@ -132,21 +133,33 @@ def test_onednn_accumulators_equal_int64_reference(m: int, k: int, n: int) -> No
     assert torch.equal(got, int8_matmul_reference(q, w.t()).to(torch.float32))
 
 
-def test_w8_rows_kernel_matches_a_float64_reference() -> None:
+@pytest.mark.parametrize("rows", [1, 3, 7, 13])  # full blocks of 6 rows and partial ones
+def test_w8_rows_kernel_matches_a_float64_reference(rows: int) -> None:
     generator = torch.Generator().manual_seed(11)
-    weight = torch.randint(-127, 128, (1100, 1000), dtype=torch.int8, generator=generator)
-    scale, bias = torch.rand(1100, generator=generator), torch.randn(1100, generator=generator)
-    x = torch.randn(3, 1000, generator=generator)
+    weight = torch.randint(-127, 128, (1101, 1000), dtype=torch.int8, generator=generator)  # a partial block of 4
+    scale, bias = torch.rand(1101, generator=generator), torch.randn(1101, generator=generator)
+    x = torch.randn(rows, 1000, generator=generator)  # 1000 = 62 x 16 + a tail of 8
     got = native.w8_linear_rows(x, weight, scale, bias).double()
     reference = (x.double() @ weight.double().t()) * scale.double() + bias.double()
-    assert float((got - reference).abs().max() / reference.abs().max()) < 6e-7  # measured 2.5e-7 to 3.3e-7
+    assert float((got - reference).abs().max() / reference.abs().max()) < 6e-7  # measured 1.8e-7 to 2.1e-7
+
+
+def test_w8_rows_kernel_gives_a_row_the_same_bits_in_any_batch() -> None:
+    generator = torch.Generator().manual_seed(13)
+    weight = torch.randint(-127, 128, (300, 777), dtype=torch.int8, generator=generator)
+    scale = torch.rand(300, generator=generator)
+    x = torch.randn(ROWS_KERNEL_MAX_M, 777, generator=generator)
+    whole = native.w8_linear_rows(x, weight, scale, None)
+    for begin, end in ((0, 1), (5, 6), (3, 10), (ROWS_KERNEL_MAX_M - 7, ROWS_KERNEL_MAX_M)):
+        assert torch.equal(native.w8_linear_rows(x[begin:end].contiguous(), weight, scale, None), whole[begin:end])
 
 
 def test_w8_dispatch_by_rows_and_weight_size() -> None:
     generator = torch.Generator().manual_seed(12)
     weight = torch.randint(-127, 128, (1024, 1024), dtype=torch.int8, generator=generator)
     scale = torch.rand(1024, generator=generator)
-    few, many = torch.randn(4, 1024, generator=generator), torch.randn(5, 1024, generator=generator)
+    few = torch.randn(ROWS_KERNEL_MAX_M, 1024, generator=generator)
+    many = torch.randn(ROWS_KERNEL_MAX_M + 1, 1024, generator=generator)
     assert torch.equal(w8_linear(few, weight, scale, None), native.w8_linear_rows(few, weight, scale, None))
     assert torch.equal(w8_linear(many, weight, scale, None), w8_linear_expand(many, weight, scale, None))
     small = weight[:512]
