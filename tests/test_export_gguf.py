@@ -82,7 +82,10 @@ def test_w8g_linear_and_embedding_share_codes_and_round_to_nearest() -> None:
     assert torch.equal(w8l.weight.float(), expected)
     assert w8l.storage_bytes() == 10 * 64 + 10 * 2 * 2
     x = torch.randn(3, 64)
-    assert torch.equal(w8l(x), x @ w8l.dequantized_weight().t())
+    # the forward is a float32 sum of x * (code * scale) in the kernel's order: measured 1.2e-6 from
+    # float64 on outputs up to 24, as close as a float32 matmul of the dequantized weight (1.5e-6)
+    exact = x.double() @ w8l.dequantized_weight().double().t()
+    assert float((w8l(x).double() - exact).abs().max()) < 4e-6
     assert torch.equal(w8e(torch.tensor([3])), w8l.dequantized_weight()[3:4])
 
 

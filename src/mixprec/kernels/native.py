@@ -116,6 +116,12 @@ def w8_linear_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     return torch.ops.mixprec.w8_linear_rows(x, weight, scale, bias)
 
 
+def w8g_linear_rows(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """``w8gN`` linear for few rows, fp16 group scales with N a multiple of 16 (see csrc/int8_rows.cpp)."""
+    return torch.ops.mixprec.w8g_linear_rows(x, codes, scale, bias)
+
+
 def w4_dequantize_rows(packed: torch.Tensor, scale: torch.Tensor, begin: int, out: torch.Tensor) -> None:
     """Write float32 rows ``[begin, begin + len(out))`` of an int4 weight into ``out`` (see csrc/int4_weights.cpp)."""
     torch.ops.mixprec.w4_dequantize_rows(packed, scale, begin, out)

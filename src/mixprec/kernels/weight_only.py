@@ -2,13 +2,17 @@
 
 ``w8``: ``y = (x @ W_q^T) * s_w + b``. Two paths, chosen per call by shape (measured on
 Zen 4, ratio to a float32 matmul):
-- up to 64 rows on a big weight: a fused C++ kernel that reads the int8 weight once per call
+- up to 64 rows: a fused C++ kernel that reads the int8 weight once per call
   and converts it in registers, 4 output channels x 6 rows per block, over both cores
   (4096 x 4096, weight warm in the L3 cache: 7.9x at M = 1, 8.4x at M = 4, 3.7x at M = 8,
   1.5x at M = 64; each row's output is the same bits in any batch);
 - otherwise: convert the int8 codes exactly to float32, one matmul, then rescale (0.13-0.6x:
   it pays a full float32 weight per call).
 Both accumulate in float32; the order of the sum differs, so results differ by rounding.
+
+``w8gN``: ``y = x @ (q * s)^T + b`` with fp16 group scales; the same two paths, the fused
+kernel scaling each chunk of 16 converted codes by its group's scale (exact) before the
+multiply-adds, for group sizes that are multiples of 16.
 
 ``w4gN``: ``y = x @ (q * s)^T + b`` with int4 codes ``q`` and fp16 group scales ``s``
 (``q * s`` is exact in float32). Two paths (4096 x 4096, ratio to float32):
@@ -29,12 +33,11 @@ from torch import Tensor
 from mixprec.formats import unpack_int4
 from mixprec.kernels import native
 
-#: Largest row count M given to the fused kernel (measured faster than the float32 path up to here).
+#: Largest row count M given to the fused kernels of ``w8`` and ``w8gN`` (measured faster than
+#: the float32 paths up to here, from 576 x 576 to 4096 x 4096 weights).
 ROWS_KERNEL_MAX_M = 64
-#: Smallest weight (out x in elements) given to the GEMV; below it the float32 path was faster.
-ROWS_KERNEL_MIN_WEIGHTS = 1 << 20
 
-KERNEL_NAME = (f"int8 weights: fused C++ kernel for M <= {ROWS_KERNEL_MAX_M} on weights >= 2**20 elements, "
+KERNEL_NAME = (f"int8 weights: fused C++ kernel for M <= {ROWS_KERNEL_MAX_M}, "
                "else float32 expansion + matmul, per-channel rescale")
 
 
@@ -46,8 +49,7 @@ def w8_linear_expand(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | No
 
 def w8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     """Weight-only int8 linear of a contiguous float32 ``x [M, K]`` (see module docstring)."""
-    if (x.shape[0] <= ROWS_KERNEL_MAX_M and weight.numel() >= ROWS_KERNEL_MIN_WEIGHTS and native.available()
-            and x.is_contiguous()):
+    if x.shape[0] <= ROWS_KERNEL_MAX_M and native.available() and x.is_contiguous():
         return native.w8_linear_rows(x, weight, scale, bias)
     return w8_linear_expand(x, weight, scale, bias)
 
@@ -92,7 +94,8 @@ def w4_linear(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None) -> 
     return w4_linear_tiled(x, packed, scale, bias)
 
 
-W8G_KERNEL_NAME = "int8 weights in groups: expanded to float32 in 16 MiB tiles (PyTorch ops) + float32 matmul"
+W8G_KERNEL_NAME = (f"int8 weights in groups: fused C++ kernel for M <= {ROWS_KERNEL_MAX_M} (groups of a multiple "
+                   "of 16), else expanded to float32 in 16 MiB tiles + float32 matmul")
 
 
 def w8g_dequantize(codes: Tensor, scale: Tensor) -> Tensor:
@@ -104,9 +107,14 @@ def w8g_dequantize(codes: Tensor, scale: Tensor) -> Tensor:
 
 
 def w8g_linear(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    """``w8gN`` linear of a float32 ``x [M, K]``: ``y = x @ (q * s)^T + b``, the weight expanded
-    a tile of output rows at a time (no whole float32 copy of it is held)."""
+    """``w8gN`` linear of a float32 ``x [M, K]``: ``y = x @ (q * s)^T + b``. Up to
+    :data:`ROWS_KERNEL_MAX_M` rows with a group size that is a multiple of 16: the fused kernel
+    (codes read once, scaled in registers); otherwise the weight expanded a tile of output rows
+    at a time (no whole float32 copy of it is held). Sums in float32 in either order."""
     out_features, in_features = codes.shape
+    if (x.shape[0] <= ROWS_KERNEL_MAX_M and (in_features // scale.shape[1]) % 16 == 0 and native.available()
+            and x.is_contiguous()):
+        return native.w8g_linear_rows(x, codes, scale, bias)
     tile_rows = max(1, min(out_features, W4_TILE_ELEMENTS // in_features))
     if tile_rows == out_features:
         return F.linear(x, w8g_dequantize(codes, scale), bias)

@@ -28,7 +28,7 @@ from mixprec.kernels import (
 from mixprec.kernels.cpu import native_slow_path
 from mixprec.kernels.onednn_int8 import KERNEL_NAME as ONEDNN_KERNEL
 from mixprec.kernels.weight_only import KERNEL_NAME as W8_KERNEL
-from mixprec.kernels.weight_only import ROWS_KERNEL_MIN_WEIGHTS, w8_linear
+from mixprec.kernels.weight_only import w8_linear
 from mixprec.nn.base import (
     PackedWeightMixin,
     QuantizedModule,
@@ -244,7 +244,7 @@ class W8Linear(_Int8WeightLinear):
 
     @property
     def slow_path(self) -> str | None:
-        return native_slow_path() if self.weight.numel() >= ROWS_KERNEL_MIN_WEIGHTS else None
+        return native_slow_path()
 
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -256,19 +257,27 @@ at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& weight, co
 constexpr int kW8Channels = 4;
 constexpr int kW8Rows = 6;
 
+// Group scales, when given (w8gN): `scales` holds kW8Channels rows of `groups` float32 values
+// and each converted chunk of 16 weights is multiplied by its group's scale first (exact:
+// an 8-bit code times an fp16 scale fits float32's significand), so the sums are of
+// x * (q * s); the caller needs the group size to be a multiple of 16.
 template <int Rows>
-void w8_block(const float* x, int64_t k_total, const int8_t* w, int channels, float* sums) {
-  // sums[r * kW8Channels + c] = dot(x row r, float(w row c)) for Rows rows and `channels` <= 4 rows of w
+void w8_block(const float* x, int64_t k_total, const int8_t* w, int channels, const float* scales, int64_t group,
+              float* sums) {
+  // sums[r * kW8Channels + c] = dot(x row r, weight row c) for Rows rows and `channels` <= 4 rows of w
   int64_t k = 0;
 #if defined(__AVX512F__)
+  const int64_t groups = scales != nullptr ? k_total / group : 0;
   __m512 acc[Rows][kW8Channels];
   for (int r = 0; r < Rows; ++r)
     for (int c = 0; c < kW8Channels; ++c) acc[r][c] = _mm512_setzero_ps();
   for (; k + 16 <= k_total; k += 16) {
     __m512 wv[kW8Channels];
     for (int c = 0; c < kW8Channels; ++c) {
-      const int8_t* row = w + (c < channels ? c : 0) * k_total + k;
-      wv[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row))));
+      const int row = c < channels ? c : 0;
+      const int8_t* codes = w + row * k_total + k;
+      wv[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes))));
+      if (scales != nullptr) wv[c] = _mm512_mul_ps(wv[c], _mm512_set1_ps(scales[row * groups + k / group]));
     }
     for (int r = 0; r < Rows; ++r) {
       const __m512 xv = _mm512_loadu_ps(x + r * k_total + k);
@@ -284,53 +293,96 @@ void w8_block(const float* x, int64_t k_total, const int8_t* w, int channels, fl
   for (int r = 0; r < Rows; ++r)
     for (int c = 0; c < channels; ++c) {
       float tail = sums[r * kW8Channels + c];
-      for (int64_t j = k; j < k_total; ++j)
-        tail = std::fma(x[r * k_total + j], static_cast<float>(w[c * k_total + j]), tail);
+      for (int64_t j = k; j < k_total; ++j) {
+        const float weight = static_cast<float>(w[c * k_total + j]) *
+                             (scales != nullptr ? scales[c * (k_total / group) + j / group] : 1.0f);
+        tail = std::fma(x[r * k_total + j], weight, tail);
+      }
       sums[r * kW8Channels + c] = tail;
     }
 }
 
 template <int Rows>
-void w8_rows_into(const float* x, int64_t k_total, const int8_t* w, int channels, float* sums, int rows) {
+void w8_rows_into(const float* x, int64_t k_total, const int8_t* w, int channels, const float* scales, int64_t group,
+                  float* sums, int rows) {
   if constexpr (Rows > 1) {
-    if (rows < Rows) return w8_rows_into<Rows - 1>(x, k_total, w, channels, sums, rows);
+    if (rows < Rows) return w8_rows_into<Rows - 1>(x, k_total, w, channels, scales, group, sums, rows);
   }
-  w8_block<Rows>(x, k_total, w, channels, sums);
+  w8_block<Rows>(x, k_total, w, channels, scales, group, sums);
+}
+
+// Blocks [begin, end) of kW8Channels output channels for all rows of x. `group_scale`
+// (fp16 [N, K / group]) selects w8gN: y = sum x * (q * s) + b; without it (w8):
+// y = (sum x * q) * scale[n] + b.
+void w8_channel_blocks(const float* xp, int64_t rows, int64_t cols, const int8_t* wp, int64_t outs,
+                       const float* channel_scale, const at::Half* group_scale, int64_t group, const float* bp,
+                       float* yp, int64_t begin, int64_t end) {
+  float sums[kW8Rows * kW8Channels];
+  const int64_t groups = group_scale != nullptr ? cols / group : 0;
+  std::vector<float> scales(kW8Channels * groups);
+  for (int64_t block = begin; block < end; ++block) {
+    const int64_t n0 = block * kW8Channels;
+    const int channels = static_cast<int>(std::min<int64_t>(kW8Channels, outs - n0));
+    for (int c = 0; c < channels; ++c)
+      for (int64_t g = 0; g < groups; ++g) scales[c * groups + g] = static_cast<float>(group_scale[(n0 + c) * groups + g]);
+    for (int64_t m0 = 0; m0 < rows; m0 += kW8Rows) {
+      const int count = static_cast<int>(std::min<int64_t>(kW8Rows, rows - m0));
+      w8_rows_into<kW8Rows>(xp + m0 * cols, cols, wp + n0 * cols, channels, groups ? scales.data() : nullptr, group,
+                            sums, count);
+      for (int r = 0; r < count; ++r)
+        for (int c = 0; c < channels; ++c) {
+          const int64_t n = n0 + c;
+          const float sum = sums[r * kW8Channels + c];
+          yp[(m0 + r) * outs + n] = (channel_scale != nullptr ? sum * channel_scale[n] : sum) +
+                                    (bp != nullptr ? bp[n] : 0.0f);
+        }
+    }
+  }
+}
+
+// Checks x and the codes, then runs w8_channel_blocks over PyTorch's threads.
+at::Tensor w8_rows_launch(const at::Tensor& x, const at::Tensor& codes, const float* channel_scale,
+                          const at::Half* group_scale, int64_t group, const c10::optional<at::Tensor>& bias) {
+  const int64_t rows = x.size(0), cols = x.size(1), outs = codes.size(0);
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(!has_bias || (bias->numel() == outs && bias->scalar_type() == at::kFloat && bias->is_contiguous()),
+              "bias must be contiguous float32 [N]");
+  auto y = at::empty({rows, outs}, x.options());
+  const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
+  const int64_t blocks = (outs + kW8Channels - 1) / kW8Channels;
+  mixprec::split_rows(blocks, rows * cols * outs, [&](int64_t begin, int64_t end) {
+    w8_channel_blocks(x.data_ptr<float>(), rows, cols, codes.data_ptr<int8_t>(), outs, channel_scale, group_scale,
+                      group, bp, y.data_ptr<float>(), begin, end);
+  });
+  return y;
+}
+
+void check_w8_operands(const at::Tensor& x, const at::Tensor& codes) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 [M, K]");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous() &&
+                  codes.size(1) == x.size(1),
+              "weight codes must be contiguous int8 [N, K]");
 }
 
 at::Tensor w8_linear_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                           const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 [M, K]");
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous() &&
-                  weight.size(1) == x.size(1),
-              "weight must be contiguous int8 [N, K]");
-  const int64_t rows = x.size(0), cols = x.size(1), outs = weight.size(0);
-  TORCH_CHECK(scale.numel() == outs && scale.scalar_type() == at::kFloat, "scale must be float32 [N]");
-  const bool has_bias = bias.has_value() && bias->defined();
-  auto y = at::empty({rows, outs}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const int8_t* wp = weight.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  const int64_t blocks = (outs + kW8Channels - 1) / kW8Channels;
-  mixprec::split_rows(blocks, rows * cols * outs, [&](int64_t begin, int64_t end) {
-    float sums[kW8Rows * kW8Channels];
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t n0 = block * kW8Channels;
-      const int channels = static_cast<int>(std::min<int64_t>(kW8Channels, outs - n0));
-      for (int64_t m0 = 0; m0 < rows; m0 += kW8Rows) {
-        const int count = static_cast<int>(std::min<int64_t>(kW8Rows, rows - m0));
-        w8_rows_into<kW8Rows>(xp + m0 * cols, cols, wp + n0 * cols, channels, sums, count);
-        for (int r = 0; r < count; ++r)
-          for (int c = 0; c < channels; ++c) {
-            const int64_t n = n0 + c;
-            yp[(m0 + r) * outs + n] = sums[r * kW8Channels + c] * sp[n] + (bp != nullptr ? bp[n] : 0.0f);
-          }
-      }
-    }
-  });
-  return y;
+  check_w8_operands(x, weight);
+  TORCH_CHECK(scale.numel() == weight.size(0) && scale.scalar_type() == at::kFloat && scale.is_contiguous(),
+              "scale must be contiguous float32 [N]");
+  return w8_rows_launch(x, weight, scale.data_ptr<float>(), nullptr, 1, bias);
+}
+
+// w8gN for few rows: y = x @ (q * s)^T + b with fp16 scales per group of `group` (a multiple
+// of 16) along K, the codes read once per call and scaled in registers (see w8_block).
+at::Tensor w8g_linear_rows(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                           const c10::optional<at::Tensor>& bias) {
+  check_w8_operands(x, codes);
+  const int64_t cols = x.size(1);
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == codes.size(0) && scale.scalar_type() == at::kHalf &&
+                  scale.is_contiguous() && scale.size(1) >= 1 && cols % scale.size(1) == 0 &&
+                  (cols / scale.size(1)) % 16 == 0,
+              "scale must be contiguous fp16 [N, K / G] with G a multiple of 16");
+  return w8_rows_launch(x, codes, nullptr, scale.data_ptr<at::Half>(), cols / scale.size(1), bias);
 }
 
 }  // namespace
@@ -345,6 +397,7 @@ TORCH_LIBRARY(mixprec, m) {
   m.def("int8_linear_dynamic(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor",
         &int8_linear_dynamic);
   m.def("w8_linear_rows(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor", &w8_linear_rows);
+  m.def("w8g_linear_rows(Tensor x, Tensor codes, Tensor scale, Tensor? bias) -> Tensor", &w8g_linear_rows);
   m.def("rescale_rows_cols_(Tensor(a!) acc, Tensor row_scale, Tensor col_scale, Tensor? bias) -> Tensor(a!)",
         &rescale_rows_cols_);
   m.def("rescale_rows_cols(Tensor acc, Tensor row_scale, Tensor col_scale, Tensor? bias) -> Tensor",
