@@ -47,6 +47,9 @@ def load_error() -> str | None:
         if building:
             print(f"mixprec: native kernels built in {time.perf_counter() - started:.0f} s", file=sys.stderr,
                   flush=True)
+        from mixprec.kernels import fake_ops  # shapes for torch.compile's tracing
+
+        fake_ops.register()
     except Exception as exc:  # any build or load failure means: use the PyTorch path
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         warnings.warn(f"mixprec: native int8 kernels unavailable ({reason}); "
@@ -66,6 +69,7 @@ def _built_before() -> bool:
         return True
 
 
+@torch.compiler.assume_constant_result  # torch.compile: decided once while tracing, not traced into
 def available() -> bool:
     """Whether the fused kernels can be called."""
     return load_error() is None
@@ -133,6 +137,7 @@ def w4_linear_rows(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     return torch.ops.mixprec.w4_linear_rows(x, packed, scale, bias)
 
 
+@torch.compiler.assume_constant_result
 def w4a8_available() -> bool:
     """Whether the native build has the AVX512-VNNI int4 x int8 kernel (see csrc/w4a8_gemm.cpp)."""
     return available() and bool(torch.ops.mixprec.w4a8_available())
@@ -156,6 +161,7 @@ def kv_dequantize_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.T
     torch.ops.mixprec.kv_dequantize_values(codes, scale, zero, bits, out)
 
 
+@torch.compiler.assume_constant_result
 def kv_attention_available() -> bool:
     """Whether the native build has the decode attention over cache codes (see csrc/kv_attention.cpp)."""
     return available() and bool(torch.ops.mixprec.kv_attention_available())

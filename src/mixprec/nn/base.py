@@ -175,6 +175,10 @@ def check_token_ids(ids: Tensor, num_embeddings: int, name: str) -> None:
         raise InputError(f"{name} takes int64 or int32 token ids, got {got}")
     if ids.device.type != "cpu":
         raise InputError(f"{name} runs on the CPU; move the token ids there (ids.cpu()), got {ids.device}")
+    if torch.compiler.is_compiling():  # no host sync in a compiled graph: a runtime assert instead
+        torch._assert_async(((ids >= 0) & (ids < num_embeddings)).all(),
+                            f"{name} has {num_embeddings} rows; token ids must lie in [0, {num_embeddings - 1}]")
+        return
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_embeddings):
         raise InputError(
             f"{name} has {num_embeddings} rows; token ids must lie in [0, {num_embeddings - 1}], "

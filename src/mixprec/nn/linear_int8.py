@@ -23,6 +23,7 @@ from mixprec.kernels import (
     native,
     onednn_int8,
     quantize_static,
+    quantize_static_torch,
     rescale_accumulator,
 )
 from mixprec.kernels.cpu import native_slow_path
@@ -205,7 +206,10 @@ class Int8StaticLinear(_Int8WeightLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)
-        q, row_flag = quantize_static(as_float32_matrix(x), float(self.input_scale), int(self.input_zero_point))
+        if torch.compiler.is_compiling():  # PyTorch ops on the 0-dim parameters: no host sync, same bits
+            q, row_flag = quantize_static_torch(as_float32_matrix(x), self.input_scale, self.input_zero_point)
+        else:
+            q, row_flag = quantize_static(as_float32_matrix(x), float(self.input_scale), int(self.input_zero_point))
         combined = self.input_scale * self.weight_scale
         y = rescale_accumulator(int8_matmul(q, self.weight.t()), row_flag, combined, self.bias)
         return restore_shape(y, x)

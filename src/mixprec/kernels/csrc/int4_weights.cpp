@@ -204,6 +204,13 @@ at::Tensor w4_linear_rows(const at::Tensor& x, const at::Tensor& packed, const a
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mixprec, m) {
-  m.def("w4_dequantize_rows(Tensor packed, Tensor scale, int begin, Tensor(a!) out) -> ()", &w4_dequantize_rows);
-  m.def("w4_linear_rows(Tensor x, Tensor packed, Tensor scale, Tensor? bias) -> Tensor", &w4_linear_rows);
+  m.def("w4_dequantize_rows(Tensor packed, Tensor scale, int begin, Tensor(a!) out) -> ()");
+  m.def("w4_linear_rows(Tensor x, Tensor packed, Tensor scale, Tensor? bias) -> Tensor");
+}
+
+// CPU kernels under the CPU dispatch key (not a catch-all), so torch.compile can pair each with
+// its shape-only implementation (mixprec/kernels/fake_ops.py).
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
+  m.impl("w4_dequantize_rows", &w4_dequantize_rows);
+  m.impl("w4_linear_rows", &w4_linear_rows);
 }

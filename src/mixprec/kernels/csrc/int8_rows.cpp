@@ -388,18 +388,27 @@ at::Tensor w8g_linear_rows(const at::Tensor& x, const at::Tensor& codes, const a
 }  // namespace
 
 TORCH_LIBRARY(mixprec, m) {
-  m.def("quantize_rows_s8(Tensor x) -> (Tensor, Tensor)", &quantize_rows_s8);
-  m.def("quantize_rows_u8(Tensor x) -> (Tensor, Tensor)", &quantize_rows_u8);
-  m.def("quantize_rows_static_s8(Tensor x, float scale, int zero_point) -> (Tensor, Tensor)",
-        &quantize_rows_static_s8);
-  m.def("quantize_samples_u8(Tensor x, int samples, float scale, int zero_point) -> (Tensor, Tensor)",
-        &quantize_samples_u8);
-  m.def("int8_linear_dynamic(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor",
-        &int8_linear_dynamic);
-  m.def("w8_linear_rows(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor", &w8_linear_rows);
-  m.def("w8g_linear_rows(Tensor x, Tensor codes, Tensor scale, Tensor? bias) -> Tensor", &w8g_linear_rows);
-  m.def("rescale_rows_cols_(Tensor(a!) acc, Tensor row_scale, Tensor col_scale, Tensor? bias) -> Tensor(a!)",
-        &rescale_rows_cols_);
-  m.def("rescale_rows_cols(Tensor acc, Tensor row_scale, Tensor col_scale, Tensor? bias) -> Tensor",
-        &rescale_rows_cols);
+  m.def("quantize_rows_s8(Tensor x) -> (Tensor, Tensor)");
+  m.def("quantize_rows_u8(Tensor x) -> (Tensor, Tensor)");
+  m.def("quantize_rows_static_s8(Tensor x, float scale, int zero_point) -> (Tensor, Tensor)");
+  m.def("quantize_samples_u8(Tensor x, int samples, float scale, int zero_point) -> (Tensor, Tensor)");
+  m.def("int8_linear_dynamic(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor");
+  m.def("w8_linear_rows(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
+  m.def("w8g_linear_rows(Tensor x, Tensor codes, Tensor scale, Tensor? bias) -> Tensor");
+  m.def("rescale_rows_cols_(Tensor(a!) acc, Tensor row_scale, Tensor col_scale, Tensor? bias) -> Tensor(a!)");
+  m.def("rescale_rows_cols(Tensor acc, Tensor row_scale, Tensor col_scale, Tensor? bias) -> Tensor");
+}
+
+// CPU kernels under the CPU dispatch key (not a catch-all), so torch.compile can pair each with
+// its shape-only implementation (mixprec/kernels/fake_ops.py).
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
+  m.impl("quantize_rows_s8", &quantize_rows_s8);
+  m.impl("quantize_rows_u8", &quantize_rows_u8);
+  m.impl("quantize_rows_static_s8", &quantize_rows_static_s8);
+  m.impl("quantize_samples_u8", &quantize_samples_u8);
+  m.impl("int8_linear_dynamic", &int8_linear_dynamic);
+  m.impl("w8_linear_rows", &w8_linear_rows);
+  m.impl("w8g_linear_rows", &w8g_linear_rows);
+  m.impl("rescale_rows_cols_", &rescale_rows_cols_);
+  m.impl("rescale_rows_cols", &rescale_rows_cols);
 }

@@ -310,9 +310,13 @@ at::Tensor kv_decode_attention(const at::Tensor& query, const at::Tensor& key_co
 
 TORCH_LIBRARY_FRAGMENT(mixprec, m) {
   m.def("kv_attention_available() -> bool", &kv_attention_available);
-  m.def(
-      "kv_decode_attention(Tensor query, Tensor key_codes, Tensor key_scale, Tensor key_zero, Tensor value_codes, "
+  m.def("kv_decode_attention(Tensor query, Tensor key_codes, Tensor key_scale, Tensor key_zero, Tensor value_codes, "
       "Tensor value_scale, Tensor value_zero, Tensor recent_keys, Tensor recent_values, int group, int bits, "
-      "float scaling) -> Tensor",
-      &kv_decode_attention);
+      "float scaling) -> Tensor");
+}
+
+// CPU kernels under the CPU dispatch key (not a catch-all), so torch.compile can pair each with
+// its shape-only implementation (mixprec/kernels/fake_ops.py).
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
+  m.impl("kv_decode_attention", &kv_decode_attention);
 }

@@ -107,8 +107,13 @@ void kv_dequantize_values(const at::Tensor& codes, const at::Tensor& scale, cons
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mixprec, m) {
-  m.def("kv_dequantize_keys(Tensor codes, Tensor scale, Tensor zero, int group, int bits, Tensor(a!) out) -> ()",
-        &kv_dequantize_keys);
-  m.def("kv_dequantize_values(Tensor codes, Tensor scale, Tensor zero, int bits, Tensor(a!) out) -> ()",
-        &kv_dequantize_values);
+  m.def("kv_dequantize_keys(Tensor codes, Tensor scale, Tensor zero, int group, int bits, Tensor(a!) out) -> ()");
+  m.def("kv_dequantize_values(Tensor codes, Tensor scale, Tensor zero, int bits, Tensor(a!) out) -> ()");
+}
+
+// CPU kernels under the CPU dispatch key (not a catch-all), so torch.compile can pair each with
+// its shape-only implementation (mixprec/kernels/fake_ops.py).
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
+  m.impl("kv_dequantize_keys", &kv_dequantize_keys);
+  m.impl("kv_dequantize_values", &kv_dequantize_values);
 }

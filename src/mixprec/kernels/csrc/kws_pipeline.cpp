@@ -244,6 +244,11 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
   m.def("kws_pipeline(Tensor x, Tensor fw, Tensor fb, Tensor fm, Tensor fs, int f_in, int f_out, int f_lo, "
         "int f_hi, Tensor table, Tensor qkv_w, Tensor qkv_b, float epsilon, int bf16, float pooled_scale, "
         "int pooled_zero, Tensor cw, Tensor cb, Tensor cm, Tensor cs, int c_in, int c_out, int c_lo, int c_hi) "
-        "-> (Tensor, int)",
-        &kws_pipeline);
+        "-> (Tensor, int)");
+}
+
+// CPU kernels under the CPU dispatch key (not a catch-all), so torch.compile can pair each with
+// its shape-only implementation (mixprec/kernels/fake_ops.py).
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
+  m.impl("kws_pipeline", &kws_pipeline);
 }

@@ -192,6 +192,11 @@ at::Tensor tflite_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::op
 TORCH_LIBRARY_FRAGMENT(mixprec, m) {
   m.def("tflite_conv2d(Tensor x, Tensor w, Tensor? bias, Tensor multiplier, Tensor shift, int stride_h, "
         "int stride_w, int dilation_h, int dilation_w, int pad_top, int pad_left, int out_h, int out_w, "
-        "int input_offset, int output_offset, int act_min, int act_max, bool depthwise) -> Tensor",
-        &tflite_conv2d);
+        "int input_offset, int output_offset, int act_min, int act_max, bool depthwise) -> Tensor");
+}
+
+// CPU kernels under the CPU dispatch key (not a catch-all), so torch.compile can pair each with
+// its shape-only implementation (mixprec/kernels/fake_ops.py).
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
+  m.impl("tflite_conv2d", &tflite_conv2d);
 }

@@ -220,6 +220,11 @@ at::Tensor w4a8_linear(const at::Tensor& xq, const at::Tensor& x_scale, const at
 
 TORCH_LIBRARY_FRAGMENT(mixprec, m) {
   m.def("w4a8_available() -> bool", &w4a8_available);
-  m.def("w4a8_linear(Tensor xq, Tensor x_scale, Tensor packed, Tensor scale, Tensor? bias) -> Tensor",
-        &w4a8_linear);
+  m.def("w4a8_linear(Tensor xq, Tensor x_scale, Tensor packed, Tensor scale, Tensor? bias) -> Tensor");
+}
+
+// CPU kernels under the CPU dispatch key (not a catch-all), so torch.compile can pair each with
+// its shape-only implementation (mixprec/kernels/fake_ops.py).
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
+  m.impl("w4a8_linear", &w4a8_linear);
 }

@@ -1,0 +1,101 @@
+"""Shape-only ("fake") implementations of mixprec's native operators, for ``torch.compile``.
+
+``torch.compile`` traces a model with fake tensors (shapes and dtypes, no data); an operator
+without a fake implementation stops the trace. Each function below says what its C++ operator
+(``csrc/*.cpp``, ``torch.ops.mixprec.*``) returns, allocating nothing real; the compiled graph
+then calls the real kernel, so a compiled model gives the eager model's bits. Registered once,
+right after the native library loads (:func:`register`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_REGISTERED: list[str] = []
+
+
+def _rows_and_scale(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
+def _linear_out(x: Tensor, out_features: int) -> Tensor:
+    return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
+
+
+def _quantize_rows_s8(x: Tensor) -> tuple[Tensor, Tensor]:
+    return _rows_and_scale(x, torch.int8)
+
+
+def _quantize_rows_u8(x: Tensor) -> tuple[Tensor, Tensor]:
+    return _rows_and_scale(x, torch.uint8)
+
+
+def _quantize_rows_static_s8(x: Tensor, scale: float, zero_point: int) -> tuple[Tensor, Tensor]:  # noqa: ARG001
+    return _rows_and_scale(x, torch.int8)
+
+
+def _quantize_samples_u8(x: Tensor, samples: int, scale: float, zero_point: int) -> tuple[Tensor, Tensor]:  # noqa: ARG001
+    return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty((samples,), dtype=torch.float32)
+
+
+def _int8_linear_dynamic(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:  # noqa: ARG001
+    return _linear_out(x, weight.shape[0])
+
+
+def _w8_linear_rows(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:  # noqa: ARG001
+    return _linear_out(x, weight.shape[0])
+
+
+def _w4_linear_rows(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:  # noqa: ARG001
+    return _linear_out(x, packed.shape[0])
+
+
+def _w4a8_linear(xq: Tensor, x_scale: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:  # noqa: ARG001
+    return _linear_out(xq, packed.shape[0])
+
+
+def _rescale_rows_cols(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None) -> Tensor:  # noqa: ARG001
+    return acc.new_empty(acc.shape, dtype=torch.float32)
+
+
+def _rescale_rows_cols_(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None) -> Tensor:  # noqa: ARG001
+    return acc  # rescaled in place: the same (float32) tensor comes back
+
+
+def _w4_dequantize_rows(packed: Tensor, scale: Tensor, begin: int, out: Tensor) -> None:  # noqa: ARG001
+    return None  # writes into `out`
+
+
+def _tflite_conv2d(x: Tensor, w: Tensor, bias: Tensor | None, multiplier: Tensor, shift: Tensor,  # noqa: ARG001
+                   stride_h: int, stride_w: int, dilation_h: int, dilation_w: int, pad_top: int,  # noqa: ARG001
+                   pad_left: int, out_h: int, out_w: int, input_offset: int, output_offset: int,  # noqa: ARG001
+                   act_min: int, act_max: int, depthwise: bool) -> Tensor:  # noqa: ARG001
+    channels = w.shape[3] if depthwise else w.shape[0]
+    return x.new_empty((x.shape[0], out_h, out_w, channels))
+
+
+_FAKES = {
+    "quantize_rows_s8": _quantize_rows_s8,
+    "quantize_rows_u8": _quantize_rows_u8,
+    "quantize_rows_static_s8": _quantize_rows_static_s8,
+    "quantize_samples_u8": _quantize_samples_u8,
+    "int8_linear_dynamic": _int8_linear_dynamic,
+    "w8_linear_rows": _w8_linear_rows,
+    "w8g_linear_rows": _w8_linear_rows,
+    "w4_linear_rows": _w4_linear_rows,
+    "w4a8_linear": _w4a8_linear,
+    "rescale_rows_cols": _rescale_rows_cols,
+    "rescale_rows_cols_": _rescale_rows_cols_,
+    "w4_dequantize_rows": _w4_dequantize_rows,
+    "tflite_conv2d": _tflite_conv2d,
+}
+
+
+def register() -> list[str]:
+    """Register every fake implementation above (once); returns the operator names covered."""
+    if not _REGISTERED:
+        for name, fake in _FAKES.items():
+            torch.library.register_fake(f"mixprec::{name}")(fake)
+            _REGISTERED.append(name)
+    return list(_REGISTERED)
