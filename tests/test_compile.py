@@ -62,3 +62,26 @@ def test_every_native_operator_a_quantized_linear_calls_has_a_fake() -> None:
                  "rescale_rows_cols", "rescale_rows_cols_", "tflite_conv2d"):
         assert name in covered
         assert torch._library.simple_registry.singleton.find(f"mixprec::{name}").fake_impl.kernel is not None
+
+
+@pytest.mark.parametrize("precision", ["w8", "w4", "bf16"])  # int8 convolutions still break the graph
+def test_compiled_convolutional_networks_have_no_graph_break(precision: str) -> None:
+    if not native.available():
+        pytest.skip(f"native kernels: {native.load_error()}")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(), nn.Conv2d(16, 8, 1),
+                          nn.Flatten(), nn.Linear(8 * 36, 10)).eval()
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    x = torch.randn(4, 3, 6, 6)
+    x[1, 0, 2, 2] = float("nan")  # one sample NaN: its output is NaN, the others untouched
+    mixprec.quantize(model, precision)
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, [str(reason.reason)[:200] for reason in explained.break_reasons]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager, compiled = model(x), torch.compile(model)(x)
+    # the weight-only convolutions are float convolutions on dequantized weights, which inductor
+    # fuses its own way: measured <= 3.0e-8 on outputs up to 0.17 (bf16: the same bits)
+    assert float((eager[[0, 2, 3]] - compiled[[0, 2, 3]]).abs().max()) <= 1e-7
+    assert eager[1].isnan().all() and compiled[1].isnan().all() and torch.isfinite(eager[[0, 2, 3]]).all()
