@@ -139,13 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qat-steps", type=int, default=0,
                         help="run: first fine-tune this many steps with the weights on their int8 grid (mixprec QAT)")
     args = parser.parse_args(argv)
+    if args.qat_steps < 0 or (args.qat_steps and args.mode != "run"):
+        parser.error("--qat-steps takes a count >= 0, with the run mode")
     calibration, _ = make_set(512, seed=3)
     x, y = held_out_set()
     failed = 0
     for attention in args.attention:
         name = f"encoder_{attention}"
         model = stored_model(name, lambda a=attention: make_model(a), train, retrain=args.mode == "golden")
-        if args.mode == "run" and args.qat_steps:
+        if args.qat_steps:
             fine_tune_on_grid(model, args.qat_steps)
         graph = build_encoder_graph(model, calibration, args.range_margin if args.mode == "run" else 0.0)
         ids = x.numpy().astype(np.int32)

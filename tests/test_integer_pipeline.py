@@ -140,7 +140,9 @@ def test_kws_pipeline_parity_on_distinct_held_out_samples(kws_example) -> None: 
     assert (torch.from_numpy(mixed) == labels).float().mean() >= 0.99
 
 
-def test_spoken_digits_pipeline_matches_float_accuracy_and_its_golden_bytes(import_example) -> None:  # noqa: ANN001
+@pytest.fixture
+def spoken_digits() -> None:
+    """Skip where the spoken-digit recordings are not found (``MIXPREC_DATA`` unset)."""
     from mixprec.datasets.spoken_digits import locate
     from mixprec.errors import DataError
 
@@ -148,6 +150,9 @@ def test_spoken_digits_pipeline_matches_float_accuracy_and_its_golden_bytes(impo
         locate()
     except DataError as exc:
         pytest.skip(str(exc))
+
+
+def test_spoken_digits_pipeline_matches_float_accuracy_and_its_golden_bytes(import_example, spoken_digits) -> None:  # noqa: ANN001, ARG001
     example = import_example("kws_spoken_digits")
     load_model = import_example("example_modes").load_model
     from mixprec.integer.models.kws import build_pipeline
@@ -281,14 +286,7 @@ def test_a_16x8_keyword_spotter_pipeline_runs_int16_codes_through_the_half_islan
             FusedKeywordSpotter(wide)
 
 
-def test_ds_cnn_example_graphs_match_their_goldens_and_targets(import_example) -> None:  # noqa: ANN001
-    from mixprec.datasets.spoken_digits import locate
-    from mixprec.errors import DataError
-
-    try:
-        locate()
-    except DataError as exc:
-        pytest.skip(str(exc))
+def test_ds_cnn_example_graphs_match_their_goldens_and_targets(import_example, spoken_digits) -> None:  # noqa: ANN001, ARG001
     import mixprec
     from mixprec.integer.build.mix import arena_bytes, graph_input
     from mixprec.studies.cnn_models import DSCNN, seeded, spoken_digits_task
@@ -333,3 +331,16 @@ def test_weights_fine_tuned_on_their_grids_bring_the_16x8_keyword_spotter_under_
     assert figures["float_worst_of_range"] == pytest.approx(0.00027, rel=0.05)
     assert figures["float_worst_of_range"] <= modes.MAX_OF_RANGE_16X8
     assert figures["agreement"] == 1.0
+
+
+def test_qat_steps_are_refused_outside_run_and_plot_and_when_negative(import_example, capsys) -> None:  # noqa: ANN001
+    kws_synthetic = import_example("kws_synthetic")
+    for argv in (["golden", "--qat-steps", "3"], ["bench", "--qat-steps", "3"], ["run", "--qat-steps", "-1"]):
+        with pytest.raises(SystemExit):
+            kws_synthetic.main(argv)
+        assert "--qat-steps takes a count >= 0, with the run or plot mode" in capsys.readouterr().err
+    encoder_stacks = import_example("encoder_stacks")
+    for argv in (["golden", "--qat-steps", "3"], ["run", "--qat-steps", "-2"]):
+        with pytest.raises(SystemExit):
+            encoder_stacks.main(argv)
+        assert "--qat-steps takes a count >= 0, with the run mode" in capsys.readouterr().err

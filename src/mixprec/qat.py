@@ -49,7 +49,7 @@ from mixprec.batchnorm import replace_module
 from mixprec.errors import PolicyError
 from mixprec.formats import QuantSpec, dequantize, fp16_scale
 from mixprec.kernels.activation_quant import quantize_per_token_symmetric_torch
-from mixprec.nn.base import round_weight, w8_group_spec
+from mixprec.nn.base import round_weight, w4_group_spec, w8_group_spec
 from mixprec.nn.linear_int8 import WEIGHT_PER_CHANNEL
 from mixprec.policy import LayerPlan, Policy
 from mixprec.precision import DEFAULT_LINEAR_GROUP, Precision, built_name
@@ -69,15 +69,14 @@ def _straight_through(value: Tensor, rounded: Tensor) -> Tensor:
     return value + (rounded - value).detach()
 
 
-def _weight_grid(precision: Precision) -> tuple[QuantSpec, bool] | None:
-    """``(spec, fp16 scales)`` of the precision's integer weight grid, None for half precisions."""
+def _weight_grid(precision: Precision) -> QuantSpec | None:
+    """The precision's integer weight grid (grouped grids keep fp16 scales), None for half precisions."""
     if precision.family in ("int8", "w8") and precision.group_size is None:
-        return WEIGHT_PER_CHANNEL, False
+        return WEIGHT_PER_CHANNEL
     if precision.family == "w8":
-        return w8_group_spec(precision.group_size), True
+        return w8_group_spec(precision.group_size)
     if precision.family in ("w4", "w4a8"):
-        group = precision.group_size or DEFAULT_LINEAR_GROUP
-        return QuantSpec(bits=4, signed=True, symmetric=True, granularity="group", group_size=group), True
+        return w4_group_spec(precision.group_size or DEFAULT_LINEAR_GROUP)
     return None
 
 
@@ -100,12 +99,9 @@ class FakeQuantLinear(nn.Linear):
         """The weight ``quantize`` would store, as float32, with straight-through gradients."""
         if self._grid is None:
             return _straight_through(self.weight, self.weight.to(_HALF[self.precision.family]).to(torch.float32))
-        spec, half_scales = self._grid
-        codes, qparams = round_weight(self.weight, spec, scale_fn=fp16_scale if half_scales else None)
-        rounded = dequantize(codes, qparams)
-        if half_scales:  # the modules dequantize with the fp16 scale widened: same value
-            rounded = rounded.to(torch.float32)
-        return _straight_through(self.weight, rounded)
+        grouped = self._grid.granularity == "group"  # fp16 scales, as the grouped modules store them
+        codes, qparams = round_weight(self.weight, self._grid, scale_fn=fp16_scale if grouped else None)
+        return _straight_through(self.weight, dequantize(codes, qparams))
 
     def fake_input(self, x: Tensor) -> Tensor:
         """``x`` as the quantized layer would see it: per-token int8 for ``int8`` / ``w4a8``,

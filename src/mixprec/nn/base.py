@@ -222,6 +222,12 @@ def quantize_rows_in_chunks(weight: Tensor, qp: QParams) -> Tensor:
     return codes
 
 
+def w4_group_spec(group_size: int) -> QuantSpec:
+    """``w4gN`` weights: symmetric int4 codes in [-7, 7], one scale per ``group_size``
+    consecutive elements of a row (the scale then rounded to fp16)."""
+    return QuantSpec(bits=4, signed=True, symmetric=True, granularity="group", group_size=group_size)
+
+
 def w8_group_spec(group_size: int) -> QuantSpec:
     """``w8gN`` weights: symmetric int8 codes in [-127, 127], one scale per ``group_size``
     consecutive elements of a row (the scale then rounded to fp16)."""

@@ -20,7 +20,7 @@ from mixprec.formats import QuantSpec, fp16_scale, half_dtype, pack_int4, to_hal
 from mixprec.formats.affine import QParams, asymmetric_scalar_qparams
 from mixprec.kernels import int8_conv
 from mixprec.kernels.int8_conv import MAX_CONV_REDUCTION
-from mixprec.nn.base import PackedWeightMixin, QuantizedModule, round_weight
+from mixprec.nn.base import PackedWeightMixin, QuantizedModule, round_weight, w4_group_spec
 from mixprec.nn.conv_layout import ConvLayout
 from mixprec.nn.linear_int8 import STATIC_ACTIVATION, WEIGHT_PER_CHANNEL
 
@@ -157,7 +157,7 @@ class W4Conv(QuantizedConv):
     def spec(self) -> QuantSpec:
         if self.group_size == self.layout.window:  # one group per output channel, whatever its length
             return QuantSpec(bits=4, signed=True, symmetric=True, granularity="channel", axis=0)
-        return QuantSpec(bits=4, signed=True, symmetric=True, granularity="group", group_size=self.group_size)
+        return w4_group_spec(self.group_size)
 
     @classmethod
     def from_float(cls, conv: nn.Module, group_size: int | None = None) -> Self:

@@ -31,6 +31,7 @@ from mixprec.nn.base import (
     check_linear_input,
     restore_shape,
     round_weight,
+    w4_group_spec,
 )
 
 
@@ -68,7 +69,7 @@ class W4Linear(QuantizedModule):
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(bits=4, signed=True, symmetric=True, granularity="group", group_size=self.group_size)
+        return w4_group_spec(self.group_size)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int = 32, hessian: Tensor | None = None) -> W4Linear:
