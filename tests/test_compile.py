@@ -11,7 +11,7 @@ from torch import nn
 import mixprec
 from mixprec.kernels import fake_ops, native
 
-LINEAR_PRECISIONS = ["int8", "int8-static", "w8", "w8g32", "w4", "w4a8", "bf16", "fp16"]
+LINEAR_PRECISIONS = ["int8", "int8-static", "int8-asym", "w8", "w8g32", "w4", "w4a8", "bf16", "fp16"]
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +38,7 @@ def test_compiled_quantized_model_has_no_graph_break_and_the_eager_bits(precisio
     torch.manual_seed(0)
     model = TinyModel().eval()
     ids = torch.randint(0, 50, (3, 5))
-    embedding = {"int8-static": "int8", "w4a8": "w4", "w8": "w8g32"}.get(precision, precision)
+    embedding = {"int8-static": "int8", "int8-asym": "int8", "w4a8": "w4", "w8": "w8g32"}.get(precision, precision)
     policy = mixprec.Policy([("embed", embedding)], default=precision)
     calibration = [torch.randint(0, 50, (4, 5))] if precision == "int8-static" else None
     with warnings.catch_warnings():

@@ -14,6 +14,7 @@ from mixprec import ExportError, Policy
 
 transformers = pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
 
 
 def tiny_bert() -> torch.nn.Module:
@@ -42,11 +43,11 @@ def run_both(model: torch.nn.Module, path: Path) -> tuple[np.ndarray, np.ndarray
 
 
 @pytest.mark.parametrize(("precision", "tolerance"), [
-    # measured: 4.8e-7 for fp32, int8, int8-static, w8g32, w4g32 (float rounding in the float ops
+    # measured: 4.8e-7 for fp32, int8, int8-static, w8g32, w4g32, 7.2e-7 int8-asym (float rounding in the float ops
     # ONNX Runtime runs its own way); w8 9.5e-7; fp16 5.4e-5 (half GEMM accumulation order);
     # w4a8g32 1.3e-3 (ONNX Runtime rounds activations to int8 per block, mixprec per token)
-    ("fp32", 2e-6), ("int8", 2e-6), ("int8-static", 2e-6), ("w8", 2e-6), ("w8g32", 2e-6), ("w4g32", 2e-6),
-    ("w4g64", 2e-6), ("fp16", 2e-4), ("w4a8g32", 3e-3),
+    ("fp32", 2e-6), ("int8", 2e-6), ("int8-static", 2e-6), ("int8-asym", 2e-6), ("w8", 2e-6), ("w8g32", 2e-6),
+    ("w4g32", 2e-6), ("w4g64", 2e-6), ("fp16", 2e-4), ("w4a8g32", 3e-3),
 ])
 def test_onnx_runtime_runs_each_linear_precision(precision: str, tolerance: float, tmp_path: Path) -> None:
     model = tiny_bert()
@@ -56,15 +57,23 @@ def test_onnx_runtime_runs_each_linear_precision(precision: str, tolerance: floa
     assert np.abs(ours - theirs).max() <= tolerance
 
 
-def test_int8_layers_are_mixprecs_arithmetic(tmp_path: Path) -> None:
-    """One int8 Linear alone: ONNX Runtime's output is mixprec's to the bit."""
+@pytest.mark.parametrize("precision", ["int8", "int8-asym"])
+def test_int8_layers_are_mixprecs_arithmetic(precision: str, tmp_path: Path) -> None:
+    """One int8 Linear alone: ONNX Runtime's output is mixprec's to the bit (int8-asym: with
+    every graph optimization on, which fuses it into ONNX Runtime's own DynamicQuantizeMatMul)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(96, 40))
-    mixprec.quantize(model, Policy(default="int8"))
-    x = torch.randn(64, 96) * torch.logspace(-3, 2, 64).unsqueeze(1)
+    mixprec.quantize(model, Policy(default=precision))
+    x = torch.randn(64, 96) * torch.logspace(-3, 2, 64).unsqueeze(1) + 0.3
     path = mixprec.export(model, tmp_path / "m.onnx", format="onnx", example=x[:1])
-    theirs = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    theirs = session.run(None, {"input": x.numpy()})[0]
     assert np.array_equal(theirs, model(x).detach().numpy())
+    if precision == "int8-asym":
+        assert [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node] == \
+            ["DynamicQuantizeMatMul"]
 
 
 @pytest.mark.parametrize("precision", ["int8", "w4", "w4g32", "fp16", "bf16"])

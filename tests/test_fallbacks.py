@@ -12,7 +12,7 @@ from torch import nn
 from mixprec import Policy, quantize
 from mixprec.kernels import cpu, native, onednn_int8
 
-PRECISIONS = ("int8", "int8-static", "w8", "w4", "w4a8", "bf16", "fp16")
+PRECISIONS = ("int8", "int8-static", "int8-asym", "w8", "w4", "w4a8", "bf16", "fp16")
 
 
 def model() -> nn.Sequential:

@@ -146,6 +146,11 @@ def test_int8_gemm_refuses_reductions_that_could_overflow_int32() -> None:
     with pytest.raises(PolicyError, match="131074 input features.*overflow-free only up to 131072: use w8"):
         Policy(default="int8").plan(model)
     Policy(default="w8").plan(model)
+    # int8-asym multiplies uint8 differences (up to 255) by int8 weights: a shorter bound
+    wide = nn.Sequential(nn.Linear(66312, 1))
+    with pytest.raises(PolicyError, match="66312 input features.*'int8-asym'.*overflow-free only up to 66311"):
+        Policy(default="int8-asym").plan(wide)
+    Policy(default="int8").plan(wide)
 
 
 def test_report_writes_csv_and_json_atomically(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 import mixprec
 from mixprec import FakeQuantLinear, Policy, PolicyError, prepare_qat
 
-TRAINABLE = ["int8", "w8", "w8g32", "w4", "w4g16", "w4a8g32", "bf16", "fp16"]
+TRAINABLE = ["int8", "int8-asym", "w8", "w8g32", "w4", "w4g16", "w4a8g32", "bf16", "fp16"]
 
 
 def _mlp() -> nn.Sequential:

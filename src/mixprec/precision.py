@@ -16,6 +16,9 @@ int8           Linear: int8 weights per output channel (symmetric),    Linear, E
                activations per tensor (dynamic, asymmetric).
 int8-static    int8 weights per channel, activations per tensor with   Linear, Conv
                calibrated asymmetric parameters
+int8-asym      int8 weights per channel, activations per tensor with   Linear
+               dynamic asymmetric parameters (ONNX Runtime's and
+               PyTorch's dynamic quantization)
 int8-tensor    the seed project's dynamic symmetric per-tensor fake    Linear
                quantization (baseline)
 w8             int8 weight-only, per output channel                    Linear, Conv
@@ -57,6 +60,7 @@ from mixprec.nn import (
     HalfConv,
     HalfEmbedding,
     HalfLinear,
+    Int8AsymLinear,
     Int8Conv,
     Int8Embedding,
     Int8StaticConv,
@@ -76,8 +80,8 @@ from mixprec.nn import (
 from mixprec.nn.conv_layout import ConvLayout, is_conv
 
 #: Families whose layers run an int8 x int8 product with int32 accumulation.
-INT8_GEMM_FAMILIES = ("int8", "int8-static")
-FAMILIES = ("fp32", "bf16", "fp16", "int8", "int8-static", "int8-tensor", "w8", "w4", "w4a8")
+INT8_GEMM_FAMILIES = ("int8", "int8-static", "int8-asym")
+FAMILIES = ("fp32", "bf16", "fp16", "int8", "int8-static", "int8-asym", "int8-tensor", "w8", "w4", "w4a8")
 #: Families that store int4 codes in groups.
 GROUPED_FAMILIES = ("w4", "w4a8")
 #: Group size of ``w4`` and ``w4a8`` on a Linear.
@@ -225,6 +229,7 @@ LINEAR = LayerKind(
         "int8": (lambda m, p, q, h: int8_dynamic_class(m.in_features, m.out_features).from_float(m, h),
                  _int8_linear_empty),
         "int8-static": (_static_linear, lambda m, p: Int8StaticLinear(*_shape(m))),
+        "int8-asym": (lambda m, p, q, h: Int8AsymLinear.from_float(m, h), lambda m, p: Int8AsymLinear(*_shape(m))),
         "int8-tensor": (lambda m, p, q, h: Int8TensorFakeQuantLinear.from_float(m, h),
                         lambda m, p: Int8TensorFakeQuantLinear(*_shape(m))),
         "w8": (lambda m, p, q, h: W8Linear.from_float(m, h), lambda m, p: W8Linear(*_shape(m))),
@@ -238,7 +243,7 @@ LINEAR = LayerKind(
     group_axis=in_features,
     default_group=lambda m: DEFAULT_LINEAR_GROUP,
     max_reduction=MAX_REDUCTION,
-    gptq_families=("int8", "int8-static", "int8-tensor", "w8", *GROUPED_FAMILIES),
+    gptq_families=("int8", "int8-static", "int8-asym", "int8-tensor", "w8", *GROUPED_FAMILIES),
 )
 
 
@@ -332,10 +337,11 @@ def check_applicable(name: str, module: nn.Module, precision: Precision) -> None
             f"group size {group} does not divide the {features} {what.split(' (')[0]} of layer {name!r}; "
             f"group sizes that do: {', '.join(map(str, divisors[:10])) or 'none (odd width)'}{per_channel}"
         )
-    if precision.family in INT8_GEMM_FAMILIES and features > kind.max_reduction > 0:
+    longest = MAX_CONV_REDUCTION if precision.family == "int8-asym" else kind.max_reduction
+    if precision.family in INT8_GEMM_FAMILIES and features > longest > 0:
         raise PolicyError(
             f"layer {name!r} has {features} {what}; {precision.name!r} accumulates int8 products "
-            f"in int32, which is proven overflow-free only up to {kind.max_reduction}: use w8 or a float precision"
+            f"in int32, which is proven overflow-free only up to {longest}: use w8 or a float precision"
         )
     if kind is EMBEDDING and module.max_norm is not None and precision.family != "fp32":
         raise PolicyError(f"embedding {name!r} uses max_norm, which a frozen low-precision table cannot honour")
@@ -366,7 +372,7 @@ def has_integer_weights(module: nn.Module, precision: Precision) -> bool:
 
 def rounds_to_integers(precision: Precision) -> bool:
     """Whether ``precision`` rounds a layer's weight to integer codes (to nearest, or by GPTQ)."""
-    return precision.family in ("int8", "int8-static", "int8-tensor", "w8", *GROUPED_FAMILIES)
+    return precision.family in ("int8", "int8-static", "int8-asym", "int8-tensor", "w8", *GROUPED_FAMILIES)
 
 
 def build(module: nn.Module, precision: Precision, input_qparams: QParams | None = None,

@@ -11,6 +11,8 @@ precision      forward of the fake-quantized layer
 int8           weight on ``int8``'s grid (symmetric int8 per output channel, scale
                ``max|row| / 127``); activations on ``int8``'s per-token grid (scale
                ``max(max|row| / 127, 2**-126)``, round half to even)
+int8-asym      ``int8``'s weight; activations on one asymmetric grid for the whole
+               input, recomputed each forward as ``quantize`` does
 w8             the weight on ``w8``'s grid (as ``int8``), float activations
 w8gN, w4gN     the weight on its groups' grid (symmetric, scale ``max|group| / 7`` or
                ``/ 127`` rounded to fp16, as ``quantize`` rounds it)
@@ -48,14 +50,18 @@ from torch import Tensor, nn
 from mixprec.batchnorm import replace_module
 from mixprec.errors import PolicyError
 from mixprec.formats import QuantSpec, dequantize, fp16_scale
-from mixprec.kernels.activation_quant import quantize_per_token_symmetric_torch
+from mixprec.kernels.activation_quant import (
+    dynamic_tensor_qparams_torch,
+    quantize_per_token_symmetric_torch,
+    quantize_static_torch,
+)
 from mixprec.nn.base import round_weight, w4_group_spec, w8_group_spec
 from mixprec.nn.linear_int8 import WEIGHT_PER_CHANNEL
 from mixprec.policy import LayerPlan, Policy
 from mixprec.precision import DEFAULT_LINEAR_GROUP, Precision, built_name
 
 #: Families :func:`prepare_qat` trains, and why the others are refused.
-TRAINABLE = ("int8", "w8", "w4", "w4a8", "bf16", "fp16")
+TRAINABLE = ("int8", "int8-asym", "w8", "w4", "w4a8", "bf16", "fp16")
 _REFUSED = {
     "int8-static": "its activation scales come from calibration: train with 'int8', then quantize with "
                    "'int8-static' and calibration data",
@@ -71,7 +77,7 @@ def _straight_through(value: Tensor, rounded: Tensor) -> Tensor:
 
 def _weight_grid(precision: Precision) -> QuantSpec | None:
     """The precision's integer weight grid (grouped grids keep fp16 scales), None for half precisions."""
-    if precision.family in ("int8", "w8") and precision.group_size is None:
+    if precision.family in ("int8", "int8-asym", "w8") and precision.group_size is None:
         return WEIGHT_PER_CHANNEL
     if precision.family == "w8":
         return w8_group_spec(precision.group_size)
@@ -104,11 +110,16 @@ class FakeQuantLinear(nn.Linear):
         return _straight_through(self.weight, dequantize(codes, qparams))
 
     def fake_input(self, x: Tensor) -> Tensor:
-        """``x`` as the quantized layer would see it: per-token int8 for ``int8`` / ``w4a8``,
-        rounded to the half type for ``bf16`` / ``fp16``, else unchanged."""
+        """``x`` as the quantized layer would see it: per-token int8 for ``int8`` / ``w4a8``, one
+        asymmetric grid for the whole input for ``int8-asym``, rounded to the half type for
+        ``bf16`` / ``fp16``, else unchanged."""
         family = self.precision.family
         if family in _HALF:
             return _straight_through(x, x.to(_HALF[family]).to(torch.float32))
+        if family == "int8-asym":
+            scale, zero_point, finite = dynamic_tensor_qparams_torch(x.detach().to(torch.float32))
+            codes, _ = quantize_static_torch(finite, scale, zero_point)
+            return _straight_through(x, (codes.to(torch.float32) - zero_point) * scale)
         if family not in ("int8", "w4a8"):
             return x
         rows = x.detach().reshape(-1, self.in_features).to(torch.float32)

@@ -40,7 +40,7 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
             ``percentile`` or ``mse``.
         weight_rounding: ``nearest`` (round each weight to its nearest code) or ``gptq``
             (GPTQ error compensation from the calibration inputs' second moments; applies
-            to Linear layers with integer weights: int8, int8-static, int8-tensor, w8, w4).
+            to Linear layers with integer weights: int8, int8-static, int8-asym, int8-tensor, w8, w4).
         fold_batchnorm: fold each BatchNorm that only reads a quantized convolution's output into
             that convolution before quantizing it (see :mod:`mixprec.batchnorm`; the BatchNorm
             becomes ``nn.Identity`` and the report says so), and run each ``nn.ReLU`` module that

@@ -10,6 +10,9 @@ int8           per row of ``x``: ``s = max(ReduceMax(|x|), 127 * 2**-126) / 127`
                ``u = QuantizeLinear(x, s, 128)`` (``round_half_even(x / s) + 128``),
                ``MatMulIntegerToFloat(u, W^T, 1, 1, zero point 128)`` (the exact
                ``float(q . w)``), ``(acc * s) * w_scale + b``: mixprec's arithmetic
+int8-asym      ``u, s_x, z_x = DynamicQuantizeLinear(x)``, ``MatMulInteger(u, W^T, z_x)``,
+               ``Cast<float>(acc) * (s_x * w_scale) + b``: ONNX Runtime's own dynamic
+               quantization, which it fuses into one ``DynamicQuantizeMatMul``
 int8-static    ``q = Clip(Round(x / s_x) + z_x, -128, 127)``, the same ``MatMulInteger``,
                ``float(acc) * (s_x * w_scale) + b'`` (b' with the zero point folded in)
 w8             ``MatMul(x, Cast<float>(W^T)) * w_scale + b``
@@ -46,6 +49,7 @@ from mixprec.export.registry import ExportFormat, register
 from mixprec.formats import SCALE_MIN, pack_int4, unpack_int4
 from mixprec.nn import (
     HalfLinear,
+    Int8AsymLinear,
     Int8DynamicLinear,
     Int8StaticLinear,
     QuantizedModule,
@@ -63,7 +67,7 @@ def nearest(kind: str, precision: str) -> str | None:
     """None when the ONNX writer holds ``precision`` for ``kind``, else the nearest held one."""
     if kind == "embedding":
         return None if precision in ("fp32", "fp16", "bf16", "int8") or precision.startswith("w4") else "int8"
-    if precision in ("fp32", "fp16", "int8", "int8-static", "w8"):
+    if precision in ("fp32", "fp16", "int8", "int8-static", "int8-asym", "w8"):
         return None
     if precision == "bf16":
         return "fp16 (ONNX Runtime's CPU provider has no bfloat16 MatMul)"
@@ -118,6 +122,15 @@ class _Int8Dynamic(_ScaledLinear):
         y = y if bias is None else g.op("Add", y, bias)
         shape = g.op("Concat", g.op("Shape", x, end_i=-1), _constant(g, [out_features], torch.int64), axis_i=0)
         return g.op("Reshape", y, shape)
+
+
+class _Int8Asym(_ScaledLinear):
+    @staticmethod
+    def symbolic(g: object, x: object, weight_t: object, scale: object, bias: object) -> object:
+        unsigned, x_scale, zero_point = g.op("DynamicQuantizeLinear", x, outputs=3)
+        acc = g.op("MatMulInteger", unsigned, weight_t, zero_point)
+        y = g.op("Mul", g.op("Cast", acc, to_i=1), g.op("Mul", x_scale, scale))
+        return y if bias is None else g.op("Add", y, bias)
 
 
 class _Int8Static(torch.autograd.Function):
@@ -175,7 +188,7 @@ class _OnnxLinear(nn.Module):
             self.register_buffer("input_scale", module.input_scale.reshape(()).clone())
             self.register_buffer("zero_point", module.input_zero_point.to(torch.float32).reshape(()))
             self.register_buffer("combined", (module.input_scale * module.weight_scale).reshape(-1))
-        elif isinstance(module, (Int8DynamicLinear, W8Linear)):
+        elif isinstance(module, (Int8DynamicLinear, Int8AsymLinear, W8Linear)):
             self.register_buffer("weight_t", module.weight_codes().t().contiguous())
             self.register_buffer("scale", module.weight_scale.reshape(-1).clone())
         else:
@@ -200,6 +213,8 @@ class _OnnxLinear(nn.Module):
             return _Int8Static.apply(x, self.weight_t, self.input_scale, self.zero_point, self.combined, self.bias)
         if issubclass(self.kind, W8Linear):
             return _W8.apply(x, self.weight_t, self.scale, self.bias)
+        if issubclass(self.kind, Int8AsymLinear):
+            return _Int8Asym.apply(x, self.weight_t, self.scale, self.bias)
         return _Int8Dynamic.apply(x, self.weight_t, self.scale, self.bias)
 
 

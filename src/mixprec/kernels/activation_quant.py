@@ -8,11 +8,18 @@ reference; tests pin them to each other and to :mod:`mixprec.formats` bit for bi
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from mixprec.formats import SCALE_MIN
+from mixprec.formats import SCALE_MIN, QuantSpec
+from mixprec.formats.affine import asymmetric_scalar_qparams
 from mixprec.kernels import native
+
+#: Activations quantized with one scale and zero point for the whole tensor: asymmetric int8
+#: codes in [-128, 127] (the uint8 code is the int8 code + 128).
+ACTIVATION_PER_TENSOR = QuantSpec(bits=8, signed=True, symmetric=False, granularity="tensor")
 
 
 def quantize_per_token_symmetric_torch(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -75,3 +82,35 @@ def quantize_static(x: Tensor, scale: float, zero_point: int) -> tuple[Tensor, T
     if native.available() and x.is_contiguous():
         return native.quantize_rows_static_s8(x, scale, zero_point)
     return quantize_static_torch(x, scale, zero_point)
+
+
+def dynamic_tensor_qparams(x: Tensor) -> tuple[float, int, Tensor]:
+    """``(scale, int8 zero point, x)`` covering this call's ``x``: ``ACTIVATION_PER_TENSOR``'s
+    grid over ``[min(x), max(x)]`` widened to hold 0 (``scale = (max' - min') / 255``, never
+    below ``SCALE_MIN``; ``zero_point = clamp(-128 - round_half_even(min' / scale), -128, 127)``,
+    float32 arithmetic). Only finite values set the range; when ``x`` holds +-inf, the
+    returned ``x`` has them replaced by NaN, so the tokens or samples holding them come out
+    NaN instead of saturating. Reads two scalars back from the tensor (a host sync).
+    """
+    low, high = (float(v) for v in torch.aminmax(x))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        finite = torch.isfinite(x)
+        x = torch.where(finite, x, float("nan"))
+        kept = x[finite]
+        low, high = (float(v) for v in torch.aminmax(kept)) if kept.numel() else (0.0, 0.0)
+    scale, zero_point = asymmetric_scalar_qparams(low, high, ACTIVATION_PER_TENSOR)
+    return scale, zero_point, x
+
+
+def dynamic_tensor_qparams_torch(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`dynamic_tensor_qparams` in tensor operations only (0-dim ``scale`` and ``zero_point``,
+    no host sync, for ``torch.compile``): the same float32 roundings, the same bits."""
+    finite = torch.isfinite(x)
+    x = torch.where(finite, x, float("nan"))
+    low = torch.where(finite, x, float("inf")).amin().clamp(max=0.0)
+    high = torch.where(finite, x, float("-inf")).amax().clamp(min=0.0)
+    span = float(ACTIVATION_PER_TENSOR.qmax - ACTIVATION_PER_TENSOR.qmin)
+    scale = ((high - low) / span).clamp(min=SCALE_MIN)
+    qmin, qmax = ACTIVATION_PER_TENSOR.qmin, ACTIVATION_PER_TENSOR.qmax
+    zero_point = (qmin - torch.round(low / scale)).clamp(qmin, qmax).to(torch.int32)
+    return scale, zero_point, x

@@ -5,6 +5,7 @@ from mixprec.nn.conv import HalfConv, Int8Conv, Int8StaticConv, QuantizedConv, W
 from mixprec.nn.embedding import HalfEmbedding, Int8Embedding, W4Embedding, W8GroupEmbedding
 from mixprec.nn.linear_half import HalfLinear
 from mixprec.nn.linear_int8 import (
+    Int8AsymLinear,
     Int8DynamicLinear,
     Int8PackedLinear,
     Int8StaticLinear,
@@ -26,6 +27,7 @@ __all__ = [
     "Int8DynamicLinear",
     "Int8Embedding",
     "Int8PackedLinear",
+    "Int8AsymLinear",
     "Int8StaticLinear",
     "Int8TensorFakeQuantLinear",
     "QuantizedModule",

@@ -10,15 +10,15 @@ Every module returns its input's dtype and takes unbatched inputs as ``nn.Conv``
 
 from __future__ import annotations
 
-import math
 from typing import Self
 
 import torch
 from torch import Tensor, nn
 
 from mixprec.formats import QuantSpec, fp16_scale, half_dtype, pack_int4, to_half, unpack_int4
-from mixprec.formats.affine import QParams, asymmetric_scalar_qparams
+from mixprec.formats.affine import QParams
 from mixprec.kernels import int8_conv
+from mixprec.kernels.activation_quant import dynamic_tensor_qparams
 from mixprec.kernels.int8_conv import MAX_CONV_REDUCTION
 from mixprec.nn.base import PackedWeightMixin, QuantizedModule, round_weight, w4_group_spec
 from mixprec.nn.conv_layout import ConvLayout
@@ -249,15 +249,8 @@ class Int8Conv(PackedWeightMixin, _Int8WeightConv):
         return weight.unsqueeze(2) if self.layout.dims == 1 else weight
 
     def activation_qparams(self, x: Tensor) -> tuple[float, int, Tensor]:
-        """``(s_x, uint8 zero point, x)`` for this call: the range of ``x`` (of its finite values,
-        +-inf then turned into NaN so that those samples come out NaN)."""
-        low, high = (float(v) for v in torch.aminmax(x))
-        if not (math.isfinite(low) and math.isfinite(high)):
-            finite = torch.isfinite(x)
-            x = torch.where(finite, x, float("nan"))
-            kept = x[finite]
-            low, high = (float(v) for v in torch.aminmax(kept)) if kept.numel() else (0.0, 0.0)
-        scale, zero_point = asymmetric_scalar_qparams(low, high, STATIC_ACTIVATION)
+        """``(s_x, uint8 zero point, x)`` for this call: see :func:`dynamic_tensor_qparams`."""
+        scale, zero_point, x = dynamic_tensor_qparams(x)
         return scale, zero_point + 128, x
 
     def convolve(self, x: Tensor) -> Tensor:

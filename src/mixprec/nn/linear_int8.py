@@ -1,4 +1,4 @@
-"""int8 linear layers: dynamic per-token, static per-tensor, and the seed's fake-quant baseline.
+"""int8 linear layers: dynamic per-token, dynamic and static per-tensor, and the seed's fake-quant baseline.
 
 Weights are int8 in the ``[out, in]`` layout of ``nn.Linear``. Bias stays float32 since it
 is added after the int32 accumulator is rescaled to float.
@@ -26,7 +26,13 @@ from mixprec.kernels import (
     quantize_static_torch,
     rescale_accumulator,
 )
+from mixprec.kernels.activation_quant import (
+    ACTIVATION_PER_TENSOR,
+    dynamic_tensor_qparams,
+    dynamic_tensor_qparams_torch,
+)
 from mixprec.kernels.cpu import native_slow_path
+from mixprec.kernels.int8_conv import MAX_CONV_REDUCTION
 from mixprec.kernels.onednn_int8 import KERNEL_NAME as ONEDNN_KERNEL
 from mixprec.kernels.weight_only import KERNEL_NAME as W8_KERNEL
 from mixprec.kernels.weight_only import w8_linear
@@ -44,7 +50,7 @@ WEIGHT_PER_CHANNEL = QuantSpec(bits=8, signed=True, symmetric=True, granularity=
 #: int8 weights or activations, symmetric [-127, 127], one scale for the tensor.
 PER_TENSOR_SYMMETRIC = QuantSpec(bits=8, signed=True, symmetric=True, granularity="tensor")
 #: Static activations: asymmetric int8 [-128, 127], one scale and zero point.
-STATIC_ACTIVATION = QuantSpec(bits=8, signed=True, symmetric=False, granularity="tensor")
+STATIC_ACTIVATION = ACTIVATION_PER_TENSOR
 
 
 class _Int8WeightLinear(QuantizedModule):
@@ -212,6 +218,62 @@ class Int8StaticLinear(_Int8WeightLinear):
             q, row_flag = quantize_static(as_float32_matrix(x), float(self.input_scale), int(self.input_zero_point))
         combined = self.input_scale * self.weight_scale
         y = rescale_accumulator(int8_matmul(q, self.weight.t()), row_flag, combined, self.bias)
+        return restore_shape(y, x)
+
+
+class Int8AsymLinear(_Int8WeightLinear):
+    """``int8-asym``: activations quantized at each call with one asymmetric scale and zero
+    point for the whole input, the convention of ONNX Runtime's ``DynamicQuantizeLinear`` /
+    ``quantize_dynamic`` and of PyTorch's dynamic quantization; int8 weights per channel.
+
+    ``s_x, z_x`` cover ``[min(x), max(x)]`` widened to hold 0 (:func:`dynamic_tensor_qparams`);
+    ``q = clamp(round_half_even(x / s_x) + z_x, -128, 127)`` (the uint8 code is ``q + 128``);
+    ``acc[m, n] = sum_k (q - z_x) * w[n, k]``, exact in int32 for up to
+    :data:`MAX_CONV_REDUCTION` input features; ``y = ((float(acc) * 1) * (s_x * s_w[n])) + b[n]``,
+    each step rounded to float32 (the multiplier ``s_x * s_w[n]`` is what ONNX Runtime's
+    ``MatMulIntegerToFloat`` forms). Coarser than ``int8``'s per-token scales where tokens
+    differ in range, but it is the arithmetic ONNX Runtime runs in one fused kernel. Only
+    finite inputs set the range; a token holding NaN or +-inf gives an all-NaN output row.
+    """
+
+    precision = "int8-asym"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        if in_features > MAX_CONV_REDUCTION:
+            raise ValueError(f"in_features {in_features} exceeds {MAX_CONV_REDUCTION}, the longest uint8 x int8 "
+                             "reduction whose int32 accumulator cannot overflow; use int8 or w8")
+        super().__init__(in_features, out_features, bias)
+        self._row_sums: tuple[int, Tensor] | None = None
+
+    @property
+    def kernel(self) -> str:  # type: ignore[override]
+        fused = "fused C++" if native.available() else "PyTorch-op"
+        return f"{INT8_MATMUL_KERNEL}; {fused} per-tensor quantization and rescale"
+
+    @property
+    def slow_path(self) -> str | None:
+        return native_slow_path()
+
+    def weight_row_sums(self) -> Tensor:
+        """``sum_k w[n, k]`` as int32 ``[N]`` (for the zero point's term), cached per weight version."""
+        if torch.compiler.is_compiling():
+            return self.weight.sum(dim=1, dtype=torch.int32)
+        version = self.weight._version
+        if self._row_sums is None or self._row_sums[0] != version or self._row_sums[1].shape[0] != self.out_features:
+            self._row_sums = (version, self.weight.sum(dim=1, dtype=torch.int32))
+        return self._row_sums[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_linear_input(x, self.in_features, type(self).__name__)
+        rows = as_float32_matrix(x)
+        if torch.compiler.is_compiling():  # tensor qparams: no host sync, same bits
+            scale, zero_point, rows = dynamic_tensor_qparams_torch(rows)
+            q, row_flag = quantize_static_torch(rows, scale, zero_point)
+        else:
+            scale, zero_point, rows = dynamic_tensor_qparams(rows)
+            q, row_flag = quantize_static(rows, scale, zero_point)
+        acc = int8_matmul(q, self.weight.t()).sub_(self.weight_row_sums() * zero_point)  # exact: see above
+        y = rescale_accumulator(acc, row_flag, self.weight_scale * scale, self.bias)
         return restore_shape(y, x)
 
 
