@@ -9,8 +9,9 @@ TFLite's 16x8 mode: FULLY_CONNECTED, CONV_2D and DEPTHWISE_CONV_2D (int8 weights
 int32 bias), the pools, PAD, RESHAPE, CONCATENATION, ADD, MUL, MEAN and SOFTMAX take int16 tensors
 (zero point 0) as well as int8 and give the type they take; QUANTIZE converts float32, int8 and
 int16 into either type and DEQUANTIZE reads both, so one graph mixes int8 and int16 per
-operator. The other operators take int8 only, and the graph refuses an int16 tensor there by
-name.
+operator. mixprec's own EMBEDDING (an int16 table gives int16 rows), ADD_CONSTANT, LAYER_NORM
+and the two attentions have int16 forms too. LOGISTIC and TANH take int8 only, and the graph
+refuses an int16 tensor there by name.
 """
 
 from __future__ import annotations
@@ -34,11 +35,15 @@ from mixprec.integer.ops.activations import (
     softmax_params,
 )
 from mixprec.integer.ops.attention import (
+    Int16AttentionParams,
     LinearAttentionInt8Params,
     SoftmaxAttentionParams,
+    int16_attention_params,
+    linear_attention16,
     linear_attention_int8,
     linear_attention_int8_params,
     softmax_attention,
+    softmax_attention16,
     softmax_attention_params,
 )
 from mixprec.integer.ops.conv import ConvParams, PoolParams, conv2d, pad, pool2d
@@ -606,9 +611,10 @@ class DequantizeNode(_Node):
 
 @dataclass(frozen=True, eq=False)
 class EmbeddingNode(_Node):
-    """Rows of an int8 ``table [V, E]`` (quantization ``table_quant``, any zero point) gathered
-    by the int32 token ids of tensor ``inputs[0]``; the output keeps the table's grid, so its
-    zero point travels with it. Ids outside ``0..V-1`` are refused."""
+    """Rows of an int8 ``table [V, E]`` (quantization ``table_quant``, any zero point) or an
+    int16 one (zero point 0) gathered by the int32 token ids of tensor ``inputs[0]``; the output
+    keeps the table's type and grid, so its zero point travels with it. Ids outside ``0..V-1``
+    are refused."""
 
     inputs: tuple[int, ...]
     table: NDArray[np.int8]
@@ -617,13 +623,17 @@ class EmbeddingNode(_Node):
     input_dtypes = ("int32",)
 
     def __post_init__(self) -> None:
-        if len(self.inputs) != 1 or self.table.dtype != np.int8 or self.table.ndim != 2:
-            raise InputError("EMBEDDING takes one int32 id tensor and an int8 table [vocabulary, width]")
+        if len(self.inputs) != 1 or self.table.dtype not in (np.int8, np.int16) or self.table.ndim != 2:
+            raise InputError("EMBEDDING takes one int32 id tensor and an int8 or int16 table [vocabulary, width]")
         _check_activation_and_output(self.table_quant, "none")
+        check_code_grid(self.table.dtype.name, self.table_quant, "EMBEDDING table")
 
     @property
     def output_quant(self) -> Quantization:
         return self.table_quant
+
+    def result_dtype(self, dtypes: Sequence[str]) -> str:
+        return self.table.dtype.name
 
     def output_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
         return (*shapes[0], self.table.shape[1])
@@ -632,7 +642,7 @@ class EmbeddingNode(_Node):
         return self.table
 
     @staticmethod
-    def run(record: NDArray[np.int8], ids: NDArray[np.int32]) -> NDArray[np.int8]:
+    def run(record: NDArray, ids: NDArray[np.int32]) -> NDArray:
         bad = (ids < 0) | (ids >= record.shape[0])
         if bad.any():
             raise InputError(f"{int(bad.sum())} token ids lie outside 0..{record.shape[0] - 1} "
@@ -641,9 +651,10 @@ class EmbeddingNode(_Node):
 
 
 @dataclass(frozen=True, eq=False)
-class AddConstantNode(_Node):
-    """ADD of tensor ``inputs[0]`` and an int8 ``constant`` broadcast over the batch (for
-    example a positional encoding ``[S, E]``), with ADD's arithmetic and rounding."""
+class AddConstantNode(_EitherWidth, _Node):
+    """ADD of tensor ``inputs[0]`` and a ``constant`` of its type (int8, or int16 with zero point
+    0) broadcast over the batch (for example a positional encoding ``[S, E]``), with ADD's
+    arithmetic and rounding."""
 
     inputs: tuple[int, ...]
     constant: NDArray[np.int8]
@@ -652,8 +663,8 @@ class AddConstantNode(_Node):
     opcode = "ADD_CONSTANT"
 
     def __post_init__(self) -> None:
-        if len(self.inputs) != 1 or self.constant.dtype != np.int8:
-            raise InputError("ADD_CONSTANT takes one input tensor and an int8 constant")
+        if len(self.inputs) != 1 or self.constant.dtype not in (np.int8, np.int16):
+            raise InputError("ADD_CONSTANT takes one input tensor and an int8 or int16 constant")
         _check_activation_and_output(self.constant_quant, "none")
         _check_activation_and_output(self.output_quant, "none")
 
@@ -662,20 +673,24 @@ class AddConstantNode(_Node):
             raise InputError(f"ADD_CONSTANT adds a {self.constant.shape} constant to {shapes[0][1:]} per batch element")
         return shapes[0]
 
-    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> tuple:
+    def prepare(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]],
+                dtypes: Sequence[str]) -> tuple:
+        if dtypes[0] != self.constant.dtype.name:
+            raise InputError(f"ADD_CONSTANT adds an {self.constant.dtype.name} constant to {dtypes[0]} input")
         add_node = AddNode((0, 1), self.output_quant)
-        return add_node.prepare([quants[0], self.constant_quant], shapes, ("int8", "int8")), self.constant
+        return add_node.prepare([quants[0], self.constant_quant], shapes, (dtypes[0], dtypes[0])), self.constant
 
     @staticmethod
-    def run(record: tuple, x: NDArray[np.int8]) -> NDArray[np.int8]:
+    def run(record: tuple, x: NDArray) -> NDArray:
         params, constant = record
         return add(x, constant, params)
 
 
 @dataclass(frozen=True, eq=False)
-class LayerNormNode(_Node):
-    """Layer normalization over the last axis of tensor ``inputs[0]`` in integers
-    (:mod:`mixprec.integer.ops.layer_norm`), from float ``gamma``, ``beta`` and ``epsilon``."""
+class LayerNormNode(_EitherWidth, _Node):
+    """Layer normalization over the last axis of tensor ``inputs[0]`` (int8, or int16 with zero
+    points 0) in integers (:mod:`mixprec.integer.ops.layer_norm`), from float ``gamma``, ``beta``
+    and ``epsilon``."""
 
     inputs: tuple[int, ...]
     gamma: NDArray[np.float32]
@@ -694,12 +709,14 @@ class LayerNormNode(_Node):
             raise InputError(f"LAYER_NORM has {len(self.gamma)} channels but receives {shapes[0][-1]}")
         return shapes[0]
 
-    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> LayerNormParams:
+    def prepare(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]],
+                dtypes: Sequence[str]) -> LayerNormParams:
+        check_code_grid(dtypes[0], self.output_quant, "LAYER_NORM output")
         return layer_norm_params(self.gamma, self.beta, self.epsilon, quants[0].scale[0], quants[0].zero_point[0],
                                  self.output_quant.scale[0], self.output_quant.zero_point[0])
 
     @staticmethod
-    def run(record: LayerNormParams, x: NDArray[np.int8]) -> NDArray[np.int8]:
+    def run(record: LayerNormParams, x: NDArray) -> NDArray:
         return layer_norm(x, record)
 
 
@@ -707,8 +724,19 @@ def _scale_and_zero(quant: Quantization) -> tuple[float, int]:
     return quant.scale[0], quant.zero_point[0]
 
 
+def _check_one_width(opcode: str, dtypes: Sequence[str], grids: Sequence[Quantization]) -> None:
+    """Attention reads query, key and value of one type and writes its grids in that type."""
+    if len(set(dtypes)) != 1:
+        raise InputError(f"{opcode} takes query, key and value of one type, got {', '.join(dtypes)}")
+    for grid in grids:
+        check_code_grid(dtypes[0], grid, f"{opcode} grid")
+
+
 @dataclass(frozen=True, eq=False)
-class _AttentionNode(_Node):
+class _AttentionNode(_EitherWidth, _Node):
+    """Query, key and value of one type: int8, or int16 (zero points 0, the int16 forms of
+    :mod:`mixprec.integer.ops.attention`)."""
+
     inputs: tuple[int, ...]
 
     def __post_init__(self) -> None:
@@ -732,13 +760,19 @@ class SoftmaxAttentionNode(_AttentionNode):
     output_quant: Quantization = None  # type: ignore[assignment]
     opcode = "SOFTMAX_ATTENTION"
 
-    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> SoftmaxAttentionParams:
+    def prepare(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]],
+                dtypes: Sequence[str]) -> SoftmaxAttentionParams | Int16AttentionParams:
+        _check_one_width(self.opcode, dtypes, (self.score_quant, self.output_quant))
+        if dtypes[0] == "int16":
+            return int16_attention_params(shapes[0][-1], *(q.scale[0] for q in quants), self.output_quant.scale[0],
+                                          score=self.score_quant.scale[0])
         return softmax_attention_params(shapes[0][-1], *(_scale_and_zero(q) for q in quants),
                                         _scale_and_zero(self.score_quant), _scale_and_zero(self.output_quant))
 
     @staticmethod
-    def run(record: SoftmaxAttentionParams, q: NDArray[np.int8], k: NDArray[np.int8],
-            v: NDArray[np.int8]) -> NDArray[np.int8]:
+    def run(record: SoftmaxAttentionParams | Int16AttentionParams, q: NDArray, k: NDArray, v: NDArray) -> NDArray:
+        if isinstance(record, Int16AttentionParams):
+            return softmax_attention16(q, k, v, record)
         return softmax_attention(q, k, v, record)
 
 
@@ -751,13 +785,19 @@ class LinearAttentionNode(_AttentionNode):
     output_quant: Quantization = None  # type: ignore[assignment]
     opcode = "LINEAR_ATTENTION"
 
-    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> LinearAttentionInt8Params:
+    def prepare(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]],
+                dtypes: Sequence[str]) -> LinearAttentionInt8Params | Int16AttentionParams:
+        _check_one_width(self.opcode, dtypes, (self.output_quant,))
+        if dtypes[0] == "int16":
+            return int16_attention_params(shapes[0][-1], *(q.scale[0] for q in quants), self.output_quant.scale[0],
+                                          epsilon=self.epsilon)
         return linear_attention_int8_params(self.epsilon, *(_scale_and_zero(q) for q in quants),
                                             _scale_and_zero(self.output_quant))
 
     @staticmethod
-    def run(record: LinearAttentionInt8Params, q: NDArray[np.int8], k: NDArray[np.int8],
-            v: NDArray[np.int8]) -> NDArray[np.int8]:
+    def run(record: LinearAttentionInt8Params | Int16AttentionParams, q: NDArray, k: NDArray, v: NDArray) -> NDArray:
+        if isinstance(record, Int16AttentionParams):
+            return linear_attention16(q, k, v, record)
         return linear_attention_int8(q, k, v, record)
 
 

@@ -1,9 +1,9 @@
 """Exact-arithmetic simulation of an integer graph: the quantized model without the engine.
 
-Every int8 tensor is computed from the dequantized inputs of its operator in float64 with
-the operator's mathematical definition (no fixed-point multipliers, no lookup tables, no
-intermediate roundings) and then rounded once onto its own grid (nearest, ties to even,
-saturating). Weights, biases and grids are the graph's own. The difference between a graph's
+Every int8 or int16 tensor is computed from the dequantized inputs of its operator in float64
+with the operator's mathematical definition (no fixed-point multipliers, no lookup tables, no
+intermediate roundings) and then rounded once onto its own grid in its own type (nearest, ties
+to even, saturating). Weights, biases and grids are the graph's own. The difference between a graph's
 output and :func:`simulate` is therefore the engine's arithmetic error alone; the difference
 between :func:`simulate` and a float model is the quantization error alone.
 
@@ -12,8 +12,9 @@ with one tensor rounded at a time (every other tensor kept real, weights still i
 against a float reference, says which tensor's grid costs the most.
 
 ``activation_bits=16`` asks what TFLite's 16x8 mode (int16 activations, int8 weights) would
-give the same graph before anyone builds it: every activation grid is replaced by the
-symmetric int16 grid covering the same real range (see :func:`onto_grid`).
+give an int8 graph before anyone builds it: every int8 activation grid is replaced by the
+symmetric int16 grid covering the same real range (see :func:`onto_grid`); int16 tensors keep
+their grids.
 """
 
 from __future__ import annotations
@@ -44,19 +45,22 @@ from mixprec.integer.graph.nodes import (
     SoftmaxNode,
     TanhNode,
 )
+from mixprec.integer.ops.softmax16 import SOFTMAX16_OUTPUT
 
 #: Activation widths :func:`simulate` can round onto.
 ACTIVATION_BITS = (8, 16)
 
 
-def onto_grid(values: NDArray[np.float64], quant: Quantization, bits: int = 8) -> NDArray[np.float64]:
-    """``values`` rounded onto ``quant``'s int8 grid (nearest, ties to even, saturating), as reals.
+def onto_grid(values: NDArray[np.float64], quant: Quantization, bits: int = 8,
+              dtype: str = "int8") -> NDArray[np.float64]:
+    """``values`` rounded onto ``quant``'s grid in ``dtype`` (int8 or int16; nearest, ties to
+    even, saturating), as reals.
 
-    ``bits=16``: onto the int16 grid TFLite's 16x8 mode would give the same tensor instead:
+    ``bits=16`` with an int8 grid: onto the int16 grid TFLite's 16x8 mode would give the same tensor instead:
     zero point 0, ``scale = float32(max(|low|, |high|) / 32767)`` where ``[low, high]`` is the
     real range of ``quant``'s int8 grid, codes ``clamp(round_half_even(x / scale), -32768, 32767)``."""
-    if bits == 8:
-        return quant.values_of(quant.nearest_codes(values))
+    if bits == 8 or dtype == "int16":
+        return quant.values_of(quant.nearest_codes(values, dtype))
     if bits != 16:
         raise InputError(f"activation bits must be one of {ACTIVATION_BITS}, got {bits!r}")
     low, high = quant.values_of(np.array([-128, 127]))
@@ -99,23 +103,27 @@ def linear_attention_exact(q: NDArray, k: NDArray, v: NDArray, epsilon: float) -
     return (q @ (np.swapaxes(k, -1, -2) @ v)) / normalizer
 
 
-def _attention(node, q: NDArray, k: NDArray, v: NDArray, inner: bool, bits: int) -> NDArray[np.float64]:  # noqa: ANN001
+def _attention(node, q: NDArray, k: NDArray, v: NDArray, inner: bool, bits: int,  # noqa: ANN001
+               dtype: str) -> NDArray[np.float64]:
     if isinstance(node, SoftmaxAttentionNode):
         scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1])
         if inner:
-            scores = onto_grid(scores, node.score_quant, bits)
+            scores = onto_grid(scores, node.score_quant, bits, dtype)
         probabilities = _softmax(scores)
         if inner:
-            probabilities = onto_grid(probabilities, Quantization.per_tensor(1 / 256, -128), bits)
+            grid = Quantization.per_tensor(*SOFTMAX16_OUTPUT) if dtype == "int16" else Quantization.per_tensor(1 / 256,
+                                                                                                            -128)
+            probabilities = onto_grid(probabilities, grid, bits, dtype)
         return probabilities @ v
     return linear_attention_exact(q, k, v, node.epsilon)
 
 
 def exact_operator(node, args: list[NDArray], in_quants: list[Quantization | None],  # noqa: ANN001
-                   inner: bool = True, bits: int = 8) -> NDArray:
+                   inner: bool = True, bits: int = 8, dtype: str = "int8") -> NDArray:
     """The operator's mathematical result on real-valued inputs (before rounding onto its grid).
     ``inner``: whether the operator's own intermediate grids round (softmax attention's scores
-    and 1/256 probabilities), onto ``bits``-wide grids (:func:`onto_grid`)."""
+    and probabilities: 1/256 for int8, 1/32768 for int16), onto ``bits``-wide grids in the
+    operator's type ``dtype`` (:func:`onto_grid`)."""
     if isinstance(node, FullyConnectedNode):
         return _fully_connected(node, args[0], in_quants[0])
     if isinstance(node, AddNode):
@@ -129,7 +137,7 @@ def exact_operator(node, args: list[NDArray], in_quants: list[Quantization | Non
     if isinstance(node, LayerNormNode):
         return _layer_norm(node, args[0])
     if isinstance(node, (SoftmaxAttentionNode, LinearAttentionNode)):
-        return _attention(node, *args, inner, bits)
+        return _attention(node, *args, inner, bits, dtype)
     if isinstance(node, MeanNode):
         return args[0].mean(axis=tuple(node.axes), keepdims=node.keep_dims)
     if isinstance(node, ReshapeNode):
@@ -153,7 +161,7 @@ def _check(graph: Graph, inputs: tuple[NDArray, ...]) -> None:
 
 
 def _as_real(value: NDArray, quant: Quantization | None) -> NDArray:
-    return quant.values_of(value) if quant is not None and value.dtype == np.int8 else np.asarray(value)
+    return quant.values_of(value) if quant is not None and value.dtype in (np.int8, np.int16) else np.asarray(value)
 
 
 def simulate(graph: Graph, *inputs: NDArray, rounded: Collection[int] | None = None,
@@ -169,7 +177,7 @@ def simulate(graph: Graph, *inputs: NDArray, rounded: Collection[int] | None = N
     _check(graph, inputs)
     if activation_bits not in ACTIVATION_BITS:
         raise InputError(f"activation_bits must be one of {ACTIVATION_BITS}, got {activation_bits!r}")
-    quants = graph.tensor_quants
+    quants, dtypes = graph.tensor_quants, graph.tensor_dtypes
     if rounded is not None:
         strays = sorted(set(rounded) - set(range(len(quants))))
         if strays:
@@ -179,9 +187,9 @@ def simulate(graph: Graph, *inputs: NDArray, rounded: Collection[int] | None = N
         tensor = len(graph.inputs) + index
         rounds = rounded is None or tensor in rounded
         result = exact_operator(node, [values[i] for i in node.inputs], [quants[i] for i in node.inputs], rounds,
-                                activation_bits)
+                                activation_bits, dtypes[tensor])
         rounds = rounds and quants[tensor] is not None
-        values.append(onto_grid(result, quants[tensor], activation_bits) if rounds else result)
+        values.append(onto_grid(result, quants[tensor], activation_bits, dtypes[tensor]) if rounds else result)
     return values[-1]
 
 
@@ -204,21 +212,22 @@ def rounding_attribution(graph: Graph, *inputs: NDArray, reference: NDArray) -> 
 
 
 def operator_errors(graph: Graph, *inputs: NDArray) -> list[tuple[str, float]]:
-    """Per operator: the worst distance, in output steps, between the engine's int8 output and
+    """Per operator: the worst distance, in output steps, between the engine's output and
     the exact result rounded onto the same grid, both computed from the engine's own inputs.
     This is each operator's arithmetic error, without what earlier operators passed on."""
     _check(graph, inputs)
     graph(*inputs)  # validates the inputs
-    quants = graph.tensor_quants
+    quants, dtypes = graph.tensor_quants, graph.tensor_dtypes
     values = list(inputs)
     errors = []
     for index, (node, record) in enumerate(zip(graph.nodes, graph.records)):
         args = [values[i] for i in node.inputs]
         out = node.run(record, *args)
-        out_quant = quants[len(graph.inputs) + index]
+        out_quant, dtype = quants[len(graph.inputs) + index], dtypes[len(graph.inputs) + index]
         if out_quant is not None:
             in_real = [_as_real(a, quants[i]) for a, i in zip(args, node.inputs)]
-            exact = onto_grid(exact_operator(node, in_real, [quants[i] for i in node.inputs]), out_quant)
+            exact = onto_grid(exact_operator(node, in_real, [quants[i] for i in node.inputs], dtype=dtype), out_quant,
+                              dtype=dtype)
             worst = np.abs(out_quant.values_of(out) - exact).max(initial=0.0) / float(out_quant.scale32[0])
             errors.append((f"{index}:{node.opcode}", float(worst)))
         values.append(out)

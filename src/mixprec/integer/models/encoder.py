@@ -1,4 +1,5 @@
-"""A small transformer encoder as a float PyTorch model and as an int8 graph built from it.
+"""A small transformer encoder as a float PyTorch model and as an int8 or int16 (16x8) graph
+built from it.
 
 Topology (per the TinyMind encoder): token embedding, a fixed sinusoidal positional
 encoding, then per block ``LayerNorm -> attention -> residual add -> LayerNorm -> dense + ReLU
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from mixprec.errors import InputError
-from mixprec.integer.build.layers import calibrate, fully_connected_from
+from mixprec.integer.build.layers import calibrate_as, fully_connected_from
 from mixprec.integer.core.tensors import TensorSpec
 from mixprec.integer.graph.graph import Graph
 from mixprec.integer.graph.nodes import (
@@ -104,43 +105,54 @@ class TinyEncoder(nn.Module):
         return self.stages(ids)["logits"]
 
 
-def build_encoder_graph(model: TinyEncoder, calibration: torch.Tensor, range_margin: float = 0.0) -> Graph:
-    """The int8 graph of ``model`` (int32 ids in, int8 logits out), every grid calibrated on
-    ``calibration`` ids ``[N, S]``; per-channel int8 weights; the embedding table quantized
-    asymmetrically (its zero point is kept). ``range_margin``: every activation range widened
-    by this fraction (:func:`~mixprec.integer.build.layers.calibrate`); the embedding table and the
-    positional encoding are constants and keep their exact ranges."""
+def build_encoder_graph(model: TinyEncoder, calibration: torch.Tensor, range_margin: float = 0.0,
+                        activations: str = "int8") -> Graph:
+    """The integer graph of ``model`` (int32 ids in, logits out in the ``activations`` type),
+    every grid calibrated on ``calibration`` ids ``[N, S]``; per-channel int8 weights.
+    ``activations="int8"``: asymmetric int8 tensors, the embedding table quantized
+    asymmetrically (its zero point is kept); ``"int16"``: TFLite's 16x8 mode, every tensor and
+    the table symmetric int16 (:func:`~mixprec.integer.build.layers.calibrate_int16`), int64
+    biases. ``range_margin``: every activation range widened by this fraction
+    (:func:`~mixprec.integer.build.layers.calibrate`); the embedding table and the positional
+    encoding are constants and keep their exact ranges."""
     if not isinstance(model, TinyEncoder):
         raise InputError(f"build_encoder_graph takes a TinyEncoder, got {type(model).__name__}")
+    if activations not in ("int8", "int16"):
+        raise InputError(f"activations must be 'int8' or 'int16' (16x8), got {activations!r}")
     if calibration.ndim != 2 or calibration.dtype not in (torch.int32, torch.int64):
         raise InputError(f"calibration must be integer token ids [N, steps], got {calibration.dtype} "
                          f"{tuple(calibration.shape)}")
     with torch.no_grad():
         observed = copy.deepcopy(model).double().stages(calibration.long())
-    quant = {name: calibrate(values, 0.0 if name == "positions" else range_margin)
+    quant = {name: calibrate_as(activations, values, 0.0 if name == "positions" else range_margin)
              for name, values in observed.items()}
     table = model.embedding.weight.detach().double().numpy()
-    table_quant = calibrate(table)
+    table_quant = calibrate_as(activations, table)
     nodes: list = []
 
     def emit(node) -> int:  # noqa: ANN001
         nodes.append(node)
         return len(nodes)  # tensor 0 is the ids input
 
-    h = emit(EmbeddingNode((0,), table_quant.nearest_codes(table), table_quant))
+    def linear(layer: nn.Linear, source: int, source_quant: str, target: str, activation: str = "none") -> int:
+        return emit(fully_connected_from(layer, source, quant[source_quant], quant[target], activation,
+                                         activations=activations))
+
+    h = emit(EmbeddingNode((0,), table_quant.nearest_codes(table, activations), table_quant))
     steps = calibration.shape[1]
     positions = model.positions[:steps].double().numpy()
-    h = emit(AddConstantNode((h,), quant["positions"].nearest_codes(positions), quant["positions"], quant["encoded"]))
-    h_quant = quant["encoded"]
+    h = emit(AddConstantNode((h,), quant["positions"].nearest_codes(positions, activations), quant["positions"],
+                             quant["encoded"]))
+    h_name = "encoded"
     for index, block in enumerate(model.blocks):
         name = f"block{index}."
         norm = block.norm1
         n1 = emit(LayerNormNode((h,), norm.weight.detach().numpy(), norm.bias.detach().numpy(), norm.eps,
                                 quant[name + "norm1"]))
         relu = "relu" if block.attention == "linear" else "none"
-        q = emit(fully_connected_from(block.query, n1, quant[name + "norm1"], quant[name + "query"], relu))
-        k = emit(fully_connected_from(block.key, n1, quant[name + "norm1"], quant[name + "key"], relu))
-        v = emit(fully_connected_from(block.value, n1, quant[name + "norm1"], quant[name + "value"]))
+        q = linear(block.query, n1, name + "norm1", name + "query", relu)
+        k = linear(block.key, n1, name + "norm1", name + "key", relu)
+        v = linear(block.value, n1, name + "norm1", name + "value")
         if block.attention == "softmax":
             mixed = emit(SoftmaxAttentionNode((q, k, v), quant[name + "scores"], quant[name + "attention"]))
         else:
@@ -149,9 +161,9 @@ def build_encoder_graph(model: TinyEncoder, calibration: torch.Tensor, range_mar
         norm = block.norm2
         n2 = emit(LayerNormNode((h1,), norm.weight.detach().numpy(), norm.bias.detach().numpy(), norm.eps,
                                 quant[name + "norm2"]))
-        up = emit(fully_connected_from(block.up, n2, quant[name + "norm2"], quant[name + "up"], "relu"))
-        down = emit(fully_connected_from(block.down, up, quant[name + "up"], quant[name + "down"]))
+        up = linear(block.up, n2, name + "norm2", name + "up", "relu")
+        down = linear(block.down, up, name + "up", name + "down")
         h = emit(AddNode((h1, down), quant[name + "residual2"]))
-        h_quant = quant[name + "residual2"]
-    emit(fully_connected_from(model.head, h, h_quant, quant["logits"]))
+        h_name = name + "residual2"
+    linear(model.head, h, h_name, "logits")
     return Graph((TensorSpec("ids", (1, steps), None, "int32"),), tuple(nodes))
