@@ -227,3 +227,35 @@ def test_the_native_convolution_is_byte_identical_to_the_numpy_reference(dtype: 
                         padding="SAME", dtype=dtype, activation_min=-code_range, activation_max=code_range - 1)
     x = rng.integers(-code_range, code_range, (3, 9, 9, 32)).astype(dtype)
     assert np.array_equal(_conv2d_native(x, params), conv2d_reference(x, params))
+
+
+def test_the_native_pointwise_gemm_path_is_byte_identical_to_the_numpy_reference() -> None:
+    """1x1, stride 1, unpadded int8 convolutions with channels a multiple of 4 and outputs a
+    multiple of 16 take the VNNI GEMM with the vector rescale (where the CPU has them): every
+    rescale branch (per channel or per tensor, right and left shifts, saturation), both clamps,
+    pixel counts that leave tails of the 4-pixel tiles, and extreme codes."""
+    from mixprec.integer.ops.conv import ConvParams, _conv2d_native, conv2d_reference
+    from mixprec.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.load_error()}")
+    rng = np.random.default_rng(17)
+    for trial in range(24):
+        channels, out = int(rng.choice([4, 8, 12, 64])), int(rng.choice([16, 32, 48, 80]))
+        weights = rng.integers(-128, 128, (out, 1, 1, channels)).astype(np.int8)
+        per = out if trial % 2 else 1
+        multiplier = rng.integers(2**30, 2**31 - 1, per).astype(np.int32)
+        typical = int(np.log2(128 * 74 * np.sqrt(channels) / 40))
+        shift = (rng.integers(0, 3, per) if trial % 6 == 5 else -typical + rng.integers(-1, 2, per)).astype(np.int32)
+        offset = int(rng.integers(-20, 20))
+        low = offset if trial % 3 == 0 else -128
+        bias = rng.integers(-2**20, 2**20, out).astype(np.int32) if trial % 4 else None
+        params = ConvParams(weights=weights, bias=bias, input_offset=int(rng.integers(-127, 129)),
+                            multiplier=multiplier, shift=shift, output_offset=offset, stride=(1, 1),
+                            dilation=(1, 1), padding="VALID", depthwise=False, activation_min=low,
+                            activation_max=127, dtype="int8")
+        x = rng.integers(-128, 128, (int(rng.integers(1, 4)), int(rng.integers(1, 8)), int(rng.integers(1, 8)),
+                                     channels)).astype(np.int8)
+        x.flat[:channels] = -128  # the extreme codes the +128 shift maps to 0 and 255
+        x.flat[-channels:] = 127
+        assert np.array_equal(_conv2d_native(x, params), conv2d_reference(x, params)), trial

@@ -77,7 +77,7 @@ def mean(q: NDArray, params: MeanParams) -> NDArray:
     if count != params.count:
         raise InputError(f"mean over axes {params.axes} was built for {params.count} elements per output; "
                          f"shape {q.shape} gives {count}")
-    total = q.astype(np.int64).sum(axis=params.axes, keepdims=params.keep_dims)
+    total = q.sum(axis=params.axes, keepdims=params.keep_dims, dtype=np.int64)  # no int64 copy of q
     scaled = multiply_by_quantized_multiplier(total - params.input_zero_point * params.count, params.multiplier,
                                               params.shift).astype(np.int64)
     return np.clip(scaled + params.output_zero_point, *CODE_RANGES[params.dtype]).astype(params.dtype)

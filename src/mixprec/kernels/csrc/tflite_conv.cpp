@@ -9,11 +9,21 @@
 // per channel or per tensor), the output offset and the activation clamp. 16x8: int16 input with
 // zero point 0, an int32 or int64 bias, int64 accumulation and TFLite's int64 rescale with the
 // 16-bit reduced multiplier. Output rows (batch x height) are split over PyTorch's OpenMP threads.
+//
+// With AVX-512 the int8 rescale runs 16 channels at a time (the same integer steps, lane by lane),
+// and with AVX512-VNNI an int8 CONV_2D with a multiple of 16 output channels runs as a u8 x s8 GEMM
+// over its windows (conv_gemm_vnni): the codes shifted by +128 into uint8 (x ^ 0x80) and the shift
+// taken back exactly through the weights' sums, acc = sum (x + 128) w + (input_offset - 128) * sum w;
+// an int8 DEPTHWISE_CONV_2D with depth multiplier 1 and a multiple of 16 channels keeps 16 channels'
+// sums in one register (depthwise_avx512).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -59,11 +69,78 @@ inline int32_t requantize_wide(int64_t acc, int32_t multiplier, int32_t shift) {
                                                   std::numeric_limits<int32_t>::max()));
 }
 
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+constexpr bool kVectorRescale = true;
+
+// gemmlowp's SaturatingRoundingDoublingHighMul of 16 lanes by positive multipliers (quantize_multiplier
+// gives 0 or [2^30, 2^31), so the single overflowing case a = b = -2^31 cannot occur). For a 64-bit
+// product p, (p + nudge) / 2^31 toward zero with the nudge 2^30 (p >= 0) or 1 - 2^30 (p < 0) equals
+// floor((p + 2^30) / 2^31) in both cases, one arithmetic shift: the even and the odd lanes' products.
+inline __m512i srdhm16(__m512i a, __m512i b) {
+  const __m512i half = _mm512_set1_epi64(int64_t{1} << 30);
+  const __m512i even = _mm512_srai_epi64(_mm512_add_epi64(_mm512_mul_epi32(a, b), half), 31);
+  const __m512i odd = _mm512_srai_epi64(
+      _mm512_add_epi64(_mm512_mul_epi32(_mm512_srli_epi64(a, 32), _mm512_srli_epi64(b, 32)), half), 31);
+  return _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+// requantize() on 16 lanes: saturating left shift, srdhm, RoundingDivideByPOT, all per lane.
+inline __m512i requantize16(__m512i acc, __m512i multiplier, __m512i shift) {
+  const __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi32(1);
+  const __m512i left = _mm512_max_epi32(shift, zero), right = _mm512_max_epi32(_mm512_sub_epi32(zero, shift), zero);
+  __m512i shifted = acc;
+  if (_mm512_cmpgt_epi32_mask(left, zero)) {  // rare: multipliers above 1
+    shifted = _mm512_sllv_epi32(acc, left);
+    const __mmask16 overflow = _mm512_cmpneq_epi32_mask(_mm512_srav_epi32(shifted, left), acc);
+    const __mmask16 negative = _mm512_cmplt_epi32_mask(acc, zero);
+    shifted = _mm512_mask_mov_epi32(shifted, overflow & ~negative,
+                                    _mm512_set1_epi32(std::numeric_limits<int32_t>::max()));
+    shifted = _mm512_mask_mov_epi32(shifted, overflow & negative,
+                                    _mm512_set1_epi32(std::numeric_limits<int32_t>::min()));
+  }
+  const __m512i x = srdhm16(shifted, multiplier);
+  const __m512i mask = _mm512_sub_epi32(_mm512_sllv_epi32(one, right), one);
+  const __m512i remainder = _mm512_and_si512(x, mask);
+  const __m512i threshold = _mm512_mask_add_epi32(_mm512_srli_epi32(mask, 1), _mm512_cmplt_epi32_mask(x, zero),
+                                                  _mm512_srli_epi32(mask, 1), one);
+  return _mm512_mask_add_epi32(_mm512_srav_epi32(x, right), _mm512_cmpgt_epi32_mask(remainder, threshold),
+                               _mm512_srav_epi32(x, right), one);
+}
+
+// 16 int32 totals (accumulator + bias) to int8 outputs: rescale, output offset, activation clamp.
+inline void store_int8x16(__m512i total, const int32_t* m, const int32_t* s, bool per_channel, int32_t output_offset,
+                          int32_t act_min, int32_t act_max, int8_t* dst) {
+  const __m512i multiplier = per_channel ? _mm512_loadu_si512(m) : _mm512_set1_epi32(m[0]);
+  const __m512i shift = per_channel ? _mm512_loadu_si512(s) : _mm512_set1_epi32(s[0]);
+  __m512i v = _mm512_add_epi32(requantize16(total, multiplier, shift), _mm512_set1_epi32(output_offset));
+  v = _mm512_min_epi32(_mm512_max_epi32(v, _mm512_set1_epi32(act_min)), _mm512_set1_epi32(act_max));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(v));
+}
+#else
+constexpr bool kVectorRescale = false;
+#endif
+
 struct Geometry {
   int64_t batch, height, width, channels, kh, kw, out_channels, out_h, out_w;
   int64_t stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left;
   bool depthwise;
 };
+
+// Calls visit(ky, kx, offset of that input pixel's first channel) for each point of output (n, y, xo)'s
+// window that lies inside the image (TFLite sums only those).
+template <typename Visit>
+inline void for_each_window_point(const Geometry& g, int64_t n, int64_t y, int64_t xo, const Visit& visit) {
+  for (int64_t ky = 0; ky < g.kh; ++ky) {
+    const int64_t iy = y * g.stride_h - g.pad_top + ky * g.dilation_h;
+    if (iy < 0 || iy >= g.height) continue;
+    for (int64_t kx = 0; kx < g.kw; ++kx) {
+      const int64_t ix = xo * g.stride_w - g.pad_left + kx * g.dilation_w;
+      if (ix < 0 || ix >= g.width) continue;
+      visit(ky, kx, ((n * g.height + iy) * g.width + ix) * g.channels);
+    }
+  }
+}
 
 // In: int8 (gemmlowp's rescale) or int16 (16x8: the reduced rescale). Sum: what the window's
 // products are summed in (int32 wherever that cannot overflow); the bias joins in int64 at the end.
@@ -83,6 +160,8 @@ void convolve(const Geometry& g, const In* in, const int8_t* wt, const std::vect
         for (int64_t i = 0; i < g.channels; ++i)
           transposed[(k * g.channels + i) * g.out_channels + c] = wt[(c * g.kh * g.kw + k) * g.channels + i];
   }
+  // int8: the bias fits int32 (the converter's bounds), so the vector rescale adds it in int32
+  std::vector<int32_t> bias32(bias.begin(), bias.end());
   const int64_t work = g.batch * g.out_h * g.out_w * g.out_channels * g.kh * g.kw * (g.depthwise ? 1 : g.channels);
   mixprec::split_rows(g.batch * g.out_h, work, [&](int64_t begin, int64_t end) {
     std::vector<Sum> acc(g.out_channels);
@@ -91,41 +170,48 @@ void convolve(const Geometry& g, const In* in, const int8_t* wt, const std::vect
       const int64_t n = row / g.out_h, y = row % g.out_h;
       for (int64_t xo = 0; xo < g.out_w; ++xo) {
         std::fill(acc.begin(), acc.end(), Sum{0});
-        for (int64_t ky = 0; ky < g.kh; ++ky) {
-          const int64_t iy = y * g.stride_h - g.pad_top + ky * g.dilation_h;
-          if (iy < 0 || iy >= g.height) continue;
-          for (int64_t kx = 0; kx < g.kw; ++kx) {
-            const int64_t ix = xo * g.stride_w - g.pad_left + kx * g.dilation_w;
-            if (ix < 0 || ix >= g.width) continue;
-            const In* pixel = in + ((n * g.height + iy) * g.width + ix) * g.channels;
-            if (g.depthwise) {  // input channel c / depth_multiplier feeds output c
-              const int8_t* wrow = wt + (ky * g.kw + kx) * g.out_channels;
-              if (depth_multiplier == 1) {
-                for (int64_t c = 0; c < g.out_channels; ++c) acc[c] += static_cast<Sum>(pixel[c] + in_off) * wrow[c];
-              } else {
-                for (int64_t c = 0; c < g.out_channels; ++c) shifted[c] = pixel[c / depth_multiplier] + in_off;
-                for (int64_t c = 0; c < g.out_channels; ++c) acc[c] += shifted[c] * wrow[c];
-              }
-            } else if (g.channels >= kDotChannels) {  // long windows: one dot product per output channel
-              for (int64_t i = 0; i < g.channels; ++i) shifted[i] = pixel[i] + in_off;
-              for (int64_t c = 0; c < g.out_channels; ++c) {
-                const int8_t* wrow = wt + ((c * g.kh + ky) * g.kw + kx) * g.channels;
-                Sum sum = 0;
-                for (int64_t i = 0; i < g.channels; ++i) sum += shifted[i] * wrow[i];
-                acc[c] += sum;
-              }
+        for_each_window_point(g, n, y, xo, [&](int64_t ky, int64_t kx, int64_t offset) {
+          const In* pixel = in + offset;
+          if (g.depthwise) {  // input channel c / depth_multiplier feeds output c
+            const int8_t* wrow = wt + (ky * g.kw + kx) * g.out_channels;
+            if (depth_multiplier == 1) {
+              for (int64_t c = 0; c < g.out_channels; ++c) acc[c] += static_cast<Sum>(pixel[c] + in_off) * wrow[c];
             } else {
-              const int8_t* wblock = transposed.data() + (ky * g.kw + kx) * g.channels * g.out_channels;
-              for (int64_t i = 0; i < g.channels; ++i) {
-                const Sum v = pixel[i] + in_off;
-                const int8_t* wrow = wblock + i * g.out_channels;
-                for (int64_t c = 0; c < g.out_channels; ++c) acc[c] += v * wrow[c];
-              }
+              for (int64_t c = 0; c < g.out_channels; ++c) shifted[c] = pixel[c / depth_multiplier] + in_off;
+              for (int64_t c = 0; c < g.out_channels; ++c) acc[c] += shifted[c] * wrow[c];
+            }
+          } else if (g.channels >= kDotChannels) {  // long windows: one dot product per output channel
+            for (int64_t i = 0; i < g.channels; ++i) shifted[i] = pixel[i] + in_off;
+            for (int64_t c = 0; c < g.out_channels; ++c) {
+              const int8_t* wrow = wt + ((c * g.kh + ky) * g.kw + kx) * g.channels;
+              Sum sum = 0;
+              for (int64_t i = 0; i < g.channels; ++i) sum += shifted[i] * wrow[i];
+              acc[c] += sum;
+            }
+          } else {
+            const int8_t* wblock = transposed.data() + (ky * g.kw + kx) * g.channels * g.out_channels;
+            for (int64_t i = 0; i < g.channels; ++i) {
+              const Sum v = pixel[i] + in_off;
+              const int8_t* wrow = wblock + i * g.out_channels;
+              for (int64_t c = 0; c < g.out_channels; ++c) acc[c] += v * wrow[c];
             }
           }
-        }
+        });
         In* dst = o + ((n * g.out_h + y) * g.out_w + xo) * g.out_channels;
-        for (int64_t c = 0; c < g.out_channels; ++c) {
+        int64_t first = 0;  // channels from here on take the scalar rescale
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        if constexpr (sizeof(In) == 1 && kVectorRescale) {
+          for (; first + 16 <= g.out_channels; first += 16) {
+            __m512i total = _mm512_loadu_si512(acc.data() + first);
+            if (!bias32.empty()) total = _mm512_add_epi32(total, _mm512_loadu_si512(bias32.data() + first));
+            const int64_t k = per_channel ? first : 0;
+            store_int8x16(total, m + k, s + k, per_channel, static_cast<int32_t>(output_offset),
+                          static_cast<int32_t>(act_min), static_cast<int32_t>(act_max),
+                          reinterpret_cast<int8_t*>(dst) + first);
+          }
+        }
+#endif
+        for (int64_t c = first; c < g.out_channels; ++c) {
           const int64_t k = per_channel ? c : 0;
           const int64_t total = static_cast<int64_t>(acc[c]) + (bias.empty() ? 0 : bias[c]);
           int64_t v;
@@ -140,6 +226,152 @@ void convolve(const Geometry& g, const In* in, const int8_t* wt, const std::vect
     }
   });
 }
+
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// kPixels x kBlocks tile of the 1x1 convolution: acc[p][b] = sum_k (x[p, k] + 128) * w[16 b + lane, k], the
+// weights packed [C / 4][blocks][16 lanes][4 consecutive input channels] for vpdpbusd.
+template <int kPixels, int kBlocks>
+inline void pointwise_tile(const int8_t* x, int64_t channels, const int8_t* packed, int64_t blocks,
+                           __m512i (&acc)[kPixels][kBlocks]) {
+  for (int p = 0; p < kPixels; ++p)
+    for (int b = 0; b < kBlocks; ++b) acc[p][b] = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
+  for (int64_t k = 0; k < channels; k += 4) {
+    const int8_t* wk = packed + (k / 4) * blocks * 64;
+    __m512i w[kBlocks];
+    for (int b = 0; b < kBlocks; ++b) w[b] = _mm512_loadu_si512(wk + b * 64);
+    for (int p = 0; p < kPixels; ++p) {
+      int32_t quad;
+      std::memcpy(&quad, x + p * channels + k, 4);
+      const __m512i u = _mm512_xor_si512(_mm512_set1_epi32(quad), flip);  // int8 code + 128, as uint8
+      for (int b = 0; b < kBlocks; ++b) acc[p][b] = _mm512_dpbusd_epi32(acc[p][b], u, w[b]);
+    }
+  }
+}
+
+// An int8 CONV_2D as one GEMM over all output pixels (see the file header): each pixel's window,
+// [kh, kw, in] like a weight row, is one GEMM row (the input itself for an unpadded 1x1, stride-1
+// convolution; otherwise gathered per chunk of pixels, points outside the image given the code
+// -input_offset, which contributes 0, and the row padded to a multiple of 4 under zero weights).
+constexpr int64_t kGemmChunk = 64;
+
+void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const std::vector<int64_t>& bias,
+                    const int32_t* m, const int32_t* s, bool per_channel, int32_t in_off, int32_t output_offset,
+                    int32_t act_min, int32_t act_max, int8_t* o) {
+  const int64_t window = g.kh * g.kw * g.channels, depth = (window + 3) / 4 * 4;
+  const int64_t outs = g.out_channels, blocks = outs / 16, pixels = g.batch * g.out_h * g.out_w;
+  const bool direct = g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_top == 0 &&
+                      g.pad_left == 0 && g.out_h == g.height && g.out_w == g.width && depth == window;
+  std::vector<int8_t> packed(static_cast<size_t>(depth * outs), 0);
+  std::vector<int32_t> corrected(static_cast<size_t>(outs));
+  for (int64_t c = 0; c < outs; ++c) {
+    int32_t sum = 0;
+    for (int64_t k = 0; k < window; ++k) {
+      const int8_t w = wt[c * window + k];
+      sum += w;
+      packed[static_cast<size_t>((((k / 4) * blocks + c / 16) * 16 + c % 16) * 4 + k % 4)] = w;
+    }
+    corrected[c] = static_cast<int32_t>((bias.empty() ? 0 : bias[c]) + int64_t{in_off - 128} * sum);
+  }
+  const int8_t outside = static_cast<int8_t>(-in_off);  // (x + input_offset) = 0: a point outside the image
+  auto finish = [&](__m512i acc, int64_t pixel, int64_t block) {
+    const int64_t first = block * 16, k = per_channel ? first : 0;
+    const __m512i total = _mm512_add_epi32(acc, _mm512_loadu_si512(corrected.data() + first));
+    store_int8x16(total, m + k, s + k, per_channel, output_offset, act_min, act_max, o + pixel * outs + first);
+  };
+  auto gather = [&](int64_t pixel, int8_t* row) {
+    const int64_t n = pixel / (g.out_h * g.out_w), y = pixel / g.out_w % g.out_h, xo = pixel % g.out_w;
+    const int64_t ix0 = xo * g.stride_w - g.pad_left;
+    const bool whole_rows = g.dilation_w == 1 && ix0 >= 0 && ix0 + g.kw <= g.width;  // kw pixels in one copy
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      const int64_t iy = y * g.stride_h - g.pad_top + ky * g.dilation_h;
+      if (whole_rows && iy >= 0 && iy < g.height) {
+        std::memcpy(row, in + ((n * g.height + iy) * g.width + ix0) * g.channels, static_cast<size_t>(g.kw * g.channels));
+        row += g.kw * g.channels;
+        continue;
+      }
+      for (int64_t kx = 0; kx < g.kw; ++kx, row += g.channels) {
+        const int64_t ix = xo * g.stride_w - g.pad_left + kx * g.dilation_w;
+        if (iy < 0 || iy >= g.height || ix < 0 || ix >= g.width) {
+          std::memset(row, outside, static_cast<size_t>(g.channels));
+        } else {
+          std::memcpy(row, in + ((n * g.height + iy) * g.width + ix) * g.channels, static_cast<size_t>(g.channels));
+        }
+      }
+    }
+    std::memset(row, 0, static_cast<size_t>(depth - window));  // under zero weights
+  };
+  mixprec::split_rows(pixels, pixels * depth * outs, [&](int64_t begin, int64_t end) {
+    std::vector<int8_t> rows(direct ? 0 : static_cast<size_t>(kGemmChunk * depth));
+    for (int64_t chunk = begin; chunk < end; chunk += kGemmChunk) {
+      const int64_t count = std::min(kGemmChunk, end - chunk);
+      const int8_t* x = in + chunk * depth;
+      if (!direct) {
+        for (int64_t i = 0; i < count; ++i) gather(chunk + i, rows.data() + i * depth);
+        x = rows.data();
+      }
+      int64_t p = 0;
+      for (; p + 4 <= count; p += 4) {
+        int64_t b = 0;
+        for (; b + 4 <= blocks; b += 4) {
+          __m512i acc[4][4];
+          pointwise_tile<4, 4>(x + p * depth, depth, packed.data() + b * 64, blocks, acc);
+          for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j) finish(acc[i][j], chunk + p + i, b + j);
+        }
+        for (; b < blocks; ++b) {
+          __m512i acc[4][1];
+          pointwise_tile<4, 1>(x + p * depth, depth, packed.data() + b * 64, blocks, acc);
+          for (int i = 0; i < 4; ++i) finish(acc[i][0], chunk + p + i, b);
+        }
+      }
+      for (; p < count; ++p) {
+        for (int64_t b = 0; b < blocks; ++b) {
+          __m512i acc[1][1];
+          pointwise_tile<1, 1>(x + p * depth, depth, packed.data() + b * 64, blocks, acc);
+          finish(acc[0][0], chunk + p, b);
+        }
+      }
+    }
+  });
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// An int8 DEPTHWISE_CONV_2D with depth multiplier 1 and a multiple of 16 channels: 16 channels per
+// register, the window's products summed in int32 lanes (the weights widened once), then the
+// vector rescale. The same sums and steps as convolve(), lane by lane.
+void depthwise_avx512(const Geometry& g, const int8_t* in, const int8_t* wt, const std::vector<int64_t>& bias,
+                      const int32_t* m, const int32_t* s, bool per_channel, int32_t in_off, int32_t output_offset,
+                      int32_t act_min, int32_t act_max, int8_t* o) {
+  const int64_t channels = g.channels, taps = g.kh * g.kw;
+  const std::vector<int32_t> wide(wt, wt + taps * channels);
+  std::vector<int32_t> bias32(static_cast<size_t>(channels), 0);
+  if (!bias.empty()) std::copy(bias.begin(), bias.end(), bias32.begin());
+  const __m512i offset_in = _mm512_set1_epi32(in_off);
+  mixprec::split_rows(g.batch * g.out_h, g.batch * g.out_h * g.out_w * channels * taps, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.out_h, y = row % g.out_h;
+      for (int64_t xo = 0; xo < g.out_w; ++xo) {
+        int8_t* dst = o + ((n * g.out_h + y) * g.out_w + xo) * channels;
+        for (int64_t c = 0; c < channels; c += 16) {
+          __m512i acc = _mm512_setzero_si512();
+          for_each_window_point(g, n, y, xo, [&](int64_t ky, int64_t kx, int64_t offset) {
+            const __m512i x = _mm512_add_epi32(
+                _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + offset + c))), offset_in);
+            acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(x, _mm512_loadu_si512(wide.data() +
+                                                                                 (ky * g.kw + kx) * channels + c)));
+          });
+          const int64_t k = per_channel ? c : 0;
+          store_int8x16(_mm512_add_epi32(acc, _mm512_loadu_si512(bias32.data() + c)), m + k, s + k, per_channel,
+                        output_offset, act_min, act_max, dst + c);
+        }
+      }
+    }
+  });
+}
+#endif
 
 at::Tensor tflite_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                          const at::Tensor& multiplier, const at::Tensor& shift, int64_t stride_h, int64_t stride_w,
@@ -174,6 +406,23 @@ at::Tensor tflite_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::op
   const int32_t in_off = static_cast<int32_t>(input_offset);
   // |int16 * int8| < 2^22, so a window of fewer than 2^9 products sums exactly in int32
   const int64_t window = g.kh * g.kw * (depthwise ? 1 : g.channels);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  // the GEMM path: int8 CONV_2D, output channels a multiple of 16, the outside code representable
+  if (!wide && !depthwise && g.out_channels % 16 == 0 && input_offset >= -127 && input_offset <= 128) {
+    conv_gemm_vnni(g, x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), bias64, m, s, per_channel, in_off,
+                   static_cast<int32_t>(output_offset), static_cast<int32_t>(act_min), static_cast<int32_t>(act_max),
+                   out.data_ptr<int8_t>());
+    return out;
+  }
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (!wide && depthwise && g.out_channels == g.channels && g.channels % 16 == 0) {
+    depthwise_avx512(g, x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), bias64, m, s, per_channel, in_off,
+                     static_cast<int32_t>(output_offset), static_cast<int32_t>(act_min), static_cast<int32_t>(act_max),
+                     out.data_ptr<int8_t>());
+    return out;
+  }
+#endif
   if (!wide) {
     convolve<int8_t, int32_t>(g, x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), bias64, m, s, per_channel, in_off,
                               output_offset, act_min, act_max, out.data_ptr<int8_t>());
