@@ -161,7 +161,8 @@ void convolve(const Geometry& g, const In* in, const int8_t* wt, const std::vect
           transposed[(k * g.channels + i) * g.out_channels + c] = wt[(c * g.kh * g.kw + k) * g.channels + i];
   }
   // int8: the bias fits int32 (the converter's bounds), so the vector rescale adds it in int32
-  std::vector<int32_t> bias32(bias.begin(), bias.end());
+  std::vector<int32_t> bias32;
+  if constexpr (sizeof(In) == 1) bias32.assign(bias.begin(), bias.end());  // int16's int64 biases stay wide
   const int64_t work = g.batch * g.out_h * g.out_w * g.out_channels * g.kh * g.kw * (g.depthwise ? 1 : g.channels);
   mixprec::split_rows(g.batch * g.out_h, work, [&](int64_t begin, int64_t end) {
     std::vector<Sum> acc(g.out_channels);
