@@ -164,9 +164,10 @@ def test_bad_16x8_input_is_refused() -> None:
     fc = FullyConnectedNode((0,), weights, Quantization.per_tensor(0.01), None, Quantization.per_tensor(0.01, 2))
     with pytest.raises(InputError, match="FULLY_CONNECTED output: an int16 zero point must be 0"):
         Graph((spec,), (fc,))
-    # int16 reaches an operator that has no 16x8 form here: refused by name, not run wrongly
-    with pytest.raises(InputError, match=r"operator 0 \(TANH\) takes int8 inputs, but tensor 0 is int16"):
-        Graph((spec,), (TanhNode((0,)),))
+    # int16 reaches an operator that does not take it (EMBEDDING reads int32 ids): refused by name
+    from mixprec.integer import EmbeddingNode
+    with pytest.raises(InputError, match=r"operator 0 \(EMBEDDING\) takes int32 inputs, but tensor 0 is int16"):
+        Graph((spec,), (EmbeddingNode((0,), np.zeros((4, 2), np.int8), grid),))
     # an int64 bias on int8 activations
     wide = FullyConnectedNode((0,), weights, Quantization.per_tensor(0.01), np.zeros(3, np.int64), grid)
     with pytest.raises(InputError, match="bias must be int32"):
@@ -396,3 +397,54 @@ def test_int16_calibration_is_symmetric_and_refuses_bad_samples() -> None:
         calibrate_int16(np.array([1.0, np.nan]))
     with pytest.raises(InputError, match="range margin"):
         calibrate_int16(np.array([1.0]), margin=2.0)
+
+
+@pytest.mark.parametrize("kind", ["LOGISTIC", "TANH"])
+def test_16x8_logistic_and_tanh_are_byte_identical_to_litert_on_every_input(kind: str, tmp_path: Path) -> None:
+    """All 65,536 int16 inputs at power-of-two scales (LiteRT's multiplier-free path, and for
+    TANH its doubled one), a scale within CheckedLog2's 1e-3 of a power of two, general scales
+    and one where the input saturates the table."""
+    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("tflite")
+    from mixprec.integer import LogisticNode
+    from mixprec.integer.ops.sigmoid16 import sigmoid16_params
+
+    node_class = LogisticNode if kind == "LOGISTIC" else TanhNode
+    x = np.arange(-32768, 32768, dtype=np.int16).reshape(-1, 1, 1)
+    scales = (2.0**-12, 2.0**-11, 2.0**-12 * 1.0004, 1 / 6144, 2.0**-14, 0.00037, 0.001, 0.01, 1.5)
+    for index, scale in enumerate(scales):
+        graph = Graph((TensorSpec("x", (1, 1, 1), Quantization.per_tensor(scale), "int16"),), (node_class((0,)),))
+        assert graph.tensor_dtypes[-1] == "int16" and graph.output_quant == Quantization.per_tensor(1 / 32768)
+        path = tmp_path / f"{kind}{index}.tflite"
+        export_tflite(graph, path)
+        expected = litert_outputs(path, x)
+        assert np.array_equal(graph(x), expected), f"{kind} at scale {scale}"
+        assert np.array_equal(load_tflite(path)(x), expected)
+    # the multiplier-free paths are taken where LiteRT takes them, and only there
+    assert sigmoid16_params(kind, 2.0**-12).shift == 0 and sigmoid16_params(kind, 2.0**-12 * 1.0004).shift == 0
+    assert (sigmoid16_params(kind, 2.0**-11).shift == 0) == (kind == "TANH")
+    # the function itself: within 2 steps of 1/32768 of the true curve over the input range
+    values = x.reshape(-1) * (2.0**-12)
+    exact = np.tanh(values) if kind == "TANH" else 1 / (1 + np.exp(-values))
+    graph = Graph((TensorSpec("x", (1, 1, 1), Quantization.per_tensor(2.0**-12), "int16"),), (node_class((0,)),))
+    assert np.abs(graph(x).reshape(-1) / 32768 - exact).max() * 32768 <= 2.0
+
+
+def test_the_sigmoid_table_and_bad_16x8_logistic_input() -> None:
+    from mixprec.integer import LogisticNode
+    from mixprec.integer.ops.sigmoid16 import sigmoid16, sigmoid16_params, sigmoid_table
+
+    table = sigmoid_table()
+    samples = 65536 / (1 + np.exp(-np.arange(256) / 24))
+    assert table.shape == (256,) and np.all(np.diff(table) >= 0) and table[0] == 32768 and table[-1] == 65535
+    assert 0.5 < np.abs(table[:-1] - samples[:-1]).max() < 1.2  # not a plain rounding, never far from one
+    with pytest.raises(InputError, match="too large"):
+        sigmoid16_params("TANH", 3.0)
+    with pytest.raises(InputError, match="positive finite"):
+        sigmoid16_params("LOGISTIC", 0.0)
+    with pytest.raises(InputError, match="LOGISTIC and TANH, not 'SOFTMAX'"):
+        sigmoid16_params("SOFTMAX", 0.001)
+    with pytest.raises(InputError, match="int16"):
+        sigmoid16(np.zeros(4, np.int8), sigmoid16_params("TANH", 0.001))
+    with pytest.raises(InputError, match="zero point"):
+        Graph((TensorSpec("x", (1, 4), Quantization.per_tensor(0.001, 3), "int16"),), (LogisticNode((0,)),))

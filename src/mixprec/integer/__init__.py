@@ -7,8 +7,9 @@ MEAN, RESHAPE, LOGISTIC and TANH (float32 tables), SOFTMAX (gemmlowp fixed point
 DEQUANTIZE, EMBEDDING (TFLite's GATHER) and ADD_CONSTANT (positional encodings; TFLite's ADD);
 beyond TFLite's builtins, LAYER_NORM, SOFTMAX_ATTENTION and LINEAR_ATTENTION in integers.
 TFLite's 16x8 mode (int16 activations with zero point 0, int8 weights, int64 biases) for
-FULLY_CONNECTED, the convolutions, pooling, PAD, RESHAPE, CONCATENATION, ADD, MUL, MEAN and
-SOFTMAX, with QUANTIZE between int8 and int16 so one graph mixes both per operator.
+FULLY_CONNECTED, the convolutions, pooling, PAD, RESHAPE, CONCATENATION, ADD, MUL, MEAN,
+SOFTMAX, LOGISTIC and TANH (LiteRT's interpolated sigmoid table), with QUANTIZE between int8
+and int16 so one graph mixes both per operator.
 
 The layers, each importing only from those above it:
 

@@ -6,12 +6,11 @@ A node's ``inputs`` are tensor numbers of its graph; ``output_dtype`` is ``"int8
 stated; ``output_quant`` is the output's quantization (None for float32 outputs).
 
 TFLite's 16x8 mode: FULLY_CONNECTED, CONV_2D and DEPTHWISE_CONV_2D (int8 weights, int64 or
-int32 bias), the pools, PAD, RESHAPE, CONCATENATION, ADD, MUL, MEAN and SOFTMAX take int16 tensors
+int32 bias), the pools, PAD, RESHAPE, CONCATENATION, ADD, MUL, MEAN, SOFTMAX, LOGISTIC and TANH take int16 tensors
 (zero point 0) as well as int8 and give the type they take; QUANTIZE converts float32, int8 and
 int16 into either type and DEQUANTIZE reads both, so one graph mixes int8 and int16 per
 operator. mixprec's own EMBEDDING (an int16 table gives int16 rows), ADD_CONSTANT, LAYER_NORM
-and the two attentions have int16 forms too. LOGISTIC and TANH take int8 only, and the graph
-refuses an int16 tensor there by name.
+and the two attentions have int16 forms too.
 """
 
 from __future__ import annotations
@@ -52,6 +51,7 @@ from mixprec.integer.ops.elementwise import ADD_LEFT_SHIFTS, AddParams, MulParam
 from mixprec.integer.ops.fully_connected import FullyConnectedParams, fully_connected
 from mixprec.integer.ops.layer_norm import LayerNormParams, layer_norm, layer_norm_params
 from mixprec.integer.ops.mean import MeanParams, mean, mean_params, mean_shape
+from mixprec.integer.ops.sigmoid16 import SIGMOID16_OUTPUT, Sigmoid16Params, sigmoid16, sigmoid16_params
 from mixprec.integer.ops.softmax16 import SOFTMAX16_OUTPUT, Softmax16Params, softmax16, softmax16_params
 
 
@@ -400,22 +400,31 @@ class _UnaryNode(_Node):
 
 
 @dataclass(frozen=True, eq=False)
-class LogisticNode(_UnaryNode):
-    """LOGISTIC (sigmoid) by a 256-entry table built in float32 from the input's quantization."""
+class LogisticNode(_EitherWidth, _UnaryNode):
+    """LOGISTIC (sigmoid): int8 by a 256-entry table built in float32 from the input's
+    quantization; int16 (16x8, output grid ``1/32768, 0``) by LiteRT's interpolated sigmoid
+    table (:mod:`mixprec.integer.ops.sigmoid16`)."""
 
     opcode = "LOGISTIC"
 
-    def record(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]]) -> TableParams:
+    def result_grid(self, quants: Sequence[Quantization | None], dtypes: Sequence[str]) -> Quantization | None:
+        return Quantization.per_tensor(*SIGMOID16_OUTPUT) if dtypes[0] == "int16" else self.output_quant
+
+    def prepare(self, quants: Sequence[Quantization], shapes: Sequence[tuple[int, ...]],
+                dtypes: Sequence[str]) -> TableParams | Sigmoid16Params:
+        if dtypes[0] == "int16":
+            return sigmoid16_params(self.opcode, float(quants[0].scale32[0]))
         return TableParams(lookup_table(self.opcode, float(quants[0].scale32[0]), quants[0].zero_point[0]))
 
     @staticmethod
-    def run(record: TableParams, x: NDArray[np.int8]) -> NDArray[np.int8]:
-        return apply_table(x, record)
+    def run(record: TableParams | Sigmoid16Params, x: NDArray) -> NDArray:
+        return sigmoid16(x, record) if isinstance(record, Sigmoid16Params) else apply_table(x, record)
 
 
 @dataclass(frozen=True, eq=False)
 class TanhNode(LogisticNode):
-    """TANH by a 256-entry table built in float32 from the input's quantization."""
+    """TANH: int8 by a 256-entry table built in float32 from the input's quantization; int16
+    (16x8, output grid ``1/32768, 0``) by LiteRT's sigmoid table at twice the resolution."""
 
     opcode = "TANH"
 

@@ -11,10 +11,11 @@ TANH, SOFTMAX, QUANTIZE (float32 or int8 input), DEQUANTIZE (float32 output) and
 int8 constant table on axis 0, int32 ids: an embedding), in the file's operator order, with a
 single output produced by the last operator. TFLite's 16x8 mode: FULLY_CONNECTED and the
 convolutions (int64 or int32 bias), the pools, PAD, CONCATENATION, the reshapes, MEAN, MUL,
-SOFTMAX and ADD (its general-scale form, ``pot_scale_int16 = false``) on int16 tensors too,
-QUANTIZE between float32, int8 and int16, DEQUANTIZE of int16. Graph inputs are int8, int16,
-float32 or int32 (ids). Anything else is refused by name; a file that is not a complete .tflite
-flatbuffer is refused before anything is built.
+SOFTMAX, LOGISTIC, TANH (all three on the ``1/32768, 0`` output grid) and ADD (its general-scale
+form, ``pot_scale_int16 = false``) on int16 tensors too, QUANTIZE between float32, int8 and
+int16, DEQUANTIZE of int16. Graph inputs are int8, int16, float32 or int32 (ids). Anything else
+is refused by name; a file that is not a complete .tflite flatbuffer is refused before anything
+is built.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from mixprec.integer.graph.nodes import (
     TanhNode,
 )
 from mixprec.integer.ops.activations import FIXED_OUTPUT
-from mixprec.integer.ops.softmax16 import SOFTMAX16_OUTPUT
+from mixprec.integer.ops.sigmoid16 import SIGMOID16_OUTPUT
 from mixprec.integer.tflite.export import ACTIVATION_CODES, require_tflite
 
 #: int32 shape arithmetic the converter writes for a dynamic-batch reshape (Keras Flatten):
@@ -68,7 +69,8 @@ _TYPES = {"QUANTIZE": (("INT8", "INT16", "FLOAT32"), ("INT8", "INT16")),
           "DEQUANTIZE": (("INT8", "INT16"), ("FLOAT32",)),
           **{name: (("INT8", "INT16"), None) for name in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D",
                                                           "AVERAGE_POOL_2D", "MAX_POOL_2D", "PAD", "CONCATENATION",
-                                                          "ADD", "MUL", "MEAN", "SOFTMAX", *_RESHAPES)}}
+                                                          "ADD", "MUL", "MEAN", "SOFTMAX", "LOGISTIC", "TANH",
+                                                          *_RESHAPES)}}
 _KINDS = {"INT8": "int8", "INT16": "int16", "FLOAT32": "float32", "INT32": "int32"}
 
 
@@ -338,8 +340,8 @@ def _build(tflite: Any, model: Any, path: str | os.PathLike[str]) -> Graph:
             node_class = AddNode if name == "ADD" else MulNode
             node = node_class((position[op_inputs[0]], position[op_inputs[1]]), quantization(output), activation)
         else:
-            wide = name == "SOFTMAX" and tensor_type(output) == "INT16"
-            fixed = Quantization.per_tensor(*(SOFTMAX16_OUTPUT if wide else FIXED_OUTPUT[name]))
+            wide = tensor_type(output) == "INT16"
+            fixed = Quantization.per_tensor(*(SIGMOID16_OUTPUT if wide else FIXED_OUTPUT[name]))
             if quantization(output) != fixed:
                 raise InputError(f"operator {op_index} ({name}) has output quantization {quantization(output)}; its "
                                  f"{'int16' if wide else 'int8'} kernel requires scale {fixed.scale[0]} and zero "
