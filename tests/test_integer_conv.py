@@ -259,3 +259,44 @@ def test_the_native_pointwise_gemm_path_is_byte_identical_to_the_numpy_reference
         x.flat[:channels] = -128  # the extreme codes the +128 shift maps to 0 and 255
         x.flat[-channels:] = 127
         assert np.array_equal(_conv2d_native(x, params), conv2d_reference(x, params)), trial
+
+
+@pytest.mark.parametrize("depthwise", [True, False], ids=["depthwise", "conv"])
+def test_the_native_vector_paths_are_byte_identical_to_the_numpy_reference(depthwise: bool) -> None:
+    """Channel counts that are multiples of 16 take the AVX-512 paths where the CPU has them: the
+    depthwise kernel's interleaved pairs of window points (odd and even window sizes, a 1x1
+    window, points outside the image), the GEMM, and the folded one-rounding rescale (right
+    shifts of 0 included) or, with a left shift anywhere, the saturating two-step one."""
+    from mixprec.integer.ops.conv import ConvParams, _conv2d_native, conv2d_reference
+    from mixprec.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.load_error()}")
+    rng = np.random.default_rng(29 + depthwise)
+    for trial in range(30):
+        channels = int(rng.choice([16, 32, 48, 64, 80])) if depthwise else int(rng.choice([3, 8, 16]))
+        out = channels if depthwise else int(rng.choice([16, 32, 48]))
+        kernel = [(3, 3), (1, 1), (2, 2), (1, 3), (3, 1), (4, 3)][trial % 6]
+        weights = rng.integers(-127, 128, (1, *kernel, out) if depthwise else (out, *kernel, channels)).astype(np.int8)
+        per = out if trial % 2 else 1
+        multiplier = rng.integers(2**30, 2**31 - 1, per).astype(np.int32)
+        multiplier[0] = [2**30, 2**31 - 1][trial % 2]
+        window = kernel[0] * kernel[1] * (1 if depthwise else channels)
+        typical = int(np.log2(128 * 74 * np.sqrt(window) / 40))
+        if trial % 5 == 4:
+            shift = rng.integers(-1, 2, per)  # a left shift somewhere: the saturating rescale
+        else:
+            shift = -rng.integers(max(typical - 2, 0), typical + 2, per)
+            shift[rng.random(per) < 0.2] = 0  # right shifts of 0: no rounding after the high multiply
+        offset = int(rng.integers(-20, 20))
+        bias = rng.integers(-2**18, 2**18, out).astype(np.int32) if trial % 3 else None
+        stride, dilation = ((1, 1), (1, 1)) if trial % 4 == 0 else (tuple(int(v) for v in rng.integers(1, 3, 2))
+                                                                 for _ in range(2))
+        params = ConvParams(weights=weights, bias=bias, input_offset=int([-127, 128, 0, 5][trial % 4]),
+                            multiplier=multiplier, shift=shift.astype(np.int32), output_offset=offset, stride=stride,
+                            dilation=dilation, padding="SAME" if trial % 3 else "VALID", depthwise=depthwise,
+                            activation_min=offset if trial % 3 == 0 else -128, activation_max=127, dtype="int8")
+        x = rng.integers(-128, 128, (int(rng.integers(1, 4)), int(rng.integers(7, 12)), int(rng.integers(7, 12)),
+                                     channels)).astype(np.int8)
+        x.flat[:channels], x.flat[-channels:] = -128, 127
+        assert np.array_equal(_conv2d_native(x, params), conv2d_reference(x, params)), trial

@@ -10,12 +10,14 @@
 // zero point 0, an int32 or int64 bias, int64 accumulation and TFLite's int64 rescale with the
 // 16-bit reduced multiplier. Output rows (batch x height) are split over PyTorch's OpenMP threads.
 //
-// With AVX-512 the int8 rescale runs 16 channels at a time (the same integer steps, lane by lane),
-// and with AVX512-VNNI an int8 CONV_2D with a multiple of 16 output channels runs as a u8 x s8 GEMM
-// over its windows (conv_gemm_vnni): the codes shifted by +128 into uint8 (x ^ 0x80) and the shift
-// taken back exactly through the weights' sums, acc = sum (x + 128) w + (input_offset - 128) * sum w;
-// an int8 DEPTHWISE_CONV_2D with depth multiplier 1 and a multiple of 16 channels keeps 16 channels'
-// sums in one register (depthwise_avx512).
+// With AVX-512 the int8 rescale runs 16 channels at a time (where no shift is positive, its two
+// roundings folded into one exact rounding of the 64-bit product: FoldedRescale16), and with
+// AVX512-VNNI an int8 CONV_2D with a multiple of 16 output channels runs as a u8 x s8 GEMM over its
+// windows (conv_gemm_vnni): the codes shifted by +128 into uint8 (x ^ 0x80) and the shift taken back
+// exactly through the weights' sums, acc = sum (x + 128) w + (input_offset - 128) * sum w; an int8
+// DEPTHWISE_CONV_2D with depth multiplier 1 and a multiple of 16 channels multiplies and adds two
+// window points at a time in int16 pairs, 32 channels per register (depthwise_avx512).
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -25,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "split_rows.h"
@@ -108,15 +111,89 @@ inline __m512i requantize16(__m512i acc, __m512i multiplier, __m512i shift) {
                                _mm512_srav_epi32(x, right), one);
 }
 
-// 16 int32 totals (accumulator + bias) to int8 outputs: rescale, output offset, activation clamp.
-inline void store_int8x16(__m512i total, const int32_t* m, const int32_t* s, bool per_channel, int32_t output_offset,
-                          int32_t act_min, int32_t act_max, int8_t* dst) {
-  const __m512i multiplier = per_channel ? _mm512_loadu_si512(m) : _mm512_set1_epi32(m[0]);
-  const __m512i shift = per_channel ? _mm512_loadu_si512(s) : _mm512_set1_epi32(s[0]);
-  __m512i v = _mm512_add_epi32(requantize16(total, multiplier, shift), _mm512_set1_epi32(output_offset));
-  v = _mm512_min_epi32(_mm512_max_epi32(v, _mm512_set1_epi32(act_min)), _mm512_set1_epi32(act_max));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(v));
-}
+// The two roundings of requantize() folded into one of the 64-bit product p = acc * multiplier, for a
+// right shift R = -shift >= 0: srdhm gives q = floor((p + 2^30) / 2^31) and RoundingDivideByPOT(q, R) is
+// floor((q + h - [q < 0]) / 2^R) with h = 2^(R-1) (ties away from zero; h = 0 and no sign term for
+// R = 0). Nested floor divisions compose and the added terms are integers, so the result is
+// floor((p + 2^30 + (h - [p < -2^30]) * 2^31) / 2^(31 + R)): one add, one masked subtract and one
+// arithmetic shift per 64-bit lane. The same integers as requantize16, lane by lane.
+class FoldedRescale16 {
+ public:
+  // Usable when no shift is positive (multipliers above 1 take the saturating left shift instead).
+  static bool applies(const int32_t* s, int64_t count) {
+    return std::all_of(s, s + count, [](int32_t shift) { return shift <= 0; });
+  }
+
+  FoldedRescale16(const int32_t* m, const int32_t* s, bool per_channel, int64_t channels)
+      : per_channel_(per_channel), table_(static_cast<size_t>((per_channel ? channels / 16 : 1) * 64)) {
+    for (int64_t block = 0; block < (per_channel ? channels / 16 : 1); ++block) {
+      for (int64_t lane = 0; lane < 16; ++lane) {
+        const int64_t c = per_channel ? block * 16 + lane : 0, right = -int64_t{s[c]};
+        const int64_t odd = lane % 2, slot = lane / 2;
+        int64_t* v = table_.data() + block * 64;
+        v[(0 + odd) * 8 + slot] = m[c];
+        v[(2 + odd) * 8 + slot] = (int64_t{1} << 30) + (right > 0 ? (int64_t{1} << (right - 1)) << 31 : 0);
+        v[(4 + odd) * 8 + slot] = right > 0 ? int64_t{1} << 31 : 0;
+        v[(6 + odd) * 8 + slot] = 31 + right;
+      }
+    }
+  }
+
+  // The rescaled 16 lanes of acc, whose first channel is first_channel.
+  __m512i operator()(__m512i acc, int64_t first_channel) const {
+    const int64_t* v = table_.data() + (per_channel_ ? first_channel / 16 : 0) * 64;
+    const __m512i even = lanes(acc, v, 0), odd = lanes(_mm512_srli_epi64(acc, 32), v, 8);
+    return _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  }
+
+ private:
+  static __m512i lanes(__m512i acc, const int64_t* v, int64_t at) {
+    const __m512i product = _mm512_mul_epi32(acc, _mm512_loadu_si512(v + at));
+    const __mmask8 below = _mm512_cmplt_epi64_mask(product, _mm512_set1_epi64(-(int64_t{1} << 30)));
+    __m512i t = _mm512_add_epi64(product, _mm512_loadu_si512(v + 16 + at));
+    t = _mm512_mask_sub_epi64(t, below, t, _mm512_loadu_si512(v + 32 + at));
+    return _mm512_srav_epi64(t, _mm512_loadu_si512(v + 48 + at));
+  }
+
+  bool per_channel_;
+  std::vector<int64_t> table_;
+};
+
+// 16 int32 totals (accumulator + bias) to int8 outputs: rescale, output offset, activation clamp. The
+// folded rescale where it applies, else requantize16 on the per-channel multipliers and shifts.
+class Int8Store16 {
+ public:
+  Int8Store16(const int32_t* m, const int32_t* s, bool per_channel, int64_t channels, int32_t output_offset,
+              int32_t act_min, int32_t act_max)
+      : m_(m), s_(s), per_channel_(per_channel),
+        folded_(FoldedRescale16::applies(s, per_channel ? channels : 1)
+                    ? new FoldedRescale16(m, s, per_channel, channels) : nullptr),
+        offset_(_mm512_set1_epi32(output_offset)), low_(_mm512_set1_epi32(act_min)),
+        high_(_mm512_set1_epi32(act_max)) {}
+  ~Int8Store16() { delete folded_; }
+  Int8Store16(const Int8Store16&) = delete;
+  Int8Store16& operator=(const Int8Store16&) = delete;
+
+  void operator()(__m512i total, int64_t first_channel, int8_t* dst) const {
+    __m512i v;
+    if (folded_ != nullptr) {
+      v = (*folded_)(total, first_channel);
+    } else {
+      const int64_t k = per_channel_ ? first_channel : 0;
+      v = requantize16(total, per_channel_ ? _mm512_loadu_si512(m_ + k) : _mm512_set1_epi32(m_[0]),
+                       per_channel_ ? _mm512_loadu_si512(s_ + k) : _mm512_set1_epi32(s_[0]));
+    }
+    v = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(v, offset_), low_), high_);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(v));
+  }
+
+ private:
+  const int32_t* m_;
+  const int32_t* s_;
+  bool per_channel_;
+  const FoldedRescale16* folded_;
+  __m512i offset_, low_, high_;
+};
 #else
 constexpr bool kVectorRescale = false;
 #endif
@@ -163,6 +240,13 @@ void convolve(const Geometry& g, const In* in, const int8_t* wt, const std::vect
   // int8: the bias fits int32 (the converter's bounds), so the vector rescale adds it in int32
   std::vector<int32_t> bias32;
   if constexpr (sizeof(In) == 1) bias32.assign(bias.begin(), bias.end());  // int16's int64 biases stay wide
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  std::unique_ptr<Int8Store16> store;
+  if constexpr (sizeof(In) == 1 && kVectorRescale) {
+    store = std::make_unique<Int8Store16>(m, s, per_channel, g.out_channels, static_cast<int32_t>(output_offset),
+                                          static_cast<int32_t>(act_min), static_cast<int32_t>(act_max));
+  }
+#endif
   const int64_t work = g.batch * g.out_h * g.out_w * g.out_channels * g.kh * g.kw * (g.depthwise ? 1 : g.channels);
   mixprec::split_rows(g.batch * g.out_h, work, [&](int64_t begin, int64_t end) {
     std::vector<Sum> acc(g.out_channels);
@@ -205,10 +289,7 @@ void convolve(const Geometry& g, const In* in, const int8_t* wt, const std::vect
           for (; first + 16 <= g.out_channels; first += 16) {
             __m512i total = _mm512_loadu_si512(acc.data() + first);
             if (!bias32.empty()) total = _mm512_add_epi32(total, _mm512_loadu_si512(bias32.data() + first));
-            const int64_t k = per_channel ? first : 0;
-            store_int8x16(total, m + k, s + k, per_channel, static_cast<int32_t>(output_offset),
-                          static_cast<int32_t>(act_min), static_cast<int32_t>(act_max),
-                          reinterpret_cast<int8_t*>(dst) + first);
+            (*store)(total, first, reinterpret_cast<int8_t*>(dst) + first);
           }
         }
 #endif
@@ -276,10 +357,10 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
     corrected[c] = static_cast<int32_t>((bias.empty() ? 0 : bias[c]) + int64_t{in_off - 128} * sum);
   }
   const int8_t outside = static_cast<int8_t>(-in_off);  // (x + input_offset) = 0: a point outside the image
+  const Int8Store16 store(m, s, per_channel, outs, output_offset, act_min, act_max);
   auto finish = [&](__m512i acc, int64_t pixel, int64_t block) {
-    const int64_t first = block * 16, k = per_channel ? first : 0;
-    const __m512i total = _mm512_add_epi32(acc, _mm512_loadu_si512(corrected.data() + first));
-    store_int8x16(total, m + k, s + k, per_channel, output_offset, act_min, act_max, o + pixel * outs + first);
+    const int64_t first = block * 16;
+    store(_mm512_add_epi32(acc, _mm512_loadu_si512(corrected.data() + first)), first, o + pixel * outs + first);
   };
   auto gather = [&](int64_t pixel, int8_t* row) {
     const int64_t n = pixel / (g.out_h * g.out_w), y = pixel / g.out_w % g.out_h, xo = pixel % g.out_w;
@@ -340,33 +421,72 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-// An int8 DEPTHWISE_CONV_2D with depth multiplier 1 and a multiple of 16 channels: 16 channels per
-// register, the window's products summed in int32 lanes (the weights widened once), then the
-// vector rescale. The same sums and steps as convolve(), lane by lane.
+// An int8 DEPTHWISE_CONV_2D with depth multiplier 1 and a multiple of 16 channels, 32 channels per step
+// (the last 16 zero-extended): the codes plus the input offset as int16, two window points interleaved
+// (unpacklo/hi_epi16) and multiplied-and-added pairwise against weights interleaved the same way
+// (vpmaddwd: |(x + offset) * w| <= 255 * 127, so each pair sums exactly in an int32 lane). An odd last
+// point pairs with zero weights; points outside the image contribute zero codes. The interleave puts
+// channel 8 L + j (L the 128-bit lane) in lane 4 L + j of the low sums for j < 4 and of the high sums
+// for j >= 4; a two-source permute restores channel order before the bias and the rescale. The same
+// integer sums as convolve(), in another order.
 void depthwise_avx512(const Geometry& g, const int8_t* in, const int8_t* wt, const std::vector<int64_t>& bias,
                       const int32_t* m, const int32_t* s, bool per_channel, int32_t in_off, int32_t output_offset,
                       int32_t act_min, int32_t act_max, int8_t* o) {
-  const int64_t channels = g.channels, taps = g.kh * g.kw;
-  const std::vector<int32_t> wide(wt, wt + taps * channels);
+  const int64_t channels = g.channels, taps = g.kh * g.kw, pairs = (taps + 1) / 2, blocks = (channels + 31) / 32;
+  auto load = [&](const int8_t* at, int64_t c) {  // 32 codes widened to int16, or 16 and zeros past the end
+    return channels - c >= 32 ? _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + c)))
+                              : _mm512_cvtepi8_epi16(_mm256_zextsi128_si256(
+                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(at + c))));
+  };
+  std::vector<__m512i> packed(static_cast<size_t>(pairs * blocks * 2));
+  for (int64_t p = 0; p < pairs; ++p) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __m512i first = load(wt + 2 * p * channels, 32 * b);
+      const __m512i second = 2 * p + 1 < taps ? load(wt + (2 * p + 1) * channels, 32 * b) : _mm512_setzero_si512();
+      packed[static_cast<size_t>((p * blocks + b) * 2)] = _mm512_unpacklo_epi16(first, second);
+      packed[static_cast<size_t>((p * blocks + b) * 2 + 1)] = _mm512_unpackhi_epi16(first, second);
+    }
+  }
   std::vector<int32_t> bias32(static_cast<size_t>(channels), 0);
   if (!bias.empty()) std::copy(bias.begin(), bias.end(), bias32.begin());
-  const __m512i offset_in = _mm512_set1_epi32(in_off);
+  alignas(64) int32_t order[2][16];
+  for (int half = 0; half < 2; ++half) {
+    for (int c = 0; c < 16; ++c) {
+      const int lane = half * 2 + c / 8, j = c % 8;
+      order[half][c] = j < 4 ? 4 * lane + j : 16 + 4 * lane + j - 4;
+    }
+  }
+  const __m512i order_low = _mm512_load_si512(order[0]), order_high = _mm512_load_si512(order[1]);
+  const __m512i offset16 = _mm512_set1_epi16(static_cast<int16_t>(in_off));
+  const Int8Store16 store(m, s, per_channel, channels, output_offset, act_min, act_max);
   mixprec::split_rows(g.batch * g.out_h, g.batch * g.out_h * g.out_w * channels * taps, [&](int64_t begin, int64_t end) {
+    std::vector<const int8_t*> points(static_cast<size_t>(2 * pairs), nullptr);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.out_h, y = row % g.out_h;
       for (int64_t xo = 0; xo < g.out_w; ++xo) {
+        std::fill(points.begin(), points.end(), nullptr);
+        for_each_window_point(g, n, y, xo, [&](int64_t ky, int64_t kx, int64_t offset) {
+          points[static_cast<size_t>(ky * g.kw + kx)] = in + offset;
+        });
         int8_t* dst = o + ((n * g.out_h + y) * g.out_w + xo) * channels;
-        for (int64_t c = 0; c < channels; c += 16) {
-          __m512i acc = _mm512_setzero_si512();
-          for_each_window_point(g, n, y, xo, [&](int64_t ky, int64_t kx, int64_t offset) {
-            const __m512i x = _mm512_add_epi32(
-                _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + offset + c))), offset_in);
-            acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(x, _mm512_loadu_si512(wide.data() +
-                                                                                 (ky * g.kw + kx) * channels + c)));
-          });
-          const int64_t k = per_channel ? c : 0;
-          store_int8x16(_mm512_add_epi32(acc, _mm512_loadu_si512(bias32.data() + c)), m + k, s + k, per_channel,
-                        output_offset, act_min, act_max, dst + c);
+        for (int64_t b = 0; b < blocks; ++b) {
+          const int64_t c = 32 * b;
+          __m512i low = _mm512_setzero_si512(), high = _mm512_setzero_si512();
+          for (int64_t p = 0; p < pairs; ++p) {
+            const int8_t* a = points[static_cast<size_t>(2 * p)];
+            const int8_t* z = points[static_cast<size_t>(2 * p + 1)];
+            const __m512i xa = a != nullptr ? _mm512_add_epi16(load(a, c), offset16) : _mm512_setzero_si512();
+            const __m512i xb = z != nullptr ? _mm512_add_epi16(load(z, c), offset16) : _mm512_setzero_si512();
+            const __m512i* w = packed.data() + (p * blocks + b) * 2;
+            low = _mm512_add_epi32(low, _mm512_madd_epi16(_mm512_unpacklo_epi16(xa, xb), w[0]));
+            high = _mm512_add_epi32(high, _mm512_madd_epi16(_mm512_unpackhi_epi16(xa, xb), w[1]));
+          }
+          const __m512i first = _mm512_permutex2var_epi32(low, order_low, high);
+          store(_mm512_add_epi32(first, _mm512_loadu_si512(bias32.data() + c)), c, dst + c);
+          if (channels - c >= 32) {
+            const __m512i second = _mm512_permutex2var_epi32(low, order_high, high);
+            store(_mm512_add_epi32(second, _mm512_loadu_si512(bias32.data() + c + 16)), c + 16, dst + c + 16);
+          }
         }
       }
     }
