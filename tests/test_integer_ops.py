@@ -44,10 +44,26 @@ def random_quant(rng: np.random.Generator, low: float, high: float) -> Quantizat
     return Quantization.per_tensor(float(rng.uniform(low, high)), int(rng.integers(-40, 40)))
 
 
+def test_the_native_mean_sums_equal_numpy_in_int8_and_int16() -> None:
+    """Consecutive axes take the native int32 sums (the largest magnitudes included); others numpy's."""
+    from mixprec.integer.ops.mean import _sums
+    from mixprec.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.load_error()}")
+    rng = np.random.default_rng(3)
+    for dtype, low, high in (("int8", -128, 128), ("int16", -32768, 32768)):
+        for shape, axes in (((7, 5, 3, 16), (1, 2)), ((7, 5, 3, 16), (1,)), ((7, 5, 3, 16), (3,)),
+                            ((7, 5, 3, 16), (1, 3)), ((3, 2**16), (1,))):
+            x = rng.integers(low, high, shape).astype(dtype)
+            x[0] = low  # a whole row at the extreme: the sums' largest magnitude
+            assert np.array_equal(_sums(x, axes), x.sum(axis=axes, dtype=np.int64)), (dtype, shape, axes)
+
+
 @needs_litert
 @pytest.mark.parametrize(("shape", "axes", "keep_dims"), [
     ((8, 6), (1,), False), ((8, 6), (1, 2), True), ((8, 1, 6), (1, 2), True), ((5, 3, 7), (2,), False),
-    ((13,), (1,), False)])
+    ((13,), (1,), False), ((4, 3, 5), (1, 3), False)])
 def test_mean_is_byte_identical_to_litert(shape: tuple[int, ...], axes: tuple[int, ...], keep_dims: bool,
                                           tmp_path: Path) -> None:
     rng = np.random.default_rng(len(shape) * 100 + sum(shape))

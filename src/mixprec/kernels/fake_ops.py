@@ -75,6 +75,10 @@ def _tflite_conv2d(x: Tensor, w: Tensor, bias: Tensor | None, multiplier: Tensor
     return x.new_empty((x.shape[0], out_h, out_w, channels))
 
 
+def _tflite_sum_middle(x: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], x.shape[2]), dtype=torch.int32)
+
+
 _FAKES = {
     "quantize_rows_s8": _quantize_rows_s8,
     "quantize_rows_u8": _quantize_rows_u8,
@@ -89,6 +93,7 @@ _FAKES = {
     "rescale_rows_cols_": _rescale_rows_cols_,
     "w4_dequantize_rows": _w4_dequantize_rows,
     "tflite_conv2d": _tflite_conv2d,
+    "tflite_sum_middle": _tflite_sum_middle,
 }
 
 

@@ -22,7 +22,7 @@ import torch
 
 _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("int8_rows.cpp", "int4_weights.cpp", "kv_dequant.cpp", "kv_attention.cpp", "kws_pipeline.cpp",
-                         "w4a8_gemm.cpp", "tflite_conv.cpp")]
+                         "w4a8_gemm.cpp", "tflite_conv.cpp", "tflite_reduce.cpp")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 
 
@@ -180,6 +180,12 @@ def tflite_conv2d(*args: object) -> torch.Tensor:
     """The integer engine's int8 / 16x8 CONV_2D and DEPTHWISE_CONV_2D (see csrc/tflite_conv.cpp;
     arguments as there)."""
     return torch.ops.mixprec.tflite_conv2d(*args)
+
+
+def tflite_sum_middle(x: torch.Tensor) -> torch.Tensor:
+    """int8 / int16 ``[outer, middle, inner]`` -> its exact int32 sums over the middle axis
+    ``[outer, inner]`` (the integer engine's MEAN; see csrc/tflite_reduce.cpp)."""
+    return torch.ops.mixprec.tflite_sum_middle(x)
 
 
 def kws_pipeline(*args: object) -> tuple[torch.Tensor, int]:

@@ -10,7 +10,8 @@ case). Integers only; ``1/count`` is folded into the output multiplier::
 
 with :func:`~mixprec.integer.core.fixedpoint.multiply_by_quantized_multiplier` (two roundings, ties
 away from zero), ``[lo, hi]`` the type's range. The sum is exact and inside int32: at most 2^23
-int8 elements per output (``|sum - zp_in * count| <= 255 * 2^23``), or 2^16 int16 ones.
+int8 elements per output (``|sum - zp_in * count| <= 255 * 2^23``), or 2^16 int16 ones; mixprec's
+native kernel sums over consecutive axes (``csrc/tflite_reduce.cpp``), numpy over others.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
 from mixprec.integer.core.fixedpoint import multiply_by_quantized_multiplier, quantize_multiplier
 from mixprec.integer.core.tensors import CODE_RANGES, require_array
+from mixprec.kernels import native
 
 MAX_MEAN_COUNT = 2**23
 #: The most elements per output whose int32 sum is exact, per activation type.
@@ -63,6 +66,16 @@ def mean_params(shape: tuple[int, ...], axes: tuple[int, ...], keep_dims: bool, 
                       (multiplier << headroom) // count, shift - headroom, dtype)
 
 
+def _sums(q: NDArray, axes: tuple[int, ...]) -> NDArray[np.int64]:
+    """Exact sums of ``q`` over ``axes``: by the native kernel when the axes are consecutive (``q``
+    viewed as ``[outer, middle, inner]``), else by numpy in int64 (without an int64 copy of ``q``)."""
+    if native.available() and axes == tuple(range(axes[0], axes[-1] + 1)):
+        outer, inner = int(np.prod(q.shape[:axes[0]])), int(np.prod(q.shape[axes[-1] + 1:]))
+        grouped = torch.from_numpy(np.ascontiguousarray(q).reshape(outer, -1, inner))
+        return native.tflite_sum_middle(grouped).numpy().astype(np.int64).reshape(mean_shape(q.shape, axes, False))
+    return q.sum(axis=axes, dtype=np.int64)
+
+
 def mean_shape(shape: tuple[int, ...], axes: tuple[int, ...], keep_dims: bool) -> tuple[int, ...]:
     """Output shape of MEAN over ``axes``."""
     if keep_dims:
@@ -77,7 +90,7 @@ def mean(q: NDArray, params: MeanParams) -> NDArray:
     if count != params.count:
         raise InputError(f"mean over axes {params.axes} was built for {params.count} elements per output; "
                          f"shape {q.shape} gives {count}")
-    total = q.sum(axis=params.axes, keepdims=params.keep_dims, dtype=np.int64)  # no int64 copy of q
+    total = _sums(q, params.axes).reshape(mean_shape(q.shape, params.axes, params.keep_dims))
     scaled = multiply_by_quantized_multiplier(total - params.input_zero_point * params.count, params.multiplier,
                                               params.shift).astype(np.int64)
     return np.clip(scaled + params.output_zero_point, *CODE_RANGES[params.dtype]).astype(params.dtype)
