@@ -448,3 +448,24 @@ def test_the_sigmoid_table_and_bad_16x8_logistic_input() -> None:
         sigmoid16(np.zeros(4, np.int8), sigmoid16_params("TANH", 0.001))
     with pytest.raises(InputError, match="zero point"):
         Graph((TensorSpec("x", (1, 4), Quantization.per_tensor(0.001, 3), "int16"),), (LogisticNode((0,)),))
+
+
+def test_the_arena_counts_what_a_skip_connection_keeps_alive_and_choose_wide_refuses_bad_input() -> None:
+    """input (8 B) -> FC 32 -> FC 4 -> FC 8 -> ADD(input, .): while FC 4 runs the input waits for
+    the ADD, so 8 + 32 + 4 = 44 bytes are alive (the largest input-plus-output pair is 40)."""
+    from mixprec.integer.build.mix import arena_bytes, choose_wide
+
+    grid = Quantization.per_tensor(0.05)
+
+    def fc(source: int, width: int, inputs: int) -> FullyConnectedNode:
+        return FullyConnectedNode((source,), np.ones((width, inputs), np.int8), Quantization.per_tensor(0.01), None,
+                                  grid)
+
+    graph = Graph((TensorSpec("x", (1, 8), grid),), (fc(0, 32, 8), fc(1, 4, 32), fc(2, 8, 4), AddNode((0, 3), grid)))
+    assert arena_bytes(graph) == 44
+    chain = Graph((TensorSpec("x", (1, 8), grid),), (fc(0, 32, 8), fc(1, 4, 32)))
+    assert arena_bytes(chain) == 40
+    with pytest.raises(InputError, match="at least 1.0"):
+        choose_wide(["a"], lambda wide: graph, lambda g: 0.0, budget=0.9)
+    with pytest.raises(InputError, match="distinct and at least one"):
+        choose_wide(["a", "a"], lambda wide: graph, lambda g: 0.0)

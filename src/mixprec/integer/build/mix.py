@@ -1,24 +1,25 @@
-"""Choosing int8 or int16 activations per operator of a CNN chain (TFLite's 16x8 where int8 is too
-coarse): by ordered rules over the layers' names (:func:`types_from_rules`), or under a memory
-budget by measured sensitivity (:func:`choose_activation_types`).
+"""Choosing int8 or int16 activations per operator (TFLite's 16x8 where int8 is too coarse): for a
+CNN chain by ordered rules over the layers' names (:func:`types_from_rules`) or under a memory
+budget by measured sensitivity (:func:`choose_activation_types`); for any graph builder that
+takes a set of choices to widen, by the same search (:func:`choose_wide`).
 
-Cost: :func:`arena_bytes`, the activation memory a chain of operators needs per sample: the
-largest, over operators, of its input and output tensors' bytes together (a chain runs one
-operator at a time and each tensor dies after its one reader, so this is the smallest arena
-that holds it). Weights are int8 either way (biases int32 or int64: ignored), so the choice
-moves activation memory only.
+Cost: :func:`arena_bytes`, the activation memory a graph needs per sample when its operators run
+in order and each tensor is freed after its last reader: the largest, over operators, of the
+bytes alive while it runs (its inputs, its output, and every earlier tensor still to be read).
+For a chain that is the largest input-plus-output pair. Weights are int8 either way (biases
+int32 or int64: ignored), so the choice moves activation memory only.
 
-Sensitivity: each operator's gain is how much the output's mean squared error against the float
-model (on validation inputs) falls when that operator alone takes int16 activations and all
-others int8. :func:`choose_activation_types` upgrades operators to int16 in order of gain per
-arena byte added, keeping each upgrade only when the whole graph's arena stays within the
-budget (a multiple of the all-int8 arena) and its measured error falls with it.
+Sensitivity: each choice's gain is how much the output's error against the float model (on
+validation inputs) falls when that choice alone is int16 and everything else int8.
+:func:`choose_wide` widens choices in order of gain per arena byte added, keeping each only
+when the whole graph's arena stays within the budget (a multiple of the all-int8 arena) and its
+measured error falls with it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,11 +63,16 @@ def types_from_rules(names: Sequence[str], rules: Sequence[tuple[str, str]], def
 
 
 def arena_bytes(graph: Graph) -> int:
-    """Activation bytes per sample a chain needs (see module docstring)."""
+    """Activation bytes per sample the graph needs (see module docstring)."""
     sizes = [int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
              for shape, dtype in zip(graph.tensor_shapes, graph.tensor_dtypes)]
     first = len(graph.inputs)
-    return max(sum(sizes[i] for i in node.inputs) + sizes[first + k] for k, node in enumerate(graph.nodes))
+    last_read = {tensor: first + k for k, node in enumerate(graph.nodes) for tensor in node.inputs}
+    peak = 0
+    for step in range(first, first + len(graph.nodes)):  # the tensor the step's node writes
+        alive = [t for t in range(step) if last_read.get(t, -1) >= step]
+        peak = max(peak, sum(sizes[t] for t in alive) + sizes[step])
+    return peak
 
 
 def graph_input(graph: Graph, x: torch.Tensor) -> np.ndarray:
@@ -78,6 +84,48 @@ def graph_input(graph: Graph, x: torch.Tensor) -> np.ndarray:
 def output_error(graph: Graph, x: torch.Tensor, reference: np.ndarray) -> float:
     """Mean squared error of the graph's dequantized output against ``reference``."""
     return float(np.mean((graph.output_quant.values_of(graph(graph_input(graph, x))) - reference) ** 2))
+
+
+@dataclass(frozen=True)
+class WideChoice:
+    """What :func:`choose_wide` picked: the choices made int16 (in the order taken), the graph
+    they build, its arena (bytes per sample) and output error, and the all-int8 arena."""
+
+    wide: tuple[Hashable, ...]
+    graph: Graph
+    arena: int
+    error: float
+    int8_arena: int
+
+
+def choose_wide(choices: Sequence[Hashable], build: Callable[[frozenset], Graph], error: Callable[[Graph], float],
+                budget: float = 1.3) -> WideChoice:
+    """The set of ``choices`` to make int16 that the sensitivities rank first within ``budget``
+    times the all-int8 arena (see module docstring). ``build(wide)`` gives the graph with the
+    choices in ``wide`` int16 and the rest int8; ``error(graph)`` its output error."""
+    if not isinstance(budget, (int, float)) or not budget >= 1.0:
+        raise InputError(f"the budget is a multiple of the all-int8 activation arena, at least 1.0, got {budget!r}")
+    if len(set(choices)) != len(choices) or not choices:
+        raise InputError(f"choices must be distinct and at least one, got {list(choices)}")
+    base = build(frozenset())
+    base_arena = arena_bytes(base)
+    base_error = error(base)
+    ranked = []
+    for order, choice in enumerate(choices):
+        graph = build(frozenset([choice]))
+        added = max(arena_bytes(graph) - base_arena, 1)
+        ranked.append(((base_error - error(graph)) / added, order, choice))  # ties: the later choice first
+    wide: list[Hashable] = []
+    graph, best = base, base_error
+    for gain, _, choice in sorted(ranked, key=lambda item: item[:2], reverse=True):
+        if gain <= 0:
+            break
+        candidate = build(frozenset([*wide, choice]))
+        if arena_bytes(candidate) <= budget * base_arena:
+            candidate_error = error(candidate)
+            if candidate_error < best:  # together with the others chosen it must still help
+                wide, graph, best = [*wide, choice], candidate, candidate_error
+    return WideChoice(tuple(wide), graph, arena_bytes(graph), best, base_arena)
 
 
 @dataclass(frozen=True)
@@ -95,40 +143,18 @@ class ActivationMix:
 def choose_activation_types(layers: Sequence[nn.Module], calibration: torch.Tensor, validation: torch.Tensor,
                             budget: float = 1.3) -> ActivationMix:
     """The int8 / int16 mix for :func:`~mixprec.integer.build.cnn.cnn_graph_from` that the
-    sensitivities rank first within ``budget`` times the all-int8 arena (see module docstring)."""
-    if not isinstance(budget, (int, float)) or not budget >= 1.0:
-        raise InputError(f"the budget is a multiple of the all-int8 activation arena, at least 1.0, got {budget!r}")
+    sensitivities rank first within ``budget`` times the all-int8 arena (:func:`choose_wide`
+    over the layers that are operators of their own)."""
     if not isinstance(validation, torch.Tensor) or validation.dim() != 4 or not validation.is_floating_point():
         raise InputError("validation must be a float NCHW tensor of the model's inputs")
     with torch.no_grad():
         reference = nn.Sequential(*layers)(validation).numpy()
 
-    def build(types: Sequence[str]) -> Graph:
-        return cnn_graph_from(layers, calibration, activations=list(types))
+    def types_of(wide: frozenset) -> list[str]:
+        return ["int16" if index in wide else "int8" for index in range(len(layers))]
 
-    narrow = ["int8"] * len(layers)
-    base = build(narrow)
-    base_arena = arena_bytes(base)
-    limit = budget * base_arena
-    base_error = output_error(base, validation, reference)
-    ranked = []
-    for index, layer in enumerate(layers):
-        if isinstance(layer, _FUSED):
-            continue
-        trial = list(narrow)
-        trial[index] = "int16"
-        graph = build(trial)
-        added = max(arena_bytes(graph) - base_arena, 1)
-        ranked.append(((base_error - output_error(graph, validation, reference)) / added, index))
-    chosen, graph, error = list(narrow), base, base_error
-    for gain, index in sorted(ranked, reverse=True):
-        if gain <= 0:
-            break
-        trial = list(chosen)
-        trial[index] = "int16"
-        candidate = build(trial)
-        if arena_bytes(candidate) <= limit:
-            candidate_error = output_error(candidate, validation, reference)
-            if candidate_error < error:  # together with the others chosen it must still help
-                chosen, graph, error = trial, candidate, candidate_error
-    return ActivationMix(tuple(chosen), graph, arena_bytes(graph), error, base_arena)
+    choice = choose_wide([index for index, layer in enumerate(layers) if not isinstance(layer, _FUSED)],
+                         lambda wide: cnn_graph_from(layers, calibration, activations=types_of(wide)),
+                         lambda graph: output_error(graph, validation, reference), budget)
+    return ActivationMix(tuple(types_of(frozenset(choice.wide))), choice.graph, choice.arena, choice.error,
+                         choice.int8_arena)

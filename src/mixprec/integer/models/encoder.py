@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from mixprec.errors import InputError
 from mixprec.integer.build.layers import calibrate_as, fully_connected_from
-from mixprec.integer.core.tensors import TensorSpec
+from mixprec.integer.core.tensors import Quantization, TensorSpec
 from mixprec.integer.graph.graph import Graph
 from mixprec.integer.graph.nodes import (
     AddConstantNode,
@@ -27,6 +28,7 @@ from mixprec.integer.graph.nodes import (
     EmbeddingNode,
     LayerNormNode,
     LinearAttentionNode,
+    QuantizeNode,
     SoftmaxAttentionNode,
 )
 
@@ -105,65 +107,125 @@ class TinyEncoder(nn.Module):
         return self.stages(ids)["logits"]
 
 
+def encoder_stages(model: TinyEncoder) -> tuple[str, ...]:
+    """The names of the tensors whose activation type :func:`build_encoder_graph` lets one choose:
+    ``encoded``, per block ``norm1, query, key, value, attention, residual1, norm2, up, down,
+    residual2`` (prefixed ``block{i}.``), and ``logits``. (The embedding rows and the positional
+    encoding take ``encoded``'s type, softmax attention's scores the attention's.)"""
+    names = ["encoded"]
+    for index in range(len(model.blocks)):
+        names += [f"block{index}.{name}" for name in ("norm1", "query", "key", "value", "attention", "residual1",
+                                                        "norm2", "up", "down", "residual2")]
+    return (*names, "logits")
+
+
+def _stage_types(model: TinyEncoder, activations: str | Mapping[str, str]) -> dict[str, str]:
+    kinds = ("int8", "int16")
+    stages = encoder_stages(model)
+    if isinstance(activations, str):
+        if activations not in kinds:
+            raise InputError(f"activations must be 'int8' or 'int16' (16x8), or a type per stage, got {activations!r}")
+        return dict.fromkeys(stages, activations)
+    if not isinstance(activations, Mapping):
+        raise InputError(f"activations must be 'int8', 'int16' or a mapping of stage names to those, got "
+                         f"{type(activations).__name__}")
+    unknown = sorted(set(activations) - set(stages))
+    wrong = {name: kind for name, kind in activations.items() if kind not in kinds}
+    if unknown or wrong:
+        raise InputError(f"activation types per stage: unknown stages {unknown} (stages are {list(stages)}), "
+                         f"types other than int8 / int16 {wrong}")
+    return {name: activations.get(name, "int8") for name in stages}
+
+
 def build_encoder_graph(model: TinyEncoder, calibration: torch.Tensor, range_margin: float = 0.0,
-                        activations: str = "int8") -> Graph:
-    """The integer graph of ``model`` (int32 ids in, logits out in the ``activations`` type),
-    every grid calibrated on ``calibration`` ids ``[N, S]``; per-channel int8 weights.
-    ``activations="int8"``: asymmetric int8 tensors, the embedding table quantized
-    asymmetrically (its zero point is kept); ``"int16"``: TFLite's 16x8 mode, every tensor and
-    the table symmetric int16 (:func:`~mixprec.integer.build.layers.calibrate_int16`), int64
-    biases. ``range_margin``: every activation range widened by this fraction
+                        activations: str | Mapping[str, str] = "int8") -> Graph:
+    """The integer graph of ``model`` (int32 ids in, logits out), every grid calibrated on
+    ``calibration`` ids ``[N, S]``; per-channel int8 weights. Activation types: ``"int8"``
+    (asymmetric int8 tensors, the embedding table quantized asymmetrically, its zero point
+    kept), ``"int16"`` (TFLite's 16x8 mode: every tensor and the table symmetric int16,
+    :func:`~mixprec.integer.build.layers.calibrate_int16`, int64 biases), or one type per stage
+    of :func:`encoder_stages` (absent stages int8): each operator then runs in its output's type
+    and an input of the other type reaches it through a QUANTIZE onto that tensor's grid in the
+    operator's type. ``range_margin``: every activation range widened by this fraction
     (:func:`~mixprec.integer.build.layers.calibrate`); the embedding table and the positional
     encoding are constants and keep their exact ranges."""
     if not isinstance(model, TinyEncoder):
         raise InputError(f"build_encoder_graph takes a TinyEncoder, got {type(model).__name__}")
-    if activations not in ("int8", "int16"):
-        raise InputError(f"activations must be 'int8' or 'int16' (16x8), got {activations!r}")
+    types = _stage_types(model, activations)
     if calibration.ndim != 2 or calibration.dtype not in (torch.int32, torch.int64):
         raise InputError(f"calibration must be integer token ids [N, steps], got {calibration.dtype} "
                          f"{tuple(calibration.shape)}")
     with torch.no_grad():
         observed = copy.deepcopy(model).double().stages(calibration.long())
-    quant = {name: calibrate_as(activations, values, 0.0 if name == "positions" else range_margin)
-             for name, values in observed.items()}
-    table = model.embedding.weight.detach().double().numpy()
-    table_quant = calibrate_as(activations, table)
+    grids: dict[tuple[str, str], Quantization] = {}
+
+    def grid(stage: str, dtype: str) -> Quantization:
+        if (stage, dtype) not in grids:
+            grids[stage, dtype] = calibrate_as(dtype, observed[stage], 0.0 if stage == "positions" else range_margin)
+        return grids[stage, dtype]
+
     nodes: list = []
+    stage_of: dict[int, str] = {}
+    dtype_of: dict[int, str] = {}
+    converted: dict[tuple[int, str], int] = {}
 
-    def emit(node) -> int:  # noqa: ANN001
+    def emit(node, stage: str, dtype: str | None = None) -> int:  # noqa: ANN001
         nodes.append(node)
-        return len(nodes)  # tensor 0 is the ids input
+        tensor = len(nodes)  # tensor 0 is the ids input
+        stage_of[tensor], dtype_of[tensor] = stage, dtype or types[stage]
+        return tensor
 
-    def linear(layer: nn.Linear, source: int, source_quant: str, target: str, activation: str = "none") -> int:
-        return emit(fully_connected_from(layer, source, quant[source_quant], quant[target], activation,
-                                         activations=activations))
+    def read(tensor: int, dtype: str) -> int:
+        """``tensor`` in ``dtype``: itself, or a QUANTIZE of it onto its stage's grid in that type."""
+        if dtype_of[tensor] == dtype:
+            return tensor
+        if (tensor, dtype) not in converted:
+            stage = stage_of[tensor]
+            converted[tensor, dtype] = emit(QuantizeNode((tensor,), grid(stage, dtype), dtype), stage, dtype)
+        return converted[tensor, dtype]
 
-    h = emit(EmbeddingNode((0,), table_quant.nearest_codes(table, activations), table_quant))
+    def add(pair: tuple[int, int], target: str) -> int:
+        dtype = types[target]
+        return emit(AddNode(tuple(read(t, dtype) for t in pair), grid(target, dtype)), target)
+
+    def linear(layer: nn.Linear, source: int, target: str, activation: str = "none") -> int:
+        dtype = types[target]
+        return emit(fully_connected_from(layer, read(source, dtype), grid(stage_of[source], dtype), grid(target, dtype),
+                                         activation, activations=dtype), target)
+
+    encoded_type = types["encoded"]
+    table = model.embedding.weight.detach().double().numpy()
+    table_quant = calibrate_as(encoded_type, table)
+    h = emit(EmbeddingNode((0,), table_quant.nearest_codes(table, encoded_type), table_quant), "embedding",
+             encoded_type)
     steps = calibration.shape[1]
     positions = model.positions[:steps].double().numpy()
-    h = emit(AddConstantNode((h,), quant["positions"].nearest_codes(positions, activations), quant["positions"],
-                             quant["encoded"]))
-    h_name = "encoded"
+    h = emit(AddConstantNode((h,), grid("positions", encoded_type).nearest_codes(positions, encoded_type),
+                             grid("positions", encoded_type), grid("encoded", encoded_type)), "encoded")
     for index, block in enumerate(model.blocks):
         name = f"block{index}."
-        norm = block.norm1
-        n1 = emit(LayerNormNode((h,), norm.weight.detach().numpy(), norm.bias.detach().numpy(), norm.eps,
-                                quant[name + "norm1"]))
+        n1 = emit(LayerNormNode((read(h, types[name + "norm1"]),), block.norm1.weight.detach().numpy(),
+                                block.norm1.bias.detach().numpy(), block.norm1.eps,
+                                grid(name + "norm1", types[name + "norm1"])), name + "norm1")
         relu = "relu" if block.attention == "linear" else "none"
-        q = linear(block.query, n1, name + "norm1", name + "query", relu)
-        k = linear(block.key, n1, name + "norm1", name + "key", relu)
-        v = linear(block.value, n1, name + "norm1", name + "value")
+        q = linear(block.query, n1, name + "query", relu)
+        k = linear(block.key, n1, name + "key", relu)
+        v = linear(block.value, n1, name + "value")
+        mixed_type = types[name + "attention"]
+        inputs = tuple(read(t, mixed_type) for t in (q, k, v))
         if block.attention == "softmax":
-            mixed = emit(SoftmaxAttentionNode((q, k, v), quant[name + "scores"], quant[name + "attention"]))
+            mixed = emit(SoftmaxAttentionNode(inputs, grid(name + "scores", mixed_type),
+                                              grid(name + "attention", mixed_type)), name + "attention")
         else:
-            mixed = emit(LinearAttentionNode((q, k, v), block.epsilon, quant[name + "attention"]))
-        h1 = emit(AddNode((h, mixed), quant[name + "residual1"]))
-        norm = block.norm2
-        n2 = emit(LayerNormNode((h1,), norm.weight.detach().numpy(), norm.bias.detach().numpy(), norm.eps,
-                                quant[name + "norm2"]))
-        up = linear(block.up, n2, name + "norm2", name + "up", "relu")
-        down = linear(block.down, up, name + "up", name + "down")
-        h = emit(AddNode((h1, down), quant[name + "residual2"]))
-        h_name = name + "residual2"
-    linear(model.head, h, h_name, "logits")
+            mixed = emit(LinearAttentionNode(inputs, block.epsilon, grid(name + "attention", mixed_type)),
+                         name + "attention")
+        h1 = add((h, mixed), name + "residual1")
+        n2 = emit(LayerNormNode((read(h1, types[name + "norm2"]),), block.norm2.weight.detach().numpy(),
+                                block.norm2.bias.detach().numpy(), block.norm2.eps,
+                                grid(name + "norm2", types[name + "norm2"])), name + "norm2")
+        up = linear(block.up, n2, name + "up", "relu")
+        down = linear(block.down, up, name + "down")
+        h = add((h1, down), name + "residual2")
+    linear(model.head, h, "logits")
     return Graph((TensorSpec("ids", (1, steps), None, "int32"),), tuple(nodes))
+
