@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mixprec import Policy
+from mixprec.integer.build.mix import choose_wide
 from mixprec.integer.core.profile import stage_table
-from mixprec.integer.models.kws import KeywordSpotter, build_pipeline, parity
+from mixprec.integer.models.kws import KWS_STAGES, KeywordSpotter, build_pipeline, parity
 from mixprec.io_utils import atomic_path
 from mixprec.qat import prepare_qat, to_float
 
@@ -94,8 +95,11 @@ def run_modes(name: str, make_model: Callable[[], KeywordSpotter], train: Callab
     parser = argparse.ArgumentParser(prog=name, description=f"{name}: the integer engine's keyword spotter")
     parser.add_argument("mode", choices=["run", "bench", "golden", "plot"])
     parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="the half island")
-    parser.add_argument("--activations", choices=["int8", "int16"], default="int8",
-                        help="the integer stages' activations: int8, or int16 (TFLite's 16x8 mode)")
+    parser.add_argument("--activations", choices=["int8", "int16", "mix"], default="int8",
+                        help="the integer stages' activations: int8, int16 (TFLite's 16x8 mode), or the mix "
+                             "mixprec.integer.build.mix.choose_wide picks per stage within --budget")
+    parser.add_argument("--budget", type=float, default=1.3,
+                        help="mix: the activation arena allowed, as a multiple of the int8 pipeline's (default 1.3)")
     parser.add_argument("--batch", type=int, default=4096, help="bench: samples per batch")
     parser.add_argument("--out", type=Path, default=Path("runs") / name, help="bench/plot output folder")
     parser.add_argument("--qat-steps", type=int, default=0,
@@ -104,11 +108,16 @@ def run_modes(name: str, make_model: Callable[[], KeywordSpotter], train: Callab
     args = parser.parse_args(argv)
     if args.qat_steps < 0 or (args.qat_steps and (training is None or args.mode not in ("run", "plot"))):
         parser.error("--qat-steps takes a count >= 0, with the run or plot mode")
+    if args.activations == "mix" and (args.mode == "golden" or not args.budget >= 1.0):
+        parser.error("--activations mix takes a --budget >= 1.0, and no golden mode (goldens are int8 or int16)")
     model = stored_model(name, make_model, train, retrain=args.mode == "golden")
     if args.qat_steps:
         half = "fp16" if args.dtype == "float16" else "bf16"
         fine_tune_on_grid(model, Policy([(r"attention\..*", half)], default="w8"), *training, args.qat_steps)
-    pipeline = build_pipeline(model, calibration, args.dtype, args.activations)
+    if args.activations == "mix":
+        pipeline = searched_pipeline(model, calibration, args.dtype, args.budget)
+    else:
+        pipeline = build_pipeline(model, calibration, args.dtype, args.activations)
     if args.mode == "golden":
         write_golden(name, pipeline.run_codes(held_out.numpy()))
         return 0
@@ -117,6 +126,29 @@ def run_modes(name: str, make_model: Callable[[], KeywordSpotter], train: Callab
     if args.mode == "bench":
         return bench(pipeline, held_out, args.batch, args.out)
     return plot(pipeline, model, held_out, args.out, name)
+
+
+def searched_pipeline(model: KeywordSpotter, calibration: torch.Tensor, dtype: str, budget: float):  # noqa: ANN201
+    """The int8 / int16 choice per integer stage (:data:`~mixprec.integer.models.kws.KWS_STAGES`)
+    that :func:`~mixprec.integer.build.mix.choose_wide` picks within ``budget`` times the int8
+    pipeline's arena, by each stage's effect on the output's mean squared error against the float
+    model over the first 1,024 calibration samples."""
+    sample = calibration[:1024]
+    with torch.no_grad():
+        reference = model.double()(sample.double()).numpy()
+    model.float()
+
+    def error(pipeline) -> float:  # noqa: ANN001
+        return float(np.mean((pipeline.run_float(sample.numpy()) - reference) ** 2))
+
+    def build(wide: frozenset):  # noqa: ANN202
+        return build_pipeline(model, calibration, dtype, dict.fromkeys(wide, "int16"))
+
+    choice = choose_wide(KWS_STAGES, build, error, budget, cost=lambda pipeline: pipeline.arena_bytes())
+    print(f"searched mix: int16 for {', '.join(choice.wide) or 'nothing'}; arena {choice.arena:,} B per sample = "
+          f"{choice.arena / choice.int8_arena:.2f}x int8's {choice.int8_arena:,} B (all int16: "
+          f"{build_pipeline(model, calibration, dtype, 'int16').arena_bytes():,} B)")
+    return choice.graph
 
 
 def report_parity(pipeline, model: KeywordSpotter, held_out: torch.Tensor, labels: torch.Tensor) -> int:  # noqa: ANN001
@@ -139,7 +171,7 @@ def report_parity(pipeline, model: KeywordSpotter, held_out: torch.Tensor, label
         print(f"{title}: worst {figures[f'{label}_worst']:.5f} = {lsb:.3f} steps "
               f"[<= {MAX_LSB}: {'PASS' if lsb_ok else 'FAIL'}] = {100 * of_range:.3f}% of range "
               f"[<= {100 * MAX_OF_RANGE}%: {'PASS' if range_ok else 'FAIL'}]")
-        if label == "float" and not (lsb_ok and range_ok) and pipeline.input_kind == "int8":
+        if label == "float" and not (lsb_ok and range_ok) and pipeline.stages[-1].output_kind == "int8":
             print("  (the % FAILs are expected with int8 activations: half a step of an int8 output grid spanning "
                   "the range is already 0.196% of it; the exit code follows the engine's parity in steps, <= 1 "
                   "step; int16 activations, below, are what can meet the float target)")
@@ -148,7 +180,7 @@ def report_parity(pipeline, model: KeywordSpotter, held_out: torch.Tensor, label
           f"{figures['float_worst_unsaturated_lsb']:.3f} steps vs float32)")
     print(f"with int16 activations on the same ranges (TFLite 16x8, simulated exactly): worst "
           f"{100 * figures['int16_worst_of_range']:.3f}% of range vs float32")
-    if pipeline.input_kind == "int16":
+    if pipeline.output_quant is not None and pipeline.stages[-1].output_kind == "int16":
         met = figures["float_worst_of_range"] <= MAX_OF_RANGE_16X8
         print(f"16x8 target, pipeline vs float32: {100 * figures['float_worst_of_range']:.3f}% of range "
               f"[<= {100 * MAX_OF_RANGE_16X8}%: {'PASS' if met else 'FAIL'}] (the exit code follows this one)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,28 +93,30 @@ class WideChoice:
     they build, its arena (bytes per sample) and output error, and the all-int8 arena."""
 
     wide: tuple[Hashable, ...]
-    graph: Graph
+    graph: Any
     arena: int
     error: float
     int8_arena: int
 
 
-def choose_wide(choices: Sequence[Hashable], build: Callable[[frozenset], Graph], error: Callable[[Graph], float],
-                budget: float = 1.3) -> WideChoice:
+def choose_wide(choices: Sequence[Hashable], build: Callable[[frozenset], Any], error: Callable[[Any], float],
+                budget: float = 1.3, cost: Callable[[Any], int] = arena_bytes) -> WideChoice:
     """The set of ``choices`` to make int16 that the sensitivities rank first within ``budget``
-    times the all-int8 arena (see module docstring). ``build(wide)`` gives the graph with the
-    choices in ``wide`` int16 and the rest int8; ``error(graph)`` its output error."""
+    times the all-int8 arena (see module docstring). ``build(wide)`` gives the graph (or
+    anything ``cost`` measures, e.g. a half-precision pipeline and its
+    :meth:`~mixprec.integer.half.pipeline.Pipeline.arena_bytes`) with the choices in ``wide``
+    int16 and the rest int8; ``error(graph)`` its output error."""
     if not isinstance(budget, (int, float)) or not budget >= 1.0:
         raise InputError(f"the budget is a multiple of the all-int8 activation arena, at least 1.0, got {budget!r}")
     if len(set(choices)) != len(choices) or not choices:
         raise InputError(f"choices must be distinct and at least one, got {list(choices)}")
     base = build(frozenset())
-    base_arena = arena_bytes(base)
+    base_arena = cost(base)
     base_error = error(base)
     ranked = []
     for order, choice in enumerate(choices):
         graph = build(frozenset([choice]))
-        added = max(arena_bytes(graph) - base_arena, 1)
+        added = max(cost(graph) - base_arena, 1)
         ranked.append(((base_error - error(graph)) / added, order, choice))  # ties: the later choice first
     wide: list[Hashable] = []
     graph, best = base, base_error
@@ -121,11 +124,11 @@ def choose_wide(choices: Sequence[Hashable], build: Callable[[frozenset], Graph]
         if gain <= 0:
             break
         candidate = build(frozenset([*wide, choice]))
-        if arena_bytes(candidate) <= budget * base_arena:
+        if cost(candidate) <= budget * base_arena:
             candidate_error = error(candidate)
             if candidate_error < best:  # together with the others chosen it must still help
                 wide, graph, best = [*wide, choice], candidate, candidate_error
-    return WideChoice(tuple(wide), graph, arena_bytes(graph), best, base_arena)
+    return WideChoice(tuple(wide), graph, cost(graph), best, base_arena)
 
 
 @dataclass(frozen=True)

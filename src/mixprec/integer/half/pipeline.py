@@ -230,6 +230,16 @@ class Pipeline:
         return [StageProfile(stage.name, stage.weight_bytes, stage.output_bytes(), spent)
                 for stage, spent in zip(self.stages, seconds)]
 
+    def arena_bytes(self) -> int:
+        """Activation bytes per sample the stages need when each runs alone and its input dies
+        after it: the largest input-plus-output pair (the input codes into the first stage)."""
+        size = int(np.prod(self.input_shape)) * np.dtype(self.input_kind).itemsize
+        peak = 0
+        for stage in self.stages:
+            peak = max(peak, size + stage.output_bytes())
+            size = stage.output_bytes()
+        return peak
+
     def check_input(self, x: NDArray) -> None:
         """Refuse anything but input codes ``[batch, *input_shape]``."""
         require_array("the pipeline", x, np.dtype(self.input_kind).type)

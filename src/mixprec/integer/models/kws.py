@@ -12,6 +12,7 @@ measured against); :func:`build_pipeline` calibrates every int8 tensor on data i
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -60,13 +61,29 @@ class KeywordSpotter(nn.Module):
         return self.stages(x)["logits"]
 
 
+#: The integer stages of the pipeline whose activation type can be chosen.
+KWS_STAGES = ("frontend", "classifier")
+
+
 def build_pipeline(model: KeywordSpotter, calibration: torch.Tensor, dtype: str = "float16",
-                   activations: str = "int8") -> Pipeline:
+                   activations: str | Mapping[str, str] = "int8") -> Pipeline:
     """The mixed pipeline of ``model``, every integer grid calibrated on ``calibration`` ``[N, S, F]``:
-    int8 activations, or ``activations="int16"`` for TFLite's 16x8 mode (symmetric int16 grids,
-    int64 biases; the weights stay int8)."""
-    if activations not in ("int8", "int16"):
-        raise InputError(f"activations must be 'int8' or 'int16', got {activations!r}")
+    int8 activations, ``activations="int16"`` for TFLite's 16x8 mode (symmetric int16 grids,
+    int64 biases; the weights stay int8), or one type per stage of :data:`KWS_STAGES` (absent
+    stages int8; each stage's bridge to or from the half island takes its type)."""
+    kinds = ("int8", "int16")
+    if isinstance(activations, str):
+        if activations not in kinds:
+            raise InputError(f"activations must be 'int8' or 'int16', or a type per stage, got {activations!r}")
+        types = dict.fromkeys(KWS_STAGES, activations)
+    elif isinstance(activations, Mapping):
+        if set(activations) - set(KWS_STAGES) or any(kind not in kinds for kind in activations.values()):
+            raise InputError(f"activation types per stage take the stages {KWS_STAGES} and the types {kinds}, got "
+                             f"{dict(activations)}")
+        types = {name: activations.get(name, "int8") for name in KWS_STAGES}
+    else:
+        raise InputError(f"activations must be 'int8', 'int16' or a mapping of stages to those, got "
+                         f"{type(activations).__name__}")
     if not isinstance(model, KeywordSpotter):
         raise InputError(f"build_pipeline takes a KeywordSpotter, got {type(model).__name__}")
     if calibration.ndim != 3 or calibration.shape[-1] != model.frontend.in_features:
@@ -74,23 +91,25 @@ def build_pipeline(model: KeywordSpotter, calibration: torch.Tensor, dtype: str 
                          f"got {tuple(calibration.shape)}")
     with torch.no_grad():  # in float64, so the grids do not hang on float32 summation order
         observed = copy.deepcopy(model).double().stages(calibration.double())
-    quants = {name: calibrate_as(activations, values) for name, values in observed.items()}
+    front, back = types["frontend"], types["classifier"]
+    quants = {name: calibrate_as(front if name in ("input", "frontend") else back, values)
+              for name, values in observed.items()}
     steps, features = calibration.shape[1:]
     width = model.frontend.out_features
-    frontend = Graph((TensorSpec("features", (1, steps, features), quants["input"], activations),),
+    frontend = Graph((TensorSpec("features", (1, steps, features), quants["input"], front),),
                      (fully_connected_from(model.frontend, 0, quants["input"], quants["frontend"], "relu",
-                                           activations=activations),))
-    classifier = Graph((TensorSpec("pooled", (1, width), quants["pooled"], activations),),
+                                           activations=front),))
+    classifier = Graph((TensorSpec("pooled", (1, width), quants["pooled"], back),),
                        (fully_connected_from(model.classifier, 0, quants["pooled"], quants["logits"],
-                                             activations=activations),))
+                                             activations=back),))
     head = model.attention
     attention = linear_attention_from(head.query, head.key, head.value, head.epsilon, dtype)
     return Pipeline(quants["input"], (steps, features), (
-        IntegerStage(f"frontend_{activations}", frontend),
-        ToHalfStage("bridge_to_half", quants["frontend"], dtype, (steps, width), activations),
+        IntegerStage(f"frontend_{front}", frontend),
+        ToHalfStage("bridge_to_half", quants["frontend"], dtype, (steps, width), front),
         AttentionPoolStage("attention_pool_half", attention, (steps, width)),
-        ToInt8Stage(f"bridge_to_{activations}", quants["pooled"], (width,), activations),
-        IntegerStage(f"classifier_{activations}", classifier),
+        ToInt8Stage(f"bridge_to_{back}", quants["pooled"], (width,), back),
+        IntegerStage(f"classifier_{back}", classifier),
     ))
 
 
@@ -114,7 +133,7 @@ def parity(pipeline: Pipeline, model: KeywordSpotter, x: torch.Tensor) -> dict[s
         result |= {f"{label}_worst": worst, f"{label}_worst_lsb": worst / step, f"{label}_worst_of_range": worst / span}
     int16 = simulate(pipeline, x.double().numpy(), activation_bits=16)
     result["int16_worst_of_range"] = float(np.abs(int16 - reference).max() / span)
-    low, high = CODE_RANGES[pipeline.input_kind]
+    low, high = CODE_RANGES[pipeline.stages[-1].output_kind]
     inside = (codes > low) & (codes < high)  # outputs not clipped at the calibrated range's ends
     result["saturated"] = float((~inside).mean())
     result["float_worst_unsaturated_lsb"] = float(np.abs(got - reference)[inside].max(initial=0.0) / step)
@@ -131,19 +150,18 @@ def simulate(pipeline: Pipeline, x: np.ndarray, activation_bits: int = 8) -> np.
     frontend, to_half, pool, to_int8, classifier = pipeline.stages
     assert isinstance(frontend, IntegerStage) and isinstance(pool, AttentionPoolStage)
 
-    codes = pipeline.input_kind
-
-    def grid(values: np.ndarray, quant: Quantization) -> np.ndarray:
-        if codes == "int16":  # a 16x8 pipeline's grids are int16 already
+    def grid(values: np.ndarray, quant: Quantization, codes: str) -> np.ndarray:
+        if codes == "int16":  # int16 stages' grids are int16 already
             return quant.values_of(quant.nearest_codes(values, "int16"))
         return onto_grid(values, quant, activation_bits)
 
-    inputs = grid(np.asarray(x, np.float64), pipeline.input_quant)
-    h = grid(exact_operator(frontend.graph.nodes[0], [inputs], [pipeline.input_quant]), to_half.quant)
+    front, back = frontend.input_kind, classifier.input_kind
+    inputs = grid(np.asarray(x, np.float64), pipeline.input_quant, front)
+    h = grid(exact_operator(frontend.graph.nodes[0], [inputs], [pipeline.input_quant]), to_half.quant, front)
     att = pool.attention
     q, k, v = (h @ layer.weight.T.astype(np.float64) + layer.bias for layer in (att.query, att.key, att.value))
-    pooled = grid((h + linear_attention_exact(q, k, v, att.epsilon)).mean(axis=-2), to_int8.quant)
-    return grid(exact_operator(classifier.graph.nodes[0], [pooled], [to_int8.quant]), pipeline.output_quant)
+    pooled = grid((h + linear_attention_exact(q, k, v, att.epsilon)).mean(axis=-2), to_int8.quant, back)
+    return grid(exact_operator(classifier.graph.nodes[0], [pooled], [to_int8.quant]), pipeline.output_quant, back)
 
 
 class FusedKeywordSpotter:
