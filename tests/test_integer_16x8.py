@@ -359,6 +359,13 @@ def test_the_activation_mix_search_keeps_its_budget_and_lowers_the_error() -> No
     assert arena_bytes(first) == max(sizes[k] + sizes[k + 1] for k in range(len(sizes) - 1))
     with pytest.raises(InputError, match="at least 1.0"):
         choose_activation_types(layers, calibration, validation, budget=0.5)
+    # a latency budget: the mix's time as the search measured it when it compared it with the budget
+    # (the comparison itself, not a timing claim: no speed is asserted here)
+    timed = choose_activation_types(layers, calibration, validation, budget=1.5, latency_inputs=validation[:8])
+    assert 0 < timed.seconds <= 1.5 * timed.int8_seconds and timed.error <= int8_error
+    assert timed.arena == arena_bytes(timed.graph) and timed.int8_arena == free.int8_arena
+    with pytest.raises(InputError, match="latency_inputs must be a float NCHW"):
+        choose_activation_types(layers, calibration, validation, latency_inputs=validation[0])
 
 
 def test_activation_types_by_rules_over_layer_names() -> None:

@@ -1,7 +1,8 @@
 """Choosing int8 or int16 activations per operator (TFLite's 16x8 where int8 is too coarse): for a
-CNN chain by ordered rules over the layers' names (:func:`types_from_rules`) or under a memory
-budget by measured sensitivity (:func:`choose_activation_types`); for any graph builder that
-takes a set of choices to widen, by the same search (:func:`choose_wide`).
+CNN chain by ordered rules over the layers' names (:func:`types_from_rules`) or by measured
+sensitivity under a memory budget or a measured-latency budget (:func:`choose_activation_types`);
+for any graph builder that takes a set of choices to widen, by the same search
+(:func:`choose_wide`, any cost).
 
 Cost: :func:`arena_bytes`, the activation memory a graph needs per sample when its operators run
 in order and each tensor is freed after its last reader: the largest, over operators, of the
@@ -29,6 +30,7 @@ from torch import nn
 
 from mixprec.errors import InputError
 from mixprec.integer.build.cnn import cnn_graph_from
+from mixprec.integer.core.profile import median_seconds
 from mixprec.integer.graph.graph import Graph
 
 #: Layers that only fuse into the operator before them (or vanish); never a choice of their own.
@@ -94,13 +96,13 @@ class WideChoice:
 
     wide: tuple[Hashable, ...]
     graph: Any
-    arena: int
+    arena: float
     error: float
-    int8_arena: int
+    int8_arena: float
 
 
 def choose_wide(choices: Sequence[Hashable], build: Callable[[frozenset], Any], error: Callable[[Any], float],
-                budget: float = 1.3, cost: Callable[[Any], int] = arena_bytes) -> WideChoice:
+                budget: float = 1.3, cost: Callable[[Any], float] = arena_bytes) -> WideChoice:
     """The set of ``choices`` to make int16 that the sensitivities rank first within ``budget``
     times the all-int8 arena (see module docstring). ``build(wide)`` gives the graph (or
     anything ``cost`` measures, e.g. a half-precision pipeline and its
@@ -113,51 +115,82 @@ def choose_wide(choices: Sequence[Hashable], build: Callable[[frozenset], Any], 
     base = build(frozenset())
     base_arena = cost(base)
     base_error = error(base)
+    # the smallest cost step, so a free choice divides by something: a byte for integer costs (the
+    # arena), a thousandth of the all-int8 cost for measured ones (seconds)
+    unit = 1 if isinstance(base_arena, (int, np.integer)) else 1e-3 * base_arena
     ranked = []
     for order, choice in enumerate(choices):
         graph = build(frozenset([choice]))
-        added = max(cost(graph) - base_arena, 1)
+        added = max(cost(graph) - base_arena, unit)
         ranked.append(((base_error - error(graph)) / added, order, choice))  # ties: the later choice first
     wide: list[Hashable] = []
-    graph, best = base, base_error
+    graph, best, spent = base, base_error, base_arena
     for gain, _, choice in sorted(ranked, key=lambda item: item[:2], reverse=True):
         if gain <= 0:
             break
         candidate = build(frozenset([*wide, choice]))
-        if cost(candidate) <= budget * base_arena:
+        candidate_cost = cost(candidate)
+        if candidate_cost <= budget * base_arena:
             candidate_error = error(candidate)
             if candidate_error < best:  # together with the others chosen it must still help
-                wide, graph, best = [*wide, choice], candidate, candidate_error
-    return WideChoice(tuple(wide), graph, cost(graph), best, base_arena)
+                wide, graph, best, spent = [*wide, choice], candidate, candidate_error, candidate_cost
+    return WideChoice(tuple(wide), graph, spent, best, base_arena)
+
+
+def graph_seconds(inputs: torch.Tensor, repeats: int = 9) -> Callable[[Graph], float]:
+    """A latency cost for :func:`choose_wide`: a CNN graph's median seconds per call on the float
+    NCHW ``inputs`` (put on each graph's own input grid and type first; ``repeats`` timed calls
+    after one warm-up)."""
+    if repeats < 1:
+        raise InputError(f"repeats must be at least 1, got {repeats}")
+
+    def seconds(graph: Graph) -> float:
+        codes = graph_input(graph, inputs)
+        graph(codes)
+        return median_seconds([(graph, (0,))], [codes], repeats)[0]
+
+    return seconds
 
 
 @dataclass(frozen=True)
 class ActivationMix:
     """A choice: one activation type per entry of the layer list, the graph it builds, its arena
-    (bytes per sample) and output error, and the all-int8 arena it was budgeted against."""
+    (bytes per sample) and output error, and the all-int8 arena it was budgeted against; with a
+    latency budget also the measured seconds per call of the mix and of the all-int8 graph."""
 
     types: tuple[str, ...]
     graph: Graph
     arena: int
     error: float
     int8_arena: int
+    seconds: float | None = None
+    int8_seconds: float | None = None
 
 
 def choose_activation_types(layers: Sequence[nn.Module], calibration: torch.Tensor, validation: torch.Tensor,
-                            budget: float = 1.3) -> ActivationMix:
+                            budget: float = 1.3, latency_inputs: torch.Tensor | None = None) -> ActivationMix:
     """The int8 / int16 mix for :func:`~mixprec.integer.build.cnn.cnn_graph_from` that the
-    sensitivities rank first within ``budget`` times the all-int8 arena (:func:`choose_wide`
-    over the layers that are operators of their own)."""
+    sensitivities rank first within ``budget`` times the all-int8 arena, or, given
+    ``latency_inputs`` (float NCHW), within ``budget`` times the all-int8 graph's measured time
+    on them (:func:`choose_wide` over the layers that are operators of their own)."""
     if not isinstance(validation, torch.Tensor) or validation.dim() != 4 or not validation.is_floating_point():
         raise InputError("validation must be a float NCHW tensor of the model's inputs")
+    if latency_inputs is not None and (not isinstance(latency_inputs, torch.Tensor) or latency_inputs.dim() != 4
+                                       or not latency_inputs.is_floating_point()):
+        raise InputError("latency_inputs must be a float NCHW tensor of the model's inputs")
     with torch.no_grad():
         reference = nn.Sequential(*layers)(validation).numpy()
 
     def types_of(wide: frozenset) -> list[str]:
         return ["int16" if index in wide else "int8" for index in range(len(layers))]
 
+    cost = arena_bytes if latency_inputs is None else graph_seconds(latency_inputs)
     choice = choose_wide([index for index, layer in enumerate(layers) if not isinstance(layer, _FUSED)],
                          lambda wide: cnn_graph_from(layers, calibration, activations=types_of(wide)),
-                         lambda graph: output_error(graph, validation, reference), budget)
-    return ActivationMix(tuple(types_of(frozenset(choice.wide))), choice.graph, choice.arena, choice.error,
+                         lambda graph: output_error(graph, validation, reference), budget, cost)
+    types = tuple(types_of(frozenset(choice.wide)))
+    if latency_inputs is None:
+        return ActivationMix(types, choice.graph, int(choice.arena), choice.error, int(choice.int8_arena))
+    int8_arena = arena_bytes(cnn_graph_from(layers, calibration, activations=types_of(frozenset())))
+    return ActivationMix(types, choice.graph, arena_bytes(choice.graph), choice.error, int8_arena, choice.arena,
                          choice.int8_arena)
