@@ -366,6 +366,10 @@ def test_the_activation_mix_search_keeps_its_budget_and_lowers_the_error() -> No
     assert timed.arena == arena_bytes(timed.graph) and timed.int8_arena == free.int8_arena
     with pytest.raises(InputError, match="latency_inputs must be a float NCHW"):
         choose_activation_types(layers, calibration, validation, latency_inputs=validation[0])
+    from mixprec.integer.build.mix import graph_seconds
+
+    with pytest.raises(InputError, match="repeats must be at least 1"):
+        graph_seconds(validation, repeats=0)
 
 
 def test_activation_types_by_rules_over_layer_names() -> None:

@@ -189,3 +189,5 @@ def test_encoder_stages_take_their_own_types_and_the_search_mixes_them(encoder_e
         build_encoder_graph(model, calibration, activations={"block9.up": "int16"})
     with pytest.raises(InputError, match="types other than int8 / int16"):
         build_encoder_graph(model, calibration, activations={"logits": "int4"})
+    with pytest.raises(InputError, match="encoder_stages takes a TinyEncoder"):
+        encoder_stages(torch.nn.Linear(2, 2))

@@ -58,6 +58,12 @@ def test_the_native_mean_sums_equal_numpy_in_int8_and_int16() -> None:
             x = rng.integers(low, high, shape).astype(dtype)
             x[0] = low  # a whole row at the extreme: the sums' largest magnitude
             assert np.array_equal(_sums(x, axes), x.sum(axis=axes, dtype=np.int64)), (dtype, shape, axes)
+    import torch
+
+    with pytest.raises(RuntimeError, match="contiguous int8 or int16"):
+        native.tflite_sum_middle(torch.zeros(2, 3, 4, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="more elements than an exact int32 sum"):
+        native.tflite_sum_middle(torch.zeros(1, 2**16 + 1, 1, dtype=torch.int16))
 
 
 @needs_litert

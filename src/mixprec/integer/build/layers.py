@@ -16,6 +16,8 @@ records. Runtime records hold integers (or half values); every float decision is
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
@@ -72,6 +74,25 @@ def calibrate_int16(samples: ArrayLike | torch.Tensor, margin: float = 0.0) -> Q
 def calibrate_as(dtype: str, samples: ArrayLike | torch.Tensor, margin: float = 0.0) -> Quantization:
     """:func:`calibrate` for ``"int8"``, :func:`calibrate_int16` for ``"int16"``."""
     return calibrate_int16(samples, margin) if dtype == "int16" else calibrate(samples, margin)
+
+
+def activation_types(stages: Sequence[str], activations: str | Mapping[str, str]) -> dict[str, str]:
+    """One activation type per stage name: ``"int8"`` or ``"int16"`` for every stage, or a mapping
+    of some stages to those types (the others int8). Unknown stages and other types are refused."""
+    kinds = ("int8", "int16")
+    if isinstance(activations, str):
+        if activations not in kinds:
+            raise InputError(f"activations must be 'int8' or 'int16' (16x8), or a type per stage, got {activations!r}")
+        return dict.fromkeys(stages, activations)
+    if not isinstance(activations, Mapping):
+        raise InputError(f"activations must be 'int8', 'int16' or a mapping of stage names to those, got "
+                         f"{type(activations).__name__}")
+    unknown = sorted(set(activations) - set(stages))
+    wrong = {name: kind for name, kind in activations.items() if kind not in kinds}
+    if unknown or wrong:
+        raise InputError(f"activation types per stage take the stages {list(stages)} and the types int8 / int16: "
+                         f"unknown stages {unknown}, types other than int8 / int16 {wrong}")
+    return {name: activations.get(name, "int8") for name in stages}
 
 
 def symmetric_int8_weights(weight: np.ndarray, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:

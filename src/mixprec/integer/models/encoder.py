@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mixprec.errors import InputError
-from mixprec.integer.build.layers import calibrate_as, fully_connected_from
+from mixprec.integer.build.layers import activation_types, calibrate_as, fully_connected_from
 from mixprec.integer.core.tensors import Quantization, TensorSpec
 from mixprec.integer.graph.graph import Graph
 from mixprec.integer.graph.nodes import (
@@ -112,29 +112,13 @@ def encoder_stages(model: TinyEncoder) -> tuple[str, ...]:
     ``encoded``, per block ``norm1, query, key, value, attention, residual1, norm2, up, down,
     residual2`` (prefixed ``block{i}.``), and ``logits``. (The embedding rows and the positional
     encoding take ``encoded``'s type, softmax attention's scores the attention's.)"""
+    if not isinstance(model, TinyEncoder):
+        raise InputError(f"encoder_stages takes a TinyEncoder, got {type(model).__name__}")
     names = ["encoded"]
     for index in range(len(model.blocks)):
         names += [f"block{index}.{name}" for name in ("norm1", "query", "key", "value", "attention", "residual1",
                                                         "norm2", "up", "down", "residual2")]
     return (*names, "logits")
-
-
-def _stage_types(model: TinyEncoder, activations: str | Mapping[str, str]) -> dict[str, str]:
-    kinds = ("int8", "int16")
-    stages = encoder_stages(model)
-    if isinstance(activations, str):
-        if activations not in kinds:
-            raise InputError(f"activations must be 'int8' or 'int16' (16x8), or a type per stage, got {activations!r}")
-        return dict.fromkeys(stages, activations)
-    if not isinstance(activations, Mapping):
-        raise InputError(f"activations must be 'int8', 'int16' or a mapping of stage names to those, got "
-                         f"{type(activations).__name__}")
-    unknown = sorted(set(activations) - set(stages))
-    wrong = {name: kind for name, kind in activations.items() if kind not in kinds}
-    if unknown or wrong:
-        raise InputError(f"activation types per stage: unknown stages {unknown} (stages are {list(stages)}), "
-                         f"types other than int8 / int16 {wrong}")
-    return {name: activations.get(name, "int8") for name in stages}
 
 
 def build_encoder_graph(model: TinyEncoder, calibration: torch.Tensor, range_margin: float = 0.0,
@@ -151,7 +135,7 @@ def build_encoder_graph(model: TinyEncoder, calibration: torch.Tensor, range_mar
     encoding are constants and keep their exact ranges."""
     if not isinstance(model, TinyEncoder):
         raise InputError(f"build_encoder_graph takes a TinyEncoder, got {type(model).__name__}")
-    types = _stage_types(model, activations)
+    types = activation_types(encoder_stages(model), activations)
     if calibration.ndim != 2 or calibration.dtype not in (torch.int32, torch.int64):
         raise InputError(f"calibration must be integer token ids [N, steps], got {calibration.dtype} "
                          f"{tuple(calibration.shape)}")

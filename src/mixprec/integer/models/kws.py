@@ -19,7 +19,12 @@ import torch
 from torch import nn
 
 from mixprec.errors import InputError
-from mixprec.integer.build.layers import calibrate_as, fully_connected_from, linear_attention_from
+from mixprec.integer.build.layers import (
+    activation_types,
+    calibrate_as,
+    fully_connected_from,
+    linear_attention_from,
+)
 from mixprec.integer.core.tensors import CODE_RANGES, Quantization, TensorSpec
 from mixprec.integer.graph.graph import Graph
 from mixprec.integer.graph.simulate import exact_operator, linear_attention_exact, onto_grid
@@ -71,19 +76,7 @@ def build_pipeline(model: KeywordSpotter, calibration: torch.Tensor, dtype: str 
     int8 activations, ``activations="int16"`` for TFLite's 16x8 mode (symmetric int16 grids,
     int64 biases; the weights stay int8), or one type per stage of :data:`KWS_STAGES` (absent
     stages int8; each stage's bridge to or from the half island takes its type)."""
-    kinds = ("int8", "int16")
-    if isinstance(activations, str):
-        if activations not in kinds:
-            raise InputError(f"activations must be 'int8' or 'int16', or a type per stage, got {activations!r}")
-        types = dict.fromkeys(KWS_STAGES, activations)
-    elif isinstance(activations, Mapping):
-        if set(activations) - set(KWS_STAGES) or any(kind not in kinds for kind in activations.values()):
-            raise InputError(f"activation types per stage take the stages {KWS_STAGES} and the types {kinds}, got "
-                             f"{dict(activations)}")
-        types = {name: activations.get(name, "int8") for name in KWS_STAGES}
-    else:
-        raise InputError(f"activations must be 'int8', 'int16' or a mapping of stages to those, got "
-                         f"{type(activations).__name__}")
+    types = activation_types(KWS_STAGES, activations)
     if not isinstance(model, KeywordSpotter):
         raise InputError(f"build_pipeline takes a KeywordSpotter, got {type(model).__name__}")
     if calibration.ndim != 3 or calibration.shape[-1] != model.frontend.in_features:

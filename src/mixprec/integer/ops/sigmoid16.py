@@ -34,9 +34,10 @@ from numpy.typing import NDArray
 
 from mixprec.errors import InputError
 from mixprec.integer.core.tensors import require_array
+from mixprec.integer.ops.softmax16 import SOFTMAX16_OUTPUT
 
-#: The output grid of both ops in 16x8: (scale, zero point).
-SIGMOID16_OUTPUT = (1.0 / 32768, 0)
+#: The output grid of both ops in 16x8: (scale, zero point), the 16x8 SOFTMAX's.
+SIGMOID16_OUTPUT = SOFTMAX16_OUTPUT
 #: Table entries per unit of x (the table covers sigmoid on [0, 255 / 24]).
 TABLE_STEPS_PER_UNIT = 24
 #: Input codes per unit of x on the kernels' internal grid (``3 * 4096``).

@@ -28,6 +28,8 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
+#include <utility>
 #include <vector>
 
 #include "split_rows.h"
@@ -167,16 +169,13 @@ class Int8Store16 {
               int32_t act_min, int32_t act_max)
       : m_(m), s_(s), per_channel_(per_channel),
         folded_(FoldedRescale16::applies(s, per_channel ? channels : 1)
-                    ? new FoldedRescale16(m, s, per_channel, channels) : nullptr),
+                    ? std::optional<FoldedRescale16>(std::in_place, m, s, per_channel, channels) : std::nullopt),
         offset_(_mm512_set1_epi32(output_offset)), low_(_mm512_set1_epi32(act_min)),
         high_(_mm512_set1_epi32(act_max)) {}
-  ~Int8Store16() { delete folded_; }
-  Int8Store16(const Int8Store16&) = delete;
-  Int8Store16& operator=(const Int8Store16&) = delete;
 
   void operator()(__m512i total, int64_t first_channel, int8_t* dst) const {
     __m512i v;
-    if (folded_ != nullptr) {
+    if (folded_) {
       v = (*folded_)(total, first_channel);
     } else {
       const int64_t k = per_channel_ ? first_channel : 0;
@@ -191,7 +190,7 @@ class Int8Store16 {
   const int32_t* m_;
   const int32_t* s_;
   bool per_channel_;
-  const FoldedRescale16* folded_;
+  std::optional<FoldedRescale16> folded_;
   __m512i offset_, low_, high_;
 };
 #else
