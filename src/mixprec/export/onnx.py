@@ -17,8 +17,10 @@ int8-static    ``q = Clip(Round(x / s_x) + z_x, -128, 127)``, the same ``MatMulI
                ``float(acc) * (s_x * w_scale) + b'`` (b' with the zero point folded in)
 w8             ``MatMul(x, Cast<float>(W^T)) * w_scale + b``
 w4gN, w8gN     ``MatMulNBits`` (bits 4 / 8, block N, float32 activations: accuracy_level 0)
-w4a8gN         ``MatMulNBits`` with accuracy_level 4 (ONNX Runtime rounds activations to
-               int8 per block in its own way, mixprec per token)
+w4a8gN         ``x`` rounded per row as for int8 (``QuantizeLinear``, ``DequantizeLinear``:
+               ``code * s``), then ``MatMulNBits`` accuracy_level 0: mixprec's arithmetic
+               up to float32 summation order (accuracy_level 4 would round ``x`` again,
+               per block, ONNX Runtime's way)
 fp16           ``Cast<float16>``, float16 ``MatMul`` + bias, ``Cast<float>``
 =============  ========================================================================
 
@@ -96,6 +98,16 @@ def _int8_matmul(g: object, codes: object, weight_t: object) -> object:
     return g.op("MatMulInteger", unsigned, weight_t, _constant(g, 128, torch.uint8))
 
 
+def _per_row_codes(g: object, rows: object) -> tuple[object, object, object]:
+    """mixprec's dynamic int8 rounding of ``rows`` ``[M, K]``: ``s = max(max|x|, 127 * 2**-126) / 127``
+    per row and ``u = QuantizeLinear(x, s, 128) = round_half_even(x / s) + 128`` (never saturating);
+    returns ``u`` (uint8), ``s`` ``[M]`` and the zero points ``[M]``."""
+    amax = g.op("ReduceMax", g.op("Abs", rows), _constant(g, [1], torch.int64), keepdims_i=0)
+    row_scale = g.op("Div", g.op("Max", amax, _constant(g, 127.0 * SCALE_MIN)), _constant(g, 127.0))
+    zero_point = g.op("Expand", _constant(g, 128, torch.uint8), g.op("Shape", row_scale))
+    return g.op("QuantizeLinear", rows, row_scale, zero_point, axis_i=0), row_scale, zero_point
+
+
 class _ScaledLinear(torch.autograd.Function):
     """``(x, W^T [K, N], per-column scale, bias)``: traced for its symbolic only (the value
     it returns while tracing is a placeholder of the output's shape)."""
@@ -110,11 +122,7 @@ class _Int8Dynamic(_ScaledLinear):
     def symbolic(g: object, x: object, weight_t: object, scale: object, bias: object) -> object:
         in_features, out_features = weight_t.type().sizes()
         rows = g.op("Reshape", x, _constant(g, [-1, in_features], torch.int64))
-        amax = g.op("ReduceMax", g.op("Abs", rows), _constant(g, [1], torch.int64), keepdims_i=0)
-        row_scale = g.op("Div", g.op("Max", amax, _constant(g, 127.0 * SCALE_MIN)), _constant(g, 127.0))
-        # QuantizeLinear along the rows: saturate(round_half_even(x / s) + 128), here never saturating
-        zero_point = g.op("Expand", _constant(g, 128, torch.uint8), g.op("Shape", row_scale))
-        unsigned = g.op("QuantizeLinear", rows, row_scale, zero_point, axis_i=0)
+        unsigned, row_scale, zero_point = _per_row_codes(g, rows)
         one = _constant(g, 1.0)  # float(acc) * (1 * 1): exact, in the same kernel as the int8 GEMM
         acc = g.op("com.microsoft::MatMulIntegerToFloat", unsigned, weight_t, one, one,
                    _constant(g, 128, torch.uint8))
@@ -157,15 +165,19 @@ class _W8(_ScaledLinear):
 class _MatMulNBits(torch.autograd.Function):
     @staticmethod
     def forward(ctx: object, x: Tensor, blocks: Tensor, scales: Tensor, bias: Tensor | None,  # noqa: ARG004
-                bits: int, block: int, accuracy: int, out_features: int) -> Tensor:
+                bits: int, block: int, per_token_int8: bool, out_features: int) -> Tensor:
         return x.new_empty(*x.shape[:-1], out_features)
 
     @staticmethod
     def symbolic(g: object, x: object, blocks: object, scales: object, bias: object, bits: int, block: int,
-                 accuracy: int, out_features: int) -> object:
+                 per_token_int8: bool, out_features: int) -> object:
         in_features = blocks.type().sizes()[1] * block
+        if per_token_int8:
+            rows = g.op("Reshape", x, _constant(g, [-1, in_features], torch.int64))
+            unsigned, row_scale, zero_point = _per_row_codes(g, rows)
+            x = g.op("Reshape", g.op("DequantizeLinear", unsigned, row_scale, zero_point, axis_i=0), g.op("Shape", x))
         y = g.op("com.microsoft::MatMulNBits", x, blocks, scales, K_i=in_features, N_i=out_features, bits_i=bits,
-                 block_size_i=block, accuracy_level_i=accuracy)
+                 block_size_i=block, accuracy_level_i=0)
         return y if bias is None else g.op("Add", y, bias)
 
 
@@ -180,9 +192,9 @@ class _OnnxLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         if isinstance(module, W4Linear):
             codes = unpack_int4(module.weight_packed, signed=True)
-            self._nbits(codes, module.weight_scale, 4, module.group_size, 4 if isinstance(module, W4A8Linear) else 0)
+            self._nbits(codes, module.weight_scale, 4, module.group_size, isinstance(module, W4A8Linear))
         elif isinstance(module, W8GroupLinear):
-            self._nbits(module.weight, module.weight_scale, 8, module.group_size, 0)
+            self._nbits(module.weight, module.weight_scale, 8, module.group_size, False)
         elif isinstance(module, Int8StaticLinear):
             self.register_buffer("weight_t", module.weight.t().contiguous())
             self.register_buffer("input_scale", module.input_scale.reshape(()).clone())
@@ -194,7 +206,7 @@ class _OnnxLinear(nn.Module):
         else:
             raise ExportError(f"ONNX export cannot hold a {module.precision} layer ({type(module).__name__})")
 
-    def _nbits(self, codes: Tensor, scale: Tensor, bits: int, block: int, accuracy: int) -> None:
+    def _nbits(self, codes: Tensor, scale: Tensor, bits: int, block: int, per_token_int8: bool) -> None:
         """MatMulNBits storage: ``[N, K / block, block * bits / 8]`` bytes of ``u = code + 2**(bits-1)``
         (for 4 bits, element ``2i`` in the low nibble of byte ``i``), float32 scales ``[N * K / block]``."""
         rows, columns = codes.shape
@@ -203,12 +215,12 @@ class _OnnxLinear(nn.Module):
             unsigned = pack_int4(unsigned)  # mixprec's own nibble order is MatMulNBits
         self.register_buffer("blocks", unsigned.reshape(rows, columns // block, -1).contiguous())
         self.register_buffer("scales", scale.to(torch.float32).reshape(-1).clone())
-        self.bits, self.block, self.accuracy, self.out_features = bits, block, accuracy, rows
+        self.bits, self.block, self.per_token_int8, self.out_features = bits, block, per_token_int8, rows
 
     def forward(self, x: Tensor) -> Tensor:
         if hasattr(self, "blocks"):
-            return _MatMulNBits.apply(x, self.blocks, self.scales, self.bias, self.bits, self.block, self.accuracy,
-                                      self.out_features)
+            return _MatMulNBits.apply(x, self.blocks, self.scales, self.bias, self.bits, self.block,
+                                      self.per_token_int8, self.out_features)
         if self.kind is Int8StaticLinear:
             return _Int8Static.apply(x, self.weight_t, self.input_scale, self.zero_point, self.combined, self.bias)
         if issubclass(self.kind, W8Linear):

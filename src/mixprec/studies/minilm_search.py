@@ -168,7 +168,8 @@ class StsbScorer:
     """STS-B test scoring of a sentence-embedding model. ``scorer(model, pairs)`` returns the
     Spearman correlation x100 of embedding cosines with the gold scores over ``pairs`` (a
     slice; default all 1379), and records every pair's cosine (``last_cosine``) and the
-    SQNR in dB of all its sentence embeddings against the reference model's (``last_sqnr_db``)."""
+    SQNR in dB of all its sentence embeddings against the reference model's (``last_sqnr_db``), and
+    the embeddings themselves (``last_embeddings``, ``[2, pairs, hidden]``: first and second sentences)."""
 
     def __init__(self, tokenizer: object, data: str | None, reference: nn.Module) -> None:
         stsb = load_stsb_test(data)
@@ -177,6 +178,7 @@ class StsbScorer:
         self.reference = self._embeddings(reference)
         self.last_cosine = np.empty(0)
         self.last_sqnr_db = math.nan
+        self.last_embeddings = torch.empty(0)
 
     def _embeddings(self, model: nn.Module, pairs: slice = slice(None)) -> Tensor:
         return torch.stack([embed(model, self.tokenizer, self.first[pairs]),
@@ -193,6 +195,7 @@ class StsbScorer:
         noise = float((embeddings.double() - reference.double()).pow(2).sum())
         self.last_sqnr_db = 10 * math.log10(float(reference.double().pow(2).sum()) / noise) if noise else math.inf
         self.last_cosine = (embeddings[0] * embeddings[1]).sum(1).double().numpy()
+        self.last_embeddings = embeddings
         return 100.0 * float(self._spearmanr(self.last_cosine, self.gold[pairs]))
 
     @staticmethod
