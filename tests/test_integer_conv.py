@@ -265,8 +265,10 @@ def test_the_native_pointwise_gemm_path_is_byte_identical_to_the_numpy_reference
 def test_the_native_vector_paths_are_byte_identical_to_the_numpy_reference(depthwise: bool) -> None:
     """Channel counts that are multiples of 16 take the AVX-512 paths where the CPU has them: the
     depthwise kernel's interleaved pairs of window points (odd and even window sizes, a 1x1
-    window, points outside the image), the GEMM, and the folded one-rounding rescale (right
-    shifts of 0 included) or, with a left shift anywhere, the saturating two-step one."""
+    window, points outside the image, strides and dilations over its padded int16 copy of each
+    sample, a sample split between threads), the GEMM (window rows gathered by masked moves of
+    up to 64 bytes or copied whole), and the folded one-rounding rescale (right shifts of 0
+    included) or, with a left shift anywhere, the saturating two-step one."""
     from mixprec.integer.ops.conv import ConvParams, _conv2d_native, conv2d_reference
     from mixprec.kernels import native
 
@@ -274,7 +276,7 @@ def test_the_native_vector_paths_are_byte_identical_to_the_numpy_reference(depth
         pytest.skip(f"native kernels unavailable: {native.load_error()}")
     rng = np.random.default_rng(29 + depthwise)
     for trial in range(30):
-        channels = int(rng.choice([16, 32, 48, 64, 80])) if depthwise else int(rng.choice([3, 8, 16]))
+        channels = int(rng.choice([16, 32, 48, 64, 80])) if depthwise else int(rng.choice([3, 8, 16, 40]))
         out = channels if depthwise else int(rng.choice([16, 32, 48]))
         kernel = [(3, 3), (1, 1), (2, 2), (1, 3), (3, 1), (4, 3)][trial % 6]
         weights = rng.integers(-127, 128, (1, *kernel, out) if depthwise else (out, *kernel, channels)).astype(np.int8)
@@ -300,3 +302,24 @@ def test_the_native_vector_paths_are_byte_identical_to_the_numpy_reference(depth
                                      channels)).astype(np.int8)
         x.flat[:channels], x.flat[-channels:] = -128, 127
         assert np.array_equal(_conv2d_native(x, params), conv2d_reference(x, params)), trial
+
+
+def test_a_depthwise_sample_split_between_threads_is_byte_identical() -> None:
+    """One sample large enough (2^22 products and more) that its output rows are split over the
+    threads, each laying out its own int16 copy of the sample: the same bytes as the reference."""
+    from mixprec.integer.ops.conv import ConvParams, _conv2d_native, conv2d_reference
+    from mixprec.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.load_error()}")
+    rng = np.random.default_rng(41)
+    channels = 144
+    params = ConvParams(weights=rng.integers(-127, 128, (1, 3, 3, channels)).astype(np.int8),
+                        bias=rng.integers(-2**16, 2**16, channels).astype(np.int32), input_offset=3,
+                        multiplier=rng.integers(2**30, 2**31 - 1, channels).astype(np.int32),
+                        shift=-rng.integers(8, 11, channels).astype(np.int32), output_offset=-4, stride=(1, 1),
+                        dilation=(1, 1), padding="SAME", depthwise=True, activation_min=-128, activation_max=127,
+                        dtype="int8")
+    x = rng.integers(-128, 128, (1, 61, 57, channels)).astype(np.int8)
+    assert 61 * 57 * channels * 9 >= 2**22
+    assert np.array_equal(_conv2d_native(x, params), conv2d_reference(x, params))

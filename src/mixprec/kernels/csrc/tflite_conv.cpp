@@ -16,7 +16,8 @@
 // windows (conv_gemm_vnni): the codes shifted by +128 into uint8 (x ^ 0x80) and the shift taken back
 // exactly through the weights' sums, acc = sum (x + 128) w + (input_offset - 128) * sum w; an int8
 // DEPTHWISE_CONV_2D with depth multiplier 1 and a multiple of 16 channels multiplies and adds two
-// window points at a time in int16 pairs, 32 channels per register (depthwise_avx512).
+// window points at a time in int16 pairs, 32 channels per register, from each sample laid out once
+// in int16 with its padding (depthwise_avx512).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -310,32 +311,57 @@ void convolve(const Geometry& g, const In* in, const int8_t* wt, const std::vect
 
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// kPixels x kBlocks tile of the 1x1 convolution: acc[p][b] = sum_k (x[p, k] + 128) * w[16 b + lane, k], the
-// weights packed [C / 4][blocks][16 lanes][4 consecutive input channels] for vpdpbusd.
+// kPixels x kBlocks tile of the 1x1 convolution: acc[p][b] = sum_k u[p, k] * w[16 b + lane, k], u the
+// codes plus 128 as uint8, the weights packed [C / 4][blocks][16 lanes][4 consecutive input channels]
+// for vpdpbusd (each pixel's 4 codes broadcast from memory into every lane).
+// The accumulators are locals, copied out once at the end: an output array updated in the loop
+// stayed in memory (GCC stored every register back on each step).
 template <int kPixels, int kBlocks>
-inline void pointwise_tile(const int8_t* x, int64_t channels, const int8_t* packed, int64_t blocks,
-                           __m512i (&acc)[kPixels][kBlocks]) {
+inline void pointwise_tile(const uint8_t* u, int64_t channels, const int8_t* packed, int64_t blocks,
+                           __m512i (&out)[kPixels][kBlocks]) {
+  __m512i acc[kPixels][kBlocks];
+#pragma GCC unroll 8
   for (int p = 0; p < kPixels; ++p)
+#pragma GCC unroll 4
     for (int b = 0; b < kBlocks; ++b) acc[p][b] = _mm512_setzero_si512();
-  const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
   for (int64_t k = 0; k < channels; k += 4) {
     const int8_t* wk = packed + (k / 4) * blocks * 64;
     __m512i w[kBlocks];
+#pragma GCC unroll 4
     for (int b = 0; b < kBlocks; ++b) w[b] = _mm512_loadu_si512(wk + b * 64);
+#pragma GCC unroll 8
     for (int p = 0; p < kPixels; ++p) {
       int32_t quad;
-      std::memcpy(&quad, x + p * channels + k, 4);
-      const __m512i u = _mm512_xor_si512(_mm512_set1_epi32(quad), flip);  // int8 code + 128, as uint8
-      for (int b = 0; b < kBlocks; ++b) acc[p][b] = _mm512_dpbusd_epi32(acc[p][b], u, w[b]);
+      std::memcpy(&quad, u + p * channels + k, 4);
+      const __m512i broadcast = _mm512_set1_epi32(quad);
+#pragma GCC unroll 4
+      for (int b = 0; b < kBlocks; ++b) acc[p][b] = _mm512_dpbusd_epi32(acc[p][b], broadcast, w[b]);
     }
   }
+#pragma GCC unroll 8
+  for (int p = 0; p < kPixels; ++p)
+#pragma GCC unroll 4
+    for (int b = 0; b < kBlocks; ++b) out[p][b] = acc[p][b];
+}
+
+// dst[i] = src[i] + 128 as uint8 (x ^ 0x80), count bytes.
+inline void shift_to_unsigned(const int8_t* src, uint8_t* dst, int64_t count) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  int64_t i = 0;
+  for (; i + 64 <= count; i += 64) {
+    _mm512_storeu_si512(dst + i, _mm512_xor_si512(_mm512_loadu_si512(src + i), flip));
+  }
+  const __mmask64 tail = _cvtu64_mask64(count - i >= 64 ? ~0ULL : (1ULL << (count - i)) - 1);
+  _mm512_mask_storeu_epi8(dst + i, tail, _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, src + i), flip));
 }
 
 // An int8 CONV_2D as one GEMM over all output pixels (see the file header): each pixel's window,
 // [kh, kw, in] like a weight row, is one GEMM row (the input itself for an unpadded 1x1, stride-1
 // convolution; otherwise gathered per chunk of pixels, points outside the image given the code
 // -input_offset, which contributes 0, and the row padded to a multiple of 4 under zero weights).
-constexpr int64_t kGemmChunk = 64;
+// Pixels per register tile: kTilePixels x 4 accumulators and 4 weight registers of the 32.
+constexpr int kTilePixels = 6;
+constexpr int64_t kGemmChunk = 10 * kTilePixels;
 
 void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const std::vector<int64_t>& bias,
                     const int32_t* m, const int32_t* s, bool per_channel, int32_t in_off, int32_t output_offset,
@@ -361,6 +387,15 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
     const int64_t first = block * 16;
     store(_mm512_add_epi32(acc, _mm512_loadu_si512(corrected.data() + first)), first, o + pixel * outs + first);
   };
+  // copies of a few bytes (a pixel's channels, a window row of a thin input) as one masked move
+  auto copy = [](int8_t* dst, const int8_t* src, int64_t bytes) {
+    if (bytes > 64) {
+      std::memcpy(dst, src, static_cast<size_t>(bytes));
+      return;
+    }
+    const __mmask64 mask = _cvtu64_mask64(bytes == 64 ? ~0ULL : (1ULL << bytes) - 1);
+    _mm512_mask_storeu_epi8(dst, mask, _mm512_maskz_loadu_epi8(mask, src));
+  };
   auto gather = [&](int64_t pixel, int8_t* row) {
     const int64_t n = pixel / (g.out_h * g.out_w), y = pixel / g.out_w % g.out_h, xo = pixel % g.out_w;
     const int64_t ix0 = xo * g.stride_w - g.pad_left;
@@ -368,7 +403,7 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
     for (int64_t ky = 0; ky < g.kh; ++ky) {
       const int64_t iy = y * g.stride_h - g.pad_top + ky * g.dilation_h;
       if (whole_rows && iy >= 0 && iy < g.height) {
-        std::memcpy(row, in + ((n * g.height + iy) * g.width + ix0) * g.channels, static_cast<size_t>(g.kw * g.channels));
+        copy(row, in + ((n * g.height + iy) * g.width + ix0) * g.channels, g.kw * g.channels);
         row += g.kw * g.channels;
         continue;
       }
@@ -377,7 +412,7 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
         if (iy < 0 || iy >= g.height || ix < 0 || ix >= g.width) {
           std::memset(row, outside, static_cast<size_t>(g.channels));
         } else {
-          std::memcpy(row, in + ((n * g.height + iy) * g.width + ix) * g.channels, static_cast<size_t>(g.channels));
+          copy(row, in + ((n * g.height + iy) * g.width + ix) * g.channels, g.channels);
         }
       }
     }
@@ -385,30 +420,39 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
   };
   mixprec::split_rows(pixels, pixels * depth * outs, [&](int64_t begin, int64_t end) {
     std::vector<int8_t> rows(direct ? 0 : static_cast<size_t>(kGemmChunk * depth));
+    std::vector<uint8_t> shifted(static_cast<size_t>(kGemmChunk * depth));
+    const uint8_t* x = shifted.data();
     for (int64_t chunk = begin; chunk < end; chunk += kGemmChunk) {
       const int64_t count = std::min(kGemmChunk, end - chunk);
-      const int8_t* x = in + chunk * depth;
+      const int8_t* codes = in + chunk * depth;
       if (!direct) {
         for (int64_t i = 0; i < count; ++i) gather(chunk + i, rows.data() + i * depth);
-        x = rows.data();
+        codes = rows.data();
       }
+      shift_to_unsigned(codes, shifted.data(), count * depth);
       int64_t p = 0;
-      for (; p + 4 <= count; p += 4) {
+      for (; p + kTilePixels <= count; p += kTilePixels) {
         int64_t b = 0;
         for (; b + 4 <= blocks; b += 4) {
-          __m512i acc[4][4];
-          pointwise_tile<4, 4>(x + p * depth, depth, packed.data() + b * 64, blocks, acc);
-          for (int i = 0; i < 4; ++i)
+          __m512i acc[kTilePixels][4];
+          pointwise_tile<kTilePixels, 4>(x + p * depth, depth, packed.data() + b * 64, blocks, acc);
+          for (int i = 0; i < kTilePixels; ++i)
             for (int j = 0; j < 4; ++j) finish(acc[i][j], chunk + p + i, b + j);
         }
         for (; b < blocks; ++b) {
-          __m512i acc[4][1];
-          pointwise_tile<4, 1>(x + p * depth, depth, packed.data() + b * 64, blocks, acc);
-          for (int i = 0; i < 4; ++i) finish(acc[i][0], chunk + p + i, b);
+          __m512i acc[kTilePixels][1];
+          pointwise_tile<kTilePixels, 1>(x + p * depth, depth, packed.data() + b * 64, blocks, acc);
+          for (int i = 0; i < kTilePixels; ++i) finish(acc[i][0], chunk + p + i, b);
         }
       }
       for (; p < count; ++p) {
-        for (int64_t b = 0; b < blocks; ++b) {
+        int64_t b = 0;
+        for (; b + 4 <= blocks; b += 4) {
+          __m512i acc[1][4];
+          pointwise_tile<1, 4>(x + p * depth, depth, packed.data() + b * 64, blocks, acc);
+          for (int j = 0; j < 4; ++j) finish(acc[0][j], chunk + p, b + j);
+        }
+        for (; b < blocks; ++b) {
           __m512i acc[1][1];
           pointwise_tile<1, 1>(x + p * depth, depth, packed.data() + b * 64, blocks, acc);
           finish(acc[0][0], chunk + p, b);
@@ -421,17 +465,28 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 // An int8 DEPTHWISE_CONV_2D with depth multiplier 1 and a multiple of 16 channels, 32 channels per step
-// (the last 16 zero-extended): the codes plus the input offset as int16, two window points interleaved
-// (unpacklo/hi_epi16) and multiplied-and-added pairwise against weights interleaved the same way
-// (vpmaddwd: |(x + offset) * w| <= 255 * 127, so each pair sums exactly in an int32 lane). An odd last
-// point pairs with zero weights; points outside the image contribute zero codes. The interleave puts
-// channel 8 L + j (L the 128-bit lane) in lane 4 L + j of the low sums for j < 4 and of the high sums
-// for j >= 4; a two-source permute restores channel order before the bias and the rescale. The same
-// integer sums as convolve(), in another order.
+// (the last 16 zero-extended). Each sample is first laid out once as int16 codes plus the input offset
+// in a buffer padded by the windows' reach, points outside the image 0 (TFLite sums only in-image
+// points; a zero adds nothing), channels padded to a multiple of 32: every window then reads at fixed
+// offsets, with no bounds checks. Two window points are interleaved (unpacklo/hi_epi16) and multiplied
+// and added pairwise against weights interleaved the same way (vpdpwssd, or vpmaddwd + add without
+// VNNI: |(x + offset) * w| <= 255 * 127, so each pair sums exactly in an int32 lane); an odd last point
+// pairs with zero weights. The interleave puts channel 8 L + j (L the 128-bit lane) in lane 4 L + j of
+// the low sums for j < 4 and of the high sums for j >= 4; a two-source permute restores channel order
+// before the bias and the rescale. The same integer sums as convolve(), in another order.
+inline __m512i multiply_add_pairs(__m512i acc, __m512i pairs, __m512i weights) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpwssd_epi32(acc, pairs, weights);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, weights));
+#endif
+}
+
 void depthwise_avx512(const Geometry& g, const int8_t* in, const int8_t* wt, const std::vector<int64_t>& bias,
                       const int32_t* m, const int32_t* s, bool per_channel, int32_t in_off, int32_t output_offset,
                       int32_t act_min, int32_t act_max, int8_t* o) {
   const int64_t channels = g.channels, taps = g.kh * g.kw, pairs = (taps + 1) / 2, blocks = (channels + 31) / 32;
+  const int64_t lanes = blocks * 32;  // int16 slots per buffered pixel
   auto load = [&](const int8_t* at, int64_t c) {  // 32 codes widened to int16, or 16 and zeros past the end
     return channels - c >= 32 ? _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + c)))
                               : _mm512_cvtepi8_epi16(_mm256_zextsi128_si256(
@@ -446,7 +501,14 @@ void depthwise_avx512(const Geometry& g, const int8_t* in, const int8_t* wt, con
       packed[static_cast<size_t>((p * blocks + b) * 2 + 1)] = _mm512_unpackhi_epi16(first, second);
     }
   }
-  std::vector<int32_t> bias32(static_cast<size_t>(channels), 0);
+  // the padded buffer: rows -pad_top .. reach_h - pad_top - 1 of the image, columns likewise
+  const int64_t reach_h = (g.out_h - 1) * g.stride_h + (g.kh - 1) * g.dilation_h + 1;
+  const int64_t reach_w = (g.out_w - 1) * g.stride_w + (g.kw - 1) * g.dilation_w + 1;
+  std::vector<int64_t> tap_offset(static_cast<size_t>(2 * pairs), 0);  // a missing last point reads tap 0
+  for (int64_t t = 0; t < taps; ++t) {
+    tap_offset[static_cast<size_t>(t)] = ((t / g.kw) * g.dilation_h * reach_w + (t % g.kw) * g.dilation_w) * lanes;
+  }
+  std::vector<int32_t> bias32(static_cast<size_t>(lanes), 0);
   if (!bias.empty()) std::copy(bias.begin(), bias.end(), bias32.begin());
   alignas(64) int32_t order[2][16];
   for (int half = 0; half < 2; ++half) {
@@ -458,27 +520,44 @@ void depthwise_avx512(const Geometry& g, const int8_t* in, const int8_t* wt, con
   const __m512i order_low = _mm512_load_si512(order[0]), order_high = _mm512_load_si512(order[1]);
   const __m512i offset16 = _mm512_set1_epi16(static_cast<int16_t>(in_off));
   const Int8Store16 store(m, s, per_channel, channels, output_offset, act_min, act_max);
+  auto lay_out = [&](int64_t n, int16_t* buffer) {
+    for (int64_t r = 0; r < reach_h; ++r) {
+      const int64_t iy = r - g.pad_top;
+      for (int64_t q = 0; q < reach_w; ++q) {
+        const int64_t ix = q - g.pad_left;
+        int16_t* dst = buffer + (r * reach_w + q) * lanes;
+        if (iy < 0 || iy >= g.height || ix < 0 || ix >= g.width) {
+          std::memset(dst, 0, static_cast<size_t>(lanes) * sizeof(int16_t));
+          continue;
+        }
+        const int8_t* src = in + ((n * g.height + iy) * g.width + ix) * channels;
+        for (int64_t c = 0; c < lanes; c += 32) {  // lanes past the channels meet zero weights
+          _mm512_storeu_si512(dst + c, _mm512_add_epi16(load(src, c), offset16));
+        }
+      }
+    }
+  };
   mixprec::split_rows(g.batch * g.out_h, g.batch * g.out_h * g.out_w * channels * taps, [&](int64_t begin, int64_t end) {
-    std::vector<const int8_t*> points(static_cast<size_t>(2 * pairs), nullptr);
+    std::vector<int16_t> buffer(static_cast<size_t>(reach_h * reach_w * lanes));
+    int64_t laid_out = -1;  // the sample in the buffer
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.out_h, y = row % g.out_h;
+      if (n != laid_out) {
+        lay_out(n, buffer.data());
+        laid_out = n;
+      }
       for (int64_t xo = 0; xo < g.out_w; ++xo) {
-        std::fill(points.begin(), points.end(), nullptr);
-        for_each_window_point(g, n, y, xo, [&](int64_t ky, int64_t kx, int64_t offset) {
-          points[static_cast<size_t>(ky * g.kw + kx)] = in + offset;
-        });
+        const int16_t* window = buffer.data() + (y * g.stride_h * reach_w + xo * g.stride_w) * lanes;
         int8_t* dst = o + ((n * g.out_h + y) * g.out_w + xo) * channels;
         for (int64_t b = 0; b < blocks; ++b) {
           const int64_t c = 32 * b;
           __m512i low = _mm512_setzero_si512(), high = _mm512_setzero_si512();
           for (int64_t p = 0; p < pairs; ++p) {
-            const int8_t* a = points[static_cast<size_t>(2 * p)];
-            const int8_t* z = points[static_cast<size_t>(2 * p + 1)];
-            const __m512i xa = a != nullptr ? _mm512_add_epi16(load(a, c), offset16) : _mm512_setzero_si512();
-            const __m512i xb = z != nullptr ? _mm512_add_epi16(load(z, c), offset16) : _mm512_setzero_si512();
+            const __m512i xa = _mm512_loadu_si512(window + tap_offset[static_cast<size_t>(2 * p)] + c);
+            const __m512i xb = _mm512_loadu_si512(window + tap_offset[static_cast<size_t>(2 * p + 1)] + c);
             const __m512i* w = packed.data() + (p * blocks + b) * 2;
-            low = _mm512_add_epi32(low, _mm512_madd_epi16(_mm512_unpacklo_epi16(xa, xb), w[0]));
-            high = _mm512_add_epi32(high, _mm512_madd_epi16(_mm512_unpackhi_epi16(xa, xb), w[1]));
+            low = multiply_add_pairs(low, _mm512_unpacklo_epi16(xa, xb), w[0]);
+            high = multiply_add_pairs(high, _mm512_unpackhi_epi16(xa, xb), w[1]);
           }
           const __m512i first = _mm512_permutex2var_epi32(low, order_low, high);
           store(_mm512_add_epi32(first, _mm512_loadu_si512(bias32.data() + c)), c, dst + c);
