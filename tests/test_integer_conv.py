@@ -92,9 +92,12 @@ def test_pooling_is_byte_identical_to_litert_reference_kernels(padding: str, tmp
 
     rng = np.random.default_rng(zlib.crc32(padding.encode()))
     conv = random_cnn(rng, True, padding, "none").nodes[0]  # 11x9x3 -> 6x5x8 (SAME) or 5x4x8 (VALID)
+    whole_map = (6, 5) if padding == "SAME" else (5, 4)  # one window over the map: the global pooling path
     for pools in [(MaxPool2DNode((1,), (3, 3), (2, 2), padding), AveragePool2DNode((2,), (2, 1), (1, 1), padding)),
                   (AveragePool2DNode((1,), (3, 2), (2, 1), padding, "relu6"), MaxPool2DNode((2,), (2, 2), (1, 1),
-                                                                                           padding, "relu"))]:
+                                                                                           padding, "relu")),
+                  (AveragePool2DNode((1,), whole_map, (1, 1), "VALID"),),
+                  (MaxPool2DNode((1,), whole_map, (1, 1), "VALID", "relu"),)]:
         graph = Graph((TensorSpec("input", (1, 11, 9, 3), Quantization.per_tensor(0.05, -3)),), (conv, *pools))
         path = tmp_path / "pool.tflite"
         export_tflite(graph, path)

@@ -46,7 +46,7 @@ def random_quant(rng: np.random.Generator, low: float, high: float) -> Quantizat
 
 def test_the_native_mean_sums_equal_numpy_in_int8_and_int16() -> None:
     """Consecutive axes take the native int32 sums (the largest magnitudes included); others numpy's."""
-    from mixprec.integer.ops.mean import _sums
+    from mixprec.integer.ops.mean import exact_sums
     from mixprec.kernels import native
 
     if not native.available():
@@ -57,7 +57,7 @@ def test_the_native_mean_sums_equal_numpy_in_int8_and_int16() -> None:
                             ((7, 5, 3, 16), (1, 3)), ((3, 2**16), (1,))):
             x = rng.integers(low, high, shape).astype(dtype)
             x[0] = low  # a whole row at the extreme: the sums' largest magnitude
-            assert np.array_equal(_sums(x, axes), x.sum(axis=axes, dtype=np.int64)), (dtype, shape, axes)
+            assert np.array_equal(exact_sums(x, axes), x.sum(axis=axes, dtype=np.int64)), (dtype, shape, axes)
     import torch
 
     with pytest.raises(RuntimeError, match="contiguous int8 or int16"):

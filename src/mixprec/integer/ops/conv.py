@@ -42,6 +42,7 @@ from mixprec.errors import InputError
 from mixprec.integer.core.fixedpoint import multiply_by_quantized_multiplier, multiply_by_quantized_multiplier_int64
 from mixprec.integer.core.tensors import CODE_RANGES, require_array, require_codes
 from mixprec.integer.ops.fully_connected import AccumulatorRecord
+from mixprec.integer.ops.mean import exact_sums
 from mixprec.kernels import native
 
 PADDINGS = ("SAME", "VALID")
@@ -231,19 +232,30 @@ def pool2d(x: NDArray, params: PoolParams) -> NDArray:
     cols = (np.arange(out_w) * sw - pad_left)[:, None] + np.arange(kw)
     inside = (((rows >= 0) & (rows < x.shape[1]))[:, None, :, None]
               & ((cols >= 0) & (cols < x.shape[2]))[None, :, None, :])  # [H', W', kh, kw]
-    windows = x.astype(np.int64)[:, np.clip(rows, 0, x.shape[1] - 1)[:, None, :, None],
-                                 np.clip(cols, 0, x.shape[2] - 1)[None, :, None, :], :]  # [N, H', W', kh, kw, C]
-    mask = inside[None, :, :, :, :, None]
-    if params.kind == "MAX":
-        result = np.where(mask, windows, np.iinfo(np.int64).min).max(axis=(3, 4))
+    count = inside.sum(axis=(2, 3))[None, :, :, None]
+    if out_h == out_w == 1 and count.item() == x.shape[1] * x.shape[2]:
+        # one window over the whole map (global pooling): reduced in place, no int64 copy of the windows
+        if params.kind == "MAX":
+            result = x.max(axis=(1, 2), keepdims=True).astype(np.int64)
+        else:
+            result = _rounded_average(exact_sums(x, (1, 2)).reshape(n, 1, 1, channels), count)
     else:
-        total = np.where(mask, windows, 0).sum(axis=(3, 4))
-        count = inside.sum(axis=(2, 3))[None, :, :, None]
-        offset = np.where(total > 0, count // 2, -(count // 2))
-        numerator = total + offset
-        result = np.sign(numerator) * (np.abs(numerator) // count)  # C division: toward zero
+        windows = x.astype(np.int64)[:, np.clip(rows, 0, x.shape[1] - 1)[:, None, :, None],
+                                     np.clip(cols, 0, x.shape[2] - 1)[None, :, None, :], :]  # [N, H', W', kh, kw, C]
+        mask = inside[None, :, :, :, :, None]
+        if params.kind == "MAX":
+            result = np.where(mask, windows, np.iinfo(np.int64).min).max(axis=(3, 4))
+        else:
+            result = _rounded_average(np.where(mask, windows, 0).sum(axis=(3, 4)), count)
     return np.clip(result, params.activation_min, params.activation_max).astype(params.dtype).reshape(
         n, out_h, out_w, channels)
+
+
+def _rounded_average(total: NDArray[np.int64], count: NDArray) -> NDArray[np.int64]:
+    """``total / count`` rounded half away from zero in integers (C division truncating toward zero)."""
+    offset = np.where(total > 0, count // 2, -(count // 2))
+    numerator = total + offset
+    return np.sign(numerator) * (np.abs(numerator) // count)
 
 
 def pad(x: NDArray, paddings: tuple[tuple[int, int], ...], zero_point: int) -> NDArray:

@@ -66,7 +66,7 @@ def mean_params(shape: tuple[int, ...], axes: tuple[int, ...], keep_dims: bool, 
                       (multiplier << headroom) // count, shift - headroom, dtype)
 
 
-def _sums(q: NDArray, axes: tuple[int, ...]) -> NDArray[np.int64]:
+def exact_sums(q: NDArray, axes: tuple[int, ...]) -> NDArray[np.int64]:
     """Exact sums of ``q`` over ``axes``: by the native kernel when the axes are consecutive (``q``
     viewed as ``[outer, middle, inner]``), else by numpy in int64 (without an int64 copy of ``q``)."""
     if native.available() and axes == tuple(range(axes[0], axes[-1] + 1)):
@@ -90,7 +90,7 @@ def mean(q: NDArray, params: MeanParams) -> NDArray:
     if count != params.count:
         raise InputError(f"mean over axes {params.axes} was built for {params.count} elements per output; "
                          f"shape {q.shape} gives {count}")
-    total = _sums(q, params.axes).reshape(mean_shape(q.shape, params.axes, params.keep_dims))
+    total = exact_sums(q, params.axes).reshape(mean_shape(q.shape, params.axes, params.keep_dims))
     scaled = multiply_by_quantized_multiplier(total - params.input_zero_point * params.count, params.multiplier,
                                               params.shift).astype(np.int64)
     return np.clip(scaled + params.output_zero_point, *CODE_RANGES[params.dtype]).astype(params.dtype)
