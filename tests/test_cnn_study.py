@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mixprec import InputError
-from mixprec.studies.cnn import CnnStudyConfig, cross_fitted_share, run
+from mixprec.studies.cnn import CnnStudyConfig, cross_fitted_share, fidelity_ranks, run
 
 
 def test_a_short_dscnn_study_writes_every_row_and_the_comparison(tmp_path: Path) -> None:
@@ -28,6 +28,11 @@ def test_a_short_dscnn_study_writes_every_row_and_the_comparison(tmp_path: Path)
             ratio = float(row["label"].split()[1][:-1])
             assert row["bytes"] <= ratio * payload["int8_bytes"]
     assert set(payload["random_baseline"]) == {"0.6x", "0.7x"}
+    rows = {row["label"]: row for row in payload["results"]}
+    assert rows["fp32"]["train_kl"] == 0 and rows["w4"]["train_kl"] > rows["int8"]["train_kl"] > 0
+    fidelity = payload["random_baseline"]["0.6x"]["fidelity"]
+    assert fidelity["searched_train_kl"] == rows["searched 0.6x int8 bytes"]["train_kl"]
+    assert 0 <= fidelity["searched_kl_below_share"] <= 1
     assert (tmp_path / "dscnn-results.csv").is_file() and (tmp_path / "dscnn-pareto.png").stat().st_size > 0
     assert [fold["batchnorm"] for fold in payload["folded"]][:2] == ["features.1", "features.4"]
 
@@ -50,3 +55,12 @@ def test_bad_configurations_are_refused() -> None:
         CnnStudyConfig(random_policies=3, group=5).check()
     with pytest.raises(InputError, match=r"budget ratios must lie in \(0, 1\)"):
         CnnStudyConfig(budget_ratios=(1.5,)).check()
+
+
+def test_fidelity_ranks_say_whether_training_kl_predicts_the_test_set() -> None:
+    pool_kl = [0.1, 0.2, 0.3, 0.4]
+    accuracy = [np.full(4, v) for v in (0.9, 0.8, 0.7, 0.6)]  # less KL, more accurate: rank correlation -1
+    losses = [np.full(4, v) for v in (0.1, 0.2, 0.3, 0.4)]
+    ranks = fidelity_ranks(0.15, pool_kl, accuracy, losses)
+    assert ranks["searched_kl_below_share"] == 0.75 and ranks["pool_median_train_kl"] == 0.25
+    assert ranks["spearman_train_kl_test_accuracy"] == -1.0 and ranks["spearman_train_kl_test_nll"] == 1.0

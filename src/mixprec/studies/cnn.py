@@ -14,7 +14,10 @@ For each model (:mod:`mixprec.studies.cnn_models`):
 4. The random baseline, cross-fitted: groups of ``group`` policies are drawn from the pool; the
    best of a group is chosen on the even-numbered test samples and scored on the odd ones,
    and the other way round, so that every sample scores a choice that never saw it. The share
-   of groups whose cross-fitted accuracy the searched policy beats is reported.
+   of groups whose cross-fitted accuracy the searched policy beats is reported; and, beside it,
+   what the search optimizes, fidelity to the float model on the training samples (KL of the
+   logits), for every policy: where the searched policy ranks among the random ones, and how
+   well fidelity predicts test accuracy among them (:func:`fidelity_ranks`).
 5. Throughput at batch 1 and 64 (interleaved medians, one process), a Pareto plot, CSV/JSON.
 """
 
@@ -62,8 +65,8 @@ from mixprec.studies.cnn_models import (
 )
 from mixprec.timing import interleaved_medians
 
-COLUMNS = ("label", "accuracy", "drop_vs_fp32", "test_nll", "bytes", "bytes_vs_int8", "predicted_ms_b64", "ms_b1",
-           "ms_b64", "speedup_b64")
+COLUMNS = ("label", "accuracy", "drop_vs_fp32", "test_nll", "train_kl", "bytes", "bytes_vs_int8", "predicted_ms_b64",
+           "ms_b1", "ms_b64", "speedup_b64")
 CANDIDATES = ("int8", "w4", "bf16")
 
 
@@ -140,21 +143,48 @@ def cross_fitted_share(searched: np.ndarray, pool: list[np.ndarray], group: int,
             "pool_median": round(float(np.median([p.mean() for p in pool])), 5)}
 
 
-class _Runner:
-    """One model's part of the study: scores policies on the test set and keeps the models."""
+def fidelity_ranks(searched_kl: float, pool_kl: list[float], pool_scores: list[np.ndarray],
+                   pool_losses: list[np.ndarray]) -> dict[str, float]:
+    """Whether the search's objective, fidelity to the float model on training samples, says
+    anything about the test set: the share of the random policies whose training KL the searched
+    policy beats, and the Spearman correlation, over the random policies, of their training KL
+    with their test accuracy (negative: fidelity predicts accuracy) and with their test NLL."""
+    from scipy.stats import spearmanr
 
-    def __init__(self, fp32: nn.Module, task: Task, problem: SearchProblem, calibration: list[torch.Tensor]) -> None:
+    kl = np.asarray(pool_kl)
+    accuracy, nll = [s.mean() for s in pool_scores], [s.mean() for s in pool_losses]
+    return {"searched_train_kl": round(searched_kl, 6), "pool_median_train_kl": round(float(np.median(kl)), 6),
+            "searched_kl_below_share": round(float((searched_kl < kl).mean()), 4),
+            "spearman_train_kl_test_accuracy": round(float(spearmanr(kl, accuracy).statistic), 3),
+            "spearman_train_kl_test_nll": round(float(spearmanr(kl, nll).statistic), 3)}
+
+
+class _Runner:
+    """One model's part of the study: scores policies on the test set (and their fidelity, the KL
+    divergence in nats of their logits from the float model's on training samples) and keeps the
+    models."""
+
+    def __init__(self, fp32: nn.Module, task: Task, problem: SearchProblem, calibration: list[torch.Tensor],
+                 fidelity_inputs: torch.Tensor) -> None:
         self.fp32, self.task, self.problem, self.calibration = fp32, task, problem, calibration
+        self.fidelity_inputs = fidelity_inputs
+        with torch.no_grad():
+            self.reference_log_probs = torch.log_softmax(fp32(fidelity_inputs).double(), 1)
         self.models: dict[str, nn.Module] = {}
 
-    def score(self, label: str, policy: Policy, keep: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+    def score(self, label: str, policy: Policy, keep: bool = False) -> tuple[np.ndarray, np.ndarray, int, float]:
+        """Per-sample test correctness and NLL, the quantized model's bytes and its training KL."""
         model = copy.deepcopy(self.fp32)
         static = "int8-static" in (policy.default, *(rule.precision for rule in policy.rules))
         report = quantize(model, policy, calibration=self.calibration if static else None)
         hits, losses = per_sample_scores(model, self.task.x_test, self.task.y_test)
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(self.fidelity_inputs).double(), 1)
+        reference = self.reference_log_probs
+        kl = float((reference.exp() * (reference - log_probs)).sum(1).mean())
         if keep:
             self.models[label] = model
-        return hits, losses, report.total_bytes
+        return hits, losses, report.total_bytes, kl
 
 
 def run_model(name: str, config: CnnStudyConfig, out: Path, console: Console) -> dict[str, Any]:
@@ -172,21 +202,22 @@ def run_model(name: str, config: CnnStudyConfig, out: Path, console: Console) ->
     batch64, batch1 = task.x_test[:64], task.x_test[:1]
     latency = measure_latency(fp32, batch64, CANDIDATES, rounds=config.rounds, progress=False)
     problem = build_problem(fp32, table, latency)
-    runner = _Runner(fp32, task, problem, calibration)
+    runner = _Runner(fp32, task, problem, calibration, sample)
     int8_bytes = uniform_bytes(fp32, "int8")
     rows: dict[str, dict[str, Any]] = {}
     policies: dict[str, Policy] = {}
 
     def add(label: str, policy: Policy, choices: dict[str, str] | None = None,
-            keep: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        hits, losses, size = runner.score(label, policy, keep)
+            keep: bool = False) -> tuple[np.ndarray, np.ndarray, int, float]:
+        hits, losses, size, kl = runner.score(label, policy, keep)
         policies[label] = policy
         predicted = problem.seconds_of(choices) if choices is not None else None
         rows[label] = {"label": label, "accuracy": round(100.0 * float(hits.mean()), 2),
                        "test_nll": round(float(losses.mean()), 5), "bytes": size,
                        "bytes_vs_int8": round(size / int8_bytes, 3),
+                       "train_kl": round(kl, 6),
                        "predicted_ms_b64": None if predicted is None else round(predicted * 1e3, 3)}
-        return hits, losses
+        return hits, losses, size, kl
 
     add("fp32", Policy(default="fp32"), uniform_choices(problem, "fp32"), keep=True)
     for precision in ("bf16", "int8", "int8-static", "w4"):
@@ -207,7 +238,8 @@ def run_model(name: str, config: CnnStudyConfig, out: Path, console: Console) ->
             "accuracy": cross_fitted_share(searched[0], [p[0] for p in pool], config.group, config.resamples,
                                            config.seed),
             "test_nll": cross_fitted_share(searched[1], [p[1] for p in pool], config.group, config.resamples,
-                                           config.seed, higher_is_better=False)}
+                                           config.seed, higher_is_better=False),
+            "fidelity": fidelity_ranks(searched[3], [p[3] for p in pool], [p[0] for p in pool], [p[1] for p in pool])}
     int8_latency = problem.seconds_of(uniform_choices(problem, "int8"))
     by_latency = search(fp32, table, budget_latency_s=int8_latency, latency=latency)
     add("searched, int8 latency", by_latency.policy, by_latency.choices, keep=True)
