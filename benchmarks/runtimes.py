@@ -185,7 +185,7 @@ def gap_policies() -> dict[str, tuple[str, Policy]]:
 def _gap(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     """Largest element difference and root-mean-square per-sentence distance of two stacks of
     unit-norm sentence embeddings ``[2, sentences, hidden]``."""
-    diff = (a.double() - b.double())
+    diff = a.double() - b.double()
     return float(diff.abs().max()), float(diff.pow(2).sum(-1).mean().sqrt())
 
 
@@ -203,17 +203,16 @@ def run_gaps(out: Path, data: str | None) -> list[dict[str, object]]:
     work = Path(tempfile.mkdtemp(prefix="mixprec-gaps-"))
     rows = []
     for label, (fmt, policy) in gap_policies().items():
-        scores, embeddings = {}, {}
+        scores, embeddings, weights = {}, {}, {}
         for role, chosen in (("eager", policy), ("twin", float_activation_twin(policy))):
             model = load_model()[0]
             mixprec.quantize(model, chosen)
             scores[role], embeddings[role] = scorer(model), scorer.last_embeddings
+            weights[role] = {n: m.dequantized_weight() for n, m in model.named_modules()
+                             if hasattr(m, "dequantized_weight")}
             if role == "eager":
                 target = work / f"{len(rows)}-{fmt}" if fmt == "compressed-tensors" else work / f"{len(rows)}.onnx"
                 mixprec.export(model, target, format=fmt)
-            else:
-                twin_weights = {n: m.dequantized_weight() for n, m in model.named_modules()
-                                if hasattr(m, "dequantized_weight")}
             del model
         if fmt == "onnx":
             consumer: nn.Module = OrtEncoder(target, threads)
@@ -221,10 +220,8 @@ def run_gaps(out: Path, data: str | None) -> list[dict[str, object]]:
             consumer = transformers.AutoModel.from_pretrained(target, dtype=torch.float32).eval()
         scores["consumer"], embeddings["consumer"] = scorer(consumer), scorer.last_embeddings
         del consumer
-        eager = load_model()[0]
-        mixprec.quantize(eager, policy)
-        same = all(torch.equal(m.dequantized_weight(), twin_weights[n]) for n, m in eager.named_modules()
-                   if hasattr(m, "dequantized_weight"))
+        same = weights["eager"].keys() == weights["twin"].keys() and all(
+            torch.equal(w, weights["twin"][n]) for n, w in weights["eager"].items())
         consumer_max, consumer_rms = _gap(embeddings["consumer"], embeddings["eager"])
         twin_max, twin_rms = _gap(embeddings["twin"], embeddings["eager"])
         rows.append({"policy": label, "consumer": "ONNX Runtime" if fmt == "onnx" else "transformers",

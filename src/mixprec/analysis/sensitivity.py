@@ -127,7 +127,9 @@ def _sqnr_cost(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> float:
     return noise / signal if signal > 0 else float("inf")
 
 
-def _kl_cost(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> float:
+def mean_kl_divergence(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> float:
+    """KL(softmax(reference) || softmax(outputs)) in nats, over the last axis in float64, averaged
+    over every row of every batch (the ``"kl"`` sensitivity metric)."""
     total, rows = 0.0, 0
     for r, o in zip(reference, outputs):
         log_p, log_q = F.log_softmax(r.double(), dim=-1), F.log_softmax(o.double(), dim=-1)
@@ -217,7 +219,7 @@ def _row(name: str, module: nn.Module, precision: Precision, metric: str, cost: 
 def _forward_rows(model: nn.Module, batches: list[Any], pairs: list[tuple[str, nn.Module, Precision]],
                   metric: str | Metric, run: Callable[[nn.Module, Any], Tensor],
                   progress: bool) -> list[SensitivityRow]:
-    cost_of: Metric = {"sqnr": _sqnr_cost, "kl": _kl_cost}[metric] if isinstance(metric, str) else metric
+    cost_of: Metric = {"sqnr": _sqnr_cost, "kl": mean_kl_divergence}[metric] if isinstance(metric, str) else metric
     metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
     rows = []
     with torch.no_grad():

@@ -47,6 +47,7 @@ from mixprec.analysis import (
     weight_error_ranking,
 )
 from mixprec.analysis.search import policy_for
+from mixprec.analysis.sensitivity import mean_kl_divergence
 from mixprec.batchnorm import fold_batchnorm
 from mixprec.errors import InputError
 from mixprec.policy import Policy
@@ -169,7 +170,7 @@ class _Runner:
         self.fp32, self.task, self.problem, self.calibration = fp32, task, problem, calibration
         self.fidelity_inputs = fidelity_inputs
         with torch.no_grad():
-            self.reference_log_probs = torch.log_softmax(fp32(fidelity_inputs).double(), 1)
+            self.reference_logits = fp32(fidelity_inputs)
         self.models: dict[str, nn.Module] = {}
 
     def score(self, label: str, policy: Policy, keep: bool = False) -> tuple[np.ndarray, np.ndarray, int, float]:
@@ -179,9 +180,7 @@ class _Runner:
         report = quantize(model, policy, calibration=self.calibration if static else None)
         hits, losses = per_sample_scores(model, self.task.x_test, self.task.y_test)
         with torch.no_grad():
-            log_probs = torch.log_softmax(model(self.fidelity_inputs).double(), 1)
-        reference = self.reference_log_probs
-        kl = float((reference.exp() * (reference - log_probs)).sum(1).mean())
+            kl = mean_kl_divergence([self.reference_logits], [model(self.fidelity_inputs)])
         if keep:
             self.models[label] = model
         return hits, losses, report.total_bytes, kl
