@@ -8,6 +8,9 @@ BatchNorms are folded. Then, in one process:
 - PyTorch float32, eager and ``torch.compile``;
 - mixprec eager: ``int8`` (dynamic activations), ``int8-static``, ``bf16`` and the searched
   policy at 0.6x uniform ``int8``'s bytes (SQNR sensitivity on training samples, as the study);
+  and ``int8-static`` under ``torch.compile`` (one graph; a static batch, one compile per batch
+  size, as PT2E below: with freezing and a dynamic batch Inductor's int8 convolution lowering
+  failed on a symbolic channel count);
 - PT2E with torchao's ``X86InductorQuantizer`` (static int8, its defaults) compiled by
   Inductor with freezing (oneDNN int8 convolutions);
 - the deprecated ``torch.ao`` FX flow (``x86`` qconfig mapping, static int8), eager;
@@ -127,6 +130,7 @@ def run_model(name: str, config: CnnStudyConfig, rounds: int) -> list[dict[str, 
         model = copy.deepcopy(fp32)
         mixprec.quantize(model, precision, calibration=calibration)
         paths[f"mixprec {precision}"] = model
+    paths["mixprec int8-static torch.compile"] = torch.compile(paths["mixprec int8-static"], dynamic=False)
     table = sensitivity(fp32, sample, CANDIDATES, progress=False)
     searched = copy.deepcopy(fp32)
     mixprec.quantize(searched, search(fp32, table, budget_bytes=int(0.6 * uniform_bytes(fp32, "int8"))).policy)

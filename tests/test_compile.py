@@ -64,15 +64,51 @@ def test_every_native_operator_a_quantized_linear_calls_has_a_fake() -> None:
         assert torch._library.simple_registry.singleton.find(f"mixprec::{name}").fake_impl.kernel is not None
 
 
-@pytest.mark.parametrize("precision", ["w8", "w4", "bf16"])  # int8 convolutions still break the graph
-def test_compiled_convolutional_networks_have_no_graph_break(precision: str) -> None:
-    if not native.available():
-        pytest.skip(f"native kernels: {native.load_error()}")
+def _small_cnn() -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                           nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(), nn.Conv2d(16, 8, 1),
                           nn.Flatten(), nn.Linear(8 * 36, 10)).eval()
     model[1].running_mean.uniform_(-0.5, 0.5)
+    return model
+
+
+def test_compiled_static_int8_convolutions_are_one_graph_with_the_eager_bits() -> None:
+    if not native.available():
+        pytest.skip(f"native kernels: {native.load_error()}")
+    model = _small_cnn()
+    calibration = [torch.randn(8, 3, 6, 6)]
+    mixprec.quantize(model, "int8-static", calibration=calibration)
+    x = torch.randn(4, 3, 6, 6) * 1.5  # some values beyond the calibrated range: they saturate
+    x[1, 0, 2, 2] = float("nan")
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, [str(reason.reason)[:200] for reason in explained.break_reasons]
+    assert explained.graph_count == 1
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        for batch in (x, x[[0, 2]], x[[3]]):  # new batch sizes recompile
+            eager, traced = model(batch), compiled(batch)
+            assert torch.equal(eager.isnan(), traced.isnan())
+            assert torch.equal(eager.nan_to_num(), traced.nan_to_num())
+    assert model(x)[1].isnan().all() and torch.isfinite(model(x)[[0, 2, 3]]).all()
+
+
+def test_compiled_dynamic_int8_convolutions_run_outside_the_graph_with_the_eager_bits() -> None:
+    if not native.available():
+        pytest.skip(f"native kernels: {native.load_error()}")
+    model = _small_cnn()
+    mixprec.quantize(model, mixprec.Policy([("5", "int8")], default="bf16"))  # the 1x1 convolution
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(model(x), torch.compile(model)(x))
+
+
+@pytest.mark.parametrize("precision", ["w8", "w4", "bf16"])
+def test_compiled_convolutional_networks_have_no_graph_break(precision: str) -> None:
+    if not native.available():
+        pytest.skip(f"native kernels: {native.load_error()}")
+    model = _small_cnn()
     x = torch.randn(4, 3, 6, 6)
     x[1, 0, 2, 2] = float("nan")  # one sample NaN: its output is NaN, the others untouched
     mixprec.quantize(model, precision)

@@ -253,6 +253,11 @@ class Int8Conv(PackedWeightMixin, _Int8WeightConv):
         scale, zero_point, x = dynamic_tensor_qparams(x)
         return scale, zero_point + 128, x
 
+    #: Run outside ``torch.compile``'s graphs: each call's range is read back on the host for
+    #: oneDNN's scalar arguments. Traced, the read broke the graph, and the convolutions'
+    #: frames, recompiled per channel count, failed in Inductor's int8 convolution lowering.
+    forward = torch.compiler.disable(QuantizedConv.forward)
+
     def convolve(self, x: Tensor) -> Tensor:
         x = x.to(torch.float32)
         scale, zero_point, x = self.activation_qparams(x)
@@ -267,7 +272,7 @@ class Int8Conv(PackedWeightMixin, _Int8WeightConv):
         else:
             y = int8_conv.conv_onednn(codes, scale, zero_point, self._packed, self.weight_scale,
                                       self._weight_zero_points, self.bias, self._geometry, self.fused_relu is not None)
-        if torch.isnan(sample_flag).any():
+        if torch.compiler.is_compiling() or torch.isnan(sample_flag).any():  # traced: no data-dependent branch
             y = y.mul(sample_flag.reshape(-1, 1, 1, 1))
         return y.squeeze(2) if self.layout.dims == 1 else y
 
@@ -282,6 +287,7 @@ class Int8StaticConv(Int8Conv):
         super().__init__(layout, "int8-static")
         self.register_buffer("input_scale", torch.ones(()))
         self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int32))
+        self._remember_input_qparams()
 
     @classmethod
     def from_float(cls, conv: nn.Module, input_qparams: QParams) -> Self:  # type: ignore[override]
@@ -291,7 +297,21 @@ class Int8StaticConv(Int8Conv):
         module._set_weight(conv)
         module.input_scale.copy_(input_qparams.scale)
         module.input_zero_point.copy_(input_qparams.zero_point)
+        module._remember_input_qparams()
         return module
 
+    forward = QuantizedConv.forward  # calibrated scalars: traced by torch.compile into one graph
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._remember_input_qparams()
+
+    def _remember_input_qparams(self) -> None:
+        """Keep the calibrated ``(s_x, uint8 zero point)`` as Python numbers beside their buffers:
+        no call reads them back from a tensor, so ``torch.compile`` traces one graph."""
+        self._input_qparams = (float(self.input_scale), int(self.input_zero_point) + 128)
+
     def convolve(self, x: Tensor) -> Tensor:
-        return self._int8_convolve(x.to(torch.float32), float(self.input_scale), int(self.input_zero_point) + 128)
+        return self._int8_convolve(x.to(torch.float32), *self._input_qparams)
