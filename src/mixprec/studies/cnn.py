@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -160,6 +160,16 @@ def fidelity_ranks(searched_kl: float, pool_kl: list[float], pool_scores: list[n
             "spearman_train_kl_test_nll": round(float(spearmanr(kl, nll).statistic), 3)}
 
 
+class PolicyScore(NamedTuple):
+    """One quantized model's scores: per-sample test correctness (0/1) and NLL (nats), its exact
+    bytes, and its training KL (nats) from the float model."""
+
+    hits: np.ndarray
+    losses: np.ndarray
+    bytes: int
+    train_kl: float
+
+
 class _Runner:
     """One model's part of the study: scores policies on the test set (and their fidelity, the KL
     divergence in nats of their logits from the float model's on training samples) and keeps the
@@ -173,8 +183,7 @@ class _Runner:
             self.reference_logits = fp32(fidelity_inputs)
         self.models: dict[str, nn.Module] = {}
 
-    def score(self, label: str, policy: Policy, keep: bool = False) -> tuple[np.ndarray, np.ndarray, int, float]:
-        """Per-sample test correctness and NLL, the quantized model's bytes and its training KL."""
+    def score(self, label: str, policy: Policy, keep: bool = False) -> PolicyScore:
         model = copy.deepcopy(self.fp32)
         static = "int8-static" in (policy.default, *(rule.precision for rule in policy.rules))
         report = quantize(model, policy, calibration=self.calibration if static else None)
@@ -183,7 +192,7 @@ class _Runner:
             kl = mean_kl_divergence([self.reference_logits], [model(self.fidelity_inputs)])
         if keep:
             self.models[label] = model
-        return hits, losses, report.total_bytes, kl
+        return PolicyScore(hits, losses, report.total_bytes, kl)
 
 
 def run_model(name: str, config: CnnStudyConfig, out: Path, console: Console) -> dict[str, Any]:
@@ -207,8 +216,9 @@ def run_model(name: str, config: CnnStudyConfig, out: Path, console: Console) ->
     policies: dict[str, Policy] = {}
 
     def add(label: str, policy: Policy, choices: dict[str, str] | None = None,
-            keep: bool = False) -> tuple[np.ndarray, np.ndarray, int, float]:
-        hits, losses, size, kl = runner.score(label, policy, keep)
+            keep: bool = False) -> PolicyScore:
+        scored = runner.score(label, policy, keep)
+        hits, losses, size, kl = scored
         policies[label] = policy
         predicted = problem.seconds_of(choices) if choices is not None else None
         rows[label] = {"label": label, "accuracy": round(100.0 * float(hits.mean()), 2),
@@ -216,7 +226,7 @@ def run_model(name: str, config: CnnStudyConfig, out: Path, console: Console) ->
                        "bytes_vs_int8": round(size / int8_bytes, 3),
                        "train_kl": round(kl, 6),
                        "predicted_ms_b64": None if predicted is None else round(predicted * 1e3, 3)}
-        return hits, losses, size, kl
+        return scored
 
     add("fp32", Policy(default="fp32"), uniform_choices(problem, "fp32"), keep=True)
     for precision in ("bf16", "int8", "int8-static", "w4"):
@@ -234,11 +244,12 @@ def run_model(name: str, config: CnnStudyConfig, out: Path, console: Console) ->
                 for _ in range(config.random_policies)]
         comparisons[f"{ratio:g}x"] = {
             "budget_bytes": budget,
-            "accuracy": cross_fitted_share(searched[0], [p[0] for p in pool], config.group, config.resamples,
+            "accuracy": cross_fitted_share(searched.hits, [p.hits for p in pool], config.group, config.resamples,
                                            config.seed),
-            "test_nll": cross_fitted_share(searched[1], [p[1] for p in pool], config.group, config.resamples,
+            "test_nll": cross_fitted_share(searched.losses, [p.losses for p in pool], config.group, config.resamples,
                                            config.seed, higher_is_better=False),
-            "fidelity": fidelity_ranks(searched[3], [p[3] for p in pool], [p[0] for p in pool], [p[1] for p in pool])}
+            "fidelity": fidelity_ranks(searched.train_kl, [p.train_kl for p in pool], [p.hits for p in pool],
+                                       [p.losses for p in pool])}
     int8_latency = problem.seconds_of(uniform_choices(problem, "int8"))
     by_latency = search(fp32, table, budget_latency_s=int8_latency, latency=latency)
     add("searched, int8 latency", by_latency.policy, by_latency.choices, keep=True)
