@@ -326,3 +326,45 @@ def test_a_depthwise_sample_split_between_threads_is_byte_identical() -> None:
     x = rng.integers(-128, 128, (1, 61, 57, channels)).astype(np.int8)
     assert 61 * 57 * channels * 9 >= 2**22
     assert np.array_equal(_conv2d_native(x, params), conv2d_reference(x, params))
+
+
+def _near_boundary(right: int, rng: np.random.Generator) -> tuple[int, int]:
+    """A 31-bit multiplier and an accumulator total whose rescaled value (gemmlowp's two roundings, right
+    shift ``right``) lies in (-100, 100) and within 2^-18 of a whole number, inside float32's rounding
+    errors there (multipliers whose products stay farther from every boundary are drawn again)."""
+    totals = np.arange(-100 << right, 100 << right, dtype=np.int64)
+    span = 1 << (31 + right)
+    tie = (1 << (right - 1)) << 31 if right else 0
+    while True:
+        multiplier = int(rng.integers(2**30, 2**31))
+        # floor(X) = floor(numerator / span): X's distance to a whole number is numerator mod span
+        product = totals * multiplier
+        numerator = product + (1 << 30) + tie - (right > 0) * (product < -(1 << 30)) * (1 << 31)
+        distance = np.minimum(numerator % span, span - numerator % span)
+        if distance.min() < span >> 18:
+            return multiplier, int(totals[distance.argmin()])
+
+
+@pytest.mark.parametrize("depthwise", [True, False], ids=["depthwise", "conv"])
+def test_rescale_near_rounding_boundaries_is_byte_identical(depthwise: bool) -> None:
+    """The AVX-512 rescale runs in float32 and redoes in integers the lanes too near a rounding
+    boundary: totals placed within 2^-18 of a boundary (one per channel, 31-bit multipliers that
+    float32 cannot hold, right shifts 8-13) come out as the integer reference's."""
+    from mixprec.integer.ops.conv import ConvParams, _conv2d_native, conv2d_reference
+    from mixprec.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.load_error()}")
+    rng = np.random.default_rng(53 + depthwise)
+    channels, offset, input_offset = 64, -3, 1
+    shift = -rng.integers(8, 14, channels).astype(np.int32)
+    multiplier, totals = (np.array(column) for column in zip(*(_near_boundary(int(-r), rng) for r in shift)))
+    # a 1x1 window of weight 1: total = x + input_offset + bias, the chosen total where x = 0
+    weights = np.ones((1, 1, 1, channels), np.int8) if depthwise else np.eye(channels, dtype=np.int8)[:, None, None]
+    params = ConvParams(weights=weights, bias=(totals - input_offset).astype(np.int32), input_offset=input_offset,
+                        multiplier=multiplier.astype(np.int32), shift=shift, output_offset=offset, stride=(1, 1),
+                        dilation=(1, 1), padding="VALID", depthwise=depthwise, activation_min=-128, activation_max=127,
+                        dtype="int8")
+    x = rng.integers(-2, 3, (3, 5, 4, channels)).astype(np.int8)
+    x[:, :2] = 0
+    assert np.array_equal(_conv2d_native(x, params), conv2d_reference(x, params))

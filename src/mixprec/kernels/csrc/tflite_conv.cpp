@@ -10,14 +10,13 @@
 // zero point 0, an int32 or int64 bias, int64 accumulation and TFLite's int64 rescale with the
 // 16-bit reduced multiplier. Output rows (batch x height) are split over PyTorch's OpenMP threads.
 //
-// With AVX-512 the int8 rescale runs 16 channels at a time (where no shift is positive, its two
-// roundings folded into one exact rounding of the 64-bit product: FoldedRescale16), and with
+// With AVX-512 the int8 rescale runs 16 channels at a time in float32 with a proven error bound, lanes
+// too near a rounding boundary redone in integers (Int8Store16), and with
 // AVX512-VNNI an int8 CONV_2D with a multiple of 16 output channels runs as a u8 x s8 GEMM over its
 // windows (conv_gemm_vnni): the codes shifted by +128 into uint8 (x ^ 0x80) and the shift taken back
 // exactly through the weights' sums, acc = sum (x + 128) w + (input_offset - 128) * sum w; an int8
-// DEPTHWISE_CONV_2D with depth multiplier 1 and a multiple of 16 channels multiplies and adds two
-// window points at a time in int16 pairs, 32 channels per register, from each sample laid out once
-// in int16 with its padding (depthwise_avx512).
+// DEPTHWISE_CONV_2D with depth multiplier 1 and a multiple of 16 channels takes the same shift and dot
+// products of four window points along a row, from each sample laid out once in such quads (depthwise_vnni).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -25,6 +24,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -114,85 +114,74 @@ inline __m512i requantize16(__m512i acc, __m512i multiplier, __m512i shift) {
                                _mm512_srav_epi32(x, right), one);
 }
 
-// The two roundings of requantize() folded into one of the 64-bit product p = acc * multiplier, for a
-// right shift R = -shift >= 0: srdhm gives q = floor((p + 2^30) / 2^31) and RoundingDivideByPOT(q, R) is
-// floor((q + h - [q < 0]) / 2^R) with h = 2^(R-1) (ties away from zero; h = 0 and no sign term for
-// R = 0). Nested floor divisions compose and the added terms are integers, so the result is
-// floor((p + 2^30 + (h - [p < -2^30]) * 2^31) / 2^(31 + R)): one add, one masked subtract and one
-// arithmetic shift per 64-bit lane. The same integers as requantize16, lane by lane.
-class FoldedRescale16 {
- public:
-  // Usable when no shift is positive (multipliers above 1 take the saturating left shift instead).
-  static bool applies(const int32_t* s, int64_t count) {
-    return std::all_of(s, s + count, [](int32_t shift) { return shift <= 0; });
-  }
-
-  FoldedRescale16(const int32_t* m, const int32_t* s, bool per_channel, int64_t channels)
-      : per_channel_(per_channel), table_(static_cast<size_t>((per_channel ? channels / 16 : 1) * 64)) {
-    for (int64_t block = 0; block < (per_channel ? channels / 16 : 1); ++block) {
-      for (int64_t lane = 0; lane < 16; ++lane) {
-        const int64_t c = per_channel ? block * 16 + lane : 0, right = -int64_t{s[c]};
-        const int64_t odd = lane % 2, slot = lane / 2;
-        int64_t* v = table_.data() + block * 64;
-        v[(0 + odd) * 8 + slot] = m[c];
-        v[(2 + odd) * 8 + slot] = (int64_t{1} << 30) + (right > 0 ? (int64_t{1} << (right - 1)) << 31 : 0);
-        v[(4 + odd) * 8 + slot] = right > 0 ? int64_t{1} << 31 : 0;
-        v[(6 + odd) * 8 + slot] = 31 + right;
-      }
-    }
-  }
-
-  // The rescaled 16 lanes of acc, whose first channel is first_channel.
-  __m512i operator()(__m512i acc, int64_t first_channel) const {
-    const int64_t* v = table_.data() + (per_channel_ ? first_channel / 16 : 0) * 64;
-    const __m512i even = lanes(acc, v, 0), odd = lanes(_mm512_srli_epi64(acc, 32), v, 8);
-    return _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-  }
-
- private:
-  static __m512i lanes(__m512i acc, const int64_t* v, int64_t at) {
-    const __m512i product = _mm512_mul_epi32(acc, _mm512_loadu_si512(v + at));
-    const __mmask8 below = _mm512_cmplt_epi64_mask(product, _mm512_set1_epi64(-(int64_t{1} << 30)));
-    __m512i t = _mm512_add_epi64(product, _mm512_loadu_si512(v + 16 + at));
-    t = _mm512_mask_sub_epi64(t, below, t, _mm512_loadu_si512(v + 32 + at));
-    return _mm512_srav_epi64(t, _mm512_loadu_si512(v + 48 + at));
-  }
-
-  bool per_channel_;
-  std::vector<int64_t> table_;
-};
-
-// 16 int32 totals (accumulator + bias) to int8 outputs: rescale, output offset, activation clamp. The
-// folded rescale where it applies, else requantize16 on the per-channel multipliers and shifts.
+// The int8 rescale, output offset and activation clamp of 16 int32 totals, in float32 and exact. With a
+// right shift R = -shift >= 0, requantize() + offset is floor(X) for X = V + c, V = total * m / 2^(31 + R)
+// and c = offset + 1/2 + 2^-(R+1) - [p < -2^30] 2^-R (p = total * m; for R = 0 just offset + 1/2):
+// srdhm is floor((p + 2^30) / 2^31), RoundingDivideByPOT floor((q + 2^(R-1) - [q < 0]) / 2^R), and
+// nested floor divisions of integers compose. A left shift L is R = 0 with V = total * m * 2^(L - 31)
+// (where total * 2^L saturates, |V| >= m >= 2^30 clamps the same way). The sign term is taken from
+// total < 0, the same as p < -2^30 except for total = -1 with m = 2^30, where both give floor(1/2 -
+// 2^-R) = floor(1/2) = 0 for R > 0. In float32, g = fma(float(total), float(m / 2^(31 + R)), float(c +
+// e)) with e = 2^-14, clamped to [act_min + 1/2 + e, act_max + 1/2 + e]: where it matters (|g| <= 129,
+// so |V| <= 258) the two operand roundings and the fma's cost |V| 2^-23 + |g| 2^-24 and c's 2^-17,
+// together under 3/4 e. So floor(g) = floor(X) wherever g's fraction is at least 2e; lanes within 2e
+// above a whole number (about one in 8,000) take the integer rescale (requantize16) instead. Multipliers
+// outside {0} u [2^30, 2^31) (never written by quantize_multiplier) always take the integer one.
 class Int8Store16 {
  public:
   Int8Store16(const int32_t* m, const int32_t* s, bool per_channel, int64_t channels, int32_t output_offset,
               int32_t act_min, int32_t act_max)
-      : m_(m), s_(s), per_channel_(per_channel),
-        folded_(FoldedRescale16::applies(s, per_channel ? channels : 1)
-                    ? std::optional<FoldedRescale16>(std::in_place, m, s, per_channel, channels) : std::nullopt),
+      : m_(m), s_(s), per_channel_(per_channel), table_(static_cast<size_t>((per_channel ? channels / 16 : 1) * 48)),
         offset_(_mm512_set1_epi32(output_offset)), low_(_mm512_set1_epi32(act_min)),
-        high_(_mm512_set1_epi32(act_max)) {}
+        high_(_mm512_set1_epi32(act_max)), low_float_(_mm512_set1_ps(static_cast<float>(act_min) + 0.5f + kMargin)),
+        high_float_(_mm512_set1_ps(static_cast<float>(act_max) + 0.5f + kMargin)) {
+    const int64_t count = per_channel ? channels : 1;
+    fast_ = std::all_of(m, m + count, [](int32_t v) { return v == 0 || v >= (int32_t{1} << 30); });
+    for (int64_t c = 0; c < static_cast<int64_t>(table_.size() / 3); ++c) {
+      const int64_t k = per_channel ? c : 0, right = s[k] > 0 ? 0 : -int64_t{s[k]};
+      const double tie = right > 0 ? std::ldexp(1.0, static_cast<int>(-right - 1)) : 0.0;
+      const double base = output_offset + 0.5 + tie + kMargin;
+      float* v = table_.data() + (c / 16) * 48 + c % 16;
+      v[0] = static_cast<float>(std::ldexp(static_cast<double>(m[k]), static_cast<int>(s[k] - 31)));
+      v[16] = static_cast<float>(base);
+      v[32] = static_cast<float>(base - 2 * tie);
+    }
+  }
+
+  // The 16 int32 outputs (offset added, clamped) of totals whose first channel is first_channel.
+  __m512i rescale(__m512i total, int64_t first_channel) const {
+    if (!fast_) return exact(total, first_channel);
+    const float* v = table_.data() + (per_channel_ ? first_channel / 16 : 0) * 48;
+    const __mmask16 negative = _mm512_cmplt_epi32_mask(total, _mm512_setzero_si512());
+    const __m512 c = _mm512_mask_mov_ps(_mm512_loadu_ps(v + 16), negative, _mm512_loadu_ps(v + 32));
+    __m512 g = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_loadu_ps(v), c);
+    g = _mm512_min_ps(_mm512_max_ps(g, low_float_), high_float_);
+    const __m512 whole = _mm512_roundscale_ps(g, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __mmask16 near = _mm512_cmp_ps_mask(_mm512_sub_ps(g, whole), _mm512_set1_ps(2 * kMargin), _CMP_LT_OQ);
+    const __m512i out = _mm512_cvtps_epi32(whole);  // whole numbers: exact
+    return near ? _mm512_mask_mov_epi32(out, near, exact(total, first_channel)) : out;
+  }
 
   void operator()(__m512i total, int64_t first_channel, int8_t* dst) const {
-    __m512i v;
-    if (folded_) {
-      v = (*folded_)(total, first_channel);
-    } else {
-      const int64_t k = per_channel_ ? first_channel : 0;
-      v = requantize16(total, per_channel_ ? _mm512_loadu_si512(m_ + k) : _mm512_set1_epi32(m_[0]),
-                       per_channel_ ? _mm512_loadu_si512(s_ + k) : _mm512_set1_epi32(s_[0]));
-    }
-    v = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(v, offset_), low_), high_);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(v));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(rescale(total, first_channel)));
   }
 
  private:
+  static constexpr float kMargin = 1.0f / 16384;
+
+  __m512i exact(__m512i total, int64_t first_channel) const {
+    const int64_t k = per_channel_ ? first_channel : 0;
+    const __m512i v = requantize16(total, per_channel_ ? _mm512_loadu_si512(m_ + k) : _mm512_set1_epi32(m_[0]),
+                                   per_channel_ ? _mm512_loadu_si512(s_ + k) : _mm512_set1_epi32(s_[0]));
+    return _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(v, offset_), low_), high_);
+  }
+
   const int32_t* m_;
   const int32_t* s_;
-  bool per_channel_;
-  std::optional<FoldedRescale16> folded_;
+  bool per_channel_, fast_ = false;
+  std::vector<float> table_;  // per block of 16 channels: the scales, c + e, c + e for negative totals
   __m512i offset_, low_, high_;
+  __m512 low_float_, high_float_;
 };
 #else
 constexpr bool kVectorRescale = false;
@@ -463,108 +452,114 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
 }
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-// An int8 DEPTHWISE_CONV_2D with depth multiplier 1 and a multiple of 16 channels, 32 channels per step
-// (the last 16 zero-extended). Each sample is first laid out once as int16 codes plus the input offset
-// in a buffer padded by the windows' reach, points outside the image 0 (TFLite sums only in-image
-// points; a zero adds nothing), channels padded to a multiple of 32: every window then reads at fixed
-// offsets, with no bounds checks. Two window points are interleaved (unpacklo/hi_epi16) and multiplied
-// and added pairwise against weights interleaved the same way (vpdpwssd, or vpmaddwd + add without
-// VNNI: |(x + offset) * w| <= 255 * 127, so each pair sums exactly in an int32 lane); an odd last point
-// pairs with zero weights. The interleave puts channel 8 L + j (L the 128-bit lane) in lane 4 L + j of
-// the low sums for j < 4 and of the high sums for j >= 4; a two-source permute restores channel order
-// before the bias and the rescale. The same integer sums as convolve(), in another order.
-inline __m512i multiply_add_pairs(__m512i acc, __m512i pairs, __m512i weights) {
-#if defined(__AVX512VNNI__)
-  return _mm512_dpwssd_epi32(acc, pairs, weights);
-#else
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, weights));
-#endif
-}
-
-void depthwise_avx512(const Geometry& g, const int8_t* in, const int8_t* wt, const std::vector<int64_t>& bias,
-                      const int32_t* m, const int32_t* s, bool per_channel, int32_t in_off, int32_t output_offset,
-                      int32_t act_min, int32_t act_max, int8_t* o) {
-  const int64_t channels = g.channels, taps = g.kh * g.kw, pairs = (taps + 1) / 2, blocks = (channels + 31) / 32;
-  const int64_t lanes = blocks * 32;  // int16 slots per buffered pixel
-  auto load = [&](const int8_t* at, int64_t c) {  // 32 codes widened to int16, or 16 and zeros past the end
-    return channels - c >= 32 ? _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + c)))
-                              : _mm512_cvtepi8_epi16(_mm256_zextsi128_si256(
-                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(at + c))));
-  };
-  std::vector<__m512i> packed(static_cast<size_t>(pairs * blocks * 2));
-  for (int64_t p = 0; p < pairs; ++p) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      const __m512i first = load(wt + 2 * p * channels, 32 * b);
-      const __m512i second = 2 * p + 1 < taps ? load(wt + (2 * p + 1) * channels, 32 * b) : _mm512_setzero_si512();
-      packed[static_cast<size_t>((p * blocks + b) * 2)] = _mm512_unpacklo_epi16(first, second);
-      packed[static_cast<size_t>((p * blocks + b) * 2 + 1)] = _mm512_unpackhi_epi16(first, second);
-    }
-  }
-  // the padded buffer: rows -pad_top .. reach_h - pad_top - 1 of the image, columns likewise
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// An int8 DEPTHWISE_CONV_2D with depth multiplier 1 and a multiple of 16 channels as u8 x s8 dot products of
+// four window points along a row (vpdpbusd), 64 channels per step. Each sample is laid out once, row by row,
+// as "quads": for every column q the codes of columns q, q + d, q + 2d, q + 3d (d the dilation) side by side
+// per channel, shifted by +128 into uint8, points outside the image given the code -input_offset (so that
+// x + input_offset = 0 there: TFLite sums only in-image points) and the shift taken back through the
+// weights' sums, acc = sum (x + 128) w + (input_offset - 128) sum w. A row's taps 4i .. 4i + 3 are then one
+// dot product against the quad at its column plus 4 i d, taps past the kernel's width under zero weights.
+// The quads come from byte and word unpacks, which leave register k's lane 4 L + j holding channel
+// 16 L + 4 k + j of the 64; the weights, bias and rescale tables take that order, and two saturating
+// packs of the four rescaled registers restore the channels' order. The same integer sums as convolve().
+void depthwise_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const std::vector<int64_t>& bias,
+                    const int32_t* m, const int32_t* s, bool per_channel, int32_t in_off, int32_t output_offset,
+                    int32_t act_min, int32_t act_max, int8_t* o) {
+  const int64_t channels = g.channels, blocks = (channels + 63) / 64, lanes = blocks * 64;
+  const int64_t groups = (g.kw + 3) / 4, step = 4 * g.dilation_w;  // quads per kernel row, columns between them
   const int64_t reach_h = (g.out_h - 1) * g.stride_h + (g.kh - 1) * g.dilation_h + 1;
-  const int64_t reach_w = (g.out_w - 1) * g.stride_w + (g.kw - 1) * g.dilation_w + 1;
-  std::vector<int64_t> tap_offset(static_cast<size_t>(2 * pairs), 0);  // a missing last point reads tap 0
-  for (int64_t t = 0; t < taps; ++t) {
-    tap_offset[static_cast<size_t>(t)] = ((t / g.kw) * g.dilation_h * reach_w + (t % g.kw) * g.dilation_w) * lanes;
-  }
-  std::vector<int32_t> bias32(static_cast<size_t>(lanes), 0);
-  if (!bias.empty()) std::copy(bias.begin(), bias.end(), bias32.begin());
-  alignas(64) int32_t order[2][16];
-  for (int half = 0; half < 2; ++half) {
-    for (int c = 0; c < 16; ++c) {
-      const int lane = half * 2 + c / 8, j = c % 8;
-      order[half][c] = j < 4 ? 4 * lane + j : 16 + 4 * lane + j - 4;
+  const int64_t entries = (g.out_w - 1) * g.stride_w + (groups - 1) * step + 1;  // quads per laid-out row
+  const int64_t span = entries + 3 * g.dilation_w;  // padded columns those quads read
+  // lane order: slot 64 b + 16 k + 4 L + j of the registers holds channel 64 b + 16 L + 4 k + j
+  auto channel_of = [](int64_t slot) {
+    const int64_t within = slot % 64, k = within / 16, lane = within % 16 / 4, j = within % 4;
+    return slot - within + 16 * lane + 4 * k + j;
+  };
+  std::vector<__m512i> packed(static_cast<size_t>(g.kh * groups * blocks * 4));
+  std::vector<int32_t> corrected(static_cast<size_t>(lanes), 0), slot_m(static_cast<size_t>(lanes), 0);
+  std::vector<int32_t> slot_s(static_cast<size_t>(lanes), 0);
+  for (int64_t slot = 0; slot < lanes; ++slot) {
+    const int64_t c = channel_of(slot);
+    if (c >= channels) continue;  // padding channels: zero weights, outputs not stored
+    int64_t sum = 0;
+    for (int64_t t = 0; t < g.kh * g.kw; ++t) sum += wt[t * channels + c];
+    corrected[slot] = static_cast<int32_t>((bias.empty() ? 0 : bias[c]) + int64_t{in_off - 128} * sum);
+    slot_m[slot] = m[per_channel ? c : 0];
+    slot_s[slot] = s[per_channel ? c : 0];
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      for (int64_t kx = 0; kx < g.kw; ++kx) {
+        auto* bytes = reinterpret_cast<int8_t*>(packed.data() + ((ky * groups + kx / 4) * blocks + slot / 64) * 4);
+        bytes[slot % 64 * 4 + kx % 4] = wt[(ky * g.kw + kx) * channels + c];
+      }
     }
   }
-  const __m512i order_low = _mm512_load_si512(order[0]), order_high = _mm512_load_si512(order[1]);
-  const __m512i offset16 = _mm512_set1_epi16(static_cast<int16_t>(in_off));
-  const Int8Store16 store(m, s, per_channel, channels, output_offset, act_min, act_max);
-  auto lay_out = [&](int64_t n, int16_t* buffer) {
+  const Int8Store16 store(per_channel ? slot_m.data() : m, per_channel ? slot_s.data() : s, per_channel, lanes,
+                          output_offset, act_min, act_max);
+  const uint8_t outside = static_cast<uint8_t>(static_cast<int8_t>(-in_off) ^ 0x80);
+  auto lay_out = [&](int64_t n, __m512i* quads, uint8_t* row) {
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    const __mmask64 tail = _cvtu64_mask64(channels % 64 == 0 ? ~0ULL : (1ULL << (channels % 64)) - 1);
     for (int64_t r = 0; r < reach_h; ++r) {
       const int64_t iy = r - g.pad_top;
-      for (int64_t q = 0; q < reach_w; ++q) {
+      std::memset(row, outside, static_cast<size_t>(span * lanes));
+      for (int64_t q = 0; q < span && iy >= 0 && iy < g.height; ++q) {
         const int64_t ix = q - g.pad_left;
-        int16_t* dst = buffer + (r * reach_w + q) * lanes;
-        if (iy < 0 || iy >= g.height || ix < 0 || ix >= g.width) {
-          std::memset(dst, 0, static_cast<size_t>(lanes) * sizeof(int16_t));
-          continue;
-        }
+        if (ix < 0 || ix >= g.width) continue;
         const int8_t* src = in + ((n * g.height + iy) * g.width + ix) * channels;
-        for (int64_t c = 0; c < lanes; c += 32) {  // lanes past the channels meet zero weights
-          _mm512_storeu_si512(dst + c, _mm512_add_epi16(load(src, c), offset16));
+        for (int64_t b = 0; b < blocks; ++b) {
+          const __mmask64 keep = b + 1 < blocks ? ~__mmask64{0} : tail;
+          _mm512_mask_storeu_epi8(row + q * lanes + 64 * b, keep,
+                                  _mm512_xor_si512(_mm512_maskz_loadu_epi8(keep, src + 64 * b), flip));
+        }
+      }
+      for (int64_t q = 0; q < entries; ++q) {
+        for (int64_t b = 0; b < blocks; ++b) {
+          auto at = [&](int64_t column) { return _mm512_loadu_si512(row + column * lanes + 64 * b); };
+          const __m512i p0 = at(q), p1 = at(q + g.dilation_w), p2 = at(q + 2 * g.dilation_w);
+          const __m512i p3 = at(q + 3 * g.dilation_w);
+          const __m512i low01 = _mm512_unpacklo_epi8(p0, p1), high01 = _mm512_unpackhi_epi8(p0, p1);
+          const __m512i low23 = _mm512_unpacklo_epi8(p2, p3), high23 = _mm512_unpackhi_epi8(p2, p3);
+          __m512i* dst = quads + ((r * entries + q) * blocks + b) * 4;
+          dst[0] = _mm512_unpacklo_epi16(low01, low23);
+          dst[1] = _mm512_unpackhi_epi16(low01, low23);
+          dst[2] = _mm512_unpacklo_epi16(high01, high23);
+          dst[3] = _mm512_unpackhi_epi16(high01, high23);
         }
       }
     }
   };
-  mixprec::split_rows(g.batch * g.out_h, g.batch * g.out_h * g.out_w * channels * taps, [&](int64_t begin, int64_t end) {
-    std::vector<int16_t> buffer(static_cast<size_t>(reach_h * reach_w * lanes));
+  mixprec::split_rows(g.batch * g.out_h, g.batch * g.out_h * g.out_w * channels * g.kh * g.kw,
+                      [&](int64_t begin, int64_t end) {
+    std::vector<__m512i> quads(static_cast<size_t>(reach_h * entries * blocks * 4));
+    std::vector<uint8_t> row(static_cast<size_t>(span * lanes));
     int64_t laid_out = -1;  // the sample in the buffer
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / g.out_h, y = row % g.out_h;
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t n = index / g.out_h, y = index % g.out_h;
       if (n != laid_out) {
-        lay_out(n, buffer.data());
+        lay_out(n, quads.data(), row.data());
         laid_out = n;
       }
       for (int64_t xo = 0; xo < g.out_w; ++xo) {
-        const int16_t* window = buffer.data() + (y * g.stride_h * reach_w + xo * g.stride_w) * lanes;
         int8_t* dst = o + ((n * g.out_h + y) * g.out_w + xo) * channels;
         for (int64_t b = 0; b < blocks; ++b) {
-          const int64_t c = 32 * b;
-          __m512i low = _mm512_setzero_si512(), high = _mm512_setzero_si512();
-          for (int64_t p = 0; p < pairs; ++p) {
-            const __m512i xa = _mm512_loadu_si512(window + tap_offset[static_cast<size_t>(2 * p)] + c);
-            const __m512i xb = _mm512_loadu_si512(window + tap_offset[static_cast<size_t>(2 * p + 1)] + c);
-            const __m512i* w = packed.data() + (p * blocks + b) * 2;
-            low = multiply_add_pairs(low, _mm512_unpacklo_epi16(xa, xb), w[0]);
-            high = multiply_add_pairs(high, _mm512_unpackhi_epi16(xa, xb), w[1]);
+          __m512i acc[4];
+          for (int k = 0; k < 4; ++k) acc[k] = _mm512_loadu_si512(corrected.data() + 64 * b + 16 * k);
+          for (int64_t ky = 0; ky < g.kh; ++ky) {
+            const __m512i* e = quads.data() + (((y * g.stride_h + ky * g.dilation_h) * entries + xo * g.stride_w) *
+                                               blocks + b) * 4;
+            const __m512i* w = packed.data() + (ky * groups * blocks + b) * 4;
+            for (int64_t group = 0; group < groups; ++group, e += step * blocks * 4, w += blocks * 4) {
+#pragma GCC unroll 4
+              for (int k = 0; k < 4; ++k) acc[k] = _mm512_dpbusd_epi32(acc[k], e[k], w[k]);
+            }
           }
-          const __m512i first = _mm512_permutex2var_epi32(low, order_low, high);
-          store(_mm512_add_epi32(first, _mm512_loadu_si512(bias32.data() + c)), c, dst + c);
-          if (channels - c >= 32) {
-            const __m512i second = _mm512_permutex2var_epi32(low, order_high, high);
-            store(_mm512_add_epi32(second, _mm512_loadu_si512(bias32.data() + c + 16)), c + 16, dst + c + 16);
-          }
+          __m512i v[4];
+#pragma GCC unroll 4
+          for (int k = 0; k < 4; ++k) v[k] = store.rescale(acc[k], 64 * b + 16 * k);
+          const __m512i bytes = _mm512_packs_epi16(_mm512_packs_epi32(v[0], v[1]), _mm512_packs_epi32(v[2], v[3]));
+          const int64_t count = std::min<int64_t>(64, channels - 64 * b);
+          _mm512_mask_storeu_epi8(dst + 64 * b, _cvtu64_mask64(count == 64 ? ~0ULL : (1ULL << count) - 1), bytes);
         }
       }
     }
@@ -613,12 +608,11 @@ at::Tensor tflite_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::op
                    out.data_ptr<int8_t>());
     return out;
   }
-#endif
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-  if (!wide && depthwise && g.out_channels == g.channels && g.channels % 16 == 0) {
-    depthwise_avx512(g, x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), bias64, m, s, per_channel, in_off,
-                     static_cast<int32_t>(output_offset), static_cast<int32_t>(act_min), static_cast<int32_t>(act_max),
-                     out.data_ptr<int8_t>());
+  if (!wide && depthwise && g.out_channels == g.channels && g.channels % 16 == 0 && input_offset >= -127 &&
+      input_offset <= 128) {
+    depthwise_vnni(g, x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), bias64, m, s, per_channel, in_off,
+                   static_cast<int32_t>(output_offset), static_cast<int32_t>(act_min), static_cast<int32_t>(act_max),
+                   out.data_ptr<int8_t>());
     return out;
   }
 #endif
