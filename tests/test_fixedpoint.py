@@ -118,6 +118,22 @@ def test_double_round_multiply_is_the_gemmlowp_composition() -> None:
     assert multiply_by_quantized_multiplier(2**30, 2**30, 4) == 2**30
 
 
+def test_right_shift_rescale_in_one_rounding_equals_the_two_roundings() -> None:
+    """Right shifts take one rounding of the 64-bit product: the same integers as the high multiply
+    followed by RoundingDivideByPOT, for every exponent 0-31, extreme and random values and multipliers
+    (0, 1, 2^30, 2^31 - 1, random), one shift for all or one per element."""
+    rng = np.random.default_rng(9)
+    x = values(20000, 11)
+    for trial in range(24):
+        if trial < 4:
+            multiplier = np.full(x.size, [0, 1, 2**30, INT32_MAX][trial])
+        else:
+            multiplier = rng.integers(0, INT32_MAX, x.size, endpoint=True)
+        right = rng.integers(0, 32, x.size) if trial % 2 else np.full(x.size, trial % 32)
+        expected = rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x, multiplier), right)
+        assert np.array_equal(multiply_by_quantized_multiplier(x, multiplier, -right), expected), trial
+
+
 def test_gemmlowp_exp_and_reciprocal_approximate_the_real_functions() -> None:
     from mixprec.integer.core.fixedpoint_functions import exp_on_negative_values, one_over_one_plus_x_for_x_in_0_1
 

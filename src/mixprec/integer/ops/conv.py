@@ -265,4 +265,6 @@ def pad(x: NDArray, paddings: tuple[tuple[int, int], ...], zero_point: int) -> N
     if len(paddings) != x.ndim or any(p < 0 for pair in paddings for p in pair):
         raise InputError(f"PAD needs one non-negative (before, after) pair per dimension of a {x.ndim}-D "
                          f"tensor, got {paddings}")
-    return np.pad(x, paddings, constant_values=x.dtype.type(zero_point))
+    out = np.full(tuple(size + before + after for size, (before, after) in zip(x.shape, paddings)), zero_point, x.dtype)
+    out[tuple(slice(before, before + size) for size, (before, _) in zip(x.shape, paddings))] = x
+    return out
