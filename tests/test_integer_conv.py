@@ -368,3 +368,29 @@ def test_rescale_near_rounding_boundaries_is_byte_identical(depthwise: bool) -> 
     x = rng.integers(-2, 3, (3, 5, 4, channels)).astype(np.int8)
     x[:, :2] = 0
     assert np.array_equal(_conv2d_native(x, params), conv2d_reference(x, params))
+
+
+def test_windows_read_in_place_are_byte_identical_to_the_numpy_reference() -> None:
+    """VALID int8 convolutions whose window rows are a multiple of 4 bytes (1 channel x 4 columns as
+    the DS-CNN's first layer, 4 x 3, 8 x 1) read each window's rows in place: strides, a vertical
+    dilation, per-tensor and per-channel rescales, and the reference's bytes."""
+    from mixprec.integer.ops.conv import ConvParams, _conv2d_native, conv2d_reference
+    from mixprec.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.load_error()}")
+    rng = np.random.default_rng(61)
+    for trial, (channels, kernel, stride, dilation) in enumerate([(1, (10, 4), (2, 2), (1, 1)),
+                                                                  (4, (3, 3), (1, 2), (2, 1)),
+                                                                  (8, (2, 1), (2, 1), (1, 1))]):
+        out = 32
+        per = out if trial % 2 else 1
+        params = ConvParams(weights=rng.integers(-127, 128, (out, *kernel, channels)).astype(np.int8),
+                            bias=rng.integers(-2**12, 2**12, out).astype(np.int32),
+                            input_offset=int(rng.integers(-9, 9)),
+                            multiplier=rng.integers(2**30, 2**31, per).astype(np.int32),
+                            shift=-rng.integers(7, 10, per).astype(np.int32), output_offset=-5, stride=stride,
+                            dilation=dilation, padding="VALID", depthwise=False, activation_min=-128,
+                            activation_max=127, dtype="int8")
+        x = rng.integers(-128, 128, (3, 21, 11, channels)).astype(np.int8)
+        assert np.array_equal(_conv2d_native(x, params), conv2d_reference(x, params)), trial

@@ -29,7 +29,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -300,31 +300,41 @@ void convolve(const Geometry& g, const In* in, const int8_t* wt, const std::vect
 
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// kPixels x kBlocks tile of the 1x1 convolution: acc[p][b] = sum_k u[p, k] * w[16 b + lane, k], u the
-// codes plus 128 as uint8, the weights packed [C / 4][blocks][16 lanes][4 consecutive input channels]
-// for vpdpbusd (each pixel's 4 codes broadcast from memory into every lane).
+// Where each pixel of a tile finds its GEMM row: `rows` runs of `run` bytes (a multiple of 4), run r at
+// offset[r] from the pixel's base (one run for a gathered or 1x1 row; a window's kh rows read in place).
+struct WindowRuns {
+  const int64_t* offset;
+  int64_t rows, run;
+};
+
+// kPixels x kBlocks tile of the GEMM: acc[p][b] = sum_k u[p, k] * w[16 b + lane, k], u the codes plus 128
+// as uint8, the weights packed [depth / 4][blocks][16 lanes][4 consecutive window bytes] for vpdpbusd
+// (each pixel's 4 codes broadcast from memory into every lane).
 // The accumulators are locals, copied out once at the end: an output array updated in the loop
 // stayed in memory (GCC stored every register back on each step).
 template <int kPixels, int kBlocks>
-inline void pointwise_tile(const uint8_t* u, int64_t channels, const int8_t* packed, int64_t blocks,
-                           __m512i (&out)[kPixels][kBlocks]) {
+inline void window_tile(const uint8_t* const* base, const WindowRuns& runs, const int8_t* packed, int64_t blocks,
+                        __m512i (&out)[kPixels][kBlocks]) {
   __m512i acc[kPixels][kBlocks];
 #pragma GCC unroll 8
   for (int p = 0; p < kPixels; ++p)
 #pragma GCC unroll 4
     for (int b = 0; b < kBlocks; ++b) acc[p][b] = _mm512_setzero_si512();
-  for (int64_t k = 0; k < channels; k += 4) {
-    const int8_t* wk = packed + (k / 4) * blocks * 64;
-    __m512i w[kBlocks];
+  const int8_t* wk = packed;
+  for (int64_t r = 0; r < runs.rows; ++r) {
+    const int64_t at = runs.offset[r];
+    for (int64_t k = 0; k < runs.run; k += 4, wk += blocks * 64) {
+      __m512i w[kBlocks];
 #pragma GCC unroll 4
-    for (int b = 0; b < kBlocks; ++b) w[b] = _mm512_loadu_si512(wk + b * 64);
+      for (int b = 0; b < kBlocks; ++b) w[b] = _mm512_loadu_si512(wk + b * 64);
 #pragma GCC unroll 8
-    for (int p = 0; p < kPixels; ++p) {
-      int32_t quad;
-      std::memcpy(&quad, u + p * channels + k, 4);
-      const __m512i broadcast = _mm512_set1_epi32(quad);
+      for (int p = 0; p < kPixels; ++p) {
+        int32_t quad;
+        std::memcpy(&quad, base[p] + at + k, 4);
+        const __m512i broadcast = _mm512_set1_epi32(quad);
 #pragma GCC unroll 4
-      for (int b = 0; b < kBlocks; ++b) acc[p][b] = _mm512_dpbusd_epi32(acc[p][b], broadcast, w[b]);
+        for (int b = 0; b < kBlocks; ++b) acc[p][b] = _mm512_dpbusd_epi32(acc[p][b], broadcast, w[b]);
+      }
     }
   }
 #pragma GCC unroll 8
@@ -346,7 +356,8 @@ inline void shift_to_unsigned(const int8_t* src, uint8_t* dst, int64_t count) {
 
 // An int8 CONV_2D as one GEMM over all output pixels (see the file header): each pixel's window,
 // [kh, kw, in] like a weight row, is one GEMM row (the input itself for an unpadded 1x1, stride-1
-// convolution; otherwise gathered per chunk of pixels, points outside the image given the code
+// convolution; read in place, kh runs from one shifted copy of the input, where every window lies inside
+// the image and its rows are a multiple of 4 bytes; otherwise gathered per chunk of pixels, points outside the image given the code
 // -input_offset, which contributes 0, and the row padded to a multiple of 4 under zero weights).
 // Pixels per register tile: kTilePixels x 4 accumulators and 4 weight registers of the 32.
 constexpr int kTilePixels = 6;
@@ -407,10 +418,63 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
     }
     std::memset(row, 0, static_cast<size_t>(depth - window));  // under zero weights
   };
+  // a tile of `count` pixels from `first`, pixel i's runs at base[i]
+  auto multiply = [&](auto pixels_tag, const uint8_t* const* base, const WindowRuns& runs, int64_t first) {
+    constexpr int kPixels = decltype(pixels_tag)::value;
+    int64_t b = 0;
+    for (; b + 4 <= blocks; b += 4) {
+      __m512i acc[kPixels][4];
+      window_tile<kPixels, 4>(base, runs, packed.data() + b * 64, blocks, acc);
+      for (int i = 0; i < kPixels; ++i)
+        for (int j = 0; j < 4; ++j) finish(acc[i][j], first + i, b + j);
+    }
+    for (; b < blocks; ++b) {
+      __m512i acc[kPixels][1];
+      window_tile<kPixels, 1>(base, runs, packed.data() + b * 64, blocks, acc);
+      for (int i = 0; i < kPixels; ++i) finish(acc[i][0], first + i, b);
+    }
+  };
+  // chunks of pixels, each pixel's base given by base_of(pixel)
+  auto multiply_all = [&](int64_t begin, int64_t end, const WindowRuns& runs, const auto& base_of) {
+    const uint8_t* base[kTilePixels];
+    int64_t p = begin;
+    for (; p + kTilePixels <= end; p += kTilePixels) {
+      for (int i = 0; i < kTilePixels; ++i) base[i] = base_of(p + i);
+      multiply(std::integral_constant<int, kTilePixels>{}, base, runs, p);
+    }
+    for (; p < end; ++p) {
+      base[0] = base_of(p);
+      multiply(std::integral_constant<int, 1>{}, base, runs, p);
+    }
+  };
+  // Windows inside the image with rows of a multiple of 4 bytes: read in place from one shifted copy of the
+  // input (kh runs of kw x in bytes per pixel), no gathering.
+  const bool in_place = !direct && g.dilation_w == 1 && (g.kw * g.channels) % 4 == 0 && g.pad_top == 0 &&
+                        g.pad_left == 0 && (g.out_h - 1) * g.stride_h + (g.kh - 1) * g.dilation_h < g.height &&
+                        (g.out_w - 1) * g.stride_w + g.kw - 1 < g.width;
+  if (in_place) {
+    const int64_t size = g.batch * g.height * g.width * g.channels;
+    std::vector<uint8_t> shifted(static_cast<size_t>(size));
+    mixprec::split_rows(g.batch, size, [&](int64_t begin, int64_t end) {
+      const int64_t sample = g.height * g.width * g.channels;
+      shift_to_unsigned(in + begin * sample, shifted.data() + begin * sample, (end - begin) * sample);
+    });
+    std::vector<int64_t> offset(static_cast<size_t>(g.kh));
+    for (int64_t ky = 0; ky < g.kh; ++ky) offset[ky] = ky * g.dilation_h * g.width * g.channels;
+    const WindowRuns runs{offset.data(), g.kh, g.kw * g.channels};
+    mixprec::split_rows(pixels, pixels * depth * outs, [&](int64_t begin, int64_t end) {
+      multiply_all(begin, end, runs, [&](int64_t pixel) {
+        const int64_t n = pixel / (g.out_h * g.out_w), y = pixel / g.out_w % g.out_h, xo = pixel % g.out_w;
+        return shifted.data() + ((n * g.height + y * g.stride_h) * g.width + xo * g.stride_w) * g.channels;
+      });
+    });
+    return;
+  }
+  const int64_t whole = 0;
+  const WindowRuns runs{&whole, 1, depth};
   mixprec::split_rows(pixels, pixels * depth * outs, [&](int64_t begin, int64_t end) {
     std::vector<int8_t> rows(direct ? 0 : static_cast<size_t>(kGemmChunk * depth));
     std::vector<uint8_t> shifted(static_cast<size_t>(kGemmChunk * depth));
-    const uint8_t* x = shifted.data();
     for (int64_t chunk = begin; chunk < end; chunk += kGemmChunk) {
       const int64_t count = std::min(kGemmChunk, end - chunk);
       const int8_t* codes = in + chunk * depth;
@@ -419,34 +483,8 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
         codes = rows.data();
       }
       shift_to_unsigned(codes, shifted.data(), count * depth);
-      int64_t p = 0;
-      for (; p + kTilePixels <= count; p += kTilePixels) {
-        int64_t b = 0;
-        for (; b + 4 <= blocks; b += 4) {
-          __m512i acc[kTilePixels][4];
-          pointwise_tile<kTilePixels, 4>(x + p * depth, depth, packed.data() + b * 64, blocks, acc);
-          for (int i = 0; i < kTilePixels; ++i)
-            for (int j = 0; j < 4; ++j) finish(acc[i][j], chunk + p + i, b + j);
-        }
-        for (; b < blocks; ++b) {
-          __m512i acc[kTilePixels][1];
-          pointwise_tile<kTilePixels, 1>(x + p * depth, depth, packed.data() + b * 64, blocks, acc);
-          for (int i = 0; i < kTilePixels; ++i) finish(acc[i][0], chunk + p + i, b);
-        }
-      }
-      for (; p < count; ++p) {
-        int64_t b = 0;
-        for (; b + 4 <= blocks; b += 4) {
-          __m512i acc[1][4];
-          pointwise_tile<1, 4>(x + p * depth, depth, packed.data() + b * 64, blocks, acc);
-          for (int j = 0; j < 4; ++j) finish(acc[0][j], chunk + p, b + j);
-        }
-        for (; b < blocks; ++b) {
-          __m512i acc[1][1];
-          pointwise_tile<1, 1>(x + p * depth, depth, packed.data() + b * 64, blocks, acc);
-          finish(acc[0][0], chunk + p, b);
-        }
-      }
+      multiply_all(chunk, chunk + count, runs,
+                   [&](int64_t pixel) { return shifted.data() + (pixel - chunk) * depth; });
     }
   });
 }
