@@ -267,10 +267,10 @@ def test_the_native_pointwise_gemm_path_is_byte_identical_to_the_numpy_reference
 @pytest.mark.parametrize("depthwise", [True, False], ids=["depthwise", "conv"])
 def test_the_native_vector_paths_are_byte_identical_to_the_numpy_reference(depthwise: bool) -> None:
     """Channel counts that are multiples of 16 take the AVX-512 paths where the CPU has them: the
-    depthwise kernel's interleaved pairs of window points (odd and even window sizes, a 1x1
-    window, points outside the image, strides and dilations over its padded int16 copy of each
+    depthwise kernel's dot products of four window points (odd and even window sizes, a 1x1
+    window, points outside the image, strides and dilations over its padded rows of each
     sample, a sample split between threads), the GEMM (window rows gathered by masked moves of
-    up to 64 bytes or copied whole), and the folded one-rounding rescale (right shifts of 0
+    up to 64 bytes or copied whole), and the float32 rescale (right shifts of 0
     included) or, with a left shift anywhere, the saturating two-step one."""
     from mixprec.integer.ops.conv import ConvParams, _conv2d_native, conv2d_reference
     from mixprec.kernels import native
@@ -309,7 +309,7 @@ def test_the_native_vector_paths_are_byte_identical_to_the_numpy_reference(depth
 
 def test_a_depthwise_sample_split_between_threads_is_byte_identical() -> None:
     """One sample large enough (2^22 products and more) that its output rows are split over the
-    threads, each laying out its own int16 copy of the sample: the same bytes as the reference."""
+    threads, each laying out the rows it reads: the same bytes as the reference."""
     from mixprec.integer.ops.conv import ConvParams, _conv2d_native, conv2d_reference
     from mixprec.kernels import native
 

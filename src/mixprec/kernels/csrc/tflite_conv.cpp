@@ -16,7 +16,7 @@
 // windows (conv_gemm_vnni): the codes shifted by +128 into uint8 (x ^ 0x80) and the shift taken back
 // exactly through the weights' sums, acc = sum (x + 128) w + (input_offset - 128) * sum w; an int8
 // DEPTHWISE_CONV_2D with depth multiplier 1 and a multiple of 16 channels takes the same shift and dot
-// products of four window points along a row, from each sample laid out once in such quads (depthwise_vnni).
+// products of four window points along a row, from each padded row laid out once in such quads (depthwise_vnni).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -357,8 +357,9 @@ inline void shift_to_unsigned(const int8_t* src, uint8_t* dst, int64_t count) {
 // An int8 CONV_2D as one GEMM over all output pixels (see the file header): each pixel's window,
 // [kh, kw, in] like a weight row, is one GEMM row (the input itself for an unpadded 1x1, stride-1
 // convolution; read in place, kh runs from one shifted copy of the input, where every window lies inside
-// the image and its rows are a multiple of 4 bytes; otherwise gathered per chunk of pixels, points outside the image given the code
-// -input_offset, which contributes 0, and the row padded to a multiple of 4 under zero weights).
+// the image and its rows are a multiple of 4 bytes; otherwise gathered per chunk of pixels, points outside
+// the image given the code -input_offset, which contributes 0, and the row padded to a multiple of 4 under
+// zero weights).
 // Pixels per register tile: kTilePixels x 4 accumulators and 4 weight registers of the 32.
 constexpr int kTilePixels = 6;
 constexpr int64_t kGemmChunk = 10 * kTilePixels;
@@ -492,11 +493,11 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // An int8 DEPTHWISE_CONV_2D with depth multiplier 1 and a multiple of 16 channels as u8 x s8 dot products of
-// four window points along a row (vpdpbusd), 64 channels per step. Each sample is laid out once, row by row,
-// as "quads": for every column q the codes of columns q, q + d, q + 2d, q + 3d (d the dilation) side by side
-// per channel, shifted by +128 into uint8, points outside the image given the code -input_offset (so that
-// x + input_offset = 0 there: TFLite sums only in-image points) and the shift taken back through the
-// weights' sums, acc = sum (x + 128) w + (input_offset - 128) sum w. A row's taps 4i .. 4i + 3 are then one
+// four window points along a row (vpdpbusd), 64 channels per step. Each padded row of a sample is laid out
+// once, into a ring of the rows an output row reads, as "quads": for every column q the codes of columns
+// q, q + d, q + 2d, q + 3d (d the dilation) side by side per channel, shifted by +128 into uint8, points
+// outside the image given the code -input_offset (so that x + input_offset = 0 there: TFLite sums only
+// in-image points) and the shift taken back through the weights' sums, acc = sum (x + 128) w + (input_offset - 128) sum w. A row's taps 4i .. 4i + 3 are then one
 // dot product against the quad at its column plus 4 i d, taps past the kernel's width under zero weights.
 // The quads come from byte and word unpacks, which leave register k's lane 4 L + j holding channel
 // 16 L + 4 k + j of the 64; the weights, bias and rescale tables take that order, and two saturating
@@ -535,48 +536,56 @@ void depthwise_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
   const Int8Store16 store(per_channel ? slot_m.data() : m, per_channel ? slot_s.data() : s, per_channel, lanes,
                           output_offset, act_min, act_max);
   const uint8_t outside = static_cast<uint8_t>(static_cast<int8_t>(-in_off) ^ 0x80);
-  auto lay_out = [&](int64_t n, __m512i* quads, uint8_t* row) {
+  // row r of sample n's padded image as quads (entries x blocks x 4 registers) at `quads`
+  auto lay_out_row = [&](int64_t n, int64_t r, __m512i* quads, uint8_t* row) {
     const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
     const __mmask64 tail = _cvtu64_mask64(channels % 64 == 0 ? ~0ULL : (1ULL << (channels % 64)) - 1);
-    for (int64_t r = 0; r < reach_h; ++r) {
-      const int64_t iy = r - g.pad_top;
-      std::memset(row, outside, static_cast<size_t>(span * lanes));
-      for (int64_t q = 0; q < span && iy >= 0 && iy < g.height; ++q) {
-        const int64_t ix = q - g.pad_left;
-        if (ix < 0 || ix >= g.width) continue;
-        const int8_t* src = in + ((n * g.height + iy) * g.width + ix) * channels;
-        for (int64_t b = 0; b < blocks; ++b) {
-          const __mmask64 keep = b + 1 < blocks ? ~__mmask64{0} : tail;
-          _mm512_mask_storeu_epi8(row + q * lanes + 64 * b, keep,
-                                  _mm512_xor_si512(_mm512_maskz_loadu_epi8(keep, src + 64 * b), flip));
-        }
+    const int64_t iy = r - g.pad_top;
+    std::memset(row, outside, static_cast<size_t>(span * lanes));
+    for (int64_t q = 0; q < span && iy >= 0 && iy < g.height; ++q) {
+      const int64_t ix = q - g.pad_left;
+      if (ix < 0 || ix >= g.width) continue;
+      const int8_t* src = in + ((n * g.height + iy) * g.width + ix) * channels;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const __mmask64 keep = b + 1 < blocks ? ~__mmask64{0} : tail;
+        _mm512_mask_storeu_epi8(row + q * lanes + 64 * b, keep,
+                                _mm512_xor_si512(_mm512_maskz_loadu_epi8(keep, src + 64 * b), flip));
       }
-      for (int64_t q = 0; q < entries; ++q) {
-        for (int64_t b = 0; b < blocks; ++b) {
-          auto at = [&](int64_t column) { return _mm512_loadu_si512(row + column * lanes + 64 * b); };
-          const __m512i p0 = at(q), p1 = at(q + g.dilation_w), p2 = at(q + 2 * g.dilation_w);
-          const __m512i p3 = at(q + 3 * g.dilation_w);
-          const __m512i low01 = _mm512_unpacklo_epi8(p0, p1), high01 = _mm512_unpackhi_epi8(p0, p1);
-          const __m512i low23 = _mm512_unpacklo_epi8(p2, p3), high23 = _mm512_unpackhi_epi8(p2, p3);
-          __m512i* dst = quads + ((r * entries + q) * blocks + b) * 4;
-          dst[0] = _mm512_unpacklo_epi16(low01, low23);
-          dst[1] = _mm512_unpackhi_epi16(low01, low23);
-          dst[2] = _mm512_unpacklo_epi16(high01, high23);
-          dst[3] = _mm512_unpackhi_epi16(high01, high23);
-        }
+    }
+    for (int64_t q = 0; q < entries; ++q) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        auto at = [&](int64_t column) { return _mm512_loadu_si512(row + column * lanes + 64 * b); };
+        const __m512i p0 = at(q), p1 = at(q + g.dilation_w), p2 = at(q + 2 * g.dilation_w);
+        const __m512i p3 = at(q + 3 * g.dilation_w);
+        const __m512i low01 = _mm512_unpacklo_epi8(p0, p1), high01 = _mm512_unpackhi_epi8(p0, p1);
+        const __m512i low23 = _mm512_unpacklo_epi8(p2, p3), high23 = _mm512_unpackhi_epi8(p2, p3);
+        __m512i* dst = quads + (q * blocks + b) * 4;
+        dst[0] = _mm512_unpacklo_epi16(low01, low23);
+        dst[1] = _mm512_unpackhi_epi16(low01, low23);
+        dst[2] = _mm512_unpacklo_epi16(high01, high23);
+        dst[3] = _mm512_unpackhi_epi16(high01, high23);
       }
     }
   };
+  // A ring of the rows one output row reads ((kh - 1) dilation + 1 consecutive padded rows, each laid out
+  // once per sample as the output rows move down): small enough to stay in the L1 cache.
+  const int64_t ring = (g.kh - 1) * g.dilation_h + 1, row_quads = entries * blocks * 4;
   mixprec::split_rows(g.batch * g.out_h, g.batch * g.out_h * g.out_w * channels * g.kh * g.kw,
                       [&](int64_t begin, int64_t end) {
-    std::vector<__m512i> quads(static_cast<size_t>(reach_h * entries * blocks * 4));
+    std::vector<__m512i> quads(static_cast<size_t>(ring * row_quads));
+    std::vector<int64_t> held(static_cast<size_t>(ring), -1);  // n * reach_h + r of the row in each slot
     std::vector<uint8_t> row(static_cast<size_t>(span * lanes));
-    int64_t laid_out = -1;  // the sample in the buffer
+    std::vector<const __m512i*> rows(static_cast<size_t>(g.kh));
     for (int64_t index = begin; index < end; ++index) {
       const int64_t n = index / g.out_h, y = index % g.out_h;
-      if (n != laid_out) {
-        lay_out(n, quads.data(), row.data());
-        laid_out = n;
+      for (int64_t ky = 0; ky < g.kh; ++ky) {
+        const int64_t r = y * g.stride_h + ky * g.dilation_h, slot = r % ring;
+        __m512i* at = quads.data() + slot * row_quads;
+        if (held[slot] != n * reach_h + r) {
+          lay_out_row(n, r, at, row.data());
+          held[slot] = n * reach_h + r;
+        }
+        rows[ky] = at;
       }
       for (int64_t xo = 0; xo < g.out_w; ++xo) {
         int8_t* dst = o + ((n * g.out_h + y) * g.out_w + xo) * channels;
@@ -584,8 +593,7 @@ void depthwise_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
           __m512i acc[4];
           for (int k = 0; k < 4; ++k) acc[k] = _mm512_loadu_si512(corrected.data() + 64 * b + 16 * k);
           for (int64_t ky = 0; ky < g.kh; ++ky) {
-            const __m512i* e = quads.data() + (((y * g.stride_h + ky * g.dilation_h) * entries + xo * g.stride_w) *
-                                               blocks + b) * 4;
+            const __m512i* e = rows[ky] + (xo * g.stride_w * blocks + b) * 4;
             const __m512i* w = packed.data() + (ky * groups * blocks + b) * 4;
             for (int64_t group = 0; group < groups; ++group, e += step * blocks * 4, w += blocks * 4) {
 #pragma GCC unroll 4
