@@ -492,16 +492,16 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
 #endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// An int8 DEPTHWISE_CONV_2D with depth multiplier 1 and a multiple of 16 channels as u8 x s8 dot products of
-// four window points along a row (vpdpbusd), 64 channels per step. Each padded row of a sample is laid out
-// once, into a ring of the rows an output row reads, as "quads": for every column q the codes of columns
-// q, q + d, q + 2d, q + 3d (d the dilation) side by side per channel, shifted by +128 into uint8, points
-// outside the image given the code -input_offset (so that x + input_offset = 0 there: TFLite sums only
-// in-image points) and the shift taken back through the weights' sums, acc = sum (x + 128) w + (input_offset - 128) sum w. A row's taps 4i .. 4i + 3 are then one
-// dot product against the quad at its column plus 4 i d, taps past the kernel's width under zero weights.
-// The quads come from byte and word unpacks, which leave register k's lane 4 L + j holding channel
-// 16 L + 4 k + j of the 64; the weights, bias and rescale tables take that order, and two saturating
-// packs of the four rescaled registers restore the channels' order. The same integer sums as convolve().
+// An int8 DEPTHWISE_CONV_2D with depth multiplier 1 and a multiple of 16 channels as u8 x s8 dot products of four
+// window points along a row (vpdpbusd), 64 channels per step. Each padded row of a sample is laid out once, into a
+// ring of the rows an output row reads, as "quads": for every column q the codes of columns q, q + d, q + 2d, q +
+// 3d (d the dilation) side by side per channel, shifted by +128 into uint8, points outside the image given the code
+// -input_offset (so that x + input_offset = 0 there: TFLite sums only in-image points) and the shift taken back
+// through the weights' sums, acc = sum (x + 128) w + (input_offset - 128) sum w. A row's taps 4i .. 4i + 3 are then
+// one dot product against the quad at its column plus 4 i d, taps past the kernel's width under zero weights. The
+// quads come from byte and word unpacks, which leave register k's lane 4 L + j holding channel 16 L + 4 k + j of
+// the 64; the weights, bias and rescale tables take that order, and two saturating packs of the four rescaled
+// registers restore the channels' order. The same integer sums as convolve().
 void depthwise_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const std::vector<int64_t>& bias,
                     const int32_t* m, const int32_t* s, bool per_channel, int32_t in_off, int32_t output_offset,
                     int32_t act_min, int32_t act_max, int8_t* o) {
