@@ -122,19 +122,22 @@ inline __m512i requantize16(__m512i acc, __m512i multiplier, __m512i shift) {
 // (where total * 2^L saturates, |V| >= m >= 2^30 clamps the same way). The sign term is taken from
 // total < 0, the same as p < -2^30 except for total = -1 with m = 2^30, where both give floor(1/2 -
 // 2^-R) = floor(1/2) = 0 for R > 0. In float32, g = fma(float(total), float(m / 2^(31 + R)), float(c +
-// e)) with e = 2^-14, clamped to [act_min + 1/2 + e, act_max + 1/2 + e]: where it matters (|g| <= 129,
-// so |V| <= 258) the two operand roundings and the fma's cost |V| 2^-23 + |g| 2^-24 and c's 2^-17,
-// together under 3/4 e. So floor(g) = floor(X) wherever g's fraction is at least 2e; lanes within 2e
-// above a whole number (about one in 8,000) take the integer rescale (requantize16) instead. Multipliers
-// outside {0} u [2^30, 2^31) (never written by quantize_multiplier) always take the integer one.
+// e)) with e = 2^-14: where it matters (|g| <= 129, so |V| <= 258) the two operand roundings and the
+// fma's cost |V| 2^-23 + |g| 2^-24 and c's 2^-17, together under 3/4 e. So floor(g) = floor(X) wherever
+// g's fraction is at least 2e; lanes within 2e above a whole number (about one in 8,000, and every lane
+// with |g| >= 2^23, whose fraction is 0) take the integer rescale (requantize16) instead. Where |X| > 129
+// floor(g) may be off by the larger error, but it lies past the int8 range on the same side as floor(X),
+// so the saturating conversion to int8 and the activation clamp, which every caller applies, give the
+// same code. Multipliers outside {0} u [2^30, 2^31) (never written by quantize_multiplier) always take the
+// integer one.
 class Int8Store16 {
  public:
   Int8Store16(const int32_t* m, const int32_t* s, bool per_channel, int64_t channels, int32_t output_offset,
               int32_t act_min, int32_t act_max)
       : m_(m), s_(s), per_channel_(per_channel), table_(static_cast<size_t>((per_channel ? channels / 16 : 1) * 48)),
         offset_(_mm512_set1_epi32(output_offset)), low_(_mm512_set1_epi32(act_min)),
-        high_(_mm512_set1_epi32(act_max)), low_float_(_mm512_set1_ps(static_cast<float>(act_min) + 0.5f + kMargin)),
-        high_float_(_mm512_set1_ps(static_cast<float>(act_max) + 0.5f + kMargin)) {
+        high_(_mm512_set1_epi32(act_max)), low_bytes_(_mm512_set1_epi8(static_cast<char>(act_min))),
+        high_bytes_(_mm512_set1_epi8(static_cast<char>(act_max))) {
     const int64_t count = per_channel ? channels : 1;
     fast_ = std::all_of(m, m + count, [](int32_t v) { return v == 0 || v >= (int32_t{1} << 30); });
     for (int64_t c = 0; c < static_cast<int64_t>(table_.size() / 3); ++c) {
@@ -148,22 +151,34 @@ class Int8Store16 {
     }
   }
 
-  // The 16 int32 outputs (offset added, clamped) of totals whose first channel is first_channel.
+  // The 16 int32 outputs (offset added) of totals whose first channel is first_channel, to be saturated
+  // to int8 and clamped to the activation range (clamp()) by the caller.
   __m512i rescale(__m512i total, int64_t first_channel) const {
     if (!fast_) return exact(total, first_channel);
     const float* v = table_.data() + (per_channel_ ? first_channel / 16 : 0) * 48;
     const __mmask16 negative = _mm512_cmplt_epi32_mask(total, _mm512_setzero_si512());
     const __m512 c = _mm512_mask_mov_ps(_mm512_loadu_ps(v + 16), negative, _mm512_loadu_ps(v + 32));
-    __m512 g = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_loadu_ps(v), c);
-    g = _mm512_min_ps(_mm512_max_ps(g, low_float_), high_float_);
+    const __m512 g = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_loadu_ps(v), c);
     const __m512 whole = _mm512_roundscale_ps(g, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     const __mmask16 near = _mm512_cmp_ps_mask(_mm512_sub_ps(g, whole), _mm512_set1_ps(2 * kMargin), _CMP_LT_OQ);
-    const __m512i out = _mm512_cvtps_epi32(whole);  // whole numbers: exact
+    const __m512i out = _mm512_cvtps_epi32(whole);  // whole numbers: exact (the flagged lanes aside)
     return near ? _mm512_mask_mov_epi32(out, near, exact(total, first_channel)) : out;
   }
 
+  // int8 codes clamped to the activation range (lanes beyond the last channel clamped as well).
+  __m512i clamp(__m512i codes) const { return _mm512_min_epi8(_mm512_max_epi8(codes, low_bytes_), high_bytes_); }
+
+  // Four rescaled registers of 16 channels each as 64 codes in the registers' order: saturating packs (which
+  // leave dword 4 L + k holding register k's lane-L dword), a dword transpose, the clamp.
+  __m512i codes64(const __m512i (&v)[4]) const {
+    const __m512i packed = _mm512_packs_epi16(_mm512_packs_epi32(v[0], v[1]), _mm512_packs_epi32(v[2], v[3]));
+    return clamp(_mm512_permutexvar_epi32(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0),
+                                          packed));
+  }
+
   void operator()(__m512i total, int64_t first_channel, int8_t* dst) const {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(rescale(total, first_channel)));
+    const __m128i codes = _mm512_cvtsepi32_epi8(rescale(total, first_channel));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_castsi512_si128(clamp(_mm512_castsi128_si512(codes))));
   }
 
  private:
@@ -180,8 +195,7 @@ class Int8Store16 {
   const int32_t* s_;
   bool per_channel_, fast_ = false;
   std::vector<float> table_;  // per block of 16 channels: the scales, c + e, c + e for negative totals
-  __m512i offset_, low_, high_;
-  __m512 low_float_, high_float_;
+  __m512i offset_, low_, high_, low_bytes_, high_bytes_;
 };
 #else
 constexpr bool kVectorRescale = false;
@@ -426,8 +440,14 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
     for (; b + 4 <= blocks; b += 4) {
       __m512i acc[kPixels][4];
       window_tile<kPixels, 4>(base, runs, packed.data() + b * 64, blocks, acc);
-      for (int i = 0; i < kPixels; ++i)
-        for (int j = 0; j < 4; ++j) finish(acc[i][j], first + i, b + j);
+      for (int i = 0; i < kPixels; ++i) {
+        __m512i v[4];
+        for (int j = 0; j < 4; ++j) {
+          const int64_t channel = (b + j) * 16;
+          v[j] = store.rescale(_mm512_add_epi32(acc[i][j], _mm512_loadu_si512(corrected.data() + channel)), channel);
+        }
+        _mm512_storeu_si512(o + (first + i) * outs + b * 16, store.codes64(v));
+      }
     }
     for (; b < blocks; ++b) {
       __m512i acc[kPixels][1];
@@ -603,7 +623,8 @@ void depthwise_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
           __m512i v[4];
 #pragma GCC unroll 4
           for (int k = 0; k < 4; ++k) v[k] = store.rescale(acc[k], 64 * b + 16 * k);
-          const __m512i bytes = _mm512_packs_epi16(_mm512_packs_epi32(v[0], v[1]), _mm512_packs_epi32(v[2], v[3]));
+          const __m512i bytes =
+              store.clamp(_mm512_packs_epi16(_mm512_packs_epi32(v[0], v[1]), _mm512_packs_epi32(v[2], v[3])));
           const int64_t count = std::min<int64_t>(64, channels - 64 * b);
           _mm512_mask_storeu_epi8(dst + 64 * b, _cvtu64_mask64(count == 64 ? ~0ULL : (1ULL << count) - 1), bytes);
         }
