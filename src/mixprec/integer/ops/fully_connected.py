@@ -131,7 +131,9 @@ def fully_connected(x: NDArray, params: FullyConnectedParams) -> NDArray:
     in_features = params.weights.shape[1]
     if x.ndim < 1 or x.shape[-1] != in_features:
         raise InputError(f"input shape {x.shape} does not end in {in_features} features")
-    acc = (x.astype(np.int64) + params.input_offset) @ params.weights.astype(np.int64).T
+    # float64 BLAS over exact integers: every partial sum stays below 2^22 * 2^24 = 2^46 (the reductions
+    # these records allow), inside float64's exact range, so the sums are the exact accumulators
+    acc = ((x.astype(np.float64) + params.input_offset) @ params.weights.astype(np.float64).T).astype(np.int64)
     if params.bias is not None:
         acc += params.bias
     return params.rescale(acc)
