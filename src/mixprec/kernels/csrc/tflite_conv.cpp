@@ -114,22 +114,21 @@ inline __m512i requantize16(__m512i acc, __m512i multiplier, __m512i shift) {
                                _mm512_srav_epi32(x, right), one);
 }
 
-// The int8 rescale, output offset and activation clamp of 16 int32 totals, in float32 and exact. With a
-// right shift R = -shift >= 0, requantize() + offset is floor(X) for X = V + c, V = total * m / 2^(31 + R)
-// and c = offset + 1/2 + 2^-(R+1) - [p < -2^30] 2^-R (p = total * m; for R = 0 just offset + 1/2):
-// srdhm is floor((p + 2^30) / 2^31), RoundingDivideByPOT floor((q + 2^(R-1) - [q < 0]) / 2^R), and
-// nested floor divisions of integers compose. A left shift L is R = 0 with V = total * m * 2^(L - 31)
-// (where total * 2^L saturates, |V| >= m >= 2^30 clamps the same way). The sign term is taken from
-// total < 0, the same as p < -2^30 except for total = -1 with m = 2^30, where both give floor(1/2 -
-// 2^-R) = floor(1/2) = 0 for R > 0. In float32, g = fma(float(total), float(m / 2^(31 + R)), float(c +
-// e)) with e = 2^-14: where it matters (|g| <= 129, so |V| <= 258) the two operand roundings and the
-// fma's cost |V| 2^-23 + |g| 2^-24 and c's 2^-17, together under 3/4 e. So floor(g) = floor(X) wherever
-// g's fraction is at least 2e; lanes within 2e above a whole number (about one in 8,000, and every lane
-// with |g| >= 2^23, whose fraction is 0) take the integer rescale (requantize16) instead. Where |X| > 129
-// floor(g) may be off by the larger error, but it lies past the int8 range on the same side as floor(X),
-// so the saturating conversion to int8 and the activation clamp, which every caller applies, give the
-// same code. Multipliers outside {0} u [2^30, 2^31) (never written by quantize_multiplier) always take the
-// integer one.
+// The int8 rescale and output offset of 16 int32 totals, in float32 and exact (the activation clamp follows on the
+// int8 codes: clamp(), codes64(), operator()). With a right shift R = -shift >= 0, requantize() + offset is
+// floor(X) for X = V + c, V = total * m / 2^(31 + R) and c = offset + 1/2 + 2^-(R+1) - [p < -2^30] 2^-R
+// (p = total * m; for R = 0 just offset + 1/2): srdhm is floor((p + 2^30) / 2^31), RoundingDivideByPOT floor((q +
+// 2^(R-1) - [q < 0]) / 2^R), and nested floor divisions of integers compose. A left shift L is R = 0 with V = total
+// * m * 2^(L - 31) (where total * 2^L saturates, |V| >= m >= 2^30 clamps the same way). The sign term is taken from
+// total < 0, the same as p < -2^30 except for total = -1 with m = 2^30, where both give floor(1/2 - 2^-R) =
+// floor(1/2) = 0 for R > 0. In float32, g = fma(float(total), float(m / 2^(31 + R)), float(c + e)) with e = 2^-14:
+// where it matters (|g| <= 129, so |V| <= 258) the two operand roundings and the fma's cost |V| 2^-23 + |g| 2^-24
+// and c's 2^-17, together under 3/4 e. So floor(g) = floor(X) wherever g's fraction is at least 2e; lanes within 2e
+// above a whole number (about one in 8,000, and every lane with |g| >= 2^23, whose fraction is 0) take the integer
+// rescale (requantize16) instead. Where |X| > 129 floor(g) may be off by the larger error, but it lies past the
+// int8 range on the same side as floor(X), so the saturating conversion to int8 and the activation clamp, which
+// every caller applies, give the same code. Multipliers outside {0} u [2^30, 2^31) (never written by
+// quantize_multiplier) always take the integer one.
 class Int8Store16 {
  public:
   Int8Store16(const int32_t* m, const int32_t* s, bool per_channel, int64_t channels, int32_t output_offset,
