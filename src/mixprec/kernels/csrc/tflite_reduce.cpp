@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -14,16 +16,39 @@
 
 namespace {
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// 16 int8 or int16 codes widened to int32.
+inline __m512i widen16(const int8_t* at) {
+  return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
+}
+inline __m512i widen16(const int16_t* at) {
+  return _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)));
+}
+#endif
+
 template <typename In>
 void sum_middle(const In* x, int64_t outer, int64_t middle, int64_t inner, int32_t* out) {
   mixprec::split_rows(outer, outer * middle * inner, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       int32_t* acc = out + o * inner;
-      std::fill(acc, acc + inner, 0);
       const In* rows = x + o * middle * inner;
+      int64_t first = 0;  // inner positions from here on take the plain loop
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+      // 64 positions at a time in four registers over all rows (the plain loop kept its sums in memory)
+      for (; first + 64 <= inner; first += 64) {
+        __m512i sums[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                           _mm512_setzero_si512()};
+        for (int64_t m = 0; m < middle; ++m) {
+          const In* row = rows + m * inner + first;
+          for (int k = 0; k < 4; ++k) sums[k] = _mm512_add_epi32(sums[k], widen16(row + 16 * k));
+        }
+        for (int k = 0; k < 4; ++k) _mm512_storeu_si512(acc + first + 16 * k, sums[k]);
+      }
+#endif
+      std::fill(acc + first, acc + inner, 0);
       for (int64_t m = 0; m < middle; ++m) {
         const In* row = rows + m * inner;
-        for (int64_t i = 0; i < inner; ++i) acc[i] += row[i];  // vectorizes: contiguous in both
+        for (int64_t i = first; i < inner; ++i) acc[i] += row[i];  // vectorizes: contiguous in both
       }
     }
   });
