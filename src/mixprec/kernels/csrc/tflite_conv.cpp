@@ -432,7 +432,7 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
     }
     std::memset(row, 0, static_cast<size_t>(depth - window));  // under zero weights
   };
-  // a tile of `count` pixels from `first`, pixel i's runs at base[i]
+  // one register tile of kPixels pixels from pixel `first` (all output channels), pixel i's runs at base[i]
   auto multiply = [&](auto pixels_tag, const uint8_t* const* base, const WindowRuns& runs, int64_t first) {
     constexpr int kPixels = decltype(pixels_tag)::value;
     int64_t b = 0;
