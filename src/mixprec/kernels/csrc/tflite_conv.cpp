@@ -397,9 +397,12 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
   }
   const int8_t outside = static_cast<int8_t>(-in_off);  // (x + input_offset) = 0: a point outside the image
   const Int8Store16 store(m, s, per_channel, outs, output_offset, act_min, act_max);
+  // a block's sums plus its bias and offset correction; finish stores them as 16 codes of a pixel
+  auto total = [&](__m512i acc, int64_t block) {
+    return _mm512_add_epi32(acc, _mm512_loadu_si512(corrected.data() + block * 16));
+  };
   auto finish = [&](__m512i acc, int64_t pixel, int64_t block) {
-    const int64_t first = block * 16;
-    store(_mm512_add_epi32(acc, _mm512_loadu_si512(corrected.data() + first)), first, o + pixel * outs + first);
+    store(total(acc, block), block * 16, o + pixel * outs + block * 16);
   };
   // copies of a few bytes (a pixel's channels, a window row of a thin input) as one masked move
   auto copy = [](int8_t* dst, const int8_t* src, int64_t bytes) {
@@ -441,10 +444,7 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
       window_tile<kPixels, 4>(base, runs, packed.data() + b * 64, blocks, acc);
       for (int i = 0; i < kPixels; ++i) {
         __m512i v[4];
-        for (int j = 0; j < 4; ++j) {
-          const int64_t channel = (b + j) * 16;
-          v[j] = store.rescale(_mm512_add_epi32(acc[i][j], _mm512_loadu_si512(corrected.data() + channel)), channel);
-        }
+        for (int j = 0; j < 4; ++j) v[j] = store.rescale(total(acc[i][j], b + j), (b + j) * 16);
         _mm512_storeu_si512(o + (first + i) * outs + b * 16, store.codes64(v));
       }
     }
