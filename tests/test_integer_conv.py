@@ -268,10 +268,11 @@ def test_the_native_pointwise_gemm_path_is_byte_identical_to_the_numpy_reference
 def test_the_native_vector_paths_are_byte_identical_to_the_numpy_reference(depthwise: bool) -> None:
     """Channel counts that are multiples of 16 take the AVX-512 paths where the CPU has them: the
     depthwise kernel's dot products of four window points (odd and even window sizes, a 1x1
-    window, points outside the image, strides and dilations over its padded rows of each
-    sample, a sample split between threads), the GEMM (window rows gathered by masked moves of
-    up to 64 bytes or copied whole), and the float32 rescale (right shifts of 0
-    included) or, with a left shift anywhere, the saturating two-step one."""
+    window, one to six quads per output: weights held in registers or read, points outside the
+    image, strides and dilations over its padded rows of each sample, a sample split between
+    threads), the GEMM (window rows gathered by masked moves of up to 64 bytes or copied whole),
+    and the float32 rescale (right shifts of 0 included) or, with a left shift anywhere, the
+    saturating two-step one."""
     from mixprec.integer.ops.conv import ConvParams, _conv2d_native, conv2d_reference
     from mixprec.kernels import native
 
@@ -281,7 +282,7 @@ def test_the_native_vector_paths_are_byte_identical_to_the_numpy_reference(depth
     for trial in range(30):
         channels = int(rng.choice([16, 32, 48, 64, 80])) if depthwise else int(rng.choice([3, 8, 16, 40]))
         out = channels if depthwise else int(rng.choice([16, 32, 48]))
-        kernel = [(3, 3), (1, 1), (2, 2), (1, 3), (3, 1), (4, 3)][trial % 6]
+        kernel = [(3, 3), (1, 1), (2, 2), (1, 3), (3, 1), (4, 3), (5, 1), (3, 5)][trial % 8]
         weights = rng.integers(-127, 128, (1, *kernel, out) if depthwise else (out, *kernel, channels)).astype(np.int8)
         per = out if trial % 2 else 1
         multiplier = rng.integers(2**30, 2**31 - 1, per).astype(np.int32)
@@ -301,7 +302,7 @@ def test_the_native_vector_paths_are_byte_identical_to_the_numpy_reference(depth
                             multiplier=multiplier, shift=shift.astype(np.int32), output_offset=offset, stride=stride,
                             dilation=dilation, padding="SAME" if trial % 3 else "VALID", depthwise=depthwise,
                             activation_min=offset if trial % 3 == 0 else -128, activation_max=127, dtype="int8")
-        x = rng.integers(-128, 128, (int(rng.integers(1, 4)), int(rng.integers(7, 12)), int(rng.integers(7, 12)),
+        x = rng.integers(-128, 128, (int(rng.integers(1, 4)), int(rng.integers(9, 13)), int(rng.integers(9, 13)),
                                      channels)).astype(np.int8)
         x.flat[:channels], x.flat[-channels:] = -128, 127
         assert np.array_equal(_conv2d_native(x, params), conv2d_reference(x, params)), trial

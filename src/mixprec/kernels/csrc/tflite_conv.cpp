@@ -511,6 +511,78 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
 #endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// One padded row of `span` columns (pad_left of them before the image) as uint8 codes + 128, `lanes` bytes per
+// column (channels rounded up to 64; the bytes past the channels are left as they are): the image row at `source`
+// ([width][channels] int8), or nullptr for a row outside the image; columns outside take the code `outside`.
+inline void lay_out_padded_row(const int8_t* source, int64_t width, int64_t pad_left, int64_t channels, int64_t span,
+                               uint8_t outside, uint8_t* row) {
+  const int64_t blocks = (channels + 63) / 64, lanes = blocks * 64;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), blank = _mm512_set1_epi8(static_cast<char>(outside));
+  const __mmask64 tail = _cvtu64_mask64(channels % 64 == 0 ? ~0ULL : (1ULL << (channels % 64)) - 1);
+  for (int64_t q = 0; q < span; ++q, row += lanes) {
+    const int64_t ix = q - pad_left;
+    if (source == nullptr || ix < 0 || ix >= width) {
+      for (int64_t b = 0; b < blocks; ++b) _mm512_storeu_si512(row + 64 * b, blank);
+      continue;
+    }
+    const int8_t* pixel = source + ix * channels;
+    for (int64_t b = 0; b + 1 < blocks; ++b) {
+      _mm512_storeu_si512(row + 64 * b, _mm512_xor_si512(_mm512_loadu_si512(pixel + 64 * b), flip));
+    }
+    const int64_t b = blocks - 1;
+    _mm512_mask_storeu_epi8(row + 64 * b, tail, _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, pixel + 64 * b), flip));
+  }
+}
+
+// One output row of one 64-channel block of depthwise_vnni: for output column xo, tap t's four registers of quads
+// at first[t] + xo * advance, against the block's weights [tap][4] (kept in registers when kTaps > 0: the taps
+// known at compile time), plus the corrected bias, rescaled and stored as int8 (64 channels, `keep` of them).
+struct DepthwiseRow {
+  const __m512i* const* first;
+  int64_t taps, advance;
+  const __m512i* weights;
+  const int32_t* corrected;
+  int64_t first_channel, out_w;
+  int8_t* dst;
+  int64_t dst_stride;
+  __mmask64 keep;
+};
+
+template <int kTaps>
+inline void depthwise_row(const DepthwiseRow& r, const Int8Store16& store) {
+  constexpr int kHeld = kTaps > 0 ? kTaps * 4 : 1;
+  const int64_t taps = kTaps > 0 ? kTaps : r.taps, advance = r.advance, out_w = r.out_w, stride = r.dst_stride;
+  const __mmask64 keep = r.keep;
+  __m512i held[kHeld];
+  const __m512i* first[kTaps > 0 ? kTaps : 1];
+  if constexpr (kTaps > 0) {
+#pragma GCC unroll 20
+    for (int i = 0; i < kHeld; ++i) held[i] = r.weights[i];
+#pragma GCC unroll 5
+    for (int t = 0; t < kTaps; ++t) first[t] = r.first[t];
+  }
+  __m512i bias[4];
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) bias[k] = _mm512_loadu_si512(r.corrected + 16 * k);
+  int8_t* dst = r.dst;
+  for (int64_t xo = 0; xo < out_w; ++xo, dst += stride) {
+    __m512i acc[4] = {bias[0], bias[1], bias[2], bias[3]};
+#pragma GCC unroll 5
+    for (int64_t t = 0; t < taps; ++t) {
+      const __m512i* e = (kTaps > 0 ? first[t] : r.first[t]) + xo * advance;
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        acc[k] = _mm512_dpbusd_epi32(acc[k], e[k], kTaps > 0 ? held[t * 4 + k] : r.weights[t * 4 + k]);
+      }
+    }
+    __m512i v[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) v[k] = store.rescale(acc[k], r.first_channel + 16 * k);
+    const __m512i codes = _mm512_packs_epi16(_mm512_packs_epi32(v[0], v[1]), _mm512_packs_epi32(v[2], v[3]));
+    _mm512_mask_storeu_epi8(dst, keep, store.clamp(codes));
+  }
+}
+
 // An int8 DEPTHWISE_CONV_2D with depth multiplier 1 and a multiple of 16 channels as u8 x s8 dot products of four
 // window points along a row (vpdpbusd), 64 channels per step. Each padded row of a sample is laid out once, into a
 // ring of the rows an output row reads, as "quads": for every column q the codes of columns q, q + d, q + 2d, q +
@@ -534,7 +606,8 @@ void depthwise_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
     const int64_t within = slot % 64, k = within / 16, lane = within % 16 / 4, j = within % 4;
     return slot - within + 16 * lane + 4 * k + j;
   };
-  std::vector<__m512i> packed(static_cast<size_t>(g.kh * groups * blocks * 4));
+  const int64_t taps = g.kh * groups;  // quads summed per output
+  std::vector<__m512i> packed(static_cast<size_t>(blocks * taps * 4));  // [block][tap][4]
   std::vector<int32_t> corrected(static_cast<size_t>(lanes), 0), slot_m(static_cast<size_t>(lanes), 0);
   std::vector<int32_t> slot_s(static_cast<size_t>(lanes), 0);
   for (int64_t slot = 0; slot < lanes; ++slot) {
@@ -547,7 +620,7 @@ void depthwise_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
     slot_s[slot] = s[per_channel ? c : 0];
     for (int64_t ky = 0; ky < g.kh; ++ky) {
       for (int64_t kx = 0; kx < g.kw; ++kx) {
-        auto* bytes = reinterpret_cast<int8_t*>(packed.data() + ((ky * groups + kx / 4) * blocks + slot / 64) * 4);
+        auto* bytes = reinterpret_cast<int8_t*>(packed.data() + ((slot / 64) * taps + ky * groups + kx / 4) * 4);
         bytes[slot % 64 * 4 + kx % 4] = wt[(ky * g.kw + kx) * channels + c];
       }
     }
@@ -556,26 +629,16 @@ void depthwise_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
                           output_offset, act_min, act_max);
   const uint8_t outside = static_cast<uint8_t>(static_cast<int8_t>(-in_off) ^ 0x80);
   // row r of sample n's padded image as quads (entries x blocks x 4 registers) at `quads`
-  auto lay_out_row = [&](int64_t n, int64_t r, __m512i* quads, uint8_t* row) {
-    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-    const __mmask64 tail = _cvtu64_mask64(channels % 64 == 0 ? ~0ULL : (1ULL << (channels % 64)) - 1);
-    const int64_t iy = r - g.pad_top;
-    std::memset(row, outside, static_cast<size_t>(span * lanes));
-    for (int64_t q = 0; q < span && iy >= 0 && iy < g.height; ++q) {
-      const int64_t ix = q - g.pad_left;
-      if (ix < 0 || ix >= g.width) continue;
-      const int8_t* src = in + ((n * g.height + iy) * g.width + ix) * channels;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const __mmask64 keep = b + 1 < blocks ? ~__mmask64{0} : tail;
-        _mm512_mask_storeu_epi8(row + q * lanes + 64 * b, keep,
-                                _mm512_xor_si512(_mm512_maskz_loadu_epi8(keep, src + 64 * b), flip));
-      }
-    }
+  auto lay_out_row = [&, span, entries, lanes, blocks, channels](int64_t n, int64_t r, __m512i* quads, uint8_t* row) {
+    const int64_t iy = r - g.pad_top, pad_left = g.pad_left, width = g.width, dilation = g.dilation_w;
+    const int8_t* source = iy >= 0 && iy < g.height ? in + (n * g.height + iy) * width * channels : nullptr;
+    lay_out_padded_row(source, width, pad_left, channels, span, outside, row);
     for (int64_t q = 0; q < entries; ++q) {
       for (int64_t b = 0; b < blocks; ++b) {
-        auto at = [&](int64_t column) { return _mm512_loadu_si512(row + column * lanes + 64 * b); };
-        const __m512i p0 = at(q), p1 = at(q + g.dilation_w), p2 = at(q + 2 * g.dilation_w);
-        const __m512i p3 = at(q + 3 * g.dilation_w);
+        const uint8_t* at = row + q * lanes + 64 * b;
+        const __m512i p0 = _mm512_loadu_si512(at), p1 = _mm512_loadu_si512(at + dilation * lanes);
+        const __m512i p2 = _mm512_loadu_si512(at + 2 * dilation * lanes);
+        const __m512i p3 = _mm512_loadu_si512(at + 3 * dilation * lanes);
         const __m512i low01 = _mm512_unpacklo_epi8(p0, p1), high01 = _mm512_unpackhi_epi8(p0, p1);
         const __m512i low23 = _mm512_unpacklo_epi8(p2, p3), high23 = _mm512_unpackhi_epi8(p2, p3);
         __m512i* dst = quads + (q * blocks + b) * 4;
@@ -594,7 +657,7 @@ void depthwise_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
     std::vector<__m512i> quads(static_cast<size_t>(ring * row_quads));
     std::vector<int64_t> held(static_cast<size_t>(ring), -1);  // n * reach_h + r of the row in each slot
     std::vector<uint8_t> row(static_cast<size_t>(span * lanes));
-    std::vector<const __m512i*> rows(static_cast<size_t>(g.kh));
+    std::vector<const __m512i*> rows(static_cast<size_t>(g.kh)), first(static_cast<size_t>(taps));
     for (int64_t index = begin; index < end; ++index) {
       const int64_t n = index / g.out_h, y = index % g.out_h;
       for (int64_t ky = 0; ky < g.kh; ++ky) {
@@ -606,26 +669,25 @@ void depthwise_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
         }
         rows[ky] = at;
       }
-      for (int64_t xo = 0; xo < g.out_w; ++xo) {
-        int8_t* dst = o + ((n * g.out_h + y) * g.out_w + xo) * channels;
-        for (int64_t b = 0; b < blocks; ++b) {
-          __m512i acc[4];
-          for (int k = 0; k < 4; ++k) acc[k] = _mm512_loadu_si512(corrected.data() + 64 * b + 16 * k);
-          for (int64_t ky = 0; ky < g.kh; ++ky) {
-            const __m512i* e = rows[ky] + (xo * g.stride_w * blocks + b) * 4;
-            const __m512i* w = packed.data() + (ky * groups * blocks + b) * 4;
-            for (int64_t group = 0; group < groups; ++group, e += step * blocks * 4, w += blocks * 4) {
-#pragma GCC unroll 4
-              for (int k = 0; k < 4; ++k) acc[k] = _mm512_dpbusd_epi32(acc[k], e[k], w[k]);
-            }
+      int8_t* dst = o + (n * g.out_h + y) * g.out_w * channels;
+      for (int64_t b = 0; b < blocks; ++b) {
+        for (int64_t ky = 0; ky < g.kh; ++ky) {
+          for (int64_t group = 0; group < groups; ++group) {
+            first[ky * groups + group] = rows[ky] + (group * step * blocks + b) * 4;
           }
-          __m512i v[4];
-#pragma GCC unroll 4
-          for (int k = 0; k < 4; ++k) v[k] = store.rescale(acc[k], 64 * b + 16 * k);
-          const __m512i bytes =
-              store.clamp(_mm512_packs_epi16(_mm512_packs_epi32(v[0], v[1]), _mm512_packs_epi32(v[2], v[3])));
-          const int64_t count = std::min<int64_t>(64, channels - 64 * b);
-          _mm512_mask_storeu_epi8(dst + 64 * b, _cvtu64_mask64(count == 64 ? ~0ULL : (1ULL << count) - 1), bytes);
+        }
+        const int64_t count = std::min<int64_t>(64, channels - 64 * b);
+        const DepthwiseRow row_out{first.data(), taps, g.stride_w * blocks * 4,
+                                   packed.data() + b * taps * 4, corrected.data() + 64 * b, 64 * b, g.out_w,
+                                   dst + 64 * b, channels,
+                                   _cvtu64_mask64(count == 64 ? ~0ULL : (1ULL << count) - 1)};
+        switch (taps) {
+          case 1: depthwise_row<1>(row_out, store); break;
+          case 2: depthwise_row<2>(row_out, store); break;
+          case 3: depthwise_row<3>(row_out, store); break;
+          case 4: depthwise_row<4>(row_out, store); break;
+          case 5: depthwise_row<5>(row_out, store); break;
+          default: depthwise_row<0>(row_out, store);
         }
       }
     }
