@@ -68,6 +68,39 @@ def test_the_native_mean_sums_equal_numpy_in_int8_and_int16() -> None:
         native.tflite_sum_middle(torch.zeros(1, 2**16 + 1, 1, dtype=torch.int16))
 
 
+def test_the_native_mean_equals_the_numpy_reference_in_int8_and_int16() -> None:
+    """MEAN's fused native sums and rescale (16 outputs at a time, with tails) give the reference's codes:
+    right and left shifts (scale ratios from 2^-9 to 2^6), zero points at the ends of the range, rows at
+    the extremes, outputs clamped at both ends; other axes go to numpy."""
+    from mixprec.integer.ops.mean import mean, mean_params, mean_reference
+    from mixprec.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.load_error()}")
+    rng = np.random.default_rng(11)
+    cases = (((6, 5, 3, 64), (1, 2)), ((6, 5, 3, 20), (1, 2)), ((5, 7, 130), (1,)), ((4, 9), (1,)),
+             ((5, 4, 3, 16), (1, 3)), ((2, 3, 4, 5), (2, 3)))
+    for trial in range(24):
+        dtype = "int8" if trial % 2 == 0 else "int16"
+        shape, axes = cases[trial % len(cases)]
+        low, high = (-128, 127) if dtype == "int8" else (-32768, 32767)
+        x = rng.integers(low, high + 1, shape).astype(dtype)
+        x[0], x[-1] = low, high
+        zero_in, zero_out = (int(rng.choice([low, high, 0, 17])), int(rng.integers(-20, 20))) if dtype == "int8" \
+            else (0, 0)
+        params = mean_params(shape, axes, trial % 3 == 0, 0.02, zero_in, 0.02 * 2.0 ** rng.uniform(-6, 9), zero_out,
+                             dtype)
+        assert np.array_equal(mean(x, params), mean_reference(x, params)), (trial, dtype, shape, axes, params)
+    import torch
+
+    with pytest.raises(RuntimeError, match="multiplier must lie in"):
+        native.tflite_mean_middle(torch.zeros(2, 3, 4, dtype=torch.int8), 0, 2**31, -3, 0, -128, 127)
+    with pytest.raises(RuntimeError, match="clamp must lie inside"):
+        native.tflite_mean_middle(torch.zeros(2, 3, 4, dtype=torch.int8), 0, 2**30, -3, 0, -128, 300)
+    with pytest.raises(InputError, match="built for 15 elements"):
+        mean_reference(np.zeros((2, 4, 4), np.int8), mean_params((2, 3, 5), (1, 2), False, 0.1, 0, 0.1, 0))
+
+
 @needs_litert
 @pytest.mark.parametrize(("shape", "axes", "keep_dims"), [
     ((8, 6), (1,), False), ((8, 6), (1, 2), True), ((8, 1, 6), (1, 2), True), ((5, 3, 7), (2,), False),

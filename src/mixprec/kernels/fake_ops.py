@@ -79,6 +79,11 @@ def _tflite_sum_middle(x: Tensor) -> Tensor:
     return x.new_empty((x.shape[0], x.shape[2]), dtype=torch.int32)
 
 
+def _tflite_mean_middle(x: Tensor, correction: int, multiplier: int, shift: int, offset: int,  # noqa: ARG001
+                        low: int, high: int) -> Tensor:  # noqa: ARG001
+    return x.new_empty((x.shape[0], x.shape[2]))
+
+
 _FAKES = {
     "quantize_rows_s8": _quantize_rows_s8,
     "quantize_rows_u8": _quantize_rows_u8,
@@ -94,6 +99,7 @@ _FAKES = {
     "w4_dequantize_rows": _w4_dequantize_rows,
     "tflite_conv2d": _tflite_conv2d,
     "tflite_sum_middle": _tflite_sum_middle,
+    "tflite_mean_middle": _tflite_mean_middle,
 }
 
 

@@ -12,6 +12,7 @@ their PyTorch path, recording that kernel name.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
 import time
@@ -24,6 +25,15 @@ _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("int8_rows.cpp", "int4_weights.cpp", "kv_dequant.cpp", "kv_attention.cpp", "kws_pipeline.cpp",
                          "w4a8_gemm.cpp", "tflite_conv.cpp", "tflite_reduce.cpp")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+
+
+def _headers_flag() -> str:
+    """A define naming the digest of csrc/*.h: PyTorch's builder hashes the sources and flags, not the
+    headers they include, so an edited header changes the flags and triggers a rebuild."""
+    digest = hashlib.sha256()
+    for header in sorted(_SOURCES[0].parent.glob("*.h")):
+        digest.update(header.name.encode() + header.read_bytes())
+    return f"-DMIXPREC_HEADERS_DIGEST={digest.hexdigest()[:16]}"
 
 
 @functools.lru_cache(maxsize=1)
@@ -42,8 +52,8 @@ def load_error() -> str | None:
         if building:
             print("mixprec: compiling the native kernels (first use only, about a minute on 2 cores)...",
                   file=sys.stderr, flush=True)
-        load(name="mixprec_native", sources=[str(path) for path in _SOURCES], extra_cflags=_FLAGS,
-             is_python_module=False, verbose=False)
+        load(name="mixprec_native", sources=[str(path) for path in _SOURCES],
+             extra_cflags=[*_FLAGS, _headers_flag()], is_python_module=False, verbose=False)
         if building:
             print(f"mixprec: native kernels built in {time.perf_counter() - started:.0f} s", file=sys.stderr,
                   flush=True)
@@ -186,6 +196,14 @@ def tflite_sum_middle(x: torch.Tensor) -> torch.Tensor:
     """int8 / int16 ``[outer, middle, inner]`` -> its exact int32 sums over the middle axis
     ``[outer, inner]`` (the integer engine's MEAN; see csrc/tflite_reduce.cpp)."""
     return torch.ops.mixprec.tflite_sum_middle(x)
+
+
+def tflite_mean_middle(x: torch.Tensor, correction: int, multiplier: int, shift: int, offset: int, low: int,
+                       high: int) -> torch.Tensor:
+    """int8 / int16 ``[outer, middle, inner]`` -> MEAN's codes of the same type ``[outer, inner]``:
+    ``clamp(MBQM(sum - correction, multiplier, shift) + offset, low, high)`` over the middle axis
+    (see csrc/tflite_reduce.cpp)."""
+    return torch.ops.mixprec.tflite_mean_middle(x, correction, multiplier, shift, offset, low, high)
 
 
 def kws_pipeline(*args: object) -> tuple[torch.Tensor, int]:

@@ -83,14 +83,33 @@ def mean_shape(shape: tuple[int, ...], axes: tuple[int, ...], keep_dims: bool) -
     return tuple(d for i, d in enumerate(shape) if i not in axes)
 
 
-def mean(q: NDArray, params: MeanParams) -> NDArray:
-    """``q`` -> its mean over ``params.axes``, int8 or int16 as the record says (see module docstring)."""
+def _check_input(q: NDArray, params: MeanParams) -> None:
     require_array("mean", q, np.dtype(params.dtype).type)
     count = int(np.prod([q.shape[a] for a in params.axes])) if q.ndim > max(params.axes) else -1
     if count != params.count:
         raise InputError(f"mean over axes {params.axes} was built for {params.count} elements per output; "
                          f"shape {q.shape} gives {count}")
-    total = exact_sums(q, params.axes).reshape(mean_shape(q.shape, params.axes, params.keep_dims))
+
+
+def mean(q: NDArray, params: MeanParams) -> NDArray:
+    """``q`` -> its mean over ``params.axes``, int8 or int16 as the record says (see module docstring): by
+    mixprec's native kernel (``csrc/tflite_reduce.cpp``) when it is built and the axes are consecutive,
+    else by :func:`mean_reference`."""
+    _check_input(q, params)
+    if native.available() and params.axes == tuple(range(params.axes[0], params.axes[-1] + 1)):
+        outer, inner = int(np.prod(q.shape[:params.axes[0]])), int(np.prod(q.shape[params.axes[-1] + 1:]))
+        grouped = torch.from_numpy(np.ascontiguousarray(q).reshape(outer, -1, inner))
+        codes = native.tflite_mean_middle(grouped, params.input_zero_point * params.count, params.multiplier,
+                                          params.shift, params.output_zero_point, *CODE_RANGES[params.dtype])
+        return codes.numpy().reshape(mean_shape(q.shape, params.axes, params.keep_dims))
+    return mean_reference(q, params)
+
+
+def mean_reference(q: NDArray, params: MeanParams) -> NDArray:
+    """The numpy statement of :func:`mean` (exact int64 sums, the rescale of
+    :mod:`~mixprec.integer.core.fixedpoint`), which the native kernel is pinned to."""
+    _check_input(q, params)
+    total = q.sum(axis=params.axes, dtype=np.int64).reshape(mean_shape(q.shape, params.axes, params.keep_dims))
     scaled = multiply_by_quantized_multiplier(total - params.input_zero_point * params.count, params.multiplier,
                                               params.shift).astype(np.int64)
     return np.clip(scaled + params.output_zero_point, *CODE_RANGES[params.dtype]).astype(params.dtype)

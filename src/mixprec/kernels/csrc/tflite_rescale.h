@@ -1,0 +1,76 @@
+// gemmlowp's double-rounding MultiplyByQuantizedMultiplier, which LiteRT's int8 kernels rescale with
+// (SaturatingRoundingDoublingHighMul, then RoundingDivideByPOT: ties away from zero in both), on one int32
+// and on 16 lanes; shared by the integer engine's kernels (tflite_conv.cpp, tflite_reduce.cpp).
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+namespace mixprec {
+
+inline int32_t srdhm(int32_t a, int32_t b) {
+  if (a == std::numeric_limits<int32_t>::min() && b == std::numeric_limits<int32_t>::min()) {
+    return std::numeric_limits<int32_t>::max();
+  }
+  const int64_t product = static_cast<int64_t>(a) * b;
+  const int64_t nudge = product >= 0 ? (int64_t{1} << 30) : (1 - (int64_t{1} << 30));
+  return static_cast<int32_t>((product + nudge) / (int64_t{1} << 31));  // C++ division: toward zero
+}
+
+inline int32_t rounding_divide_by_pot(int32_t x, int exponent) {
+  const int32_t mask = static_cast<int32_t>((int64_t{1} << exponent) - 1);
+  const int32_t remainder = x & mask;
+  const int32_t threshold = (mask >> 1) + (x < 0 ? 1 : 0);
+  return (x >> exponent) + (remainder > threshold ? 1 : 0);
+}
+
+inline int32_t requantize(int32_t acc, int32_t multiplier, int32_t shift) {
+  const int left = shift > 0 ? shift : 0, right = shift > 0 ? 0 : -shift;
+  const int64_t shifted = static_cast<int64_t>(acc) * (int64_t{1} << left);
+  const int32_t saturated = static_cast<int32_t>(std::clamp<int64_t>(
+      shifted, std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::max()));
+  return rounding_divide_by_pot(srdhm(saturated, multiplier), right);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+
+// gemmlowp's SaturatingRoundingDoublingHighMul of 16 lanes by multipliers in [0, 2^31) (so the single
+// overflowing case a = b = -2^31 cannot occur). For a 64-bit
+// product p, (p + nudge) / 2^31 toward zero with the nudge 2^30 (p >= 0) or 1 - 2^30 (p < 0) equals
+// floor((p + 2^30) / 2^31) in both cases, one arithmetic shift: the even and the odd lanes' products.
+inline __m512i srdhm16(__m512i a, __m512i b) {
+  const __m512i half = _mm512_set1_epi64(int64_t{1} << 30);
+  const __m512i even = _mm512_srai_epi64(_mm512_add_epi64(_mm512_mul_epi32(a, b), half), 31);
+  const __m512i odd = _mm512_srai_epi64(
+      _mm512_add_epi64(_mm512_mul_epi32(_mm512_srli_epi64(a, 32), _mm512_srli_epi64(b, 32)), half), 31);
+  return _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+// requantize() on 16 lanes: saturating left shift, srdhm, RoundingDivideByPOT, all per lane.
+inline __m512i requantize16(__m512i acc, __m512i multiplier, __m512i shift) {
+  const __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi32(1);
+  const __m512i left = _mm512_max_epi32(shift, zero), right = _mm512_max_epi32(_mm512_sub_epi32(zero, shift), zero);
+  __m512i shifted = acc;
+  if (_mm512_cmpgt_epi32_mask(left, zero)) {  // rare: multipliers above 1
+    shifted = _mm512_sllv_epi32(acc, left);
+    const __mmask16 overflow = _mm512_cmpneq_epi32_mask(_mm512_srav_epi32(shifted, left), acc);
+    const __mmask16 negative = _mm512_cmplt_epi32_mask(acc, zero);
+    shifted = _mm512_mask_mov_epi32(shifted, overflow & ~negative,
+                                    _mm512_set1_epi32(std::numeric_limits<int32_t>::max()));
+    shifted = _mm512_mask_mov_epi32(shifted, overflow & negative,
+                                    _mm512_set1_epi32(std::numeric_limits<int32_t>::min()));
+  }
+  const __m512i x = srdhm16(shifted, multiplier);
+  const __m512i mask = _mm512_sub_epi32(_mm512_sllv_epi32(one, right), one);
+  const __m512i remainder = _mm512_and_si512(x, mask);
+  const __m512i threshold = _mm512_mask_add_epi32(_mm512_srli_epi32(mask, 1), _mm512_cmplt_epi32_mask(x, zero),
+                                                  _mm512_srli_epi32(mask, 1), one);
+  return _mm512_mask_add_epi32(_mm512_srav_epi32(x, right), _mm512_cmpgt_epi32_mask(remainder, threshold),
+                               _mm512_srav_epi32(x, right), one);
+}
+#endif
+
+}  // namespace mixprec
