@@ -401,7 +401,7 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
       for (int i = 0; i < kPixels; ++i) finish(acc[i][0], first + i, b);
     }
   };
-  // chunks of pixels, each pixel's base given by base_of(pixel)
+  // chunks of pixels, each pixel's base given by base_of(pixel), called once per pixel in order
   auto multiply_all = [&](int64_t begin, int64_t end, const WindowRuns& runs, const auto& base_of) {
     const uint8_t* base[kTilePixels];
     int64_t p = begin;
@@ -430,9 +430,23 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
     for (int64_t ky = 0; ky < g.kh; ++ky) offset[ky] = ky * g.dilation_h * g.width * g.channels;
     const WindowRuns runs{offset.data(), g.kh, g.kw * g.channels};
     mixprec::split_rows(pixels, pixels * depth * outs, [&](int64_t begin, int64_t end) {
-      multiply_all(begin, end, runs, [&](int64_t pixel) {
-        const int64_t n = pixel / (g.out_h * g.out_w), y = pixel / g.out_w % g.out_h, xo = pixel % g.out_w;
-        return shifted.data() + ((n * g.height + y * g.stride_h) * g.width + xo * g.stride_w) * g.channels;
+      // pixels visited in order: their window bases by steps along a row and from row to row (no divisions)
+      const int64_t step = g.stride_w * g.channels, row_step = g.stride_h * g.width * g.channels;
+      const int64_t sample = g.height * g.width * g.channels, out_w = g.out_w, out_h = g.out_h;
+      int64_t n = begin / (out_h * out_w), y = begin / out_w % out_h, xo = begin % out_w;
+      const uint8_t* row = shifted.data() + n * sample + y * row_step;
+      multiply_all(begin, end, runs, [&](int64_t) {
+        const uint8_t* base = row + xo * step;
+        if (++xo == out_w) {
+          xo = 0;
+          if (++y == out_h) {
+            y = 0;
+            row = shifted.data() + ++n * sample;
+          } else {
+            row += row_step;
+          }
+        }
+        return base;
       });
     });
     return;
