@@ -33,6 +33,7 @@ PAD take int16 tensors as they take int8 ones.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -95,6 +96,16 @@ class ConvParams(AccumulatorRecord):
     def out_channels(self) -> int:
         return self.weights.shape[3] if self.depthwise else self.weights.shape[0]
 
+    @cached_property
+    def native_constants(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """The weights, bias (or None), multiplier and shift as contiguous tensors for the native kernel, made
+        on first use (views of the record's arrays where those are contiguous)."""
+        def tensor(array: NDArray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(array))
+
+        return (tensor(self.weights), None if self.bias is None else tensor(self.bias), tensor(self.multiplier),
+                tensor(self.shift))
+
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
         """``[N, H', W', out]`` for an NHWC input shape."""
         if len(shape) != 4:
@@ -147,12 +158,11 @@ def _conv2d_native(x: NDArray, params: ConvParams) -> NDArray:
     (kh, kw), (sh, sw), (dh, dw) = params.weights.shape[1:3], params.stride, params.dilation
     _, pad_top = output_size(x.shape[1], kh, sh, dh, params.padding)
     _, pad_left = output_size(x.shape[2], kw, sw, dw, params.padding)
-    bias = None if params.bias is None else torch.from_numpy(np.ascontiguousarray(params.bias))
+    weights, bias, multiplier, shift = params.native_constants
     out = native.tflite_conv2d(
-        torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(params.weights)), bias,
-        torch.from_numpy(np.ascontiguousarray(params.multiplier)), torch.from_numpy(np.ascontiguousarray(params.shift)),
-        sh, sw, dh, dw, pad_top, pad_left, out_h, out_w, params.input_offset, params.output_offset,
-        params.activation_min, params.activation_max, params.depthwise)
+        torch.from_numpy(np.ascontiguousarray(x)), weights, bias, multiplier, shift, sh, sw, dh, dw, pad_top,
+        pad_left, out_h, out_w, params.input_offset, params.output_offset, params.activation_min,
+        params.activation_max, params.depthwise)
     return out.numpy()
 
 
