@@ -144,6 +144,33 @@ def test_reshape_keeps_bytes_and_feeds_mean(tmp_path: Path) -> None:
 
 
 @needs_litert
+def test_the_native_requantize_equals_the_numpy_reference() -> None:
+    """QUANTIZE between grids (int8 and int16 on either side) by the native kernel gives the reference's
+    codes: scale ratios from 2^-12 to 2^12 (right and left shifts, products saturating int32), offsets at
+    the ends of the range, lengths with tails of fewer than 16 elements, outputs clamped at both ends."""
+    from mixprec.integer.ops.conversions import requantize, requantize_params, requantize_reference
+    from mixprec.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.load_error()}")
+    rng = np.random.default_rng(5)
+    for trial in range(32):
+        source, target = [("int8", "int16"), ("int16", "int8"), ("int8", "int8"), ("int16", "int16")][trial % 4]
+        low, high = (-128, 127) if source == "int8" else (-32768, 32767)
+        x = rng.integers(low, high + 1, int(rng.integers(1, 200))).astype(source)
+        x[0], x[-1] = low, high
+        zero_in = int(rng.choice([low, high, 0, 3])) if source == "int8" else 0
+        zero_out = int(rng.integers(-128, 128)) if target == "int8" else 0
+        params = requantize_params(0.01, zero_in, 0.01 * 2.0 ** rng.uniform(-12, 12), zero_out, source, target)
+        assert np.array_equal(requantize(x, params), requantize_reference(x, params)), (trial, params)
+    import torch
+
+    with pytest.raises(RuntimeError, match="multiplier must lie in"):
+        native.tflite_requantize(torch.zeros(4, dtype=torch.int8), 0, 2**30, 31, 0, False)
+    with pytest.raises(RuntimeError, match="contiguous int8 or int16"):
+        native.tflite_requantize(torch.zeros(4, dtype=torch.int32), 0, 2**30, 0, 0, False)
+
+
 def test_quantize_requantize_and_dequantize_are_byte_identical_to_litert(tmp_path: Path) -> None:
     rng = np.random.default_rng(6)
     for _ in range(4):

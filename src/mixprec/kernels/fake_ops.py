@@ -84,6 +84,11 @@ def _tflite_mean_middle(x: Tensor, correction: int, multiplier: int, shift: int,
     return x.new_empty((x.shape[0], x.shape[2]))
 
 
+def _tflite_requantize(x: Tensor, input_offset: int, multiplier: int, shift: int,  # noqa: ARG001
+                       output_offset: int, wide: bool) -> Tensor:  # noqa: ARG001
+    return x.new_empty(x.shape, dtype=torch.int16 if wide else torch.int8)
+
+
 _FAKES = {
     "quantize_rows_s8": _quantize_rows_s8,
     "quantize_rows_u8": _quantize_rows_u8,
@@ -100,6 +105,7 @@ _FAKES = {
     "tflite_conv2d": _tflite_conv2d,
     "tflite_sum_middle": _tflite_sum_middle,
     "tflite_mean_middle": _tflite_mean_middle,
+    "tflite_requantize": _tflite_requantize,
 }
 
 

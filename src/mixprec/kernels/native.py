@@ -23,7 +23,8 @@ import torch
 
 _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("int8_rows.cpp", "int4_weights.cpp", "kv_dequant.cpp", "kv_attention.cpp", "kws_pipeline.cpp",
-                         "w4a8_gemm.cpp", "tflite_conv.cpp", "tflite_reduce.cpp")]
+                         "w4a8_gemm.cpp", "tflite_conv.cpp", "tflite_reduce.cpp",
+                         "tflite_requantize.cpp")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 
 
@@ -204,6 +205,13 @@ def tflite_mean_middle(x: torch.Tensor, correction: int, multiplier: int, shift:
     ``clamp(MBQM(sum - correction, multiplier, shift) + offset, low, high)`` over the middle axis
     (see csrc/tflite_reduce.cpp)."""
     return torch.ops.mixprec.tflite_mean_middle(x, correction, multiplier, shift, offset, low, high)
+
+
+def tflite_requantize(x: torch.Tensor, input_offset: int, multiplier: int, shift: int, output_offset: int,
+                      wide: bool) -> torch.Tensor:
+    """int8 / int16 codes -> the same shape on another grid, int16 if ``wide`` else int8:
+    ``clamp(MBQM(x + input_offset, multiplier, shift) + output_offset)`` (see csrc/tflite_requantize.cpp)."""
+    return torch.ops.mixprec.tflite_requantize(x, input_offset, multiplier, shift, output_offset, wide)
 
 
 def kws_pipeline(*args: object) -> tuple[torch.Tensor, int]:

@@ -17,12 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
 from mixprec.integer.core.fixedpoint import multiply_by_quantized_multiplier, quantize_multiplier
 from mixprec.integer.core.rounding import round_half_away
 from mixprec.integer.core.tensors import CODE_RANGES, require_array, require_codes
+from mixprec.kernels import native
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,20 @@ def requantize_params(input_scale: float, input_zero_point: int, output_scale: f
 
 
 def requantize(q: NDArray, params: RequantizeParams) -> NDArray:
-    """int8 / int16 on one affine grid -> the record's output type on another (see module docstring)."""
+    """int8 / int16 on one affine grid -> the record's output type on another (see module docstring): by
+    mixprec's native kernel (``csrc/tflite_requantize.cpp``) when it is built, else by
+    :func:`requantize_reference`."""
+    require_array("requantize", q, np.dtype(params.input_dtype).type)
+    if native.available():
+        codes = native.tflite_requantize(torch.from_numpy(np.ascontiguousarray(q)), params.input_offset,
+                                         params.multiplier, params.shift, params.output_offset,
+                                         params.output_dtype == "int16")
+        return codes.numpy()
+    return requantize_reference(q, params)
+
+
+def requantize_reference(q: NDArray, params: RequantizeParams) -> NDArray:
+    """The numpy statement of :func:`requantize`, which the native kernel is pinned to."""
     require_array("requantize", q, np.dtype(params.input_dtype).type)
     scaled = multiply_by_quantized_multiplier(q.astype(np.int64) + params.input_offset, params.multiplier,
                                               params.shift).astype(np.int64)
