@@ -72,29 +72,17 @@ void sum_middle(const In* x, int64_t outer, int64_t middle, int64_t inner, int32
 template <typename In>
 void mean_middle(const In* x, int64_t outer, int64_t middle, int64_t inner, int32_t correction, int32_t multiplier,
                  int32_t shift, int32_t offset, int32_t low, int32_t high, In* out) {
+  const mixprec::CodeRescale rescale(multiplier, shift, offset, low, high);
   mixprec::split_rows(outer, outer * middle * inner, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> sums(static_cast<size_t>(inner));
     sum_rows(x, begin, end, middle, inner, [&](int64_t) { return sums.data(); }, [&](int64_t o, const int32_t* row) {
       In* dst = out + o * inner;
       int64_t i = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-      const __m512i m = _mm512_set1_epi32(multiplier), s = _mm512_set1_epi32(shift);
-      const __m512i c = _mm512_set1_epi32(correction), z = _mm512_set1_epi32(offset);
-      const __m512i lo = _mm512_set1_epi32(low), hi = _mm512_set1_epi32(high);
-      for (; i + 16 <= inner; i += 16) {
-        const __m512i scaled = mixprec::requantize16(_mm512_sub_epi32(_mm512_loadu_si512(row + i), c), m, s);
-        const __m512i codes = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(scaled, z), lo), hi);
-        if constexpr (sizeof(In) == 1) {
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtepi32_epi8(codes));
-        } else {
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(codes));
-        }
-      }
+      const __m512i c = _mm512_set1_epi32(correction);
+      for (; i + 16 <= inner; i += 16) rescale.store16(_mm512_sub_epi32(_mm512_loadu_si512(row + i), c), dst + i);
 #endif
-      for (; i < inner; ++i) {
-        const int64_t code = int64_t{mixprec::requantize(row[i] - correction, multiplier, shift)} + offset;
-        dst[i] = static_cast<In>(std::clamp<int64_t>(code, low, high));
-      }
+      for (; i < inner; ++i) rescale.store1(row[i] - correction, dst + i);
     });
   });
 }

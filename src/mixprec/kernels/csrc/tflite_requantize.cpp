@@ -20,12 +20,11 @@ namespace {
 template <typename In, typename Out>
 void requantize_all(const In* x, int64_t count, int32_t input_offset, int32_t multiplier, int32_t shift,
                     int32_t output_offset, Out* out) {
-  constexpr int32_t low = std::numeric_limits<Out>::min(), high = std::numeric_limits<Out>::max();
+  const mixprec::CodeRescale rescale(multiplier, shift, output_offset, std::numeric_limits<Out>::min(),
+                                     std::numeric_limits<Out>::max());
   int64_t i = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-  const __m512i m = _mm512_set1_epi32(multiplier), s = _mm512_set1_epi32(shift);
-  const __m512i in_off = _mm512_set1_epi32(input_offset), out_off = _mm512_set1_epi32(output_offset);
-  const __m512i lo = _mm512_set1_epi32(low), hi = _mm512_set1_epi32(high);
+  const __m512i offset = _mm512_set1_epi32(input_offset);
   for (; i + 16 <= count; i += 16) {
     __m512i codes;
     if constexpr (sizeof(In) == 1) {
@@ -33,19 +32,10 @@ void requantize_all(const In* x, int64_t count, int32_t input_offset, int32_t mu
     } else {
       codes = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)));
     }
-    const __m512i scaled = mixprec::requantize16(_mm512_add_epi32(codes, in_off), m, s);
-    const __m512i result = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(scaled, out_off), lo), hi);
-    if constexpr (sizeof(Out) == 1) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(result));
-    } else {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(result));
-    }
+    rescale.store16(_mm512_add_epi32(codes, offset), out + i);
   }
 #endif
-  for (; i < count; ++i) {
-    const int64_t code = int64_t{mixprec::requantize(int32_t{x[i]} + input_offset, multiplier, shift)} + output_offset;
-    out[i] = static_cast<Out>(std::clamp<int64_t>(code, low, high));
-  }
+  for (; i < count; ++i) rescale.store1(int32_t{x[i]} + input_offset, out + i);
 }
 
 template <typename In>

@@ -73,4 +73,41 @@ inline __m512i requantize16(__m512i acc, __m512i multiplier, __m512i shift) {
 }
 #endif
 
+// The per-tensor rescale of a code-producing op on 16 int32 lanes or one value: clamp(requantize(x) + offset, low,
+// high), stored as int8 or int16 codes.
+class CodeRescale {
+ public:
+  CodeRescale(int32_t multiplier, int32_t shift, int32_t offset, int32_t low, int32_t high)
+      : multiplier_(multiplier), shift_(shift), offset_(offset), low_(low), high_(high)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        , m_(_mm512_set1_epi32(multiplier)), s_(_mm512_set1_epi32(shift)), z_(_mm512_set1_epi32(offset)),
+        lo_(_mm512_set1_epi32(low)), hi_(_mm512_set1_epi32(high))
+#endif
+  {}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  template <typename Out>
+  void store16(__m512i x, Out* dst) const {
+    const __m512i codes = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(requantize16(x, m_, s_), z_), lo_), hi_);
+    if constexpr (sizeof(Out) == 1) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(codes));
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(codes));
+    }
+  }
+#endif
+
+  template <typename Out>
+  void store1(int32_t x, Out* dst) const {
+    const int64_t code = int64_t{requantize(x, multiplier_, shift_)} + offset_;
+    *dst = static_cast<Out>(std::clamp<int64_t>(code, low_, high_));
+  }
+
+ private:
+  int32_t multiplier_, shift_, offset_, low_, high_;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  __m512i m_, s_, z_, lo_, hi_;
+#endif
+};
+
 }  // namespace mixprec
