@@ -197,7 +197,7 @@ void convolve(const Geometry& g, const In* in, const int8_t* wt, const std::vect
   }
 #endif
   const int64_t work = g.batch * g.out_h * g.out_w * g.out_channels * g.kh * g.kw * (g.depthwise ? 1 : g.channels);
-  mixprec::split_rows(g.batch * g.out_h, work, [&](int64_t begin, int64_t end) {
+  mixprec::split_rows_balanced(g.batch * g.out_h, work, [&](int64_t begin, int64_t end) {
     std::vector<Sum> acc(g.out_channels);
     std::vector<Sum> shifted(std::max(g.out_channels, g.channels));
     for (int64_t row = begin; row < end; ++row) {
@@ -422,14 +422,14 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
   if (in_place) {
     const int64_t size = g.batch * g.height * g.width * g.channels;
     std::vector<uint8_t> shifted(static_cast<size_t>(size));
-    mixprec::split_rows(g.batch, size, [&](int64_t begin, int64_t end) {
+    mixprec::split_rows_balanced(g.batch, size, [&](int64_t begin, int64_t end) {
       const int64_t sample = g.height * g.width * g.channels;
       shift_to_unsigned(in + begin * sample, shifted.data() + begin * sample, (end - begin) * sample);
     });
     std::vector<int64_t> offset(static_cast<size_t>(g.kh));
     for (int64_t ky = 0; ky < g.kh; ++ky) offset[ky] = ky * g.dilation_h * g.width * g.channels;
     const WindowRuns runs{offset.data(), g.kh, g.kw * g.channels};
-    mixprec::split_rows(pixels, pixels * depth * outs, [&](int64_t begin, int64_t end) {
+    mixprec::split_rows_balanced(pixels, pixels * depth * outs, [&](int64_t begin, int64_t end) {
       // pixels visited in order: their window bases by steps along a row and from row to row (no divisions)
       const int64_t step = g.stride_w * g.channels, row_step = g.stride_h * g.width * g.channels;
       const int64_t sample = g.height * g.width * g.channels, out_w = g.out_w, out_h = g.out_h;
@@ -453,7 +453,7 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
   }
   const int64_t whole = 0;
   const WindowRuns runs{&whole, 1, depth};
-  mixprec::split_rows(pixels, pixels * depth * outs, [&](int64_t begin, int64_t end) {
+  mixprec::split_rows_balanced(pixels, pixels * depth * outs, [&](int64_t begin, int64_t end) {
     std::vector<int8_t> rows(direct ? 0 : static_cast<size_t>(kGemmChunk * depth));
     std::vector<uint8_t> shifted(static_cast<size_t>(kGemmChunk * depth));
     for (int64_t chunk = begin; chunk < end; chunk += kGemmChunk) {
@@ -613,7 +613,7 @@ void depthwise_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
   // A ring of the rows one output row reads ((kh - 1) dilation + 1 consecutive padded rows, each laid out
   // once per sample as the output rows move down): small enough to stay in the L1 cache.
   const int64_t ring = (g.kh - 1) * g.dilation_h + 1, row_quads = entries * blocks * 4;
-  mixprec::split_rows(g.batch * g.out_h, g.batch * g.out_h * g.out_w * channels * g.kh * g.kw,
+  mixprec::split_rows_balanced(g.batch * g.out_h, g.batch * g.out_h * g.out_w * channels * g.kh * g.kw,
                       [&](int64_t begin, int64_t end) {
     std::vector<__m512i> quads(static_cast<size_t>(ring * row_quads));
     std::vector<int64_t> held(static_cast<size_t>(ring), -1);  // n * reach_h + r of the row in each slot

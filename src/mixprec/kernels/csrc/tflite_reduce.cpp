@@ -63,7 +63,7 @@ void sum_rows(const In* x, int64_t begin, int64_t end, int64_t middle, int64_t i
 
 template <typename In>
 void sum_middle(const In* x, int64_t outer, int64_t middle, int64_t inner, int32_t* out) {
-  mixprec::split_rows(outer, outer * middle * inner, [&](int64_t begin, int64_t end) {
+  mixprec::split_rows_balanced(outer, outer * middle * inner, [&](int64_t begin, int64_t end) {
     sum_rows(x, begin, end, middle, inner, [&](int64_t o) { return out + o * inner; }, [](int64_t, const int32_t*) {});
   });
 }
@@ -73,7 +73,7 @@ template <typename In>
 void mean_middle(const In* x, int64_t outer, int64_t middle, int64_t inner, int32_t correction, int32_t multiplier,
                  int32_t shift, int32_t offset, int32_t low, int32_t high, In* out) {
   const mixprec::CodeRescale rescale(multiplier, shift, offset, low, high);
-  mixprec::split_rows(outer, outer * middle * inner, [&](int64_t begin, int64_t end) {
+  mixprec::split_rows_balanced(outer, outer * middle * inner, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> sums(static_cast<size_t>(inner));
     sum_rows(x, begin, end, middle, inner, [&](int64_t) { return sums.data(); }, [&](int64_t o, const int32_t* row) {
       In* dst = out + o * inner;
