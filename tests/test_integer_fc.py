@@ -255,3 +255,56 @@ def test_operator_records_and_kernels_refuse_bad_input() -> None:
         softmax_params(0.1, float("nan"))
     with pytest.raises(InputError, match="too small"):
         softmax_params(1e-9, 1.0)
+
+
+def test_the_native_fully_connected_equals_the_numpy_reference() -> None:
+    """FULLY_CONNECTED by the native kernel gives the reference's codes in int8 and 16x8: per-channel and
+    per-tensor multipliers with right and left shifts (the single rounding in 128 bits; every exact tie
+    of x / 2), input offsets at the ends of the range, biases at the proofs' bounds or none, clamped
+    activation ranges, inputs with leading dimensions, reductions long enough to split rows between
+    threads."""
+    from mixprec.integer.ops.fully_connected import FullyConnectedParams, fully_connected, fully_connected_reference
+    from mixprec.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.load_error()}")
+    rng = np.random.default_rng(17)
+    for trial in range(24):
+        dtype = "int8" if trial % 2 == 0 else "int16"
+        low, high = (-128, 127) if dtype == "int8" else (-32768, 32767)
+        rows, features, outs = [(5, 7, 3), (2000, 64, 10), (3, 300, 33), (1, 1, 1)][trial % 4]
+        weights = rng.integers(-127, 128, (outs, features)).astype(np.int8)
+        per = outs if trial % 3 else 1
+        multiplier = rng.integers(2**30, 2**31, per).astype(np.int32)
+        shift = rng.integers(-20, 4 if trial % 5 == 0 else 0, per).astype(np.int32)
+        bound = 2**30 - 1 if dtype == "int8" else 2**46 - 1
+        bias = None if trial % 4 == 3 else rng.integers(-bound, bound, outs, dtype=np.int64).astype(
+            np.int32 if dtype == "int8" else np.int64)
+        input_offset = int(rng.choice([-127, 128, 0, 9])) if dtype == "int8" else 0
+        output_offset = int(rng.integers(-30, 30)) if dtype == "int8" else 0
+        params = FullyConnectedParams(weights=weights, bias=bias, input_offset=input_offset, multiplier=multiplier,
+                                      shift=shift, output_offset=output_offset,
+                                      activation_min=low if trial % 3 else output_offset, activation_max=high,
+                                      dtype=dtype)
+        x = rng.integers(low, high + 1, (rows, features)).astype(dtype)
+        x[0] = high if trial % 2 else low
+        if trial % 6 == 1:
+            x = x.reshape(1, rows, features)
+        assert np.array_equal(fully_connected(x, params), fully_connected_reference(x, params)), trial
+    for dtype in ("int8", "int16"):  # out = x / 2 rounded: every odd x a tie
+        halve = FullyConnectedParams(weights=np.ones((1, 1), np.int8), bias=None, input_offset=0,
+                                     multiplier=np.array([2**30], np.int32), shift=np.zeros(1, np.int32),
+                                     output_offset=0, activation_min=-128 if dtype == "int8" else -32768,
+                                     activation_max=127 if dtype == "int8" else 32767, dtype=dtype)
+        x = np.arange(-128, 128).astype(dtype)[:, None]
+        assert np.array_equal(fully_connected(x, halve), fully_connected_reference(x, halve)), dtype
+    import torch
+
+    with pytest.raises(RuntimeError, match="weights must be contiguous int8"):
+        native.tflite_fully_connected(torch.zeros(2, 3, dtype=torch.int8), torch.zeros(4, 5, dtype=torch.int8), None,
+                                      torch.ones(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), 0, 0,
+                                      -128, 127)
+    with pytest.raises(RuntimeError, match="shifts in"):
+        native.tflite_fully_connected(torch.zeros(2, 3, dtype=torch.int8), torch.zeros(4, 3, dtype=torch.int8), None,
+                                      torch.ones(1, dtype=torch.int32), torch.full((1,), 31, dtype=torch.int32), 0, 0,
+                                      -128, 127)

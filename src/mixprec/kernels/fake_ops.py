@@ -84,6 +84,12 @@ def _tflite_mean_middle(x: Tensor, correction: int, multiplier: int, shift: int,
     return x.new_empty((x.shape[0], x.shape[2]))
 
 
+def _tflite_fully_connected(x: Tensor, w: Tensor, bias: Tensor | None, multiplier: Tensor,  # noqa: ARG001
+                            shift: Tensor, input_offset: int, output_offset: int, act_min: int,  # noqa: ARG001
+                            act_max: int) -> Tensor:  # noqa: ARG001
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
 def _tflite_requantize(x: Tensor, input_offset: int, multiplier: int, shift: int,  # noqa: ARG001
                        output_offset: int, wide: bool) -> Tensor:  # noqa: ARG001
     return x.new_empty(x.shape, dtype=torch.int16 if wide else torch.int8)
@@ -106,6 +112,7 @@ _FAKES = {
     "tflite_sum_middle": _tflite_sum_middle,
     "tflite_mean_middle": _tflite_mean_middle,
     "tflite_requantize": _tflite_requantize,
+    "tflite_fully_connected": _tflite_fully_connected,
 }
 
 

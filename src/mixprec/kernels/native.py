@@ -24,7 +24,7 @@ import torch
 _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("int8_rows.cpp", "int4_weights.cpp", "kv_dequant.cpp", "kv_attention.cpp", "kws_pipeline.cpp",
                          "w4a8_gemm.cpp", "tflite_conv.cpp", "tflite_reduce.cpp",
-                         "tflite_requantize.cpp")]
+                         "tflite_requantize.cpp", "tflite_fully_connected.cpp")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 
 
@@ -205,6 +205,12 @@ def tflite_mean_middle(x: torch.Tensor, correction: int, multiplier: int, shift:
     ``clamp(MBQM(sum - correction, multiplier, shift) + offset, low, high)`` over the middle axis
     (see csrc/tflite_reduce.cpp)."""
     return torch.ops.mixprec.tflite_mean_middle(x, correction, multiplier, shift, offset, low, high)
+
+
+def tflite_fully_connected(*args: object) -> torch.Tensor:
+    """The integer engine's int8 / 16x8 FULLY_CONNECTED on ``[rows, in]`` codes (see
+    csrc/tflite_fully_connected.cpp; arguments as there)."""
+    return torch.ops.mixprec.tflite_fully_connected(*args)
 
 
 def tflite_requantize(x: torch.Tensor, input_offset: int, multiplier: int, shift: int, output_offset: int,

@@ -33,7 +33,6 @@ PAD take int16 tensors as they take int8 ones.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import torch
@@ -95,16 +94,6 @@ class ConvParams(AccumulatorRecord):
     @property
     def out_channels(self) -> int:
         return self.weights.shape[3] if self.depthwise else self.weights.shape[0]
-
-    @cached_property
-    def native_constants(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """The weights, bias (or None), multiplier and shift as contiguous tensors for the native kernel, made
-        on first use (views of the record's arrays where those are contiguous)."""
-        def tensor(array: NDArray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(array))
-
-        return (tensor(self.weights), None if self.bias is None else tensor(self.bias), tensor(self.multiplier),
-                tensor(self.shift))
 
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
         """``[N, H', W', out]`` for an NHWC input shape."""

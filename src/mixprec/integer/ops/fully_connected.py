@@ -22,8 +22,10 @@ clamped to the int16 activation range.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
@@ -32,6 +34,7 @@ from mixprec.integer.core.fixedpoint import (
     multiply_by_quantized_multiplier_single_round_int64,
 )
 from mixprec.integer.core.tensors import CODE_RANGES, require_array
+from mixprec.kernels import native
 
 #: Longest reduction whose int32 accumulator cannot overflow: |x + input_offset| <= 255,
 #: |w| <= 128, so K * 255 * 128 + |bias| must stay below 2^31; with |bias| < 2^30 that is K <= 32,896.
@@ -56,6 +59,16 @@ class AccumulatorRecord:
     multiplier: NDArray[np.int32]
     shift: NDArray[np.int32]
     output_offset: int
+
+    @cached_property
+    def native_constants(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """The weights, bias (or None), multiplier and shift as contiguous tensors for the native kernel, made
+        on first use (views of the record's arrays where those are contiguous)."""
+        def tensor(array: NDArray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(array))
+
+        return (tensor(self.weights), None if self.bias is None else tensor(self.bias), tensor(self.multiplier),
+                tensor(self.shift))
 
     def check_accumulator(self, channels: int, reduction: int) -> None:
         """Refuse what cannot hold: a ``reduction`` (products per output) beyond the accumulator
@@ -126,14 +139,31 @@ class FullyConnectedParams(AccumulatorRecord):
 
 def fully_connected(x: NDArray, params: FullyConnectedParams) -> NDArray:
     """``x`` ``[..., in]`` of the record's type (int8 or int16) -> the same type ``[..., out]``
-    (see module docstring)."""
-    require_array("fully_connected", x, np.dtype(params.dtype).type)
-    in_features = params.weights.shape[1]
-    if x.ndim < 1 or x.shape[-1] != in_features:
-        raise InputError(f"input shape {x.shape} does not end in {in_features} features")
+    (see module docstring): by mixprec's native kernel (``csrc/tflite_fully_connected.cpp``, the same
+    integers) when it is built, else by :func:`fully_connected_reference`."""
+    _check_input(x, params)
+    if native.available():
+        weights, bias, multiplier, shift = params.native_constants
+        rows = torch.from_numpy(np.ascontiguousarray(x).reshape(-1, x.shape[-1]))
+        out = native.tflite_fully_connected(rows, weights, bias, multiplier, shift, params.input_offset,
+                                            params.output_offset, params.activation_min, params.activation_max)
+        return out.numpy().reshape(*x.shape[:-1], params.weights.shape[0])
+    return fully_connected_reference(x, params)
+
+
+def fully_connected_reference(x: NDArray, params: FullyConnectedParams) -> NDArray:
+    """The numpy statement of :func:`fully_connected`, which the native kernel is pinned to."""
+    _check_input(x, params)
     # float64 BLAS over exact integers: every partial sum stays below 2^22 * 2^24 = 2^46 (the reductions
     # these records allow), inside float64's exact range, so the sums are the exact accumulators
     acc = ((x.astype(np.float64) + params.input_offset) @ params.weights.astype(np.float64).T).astype(np.int64)
     if params.bias is not None:
         acc += params.bias
     return params.rescale(acc)
+
+
+def _check_input(x: NDArray, params: FullyConnectedParams) -> None:
+    require_array("fully_connected", x, np.dtype(params.dtype).type)
+    in_features = params.weights.shape[1]
+    if x.ndim < 1 or x.shape[-1] != in_features:
+        raise InputError(f"input shape {x.shape} does not end in {in_features} features")
