@@ -17,7 +17,7 @@ def test_a_short_dscnn_study_writes_every_row_and_the_comparison(tmp_path: Path)
     if not (data / "fsdd" / "recordings").is_dir():
         pytest.fail(f"test data missing: {data}/fsdd (tests need ../shared/data beside the project)")
     config = CnnStudyConfig(data=str(data), out=str(tmp_path), models=("dscnn",), dscnn_epochs=2,
-                            random_policies=4, group=2, resamples=50, rounds=1)
+                            random_policies=4, group=2, resamples=50, rounds=1, refine_evaluations=6)
     run(config)
     payload = json.loads((tmp_path / "dscnn-results.json").read_text())
     labels = [row["label"] for row in payload["results"]]
@@ -27,7 +27,12 @@ def test_a_short_dscnn_study_writes_every_row_and_the_comparison(tmp_path: Path)
         if row["label"].startswith("searched 0."):
             ratio = float(row["label"].split()[1][:-1])
             assert row["bytes"] <= ratio * payload["int8_bytes"]
-    assert set(payload["random_baseline"]) == {"0.6x", "0.7x"}
+    assert set(payload["random_baseline"]) == {"0.6x", "0.7x", "0.6x refined", "0.7x refined"}
+    for ratio in ("0.6x", "0.7x"):  # refined on the same samples' KL: never less faithful than the start
+        refined = payload["refinements"][ratio]
+        assert refined["evaluations"] <= 6 and refined["train_kl"] <= refined["train_kl_start"]
+        assert rows_by_label(payload)[f"refined {ratio} int8 bytes"]["bytes"] <= float(ratio[:-1]) * payload[
+            "int8_bytes"]
     rows = {row["label"]: row for row in payload["results"]}
     assert rows["fp32"]["train_kl"] == 0 and rows["w4"]["train_kl"] > rows["int8"]["train_kl"] > 0
     fidelity = payload["random_baseline"]["0.6x"]["fidelity"]
@@ -35,6 +40,10 @@ def test_a_short_dscnn_study_writes_every_row_and_the_comparison(tmp_path: Path)
     assert 0 <= fidelity["searched_kl_below_share"] <= 1
     assert (tmp_path / "dscnn-results.csv").is_file() and (tmp_path / "dscnn-pareto.png").stat().st_size > 0
     assert [fold["batchnorm"] for fold in payload["folded"]][:2] == ["features.1", "features.4"]
+
+
+def rows_by_label(payload: dict) -> dict[str, dict]:
+    return {row["label"]: row for row in payload["results"]}
 
 
 def test_cross_fitted_share_picks_on_one_half_and_scores_the_other() -> None:
@@ -55,6 +64,8 @@ def test_bad_configurations_are_refused() -> None:
         CnnStudyConfig(random_policies=3, group=5).check()
     with pytest.raises(InputError, match=r"budget ratios must lie in \(0, 1\)"):
         CnnStudyConfig(budget_ratios=(1.5,)).check()
+    with pytest.raises(InputError, match="refine_evaluations must be >= 0"):
+        CnnStudyConfig(refine_evaluations=-1).check()
 
 
 def test_fidelity_ranks_say_whether_training_kl_predicts_the_test_set() -> None:

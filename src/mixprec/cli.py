@@ -28,7 +28,8 @@ def _cnn_study(args: argparse.Namespace) -> None:
     run(CnnStudyConfig(data=args.data, out=args.out, models=tuple(args.models), resnet_epochs=args.resnet_epochs,
                        dscnn_epochs=args.dscnn_epochs, kws_test_speaker=args.kws_test_speaker or None,
                        seed=args.seed, budget_ratios=tuple(args.budget_ratios),
-                       random_policies=args.random_policies, rounds=args.rounds))
+                       random_policies=args.random_policies, rounds=args.rounds,
+                       refine_evaluations=args.refine_evaluations))
 
 
 def _search_study(args: argparse.Namespace) -> None:
@@ -206,12 +207,20 @@ def _precisions(text: str) -> list[str]:
 
 
 def _positive(text: str) -> int:
+    return _integer_from(text, 1, "a positive integer")
+
+
+def _non_negative(text: str) -> int:
+    return _integer_from(text, 0, "an integer >= 0")
+
+
+def _integer_from(text: str, least: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
     return value
 
 
@@ -249,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     cnn.add_argument("--budget-ratios", type=lambda text: [_positive_float(v) for v in text.split(",")],
                      default=[0.6, 0.7], help="byte budgets as ratios of uniform int8 (default: 0.6,0.7)")
     cnn.add_argument("--random-policies", type=_positive, default=30, help="random policies per budget (default: 30)")
+    cnn.add_argument("--refine-evaluations", type=_non_negative, default=60,
+                     help="policies measured when refining each searched one on the KL of its logits; 0: no "
+                          "refinement (default: %(default)s)")
     cnn.add_argument("--rounds", type=_positive, default=5, help="timing rounds (default: %(default)s)")
     cnn.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     cnn.set_defaults(func=_cnn_study)

@@ -11,6 +11,7 @@ from mixprec.analysis.evaluated import (
     uniform_choices,
 )
 from mixprec.analysis.latency import LatencyRow, LatencyTable, measure_latency
+from mixprec.analysis.refine import Refinement, refine
 from mixprec.analysis.search import (
     SearchProblem,
     SearchResult,
@@ -22,8 +23,8 @@ from mixprec.analysis.search import (
 from mixprec.analysis.sensitivity import METRICS, SensitivityRow, SensitivityTable, sensitivity, weight_perturbation
 
 __all__ = [
-    "METRICS", "DropSearch", "LatencyRow", "LatencyTable", "Measured", "SearchProblem", "SearchResult",
+    "METRICS", "DropSearch", "LatencyRow", "LatencyTable", "Measured", "Refinement", "SearchProblem", "SearchResult",
     "SensitivityRow", "SensitivityTable", "build_problem", "measure_latency", "measure_policy", "pareto_sweep",
-    "policy_for", "random_choices", "relative_weight_error", "search", "search_max_drop", "sensitivity",
+    "policy_for", "random_choices", "refine", "relative_weight_error", "search", "search_max_drop", "sensitivity",
     "uniform_bytes", "uniform_choices", "weight_error_ranking", "weight_perturbation",
 ]

@@ -9,12 +9,14 @@ For each model (:mod:`mixprec.studies.cnn_models`):
    training samples, never the test set), and per-layer latency at batch 64.
 3. Policies, each quantized and scored on the whole test set: uniform ``bf16``, ``int8``,
    ``int8-static`` (calibrated on training samples), ``w4``; at each byte budget (a ratio of
-   uniform ``int8``'s bytes) the ILP search, the NNCF-style heuristic and a pool of random
+   uniform ``int8``'s bytes) the ILP search, the same policy refined on measured fidelity
+   (:func:`mixprec.analysis.refine`: neighbouring policies within the budget while the KL of the
+   logits on the sensitivity samples falls), the NNCF-style heuristic and a pool of random
    policies; the search under uniform ``int8``'s predicted latency.
 4. The random baseline, cross-fitted: groups of ``group`` policies are drawn from the pool; the
    best of a group is chosen on the even-numbered test samples and scored on the odd ones,
    and the other way round, so that every sample scores a choice that never saw it. The share
-   of groups whose cross-fitted accuracy the searched policy beats is reported; and, beside it,
+   of groups whose cross-fitted accuracy the searched (and the refined) policy beats is reported; and, beside it,
    what the search optimizes, fidelity to the float model on the training samples (KL of the
    logits), for every policy: where the searched policy ranks among the random ones, and how
    well fidelity predicts test accuracy among them (:func:`fidelity_ranks`).
@@ -40,6 +42,7 @@ from mixprec.analysis import (
     build_problem,
     measure_latency,
     random_choices,
+    refine,
     search,
     sensitivity,
     uniform_bytes,
@@ -89,6 +92,8 @@ class CnnStudyConfig:
     sensitivity_samples: int = 256
     calibration_samples: int = 512
     rounds: int = 5
+    #: Most policies measured when refining each searched policy (0: no refinement).
+    refine_evaluations: int = 60
 
     def check(self) -> None:
         unknown = sorted(set(self.models) - set(MODELS))
@@ -97,6 +102,8 @@ class CnnStudyConfig:
         if min(self.resnet_epochs, self.dscnn_epochs, self.rounds, self.sensitivity_samples,
                self.calibration_samples, self.resamples) < 1:
             raise InputError("epochs, rounds, sample counts and resamples must all be >= 1")
+        if self.refine_evaluations < 0:
+            raise InputError(f"refine_evaluations must be >= 0 (0: no refinement), got {self.refine_evaluations}")
         if not 1 <= self.group <= self.random_policies:
             raise InputError(f"need 1 <= group ({self.group}) <= random_policies ({self.random_policies})")
         if not self.budget_ratios or not all(0 < r < 1 for r in self.budget_ratios):
@@ -183,13 +190,17 @@ class _Runner:
             self.reference_logits = fp32(fidelity_inputs)
         self.models: dict[str, nn.Module] = {}
 
+    def fidelity(self, model: nn.Module) -> float:
+        """KL divergence (nats) of ``model``'s logits from the float model's on the fidelity inputs."""
+        with torch.no_grad():
+            return mean_kl_divergence([self.reference_logits], [model(self.fidelity_inputs)])
+
     def score(self, label: str, policy: Policy, keep: bool = False) -> PolicyScore:
         model = copy.deepcopy(self.fp32)
         static = "int8-static" in (policy.default, *(rule.precision for rule in policy.rules))
         report = quantize(model, policy, calibration=self.calibration if static else None)
         hits, losses = per_sample_scores(model, self.task.x_test, self.task.y_test)
-        with torch.no_grad():
-            kl = mean_kl_divergence([self.reference_logits], [model(self.fidelity_inputs)])
+        kl = self.fidelity(model)
         if keep:
             self.models[label] = model
         return PolicyScore(hits, losses, report.total_bytes, kl)
@@ -232,7 +243,7 @@ def run_model(name: str, config: CnnStudyConfig, out: Path, console: Console) ->
     for precision in ("bf16", "int8", "int8-static", "w4"):
         choices = None if precision == "int8-static" else uniform_choices(problem, precision)
         add(precision, Policy(default=precision), choices, keep=True)
-    comparisons = {}
+    comparisons, refinements = {}, {}
     rng = np.random.default_rng(config.seed)
     for ratio in config.budget_ratios:
         budget = int(ratio * int8_bytes)
@@ -240,16 +251,26 @@ def run_model(name: str, config: CnnStudyConfig, out: Path, console: Console) ->
         searched = add(f"searched {ratio:g}x int8 bytes", result.policy, result.choices, keep=True)
         heuristic = weight_error_ranking(fp32, problem, budget)
         add(f"NNCF-style {ratio:g}x", policy_for(heuristic), heuristic)
+        contenders = {"searched": searched}
+        if config.refine_evaluations:
+            refined = refine(fp32, problem, result.choices, budget, runner.fidelity, config.refine_evaluations)
+            contenders["refined"] = add(f"refined {ratio:g}x int8 bytes", policy_for(refined.choices),
+                                        refined.choices, keep=True)
+            refinements[f"{ratio:g}x"] = {"evaluations": refined.evaluations, "steps": len(refined.step_costs),
+                                          "train_kl_start": round(refined.start_cost, 6),
+                                          "train_kl": round(refined.cost, 6), "exhausted": refined.exhausted}
         pool = [runner.score("random", policy_for(random_choices(problem, budget, rng)))
                 for _ in range(config.random_policies)]
-        comparisons[f"{ratio:g}x"] = {
-            "budget_bytes": budget,
-            "accuracy": cross_fitted_share(searched.hits, [p.hits for p in pool], config.group, config.resamples,
-                                           config.seed),
-            "test_nll": cross_fitted_share(searched.losses, [p.losses for p in pool], config.group, config.resamples,
-                                           config.seed, higher_is_better=False),
-            "fidelity": fidelity_ranks(searched.train_kl, [p.train_kl for p in pool], [p.hits for p in pool],
-                                       [p.losses for p in pool])}
+        for kind, contender in contenders.items():
+            key = f"{ratio:g}x" if kind == "searched" else f"{ratio:g}x {kind}"
+            comparisons[key] = {
+                "budget_bytes": budget,
+                "accuracy": cross_fitted_share(contender.hits, [p.hits for p in pool], config.group,
+                                               config.resamples, config.seed),
+                "test_nll": cross_fitted_share(contender.losses, [p.losses for p in pool], config.group,
+                                               config.resamples, config.seed, higher_is_better=False),
+                "fidelity": fidelity_ranks(contender.train_kl, [p.train_kl for p in pool], [p.hits for p in pool],
+                                           [p.losses for p in pool])}
     int8_latency = problem.seconds_of(uniform_choices(problem, "int8"))
     by_latency = search(fp32, table, budget_latency_s=int8_latency, latency=latency)
     add("searched, int8 latency", by_latency.policy, by_latency.choices, keep=True)
@@ -266,11 +287,13 @@ def run_model(name: str, config: CnnStudyConfig, out: Path, console: Console) ->
     print_table(f"{title}, {task.name}: {epochs_of(config)} epochs (seed {config.seed}), "
                 f"{torch.get_num_threads()} threads", results, COLUMNS, console)
     console.print(comparisons)
+    console.print({"refinements": refinements})
     write_csv(out / f"{name}-results.csv", results, COLUMNS)
     payload = {"model": title, "task": task.name, "config": asdict(config), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "train_seconds": round(train_seconds, 1),
                "folded": [asdict(f) for f in folds.folds], "int8_bytes": int8_bytes, "results": results,
-               "random_baseline": comparisons, "policies": {label: p.to_dict() for label, p in policies.items()}}
+               "random_baseline": comparisons, "refinements": refinements,
+               "policies": {label: p.to_dict() for label, p in policies.items()}}
     write_json(out / f"{name}-results.json", payload)
     searched_points = [(r["bytes"], r["predicted_ms_b64"], r["accuracy"]) for r in results
                        if r["label"].startswith("searched") and "latency" not in r["label"]]
