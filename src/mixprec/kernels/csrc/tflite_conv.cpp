@@ -316,10 +316,10 @@ inline void shift_to_unsigned(const int8_t* src, uint8_t* dst, int64_t count) {
 
 // An int8 CONV_2D as one GEMM over all output pixels (see the file header): each pixel's window,
 // [kh, kw, in] like a weight row, is one GEMM row (the input itself for an unpadded 1x1, stride-1
-// convolution; read in place, kh runs from one shifted copy of the input, where every window lies inside
-// the image and its rows are a multiple of 4 bytes; otherwise gathered per chunk of pixels, points outside
-// the image given the code -input_offset, which contributes 0, and the row padded to a multiple of 4 under
-// zero weights).
+// convolution; read in place, kh runs from one shifted copy of the input padded around the image, where
+// the window's rows are a multiple of 4 bytes; otherwise gathered per chunk of pixels, the row padded to a
+// multiple of 4 under zero weights). Points outside the image take the code -input_offset, which
+// contributes 0.
 // Pixels per register tile: kTilePixels x 4 accumulators and 4 weight registers of the 32.
 constexpr int kTilePixels = 6;
 constexpr int64_t kGemmChunk = 10 * kTilePixels;
@@ -414,25 +414,38 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
       multiply(std::integral_constant<int, 1>{}, base, runs, p);
     }
   };
-  // Windows inside the image with rows of a multiple of 4 bytes: read in place from one shifted copy of the
-  // input (kh runs of kw x in bytes per pixel), no gathering.
-  const bool in_place = !direct && g.dilation_w == 1 && (g.kw * g.channels) % 4 == 0 && g.pad_top == 0 &&
-                        g.pad_left == 0 && (g.out_h - 1) * g.stride_h + (g.kh - 1) * g.dilation_h < g.height &&
-                        (g.out_w - 1) * g.stride_w + g.kw - 1 < g.width;
+  // Window rows of a multiple of 4 bytes (dilation 1 along them): read in place from one shifted copy of the
+  // input, padded so that every window lies inside it (kh runs of kw x in bytes per pixel), no gathering.
+  const bool in_place = !direct && g.dilation_w == 1 && (g.kw * g.channels) % 4 == 0;
   if (in_place) {
-    const int64_t size = g.batch * g.height * g.width * g.channels;
-    std::vector<uint8_t> shifted(static_cast<size_t>(size));
-    mixprec::split_rows_balanced(g.batch, size, [&](int64_t begin, int64_t end) {
-      const int64_t sample = g.height * g.width * g.channels;
-      shift_to_unsigned(in + begin * sample, shifted.data() + begin * sample, (end - begin) * sample);
+    // the padded image: every window inside it, points outside the image given the code -input_offset
+    const int64_t rows = std::max(g.pad_top + g.height, (g.out_h - 1) * g.stride_h + (g.kh - 1) * g.dilation_h + 1);
+    const int64_t cols = std::max(g.pad_left + g.width, (g.out_w - 1) * g.stride_w + g.kw);
+    const int64_t sample = rows * cols * g.channels, line = cols * g.channels;
+    std::vector<uint8_t> shifted(static_cast<size_t>(g.batch * sample));
+    const auto blank = static_cast<uint8_t>(static_cast<uint8_t>(outside) ^ 0x80);
+    mixprec::split_rows_balanced(g.batch, g.batch * sample, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t r = 0; r < rows; ++r) {
+          uint8_t* dst = shifted.data() + n * sample + r * line;
+          const int64_t iy = r - g.pad_top;
+          if (iy < 0 || iy >= g.height) {
+            std::memset(dst, blank, static_cast<size_t>(line));
+            continue;
+          }
+          const int64_t before = g.pad_left * g.channels, inside = g.width * g.channels;
+          std::memset(dst, blank, static_cast<size_t>(before));
+          shift_to_unsigned(in + (n * g.height + iy) * inside, dst + before, inside);
+          std::memset(dst + before + inside, blank, static_cast<size_t>(line - before - inside));
+        }
+      }
     });
     std::vector<int64_t> offset(static_cast<size_t>(g.kh));
-    for (int64_t ky = 0; ky < g.kh; ++ky) offset[ky] = ky * g.dilation_h * g.width * g.channels;
+    for (int64_t ky = 0; ky < g.kh; ++ky) offset[ky] = ky * g.dilation_h * line;
     const WindowRuns runs{offset.data(), g.kh, g.kw * g.channels};
     mixprec::split_rows_balanced(pixels, pixels * depth * outs, [&](int64_t begin, int64_t end) {
       // pixels visited in order: their window bases by steps along a row and from row to row (no divisions)
-      const int64_t step = g.stride_w * g.channels, row_step = g.stride_h * g.width * g.channels;
-      const int64_t sample = g.height * g.width * g.channels, out_w = g.out_w, out_h = g.out_h;
+      const int64_t step = g.stride_w * g.channels, row_step = g.stride_h * line, out_w = g.out_w, out_h = g.out_h;
       int64_t n = begin / (out_h * out_w), y = begin / out_w % out_h, xo = begin % out_w;
       const uint8_t* row = shifted.data() + n * sample + y * row_step;
       multiply_all(begin, end, runs, [&](int64_t) {
