@@ -137,6 +137,59 @@ def test_pad_then_valid_convolution_is_byte_identical_to_litert(tmp_path: Path) 
         PadNode((0,), ((1, 0), (0, 0), (0, 0), (0, 0)))
 
 
+def _node_by_node(graph: Graph, inputs: np.ndarray) -> np.ndarray:
+    """The graph's operators run one at a time, each as recorded (no PAD applied by its reader)."""
+    values = [inputs]
+    for node, record in zip(graph.nodes, graph.records):
+        values.append(node.run(record, *(values[i] for i in node.inputs)))
+    return values[-1]
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16"])
+def test_a_pad_read_only_by_a_valid_convolution_is_applied_by_it(dtype: str) -> None:
+    """PAD -> VALID CONV_2D / DEPTHWISE_CONV_2D runs as one padded convolution, with the codes of the two
+    operators run one at a time (int8 with a zero point, int16; depthwise; padding on every side); a PAD
+    that something else reads too, or that the graph returns, runs as itself."""
+    from mixprec.integer import PadNode
+
+    rng = np.random.default_rng(19)
+    conv, depthwise = random_cnn(rng, True, "VALID", "none").nodes[:2]
+    wide = dtype == "int16"  # 16x8: zero points 0, int64 biases
+
+    def valid(node: Conv2DNode, inputs: tuple[int, ...]) -> Conv2DNode:
+        output = Quantization.per_tensor(node.output_quant.scale[0], 0 if wide else node.output_quant.zero_point[0])
+        return type(node)(inputs, node.weights, node.weight_quant, node.bias.astype(np.int64 if wide else np.int32),
+                          output, "VALID", node.stride, node.dilation, "none")
+
+    spec = TensorSpec("input", (1, 11, 9, 3), Quantization.per_tensor(0.05, 0 if wide else -3), dtype)
+    first, second = valid(conv, (1,)), valid(depthwise, (3,))
+    graph = Graph((spec,), (PadNode((0,), ((0, 0), (1, 2), (3, 0), (0, 0))), first,
+                            PadNode((2,), ((0, 0), (2, 2), (1, 1), (0, 0))), second))
+    assert graph._plan[0] is None and graph._plan[2] is None  # both PADs applied by their convolutions
+    low, high = (-128, 128) if dtype == "int8" else (-32768, 32768)
+    inputs = rng.integers(low, high, (40, 11, 9, 3)).astype(dtype)
+    inputs[0] = low
+    assert np.array_equal(graph(inputs), _node_by_node(graph, inputs))
+    shared = Graph((spec,), (PadNode((0,), ((0, 0), (1, 1), (1, 1), (0, 0))), first, valid(conv, (1,))))
+    assert shared._plan[0] is not None and np.array_equal(shared(inputs), _node_by_node(shared, inputs))
+    alone = Graph((spec,), (PadNode((0,), ((0, 0), (1, 1), (1, 1), (0, 0))),))
+    assert alone._plan[0] is not None and alone(inputs).shape == (40, 13, 11, 3)
+
+
+def test_a_padded_convolution_refuses_what_it_cannot_apply() -> None:
+    from mixprec.integer.ops.conv import conv2d_after_pad
+
+    rng = np.random.default_rng(3)
+    record = random_cnn(rng, True, "VALID", "none").records[0]
+    x = np.zeros((2, 11, 9, 3), np.int8)
+    with pytest.raises(InputError, match="VALID after non-negative paddings"):
+        conv2d_after_pad(x, record, ((1, -1), (0, 0)))
+    with pytest.raises(InputError, match="NHWC input"):
+        conv2d_after_pad(x[0], record, ((1, 1), (0, 0)))
+    with pytest.raises(InputError, match="VALID after"):
+        conv2d_after_pad(x, random_cnn(rng, True, "SAME", "none").records[0], ((1, 1), (0, 0)))
+
+
 def _fields(node: Conv2DNode) -> tuple:
     return (node.weights, node.weight_quant, node.bias, node.output_quant, node.padding, node.stride, node.dilation,
             node.activation)

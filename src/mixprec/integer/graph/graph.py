@@ -2,7 +2,8 @@
 
 Tensors ``0 .. len(inputs) - 1`` are the graph's inputs; node ``i`` produces tensor
 ``len(inputs) + i``; the last node's tensor is the output. Building the graph derives every
-node's runtime record once; calling it touches only those records.
+node's runtime record once; calling it touches only those records, with one fusion that keeps
+every code: a PAD read only by a VALID convolution is applied by that convolution.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from mixprec.errors import InputError
 from mixprec.integer.core.profile import StageProfile, median_seconds
 from mixprec.integer.core.tensors import Quantization, TensorSpec
 from mixprec.integer.graph.nodes import Node
+from mixprec.integer.ops.conv import conv2d_after_pad
 
 
 @dataclass(frozen=True, eq=False)
@@ -31,6 +33,7 @@ class Graph:
     _shapes: tuple[tuple[int, ...], ...] = field(init=False, repr=False)
     _quants: tuple[Quantization | None, ...] = field(init=False, repr=False)
     _dtypes: tuple[str, ...] = field(init=False, repr=False)
+    _plan: tuple[Any, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.inputs or not self.nodes:
@@ -65,6 +68,7 @@ class Graph:
         object.__setattr__(self, "_shapes", tuple(shapes))
         object.__setattr__(self, "_quants", tuple(quants))
         object.__setattr__(self, "_dtypes", tuple(dtypes))
+        object.__setattr__(self, "_plan", self._execution_plan())
 
     @property
     def records(self) -> tuple[Any, ...]:
@@ -98,10 +102,38 @@ class Graph:
             if array.ndim != len(spec.shape) or tuple(array.shape[1:]) != tuple(spec.shape[1:]):
                 raise InputError(f"input {spec.name!r} has shape {array.shape}; the model's is {spec.shape} "
                                  "(any batch size)")
-        values = list(arrays)
-        for node, record in zip(self.nodes, self._records):
-            values.append(node.run(record, *(values[i] for i in node.inputs)))
+        values: list[Any] = list(arrays)
+        for step in self._plan:
+            if step is None:  # a PAD its convolution applies itself
+                values.append(None)
+                continue
+            run, record, inputs = step
+            values.append(run(record, *(values[i] for i in inputs)))
         return values[-1]
+
+    def _execution_plan(self) -> tuple[Any, ...]:
+        """Per operator ``(run, record, input tensors)``, or None for a PAD whose one reader is a VALID
+        convolution, which then pads its input itself (:func:`~mixprec.integer.ops.conv.conv2d_after_pad`:
+        the same codes, without the padded copy)."""
+        readers: dict[int, list[int]] = {}
+        for index, node in enumerate(self.nodes):
+            for tensor in node.inputs:
+                readers.setdefault(tensor, []).append(index)
+        plan: list[Any] = [(node.run, record, tuple(node.inputs)) for node, record in zip(self.nodes, self._records)]
+        for index, node in enumerate(self.nodes):
+            tensor = len(self.inputs) + index
+            reader = readers.get(tensor, [])
+            if node.opcode != "PAD" or len(reader) != 1 or tensor == len(self.inputs) + len(self.nodes) - 1:
+                continue
+            conv, (paddings, _) = self.nodes[reader[0]], self._records[index]
+            spatial = tuple(tuple(pair) for pair in paddings)
+            if (conv.opcode not in ("CONV_2D", "DEPTHWISE_CONV_2D") or conv.padding != "VALID" or len(spatial) != 4
+                    or spatial[0] != (0, 0) or spatial[3] != (0, 0)):
+                continue
+            plan[index] = None
+            plan[reader[0]] = (lambda record, x, pads=spatial[1:3]: conv2d_after_pad(x, record, pads),
+                               self._records[reader[0]], tuple(node.inputs))
+        return tuple(plan)
 
     def profile(self, *arrays: NDArray, repeats: int = 5) -> list[StageProfile]:
         """Per operator: bytes of its runtime constants, output bytes per batch element, and

@@ -142,11 +142,31 @@ def conv2d(x: NDArray, params: ConvParams) -> NDArray:
     return conv2d_reference(x, params)
 
 
-def _conv2d_native(x: NDArray, params: ConvParams) -> NDArray:
-    _, out_h, out_w, _ = params.output_shape(x.shape)
+def conv2d_after_pad(x: NDArray, params: ConvParams, paddings: tuple[tuple[int, int], tuple[int, int]]) -> NDArray:
+    """A VALID convolution of ``x`` padded by ``paddings`` (``(top, bottom), (left, right)``) with its zero point:
+    the PAD and the convolution of TensorFlow's converter in one call (the points of the padding contribute 0,
+    as the convolution's own padding does). By the native kernel when it is built, else as the two operators."""
+    require_array("conv2d", x, np.dtype(params.dtype).type)
+    (top, bottom), (left, right) = paddings
+    if params.padding != "VALID" or min(top, bottom, left, right) < 0:
+        raise InputError(f"a padded convolution is VALID after non-negative paddings, got {params.padding} after "
+                         f"{paddings}")
+    if x.ndim != 4:
+        raise InputError(f"a 2-D convolution takes NHWC input, got shape {x.shape}")
+    padded = (x.shape[0], x.shape[1] + top + bottom, x.shape[2] + left + right, x.shape[3])
+    if not native.available():
+        return conv2d_reference(pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), -params.input_offset), params)
+    return _conv2d_native(x, params, padded, (top, left))
+
+
+def _conv2d_native(x: NDArray, params: ConvParams, padded: tuple[int, ...] | None = None,
+                   before: tuple[int, int] = (0, 0)) -> NDArray:
+    """The native kernel on ``x``; with ``padded`` (the padded input's shape, ``before`` its top and left
+    paddings) the VALID convolution of the padded input."""
+    _, out_h, out_w, _ = params.output_shape(padded or x.shape)
     (kh, kw), (sh, sw), (dh, dw) = params.weights.shape[1:3], params.stride, params.dilation
-    _, pad_top = output_size(x.shape[1], kh, sh, dh, params.padding)
-    _, pad_left = output_size(x.shape[2], kw, sw, dw, params.padding)
+    pad_top = output_size(x.shape[1], kh, sh, dh, params.padding)[1] + before[0]
+    pad_left = output_size(x.shape[2], kw, sw, dw, params.padding)[1] + before[1]
     weights, bias, multiplier, shift = params.native_constants
     out = native.tflite_conv2d(
         torch.from_numpy(np.ascontiguousarray(x)), weights, bias, multiplier, shift, sh, sw, dh, dw, pad_top,
