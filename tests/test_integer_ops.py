@@ -72,7 +72,7 @@ def test_the_native_mean_equals_the_numpy_reference_in_int8_and_int16() -> None:
     """MEAN's fused native sums and rescale (16 outputs at a time, with tails) give the reference's codes:
     right and left shifts (scale ratios from 2^-9 to 2^6), zero points at the ends of the range, rows at
     the extremes, outputs clamped at both ends; other axes go to numpy."""
-    from mixprec.integer.ops.mean import mean, mean_params, mean_reference
+    from mixprec.integer.ops.mean import MeanParams, mean, mean_params, mean_reference
     from mixprec.kernels import native
 
     if not native.available():
@@ -99,6 +99,8 @@ def test_the_native_mean_equals_the_numpy_reference_in_int8_and_int16() -> None:
         native.tflite_mean_middle(torch.zeros(2, 3, 4, dtype=torch.int8), 0, 2**30, -3, 0, -128, 300)
     with pytest.raises(InputError, match="built for 15 elements"):
         mean_reference(np.zeros((2, 4, 4), np.int8), mean_params((2, 3, 5), (1, 2), False, 0.1, 0, 0.1, 0))
+    with pytest.raises(InputError, match="MEAN's multiplier lies in"):
+        MeanParams((1,), False, 3, 0, 0, 2**31, -3)
 
 
 @needs_litert
@@ -148,7 +150,7 @@ def test_the_native_requantize_equals_the_numpy_reference() -> None:
     """QUANTIZE between grids (int8 and int16 on either side) by the native kernel gives the reference's
     codes: scale ratios from 2^-12 to 2^12 (right and left shifts, products saturating int32), offsets at
     the ends of the range, lengths with tails of fewer than 16 elements, outputs clamped at both ends."""
-    from mixprec.integer.ops.conversions import requantize, requantize_params, requantize_reference
+    from mixprec.integer.ops.conversions import RequantizeParams, requantize, requantize_params, requantize_reference
     from mixprec.kernels import native
 
     if not native.available():
@@ -169,6 +171,8 @@ def test_the_native_requantize_equals_the_numpy_reference() -> None:
         native.tflite_requantize(torch.zeros(4, dtype=torch.int8), 0, 2**30, 31, 0, False)
     with pytest.raises(RuntimeError, match="contiguous int8 or int16"):
         native.tflite_requantize(torch.zeros(4, dtype=torch.int32), 0, 2**30, 0, 0, False)
+    with pytest.raises(InputError, match="requantization multiplier lies in"):
+        RequantizeParams(0, 2**30, 31, 0)
 
 
 def test_quantize_requantize_and_dequantize_are_byte_identical_to_litert(tmp_path: Path) -> None:

@@ -45,6 +45,9 @@ class RequantizeParams:
         (in_low, in_high), (out_low, out_high) = CODE_RANGES[self.input_dtype], CODE_RANGES[self.output_dtype]
         if not -in_high <= self.input_offset <= -in_low or not out_low <= self.output_offset <= out_high:
             raise InputError(f"offsets out of range: input {self.input_offset}, output {self.output_offset}")
+        if not 0 <= self.multiplier < 2**31 or not -31 <= self.shift <= 30:
+            raise InputError(f"a requantization multiplier lies in [0, 2^31) with a shift in [-31, 30], got "
+                             f"{self.multiplier} and {self.shift}")
 
 
 def requantize_params(input_scale: float, input_zero_point: int, output_scale: float, output_zero_point: int,

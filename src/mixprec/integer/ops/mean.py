@@ -46,6 +46,11 @@ class MeanParams:
     shift: int
     dtype: str = "int8"
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.multiplier < 2**31 or not -31 <= self.shift <= 30:
+            raise InputError(f"MEAN's multiplier lies in [0, 2^31) with a shift in [-31, 30], got {self.multiplier} "
+                             f"and {self.shift}")
+
 
 def mean_params(shape: tuple[int, ...], axes: tuple[int, ...], keep_dims: bool, input_scale: float,
                 input_zero_point: int, output_scale: float, output_zero_point: int,
