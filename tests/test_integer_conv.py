@@ -170,6 +170,8 @@ def test_a_pad_read_only_by_a_valid_convolution_is_applied_by_it(dtype: str) -> 
     inputs = rng.integers(low, high, (40, 11, 9, 3)).astype(dtype)
     inputs[0] = low
     assert np.array_equal(graph(inputs), _node_by_node(graph, inputs))
+    assert [row.name for row in graph.profile(inputs, repeats=1)] == ["0:pad", "1:conv_2d", "2:pad",
+                                                                      "3:depthwise_conv_2d"]
     shared = Graph((spec,), (PadNode((0,), ((0, 0), (1, 1), (1, 1), (0, 0))), first, valid(conv, (1,))))
     assert shared._plan[0] is not None and np.array_equal(shared(inputs), _node_by_node(shared, inputs))
     alone = Graph((spec,), (PadNode((0,), ((0, 0), (1, 1), (1, 1), (0, 0))),))

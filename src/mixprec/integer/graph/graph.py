@@ -137,10 +137,11 @@ class Graph:
 
     def profile(self, *arrays: NDArray, repeats: int = 5) -> list[StageProfile]:
         """Per operator: bytes of its runtime constants, output bytes per batch element, and
-        the median time over ``repeats`` runs on ``arrays``."""
+        the median time over ``repeats`` runs on ``arrays``, as a call runs it (a PAD that its
+        convolution applies takes no time of its own)."""
         self(*arrays)  # validates the inputs
-        steps = [(lambda *args, n=node, r=record: n.run(r, *args), tuple(node.inputs))
-                 for node, record in zip(self.nodes, self._records)]
+        steps = [((lambda *args: None), ()) if step is None else
+                 ((lambda *args, run=step[0], record=step[1]: run(record, *args)), step[2]) for step in self._plan]
         seconds = median_seconds(steps, list(arrays), repeats)
         rows = []
         for index, (node, record) in enumerate(zip(self.nodes, self._records)):
