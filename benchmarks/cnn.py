@@ -40,6 +40,8 @@ from torch import nn
 
 import mixprec
 from mixprec.analysis import search, sensitivity, uniform_bytes
+from mixprec.integer.build.cnn import cnn_graph_from
+from mixprec.integer.build.mix import graph_input
 from mixprec.report.results import print_table, write_csv
 from mixprec.studies.cnn import CANDIDATES, MODELS, CnnStudyConfig
 from mixprec.studies.cnn_models import DSCNN, Task, per_sample_scores, seeded, train
@@ -123,13 +125,9 @@ class IntegerEngine:
     float NCHW in, float logits out."""
 
     def __init__(self, layers: list[nn.Module], calibration: list[torch.Tensor]) -> None:
-        from mixprec.integer.build.cnn import cnn_graph_from
-
         self.graph = cnn_graph_from(layers, torch.cat(calibration))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from mixprec.integer.build.mix import graph_input
-
         codes = self.graph(graph_input(self.graph, x))
         return torch.from_numpy(self.graph.output_quant.values_of(codes).astype("float32"))
 

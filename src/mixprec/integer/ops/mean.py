@@ -74,11 +74,16 @@ def mean_params(shape: tuple[int, ...], axes: tuple[int, ...], keep_dims: bool, 
 def exact_sums(q: NDArray, axes: tuple[int, ...]) -> NDArray[np.int64]:
     """Exact sums of ``q`` over ``axes``: by the native kernel when the axes are consecutive (``q``
     viewed as ``[outer, middle, inner]``), else by numpy in int64 (without an int64 copy of ``q``)."""
-    if native.available() and axes == tuple(range(axes[0], axes[-1] + 1)):
+    if native.available() and _consecutive(axes):
         outer, inner = int(np.prod(q.shape[:axes[0]])), int(np.prod(q.shape[axes[-1] + 1:]))
         grouped = torch.from_numpy(np.ascontiguousarray(q).reshape(outer, -1, inner))
         return native.tflite_sum_middle(grouped).numpy().astype(np.int64).reshape(mean_shape(q.shape, axes, False))
     return q.sum(axis=axes, dtype=np.int64)
+
+
+def _consecutive(axes: tuple[int, ...]) -> bool:
+    """Whether sorted ``axes`` are consecutive (the native kernels' ``[outer, middle, inner]`` view)."""
+    return axes == tuple(range(axes[0], axes[-1] + 1))
 
 
 def mean_shape(shape: tuple[int, ...], axes: tuple[int, ...], keep_dims: bool) -> tuple[int, ...]:
@@ -101,7 +106,7 @@ def mean(q: NDArray, params: MeanParams) -> NDArray:
     mixprec's native kernel (``csrc/tflite_reduce.cpp``) when it is built and the axes are consecutive,
     else by :func:`mean_reference`."""
     _check_input(q, params)
-    if native.available() and params.axes == tuple(range(params.axes[0], params.axes[-1] + 1)):
+    if native.available() and _consecutive(params.axes):
         outer, inner = int(np.prod(q.shape[:params.axes[0]])), int(np.prod(q.shape[params.axes[-1] + 1:]))
         grouped = torch.from_numpy(np.ascontiguousarray(q).reshape(outer, -1, inner))
         codes = native.tflite_mean_middle(grouped, params.input_zero_point * params.count, params.multiplier,

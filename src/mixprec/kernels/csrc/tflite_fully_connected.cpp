@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "split_rows.h"
+#include "tflite_rescale.h"
 
 namespace {
 
@@ -70,7 +71,7 @@ at::Tensor tflite_fully_connected(const at::Tensor& x, const at::Tensor& w, cons
   const int32_t* m = multiplier.data_ptr<int32_t>();
   const int32_t* s = shift.data_ptr<int32_t>();
   for (int64_t i = 0; i < multiplier.numel(); ++i) {
-    TORCH_CHECK(m[i] >= 0 && s[i] >= -31 && s[i] <= 30, "multipliers must lie in [0, 2^31), shifts in [-31, 30]");
+    TORCH_CHECK(mixprec::fixed_point_in_range(m[i], s[i]), "multipliers must lie in [0, 2^31), shifts in [-31, 30]");
   }
   const int64_t code_max = wide ? 32767 : 127;
   TORCH_CHECK(-code_max - 1 <= act_min && act_min <= act_max && act_max <= code_max,

@@ -108,7 +108,7 @@ at::Tensor tflite_mean_middle(const at::Tensor& x, int64_t correction, int64_t m
   const bool narrow = x.scalar_type() == at::kChar;
   const int64_t limit = narrow ? int64_t{1} << 23 : int64_t{1} << 16, code_max = narrow ? 127 : 32767;
   TORCH_CHECK(x.size(1) <= limit, "the middle axis holds more elements than an exact int32 sum allows");
-  TORCH_CHECK(multiplier >= 0 && multiplier <= std::numeric_limits<int32_t>::max() && shift >= -31 && shift <= 30,
+  TORCH_CHECK(mixprec::fixed_point_in_range(multiplier, shift),
               "the multiplier must lie in [0, 2^31) and the shift in [-31, 30]");
   TORCH_CHECK(std::abs(correction) <= (int64_t{1} << 31) - 1 - code_max * x.size(1),
               "sum - correction must stay inside int32");

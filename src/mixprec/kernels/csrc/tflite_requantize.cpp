@@ -54,7 +54,7 @@ at::Tensor tflite_requantize(const at::Tensor& x, int64_t input_offset, int64_t 
                              int64_t output_offset, bool wide) {
   TORCH_CHECK((x.scalar_type() == at::kChar || x.scalar_type() == at::kShort) && x.is_contiguous(),
               "x must be a contiguous int8 or int16 tensor");
-  TORCH_CHECK(multiplier >= 0 && multiplier <= std::numeric_limits<int32_t>::max() && shift >= -31 && shift <= 30,
+  TORCH_CHECK(mixprec::fixed_point_in_range(multiplier, shift),
               "the multiplier must lie in [0, 2^31) and the shift in [-31, 30]");
   TORCH_CHECK(std::abs(input_offset) <= 65536 && std::abs(output_offset) <= 65536,
               "offsets must lie within the int16 range");

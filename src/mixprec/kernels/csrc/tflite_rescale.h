@@ -11,6 +11,11 @@
 
 namespace mixprec {
 
+// Whether a multiplier and shift have gemmlowp's fixed-point form: multiplier in [0, 2^31), shift in [-31, 30].
+inline bool fixed_point_in_range(int64_t multiplier, int64_t shift) {
+  return multiplier >= 0 && multiplier <= std::numeric_limits<int32_t>::max() && shift >= -31 && shift <= 30;
+}
+
 inline int32_t srdhm(int32_t a, int32_t b) {
   if (a == std::numeric_limits<int32_t>::min() && b == std::numeric_limits<int32_t>::min()) {
     return std::numeric_limits<int32_t>::max();
