@@ -75,3 +75,12 @@ def test_fidelity_ranks_say_whether_training_kl_predicts_the_test_set() -> None:
     ranks = fidelity_ranks(0.15, pool_kl, accuracy, losses)
     assert ranks["searched_kl_below_share"] == 0.75 and ranks["pool_median_train_kl"] == 0.25
     assert ranks["spearman_train_kl_test_accuracy"] == -1.0 and ranks["spearman_train_kl_test_nll"] == 1.0
+
+
+def test_the_cli_refuses_a_negative_refinement_count(capsys: pytest.CaptureFixture[str]) -> None:
+    from mixprec.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["cnn-study", "--refine-evaluations", "-1"])
+    assert "argument --refine-evaluations: must be an integer >= 0, got -1" in capsys.readouterr().err
+    assert build_parser().parse_args(["cnn-study", "--refine-evaluations", "0"]).refine_evaluations == 0
