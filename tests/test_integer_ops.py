@@ -11,6 +11,7 @@ from test_integer_fc import litert_outputs
 
 from mixprec import InputError
 from mixprec.integer import (
+    AddNode,
     DequantizeNode,
     Graph,
     MeanNode,
@@ -173,6 +174,43 @@ def test_the_native_requantize_equals_the_numpy_reference() -> None:
         native.tflite_requantize(torch.zeros(4, dtype=torch.int32), 0, 2**30, 0, 0, False)
     with pytest.raises(InputError, match="requantization multiplier lies in"):
         RequantizeParams(0, 2**30, 31, 0)
+
+
+def test_the_native_add_equals_the_numpy_reference() -> None:
+    """ADD of two same-shaped tensors by the native kernel gives the reference's codes, int8 and int16:
+    scales from 1/64 to 64 times apart (both inputs' multipliers below one, the output's shift deep),
+    zero points at the ends of the range, every activation, lengths with tails of fewer than 16 elements
+    and long enough to split over threads, inputs at the ends of the code range."""
+    from mixprec.integer.ops.elementwise import AddParams, add, add_reference
+    from mixprec.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.load_error()}")
+    rng = np.random.default_rng(9)
+    for trial in range(24):
+        dtype = "int8" if trial % 3 else "int16"
+        low, high = (-128, 127) if dtype == "int8" else (-32768, 32767)
+        length = int(rng.integers(1, 200)) if trial % 4 else 300_001
+        a, b = (rng.integers(low, high + 1, length).astype(dtype) for _ in range(2))
+        a[0], b[0], a[-1], b[-1] = low, high, high, high
+        zero_points = [int(rng.choice([-128, 127, 0, 5])) if dtype == "int8" else 0 for _ in range(3)]
+        scales = [0.01 * 2.0 ** rng.uniform(-6, 6) for _ in range(3)]
+        activation = ("none", "relu", "relu6")[trial % 3] if dtype == "int8" else "none"
+        graph = Graph((TensorSpec("a", (1, length), Quantization.per_tensor(scales[0], zero_points[0]), dtype),
+                       TensorSpec("b", (1, length), Quantization.per_tensor(scales[1], zero_points[1]), dtype)),
+                      (AddNode((0, 1), Quantization.per_tensor(scales[2], zero_points[2]), activation),))
+        params = graph.records[0]
+        assert isinstance(params, AddParams)
+        assert np.array_equal(add(a[None], b[None], params), add_reference(a[None], b[None], params)), trial
+    import torch
+
+    codes = torch.zeros(4, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="shifts in"):
+        native.tflite_add(codes, codes, 0, 0, 2**30, 1, 2**30, 0, 2**30, 0, 0, -128, 127)
+    with pytest.raises(RuntimeError, match="of a's type and shape"):
+        native.tflite_add(codes, torch.zeros(5, dtype=torch.int8), 0, 0, 2**30, 0, 2**30, 0, 2**30, 0, 0, -128, 127)
+    with pytest.raises(RuntimeError, match="activation range"):
+        native.tflite_add(codes, codes, 0, 0, 2**30, 0, 2**30, 0, 2**30, 0, 0, -128, 200)
 
 
 def test_quantize_requantize_and_dequantize_are_byte_identical_to_litert(tmp_path: Path) -> None:

@@ -95,6 +95,10 @@ def _tflite_requantize(x: Tensor, input_offset: int, multiplier: int, shift: int
     return x.new_empty(x.shape, dtype=torch.int16 if wide else torch.int8)
 
 
+def _tflite_add(a: Tensor, b: Tensor, *record: int) -> Tensor:  # noqa: ARG001
+    return a.new_empty(a.shape)
+
+
 _FAKES = {
     "quantize_rows_s8": _quantize_rows_s8,
     "quantize_rows_u8": _quantize_rows_u8,
@@ -113,6 +117,7 @@ _FAKES = {
     "tflite_mean_middle": _tflite_mean_middle,
     "tflite_requantize": _tflite_requantize,
     "tflite_fully_connected": _tflite_fully_connected,
+    "tflite_add": _tflite_add,
 }
 
 

@@ -24,7 +24,7 @@ import torch
 _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("int8_rows.cpp", "int4_weights.cpp", "kv_dequant.cpp", "kv_attention.cpp", "kws_pipeline.cpp",
                          "w4a8_gemm.cpp", "tflite_conv.cpp", "tflite_reduce.cpp",
-                         "tflite_requantize.cpp", "tflite_fully_connected.cpp")]
+                         "tflite_requantize.cpp", "tflite_fully_connected.cpp", "tflite_add.cpp")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 
 
@@ -218,6 +218,13 @@ def tflite_requantize(x: torch.Tensor, input_offset: int, multiplier: int, shift
     """int8 / int16 codes -> the same shape on another grid, int16 if ``wide`` else int8:
     ``clamp(MBQM(x + input_offset, multiplier, shift) + output_offset)`` (see csrc/tflite_requantize.cpp)."""
     return torch.ops.mixprec.tflite_requantize(x, input_offset, multiplier, shift, output_offset, wide)
+
+
+def tflite_add(a: torch.Tensor, b: torch.Tensor, *record: int) -> torch.Tensor:
+    """The integer engine's ADD of two same-shaped int8 / int16 tensors; ``record``: the offsets of a
+    and b, a's and b's multiplier and shift, the output's multiplier, shift and offset, the activation
+    range (see csrc/tflite_add.cpp)."""
+    return torch.ops.mixprec.tflite_add(a, b, *record)
 
 
 def kws_pipeline(*args: object) -> tuple[torch.Tensor, int]:

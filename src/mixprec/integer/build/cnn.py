@@ -30,7 +30,7 @@ joins them; the graph's input takes the first operator's type.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -125,21 +125,15 @@ def cnn_graph_from(layers: Sequence[nn.Module], calibration: torch.Tensor, per_c
                 nodes.append(QuantizeNode((tensor,), quant, kind))
                 tensor, current = tensor + 1, kind
             if isinstance(layer, nn.Conv2d):
-                x, added = _conv(layer, x, quant, tensor, activation, follower, margin, kind)
+                x, added = conv_nodes(layer, x, quant, tensor, activation, follower, margin, kind)
                 index += 2 if activation != "none" else 1
             elif isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
-                x, added = _pool(layer, x, tensor, activation, follower)
+                x, added = pool_nodes(layer, x, tensor, activation, follower)
                 index += 2 if activation != "none" else 1
             elif isinstance(layer, nn.AdaptiveAvgPool2d) and isinstance(follower, nn.Flatten):
                 if _pair(layer.output_size) != (1, 1):
                     raise InputError("AdaptiveAvgPool2d must pool to 1x1 (a global mean) before Flatten")
-                window = (x.shape[2], x.shape[3])
-                x = x.mean((2, 3))
-                if kind == "int8":
-                    added = [MeanNode((tensor,), (1, 2), calibrate_as(kind, x, margin))]
-                else:  # no 16x8 MEAN here: a whole-map average pool, as the converter writes one
-                    added = [AveragePool2DNode((tensor,), window, window, "VALID"),
-                             ReshapeNode((tensor + 1,), (x.shape[1],))]
+                x, added = global_mean_nodes(x, tensor, kind, margin)
                 index += 2
             elif isinstance(layer, nn.Linear):
                 if x.dim() != 2:
@@ -160,8 +154,12 @@ def cnn_graph_from(layers: Sequence[nn.Module], calibration: torch.Tensor, per_c
     return Graph((spec,), tuple(nodes))
 
 
-def _conv(conv: nn.Conv2d, x: torch.Tensor, input_quant: Quantization, tensor: int, activation: str,
-          follower: nn.Module | None, margin: float, kind: str) -> tuple[torch.Tensor, list]:
+def conv_nodes(conv: nn.Conv2d, x: torch.Tensor, input_quant: Quantization, tensor: int, activation: str,
+               follower: Callable[[torch.Tensor], torch.Tensor] | None, margin: float,
+               kind: str) -> tuple[torch.Tensor, list]:
+    """The float output of ``conv`` on ``x`` (NCHW; then ``follower``, the fused ``activation``,
+    unless it is ``"none"``) and its nodes reading graph tensor ``tensor`` (on ``input_quant``):
+    CONV_2D or DEPTHWISE_CONV_2D, after a PAD where TFLite's SAME does not reproduce the padding."""
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise InputError("convert convolutions with explicit zero padding (padding=(p_h, p_w), padding_mode='zeros')")
     kernel, stride, dilation, padding = (_pair(conv.kernel_size), _pair(conv.stride), _pair(conv.dilation),
@@ -183,8 +181,10 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor, input_quant: Quantization, tensor: i
                                activation)]
 
 
-def _pool(layer: nn.Module, x: torch.Tensor, tensor: int, activation: str,
-          follower: nn.Module | None) -> tuple[torch.Tensor, list]:
+def pool_nodes(layer: nn.Module, x: torch.Tensor, tensor: int, activation: str,
+               follower: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, list]:
+    """The float output of a VALID ``nn.MaxPool2d`` / ``nn.AvgPool2d`` on ``x`` (then ``follower``)
+    and its pooling node reading graph tensor ``tensor``."""
     kernel, stride, padding = _pair(layer.kernel_size), _pair(layer.stride or layer.kernel_size), _pair(layer.padding)
     if padding != (0, 0) or getattr(layer, "ceil_mode", False) or _pair(getattr(layer, "dilation", 1)) != (1, 1):
         raise InputError(f"convert {type(layer).__name__} with padding 0, ceil_mode False and dilation 1 (VALID)")
@@ -193,3 +193,14 @@ def _pool(layer: nn.Module, x: torch.Tensor, tensor: int, activation: str,
         y = follower(y)
     node_class = MaxPool2DNode if isinstance(layer, nn.MaxPool2d) else AveragePool2DNode
     return y, [node_class((tensor,), kernel, stride, "VALID", activation)]
+
+
+def global_mean_nodes(x: torch.Tensor, tensor: int, kind: str, margin: float) -> tuple[torch.Tensor, list]:
+    """The float ``[N, C]`` mean of ``x`` (NCHW) over height and width and its nodes reading graph
+    tensor ``tensor``: MEAN in int8; in int16 (LiteRT's MEAN has no 16x8 form here) a whole-map
+    AVERAGE_POOL_2D and a RESHAPE, as TensorFlow's converter writes a whole-map average pool."""
+    window = (x.shape[2], x.shape[3])
+    y = x.mean((2, 3))
+    if kind == "int8":
+        return y, [MeanNode((tensor,), (1, 2), calibrate_as(kind, y, margin))]
+    return y, [AveragePool2DNode((tensor,), window, window, "VALID"), ReshapeNode((tensor + 1,), (y.shape[1],))]

@@ -25,10 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
 from mixprec.integer.core.fixedpoint import multiply_by_quantized_multiplier
+from mixprec.kernels import native
 
 ADD_LEFT_SHIFT = 20
 #: ADD's left shift per activation type.
@@ -80,7 +82,19 @@ class AddParams:
 
 
 def add(a: NDArray, b: NDArray, params: AddParams) -> NDArray:
-    """``a + b`` of the record's type (see module docstring)."""
+    """``a + b`` of the record's type (see module docstring): by mixprec's native kernel
+    (``csrc/tflite_add.cpp``) for two same-shaped tensors when it is built, else by :func:`add_reference`."""
+    _check_codes("add", np.dtype(params.dtype).type, a, b)
+    if a.shape == b.shape and native.available():
+        return native.tflite_add(torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(b)),
+                                 params.a_offset, params.b_offset, params.a_multiplier, params.a_shift,
+                                 params.b_multiplier, params.b_shift, params.output_multiplier, params.output_shift,
+                                 params.output_offset, params.activation_min, params.activation_max).numpy()
+    return add_reference(a, b, params)
+
+
+def add_reference(a: NDArray, b: NDArray, params: AddParams) -> NDArray:
+    """The numpy statement of :func:`add` (any broadcasting shapes), which the native kernel is pinned to."""
     _check_codes("add", np.dtype(params.dtype).type, a, b)
     left_shift = ADD_LEFT_SHIFTS[params.dtype]
     shifted_a = (a.astype(np.int64) + params.a_offset) << left_shift
