@@ -316,10 +316,10 @@ inline void shift_to_unsigned(const int8_t* src, uint8_t* dst, int64_t count) {
 
 // An int8 CONV_2D as one GEMM over all output pixels (see the file header): each pixel's window,
 // [kh, kw, in] like a weight row, is one GEMM row (the input itself for an unpadded 1x1, stride-1
-// convolution; read in place, kh runs from one shifted copy of the input padded around the image, where
-// the window's rows are a multiple of 4 bytes; otherwise gathered per chunk of pixels, the row padded to a
-// multiple of 4 under zero weights). Points outside the image take the code -input_offset, which
-// contributes 0.
+// convolution; read in place, kh runs from one shifted copy of the input padded around the image, each run
+// rounded up to 4 bytes under zero weights, where the window's rows are contiguous (dilation 1 along them);
+// otherwise gathered per chunk of pixels, the row padded to a multiple of 4 under zero weights). Points
+// outside the image take the code -input_offset, which contributes 0.
 // Pixels per register tile: kTilePixels x 4 accumulators and 4 weight registers of the 32.
 constexpr int kTilePixels = 6;
 constexpr int64_t kGemmChunk = 10 * kTilePixels;
@@ -327,18 +327,27 @@ constexpr int64_t kGemmChunk = 10 * kTilePixels;
 void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const std::vector<int64_t>& bias,
                     const int32_t* m, const int32_t* s, bool per_channel, int32_t in_off, int32_t output_offset,
                     int32_t act_min, int32_t act_max, int8_t* o) {
-  const int64_t window = g.kh * g.kw * g.channels, depth = (window + 3) / 4 * 4;
+  const int64_t window = g.kh * g.kw * g.channels;
   const int64_t outs = g.out_channels, blocks = outs / 16, pixels = g.batch * g.out_h * g.out_w;
   const bool direct = g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_top == 0 &&
-                      g.pad_left == 0 && g.out_h == g.height && g.out_w == g.width && depth == window;
+                      g.pad_left == 0 && g.out_h == g.height && g.out_w == g.width && window % 4 == 0;
+  // Window rows read in place (dilation 1 along them) from one shifted copy of the input padded so that every
+  // window lies inside it: kh runs of the row's kw x in bytes, each rounded up to 4 under zero weights (the bytes
+  // read past a row's end, the next pixel's, count 0); otherwise one run of the whole window (gathered or direct).
+  const bool in_place = !direct && g.dilation_w == 1;
+  const int64_t run_count = in_place ? g.kh : 1, real = in_place ? g.kw * g.channels : window;
+  const int64_t run = (real + 3) / 4 * 4, depth = run_count * run;
   std::vector<int8_t> packed(static_cast<size_t>(depth * outs), 0);
   std::vector<int32_t> corrected(static_cast<size_t>(outs));
   for (int64_t c = 0; c < outs; ++c) {
     int32_t sum = 0;
-    for (int64_t k = 0; k < window; ++k) {
-      const int8_t w = wt[c * window + k];
-      sum += w;
-      packed[static_cast<size_t>((((k / 4) * blocks + c / 16) * 16 + c % 16) * 4 + k % 4)] = w;
+    for (int64_t r = 0; r < run_count; ++r) {
+      for (int64_t j = 0; j < real; ++j) {
+        const int8_t w = wt[c * window + r * real + j];
+        const int64_t k = r * run + j;
+        sum += w;
+        packed[static_cast<size_t>((((k / 4) * blocks + c / 16) * 16 + c % 16) * 4 + k % 4)] = w;
+      }
     }
     corrected[c] = static_cast<int32_t>((bias.empty() ? 0 : bias[c]) + int64_t{in_off - 128} * sum);
   }
@@ -414,15 +423,12 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
       multiply(std::integral_constant<int, 1>{}, base, runs, p);
     }
   };
-  // Window rows of a multiple of 4 bytes (dilation 1 along them): read in place from one shifted copy of the
-  // input, padded so that every window lies inside it (kh runs of kw x in bytes per pixel), no gathering.
-  const bool in_place = !direct && g.dilation_w == 1 && (g.kw * g.channels) % 4 == 0;
   if (in_place) {
     // the padded image: every window inside it, points outside the image given the code -input_offset
     const int64_t rows = std::max(g.pad_top + g.height, (g.out_h - 1) * g.stride_h + (g.kh - 1) * g.dilation_h + 1);
     const int64_t cols = std::max(g.pad_left + g.width, (g.out_w - 1) * g.stride_w + g.kw);
     const int64_t sample = rows * cols * g.channels, line = cols * g.channels;
-    std::vector<uint8_t> shifted(static_cast<size_t>(g.batch * sample));
+    std::vector<uint8_t> shifted(static_cast<size_t>(g.batch * sample + 4));  // + the bytes a last run reads past
     const auto blank = static_cast<uint8_t>(static_cast<uint8_t>(outside) ^ 0x80);
     mixprec::split_rows_balanced(g.batch, g.batch * sample, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
@@ -442,7 +448,7 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
     });
     std::vector<int64_t> offset(static_cast<size_t>(g.kh));
     for (int64_t ky = 0; ky < g.kh; ++ky) offset[ky] = ky * g.dilation_h * line;
-    const WindowRuns runs{offset.data(), g.kh, g.kw * g.channels};
+    const WindowRuns runs{offset.data(), g.kh, run};
     mixprec::split_rows_balanced(pixels, pixels * depth * outs, [&](int64_t begin, int64_t end) {
       // pixels visited in order: their window bases by steps along a row and from row to row (no divisions)
       const int64_t step = g.stride_w * g.channels, row_step = g.stride_h * line, out_w = g.out_w, out_h = g.out_h;
