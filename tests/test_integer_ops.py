@@ -177,7 +177,8 @@ def test_the_native_requantize_equals_the_numpy_reference() -> None:
 
 
 def test_the_native_add_equals_the_numpy_reference() -> None:
-    """ADD of two same-shaped tensors by the native kernel gives the reference's codes, int8 and int16:
+    """ADD of two same-shaped tensors by the native kernel (int8: its table of every pair's code) gives
+    the reference's codes, int8 and int16:
     scales from 1/64 to 64 times apart (both inputs' multipliers below one, the output's shift deep),
     zero points at the ends of the range, every activation, lengths with tails of fewer than 16 elements
     and long enough to split over threads, inputs at the ends of the code range."""
@@ -202,6 +203,10 @@ def test_the_native_add_equals_the_numpy_reference() -> None:
         params = graph.records[0]
         assert isinstance(params, AddParams)
         assert np.array_equal(add(a[None], b[None], params), add_reference(a[None], b[None], params)), trial
+        if dtype == "int8":  # the lookup table: every pair of codes
+            pairs = np.arange(-128, 128, dtype=np.int8)
+            every = add_reference(np.repeat(pairs, 256)[None], np.tile(pairs, 256)[None], params)
+            assert np.array_equal(params.int8_table.numpy()[:65536], every[0]), trial
     import torch
 
     codes = torch.zeros(4, dtype=torch.int8)
@@ -211,6 +216,8 @@ def test_the_native_add_equals_the_numpy_reference() -> None:
         native.tflite_add(codes, torch.zeros(5, dtype=torch.int8), 0, 0, 2**30, 0, 2**30, 0, 2**30, 0, 0, -128, 127)
     with pytest.raises(RuntimeError, match="activation range"):
         native.tflite_add(codes, codes, 0, 0, 2**30, 0, 2**30, 0, 2**30, 0, 0, -128, 200)
+    with pytest.raises(RuntimeError, match="65,540 contiguous int8 codes"):
+        native.tflite_add_lookup(codes, codes, codes)
 
 
 def test_quantize_requantize_and_dequantize_are_byte_identical_to_litert(tmp_path: Path) -> None:

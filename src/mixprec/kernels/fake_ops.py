@@ -118,6 +118,7 @@ _FAKES = {
     "tflite_requantize": _tflite_requantize,
     "tflite_fully_connected": _tflite_fully_connected,
     "tflite_add": _tflite_add,
+    "tflite_add_lookup": _tflite_add,
 }
 
 

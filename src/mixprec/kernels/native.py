@@ -227,6 +227,12 @@ def tflite_add(a: torch.Tensor, b: torch.Tensor, *record: int) -> torch.Tensor:
     return torch.ops.mixprec.tflite_add(a, b, *record)
 
 
+def tflite_add_lookup(a: torch.Tensor, b: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``table[(a + 128) * 256 + b + 128]`` for same-shaped int8 ``a``, ``b``: an int8 ADD from its
+    65,536 precomputed codes (see csrc/tflite_add.cpp)."""
+    return torch.ops.mixprec.tflite_add_lookup(a, b, table)
+
+
 def kws_pipeline(*args: object) -> tuple[torch.Tensor, int]:
     """The fused keyword-spotting pipeline (see csrc/kws_pipeline.cpp; arguments as there)."""
     return torch.ops.mixprec.kws_pipeline(*args)

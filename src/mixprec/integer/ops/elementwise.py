@@ -23,6 +23,7 @@ are at most ``255^2``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -80,16 +81,31 @@ class AddParams:
         if max(self.a_shift, self.b_shift, self.output_shift) > 0:
             raise InputError("ADD multipliers must be smaller than one (shifts <= 0)")
 
+    @cached_property
+    def int8_table(self) -> torch.Tensor:
+        """An int8 ADD's 65,536 codes, entry ``(a + 128) * 256 + b + 128``, computed once by the native kernel,
+        then 4 bytes of slack (the lookup kernel's gathers read 4 bytes from an entry)."""
+        codes = torch.arange(-128, 128, dtype=torch.int8)
+        return torch.cat([_native_add(codes.repeat_interleave(256), codes.repeat(256), self),
+                          torch.zeros(4, dtype=torch.int8)])
+
+
+def _native_add(a: torch.Tensor, b: torch.Tensor, params: AddParams) -> torch.Tensor:
+    return native.tflite_add(a, b, params.a_offset, params.b_offset, params.a_multiplier, params.a_shift,
+                             params.b_multiplier, params.b_shift, params.output_multiplier, params.output_shift,
+                             params.output_offset, params.activation_min, params.activation_max)
+
 
 def add(a: NDArray, b: NDArray, params: AddParams) -> NDArray:
-    """``a + b`` of the record's type (see module docstring): by mixprec's native kernel
-    (``csrc/tflite_add.cpp``) for two same-shaped tensors when it is built, else by :func:`add_reference`."""
+    """``a + b`` of the record's type (see module docstring): for two same-shaped tensors by mixprec's
+    native kernel (``csrc/tflite_add.cpp``; int8 from the record's table of every pair's code) when it
+    is built, else by :func:`add_reference`."""
     _check_codes("add", np.dtype(params.dtype).type, a, b)
     if a.shape == b.shape and native.available():
-        return native.tflite_add(torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(b)),
-                                 params.a_offset, params.b_offset, params.a_multiplier, params.a_shift,
-                                 params.b_multiplier, params.b_shift, params.output_multiplier, params.output_shift,
-                                 params.output_offset, params.activation_min, params.activation_max).numpy()
+        a_codes, b_codes = torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(b))
+        if params.dtype == "int8":
+            return native.tflite_add_lookup(a_codes, b_codes, params.int8_table).numpy()
+        return _native_add(a_codes, b_codes, params).numpy()
     return add_reference(a, b, params)
 
 

