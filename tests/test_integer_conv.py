@@ -427,18 +427,23 @@ def test_rescale_near_rounding_boundaries_is_byte_identical(depthwise: bool) -> 
 
 
 def test_windows_read_in_place_are_byte_identical_to_the_numpy_reference() -> None:
-    """VALID int8 convolutions whose window rows are a multiple of 4 bytes (1 channel x 4 columns as
-    the DS-CNN's first layer, 4 x 3, 8 x 1) read each window's rows in place: strides, a vertical
-    dilation, per-tensor and per-channel rescales, and the reference's bytes."""
+    """Int8 convolutions whose window rows are contiguous read each window's rows in place, rounded up to 4
+    bytes under zero weights (1 channel x 4 columns as the DS-CNN's first layer, 4 x 3, 8 x 1; 1 x 3 as
+    ResNet-8's stem, 3 x 3, 5 x 1, which read bytes past each row): strides, a vertical dilation, SAME and
+    VALID, per-tensor and per-channel rescales, weights prepacked once or packed per call, and the reference's
+    bytes. A prepacked tensor made for another geometry is refused."""
+    import torch
+
     from mixprec.integer.ops.conv import ConvParams, _conv2d_native, conv2d_reference
     from mixprec.kernels import native
 
     if not native.available():
         pytest.skip(f"native kernels unavailable: {native.load_error()}")
     rng = np.random.default_rng(61)
-    for trial, (channels, kernel, stride, dilation) in enumerate([(1, (10, 4), (2, 2), (1, 1)),
-                                                                  (4, (3, 3), (1, 2), (2, 1)),
-                                                                  (8, (2, 1), (2, 1), (1, 1))]):
+    cases = [(1, (10, 4), (2, 2), (1, 1), "VALID"), (4, (3, 3), (1, 2), (2, 1), "VALID"),
+             (8, (2, 1), (2, 1), (1, 1), "VALID"), (1, (3, 3), (1, 1), (1, 1), "SAME"),
+             (3, (3, 3), (2, 2), (1, 1), "SAME"), (5, (2, 1), (1, 1), (2, 1), "VALID")]
+    for trial, (channels, kernel, stride, dilation, padding) in enumerate(cases):
         out = 32
         per = out if trial % 2 else 1
         params = ConvParams(weights=rng.integers(-127, 128, (out, *kernel, channels)).astype(np.int8),
@@ -446,7 +451,21 @@ def test_windows_read_in_place_are_byte_identical_to_the_numpy_reference() -> No
                             input_offset=int(rng.integers(-9, 9)),
                             multiplier=rng.integers(2**30, 2**31, per).astype(np.int32),
                             shift=-rng.integers(7, 10, per).astype(np.int32), output_offset=-5, stride=stride,
-                            dilation=dilation, padding="VALID", depthwise=False, activation_min=-128,
+                            dilation=dilation, padding=padding, depthwise=False, activation_min=-128,
                             activation_max=127, dtype="int8")
         x = rng.integers(-128, 128, (3, 21, 11, channels)).astype(np.int8)
-        assert np.array_equal(_conv2d_native(x, params), conv2d_reference(x, params)), trial
+        expected = conv2d_reference(x, params)
+        assert np.array_equal(_conv2d_native(x, params), expected), trial
+        weights, bias, multiplier, shift = params.native_constants
+        (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+        _, out_h, out_w, _ = params.output_shape(x.shape)
+        top = max(0, (out_h - 1) * sh + (kh - 1) * dh + 1 - 21) // 2 if padding == "SAME" else 0
+        left = max(0, (out_w - 1) * sw + (kw - 1) * dw + 1 - 11) // 2 if padding == "SAME" else 0
+        geometry = (sh, sw, dh, dw, top, left, out_h, out_w)
+        per_call = native.tflite_conv2d(torch.from_numpy(x), weights, bias, multiplier, shift, *geometry,
+                                        params.input_offset, -5, -128, 127, False, None)
+        assert np.array_equal(per_call.numpy(), expected), trial
+    other = native.tflite_conv2d_pack(weights, bias, 21, 12, channels, *geometry, params.input_offset)
+    with pytest.raises(RuntimeError, match="must come from tflite_conv2d_pack for this geometry"):
+        native.tflite_conv2d(torch.from_numpy(x), weights, bias, multiplier, shift, *geometry, params.input_offset,
+                             -5, -128, 127, False, other)

@@ -70,7 +70,8 @@ def _w4_dequantize_rows(packed: Tensor, scale: Tensor, begin: int, out: Tensor) 
 def _tflite_conv2d(x: Tensor, w: Tensor, bias: Tensor | None, multiplier: Tensor, shift: Tensor,  # noqa: ARG001
                    stride_h: int, stride_w: int, dilation_h: int, dilation_w: int, pad_top: int,  # noqa: ARG001
                    pad_left: int, out_h: int, out_w: int, input_offset: int, output_offset: int,  # noqa: ARG001
-                   act_min: int, act_max: int, depthwise: bool) -> Tensor:  # noqa: ARG001
+                   act_min: int, act_max: int, depthwise: bool,  # noqa: ARG001
+                   prepacked: Tensor | None = None) -> Tensor:  # noqa: ARG001
     channels = w.shape[3] if depthwise else w.shape[0]
     return x.new_empty((x.shape[0], out_h, out_w, channels))
 

@@ -193,6 +193,12 @@ def tflite_conv2d(*args: object) -> torch.Tensor:
     return torch.ops.mixprec.tflite_conv2d(*args)
 
 
+def tflite_conv2d_pack(*args: object) -> torch.Tensor:
+    """An int8 CONV_2D's weights packed once for an input size (any batch), for tflite_conv2d's ``prepacked``;
+    an empty tensor where that convolution does not run as the VNNI GEMM (see csrc/tflite_conv.cpp)."""
+    return torch.ops.mixprec.tflite_conv2d_pack(*args)
+
+
 def tflite_sum_middle(x: torch.Tensor) -> torch.Tensor:
     """int8 / int16 ``[outer, middle, inner]`` -> its exact int32 sums over the middle axis
     ``[outer, inner]`` (the integer engine's MEAN; see csrc/tflite_reduce.cpp)."""

@@ -168,11 +168,25 @@ def _conv2d_native(x: NDArray, params: ConvParams, padded: tuple[int, ...] | Non
     pad_top = output_size(x.shape[1], kh, sh, dh, params.padding)[1] + before[0]
     pad_left = output_size(x.shape[2], kw, sw, dw, params.padding)[1] + before[1]
     weights, bias, multiplier, shift = params.native_constants
+    geometry = (sh, sw, dh, dw, pad_top, pad_left, out_h, out_w)
     out = native.tflite_conv2d(
-        torch.from_numpy(np.ascontiguousarray(x)), weights, bias, multiplier, shift, sh, sw, dh, dw, pad_top,
-        pad_left, out_h, out_w, params.input_offset, params.output_offset, params.activation_min,
-        params.activation_max, params.depthwise)
+        torch.from_numpy(np.ascontiguousarray(x)), weights, bias, multiplier, shift, *geometry, params.input_offset,
+        params.output_offset, params.activation_min, params.activation_max, params.depthwise,
+        _prepacked(params, x.shape[1:], geometry))
     return out.numpy()
+
+
+def _prepacked(params: ConvParams, image: tuple[int, ...], geometry: tuple[int, ...]) -> torch.Tensor | None:
+    """The native GEMM's weights packed for an input image ``[H, W, C]`` and ``geometry``, made on the
+    first call of that size and kept in the record (None for a depthwise or 16x8 convolution)."""
+    if params.depthwise or params.dtype != "int8":
+        return None
+    packs = params.__dict__.setdefault("_packs", {})  # a frozen record: a cache beside its fields
+    key = (*image, *geometry)
+    if key not in packs:
+        weights, bias, _, _ = params.native_constants
+        packs[key] = native.tflite_conv2d_pack(weights, bias, *image, *geometry, params.input_offset)
+    return packs[key]
 
 
 def conv2d_reference(x: NDArray, params: ConvParams) -> NDArray:

@@ -24,6 +24,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -324,38 +325,64 @@ inline void shift_to_unsigned(const int8_t* src, uint8_t* dst, int64_t count) {
 constexpr int kTilePixels = 6;
 constexpr int64_t kGemmChunk = 10 * kTilePixels;
 
-void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const std::vector<int64_t>& bias,
-                    const int32_t* m, const int32_t* s, bool per_channel, int32_t in_off, int32_t output_offset,
-                    int32_t act_min, int32_t act_max, int8_t* o) {
+// How conv_gemm_vnni reads a geometry's windows: directly (the input itself, an unpadded 1x1 stride-1
+// convolution), in place (window rows contiguous, dilation 1 along them: from one shifted copy of the input padded
+// so that every window lies inside it, kh runs of the row's kw x in bytes, each rounded up to 4 under zero weights,
+// the bytes read past a row's end, the next pixel's, counting 0), or gathered (one run of the whole window).
+struct GemmLayout {
+  bool direct, in_place;
+  int64_t window, run_count, real, run, depth;
+};
+
+inline GemmLayout gemm_layout(const Geometry& g) {
   const int64_t window = g.kh * g.kw * g.channels;
-  const int64_t outs = g.out_channels, blocks = outs / 16, pixels = g.batch * g.out_h * g.out_w;
   const bool direct = g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_top == 0 &&
                       g.pad_left == 0 && g.out_h == g.height && g.out_w == g.width && window % 4 == 0;
-  // Window rows read in place (dilation 1 along them) from one shifted copy of the input padded so that every
-  // window lies inside it: kh runs of the row's kw x in bytes, each rounded up to 4 under zero weights (the bytes
-  // read past a row's end, the next pixel's, count 0); otherwise one run of the whole window (gathered or direct).
   const bool in_place = !direct && g.dilation_w == 1;
   const int64_t run_count = in_place ? g.kh : 1, real = in_place ? g.kw * g.channels : window;
-  const int64_t run = (real + 3) / 4 * 4, depth = run_count * run;
-  std::vector<int8_t> packed(static_cast<size_t>(depth * outs), 0);
-  std::vector<int32_t> corrected(static_cast<size_t>(outs));
+  const int64_t run = (real + 3) / 4 * 4;
+  return {direct, in_place, window, run_count, real, run, run_count * run};
+}
+
+// The GEMM's weights [depth / 4][blocks][16 lanes][4 bytes] in the layout's runs, and per output channel the bias
+// plus (input_offset - 128) times the weights' sum (the shift of the codes to uint8 taken back).
+struct GemmWeights {
+  std::vector<int8_t> packed;
+  std::vector<int32_t> corrected;
+};
+
+GemmWeights pack_gemm_weights(const Geometry& g, const GemmLayout& layout, const int8_t* wt,
+                              const std::vector<int64_t>& bias, int32_t in_off) {
+  const int64_t outs = g.out_channels, blocks = outs / 16;
+  GemmWeights packed{std::vector<int8_t>(static_cast<size_t>(layout.depth * outs), 0),
+                     std::vector<int32_t>(static_cast<size_t>(outs))};
   for (int64_t c = 0; c < outs; ++c) {
     int32_t sum = 0;
-    for (int64_t r = 0; r < run_count; ++r) {
-      for (int64_t j = 0; j < real; ++j) {
-        const int8_t w = wt[c * window + r * real + j];
-        const int64_t k = r * run + j;
+    for (int64_t r = 0; r < layout.run_count; ++r) {
+      for (int64_t j = 0; j < layout.real; ++j) {
+        const int8_t w = wt[c * layout.window + r * layout.real + j];
+        const int64_t k = r * layout.run + j;
         sum += w;
-        packed[static_cast<size_t>((((k / 4) * blocks + c / 16) * 16 + c % 16) * 4 + k % 4)] = w;
+        packed.packed[static_cast<size_t>((((k / 4) * blocks + c / 16) * 16 + c % 16) * 4 + k % 4)] = w;
       }
     }
-    corrected[c] = static_cast<int32_t>((bias.empty() ? 0 : bias[c]) + int64_t{in_off - 128} * sum);
+    packed.corrected[c] = static_cast<int32_t>((bias.empty() ? 0 : bias[c]) + int64_t{in_off - 128} * sum);
   }
+  return packed;
+}
+
+void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* packed_weights, const int32_t* corrected,
+                    const int32_t* m, const int32_t* s, bool per_channel, int32_t in_off, int32_t output_offset,
+                    int32_t act_min, int32_t act_max, int8_t* o) {
+  const GemmLayout layout = gemm_layout(g);
+  const bool direct = layout.direct, in_place = layout.in_place;
+  const int64_t window = layout.window, run = layout.run, depth = layout.depth;
+  const int64_t outs = g.out_channels, blocks = outs / 16, pixels = g.batch * g.out_h * g.out_w;
   const int8_t outside = static_cast<int8_t>(-in_off);  // (x + input_offset) = 0: a point outside the image
   const Int8Store16 store(m, s, per_channel, outs, output_offset, act_min, act_max);
   // a block's sums plus its bias and offset correction; finish stores them as 16 codes of a pixel
   auto total = [&](__m512i acc, int64_t block) {
-    return _mm512_add_epi32(acc, _mm512_loadu_si512(corrected.data() + block * 16));
+    return _mm512_add_epi32(acc, _mm512_loadu_si512(corrected + block * 16));
   };
   auto finish = [&](__m512i acc, int64_t pixel, int64_t block) {
     store(total(acc, block), block * 16, o + pixel * outs + block * 16);
@@ -397,7 +424,7 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
     int64_t b = 0;
     for (; b + 4 <= blocks; b += 4) {
       __m512i acc[kPixels][4];
-      window_tile<kPixels, 4>(base, runs, packed.data() + b * 64, blocks, acc);
+      window_tile<kPixels, 4>(base, runs, packed_weights + b * 64, blocks, acc);
       for (int i = 0; i < kPixels; ++i) {
         __m512i v[4];
         for (int j = 0; j < 4; ++j) v[j] = store.rescale(total(acc[i][j], b + j), (b + j) * 16);
@@ -406,7 +433,7 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
     }
     for (; b < blocks; ++b) {
       __m512i acc[kPixels][1];
-      window_tile<kPixels, 1>(base, runs, packed.data() + b * 64, blocks, acc);
+      window_tile<kPixels, 1>(base, runs, packed_weights + b * 64, blocks, acc);
       for (int i = 0; i < kPixels; ++i) finish(acc[i][0], first + i, b);
     }
   };
@@ -675,32 +702,90 @@ void depthwise_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
 }
 #endif
 
+// Whether the int8 CONV_2D GEMM (conv_gemm_vnni) runs this convolution: output channels a multiple of 16, the
+// code of a point outside the image (-input_offset) representable in int8.
+inline bool takes_gemm(const Geometry& g, bool wide, int64_t input_offset) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  return !wide && !g.depthwise && g.out_channels % 16 == 0 && input_offset >= -127 && input_offset <= 128;
+#else
+  return false;
+#endif
+}
+
+std::vector<int64_t> bias_as_int64(const c10::optional<at::Tensor>& bias, int64_t out_channels, bool wide) {
+  std::vector<int64_t> bias64;
+  if (bias.has_value()) {
+    TORCH_CHECK((bias->scalar_type() == at::kInt || (wide && bias->scalar_type() == at::kLong)) &&
+                    bias->numel() == out_channels,
+                "bias must be int32 [out] (int64 too for int16 input)");
+    const at::Tensor b = bias->to(at::kLong).contiguous();
+    bias64.assign(b.data_ptr<int64_t>(), b.data_ptr<int64_t>() + out_channels);
+  }
+  return bias64;
+}
+
+// A prepacked GEMM: kPackHeader int64 naming what it was packed for (the geometry but the batch, and the input
+// offset), then the corrected bias int32 [out], then the packed weights int8 [depth x out] (pack_gemm_weights).
+constexpr int64_t kPackHeader = 16;
+constexpr int64_t kPackMagic = 0x6d78707263707631;  // "mxprcpv1"
+
+std::array<int64_t, kPackHeader> pack_header(const Geometry& g, int64_t input_offset) {
+  return {kPackMagic, g.height, g.width, g.channels, g.kh, g.kw, g.out_channels, g.out_h, g.out_w, g.stride_h,
+          g.stride_w, g.dilation_h, g.dilation_w, g.pad_top, g.pad_left, input_offset};
+}
+
+Geometry checked_geometry(int64_t batch, int64_t height, int64_t width, int64_t channels, const at::Tensor& w,
+                          int64_t stride_h, int64_t stride_w, int64_t dilation_h, int64_t dilation_w, int64_t pad_top,
+                          int64_t pad_left, int64_t out_h, int64_t out_w, bool depthwise) {
+  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kChar && w.is_contiguous(), "weights must be int8 4-D");
+  const Geometry g{batch, height, width, channels, w.size(1), w.size(2), depthwise ? w.size(3) : w.size(0),
+                   out_h, out_w, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left, depthwise};
+  TORCH_CHECK(depthwise ? (w.size(0) == 1 && g.out_channels % g.channels == 0) : w.size(3) == g.channels,
+              "weights do not match the input channels");
+  return g;
+}
+
+// The int8 CONV_2D GEMM's weights packed once for an input of height x width x channels (any batch), for
+// tflite_conv2d's `prepacked`; an empty tensor where that convolution does not take the GEMM.
+at::Tensor tflite_conv2d_pack(const at::Tensor& w, const c10::optional<at::Tensor>& bias, int64_t height,
+                              int64_t width, int64_t channels, int64_t stride_h, int64_t stride_w, int64_t dilation_h,
+                              int64_t dilation_w, int64_t pad_top, int64_t pad_left, int64_t out_h, int64_t out_w,
+                              int64_t input_offset) {
+  const Geometry g = checked_geometry(1, height, width, channels, w, stride_h, stride_w, dilation_h, dilation_w,
+                                      pad_top, pad_left, out_h, out_w, false);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (!takes_gemm(g, false, input_offset)) return at::empty({0}, w.options());
+  const GemmWeights packed = pack_gemm_weights(g, gemm_layout(g), w.data_ptr<int8_t>(),
+                                               bias_as_int64(bias, g.out_channels, false),
+                                               static_cast<int32_t>(input_offset));
+  const auto header = pack_header(g, input_offset);
+  const int64_t header_bytes = kPackHeader * 8, corrected_bytes = g.out_channels * 4;
+  auto out = at::empty({header_bytes + corrected_bytes + static_cast<int64_t>(packed.packed.size())}, w.options());
+  auto* bytes = out.data_ptr<int8_t>();
+  std::memcpy(bytes, header.data(), static_cast<size_t>(header_bytes));
+  std::memcpy(bytes + header_bytes, packed.corrected.data(), static_cast<size_t>(corrected_bytes));
+  std::memcpy(bytes + header_bytes + corrected_bytes, packed.packed.data(), packed.packed.size());
+  return out;
+#else
+  return at::empty({0}, w.options());
+#endif
+}
+
 at::Tensor tflite_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                          const at::Tensor& multiplier, const at::Tensor& shift, int64_t stride_h, int64_t stride_w,
                          int64_t dilation_h, int64_t dilation_w, int64_t pad_top, int64_t pad_left, int64_t out_h,
                          int64_t out_w, int64_t input_offset, int64_t output_offset, int64_t act_min, int64_t act_max,
-                         bool depthwise) {
+                         bool depthwise, const c10::optional<at::Tensor>& prepacked) {
   const bool wide = x.scalar_type() == at::kShort;
   TORCH_CHECK(x.dim() == 4 && (wide || x.scalar_type() == at::kChar) && x.is_contiguous(),
               "x must be int8 or int16 NHWC, contiguous");
-  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kChar && w.is_contiguous(), "weights must be int8 4-D");
-  const Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), w.size(1), w.size(2),
-                   depthwise ? w.size(3) : w.size(0), out_h, out_w, stride_h, stride_w, dilation_h, dilation_w,
-                   pad_top, pad_left, depthwise};
-  TORCH_CHECK(depthwise ? (w.size(0) == 1 && g.out_channels % g.channels == 0) : w.size(3) == g.channels,
-              "weights do not match the input channels");
+  const Geometry g = checked_geometry(x.size(0), x.size(1), x.size(2), x.size(3), w, stride_h, stride_w, dilation_h,
+                                      dilation_w, pad_top, pad_left, out_h, out_w, depthwise);
   TORCH_CHECK(multiplier.scalar_type() == at::kInt && shift.scalar_type() == at::kInt &&
                   multiplier.numel() == shift.numel() &&
                   (multiplier.numel() == 1 || multiplier.numel() == g.out_channels),
               "multiplier and shift must be int32 [1] or [out]");
-  std::vector<int64_t> bias64;
-  if (bias.has_value()) {
-    TORCH_CHECK((bias->scalar_type() == at::kInt || (wide && bias->scalar_type() == at::kLong)) &&
-                    bias->numel() == g.out_channels,
-                "bias must be int32 [out] (int64 too for int16 input)");
-    const at::Tensor b = bias->to(at::kLong).contiguous();
-    bias64.assign(b.data_ptr<int64_t>(), b.data_ptr<int64_t>() + g.out_channels);
-  }
+  const std::vector<int64_t> bias64 = bias_as_int64(bias, g.out_channels, wide);
   auto out = at::empty({g.batch, out_h, out_w, g.out_channels}, x.options());
   const int32_t* m = multiplier.data_ptr<int32_t>();
   const int32_t* s = shift.data_ptr<int32_t>();
@@ -710,8 +795,25 @@ at::Tensor tflite_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::op
   const int64_t window = g.kh * g.kw * (depthwise ? 1 : g.channels);
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   // the GEMM path: int8 CONV_2D, output channels a multiple of 16, the outside code representable
-  if (!wide && !depthwise && g.out_channels % 16 == 0 && input_offset >= -127 && input_offset <= 128) {
-    conv_gemm_vnni(g, x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), bias64, m, s, per_channel, in_off,
+  if (takes_gemm(g, wide, input_offset)) {
+    GemmWeights local;
+    const int8_t* packed_weights = nullptr;
+    const int32_t* corrected = nullptr;
+    if (prepacked.has_value() && prepacked->numel() > 0) {
+      const auto header = pack_header(g, input_offset);
+      const int64_t header_bytes = kPackHeader * 8, corrected_bytes = g.out_channels * 4;
+      TORCH_CHECK(prepacked->scalar_type() == at::kChar && prepacked->is_contiguous() &&
+                      prepacked->numel() == header_bytes + corrected_bytes + gemm_layout(g).depth * g.out_channels &&
+                      std::memcmp(prepacked->data_ptr<int8_t>(), header.data(), header_bytes) == 0,
+                  "prepacked weights must come from tflite_conv2d_pack for this geometry and input offset");
+      corrected = reinterpret_cast<const int32_t*>(prepacked->data_ptr<int8_t>() + header_bytes);
+      packed_weights = prepacked->data_ptr<int8_t>() + header_bytes + corrected_bytes;
+    } else {
+      local = pack_gemm_weights(g, gemm_layout(g), w.data_ptr<int8_t>(), bias64, in_off);
+      packed_weights = local.packed.data();
+      corrected = local.corrected.data();
+    }
+    conv_gemm_vnni(g, x.data_ptr<int8_t>(), packed_weights, corrected, m, s, per_channel, in_off,
                    static_cast<int32_t>(output_offset), static_cast<int32_t>(act_min), static_cast<int32_t>(act_max),
                    out.data_ptr<int8_t>());
     return out;
@@ -742,11 +844,16 @@ at::Tensor tflite_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::op
 TORCH_LIBRARY_FRAGMENT(mixprec, m) {
   m.def("tflite_conv2d(Tensor x, Tensor w, Tensor? bias, Tensor multiplier, Tensor shift, int stride_h, "
         "int stride_w, int dilation_h, int dilation_w, int pad_top, int pad_left, int out_h, int out_w, "
-        "int input_offset, int output_offset, int act_min, int act_max, bool depthwise) -> Tensor");
+        "int input_offset, int output_offset, int act_min, int act_max, bool depthwise, Tensor? prepacked=None) "
+        "-> Tensor");
+  m.def("tflite_conv2d_pack(Tensor w, Tensor? bias, int height, int width, int channels, int stride_h, "
+        "int stride_w, int dilation_h, int dilation_w, int pad_top, int pad_left, int out_h, int out_w, "
+        "int input_offset) -> Tensor");
 }
 
 // CPU kernels under the CPU dispatch key (not a catch-all), so torch.compile can pair each with
 // its shape-only implementation (mixprec/kernels/fake_ops.py).
 TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
   m.impl("tflite_conv2d", &tflite_conv2d);
+  m.impl("tflite_conv2d_pack", &tflite_conv2d_pack);
 }
