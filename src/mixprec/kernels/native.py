@@ -24,7 +24,8 @@ import torch
 _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("int8_rows.cpp", "int4_weights.cpp", "kv_dequant.cpp", "kv_attention.cpp", "kws_pipeline.cpp",
                          "w4a8_gemm.cpp", "tflite_conv.cpp", "tflite_reduce.cpp",
-                         "tflite_requantize.cpp", "tflite_fully_connected.cpp", "tflite_add.cpp")]
+                         "tflite_requantize.cpp", "tflite_fully_connected.cpp", "tflite_add.cpp",
+                         "tflite_program.cpp")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 
 
@@ -237,6 +238,13 @@ def tflite_add_lookup(a: torch.Tensor, b: torch.Tensor, table: torch.Tensor) -> 
     """``table[(a + 128) * 256 + b + 128]`` for same-shaped int8 ``a``, ``b``: an int8 ADD from its
     65,536 precomputed codes (see csrc/tflite_add.cpp)."""
     return torch.ops.mixprec.tflite_add_lookup(a, b, table)
+
+
+def tflite_run_program(inputs: list[torch.Tensor], constants: list[torch.Tensor], ops: list[str],
+                       program: list[int]) -> torch.Tensor:
+    """An integer graph's operators in one call: ``program``'s steps call ``ops`` on the inputs, constants
+    and earlier results (see csrc/tflite_program.cpp and mixprec/integer/graph/native_plan.py)."""
+    return torch.ops.mixprec.tflite_run_program(inputs, constants, ops, program)
 
 
 def kws_pipeline(*args: object) -> tuple[torch.Tensor, int]:

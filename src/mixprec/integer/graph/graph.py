@@ -9,14 +9,17 @@ every code: a PAD read only by a VALID convolution is applied by that convolutio
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
 from mixprec.errors import InputError
 from mixprec.integer.core.profile import StageProfile, median_seconds
 from mixprec.integer.core.tensors import Quantization, TensorSpec
+from mixprec.integer.graph.native_plan import NativeProgram, native_program
 from mixprec.integer.graph.nodes import Node
 from mixprec.integer.ops.conv import conv2d_after_pad
 
@@ -102,6 +105,20 @@ class Graph:
             if array.ndim != len(spec.shape) or tuple(array.shape[1:]) != tuple(spec.shape[1:]):
                 raise InputError(f"input {spec.name!r} has shape {array.shape}; the model's is {spec.shape} "
                                  "(any batch size)")
+        program = self.native_program
+        if program is not None:
+            return program(*(torch.from_numpy(np.ascontiguousarray(array)) for array in arrays)).numpy()
+        return self.run_each(*arrays)
+
+    @cached_property
+    def native_program(self) -> NativeProgram | None:
+        """Every operator in one native call (:mod:`~mixprec.integer.graph.native_plan`), made on first use;
+        None where an operator has no native kernel for its input (the graph then runs :meth:`run_each`)."""
+        return native_program(self)
+
+    def run_each(self, *arrays: NDArray) -> NDArray:
+        """Run operator by operator from Python, each by its own entry point (as :meth:`profile` times them),
+        on arrays of the declared types and shapes (batch free)."""
         values: list[Any] = list(arrays)
         for step in self._plan:
             if step is None:  # a PAD its convolution applies itself
@@ -115,11 +132,22 @@ class Graph:
         """Per operator ``(run, record, input tensors)``, or None for a PAD whose one reader is a VALID
         convolution, which then pads its input itself (:func:`~mixprec.integer.ops.conv.conv2d_after_pad`:
         the same codes, without the padded copy)."""
+        plan: list[Any] = [(node.run, record, tuple(node.inputs)) for node, record in zip(self.nodes, self._records)]
+        for pad, (conv, pads) in self.pad_fusions.items():
+            plan[pad] = None
+            plan[conv] = (lambda record, x, pads=pads: conv2d_after_pad(x, record, pads), self._records[conv],
+                          tuple(self.nodes[pad].inputs))
+        return tuple(plan)
+
+    @property
+    def pad_fusions(self) -> dict[int, tuple[int, tuple[tuple[int, int], tuple[int, int]]]]:
+        """The PADs a convolution applies itself: PAD operator index -> (its one reader, a VALID convolution, and
+        the ``(top, bottom), (left, right)`` paddings); a PAD that is the output or has other readers stays."""
         readers: dict[int, list[int]] = {}
         for index, node in enumerate(self.nodes):
             for tensor in node.inputs:
                 readers.setdefault(tensor, []).append(index)
-        plan: list[Any] = [(node.run, record, tuple(node.inputs)) for node, record in zip(self.nodes, self._records)]
+        fusions = {}
         for index, node in enumerate(self.nodes):
             tensor = len(self.inputs) + index
             reader = readers.get(tensor, [])
@@ -130,10 +158,8 @@ class Graph:
             if (conv.opcode not in ("CONV_2D", "DEPTHWISE_CONV_2D") or conv.padding != "VALID" or len(spatial) != 4
                     or spatial[0] != (0, 0) or spatial[3] != (0, 0)):
                 continue
-            plan[index] = None
-            plan[reader[0]] = (lambda record, x, pads=spatial[1:3]: conv2d_after_pad(x, record, pads),
-                               self._records[reader[0]], tuple(node.inputs))
-        return tuple(plan)
+            fusions[index] = (reader[0], spatial[1:3])
+        return fusions
 
     def profile(self, *arrays: NDArray, repeats: int = 5) -> list[StageProfile]:
         """Per operator: bytes of its runtime constants, output bytes per batch element, and

@@ -163,17 +163,23 @@ def _conv2d_native(x: NDArray, params: ConvParams, padded: tuple[int, ...] | Non
                    before: tuple[int, int] = (0, 0)) -> NDArray:
     """The native kernel on ``x``; with ``padded`` (the padded input's shape, ``before`` its top and left
     paddings) the VALID convolution of the padded input."""
-    _, out_h, out_w, _ = params.output_shape(padded or x.shape)
+    arguments = native_conv_arguments(params, x.shape, padded, before)
+    return native.tflite_conv2d(torch.from_numpy(np.ascontiguousarray(x)), *arguments).numpy()
+
+
+def native_conv_arguments(params: ConvParams, shape: tuple[int, ...], padded: tuple[int, ...] | None = None,
+                          before: tuple[int, int] = (0, 0)) -> tuple:
+    """The native kernel's arguments after its input, for an input of NHWC ``shape`` (any batch; with
+    ``padded``, the padded input's shape, and ``before``, its top and left paddings, the VALID convolution
+    of the padded input): the record's constants, the geometry, offsets, clamp, and the packed weights."""
+    _, out_h, out_w, _ = params.output_shape(padded or shape)
     (kh, kw), (sh, sw), (dh, dw) = params.weights.shape[1:3], params.stride, params.dilation
-    pad_top = output_size(x.shape[1], kh, sh, dh, params.padding)[1] + before[0]
-    pad_left = output_size(x.shape[2], kw, sw, dw, params.padding)[1] + before[1]
+    pad_top = output_size(shape[1], kh, sh, dh, params.padding)[1] + before[0]
+    pad_left = output_size(shape[2], kw, sw, dw, params.padding)[1] + before[1]
     weights, bias, multiplier, shift = params.native_constants
     geometry = (sh, sw, dh, dw, pad_top, pad_left, out_h, out_w)
-    out = native.tflite_conv2d(
-        torch.from_numpy(np.ascontiguousarray(x)), weights, bias, multiplier, shift, *geometry, params.input_offset,
-        params.output_offset, params.activation_min, params.activation_max, params.depthwise,
-        _prepacked(params, x.shape[1:], geometry))
-    return out.numpy()
+    return (weights, bias, multiplier, shift, *geometry, params.input_offset, params.output_offset,
+            params.activation_min, params.activation_max, params.depthwise, _prepacked(params, shape[1:], geometry))
 
 
 def _prepacked(params: ConvParams, image: tuple[int, ...], geometry: tuple[int, ...]) -> torch.Tensor | None:

@@ -1,0 +1,92 @@
+// Runs an integer graph's operators in one call (mixprec/integer/graph/native_plan.py): a program of steps, each a
+// call of one of mixprec's operators through PyTorch's dispatcher (boxed, so any schema) or a reshape (a view), on
+// the graph's input tensors, constants and the values of earlier steps. One call from Python instead of one per
+// operator: at batch 1 the per-operator Python and conversion overhead (about 10 us each) outweighed the kernels.
+//
+// Program: for each step [kind, argument count, then (tag, payload) per argument]; kind k >= 0 calls ops[k], kind
+// -1 reshapes its first argument (a value) to the ints that follow. Tags: 0 a value (payload: its index: the inputs,
+// then one per step in order), 1 a constant (index into constants), 2 an int, 3 a bool, 4 None. The result is the
+// last step's value.
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace {
+
+enum Tag : int64_t { kValue = 0, kConstant = 1, kInt = 2, kBool = 3, kNone = 4 };
+constexpr int64_t kReshape = -1;
+
+at::Tensor tflite_run_program(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& constants,
+                              const std::vector<std::string>& ops, const std::vector<int64_t>& program) {
+  std::vector<c10::OperatorHandle> handles;
+  handles.reserve(ops.size());
+  for (const auto& name : ops) handles.push_back(c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), ""));
+  std::vector<at::Tensor> values(inputs.begin(), inputs.end());
+  const auto size = static_cast<int64_t>(program.size());
+  auto read = [&](int64_t at) {
+    TORCH_CHECK(at < size, "the program ends inside a step");
+    return program[static_cast<size_t>(at)];
+  };
+  auto value = [&](int64_t index) -> const at::Tensor& {
+    TORCH_CHECK(index >= 0 && index < static_cast<int64_t>(values.size()), "step reads value ", index,
+                ", which does not exist yet");
+    return values[static_cast<size_t>(index)];
+  };
+  torch::jit::Stack stack;
+  std::vector<int64_t> shape;
+  int64_t at = 0;
+  while (at < size) {
+    const int64_t kind = read(at), count = read(at + 1);
+    TORCH_CHECK(kind == kReshape || (kind >= 0 && kind < static_cast<int64_t>(handles.size())),
+                "unknown step kind ", kind);
+    TORCH_CHECK(count >= 0, "a negative argument count");
+    at += 2;
+    if (kind == kReshape) {
+      TORCH_CHECK(count >= 1 && read(at) == kValue, "a reshape takes a value, then its sizes");
+      const at::Tensor& source = value(read(at + 1));
+      shape.clear();
+      for (int64_t i = 1; i < count; ++i) {
+        TORCH_CHECK(read(at + 2 * i) == kInt, "a reshape's sizes are ints");
+        shape.push_back(read(at + 2 * i + 1));
+      }
+      values.push_back(source.reshape(shape));
+      at += 2 * count;
+      continue;
+    }
+    stack.clear();
+    for (int64_t i = 0; i < count; ++i, at += 2) {
+      const int64_t tag = read(at), payload = read(at + 1);
+      switch (tag) {
+        case kValue: stack.emplace_back(value(payload)); break;
+        case kConstant:
+          TORCH_CHECK(payload >= 0 && payload < static_cast<int64_t>(constants.size()), "no constant ", payload);
+          stack.emplace_back(constants[static_cast<size_t>(payload)]);
+          break;
+        case kInt: stack.emplace_back(payload); break;
+        case kBool: stack.emplace_back(payload != 0); break;
+        case kNone: stack.emplace_back(c10::IValue()); break;
+        default: TORCH_CHECK(false, "unknown argument tag ", tag);
+      }
+    }
+    handles[static_cast<size_t>(kind)].callBoxed(&stack);
+    TORCH_CHECK(stack.size() == 1 && stack[0].isTensor(), "a step's operator must return one tensor");
+    values.push_back(stack[0].toTensor());
+  }
+  TORCH_CHECK(values.size() > inputs.size(), "the program has no steps");
+  return values.back();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mixprec, m) {
+  m.def("tflite_run_program(Tensor[] inputs, Tensor[] constants, str[] ops, int[] program) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
+  m.impl("tflite_run_program", &tflite_run_program);
+}

@@ -1,0 +1,81 @@
+"""The native program (a graph's operators in one call): the same codes as running the operators one
+by one, which graphs convert and which stay per operator, and malformed programs refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mixprec
+from mixprec.integer import FullyConnectedNode, Graph, Quantization, ReshapeNode, TensorSpec
+from mixprec.integer.build.cnn import cnn_graph_from
+from mixprec.integer.build.mix import graph_input
+from mixprec.integer.build.traced import cnn_graph_traced
+from mixprec.kernels import native
+from mixprec.studies.cnn_models import DSCNN, ResNet8
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.load_error()}")
+
+
+def test_a_resnet8_runs_as_one_program_with_the_operators_codes() -> None:
+    """Convolutions (a PAD applied by the stride-2 convolution), residual ADDs, MEAN and FULLY_CONNECTED,
+    at batch sizes 1, 3 and 64."""
+    torch.manual_seed(0)
+    model = ResNet8().eval()
+    mixprec.fold_batchnorm(model)
+    graph = cnn_graph_traced(model, torch.rand(128, 1, 28, 28))
+    assert "PAD" in [node.opcode for node in graph.nodes] and graph.native_program is not None
+    for batch in (1, 3, 64):
+        codes = graph_input(graph, torch.rand(batch, 1, 28, 28))
+        assert np.array_equal(graph(codes), graph.run_each(codes)), batch
+
+
+def test_a_mixed_int8_int16_chain_runs_as_one_program() -> None:
+    """QUANTIZE between int8 and int16 grids, 16x8 convolutions, an int8 MEAN and FULLY_CONNECTED."""
+    torch.manual_seed(1)
+    model = DSCNN(width=16, blocks=2).eval()
+    mixprec.fold_batchnorm(model)
+    layers = [*model.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), model.head]
+    kinds = ["int16" if index < 6 else "int8" for index in range(len(layers))]
+    graph = cnn_graph_from(layers, torch.randn(64, 1, 49, 10), activations=kinds)
+    assert "QUANTIZE" in [node.opcode for node in graph.nodes] and graph.native_program is not None
+    codes = graph_input(graph, torch.randn(5, 1, 49, 10))
+    assert np.array_equal(graph(codes), graph.run_each(codes))
+
+
+def test_reshapes_and_a_rank3_fully_connected_run_as_one_program() -> None:
+    rng = np.random.default_rng(2)
+    weights = rng.integers(-127, 128, (6, 4)).astype(np.int8)
+    fc = FullyConnectedNode((1,), weights, Quantization.per_tensor(0.01), None, Quantization.per_tensor(0.2, 3))
+    graph = Graph((TensorSpec("x", (1, 12), Quantization.per_tensor(0.05, -2)),),
+                  (ReshapeNode((0,), (3, 4)), fc, ReshapeNode((2,), (18,))))
+    assert graph.native_program is not None
+    x = rng.integers(-128, 128, (7, 12)).astype(np.int8)
+    assert np.array_equal(graph(x), graph.run_each(x))
+
+
+def test_graphs_with_an_operator_without_a_native_kernel_run_per_operator() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 4)).eval()
+    graph = cnn_graph_from(list(model), torch.randn(16, 1, 10, 10))
+    assert graph.native_program is None
+    codes = graph_input(graph, torch.randn(4, 1, 10, 10))
+    assert np.array_equal(graph(codes), graph.run_each(codes))
+
+
+def test_malformed_programs_are_refused() -> None:
+    x = torch.zeros(2, 3, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="unknown step kind 5"):
+        native.tflite_run_program([x], [], [], [5, 0])
+    with pytest.raises(RuntimeError, match="reads value 3, which does not exist yet"):
+        native.tflite_run_program([x], [], [], [-1, 2, 0, 3, 2, 6])
+    with pytest.raises(RuntimeError, match="the program ends inside a step"):
+        native.tflite_run_program([x], [], [], [-1, 2, 0, 0])
+    with pytest.raises(RuntimeError, match="unknown argument tag 9"):
+        native.tflite_run_program([x], [], ["mixprec::tflite_requantize"], [0, 1, 9, 0])
+    with pytest.raises(RuntimeError, match="the program has no steps"):
+        native.tflite_run_program([x], [], [], [])
+    assert native.tflite_run_program([x], [], [], [-1, 2, 0, 0, 2, 6]).shape == (6,)
