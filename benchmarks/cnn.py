@@ -16,9 +16,10 @@ BatchNorms are folded. Then, in one process:
 - the deprecated ``torch.ao`` FX flow (``x86`` qconfig mapping, static int8), eager;
 - ONNX Runtime static int8 (``quantize_static``, QDQ, per-channel weights) of the float32
   ONNX export, two intra-op threads;
-- for the DS-CNN (a chain of layers), mixprec's integer engine: the float model converted by
-  ``cnn_graph_from`` (int8, TFLite's arithmetic, calibrated on the same samples), timed from
-  float NCHW input to float logits (quantizing the input and dequantizing the output included).
+- mixprec's integer engine: the float model converted by ``cnn_graph_traced`` (int8, TFLite's
+  arithmetic, calibrated on the same samples; residual ADDs included), run as one native program,
+  timed from float NCHW input to float logits (quantizing the input and dequantizing the output
+  included).
 
 Every static path calibrates on the same 512 training samples. Milliseconds per batch are
 medians over rounds; each round runs every path for a block of calls of at least 0.2 s,
@@ -40,11 +41,11 @@ from torch import nn
 
 import mixprec
 from mixprec.analysis import search, sensitivity, uniform_bytes
-from mixprec.integer.build.cnn import cnn_graph_from
 from mixprec.integer.build.mix import graph_input
+from mixprec.integer.build.traced import cnn_graph_traced
 from mixprec.report.results import print_table, write_csv
 from mixprec.studies.cnn import CANDIDATES, MODELS, CnnStudyConfig
-from mixprec.studies.cnn_models import DSCNN, Task, per_sample_scores, seeded, train
+from mixprec.studies.cnn_models import Task, per_sample_scores, seeded, train
 from mixprec.timing import interleaved_medians
 
 COLUMNS = ("model", "path", "accuracy", "ms_b1", "ms_b64", "speedup_b1", "speedup_b64")
@@ -121,11 +122,11 @@ def ort_static(model: nn.Module, example: torch.Tensor, calibration: list[torch.
 
 
 class IntegerEngine:
-    """A chain of float layers through mixprec's integer engine in int8 (:func:`cnn_graph_from`):
-    float NCHW in, float logits out."""
+    """A float CNN through mixprec's integer engine in int8 (:func:`cnn_graph_traced`): float NCHW in,
+    float logits out."""
 
-    def __init__(self, layers: list[nn.Module], calibration: list[torch.Tensor]) -> None:
-        self.graph = cnn_graph_from(layers, torch.cat(calibration))
+    def __init__(self, model: nn.Module, calibration: list[torch.Tensor]) -> None:
+        self.graph = cnn_graph_traced(model, torch.cat(calibration))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         codes = self.graph(graph_input(self.graph, x))
@@ -155,9 +156,7 @@ def run_model(name: str, config: CnnStudyConfig, rounds: int) -> list[dict[str, 
     paths["float32 torch.compile"] = torch.compile(copy.deepcopy(fp32))
     paths["PT2E + Inductor int8"] = Pt2eInductor(fp32, calibration)
     paths["torch.ao FX int8 (x86)"] = fx_int8(fp32, batch64, calibration)
-    if isinstance(fp32, DSCNN):  # a chain of layers, as cnn_graph_from takes
-        chain = [*fp32.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), fp32.head]
-        paths["mixprec integer engine int8 (TFLite arithmetic)"] = IntegerEngine(chain, calibration)
+    paths["mixprec integer engine int8 (TFLite arithmetic)"] = IntegerEngine(fp32, calibration)
     with tempfile.TemporaryDirectory() as folder:
         paths["ONNX Runtime static int8"] = ort_static(fp32, batch64, calibration, Path(folder))
         with torch.no_grad():
