@@ -77,6 +77,16 @@ constexpr bool kVectorRescale = true;
 // int8 range on the same side as floor(X), so the saturating conversion to int8 and the activation clamp, which
 // every caller applies, give the same code. Multipliers outside {0} u [2^30, 2^31) (never written by
 // quantize_multiplier) always take the integer one.
+// 2^e as a double, exactly std::ldexp(1.0, e) (a normal number's bits for -1022 <= e <= 1023), without the
+// library call: the rescale tables take two per channel on every call.
+inline double power_of_two(int e) {
+  if (e < -1022 || e > 1023) return std::ldexp(1.0, e);
+  const uint64_t bits = static_cast<uint64_t>(e + 1023) << 52;
+  double value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
 class Int8Store16 {
  public:
   Int8Store16(const int32_t* m, const int32_t* s, bool per_channel, int64_t channels, int32_t output_offset,
@@ -89,10 +99,10 @@ class Int8Store16 {
     fast_ = std::all_of(m, m + count, [](int32_t v) { return v == 0 || v >= (int32_t{1} << 30); });
     for (int64_t c = 0; c < static_cast<int64_t>(table_.size() / 3); ++c) {
       const int64_t k = per_channel ? c : 0, right = s[k] > 0 ? 0 : -int64_t{s[k]};
-      const double tie = right > 0 ? std::ldexp(1.0, static_cast<int>(-right - 1)) : 0.0;
+      const double tie = right > 0 ? power_of_two(static_cast<int>(-right - 1)) : 0.0;
       const double base = output_offset + 0.5 + tie + kMargin;
       float* v = table_.data() + (c / 16) * 48 + c % 16;
-      v[0] = static_cast<float>(std::ldexp(static_cast<double>(m[k]), static_cast<int>(s[k] - 31)));
+      v[0] = static_cast<float>(static_cast<double>(m[k]) * power_of_two(static_cast<int>(s[k] - 31)));
       v[16] = static_cast<float>(base);
       v[32] = static_cast<float>(base - 2 * tie);
     }
