@@ -66,16 +66,22 @@ def test_graphs_with_an_operator_without_a_native_kernel_run_per_operator() -> N
     assert np.array_equal(graph(codes), graph.run_each(codes))
 
 
+def _run(x: torch.Tensor, ops: list[str], steps: list[int]) -> torch.Tensor:
+    return native.tflite_run_program([x], [], ops, torch.tensor(steps, dtype=torch.int64))
+
+
 def test_malformed_programs_are_refused() -> None:
     x = torch.zeros(2, 3, dtype=torch.int8)
     with pytest.raises(RuntimeError, match="unknown step kind 5"):
-        native.tflite_run_program([x], [], [], [5, 0])
+        _run(x, [], [5, 0])
     with pytest.raises(RuntimeError, match="reads value 3, which does not exist yet"):
-        native.tflite_run_program([x], [], [], [-1, 2, 0, 3, 2, 6])
+        _run(x, [], [-1, 2, 0, 3, 2, 6])
     with pytest.raises(RuntimeError, match="the program ends inside a step"):
-        native.tflite_run_program([x], [], [], [-1, 2, 0, 0])
+        _run(x, [], [-1, 2, 0, 0])
     with pytest.raises(RuntimeError, match="unknown argument tag 9"):
-        native.tflite_run_program([x], [], ["mixprec::tflite_requantize"], [0, 1, 9, 0])
+        _run(x, ["mixprec::tflite_requantize"], [0, 1, 9, 0])
     with pytest.raises(RuntimeError, match="the program has no steps"):
-        native.tflite_run_program([x], [], [], [])
-    assert native.tflite_run_program([x], [], [], [-1, 2, 0, 0, 2, 6]).shape == (6,)
+        _run(x, [], [])
+    with pytest.raises(RuntimeError, match="contiguous 1-D int64 tensor"):
+        native.tflite_run_program([x], [], [], torch.zeros(2, dtype=torch.int32))
+    assert _run(x, [], [-1, 2, 0, 0, 2, 6]).shape == (6,)

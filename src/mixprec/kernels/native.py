@@ -241,9 +241,9 @@ def tflite_add_lookup(a: torch.Tensor, b: torch.Tensor, table: torch.Tensor) -> 
 
 
 def tflite_run_program(inputs: list[torch.Tensor], constants: list[torch.Tensor], ops: list[str],
-                       program: list[int]) -> torch.Tensor:
-    """An integer graph's operators in one call: ``program``'s steps call ``ops`` on the inputs, constants
-    and earlier results (see csrc/tflite_program.cpp and mixprec/integer/graph/native_plan.py)."""
+                       program: torch.Tensor) -> torch.Tensor:
+    """An integer graph's operators in one call: ``program``'s steps (int64) call ``ops`` on the inputs,
+    constants and earlier results (see csrc/tflite_program.cpp and mixprec/integer/graph/native_plan.py)."""
     return torch.ops.mixprec.tflite_run_program(inputs, constants, ops, program)
 
 

@@ -11,6 +11,7 @@ consecutive axes, FULLY_CONNECTED, QUANTIZE between int8 / int16 grids, RESHAPE.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -85,8 +86,13 @@ class NativeProgram:
         """A step viewing ``value`` with ``sizes`` (-1 for the batch)."""
         return self._step(_RESHAPE, (value, *sizes))
 
+    @functools.cached_property
+    def encoded(self) -> torch.Tensor:
+        """The steps as an int64 tensor (passed without a conversion per call), made on the first call."""
+        return torch.tensor(self.steps, dtype=torch.int64)
+
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return native.tflite_run_program(list(inputs), self.constants, self.ops, self.steps)
+        return native.tflite_run_program(list(inputs), self.constants, self.ops, self.encoded)
 
 
 def native_program(graph: Graph) -> NativeProgram | None:

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "split_rows.h"
+#include "tflite_bias.h"
 #include "tflite_rescale.h"
 
 namespace {
@@ -465,12 +466,15 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* packed_we
     const int64_t rows = std::max(g.pad_top + g.height, (g.out_h - 1) * g.stride_h + (g.kh - 1) * g.dilation_h + 1);
     const int64_t cols = std::max(g.pad_left + g.width, (g.out_w - 1) * g.stride_w + g.kw);
     const int64_t sample = rows * cols * g.channels, line = cols * g.channels;
-    std::vector<uint8_t> shifted(static_cast<size_t>(g.batch * sample + 4));  // + the bytes a last run reads past
+    // every byte written below (not value-initialized: a memset of the whole copy); + the 4 a last run reads past
+    std::unique_ptr<uint8_t[]> shifted_bytes(new uint8_t[static_cast<size_t>(g.batch * sample + 4)]);
+    uint8_t* shifted = shifted_bytes.get();
+    std::memset(shifted + g.batch * sample, 0, 4);
     const auto blank = static_cast<uint8_t>(static_cast<uint8_t>(outside) ^ 0x80);
     mixprec::split_rows_balanced(g.batch, g.batch * sample, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         for (int64_t r = 0; r < rows; ++r) {
-          uint8_t* dst = shifted.data() + n * sample + r * line;
+          uint8_t* dst = shifted + n * sample + r * line;
           const int64_t iy = r - g.pad_top;
           if (iy < 0 || iy >= g.height) {
             std::memset(dst, blank, static_cast<size_t>(line));
@@ -490,14 +494,14 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* packed_we
       // pixels visited in order: their window bases by steps along a row and from row to row (no divisions)
       const int64_t step = g.stride_w * g.channels, row_step = g.stride_h * line, out_w = g.out_w, out_h = g.out_h;
       int64_t n = begin / (out_h * out_w), y = begin / out_w % out_h, xo = begin % out_w;
-      const uint8_t* row = shifted.data() + n * sample + y * row_step;
+      const uint8_t* row = shifted + n * sample + y * row_step;
       multiply_all(begin, end, runs, [&](int64_t) {
         const uint8_t* base = row + xo * step;
         if (++xo == out_w) {
           xo = 0;
           if (++y == out_h) {
             y = 0;
-            row = shifted.data() + ++n * sample;
+            row = shifted + ++n * sample;
           } else {
             row += row_step;
           }
@@ -722,18 +726,6 @@ inline bool takes_gemm(const Geometry& g, bool wide, int64_t input_offset) {
 #endif
 }
 
-std::vector<int64_t> bias_as_int64(const c10::optional<at::Tensor>& bias, int64_t out_channels, bool wide) {
-  std::vector<int64_t> bias64;
-  if (bias.has_value()) {
-    TORCH_CHECK((bias->scalar_type() == at::kInt || (wide && bias->scalar_type() == at::kLong)) &&
-                    bias->numel() == out_channels,
-                "bias must be int32 [out] (int64 too for int16 input)");
-    const at::Tensor b = bias->to(at::kLong).contiguous();
-    bias64.assign(b.data_ptr<int64_t>(), b.data_ptr<int64_t>() + out_channels);
-  }
-  return bias64;
-}
-
 // A prepacked GEMM: kPackHeader int64 naming what it was packed for (the geometry but the batch, and the input
 // offset), then the corrected bias int32 [out], then the packed weights int8 [depth x out] (pack_gemm_weights).
 constexpr int64_t kPackHeader = 16;
@@ -766,7 +758,7 @@ at::Tensor tflite_conv2d_pack(const at::Tensor& w, const c10::optional<at::Tenso
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (!takes_gemm(g, false, input_offset)) return at::empty({0}, w.options());
   const GemmWeights packed = pack_gemm_weights(g, gemm_layout(g), w.data_ptr<int8_t>(),
-                                               bias_as_int64(bias, g.out_channels, false),
+                                               mixprec::bias_as_int64(bias, g.out_channels, false),
                                                static_cast<int32_t>(input_offset));
   const auto header = pack_header(g, input_offset);
   const int64_t header_bytes = kPackHeader * 8, corrected_bytes = g.out_channels * 4;
@@ -795,7 +787,7 @@ at::Tensor tflite_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::op
                   multiplier.numel() == shift.numel() &&
                   (multiplier.numel() == 1 || multiplier.numel() == g.out_channels),
               "multiplier and shift must be int32 [1] or [out]");
-  const std::vector<int64_t> bias64 = bias_as_int64(bias, g.out_channels, wide);
+  const std::vector<int64_t> bias64 = mixprec::bias_as_int64(bias, g.out_channels, wide);
   auto out = at::empty({g.batch, out_h, out_w, g.out_channels}, x.options());
   const int32_t* m = multiplier.data_ptr<int32_t>();
   const int32_t* s = shift.data_ptr<int32_t>();

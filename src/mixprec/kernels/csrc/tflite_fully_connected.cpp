@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "split_rows.h"
+#include "tflite_bias.h"
 #include "tflite_rescale.h"
 
 namespace {
@@ -78,14 +79,7 @@ at::Tensor tflite_fully_connected(const at::Tensor& x, const at::Tensor& w, cons
               "the activation range must lie inside the code range");
   TORCH_CHECK(wide ? (input_offset == 0 && output_offset == 0) : (std::abs(input_offset) <= 128),
               "offsets: 0 for int16, within [-128, 128] for int8");
-  std::vector<int64_t> bias64;
-  if (bias.has_value()) {
-    TORCH_CHECK((bias->scalar_type() == at::kInt || (wide && bias->scalar_type() == at::kLong)) &&
-                    bias->numel() == outs,
-                "bias must be int32 [out] (int64 too for int16 input)");
-    const at::Tensor b = bias->to(at::kLong).contiguous();
-    bias64.assign(b.data_ptr<int64_t>(), b.data_ptr<int64_t>() + outs);
-  }
+  const std::vector<int64_t> bias64 = mixprec::bias_as_int64(bias, outs, wide);
   auto out = at::empty({x.size(0), outs}, x.options());
   const int64_t* b = bias64.empty() ? nullptr : bias64.data();
   const bool per_channel = multiplier.numel() > 1;

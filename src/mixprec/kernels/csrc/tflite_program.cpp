@@ -3,7 +3,7 @@
 // the graph's input tensors, constants and the values of earlier steps. One call from Python instead of one per
 // operator: at batch 1 the per-operator Python and conversion overhead (about 10 us each) outweighed the kernels.
 //
-// Program: for each step [kind, argument count, then (tag, payload) per argument]; kind k >= 0 calls ops[k], kind
+// Program (an int64 tensor): for each step [kind, argument count, then (tag, payload) per argument]; kind k >= 0 calls ops[k], kind
 // -1 reshapes its first argument (a value) to the ints that follow. Tags: 0 a value (payload: its index: the inputs,
 // then one per step in order), 1 a constant (index into constants), 2 an int, 3 a bool, 4 None. The result is the
 // last step's value.
@@ -13,7 +13,9 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -21,16 +23,31 @@ namespace {
 enum Tag : int64_t { kValue = 0, kConstant = 1, kInt = 2, kBool = 3, kNone = 4 };
 constexpr int64_t kReshape = -1;
 
+// The dispatcher's handle of an operator by name, looked up once per process (handles stay valid).
+const c10::OperatorHandle& handle_of(const std::string& name) {
+  static std::mutex guard;
+  static std::unordered_map<std::string, c10::OperatorHandle> handles;
+  const std::lock_guard<std::mutex> lock(guard);
+  auto found = handles.find(name);
+  if (found == handles.end()) {
+    found = handles.emplace(name, c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "")).first;
+  }
+  return found->second;
+}
+
 at::Tensor tflite_run_program(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& constants,
-                              const std::vector<std::string>& ops, const std::vector<int64_t>& program) {
-  std::vector<c10::OperatorHandle> handles;
+                              const std::vector<std::string>& ops, const at::Tensor& encoded) {
+  TORCH_CHECK(encoded.scalar_type() == at::kLong && encoded.dim() == 1 && encoded.is_contiguous(),
+              "the program must be a contiguous 1-D int64 tensor");
+  std::vector<const c10::OperatorHandle*> handles;
   handles.reserve(ops.size());
-  for (const auto& name : ops) handles.push_back(c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), ""));
+  for (const auto& name : ops) handles.push_back(&handle_of(name));
   std::vector<at::Tensor> values(inputs.begin(), inputs.end());
-  const auto size = static_cast<int64_t>(program.size());
+  const int64_t* program = encoded.data_ptr<int64_t>();
+  const int64_t size = encoded.numel();
   auto read = [&](int64_t at) {
     TORCH_CHECK(at < size, "the program ends inside a step");
-    return program[static_cast<size_t>(at)];
+    return program[at];
   };
   auto value = [&](int64_t index) -> const at::Tensor& {
     TORCH_CHECK(index >= 0 && index < static_cast<int64_t>(values.size()), "step reads value ", index,
@@ -73,7 +90,7 @@ at::Tensor tflite_run_program(const std::vector<at::Tensor>& inputs, const std::
         default: TORCH_CHECK(false, "unknown argument tag ", tag);
       }
     }
-    handles[static_cast<size_t>(kind)].callBoxed(&stack);
+    handles[static_cast<size_t>(kind)]->callBoxed(&stack);
     TORCH_CHECK(stack.size() == 1 && stack[0].isTensor(), "a step's operator must return one tensor");
     values.push_back(stack[0].toTensor());
   }
@@ -84,7 +101,7 @@ at::Tensor tflite_run_program(const std::vector<at::Tensor>& inputs, const std::
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mixprec, m) {
-  m.def("tflite_run_program(Tensor[] inputs, Tensor[] constants, str[] ops, int[] program) -> Tensor");
+  m.def("tflite_run_program(Tensor[] inputs, Tensor[] constants, str[] ops, Tensor program) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
