@@ -220,6 +220,33 @@ def test_the_native_add_equals_the_numpy_reference() -> None:
         native.tflite_add_lookup(codes, codes, codes)
 
 
+def test_the_native_input_quantization_equals_nearest_codes() -> None:
+    """Float32 NCHW images onto a graph's NHWC grid by the native kernel: the codes of
+    Quantization.nearest_codes (the quotient in double, ties to even) for values at exact ties, far
+    outside the range and infinite, int8 and int16; NaN refused."""
+    import torch
+
+    from mixprec.integer.build.mix import graph_input
+    from mixprec.integer.graph.nodes import ReshapeNode
+    from mixprec.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.load_error()}")
+    rng = np.random.default_rng(17)
+    for dtype, scale, zero_point in (("int8", 0.0125, -7), ("int8", 0.1, 127), ("int16", 0.001, 0)):
+        quant = Quantization.per_tensor(scale, zero_point)
+        graph = Graph((TensorSpec("x", (1, 5, 4, 3), quant, dtype),), (ReshapeNode((0,), (60,)),))
+        x = torch.from_numpy(rng.normal(0, 40 * scale, (6, 3, 5, 4)).astype(np.float32))
+        step = float(np.float32(scale))
+        x[0, 0, 0, :] = torch.tensor([0.5, 1.5, -0.5, -2.5]) * step  # ties (exact where the product is)
+        x[1, 1, :, 0] = torch.tensor([1e9, -1e9, float("inf"), float("-inf"), 3.0])
+        expected = quant.nearest_codes(x.permute(0, 2, 3, 1).numpy(), dtype)
+        assert np.array_equal(graph_input(graph, x), expected), dtype
+    x[2, 2, 2, 2] = float("nan")
+    with pytest.raises(RuntimeError, match="holds NaN"):
+        graph_input(graph, x)
+
+
 def test_quantize_requantize_and_dequantize_are_byte_identical_to_litert(tmp_path: Path) -> None:
     rng = np.random.default_rng(6)
     for _ in range(4):

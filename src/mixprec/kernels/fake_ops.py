@@ -100,6 +100,10 @@ def _tflite_add(a: Tensor, b: Tensor, *record: int) -> Tensor:  # noqa: ARG001
     return a.new_empty(a.shape)
 
 
+def _tflite_quantize_nchw(x: Tensor, scale: float, zero_point: int, wide: bool) -> Tensor:  # noqa: ARG001
+    return x.new_empty((x.shape[0], x.shape[2], x.shape[3], x.shape[1]), dtype=torch.int16 if wide else torch.int8)
+
+
 _FAKES = {
     "quantize_rows_s8": _quantize_rows_s8,
     "quantize_rows_u8": _quantize_rows_u8,
@@ -120,6 +124,7 @@ _FAKES = {
     "tflite_fully_connected": _tflite_fully_connected,
     "tflite_add": _tflite_add,
     "tflite_add_lookup": _tflite_add,
+    "tflite_quantize_nchw": _tflite_quantize_nchw,
 }
 
 

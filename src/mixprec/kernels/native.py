@@ -227,6 +227,12 @@ def tflite_requantize(x: torch.Tensor, input_offset: int, multiplier: int, shift
     return torch.ops.mixprec.tflite_requantize(x, input_offset, multiplier, shift, output_offset, wide)
 
 
+def tflite_quantize_nchw(x: torch.Tensor, scale: float, zero_point: int, wide: bool) -> torch.Tensor:
+    """float32 NCHW -> NHWC int16 (``wide``) or int8 codes: ``clamp(round_half_even(x / scale) + zero_point)``,
+    the quotient in double (see csrc/tflite_requantize.cpp)."""
+    return torch.ops.mixprec.tflite_quantize_nchw(x, scale, zero_point, wide)
+
+
 def tflite_add(a: torch.Tensor, b: torch.Tensor, *record: int) -> torch.Tensor:
     """The integer engine's ADD of two same-shaped int8 / int16 tensors; ``record``: the offsets of a
     and b, a's and b's multiplier and shift, the output's multiplier, shift and offset, the activation

@@ -32,6 +32,7 @@ from mixprec.errors import InputError
 from mixprec.integer.build.cnn import cnn_graph_from
 from mixprec.integer.core.profile import median_seconds
 from mixprec.integer.graph.graph import Graph
+from mixprec.kernels import native
 
 #: Layers that only fuse into the operator before them (or vanish); never a choice of their own.
 _FUSED = (nn.ReLU, nn.ReLU6, nn.Flatten, nn.Identity)
@@ -79,8 +80,14 @@ def arena_bytes(graph: Graph) -> int:
 
 
 def graph_input(graph: Graph, x: torch.Tensor) -> np.ndarray:
-    """Float NCHW inputs onto the graph's NHWC input grid and type."""
+    """Float NCHW inputs onto the graph's NHWC input grid and type (:meth:`Quantization.nearest_codes`; by
+    the native kernel for float32 input when it is built)."""
     spec = graph.inputs[0]
+    if (native.available() and spec.dtype in ("int8", "int16") and x.dtype == torch.float32 and x.dim() == 4
+            and len(spec.quant.scale) == 1):
+        codes = native.tflite_quantize_nchw(x.detach().contiguous(), float(spec.quant.scale32[0]),
+                                            int(spec.quant.zero_point[0]), spec.dtype == "int16")
+        return codes.numpy()
     return spec.quant.nearest_codes(x.permute(0, 2, 3, 1).detach().numpy(), spec.dtype)
 
 

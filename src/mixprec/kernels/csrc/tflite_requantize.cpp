@@ -1,4 +1,5 @@
-// The integer engine's QUANTIZE between two int8 / int16 grids (mixprec/integer/ops/conversions.py,
+// The integer engine's QUANTIZE between two int8 / int16 grids, and float32 NCHW images onto a graph's NHWC input
+// grid. QUANTIZE between grids (mixprec/integer/ops/conversions.py,
 // LiteRT's Requantize) in C++: clamp(MBQM(q + input_offset, multiplier, shift) + output_offset, lo, hi)
 // per element, [lo, hi] the output type's range, MBQM gemmlowp's double rounding (tflite_rescale.h).
 // Elementwise, on the calling thread (memory-bound: a few microseconds per 10^4 elements).
@@ -9,6 +10,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -69,9 +71,42 @@ at::Tensor tflite_requantize(const at::Tensor& x, int64_t input_offset, int64_t 
   return out;
 }
 
+// float32 NCHW -> the graph input's NHWC int8 / int16 codes (mixprec Quantization.nearest_codes):
+// clamp(round_half_even(double(x) / scale) + zero_point, lo, hi), the quotient in double as numpy's; infinities
+// saturate, NaN (which has no code) is refused.
+at::Tensor tflite_quantize_nchw(const at::Tensor& x, double scale, int64_t zero_point, bool wide) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 4 && x.is_contiguous(),
+              "x must be a contiguous float32 NCHW tensor");
+  TORCH_CHECK(scale > 0 && std::isfinite(scale), "the scale must be positive and finite");
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  auto out = at::empty({n, x.size(2), x.size(3), c}, x.options().dtype(wide ? at::kShort : at::kChar));
+  const float* src = x.data_ptr<float>();
+  const double low = wide ? -32768.0 : -128.0, high = wide ? 32767.0 : 127.0;
+  bool finite_or_inf = true;
+  for (int64_t sample = 0; sample < n; ++sample) {
+    for (int64_t channel = 0; channel < c; ++channel) {
+      const float* plane = src + (sample * c + channel) * hw;
+      for (int64_t i = 0; i < hw; ++i) {
+        const double v = static_cast<double>(plane[i]);
+        finite_or_inf &= !std::isnan(v);
+        const double code = std::clamp(std::nearbyint(v / scale) + static_cast<double>(zero_point), low, high);
+        const int64_t at = (sample * hw + i) * c + channel;
+        if (wide) {
+          out.data_ptr<int16_t>()[at] = static_cast<int16_t>(code);
+        } else {
+          out.data_ptr<int8_t>()[at] = static_cast<int8_t>(code);
+        }
+      }
+    }
+  }
+  TORCH_CHECK(finite_or_inf, "x holds NaN, which has no code");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mixprec, m) {
+  m.def("tflite_quantize_nchw(Tensor x, float scale, int zero_point, bool wide) -> Tensor");
   m.def("tflite_requantize(Tensor x, int input_offset, int multiplier, int shift, int output_offset, bool wide) "
         "-> Tensor");
 }
@@ -79,4 +114,5 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
 // Under the CPU dispatch key, paired with its shape-only implementation (mixprec/kernels/fake_ops.py).
 TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
   m.impl("tflite_requantize", &tflite_requantize);
+  m.impl("tflite_quantize_nchw", &tflite_quantize_nchw);
 }
