@@ -85,7 +85,7 @@ def graph_input(graph: Graph, x: torch.Tensor) -> np.ndarray:
     spec = graph.inputs[0]
     if (native.available() and spec.dtype in ("int8", "int16") and x.dtype == torch.float32 and x.dim() == 4
             and len(spec.quant.scale) == 1):
-        codes = native.tflite_quantize_nchw(x.detach().contiguous(), float(spec.quant.scale32[0]),
+        codes = native.tflite_quantize_nchw(x.detach().contiguous(), float(np.float32(spec.quant.scale[0])),
                                             int(spec.quant.zero_point[0]), spec.dtype == "int16")
         return codes.numpy()
     return spec.quant.nearest_codes(x.permute(0, 2, 3, 1).detach().numpy(), spec.dtype)
