@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import mixprec
+from mixprec import InputError
 from mixprec.integer import FullyConnectedNode, Graph, Quantization, ReshapeNode, TensorSpec
 from mixprec.integer.build.cnn import cnn_graph_from
 from mixprec.integer.build.mix import graph_input
@@ -30,6 +31,8 @@ def test_a_resnet8_runs_as_one_program_with_the_operators_codes() -> None:
     for batch in (1, 3, 64):
         codes = graph_input(graph, torch.rand(batch, 1, 28, 28))
         assert np.array_equal(graph(codes), graph.run_each(codes)), batch
+    with pytest.raises(InputError, match="must be a numpy array of int8"):
+        graph.run_each(codes.astype(np.int16))
 
 
 def test_a_mixed_int8_int16_chain_runs_as_one_program() -> None:

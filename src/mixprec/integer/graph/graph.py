@@ -3,7 +3,9 @@
 Tensors ``0 .. len(inputs) - 1`` are the graph's inputs; node ``i`` produces tensor
 ``len(inputs) + i``; the last node's tensor is the output. Building the graph derives every
 node's runtime record once; calling it touches only those records, with one fusion that keeps
-every code: a PAD read only by a VALID convolution is applied by that convolution.
+every code: a PAD read only by a VALID convolution is applied by that convolution. A graph of one
+input whose operators all have native kernels runs them in one native call
+(:mod:`~mixprec.integer.graph.native_plan`), with the codes of the operators run one by one.
 """
 
 from __future__ import annotations
@@ -95,7 +97,15 @@ class Graph:
         return self._quants[-1]
 
     def __call__(self, *arrays: NDArray) -> NDArray:
-        """Run on one array per input (dtype and shape as declared, batch dimension free)."""
+        """Run on one array per input (dtype and shape as declared, batch dimension free): as one native
+        program where there is one (:attr:`native_program`), else operator by operator (:meth:`run_each`)."""
+        self._check_inputs(arrays)
+        program = self.native_program
+        if program is not None:
+            return program(*(torch.from_numpy(np.ascontiguousarray(array)) for array in arrays)).numpy()
+        return self._run_plan(arrays)
+
+    def _check_inputs(self, arrays: tuple[NDArray, ...]) -> None:
         if len(arrays) != len(self.inputs):
             raise InputError(f"the graph takes {len(self.inputs)} input arrays, got {len(arrays)}")
         for spec, array in zip(self.inputs, arrays):
@@ -105,10 +115,6 @@ class Graph:
             if array.ndim != len(spec.shape) or tuple(array.shape[1:]) != tuple(spec.shape[1:]):
                 raise InputError(f"input {spec.name!r} has shape {array.shape}; the model's is {spec.shape} "
                                  "(any batch size)")
-        program = self.native_program
-        if program is not None:
-            return program(*(torch.from_numpy(np.ascontiguousarray(array)) for array in arrays)).numpy()
-        return self.run_each(*arrays)
 
     @cached_property
     def native_program(self) -> NativeProgram | None:
@@ -118,7 +124,11 @@ class Graph:
 
     def run_each(self, *arrays: NDArray) -> NDArray:
         """Run operator by operator from Python, each by its own entry point (as :meth:`profile` times them),
-        on arrays of the declared types and shapes (batch free)."""
+        on arrays of the declared types and shapes (batch free): the codes of a call."""
+        self._check_inputs(arrays)
+        return self._run_plan(arrays)
+
+    def _run_plan(self, arrays: tuple[NDArray, ...]) -> NDArray:
         values: list[Any] = list(arrays)
         for step in self._plan:
             if step is None:  # a PAD its convolution applies itself
