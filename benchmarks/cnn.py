@@ -17,9 +17,9 @@ BatchNorms are folded. Then, in one process:
 - ONNX Runtime static int8 (``quantize_static``, QDQ, per-channel weights) of the float32
   ONNX export, two intra-op threads;
 - mixprec's integer engine: the float model converted by ``cnn_graph_traced`` (int8, TFLite's
-  arithmetic, calibrated on the same samples; residual ADDs included), run as one native program,
-  timed from float NCHW input to float logits (quantizing the input and dequantizing the output
-  included).
+  arithmetic, calibrated on the same samples; residual ADDs included), run as one native program
+  from float NCHW input to float logits (``run_float``: quantizing the input and dequantizing the
+  output inside the call, and timed).
 
 Every static path calibrates on the same 512 training samples. Milliseconds per batch are
 medians over rounds; each round runs every path for a block of calls of at least 0.2 s,
@@ -41,7 +41,7 @@ from torch import nn
 
 import mixprec
 from mixprec.analysis import search, sensitivity, uniform_bytes
-from mixprec.integer.build.mix import graph_input
+from mixprec.integer.build.mix import run_float
 from mixprec.integer.build.traced import cnn_graph_traced
 from mixprec.report.results import print_table, write_csv
 from mixprec.studies.cnn import CANDIDATES, MODELS, CnnStudyConfig
@@ -129,8 +129,7 @@ class IntegerEngine:
         self.graph = cnn_graph_traced(model, torch.cat(calibration))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        codes = self.graph(graph_input(self.graph, x))
-        return torch.from_numpy(self.graph.output_quant.values_of(codes).astype("float32"))
+        return run_float(self.graph, x)
 
 
 def run_model(name: str, config: CnnStudyConfig, rounds: int) -> list[dict[str, object]]:

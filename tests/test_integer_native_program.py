@@ -12,7 +12,7 @@ import mixprec
 from mixprec import InputError
 from mixprec.integer import FullyConnectedNode, Graph, Quantization, ReshapeNode, TensorSpec
 from mixprec.integer.build.cnn import cnn_graph_from
-from mixprec.integer.build.mix import graph_input
+from mixprec.integer.build.mix import graph_input, run_float
 from mixprec.integer.build.traced import cnn_graph_traced
 from mixprec.kernels import native
 from mixprec.studies.cnn_models import DSCNN, ResNet8
@@ -33,6 +33,25 @@ def test_a_resnet8_runs_as_one_program_with_the_operators_codes() -> None:
         assert np.array_equal(graph(codes), graph.run_each(codes)), batch
     with pytest.raises(InputError, match="must be a numpy array of int8"):
         graph.run_each(codes.astype(np.int16))
+
+
+def test_float_in_float_out_runs_as_one_program_with_the_same_values() -> None:
+    """run_float: the float program (input quantized, output dequantized inside the call) gives the
+    float32 values of graph_input, the graph and values_of, at batch 1 and 17; bad input refused."""
+    torch.manual_seed(4)
+    model = ResNet8().eval()
+    mixprec.fold_batchnorm(model)
+    graph = cnn_graph_traced(model, torch.rand(64, 1, 28, 28))
+    assert graph.native_float_program is not None
+    for batch in (1, 17):
+        x = torch.rand(batch, 1, 28, 28) * 1.2 - 0.1  # some values past the calibrated range
+        expected = graph.output_quant.values_of(graph.run_each(graph_input(graph, x))).astype(np.float32)
+        got = run_float(graph, x)
+        assert got.dtype == torch.float32 and np.array_equal(got.numpy(), expected), batch
+    with pytest.raises(InputError, match=r"NCHW images of \(1, 28, 28\)"):
+        run_float(graph, torch.rand(2, 28, 28, 1))
+    with pytest.raises(InputError, match="takes a float NCHW tensor"):
+        run_float(graph, torch.zeros(2, 1, 28, 28, dtype=torch.int8))
 
 
 def test_a_mixed_int8_int16_chain_runs_as_one_program() -> None:

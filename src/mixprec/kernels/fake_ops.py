@@ -104,6 +104,10 @@ def _tflite_quantize_nchw(x: Tensor, scale: float, zero_point: int, wide: bool) 
     return x.new_empty((x.shape[0], x.shape[2], x.shape[3], x.shape[1]), dtype=torch.int16 if wide else torch.int8)
 
 
+def _tflite_dequantize(q: Tensor, scale: float, zero_point: int) -> Tensor:  # noqa: ARG001
+    return q.new_empty(q.shape, dtype=torch.float32)
+
+
 _FAKES = {
     "quantize_rows_s8": _quantize_rows_s8,
     "quantize_rows_u8": _quantize_rows_u8,
@@ -125,6 +129,7 @@ _FAKES = {
     "tflite_add": _tflite_add,
     "tflite_add_lookup": _tflite_add,
     "tflite_quantize_nchw": _tflite_quantize_nchw,
+    "tflite_dequantize": _tflite_dequantize,
 }
 
 

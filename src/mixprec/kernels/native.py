@@ -233,6 +233,12 @@ def tflite_quantize_nchw(x: torch.Tensor, scale: float, zero_point: int, wide: b
     return torch.ops.mixprec.tflite_quantize_nchw(x, scale, zero_point, wide)
 
 
+def tflite_dequantize(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """int8 / int16 codes -> float32 ``(q - zero_point) * scale``, computed in double and rounded once
+    (see csrc/tflite_requantize.cpp)."""
+    return torch.ops.mixprec.tflite_dequantize(q, scale, zero_point)
+
+
 def tflite_add(a: torch.Tensor, b: torch.Tensor, *record: int) -> torch.Tensor:
     """The integer engine's ADD of two same-shaped int8 / int16 tensors; ``record``: the offsets of a
     and b, a's and b's multiplier and shift, the output's multiplier, shift and offset, the activation

@@ -122,6 +122,13 @@ class Graph:
         None where an operator has no native kernel for its input (the graph then runs :meth:`run_each`)."""
         return native_program(self)
 
+    @cached_property
+    def native_float_program(self) -> NativeProgram | None:
+        """The native program from float32 NCHW images (quantized onto input 0's NHWC grid) to the output
+        dequantized to float32, made on first use; None where there is no native program or a grid is not
+        per-tensor int8 / int16 (see :func:`~mixprec.integer.graph.native_plan.native_program`)."""
+        return native_program(self, float_nchw=True)
+
     def run_each(self, *arrays: NDArray) -> NDArray:
         """Run operator by operator from Python, each by its own entry point (as :meth:`profile` times them),
         on arrays of the declared types and shapes (batch free): the codes of a call."""

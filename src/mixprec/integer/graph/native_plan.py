@@ -12,6 +12,7 @@ consecutive axes, FULLY_CONNECTED, QUANTIZE between int8 / int16 grids, RESHAPE.
 from __future__ import annotations
 
 import functools
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,7 +28,7 @@ from mixprec.kernels import native
 if TYPE_CHECKING:
     from mixprec.integer.graph.graph import Graph
 
-_VALUE, _CONSTANT, _INT, _BOOL, _NONE = range(5)
+_VALUE, _CONSTANT, _INT, _BOOL, _NONE, _DOUBLE = range(6)
 _RESHAPE = -1
 
 
@@ -66,7 +67,10 @@ class NativeProgram:
             return _INT, int(item)
         if item is None:
             return _NONE, 0
-        raise TypeError(f"a program argument is a value, a tensor, an int, a bool or None, got {type(item).__name__}")
+        if isinstance(item, float):
+            return _DOUBLE, struct.unpack("<q", struct.pack("<d", item))[0]
+        raise TypeError(f"a program argument is a value, a tensor, an int, a bool, a float or None, got "
+                        f"{type(item).__name__}")
 
     def _step(self, kind: int, arguments: tuple) -> _Value:
         self.steps += [kind, len(arguments)]
@@ -95,13 +99,24 @@ class NativeProgram:
         return native.tflite_run_program(list(inputs), self.constants, self.ops, self.encoded)
 
 
-def native_program(graph: Graph) -> NativeProgram | None:
+def native_program(graph: Graph, float_nchw: bool = False) -> NativeProgram | None:
     """``graph``'s operators as one native program, or None where an operator has no native kernel for
-    its input (see module docstring) or the native kernels are not built."""
+    its input (see module docstring) or the native kernels are not built.
+
+    ``float_nchw``: the program takes float32 NCHW images, quantizes them onto the input's NHWC grid
+    (``Quantization.nearest_codes``' codes) and returns the output dequantized to float32 (computed in
+    double, rounded once); it needs per-tensor int8 / int16 input and output grids (else None)."""
     if not native.available() or len(graph.inputs) != 1:  # one input: every value shares its batch
+        return None
+    spec, output = graph.inputs[0], graph.output_quant
+    if float_nchw and (spec.dtype not in ("int8", "int16") or len(spec.quant.scale) != 1 or output is None
+                       or len(output.scale) != 1 or graph.tensor_dtypes[-1] not in ("int8", "int16")):
         return None
     program = NativeProgram(len(graph.inputs))
     values: dict[int, _Value] = {i: _Value(i) for i in range(len(graph.inputs))}
+    if float_nchw:
+        values[0] = program.call("tflite_quantize_nchw", _Value(0), float(np.float32(spec.quant.scale[0])),
+                                 int(spec.quant.zero_point[0]), spec.dtype == "int16")
     fusions = graph.pad_fusions
     applied = {conv: (pad, pads) for pad, (conv, pads) in fusions.items()}
     try:
@@ -123,6 +138,9 @@ def native_program(graph: Graph) -> NativeProgram | None:
                                        graph.tensor_dtypes[tensor])
     except _NotNative:
         return None
+    if float_nchw:
+        program.call("tflite_dequantize", values[len(graph.inputs) + len(graph.nodes) - 1],
+                     float(np.float32(output.scale[0])), int(output.zero_point[0]))
     return program
 
 

@@ -5,14 +5,15 @@
 //
 // Program (an int64 tensor): for each step [kind, argument count, then (tag, payload) per argument]; kind k >= 0 calls ops[k], kind
 // -1 reshapes its first argument (a value) to the ints that follow. Tags: 0 a value (payload: its index: the inputs,
-// then one per step in order), 1 a constant (index into constants), 2 an int, 3 a bool, 4 None. The result is the
-// last step's value.
+// then one per step in order), 1 a constant (index into constants), 2 an int, 3 a bool, 4 None, 5 a double (its
+// bits). The result is the last step's value.
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -20,7 +21,7 @@
 
 namespace {
 
-enum Tag : int64_t { kValue = 0, kConstant = 1, kInt = 2, kBool = 3, kNone = 4 };
+enum Tag : int64_t { kValue = 0, kConstant = 1, kInt = 2, kBool = 3, kNone = 4, kDouble = 5 };
 constexpr int64_t kReshape = -1;
 
 // The dispatcher's handle of an operator by name, looked up once per process (handles stay valid).
@@ -87,6 +88,12 @@ at::Tensor tflite_run_program(const std::vector<at::Tensor>& inputs, const std::
         case kInt: stack.emplace_back(payload); break;
         case kBool: stack.emplace_back(payload != 0); break;
         case kNone: stack.emplace_back(c10::IValue()); break;
+        case kDouble: {
+          double number;
+          std::memcpy(&number, &payload, sizeof number);
+          stack.emplace_back(number);
+          break;
+        }
         default: TORCH_CHECK(false, "unknown argument tag ", tag);
       }
     }

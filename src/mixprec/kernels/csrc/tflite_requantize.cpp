@@ -103,9 +103,29 @@ at::Tensor tflite_quantize_nchw(const at::Tensor& x, double scale, int64_t zero_
   return out;
 }
 
+// int8 / int16 codes -> float32 values: float((double(q) - zero_point) * scale), as Quantization.values_of
+// rounded to float32 (the product of a code difference and a float32 scale is exact in double).
+at::Tensor tflite_dequantize(const at::Tensor& q, double scale, int64_t zero_point) {
+  TORCH_CHECK((q.scalar_type() == at::kChar || q.scalar_type() == at::kShort) && q.is_contiguous(),
+              "q must be a contiguous int8 or int16 tensor");
+  auto out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+  float* dst = out.data_ptr<float>();
+  const auto zero = static_cast<double>(zero_point);
+  const int64_t count = q.numel();
+  if (q.scalar_type() == at::kChar) {
+    const int8_t* src = q.data_ptr<int8_t>();
+    for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<float>((static_cast<double>(src[i]) - zero) * scale);
+  } else {
+    const int16_t* src = q.data_ptr<int16_t>();
+    for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<float>((static_cast<double>(src[i]) - zero) * scale);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mixprec, m) {
+  m.def("tflite_dequantize(Tensor q, float scale, int zero_point) -> Tensor");
   m.def("tflite_quantize_nchw(Tensor x, float scale, int zero_point, bool wide) -> Tensor");
   m.def("tflite_requantize(Tensor x, int input_offset, int multiplier, int shift, int output_offset, bool wide) "
         "-> Tensor");
@@ -115,4 +135,5 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
 TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
   m.impl("tflite_requantize", &tflite_requantize);
   m.impl("tflite_quantize_nchw", &tflite_quantize_nchw);
+  m.impl("tflite_dequantize", &tflite_dequantize);
 }
