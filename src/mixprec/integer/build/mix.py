@@ -98,6 +98,9 @@ def run_float(graph: Graph, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise InputError(f"run_float takes a float NCHW tensor, got {getattr(x, 'shape', type(x).__name__)}")
     spec = graph.inputs[0]
+    if len(graph.inputs) != 1 or len(spec.shape) != 4:
+        raise InputError(f"run_float runs graphs of one NHWC image input; this one takes "
+                         f"{[tuple(s.shape) for s in graph.inputs]}")
     if tuple(x.shape[1:]) != (spec.shape[3], spec.shape[1], spec.shape[2]):
         raise InputError(f"the graph takes NCHW images of {(spec.shape[3], spec.shape[1], spec.shape[2])} (C, H, W), "
                          f"got {tuple(x.shape[1:])}")

@@ -109,8 +109,8 @@ def native_program(graph: Graph, float_nchw: bool = False) -> NativeProgram | No
     if not native.available() or len(graph.inputs) != 1:  # one input: every value shares its batch
         return None
     spec, output = graph.inputs[0], graph.output_quant
-    if float_nchw and (spec.dtype not in ("int8", "int16") or len(spec.quant.scale) != 1 or output is None
-                       or len(output.scale) != 1 or graph.tensor_dtypes[-1] not in ("int8", "int16")):
+    if float_nchw and (spec.dtype not in ("int8", "int16") or len(spec.shape) != 4 or len(spec.quant.scale) != 1
+                       or output is None or len(output.scale) != 1 or graph.tensor_dtypes[-1] not in ("int8", "int16")):
         return None
     program = NativeProgram(len(graph.inputs))
     values: dict[int, _Value] = {i: _Value(i) for i in range(len(graph.inputs))}
