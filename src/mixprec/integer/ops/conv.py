@@ -33,6 +33,7 @@ PAD take int16 tensors as they take int8 ones.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -90,6 +91,11 @@ class ConvParams(AccumulatorRecord):
         if min(*self.stride, *self.dilation) < 1:
             raise InputError(f"strides and dilations must be >= 1, got {self.stride} and {self.dilation}")
         self.check_accumulator(out, window)
+
+    @cached_property
+    def native_packs(self) -> dict[tuple[int, ...], torch.Tensor]:
+        """The native GEMM's packed weights per input image and geometry (filled by the native path)."""
+        return {}
 
     @property
     def out_channels(self) -> int:
@@ -187,12 +193,11 @@ def _prepacked(params: ConvParams, image: tuple[int, ...], geometry: tuple[int, 
     first call of that size and kept in the record (None for a depthwise or 16x8 convolution)."""
     if params.depthwise or params.dtype != "int8":
         return None
-    packs = params.__dict__.setdefault("_packs", {})  # a frozen record: a cache beside its fields
     key = (*image, *geometry)
-    if key not in packs:
+    if key not in params.native_packs:
         weights, bias, _, _ = params.native_constants
-        packs[key] = native.tflite_conv2d_pack(weights, bias, *image, *geometry, params.input_offset)
-    return packs[key]
+        params.native_packs[key] = native.tflite_conv2d_pack(weights, bias, *image, *geometry, params.input_offset)
+    return params.native_packs[key]
 
 
 def conv2d_reference(x: NDArray, params: ConvParams) -> NDArray:

@@ -55,6 +55,18 @@ void add_range(const Code* a, const Code* b, int64_t begin, int64_t end, const A
   }
 }
 
+// body(begin, end) over contiguous ranges of `count` elements, blocks of kBlock handed to PyTorch's threads when the
+// work (about kOpsPerElement vector instructions per element) is large enough.
+template <typename Body>
+void for_element_blocks(int64_t count, const Body& body) {
+  constexpr int64_t kBlock = 4096;
+  constexpr int64_t kOpsPerElement = 16;  // tflite_add: three rescales and the adds; the lookup: a gather's share
+  const int64_t blocks = (count + kBlock - 1) / kBlock;
+  mixprec::split_rows_balanced(blocks, count * kOpsPerElement, [&](int64_t first, int64_t last) {
+    body(first * kBlock, std::min(count, last * kBlock));
+  });
+}
+
 at::Tensor tflite_add(const at::Tensor& a, const at::Tensor& b, int64_t a_offset, int64_t b_offset,
                       int64_t a_multiplier, int64_t a_shift, int64_t b_multiplier, int64_t b_shift,
                       int64_t output_multiplier, int64_t output_shift, int64_t output_offset, int64_t act_min,
@@ -80,12 +92,7 @@ at::Tensor tflite_add(const at::Tensor& a, const at::Tensor& b, int64_t a_offset
                                     static_cast<int32_t>(output_offset), static_cast<int32_t>(act_min),
                                     static_cast<int32_t>(act_max));
   auto out = at::empty(a.sizes(), a.options());
-  const int64_t count = a.numel();
-  constexpr int64_t kBlock = 4096;        // elements per unit of parallel work
-  constexpr int64_t kOpsPerElement = 16;  // vector instructions per element, about: three rescales and the adds
-  const int64_t blocks = (count + kBlock - 1) / kBlock;
-  mixprec::split_rows_balanced(blocks, count * kOpsPerElement, [&](int64_t first, int64_t last) {
-    const int64_t begin = first * kBlock, end = std::min(count, last * kBlock);
+  for_element_blocks(a.numel(), [&](int64_t begin, int64_t end) {
     if (wide) {
       add_range(a.data_ptr<int16_t>(), b.data_ptr<int16_t>(), begin, end, record, output, out.data_ptr<int16_t>());
     } else {
@@ -111,12 +118,8 @@ at::Tensor tflite_add_lookup(const at::Tensor& a, const at::Tensor& b, const at:
   const auto* y = reinterpret_cast<const uint8_t*>(b.data_ptr<int8_t>());
   const int8_t* codes = table.data_ptr<int8_t>();
   int8_t* o = out.data_ptr<int8_t>();
-  const int64_t count = a.numel();
-  constexpr int64_t kBlock = 4096;  // elements per unit of parallel work
-  const int64_t blocks = (count + kBlock - 1) / kBlock;
-  mixprec::split_rows_balanced(blocks, count * 16, [&](int64_t first, int64_t last) {
-    int64_t i = first * kBlock;
-    const int64_t end = std::min(count, last * kBlock);
+  for_element_blocks(a.numel(), [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     const __m512i flip = _mm512_set1_epi32(0x80), byte = _mm512_set1_epi32(0xFF);
     for (; i + 16 <= end; i += 16) {
