@@ -52,6 +52,10 @@ def test_float_in_float_out_runs_as_one_program_with_the_same_values() -> None:
         run_float(graph, torch.rand(2, 28, 28, 1))
     with pytest.raises(InputError, match="takes a float NCHW tensor"):
         run_float(graph, torch.zeros(2, 1, 28, 28, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="contiguous int8 or int16 tensor"):
+        native.tflite_dequantize(torch.zeros(3, dtype=torch.int32), 0.5, 0)
+    with pytest.raises(RuntimeError, match="contiguous float32 NCHW tensor"):
+        native.tflite_quantize_nchw(torch.zeros(2, 3), 0.5, 0, False)
     flat = Graph((TensorSpec("x", (1, 12), Quantization.per_tensor(0.05)),), (ReshapeNode((0,), (3, 4)),))
     assert flat.native_float_program is None
     with pytest.raises(InputError, match="graphs of one NHWC image input"):
