@@ -17,9 +17,11 @@ from mixprec.nn import W4A8Linear, W4Linear
 needs_vnni = pytest.mark.skipif(not native.w4a8_available(), reason="the native build has no AVX512-VNNI kernel")
 
 # (M, K, N, G): M = 1 and M not a multiple of the 6-row block, N not a multiple of the
-# 32-channel block, K % 8 == 4 (a last single quad), group sizes 4 to 128.
+# 32-channel block, K % 8 == 4 (a last single quad), group sizes 4 to 128; M <= 4 with K a
+# multiple of 128 and G of 32 take the few-row path (N not a multiple of its 16-row block, groups
+# of 32 to 256, one group spanning two 128-code chunks).
 SHAPES = [(1, 4, 1, 4), (3, 12, 33, 4), (13, 1028, 47, 4), (7, 64, 64, 32), (17, 4096, 100, 128), (40, 96, 70, 32),
-          (6, 112, 31, 28), (2, 256, 96, 64)]
+          (6, 112, 31, 28), (2, 256, 96, 64), (1, 512, 37, 32), (4, 1024, 48, 256), (3, 384, 17, 128)]
 
 
 def random_codes(m: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +83,21 @@ def test_each_row_gives_the_same_bits_in_any_batch() -> None:
     for row in (0, 5, 6, 22):
         assert torch.equal(w4a8.w4a8_linear(x[row:row + 1], packed, scale, None), batch[row:row + 1])
     assert torch.equal(w4a8.w4a8_linear(x[7:19], packed, scale, None), batch[7:19])
+
+
+@needs_vnni
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_few_row_path_gives_the_many_row_paths_bits(group: int) -> None:
+    # Up to 4 rows read the packed codes in place (lanes along k), more rows unpack blocks of
+    # channels (lanes along channels): the same integer group sums and float32 steps.
+    generator = torch.Generator().manual_seed(group)
+    x = torch.randn(12, 768, generator=generator) * torch.logspace(-2, 2, 768)
+    packed = torch.randint(0, 256, (83, 384), dtype=torch.uint8, generator=generator)
+    scale = (torch.rand(83, 768 // group, generator=generator) * 0.1).half()
+    bias = torch.randn(83, generator=generator)
+    batch = w4a8.w4a8_linear(x, packed, scale, bias)
+    for begin, end in ((0, 1), (3, 5), (5, 8), (8, 12)):
+        assert torch.equal(w4a8.w4a8_linear(x[begin:end], packed, scale, bias), batch[begin:end])
 
 
 def test_fallback_uses_the_same_codes_and_differs_by_rounding_only(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,6 +27,8 @@
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
+
+#include "w4a8_rows.h"
 #define MIXPREC_W4A8 1
 #else
 #define MIXPREC_W4A8 0
@@ -36,6 +38,9 @@ namespace {
 
 // Output channels per unpacked block: two vectors of 16 int32 lanes.
 constexpr int64_t kBlock = 32;
+// Most rows of x given to the few-row path (w4a8_rows.h), which reads the packed codes in place:
+// beyond it, unpacking each block of channels once for all rows costs less.
+constexpr int64_t kFewRows = 4;
 
 void check_inputs(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& packed, const at::Tensor& scale,
                   const c10::optional<at::Tensor>& bias) {
@@ -190,6 +195,24 @@ void linear_blocks(const int8_t* xq, const int32_t* offsets, const float* x_scal
     }
   }
 }
+
+// The few-row path over weight-row blocks [block_begin, block_end) of 16 rows each.
+void few_rows_blocks(const int8_t* x_split, const int32_t* offsets, const float* x_scale, int64_t rows,
+                     int64_t cols, const uint8_t* packed, const at::Half* scale, int64_t groups, const float* bias,
+                     int64_t outs, int64_t block_begin, int64_t block_end, float* y) {
+  namespace fr = mixprec::w4a8_rows;
+  std::vector<float> block_scale(groups * fr::kRows);
+  std::vector<__m512i> partial(rows * (cols / fr::kChunk) * fr::kRows);
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const int64_t n0 = b * fr::kRows, count = std::min(fr::kRows, outs - n0);
+    fr::block_scales(scale, groups, n0, count, block_scale.data());
+    fr::block_partials(x_split, rows, cols, packed, n0, count, partial.data());
+    const uint8_t* next = b + 1 < block_end ? packed + (n0 + fr::kRows) * (cols / 2) : nullptr;
+    for (int64_t m = 0; m < rows; ++m)
+      fr::block_outputs(partial.data() + m * (cols / fr::kChunk) * fr::kRows, offsets + m * groups, x_scale[m], cols,
+                        cols / groups, block_scale.data(), bias, n0, count, m == 0 ? next : nullptr, y + m * outs);
+  }
+}
 #endif
 
 // Whether this build has the VNNI kernel (AVX512-VNNI and AVX512-BW at compile time).
@@ -205,6 +228,16 @@ at::Tensor w4a8_linear(const at::Tensor& xq, const at::Tensor& x_scale, const at
   const int8_t* xp = xq.data_ptr<int8_t>();
   const std::vector<int32_t> offsets = group_offsets(xp, rows, cols, cols / groups);
   const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
+  if (rows <= kFewRows && mixprec::w4a8_rows::supports(cols, cols / groups)) {
+    const std::vector<int8_t> x_split = mixprec::w4a8_rows::split_even_odd(xp, rows, cols);
+    const int64_t row_blocks = (outs + mixprec::w4a8_rows::kRows - 1) / mixprec::w4a8_rows::kRows;
+    mixprec::split_rows(row_blocks, rows * outs * cols, [&](int64_t b, int64_t e) {
+      few_rows_blocks(x_split.data(), offsets.data(), x_scale.data_ptr<float>(), rows, cols,
+                      packed.data_ptr<uint8_t>(), scale.data_ptr<at::Half>(), groups, bp, outs, b, e,
+                      y.data_ptr<float>());
+    });
+    return y;
+  }
   const int64_t blocks = (outs + kBlock - 1) / kBlock;
   // Work: unpacking every weight once per call, plus the multiply (16 multiply-adds cost
   // about one unpacked weight).
