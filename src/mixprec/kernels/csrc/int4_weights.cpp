@@ -22,7 +22,12 @@ inline float code_value(int64_t nibble) { return static_cast<float>(nibble >= 8 
 
 // Row n's scales as float32.
 void row_scales(const at::Half* scale, int64_t n, int64_t groups, float* out) {
-  for (int64_t g = 0; g < groups; ++g) out[g] = static_cast<float>(scale[n * groups + g]);
+  int64_t g = 0;
+#if defined(__AVX512F__)
+  for (; g + 16 <= groups; g += 16)
+    _mm512_storeu_ps(out + g, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale + n * groups + g))));
+#endif
+  for (; g < groups; ++g) out[g] = static_cast<float>(scale[n * groups + g]);
 }
 
 // Scalar expansion of elements [begin, end) of one row (begin even).
@@ -111,34 +116,60 @@ std::vector<float> deinterleave_chunks(const float* xp, int64_t rows, int64_t co
   return xd;
 }
 
-// Output rows [begin, end) for the Rows rows of x starting at xd (de-interleaved). Chains
-// independent accumulators per row of x (low and high nibbles, and for four chains even
-// and odd chunks) hide the fused multiply-add latency; they are summed at the end.
-template <int Rows, int Chains>
+// The pre-scaled code tables of a row's chunks of 32 elements in order: one table per group,
+// reused by its group / 32 chunks (group a multiple of 32).
+class ChunkTables {
+ public:
+  ChunkTables(const float* scales, int64_t group) : scale_(scales), chunks_per_group_(group / 32) {}
+  __m512 next() {
+    const __m512 table = _mm512_mul_ps(code_table(), _mm512_set1_ps(*scale_));
+    if (++chunk_ == chunks_per_group_) {
+      chunk_ = 0;
+      ++scale_;
+    }
+    return table;
+  }
+
+ private:
+  const float* scale_;
+  int64_t chunks_per_group_, chunk_ = 0;
+};
+
+// Output rows [begin, end) for the Rows rows of x starting at xd (de-interleaved). Independent
+// accumulators per row of x (low and high nibbles; with Unroll = 2 also even and odd chunks, for
+// one row of x) hide the fused multiply-add latency; they are summed at the end.
+template <int Rows, int Unroll>
 void linear_block(const float* xd, int64_t cols, const uint8_t* packed, const at::Half* scale, int64_t group,
                   const float* bias, int64_t outs, int64_t begin, int64_t end, float* yp) {
+  static_assert(Unroll == 1 || Unroll == 2, "one or two chunks per step");
   const int64_t groups = cols / group;
   std::vector<float> srow(groups);
   for (int64_t n = begin; n < end; ++n) {
     const uint8_t* prow = packed + n * (cols / 2);
     row_scales(scale, n, groups, srow.data());
-    static_assert(Chains == 2 || Chains == 4, "two or four accumulator chains");
-    __m512 acc[4][Rows];
+    ChunkTables tables(srow.data(), group);
+    __m512 acc[2 * Unroll][Rows];
     for (auto& chain : acc)
       for (auto& a : chain) a = _mm512_setzero_ps();
-    for (int64_t k = 0; k < cols; k += 32) {
-      const int parity = Chains == 4 ? static_cast<int>((k / 32) & 1) : 0;
-      const __m512 table = _mm512_mul_ps(code_table(), _mm512_set1_ps(srow[k / group]));
+    const auto chunk = [&](int64_t k, __m512(&low_acc)[Rows], __m512(&high_acc)[Rows]) {
+      const __m512 table = tables.next();
       __m512 low, high;
       unpack32(prow + k / 2, table, table, low, high);
       for (int m = 0; m < Rows; ++m) {
         const float* xc = xd + m * cols + k;
-        acc[2 * parity][m] = _mm512_fmadd_ps(low, _mm512_loadu_ps(xc), acc[2 * parity][m]);
-        acc[2 * parity + 1][m] = _mm512_fmadd_ps(high, _mm512_loadu_ps(xc + 16), acc[2 * parity + 1][m]);
+        low_acc[m] = _mm512_fmadd_ps(low, _mm512_loadu_ps(xc), low_acc[m]);
+        high_acc[m] = _mm512_fmadd_ps(high, _mm512_loadu_ps(xc + 16), high_acc[m]);
       }
+    };
+    int64_t k = 0;
+    for (; k + 32 * Unroll <= cols; k += 32 * Unroll) {
+      chunk(k, acc[0], acc[1]);
+      if constexpr (Unroll == 2) chunk(k + 32, acc[2], acc[3]);
     }
+    if (k < cols) chunk(k, acc[0], acc[1]);
     for (int m = 0; m < Rows; ++m) {
-      const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]), _mm512_add_ps(acc[2][m], acc[3][m]));
+      __m512 sum = _mm512_add_ps(acc[0][m], acc[1][m]);
+      if constexpr (Unroll == 2) sum = _mm512_add_ps(sum, _mm512_add_ps(acc[2][m], acc[3][m]));
       yp[m * outs + n] = _mm512_reduce_add_ps(sum) + (bias != nullptr ? bias[n] : 0.0f);
     }
   }
@@ -151,13 +182,18 @@ void linear_rows(const float* xp, int64_t rows, int64_t cols, const uint8_t* pac
 #if defined(__AVX512F__)
   if (group % 32 == 0) {
     const std::vector<float> xd = deinterleave_chunks(xp, rows, cols);
-    int64_t m = 0;
-    for (; m + 8 <= rows; m += 8)
-      linear_block<8, 2>(xd.data() + m * cols, cols, packed, scale, group, bias, outs, begin, end, yp + m * outs);
-    for (; m + 4 <= rows; m += 4)
-      linear_block<4, 2>(xd.data() + m * cols, cols, packed, scale, group, bias, outs, begin, end, yp + m * outs);
-    for (; m < rows; ++m)
-      linear_block<1, 4>(xd.data() + m * cols, cols, packed, scale, group, bias, outs, begin, end, yp + m * outs);
+    // Weight rows a tile at a time, every row of x against a tile while it is in cache.
+    constexpr int64_t kTileRows = 32;
+    for (int64_t tile = begin; tile < end; tile += kTileRows) {
+      const int64_t tile_end = std::min(end, tile + kTileRows);
+      int64_t m = 0;
+      for (; m + 8 <= rows; m += 8)
+        linear_block<8, 1>(xd.data() + m * cols, cols, packed, scale, group, bias, outs, tile, tile_end, yp + m * outs);
+      for (; m + 4 <= rows; m += 4)
+        linear_block<4, 1>(xd.data() + m * cols, cols, packed, scale, group, bias, outs, tile, tile_end, yp + m * outs);
+      for (; m < rows; ++m)
+        linear_block<1, 2>(xd.data() + m * cols, cols, packed, scale, group, bias, outs, tile, tile_end, yp + m * outs);
+    }
     return;
   }
 #endif
