@@ -49,6 +49,7 @@ from torch import nn
 
 import mixprec
 from mixprec import Policy
+from mixprec.bench.decoding import llama_cpp_decode_step, torch_decode_step
 from mixprec.datasets.text_tasks import load_stsb_test
 from mixprec.report.results import print_table, write_csv
 from mixprec.timing import interleaved_medians
@@ -263,32 +264,6 @@ def _nll_llama(llm: object, ids: torch.Tensor) -> float:
     return float(torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="sum"))
 
 
-def _decoders(model: nn.Module, llm: object, prompt: torch.Tensor) -> dict[str, Callable[[], object]]:
-    """One-token decode steps after ``prompt``: mixprec eager (a DynamicCache cropped back to the
-    prompt each call) and llama.cpp (its KV cache cut back to the prompt the same way)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    with torch.no_grad():
-        model(prompt[None], past_key_values=cache, use_cache=True)
-    step = prompt[-1:][None]
-    llm.reset()
-    llm.eval(prompt.tolist())
-
-    @torch.no_grad()
-    def torch_step() -> object:
-        out = model(step, past_key_values=cache, use_cache=True)
-        cache.crop(-1)  # drop the step just taken: every call decodes position len(prompt)
-        return out
-
-    def llama_step() -> object:
-        llm.n_tokens = len(prompt)  # eval() drops the KV cache past n_tokens first
-        llm.eval([int(prompt[-1])])
-        return None
-
-    return {"mixprec": torch_step, "llama.cpp": llama_step}
-
-
 def run_smollm2(rounds: int, out: Path, data: str | None, max_tokens: int) -> list[dict[str, object]]:
     from llama_cpp import Llama
 
@@ -311,7 +286,9 @@ def run_smollm2(rounds: int, out: Path, data: str | None, max_tokens: int) -> li
         start = time.perf_counter()
         ppl_llama = math.exp(sum(_nll_llama(llm, d) for d in docs) / tokens)
         seconds_llama = time.perf_counter() - start
-        medians = interleaved_medians(_decoders(model, llm, docs[0][:128]), rounds=rounds, min_seconds=0.3)
+        prompt = docs[0][:128]
+        steps = {"mixprec": torch_decode_step(model, prompt), "llama.cpp": llama_cpp_decode_step(llm, prompt)}
+        medians = interleaved_medians(steps, rounds=rounds, min_seconds=0.3)
         rows.append({"policy": label, "mixprec bytes": f"{report.total_bytes:,}",
                      "gguf bytes": f"{file.stat().st_size:,}",
                      "ppl mixprec": round(ppl_torch, 3), "ppl llama.cpp": round(ppl_llama, 3),

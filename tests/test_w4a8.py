@@ -18,10 +18,11 @@ needs_vnni = pytest.mark.skipif(not native.w4a8_available(), reason="the native 
 
 # (M, K, N, G): M = 1 and M not a multiple of the 6-row block, N not a multiple of the
 # 32-channel block, K % 8 == 4 (a last single quad), group sizes 4 to 128; M <= 4 with K a
-# multiple of 128 and G of 32 take the few-row path (N not a multiple of its 16-row block, groups
-# of 32 to 256, one group spanning two 128-code chunks).
+# multiple of 32 and G of 32 take the few-row path (N not a multiple of its 16-row block, groups
+# of 32 to 256, one group spanning two 128-code chunks, a last chunk of 32 or 64 codes, K < 128).
 SHAPES = [(1, 4, 1, 4), (3, 12, 33, 4), (13, 1028, 47, 4), (7, 64, 64, 32), (17, 4096, 100, 128), (40, 96, 70, 32),
-          (6, 112, 31, 28), (2, 256, 96, 64), (1, 512, 37, 32), (4, 1024, 48, 256), (3, 384, 17, 128)]
+          (6, 112, 31, 28), (2, 256, 96, 64), (1, 512, 37, 32), (4, 1024, 48, 256), (3, 384, 17, 128),
+          (1, 576, 35, 32), (2, 96, 20, 32), (4, 1056, 18, 96)]
 
 
 def random_codes(m: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,14 +87,14 @@ def test_each_row_gives_the_same_bits_in_any_batch() -> None:
 
 
 @needs_vnni
-@pytest.mark.parametrize("group", [32, 64, 128, 256])
-def test_few_row_path_gives_the_many_row_paths_bits(group: int) -> None:
+@pytest.mark.parametrize("k,group", [(768, 32), (768, 64), (768, 128), (768, 256), (704, 32), (704, 64), (96, 32)])
+def test_few_row_path_gives_the_many_row_paths_bits(k: int, group: int) -> None:
     # Up to 4 rows read the packed codes in place (lanes along k), more rows unpack blocks of
     # channels (lanes along channels): the same integer group sums and float32 steps.
-    generator = torch.Generator().manual_seed(group)
-    x = torch.randn(12, 768, generator=generator) * torch.logspace(-2, 2, 768)
-    packed = torch.randint(0, 256, (83, 384), dtype=torch.uint8, generator=generator)
-    scale = (torch.rand(83, 768 // group, generator=generator) * 0.1).half()
+    generator = torch.Generator().manual_seed(group + k)
+    x = torch.randn(12, k, generator=generator) * torch.logspace(-2, 2, k)
+    packed = torch.randint(0, 256, (83, k // 2), dtype=torch.uint8, generator=generator)
+    scale = (torch.rand(83, k // group, generator=generator) * 0.1).half()
     bias = torch.randn(83, generator=generator)
     batch = w4a8.w4a8_linear(x, packed, scale, bias)
     for begin, end in ((0, 1), (3, 5), (5, 8), (8, 12)):

