@@ -53,6 +53,28 @@ def test_compiled_quantized_model_has_no_graph_break_and_the_eager_bits(precisio
     assert torch.equal(eager, compiled)
 
 
+def test_compiled_int8_linear_with_a_prepacked_weight_has_the_eager_bits() -> None:
+    # Weights of 2**22 elements or more hold oneDNN's prepacked weight and rescale its float32
+    # accumulator in place (an operator that mutates its input, which torch.compile must
+    # functionalize): the small models above never take that path.
+    from mixprec.kernels import onednn_int8
+    from mixprec.nn import Int8PackedLinear
+
+    if not onednn_int8.prefer_packed(2048, 2048):
+        pytest.skip("no oneDNN int8 packing on this machine")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2048, 2048)).eval()
+    mixprec.quantize(model, mixprec.Policy(default="int8"))
+    assert isinstance(model[0], Int8PackedLinear)
+    x = torch.randn(3, 2048)
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, [str(reason.reason)[:200] for reason in explained.break_reasons]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager, compiled = model(x), torch.compile(model)(x)
+    assert torch.equal(eager, compiled)
+
+
 def test_every_native_operator_a_quantized_linear_calls_has_a_fake() -> None:
     if not native.available():
         pytest.skip(f"native kernels: {native.load_error()}")

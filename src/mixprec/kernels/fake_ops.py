@@ -59,8 +59,8 @@ def _rescale_rows_cols(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: 
     return acc.new_empty(acc.shape, dtype=torch.float32)
 
 
-def _rescale_rows_cols_(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None) -> Tensor:  # noqa: ARG001
-    return acc  # rescaled in place: the same (float32) tensor comes back
+def _rescale_rows_cols_(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None) -> None:  # noqa: ARG001
+    return None  # rescaled in place, into acc
 
 
 def _w4_dequantize_rows(packed: Tensor, scale: Tensor, begin: int, out: Tensor) -> None:  # noqa: ARG001

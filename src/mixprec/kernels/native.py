@@ -117,7 +117,8 @@ def rescale_rows_cols(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: tor
 def rescale_rows_cols_(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
                        bias: torch.Tensor | None) -> torch.Tensor:
     """:func:`rescale_rows_cols` written over a float32 ``acc`` (returned)."""
-    return torch.ops.mixprec.rescale_rows_cols_(acc, row_scale, col_scale, bias)
+    torch.ops.mixprec.rescale_rows_cols_(acc, row_scale, col_scale, bias)
+    return acc
 
 
 def int8_linear_dynamic(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

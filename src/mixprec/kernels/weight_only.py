@@ -17,7 +17,8 @@ multiply-adds, for group sizes that are multiples of 16.
 ``w4gN``: ``y = x @ (q * s)^T + b`` with int4 codes ``q`` and fp16 group scales ``s``
 (``q * s`` is exact in float32). Two paths (4096 x 4096, ratio to float32):
 - M <= 16: a fused C++ kernel that unpacks codes in registers and reads the weight at half
-  a byte per element (3.2x at M = 1, 5x at M = 4, 2x at M = 8, 1.1x at M = 16);
+  a byte per element (3.2x at M = 1, 5x at M = 4, 2x at M = 8, 1.1x at M = 16, weight warm in
+  the L3; streamed from DRAM, 24 such layers in turn: 0.58-0.62 ms a layer at M = 1, 15-16 GB/s);
 - otherwise: the weight is expanded to float32 in tiles of at most 2**22 elements (16 MiB,
   one buffer reused) and each tile multiplied in float32 (0.85-1.05x float32: the
   float32 matmul bounds it; no whole float32 copy of the weight is ever held).

@@ -228,11 +228,12 @@ at::Tensor rescale_rows_cols(const at::Tensor& acc, const at::Tensor& row_scale,
 }
 
 // In place: the int32 or float32 accumulator's memory receives the float32 result (one
-// large buffer per call instead of two), returned as a float32 view of it.
-at::Tensor rescale_rows_cols_(at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor& col_scale,
-                              const c10::optional<at::Tensor>& bias) {
+// large buffer per call instead of two). Returns nothing (torch.compile functionalizes a custom
+// operator that mutates an input, not one that returns an alias of it); callers read the float32
+// result through acc (viewed as float32 when it was int32).
+void rescale_rows_cols_(at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor& col_scale,
+                        const c10::optional<at::Tensor>& bias) {
   rescale_into(acc, row_scale, col_scale, bias, static_cast<float*>(acc.data_ptr()));
-  return acc.scalar_type() == at::kFloat ? acc : acc.view(at::kFloat);
 }
 
 // The whole dynamic int8 linear in one call: per-row quantization of x [M, K],
@@ -243,7 +244,8 @@ at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& weight, co
               "int8_linear_dynamic takes an int8 [N, K] weight matching x [M, K]");
   auto [q, row_scale] = quantize_rows_s8(x);
   auto acc = at::_int_mm(q, weight.t());
-  return rescale_rows_cols_(acc, row_scale, weight_scale, bias);
+  rescale_rows_cols_(acc, row_scale, weight_scale, bias);
+  return acc.view(at::kFloat);
 }
 
 // Weight-only int8 for few rows: y[m, n] = (sum_k x[m, k] * float(w[n, k])) * scale[n]
@@ -395,7 +397,7 @@ TORCH_LIBRARY(mixprec, m) {
   m.def("int8_linear_dynamic(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor");
   m.def("w8_linear_rows(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
   m.def("w8g_linear_rows(Tensor x, Tensor codes, Tensor scale, Tensor? bias) -> Tensor");
-  m.def("rescale_rows_cols_(Tensor(a!) acc, Tensor row_scale, Tensor col_scale, Tensor? bias) -> Tensor(a!)");
+  m.def("rescale_rows_cols_(Tensor(a!) acc, Tensor row_scale, Tensor col_scale, Tensor? bias) -> ()");
   m.def("rescale_rows_cols(Tensor acc, Tensor row_scale, Tensor col_scale, Tensor? bias) -> Tensor");
 }
 
