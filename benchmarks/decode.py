@@ -135,12 +135,18 @@ def compiled_path(model: nn.Module, prompt: torch.Tensor, prefill_ids: torch.Ten
     any timing; counts dynamo's graph breaks while compiling."""
     import torch._dynamo
 
+    # Every path compiles the same forward code once more; past dynamo's default limit of 8
+    # versions per code object it would silently run the rest eagerly.
+    torch._dynamo.config.recompile_limit = 256
+    torch._dynamo.config.accumulated_recompile_limit = 4096
     torch._dynamo.utils.counters.clear()
     start = time.perf_counter()
     runner = torch_path(torch.compile(model), prompt, prefill_ids)
     for _ in range(2):
         runner.decode()
         runner.prefill()
+    if not torch._dynamo.utils.counters["stats"]["unique_graphs"]:
+        raise RuntimeError("torch.compile produced no graph for this path (it ran eagerly)")
     runner.graph_breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     runner.step_bytes = decode_step_bytes(model, model.get_input_embeddings())
     print(f"compiled in {time.perf_counter() - start:.0f} s, {runner.graph_breaks} graph breaks", flush=True)

@@ -39,8 +39,9 @@ def dram_read_bandwidth(repeats: int = 7) -> float:
 def tensor_bytes(tensor: Tensor) -> int:
     """Bytes of a tensor's elements; a tensor subclass (torchao's packed weights) counts the
     plain tensors it is made of."""
-    flatten = getattr(type(tensor), "__tensor_flatten__", None)
-    if flatten is not None and type(tensor) is not torch.Tensor and not isinstance(tensor, nn.Parameter):
+    if isinstance(tensor, nn.Parameter):
+        tensor = tensor.data
+    if type(tensor) is not torch.Tensor and hasattr(type(tensor), "__tensor_flatten__"):
         names, _ = tensor.__tensor_flatten__()
         return sum(tensor_bytes(getattr(tensor, name)) for name in names)
     return tensor.numel() * tensor.element_size()
