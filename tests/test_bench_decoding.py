@@ -53,9 +53,10 @@ def test_decode_step_repeats_the_same_position() -> None:
     prompt = torch.arange(10)
     step = torch_decode_step(model, prompt)
     first, second = step().logits, step().logits
-    with torch.no_grad():
-        whole = model(prompt[None]).logits[:, -1:]  # the step feeds the prompt's last token again at position 10
-    assert torch.equal(first, second) and first.shape == whole.shape
+    with torch.no_grad():  # the step feeds the prompt's last token again, at position 10
+        whole = model(torch.cat([prompt, prompt[-1:]])[None]).logits[:, -1:]
+    assert torch.equal(first, second)  # the cache was cut back: the same position again
+    assert torch.allclose(first, whole, rtol=0, atol=1e-5)
 
 
 def test_decode_helpers_refuse_bad_input() -> None:

@@ -208,10 +208,9 @@ void few_rows_blocks(const int8_t* x_split, const int32_t* offsets, const float*
     const int64_t n0 = b * fr::kRows, count = std::min(fr::kRows, outs - n0);
     fr::block_scales(scale, groups, n0, count, block_scale.data());
     fr::block_partials(x_split, rows, cols, packed, n0, count, partial.data());
-    const uint8_t* next = b + 1 < block_end ? packed + (n0 + fr::kRows) * (cols / 2) : nullptr;
     for (int64_t m = 0; m < rows; ++m)
       fr::block_outputs(partial.data() + m * chunks * fr::kRows, offsets + m * groups, x_scale[m], cols,
-                        cols / groups, block_scale.data(), bias, n0, count, m == 0 ? next : nullptr, y + m * outs);
+                        cols / groups, block_scale.data(), bias, n0, count, y + m * outs);
   }
 }
 #endif

@@ -159,11 +159,9 @@ inline void block_partials(const int8_t* x_split, int64_t rows, int64_t cols, co
 
 // Phase 2 for one x row: y[n0 + r] (r < count) from its partial sums (block_partials, chunks in
 // order). offsets: the row's -8 * (sum of its codes) per group; block_scale from block_scales.
-// prefetch (or null): the next block's 8 * cols bytes of codes, fetched into L2 meanwhile, so the
-// memory keeps streaming while this phase computes from cache.
 inline void block_outputs(const __m512i* partial, const int32_t* offsets, float x_scale, int64_t cols,
                           int64_t group, const float* block_scale, const float* bias, int64_t n0, int64_t count,
-                          const uint8_t* prefetch, float* y_row) {
+                          float* y_row) {
   const int64_t quads_per_group = group / 32;
   __m512 sum = _mm512_setzero_ps();
   __m512i group_dot = _mm512_setzero_si512();
@@ -171,9 +169,6 @@ inline void block_outputs(const __m512i* partial, const int32_t* offsets, float 
   const int64_t quads_total = cols / 32;
   for (int64_t c = 0; c < chunks_of(cols); ++c) {
     __m512i acc[kRows], quads[4];
-    if (prefetch != nullptr)  // 16 lines of 64 bytes per chunk: the 16 rows' 64 bytes of chunk c
-      for (int64_t line = 0; line < kRows; ++line)
-        _mm_prefetch(reinterpret_cast<const char*>(prefetch + (c * kRows + line) * 64), _MM_HINT_T1);
     for (int64_t r = 0; r < kRows; ++r) acc[r] = partial[c * kRows + r];
     quad_sums(acc, quads);
     for (int j = 0; j < 4 && quad < quads_total; ++j, ++quad) {
