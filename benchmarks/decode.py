@@ -60,6 +60,8 @@ MIXPREC_POLICIES = {
     "mix: attention int8, MLP w4a8g32, head int8": Policy(
         [(EMBEDDING, "w8g32"), (ATTENTION, "int8"), (MLP, "w4a8g32")], default="int8"),
 }
+#: torchao's paths by the kind of weight they hold.
+TORCHAO_PATHS = {"int4": "torchao int4 g32 (bf16 activations)", "int8": "torchao int8 weight-only (bf16)"}
 #: The mixprec models exported to GGUF for llama.cpp, and the llama.cpp type they become.
 GGUF_EXPORTS = {"w8g32": "Q8_0", "w4g32": "Q4_0"}
 DEFAULT_COMPILED = "mixprec int8,mixprec w4g32,mixprec w4a8g32,torchao int4 g32 (bf16 activations)"
@@ -211,7 +213,7 @@ def build_paths(folder: Path, tokenizer: object, names: set[str] | None, compile
             file = work / f"{label}.gguf"
             mixprec.export(model, file, format="gguf", tokenizer=tokenizer, gguf_pre="smollm")
             paths[f"llama.cpp {GGUF_EXPORTS[label]}"] = llama_cpp_path(file, prompt, prefill_ids)
-    for kind, label in (("int4", "torchao int4 g32 (bf16 activations)"), ("int8", "torchao int8 weight-only (bf16)")):
+    for kind, label in TORCHAO_PATHS.items():
         if wanted(label):
             add(label, torchao_model(folder, kind))
     return paths
@@ -227,6 +229,12 @@ def policies_to_load(names: set[str] | None) -> list[tuple[str, Policy]]:
     return chosen
 
 
+def path_names() -> set[str]:
+    """Every path this benchmark can run (the names --paths and --compiled take)."""
+    return {"float32", "bf16", *(f"mixprec {label}" for label in MIXPREC_POLICIES),
+            *(f"llama.cpp {kind}" for kind in GGUF_EXPORTS.values()), *TORCHAO_PATHS.values()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("llama1b", "smollm2"), default="llama1b")
@@ -237,8 +245,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/decode"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    names = None if args.paths is None else {name.strip() for name in args.paths.split(",")}
+    names = None if args.paths is None else {name.strip() for name in args.paths.split(",") if name.strip()}
     compiled = {name.strip() for name in args.compiled.split(",") if name.strip()}
+    known = path_names()
+    for option, chosen in (("--paths", names or set()), ("--compiled", compiled)):
+        if chosen - known:
+            parser.error(f"{option}: unknown path(s) {sorted(chosen - known)}; known: {sorted(known)}")
+    if any(name.startswith("llama.cpp") for name in compiled):
+        parser.error("--compiled: llama.cpp paths are not PyTorch modules; compile only torch paths")
+    if names == set():
+        parser.error("--paths names no path; leave it out to run all")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     bandwidths = [dram_read_bandwidth()]
     with tempfile.TemporaryDirectory(prefix="mixprec-decode-") as tmp:
         work = Path(tmp)
