@@ -150,7 +150,6 @@ def compiled_path(model: nn.Module, prompt: torch.Tensor, prefill_ids: torch.Ten
     if not torch._dynamo.utils.counters["stats"]["unique_graphs"]:
         raise RuntimeError("torch.compile produced no graph for this path (it ran eagerly)")
     runner.graph_breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
-    runner.step_bytes = decode_step_bytes(model, model.get_input_embeddings())
     print(f"compiled in {time.perf_counter() - start:.0f} s, {runner.graph_breaks} graph breaks", flush=True)
     return runner
 

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "even_odd_split.h"
 #include "split_rows.h"
 #include "w4_layout.h"
 
@@ -103,19 +104,6 @@ void w4_dequantize_rows(const at::Tensor& packed, const at::Tensor& scale, int64
 }
 
 #if defined(__AVX512F__)
-// x re-laid out per 32-element chunk as its 16 even then 16 odd elements, to meet the
-// unpacked codes without interleaving them.
-std::vector<float> deinterleave_chunks(const float* xp, int64_t rows, int64_t cols) {
-  std::vector<float> xd(rows * cols);
-  for (int64_t m = 0; m < rows; ++m)
-    for (int64_t k = 0; k < cols; k += 2) {
-      const int64_t base = m * cols + k / 32 * 32, i = (k % 32) / 2;
-      xd[base + i] = xp[m * cols + k];
-      xd[base + 16 + i] = xp[m * cols + k + 1];
-    }
-  return xd;
-}
-
 // The pre-scaled code tables of a row's chunks of 32 elements in order: one table per group,
 // reused by its group / 32 chunks (group a multiple of 32).
 class ChunkTables {
@@ -181,7 +169,7 @@ void linear_rows(const float* xp, int64_t rows, int64_t cols, const uint8_t* pac
                  int64_t group, const float* bias, int64_t outs, int64_t begin, int64_t end, float* yp) {
 #if defined(__AVX512F__)
   if (group % 32 == 0) {
-    const std::vector<float> xd = deinterleave_chunks(xp, rows, cols);
+    const std::vector<float> xd = mixprec::split_even_odd(xp, rows, cols, 32);  // cols % 32 == 0: no padding
     // Weight rows a tile at a time, every row of x against a tile while it is in cache.
     constexpr int64_t kTileRows = 32;
     for (int64_t tile = begin; tile < end; tile += kTileRows) {

@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "even_odd_split.h"
 #include "split_rows.h"
 #include "w4_layout.h"
 
@@ -229,7 +230,7 @@ at::Tensor w4a8_linear(const at::Tensor& xq, const at::Tensor& x_scale, const at
   const std::vector<int32_t> offsets = group_offsets(xp, rows, cols, cols / groups);
   const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
   if (rows <= kFewRows && mixprec::w4a8_rows::supports(cols, cols / groups)) {
-    const std::vector<int8_t> x_split = mixprec::w4a8_rows::split_even_odd(xp, rows, cols);
+    const std::vector<int8_t> x_split = mixprec::split_even_odd(xp, rows, cols, mixprec::w4a8_rows::kChunk);
     const int64_t row_blocks = (outs + mixprec::w4a8_rows::kRows - 1) / mixprec::w4a8_rows::kRows;
     mixprec::split_rows(row_blocks, rows * outs * cols, [&](int64_t b, int64_t e) {
       few_rows_blocks(x_split.data(), offsets.data(), x_scale.data_ptr<float>(), rows, cols,

@@ -41,20 +41,6 @@ inline bool supports(int64_t cols, int64_t group) { return cols % 32 == 0 && gro
 // Chunks of 128 codes covering a row of cols codes (the last one possibly partial).
 inline int64_t chunks_of(int64_t cols) { return (cols + kChunk - 1) / kChunk; }
 
-// Each row of xq [rows, cols] re-laid out per 128 codes as its 64 even then 64 odd codes, rows
-// chunks_of(cols) * 128 codes apart; positions past the row's end hold 0.
-inline std::vector<int8_t> split_even_odd(const int8_t* xq, int64_t rows, int64_t cols) {
-  const int64_t stride = chunks_of(cols) * kChunk;
-  std::vector<int8_t> out(rows * stride, 0);
-  for (int64_t m = 0; m < rows; ++m)
-    for (int64_t k = 0; k < cols; k += 2) {
-      const int64_t base = m * stride + k / kChunk * kChunk, i = (k % kChunk) / 2;
-      out[base + i] = xq[m * cols + k];
-      out[base + kChunk / 2 + i] = xq[m * cols + k + 1];
-    }
-  return out;
-}
-
 inline __m512i lane_indices(const int32_t (&values)[16]) {
   return _mm512_loadu_si512(values);
 }
@@ -130,7 +116,8 @@ inline void block_scales(const at::Half* scale, int64_t groups, int64_t n0, int6
 
 // Phase 1 of a block: the 16-lane partial sums of weight rows n0 .. n0 + count - 1 against every
 // row of x, partial[(m * chunks + c) * 16 + r] for x row m, 128-code chunk c and weight row r. Each
-// weight row is read once, front to back (the block of 16 rows is one contiguous stream).
+// weight row is read once, front to back (the block of 16 rows is one contiguous stream). x_split:
+// the int8 rows of x from mixprec::split_even_odd with chunk kChunk.
 inline void block_partials(const int8_t* x_split, int64_t rows, int64_t cols, const uint8_t* packed, int64_t n0,
                            int64_t count, __m512i* partial) {
   const int64_t row_bytes = cols / 2, chunks = chunks_of(cols), stride = chunks * kChunk;
