@@ -67,6 +67,10 @@ def test_decode_helpers_refuse_bad_input() -> None:
         torch_decode_step(model, torch.arange(6).view(2, 3))
     with pytest.raises(ValueError, match="1-D token ids of at least 2 tokens"):
         llama_cpp_decode_step(object(), torch.tensor([3]))
+    with pytest.raises(ValueError, match="the model's own input embedding"):
+        decode_step_bytes(model, torch.nn.Embedding(96, 64))
+    with pytest.raises(TypeError, match="takes two modules"):
+        decode_step_bytes(model, "embed_tokens")
 
 
 def test_step_bytes_see_prepacked_int8_weights() -> None:

@@ -61,6 +61,12 @@ def decode_step_bytes(model: nn.Module, embedding: nn.Module) -> int:
     """Weight bytes one decode step reads: every tensor of the model once (a head tied to the
     embedding counts once, as the head reads it whole), except that the input embedding reads a
     single row. The KV cache, a few kB per layer at short contexts, is not counted."""
+    if not isinstance(model, nn.Module) or not isinstance(embedding, nn.Module):
+        raise TypeError(f"decode_step_bytes takes two modules, got {type(model).__name__} and "
+                        f"{type(embedding).__name__}")
+    if not any(module is embedding for module in model.modules()):
+        raise ValueError("embedding must be the model's own input embedding module "
+                         "(model.get_input_embeddings()), not a module outside the model")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embedding_ids = {id(t) for t in own_tensors(embedding)}
     tied = head is not None and any(id(t) in embedding_ids for t in own_tensors(head))
