@@ -11,6 +11,7 @@ from torch import nn
 
 import mixprec
 from mixprec.kernels import native, onednn_int8
+from mixprec.kernels.int8_linear import int8_linear_packed
 from mixprec.nn import Int8DynamicLinear, Int8PackedLinear, int8_dynamic_class
 
 pytestmark = pytest.mark.skipif(not onednn_int8.available(), reason="no VNNI/AMX int8 kernel in oneDNN here")
@@ -31,6 +32,58 @@ def test_packed_and_dense_give_identical_bits(monkeypatch: pytest.MonkeyPatch) -
     assert "oneDNN, prepacked" in packed.kernel
     monkeypatch.setattr(native, "available", lambda: False)
     assert torch.equal(packed(x).nan_to_num(), dense(x).nan_to_num())
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [(72, 200), (64, 4), (130, 36), (256, 4100), (128, 2048)])
+def test_few_rows_read_the_packed_weight_in_place_with_the_gemm_bits(out_features: int, in_features: int) -> None:
+    # Up to 4 rows stream oneDNN's packed bytes (csrc/int8_packed_rows.cpp); oneDNN's own GEMM on the same
+    # packed tensor is the reference: exact int32 sums, the same float32 epilogue, hence the same bits.
+    if not native.int8_packed_rows_available():
+        pytest.skip("no AVX512-VNNI kernel in this build")
+    torch.manual_seed(out_features + in_features)
+    layer = nn.Linear(in_features, out_features)
+    layer.weight.data[0, :3] = torch.tensor([-50.0, 50.0, -50.0])  # codes -127/127 beside tiny ones
+    packed = Int8PackedLinear.from_float(layer)
+    assert packed._rows_in_place and "in place" in packed.kernel
+    for rows in (1, 2, 3, 4):
+        x = torch.randn(rows, in_features) * 4
+        x[-1, -1] = 1e4  # one row whose codes are all 0 but one +-127
+        for bias in (packed.bias, None):
+            gemm = int8_linear_packed(x, packed._packed, packed._unit_scale, packed._zero_points,
+                                      packed.weight_scale, bias, in_place_rows=False)
+            rows_path = int8_linear_packed(x, packed._packed, packed._unit_scale, packed._zero_points,
+                                           packed.weight_scale, bias, in_place_rows=True)
+            assert torch.equal(rows_path.view(torch.int32), gemm.view(torch.int32)), (rows, bias is None)
+    x = torch.randn(2, 3, in_features)
+    x[1, 2, 0] = float("nan")
+    assert torch.equal(packed(x[:1, :3]).nan_to_num(), Int8DynamicLinear.from_float(layer)(x[:1, :3]))
+    assert torch.isnan(packed(x[1:, 2:])).all()
+
+
+def test_the_in_place_layout_check_refuses_another_weight_and_the_kernel_bad_input() -> None:
+    if not native.int8_packed_rows_available():
+        pytest.skip("no AVX512-VNNI kernel in this build")
+    torch.manual_seed(3)
+    weight = torch.randint(-128, 128, (128, 64), dtype=torch.int8)
+    packed = onednn_int8.prepack(weight)
+    assert onednn_int8.reads_in_place(weight, packed)
+    changed = weight.clone()
+    changed[70, 33] += 1  # one byte in the second block of channels
+    assert not onednn_int8.reads_in_place(changed, packed)
+    assert not onednn_int8.reads_in_place(weight[:, :60], packed)  # another shape: another byte count
+    q = torch.full((1, 64), 128, dtype=torch.uint8)
+    scales = torch.ones(1), torch.ones(128)
+    assert torch.equal(native.int8_packed_rows(q, scales[0], packed, scales[1], None), torch.zeros(1, 128))
+    with pytest.raises(RuntimeError, match="1 to 4 rows, got 5"):
+        native.int8_packed_rows(q.expand(5, 64).contiguous(), torch.ones(5), packed, scales[1], None)
+    with pytest.raises(RuntimeError, match="uint8 CPU codes"):
+        native.int8_packed_rows(q.to(torch.int8), scales[0], packed, scales[1], None)
+    with pytest.raises(RuntimeError, match="packed int8 tensor"):
+        native.int8_packed_rows(q, scales[0], weight, scales[1], None)
+    with pytest.raises(RuntimeError, match="holds 8704 bytes"):
+        native.int8_packed_rows(q, scales[0], packed, torch.ones(256), None)
+    with pytest.raises(RuntimeError, match="bias must be float32"):
+        native.int8_packed_rows(q, scales[0], packed, scales[1], torch.ones(3))
 
 
 def test_state_dict_is_dense_and_holds_no_second_copy() -> None:

@@ -55,6 +55,11 @@ def _w4a8_linear(xq: Tensor, x_scale: Tensor, packed: Tensor, scale: Tensor, bia
     return _linear_out(xq, packed.shape[0])
 
 
+def _int8_packed_rows(q: Tensor, row_scale: Tensor, packed: Tensor, col_scale: Tensor,  # noqa: ARG001
+                      bias: Tensor | None) -> Tensor:  # noqa: ARG001
+    return _linear_out(q, col_scale.shape[0])
+
+
 def _rescale_rows_cols(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None) -> Tensor:  # noqa: ARG001
     return acc.new_empty(acc.shape, dtype=torch.float32)
 
@@ -118,6 +123,7 @@ _FAKES = {
     "w8g_linear_rows": _w8_linear_rows,
     "w4_linear_rows": _w4_linear_rows,
     "w4a8_linear": _w4a8_linear,
+    "int8_packed_rows": _int8_packed_rows,
     "rescale_rows_cols": _rescale_rows_cols,
     "rescale_rows_cols_": _rescale_rows_cols_,
     "w4_dequantize_rows": _w4_dequantize_rows,

@@ -17,10 +17,13 @@ import warnings
 import torch
 from torch import Tensor
 
+from mixprec.kernels import native
 from mixprec.kernels.cpu import cpu_flags
 
 #: Name recorded by modules that run :func:`matmul_u8`.
 KERNEL_NAME = "int8 GEMM, int32 accumulation (oneDNN, prepacked weights)"
+#: Name of the few-row kernel that reads the packed weight in place (:func:`reads_in_place`).
+IN_PLACE_ROWS_KERNEL_NAME = "AVX512-VNNI C++ kernel streaming the packed weight in place"
 #: Smallest weight (out x in elements) given to oneDNN. Measured on Zen 4 (AVX512-VNNI,
 #: no AMX), ratio to float32: a 4096 x 4096 weight at M = 8 / 32 / 256 ran 11.9x / 7.2x /
 #: 5.3x with oneDNN against 2.0x / 2.9x / 4.0x with torch._int_mm (which repacks the weight
@@ -45,6 +48,13 @@ def prepack(weight: Tensor) -> Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
+
+
+def reads_in_place(weight: Tensor, packed: Tensor) -> bool:
+    """Whether the few-row kernel (``csrc/int8_packed_rows.cpp``) can read ``packed``, oneDNN's pack of the
+    int8 ``[N, K]`` ``weight``, in place: the native build has it and the packed bytes were checked, one by
+    one, to hold the layout it reads (oneDNN's internal layout, not a documented interface)."""
+    return native.int8_packed_rows_available() and native.int8_packed_layout_matches(weight.contiguous(), packed)
 
 
 def unpack(packed: Tensor) -> Tensor:

@@ -33,6 +33,7 @@ from mixprec.kernels.activation_quant import (
 )
 from mixprec.kernels.cpu import native_slow_path
 from mixprec.kernels.int8_conv import MAX_CONV_REDUCTION
+from mixprec.kernels.int8_linear import PACKED_ROWS_MAX
 from mixprec.kernels.onednn_int8 import KERNEL_NAME as ONEDNN_KERNEL
 from mixprec.kernels.weight_only import KERNEL_NAME as W8_KERNEL
 from mixprec.kernels.weight_only import w8_linear
@@ -145,7 +146,9 @@ class Int8PackedLinear(PackedWeightMixin, Int8DynamicLinear):
     @property
     def kernel(self) -> str:  # type: ignore[override]
         fused = "fused C++" if native.available() else "PyTorch-op"
-        return f"{ONEDNN_KERNEL}; {fused} per-token quantization and rescale"
+        rows = (f"; up to {PACKED_ROWS_MAX} rows: {onednn_int8.IN_PLACE_ROWS_KERNEL_NAME}"
+                if self._rows_in_place else "")
+        return f"{ONEDNN_KERNEL}; {fused} per-token quantization and rescale{rows}"
 
     @property
     def dense_weight_shape(self) -> tuple[int, int]:
@@ -153,6 +156,7 @@ class Int8PackedLinear(PackedWeightMixin, Int8DynamicLinear):
 
     def _store_codes(self, codes: Tensor) -> None:
         self._packed = onednn_int8.prepack(codes)
+        self._rows_in_place = onednn_int8.reads_in_place(codes, self._packed)
 
     def weight_codes(self) -> Tensor:
         return onednn_int8.unpack(self._packed)
@@ -160,7 +164,7 @@ class Int8PackedLinear(PackedWeightMixin, Int8DynamicLinear):
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)
         y = int8_linear_packed(as_float32_matrix(x), self._packed, self._unit_scale, self._zero_points,
-                               self.weight_scale, self.bias)
+                               self.weight_scale, self.bias, self._rows_in_place)
         return restore_shape(y, x)
 
 
