@@ -17,9 +17,8 @@ from mixprec.nn import W4A8Linear, W4Linear
 needs_vnni = pytest.mark.skipif(not native.w4a8_available(), reason="the native build has no AVX512-VNNI kernel")
 
 # (M, K, N, G): M = 1 and M not a multiple of the 6-row block, N not a multiple of the
-# 32-channel block, K % 8 == 4 (a last single quad), group sizes 4 to 128; M <= 4 with K a
-# multiple of 32 and G of 32 take the few-row path (N not a multiple of its 16-row block, groups
-# of 32 to 256, one group spanning two 128-code chunks, a last chunk of 32 or 64 codes, K < 128).
+# 32-channel block, K % 8 == 4 (a last single quad), group sizes 4 to 256; the shapes whose G is a
+# multiple of 8 run the blocked layout too (groups of 1 to 32 eight-code lanes, K % 128 != 0).
 SHAPES = [(1, 4, 1, 4), (3, 12, 33, 4), (13, 1028, 47, 4), (7, 64, 64, 32), (17, 4096, 100, 128), (40, 96, 70, 32),
           (6, 112, 31, 28), (2, 256, 96, 64), (1, 512, 37, 32), (4, 1024, 48, 256), (3, 384, 17, 128),
           (1, 576, 35, 32), (2, 96, 20, 32), (4, 1056, 18, 96)]
@@ -38,6 +37,22 @@ def random_codes(m: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch
     return xq, codes
 
 
+def linear(xq: torch.Tensor, x_scale: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+           bias: torch.Tensor | None, blocked: bool) -> torch.Tensor:
+    """The native kernel on the packed or the blocked layout of int4 ``codes [N, K]``."""
+    packed = pack_int4(codes)
+    if not blocked:
+        return native.w4a8_linear(xq, x_scale, packed, scale, bias)
+    n, k = codes.shape
+    code_shape, scale_shape = w4a8.blocked_shapes(n, k, k // scale.shape[1])
+    blocked_codes, blocked_scale = torch.empty(code_shape, dtype=torch.uint8), torch.empty(scale_shape).half()
+    w4a8.to_blocked(packed, scale, blocked_codes, blocked_scale)
+    return native.w4a8_linear_blocked(xq, x_scale, blocked_codes, blocked_scale, n, bias)
+
+
+LAYOUTS = [pytest.param(False, id="packed"), pytest.param(True, id="blocked")]
+
+
 def group_dots(xq: torch.Tensor, codes: torch.Tensor, group: int) -> torch.Tensor:
     """Exact integer dot products per group, int64 ``[M, N, K / G]``."""
     m, k = xq.shape
@@ -46,26 +61,32 @@ def group_dots(xq: torch.Tensor, codes: torch.Tensor, group: int) -> torch.Tenso
 
 
 @needs_vnni
+@pytest.mark.parametrize("blocked", LAYOUTS)
 @pytest.mark.parametrize("m,k,n,group", SHAPES)
-def test_integer_sums_equal_an_int64_reference_exactly(m: int, k: int, n: int, group: int) -> None:
+def test_integer_sums_equal_an_int64_reference_exactly(m: int, k: int, n: int, group: int, blocked: bool) -> None:
     # Unit scales: the output is the float32 sum of the exact group dot products, which is
     # exact while every partial sum stays below 2**24 (here at most 1024 * K <= 2**22).
+    if blocked and not w4a8.blocked_layout_applies(group):
+        pytest.skip("the blocked layout needs groups of whole 8-code lanes")
     xq, codes = random_codes(m, k, n, seed=m * k + n)
     unit = torch.ones(n, k // group, dtype=torch.float16)
-    y = native.w4a8_linear(xq, torch.ones(m, 1), pack_int4(codes), unit, None)
+    y = linear(xq, torch.ones(m, 1), codes, unit, None, blocked)
     expected = xq.long() @ codes.long().t()
     assert torch.equal(y.double(), expected.double())
 
 
 @needs_vnni
+@pytest.mark.parametrize("blocked", LAYOUTS)
 @pytest.mark.parametrize("m,k,n,group", SHAPES)
-def test_scaled_output_matches_a_float64_reference(m: int, k: int, n: int, group: int) -> None:
+def test_scaled_output_matches_a_float64_reference(m: int, k: int, n: int, group: int, blocked: bool) -> None:
+    if blocked and not w4a8.blocked_layout_applies(group):
+        pytest.skip("the blocked layout needs groups of whole 8-code lanes")
     xq, codes = random_codes(m, k, n, seed=m + k * n)
     generator = torch.Generator().manual_seed(k)
     scale = (torch.rand(n, k // group, generator=generator) * 0.1 + 1e-3).half()
     x_scale = torch.rand(m, 1, generator=generator) * 0.02
     bias = torch.randn(n, generator=generator)
-    y = native.w4a8_linear(xq, x_scale, pack_int4(codes), scale, bias).double()
+    y = linear(xq, x_scale, codes, scale, bias, blocked).double()
     terms = group_dots(xq, codes, group).double() * scale.double().unsqueeze(0)
     reference = terms.sum(-1) * x_scale.double() + bias.double()
     magnitude = terms.abs().sum(-1) * x_scale.double() + bias.double().abs()
@@ -87,18 +108,68 @@ def test_each_row_gives_the_same_bits_in_any_batch() -> None:
 
 
 @needs_vnni
-@pytest.mark.parametrize("k,group", [(768, 32), (768, 64), (768, 128), (768, 256), (704, 32), (704, 64), (96, 32)])
-def test_few_row_path_gives_the_many_row_paths_bits(k: int, group: int) -> None:
-    # Up to 4 rows read the packed codes in place (lanes along k), more rows unpack blocks of
-    # channels (lanes along channels): the same integer group sums and float32 steps.
+@pytest.mark.parametrize("k,group", [(768, 32), (768, 64), (768, 128), (768, 256), (704, 32), (96, 8), (40, 8)])
+def test_blocked_layout_gives_the_packed_layouts_bits(k: int, group: int) -> None:
+    # The same codes in the two layouts, every row count from 1 (decoding) to 13: the same integer
+    # group sums and float32 steps, hence the same bits; 83 channels: a partial last block of 32.
     generator = torch.Generator().manual_seed(group + k)
-    x = torch.randn(12, k, generator=generator) * torch.logspace(-2, 2, k)
+    x = torch.randn(13, k, generator=generator) * torch.logspace(-2, 2, k)
     packed = torch.randint(0, 256, (83, k // 2), dtype=torch.uint8, generator=generator)
     scale = (torch.rand(83, k // group, generator=generator) * 0.1).half()
     bias = torch.randn(83, generator=generator)
-    batch = w4a8.w4a8_linear(x, packed, scale, bias)
-    for begin, end in ((0, 1), (3, 5), (5, 8), (8, 12)):
-        assert torch.equal(w4a8.w4a8_linear(x[begin:end], packed, scale, bias), batch[begin:end])
+    code_shape, scale_shape = w4a8.blocked_shapes(83, k, group)
+    assert code_shape == (3, k // 8, 32, 4) and scale_shape == (3, k // group, 32)
+    codes, blocked_scale = torch.empty(code_shape, dtype=torch.uint8), torch.empty(scale_shape).half()
+    w4a8.to_blocked(packed, scale, codes, blocked_scale)
+    assert all(torch.equal(a, b) for a, b in zip(w4a8.from_blocked(codes, blocked_scale, 83), (packed, scale)))
+    assert not codes[2, :, 19:].any() and not blocked_scale[2, :, 19:].any()  # padding channels: code 0, scale 0
+    for rows in range(1, 14):
+        expected = w4a8.w4a8_linear(x[:rows], packed, scale, bias)
+        assert torch.equal(w4a8.w4a8_linear_blocked(x[:rows], codes, blocked_scale, 83, bias), expected), rows
+
+
+@needs_vnni
+def test_blocked_op_refuses_mismatched_operands() -> None:
+    xq = torch.zeros(2, 64, dtype=torch.int8)
+    codes = torch.zeros(1, 8, 32, 4, dtype=torch.uint8)
+    scale = torch.ones(1, 2, 32, dtype=torch.float16)
+    assert native.w4a8_linear_blocked(xq, torch.ones(2, 1), codes, scale, 20, None).shape == (2, 20)
+    with pytest.raises(RuntimeError, match=r"codes must be a contiguous uint8 CPU tensor \[ceil\(N/32\), K/8, 32, 4\]"):
+        native.w4a8_linear_blocked(xq, torch.ones(2, 1), codes, scale, 40, None)
+    with pytest.raises(RuntimeError, match="group size G divisible by 8"):
+        native.w4a8_linear_blocked(xq, torch.ones(2, 1), codes, torch.ones(1, 16, 32, dtype=torch.float16), 20, None)
+    with pytest.raises(RuntimeError, match="x_scale must hold one float32 per row"):
+        native.w4a8_linear_blocked(xq, torch.ones(3, 1), codes, scale, 20, None)
+    with pytest.raises(RuntimeError, match="bias must be contiguous float32"):
+        native.w4a8_linear_blocked(xq, torch.ones(2, 1), codes, scale, 20, torch.zeros(32))
+
+
+def test_module_holds_only_the_blocked_layout_and_checkpoints_the_packed_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(1)
+    layer = nn.Linear(96, 40)
+    module, weight_only = W4A8Linear.from_float(layer, 32), W4Linear.from_float(layer, 32)
+    assert module.blocked and set(dict(module.named_buffers())) == {"codes_blocked", "scale_blocked", "bias"}
+    state = module.state_dict()
+    assert set(state) == {"weight_packed", "weight_scale", "bias"}
+    assert torch.equal(state["weight_packed"], weight_only.weight_packed)
+    assert torch.equal(state["weight_scale"], weight_only.weight_scale)
+    x = torch.randn(3, 96)
+    packed_layout = module.relaid(blocked=False)
+    assert not packed_layout.blocked and torch.equal(packed_layout(x), module(x))
+    assert torch.equal(packed_layout.relaid(blocked=True)(x), module(x))
+    fresh = W4A8Linear(96, 40, True, 32)
+    fresh.load_state_dict(packed_layout.state_dict())
+    assert torch.equal(fresh(x), module(x))
+    with pytest.raises(RuntimeError, match=r"weight_packed: expected torch.uint8 \(40, 48\), got torch.uint8 \(40, 4"):
+        fresh.load_state_dict({**state, "weight_packed": state["weight_packed"][:, :47]})
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fresh.load_state_dict({"bias": state["bias"]})
+    with pytest.raises(ValueError, match="blocked w4a8 layout needs a group size divisible by 8, got 12"):
+        W4A8Linear(96, 40, True, 12, blocked=True)
+    assert not W4A8Linear(96, 40, True, 12).blocked
+    native_output = module(x)
+    monkeypatch.setattr(native, "w4a8_available", lambda: False)  # the fallback reads the packed codes back
+    assert torch.equal(module(x), packed_layout(x)) and not torch.equal(module(x), native_output)
 
 
 def test_fallback_uses_the_same_codes_and_differs_by_rounding_only(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from mixprec.errors import CheckpointError, PolicyError
-from mixprec.nn import HalfLinear, Int8DynamicLinear, Int8PackedLinear, QuantizedModule
+from mixprec.kernels.w4a8_linear import blocked_layout_applies
+from mixprec.nn import HalfLinear, Int8DynamicLinear, Int8PackedLinear, QuantizedModule, W4A8Linear
 from mixprec.nn.base import warn_slow_paths
 from mixprec.nn.linear_int8 import int8_dynamic_class
 from mixprec.policy import Policy
@@ -140,6 +141,8 @@ class MixprecQuantizer(HfQuantizer):
                     empty = Int8DynamicLinear(linear.in_features, linear.out_features, linear.bias is not None)
                 else:
                     empty = build_empty(plan.module, plan.precision)
+                    if isinstance(empty, W4A8Linear) and empty.blocked:  # the packed codes load as stored
+                        empty = empty.relaid(blocked=False)
                 _replace(model, name, empty)
 
     def _refuse_tied(self, model: nn.Module) -> None:
@@ -194,6 +197,8 @@ class MixprecQuantizer(HfQuantizer):
                 if module.bias is not None:
                     packed.bias.copy_(module.bias)
                 _replace(model, name, packed)
+            elif isinstance(module, W4A8Linear) and not module.blocked and blocked_layout_applies(module.group_size):
+                _replace(model, name, module.relaid(blocked=True))
         for module in model.modules():  # a bias that arrived after its weight came in the model's dtype
             bias = getattr(module, "bias", None)
             if isinstance(module, QuantizedModule) and bias is not None:

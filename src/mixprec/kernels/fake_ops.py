@@ -60,6 +60,11 @@ def _int8_packed_rows(q: Tensor, row_scale: Tensor, packed: Tensor, col_scale: T
     return _linear_out(q, col_scale.shape[0])
 
 
+def _w4a8_linear_blocked(xq: Tensor, x_scale: Tensor, codes: Tensor, scale: Tensor,  # noqa: ARG001
+                         out_features: int, bias: Tensor | None) -> Tensor:  # noqa: ARG001
+    return _linear_out(xq, out_features)
+
+
 def _rescale_rows_cols(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None) -> Tensor:  # noqa: ARG001
     return acc.new_empty(acc.shape, dtype=torch.float32)
 
@@ -123,6 +128,7 @@ _FAKES = {
     "w8g_linear_rows": _w8_linear_rows,
     "w4_linear_rows": _w4_linear_rows,
     "w4a8_linear": _w4a8_linear,
+    "w4a8_linear_blocked": _w4a8_linear_blocked,
     "int8_packed_rows": _int8_packed_rows,
     "rescale_rows_cols": _rescale_rows_cols,
     "rescale_rows_cols_": _rescale_rows_cols_,

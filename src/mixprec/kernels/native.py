@@ -168,6 +168,12 @@ def int8_packed_rows(q: torch.Tensor, row_scale: torch.Tensor, packed: torch.Ten
     return torch.ops.mixprec.int8_packed_rows(q, row_scale, packed, col_scale, bias)
 
 
+def w4a8_linear_blocked(xq: torch.Tensor, x_scale: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                        out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`w4a8_linear` on the blocked layout (see csrc/w4a8_gemm.cpp)."""
+    return torch.ops.mixprec.w4a8_linear_blocked(xq, x_scale, codes, scale, out_features, bias)
+
+
 @torch.compiler.assume_constant_result
 def w4a8_available() -> bool:
     """Whether the native build has the AVX512-VNNI int4 x int8 kernel (see csrc/w4a8_gemm.cpp)."""

@@ -16,9 +16,11 @@ it differs from the native path by float32 rounding only.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mixprec.formats import pack_int4, unpack_int4
 from mixprec.kernels import native
 from mixprec.kernels.activation_quant import quantize_per_token_symmetric_torch
 from mixprec.kernels.weight_only import w4_dequantize_torch
@@ -45,3 +47,63 @@ def w4a8_linear(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None) -
         codes, row_scale = native.quantize_rows_s8(x)
         return native.w4a8_linear(codes, row_scale, packed, scale, bias)
     return w4a8_linear_torch(x, packed, scale, bias)
+
+
+#: Output channels per block of the blocked layout (zero-padded up to a multiple of it).
+BLOCK_CHANNELS = 32
+#: Codes per 4-byte lane of the blocked layout; group sizes must be multiples of it.
+BLOCK_CODES = 8
+#: Channels converted at once between the layouts (bounds the temporaries: 2 bytes per code).
+_CONVERT_CHANNELS = 1024
+
+
+def blocked_layout_applies(group_size: int) -> bool:
+    """Whether ``w4a8gN`` with this group size holds the blocked layout (groups of whole 8-code lanes)."""
+    return group_size % BLOCK_CODES == 0
+
+
+def blocked_shapes(out_features: int, in_features: int, group_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the blocked codes ``[N'/32, K/8, 32, 4]`` and scales ``[N'/32, K/G, 32]`` (N' = N rounded up to 32)."""
+    blocks = -(-out_features // BLOCK_CHANNELS)
+    return ((blocks, in_features // BLOCK_CODES, BLOCK_CHANNELS, 4),
+            (blocks, in_features // group_size, BLOCK_CHANNELS))
+
+
+def to_blocked(packed: Tensor, scale: Tensor, codes_out: Tensor, scale_out: Tensor) -> None:
+    """Writes packed ``[N, K/2]`` codes and ``[N, K/G]`` fp16 scales into the blocked layout
+    (``codes_out``, ``scale_out`` of :func:`blocked_shapes`; channels past N get code 0 and scale 0):
+    lane byte ``j`` of channel ``n``, octet ``o`` = code ``8o + j`` (low nibble) | code ``8o + 4 + j`` (high)."""
+    rows, cols = packed.shape[0], packed.shape[1] * 2
+    for begin in range(0, rows, _CONVERT_CHANNELS):  # a multiple of 32: whole blocks
+        end = min(begin + _CONVERT_CHANNELS, rows)
+        nibbles = unpack_int4(packed[begin:end], signed=False).view(end - begin, cols // BLOCK_CODES, 2, 4)
+        lanes = nibbles[:, :, 0] | (nibbles[:, :, 1] << 4)  # [channels, K/8, 4]
+        first, last = begin // BLOCK_CHANNELS, -(-end // BLOCK_CHANNELS)
+        target = lanes.new_zeros(((last - first) * BLOCK_CHANNELS, cols // BLOCK_CODES, 4))
+        target[: end - begin] = lanes
+        codes_out[first:last] = target.view(last - first, BLOCK_CHANNELS, cols // BLOCK_CODES, 4).transpose(1, 2)
+    padded = scale.new_zeros(scale_out.shape[0] * BLOCK_CHANNELS, scale.shape[1])
+    padded[:rows] = scale
+    scale_out.copy_(padded.view(scale_out.shape[0], BLOCK_CHANNELS, -1).transpose(1, 2))
+
+
+def from_blocked(codes: Tensor, scale: Tensor, out_features: int) -> tuple[Tensor, Tensor]:
+    """The packed ``[N, K/2]`` codes and ``[N, K/G]`` fp16 scales a blocked layout holds
+    (:func:`to_blocked`'s inverse)."""
+    blocks, octets = codes.shape[0], codes.shape[1]
+    groups = scale.shape[1]
+    if codes.is_meta:  # a model being built on the meta device: shapes only
+        return (codes.new_empty((out_features, octets * BLOCK_CODES // 2)),
+                scale.new_empty((out_features, groups)))
+    lanes = codes.transpose(1, 2).reshape(blocks * BLOCK_CHANNELS, octets, 4)[:out_features]
+    nibbles = torch.stack((lanes & 0x0F, lanes >> 4), dim=2).reshape(out_features, octets * BLOCK_CODES)
+    return pack_int4(nibbles), scale.transpose(1, 2).reshape(-1, groups)[:out_features].contiguous()
+
+
+def w4a8_linear_blocked(x: Tensor, codes: Tensor, scale: Tensor, out_features: int, bias: Tensor | None) -> Tensor:
+    """:func:`w4a8_linear` on the blocked layout (:func:`to_blocked`); the same bits."""
+    if native_path() and x.is_contiguous():
+        xq, row_scale = native.quantize_rows_s8(x)
+        return native.w4a8_linear_blocked(xq, row_scale, codes, scale, out_features, bias)
+    packed, dense_scale = from_blocked(codes, scale, out_features)
+    return w4a8_linear_torch(x, packed, dense_scale, bias)

@@ -98,26 +98,132 @@ class W4Linear(QuantizedModule):
 
 
 class W4A8Linear(W4Linear):
-    """``w4a8gN``: :class:`W4Linear`'s int4 storage, activations quantized per row to int8.
+    """``w4a8gN``: :class:`W4Linear`'s int4 codes and scales, activations quantized per row to int8.
 
     Forward: ``y = sx * sum_g s_g * (xq . q)_g + b`` with exact integer group dot products
     (see :mod:`mixprec.kernels.w4a8_linear` for the rounding). Faster than ``w4`` from a few
     rows up, at the cost of the activation rounding that ``int8`` also pays; outputs of a
     row do not depend on the other rows of the batch. The group size must be a multiple of 4
     (the VNNI kernel multiplies 4 codes per lane).
+
+    With a group size that is a multiple of 8 the module holds the codes and scales only in the
+    kernel's blocked layout (``codes_blocked``, ``scale_blocked``: 32 channels x 8 codes per 128
+    bytes, read in place at memory speed while decoding; out_features padded to a multiple of 32).
+    ``weight_packed`` and ``weight_scale`` then read back the ordinary packed ``[out, in/2]`` codes and
+    ``[out, in/G]`` scales (computed, for exports and inspection), and ``state_dict()`` carries those,
+    so checkpoints do not depend on the layout; loading converts them again.
     """
 
     matmul = staticmethod(w4a8.w4a8_linear)
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 32) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 32,
+                 blocked: bool | None = None) -> None:
+        """``blocked``: hold the blocked layout (default: whenever the group size allows it) or the packed one."""
         if group_size % 4:
             raise ValueError(f"w4a8 needs a group size divisible by 4, got {group_size}")
+        if blocked and not w4a8.blocked_layout_applies(group_size):
+            raise ValueError(f"the blocked w4a8 layout needs a group size divisible by {w4a8.BLOCK_CODES}, "
+                             f"got {group_size}")
         super().__init__(in_features, out_features, bias, group_size)
         self.precision = f"w4a8g{group_size}"
+        self.blocked = w4a8.blocked_layout_applies(group_size) if blocked is None else blocked
+        if self.blocked:
+            packed, scale = self._buffers.pop("weight_packed"), self._buffers.pop("weight_scale")
+            code_shape, scale_shape = w4a8.blocked_shapes(out_features, in_features, group_size)
+            self.register_buffer("codes_blocked", torch.empty(code_shape, dtype=torch.uint8))
+            self.register_buffer("scale_blocked", torch.empty(scale_shape, dtype=torch.float16))
+            self._store(packed, scale)
+
+    @property
+    def weight_packed(self) -> Tensor:
+        """The packed ``[out, in/2]`` int4 codes (a computed copy when the module holds the blocked layout)."""
+        return self._canonical("weight_packed", 0)
+
+    @property
+    def weight_scale(self) -> Tensor:
+        """The fp16 ``[out, in/G]`` group scales (a computed copy when the module holds the blocked layout)."""
+        return self._canonical("weight_scale", 1)
+
+    def _canonical(self, name: str, index: int) -> Tensor:
+        if name in self._buffers:
+            return self._buffers[name]
+        if "codes_blocked" not in self._buffers:  # while W4Linear.__init__ registers the buffer
+            raise AttributeError(name)
+        return w4a8.from_blocked(self.codes_blocked, self.scale_blocked, self.out_features)[index]
+
+    def _store(self, packed: Tensor, scale: Tensor) -> None:
+        """Sets the codes and scales from the packed ``[out, in/2]`` / ``[out, in/G]`` form."""
+        if self.blocked:
+            w4a8.to_blocked(packed, scale, self.codes_blocked, self.scale_blocked)
+        else:
+            self._buffers["weight_packed"].copy_(packed)
+            self._buffers["weight_scale"].copy_(scale)
+
+    def relaid(self, blocked: bool) -> W4A8Linear:
+        """A module with the same codes, scales and bias in the blocked or the packed layout."""
+        module = W4A8Linear(self.in_features, self.out_features, self.bias is not None, self.group_size, blocked)
+        module._store(self.weight_packed, self.weight_scale)
+        if self.bias is not None:
+            module.bias.copy_(self.bias)
+        return module
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int = 32, hessian: Tensor | None = None) -> W4A8Linear:
+        """Quantize ``linear`` as :meth:`W4Linear.from_float` does (the same codes and scales)."""
+        source = W4Linear.from_float(linear, group_size, hessian)
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
+        module._store(source.weight_packed, source.weight_scale)
+        if module.bias is not None:
+            module.bias.copy_(source.bias)
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.blocked:
+            return super().forward(x)
+        check_linear_input(x, self.in_features, type(self).__name__)
+        y = w4a8.w4a8_linear_blocked(as_float32_matrix(x), self.codes_blocked, self.scale_blocked,
+                                     self.out_features, self.bias)
+        return restore_shape(y, x)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.blocked:
+            del destination[prefix + "codes_blocked"], destination[prefix + "scale_blocked"]
+            packed, scale = w4a8.from_blocked(self.codes_blocked, self.scale_blocked, self.out_features)
+            destination[prefix + "weight_packed"], destination[prefix + "weight_scale"] = packed, scale
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not self.blocked:
+            return
+        for name in ("codes_blocked", "scale_blocked"):
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+        expected = {"weight_packed": (torch.uint8, (self.out_features, self.in_features // 2)),
+                    "weight_scale": (torch.float16, (self.out_features, self.in_features // self.group_size))}
+        loaded = {}
+        for name, (dtype, shape) in expected.items():
+            key = prefix + name
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
+            tensor = state_dict.get(key)
+            if tensor is None:
+                missing_keys.append(key)
+            elif tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                error_msgs.append(f"{key}: expected {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
+            else:
+                loaded[name] = tensor
+        if len(loaded) == 2:
+            self._store(loaded["weight_packed"], loaded["weight_scale"])
 
     @property
     def kernel(self) -> str:  # type: ignore[override]
-        return w4a8.KERNEL_NAME if w4a8.native_path() else w4a8.FALLBACK_KERNEL_NAME
+        if not w4a8.native_path():
+            return w4a8.FALLBACK_KERNEL_NAME
+        layout = "blocked layout read in place" if self.blocked else "packed layout unpacked per call"
+        return f"{w4a8.KERNEL_NAME}; {layout}"
 
     @property
     def slow_path(self) -> str | None:

@@ -13,10 +13,18 @@
 // -8 * sum_{k in g} xq[m, k]. Lanes run along output channels: a block of 32 channels is
 // unpacked once into [K/4][32][4] bytes (4 consecutive k of one channel per 32-bit lane)
 // and reused by every row of x; each 4-byte quad of an x row is broadcast.
+//
+// The blocked layout (w4a8_linear_blocked; what W4A8Linear holds when G % 8 == 0): codes of 32
+// channels x 8 consecutive k per 128 bytes, [N'/32][K/8][32][4] bytes with N' = N rounded up to 32
+// (missing channels: code 0, scale 0); byte j of the lane of channel n and octet o holds code
+// k = 8o + j in its low nibble and k = 8o + 4 + j in its high nibble (two's complement nibbles), and
+// the scales are [N'/32][K/G][32] float16. Each 32-channel block is one contiguous stream that the
+// kernel splits into low and high nibbles in registers (no unpacked copy), so one row of x (decoding)
+// reads the weight once at the memory's speed; the integer group sums and the float32 steps are the
+// ones above, so both layouts give the same bits.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "even_odd_split.h"
 #include "split_rows.h"
 #include "w4_layout.h"
 
@@ -29,7 +37,6 @@
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 
-#include "w4a8_rows.h"
 #define MIXPREC_W4A8 1
 #else
 #define MIXPREC_W4A8 0
@@ -39,9 +46,6 @@ namespace {
 
 // Output channels per unpacked block: two vectors of 16 int32 lanes.
 constexpr int64_t kBlock = 32;
-// Most rows of x given to the few-row path (w4a8_rows.h), which reads the packed codes in place:
-// beyond it, unpacking each block of channels once for all rows costs less.
-constexpr int64_t kFewRows = 4;
 
 void check_inputs(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& packed, const at::Tensor& scale,
                   const c10::optional<at::Tensor>& bias) {
@@ -128,6 +132,37 @@ inline __m512i broadcast_quad(const int8_t* codes) {
   return _mm512_set1_epi32(quad);
 }
 
+// y[m, n0 + j] = fma(sum, sx[m], bias[n0 + j]) for the count (<= 32) present channels of a block.
+template <int Rows>
+void store_outputs(const __m512 (&sum)[Rows][2], const float* x_scale, const float* bias, int64_t n0, int64_t count,
+                   int64_t outs, float* y) {
+  const int64_t present0 = std::min<int64_t>(count, 16), present1 = std::max<int64_t>(count - 16, 0);
+  const __mmask16 mask0 = static_cast<__mmask16>((1u << present0) - 1u);
+  const __mmask16 mask1 = static_cast<__mmask16>((1u << present1) - 1u);
+  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(mask0, bias + n0) : _mm512_setzero_ps();
+  const __m512 b1 = bias ? _mm512_maskz_loadu_ps(mask1, bias + n0 + 16) : _mm512_setzero_ps();
+  for (int m = 0; m < Rows; ++m) {
+    const __m512 sx = _mm512_set1_ps(x_scale[m]);
+    _mm512_mask_storeu_ps(y + m * outs + n0, mask0, _mm512_fmadd_ps(sum[m][0], sx, b0));
+    _mm512_mask_storeu_ps(y + m * outs + n0 + 16, mask1, _mm512_fmadd_ps(sum[m][1], sx, b1));
+  }
+}
+
+// Calls run(std::integral_constant<int, R>{}, m) over the rows of x in groups of R = 6 (the last 1 to 5).
+template <typename Run>
+void for_row_groups(int64_t rows, const Run& run) {
+  int64_t m = 0;
+  for (; m + 6 <= rows; m += 6) run(std::integral_constant<int, 6>{}, m);
+  switch (rows - m) {
+    case 5: run(std::integral_constant<int, 5>{}, m); break;
+    case 4: run(std::integral_constant<int, 4>{}, m); break;
+    case 3: run(std::integral_constant<int, 3>{}, m); break;
+    case 2: run(std::integral_constant<int, 2>{}, m); break;
+    case 1: run(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
+}
+
 // Rows rows of x against one unpacked block of 32 channels; writes y[m, n0 + j], j < count.
 template <int Rows>
 void block_rows(const int8_t* xq, const int32_t* offsets, const float* x_scale, int64_t cols, int64_t group,
@@ -157,16 +192,7 @@ void block_rows(const int8_t* xq, const int32_t* offsets, const float* x_scale, 
       sum[m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][1]), s1, sum[m][1]);
     }
   }
-  const int64_t present0 = std::min<int64_t>(count, 16), present1 = std::max<int64_t>(count - 16, 0);
-  const __mmask16 mask0 = static_cast<__mmask16>((1u << present0) - 1u);
-  const __mmask16 mask1 = static_cast<__mmask16>((1u << present1) - 1u);
-  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(mask0, bias + n0) : _mm512_setzero_ps();
-  const __m512 b1 = bias ? _mm512_maskz_loadu_ps(mask1, bias + n0 + 16) : _mm512_setzero_ps();
-  for (int m = 0; m < Rows; ++m) {
-    const __m512 sx = _mm512_set1_ps(x_scale[m]);
-    _mm512_mask_storeu_ps(y + m * outs + n0, mask0, _mm512_fmadd_ps(sum[m][0], sx, b0));
-    _mm512_mask_storeu_ps(y + m * outs + n0 + 16, mask1, _mm512_fmadd_ps(sum[m][1], sx, b1));
-  }
+  store_outputs<Rows>(sum, x_scale, bias, n0, count, outs, y);
 }
 
 // All rows of x against output blocks [block_begin, block_end).
@@ -184,34 +210,62 @@ void linear_blocks(const int8_t* xq, const int32_t* offsets, const float* x_scal
       block_rows<Rows>(xq + m * cols, offsets + m * groups, x_scale + m, cols, group, block.data(),
                        block_scale.data(), bias, n0, count, outs, y + m * outs);
     };
-    int64_t m = 0;
-    for (; m + 6 <= rows; m += 6) run(std::integral_constant<int, 6>{}, m);
-    switch (rows - m) {
-      case 5: run(std::integral_constant<int, 5>{}, m); break;
-      case 4: run(std::integral_constant<int, 4>{}, m); break;
-      case 3: run(std::integral_constant<int, 3>{}, m); break;
-      case 2: run(std::integral_constant<int, 2>{}, m); break;
-      case 1: run(std::integral_constant<int, 1>{}, m); break;
-      default: break;
-    }
+    for_row_groups(rows, run);
   }
 }
 
-// The few-row path over weight-row blocks [block_begin, block_end) of 16 rows each.
-void few_rows_blocks(const int8_t* x_split, const int32_t* offsets, const float* x_scale, int64_t rows,
-                     int64_t cols, const uint8_t* packed, const at::Half* scale, int64_t groups, const float* bias,
-                     int64_t outs, int64_t block_begin, int64_t block_end, float* y) {
-  namespace fr = mixprec::w4a8_rows;
-  std::vector<float> block_scale(groups * fr::kRows);
-  const int64_t chunks = fr::chunks_of(cols);
-  std::vector<__m512i> partial(rows * chunks * fr::kRows);
+// Rows rows of x against block b of the blocked layout (see the top of this file); writes
+// y[m, 32b + j] for the present channels. The float32 steps are block_rows's.
+template <int Rows>
+void blocked_rows(const int8_t* xq, const int32_t* offsets, const float* x_scale, int64_t cols, int64_t group,
+                  const uint8_t* codes, const at::Half* scale, const float* bias, int64_t b, int64_t outs, float* y) {
+  const int64_t groups = cols / group, octets_per_group = group / 8;
+  const uint8_t* block = codes + b * (cols / 8) * kBlock * 4;
+  const at::Half* block_scale = scale + b * groups * kBlock;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x88)), nibble = _mm512_set1_epi8(0x0F);
+  __m512 sum[Rows][2];
+  for (auto& row : sum) row[0] = row[1] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i acc[Rows][2];
+    for (int m = 0; m < Rows; ++m) acc[m][0] = acc[m][1] = _mm512_set1_epi32(offsets[m * groups + g]);
+    const uint8_t* wg = block + g * octets_per_group * kBlock * 4;
+    const int8_t* xg = xq + g * group;
+    for (int64_t o = 0; o < octets_per_group; ++o) {
+      const __m512i v0 = _mm512_xor_si512(_mm512_loadu_si512(wg + o * kBlock * 4), flip);
+      const __m512i v1 = _mm512_xor_si512(_mm512_loadu_si512(wg + o * kBlock * 4 + 64), flip);
+      const __m512i low0 = _mm512_and_si512(v0, nibble), high0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), nibble);
+      const __m512i low1 = _mm512_and_si512(v1, nibble), high1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), nibble);
+      for (int m = 0; m < Rows; ++m) {
+        const __m512i xa = broadcast_quad(xg + m * cols + o * 8), xb = broadcast_quad(xg + m * cols + o * 8 + 4);
+        acc[m][0] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[m][0], low0, xa), high0, xb);
+        acc[m][1] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[m][1], low1, xa), high1, xb);
+      }
+    }
+    const __m512 s0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block_scale + g * kBlock)));
+    const __m512 s1 =
+        _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block_scale + g * kBlock + 16)));
+    for (int m = 0; m < Rows; ++m) {
+      sum[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][0]), s0, sum[m][0]);
+      sum[m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][1]), s1, sum[m][1]);
+    }
+  }
+  const int64_t n0 = b * kBlock, count = std::min(kBlock, outs - n0);
+  store_outputs<Rows>(sum, x_scale, bias, n0, count, outs, y);
+}
+
+// Every row of x against blocked-layout blocks [block_begin, block_end), six rows at a time (each
+// block's 16K bytes stay in cache across the row groups).
+void blocked_blocks(const int8_t* xq, const int32_t* offsets, const float* x_scale, int64_t rows, int64_t cols,
+                    int64_t group, const uint8_t* codes, const at::Half* scale, const float* bias, int64_t outs,
+                    int64_t block_begin, int64_t block_end, float* y) {
+  const int64_t groups = cols / group;
   for (int64_t b = block_begin; b < block_end; ++b) {
-    const int64_t n0 = b * fr::kRows, count = std::min(fr::kRows, outs - n0);
-    fr::block_scales(scale, groups, n0, count, block_scale.data());
-    fr::block_partials(x_split, rows, cols, packed, n0, count, partial.data());
-    for (int64_t m = 0; m < rows; ++m)
-      fr::block_outputs(partial.data() + m * chunks * fr::kRows, offsets + m * groups, x_scale[m], cols,
-                        cols / groups, block_scale.data(), bias, n0, count, y + m * outs);
+    const auto run = [&](auto rows_tag, int64_t m) {
+      constexpr int Rows = decltype(rows_tag)::value;
+      blocked_rows<Rows>(xq + m * cols, offsets + m * groups, x_scale + m, cols, group, codes, scale, bias, b, outs,
+                         y + m * outs);
+    };
+    for_row_groups(rows, run);
   }
 }
 #endif
@@ -229,16 +283,6 @@ at::Tensor w4a8_linear(const at::Tensor& xq, const at::Tensor& x_scale, const at
   const int8_t* xp = xq.data_ptr<int8_t>();
   const std::vector<int32_t> offsets = group_offsets(xp, rows, cols, cols / groups);
   const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
-  if (rows <= kFewRows && mixprec::w4a8_rows::supports(cols, cols / groups)) {
-    const std::vector<int8_t> x_split = mixprec::split_even_odd(xp, rows, cols, mixprec::w4a8_rows::kChunk);
-    const int64_t row_blocks = (outs + mixprec::w4a8_rows::kRows - 1) / mixprec::w4a8_rows::kRows;
-    mixprec::split_rows(row_blocks, rows * outs * cols, [&](int64_t b, int64_t e) {
-      few_rows_blocks(x_split.data(), offsets.data(), x_scale.data_ptr<float>(), rows, cols,
-                      packed.data_ptr<uint8_t>(), scale.data_ptr<at::Half>(), groups, bp, outs, b, e,
-                      y.data_ptr<float>());
-    });
-    return y;
-  }
   const int64_t blocks = (outs + kBlock - 1) / kBlock;
   // Work: unpacking every weight once per call, plus the multiply (16 multiply-adds cost
   // about one unpacked weight).
@@ -250,15 +294,56 @@ at::Tensor w4a8_linear(const at::Tensor& xq, const at::Tensor& x_scale, const at
   return y;
 }
 
+// The same linear on the blocked layout: codes [N'/32][K/8][32][4] uint8, scale [N'/32][K/G][32]
+// float16, out_features = N (N' = N rounded up to 32), G a multiple of 8.
+at::Tensor w4a8_linear_blocked(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& codes,
+                               const at::Tensor& scale, int64_t out_features, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(w4a8_available(), "this build of the mixprec kernels has no AVX512-VNNI int4 x int8 kernel");
+  TORCH_CHECK(xq.dim() == 2 && xq.scalar_type() == at::kChar && xq.is_contiguous() && xq.device().is_cpu(),
+              "xq must be a contiguous int8 CPU matrix [M, K]");
+  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous() && x_scale.numel() == xq.size(0),
+              "x_scale must hold one float32 per row of xq");
+  const int64_t rows = xq.size(0), cols = xq.size(1), blocks = (out_features + kBlock - 1) / kBlock;
+  TORCH_CHECK(out_features >= 1 && codes.dim() == 4 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+                  codes.device().is_cpu() && codes.size(0) == blocks && codes.size(1) * 8 == cols &&
+                  codes.size(2) == kBlock && codes.size(3) == 4,
+              "codes must be a contiguous uint8 CPU tensor [ceil(N/32), K/8, 32, 4] for N = ", out_features,
+              " and K = ", cols, ", got ", codes.sizes());
+  TORCH_CHECK(scale.dim() == 3 && scale.scalar_type() == at::kHalf && scale.is_contiguous() &&
+                  scale.size(0) == blocks && scale.size(2) == kBlock && scale.size(1) > 0 &&
+                  cols % (8 * scale.size(1)) == 0 && cols / scale.size(1) < 16384,
+              "scale must be a contiguous float16 tensor [ceil(N/32), K/G, 32] with a group size G divisible by 8 "
+              "and below 16384, got ", scale.sizes());
+  TORCH_CHECK(!bias.has_value() || !bias->defined() ||
+                  (bias->numel() == out_features && bias->scalar_type() == at::kFloat && bias->is_contiguous()),
+              "bias must be contiguous float32 [N]");
+  auto y = at::empty({rows, out_features}, x_scale.options());
+#if MIXPREC_W4A8
+  const int64_t group = cols / scale.size(1);
+  const int8_t* xp = xq.data_ptr<int8_t>();
+  const std::vector<int32_t> offsets = group_offsets(xp, rows, cols, group);
+  const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
+  // Work: the weight read once, plus the multiply (16 multiply-adds cost about one weight read).
+  mixprec::split_rows(blocks, out_features * cols + rows * out_features * cols / 16, [&](int64_t b, int64_t e) {
+    blocked_blocks(xp, offsets.data(), x_scale.data_ptr<float>(), rows, cols, group, codes.data_ptr<uint8_t>(),
+                   scale.data_ptr<at::Half>(), bp, out_features, b, e, y.data_ptr<float>());
+  });
+#endif
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mixprec, m) {
   m.def("w4a8_available() -> bool", &w4a8_available);
   m.def("w4a8_linear(Tensor xq, Tensor x_scale, Tensor packed, Tensor scale, Tensor? bias) -> Tensor");
+  m.def("w4a8_linear_blocked(Tensor xq, Tensor x_scale, Tensor codes, Tensor scale, int out_features, "
+        "Tensor? bias) -> Tensor");
 }
 
 // CPU kernels under the CPU dispatch key (not a catch-all), so torch.compile can pair each with
 // its shape-only implementation (mixprec/kernels/fake_ops.py).
 TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
   m.impl("w4a8_linear", &w4a8_linear);
+  m.impl("w4a8_linear_blocked", &w4a8_linear_blocked);
 }
