@@ -57,7 +57,7 @@ MIXPREC_POLICIES = {
     "w8g32": Policy(default="w8g32"),
     "w4g32": Policy([(EMBEDDING_AND_HEAD, "w8g32")], default="w4g32"),
     "w4a8g32": Policy([(EMBEDDING_AND_HEAD, "w8g32")], default="w4a8g32"),
-    "mix: attention int8, MLP w4a8g32, head int8": Policy(
+    "mix: attention int8 / MLP w4a8g32 / head int8": Policy(  # no commas: --paths splits on them
         [(EMBEDDING, "w8g32"), (ATTENTION, "int8"), (MLP, "w4a8g32")], default="int8"),
 }
 #: torchao's paths by the kind of weight they hold.
@@ -274,7 +274,7 @@ def main() -> None:
         rows.append({"path": name, "MB/token": round(path.step_bytes / 1e6, 1),
                      "decode tok/s": round(1 / decode[name], 2), "ms/token": round(1e3 * decode[name], 1),
                      "limit tok/s": round(limit, 1), "% of limit": round(100 / decode[name] / limit, 1),
-                     "x float32": round(decode.get("float32", float("nan")) / decode[name], 2),
+                     "x float32": round(decode["float32"] / decode[name], 2) if "float32" in decode else "",
                      "prefill tok/s": round(PREFILL_TOKENS / prefill[name], 1),
                      "graph breaks": "" if path.graph_breaks is None else path.graph_breaks})
     threads = torch.get_num_threads()
