@@ -49,6 +49,13 @@ POLICIES: dict[str, Policy] = {
 }
 
 
+#: Paths also timed under ``torch.compile`` (default inductor backend, static shapes), as "<name>, compiled".
+COMPILED = ("fp32", "mixprec int8", "mixprec w4a8", "mixprec mixed: attention bf16, FFN int8",
+            "torch bf16 (whole model .bfloat16())", "torchao int8 dynamic (eager)")
+#: Suffix of a compiled path's name.
+COMPILED_SUFFIX = ", compiled"
+
+
 @dataclass(frozen=True)
 class EncoderShape:
     layers: int = 6
@@ -78,13 +85,25 @@ def _mixprec(policy: Policy) -> Callable[[nn.Module], Forward]:
     return build
 
 
+def _compiled(build: Callable[[nn.Module], Forward]) -> Callable[[nn.Module], Forward]:
+    """The same path under ``torch.compile`` (compiled at its first call, before any timing)."""
+    return lambda model: torch.compile(build(model), dynamic=False)
+
+
 def path_builders() -> dict[str, Callable[[nn.Module], Forward]]:
-    """Every path by name: float32, each mixprec policy, whole-model bf16, the peers."""
+    """Every path by name: float32, each mixprec policy, whole-model bf16, the peers, and the
+    :data:`COMPILED` ones again under ``torch.compile``."""
     builders: dict[str, Callable[[nn.Module], Forward]] = {"fp32": lambda model: model}
     builders.update({name: _mixprec(policy) for name, policy in POLICIES.items()})
     builders["torch bf16 (whole model .bfloat16())"] = _whole_model_bf16
     builders.update({name: (lambda model, name=name: build_peer(name, model)) for name in PEERS})
+    builders.update({compiled_name(name): _compiled(builders[name]) for name in COMPILED})
     return builders
+
+
+def compiled_name(name: str) -> str:
+    """The name of path ``name`` under ``torch.compile`` (the torchao peer's "(eager)" dropped)."""
+    return name.removesuffix(" (eager)") + COMPILED_SUFFIX
 
 
 def time_paths(shape: EncoderShape, rounds: int,
@@ -170,7 +189,9 @@ def run(shape: EncoderShape, rounds: int, memory: bool = True,
     for name, seconds in medians.items():
         row: dict[str, object] = {"path": name, "ms": round(seconds * 1e3, 2),
                                   "vs_fp32": round(medians["fp32"] / seconds, 2), "max_rel_error": errors[name]}
-        if memory:
+        if memory and name.endswith(COMPILED_SUFFIX):  # compiling leaves the stored weights as they are
+            row.update({"steady_bytes": "", "quantize_peak_bytes": "", "peak_vs_largest_layer": ""})
+        elif memory:
             figures = measure_memory(name, shape)
             if isinstance(figures, str):
                 failures[f"{name} (memory)"] = figures
@@ -181,7 +202,8 @@ def run(shape: EncoderShape, rounds: int, memory: bool = True,
         rows.append(row)
     if memory and fp32_steady:
         for row in rows:
-            row["steady_vs_fp32"] = round(int(row["steady_bytes"]) / fp32_steady, 3)
+            steady = row["steady_bytes"]
+            row["steady_vs_fp32"] = round(steady / fp32_steady, 3) if isinstance(steady, int) else ""
     return rows, failures
 
 
