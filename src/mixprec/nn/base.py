@@ -30,7 +30,21 @@ class QuantizedModule(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.training = False  # built for inference; model.train() later is refused at forward time
-        self.register_forward_pre_hook(_refuse_training)
+
+    def train(self, mode: bool = True) -> QuantizedModule:
+        """Sets training mode as ``nn.Module.train`` does; while in it, a forward that records
+        gradients is refused (:func:`_refuse_training`). The refusing hook exists only in training
+        mode: any forward hook sends every call down PyTorch's slower hook-dispatching path (about
+        2 us a call measured here, against 16 us for a whole 256 x 256 w4a8 layer at one row)."""
+        super().train(mode)
+        hooks = self._forward_pre_hooks
+        present = [key for key, hook in hooks.items() if hook is _refuse_training]
+        if mode and not present:
+            self.register_forward_pre_hook(_refuse_training)
+        elif not mode:
+            for key in present:
+                del hooks[key]
+        return self
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202
         """Dtype casts (``.half()``, ``.to(torch.bfloat16)``, ``.float()``) leave the stored codes,
