@@ -111,7 +111,8 @@ class W4A8Linear(W4Linear):
     bytes, read in place at memory speed while decoding; out_features padded to a multiple of 32).
     ``weight_packed`` and ``weight_scale`` then read back the ordinary packed ``[out, in/2]`` codes and
     ``[out, in/G]`` scales (computed, for exports and inspection), and ``state_dict()`` carries those,
-    so checkpoints do not depend on the layout; loading converts them again.
+    so checkpoints do not depend on the layout; loading converts them again. Bytes are counted as
+    the packed form's (the blocked one holds more only when out_features is not a multiple of 32).
     """
 
     matmul = staticmethod(w4a8.w4a8_linear)
