@@ -1,4 +1,5 @@
-"""The oneDNN-packed int8 linear: same bits as the dense one, dense checkpoints, copies."""
+"""The int8 linears' weight layouts and few-row kernels: oneDNN-packed and dense give the same bits, dense
+checkpoints, copies."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 import mixprec
-from mixprec.kernels import native, onednn_int8
+from mixprec.kernels import int8_linear, native, onednn_int8
 from mixprec.kernels.int8_linear import int8_linear_packed
 from mixprec.nn import Int8DynamicLinear, Int8PackedLinear, int8_dynamic_class
 
@@ -129,3 +130,42 @@ def test_dispatch_follows_the_measured_threshold() -> None:
 def test_without_onednn_int8_everything_stays_dense(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(onednn_int8, "available", lambda: False)
     assert int8_dynamic_class(4096, 4096) is Int8DynamicLinear
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [(1, 1), (17, 5), (40, 200), (33, 130), (512, 576)])
+def test_few_rows_of_a_dense_int8_weight_stream_it_with_the_int_mm_bits(out_features: int, in_features: int,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Up to 4 rows and weights of DENSE_ROWS_MIN_WEIGHTS elements or more run csrc/int8_dense_rows.cpp; the
+    # fused torch._int_mm call is the reference (exact int32 sums, the same float32 epilogue).
+    if not native.int8_dense_rows_available():
+        pytest.skip("no AVX512-VNNI kernel in this build")
+    monkeypatch.setattr(int8_linear, "DENSE_ROWS_MIN_WEIGHTS", 1)
+    generator = torch.Generator().manual_seed(out_features * in_features)
+    weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+    weight[0] = -127  # the largest weight sum, whose 128 * sum the kernel takes back out
+    scale, bias = torch.rand(out_features, generator=generator) * 0.01, torch.randn(out_features, generator=generator)
+    for rows in (1, 2, 3, 4):
+        x = torch.randn(rows, in_features, generator=generator) * 3
+        x[-1, 0] = 1e4  # a row of zero codes but one
+        if rows == 3:
+            x[1, -1] = float("nan")
+        for b in (bias, None):
+            expected = native.int8_linear_dynamic(x, weight, scale, b)
+            got = int8_linear.int8_linear_dynamic(x, weight, scale, b)
+            assert torch.equal(got.nan_to_num().view(torch.int32), expected.nan_to_num().view(torch.int32)), rows
+            assert torch.equal(got.isnan(), expected.isnan())
+
+
+def test_the_dense_rows_kernel_refuses_bad_operands() -> None:
+    if not native.int8_dense_rows_available():
+        pytest.skip("no AVX512-VNNI kernel in this build")
+    q, weight, ones = torch.full((1, 64), 128, dtype=torch.uint8), torch.ones(32, 64, dtype=torch.int8), torch.ones(32)
+    assert torch.equal(native.int8_dense_rows(q, torch.ones(1), weight, ones, None), torch.zeros(1, 32))
+    with pytest.raises(RuntimeError, match="1 to 4 rows, got 5"):
+        native.int8_dense_rows(q.expand(5, 64).contiguous(), torch.ones(5), weight, ones, None)
+    with pytest.raises(RuntimeError, match="contiguous int8 CPU weight"):
+        native.int8_dense_rows(q, torch.ones(1), weight[:, :63], ones, None)
+    with pytest.raises(RuntimeError, match="col_scale must be float32 with one value per output channel"):
+        native.int8_dense_rows(q, torch.ones(1), weight, torch.ones(31), None)
+    with pytest.raises(RuntimeError, match="uint8 CPU codes"):
+        native.int8_dense_rows(q.to(torch.int8), torch.ones(1), weight, ones, None)

@@ -65,6 +65,11 @@ def _w4a8_linear_blocked(xq: Tensor, x_scale: Tensor, codes: Tensor, scale: Tens
     return _linear_out(xq, out_features)
 
 
+def _int8_dense_rows(q: Tensor, row_scale: Tensor, weight: Tensor, col_scale: Tensor,  # noqa: ARG001
+                     bias: Tensor | None) -> Tensor:  # noqa: ARG001
+    return _linear_out(q, weight.shape[0])
+
+
 def _rescale_rows_cols(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None) -> Tensor:  # noqa: ARG001
     return acc.new_empty(acc.shape, dtype=torch.float32)
 
@@ -130,6 +135,7 @@ _FAKES = {
     "w4a8_linear": _w4a8_linear,
     "w4a8_linear_blocked": _w4a8_linear_blocked,
     "int8_packed_rows": _int8_packed_rows,
+    "int8_dense_rows": _int8_dense_rows,
     "rescale_rows_cols": _rescale_rows_cols,
     "rescale_rows_cols_": _rescale_rows_cols_,
     "w4_dequantize_rows": _w4_dequantize_rows,

@@ -13,6 +13,13 @@ from mixprec.kernels.activation_quant import (
 )
 from mixprec.kernels.int8_matmul import int8_matmul
 
+#: Most rows of x given to the few-row kernels (dense weights, and packed ones read in place).
+PACKED_ROWS_MAX = 4
+#: Smallest dense weight (elements) given to the few-row kernel: measured at M = 1 (40 layers in turn,
+#: 2 threads), 256 x 2048 ran 22-27 us against 42-52 us in ``torch._int_mm`` and 576 x 576 26-28 against
+#: 36-37, while 192 x 576 ran 9-13 against 7-9.
+DENSE_ROWS_MIN_WEIGHTS = 1 << 18
+
 
 def int8_linear_dynamic_torch(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
     """PyTorch-op path (and reference) of :func:`int8_linear_dynamic`."""
@@ -26,15 +33,18 @@ def int8_linear_dynamic(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: T
     ``weight`` is int8 ``[N, K]`` with float32 per-channel ``weight_scale [N]``; see
     :func:`~mixprec.kernels.activation_quant.quantize_per_token_symmetric_torch` and
     :func:`~mixprec.kernels.activation_quant.rescale_accumulator` for the exact arithmetic.
-    The native path does all three steps in one call; both paths give identical bits.
+    The native path does all three steps in one call, and up to :data:`PACKED_ROWS_MAX` rows
+    (weights of :data:`DENSE_ROWS_MIN_WEIGHTS` elements and more) stream the weight once in
+    mixprec's VNNI kernel (``csrc/int8_dense_rows.cpp``) instead of ``torch._int_mm``, which
+    repacks it every call; every path gives identical bits.
     """
     if native.available() and x.is_contiguous():
+        if (x.shape[0] <= PACKED_ROWS_MAX and weight.numel() >= DENSE_ROWS_MIN_WEIGHTS and weight.is_contiguous()
+                and native.int8_dense_rows_available()):
+            q, row_scale = native.quantize_rows_u8(x)
+            return native.int8_dense_rows(q, row_scale, weight, weight_scale, bias)
         return native.int8_linear_dynamic(x, weight, weight_scale, bias)
     return int8_linear_dynamic_torch(x, weight, weight_scale, bias)
-
-
-#: Most rows of x that :func:`int8_linear_packed` gives to the kernel reading the packed weight in place.
-PACKED_ROWS_MAX = 4
 
 
 def int8_linear_packed(x: Tensor, packed: Tensor, unit_scale: Tensor, zero_points: Tensor, weight_scale: Tensor,

@@ -25,7 +25,7 @@ _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("int8_rows.cpp", "int4_weights.cpp", "kv_dequant.cpp", "kv_attention.cpp", "kws_pipeline.cpp",
                          "w4a8_gemm.cpp", "tflite_conv.cpp", "tflite_reduce.cpp",
                          "tflite_requantize.cpp", "tflite_fully_connected.cpp", "tflite_add.cpp",
-                         "tflite_program.cpp", "int8_packed_rows.cpp")]
+                         "tflite_program.cpp", "int8_packed_rows.cpp", "int8_dense_rows.cpp")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 
 
@@ -148,6 +148,19 @@ def w4_linear_rows(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """Int4 weight-only linear for few rows (see csrc/int4_weights.cpp)."""
     return torch.ops.mixprec.w4_linear_rows(x, packed, scale, bias)
+
+
+@torch.compiler.assume_constant_result
+def int8_dense_rows_available() -> bool:
+    """Whether the native build has the few-row kernel for dense int8 weights (AVX512-VNNI; see
+    csrc/int8_dense_rows.cpp)."""
+    return available() and bool(torch.ops.mixprec.int8_dense_rows_available())
+
+
+def int8_dense_rows(q: torch.Tensor, row_scale: torch.Tensor, weight: torch.Tensor, col_scale: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """The int8 linear's output for 1 to 4 rows of uint8 codes and a dense int8 weight, streamed once."""
+    return torch.ops.mixprec.int8_dense_rows(q, row_scale, weight, col_scale, bias)
 
 
 @torch.compiler.assume_constant_result
