@@ -3,12 +3,16 @@
 ``y[m, n] = sx[m] * sum_g s[n, g] * D[m, n, g] + b[n]``: ``x`` is quantized per row to
 int8 codes in [-127, 127] with scale ``sx`` (exactly as the ``int8`` linears do), ``D`` is
 the exact integer dot product of a row's codes with the int4 codes ``q`` of group ``g``,
-and ``s`` are the fp16 group scales. Native path: one AVX512-VNNI GEMM
+and ``s`` are the fp16 group scales. Native path: one AVX512-VNNI kernel
 (``csrc/w4a8_gemm.cpp``; group sums in float32, one rounding each, in increasing ``g``;
-then ``fma(sum, sx, b)``); up to 4 rows (decoding), when K is a multiple of 128 and G of 32,
-a kernel that reads the packed codes in place, lanes along K (``csrc/w4a8_rows.h``: 4096 x
-4096 at M = 1 with the weight streamed from DRAM, 1.34 -> 0.62 ms), with the same integer
-sums and float32 steps. Each row's output depends on that row alone, so a row gives the
+then ``fma(sum, sx, b)``) on either of two layouts of the same codes: the packed ``[N, K/2]``
+bytes every int4 format here uses (:func:`w4a8_linear`; blocks of 32 channels unpacked per
+call), or the blocked layout ``W4A8Linear`` holds when G is a multiple of 8
+(:func:`to_blocked`, :func:`w4a8_linear_blocked`): 32 channels x 8 codes per 128 bytes, one
+contiguous stream per 32 channels read in place at every M (4096 x 4096 at M = 1 with the
+weight streamed from DRAM: 0.34-0.39 ms, against 0.53-0.63 ms for the packed codes read in
+place by the kernel it replaced and 0.29-0.32 ms for a plain sum of the same bytes). Both
+layouts give the same bits. Each row's output depends on that row alone, so a row gives the
 same bits in any batch. Fallback (no native build, or no AVX512-VNNI): the weight expanded
 to float32 (``q * s`` is exact) times the float32 codes in one matmul, rescaled per row;
 it differs from the native path by float32 rounding only.
