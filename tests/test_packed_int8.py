@@ -61,6 +61,18 @@ def test_few_rows_read_the_packed_weight_in_place_with_the_gemm_bits(out_feature
     assert torch.isnan(packed(x[1:, 2:])).all()
 
 
+def test_a_packed_layout_the_kernel_cannot_read_is_reported_as_a_slow_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not native.int8_packed_rows_available():
+        pytest.skip("no AVX512-VNNI kernel in this build")
+    layer = nn.Linear(64, 64)
+    assert Int8PackedLinear.from_float(layer).slow_path is None
+    monkeypatch.setattr(native, "int8_packed_layout_matches", lambda weight, packed: False)
+    other = Int8PackedLinear.from_float(layer)
+    assert not other._rows_in_place and "layout mixprec's few-row kernel does not read" in other.slow_path
+    x = torch.randn(2, 64)
+    assert torch.equal(other(x), Int8DynamicLinear.from_float(layer)(x))  # oneDNN's GEMM: the same bits
+
+
 def test_the_in_place_layout_check_refuses_another_weight_and_the_kernel_bad_input() -> None:
     if not native.int8_packed_rows_available():
         pytest.skip("no AVX512-VNNI kernel in this build")

@@ -161,6 +161,15 @@ class Int8PackedLinear(PackedWeightMixin, Int8DynamicLinear):
     def weight_codes(self) -> Tensor:
         return onednn_int8.unpack(self._packed)
 
+    @property
+    def slow_path(self) -> str | None:
+        if reason := super().slow_path:
+            return reason
+        if native.int8_packed_rows_available() and not self._rows_in_place:
+            return ("oneDNN packed this weight in a layout mixprec's few-row kernel does not read (another oneDNN "
+                    "version?); decoding (1-4 rows) runs oneDNN's GEMM, about 1.3-1.5x slower from DRAM")
+        return None
+
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)
         y = int8_linear_packed(as_float32_matrix(x), self._packed, self._unit_scale, self._zero_points,
