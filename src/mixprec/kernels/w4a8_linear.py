@@ -91,17 +91,24 @@ def to_blocked(packed: Tensor, scale: Tensor, codes_out: Tensor, scale_out: Tens
     scale_out.copy_(padded.view(scale_out.shape[0], BLOCK_CHANNELS, -1).transpose(1, 2))
 
 
+def codes_from_blocked(codes: Tensor, out_features: int) -> Tensor:
+    """The packed ``[N, K/2]`` codes a blocked layout holds (:func:`to_blocked`'s inverse for the codes)."""
+    blocks, octets = codes.shape[0], codes.shape[1]
+    if codes.is_meta:  # a model being built on the meta device: shapes only
+        return codes.new_empty((out_features, octets * BLOCK_CODES // 2))
+    lanes = codes.transpose(1, 2).reshape(blocks * BLOCK_CHANNELS, octets, 4)[:out_features]
+    return pack_int4(torch.stack((lanes & 0x0F, lanes >> 4), dim=2).reshape(out_features, octets * BLOCK_CODES))
+
+
+def scale_from_blocked(scale: Tensor, out_features: int) -> Tensor:
+    """The ``[N, K/G]`` fp16 scales a blocked layout holds."""
+    return scale.transpose(1, 2).reshape(-1, scale.shape[1])[:out_features].contiguous()
+
+
 def from_blocked(codes: Tensor, scale: Tensor, out_features: int) -> tuple[Tensor, Tensor]:
     """The packed ``[N, K/2]`` codes and ``[N, K/G]`` fp16 scales a blocked layout holds
     (:func:`to_blocked`'s inverse)."""
-    blocks, octets = codes.shape[0], codes.shape[1]
-    groups = scale.shape[1]
-    if codes.is_meta:  # a model being built on the meta device: shapes only
-        return (codes.new_empty((out_features, octets * BLOCK_CODES // 2)),
-                scale.new_empty((out_features, groups)))
-    lanes = codes.transpose(1, 2).reshape(blocks * BLOCK_CHANNELS, octets, 4)[:out_features]
-    nibbles = torch.stack((lanes & 0x0F, lanes >> 4), dim=2).reshape(out_features, octets * BLOCK_CODES)
-    return pack_int4(nibbles), scale.transpose(1, 2).reshape(-1, groups)[:out_features].contiguous()
+    return codes_from_blocked(codes, out_features), scale_from_blocked(scale, out_features)
 
 
 def w4a8_linear_blocked(x: Tensor, codes: Tensor, scale: Tensor, out_features: int, bias: Tensor | None) -> Tensor:

@@ -138,19 +138,21 @@ class W4A8Linear(W4Linear):
     @property
     def weight_packed(self) -> Tensor:
         """The packed ``[out, in/2]`` int4 codes (a computed copy when the module holds the blocked layout)."""
-        return self._canonical("weight_packed", 0)
+        if "codes_blocked" in self._buffers:
+            return w4a8.codes_from_blocked(self.codes_blocked, self.out_features)
+        return self._packed_buffer("weight_packed")
 
     @property
     def weight_scale(self) -> Tensor:
         """The fp16 ``[out, in/G]`` group scales (a computed copy when the module holds the blocked layout)."""
-        return self._canonical("weight_scale", 1)
+        if "scale_blocked" in self._buffers:
+            return w4a8.scale_from_blocked(self.scale_blocked, self.out_features)
+        return self._packed_buffer("weight_scale")
 
-    def _canonical(self, name: str, index: int) -> Tensor:
-        if name in self._buffers:
-            return self._buffers[name]
-        if "codes_blocked" not in self._buffers:  # while W4Linear.__init__ registers the buffer
+    def _packed_buffer(self, name: str) -> Tensor:
+        if name not in self._buffers:  # while W4Linear.__init__ registers it
             raise AttributeError(name)
-        return w4a8.from_blocked(self.codes_blocked, self.scale_blocked, self.out_features)[index]
+        return self._buffers[name]
 
     def _store(self, packed: Tensor, scale: Tensor) -> None:
         """Sets the codes and scales from the packed ``[out, in/2]`` / ``[out, in/G]`` form."""
@@ -160,23 +162,23 @@ class W4A8Linear(W4Linear):
             self._buffers["weight_packed"].copy_(packed)
             self._buffers["weight_scale"].copy_(scale)
 
-    def relaid(self, blocked: bool) -> W4A8Linear:
-        """A module with the same codes, scales and bias in the blocked or the packed layout."""
-        module = W4A8Linear(self.in_features, self.out_features, self.bias is not None, self.group_size, blocked)
-        module._store(self.weight_packed, self.weight_scale)
-        if self.bias is not None:
-            module.bias.copy_(self.bias)
-        return module
-
     @classmethod
-    def from_float(cls, linear: nn.Linear, group_size: int = 32, hessian: Tensor | None = None) -> W4A8Linear:
-        """Quantize ``linear`` as :meth:`W4Linear.from_float` does (the same codes and scales)."""
-        source = W4Linear.from_float(linear, group_size, hessian)
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
+    def _holding(cls, source: W4Linear, blocked: bool | None) -> W4A8Linear:
+        """A module with ``source``'s codes, scales and bias, in the blocked or the packed layout."""
+        module = cls(source.in_features, source.out_features, source.bias is not None, source.group_size, blocked)
         module._store(source.weight_packed, source.weight_scale)
         if module.bias is not None:
             module.bias.copy_(source.bias)
         return module
+
+    def relaid(self, blocked: bool) -> W4A8Linear:
+        """A module with the same codes, scales and bias in the blocked or the packed layout."""
+        return W4A8Linear._holding(self, blocked)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int = 32, hessian: Tensor | None = None) -> W4A8Linear:
+        """Quantize ``linear`` as :meth:`W4Linear.from_float` does (the same codes and scales)."""
+        return cls._holding(W4Linear.from_float(linear, group_size, hessian), None)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.blocked:

@@ -5,8 +5,7 @@
 // lanes, and of ones with the weights for the row's sum, so acc = sum_k q * w = sum (q + 128) * w
 // - 128 * sum w, exact in int32 (wrapping sums reach the exact value, |acc| <= K * 2**14). Sixteen
 // rows' lane vectors are then added across lanes by a permute tree into one vector (lane r: row r),
-// and the epilogue is rescale_rows_cols's: y = (float(acc) * row_scale[m]) * col_scale[n] + bias[n],
-// each step rounded to float32 (no fused multiply-add): the torch._int_mm path's bits.
+// and the epilogue is int8_rows_common.h's: the torch._int_mm path's bits.
 #include <ATen/ATen.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -17,10 +16,11 @@
 
 #include <algorithm>
 
+#include "int8_rows_common.h"
+
 namespace {
 
 constexpr int64_t kRows = 16;    // weight rows reduced together (the lanes of the output vector)
-constexpr int64_t kMaxRows = 4;  // rows of x this path takes
 constexpr int64_t kParallelBytes = int64_t{1} << 18;  // weight bytes from which the rows are split over threads
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -84,12 +84,9 @@ void row_blocks(const uint8_t* q, int64_t cols, const int8_t* w, const float* ro
     const __mmask16 lanes = static_cast<__mmask16>(count == kRows ? 0xFFFFu : (1u << count) - 1u);
     const __m512 cs = _mm512_maskz_loadu_ps(lanes, col_scale + n0);
     const __m512 bs = bias ? _mm512_maskz_loadu_ps(lanes, bias + n0) : _mm512_setzero_ps();
-    for (int m = 0; m < Rows; ++m) {
-      const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum_lanes(dots[m]), shift));
-      __m512 out = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(row_scale[m])), cs);
-      if (bias) out = _mm512_add_ps(out, bs);
-      _mm512_mask_storeu_ps(y + m * outs + n0, lanes, out);
-    }
+    for (int m = 0; m < Rows; ++m)
+      mixprec::int8_rows::store_rescaled(_mm512_sub_epi32(sum_lanes(dots[m]), shift), row_scale[m], cs,
+                                         bias ? &bs : nullptr, lanes, y + m * outs + n0);
   }
 }
 #else
@@ -103,23 +100,15 @@ bool int8_dense_rows_available() { return kNative; }
 at::Tensor int8_dense_rows(const at::Tensor& q, const at::Tensor& row_scale, const at::Tensor& weight,
                            const at::Tensor& col_scale, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(kNative, "int8_dense_rows: this build has no AVX512-VNNI kernel");
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous() && q.device().is_cpu(),
-              "int8_dense_rows takes contiguous uint8 CPU codes [M, K], got ", q.toString(), " ", q.sizes());
+  TORCH_CHECK(q.dim() == 2, "int8_dense_rows takes contiguous uint8 CPU codes [M, K], got ", q.toString(), " ",
+              q.sizes());
   const int64_t rows = q.size(0), cols = q.size(1);
-  TORCH_CHECK(rows >= 1 && rows <= kMaxRows, "int8_dense_rows takes 1 to ", kMaxRows, " rows, got ", rows);
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous() &&
-                  weight.device().is_cpu() && weight.size(1) == cols && cols <= (int64_t{1} << 17),
-              "int8_dense_rows takes a contiguous int8 CPU weight [N, K] with K = ", cols,
-              " (at most 2**17: int32 sums cannot overflow), got ", weight.toString(), " ", weight.sizes());
+                  weight.device().is_cpu() && weight.size(1) == cols,
+              "int8_dense_rows takes a contiguous int8 CPU weight [N, K] with K = ", cols, ", got ", weight.toString(),
+              " ", weight.sizes());
   const int64_t outs = weight.size(0);
-  TORCH_CHECK(row_scale.scalar_type() == at::kFloat && row_scale.numel() == rows && row_scale.is_contiguous(),
-              "int8_dense_rows: row_scale must be float32 with one value per row");
-  TORCH_CHECK(col_scale.scalar_type() == at::kFloat && col_scale.numel() == outs && col_scale.is_contiguous(),
-              "int8_dense_rows: col_scale must be float32 with one value per output channel");
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias)
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == outs && bias->is_contiguous(),
-                "int8_dense_rows: bias must be float32 with one value per output channel");
+  const bool has_bias = mixprec::int8_rows::check_operands("int8_dense_rows", q, row_scale, col_scale, bias, outs);
   auto y = at::empty({rows, outs}, col_scale.options());
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   const uint8_t* qp = q.data_ptr<uint8_t>();

@@ -23,12 +23,12 @@
 #include <cstdint>
 #include <cstring>
 
+#include "int8_rows_common.h"
 #include "split_rows.h"
 
 namespace {
 
 constexpr int64_t kBlock = 64;    // output channels per packed block; N and K are padded to multiples of it
-constexpr int64_t kMaxRows = 4;   // rows of x this path takes
 
 int64_t padded(int64_t size) { return (size + kBlock - 1) / kBlock * kBlock; }
 
@@ -95,12 +95,9 @@ void blocks(const uint8_t* q, int64_t cols, int64_t stride, const int8_t* w, con
       const __m512i shift = _mm512_slli_epi32(_mm512_loadu_si512(comp + n), 7);  // 128 * compensation
       const __m512 cs = _mm512_maskz_loadu_ps(lanes, col_scale + n);
       const __m512 bs = bias ? _mm512_maskz_loadu_ps(lanes, bias + n) : _mm512_setzero_ps();
-      for (int m = 0; m < Rows; ++m) {
-        const __m512 v = _mm512_cvtepi32_ps(_mm512_add_epi32(acc[m][j], shift));
-        __m512 out = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(row_scale[m])), cs);
-        if (bias) out = _mm512_add_ps(out, bs);
-        _mm512_mask_storeu_ps(y + m * outs + n, lanes, out);
-      }
+      for (int m = 0; m < Rows; ++m)
+        mixprec::int8_rows::store_rescaled(_mm512_add_epi32(acc[m][j], shift), row_scale[m], cs, bias ? &bs : nullptr,
+                                           lanes, y + m * outs + n);
     }
   }
 }
@@ -141,21 +138,9 @@ bool int8_packed_layout_matches(const at::Tensor& weight, const at::Tensor& pack
 at::Tensor int8_packed_rows(const at::Tensor& q, const at::Tensor& row_scale, const at::Tensor& packed,
                             const at::Tensor& col_scale, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(kNative, "int8_packed_rows: this build has no AVX512-VNNI kernel");
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous() && q.device().is_cpu(),
-              "int8_packed_rows takes contiguous uint8 CPU codes [M, K], got ", q.toString(), " ", q.sizes());
-  const int64_t rows = q.size(0), cols = q.size(1), outs = col_scale.numel();
-  TORCH_CHECK(rows >= 1 && rows <= kMaxRows, "int8_packed_rows takes 1 to ", kMaxRows, " rows, got ", rows);
-  TORCH_CHECK(cols >= 1 && cols <= (int64_t{1} << 17) && outs >= 1,
-              "int8_packed_rows needs 1 <= K <= 2**17 (int32 sums cannot overflow) and N >= 1, got K = ", cols,
-              ", N = ", outs);
-  TORCH_CHECK(row_scale.scalar_type() == at::kFloat && row_scale.numel() == rows && row_scale.is_contiguous(),
-              "int8_packed_rows: row_scale must be float32 with one value per row");
-  TORCH_CHECK(col_scale.scalar_type() == at::kFloat && col_scale.dim() == 1 && col_scale.is_contiguous(),
-              "int8_packed_rows: col_scale must be a contiguous float32 [N]");
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias)
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == outs && bias->is_contiguous(),
-                "int8_packed_rows: bias must be float32 with one value per output channel");
+  const int64_t outs = col_scale.numel();
+  const bool has_bias = mixprec::int8_rows::check_operands("int8_packed_rows", q, row_scale, col_scale, bias, outs);
+  const int64_t rows = q.size(0), cols = q.size(1);
   const int8_t* w = packed_bytes(packed, packed_size(outs, cols));
   auto y = at::empty({rows, outs}, col_scale.options());
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
