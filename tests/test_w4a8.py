@@ -123,6 +123,8 @@ def test_blocked_layout_gives_the_packed_layouts_bits(k: int, group: int) -> Non
     w4a8.to_blocked(packed, scale, codes, blocked_scale)
     assert all(torch.equal(a, b) for a, b in zip(w4a8.from_blocked(codes, blocked_scale, 83), (packed, scale)))
     assert not codes[2, :, 19:].any() and not blocked_scale[2, :, 19:].any()  # padding channels: code 0, scale 0
+    with pytest.raises(ValueError, match="to_blocked needs a group size that divides K"):
+        w4a8.to_blocked(packed, scale, codes[:2], blocked_scale)
     for rows in range(1, 14):
         expected = w4a8.w4a8_linear(x[:rows], packed, scale, bias)
         assert torch.equal(w4a8.w4a8_linear_blocked(x[:rows], codes, blocked_scale, 83, bias), expected), rows

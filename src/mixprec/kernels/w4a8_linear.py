@@ -77,7 +77,17 @@ def to_blocked(packed: Tensor, scale: Tensor, codes_out: Tensor, scale_out: Tens
     """Writes packed ``[N, K/2]`` codes and ``[N, K/G]`` fp16 scales into the blocked layout
     (``codes_out``, ``scale_out`` of :func:`blocked_shapes`; channels past N get code 0 and scale 0):
     lane byte ``j`` of channel ``n``, octet ``o`` = code ``8o + j`` (low nibble) | code ``8o + 4 + j`` (high)."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or scale.dim() != 2 or scale.shape[0] != packed.shape[0]:
+        raise ValueError(f"to_blocked takes packed uint8 codes [N, K/2] and scales [N, K/G], got {packed.dtype} "
+                         f"{tuple(packed.shape)} and {tuple(scale.shape)}")
     rows, cols = packed.shape[0], packed.shape[1] * 2
+    group = cols // scale.shape[1] if scale.shape[1] else 0
+    expected = blocked_shapes(rows, cols, group) if group and cols % group == 0 else None
+    if not (expected and blocked_layout_applies(group) and tuple(codes_out.shape) == expected[0]
+            and tuple(scale_out.shape) == expected[1]):
+        raise ValueError(f"to_blocked needs a group size that divides K = {cols} and is a multiple of {BLOCK_CODES}, "
+                         f"and outputs of blocked_shapes(N, K, G); got scales {tuple(scale.shape)}, outputs "
+                         f"{tuple(codes_out.shape)} and {tuple(scale_out.shape)}")
     for begin in range(0, rows, _CONVERT_CHANNELS):  # a multiple of 32: whole blocks
         end = min(begin + _CONVERT_CHANNELS, rows)
         nibbles = unpack_int4(packed[begin:end], signed=False).view(end - begin, cols // BLOCK_CODES, 2, 4)
