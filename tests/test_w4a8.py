@@ -50,7 +50,10 @@ def linear(xq: torch.Tensor, x_scale: torch.Tensor, codes: torch.Tensor, scale: 
     return native.w4a8_linear_blocked(xq, x_scale, blocked_codes, blocked_scale, n, bias)
 
 
-LAYOUTS = [pytest.param(False, id="packed"), pytest.param(True, id="blocked")]
+# Every shape on the packed layout, and on the blocked one where its group size allows it.
+SHAPES_AND_LAYOUTS = [pytest.param(*shape, blocked, id=f"{'blocked' if blocked else 'packed'}-{shape}")
+                      for shape in SHAPES for blocked in (False, True)
+                      if not blocked or w4a8.blocked_layout_applies(shape[3])]
 
 
 def group_dots(xq: torch.Tensor, codes: torch.Tensor, group: int) -> torch.Tensor:
@@ -61,13 +64,10 @@ def group_dots(xq: torch.Tensor, codes: torch.Tensor, group: int) -> torch.Tenso
 
 
 @needs_vnni
-@pytest.mark.parametrize("blocked", LAYOUTS)
-@pytest.mark.parametrize("m,k,n,group", SHAPES)
+@pytest.mark.parametrize("m,k,n,group,blocked", SHAPES_AND_LAYOUTS)
 def test_integer_sums_equal_an_int64_reference_exactly(m: int, k: int, n: int, group: int, blocked: bool) -> None:
     # Unit scales: the output is the float32 sum of the exact group dot products, which is
     # exact while every partial sum stays below 2**24 (here at most 1024 * K <= 2**22).
-    if blocked and not w4a8.blocked_layout_applies(group):
-        pytest.skip("the blocked layout needs groups of whole 8-code lanes")
     xq, codes = random_codes(m, k, n, seed=m * k + n)
     unit = torch.ones(n, k // group, dtype=torch.float16)
     y = linear(xq, torch.ones(m, 1), codes, unit, None, blocked)
@@ -76,11 +76,8 @@ def test_integer_sums_equal_an_int64_reference_exactly(m: int, k: int, n: int, g
 
 
 @needs_vnni
-@pytest.mark.parametrize("blocked", LAYOUTS)
-@pytest.mark.parametrize("m,k,n,group", SHAPES)
+@pytest.mark.parametrize("m,k,n,group,blocked", SHAPES_AND_LAYOUTS)
 def test_scaled_output_matches_a_float64_reference(m: int, k: int, n: int, group: int, blocked: bool) -> None:
-    if blocked and not w4a8.blocked_layout_applies(group):
-        pytest.skip("the blocked layout needs groups of whole 8-code lanes")
     xq, codes = random_codes(m, k, n, seed=m + k * n)
     generator = torch.Generator().manual_seed(k)
     scale = (torch.rand(n, k // group, generator=generator) * 0.1 + 1e-3).half()
