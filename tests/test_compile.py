@@ -86,7 +86,7 @@ def test_every_native_operator_a_quantized_linear_calls_has_a_fake() -> None:
                  "int8_linear_dynamic", "w8_linear_rows", "w8g_linear_rows", "w4_linear_rows", "w4a8_linear",
                  "rescale_rows_cols", "rescale_rows_cols_", "tflite_conv2d", "tflite_sum_middle", "tflite_mean_middle",
                  "tflite_requantize", "tflite_fully_connected", "tflite_add",
-                 "tflite_add_lookup", "tflite_quantize_nchw",
+                 "tflite_add_lookup", "tflite_add_fit", "tflite_quantize_nchw",
                  "tflite_dequantize"):
         assert name in covered
         assert torch._library.simple_registry.singleton.find(f"mixprec::{name}").fake_impl.kernel is not None

@@ -187,6 +187,8 @@ def test_the_native_add_equals_the_numpy_reference() -> None:
 
     if not native.available():
         pytest.skip(f"native kernels unavailable: {native.load_error()}")
+    import torch
+
     rng = np.random.default_rng(9)
     for trial in range(24):
         dtype = "int8" if trial % 3 else "int16"
@@ -207,8 +209,33 @@ def test_the_native_add_equals_the_numpy_reference() -> None:
             pairs = np.arange(-128, 128, dtype=np.int8)
             every = add_reference(np.repeat(pairs, 256)[None], np.tile(pairs, 256)[None], params)
             assert np.array_equal(params.int8_table.numpy()[:65536], every[0]), trial
-    import torch
-
+            fit = params.int8_fit  # the estimate serves (margins below 2) and the kernel gives every pair's code
+            assert 0 <= fit[3] < 2 ** -8 and 1 - 2 ** -8 < fit[4] <= 1, (trial, fit)
+            every_a, every_b = (torch.from_numpy(np.ascontiguousarray(v)) for v in
+                                (np.repeat(pairs, 256), np.tile(pairs, 256)))
+            assert np.array_equal(native.tflite_add_lookup(every_a, every_b, params.int8_table, fit).numpy(),
+                                  every[0]), trial
+    # exact ties, which the rescales round away from zero and floor(g) rounds up: (a + b) / 2 for equal input
+    # scales and twice their output scale, zero points 0. The estimate without margins misses every negative
+    # odd sum; with them, none.
+    pairs = np.arange(-128, 128, dtype=np.int8)
+    graph = Graph((TensorSpec("a", (1, 4), Quantization.per_tensor(0.1, 0)),
+                   TensorSpec("b", (1, 4), Quantization.per_tensor(0.1, 0))),
+                  (AddNode((0, 1), Quantization.per_tensor(0.2, 0), "none"),))
+    params = graph.records[0]
+    every = add_reference(np.repeat(pairs, 256)[None], np.tile(pairs, 256)[None], params)[0]
+    every_a, every_b = (torch.from_numpy(np.ascontiguousarray(v)) for v in (np.repeat(pairs, 256), np.tile(pairs, 256)))
+    fit = params.int8_fit
+    assert 0 < fit[3] < 2 ** -8, fit
+    assert np.array_equal(native.tflite_add_lookup(every_a, every_b, params.int8_table, fit).numpy(), every)
+    unflagged = fit.clone()
+    unflagged[3], unflagged[4] = 0.0, 1.0
+    wrong = native.tflite_add_lookup(every_a, every_b, params.int8_table, unflagged).numpy() != every
+    sums = np.repeat(pairs, 256).astype(int) + np.tile(pairs, 256)
+    assert np.array_equal(wrong, (sums < 0) & (sums % 2 == 1))
+    table_only = unflagged.clone()  # low = 2 flags every lane (tflite_add_fit's answer where the estimate fails)
+    table_only[0], table_only[3] = 99.0, 2.0
+    assert np.array_equal(native.tflite_add_lookup(every_a, every_b, params.int8_table, table_only).numpy(), every)
     codes = torch.zeros(4, dtype=torch.int8)
     with pytest.raises(RuntimeError, match="shifts in"):
         native.tflite_add(codes, codes, 0, 0, 2**30, 1, 2**30, 0, 2**30, 0, 0, -128, 127)
@@ -217,7 +244,12 @@ def test_the_native_add_equals_the_numpy_reference() -> None:
     with pytest.raises(RuntimeError, match="activation range"):
         native.tflite_add(codes, codes, 0, 0, 2**30, 0, 2**30, 0, 2**30, 0, 0, -128, 200)
     with pytest.raises(RuntimeError, match="65,540 contiguous int8 codes"):
-        native.tflite_add_lookup(codes, codes, codes)
+        native.tflite_add_lookup(codes, codes, codes, torch.zeros(7))
+    table = torch.zeros(65540, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="7 contiguous float32"):
+        native.tflite_add_lookup(codes, codes, table, torch.zeros(6))
+    with pytest.raises(RuntimeError, match="activation range"):
+        native.tflite_add_fit(table, 0, 0, 2**30, 0, 2**30, 0, 2**30, 0, 0, -128, 200)
 
 
 def test_the_native_input_quantization_equals_nearest_codes() -> None:
@@ -242,9 +274,11 @@ def test_the_native_input_quantization_equals_nearest_codes() -> None:
         x[1, 1, :, 0] = torch.tensor([1e9, -1e9, float("inf"), float("-inf"), 3.0])
         expected = quant.nearest_codes(x.permute(0, 2, 3, 1).numpy(), dtype)
         assert np.array_equal(graph_input(graph, x), expected), dtype
-    x[2, 2, 2, 2] = float("nan")
-    with pytest.raises(RuntimeError, match="holds NaN"):
-        graph_input(graph, x)
+    for at in ((2, 2, 2, 2), (3, 1, 4, 1)):  # in a block of 8 and in a plane's tail (20 = 8 + 8 + 4 values)
+        y = x.clone()
+        y[at] = float("nan")
+        with pytest.raises(RuntimeError, match="holds NaN"):
+            graph_input(graph, y)
 
 
 def test_quantize_requantize_and_dequantize_are_byte_identical_to_litert(tmp_path: Path) -> None:

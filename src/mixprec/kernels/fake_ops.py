@@ -115,6 +115,10 @@ def _tflite_add(a: Tensor, b: Tensor, *record: int) -> Tensor:  # noqa: ARG001
     return a.new_empty(a.shape)
 
 
+def _tflite_add_fit(table: Tensor, *record: int) -> Tensor:  # noqa: ARG001
+    return table.new_empty((7,), dtype=torch.float32)
+
+
 def _tflite_quantize_nchw(x: Tensor, scale: float, zero_point: int, wide: bool) -> Tensor:  # noqa: ARG001
     return x.new_empty((x.shape[0], x.shape[2], x.shape[3], x.shape[1]), dtype=torch.int16 if wide else torch.int8)
 
@@ -146,6 +150,7 @@ _FAKES = {
     "tflite_fully_connected": _tflite_fully_connected,
     "tflite_add": _tflite_add,
     "tflite_add_lookup": _tflite_add,
+    "tflite_add_fit": _tflite_add_fit,
     "tflite_quantize_nchw": _tflite_quantize_nchw,
     "tflite_dequantize": _tflite_dequantize,
 }

@@ -284,10 +284,17 @@ def tflite_add(a: torch.Tensor, b: torch.Tensor, *record: int) -> torch.Tensor:
     return torch.ops.mixprec.tflite_add(a, b, *record)
 
 
-def tflite_add_lookup(a: torch.Tensor, b: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def tflite_add_lookup(a: torch.Tensor, b: torch.Tensor, table: torch.Tensor, fit: torch.Tensor) -> torch.Tensor:
     """``table[(a + 128) * 256 + b + 128]`` for same-shaped int8 ``a``, ``b``: an int8 ADD from its
-    65,536 precomputed codes (see csrc/tflite_add.cpp)."""
-    return torch.ops.mixprec.tflite_add_lookup(a, b, table)
+    65,536 precomputed codes, most of them estimated by ``fit`` (:func:`tflite_add_fit` of the same table)
+    and the rest read (see csrc/tflite_add.cpp)."""
+    return torch.ops.mixprec.tflite_add_lookup(a, b, table, fit)
+
+
+def tflite_add_fit(table: torch.Tensor, *record: int) -> torch.Tensor:
+    """The float32 estimate of an int8 ADD's table that :func:`tflite_add_lookup` runs, checked against the
+    table on every pair of codes; ``record`` as :func:`tflite_add`'s (see csrc/tflite_add.cpp)."""
+    return torch.ops.mixprec.tflite_add_fit(table, *record)
 
 
 def tflite_run_program(inputs: list[torch.Tensor], constants: list[torch.Tensor], ops: list[str],

@@ -151,7 +151,7 @@ def _operator(program: NativeProgram, opcode: str, record: object, inputs: list[
         return program.call("tflite_conv2d", inputs[0], *native_conv_arguments(record, shapes[0]))
     if opcode == "ADD" and shapes[0] == shapes[1]:
         if record.dtype == "int8":
-            return program.call("tflite_add_lookup", *inputs, record.int8_table)
+            return program.call("tflite_add_lookup", *inputs, record.int8_table, record.int8_fit)
         return program.call("tflite_add", *inputs, record.a_offset, record.b_offset, record.a_multiplier,
                             record.a_shift, record.b_multiplier, record.b_shift, record.output_multiplier,
                             record.output_shift, record.output_offset, record.activation_min, record.activation_max)

@@ -89,6 +89,14 @@ class AddParams:
         return torch.cat([_native_add(codes.repeat_interleave(256), codes.repeat(256), self),
                           torch.zeros(4, dtype=torch.int8)])
 
+    @cached_property
+    def int8_fit(self) -> torch.Tensor:
+        """The lookup kernel's estimate of :attr:`int8_table` (float32 coefficients and margins, checked on every
+        pair of codes by the native kernel: see ``csrc/tflite_add.cpp``)."""
+        return native.tflite_add_fit(self.int8_table, self.a_offset, self.b_offset, self.a_multiplier, self.a_shift,
+                                     self.b_multiplier, self.b_shift, self.output_multiplier, self.output_shift,
+                                     self.output_offset, self.activation_min, self.activation_max)
+
 
 def _native_add(a: torch.Tensor, b: torch.Tensor, params: AddParams) -> torch.Tensor:
     return native.tflite_add(a, b, params.a_offset, params.b_offset, params.a_multiplier, params.a_shift,
@@ -104,7 +112,7 @@ def add(a: NDArray, b: NDArray, params: AddParams) -> NDArray:
     if a.shape == b.shape and native.available():
         a_codes, b_codes = torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(b))
         if params.dtype == "int8":
-            return native.tflite_add_lookup(a_codes, b_codes, params.int8_table).numpy()
+            return native.tflite_add_lookup(a_codes, b_codes, params.int8_table, params.int8_fit).numpy()
         return _native_add(a_codes, b_codes, params).numpy()
     return add_reference(a, b, params)
 

@@ -12,8 +12,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <vector>
 
 #include "split_rows.h"
 #include "tflite_rescale.h"
@@ -67,6 +69,17 @@ void for_element_blocks(int64_t count, const Body& body) {
   });
 }
 
+// An ADD record's offsets and fixed-point multipliers (each below one: shifts <= 0).
+void check_add_record(int64_t a_offset, int64_t b_offset, int64_t a_multiplier, int64_t a_shift, int64_t b_multiplier,
+                      int64_t b_shift, int64_t output_multiplier, int64_t output_shift, int64_t output_offset) {
+  TORCH_CHECK(std::abs(a_offset) <= 255 && std::abs(b_offset) <= 255 && std::abs(output_offset) <= 255,
+              "offsets must lie in [-255, 255]");
+  TORCH_CHECK(mixprec::fixed_point_in_range(a_multiplier, a_shift) && a_shift <= 0 &&
+                  mixprec::fixed_point_in_range(b_multiplier, b_shift) && b_shift <= 0 &&
+                  mixprec::fixed_point_in_range(output_multiplier, output_shift) && output_shift <= 0,
+              "multipliers must lie in [0, 2^31) with shifts in [-31, 0]");
+}
+
 at::Tensor tflite_add(const at::Tensor& a, const at::Tensor& b, int64_t a_offset, int64_t b_offset,
                       int64_t a_multiplier, int64_t a_shift, int64_t b_multiplier, int64_t b_shift,
                       int64_t output_multiplier, int64_t output_shift, int64_t output_offset, int64_t act_min,
@@ -75,12 +88,8 @@ at::Tensor tflite_add(const at::Tensor& a, const at::Tensor& b, int64_t a_offset
               "a must be a contiguous int8 or int16 tensor");
   TORCH_CHECK(b.scalar_type() == a.scalar_type() && b.is_contiguous() && b.sizes() == a.sizes(),
               "b must be a contiguous tensor of a's type and shape");
-  TORCH_CHECK(std::abs(a_offset) <= 255 && std::abs(b_offset) <= 255 && std::abs(output_offset) <= 255,
-              "offsets must lie in [-255, 255]");
-  TORCH_CHECK(mixprec::fixed_point_in_range(a_multiplier, a_shift) && a_shift <= 0 &&
-                  mixprec::fixed_point_in_range(b_multiplier, b_shift) && b_shift <= 0 &&
-                  mixprec::fixed_point_in_range(output_multiplier, output_shift) && output_shift <= 0,
-              "multipliers must lie in [0, 2^31) with shifts in [-31, 0]");
+  check_add_record(a_offset, b_offset, a_multiplier, a_shift, b_multiplier, b_shift, output_multiplier, output_shift,
+                   output_offset);
   const bool wide = a.scalar_type() == at::kShort;
   const int64_t low = wide ? -32768 : -128, high = wide ? 32767 : 127;
   TORCH_CHECK(low <= act_min && act_min <= act_max && act_max <= high, "the activation range must lie within ",
@@ -102,44 +111,167 @@ at::Tensor tflite_add(const at::Tensor& a, const at::Tensor& b, int64_t a_offset
   return out;
 }
 
-// out[i] = table[(a[i] + 128) * 256 + b[i] + 128] for int8 a, b: an int8 ADD whose 65,536 results were computed
-// once (by tflite_add on every pair of codes), one gathered load per element instead of three rescales (0.34 ->
-// 0.24 ms on 800k elements here). The table ends in 4 bytes of slack: each gather reads a dword at its entry.
+// out[i] = table[(a[i] + 128) * 256 + b[i] + 128] for int8 a, b: an int8 ADD whose 65,536 results were computed once
+// (by tflite_add on every pair of codes). Most elements are not read from the table but estimated: with the real
+// multipliers r_a, r_b, r_out (multiplier * 2^shift / 2^31) the ADD is close to g = a alpha + b beta + c, alpha =
+// 2^20 r_a r_out, beta = 2^20 r_b r_out, c = a_offset alpha + b_offset beta + output_offset + 1/2 (float32, one fma
+// per operand), and its code is floor(g) clamped to the activation range, except where g lies near a whole number
+// (the three rescales' roundings, float32's own). How near is not bounded on paper but measured: tflite_add_fit runs
+// the estimate on all 65,536 pairs and sets margins so that every pair whose clamped floor(g) is not its code has a
+// fraction g - floor(g) below `low` or above `high`; such lanes (flagged) read the table by a masked gather. The fit
+// is then checked by running this kernel on all 65,536 pairs against the table; where that or the fit fails, every
+// lane is flagged (low = 2: the table alone). So every pair of codes gives the table's code. The table alone: 0.24
+// ms on 800k elements (a gather per 16 elements, about 29 cycles each here); see BENCHMARKS.md for the estimate's.
 constexpr int64_t kTableBytes = 65536 + 4;
+constexpr int64_t kFitFloats = 7;  // alpha, beta, c, low, high, act_min, act_max
 
-at::Tensor tflite_add_lookup(const at::Tensor& a, const at::Tensor& b, const at::Tensor& table) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+struct AddFit {
+  __m512 alpha, beta, c, low, high, act_min, act_max;
+
+  explicit AddFit(const float* f)
+      : alpha(_mm512_set1_ps(f[0])), beta(_mm512_set1_ps(f[1])), c(_mm512_set1_ps(f[2])), low(_mm512_set1_ps(f[3])),
+        high(_mm512_set1_ps(f[4])), act_min(_mm512_set1_ps(f[5])), act_max(_mm512_set1_ps(f[6])) {}
+
+  // 16 pairs of codes (int32 lanes): floor(g) clamped to the activation range; g and the flagged lanes through the
+  // pointers.
+  __m512i estimate(__m512i a, __m512i b, __m512* g_out, __mmask16* flagged) const {
+    const __m512 g = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), alpha, _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), beta, c));
+    const __m512 whole = _mm512_roundscale_ps(g, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 fraction = _mm512_sub_ps(g, whole);  // exact; 0 from |g| >= 2^23 on
+    *flagged = _mm512_cmp_ps_mask(fraction, low, _CMP_LT_OQ) | _mm512_cmp_ps_mask(fraction, high, _CMP_GT_OQ) |
+               _mm512_cmp_ps_mask(g, g, _CMP_UNORD_Q);
+    *g_out = g;
+    return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(whole, act_min), act_max));
+  }
+};
+
+// The lookup of codes [begin, end): 16 at a time by the estimate, the flagged lanes and the tail from the table.
+void lookup_range(const uint8_t* x, const uint8_t* y, const int8_t* codes, const AddFit& fit, int64_t begin,
+                  int64_t end, int8_t* o) {
+  const __m512i flip = _mm512_set1_epi32(0x80);
+  int64_t i = begin;
+  for (; i + 16 <= end; i += 16) {
+    const __m512i xs = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
+    const __m512i ys = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(y + i)));
+    const __m512i a = _mm512_xor_si512(xs, flip), b = _mm512_xor_si512(ys, flip);  // the codes + 128
+    __m512 g;
+    __mmask16 flagged;
+    __m512i out = fit.estimate(_mm512_sub_epi32(a, flip), _mm512_sub_epi32(b, flip), &g, &flagged);
+    if (flagged) {
+      const __m512i got = _mm512_mask_i32gather_epi32(out, flagged, _mm512_or_si512(_mm512_slli_epi32(a, 8), b), codes, 1);
+      out = _mm512_mask_mov_epi32(out, flagged, _mm512_srai_epi32(_mm512_slli_epi32(got, 24), 24));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), _mm512_cvtepi32_epi8(out));
+  }
+  for (; i < end; ++i) o[i] = codes[((x[i] ^ 0x80) << 8) | (y[i] ^ 0x80)];
+}
+
+// The margins of fit's estimate against the table (see above): false where some pair's estimate is off by more
+// than one code.
+bool fit_margins(const int8_t* codes, float* f) {
+  const AddFit candidate(f);
+  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  float low = 0.0f, high = 1.0f;
+  for (int32_t first = -128; first < 128; ++first) {
+    for (int32_t second = -128; second < 128; second += 16) {
+      __m512 g;
+      __mmask16 flagged;
+      alignas(64) int32_t estimate[16];
+      alignas(64) float gs[16];
+      _mm512_store_si512(estimate, candidate.estimate(_mm512_set1_epi32(first),
+                                                      _mm512_add_epi32(_mm512_set1_epi32(second), lanes), &g, &flagged));
+      _mm512_store_ps(gs, g);
+      for (int lane = 0; lane < 16; ++lane) {
+        const int32_t exact = codes[(first + 128) * 256 + second + lane + 128];
+        const float fraction = gs[lane] - std::floor(gs[lane]);
+        if (estimate[lane] == exact + 1) {
+          low = std::max(low, std::nextafter(fraction, 2.0f));
+        } else if (estimate[lane] == exact - 1) {
+          high = std::min(high, std::nextafter(fraction, -1.0f));
+        } else if (estimate[lane] != exact) {
+          return false;
+        }
+      }
+    }
+  }
+  f[3] = low;
+  f[4] = high;
+  return true;
+}
+#endif
+
+at::Tensor tflite_add_lookup(const at::Tensor& a, const at::Tensor& b, const at::Tensor& table, const at::Tensor& fit) {
   TORCH_CHECK(a.scalar_type() == at::kChar && a.is_contiguous(), "a must be a contiguous int8 tensor");
   TORCH_CHECK(b.scalar_type() == at::kChar && b.is_contiguous() && b.sizes() == a.sizes(),
               "b must be a contiguous int8 tensor of a's shape");
   TORCH_CHECK(table.scalar_type() == at::kChar && table.is_contiguous() && table.numel() == kTableBytes,
               "the table must be 65,540 contiguous int8 codes (one per pair of codes, then 4 bytes of slack)");
+  TORCH_CHECK(fit.scalar_type() == at::kFloat && fit.is_contiguous() && fit.numel() == kFitFloats,
+              "the fit must be the 7 contiguous float32 values tflite_add_fit gives for this table");
   auto out = at::empty(a.sizes(), a.options());
   const auto* x = reinterpret_cast<const uint8_t*>(a.data_ptr<int8_t>());
   const auto* y = reinterpret_cast<const uint8_t*>(b.data_ptr<int8_t>());
   const int8_t* codes = table.data_ptr<int8_t>();
   int8_t* o = out.data_ptr<int8_t>();
-  for_element_blocks(a.numel(), [&](int64_t begin, int64_t end) {
-    int64_t i = begin;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-    const __m512i flip = _mm512_set1_epi32(0x80), byte = _mm512_set1_epi32(0xFF);
-    for (; i + 16 <= end; i += 16) {
-      const __m512i xs = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
-      const __m512i ys = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(y + i)));
-      const __m512i index =
-          _mm512_or_si512(_mm512_slli_epi32(_mm512_xor_si512(xs, flip), 8), _mm512_xor_si512(ys, flip));
-      const __m512i got = _mm512_and_si512(_mm512_i32gather_epi32(index, codes, 1), byte);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), _mm512_cvtepi32_epi8(got));
-    }
-#endif
-    for (; i < end; ++i) o[i] = codes[((x[i] ^ 0x80) << 8) | (y[i] ^ 0x80)];
+  const AddFit vector_fit(fit.data_ptr<float>());
+  for_element_blocks(a.numel(),
+                     [&](int64_t begin, int64_t end) { lookup_range(x, y, codes, vector_fit, begin, end, o); });
+#else
+  for_element_blocks(a.numel(), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) o[i] = codes[((x[i] ^ 0x80) << 8) | (y[i] ^ 0x80)];
   });
+#endif
   return out;
+}
+
+// The estimate's coefficients and margins for a table (see tflite_add_lookup): float32 [alpha, beta, c, low, high,
+// act_min, act_max], low = 2 where the estimate cannot serve (every lane then read from the table).
+at::Tensor tflite_add_fit(const at::Tensor& table, int64_t a_offset, int64_t b_offset, int64_t a_multiplier,
+                          int64_t a_shift, int64_t b_multiplier, int64_t b_shift, int64_t output_multiplier,
+                          int64_t output_shift, int64_t output_offset, int64_t act_min, int64_t act_max) {
+  TORCH_CHECK(table.scalar_type() == at::kChar && table.is_contiguous() && table.numel() == kTableBytes,
+              "the table must be 65,540 contiguous int8 codes (one per pair of codes, then 4 bytes of slack)");
+  check_add_record(a_offset, b_offset, a_multiplier, a_shift, b_multiplier, b_shift, output_multiplier, output_shift,
+                   output_offset);
+  TORCH_CHECK(-128 <= act_min && act_min <= act_max && act_max <= 127,
+              "the activation range must lie within int8 and not be empty");
+  const auto real = [](int64_t multiplier, int64_t shift) {
+    return static_cast<double>(multiplier) * std::ldexp(1.0, static_cast<int>(shift) - 31);
+  };
+  const double out = real(output_multiplier, output_shift) * 1048576.0;
+  const double alpha = real(a_multiplier, a_shift) * out, beta = real(b_multiplier, b_shift) * out;
+  auto fit = at::empty({kFitFloats}, table.options().dtype(at::kFloat));
+  float* f = fit.data_ptr<float>();
+  const float values[kFitFloats] = {static_cast<float>(alpha), static_cast<float>(beta),
+                                    static_cast<float>(a_offset * alpha + b_offset * beta + output_offset + 0.5),
+                                    2.0f, 1.0f, static_cast<float>(act_min), static_cast<float>(act_max)};
+  std::copy(values, values + kFitFloats, f);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  const int8_t* codes = table.data_ptr<int8_t>();
+  if (fit_margins(codes, f)) {  // then the kernel itself on every pair, against the table
+    std::vector<uint8_t> x(65536), y(65536);
+    std::vector<int8_t> got(65536);
+    for (int64_t k = 0; k < 65536; ++k) {  // the bytes of the codes k / 256 - 128 and k % 256 - 128: entry k
+      x[k] = static_cast<uint8_t>((k >> 8) ^ 0x80);
+      y[k] = static_cast<uint8_t>((k & 0xFF) ^ 0x80);
+    }
+    lookup_range(x.data(), y.data(), codes, AddFit(f), 0, 65536, got.data());
+    if (!std::equal(got.begin(), got.end(), codes)) f[3] = 2.0f;
+  } else {
+    f[3] = 2.0f;
+  }
+#endif
+  return fit;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mixprec, m) {
-  m.def("tflite_add_lookup(Tensor a, Tensor b, Tensor table) -> Tensor");
+  m.def("tflite_add_lookup(Tensor a, Tensor b, Tensor table, Tensor fit) -> Tensor");
+  m.def("tflite_add_fit(Tensor table, int a_offset, int b_offset, int a_multiplier, int a_shift, int b_multiplier, "
+        "int b_shift, int output_multiplier, int output_shift, int output_offset, int act_min, int act_max) -> Tensor");
   m.def("tflite_add(Tensor a, Tensor b, int a_offset, int b_offset, int a_multiplier, int a_shift, "
         "int b_multiplier, int b_shift, int output_multiplier, int output_shift, int output_offset, int act_min, "
         "int act_max) -> Tensor");
@@ -149,4 +281,5 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
 TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
   m.impl("tflite_add", &tflite_add);
   m.impl("tflite_add_lookup", &tflite_add_lookup);
+  m.impl("tflite_add_fit", &tflite_add_fit);
 }

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <vector>
 
 #include "tflite_rescale.h"
 
@@ -83,19 +84,35 @@ at::Tensor tflite_quantize_nchw(const at::Tensor& x, double scale, int64_t zero_
   const float* src = x.data_ptr<float>();
   const double low = wide ? -32768.0 : -128.0, high = wide ? 32767.0 : 127.0;
   bool finite_or_inf = true;
+  std::vector<int32_t> plane_codes(static_cast<size_t>(hw));
   for (int64_t sample = 0; sample < n; ++sample) {
     for (int64_t channel = 0; channel < c; ++channel) {
       const float* plane = src + (sample * c + channel) * hw;
-      for (int64_t i = 0; i < hw; ++i) {
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      // 8 at a time, the same operations in double: the quotient, round half to even, + zero point, the clamp
+      const __m512d vs = _mm512_set1_pd(scale), vz = _mm512_set1_pd(static_cast<double>(zero_point));
+      const __m512d vlo = _mm512_set1_pd(low), vhi = _mm512_set1_pd(high);
+      for (; i + 8 <= hw; i += 8) {
+        const __m512d v = _mm512_cvtps_pd(_mm256_loadu_ps(plane + i));
+        finite_or_inf &= _mm512_cmp_pd_mask(v, v, _CMP_UNORD_Q) == 0;
+        const __m512d rounded = _mm512_roundscale_pd(_mm512_div_pd(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512d code = _mm512_min_pd(_mm512_max_pd(_mm512_add_pd(rounded, vz), vlo), vhi);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(plane_codes.data() + i), _mm512_cvtpd_epi32(code));
+      }
+#endif
+      for (; i < hw; ++i) {
         const double v = static_cast<double>(plane[i]);
         finite_or_inf &= !std::isnan(v);
-        const double code = std::clamp(std::nearbyint(v / scale) + static_cast<double>(zero_point), low, high);
-        const int64_t at = (sample * hw + i) * c + channel;
-        if (wide) {
-          out.data_ptr<int16_t>()[at] = static_cast<int16_t>(code);
-        } else {
-          out.data_ptr<int8_t>()[at] = static_cast<int8_t>(code);
-        }
+        plane_codes[i] = static_cast<int32_t>(
+            std::clamp(std::nearbyint(v / scale) + static_cast<double>(zero_point), low, high));
+      }
+      if (wide) {
+        int16_t* dst = out.data_ptr<int16_t>() + sample * hw * c + channel;
+        for (int64_t k = 0; k < hw; ++k) dst[k * c] = static_cast<int16_t>(plane_codes[k]);
+      } else {
+        int8_t* dst = out.data_ptr<int8_t>() + sample * hw * c + channel;
+        for (int64_t k = 0; k < hw; ++k) dst[k * c] = static_cast<int8_t>(plane_codes[k]);
       }
     }
   }
