@@ -327,8 +327,11 @@ def test_the_native_vector_paths_are_byte_identical_to_the_numpy_reference(depth
     image, strides and dilations over its padded rows of each sample, a sample split between
     threads), the GEMM (window rows gathered by masked moves of up to 64 bytes or copied whole),
     and the float32 rescale (right shifts of 0 included) or, with a left shift anywhere, the
-    saturating two-step one."""
-    from mixprec.integer.ops.conv import ConvParams, _conv2d_native, conv2d_reference
+    saturating two-step one. Depthwise weights prepacked once and packed per call give the same bytes; a pack
+    made for other weights is refused."""
+    import torch
+
+    from mixprec.integer.ops.conv import ConvParams, _conv2d_native, conv2d_reference, native_conv_arguments
     from mixprec.kernels import native
 
     if not native.available():
@@ -360,7 +363,21 @@ def test_the_native_vector_paths_are_byte_identical_to_the_numpy_reference(depth
         x = rng.integers(-128, 128, (int(rng.integers(1, 4)), int(rng.integers(9, 13)), int(rng.integers(9, 13)),
                                      channels)).astype(np.int8)
         x.flat[:channels], x.flat[-channels:] = -128, 127
-        assert np.array_equal(_conv2d_native(x, params), conv2d_reference(x, params)), trial
+        expected = conv2d_reference(x, params)
+        assert np.array_equal(_conv2d_native(x, params), expected), trial  # weights prepacked once
+        arguments = native_conv_arguments(params, x.shape)
+        per_call = native.tflite_conv2d(torch.from_numpy(x), *arguments[:-1], None)  # packed by the call
+        assert np.array_equal(per_call.numpy(), expected), trial
+    if depthwise:  # a depthwise pack made for other weights' shape, multipliers or input offset is refused
+        weights, bias, multiplier, shift = params.native_constants
+        for other in (native.tflite_depthwise_pack(weights[:, :1].contiguous(), bias, multiplier, shift,
+                                                   params.input_offset),
+                      native.tflite_depthwise_pack(weights, bias, multiplier[:1], shift[:1], params.input_offset),
+                      native.tflite_depthwise_pack(weights, bias, multiplier, shift, params.input_offset - 1)):
+            with pytest.raises(RuntimeError, match="must come from tflite_depthwise_pack"):
+                native.tflite_conv2d(torch.from_numpy(x), *arguments[:-1], other)
+        with pytest.raises(RuntimeError, match=r"int32 \[1\] or \[channels\]"):
+            native.tflite_depthwise_pack(weights, bias, multiplier[:2], shift[:2], params.input_offset)
 
 
 def test_a_depthwise_sample_split_between_threads_is_byte_identical() -> None:

@@ -238,6 +238,13 @@ def tflite_conv2d_pack(*args: object) -> torch.Tensor:
     return torch.ops.mixprec.tflite_conv2d_pack(*args)
 
 
+def tflite_depthwise_pack(*args: object) -> torch.Tensor:
+    """An int8 DEPTHWISE_CONV_2D's weights, bias and rescales laid out once in the VNNI kernel's lane order, for
+    tflite_conv2d's ``prepacked`` (any input size); an empty tensor where that convolution does not run as that
+    kernel (see csrc/tflite_conv.cpp)."""
+    return torch.ops.mixprec.tflite_depthwise_pack(*args)
+
+
 def tflite_sum_middle(x: torch.Tensor) -> torch.Tensor:
     """int8 / int16 ``[outer, middle, inner]`` -> its exact int32 sums over the middle axis
     ``[outer, inner]`` (the integer engine's MEAN; see csrc/tflite_reduce.cpp)."""

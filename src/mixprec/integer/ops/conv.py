@@ -189,14 +189,17 @@ def native_conv_arguments(params: ConvParams, shape: tuple[int, ...], padded: tu
 
 
 def _prepacked(params: ConvParams, image: tuple[int, ...], geometry: tuple[int, ...]) -> torch.Tensor | None:
-    """The native GEMM's weights packed for an input image ``[H, W, C]`` and ``geometry``, made on the
-    first call of that size and kept in the record (None for a depthwise or 16x8 convolution)."""
-    if params.depthwise or params.dtype != "int8":
+    """The native kernel's weights packed once and kept in the record: a CONV_2D's GEMM for an input image
+    ``[H, W, C]`` and ``geometry`` (made on the first call of that size), a depthwise convolution's for any
+    size (None for 16x8)."""
+    if params.dtype != "int8":
         return None
-    key = (*image, *geometry)
+    key = ("depthwise",) if params.depthwise else (*image, *geometry)
     if key not in params.native_packs:
-        weights, bias, _, _ = params.native_constants
-        params.native_packs[key] = native.tflite_conv2d_pack(weights, bias, *image, *geometry, params.input_offset)
+        weights, bias, multiplier, shift = params.native_constants
+        params.native_packs[key] = (
+            native.tflite_depthwise_pack(weights, bias, multiplier, shift, params.input_offset) if params.depthwise
+            else native.tflite_conv2d_pack(weights, bias, *image, *geometry, params.input_offset))
     return params.native_packs[key]
 
 

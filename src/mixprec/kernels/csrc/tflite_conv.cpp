@@ -111,7 +111,7 @@ class Int8Store16 {
 
   // The 16 int32 outputs (offset added) of totals whose first channel is first_channel, to be saturated
   // to int8 and clamped to the activation range (clamp()) by the caller.
-  __m512i rescale(__m512i total, int64_t first_channel) const {
+  __attribute__((always_inline)) __m512i rescale(__m512i total, int64_t first_channel) const {
     if (!fast_) return exact(total, first_channel);
     const float* v = table_.data() + (per_channel_ ? first_channel / 16 : 0) * 48;
     const __mmask16 negative = _mm512_cmplt_epi32_mask(total, _mm512_setzero_si512());
@@ -604,6 +604,53 @@ inline void depthwise_row(const DepthwiseRow& r, const Int8Store16& store) {
   }
 }
 
+// depthwise_vnni's weights in its registers' lane order (slot 64 b + 16 k + 4 L + j holds channel 64 b + 16 L + 4 k
+// + j, see below), for lanes = channels rounded up to 64: the weights [block][tap][4 registers] (tap = kernel row x
+// quad of four columns, columns past the kernel's width zero), per slot the bias plus (input_offset - 128) times the
+// channel's weight sum, and the channel's multiplier and shift (padding slots: zero). Made once per record
+// (tflite_depthwise_pack) or per call.
+struct DepthwiseWeights {
+  std::vector<__m512i> packed;
+  std::vector<int32_t> corrected, slot_m, slot_s;
+};
+
+// Where depthwise_vnni reads those (from a DepthwiseWeights or a prepacked tensor).
+struct DepthwiseView {
+  const __m512i* packed;
+  const int32_t *corrected, *slot_m, *slot_s;
+};
+
+inline int64_t depthwise_taps(int64_t kh, int64_t kw) { return kh * ((kw + 3) / 4); }
+
+DepthwiseWeights pack_depthwise(int64_t channels, int64_t kh, int64_t kw, const int8_t* wt,
+                                const std::vector<int64_t>& bias, const int32_t* m, const int32_t* s, bool per_channel,
+                                int32_t in_off) {
+  const int64_t lanes = (channels + 63) / 64 * 64, groups = (kw + 3) / 4, taps = depthwise_taps(kh, kw);
+  auto channel_of = [](int64_t slot) {
+    const int64_t within = slot % 64, k = within / 16, lane = within % 16 / 4, j = within % 4;
+    return slot - within + 16 * lane + 4 * k + j;
+  };
+  DepthwiseWeights w{std::vector<__m512i>(static_cast<size_t>(lanes / 64 * taps * 4)),  // zeros
+                     std::vector<int32_t>(static_cast<size_t>(lanes), 0), std::vector<int32_t>(static_cast<size_t>(lanes), 0),
+                     std::vector<int32_t>(static_cast<size_t>(lanes), 0)};
+  for (int64_t slot = 0; slot < lanes; ++slot) {
+    const int64_t c = channel_of(slot);
+    if (c >= channels) continue;  // padding channels: zero weights, outputs not stored
+    int64_t sum = 0;
+    for (int64_t t = 0; t < kh * kw; ++t) sum += wt[t * channels + c];
+    w.corrected[slot] = static_cast<int32_t>((bias.empty() ? 0 : bias[c]) + int64_t{in_off - 128} * sum);
+    w.slot_m[slot] = m[per_channel ? c : 0];
+    w.slot_s[slot] = s[per_channel ? c : 0];
+    for (int64_t ky = 0; ky < kh; ++ky) {
+      for (int64_t kx = 0; kx < kw; ++kx) {
+        auto* bytes = reinterpret_cast<int8_t*>(w.packed.data() + ((slot / 64) * taps + ky * groups + kx / 4) * 4);
+        bytes[slot % 64 * 4 + kx % 4] = wt[(ky * kw + kx) * channels + c];
+      }
+    }
+  }
+  return w;
+}
+
 // An int8 DEPTHWISE_CONV_2D with depth multiplier 1 and a multiple of 16 channels as u8 x s8 dot products of four
 // window points along a row (vpdpbusd), 64 channels per step. Each padded row of a sample is laid out once, into a
 // ring of the rows an output row reads, as "quads": for every column q the codes of columns q, q + d, q + 2d, q +
@@ -614,40 +661,17 @@ inline void depthwise_row(const DepthwiseRow& r, const Int8Store16& store) {
 // quads come from byte and word unpacks, which leave register k's lane 4 L + j holding channel 16 L + 4 k + j of
 // the 64; the weights, bias and rescale tables take that order, and two saturating packs of the four rescaled
 // registers restore the channels' order. The same integer sums as convolve().
-void depthwise_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const std::vector<int64_t>& bias,
-                    const int32_t* m, const int32_t* s, bool per_channel, int32_t in_off, int32_t output_offset,
-                    int32_t act_min, int32_t act_max, int8_t* o) {
+void depthwise_vnni(const Geometry& g, const int8_t* in, const DepthwiseView& w, const int32_t* m, const int32_t* s,
+                    bool per_channel, int32_t in_off, int32_t output_offset, int32_t act_min, int32_t act_max,
+                    int8_t* o) {
   const int64_t channels = g.channels, blocks = (channels + 63) / 64, lanes = blocks * 64;
   const int64_t groups = (g.kw + 3) / 4, step = 4 * g.dilation_w;  // quads per kernel row, columns between them
   const int64_t reach_h = (g.out_h - 1) * g.stride_h + (g.kh - 1) * g.dilation_h + 1;
   const int64_t entries = (g.out_w - 1) * g.stride_w + (groups - 1) * step + 1;  // quads per laid-out row
   const int64_t span = entries + 3 * g.dilation_w;  // padded columns those quads read
-  // lane order: slot 64 b + 16 k + 4 L + j of the registers holds channel 64 b + 16 L + 4 k + j
-  auto channel_of = [](int64_t slot) {
-    const int64_t within = slot % 64, k = within / 16, lane = within % 16 / 4, j = within % 4;
-    return slot - within + 16 * lane + 4 * k + j;
-  };
   const int64_t taps = g.kh * groups;  // quads summed per output
-  std::vector<__m512i> packed(static_cast<size_t>(blocks * taps * 4));  // [block][tap][4]
-  std::vector<int32_t> corrected(static_cast<size_t>(lanes), 0), slot_m(static_cast<size_t>(lanes), 0);
-  std::vector<int32_t> slot_s(static_cast<size_t>(lanes), 0);
-  for (int64_t slot = 0; slot < lanes; ++slot) {
-    const int64_t c = channel_of(slot);
-    if (c >= channels) continue;  // padding channels: zero weights, outputs not stored
-    int64_t sum = 0;
-    for (int64_t t = 0; t < g.kh * g.kw; ++t) sum += wt[t * channels + c];
-    corrected[slot] = static_cast<int32_t>((bias.empty() ? 0 : bias[c]) + int64_t{in_off - 128} * sum);
-    slot_m[slot] = m[per_channel ? c : 0];
-    slot_s[slot] = s[per_channel ? c : 0];
-    for (int64_t ky = 0; ky < g.kh; ++ky) {
-      for (int64_t kx = 0; kx < g.kw; ++kx) {
-        auto* bytes = reinterpret_cast<int8_t*>(packed.data() + ((slot / 64) * taps + ky * groups + kx / 4) * 4);
-        bytes[slot % 64 * 4 + kx % 4] = wt[(ky * g.kw + kx) * channels + c];
-      }
-    }
-  }
-  const Int8Store16 store(per_channel ? slot_m.data() : m, per_channel ? slot_s.data() : s, per_channel, lanes,
-                          output_offset, act_min, act_max);
+  const Int8Store16 store(per_channel ? w.slot_m : m, per_channel ? w.slot_s : s, per_channel, lanes, output_offset,
+                          act_min, act_max);
   const uint8_t outside = static_cast<uint8_t>(static_cast<int8_t>(-in_off) ^ 0x80);
   // row r of sample n's padded image as quads (entries x blocks x 4 registers) at `quads`
   auto lay_out_row = [&, span, entries, lanes, blocks, channels](int64_t n, int64_t r, __m512i* quads, uint8_t* row) {
@@ -699,7 +723,7 @@ void depthwise_vnni(const Geometry& g, const int8_t* in, const int8_t* wt, const
         }
         const int64_t count = std::min<int64_t>(64, channels - 64 * b);
         const DepthwiseRow row_out{first.data(), taps, g.stride_w * blocks * 4,
-                                   packed.data() + b * taps * 4, corrected.data() + 64 * b, 64 * b, g.out_w,
+                                   w.packed + b * taps * 4, w.corrected + 64 * b, 64 * b, g.out_w,
                                    dst + 64 * b, channels,
                                    _cvtu64_mask64(count == 64 ? ~0ULL : (1ULL << count) - 1)};
         switch (taps) {
@@ -736,6 +760,36 @@ std::array<int64_t, kPackHeader> pack_header(const Geometry& g, int64_t input_of
           g.stride_w, g.dilation_h, g.dilation_w, g.pad_top, g.pad_left, input_offset};
 }
 
+// A prepacked depthwise_vnni (tflite_depthwise_pack): kPackHeader int64 (kDepthwiseMagic, channels, kh, kw, input
+// offset, the multipliers' count, then zeros), then int32 [lanes] each of the corrected bias, the slots' multipliers
+// and shifts, then the weights [block][tap][4 registers] (DepthwiseWeights); every part 64-byte aligned.
+constexpr int64_t kDepthwiseMagic = 0x6d78707264777631;  // "mxprdwv1"
+
+std::array<int64_t, kPackHeader> depthwise_header(int64_t channels, int64_t kh, int64_t kw, int64_t input_offset,
+                                                  int64_t multipliers) {
+  return {kDepthwiseMagic, channels, kh, kw, input_offset, multipliers};
+}
+
+int64_t depthwise_pack_bytes(int64_t channels, int64_t kh, int64_t kw) {
+  const int64_t lanes = (channels + 63) / 64 * 64;
+  return kPackHeader * 8 + 3 * lanes * 4 + lanes / 64 * kh * ((kw + 3) / 4) * 4 * 64;
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+DepthwiseView depthwise_view(const at::Tensor& pack, const Geometry& g, int64_t input_offset, int64_t multipliers) {
+  const auto header = depthwise_header(g.channels, g.kh, g.kw, input_offset, multipliers);
+  TORCH_CHECK(pack.scalar_type() == at::kChar && pack.is_contiguous() &&
+                  pack.numel() == depthwise_pack_bytes(g.channels, g.kh, g.kw) &&
+                  reinterpret_cast<uintptr_t>(pack.data_ptr<int8_t>()) % 64 == 0 &&
+                  std::memcmp(pack.data_ptr<int8_t>(), header.data(), kPackHeader * 8) == 0,
+              "prepacked depthwise weights must come from tflite_depthwise_pack for these weights, multipliers and "
+              "input offset");
+  const int64_t lanes = (g.channels + 63) / 64 * 64;
+  const auto* words = reinterpret_cast<const int32_t*>(pack.data_ptr<int8_t>() + kPackHeader * 8);
+  return {reinterpret_cast<const __m512i*>(words + 3 * lanes), words, words + lanes, words + 2 * lanes};
+}
+#endif
+
 Geometry checked_geometry(int64_t batch, int64_t height, int64_t width, int64_t channels, const at::Tensor& w,
                           int64_t stride_h, int64_t stride_w, int64_t dilation_h, int64_t dilation_w, int64_t pad_top,
                           int64_t pad_left, int64_t out_h, int64_t out_w, bool depthwise) {
@@ -767,6 +821,42 @@ at::Tensor tflite_conv2d_pack(const at::Tensor& w, const c10::optional<at::Tenso
   std::memcpy(bytes, header.data(), static_cast<size_t>(header_bytes));
   std::memcpy(bytes + header_bytes, packed.corrected.data(), static_cast<size_t>(corrected_bytes));
   std::memcpy(bytes + header_bytes + corrected_bytes, packed.packed.data(), packed.packed.size());
+  return out;
+#else
+  return at::empty({0}, w.options());
+#endif
+}
+
+// depthwise_vnni's weights packed once (see depthwise_view), for tflite_conv2d's `prepacked`; an empty tensor where
+// that depthwise convolution does not take depthwise_vnni. w: [1, kh, kw, channels] (depth multiplier 1).
+at::Tensor tflite_depthwise_pack(const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                                 const at::Tensor& multiplier, const at::Tensor& shift, int64_t input_offset) {
+  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kChar && w.is_contiguous() && w.size(0) == 1,
+              "depthwise weights must be int8 [1, kh, kw, channels]");
+  const int64_t channels = w.size(3), kh = w.size(1), kw = w.size(2);
+  TORCH_CHECK(multiplier.scalar_type() == at::kInt && shift.scalar_type() == at::kInt && multiplier.is_contiguous() &&
+                  shift.is_contiguous() && multiplier.numel() == shift.numel() &&
+                  (multiplier.numel() == 1 || multiplier.numel() == channels),
+              "multiplier and shift must be int32 [1] or [channels]");
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (channels % 16 != 0 || input_offset < -127 || input_offset > 128) return at::empty({0}, w.options());
+  const bool per_channel = multiplier.numel() > 1;
+  const DepthwiseWeights packed =
+      pack_depthwise(channels, kh, kw, w.data_ptr<int8_t>(), mixprec::bias_as_int64(bias, channels, false),
+                     multiplier.data_ptr<int32_t>(), shift.data_ptr<int32_t>(), per_channel,
+                     static_cast<int32_t>(input_offset));
+  const auto header = depthwise_header(channels, kh, kw, input_offset, multiplier.numel());
+  auto out = at::empty({depthwise_pack_bytes(channels, kh, kw)}, w.options());
+  auto* bytes = out.data_ptr<int8_t>();
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(bytes) % 64 == 0, "the allocator gave an unaligned pack");
+  const size_t lane_bytes = packed.corrected.size() * 4;
+  std::memcpy(bytes, header.data(), kPackHeader * 8);
+  bytes += kPackHeader * 8;
+  for (const auto* part : {&packed.corrected, &packed.slot_m, &packed.slot_s}) {
+    std::memcpy(bytes, part->data(), lane_bytes);
+    bytes += lane_bytes;
+  }
+  std::memcpy(bytes, packed.packed.data(), packed.packed.size() * 64);
   return out;
 #else
   return at::empty({0}, w.options());
@@ -822,9 +912,16 @@ at::Tensor tflite_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::op
   }
   if (!wide && depthwise && g.out_channels == g.channels && g.channels % 16 == 0 && input_offset >= -127 &&
       input_offset <= 128) {
-    depthwise_vnni(g, x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), bias64, m, s, per_channel, in_off,
-                   static_cast<int32_t>(output_offset), static_cast<int32_t>(act_min), static_cast<int32_t>(act_max),
-                   out.data_ptr<int8_t>());
+    DepthwiseWeights local;
+    DepthwiseView view{};
+    if (prepacked.has_value() && prepacked->numel() > 0) {
+      view = depthwise_view(*prepacked, g, input_offset, multiplier.numel());
+    } else {
+      local = pack_depthwise(g.channels, g.kh, g.kw, w.data_ptr<int8_t>(), bias64, m, s, per_channel, in_off);
+      view = {local.packed.data(), local.corrected.data(), local.slot_m.data(), local.slot_s.data()};
+    }
+    depthwise_vnni(g, x.data_ptr<int8_t>(), view, m, s, per_channel, in_off, static_cast<int32_t>(output_offset),
+                   static_cast<int32_t>(act_min), static_cast<int32_t>(act_max), out.data_ptr<int8_t>());
     return out;
   }
 #endif
@@ -851,6 +948,7 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
   m.def("tflite_conv2d_pack(Tensor w, Tensor? bias, int height, int width, int channels, int stride_h, "
         "int stride_w, int dilation_h, int dilation_w, int pad_top, int pad_left, int out_h, int out_w, "
         "int input_offset) -> Tensor");
+  m.def("tflite_depthwise_pack(Tensor w, Tensor? bias, Tensor multiplier, Tensor shift, int input_offset) -> Tensor");
 }
 
 // CPU kernels under the CPU dispatch key (not a catch-all), so torch.compile can pair each with
@@ -858,4 +956,5 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
 TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
   m.impl("tflite_conv2d", &tflite_conv2d);
   m.impl("tflite_conv2d_pack", &tflite_conv2d_pack);
+  m.impl("tflite_depthwise_pack", &tflite_depthwise_pack);
 }
