@@ -111,16 +111,28 @@ class Int8Store16 {
 
   // The 16 int32 outputs (offset added) of totals whose first channel is first_channel, to be saturated
   // to int8 and clamped to the activation range (clamp()) by the caller.
-  __attribute__((always_inline)) __m512i rescale(__m512i total, int64_t first_channel) const {
+  __m512i rescale(__m512i total, int64_t first_channel) const {
     if (!fast_) return exact(total, first_channel);
-    const float* v = table_.data() + (per_channel_ ? first_channel / 16 : 0) * 48;
-    const __mmask16 negative = _mm512_cmplt_epi32_mask(total, _mm512_setzero_si512());
-    const __m512 c = _mm512_mask_mov_ps(_mm512_loadu_ps(v + 16), negative, _mm512_loadu_ps(v + 32));
-    const __m512 g = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_loadu_ps(v), c);
-    const __m512 whole = _mm512_roundscale_ps(g, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __mmask16 near = _mm512_cmp_ps_mask(_mm512_sub_ps(g, whole), _mm512_set1_ps(2 * kMargin), _CMP_LT_OQ);
-    const __m512i out = _mm512_cvtps_epi32(whole);  // whole numbers: exact (the flagged lanes aside)
+    __mmask16 near;
+    const __m512i out = floor_of(total, first_channel, &near);
     return near ? _mm512_mask_mov_epi32(out, near, exact(total, first_channel)) : out;
+  }
+
+  // rescale() of four registers of totals, register k's first channel first_channel + 16 k: one test for the
+  // flagged lanes of all four.
+  void rescale4(const __m512i (&total)[4], int64_t first_channel, __m512i (&out)[4]) const {
+    if (!fast_) {
+      for (int k = 0; k < 4; ++k) out[k] = exact(total[k], first_channel + 16 * k);
+      return;
+    }
+    __mmask16 near[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) out[k] = floor_of(total[k], first_channel + 16 * k, &near[k]);
+    if (near[0] | near[1] | near[2] | near[3]) {
+      for (int k = 0; k < 4; ++k) {
+        if (near[k]) out[k] = _mm512_mask_mov_epi32(out[k], near[k], exact(total[k], first_channel + 16 * k));
+      }
+    }
   }
 
   // int8 codes clamped to the activation range (lanes beyond the last channel clamped as well).
@@ -141,6 +153,18 @@ class Int8Store16 {
 
  private:
   static constexpr float kMargin = 1.0f / 16384;
+
+  // floor(g) of 16 totals (see above) and the lanes to redo in integers (fraction of g below 2e): the fraction by
+  // vreduceps (g - floor(g), exact), the floor by a conversion rounding down.
+  __attribute__((always_inline)) __m512i floor_of(__m512i total, int64_t first_channel, __mmask16* near) const {
+    const float* v = table_.data() + (per_channel_ ? first_channel / 16 : 0) * 48;
+    const __mmask16 negative = _mm512_cmplt_epi32_mask(total, _mm512_setzero_si512());
+    const __m512 c = _mm512_mask_mov_ps(_mm512_loadu_ps(v + 16), negative, _mm512_loadu_ps(v + 32));
+    const __m512 g = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_loadu_ps(v), c);
+    *near = _mm512_cmp_ps_mask(_mm512_reduce_ps(g, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
+                               _mm512_set1_ps(2 * kMargin), _CMP_LT_OQ);
+    return _mm512_cvt_roundps_epi32(g, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  }
 
   __m512i exact(__m512i total, int64_t first_channel) const {
     const int64_t k = per_channel_ ? first_channel : 0;
@@ -279,19 +303,19 @@ struct WindowRuns {
   int64_t rows, run;
 };
 
-// kPixels x kBlocks tile of the GEMM: acc[p][b] = sum_k u[p, k] * w[16 b + lane, k], u the codes plus 128
+// kPixels x kBlocks tile of the GEMM: acc[p][b] = start[16 b + lane] + sum_k u[p, k] * w[16 b + lane, k], u the codes plus 128
 // as uint8, the weights packed [depth / 4][blocks][16 lanes][4 consecutive window bytes] for vpdpbusd
 // (each pixel's 4 codes broadcast from memory into every lane).
 // The accumulators are locals, copied out once at the end: an output array updated in the loop
 // stayed in memory (GCC stored every register back on each step).
 template <int kPixels, int kBlocks>
 inline void window_tile(const uint8_t* const* base, const WindowRuns& runs, const int8_t* packed, int64_t blocks,
-                        __m512i (&out)[kPixels][kBlocks]) {
+                        const int32_t* start, __m512i (&out)[kPixels][kBlocks]) {
   __m512i acc[kPixels][kBlocks];
 #pragma GCC unroll 8
   for (int p = 0; p < kPixels; ++p)
 #pragma GCC unroll 4
-    for (int b = 0; b < kBlocks; ++b) acc[p][b] = _mm512_setzero_si512();
+    for (int b = 0; b < kBlocks; ++b) acc[p][b] = _mm512_loadu_si512(start + 16 * b);
   const int8_t* wk = packed;
   for (int64_t r = 0; r < runs.rows; ++r) {
     const int64_t at = runs.offset[r];
@@ -391,13 +415,6 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* packed_we
   const int64_t outs = g.out_channels, blocks = outs / 16, pixels = g.batch * g.out_h * g.out_w;
   const int8_t outside = static_cast<int8_t>(-in_off);  // (x + input_offset) = 0: a point outside the image
   const Int8Store16 store(m, s, per_channel, outs, output_offset, act_min, act_max);
-  // a block's sums plus its bias and offset correction; finish stores them as 16 codes of a pixel
-  auto total = [&](__m512i acc, int64_t block) {
-    return _mm512_add_epi32(acc, _mm512_loadu_si512(corrected + block * 16));
-  };
-  auto finish = [&](__m512i acc, int64_t pixel, int64_t block) {
-    store(total(acc, block), block * 16, o + pixel * outs + block * 16);
-  };
   // copies of a few bytes (a pixel's channels, a window row of a thin input) as one masked move
   auto copy = [](int8_t* dst, const int8_t* src, int64_t bytes) {
     if (bytes > 64) {
@@ -435,17 +452,17 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* packed_we
     int64_t b = 0;
     for (; b + 4 <= blocks; b += 4) {
       __m512i acc[kPixels][4];
-      window_tile<kPixels, 4>(base, runs, packed_weights + b * 64, blocks, acc);
+      window_tile<kPixels, 4>(base, runs, packed_weights + b * 64, blocks, corrected + b * 16, acc);
       for (int i = 0; i < kPixels; ++i) {
         __m512i v[4];
-        for (int j = 0; j < 4; ++j) v[j] = store.rescale(total(acc[i][j], b + j), (b + j) * 16);
+        store.rescale4(acc[i], b * 16, v);
         _mm512_storeu_si512(o + (first + i) * outs + b * 16, store.codes64(v));
       }
     }
-    for (; b < blocks; ++b) {
+    for (; b < blocks; ++b) {  // the totals: the sums plus the bias and offset correction the tile started from
       __m512i acc[kPixels][1];
-      window_tile<kPixels, 1>(base, runs, packed_weights + b * 64, blocks, acc);
-      for (int i = 0; i < kPixels; ++i) finish(acc[i][0], first + i, b);
+      window_tile<kPixels, 1>(base, runs, packed_weights + b * 64, blocks, corrected + b * 16, acc);
+      for (int i = 0; i < kPixels; ++i) store(acc[i][0], b * 16, o + (first + i) * outs + b * 16);
     }
   };
   // chunks of pixels, each pixel's base given by base_of(pixel), called once per pixel in order
@@ -597,8 +614,7 @@ inline void depthwise_row(const DepthwiseRow& r, const Int8Store16& store) {
       }
     }
     __m512i v[4];
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) v[k] = store.rescale(acc[k], r.first_channel + 16 * k);
+    store.rescale4(acc, r.first_channel, v);
     const __m512i codes = _mm512_packs_epi16(_mm512_packs_epi32(v[0], v[1]), _mm512_packs_epi32(v[2], v[3]));
     _mm512_mask_storeu_epi8(dst, keep, store.clamp(codes));
   }
