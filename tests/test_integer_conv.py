@@ -486,3 +486,51 @@ def test_windows_read_in_place_are_byte_identical_to_the_numpy_reference() -> No
     with pytest.raises(RuntimeError, match="must come from tflite_conv2d_pack for this geometry"):
         native.tflite_conv2d(torch.from_numpy(x), weights, bias, multiplier, shift, *geometry, params.input_offset,
                              -5, -128, 127, False, other)
+
+
+@pytest.mark.parametrize("depthwise", [True, False], ids=["depthwise", "conv"])
+def test_a_convolution_finishing_with_an_add_gives_the_add_of_its_codes(depthwise: bool) -> None:
+    """A residual ADD finished inside the convolution (the VNNI GEMM per tile, other paths after the whole
+    output): the bytes of the convolution, then the int8 ADD's reference, with the convolution's codes as
+    the ADD's first or second operand, 16 and 48 channels, batch 1 and 3; bad residuals refused."""
+    import torch
+
+    from mixprec.integer.ops.conv import ConvParams, conv2d_reference, native_conv_arguments
+    from mixprec.integer.ops.elementwise import AddParams, add_reference
+    from mixprec.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.load_error()}")
+    rng = np.random.default_rng(73 + depthwise)
+    for trial, (channels, batch, residual_first) in enumerate([(16, 1, False), (48, 3, True), (16, 3, True),
+                                                              (48, 1, False)]):
+        shape = (1, 3, 3, channels) if depthwise else (channels, 3, 3, channels)
+        params = ConvParams(weights=rng.integers(-127, 128, shape).astype(np.int8),
+                            bias=rng.integers(-2**12, 2**12, channels).astype(np.int32), input_offset=3,
+                            multiplier=rng.integers(2**30, 2**31, channels).astype(np.int32),
+                            shift=-rng.integers(7, 10, channels).astype(np.int32), output_offset=-5, stride=(1, 1),
+                            dilation=(1, 1), padding="SAME", depthwise=depthwise, activation_min=-128,
+                            activation_max=127, dtype="int8")
+        add = AddParams(a_offset=int(rng.integers(-20, 20)), b_offset=int(rng.integers(-20, 20)),
+                        a_multiplier=int(rng.integers(2**30, 2**31)), a_shift=-1,
+                        b_multiplier=int(rng.integers(2**30, 2**31)), b_shift=-2,
+                        output_multiplier=int(rng.integers(2**30, 2**31)), output_shift=-17, output_offset=-128,
+                        activation_min=-128 if trial % 2 else -100, activation_max=127)
+        x = rng.integers(-128, 128, (batch, 9, 11, channels)).astype(np.int8)
+        other = rng.integers(-128, 128, (batch, 9, 11, channels)).astype(np.int8)
+        conv = conv2d_reference(x, params)
+        expected = add_reference(other, conv, add) if residual_first else add_reference(conv, other, add)
+        arguments = native_conv_arguments(params, x.shape)
+        got = native.tflite_conv2d(torch.from_numpy(x), *arguments, torch.from_numpy(other), add.int8_table,
+                                   add.int8_fit, residual_first)
+        assert np.array_equal(got.numpy(), expected), trial
+    residual = torch.from_numpy(other)
+    with pytest.raises(RuntimeError, match="of the convolution's output shape"):
+        native.tflite_conv2d(torch.from_numpy(x), *arguments, residual[:, :4].contiguous(), add.int8_table,
+                             add.int8_fit, False)
+    with pytest.raises(RuntimeError, match="65,540 contiguous int8 codes"):
+        native.tflite_conv2d(torch.from_numpy(x), *arguments, residual, add.int8_table[:100], add.int8_fit, False)
+    with pytest.raises(RuntimeError, match="7 contiguous float32"):
+        native.tflite_conv2d(torch.from_numpy(x), *arguments, residual, add.int8_table, add.int8_fit[:3], False)
+    with pytest.raises(RuntimeError, match="come with a residual"):
+        native.tflite_conv2d(torch.from_numpy(x), *arguments, None, add.int8_table, None, False)

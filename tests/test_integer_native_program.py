@@ -21,13 +21,16 @@ pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels:
 
 
 def test_a_resnet8_runs_as_one_program_with_the_operators_codes() -> None:
-    """Convolutions (a PAD applied by the stride-2 convolution), residual ADDs, MEAN and FULLY_CONNECTED,
-    at batch sizes 1, 3 and 64."""
+    """Convolutions (a PAD applied by the stride-2 convolution), residual ADDs (each finished by a
+    convolution), MEAN and FULLY_CONNECTED, at batch sizes 1, 3 and 64."""
     torch.manual_seed(0)
     model = ResNet8().eval()
     mixprec.fold_batchnorm(model)
     graph = cnn_graph_traced(model, torch.rand(128, 1, 28, 28))
     assert "PAD" in [node.opcode for node in graph.nodes] and graph.native_program is not None
+    # each residual ADD is finished by the convolution computed last of its two operands
+    assert [node.opcode for node in graph.nodes].count("ADD") == 3
+    assert "mixprec::tflite_add_lookup" not in graph.native_program.ops
     for batch in (1, 3, 64):
         codes = graph_input(graph, torch.rand(batch, 1, 28, 28))
         assert np.array_equal(graph(codes), graph.run_each(codes)), batch
@@ -112,6 +115,10 @@ def test_malformed_programs_are_refused() -> None:
         _run(x, ["mixprec::tflite_requantize"], [0, 1, 9, 0])
     with pytest.raises(RuntimeError, match="the program has no steps"):
         _run(x, [], [])
+    with pytest.raises(RuntimeError, match="leaves out mixprec::tflite_requantize's argument multiplier"):
+        _run(x, ["mixprec::tflite_requantize"], [0, 2, 0, 0, 2, 0])
+    with pytest.raises(RuntimeError, match="passes 8 arguments to mixprec::tflite_requantize, which takes 6"):
+        _run(x, ["mixprec::tflite_requantize"], [0, 8, *[0, 0] * 8])
     with pytest.raises(RuntimeError, match="contiguous 1-D int64 tensor"):
         native.tflite_run_program([x], [], [], torch.zeros(2, dtype=torch.int32))
     assert _run(x, [], [-1, 2, 0, 0, 2, 6]).shape == (6,)

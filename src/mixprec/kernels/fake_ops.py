@@ -86,7 +86,9 @@ def _tflite_conv2d(x: Tensor, w: Tensor, bias: Tensor | None, multiplier: Tensor
                    stride_h: int, stride_w: int, dilation_h: int, dilation_w: int, pad_top: int,  # noqa: ARG001
                    pad_left: int, out_h: int, out_w: int, input_offset: int, output_offset: int,  # noqa: ARG001
                    act_min: int, act_max: int, depthwise: bool,  # noqa: ARG001
-                   prepacked: Tensor | None = None) -> Tensor:  # noqa: ARG001
+                   prepacked: Tensor | None = None, residual: Tensor | None = None,  # noqa: ARG001
+                   add_table: Tensor | None = None, add_fit: Tensor | None = None,  # noqa: ARG001
+                   residual_first: bool = False) -> Tensor:  # noqa: ARG001
     channels = w.shape[3] if depthwise else w.shape[0]
     return x.new_empty((x.shape[0], out_h, out_w, channels))
 

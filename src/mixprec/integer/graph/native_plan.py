@@ -119,18 +119,33 @@ def native_program(graph: Graph, float_nchw: bool = False) -> NativeProgram | No
                                  int(spec.quant.zero_point[0]), spec.dtype == "int16")
     fusions = graph.pad_fusions
     applied = {conv: (pad, pads) for pad, (conv, pads) in fusions.items()}
+    finishing = _finishing_adds(graph)
+    finished = {add: conv for conv, (add, _, _) in finishing.items()}
     try:
         for index, (node, record) in enumerate(zip(graph.nodes, graph.records)):
             tensor = len(graph.inputs) + index
             if index in fusions:
                 continue
+            if index in finished:  # computed by its convolution
+                values[tensor] = values[len(graph.inputs) + finished[index]]
+                continue
+            residual: tuple = ()
+            if index in finishing:
+                add, other, residual_first = finishing[index]
+                add_record = graph.records[add]
+                residual = (values[other], add_record.int8_table, add_record.int8_fit, residual_first)
             if index in applied:
                 pad, pads = applied[index]
                 source = graph.nodes[pad].inputs[0]
                 arguments = native_conv_arguments(record, graph.tensor_shapes[source],
                                                   graph.tensor_shapes[len(graph.inputs) + pad],
                                                   (pads[0][0], pads[1][0]))
-                values[tensor] = program.call("tflite_conv2d", values[source], *arguments)
+                values[tensor] = program.call("tflite_conv2d", values[source], *arguments, *residual)
+                continue
+            if residual:
+                source = node.inputs[0]
+                arguments = native_conv_arguments(record, graph.tensor_shapes[source])
+                values[tensor] = program.call("tflite_conv2d", values[source], *arguments, *residual)
                 continue
             inputs = [values[i] for i in node.inputs]
             shapes = [graph.tensor_shapes[i] for i in node.inputs]
@@ -142,6 +157,31 @@ def native_program(graph: Graph, float_nchw: bool = False) -> NativeProgram | No
         program.call("tflite_dequantize", values[len(graph.inputs) + len(graph.nodes) - 1],
                      float(np.float32(output.scale[0])), int(output.zero_point[0]))
     return program
+
+
+def _finishing_adds(graph: Graph) -> dict[int, tuple[int, int, bool]]:
+    """int8 ADDs that their convolution finishes (``csrc/tflite_conv.cpp``): per convolution node, the ADD's
+    node, the other operand's tensor and whether that operand is the ADD's first. The convolution is the
+    ADD's later operand (the other one exists when it runs), an int8 CONV_2D or DEPTHWISE_CONV_2D whose
+    output only that ADD reads; both operands have one shape."""
+    first_node = len(graph.inputs)
+    readers: dict[int, int] = {}
+    for node in graph.nodes:
+        for tensor in node.inputs:
+            readers[tensor] = readers.get(tensor, 0) + 1
+    found: dict[int, tuple[int, int, bool]] = {}
+    for index, node in enumerate(graph.nodes):
+        if node.opcode != "ADD" or graph.records[index].dtype != "int8":
+            continue
+        a, b = node.inputs
+        conv, other = max(a, b), min(a, b)
+        if (a == b or conv < first_node or graph.tensor_shapes[a] != graph.tensor_shapes[b]
+                or readers[conv] != 1 or conv - first_node in found or other - first_node in graph.pad_fusions):
+            continue
+        producer = graph.nodes[conv - first_node]
+        if producer.opcode in ("CONV_2D", "DEPTHWISE_CONV_2D") and graph.records[conv - first_node].dtype == "int8":
+            found[conv - first_node] = (index, other, other == a)
+    return found
 
 
 def _operator(program: NativeProgram, opcode: str, record: object, inputs: list[_Value],

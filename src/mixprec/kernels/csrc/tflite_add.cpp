@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "split_rows.h"
+#include "tflite_add_lookup.h"
 #include "tflite_rescale.h"
 
 namespace {
@@ -122,55 +123,12 @@ at::Tensor tflite_add(const at::Tensor& a, const at::Tensor& b, int64_t a_offset
 // is then checked by running this kernel on all 65,536 pairs against the table; where that or the fit fails, every
 // lane is flagged (low = 2: the table alone). So every pair of codes gives the table's code. The table alone: 0.24
 // ms on 800k elements (a gather per 16 elements, about 29 cycles each here); see BENCHMARKS.md for the estimate's.
-constexpr int64_t kTableBytes = 65536 + 4;
-constexpr int64_t kFitFloats = 7;  // alpha, beta, c, low, high, act_min, act_max
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-struct AddFit {
-  __m512 alpha, beta, c, low, high, act_min, act_max;
-
-  explicit AddFit(const float* f)
-      : alpha(_mm512_set1_ps(f[0])), beta(_mm512_set1_ps(f[1])), c(_mm512_set1_ps(f[2])), low(_mm512_set1_ps(f[3])),
-        high(_mm512_set1_ps(f[4])), act_min(_mm512_set1_ps(f[5])), act_max(_mm512_set1_ps(f[6])) {}
-
-  // 16 pairs of codes (int32 lanes): floor(g) clamped to the activation range; g and the flagged lanes through the
-  // pointers.
-  __m512i estimate(__m512i a, __m512i b, __m512* g_out, __mmask16* flagged) const {
-    const __m512 g = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), alpha, _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), beta, c));
-    const __m512 whole = _mm512_roundscale_ps(g, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __m512 fraction = _mm512_sub_ps(g, whole);  // exact; 0 from |g| >= 2^23 on
-    *flagged = _mm512_cmp_ps_mask(fraction, low, _CMP_LT_OQ) | _mm512_cmp_ps_mask(fraction, high, _CMP_GT_OQ) |
-               _mm512_cmp_ps_mask(g, g, _CMP_UNORD_Q);
-    *g_out = g;
-    return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(whole, act_min), act_max));
-  }
-};
-
-// The lookup of codes [begin, end): 16 at a time by the estimate, the flagged lanes and the tail from the table.
-void lookup_range(const uint8_t* x, const uint8_t* y, const int8_t* codes, const AddFit& fit, int64_t begin,
-                  int64_t end, int8_t* o) {
-  const __m512i flip = _mm512_set1_epi32(0x80);
-  int64_t i = begin;
-  for (; i + 16 <= end; i += 16) {
-    const __m512i xs = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
-    const __m512i ys = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(y + i)));
-    const __m512i a = _mm512_xor_si512(xs, flip), b = _mm512_xor_si512(ys, flip);  // the codes + 128
-    __m512 g;
-    __mmask16 flagged;
-    __m512i out = fit.estimate(_mm512_sub_epi32(a, flip), _mm512_sub_epi32(b, flip), &g, &flagged);
-    if (flagged) {
-      const __m512i got = _mm512_mask_i32gather_epi32(out, flagged, _mm512_or_si512(_mm512_slli_epi32(a, 8), b), codes, 1);
-      out = _mm512_mask_mov_epi32(out, flagged, _mm512_srai_epi32(_mm512_slli_epi32(got, 24), 24));
-    }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), _mm512_cvtepi32_epi8(out));
-  }
-  for (; i < end; ++i) o[i] = codes[((x[i] ^ 0x80) << 8) | (y[i] ^ 0x80)];
-}
-
 // The margins of fit's estimate against the table (see above): false where some pair's estimate is off by more
 // than one code.
 bool fit_margins(const int8_t* codes, float* f) {
-  const AddFit candidate(f);
+  const mixprec::AddFit candidate(f);
   const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   float low = 0.0f, high = 1.0f;
   for (int32_t first = -128; first < 128; ++first) {
@@ -205,9 +163,9 @@ at::Tensor tflite_add_lookup(const at::Tensor& a, const at::Tensor& b, const at:
   TORCH_CHECK(a.scalar_type() == at::kChar && a.is_contiguous(), "a must be a contiguous int8 tensor");
   TORCH_CHECK(b.scalar_type() == at::kChar && b.is_contiguous() && b.sizes() == a.sizes(),
               "b must be a contiguous int8 tensor of a's shape");
-  TORCH_CHECK(table.scalar_type() == at::kChar && table.is_contiguous() && table.numel() == kTableBytes,
+  TORCH_CHECK(table.scalar_type() == at::kChar && table.is_contiguous() && table.numel() == mixprec::kAddTableBytes,
               "the table must be 65,540 contiguous int8 codes (one per pair of codes, then 4 bytes of slack)");
-  TORCH_CHECK(fit.scalar_type() == at::kFloat && fit.is_contiguous() && fit.numel() == kFitFloats,
+  TORCH_CHECK(fit.scalar_type() == at::kFloat && fit.is_contiguous() && fit.numel() == mixprec::kAddFitFloats,
               "the fit must be the 7 contiguous float32 values tflite_add_fit gives for this table");
   auto out = at::empty(a.sizes(), a.options());
   const auto* x = reinterpret_cast<const uint8_t*>(a.data_ptr<int8_t>());
@@ -215,9 +173,10 @@ at::Tensor tflite_add_lookup(const at::Tensor& a, const at::Tensor& b, const at:
   const int8_t* codes = table.data_ptr<int8_t>();
   int8_t* o = out.data_ptr<int8_t>();
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-  const AddFit vector_fit(fit.data_ptr<float>());
-  for_element_blocks(a.numel(),
-                     [&](int64_t begin, int64_t end) { lookup_range(x, y, codes, vector_fit, begin, end, o); });
+  const mixprec::AddFit vector_fit(fit.data_ptr<float>());
+  for_element_blocks(a.numel(), [&](int64_t begin, int64_t end) {
+    mixprec::lookup_range(x, y, codes, vector_fit, begin, end, o);
+  });
 #else
   for_element_blocks(a.numel(), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) o[i] = codes[((x[i] ^ 0x80) << 8) | (y[i] ^ 0x80)];
@@ -231,7 +190,7 @@ at::Tensor tflite_add_lookup(const at::Tensor& a, const at::Tensor& b, const at:
 at::Tensor tflite_add_fit(const at::Tensor& table, int64_t a_offset, int64_t b_offset, int64_t a_multiplier,
                           int64_t a_shift, int64_t b_multiplier, int64_t b_shift, int64_t output_multiplier,
                           int64_t output_shift, int64_t output_offset, int64_t act_min, int64_t act_max) {
-  TORCH_CHECK(table.scalar_type() == at::kChar && table.is_contiguous() && table.numel() == kTableBytes,
+  TORCH_CHECK(table.scalar_type() == at::kChar && table.is_contiguous() && table.numel() == mixprec::kAddTableBytes,
               "the table must be 65,540 contiguous int8 codes (one per pair of codes, then 4 bytes of slack)");
   check_add_record(a_offset, b_offset, a_multiplier, a_shift, b_multiplier, b_shift, output_multiplier, output_shift,
                    output_offset);
@@ -242,12 +201,12 @@ at::Tensor tflite_add_fit(const at::Tensor& table, int64_t a_offset, int64_t b_o
   };
   const double out = real(output_multiplier, output_shift) * 1048576.0;
   const double alpha = real(a_multiplier, a_shift) * out, beta = real(b_multiplier, b_shift) * out;
-  auto fit = at::empty({kFitFloats}, table.options().dtype(at::kFloat));
+  auto fit = at::empty({mixprec::kAddFitFloats}, table.options().dtype(at::kFloat));
   float* f = fit.data_ptr<float>();
-  const float values[kFitFloats] = {static_cast<float>(alpha), static_cast<float>(beta),
+  const float values[mixprec::kAddFitFloats] = {static_cast<float>(alpha), static_cast<float>(beta),
                                     static_cast<float>(a_offset * alpha + b_offset * beta + output_offset + 0.5),
                                     2.0f, 1.0f, static_cast<float>(act_min), static_cast<float>(act_max)};
-  std::copy(values, values + kFitFloats, f);
+  std::copy(values, values + mixprec::kAddFitFloats, f);
 #if defined(__AVX512F__) && defined(__AVX512BW__)
   const int8_t* codes = table.data_ptr<int8_t>();
   if (fit_margins(codes, f)) {  // then the kernel itself on every pair, against the table
@@ -257,7 +216,7 @@ at::Tensor tflite_add_fit(const at::Tensor& table, int64_t a_offset, int64_t b_o
       x[k] = static_cast<uint8_t>((k >> 8) ^ 0x80);
       y[k] = static_cast<uint8_t>((k & 0xFF) ^ 0x80);
     }
-    lookup_range(x.data(), y.data(), codes, AddFit(f), 0, 65536, got.data());
+    mixprec::lookup_range(x.data(), y.data(), codes, mixprec::AddFit(f), 0, 65536, got.data());
     if (!std::equal(got.begin(), got.end(), codes)) f[3] = 2.0f;
   } else {
     f[3] = 2.0f;

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "split_rows.h"
+#include "tflite_add_lookup.h"
 #include "tflite_bias.h"
 #include "tflite_rescale.h"
 
@@ -182,6 +183,31 @@ class Int8Store16 {
 #else
 constexpr bool kVectorRescale = false;
 #endif
+
+// An int8 ADD that finishes a convolution (a residual connection): its output codes become ADD(conv, residual), or
+// ADD(residual, conv) with residual_first, by the ADD's table and estimate (tflite_add_lookup), in place.
+struct FinishingAdd {
+  const int8_t* residual = nullptr;  // none: the convolution's codes as they are
+  const int8_t* table = nullptr;
+  const float* fit = nullptr;
+  bool residual_first = false;
+
+  // Codes [begin, end) of the output o.
+  void apply(int8_t* o, int64_t begin, int64_t end) const {
+    if (residual == nullptr) return;
+    const auto* conv = reinterpret_cast<const uint8_t*>(o);
+    const auto* other = reinterpret_cast<const uint8_t*>(residual);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    mixprec::lookup_range(residual_first ? other : conv, residual_first ? conv : other, table, mixprec::AddFit(fit),
+                          begin, end, o);
+#else
+    for (int64_t i = begin; i < end; ++i) {
+      const uint8_t x = residual_first ? other[i] : conv[i], y = residual_first ? conv[i] : other[i];
+      o[i] = table[((x ^ 0x80) << 8) | (y ^ 0x80)];
+    }
+#endif
+  }
+};
 
 struct Geometry {
   int64_t batch, height, width, channels, kh, kw, out_channels, out_h, out_w;
@@ -408,7 +434,7 @@ GemmWeights pack_gemm_weights(const Geometry& g, const GemmLayout& layout, const
 
 void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* packed_weights, const int32_t* corrected,
                     const int32_t* m, const int32_t* s, bool per_channel, int32_t in_off, int32_t output_offset,
-                    int32_t act_min, int32_t act_max, int8_t* o) {
+                    int32_t act_min, int32_t act_max, const FinishingAdd& add, int8_t* o) {
   const GemmLayout layout = gemm_layout(g);
   const bool direct = layout.direct, in_place = layout.in_place;
   const int64_t window = layout.window, run = layout.run, depth = layout.depth;
@@ -464,6 +490,7 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* packed_we
       window_tile<kPixels, 1>(base, runs, packed_weights + b * 64, blocks, corrected + b * 16, acc);
       for (int i = 0; i < kPixels; ++i) store(acc[i][0], b * 16, o + (first + i) * outs + b * 16);
     }
+    add.apply(o, first * outs, (first + kPixels) * outs);  // the tile's codes, still in the L1 cache
   };
   // chunks of pixels, each pixel's base given by base_of(pixel), called once per pixel in order
   auto multiply_all = [&](int64_t begin, int64_t end, const WindowRuns& runs, const auto& base_of) {
@@ -879,11 +906,34 @@ at::Tensor tflite_depthwise_pack(const at::Tensor& w, const c10::optional<at::Te
 #endif
 }
 
+// The convolution's finishing ADD from tflite_conv2d's arguments (none without a residual), checked: an int8
+// residual of the output's shape, the ADD's 65,540-byte table and its 7-float fit (tflite_add_fit).
+FinishingAdd finishing_add(const at::Tensor& out, const c10::optional<at::Tensor>& residual,
+                           const c10::optional<at::Tensor>& add_table, const c10::optional<at::Tensor>& add_fit,
+                           bool residual_first) {
+  if (!residual.has_value()) {
+    TORCH_CHECK(!add_table.has_value() && !add_fit.has_value(), "an ADD's table and fit come with a residual");
+    return {};
+  }
+  TORCH_CHECK(out.scalar_type() == at::kChar, "only an int8 convolution can finish with an ADD");
+  TORCH_CHECK(residual->scalar_type() == at::kChar && residual->is_contiguous() && residual->sizes() == out.sizes(),
+              "the residual must be a contiguous int8 tensor of the convolution's output shape ", out.sizes());
+  TORCH_CHECK(add_table.has_value() && add_table->scalar_type() == at::kChar && add_table->is_contiguous() &&
+                  add_table->numel() == mixprec::kAddTableBytes,
+              "the ADD's table must be 65,540 contiguous int8 codes (AddParams.int8_table)");
+  TORCH_CHECK(add_fit.has_value() && add_fit->scalar_type() == at::kFloat && add_fit->is_contiguous() &&
+                  add_fit->numel() == mixprec::kAddFitFloats,
+              "the ADD's fit must be the 7 contiguous float32 values tflite_add_fit gives for its table");
+  return {residual->data_ptr<int8_t>(), add_table->data_ptr<int8_t>(), add_fit->data_ptr<float>(), residual_first};
+}
+
 at::Tensor tflite_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                          const at::Tensor& multiplier, const at::Tensor& shift, int64_t stride_h, int64_t stride_w,
                          int64_t dilation_h, int64_t dilation_w, int64_t pad_top, int64_t pad_left, int64_t out_h,
                          int64_t out_w, int64_t input_offset, int64_t output_offset, int64_t act_min, int64_t act_max,
-                         bool depthwise, const c10::optional<at::Tensor>& prepacked) {
+                         bool depthwise, const c10::optional<at::Tensor>& prepacked,
+                         const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& add_table,
+                         const c10::optional<at::Tensor>& add_fit, bool residual_first) {
   const bool wide = x.scalar_type() == at::kShort;
   TORCH_CHECK(x.dim() == 4 && (wide || x.scalar_type() == at::kChar) && x.is_contiguous(),
               "x must be int8 or int16 NHWC, contiguous");
@@ -895,6 +945,7 @@ at::Tensor tflite_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::op
               "multiplier and shift must be int32 [1] or [out]");
   const std::vector<int64_t> bias64 = mixprec::bias_as_int64(bias, g.out_channels, wide);
   auto out = at::empty({g.batch, out_h, out_w, g.out_channels}, x.options());
+  const FinishingAdd add = finishing_add(out, residual, add_table, add_fit, residual_first);
   const int32_t* m = multiplier.data_ptr<int32_t>();
   const int32_t* s = shift.data_ptr<int32_t>();
   const bool per_channel = multiplier.numel() > 1;
@@ -923,7 +974,7 @@ at::Tensor tflite_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::op
     }
     conv_gemm_vnni(g, x.data_ptr<int8_t>(), packed_weights, corrected, m, s, per_channel, in_off,
                    static_cast<int32_t>(output_offset), static_cast<int32_t>(act_min), static_cast<int32_t>(act_max),
-                   out.data_ptr<int8_t>());
+                   add, out.data_ptr<int8_t>());
     return out;
   }
   if (!wide && depthwise && g.out_channels == g.channels && g.channels % 16 == 0 && input_offset >= -127 &&
@@ -938,6 +989,7 @@ at::Tensor tflite_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::op
     }
     depthwise_vnni(g, x.data_ptr<int8_t>(), view, m, s, per_channel, in_off, static_cast<int32_t>(output_offset),
                    static_cast<int32_t>(act_min), static_cast<int32_t>(act_max), out.data_ptr<int8_t>());
+    add.apply(out.data_ptr<int8_t>(), 0, out.numel());
     return out;
   }
 #endif
@@ -951,6 +1003,7 @@ at::Tensor tflite_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::op
     convolve<int16_t, int64_t>(g, x.data_ptr<int16_t>(), w.data_ptr<int8_t>(), bias64, m, s, per_channel, in_off,
                                output_offset, act_min, act_max, out.data_ptr<int16_t>());
   }
+  if (!wide) add.apply(out.data_ptr<int8_t>(), 0, out.numel());
   return out;
 }
 
@@ -959,8 +1012,8 @@ at::Tensor tflite_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::op
 TORCH_LIBRARY_FRAGMENT(mixprec, m) {
   m.def("tflite_conv2d(Tensor x, Tensor w, Tensor? bias, Tensor multiplier, Tensor shift, int stride_h, "
         "int stride_w, int dilation_h, int dilation_w, int pad_top, int pad_left, int out_h, int out_w, "
-        "int input_offset, int output_offset, int act_min, int act_max, bool depthwise, Tensor? prepacked=None) "
-        "-> Tensor");
+        "int input_offset, int output_offset, int act_min, int act_max, bool depthwise, Tensor? prepacked=None, "
+        "Tensor? residual=None, Tensor? add_table=None, Tensor? add_fit=None, bool residual_first=False) -> Tensor");
   m.def("tflite_conv2d_pack(Tensor w, Tensor? bias, int height, int width, int channels, int stride_h, "
         "int stride_w, int dilation_h, int dilation_w, int pad_top, int pad_left, int out_h, int out_w, "
         "int input_offset) -> Tensor");

@@ -6,7 +6,7 @@
 // Program (an int64 tensor): for each step [kind, argument count, then (tag, payload) per argument]; kind k >= 0 calls ops[k], kind
 // -1 reshapes its first argument (a value) to the ints that follow. Tags: 0 a value (payload: its index: the inputs,
 // then one per step in order), 1 a constant (index into constants), 2 an int, 3 a bool, 4 None, 5 a double (its
-// bits). The result is the last step's value.
+// bits). Trailing arguments a step leaves out take their schema defaults. The result is the last step's value.
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -97,7 +97,16 @@ at::Tensor tflite_run_program(const std::vector<at::Tensor>& inputs, const std::
         default: TORCH_CHECK(false, "unknown argument tag ", tag);
       }
     }
-    handles[static_cast<size_t>(kind)]->callBoxed(&stack);
+    const c10::OperatorHandle& handle = *handles[static_cast<size_t>(kind)];
+    const auto& declared = handle.schema().arguments();
+    TORCH_CHECK(stack.size() <= declared.size(), "a step passes ", stack.size(), " arguments to ",
+                handle.schema().name(), ", which takes ", declared.size());
+    for (size_t i = stack.size(); i < declared.size(); ++i) {  // trailing arguments left to their defaults
+      TORCH_CHECK(declared[i].default_value().has_value(), "a step leaves out ", handle.schema().name(),
+                  "'s argument ", declared[i].name(), ", which has no default");
+      stack.push_back(*declared[i].default_value());
+    }
+    handle.callBoxed(&stack);
     TORCH_CHECK(stack.size() == 1 && stack[0].isTensor(), "a step's operator must return one tensor");
     values.push_back(stack[0].toTensor());
   }
