@@ -121,7 +121,8 @@ class Int8Store16 {
 
   // rescale() of four registers of totals, register k's first channel first_channel + 16 k: one test for the
   // flagged lanes of all four.
-  void rescale4(const __m512i (&total)[4], int64_t first_channel, __m512i (&out)[4]) const {
+  __attribute__((always_inline)) void rescale4(const __m512i (&total)[4], int64_t first_channel,
+                                               __m512i (&out)[4]) const {
     if (!fast_) {
       for (int k = 0; k < 4; ++k) out[k] = exact(total[k], first_channel + 16 * k);
       return;
