@@ -190,8 +190,10 @@ constexpr bool kVectorRescale = false;
 struct FinishingAdd {
   const int8_t* residual = nullptr;  // none: the convolution's codes as they are
   const int8_t* table = nullptr;
-  const float* fit = nullptr;
   bool residual_first = false;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  mixprec::AddFit fit{kNoFit};
+#endif
 
   // Codes [begin, end) of the output o.
   void apply(int8_t* o, int64_t begin, int64_t end) const {
@@ -199,8 +201,7 @@ struct FinishingAdd {
     const auto* conv = reinterpret_cast<const uint8_t*>(o);
     const auto* other = reinterpret_cast<const uint8_t*>(residual);
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-    mixprec::lookup_range(residual_first ? other : conv, residual_first ? conv : other, table, mixprec::AddFit(fit),
-                          begin, end, o);
+    mixprec::lookup_range(residual_first ? other : conv, residual_first ? conv : other, table, fit, begin, end, o);
 #else
     for (int64_t i = begin; i < end; ++i) {
       const uint8_t x = residual_first ? other[i] : conv[i], y = residual_first ? conv[i] : other[i];
@@ -208,6 +209,9 @@ struct FinishingAdd {
     }
 #endif
   }
+
+ private:
+  static constexpr float kNoFit[mixprec::kAddFitFloats] = {0, 0, 0, 2, 1, -128, 127};  // every lane from the table
 };
 
 struct Geometry {
@@ -387,6 +391,28 @@ inline void shift_to_unsigned(const int8_t* src, uint8_t* dst, int64_t count) {
 constexpr int kTilePixels = 6;
 constexpr int64_t kGemmChunk = 10 * kTilePixels;
 
+// A buffer of bytes for one call: up to kScratchKeep bytes reused from the calling thread's own (warm in its caches,
+// no allocation), larger ones allocated for the call. One at a time per thread (the convolutions do not nest).
+class ScratchBytes {
+ public:
+  explicit ScratchBytes(int64_t bytes) {
+    if (bytes > kScratchKeep) {
+      owned_.reset(new uint8_t[static_cast<size_t>(bytes)]);
+      data_ = owned_.get();
+      return;
+    }
+    thread_local std::vector<uint8_t> kept;
+    if (static_cast<int64_t>(kept.size()) < bytes) kept.resize(static_cast<size_t>(bytes));
+    data_ = kept.data();
+  }
+  uint8_t* data() const { return data_; }
+
+ private:
+  static constexpr int64_t kScratchKeep = int64_t{4} << 20;
+  std::unique_ptr<uint8_t[]> owned_;
+  uint8_t* data_ = nullptr;
+};
+
 // How conv_gemm_vnni reads a geometry's windows: directly (the input itself, an unpadded 1x1 stride-1
 // convolution), in place (window rows contiguous, dilation 1 along them: from one shifted copy of the input padded
 // so that every window lies inside it, kh runs of the row's kw x in bytes, each rounded up to 4 under zero weights,
@@ -491,7 +517,6 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* packed_we
       window_tile<kPixels, 1>(base, runs, packed_weights + b * 64, blocks, corrected + b * 16, acc);
       for (int i = 0; i < kPixels; ++i) store(acc[i][0], b * 16, o + (first + i) * outs + b * 16);
     }
-    add.apply(o, first * outs, (first + kPixels) * outs);  // the tile's codes, still in the L1 cache
   };
   // chunks of pixels, each pixel's base given by base_of(pixel), called once per pixel in order
   auto multiply_all = [&](int64_t begin, int64_t end, const WindowRuns& runs, const auto& base_of) {
@@ -505,6 +530,7 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* packed_we
       base[0] = base_of(p);
       multiply(std::integral_constant<int, 1>{}, base, runs, p);
     }
+    add.apply(o, begin * outs, end * outs);  // the chunk's codes, still in the cache
   };
   if (in_place) {
     // the padded image: every window inside it, points outside the image given the code -input_offset
@@ -512,8 +538,8 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* packed_we
     const int64_t cols = std::max(g.pad_left + g.width, (g.out_w - 1) * g.stride_w + g.kw);
     const int64_t sample = rows * cols * g.channels, line = cols * g.channels;
     // every byte written below (not value-initialized: a memset of the whole copy); + the 4 a last run reads past
-    std::unique_ptr<uint8_t[]> shifted_bytes(new uint8_t[static_cast<size_t>(g.batch * sample + 4)]);
-    uint8_t* shifted = shifted_bytes.get();
+    ScratchBytes shifted_bytes(g.batch * sample + 4);
+    uint8_t* shifted = shifted_bytes.data();
     std::memset(shifted + g.batch * sample, 0, 4);
     const auto blank = static_cast<uint8_t>(static_cast<uint8_t>(outside) ^ 0x80);
     mixprec::split_rows_balanced(g.batch, g.batch * sample, [&](int64_t begin, int64_t end) {
@@ -925,7 +951,14 @@ FinishingAdd finishing_add(const at::Tensor& out, const c10::optional<at::Tensor
   TORCH_CHECK(add_fit.has_value() && add_fit->scalar_type() == at::kFloat && add_fit->is_contiguous() &&
                   add_fit->numel() == mixprec::kAddFitFloats,
               "the ADD's fit must be the 7 contiguous float32 values tflite_add_fit gives for its table");
-  return {residual->data_ptr<int8_t>(), add_table->data_ptr<int8_t>(), add_fit->data_ptr<float>(), residual_first};
+  FinishingAdd add;
+  add.residual = residual->data_ptr<int8_t>();
+  add.table = add_table->data_ptr<int8_t>();
+  add.residual_first = residual_first;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  add.fit = mixprec::AddFit(add_fit->data_ptr<float>());
+#endif
+  return add;
 }
 
 at::Tensor tflite_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
