@@ -23,8 +23,10 @@ BatchNorms are folded. Then, in one process:
 
 Every static path calibrates on the same 512 training samples. Milliseconds per batch are
 medians over rounds; each round runs every path for a block of calls of at least 0.2 s,
-in rotating order (ONNX Runtime's and OpenMP's threads spin after a call and would slow
-whatever ran next). Needs the extras ``bench`` (torchao) and ``onnx``.
+in rotating order, each block after a pause of 50 ms and one untimed call: ONNX Runtime's and
+OpenMP's threads spin after a call, and without the pause a block that followed ONNX Runtime's ran
+up to 2.5x slower here (measured: the integer engine's ResNet-8 batch of 64 alternating between
+2.5 and 6.5 ms per call for a whole block). Needs the extras ``bench`` (torchao) and ``onnx``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from mixprec.studies.cnn import CANDIDATES, MODELS, CnnStudyConfig
 from mixprec.studies.cnn_models import Task, per_sample_scores, seeded, train
 from mixprec.timing import interleaved_medians
 
+SETTLE_SECONDS = 0.05  # the pause before each block of calls (see module docstring)
 COLUMNS = ("model", "path", "accuracy", "ms_b1", "ms_b64", "speedup_b1", "speedup_b64")
 
 
@@ -161,8 +164,10 @@ def run_model(name: str, config: CnnStudyConfig, rounds: int) -> list[dict[str, 
         with torch.no_grad():
             accuracy = {label: 100.0 * float(per_sample_scores(path, task.x_test, task.y_test)[0].mean())
                         for label, path in paths.items()}
-            b64 = interleaved_medians({k: (lambda p=p: p(batch64)) for k, p in paths.items()}, rounds, 0.2)
-            b1 = interleaved_medians({k: (lambda p=p: p(batch1)) for k, p in paths.items()}, rounds, 0.2)
+            b64 = interleaved_medians({k: (lambda p=p: p(batch64)) for k, p in paths.items()}, rounds, 0.2,
+                                      settle_seconds=SETTLE_SECONDS)
+            b1 = interleaved_medians({k: (lambda p=p: p(batch1)) for k, p in paths.items()}, rounds, 0.2,
+                                     settle_seconds=SETTLE_SECONDS)
     return [{"model": f"{title} ({task.name})", "path": label, "accuracy": round(accuracy[label], 2),
              "ms_b1": round(b1[label] * 1e3, 3), "ms_b64": round(b64[label] * 1e3, 3),
              "speedup_b1": round(b1["float32 eager"] / b1[label], 2),

@@ -26,11 +26,26 @@ def test_interleaved_medians_times_every_candidate() -> None:
     assert calls["a"] >= 3 + 3 + 1 and calls["b"] >= 7  # warm-up, sizing call, one timing per round
 
 
+def test_interleaved_medians_settles_before_each_measurement() -> None:
+    """With settle_seconds, every measurement follows a pause and one untimed call: per candidate, warm-up 3,
+    the sizing call, then per round one untimed call and (min_seconds 0) one timed call."""
+    calls = {"a": 0, "b": 0}
+
+    def bump(name: str) -> None:
+        calls[name] += 1
+
+    interleaved_medians({"a": lambda: bump("a"), "b": lambda: bump("b")}, rounds=4, min_seconds=0.0,
+                        settle_seconds=0.001)
+    assert calls == {"a": 3 + 1 + 4 * 2, "b": 3 + 1 + 4 * 2}
+
+
 def test_interleaved_medians_refuses_bad_arguments() -> None:
     with pytest.raises(ValueError, match="at least one candidate"):
         interleaved_medians({})
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         interleaved_medians({"a": lambda: None}, rounds=0)
+    with pytest.raises(ValueError, match="settle_seconds must be >= 0"):
+        interleaved_medians({"a": lambda: None}, settle_seconds=-1)
 
 
 def test_bytes_allocated_counts_a_known_allocation() -> None:

@@ -17,7 +17,7 @@ def _per_call(fn: Callable[[], object], calls: int) -> float:
 
 
 def interleaved_medians(candidates: Mapping[str, Callable[[], object]], rounds: int = 7,
-                        min_seconds: float = 0.05, warmup: int = 3) -> dict[str, float]:
+                        min_seconds: float = 0.05, warmup: int = 3, settle_seconds: float = 0.0) -> dict[str, float]:
     """Median seconds per call of each candidate, measured in interleaved rounds.
 
     Each candidate is warmed up, then given a call count that makes one measurement last
@@ -25,13 +25,19 @@ def interleaved_medians(candidates: Mapping[str, Callable[[], object]], rounds: 
     between rounds so none always runs first); the result is the median over rounds. As
     ``timeit`` does, Python's cyclic garbage collector is run once before and paused during
     the measurements, so collections of earlier garbage do not land in one candidate's time.
+
+    ``settle_seconds`` > 0: before each measurement, a pause of that many seconds (thread pools that keep
+    spinning after a call, as ONNX Runtime's and OpenMP's do, go idle instead of taking a core from the next
+    candidate) and one untimed call (which wakes the candidate's own threads).
     """
     if not candidates:
         raise ValueError("interleaved_medians needs at least one candidate")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if settle_seconds < 0:
+        raise ValueError(f"settle_seconds must be >= 0, got {settle_seconds}")
     with paused_garbage_collector():
-        return _interleaved(candidates, rounds, min_seconds, warmup)
+        return _interleaved(candidates, rounds, min_seconds, warmup, settle_seconds)
 
 
 @contextmanager
@@ -49,7 +55,7 @@ def paused_garbage_collector() -> Iterator[None]:
 
 
 def _interleaved(candidates: Mapping[str, Callable[[], object]], rounds: int, min_seconds: float,
-                 warmup: int) -> dict[str, float]:
+                 warmup: int, settle_seconds: float) -> dict[str, float]:
     calls: dict[str, int] = {}
     for name, fn in candidates.items():
         for _ in range(warmup):
@@ -61,5 +67,8 @@ def _interleaved(candidates: Mapping[str, Callable[[], object]], rounds: int, mi
     for round_index in range(rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            if settle_seconds > 0:
+                time.sleep(settle_seconds)
+                candidates[name]()
             samples[name].append(_per_call(candidates[name], calls[name]))
     return {name: statistics.median(values) for name, values in samples.items()}
