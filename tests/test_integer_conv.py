@@ -429,18 +429,20 @@ def test_rescale_near_rounding_boundaries_is_byte_identical(depthwise: bool) -> 
     if not native.available():
         pytest.skip(f"native kernels unavailable: {native.load_error()}")
     rng = np.random.default_rng(53 + depthwise)
-    channels, offset, input_offset = 64, -3, 1
-    shift = -rng.integers(8, 14, channels).astype(np.int32)
-    multiplier, totals = (np.array(column) for column in zip(*(_near_boundary(int(-r), rng) for r in shift)))
-    # a 1x1 window of weight 1: total = x + input_offset + bias, the chosen total where x = 0
-    weights = np.ones((1, 1, 1, channels), np.int8) if depthwise else np.eye(channels, dtype=np.int8)[:, None, None]
-    params = ConvParams(weights=weights, bias=(totals - input_offset).astype(np.int32), input_offset=input_offset,
-                        multiplier=multiplier.astype(np.int32), shift=shift, output_offset=offset, stride=(1, 1),
-                        dilation=(1, 1), padding="VALID", depthwise=depthwise, activation_min=-128, activation_max=127,
-                        dtype="int8")
-    x = rng.integers(-2, 3, (3, 5, 4, channels)).astype(np.int8)
-    x[:, :2] = 0
-    assert np.array_equal(_conv2d_native(x, params), conv2d_reference(x, params))
+    offset, input_offset = -3, 1
+    for channels in (64, 16):  # 16: a CONV_2D rescales four pixels' registers together
+        shift = -rng.integers(8, 14, channels).astype(np.int32)
+        multiplier, totals = (np.array(column) for column in zip(*(_near_boundary(int(-r), rng) for r in shift)))
+        # a 1x1 window of weight 1: total = x + input_offset + bias, the chosen total where x = 0
+        weights = (np.ones((1, 1, 1, channels), np.int8) if depthwise
+                   else np.eye(channels, dtype=np.int8)[:, None, None])
+        params = ConvParams(weights=weights, bias=(totals - input_offset).astype(np.int32),
+                            input_offset=input_offset, multiplier=multiplier.astype(np.int32), shift=shift,
+                            output_offset=offset, stride=(1, 1), dilation=(1, 1), padding="VALID",
+                            depthwise=depthwise, activation_min=-128, activation_max=127, dtype="int8")
+        x = rng.integers(-2, 3, (3, 5, 4, channels)).astype(np.int8)
+        x[:, :2] = 0
+        assert np.array_equal(_conv2d_native(x, params), conv2d_reference(x, params)), channels
 
 
 def test_windows_read_in_place_are_byte_identical_to_the_numpy_reference() -> None:

@@ -121,18 +121,19 @@ class Int8Store16 {
 
   // rescale() of four registers of totals, register k's first channel first_channel + 16 k: one test for the
   // flagged lanes of all four.
+  // channel_step 0: four registers of the same 16 channels (four pixels of a 16-channel output).
   __attribute__((always_inline)) void rescale4(const __m512i (&total)[4], int64_t first_channel,
-                                               __m512i (&out)[4]) const {
+                                               __m512i (&out)[4], int64_t channel_step = 16) const {
     if (!fast_) {
-      for (int k = 0; k < 4; ++k) out[k] = exact(total[k], first_channel + 16 * k);
+      for (int k = 0; k < 4; ++k) out[k] = exact(total[k], first_channel + channel_step * k);
       return;
     }
     __mmask16 near[4];
 #pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) out[k] = floor_of(total[k], first_channel + 16 * k, &near[k]);
+    for (int k = 0; k < 4; ++k) out[k] = floor_of(total[k], first_channel + channel_step * k, &near[k]);
     if (near[0] | near[1] | near[2] | near[3]) {
       for (int k = 0; k < 4; ++k) {
-        if (near[k]) out[k] = _mm512_mask_mov_epi32(out[k], near[k], exact(total[k], first_channel + 16 * k));
+        if (near[k]) out[k] = _mm512_mask_mov_epi32(out[k], near[k], exact(total[k], first_channel + channel_step * k));
       }
     }
   }
@@ -515,7 +516,16 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* packed_we
     for (; b < blocks; ++b) {  // the totals: the sums plus the bias and offset correction the tile started from
       __m512i acc[kPixels][1];
       window_tile<kPixels, 1>(base, runs, packed_weights + b * 64, blocks, corrected + b * 16, acc);
-      for (int i = 0; i < kPixels; ++i) store(acc[i][0], b * 16, o + (first + i) * outs + b * 16);
+      int i = 0;
+      if (blocks == 1) {  // 16 channels: four pixels' codes are 64 consecutive bytes, rescaled and stored together
+        for (; i + 4 <= kPixels; i += 4) {
+          const __m512i totals[4] = {acc[i][0], acc[i + 1][0], acc[i + 2][0], acc[i + 3][0]};
+          __m512i v[4];
+          store.rescale4(totals, 0, v, 0);
+          _mm512_storeu_si512(o + (first + i) * 16, store.codes64(v));
+        }
+      }
+      for (; i < kPixels; ++i) store(acc[i][0], b * 16, o + (first + i) * outs + b * 16);
     }
   };
   // chunks of pixels, each pixel's base given by base_of(pixel), called once per pixel in order
