@@ -1,6 +1,7 @@
 """The CNN study's two models against the int8 peers: speed at batch 1 and 64, and accuracy (issue 15).
 
-    .venv/bin/python benchmarks/cnn.py [--models resnet8,dscnn] [--rounds 5] [--out runs/cnn-bench]
+    .venv/bin/python benchmarks/cnn.py [--models resnet8,dscnn] [--rounds 5] [--paths engine,PT2E,ONNX]
+        [--out runs/cnn-bench]
 
 Each model is trained as ``mixprec cnn-study`` trains it (same seed, epochs and data) and its
 BatchNorms are folded. Then, in one process:
@@ -50,6 +51,10 @@ from mixprec.studies.cnn import CANDIDATES, MODELS, CnnStudyConfig
 from mixprec.studies.cnn_models import Task, per_sample_scores, seeded, train
 from mixprec.timing import interleaved_medians
 
+PATH_LABELS = ("float32 eager", "mixprec int8", "mixprec int8-static", "mixprec bf16",
+               "mixprec int8-static torch.compile", "mixprec searched 0.6x int8 bytes", "float32 torch.compile",
+               "PT2E + Inductor int8", "torch.ao FX int8 (x86)", "mixprec integer engine int8 (TFLite arithmetic)",
+               "ONNX Runtime static int8")
 SETTLE_SECONDS = 0.05  # the pause before each block of calls (see module docstring)
 COLUMNS = ("model", "path", "accuracy", "ms_b1", "ms_b64", "speedup_b1", "speedup_b64")
 
@@ -135,7 +140,7 @@ class IntegerEngine:
         return run_float(self.graph, x)
 
 
-def run_model(name: str, config: CnnStudyConfig, rounds: int) -> list[dict[str, object]]:
+def run_model(name: str, config: CnnStudyConfig, rounds: int, only: list[str] | None = None) -> list[dict[str, object]]:
     title, make_task, make_model, epochs_of, batch_size = MODELS[name]
     task: Task = make_task(config)
     fp32 = train(seeded(make_model, config.seed), task, epochs_of(config), config.seed, batch_size)
@@ -145,22 +150,34 @@ def run_model(name: str, config: CnnStudyConfig, rounds: int) -> list[dict[str, 
     sample = list(task.x_train[pick[: config.sensitivity_samples]].split(128))
     batch64, batch1 = task.x_test[:64], task.x_test[:1]
 
-    paths: dict[str, Callable] = {"float32 eager": fp32}
-    for precision in ("int8", "int8-static", "bf16"):
+    def quantized(precision: str) -> nn.Module:
         model = copy.deepcopy(fp32)
         mixprec.quantize(model, precision, calibration=calibration)
-        paths[f"mixprec {precision}"] = model
-    paths["mixprec int8-static torch.compile"] = torch.compile(paths["mixprec int8-static"], dynamic=False)
-    table = sensitivity(fp32, sample, CANDIDATES, progress=False)
-    searched = copy.deepcopy(fp32)
-    mixprec.quantize(searched, search(fp32, table, budget_bytes=int(0.6 * uniform_bytes(fp32, "int8"))).policy)
-    paths["mixprec searched 0.6x int8 bytes"] = searched
-    paths["float32 torch.compile"] = torch.compile(copy.deepcopy(fp32))
-    paths["PT2E + Inductor int8"] = Pt2eInductor(fp32, calibration)
-    paths["torch.ao FX int8 (x86)"] = fx_int8(fp32, batch64, calibration)
-    paths["mixprec integer engine int8 (TFLite arithmetic)"] = IntegerEngine(fp32, calibration)
-    with tempfile.TemporaryDirectory() as folder:
-        paths["ONNX Runtime static int8"] = ort_static(fp32, batch64, calibration, Path(folder))
+        return model
+
+    def searched() -> nn.Module:
+        table = sensitivity(fp32, sample, CANDIDATES, progress=False)
+        return quantized(search(fp32, table, budget_bytes=int(0.6 * uniform_bytes(fp32, "int8"))).policy)
+
+    folder = tempfile.TemporaryDirectory()
+    builders: dict[str, Callable[[], Callable]] = {
+        "float32 eager": lambda: fp32,
+        "mixprec int8": lambda: quantized("int8"),
+        "mixprec int8-static": lambda: quantized("int8-static"),
+        "mixprec bf16": lambda: quantized("bf16"),
+        "mixprec int8-static torch.compile": lambda: torch.compile(quantized("int8-static"), dynamic=False),
+        "mixprec searched 0.6x int8 bytes": searched,
+        "float32 torch.compile": lambda: torch.compile(copy.deepcopy(fp32)),
+        "PT2E + Inductor int8": lambda: Pt2eInductor(fp32, calibration),
+        "torch.ao FX int8 (x86)": lambda: fx_int8(fp32, batch64, calibration),
+        "mixprec integer engine int8 (TFLite arithmetic)": lambda: IntegerEngine(fp32, calibration),
+        "ONNX Runtime static int8": lambda: ort_static(fp32, batch64, calibration, Path(folder.name)),
+    }
+    if tuple(builders) != PATH_LABELS:
+        raise RuntimeError("PATH_LABELS must name run_model's paths, in order")
+    paths = {label: build() for label, build in builders.items()
+             if label == "float32 eager" or only is None or any(part.lower() in label.lower() for part in only)}
+    with folder:
         with torch.no_grad():
             accuracy = {label: 100.0 * float(per_sample_scores(path, task.x_test, task.y_test)[0].mean())
                         for label, path in paths.items()}
@@ -179,13 +196,19 @@ def main() -> None:
     parser.add_argument("--models", default="resnet8,dscnn", help="comma-separated (default: %(default)s)")
     parser.add_argument("--data", help="data folder holding fashion-mnist/ and fsdd/")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--paths", help="comma-separated parts of path names to time (float32 eager always runs, "
+                                        "the baseline); default: every path")
     parser.add_argument("--out", default="runs/cnn-bench")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     config = CnnStudyConfig(data=args.data)
-    rows = [row for name in args.models.split(",") for row in run_model(name, config, args.rounds)]
+    only = args.paths.split(",") if args.paths else None
+    for part in only or []:
+        if not any(part.lower() in label.lower() for label in PATH_LABELS):
+            parser.error(f"--paths: {part!r} names none of the paths {list(PATH_LABELS)}")
+    rows = [row for name in args.models.split(",") for row in run_model(name, config, args.rounds, only)]
     print_table(f"CNN inference, torch {torch.__version__}, {torch.get_num_threads()} threads", rows, COLUMNS)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

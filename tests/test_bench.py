@@ -117,3 +117,16 @@ def test_memory_measurement_prints_nothing_and_still_counts(capfd: pytest.Captur
     assert bytes_allocated(lambda: torch.zeros(1000)) == 4000
     out, err = capfd.readouterr()
     assert "USDT" not in out + err and "profiler_st" not in out + err
+
+
+def test_the_cnn_benchmark_refuses_a_path_it_does_not_have() -> None:
+    """``benchmarks/cnn.py --paths`` names the paths to time; a part matching none is refused before any
+    training, with the names it could have been."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cnn.py"
+    done = subprocess.run([sys.executable, str(script), "--paths", "engine,bogus"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert "--paths: 'bogus' names none of the paths" in done.stderr and "ONNX Runtime static int8" in done.stderr
