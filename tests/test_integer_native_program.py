@@ -51,6 +51,13 @@ def test_float_in_float_out_runs_as_one_program_with_the_same_values() -> None:
         expected = graph.output_quant.values_of(graph.run_each(graph_input(graph, x))).astype(np.float32)
         got = run_float(graph, x)
         assert got.dtype == torch.float32 and np.array_equal(got.numpy(), expected), batch
+        # an input that requires grad, and one that is not contiguous (every other column of a wider one)
+        assert np.array_equal(run_float(graph, x.clone().requires_grad_()).numpy(), expected), batch
+        wide = torch.zeros(batch, 1, 28, 56)
+        wide[..., ::2] = x
+        assert not wide[..., ::2].is_contiguous()
+        assert np.array_equal(run_float(graph, wide[..., ::2]).numpy(), expected), batch
+    assert np.array_equal(run_float(graph, x.double()).numpy(), expected)  # float64: through graph_input
     with pytest.raises(InputError, match=r"NCHW images of \(1, 28, 28\)"):
         run_float(graph, torch.rand(2, 28, 28, 1))
     with pytest.raises(InputError, match="takes a float NCHW tensor"):

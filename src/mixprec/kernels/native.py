@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -309,6 +310,12 @@ def tflite_run_program(inputs: list[torch.Tensor], constants: list[torch.Tensor]
     """An integer graph's operators in one call: ``program``'s steps (int64) call ``ops`` on the inputs,
     constants and earlier results (see csrc/tflite_program.cpp and mixprec/integer/graph/native_plan.py)."""
     return torch.ops.mixprec.tflite_run_program(inputs, constants, ops, program)
+
+
+def tflite_run_program_operator() -> Callable[..., torch.Tensor]:
+    """:func:`tflite_run_program`'s operator overload itself, for callers that keep it (no attribute lookups
+    per call)."""
+    return torch.ops.mixprec.tflite_run_program.default
 
 
 def kws_pipeline(*args: object) -> tuple[torch.Tensor, int]:

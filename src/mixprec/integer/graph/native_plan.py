@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -46,7 +47,8 @@ class _NotNative(Exception):
 class NativeProgram:
     """What :func:`native_program` builds: operator names, constants and the encoded steps."""
 
-    def __init__(self, inputs: int) -> None:
+    def __init__(self, inputs: int, float_image: tuple[int, ...] | None = None) -> None:
+        self.float_image = float_image  # (C, H, W) of the float NCHW images a float program takes
         self.values = inputs
         self.ops: list[str] = []
         self.constants: list[torch.Tensor] = []
@@ -95,8 +97,13 @@ class NativeProgram:
         """The steps as an int64 tensor (passed without a conversion per call), made on the first call."""
         return torch.tensor(self.steps, dtype=torch.int64)
 
+    @functools.cached_property
+    def _run(self) -> Callable[..., torch.Tensor]:
+        """The native operator itself (its Python lookups taken once)."""
+        return native.tflite_run_program_operator()
+
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return native.tflite_run_program(list(inputs), self.constants, self.ops, self.encoded)
+        return self._run([*inputs], self.constants, self.ops, self.encoded)
 
 
 def native_program(graph: Graph, float_nchw: bool = False) -> NativeProgram | None:
@@ -112,7 +119,7 @@ def native_program(graph: Graph, float_nchw: bool = False) -> NativeProgram | No
     if float_nchw and (spec.dtype not in ("int8", "int16") or len(spec.shape) != 4 or len(spec.quant.scale) != 1
                        or output is None or len(output.scale) != 1 or graph.tensor_dtypes[-1] not in ("int8", "int16")):
         return None
-    program = NativeProgram(len(graph.inputs))
+    program = NativeProgram(len(graph.inputs), (spec.shape[3], spec.shape[1], spec.shape[2]) if float_nchw else None)
     values: dict[int, _Value] = {i: _Value(i) for i in range(len(graph.inputs))}
     if float_nchw:
         values[0] = program.call("tflite_quantize_nchw", _Value(0), float(np.float32(spec.quant.scale[0])),
