@@ -137,8 +137,8 @@ bool fit_margins(const int8_t* codes, float* f) {
       __mmask16 flagged;
       alignas(64) int32_t estimate[16];
       alignas(64) float gs[16];
-      _mm512_store_si512(estimate, candidate.estimate(_mm512_set1_epi32(first),
-                                                      _mm512_add_epi32(_mm512_set1_epi32(second), lanes), &g, &flagged));
+      const __m512i seconds = _mm512_add_epi32(_mm512_set1_epi32(second), lanes);
+      _mm512_store_si512(estimate, candidate.estimate(_mm512_set1_epi32(first), seconds, &g, &flagged));
       _mm512_store_ps(gs, g);
       for (int lane = 0; lane < 16; ++lane) {
         const int32_t exact = codes[(first + 128) * 256 + second + lane + 128];

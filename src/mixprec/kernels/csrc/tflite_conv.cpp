@@ -119,9 +119,8 @@ class Int8Store16 {
     return near ? _mm512_mask_mov_epi32(out, near, exact(total, first_channel)) : out;
   }
 
-  // rescale() of four registers of totals, register k's first channel first_channel + 16 k: one test for the
-  // flagged lanes of all four.
-  // channel_step 0: four registers of the same 16 channels (four pixels of a 16-channel output).
+  // rescale() of four registers of totals, register k's first channel first_channel + channel_step k (16: four
+  // blocks of one pixel; 0: four pixels of a 16-channel output): one test for the flagged lanes of all four.
   __attribute__((always_inline)) void rescale4(const __m512i (&total)[4], int64_t first_channel,
                                                __m512i (&out)[4], int64_t channel_step = 16) const {
     if (!fast_) {
@@ -133,7 +132,9 @@ class Int8Store16 {
     for (int k = 0; k < 4; ++k) out[k] = floor_of(total[k], first_channel + channel_step * k, &near[k]);
     if (near[0] | near[1] | near[2] | near[3]) {
       for (int k = 0; k < 4; ++k) {
-        if (near[k]) out[k] = _mm512_mask_mov_epi32(out[k], near[k], exact(total[k], first_channel + channel_step * k));
+        if (near[k]) {
+          out[k] = _mm512_mask_mov_epi32(out[k], near[k], exact(total[k], first_channel + channel_step * k));
+        }
       }
     }
   }
@@ -335,8 +336,8 @@ struct WindowRuns {
   int64_t rows, run;
 };
 
-// kPixels x kBlocks tile of the GEMM: acc[p][b] = start[16 b + lane] + sum_k u[p, k] * w[16 b + lane, k], u the codes plus 128
-// as uint8, the weights packed [depth / 4][blocks][16 lanes][4 consecutive window bytes] for vpdpbusd
+// kPixels x kBlocks tile of the GEMM: acc[p][b] = start[16 b + lane] + sum_k u[p, k] * w[16 b + lane, k], u the
+// codes plus 128 as uint8, the weights packed [depth / 4][blocks][16 lanes][4 consecutive window bytes] for vpdpbusd
 // (each pixel's 4 codes broadcast from memory into every lane).
 // The accumulators are locals, copied out once at the end: an output array updated in the loop
 // stayed in memory (GCC stored every register back on each step).
@@ -710,9 +711,9 @@ DepthwiseWeights pack_depthwise(int64_t channels, int64_t kh, int64_t kw, const 
     const int64_t within = slot % 64, k = within / 16, lane = within % 16 / 4, j = within % 4;
     return slot - within + 16 * lane + 4 * k + j;
   };
+  const auto slots = static_cast<size_t>(lanes);
   DepthwiseWeights w{std::vector<__m512i>(static_cast<size_t>(lanes / 64 * taps * 4)),  // zeros
-                     std::vector<int32_t>(static_cast<size_t>(lanes), 0), std::vector<int32_t>(static_cast<size_t>(lanes), 0),
-                     std::vector<int32_t>(static_cast<size_t>(lanes), 0)};
+                     std::vector<int32_t>(slots, 0), std::vector<int32_t>(slots, 0), std::vector<int32_t>(slots, 0)};
   for (int64_t slot = 0; slot < lanes; ++slot) {
     const int64_t c = channel_of(slot);
     if (c >= channels) continue;  // padding channels: zero weights, outputs not stored

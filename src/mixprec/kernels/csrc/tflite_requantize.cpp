@@ -96,7 +96,8 @@ at::Tensor tflite_quantize_nchw(const at::Tensor& x, double scale, int64_t zero_
       for (; i + 8 <= hw; i += 8) {
         const __m512d v = _mm512_cvtps_pd(_mm256_loadu_ps(plane + i));
         finite_or_inf &= _mm512_cmp_pd_mask(v, v, _CMP_UNORD_Q) == 0;
-        const __m512d rounded = _mm512_roundscale_pd(_mm512_div_pd(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512d rounded =
+            _mm512_roundscale_pd(_mm512_div_pd(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         const __m512d code = _mm512_min_pd(_mm512_max_pd(_mm512_add_pd(rounded, vz), vlo), vhi);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(plane_codes.data() + i), _mm512_cvtpd_epi32(code));
       }
