@@ -141,17 +141,16 @@ def native_program(graph: Graph, float_nchw: bool = False) -> NativeProgram | No
                 add, other, residual_first = finishing[index]
                 add_record = graph.records[add]
                 residual = (values[other], add_record.int8_table, add_record.int8_fit, residual_first)
-            if index in applied:
-                pad, pads = applied[index]
-                source = graph.nodes[pad].inputs[0]
-                arguments = native_conv_arguments(record, graph.tensor_shapes[source],
-                                                  graph.tensor_shapes[len(graph.inputs) + pad],
-                                                  (pads[0][0], pads[1][0]))
-                values[tensor] = program.call("tflite_conv2d", values[source], *arguments, *residual)
-                continue
-            if residual:
-                source = node.inputs[0]
-                arguments = native_conv_arguments(record, graph.tensor_shapes[source])
+            if index in applied or residual:  # a convolution that applies a PAD or finishes an ADD
+                if index in applied:
+                    pad, pads = applied[index]
+                    source = graph.nodes[pad].inputs[0]
+                    arguments = native_conv_arguments(record, graph.tensor_shapes[source],
+                                                      graph.tensor_shapes[len(graph.inputs) + pad],
+                                                      (pads[0][0], pads[1][0]))
+                else:
+                    source = node.inputs[0]
+                    arguments = native_conv_arguments(record, graph.tensor_shapes[source])
                 values[tensor] = program.call("tflite_conv2d", values[source], *arguments, *residual)
                 continue
             inputs = [values[i] for i in node.inputs]

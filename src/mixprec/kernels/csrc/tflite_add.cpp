@@ -172,16 +172,10 @@ at::Tensor tflite_add_lookup(const at::Tensor& a, const at::Tensor& b, const at:
   const auto* y = reinterpret_cast<const uint8_t*>(b.data_ptr<int8_t>());
   const int8_t* codes = table.data_ptr<int8_t>();
   int8_t* o = out.data_ptr<int8_t>();
-#if defined(__AVX512F__) && defined(__AVX512BW__)
   const mixprec::AddFit vector_fit(fit.data_ptr<float>());
   for_element_blocks(a.numel(), [&](int64_t begin, int64_t end) {
     mixprec::lookup_range(x, y, codes, vector_fit, begin, end, o);
   });
-#else
-  for_element_blocks(a.numel(), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) o[i] = codes[((x[i] ^ 0x80) << 8) | (y[i] ^ 0x80)];
-  });
-#endif
   return out;
 }
 

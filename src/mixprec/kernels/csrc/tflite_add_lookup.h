@@ -47,16 +47,26 @@ __attribute__((always_inline)) inline __m512i lookup16(const uint8_t* x, const u
   return _mm512_mask_mov_epi32(out, flagged, _mm512_srai_epi32(_mm512_slli_epi32(got, 24), 24));
 }
 
-// The lookup of codes [begin, end) into o (which may be x or y): 16 at a time by the estimate, the flagged lanes and
-// the tail from the table.
+#else
+// Without AVX-512 there is no estimate: every code is read from the table.
+struct AddFit {
+  explicit AddFit(const float*) {}
+};
+#endif
+
+// The lookup of codes [begin, end) into o (which may be x or y): with AVX-512 16 at a time by the estimate, the
+// flagged lanes and the tail from the table; else all from the table.
 __attribute__((always_inline)) inline void lookup_range(const uint8_t* x, const uint8_t* y, const int8_t* codes,
                                                         const AddFit& fit, int64_t begin, int64_t end, int8_t* o) {
   int64_t i = begin;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
   for (; i + 16 <= end; i += 16) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), _mm512_cvtepi32_epi8(lookup16(x, y, codes, fit, i)));
   }
+#else
+  (void)fit;
+#endif
   for (; i < end; ++i) o[i] = codes[((x[i] ^ 0x80) << 8) | (y[i] ^ 0x80)];
 }
-#endif
 
 }  // namespace mixprec

@@ -193,23 +193,14 @@ struct FinishingAdd {
   const int8_t* residual = nullptr;  // none: the convolution's codes as they are
   const int8_t* table = nullptr;
   bool residual_first = false;
-#if defined(__AVX512F__) && defined(__AVX512BW__)
   mixprec::AddFit fit{kNoFit};
-#endif
 
   // Codes [begin, end) of the output o.
   void apply(int8_t* o, int64_t begin, int64_t end) const {
     if (residual == nullptr) return;
     const auto* conv = reinterpret_cast<const uint8_t*>(o);
     const auto* other = reinterpret_cast<const uint8_t*>(residual);
-#if defined(__AVX512F__) && defined(__AVX512BW__)
     mixprec::lookup_range(residual_first ? other : conv, residual_first ? conv : other, table, fit, begin, end, o);
-#else
-    for (int64_t i = begin; i < end; ++i) {
-      const uint8_t x = residual_first ? other[i] : conv[i], y = residual_first ? conv[i] : other[i];
-      o[i] = table[((x ^ 0x80) << 8) | (y ^ 0x80)];
-    }
-#endif
   }
 
  private:
@@ -966,9 +957,7 @@ FinishingAdd finishing_add(const at::Tensor& out, const c10::optional<at::Tensor
   add.residual = residual->data_ptr<int8_t>();
   add.table = add_table->data_ptr<int8_t>();
   add.residual_first = residual_first;
-#if defined(__AVX512F__) && defined(__AVX512BW__)
   add.fit = mixprec::AddFit(add_fit->data_ptr<float>());
-#endif
   return add;
 }
 
