@@ -378,6 +378,8 @@ def test_the_native_vector_paths_are_byte_identical_to_the_numpy_reference(depth
                 native.tflite_conv2d(torch.from_numpy(x), *arguments[:-1], other)
         with pytest.raises(RuntimeError, match=r"int32 \[1\] or \[channels\]"):
             native.tflite_depthwise_pack(weights, bias, multiplier[:2], shift[:2], params.input_offset)
+        with pytest.raises(RuntimeError, match=r"depthwise weights must be int8 \[1, kh, kw, channels\]"):
+            native.tflite_depthwise_pack(weights.repeat(2, 1, 1, 1), bias, multiplier, shift, params.input_offset)
 
 
 def test_a_depthwise_sample_split_between_threads_is_byte_identical() -> None:
