@@ -129,3 +129,19 @@ def test_malformed_programs_are_refused() -> None:
     with pytest.raises(RuntimeError, match="contiguous 1-D int64 tensor"):
         native.tflite_run_program([x], [], [], torch.zeros(2, dtype=torch.int32))
     assert _run(x, [], [-1, 2, 0, 0, 2, 6]).shape == (6,)
+
+
+def test_a_decoded_program_runs_from_python_as_the_operator_does() -> None:
+    """``native.tflite_program`` (decoded once, called without the dispatcher): the operator's result, its checks
+    made once when decoding, and a wrong number of inputs refused on every call."""
+    x = torch.arange(6, dtype=torch.int8).reshape(2, 3)
+    steps = torch.tensor([-1, 2, 0, 0, 2, 6], dtype=torch.int64)
+    program = native.tflite_program(1, [], [], steps)
+    assert torch.equal(program.run_one(x), native.tflite_run_program([x], [], [], steps))
+    assert torch.equal(program.run([x]), x.reshape(6))
+    with pytest.raises(RuntimeError, match="the program takes 1 inputs, got 2"):
+        program.run([x, x])
+    with pytest.raises(RuntimeError, match="reads value 1, which does not exist yet"):
+        native.tflite_program(1, [], [], torch.tensor([-1, 2, 0, 1, 2, 6], dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="no constant 0"):
+        native.tflite_program(1, [], ["mixprec::tflite_requantize"], torch.tensor([0, 1, 1, 0], dtype=torch.int64))

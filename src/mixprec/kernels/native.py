@@ -17,7 +17,6 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,6 +38,10 @@ def _headers_flag() -> str:
     return f"-DMIXPREC_HEADERS_DIGEST={digest.hexdigest()[:16]}"
 
 
+#: The built extension as a Python module (its operators are under ``torch.ops.mixprec``), once loaded.
+_module = None
+
+
 @functools.lru_cache(maxsize=1)
 def load_error() -> str | None:
     """None if the native kernels are loaded, else why they are not."""
@@ -55,8 +58,9 @@ def load_error() -> str | None:
         if building:
             print("mixprec: compiling the native kernels (first use only, about a minute on 2 cores)...",
                   file=sys.stderr, flush=True)
-        load(name="mixprec_native", sources=[str(path) for path in _SOURCES],
-             extra_cflags=[*_FLAGS, _headers_flag()], is_python_module=False, verbose=False)
+        global _module
+        _module = load(name="mixprec_native", sources=[str(path) for path in _SOURCES],
+                       extra_cflags=[*_FLAGS, _headers_flag()], is_python_module=True, verbose=False)
         if building:
             print(f"mixprec: native kernels built in {time.perf_counter() - started:.0f} s", file=sys.stderr,
                   flush=True)
@@ -312,10 +316,12 @@ def tflite_run_program(inputs: list[torch.Tensor], constants: list[torch.Tensor]
     return torch.ops.mixprec.tflite_run_program(inputs, constants, ops, program)
 
 
-def tflite_run_program_operator() -> Callable[..., torch.Tensor]:
-    """:func:`tflite_run_program`'s operator overload itself, for callers that keep it (no attribute lookups
-    per call)."""
-    return torch.ops.mixprec.tflite_run_program.default
+def tflite_program(inputs: int, constants: list[torch.Tensor], ops: list[str], program: torch.Tensor) -> object:
+    """:func:`tflite_run_program`'s program decoded and checked once, held with its constants: ``.run(inputs)``
+    and ``.run_one(input)`` run it from Python directly (no dispatcher, no conversion of the constants per call)."""
+    if load_error() is not None:
+        raise RuntimeError(f"the native kernels are not available: {load_error()}")
+    return _module.Program(inputs, constants, ops, program)
 
 
 def kws_pipeline(*args: object) -> tuple[torch.Tensor, int]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -49,6 +48,7 @@ class NativeProgram:
 
     def __init__(self, inputs: int, float_image: tuple[int, ...] | None = None) -> None:
         self.float_image = float_image  # (C, H, W) of the float NCHW images a float program takes
+        self.inputs = inputs
         self.values = inputs
         self.ops: list[str] = []
         self.constants: list[torch.Tensor] = []
@@ -98,12 +98,14 @@ class NativeProgram:
         return torch.tensor(self.steps, dtype=torch.int64)
 
     @functools.cached_property
-    def _run(self) -> Callable[..., torch.Tensor]:
-        """The native operator itself (its Python lookups taken once)."""
-        return native.tflite_run_program_operator()
+    def _decoded(self) -> object:
+        """The program decoded once in C++ with its constants (:func:`native.tflite_program`), on the first call."""
+        return native.tflite_program(self.inputs, self.constants, self.ops, self.encoded)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self._run([*inputs], self.constants, self.ops, self.encoded)
+        if len(inputs) == 1:
+            return self._decoded.run_one(inputs[0])
+        return self._decoded.run(list(inputs))
 
 
 def native_program(graph: Graph, float_nchw: bool = False) -> NativeProgram | None:
