@@ -492,6 +492,37 @@ def test_windows_read_in_place_are_byte_identical_to_the_numpy_reference() -> No
                              -5, -128, 127, False, other)
 
 
+@pytest.mark.parametrize(("kernel", "stride", "dilation", "padding"),
+                         [((3, 3), (1, 1), (1, 1), "SAME"), ((3, 3), (2, 2), (1, 1), "SAME"),
+                          ((1, 1), (2, 2), (1, 1), "VALID"), ((3, 2), (1, 1), (2, 1), "VALID")])
+def test_windows_read_in_place_over_many_stretches_and_threads_are_byte_identical(
+        kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int], padding: str) -> None:
+    """A batch whose output pixels span many of the stretches whose padded rows are laid out together (1,024
+    pixels, starting and ending inside images and rows), split over two threads: the reference's bytes."""
+    import torch
+
+    from mixprec.integer.ops.conv import ConvParams, _conv2d_native, conv2d_reference
+    from mixprec.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.load_error()}")
+    rng = np.random.default_rng(67)
+    channels, out = 16, 32
+    params = ConvParams(weights=rng.integers(-127, 128, (out, *kernel, channels)).astype(np.int8),
+                        bias=rng.integers(-2**12, 2**12, out).astype(np.int32), input_offset=3,
+                        multiplier=rng.integers(2**30, 2**31, out).astype(np.int32),
+                        shift=-rng.integers(7, 10, out).astype(np.int32), output_offset=-5, stride=stride,
+                        dilation=dilation, padding=padding, depthwise=False, activation_min=-128,
+                        activation_max=127, dtype="int8")
+    x = rng.integers(-128, 128, (7, 37, 29, channels)).astype(np.int8)  # 7,511 pixels at stride 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert np.array_equal(_conv2d_native(x, params), conv2d_reference(x, params))
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("depthwise", [True, False], ids=["depthwise", "conv"])
 def test_a_convolution_finishing_with_an_add_gives_the_add_of_its_codes(depthwise: bool) -> None:
     """A residual ADD finished inside the convolution (the VNNI GEMM per tile, other paths after the whole

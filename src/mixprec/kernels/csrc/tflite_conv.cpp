@@ -383,6 +383,9 @@ inline void shift_to_unsigned(const int8_t* src, uint8_t* dst, int64_t count) {
 // Pixels per register tile: kTilePixels x 4 accumulators and 4 weight registers of the 32.
 constexpr int kTilePixels = 6;
 constexpr int64_t kGemmChunk = 10 * kTilePixels;
+// Output pixels whose padded input rows a convolution read in place lays out at a time (see conv_gemm_vnni): at
+// ResNet-8's shapes 20-90 KB of rows, within a core's L2.
+constexpr int64_t kLocalPixels = 1024;
 
 // A buffer of bytes for one call: up to kScratchKeep bytes reused from the calling thread's own (warm in its caches,
 // no allocation), larger ones allocated for the call. One at a time per thread (the convolutions do not nest).
@@ -535,52 +538,62 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* packed_we
     add.apply(o, begin * outs, end * outs);  // the chunk's codes, still in the cache
   };
   if (in_place) {
-    // the padded image: every window inside it, points outside the image given the code -input_offset
+    // The padded image: every window inside it, points outside the image given the code -input_offset. Each stretch
+    // of up to kLocalPixels output pixels lays out only the padded rows its windows read, as uint8 codes + 128 in the
+    // layout of the whole padded batch from its first image on, in its thread's scratch, right before multiplying
+    // them (still in the cache; no pass over the whole batch and no wait for every thread between the two).
     const int64_t rows = std::max(g.pad_top + g.height, (g.out_h - 1) * g.stride_h + (g.kh - 1) * g.dilation_h + 1);
     const int64_t cols = std::max(g.pad_left + g.width, (g.out_w - 1) * g.stride_w + g.kw);
     const int64_t sample = rows * cols * g.channels, line = cols * g.channels;
-    // every byte written below (not value-initialized: a memset of the whole copy); + the 4 a last run reads past
-    ScratchBytes shifted_bytes(g.batch * sample + 4);
-    uint8_t* shifted = shifted_bytes.data();
-    std::memset(shifted + g.batch * sample, 0, 4);
+    const int64_t reach = (g.kh - 1) * g.dilation_h;  // padded rows below an output row's first that its windows read
     const auto blank = static_cast<uint8_t>(static_cast<uint8_t>(outside) ^ 0x80);
-    mixprec::split_rows_balanced(g.batch, g.batch * sample, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        for (int64_t r = 0; r < rows; ++r) {
-          uint8_t* dst = shifted + n * sample + r * line;
-          const int64_t iy = r - g.pad_top;
-          if (iy < 0 || iy >= g.height) {
-            std::memset(dst, blank, static_cast<size_t>(line));
-            continue;
-          }
-          const int64_t before = g.pad_left * g.channels, inside = g.width * g.channels;
-          std::memset(dst, blank, static_cast<size_t>(before));
-          shift_to_unsigned(in + (n * g.height + iy) * inside, dst + before, inside);
-          std::memset(dst + before + inside, blank, static_cast<size_t>(line - before - inside));
-        }
+    const int64_t before = g.pad_left * g.channels, inside = g.width * g.channels;
+    auto lay_out_row = [&](int64_t n, int64_t r, uint8_t* dst) {
+      const int64_t iy = r - g.pad_top;
+      if (iy < 0 || iy >= g.height) {
+        std::memset(dst, blank, static_cast<size_t>(line));
+        return;
       }
-    });
+      std::memset(dst, blank, static_cast<size_t>(before));
+      shift_to_unsigned(in + (n * g.height + iy) * inside, dst + before, inside);
+      std::memset(dst + before + inside, blank, static_cast<size_t>(line - before - inside));
+    };
     std::vector<int64_t> offset(static_cast<size_t>(g.kh));
     for (int64_t ky = 0; ky < g.kh; ++ky) offset[ky] = ky * g.dilation_h * line;
     const WindowRuns runs{offset.data(), g.kh, run};
-    mixprec::split_rows_balanced(pixels, pixels * depth * outs, [&](int64_t begin, int64_t end) {
+    const int64_t step = g.stride_w * g.channels, row_step = g.stride_h * line, out_w = g.out_w, out_h = g.out_h;
+    auto stretch = [&](int64_t begin, int64_t end) {
+      const int64_t first_n = begin / (out_h * out_w), last_n = (end - 1) / (out_h * out_w);
+      const int64_t first_y = begin / out_w % out_h, last_y = (end - 1) / out_w % out_h;
+      ScratchBytes local((last_n - first_n + 1) * sample + 4);  // + the 4 bytes a last run may read past
+      uint8_t* shifted = local.data();
+      std::memset(shifted + (last_n - first_n + 1) * sample, 0, 4);
+      for (int64_t n = first_n; n <= last_n; ++n) {
+        const int64_t low = n == first_n ? first_y * g.stride_h : 0;
+        const int64_t high = n == last_n ? last_y * g.stride_h + reach : rows - 1;
+        for (int64_t r = low; r <= high; ++r) lay_out_row(n, r, shifted + (n - first_n) * sample + r * line);
+      }
       // pixels visited in order: their window bases by steps along a row and from row to row (no divisions)
-      const int64_t step = g.stride_w * g.channels, row_step = g.stride_h * line, out_w = g.out_w, out_h = g.out_h;
-      int64_t n = begin / (out_h * out_w), y = begin / out_w % out_h, xo = begin % out_w;
-      const uint8_t* row = shifted + n * sample + y * row_step;
+      int64_t y = first_y, xo = begin % out_w;
+      const uint8_t* image = shifted;
+      const uint8_t* row = image + y * row_step;
       multiply_all(begin, end, runs, [&](int64_t) {
         const uint8_t* base = row + xo * step;
         if (++xo == out_w) {
           xo = 0;
           if (++y == out_h) {
             y = 0;
-            row = shifted + ++n * sample;
+            image += sample;
+            row = image;
           } else {
             row += row_step;
           }
         }
         return base;
       });
+    };
+    mixprec::split_rows_balanced(pixels, pixels * depth * outs, [&](int64_t begin, int64_t end) {
+      for (int64_t at = begin; at < end; at += kLocalPixels) stretch(at, std::min(end, at + kLocalPixels));
     });
     return;
   }
