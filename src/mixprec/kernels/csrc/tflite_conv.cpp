@@ -565,18 +565,20 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* packed_we
     auto stretch = [&](int64_t begin, int64_t end) {
       const int64_t first_n = begin / (out_h * out_w), last_n = (end - 1) / (out_h * out_w);
       const int64_t first_y = begin / out_w % out_h, last_y = (end - 1) / out_w % out_h;
-      ScratchBytes local((last_n - first_n + 1) * sample + 4);  // + the 4 bytes a last run may read past
+      // the stretch's rows from (first_n, first_row) to (last_n, last_row), at their offsets in the padded batch
+      // less `origin`: a stretch inside one large image holds only its own rows
+      const int64_t first_row = first_y * g.stride_h, last_row = last_y * g.stride_h + reach;
+      const int64_t origin = first_row * line, bytes = (last_n - first_n) * sample + (last_row + 1) * line - origin;
+      ScratchBytes local(bytes + 4);  // + the 4 bytes a last run may read past
       uint8_t* shifted = local.data();
-      std::memset(shifted + (last_n - first_n + 1) * sample, 0, 4);
+      std::memset(shifted + bytes, 0, 4);
       for (int64_t n = first_n; n <= last_n; ++n) {
-        const int64_t low = n == first_n ? first_y * g.stride_h : 0;
-        const int64_t high = n == last_n ? last_y * g.stride_h + reach : rows - 1;
-        for (int64_t r = low; r <= high; ++r) lay_out_row(n, r, shifted + (n - first_n) * sample + r * line);
+        const int64_t low = n == first_n ? first_row : 0, high = n == last_n ? last_row : rows - 1;
+        for (int64_t r = low; r <= high; ++r) lay_out_row(n, r, shifted + (n - first_n) * sample + r * line - origin);
       }
       // pixels visited in order: their window bases by steps along a row and from row to row (no divisions)
-      int64_t y = first_y, xo = begin % out_w;
-      const uint8_t* image = shifted;
-      const uint8_t* row = image + y * row_step;
+      int64_t y = first_y, xo = begin % out_w, image = -origin;  // image: the current image's row 0, in bytes
+      const uint8_t* row = shifted;
       multiply_all(begin, end, runs, [&](int64_t) {
         const uint8_t* base = row + xo * step;
         if (++xo == out_w) {
@@ -584,7 +586,7 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* packed_we
           if (++y == out_h) {
             y = 0;
             image += sample;
-            row = image;
+            row = shifted + image;
           } else {
             row += row_step;
           }
