@@ -53,6 +53,33 @@ def test_compiled_quantized_model_has_no_graph_break_and_the_eager_bits(precisio
     assert torch.equal(eager, compiled)
 
 
+def test_compiled_int8_asym_reads_row_sums_kept_in_step_with_loaded_weights() -> None:
+    """``int8-asym``'s zero-point term needs the weight's row sums; the compiled graph reads the ones cached when the
+    codes were stored or loaded (not summed per call), so weights loaded after quantizing and compiled before any
+    eager call still give the eager bits, and the graph holds no sum over the weight."""
+    if not native.available():
+        pytest.skip(f"native kernels: {native.load_error()}")
+    torch.manual_seed(0)
+    model, other = TinyModel().eval(), TinyModel().eval()
+    policy = mixprec.Policy([("embed", "int8")], default="int8-asym")
+    mixprec.quantize(model, policy)
+    mixprec.quantize(other, policy)
+    model.load_state_dict(other.state_dict())
+    ids = torch.randint(0, 50, (3, 5))
+    graphs = []
+
+    def keep(graph: torch.fx.GraphModule, example_inputs: list) -> object:  # noqa: ARG001
+        graphs.append(graph)
+        return graph.forward
+
+    with torch.no_grad():
+        compiled = torch.compile(model, backend=keep)(ids)
+        assert torch.equal(compiled, other(ids)) and torch.equal(compiled, model(ids))
+    sums = [node for graph in graphs for node in graph.graph.nodes if node.op == "call_method" and node.target == "sum"
+            or node.op == "call_function" and getattr(node.target, "__name__", "") == "sum"]
+    assert not sums, sums
+
+
 def test_compiled_int8_linear_with_a_prepacked_weight_has_the_eager_bits() -> None:
     # Weights of 2**22 elements or more hold oneDNN's prepacked weight and rescale its float32
     # accumulator in place (an operator that mutates its input, which torch.compile must

@@ -268,13 +268,28 @@ class Int8AsymLinear(_Int8WeightLinear):
         return native_slow_path()
 
     def weight_row_sums(self) -> Tensor:
-        """``sum_k w[n, k]`` as int32 ``[N]`` (for the zero point's term), cached per weight version."""
+        """``sum_k w[n, k]`` as int32 ``[N]`` (for the zero point's term), cached per weight version. Under
+        ``torch.compile`` the graph reads the sums cached when the codes were last stored, loaded or used eagerly
+        (summing the whole weight in the graph on every call made compiled MiniLM slower than eager)."""
         if torch.compiler.is_compiling():
-            return self.weight.sum(dim=1, dtype=torch.int32)
+            return self._row_sums[1] if self._row_sums is not None else self.weight.sum(dim=1, dtype=torch.int32)
         version = self.weight._version
         if self._row_sums is None or self._row_sums[0] != version or self._row_sums[1].shape[0] != self.out_features:
-            self._row_sums = (version, self.weight.sum(dim=1, dtype=torch.int32))
+            self._refresh_row_sums()
         return self._row_sums[1]
+
+    def _refresh_row_sums(self) -> None:
+        self._row_sums = (self.weight._version, self.weight.sum(dim=1, dtype=torch.int32))
+
+    def _store_codes(self, codes: Tensor) -> None:
+        super()._store_codes(codes)
+        self._refresh_row_sums()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._refresh_row_sums()
 
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)
