@@ -319,8 +319,8 @@ def tflite_run_program(inputs: list[torch.Tensor], constants: list[torch.Tensor]
 def tflite_program(inputs: int, constants: list[torch.Tensor], ops: list[str], program: torch.Tensor) -> object:
     """:func:`tflite_run_program`'s program decoded and checked once, held with its constants: ``.run(inputs)``
     and ``.run_one(input)`` run it from Python directly (no dispatcher, no conversion of the constants per call)."""
-    if load_error() is not None:
-        raise RuntimeError(f"the native kernels are not available: {load_error()}")
+    if (reason := load_error()) is not None:
+        raise RuntimeError(f"the native kernels are not available: {reason}")
     return _module.Program(inputs, constants, ops, program)
 
 

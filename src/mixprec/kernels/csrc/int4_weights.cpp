@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "even_odd_split.h"
+#include "half_floats.h"
 #include "split_rows.h"
 #include "w4_layout.h"
 
@@ -20,16 +21,6 @@
 namespace {
 
 inline float code_value(int64_t nibble) { return static_cast<float>(nibble >= 8 ? nibble - 16 : nibble); }
-
-// Row n's scales as float32.
-void row_scales(const at::Half* scale, int64_t n, int64_t groups, float* out) {
-  int64_t g = 0;
-#if defined(__AVX512F__)
-  for (; g + 16 <= groups; g += 16)
-    _mm512_storeu_ps(out + g, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale + n * groups + g))));
-#endif
-  for (; g < groups; ++g) out[g] = static_cast<float>(scale[n * groups + g]);
-}
 
 // Scalar expansion of elements [begin, end) of one row (begin even).
 void dequantize_scalar(const uint8_t* prow, const float* srow, int64_t group, int64_t begin, int64_t end,
@@ -64,7 +55,7 @@ void dequantize_rows_into(const uint8_t* packed, const at::Half* scale, int64_t 
   std::vector<float> srow(groups);
   for (int64_t n = begin; n < end; ++n) {
     const uint8_t* prow = packed + n * (cols / 2);
-    row_scales(scale, n, groups, srow.data());
+    mixprec::halves_to_floats(scale + n * groups, srow.data(), groups);
     float* wrow = out + (n - begin) * cols;
     int64_t done = 0;
 #if defined(__AVX512F__)
@@ -134,7 +125,7 @@ void linear_block(const float* xd, int64_t cols, const uint8_t* packed, const at
   std::vector<float> srow(groups);
   for (int64_t n = begin; n < end; ++n) {
     const uint8_t* prow = packed + n * (cols / 2);
-    row_scales(scale, n, groups, srow.data());
+    mixprec::halves_to_floats(scale + n * groups, srow.data(), groups);
     ChunkTables tables(srow.data(), group);
     __m512 acc[2 * Unroll][Rows];
     for (auto& chain : acc)
@@ -188,7 +179,7 @@ void linear_rows(const float* xp, int64_t rows, int64_t cols, const uint8_t* pac
   const int64_t groups = cols / group;
   std::vector<float> srow(groups), wrow(cols);
   for (int64_t n = begin; n < end; ++n) {
-    row_scales(scale, n, groups, srow.data());
+    mixprec::halves_to_floats(scale + n * groups, srow.data(), groups);
     dequantize_scalar(packed + n * (cols / 2), srow.data(), group, 0, cols, wrow.data());
     for (int64_t m = 0; m < rows; ++m) {
       const float* xrow = xp + m * cols;

@@ -6,6 +6,7 @@
 // them 2-3x slower (0.24 ms against 0.08 ms to quantize 128 x 4096).
 #include <ATen/ATen.h>
 #include <immintrin.h>
+#include "half_floats.h"
 #include "split_rows.h"
 #include <torch/library.h>
 
@@ -333,16 +334,6 @@ void w8_rows_into(const float* x, int64_t k_total, const int8_t* w, int channels
   w8_block<Rows>(x, k_total, w, channels, scales, group, sums);
 }
 
-// float32 copies of `count` fp16 values (F16C where the build has it).
-void halves_to_floats(const at::Half* in, float* out, int64_t count) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  for (; i + 16 <= count; i += 16)
-    _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i))));
-#endif
-  for (; i < count; ++i) out[i] = static_cast<float>(in[i]);
-}
-
 // Blocks [begin, end) of kW8Channels output channels for all rows of x. `group_scale`
 // (fp16 [N, K / group]) selects w8gN: y = sum x * (q * s) + b; without it (w8):
 // y = (sum x * q) * scale[n] + b.
@@ -355,7 +346,7 @@ void w8_channel_blocks(const float* xp, int64_t rows, int64_t cols, const int8_t
   for (int64_t block = begin; block < end; ++block) {
     const int64_t n0 = block * kW8Channels;
     const int channels = static_cast<int>(std::min<int64_t>(kW8Channels, outs - n0));
-    if (groups) halves_to_floats(group_scale + n0 * groups, scales.data(), channels * groups);
+    if (groups) mixprec::halves_to_floats(group_scale + n0 * groups, scales.data(), channels * groups);
     for (int64_t m0 = 0; m0 < rows; m0 += kW8Rows) {
       const int count = static_cast<int>(std::min<int64_t>(kW8Rows, rows - m0));
       w8_rows_into<kW8Rows>(xp + m0 * cols, cols, wp + n0 * cols, channels, groups ? scales.data() : nullptr, group,

@@ -540,8 +540,8 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* packed_we
   if (in_place) {
     // The padded image: every window inside it, points outside the image given the code -input_offset. Each stretch
     // of up to kLocalPixels output pixels lays out only the padded rows its windows read, as uint8 codes + 128 in the
-    // layout of the whole padded batch from its first image on, in its thread's scratch, right before multiplying
-    // them (still in the cache; no pass over the whole batch and no wait for every thread between the two).
+    // layout of the whole padded batch from its first needed row on, in its thread's scratch, right before
+    // multiplying them (still in the cache; no pass over the whole batch and no wait for every thread between the two).
     const int64_t rows = std::max(g.pad_top + g.height, (g.out_h - 1) * g.stride_h + (g.kh - 1) * g.dilation_h + 1);
     const int64_t cols = std::max(g.pad_left + g.width, (g.out_w - 1) * g.stride_w + g.kw);
     const int64_t sample = rows * cols * g.channels, line = cols * g.channels;
