@@ -1,4 +1,4 @@
-"""Run a transformers BERT encoder on the real tokens of a padded batch only.
+"""Run a transformers BERT-family encoder on the real tokens of a padded batch only.
 
 A padded batch of sentences spends most of its time in the linear layers, and those run row by
 row: every pad token costs as much as a real one. :class:`PackedEncoder` drops the pad tokens
@@ -8,12 +8,14 @@ linear layer, LayerNorm and GELU sees ``[1, T, hidden]``), and lays the result b
 each sentence's tokens back into a padded ``[batch, heads, seq, head_dim]`` block and masks the
 pad keys, so no token attends across sentences.
 
-Position ids are the padded batch's own (a token's column), so left- and right-padded batches
-give what the padded model gives at every real token: the same operations in float32, differing
-by the rounding of the attention (measured 3.4e-6 on all-MiniLM-L6-v2). Quantized linear layers
-whose activations are rounded per token (``int8``, ``w4a8``, weight-only) see the same rows they
-would in the padded batch; ``int8-asym`` and static activations use per-tensor ranges, which no
-longer include the pad tokens' values.
+Position ids are the ones the padded model would give each token (BERT and ELECTRA: its column;
+RoBERTa, XLM-RoBERTa and CamemBERT: counted from ``pad_token_id + 1`` over the non-pad ids, as their
+embeddings do), so left- and right-padded batches give what the padded model gives at every real
+token. In eager mode the bits are the padded model's (tested in float32 for every supported family
+and for ``int8``): every layer sees the same rows, and attention runs SDPA on the same padded block.
+Quantized linear layers whose activations are rounded per token (``int8``, ``w4a8``, weight-only) see
+the rows they would in the padded batch; ``int8-asym`` and static activations use per-tensor ranges,
+which no longer include the pad tokens' values.
 
 Attention: inside ``torch.compile`` and for sequences of at most :data:`MATH_ATTENTION_MAX_SEQ`
 tokens, a matmul / masked softmax / matmul that Inductor fuses (the CPU flash-attention kernel
@@ -31,7 +33,11 @@ from torch import Tensor, nn
 from mixprec.errors import InputError
 
 ATTENTION_NAME = "mixprec_packed"
-SUPPORTED_MODEL_TYPES = ("bert",)
+#: The encoders whose attention goes through transformers' attention interface with the keyword
+#: arguments passed down, and whose padded position ids :func:`_padded_positions` reproduces.
+COLUMN_POSITIONS = ("bert", "electra")
+PAD_COUNTED_POSITIONS = ("roberta", "xlm-roberta", "camembert")
+SUPPORTED_MODEL_TYPES = COLUMN_POSITIONS + PAD_COUNTED_POSITIONS
 #: Longest padded sequence for which the compiled graph computes attention as fused math (the score
 #: tensor is ``heads x batch x seq x seq`` float32); longer ones call scaled_dot_product_attention.
 MATH_ATTENTION_MAX_SEQ = 64
@@ -63,6 +69,14 @@ def _packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     return context.reshape(batch * seq, heads, head_dim)[real].unsqueeze(0), None  # [1, T, heads, head_dim]
 
 
+def _padded_positions(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """The position ids ``[batch, seq]`` the model's embeddings give a padded batch."""
+    if model.config.model_type in COLUMN_POSITIONS:
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    embeddings = model.embeddings
+    return embeddings.create_position_ids_from_input_ids(input_ids, embeddings.padding_idx)
+
+
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -72,8 +86,9 @@ def _register() -> None:
 
 
 class PackedEncoder(nn.Module):
-    """Calls a transformers BERT encoder (``model_type`` ``"bert"``, float or quantized by mixprec,
-    eager or ``torch.compile``-d) on the real tokens of padded batches only.
+    """Calls a transformers BERT-family base encoder (``model_type`` in :data:`SUPPORTED_MODEL_TYPES`,
+    e.g. ``BertModel``, ``XLMRobertaModel``; float or quantized by mixprec, eager or ``torch.compile``-d)
+    on the real tokens of padded batches only.
 
     ``PackedEncoder(model)(input_ids=..., attention_mask=..., token_type_ids=...)`` returns a
     ``BaseModelOutput`` whose ``last_hidden_state`` is ``[batch, seq, hidden]`` with zeros at the
@@ -90,6 +105,9 @@ class PackedEncoder(nn.Module):
         if model_type not in SUPPORTED_MODEL_TYPES or not hasattr(inner, "set_attn_implementation"):
             raise InputError(f"PackedEncoder runs transformers encoders of model_type {SUPPORTED_MODEL_TYPES}; got "
                              f"{type(inner).__name__} (model_type {model_type!r})")
+        if not (hasattr(inner, "embeddings") and hasattr(inner, "encoder")):
+            raise InputError(f"PackedEncoder runs base encoders (AutoModel: embeddings + encoder, returning "
+                             f"last_hidden_state); {type(inner).__name__} is a task model: wrap its base model")
         if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
             raise InputError("PackedEncoder runs bidirectional encoders; this BERT is configured as a decoder "
                              "(is_decoder / add_cross_attention): call it directly")
@@ -119,7 +137,7 @@ class PackedEncoder(nn.Module):
         real = keep.flatten().nonzero().squeeze(1)
         index = torch.zeros(batch * seq, dtype=torch.long, device=input_ids.device)
         index[real] = torch.arange(real.numel(), device=input_ids.device)
-        positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        positions = _padded_positions(getattr(self.model, "_orig_mod", self.model), input_ids)
         token_types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
         return {"input_ids": input_ids.flatten()[real].unsqueeze(0),
                 "token_type_ids": token_types.flatten()[real].unsqueeze(0),
