@@ -4,7 +4,8 @@ The build uses ``-O3 -march=native -ffp-contract=off -fopenmp`` and no fast-math
 so results equal the PyTorch reference path bit for bit. OpenMP: the GEMM-like kernels
 split their output rows over PyTorch's own OpenMP threads (``csrc/split_rows.h``); the
 memory-bound quantize and rescale loops stay on the calling thread, which measured faster
-here. If the build fails (no compiler, no headers) or ``MIXPREC_NATIVE=0`` is set,
+here. If the build fails (no compiler, no headers), links its own copy of the C++ standard
+library (which crashes beside PyTorch's), or ``MIXPREC_NATIVE=0`` is set,
 :func:`available` is False, mixprec warns once with the reason, and the int8 layers run
 their PyTorch path, recording that kernel name.
 """
@@ -64,6 +65,10 @@ def load_error() -> str | None:
         if building:
             print(f"mixprec: native kernels built in {time.perf_counter() - started:.0f} s", file=sys.stderr,
                   flush=True)
+        own_library = own_cxx_library_reason(Path(_module.__file__))
+        if own_library:
+            _module = None
+            raise RuntimeError(own_library)
         from mixprec.kernels import fake_ops  # shapes for torch.compile's tracing
 
         fake_ops.register()
@@ -73,6 +78,19 @@ def load_error() -> str | None:
                       "int8 layers use the slower PyTorch path", RuntimeWarning, stacklevel=2)
         return reason
     return None
+
+
+def own_cxx_library_reason(extension: Path) -> str | None:
+    """Why the built ``extension`` must not be used, if it carries its own copy of the C++ standard
+    library (see :mod:`mixprec.kernels.shared_object`); None when it links ``libstdc++.so``."""
+    from mixprec.kernels.shared_object import own_cxx_library
+
+    if not own_cxx_library(extension):
+        return None
+    compiler = os.environ.get("CXX", "c++")
+    return (f"the build links its own copy of the C++ standard library (compiler {compiler}: no libstdc++.so among "
+            f"{extension.name}'s dependencies), which crashes beside PyTorch's; set CXX to a g++ that links it "
+            f"dynamically (e.g. CXX=g++) and delete {extension.parent} to rebuild")
 
 
 def _built_before() -> bool:
