@@ -13,6 +13,9 @@ RoBERTa, XLM-RoBERTa and CamemBERT: counted from ``pad_token_id + 1`` over the n
 embeddings do), so left- and right-padded batches give what the padded model gives at every real
 token. In eager mode the bits are the padded model's (tested in float32 for every supported family
 and for ``int8``): every layer sees the same rows, and attention runs SDPA on the same padded block.
+Layers that choose their kernel by row count (``w8`` / ``w8gN``: the few-row kernel up to 64 rows)
+may take another kernel for ``T`` rows than for ``batch x seq``: float rounding only (4.8e-7 on a
+tiny BERT).
 Quantized linear layers whose activations are rounded per token (``int8``, ``w4a8``, weight-only) see
 the rows they would in the padded batch; ``int8-asym`` and static activations use per-tensor ranges,
 which no longer include the pad tokens' values.
