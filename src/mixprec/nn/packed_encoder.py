@@ -112,8 +112,8 @@ class PackedEncoder(nn.Module):
             raise InputError(f"PackedEncoder runs base encoders (AutoModel: embeddings + encoder, returning "
                              f"last_hidden_state); {type(inner).__name__} is a task model: wrap its base model")
         if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
-            raise InputError("PackedEncoder runs bidirectional encoders; this BERT is configured as a decoder "
-                             "(is_decoder / add_cross_attention): call it directly")
+            raise InputError(f"PackedEncoder runs bidirectional encoders; this {type(inner).__name__} is configured "
+                             "as a decoder (is_decoder / add_cross_attention): call it directly")
         _register()
         inner.set_attn_implementation(ATTENTION_NAME)
         self.model = model
