@@ -119,10 +119,15 @@ class PackedEncoder(nn.Module):
         self.model = model
 
     @property
+    def encoder(self) -> nn.Module:
+        """The wrapped transformers model itself (the original module of a ``torch.compile``-d one)."""
+        return getattr(self.model, "_orig_mod", self.model)
+
+    @property
     def config(self) -> object:
         """The wrapped model's config (so that callers such as sentence-transformers' ``Transformer`` module,
         whose ``model`` may be replaced by a PackedEncoder, read it as before)."""
-        return getattr(self.model, "_orig_mod", self.model).config
+        return self.encoder.config
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
                 return_dict: bool = True) -> object:
@@ -149,7 +154,7 @@ class PackedEncoder(nn.Module):
         real = keep.flatten().nonzero().squeeze(1)
         index = torch.zeros(batch * seq, dtype=torch.long, device=input_ids.device)
         index[real] = torch.arange(real.numel(), device=input_ids.device)
-        positions = _padded_positions(getattr(self.model, "_orig_mod", self.model), input_ids)
+        positions = _padded_positions(self.encoder, input_ids)
         token_types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
         return {"input_ids": input_ids.flatten()[real].unsqueeze(0),
                 "token_type_ids": token_types.flatten()[real].unsqueeze(0),
