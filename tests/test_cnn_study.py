@@ -66,6 +66,8 @@ def test_bad_configurations_are_refused() -> None:
         CnnStudyConfig(budget_ratios=(1.5,)).check()
     with pytest.raises(InputError, match="refine_evaluations must be >= 0"):
         CnnStudyConfig(refine_evaluations=-1).check()
+    with pytest.raises(InputError, match="unknown sensitivity metric 'fisher'; choose sqnr, kl"):
+        CnnStudyConfig(sensitivity_metric="fisher").check()
 
 
 def test_fidelity_ranks_say_whether_training_kl_predicts_the_test_set() -> None:

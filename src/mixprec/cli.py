@@ -29,7 +29,7 @@ def _cnn_study(args: argparse.Namespace) -> None:
                        dscnn_epochs=args.dscnn_epochs, kws_test_speaker=args.kws_test_speaker or None,
                        seed=args.seed, budget_ratios=tuple(args.budget_ratios),
                        random_policies=args.random_policies, rounds=args.rounds,
-                       refine_evaluations=args.refine_evaluations))
+                       sensitivity_metric=args.metric, refine_evaluations=args.refine_evaluations))
 
 
 def _search_study(args: argparse.Namespace) -> None:
@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     cnn.add_argument("--budget-ratios", type=lambda text: [_positive_float(v) for v in text.split(",")],
                      default=[0.6, 0.7], help="byte budgets as ratios of uniform int8 (default: 0.6,0.7)")
     cnn.add_argument("--random-policies", type=_positive, default=30, help="random policies per budget (default: 30)")
+    cnn.add_argument("--metric", choices=("kl", "sqnr"), default="kl",
+                     help="per-layer sensitivity the search adds up: KL divergence or SQNR of the logits "
+                          "(default: %(default)s)")
     cnn.add_argument("--refine-evaluations", type=_non_negative, default=60,
                      help="policies measured when refining each searched one on the KL of its logits; 0: no "
                           "refinement (default: %(default)s)")

@@ -5,8 +5,10 @@ For each model (:mod:`mixprec.studies.cnn_models`):
 
 1. Train in float32 (seeded), fold every BatchNorm into its convolution
    (:func:`mixprec.fold_batchnorm`; the float accuracy is measured after folding).
-2. Sensitivity of every layer at ``int8``, ``w4`` and ``bf16`` (forward SQNR of the logits on
-   training samples, never the test set), and per-layer latency at batch 64.
+2. Sensitivity of every layer at ``int8``, ``w4`` and ``bf16`` on training samples, never the
+   test set (by default the KL divergence of the logits from the float model's, the quantity the
+   refinement and the fidelity analysis measure for the whole model; ``sqnr``: the logits' SQNR),
+   and per-layer latency at batch 64.
 3. Policies, each quantized and scored on the whole test set: uniform ``bf16``, ``int8``,
    ``int8-static`` (calibrated on training samples), ``w4``; at each byte budget (a ratio of
    uniform ``int8``'s bytes) the ILP search, the same policy refined on measured fidelity
@@ -50,7 +52,7 @@ from mixprec.analysis import (
     weight_error_ranking,
 )
 from mixprec.analysis.search import policy_for
-from mixprec.analysis.sensitivity import mean_kl_divergence
+from mixprec.analysis.sensitivity import FORWARD_METRICS, mean_kl_divergence
 from mixprec.batchnorm import fold_batchnorm
 from mixprec.errors import InputError
 from mixprec.policy import Policy
@@ -90,6 +92,8 @@ class CnnStudyConfig:
     group: int = 10
     resamples: int = 2000
     sensitivity_samples: int = 256
+    #: Per-layer cost the search adds up: a forward metric of the logits ("kl" or "sqnr").
+    sensitivity_metric: str = "kl"
     calibration_samples: int = 512
     rounds: int = 5
     #: Most policies measured when refining each searched policy (0: no refinement).
@@ -102,6 +106,9 @@ class CnnStudyConfig:
         if min(self.resnet_epochs, self.dscnn_epochs, self.rounds, self.sensitivity_samples,
                self.calibration_samples, self.resamples) < 1:
             raise InputError("epochs, rounds, sample counts and resamples must all be >= 1")
+        if self.sensitivity_metric not in FORWARD_METRICS:
+            raise InputError(f"unknown sensitivity metric {self.sensitivity_metric!r}; choose "
+                             f"{', '.join(FORWARD_METRICS)}")
         if self.refine_evaluations < 0:
             raise InputError(f"refine_evaluations must be >= 0 (0: no refinement), got {self.refine_evaluations}")
         if not 1 <= self.group <= self.random_policies:
@@ -217,7 +224,7 @@ def run_model(name: str, config: CnnStudyConfig, out: Path, console: Console) ->
     pick = torch.randperm(len(task.x_train), generator=torch.Generator().manual_seed(config.seed + 1))
     sample = task.x_train[pick[: config.sensitivity_samples]]
     calibration = list(task.x_train[pick[: config.calibration_samples]].split(128))
-    table = sensitivity(fp32, list(sample.split(128)), CANDIDATES, progress=False)
+    table = sensitivity(fp32, list(sample.split(128)), CANDIDATES, metric=config.sensitivity_metric, progress=False)
     batch64, batch1 = task.x_test[:64], task.x_test[:1]
     latency = measure_latency(fp32, batch64, CANDIDATES, rounds=config.rounds, progress=False)
     problem = build_problem(fp32, table, latency)
