@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mixprec import InputError
 from mixprec.studies.cnn import CnnStudyConfig, cross_fitted_share, fidelity_ranks, run
@@ -68,6 +69,8 @@ def test_bad_configurations_are_refused() -> None:
         CnnStudyConfig(refine_evaluations=-1).check()
     with pytest.raises(InputError, match="unknown sensitivity metric 'fisher'; choose sqnr, kl"):
         CnnStudyConfig(sensitivity_metric="fisher").check()
+    with pytest.raises(InputError, match="unknown DS-CNN normalization 'utterance'; choose dataset, recording"):
+        CnnStudyConfig(kws_normalization="utterance").check()
 
 
 def test_fidelity_ranks_say_whether_training_kl_predicts_the_test_set() -> None:
@@ -86,3 +89,19 @@ def test_the_cli_refuses_a_negative_refinement_count(capsys: pytest.CaptureFixtu
         build_parser().parse_args(["cnn-study", "--refine-evaluations", "-1"])
     assert "argument --refine-evaluations: must be an integer >= 0, got -1" in capsys.readouterr().err
     assert build_parser().parse_args(["cnn-study", "--refine-evaluations", "0"]).refine_evaluations == 0
+
+
+def test_spoken_digit_grids_standardized_per_recording_or_by_the_training_split() -> None:
+    from mixprec.studies.cnn_models import spoken_digits_task
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    own = spoken_digits_task(str(data), "lucas", "recording")
+    for grids in (own.x_train, own.x_test):
+        flat = grids.flatten(1).double()
+        assert flat.mean(1).abs().max() < 1e-6 and (flat.std(1, unbiased=False) - 1).abs().max() < 1e-5
+    shared = spoken_digits_task(str(data), "lucas", "dataset")
+    assert abs(float(shared.x_train.double().mean())) < 1e-5 and abs(float(shared.x_train.double().std()) - 1) < 1e-4
+    assert float(shared.x_test.flatten(1).std(1).std()) > 0.05  # one scale for all: recordings keep their spread
+    assert torch.equal(own.y_test, shared.y_test) and len(own.x_test) == 500
+    with pytest.raises(InputError, match="unknown normalization 'utterance'; choose dataset, recording"):
+        spoken_digits_task(str(data), "lucas", "utterance")

@@ -27,6 +27,7 @@ def _cnn_study(args: argparse.Namespace) -> None:
 
     run(CnnStudyConfig(data=args.data, out=args.out, models=tuple(args.models), resnet_epochs=args.resnet_epochs,
                        dscnn_epochs=args.dscnn_epochs, kws_test_speaker=args.kws_test_speaker or None,
+                       kws_normalization=args.kws_normalization,
                        seed=args.seed, budget_ratios=tuple(args.budget_ratios),
                        random_policies=args.random_policies, rounds=args.rounds,
                        sensitivity_metric=args.metric, refine_evaluations=args.refine_evaluations))
@@ -255,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     cnn.add_argument("--kws-test-speaker", default="lucas",
                      help="speaker held out as the DS-CNN's test set; '' for the dataset's own split of takes "
                           "(default: %(default)s)")
+    cnn.add_argument("--kws-normalization", choices=("recording", "dataset"), default="recording",
+                     help="standardize each DS-CNN grid by its own mean and deviation, or all by the training "
+                          "split's (default: %(default)s)")
     cnn.add_argument("--budget-ratios", type=lambda text: [_positive_float(v) for v in text.split(",")],
                      default=[0.6, 0.7], help="byte budgets as ratios of uniform int8 (default: 0.6,0.7)")
     cnn.add_argument("--random-policies", type=_positive, default=30, help="random policies per budget (default: 30)")

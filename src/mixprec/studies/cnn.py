@@ -61,6 +61,7 @@ from mixprec.report.plots import score_vs_cost
 from mixprec.report.results import print_table, write_csv, write_json
 from mixprec.studies.cnn_models import (
     DSCNN,
+    NORMALIZATIONS,
     ResNet8,
     Task,
     fashion_mnist_task,
@@ -86,6 +87,8 @@ class CnnStudyConfig:
     #: The DS-CNN's test set: this speaker's 500 recordings, never heard in training (None: the
     #: dataset's own split, where float32 reaches 99.7% and no policy can differ).
     kws_test_speaker: str | None = "lucas"
+    #: How the DS-CNN's grids are standardized (:data:`~mixprec.studies.cnn_models.NORMALIZATIONS`).
+    kws_normalization: str = "recording"
     seed: int = 0
     budget_ratios: tuple[float, ...] = (0.6, 0.7)
     random_policies: int = 30
@@ -106,6 +109,9 @@ class CnnStudyConfig:
         if min(self.resnet_epochs, self.dscnn_epochs, self.rounds, self.sensitivity_samples,
                self.calibration_samples, self.resamples) < 1:
             raise InputError("epochs, rounds, sample counts and resamples must all be >= 1")
+        if self.kws_normalization not in NORMALIZATIONS:
+            raise InputError(f"unknown DS-CNN normalization {self.kws_normalization!r}; choose "
+                             f"{', '.join(NORMALIZATIONS)}")
         if self.sensitivity_metric not in FORWARD_METRICS:
             raise InputError(f"unknown sensitivity metric {self.sensitivity_metric!r}; choose "
                              f"{', '.join(FORWARD_METRICS)}")
@@ -122,7 +128,7 @@ def _fashion(config: CnnStudyConfig) -> Task:
 
 
 def _spoken_digits(config: CnnStudyConfig) -> Task:
-    return spoken_digits_task(config.data, config.kws_test_speaker)
+    return spoken_digits_task(config.data, config.kws_test_speaker, config.kws_normalization)
 
 
 #: Model name -> (what it is, its task, a fresh model, its training epochs from the config, batch size).
