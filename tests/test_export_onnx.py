@@ -126,3 +126,19 @@ def test_refusals(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="8"):  # a wrong example shape: the trace fails, nothing is left behind
         mixprec.export(mlp, tmp_path / "m.onnx", format="onnx", example=torch.ones(1, 5))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8-static", "int8-asym", "w8", "w8g32", "w4g32", "w4a8g32", "fp16"])
+def test_the_file_holds_each_precisions_storage_not_float32_weights(precision: str, tmp_path: Path) -> None:
+    """The exporter's constant folding must not widen stored codes into float32 initializers
+    (it did for ``w8``: 4x the bytes). The file's initializers hold at most mixprec's bytes plus
+    the float32 widening of fp16 group scales (MatMulNBits takes float32 scales) and a few scalars."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128))
+    x = torch.randn(4, 256)
+    report = mixprec.quantize(model, Policy(default=precision),
+                              calibration=[x] if precision == "int8-static" else None)
+    path = mixprec.export(model, tmp_path / "m.onnx", format="onnx", example=x[:1])
+    stored = sum(onnx.numpy_helper.to_array(t).nbytes for t in onnx.load(str(path)).graph.initializer)
+    widened_scales = 2 * 128 * 256 // 32 if "g32" in precision else 0
+    assert stored <= report.total_bytes + widened_scales + 64, (stored, report.total_bytes)

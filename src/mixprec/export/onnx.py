@@ -15,7 +15,7 @@ int8-asym      ``u, s_x, z_x = DynamicQuantizeLinear(x)``, ``MatMulInteger(u, W^
                quantization, which it fuses into one ``DynamicQuantizeMatMul``
 int8-static    ``q = Clip(Round(x / s_x) + z_x, -128, 127)``, the same ``MatMulInteger``,
                ``float(acc) * (s_x * w_scale) + b'`` (b' with the zero point folded in)
-w8             ``MatMul(x, Cast<float>(W^T)) * w_scale + b``
+w8             ``MatMul(x, DequantizeLinear(W^T, 1)) * w_scale + b`` (the int8 codes as floats)
 w4gN, w8gN     ``MatMulNBits`` (bits 4 / 8, block N, float32 activations: accuracy_level 0)
 w4a8gN         ``x`` rounded per row as for int8 (``QuantizeLinear``, ``DequantizeLinear``:
                ``code * s``), then ``MatMulNBits`` accuracy_level 0: mixprec's arithmetic
@@ -158,7 +158,10 @@ class _Int8Static(torch.autograd.Function):
 class _W8(_ScaledLinear):
     @staticmethod
     def symbolic(g: object, x: object, weight_t: object, scale: object, bias: object) -> object:
-        y = g.op("Mul", g.op("MatMul", x, g.op("Cast", weight_t, to_i=1)), scale)
+        # DequantizeLinear with scale 1 is the exact float of each code, like Cast; unlike Cast,
+        # the exporter's constant folding leaves it alone, so the file keeps the int8 codes
+        codes = g.op("DequantizeLinear", weight_t, _constant(g, 1.0))
+        y = g.op("Mul", g.op("MatMul", x, codes), scale)
         return y if bias is None else g.op("Add", y, bias)
 
 
