@@ -1,4 +1,4 @@
-"""``format="onnx"``: MLPs and BERT-style encoders for ONNX Runtime.
+"""``format="onnx"``: MLPs, CNNs and BERT-style encoders for ONNX Runtime.
 
 The model is traced with PyTorch's TorchScript ONNX exporter; each quantized Linear is
 written as the operators below (opset 21, plus ``com.microsoft`` for ``MatMulNBits``):
@@ -27,7 +27,8 @@ fp16           ``Cast<float16>``, float16 ``MatMul`` + bias, ``Cast<float>``
 ``MatMulNBits`` needs N a power of two >= 16; its codes are mixprec's plus the format's
 zero point (8 or 128), its scales mixprec's fp16 scales widened exactly. Embeddings
 (fp16, bf16, int8, w4) and everything that is not a Linear are traced as mixprec runs them.
-``bf16`` Linears are refused: ONNX Runtime's CPU provider has no bfloat16 MatMul.
+``bf16`` Linears are refused: ONNX Runtime's CPU provider has no bfloat16 MatMul. Quantized
+convolutions: :mod:`mixprec.export.onnx_conv`.
 
 Inputs: a transformers encoder (``config`` and ``input_ids``) gets ``input_ids``,
 ``attention_mask`` (and ``token_type_ids`` when its config has token types) and returns
@@ -47,13 +48,16 @@ import torch
 from torch import Tensor, nn
 
 from mixprec.errors import ExportError
+from mixprec.export.onnx_conv import OnnxConv, nearest_conv
 from mixprec.export.registry import ExportFormat, register
 from mixprec.formats import SCALE_MIN, pack_int4, unpack_int4
 from mixprec.nn import (
+    HalfConv,
     HalfLinear,
     Int8AsymLinear,
     Int8DynamicLinear,
     Int8StaticLinear,
+    QuantizedConv,
     QuantizedModule,
     W4A8Linear,
     W4Linear,
@@ -67,6 +71,8 @@ _POWER_OF_TWO_BLOCKS = {16, 32, 64, 128, 256, 512, 1024, 2048}
 
 def nearest(kind: str, precision: str) -> str | None:
     """None when the ONNX writer holds ``precision`` for ``kind``, else the nearest held one."""
+    if kind == "conv":
+        return nearest_conv(precision)
     if kind == "embedding":
         return None if precision in ("fp32", "fp16", "bf16", "int8") or precision.startswith("w4") else "int8"
     if precision in ("fp32", "fp16", "int8", "int8-static", "int8-asym", "w8"):
@@ -235,15 +241,15 @@ class _OnnxLinear(nn.Module):
 
 @contextlib.contextmanager
 def _stand_ins(model: nn.Module) -> Iterator[None]:
-    """Swap every quantized Linear (not the half ones, which trace as they run) for its ONNX
-    stand-in, and put the originals back afterwards."""
+    """Swap every quantized Linear and convolution (not the half ones, which trace as they run)
+    for its ONNX stand-in, and put the originals back afterwards."""
     swapped = []
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedModule) and not hasattr(module, "num_embeddings") \
-                and not isinstance(module, HalfLinear):
+                and not isinstance(module, (HalfLinear, HalfConv)):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, _OnnxLinear(module))
+            setattr(parent, child, OnnxConv(module) if isinstance(module, QuantizedConv) else _OnnxLinear(module))
             swapped.append((parent, child, module))
     try:
         yield
@@ -301,8 +307,9 @@ def write_onnx(model: nn.Module, path: Path, options: dict) -> None:
 
 ONNX = register(ExportFormat(
     name="onnx",
-    description="ONNX Runtime: one .onnx file (MLPs and BERT-style encoders)",
+    description="ONNX Runtime: one .onnx file (MLPs, CNNs and BERT-style encoders)",
     nearest=nearest,
+    kinds=("linear", "embedding", "conv"),
     write=write_onnx,
     options=("example",),
 ))

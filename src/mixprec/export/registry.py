@@ -2,7 +2,7 @@
 
 A format says, for a layer kind (``"linear"`` or ``"embedding"``) and a precision name,
 whether it stores that layer exactly, and otherwise which precision nearest to it it does
-store; no format holds quantized convolutions (kind ``"conv"``) yet. :func:`refuse_unheld`
+store; a format whose ``kinds`` lack ``"conv"`` holds convolutions in fp32 only. :func:`refuse_unheld`
 checks every layer before anything is written and names them all in one error.
 """
 
@@ -51,8 +51,7 @@ class ExportFormat:
     write: Callable[[nn.Module, Path, dict], None]
     options: tuple[str, ...] = ()
     folder: bool = False
-    #: Layer kinds ``nearest`` answers for; a layer of another kind (``"conv"``, today) is held
-    #: only in fp32.
+    #: Layer kinds ``nearest`` answers for; a layer of another kind is held only in fp32.
     kinds: tuple[str, ...] = ("linear", "embedding")
 
 

@@ -1,0 +1,138 @@
+"""Quantized convolutions in an ONNX file (``format="onnx"``), for ONNX Runtime.
+
+Each quantized ``Conv1d`` / ``Conv2d`` is written as the operators below (opset 21; strides,
+padding, dilation and groups as the layer has them; uneven or non-zero padding runs first as
+``Pad``, as mixprec runs it):
+
+=============  ========================================================================
+mixprec        ONNX
+=============  ========================================================================
+int8           ``u, s_x, z_x = DynamicQuantizeLinear(x)`` (uint8 per tensor: the range of
+               the whole input, widened to hold 0; mixprec's rule),
+               ``ConvInteger(u, W, z_x)`` (the exact int32 accumulator; pads hold ``z_x``,
+               the code of 0), ``(float(acc) * s_x) * w_scale + b``, ``Relu`` when
+               mixprec fused one: mixprec's arithmetic, step for step
+int8-static    ``u = QuantizeLinear(x, s_x, z_x)`` with the calibrated scalars (saturating),
+               then as ``int8``
+w8             ``Conv(x, DequantizeLinear(W, w_scale, axis=0), b)``: the weight
+               ``code * scale`` in float32, exactly as mixprec expands it
+fp16           traced as mixprec runs it: ``Cast<float16>``, a float16 ``Conv``, ``Cast<float>``
+=============  ========================================================================
+
+The file holds the int8 codes (and fp16 weights) as they are stored. Where mixprec's int8
+convolutions differ: a sample holding NaN or +-inf makes mixprec's output NaN for that sample
+and sets the range from the finite values; ONNX Runtime's ``DynamicQuantizeLinear`` follows its
+own rules there. ``bf16`` (ONNX Runtime's CPU provider has no bfloat16 ``Conv``) and ``w4`` /
+``w4gN`` (no 4-bit convolution weights here) are refused with the nearest precision held.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mixprec.errors import ExportError
+from mixprec.nn import Int8Conv, Int8StaticConv, QuantizedConv, W8Conv
+
+#: Convolution precisions the ONNX writer holds.
+HELD = ("fp32", "fp16", "int8", "int8-static", "w8")
+
+
+def nearest_conv(precision: str) -> str | None:
+    """None when the ONNX writer holds a convolution in ``precision``, else the nearest it holds."""
+    if precision in HELD:
+        return None
+    if precision == "bf16":
+        return "fp16 (ONNX Runtime's CPU provider has no bfloat16 Conv)"
+    if precision.startswith("w4"):
+        return "w8 (the ONNX writer holds no 4-bit convolution weights)"
+    return "int8"
+
+
+def _absent(value: object) -> bool:
+    """Whether a traced optional input (a bias, a static scale) was None."""
+    return value is None or value.node().mustBeNone()
+
+
+def _conv_attributes(layout: object) -> dict[str, object]:
+    """ONNX ``Conv`` / ``ConvInteger`` attributes of a mixprec :class:`ConvLayout` (its zero padding
+    on both sides of each spatial dimension)."""
+    return {"strides_i": list(layout.stride), "pads_i": list(layout.conv_padding) * 2,
+            "dilations_i": list(layout.dilation), "group_i": layout.groups}
+
+
+def _rescale(g: object, acc: object, x_scale: object, weight_scale: object, bias: object, relu: bool) -> object:
+    """``(float(acc) * s_x) * w_scale + b``, one float32 rounding per step, then ``Relu``."""
+    y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), x_scale), weight_scale)
+    y = y if _absent(bias) else g.op("Add", y, bias)
+    return g.op("Relu", y) if relu else y
+
+
+class _Int8ConvOp(torch.autograd.Function):
+    """Traced for its symbolic only (the value returned while tracing is a placeholder of the
+    output's shape). ``x_scale`` / ``zero_point`` None: dynamic activations."""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor, codes: Tensor, weight_scale: Tensor, bias: Tensor | None,  # noqa: ARG004
+                x_scale: Tensor | None, zero_point: Tensor | None, layout: object, relu: bool) -> Tensor:
+        return layout.float_conv(x, codes.to(torch.float32), None)
+
+    @staticmethod
+    def symbolic(g: object, x: object, codes: object, weight_scale: object, bias: object, x_scale: object,
+                 zero_point: object, layout: object, relu: bool) -> object:
+        if _absent(x_scale):
+            unsigned, x_scale, zero_point = g.op("DynamicQuantizeLinear", x, outputs=3)
+        else:
+            unsigned = g.op("QuantizeLinear", x, x_scale, zero_point)
+        acc = g.op("ConvInteger", unsigned, codes, zero_point, **_conv_attributes(layout))
+        return _rescale(g, acc, x_scale, weight_scale, bias, relu)
+
+
+class _W8ConvOp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: Tensor, codes: Tensor, weight_scale: Tensor, bias: Tensor | None,  # noqa: ARG004
+                layout: object) -> Tensor:
+        return layout.float_conv(x, codes.to(torch.float32), None)
+
+    @staticmethod
+    def symbolic(g: object, x: object, codes: object, weight_scale: object, bias: object, layout: object) -> object:
+        weight = g.op("DequantizeLinear", codes, weight_scale, axis_i=0)
+        inputs = (x, weight) if _absent(bias) else (x, weight, bias)
+        return g.op("Conv", *inputs, **_conv_attributes(layout))
+
+
+class OnnxConv(nn.Module):
+    """Stands in for an ``int8`` / ``int8-static`` / ``w8`` convolution while it is traced: holds
+    the tensors in the ONNX layout as buffers (they become the file's initializers) and emits the
+    operators of the module docstring."""
+
+    def __init__(self, module: QuantizedConv) -> None:
+        super().__init__()
+        if not isinstance(module, (Int8Conv, W8Conv)):
+            raise ExportError(f"ONNX export cannot hold a {module.precision} convolution ({type(module).__name__})")
+        self.layout = module.layout
+        self.weight_only = isinstance(module, W8Conv)
+        self.relu = getattr(module, "fused_relu", None) is not None
+        broadcast = (1, -1) + (1,) * self.layout.dims
+        self.register_buffer("codes", module.weight_codes().detach().clone())
+        scale = module.weight_scale.detach().to(torch.float32)
+        self.register_buffer("weight_scale", scale.clone() if self.weight_only else scale.reshape(broadcast).clone())
+        bias = module.bias
+        self.register_buffer("bias", None if bias is None else
+                             bias.detach().clone() if self.weight_only else bias.detach().reshape(broadcast).clone())
+        if isinstance(module, Int8StaticConv):
+            # the calibrated scale and the uint8 zero point (the stored int8 one + 128)
+            self.register_buffer("x_scale", module.input_scale.detach().to(torch.float32).reshape(()).clone())
+            self.register_buffer("zero_point", (module.input_zero_point.reshape(()) + 128).to(torch.uint8))
+        else:
+            self.x_scale = self.zero_point = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        unbatched = x.dim() == self.layout.dims + 1
+        batch = self.layout.as_batch(x)
+        if self.weight_only:
+            y = _W8ConvOp.apply(batch, self.codes, self.weight_scale, self.bias, self.layout)
+        else:
+            y = _Int8ConvOp.apply(batch, self.codes, self.weight_scale, self.bias, self.x_scale, self.zero_point,
+                                  self.layout, self.relu)
+        return y.squeeze(0) if unbatched else y

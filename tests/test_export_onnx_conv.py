@@ -1,0 +1,112 @@
+"""ONNX export of quantized convolutions: ONNX Runtime runs them with mixprec's arithmetic
+(``int8`` / ``int8-static`` to the bit), whole CNNs match, the file keeps the stored codes, and
+the precisions it cannot hold are refused by name with the nearest it can."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mixprec
+from mixprec import ExportError, Policy
+from mixprec.studies.cnn_models import DSCNN, ResNet8, seeded
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+GEOMETRIES: dict[str, Callable[[], nn.Module]] = {
+    "strided": lambda: nn.Conv2d(8, 12, 3, stride=2, padding=1),
+    "depthwise": lambda: nn.Conv2d(12, 12, 3, padding=1, groups=12),
+    "dilated, reflect padding": lambda: nn.Conv2d(8, 6, (3, 2), dilation=(2, 1), padding=(2, 1),
+                                                  padding_mode="reflect"),
+    "same, even kernel": lambda: nn.Conv2d(8, 12, 2, padding="same"),
+    "conv1d, no bias": lambda: nn.Conv1d(6, 10, 5, padding=2, bias=False),
+}
+
+
+def run_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> np.ndarray:
+    mixprec.export(model, path, format="onnx", example=x[:1])
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+
+
+def inputs_for(conv: nn.Module) -> torch.Tensor:
+    """Four samples over three decades of scale (each call's int8 range is the batch's)."""
+    shape = (4, conv.in_channels, 9, 9) if isinstance(conv, nn.Conv2d) else (4, conv.in_channels, 17)
+    scale = torch.logspace(-2, 1, 4).reshape(4, *([1] * (len(shape) - 1)))
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1)) * scale + 0.2
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("precision", ["int8", "int8-static"])
+def test_int8_convolutions_are_mixprecs_arithmetic_to_the_bit(geometry: str, precision: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    conv = GEOMETRIES[geometry]()
+    model = nn.Sequential(conv, nn.ReLU()).eval()
+    x = inputs_for(conv)
+    report = mixprec.quantize(model, Policy(default=precision), calibration=[0.7 * x] if precision == "int8-static"
+                              else None)
+    assert report.layers[0].kernel.endswith("ReLU '1' fused")  # the ReLU is in the ONNX Relu after the rescale
+    theirs = run_onnx(model, x, tmp_path / "m.onnx")
+    with torch.no_grad():
+        assert np.array_equal(theirs, model(x).numpy())
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize(("precision", "ulps"), [
+    # measured over the five geometries, outputs up to 22: w8 1.9e-6 - 4.8e-6 (float32 sums in another order:
+    # up to 2.5 float32 ulps of the largest output); fp16 0.0050 - 0.0084 (about half an fp16 ulp there)
+    ("w8", 4.0), ("fp16", 1.0),
+])
+def test_weight_only_and_half_convolutions_match(geometry: str, precision: str, ulps: float, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    conv = GEOMETRIES[geometry]()
+    model = nn.Sequential(conv).eval()
+    x = inputs_for(conv)
+    mixprec.quantize(model, Policy(default=precision))
+    theirs = run_onnx(model, x, tmp_path / "m.onnx")
+    with torch.no_grad():
+        ours = model(x).numpy()
+    largest = float(np.abs(ours).max())
+    mantissa_bits = 23 if precision == "w8" else 10
+    ulp = 2.0 ** (np.floor(np.log2(largest)) - mantissa_bits)
+    assert np.abs(theirs - ours).max() <= ulps * ulp
+
+
+@pytest.mark.parametrize(("make", "shape", "policy"), [
+    (ResNet8, (6, 1, 28, 28), Policy([(r"stem\..*", "int8-static"), (r"stack1\..*", "int8"), (r"stack2\..*", "w8"),
+                                      (r"stack3\..*", "int8"), ("head", "int8")])),
+    (DSCNN, (6, 1, 49, 10), Policy([(r"features\.0", "fp16"), (r"features\.(3|9|15|21)", "int8")], default="w8")),
+])
+def test_whole_cnns_run_in_onnx_runtime(make: Callable[[], nn.Module], shape: tuple[int, ...], policy: Policy,
+                                        tmp_path: Path) -> None:
+    model = seeded(make, 0).eval()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    report = mixprec.quantize(model, policy, calibration=[x])
+    theirs = run_onnx(model, x, tmp_path / "m.onnx")
+    with torch.no_grad():
+        ours = model(x).numpy()
+    # measured: 7.5e-9 (ResNet-8, logits up to 0.17), 1.6e-6 (DS-CNN, logits up to 0.10: its fp16 first
+    # layer's outputs half an fp16 ulp apart, carried through the network)
+    assert np.abs(theirs - ours).max() <= (2e-8 if make is ResNet8 else 4e-6)
+    stored = sum(onnx.numpy_helper.to_array(t).nbytes for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer)
+    assert stored <= report.total_bytes + 1024  # the codes as stored, not widened to float32; a few scalars
+
+
+@pytest.mark.parametrize(("precision", "nearest"), [
+    ("bf16", "use fp16 (ONNX Runtime's CPU provider has no bfloat16 Conv)"),
+    ("w4", "use w8 (the ONNX writer holds no 4-bit convolution weights)"),
+    ("w4g8", "use w8"),
+])
+def test_unheld_convolution_precisions_are_refused_by_name(precision: str, nearest: str, tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3)).eval()
+    mixprec.quantize(model, Policy([("2", precision)], default="int8"))
+    with pytest.raises(ExportError, match=rf"'2' \(conv, {precision}\): {re.escape(nearest)}") as err:
+        mixprec.export(model, tmp_path / "m.onnx", format="onnx", example=torch.randn(1, 4, 8, 8))
+    assert "'0'" not in str(err.value)  # the int8 convolution is held
+    assert not (tmp_path / "m.onnx").exists()
