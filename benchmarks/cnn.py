@@ -8,15 +8,18 @@ BatchNorms are folded. Then, in one process:
 
 - PyTorch float32, eager and ``torch.compile``;
 - mixprec eager: ``int8`` (dynamic activations), ``int8-static``, ``bf16`` and the searched
-  policy at 0.6x uniform ``int8``'s bytes (SQNR sensitivity on training samples, as the study);
+  policy at 0.6x uniform ``int8``'s bytes (the study's sensitivity metric on training samples);
   and ``int8-static`` under ``torch.compile`` (one graph; a static batch, one compile per batch
   size, as PT2E below: with freezing and a dynamic batch Inductor's int8 convolution lowering
   failed on a symbolic channel count);
 - PT2E with torchao's ``X86InductorQuantizer`` (static int8, its defaults) compiled by
   Inductor with freezing (oneDNN int8 convolutions);
 - the deprecated ``torch.ao`` FX flow (``x86`` qconfig mapping, static int8), eager;
-- ONNX Runtime static int8 (``quantize_static``, QDQ, per-channel weights) of the float32
-  ONNX export, two intra-op threads;
+- ONNX Runtime: the float32 ONNX export, and its static int8 (``quantize_static``, QDQ,
+  per-channel weights), two intra-op threads;
+- ONNX Runtime running mixprec's own ``int8`` and ``int8-static`` models exported with
+  ``format="onnx"`` (``ConvInteger`` and mixprec's rescale: mixprec's outputs to the bit), two
+  intra-op threads;
 - mixprec's integer engine: the float model converted by ``cnn_graph_traced`` (int8, TFLite's
   arithmetic, calibrated on the same samples; residual ADDs included), run as one native program
   from float NCHW input to float logits (``run_float``: quantizing the input and dequantizing the
@@ -54,7 +57,8 @@ from mixprec.timing import interleaved_medians
 PATH_LABELS = ("float32 eager", "mixprec int8", "mixprec int8-static", "mixprec bf16",
                "mixprec int8-static torch.compile", "mixprec searched 0.6x int8 bytes", "float32 torch.compile",
                "PT2E + Inductor int8", "torch.ao FX int8 (x86)", "mixprec integer engine int8 (TFLite arithmetic)",
-               "ONNX Runtime static int8")
+               "ONNX Runtime float32", "ONNX Runtime static int8", "ONNX Runtime, mixprec int8 export",
+               "ONNX Runtime, mixprec int8-static export")
 SETTLE_SECONDS = 0.05  # the pause before each block of calls (see module docstring)
 COLUMNS = ("model", "path", "accuracy", "ms_b1", "ms_b64", "speedup_b1", "speedup_b64")
 
@@ -105,14 +109,18 @@ def fx_int8(model: nn.Module, example: torch.Tensor, calibration: list[torch.Ten
     return convert_fx(prepared)
 
 
+def float_export(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """The float32 model as ONNX (input ``x``, batch dynamic)."""
+    torch.onnx.export(model, (example,), str(path), input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    return path
+
+
 def ort_static(model: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor], folder: Path) -> Callable:
     """ONNX Runtime static int8 (QDQ, per-channel weights) of the float32 export."""
-    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    float_path, int8_path = folder / "float.onnx", folder / "int8.onnx"
-    torch.onnx.export(model, (example,), str(float_path), input_names=["x"], output_names=["logits"],
-                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    float_path, int8_path = float_export(model, example, folder / "float.onnx"), folder / "int8.onnx"
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -123,10 +131,22 @@ def ort_static(model: nn.Module, example: torch.Tensor, calibration: list[torch.
 
     quantize_static(str(float_path), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return ort_session(int8_path, "x")
+
+
+def ort_session(path: Path, input_name: str) -> Callable:
+    """``x -> logits`` through an ONNX Runtime CPU session with as many intra-op threads as PyTorch."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
-    return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {input_name: x.numpy()})[0])
+
+
+def ort_mixprec(model: nn.Module, example: torch.Tensor, path: Path) -> Callable:
+    """mixprec's quantized ``model`` exported with ``format="onnx"``, run by ONNX Runtime."""
+    return ort_session(mixprec.export(model, path, format="onnx", example=example[:1]), "input")
 
 
 class IntegerEngine:
@@ -156,7 +176,7 @@ def run_model(name: str, config: CnnStudyConfig, rounds: int, only: list[str] | 
         return model
 
     def searched() -> nn.Module:
-        table = sensitivity(fp32, sample, CANDIDATES, progress=False)
+        table = sensitivity(fp32, sample, CANDIDATES, metric=config.sensitivity_metric, progress=False)
         return quantized(search(fp32, table, budget_bytes=int(0.6 * uniform_bytes(fp32, "int8"))).policy)
 
     folder = tempfile.TemporaryDirectory()
@@ -171,7 +191,12 @@ def run_model(name: str, config: CnnStudyConfig, rounds: int, only: list[str] | 
         "PT2E + Inductor int8": lambda: Pt2eInductor(fp32, calibration),
         "torch.ao FX int8 (x86)": lambda: fx_int8(fp32, batch64, calibration),
         "mixprec integer engine int8 (TFLite arithmetic)": lambda: IntegerEngine(fp32, calibration),
+        "ONNX Runtime float32": lambda: ort_session(float_export(fp32, batch64, Path(folder.name) / "f32.onnx"), "x"),
         "ONNX Runtime static int8": lambda: ort_static(fp32, batch64, calibration, Path(folder.name)),
+        "ONNX Runtime, mixprec int8 export": lambda: ort_mixprec(quantized("int8"), batch64,
+                                                                 Path(folder.name) / "mixprec-int8.onnx"),
+        "ONNX Runtime, mixprec int8-static export": lambda: ort_mixprec(
+            quantized("int8-static"), batch64, Path(folder.name) / "mixprec-int8-static.onnx"),
     }
     if tuple(builders) != PATH_LABELS:
         raise RuntimeError("PATH_LABELS must name run_model's paths, in order")

@@ -57,6 +57,24 @@ def test_int8_convolutions_are_mixprecs_arithmetic_to_the_bit(geometry: str, pre
         assert np.array_equal(theirs, model(x).numpy())
 
 
+@pytest.mark.parametrize("precision", ["int8", "int8-static"])
+def test_an_accumulator_beyond_float32s_integers_is_written_as_conv_integer(precision: str, tmp_path: Path) -> None:
+    """Full-scale weights over a 2304-weight window can sum past 2**24 (255 * 127 * 2304): that
+    layer goes to ``ConvInteger``; the small one beside it stays a float ``Conv`` of integers."""
+    torch.manual_seed(0)
+    wide, small = nn.Conv2d(256, 4, 3), nn.Conv2d(4, 4, 1)
+    with torch.no_grad():
+        wide.weight.copy_(torch.randint(0, 2, wide.weight.shape) * 2.0 - 1.0)  # every code +-127
+    model = nn.Sequential(wide, small).eval()
+    x = torch.randn(3, 256, 6, 6, generator=torch.Generator().manual_seed(1)) + 1.0
+    mixprec.quantize(model, Policy(default=precision), calibration=[x] if precision == "int8-static" else None)
+    theirs = run_onnx(model, x, tmp_path / "m.onnx")
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    assert ops.count("ConvInteger") == 1 and ops.count("Conv") == 1
+    with torch.no_grad():
+        assert np.array_equal(theirs, model(x).numpy())
+
+
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize(("precision", "ulps"), [
     # measured over the five geometries, outputs up to 22: w8 1.9e-6 - 4.8e-6 (float32 sums in another order:
