@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from mixprec.errors import ExportError
-from mixprec.export.onnx_conv import OnnxConv, nearest_conv
+from mixprec.export.onnx_conv import OnnxConv, nearest_conv, pack_int4_initializers
 from mixprec.export.registry import ExportFormat, register
 from mixprec.formats import SCALE_MIN, pack_int4, unpack_int4
 from mixprec.nn import (
@@ -60,6 +60,7 @@ from mixprec.nn import (
     QuantizedConv,
     QuantizedModule,
     W4A8Linear,
+    W4Conv,
     W4Linear,
     W8GroupLinear,
     W8Linear,
@@ -303,6 +304,9 @@ def write_onnx(model: nn.Module, path: Path, options: dict) -> None:
     finally:
         for module, training in modes.items():
             module.training = training
+    int4_layers = sum(isinstance(module, W4Conv) for module in model.modules())
+    if int4_layers and pack_int4_initializers(path) != int4_layers:
+        raise ExportError(f"found the int4 codes of fewer than the {int4_layers} w4 convolutions in the traced file")
 
 
 ONNX = register(ExportFormat(

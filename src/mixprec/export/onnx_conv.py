@@ -15,6 +15,10 @@ int8-static    ``u = QuantizeLinear(x, s_x, z_x)`` with the calibrated scalars (
                then as ``int8``
 w8             ``Conv(x, DequantizeLinear(W, w_scale, axis=0), b)``: the weight
                ``code * scale`` in float32, exactly as mixprec expands it
+w4, w4gN       ``DequantizeLinear`` of int4 codes ``[out, window]`` (two per byte in the
+               file) with the float32 widening of the fp16 group scales, ``axis=1``,
+               ``block_size`` N (the window for ``w4``), reshaped to the weight, ``Conv``:
+               again mixprec's float32 weight exactly
 fp16           traced as mixprec runs it: ``Cast<float16>``, a float16 ``Conv``, ``Cast<float>``
 =============  ========================================================================
 
@@ -28,34 +32,40 @@ than its float ``Conv`` (measured on ResNet-8 at batch 64).
 The file holds the int8 codes (and fp16 weights) as they are stored. Where mixprec's int8
 convolutions differ: a sample holding NaN or +-inf makes mixprec's output NaN for that sample
 and sets the range from the finite values; ONNX Runtime's ``DynamicQuantizeLinear`` follows its
-own rules there. ``bf16`` (ONNX Runtime's CPU provider has no bfloat16 ``Conv``) and ``w4`` /
-``w4gN`` (no 4-bit convolution weights here) are refused with the nearest precision held.
+own rules there. ``bf16`` convolutions are refused (ONNX Runtime's CPU provider has no bfloat16
+``Conv``; use ``fp16``). The TorchScript exporter has no int4 type: the int4 codes are traced as
+an int8 initializer named ``...w4_codes`` and rewritten as ONNX ``INT4`` after the export
+(:func:`pack_int4_initializers`).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from mixprec.errors import ExportError
-from mixprec.nn import Int8Conv, Int8StaticConv, QuantizedConv, W8Conv
+from mixprec.formats import unpack_int4
+from mixprec.nn import Int8Conv, Int8StaticConv, QuantizedConv, W4Conv, W8Conv
 
 #: Every integer of magnitude up to 2**24 is a float32, so a float32 convolution of integer codes
 #: whose partial sums stay below it computes the int32 accumulator exactly (in any order).
 FLOAT32_EXACT_INTEGERS = 2**24
 
 #: Convolution precisions the ONNX writer holds.
-HELD = ("fp32", "fp16", "int8", "int8-static", "w8")
+HELD = ("fp32", "fp16", "int8", "int8-static", "w8", "w4")
+
+#: Suffix of the int8 initializers rewritten as INT4 after the export.
+INT4_SUFFIX = ".w4_codes"
 
 
 def nearest_conv(precision: str) -> str | None:
     """None when the ONNX writer holds a convolution in ``precision``, else the nearest it holds."""
-    if precision in HELD:
+    if precision in HELD or (precision.startswith("w4g") and precision[3:].isdigit()):
         return None
     if precision == "bf16":
         return "fp16 (ONNX Runtime's CPU provider has no bfloat16 Conv)"
-    if precision.startswith("w4"):
-        return "w8 (the ONNX writer holds no 4-bit convolution weights)"
     return "int8"
 
 
@@ -123,16 +133,63 @@ class _W8ConvOp(torch.autograd.Function):
         return g.op("Conv", *inputs, **_conv_attributes(layout))
 
 
+class _W4ConvOp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: Tensor, codes: Tensor, scales: Tensor, bias: Tensor | None,  # noqa: ARG004
+                layout: object, block: int) -> Tensor:
+        return layout.float_conv(x, codes.to(torch.float32).reshape(layout.weight_shape), None)
+
+    @staticmethod
+    def symbolic(g: object, x: object, codes: object, scales: object, bias: object, layout: object,
+                 block: int) -> object:
+        rows = g.op("DequantizeLinear", codes, scales, axis_i=1, block_size_i=block)
+        shape = g.op("Constant", value_t=torch.tensor(layout.weight_shape, dtype=torch.int64))
+        weight = g.op("Reshape", rows, shape)
+        inputs = (x, weight) if _absent(bias) else (x, weight, bias)
+        return g.op("Conv", *inputs, **_conv_attributes(layout))
+
+
+def pack_int4_initializers(path: Path) -> int:
+    """Rewrite the ONNX file's int8 initializers named ``...w4_codes`` (values in [-7, 7]) as
+    ``INT4`` tensors (two's complement nibbles, the first value of each pair in the low nibble);
+    returns how many were rewritten."""
+    import numpy as np
+    import onnx
+
+    model = onnx.load(str(path))
+    count = 0
+    for index, tensor in enumerate(model.graph.initializer):
+        if not tensor.name.endswith(INT4_SUFFIX):
+            continue
+        values = onnx.numpy_helper.to_array(tensor).reshape(-1).astype(np.uint8) & 0x0F
+        if values.size % 2:
+            values = np.append(values, np.uint8(0))
+        packed = (values[0::2] | (values[1::2] << 4)).astype(np.uint8)
+        model.graph.initializer[index].CopyFrom(
+            onnx.helper.make_tensor(tensor.name, onnx.TensorProto.INT4, list(tensor.dims), packed.tobytes(), raw=True))
+        count += 1
+    onnx.save(model, str(path))
+    return count
+
+
 class OnnxConv(nn.Module):
-    """Stands in for an ``int8`` / ``int8-static`` / ``w8`` convolution while it is traced: holds
+    """Stands in for an ``int8`` / ``int8-static`` / ``w8`` / ``w4`` convolution while it is traced: holds
     the tensors in the ONNX layout as buffers (they become the file's initializers) and emits the
     operators of the module docstring."""
 
     def __init__(self, module: QuantizedConv) -> None:
         super().__init__()
+        self.layout = module.layout
+        if isinstance(module, W4Conv):
+            self.block = module.group_size
+            window = self.layout.out_channels * self.layout.window
+            codes = unpack_int4(module.weight_packed, signed=True)[:window]
+            self.register_buffer("w4_codes", codes.reshape(self.layout.out_channels, -1).clone())
+            self.register_buffer("scales", module.weight_scale.to(torch.float32).clone())  # fp16 widened exactly
+            self.register_buffer("bias", None if module.bias is None else module.bias.detach().clone())
+            return
         if not isinstance(module, (Int8Conv, W8Conv)):
             raise ExportError(f"ONNX export cannot hold a {module.precision} convolution ({type(module).__name__})")
-        self.layout = module.layout
         self.weight_only = isinstance(module, W8Conv)
         self.relu = getattr(module, "fused_relu", None) is not None
         broadcast = (1, -1) + (1,) * self.layout.dims
@@ -153,7 +210,9 @@ class OnnxConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         unbatched = x.dim() == self.layout.dims + 1
         batch = self.layout.as_batch(x)
-        if self.weight_only:
+        if hasattr(self, "w4_codes"):
+            y = _W4ConvOp.apply(batch, self.w4_codes, self.scales, self.bias, self.layout, self.block)
+        elif self.weight_only:
             y = _W8ConvOp.apply(batch, self.codes, self.weight_scale, self.bias, self.layout)
         else:
             y = _Int8ConvOp.apply(batch, self.codes, self.weight_scale, self.bias, self.x_scale, self.zero_point,
