@@ -27,10 +27,11 @@ GEOMETRIES: dict[str, Callable[[], nn.Module]] = {
                                                   padding_mode="reflect"),
     "same, even kernel": lambda: nn.Conv2d(8, 12, 2, padding="same"),
     "conv1d, no bias": lambda: nn.Conv1d(6, 10, 5, padding=2, bias=False),
+    "odd weight count": lambda: nn.Conv2d(3, 5, 3, padding=1),  # 135 int4 codes: a padding nibble
 }
 
 
-#: A ``w4gN`` group size that divides each geometry's window (the depthwise 3x3 one has none but 9).
+#: A ``w4gN`` group size that divides each geometry's window (the odd windows, 9 and 27, have none).
 GROUP_SIZES = {"strided": 8, "dilated, reflect padding": 16, "same, even kernel": 16, "conv1d, no bias": 10}
 
 
