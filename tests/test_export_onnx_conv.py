@@ -138,6 +138,7 @@ def test_whole_cnns_run_in_onnx_runtime(make: Callable[[], nn.Module], shape: tu
     # measured: 1.5e-8 (ResNet-8, logits up to 0.17), 3.7e-7 (DS-CNN, logits up to 0.10: its fp16 first
     # layer's outputs half an fp16 ulp apart, carried through the network)
     assert np.abs(theirs - ours).max() <= (2e-8 if make is ResNet8 else 1e-6)
+    onnx.checker.check_model(str(tmp_path / "m.onnx"), full_check=True)  # ONNX's own checker, shapes inferred
     initializers = onnx.load(str(tmp_path / "m.onnx")).graph.initializer
     widened = 2 * sum(onnx.numpy_helper.to_array(t).size for t in initializers if t.name.endswith(".scales"))
     # the codes as mixprec stores them (w4 scales as float32), plus the static layer's two scalars and the
