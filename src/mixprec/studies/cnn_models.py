@@ -109,13 +109,15 @@ NORMALIZATIONS = ("dataset", "recording")
 
 def spoken_digits_task(data: str | None = None, test_speaker: str | None = None,
                        normalization: str = "dataset") -> Task:
-    """Spoken digits as ``[N, 1, 49, 10]`` standardized log-mel grids. ``normalization``:
-    ``"dataset"`` subtracts the training split's mean and divides by its standard deviation (one
-    of each for the whole grid); ``"recording"`` uses each grid's own mean and standard
-    deviation (population, over its 490 values; at least 1e-6), which removes a recording's level and spread: the
-    front end then ignores loudness, and a model trained on it generalizes better to an unheard
-    voice. ``test_speaker`` holds that speaker's recordings out as the test set (the others
-    train); None takes the dataset's own split (takes 0-4 of every speaker for testing)."""
+    """Spoken digits as ``[N, 1, 49, 10]`` standardized log-mel grids, float32.
+
+    ``normalization``: ``"dataset"`` subtracts the training split's mean and divides by its
+    standard deviation (one of each for the whole grid); ``"recording"`` uses each grid's own
+    mean and standard deviation (population, over its 490 values; at least 1e-6), which removes
+    a recording's level and spread: the front end then ignores loudness, and a model trained on
+    it generalizes better to an unheard voice. ``test_speaker`` holds that speaker's recordings
+    out as the test set (the others train); None takes the dataset's own split (takes 0-4 of
+    every speaker for testing)."""
     if normalization not in NORMALIZATIONS:
         raise InputError(f"unknown normalization {normalization!r}; choose {', '.join(NORMALIZATIONS)}")
     if test_speaker is None:
