@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from mixprec.errors import ExportError
 from mixprec.export.onnx_conv import OnnxConv, nearest_conv, pack_int4_initializers
+from mixprec.export.onnx_ops import constant
 from mixprec.export.registry import ExportFormat, register
 from mixprec.formats import SCALE_MIN, pack_int4, unpack_int4
 from mixprec.nn import (
@@ -87,31 +88,21 @@ def nearest(kind: str, precision: str) -> str | None:
     return "int8"
 
 
-def _constant(g: object, value: float | list[int], dtype: torch.dtype = torch.float32) -> object:
-    return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
-
-
-def _rescale(g: object, acc: object, row_scale: object, col_scale: object, bias: object) -> object:
-    """``(float(acc) * row_scale) * col_scale + bias``, one float32 rounding per step."""
-    y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), row_scale), col_scale)
-    return y if bias is None else g.op("Add", y, bias)
-
-
 def _int8_matmul(g: object, codes: object, weight_t: object) -> object:
     """The exact int32 product of int8 codes (held as floats in [-128, 127]) with ``W^T``: the
     codes go in as ``uint8 = code + 128`` with zero point 128, ONNX Runtime's fast u8 x s8 path
     (about 9x its s8 x s8 one here), which subtracts the zero point exactly."""
-    unsigned = g.op("Cast", g.op("Add", codes, _constant(g, 128.0)), to_i=2)  # uint8
-    return g.op("MatMulInteger", unsigned, weight_t, _constant(g, 128, torch.uint8))
+    unsigned = g.op("Cast", g.op("Add", codes, constant(g, 128.0)), to_i=2)  # uint8
+    return g.op("MatMulInteger", unsigned, weight_t, constant(g, 128, torch.uint8))
 
 
 def _per_row_codes(g: object, rows: object) -> tuple[object, object, object]:
     """mixprec's dynamic int8 rounding of ``rows`` ``[M, K]``: ``s = max(max|x|, 127 * 2**-126) / 127``
     per row and ``u = QuantizeLinear(x, s, 128) = round_half_even(x / s) + 128`` (never saturating);
     returns ``u`` (uint8), ``s`` ``[M]`` and the zero points ``[M]``."""
-    amax = g.op("ReduceMax", g.op("Abs", rows), _constant(g, [1], torch.int64), keepdims_i=0)
-    row_scale = g.op("Div", g.op("Max", amax, _constant(g, 127.0 * SCALE_MIN)), _constant(g, 127.0))
-    zero_point = g.op("Expand", _constant(g, 128, torch.uint8), g.op("Shape", row_scale))
+    amax = g.op("ReduceMax", g.op("Abs", rows), constant(g, [1], torch.int64), keepdims_i=0)
+    row_scale = g.op("Div", g.op("Max", amax, constant(g, 127.0 * SCALE_MIN)), constant(g, 127.0))
+    zero_point = g.op("Expand", constant(g, 128, torch.uint8), g.op("Shape", row_scale))
     return g.op("QuantizeLinear", rows, row_scale, zero_point, axis_i=0), row_scale, zero_point
 
 
@@ -128,14 +119,14 @@ class _Int8Dynamic(_ScaledLinear):
     @staticmethod
     def symbolic(g: object, x: object, weight_t: object, scale: object, bias: object) -> object:
         in_features, out_features = weight_t.type().sizes()
-        rows = g.op("Reshape", x, _constant(g, [-1, in_features], torch.int64))
+        rows = g.op("Reshape", x, constant(g, [-1, in_features], torch.int64))
         unsigned, row_scale, zero_point = _per_row_codes(g, rows)
-        one = _constant(g, 1.0)  # float(acc) * (1 * 1): exact, in the same kernel as the int8 GEMM
+        one = constant(g, 1.0)  # float(acc) * (1 * 1): exact, in the same kernel as the int8 GEMM
         acc = g.op("com.microsoft::MatMulIntegerToFloat", unsigned, weight_t, one, one,
-                   _constant(g, 128, torch.uint8))
-        y = g.op("Mul", g.op("Mul", acc, g.op("Unsqueeze", row_scale, _constant(g, [1], torch.int64))), scale)
+                   constant(g, 128, torch.uint8))
+        y = g.op("Mul", g.op("Mul", acc, g.op("Unsqueeze", row_scale, constant(g, [1], torch.int64))), scale)
         y = y if bias is None else g.op("Add", y, bias)
-        shape = g.op("Concat", g.op("Shape", x, end_i=-1), _constant(g, [out_features], torch.int64), axis_i=0)
+        shape = g.op("Concat", g.op("Shape", x, end_i=-1), constant(g, [out_features], torch.int64), axis_i=0)
         return g.op("Reshape", y, shape)
 
 
@@ -158,7 +149,7 @@ class _Int8Static(torch.autograd.Function):
     def symbolic(g: object, x: object, weight_t: object, input_scale: object, zero_point: object, combined: object,
                  bias: object) -> object:
         shifted = g.op("Add", g.op("Round", g.op("Div", x, input_scale)), zero_point)
-        acc = _int8_matmul(g, g.op("Clip", shifted, _constant(g, -128.0), _constant(g, 127.0)), weight_t)
+        acc = _int8_matmul(g, g.op("Clip", shifted, constant(g, -128.0), constant(g, 127.0)), weight_t)
         return g.op("Add", g.op("Mul", g.op("Cast", acc, to_i=1), combined), bias)
 
 
@@ -167,7 +158,7 @@ class _W8(_ScaledLinear):
     def symbolic(g: object, x: object, weight_t: object, scale: object, bias: object) -> object:
         # DequantizeLinear with scale 1 is the exact float of each code, like Cast; unlike Cast,
         # the exporter's constant folding leaves it alone, so the file keeps the int8 codes
-        codes = g.op("DequantizeLinear", weight_t, _constant(g, 1.0))
+        codes = g.op("DequantizeLinear", weight_t, constant(g, 1.0))
         y = g.op("Mul", g.op("MatMul", x, codes), scale)
         return y if bias is None else g.op("Add", y, bias)
 
@@ -183,7 +174,7 @@ class _MatMulNBits(torch.autograd.Function):
                  per_token_int8: bool, out_features: int) -> object:
         in_features = blocks.type().sizes()[1] * block
         if per_token_int8:
-            rows = g.op("Reshape", x, _constant(g, [-1, in_features], torch.int64))
+            rows = g.op("Reshape", x, constant(g, [-1, in_features], torch.int64))
             unsigned, row_scale, zero_point = _per_row_codes(g, rows)
             x = g.op("Reshape", g.op("DequantizeLinear", unsigned, row_scale, zero_point, axis_i=0), g.op("Shape", x))
         y = g.op("com.microsoft::MatMulNBits", x, blocks, scales, K_i=in_features, N_i=out_features, bits_i=bits,

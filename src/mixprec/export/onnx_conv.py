@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from mixprec.errors import ExportError
+from mixprec.export.onnx_ops import absent, constant, rescale
 from mixprec.formats import unpack_int4
 from mixprec.nn import Int8Conv, Int8StaticConv, QuantizedConv, W4Conv, W8Conv
 
@@ -75,11 +76,6 @@ def accumulator_bound(codes: Tensor) -> int:
     return 255 * int(codes.to(torch.int64).abs().flatten(1).sum(1).max())
 
 
-def _absent(value: object) -> bool:
-    """Whether a traced optional input (a bias, a static scale) was None."""
-    return value is None or value.node().mustBeNone()
-
-
 def _conv_attributes(layout: object) -> dict[str, object]:
     """ONNX ``Conv`` / ``ConvInteger`` attributes of a mixprec :class:`ConvLayout` (its zero padding
     on both sides of each spatial dimension)."""
@@ -87,49 +83,48 @@ def _conv_attributes(layout: object) -> dict[str, object]:
             "dilations_i": list(layout.dilation), "group_i": layout.groups}
 
 
-def _rescale(g: object, acc: object, x_scale: object, weight_scale: object, bias: object, relu: bool) -> object:
-    """``(float(acc) * s_x) * w_scale + b``, one float32 rounding per step, then ``Relu``."""
-    y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), x_scale), weight_scale)
-    y = y if _absent(bias) else g.op("Add", y, bias)
-    return g.op("Relu", y) if relu else y
+def _placeholder(x: Tensor, layout: object) -> Tensor:
+    """What a stand-in returns while it is traced: a tensor of the output's shape (the values are
+    never used; the file gets the operators its ``symbolic`` emits)."""
+    return layout.float_conv(x, x.new_zeros(layout.weight_shape), None)
 
 
 class _Int8ConvOp(torch.autograd.Function):
-    """Traced for its symbolic only (the value returned while tracing is a placeholder of the
-    output's shape). ``x_scale`` / ``zero_point`` None: dynamic activations."""
+    """``x_scale`` / ``zero_point`` None: dynamic activations."""
 
     @staticmethod
     def forward(ctx: object, x: Tensor, codes: Tensor, weight_scale: Tensor, bias: Tensor | None,  # noqa: ARG004
                 x_scale: Tensor | None, zero_point: Tensor | None, layout: object, relu: bool,
                 exact_in_float32: bool) -> Tensor:
-        return layout.float_conv(x, codes.to(torch.float32), None)
+        return _placeholder(x, layout)
 
     @staticmethod
     def symbolic(g: object, x: object, codes: object, weight_scale: object, bias: object, x_scale: object,
                  zero_point: object, layout: object, relu: bool, exact_in_float32: bool) -> object:
-        if _absent(x_scale):
+        if absent(x_scale):
             unsigned, x_scale, zero_point = g.op("DynamicQuantizeLinear", x, outputs=3)
         else:
             unsigned = g.op("QuantizeLinear", x, x_scale, zero_point)
         if exact_in_float32:
             centred = g.op("Sub", g.op("Cast", unsigned, to_i=1), g.op("Cast", zero_point, to_i=1))
-            weight = g.op("DequantizeLinear", codes, g.op("Constant", value_t=torch.tensor(1.0)))
+            weight = g.op("DequantizeLinear", codes, constant(g, 1.0))
             acc = g.op("Conv", centred, weight, **_conv_attributes(layout))
         else:
             acc = g.op("ConvInteger", unsigned, codes, zero_point, **_conv_attributes(layout))
-        return _rescale(g, acc, x_scale, weight_scale, bias, relu)
+        y = rescale(g, acc, x_scale, weight_scale, bias)
+        return g.op("Relu", y) if relu else y
 
 
 class _W8ConvOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: object, x: Tensor, codes: Tensor, weight_scale: Tensor, bias: Tensor | None,  # noqa: ARG004
                 layout: object) -> Tensor:
-        return layout.float_conv(x, codes.to(torch.float32), None)
+        return _placeholder(x, layout)
 
     @staticmethod
     def symbolic(g: object, x: object, codes: object, weight_scale: object, bias: object, layout: object) -> object:
         weight = g.op("DequantizeLinear", codes, weight_scale, axis_i=0)
-        inputs = (x, weight) if _absent(bias) else (x, weight, bias)
+        inputs = (x, weight) if absent(bias) else (x, weight, bias)
         return g.op("Conv", *inputs, **_conv_attributes(layout))
 
 
@@ -137,15 +132,15 @@ class _W4ConvOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: object, x: Tensor, codes: Tensor, scales: Tensor, bias: Tensor | None,  # noqa: ARG004
                 layout: object, block: int) -> Tensor:
-        return layout.float_conv(x, codes.to(torch.float32).reshape(layout.weight_shape), None)
+        return _placeholder(x, layout)
 
     @staticmethod
     def symbolic(g: object, x: object, codes: object, scales: object, bias: object, layout: object,
                  block: int) -> object:
         rows = g.op("DequantizeLinear", codes, scales, axis_i=1, block_size_i=block)
-        shape = g.op("Constant", value_t=torch.tensor(layout.weight_shape, dtype=torch.int64))
+        shape = constant(g, list(layout.weight_shape), torch.int64)
         weight = g.op("Reshape", rows, shape)
-        inputs = (x, weight) if _absent(bias) else (x, weight, bias)
+        inputs = (x, weight) if absent(bias) else (x, weight, bias)
         return g.op("Conv", *inputs, **_conv_attributes(layout))
 
 
@@ -179,40 +174,38 @@ class OnnxConv(nn.Module):
 
     def __init__(self, module: QuantizedConv) -> None:
         super().__init__()
+        if not isinstance(module, (W4Conv, W8Conv, Int8Conv)):
+            raise ExportError(f"ONNX export cannot hold a {module.precision} convolution ({type(module).__name__})")
         self.layout = module.layout
-        if isinstance(module, W4Conv):
+        self.kind = "w4" if isinstance(module, W4Conv) else "w8" if isinstance(module, W8Conv) else "int8"
+        # int8's rescale multiplies [N, C, *spatial] outputs: its scales and bias broadcast over channels
+        shape = (1, -1) + (1,) * self.layout.dims if self.kind == "int8" else (-1,)
+        self.register_buffer("bias", None if module.bias is None else module.bias.detach().reshape(shape).clone())
+        if self.kind == "w4":
             self.block = module.group_size
-            window = self.layout.out_channels * self.layout.window
-            codes = unpack_int4(module.weight_packed, signed=True)[:window]
+            codes = unpack_int4(module.weight_packed, signed=True)[: self.layout.out_channels * self.layout.window]
             self.register_buffer("w4_codes", codes.reshape(self.layout.out_channels, -1).clone())
             self.register_buffer("scales", module.weight_scale.to(torch.float32).clone())  # fp16 widened exactly
-            self.register_buffer("bias", None if module.bias is None else module.bias.detach().clone())
             return
-        if not isinstance(module, (Int8Conv, W8Conv)):
-            raise ExportError(f"ONNX export cannot hold a {module.precision} convolution ({type(module).__name__})")
-        self.weight_only = isinstance(module, W8Conv)
-        self.relu = getattr(module, "fused_relu", None) is not None
-        broadcast = (1, -1) + (1,) * self.layout.dims
         self.register_buffer("codes", module.weight_codes().detach().clone())
-        scale = module.weight_scale.detach().to(torch.float32)
-        self.register_buffer("weight_scale", scale.clone() if self.weight_only else scale.reshape(broadcast).clone())
-        bias = module.bias
-        self.register_buffer("bias", None if bias is None else
-                             bias.detach().clone() if self.weight_only else bias.detach().reshape(broadcast).clone())
+        self.register_buffer("weight_scale", module.weight_scale.detach().to(torch.float32).reshape(shape).clone())
+        if self.kind == "w8":
+            return
+        self.relu = module.fused_relu is not None
+        self.exact_in_float32 = accumulator_bound(self.codes) < FLOAT32_EXACT_INTEGERS
         if isinstance(module, Int8StaticConv):
             # the calibrated scale and the uint8 zero point (the stored int8 one + 128)
             self.register_buffer("x_scale", module.input_scale.detach().to(torch.float32).reshape(()).clone())
             self.register_buffer("zero_point", (module.input_zero_point.reshape(()) + 128).to(torch.uint8))
         else:
             self.x_scale = self.zero_point = None
-        self.exact_in_float32 = accumulator_bound(self.codes) < FLOAT32_EXACT_INTEGERS
 
     def forward(self, x: Tensor) -> Tensor:
         unbatched = x.dim() == self.layout.dims + 1
         batch = self.layout.as_batch(x)
-        if hasattr(self, "w4_codes"):
+        if self.kind == "w4":
             y = _W4ConvOp.apply(batch, self.w4_codes, self.scales, self.bias, self.layout, self.block)
-        elif self.weight_only:
+        elif self.kind == "w8":
             y = _W8ConvOp.apply(batch, self.codes, self.weight_scale, self.bias, self.layout)
         else:
             y = _Int8ConvOp.apply(batch, self.codes, self.weight_scale, self.bias, self.x_scale, self.zero_point,
