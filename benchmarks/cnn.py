@@ -17,7 +17,7 @@ BatchNorms are folded. Then, in one process:
 - the deprecated ``torch.ao`` FX flow (``x86`` qconfig mapping, static int8), eager;
 - ONNX Runtime: the float32 ONNX export, and its static int8 (``quantize_static``, QDQ,
   per-channel weights), two intra-op threads;
-- ONNX Runtime running mixprec's own ``int8`` and ``int8-static`` models exported with
+- ONNX Runtime running mixprec's own ``int8``, ``int8-static`` and searched models exported with
   ``format="onnx"`` (``ConvInteger`` and mixprec's rescale: mixprec's outputs to the bit), two
   intra-op threads;
 - mixprec's integer engine: the float model converted by ``cnn_graph_traced`` (int8, TFLite's
@@ -58,7 +58,7 @@ PATH_LABELS = ("float32 eager", "mixprec int8", "mixprec int8-static", "mixprec 
                "mixprec int8-static torch.compile", "mixprec searched 0.6x int8 bytes", "float32 torch.compile",
                "PT2E + Inductor int8", "torch.ao FX int8 (x86)", "mixprec integer engine int8 (TFLite arithmetic)",
                "ONNX Runtime float32", "ONNX Runtime static int8", "ONNX Runtime, mixprec int8 export",
-               "ONNX Runtime, mixprec int8-static export")
+               "ONNX Runtime, mixprec int8-static export", "ONNX Runtime, mixprec searched 0.6x export")
 SETTLE_SECONDS = 0.05  # the pause before each block of calls (see module docstring)
 COLUMNS = ("model", "path", "accuracy", "ms_b1", "ms_b64", "speedup_b1", "speedup_b64")
 
@@ -197,6 +197,8 @@ def run_model(name: str, config: CnnStudyConfig, rounds: int, only: list[str] | 
                                                                  Path(folder.name) / "mixprec-int8.onnx"),
         "ONNX Runtime, mixprec int8-static export": lambda: ort_mixprec(
             quantized("int8-static"), batch64, Path(folder.name) / "mixprec-int8-static.onnx"),
+        "ONNX Runtime, mixprec searched 0.6x export": lambda: ort_mixprec(
+            searched(), batch64, Path(folder.name) / "mixprec-searched.onnx"),
     }
     if tuple(builders) != PATH_LABELS:
         raise RuntimeError("PATH_LABELS must name run_model's paths, in order")
