@@ -52,14 +52,13 @@ from mixprec.integer.build.traced import cnn_graph_traced
 from mixprec.report.results import print_table, write_csv
 from mixprec.studies.cnn import CANDIDATES, MODELS, CnnStudyConfig
 from mixprec.studies.cnn_models import Task, per_sample_scores, seeded, train
-from mixprec.timing import interleaved_medians
+from mixprec.timing import SPIN_SETTLE_SECONDS, interleaved_medians
 
 PATH_LABELS = ("float32 eager", "mixprec int8", "mixprec int8-static", "mixprec bf16",
                "mixprec int8-static torch.compile", "mixprec searched 0.6x int8 bytes", "float32 torch.compile",
                "PT2E + Inductor int8", "torch.ao FX int8 (x86)", "mixprec integer engine int8 (TFLite arithmetic)",
                "ONNX Runtime float32", "ONNX Runtime static int8", "ONNX Runtime, mixprec int8 export",
                "ONNX Runtime, mixprec int8-static export", "ONNX Runtime, mixprec searched 0.6x export")
-SETTLE_SECONDS = 0.05  # the pause before each block of calls (see module docstring)
 COLUMNS = ("model", "path", "accuracy", "ms_b1", "ms_b64", "speedup_b1", "speedup_b64")
 
 
@@ -209,9 +208,9 @@ def run_model(name: str, config: CnnStudyConfig, rounds: int, only: list[str] | 
             accuracy = {label: 100.0 * float(per_sample_scores(path, task.x_test, task.y_test)[0].mean())
                         for label, path in paths.items()}
             b64 = interleaved_medians({k: (lambda p=p: p(batch64)) for k, p in paths.items()}, rounds, 0.2,
-                                      settle_seconds=SETTLE_SECONDS)
+                                      settle_seconds=SPIN_SETTLE_SECONDS)
             b1 = interleaved_medians({k: (lambda p=p: p(batch1)) for k, p in paths.items()}, rounds, 0.2,
-                                     settle_seconds=SETTLE_SECONDS)
+                                     settle_seconds=SPIN_SETTLE_SECONDS)
     return [{"model": f"{title} ({task.name})", "path": label, "accuracy": round(accuracy[label], 2),
              "ms_b1": round(b1[label] * 1e3, 3), "ms_b64": round(b64[label] * 1e3, 3),
              "speedup_b1": round(b1["float32 eager"] / b1[label], 2),

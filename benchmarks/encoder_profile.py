@@ -1,7 +1,8 @@
 """Where a forward of the BERT-shaped encoder spends its time, per operator (PyTorch profiler,
-self CPU time per forward), for one mixprec path of ``mixprec bench encoder``.
+self CPU time per forward), for one path of ``mixprec bench encoder`` (compiled paths included:
+their fused inductor kernels are inside the ``## Call CompiledFxGraph`` row).
 
-    .venv/bin/python benchmarks/encoder_profile.py ["mixprec int8"] [--forwards 5] [--top 8]
+    .venv/bin/python benchmarks/encoder_profile.py ["mixprec int8, compiled"] [--forwards 5] [--top 8]
 """
 
 from __future__ import annotations
@@ -9,34 +10,26 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.profiler import profile
 
-from mixprec.bench.encoder import POLICIES, EncoderShape
-from mixprec.quantize import quantize
+from mixprec.bench.encoder import EncoderShape, path_builders
+from mixprec.bench.profiling import print_profile, self_cpu_ms_per_call
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("path", nargs="?", default="mixprec int8", choices=sorted(POLICIES))
+    builders = path_builders()
+    parser.add_argument("path", nargs="?", default="mixprec int8", choices=sorted(builders))
     parser.add_argument("--forwards", type=int, default=5)
     parser.add_argument("--top", type=int, default=8)
     args = parser.parse_args(argv)
     if args.forwards < 1 or args.top < 1:
         parser.error("--forwards and --top must be >= 1")
     shape = EncoderShape()
-    model = shape.model().eval()
-    quantize(model, POLICIES[args.path])
-    x = torch.randn(shape.batch, shape.seq, shape.hidden, generator=torch.Generator().manual_seed(0))
+    forward = builders[args.path](shape.model())
+    x = shape.input()
     with torch.no_grad():
-        for _ in range(3):
-            model(x)
-        with profile() as prof:
-            for _ in range(args.forwards):
-                model(x)
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    print(f"{args.path}: self CPU ms per forward, {torch.get_num_threads()} threads")
-    for event in events[: args.top]:
-        print(f"{event.key},{event.self_cpu_time_total / args.forwards / 1e3:.2f}")
+        rows = self_cpu_ms_per_call(lambda: forward(x), args.forwards, warmup=3)
+    print_profile(f"{args.path}, {torch.get_num_threads()} threads", rows, args.top)
     return 0
 
 

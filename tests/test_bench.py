@@ -11,6 +11,7 @@ import torch
 from mixprec.bench import encoder
 from mixprec.bench.encoder import EncoderShape
 from mixprec.bench.memory import bytes_allocated
+from mixprec.bench.peers import build_peer
 from mixprec.cli import main
 from mixprec.timing import interleaved_medians
 
@@ -72,22 +73,28 @@ def test_bench_linear_command_writes_every_mixprec_path(tmp_path: Path) -> None:
     assert {"fp32", "mixprec int8", "mixprec w8", "mixprec w4", "mixprec w4a8", "mixprec bf16", "mixprec fp16"} <= paths
 
 
+ORT_PEER = "ONNX Runtime dynamic int8 (its quantize_dynamic)"
+
+
 def test_encoder_bench_measures_speed_error_and_memory_of_a_tiny_encoder() -> None:
     shape = EncoderShape(layers=1, hidden=64, heads=4, ffn=128, batch=2, seq=8)
     rows, failures = encoder.run(shape, rounds=1, memory=True,
-                                 only=["mixprec int8", "mixprec w4", "mixprec int8, compiled"])
+                                 only=["mixprec int8", "mixprec w4", "mixprec int8, compiled", ORT_PEER])
     by_path = {row["path"]: row for row in rows}
-    assert not [name for name in failures if name.startswith(("fp32", "mixprec"))], failures
+    assert not [name for name in failures if name.startswith(("fp32", "mixprec", "ONNX"))], failures
     assert by_path["fp32"]["max_rel_error"] == 0.0 and by_path["fp32"]["vs_fp32"] == 1.0
     int8 = by_path["mixprec int8"]
     assert 0 < int8["max_rel_error"] < 0.05  # per-token int8 through one block: measured 0.006
     assert int8["steady_bytes"] > 0 and by_path["fp32"]["steady_bytes"] > 0
     compiled = by_path["mixprec int8, compiled"]  # the same layers; inductor fuses the float operators around them
     assert 0 < compiled["max_rel_error"] < 0.05 and compiled["steady_bytes"] == ""
-    assert set(by_path) == {"fp32", "mixprec int8", "mixprec w4", "mixprec int8, compiled"}
+    assert 0 < by_path[ORT_PEER]["max_rel_error"] < 0.01  # its per-tensor uint8 activations: measured 0.0030
+    assert set(by_path) == {"fp32", "mixprec int8", "mixprec w4", "mixprec int8, compiled", ORT_PEER}
     assert "best mixprec path" in encoder.summary(rows)
     with pytest.raises(ValueError, match="unknown encoder paths"):
         encoder.run(shape, rounds=1, only=["mixprec int3"])
+    with pytest.raises(ValueError, match="needs a model with an nn.Linear"):
+        build_peer(ORT_PEER, torch.nn.Conv1d(4, 4, 3))
 
 
 def test_bench_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
@@ -95,6 +102,8 @@ def test_bench_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None
         with pytest.raises(SystemExit):
             main(argv)
     assert "must be a positive integer" in capsys.readouterr().err
+    assert main(["bench", "encoder", "--rounds", "1", "--no-memory", "--paths", "mixprec int8;mixprec int3"]) == 2
+    assert "unknown encoder paths ['mixprec int3']; choose from" in capsys.readouterr().err
 
 
 def test_interleaved_medians_pauses_the_garbage_collector_while_timing() -> None:

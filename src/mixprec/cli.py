@@ -174,7 +174,11 @@ def _bench(args: argparse.Namespace) -> None:
             from mixprec.bench import encoder
 
             shape = encoder.EncoderShape()
-            rows, failures = encoder.run(shape, args.rounds, memory=not args.no_memory)
+            only = [name.strip() for name in args.paths.split(";") if name.strip()] if args.paths else None
+            try:
+                rows, failures = encoder.run(shape, args.rounds, memory=not args.no_memory, only=only)
+            except ValueError as exc:
+                raise MixprecError(str(exc)) from exc
             columns = list(rows[0])
             print_table(f"Encoder {shape}, {setup}", rows, columns, console)
             console.print(encoder.summary(rows))
@@ -376,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--features", type=_positive, default=4096,
                        help="linear: in = out features (default: %(default)s)")
     bench.add_argument("--no-memory", action="store_true", help="encoder: skip the per-path memory measurements")
+    bench.add_argument("--paths", help="encoder: only these paths, names as in the table separated by ';' (their "
+                                       "names hold commas), e.g. 'mixprec int8, compiled;torchao int8 dynamic, "
+                                       "compiled'; fp32 is always timed")
     bench.add_argument("--csv", help="CSV output path (default: runs/bench/<what>.csv)")
     bench.set_defaults(func=_bench)
     return parser

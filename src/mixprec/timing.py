@@ -8,6 +8,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
+#: A pause before each block of calls long enough for ONNX Runtime's and OpenMP's spinning threads to go
+#: idle (pass as ``settle_seconds`` where such runtimes are among the candidates).
+SPIN_SETTLE_SECONDS = 0.05
+
 
 def _per_call(fn: Callable[[], object], calls: int) -> float:
     start = time.perf_counter()

@@ -31,7 +31,7 @@ from mixprec.bench.encoder_model import Encoder
 from mixprec.bench.peers import PEERS, Forward, build_peer, failure_reason
 from mixprec.policy import Policy
 from mixprec.quantize import quantize
-from mixprec.timing import interleaved_medians
+from mixprec.timing import SPIN_SETTLE_SECONDS, interleaved_medians
 
 ATTENTION = r"layers\.\d+\.attention\.(query|key|value|output)"
 FFN = r"layers\.\d+\.ffn\.(up|down)"
@@ -129,7 +129,7 @@ def time_paths(shape: EncoderShape, rounds: int,
         errors = {name: float((f(x).float() - reference).abs().max() / reference.abs().max())
                   for name, f in forwards.items()}
         medians = interleaved_medians({name: (lambda f=f: f(x)) for name, f in forwards.items()}, rounds,
-                                      min_seconds=0.2)
+                                      min_seconds=0.2, settle_seconds=SPIN_SETTLE_SECONDS)
     return medians, failures, errors
 
 

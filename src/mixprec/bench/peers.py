@@ -62,6 +62,40 @@ def torchao_int4_fp32(model: nn.Module) -> Forward:
     return _torchao_int4(model, torch.float32)
 
 
+def onnxruntime_dynamic_int8(model: nn.Module) -> Forward:
+    """ONNX Runtime's own dynamic int8 as its users call it: the float32 model exported by PyTorch's
+    TorchScript exporter (its input ``[batch, seq, features]`` with both leading axes dynamic;
+    ``features`` = the first Linear's ``in_features``; a ``[rows, features]`` input runs as one
+    batch), then ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, its defaults), run on
+    the CPU provider with PyTorch's thread count."""
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    first = next((module for module in model.modules() if isinstance(module, nn.Linear)), None)
+    if first is None:
+        raise ValueError("the ONNX Runtime peer needs a model with an nn.Linear (its in_features give the input width)")
+    example = torch.zeros(1, 2, first.in_features)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="mixprec-ort-peer-") as folder:
+        float_file, int8_file = Path(folder) / "float32.onnx", Path(folder) / "int8.onnx"
+        torch.onnx.export(model, (example,), str(float_file), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch", 1: "seq"}})
+        quantize_dynamic(str(float_file), str(int8_file), weight_type=QuantType.QInt8)
+        session = ort.InferenceSession(str(int8_file), options, providers=["CPUExecutionProvider"])
+
+    def run(x: Tensor) -> Tensor:
+        if x.dim() not in (2, 3):
+            raise ValueError(f"the ONNX Runtime peer takes [rows, features] or [batch, seq, features], got {x.dim()}-D")
+        out = torch.from_numpy(session.run(None, {"x": (x if x.dim() == 3 else x[None]).numpy()})[0])
+        return out if x.dim() == 3 else out[0]
+
+    return run
+
+
 def quanto_w8a8(model: nn.Module) -> Forward:
     """optimum-quanto int8 weights and int8 activations, frozen."""
     from optimum import quanto
@@ -78,6 +112,7 @@ PEERS: dict[str, Callable[[nn.Module], Forward]] = {
     "torchao int4 weight-only, bf16 act": torchao_int4_bf16,
     "torchao int4 weight-only, fp32 act": torchao_int4_fp32,
     "optimum-quanto W8A8": quanto_w8a8,
+    "ONNX Runtime dynamic int8 (its quantize_dynamic)": onnxruntime_dynamic_int8,
 }
 
 
