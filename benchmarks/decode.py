@@ -2,7 +2,7 @@
 float32, bf16, torchao and llama.cpp, with the machine's DRAM bandwidth as the yardstick.
 
     .venv/bin/python benchmarks/decode.py [--model llama1b|smollm2] [--rounds 5] [--paths A,B] [--compiled A,B]
-                                          [--out runs/decode]
+                                          [--out runs/decode] [--profile STEPS]
 
 ``llama1b``: a Llama-shaped model of 1.17B parameters (TinyLlama's shape: 22 layers, hidden 2048,
 MLP 5632, 32 heads, 4 KV heads, untied head) with random weights (seed 0), built here, nothing
@@ -44,11 +44,13 @@ from torch import nn
 import mixprec
 from mixprec import Policy
 from mixprec.bench.decoding import decode_step_bytes, dram_read_bandwidth, llama_cpp_decode_step, torch_decode_step
+from mixprec.bench.profiling import print_profile, self_cpu_ms_per_call
 from mixprec.report.results import print_table, write_csv
 from mixprec.timing import interleaved_medians
 
 EMBEDDING = r"model\.embed_tokens"
 EMBEDDING_AND_HEAD = r"model\.embed_tokens|lm_head"
+HEAD = r"lm_head"
 ATTENTION = r"model\.layers\.\d+\.self_attn\.[qkvo]_proj"
 MLP = r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj"
 MIXPREC_POLICIES = {
@@ -57,6 +59,8 @@ MIXPREC_POLICIES = {
     "w8g32": Policy(default="w8g32"),
     "w4g32": Policy([(EMBEDDING_AND_HEAD, "w8g32")], default="w4g32"),
     "w4a8g32": Policy([(EMBEDDING_AND_HEAD, "w8g32")], default="w4a8g32"),
+    # llama.cpp's Q4_0 files run the same way: a Q8_0 head whose dot products take Q8_0 activations
+    "w4a8g32 / head int8": Policy([(EMBEDDING, "w8g32"), (HEAD, "int8")], default="w4a8g32"),
     "mix: attention int8 / MLP w4a8g32 / head int8": Policy(  # no commas: --paths splits on them
         [(EMBEDDING, "w8g32"), (ATTENTION, "int8"), (MLP, "w4a8g32")], default="int8"),
 }
@@ -242,6 +246,9 @@ def main() -> None:
     parser.add_argument("--compiled", default=DEFAULT_COMPILED,
                         help=f"comma-separated paths also run compiled (default: {DEFAULT_COMPILED!r}; '' for none)")
     parser.add_argument("--out", type=Path, default=Path("runs/decode"))
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="instead of timing: profile STEPS decode steps of each path (torch.profiler, self CPU ms "
+                             "per step, the largest rows) and exit")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     names = None if args.paths is None else {name.strip() for name in args.paths.split(",") if name.strip()}
@@ -256,11 +263,18 @@ def main() -> None:
         parser.error("--paths names no path; leave it out to run all")
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.profile < 0:
+        parser.error(f"--profile must be >= 0 decode steps, got {args.profile}")
     bandwidths = [dram_read_bandwidth()]
     with tempfile.TemporaryDirectory(prefix="mixprec-decode-") as tmp:
         work = Path(tmp)
         tokenizer = save_float_model(args.model, work / "float")
         paths = build_paths(work / "float", tokenizer, names, compiled, work)
+        if args.profile:
+            for name, path in paths.items():
+                print_profile(f"{args.model}, {name}, decode step", self_cpu_ms_per_call(path.decode, args.profile),
+                              top=16)
+            return
         bandwidths.append(dram_read_bandwidth())
         decode = interleaved_medians({name: p.decode for name, p in paths.items()}, rounds=args.rounds,
                                      min_seconds=0.3)
