@@ -17,6 +17,7 @@ from mixprec.bench.peers import PEERS, build_peer, failure_reason
 from mixprec.bench.sweep import batch_sweep
 from mixprec.nn import Int8DynamicLinear
 from mixprec.quantize import quantize
+from mixprec.timing import SPIN_SETTLE_SECONDS
 
 BATCHES = (1, 8, 128, 1024)
 PRECISIONS = ("int8", "w8", "w4", "w4a8", "bf16", "fp16")
@@ -52,5 +53,5 @@ def run(features: int, rounds: int) -> tuple[list[dict[str, object]], list[str],
     """Table rows and columns (see :func:`~mixprec.bench.sweep.batch_sweep`), kernels, failures."""
     paths, kernels, failures = candidates(features)
     rows, columns = batch_sweep(paths, lambda batch: torch.randn(batch, features), BATCHES, rounds,
-                                prefix="M", unit="ms", min_seconds=0.1)
+                                prefix="M", unit="ms", min_seconds=0.1, settle_seconds=SPIN_SETTLE_SECONDS)
     return rows, columns, kernels, failures

@@ -14,9 +14,10 @@ UNITS = {"ms": 1e3, "us": 1e6}
 
 def batch_sweep(candidates: Mapping[str, Callable[[Tensor], object]], make_input: Callable[[int], Tensor],
                 batches: Sequence[int], rounds: int, baseline: str = "fp32", prefix: str = "M", unit: str = "ms",
-                min_seconds: float = 0.05) -> tuple[list[dict[str, object]], list[str]]:
+                min_seconds: float = 0.05, settle_seconds: float = 0.0) -> tuple[list[dict[str, object]], list[str]]:
     """Time each candidate on ``make_input(batch)`` for every batch (interleaved medians).
 
+    ``settle_seconds``: as in :func:`~mixprec.timing.interleaved_medians`.
     Returns table rows (``path``, then per batch the time in ``unit`` and the speed-up over
     ``baseline``) and their column names, e.g. ``M8_ms`` and ``M8_vs_fp32``.
     """
@@ -29,7 +30,7 @@ def batch_sweep(candidates: Mapping[str, Callable[[Tensor], object]], make_input
         for batch in batches:
             x = make_input(batch)
             calls = {name: (lambda f=f, x=x: f(x)) for name, f in candidates.items()}
-            medians[batch] = interleaved_medians(calls, rounds, min_seconds=min_seconds)
+            medians[batch] = interleaved_medians(calls, rounds, min_seconds=min_seconds, settle_seconds=settle_seconds)
     rows = []
     for name in candidates:
         row: dict[str, object] = {"path": name}
