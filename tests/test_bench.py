@@ -71,6 +71,8 @@ def test_bench_linear_command_writes_every_mixprec_path(tmp_path: Path) -> None:
     assert main(["bench", "linear", "--features", "64", "--rounds", "1", "--csv", str(out)]) == 0
     paths = {row["path"] for row in csv.DictReader(out.open())}
     assert {"fp32", "mixprec int8", "mixprec w8", "mixprec w4", "mixprec w4a8", "mixprec bf16", "mixprec fp16"} <= paths
+    assert {"fp32, compiled", "mixprec int8, compiled", "mixprec w8, compiled", "mixprec w4, compiled",
+            "mixprec w4a8, compiled"} <= paths
 
 
 ORT_PEER = "ONNX Runtime dynamic int8 (its quantize_dynamic)"

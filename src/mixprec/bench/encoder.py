@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from mixprec.accounting import model_bytes
 from mixprec.bench import process_memory
 from mixprec.bench.encoder_model import Encoder
-from mixprec.bench.peers import PEERS, Forward, build_peer, failure_reason
+from mixprec.bench.peers import COMPILED_SUFFIX, PEERS, Forward, build_peer, compiled_name, failure_reason
 from mixprec.policy import Policy
 from mixprec.quantize import quantize
 from mixprec.timing import SPIN_SETTLE_SECONDS, interleaved_medians
@@ -52,8 +52,6 @@ POLICIES: dict[str, Policy] = {
 #: Paths also timed under ``torch.compile`` (default inductor backend, static shapes), as "<name>, compiled".
 COMPILED = ("fp32", "mixprec int8", "mixprec w4a8", "mixprec mixed: attention bf16, FFN int8",
             "torch bf16 (whole model .bfloat16())", "torchao int8 dynamic (eager)")
-#: Suffix of a compiled path's name.
-COMPILED_SUFFIX = ", compiled"
 
 
 @dataclass(frozen=True)
@@ -99,11 +97,6 @@ def path_builders() -> dict[str, Callable[[nn.Module], Forward]]:
     builders.update({name: (lambda model, name=name: build_peer(name, model)) for name in PEERS})
     builders.update({compiled_name(name): _compiled(builders[name]) for name in COMPILED})
     return builders
-
-
-def compiled_name(name: str) -> str:
-    """The name of path ``name`` under ``torch.compile`` (the torchao peer's "(eager)" dropped)."""
-    return name.removesuffix(" (eager)") + COMPILED_SUFFIX
 
 
 def time_paths(shape: EncoderShape, rounds: int,

@@ -2,7 +2,9 @@
 PyTorch's own dynamic int8 and the peer libraries, at several batch sizes M.
 
 All paths are timed in one process, interleaved, median of ``rounds`` rounds; the
-result is the time per call and the speed-up over float32.
+result is the time per call and the speed-up over float32. The :data:`COMPILED` paths are
+timed again under ``torch.compile`` (default inductor backend, static shapes: one graph per M,
+compiled at its first call, before any timing).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from mixprec.bench.peers import PEERS, build_peer, failure_reason
+from mixprec.bench.peers import PEERS, build_peer, compiled_name, failure_reason
 from mixprec.bench.sweep import batch_sweep
 from mixprec.nn import Int8DynamicLinear
 from mixprec.quantize import quantize
@@ -23,6 +25,9 @@ BATCHES = (1, 8, 128, 1024)
 PRECISIONS = ("int8", "w8", "w4", "w4a8", "bf16", "fp16")
 #: Left out of this sweep: 100x slower than float32, one call at M = 1024 would take minutes.
 SKIPPED_PEERS = ("torchao int4 weight-only, fp32 act",)
+#: Paths also timed under ``torch.compile``, as "<name>, compiled".
+COMPILED = ("fp32", "mixprec int8", "mixprec w8", "mixprec w4", "mixprec w4a8", "torchao int8 dynamic (eager)",
+            "torchao int4 weight-only, bf16 act")
 
 
 def candidates(features: int) -> tuple[dict[str, Callable[[Tensor], Tensor]], dict[str, str], dict[str, str]]:
@@ -46,12 +51,19 @@ def candidates(features: int) -> tuple[dict[str, Callable[[Tensor], Tensor]], di
             paths[name] = build_peer(name, copy.deepcopy(layer))
         except Exception as exc:  # a missing or broken peer is reported, never hidden
             failures[name] = failure_reason(exc)
+    for name in COMPILED:
+        if name in paths:
+            paths[compiled_name(name)] = torch.compile(paths[name], dynamic=False)
     return paths, kernels, failures
 
 
 def run(features: int, rounds: int) -> tuple[list[dict[str, object]], list[str], dict[str, str], dict[str, str]]:
     """Table rows and columns (see :func:`~mixprec.bench.sweep.batch_sweep`), kernels, failures."""
     paths, kernels, failures = candidates(features)
-    rows, columns = batch_sweep(paths, lambda batch: torch.randn(batch, features), BATCHES, rounds,
-                                prefix="M", unit="ms", min_seconds=0.1, settle_seconds=SPIN_SETTLE_SECONDS)
+    # Every compiled path compiles the same forward code once per M: past dynamo's default limit
+    # of 8 versions per code object it would silently run the rest eagerly.
+    versions = len(BATCHES) * len(COMPILED)
+    with torch._dynamo.config.patch(recompile_limit=versions, accumulated_recompile_limit=4 * versions):
+        rows, columns = batch_sweep(paths, lambda batch: torch.randn(batch, features), BATCHES, rounds,
+                                    prefix="M", unit="ms", min_seconds=0.1, settle_seconds=SPIN_SETTLE_SECONDS)
     return rows, columns, kernels, failures

@@ -116,6 +116,15 @@ PEERS: dict[str, Callable[[nn.Module], Forward]] = {
 }
 
 
+#: Suffix of a compiled path's name.
+COMPILED_SUFFIX = ", compiled"
+
+
+def compiled_name(name: str) -> str:
+    """The name of path ``name`` under ``torch.compile`` (a peer's "(eager)" dropped)."""
+    return name.removesuffix(" (eager)") + COMPILED_SUFFIX
+
+
 def failure_reason(exc: BaseException) -> str:
     """One line saying why a path did not build: the exception type and its first line."""
     text = str(exc).splitlines()[0] if str(exc) else ""
