@@ -1,5 +1,6 @@
 """The Fashion-MNIST MLP (784-64-10): mixprec precisions against float32 and PyTorch's own
-dynamic int8 (torch.ao quantize_dynamic, x86/fbgemm and onednn engines).
+dynamic int8 (torch.ao quantize_dynamic, x86/fbgemm and onednn engines); float32, ``int8`` and
+``int8-static`` again under ``torch.compile`` (static shapes, one graph per batch size).
 
 All candidates are timed in one process, interleaved, median of ``--rounds`` rounds.
 Weights are the study's trained fp32 checkpoint when given, else random (speed does not
@@ -19,12 +20,13 @@ import torch
 from rich.console import Console
 
 import mixprec
-from mixprec.bench.peers import torch_dynamic_int8
+from mixprec.bench.peers import compiled_name, torch_dynamic_int8
 from mixprec.bench.sweep import batch_sweep
 from mixprec.report.results import print_table, write_csv
 from mixprec.studies.fashion_mnist import MLP
 
 BATCHES = (1, 32, 256)
+COMPILED = ("fp32", "mixprec int8", "mixprec int8-static")
 
 
 def main() -> None:
@@ -45,10 +47,14 @@ def main() -> None:
         candidates[f"mixprec {precision}"] = model
     for engine in ("x86", "onednn"):
         candidates[f"torch dynamic int8 ({engine})"] = torch_dynamic_int8(fp32, engine)
-    rows, columns = batch_sweep(
-        candidates, lambda batch: torch.rand(batch, 784),
-        BATCHES, args.rounds, prefix="b", unit="us", min_seconds=0.05
-    )
+    for name in COMPILED:
+        candidates[compiled_name(name)] = torch.compile(candidates[name], dynamic=False)
+    versions = len(COMPILED) * len(BATCHES)  # the same forward code, compiled once per path and batch size
+    with torch._dynamo.config.patch(recompile_limit=versions, accumulated_recompile_limit=4 * versions):
+        rows, columns = batch_sweep(
+            candidates, lambda batch: torch.rand(batch, 784),
+            BATCHES, args.rounds, prefix="b", unit="us", min_seconds=0.05
+        )
     print_table(f"MLP 784-64-10, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                 f"median of {args.rounds} interleaved rounds", rows, columns, Console(width=160))
     write_csv(args.csv, rows, columns)

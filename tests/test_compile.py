@@ -109,7 +109,8 @@ def test_every_native_operator_a_quantized_linear_calls_has_a_fake() -> None:
     if not native.available():
         pytest.skip(f"native kernels: {native.load_error()}")
     covered = set(fake_ops.register())
-    for name in ("quantize_rows_s8", "quantize_rows_u8", "quantize_rows_static_s8", "quantize_samples_u8",
+    for name in ("quantize_rows_s8", "quantize_rows_u8", "quantize_rows_static_s8", "quantize_rows_static_s8_t",
+                 "quantize_samples_u8",
                  "int8_linear_dynamic", "w8_linear_rows", "w8g_linear_rows", "w4_linear_rows", "w4a8_linear",
                  "rescale_rows_cols", "rescale_rows_cols_", "tflite_conv2d", "tflite_sum_middle", "tflite_mean_middle",
                  "tflite_requantize", "tflite_fully_connected", "tflite_add",

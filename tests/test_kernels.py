@@ -118,6 +118,23 @@ def test_native_and_torch_static_quantization_agree_bit_for_bit() -> None:
         assert torch.equal(q_native, q_torch)
         assert torch.equal(flag_native.isnan(), flag_torch.isnan()) and flag_native.isnan().sum() == 1
         assert int(q_native[2, 0]) == 127 and int(q_native[2, 1]) == -128
+        q_tensors, flag_tensors = native.quantize_rows_static_s8_t(  # the scalars as the modules hold them
+            x, torch.tensor(scale), torch.tensor(zero_point, dtype=torch.int32))
+        assert torch.equal(q_tensors, q_torch) and torch.equal(flag_tensors.isnan(), flag_torch.isnan())
+
+
+def test_static_quantization_refuses_scalars_in_the_wrong_tensors() -> None:
+    if not native.available():
+        pytest.skip(f"native kernels: {native.load_error()}")
+    x = torch.randn(3, 5)
+    with pytest.raises(RuntimeError, match="scale as a one-element float32 CPU tensor, got 2 elements"):
+        native.quantize_rows_static_s8_t(x, torch.ones(2), torch.zeros((), dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="scale as a one-element float32 CPU tensor, got 1 elements of Double"):
+        native.quantize_rows_static_s8_t(x, torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="zero point as a one-element int32 CPU tensor, got 1 elements of Long"):
+        native.quantize_rows_static_s8_t(x, torch.ones(()), torch.zeros((), dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="contiguous float32 CPU matrix"):
+        native.quantize_rows_static_s8_t(x.t(), torch.ones(()), torch.zeros((), dtype=torch.int32))
 
 
 @pytest.mark.skipif(not onednn_int8.available(), reason="this CPU has no VNNI/AMX int8 kernel in oneDNN")

@@ -84,6 +84,15 @@ def quantize_static(x: Tensor, scale: float, zero_point: int) -> tuple[Tensor, T
     return quantize_static_torch(x, scale, zero_point)
 
 
+def quantize_static_tensors(x: Tensor, scale: Tensor, zero_point: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_static` with the scale and zero point as one-element float32 / int32 tensors (a
+    module's buffers, or :func:`dynamic_tensor_qparams_torch`'s results): nothing is read back into Python,
+    so ``torch.compile`` keeps it in its graph; the same bits."""
+    if native.available() and x.is_contiguous():
+        return native.quantize_rows_static_s8_t(x, scale, zero_point)
+    return quantize_static_torch(x, scale, zero_point)
+
+
 def dynamic_tensor_qparams(x: Tensor) -> tuple[float, int, Tensor]:
     """``(scale, int8 zero point, x)`` covering this call's ``x``: ``ACTIVATION_PER_TENSOR``'s
     grid over ``[min(x), max(x)]`` widened to hold 0 (``scale = (max' - min') / 255``, never

@@ -35,6 +35,10 @@ def _quantize_rows_static_s8(x: Tensor, scale: float, zero_point: int) -> tuple[
     return _rows_and_scale(x, torch.int8)
 
 
+def _quantize_rows_static_s8_t(x: Tensor, scale: Tensor, zero_point: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ARG001
+    return _rows_and_scale(x, torch.int8)
+
+
 def _quantize_samples_u8(x: Tensor, samples: int, scale: float, zero_point: int) -> tuple[Tensor, Tensor]:  # noqa: ARG001
     return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty((samples,), dtype=torch.float32)
 
@@ -133,6 +137,7 @@ _FAKES = {
     "quantize_rows_s8": _quantize_rows_s8,
     "quantize_rows_u8": _quantize_rows_u8,
     "quantize_rows_static_s8": _quantize_rows_static_s8,
+    "quantize_rows_static_s8_t": _quantize_rows_static_s8_t,
     "quantize_samples_u8": _quantize_samples_u8,
     "int8_linear_dynamic": _int8_linear_dynamic,
     "w8_linear_rows": _w8_linear_rows,

@@ -125,6 +125,12 @@ def quantize_rows_static_s8(x: torch.Tensor, scale: float, zero_point: int) -> t
     return torch.ops.mixprec.quantize_rows_static_s8(x, scale, zero_point)
 
 
+def quantize_rows_static_s8_t(x: torch.Tensor, scale: torch.Tensor,
+                              zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows_static_s8` with the scale and zero point in one-element float32 / int32 tensors."""
+    return torch.ops.mixprec.quantize_rows_static_s8_t(x, scale, zero_point)
+
+
 def quantize_samples_u8(x: torch.Tensor, samples: int, scale: float, zero_point: int) -> tuple[torch.Tensor,
                                                                                                torch.Tensor]:
     """Fused per-tensor uint8 quantization with NaN flags per sample (see csrc/int8_rows.cpp)."""

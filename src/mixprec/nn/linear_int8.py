@@ -23,13 +23,13 @@ from mixprec.kernels import (
     native,
     onednn_int8,
     quantize_static,
-    quantize_static_torch,
     rescale_accumulator,
 )
 from mixprec.kernels.activation_quant import (
     ACTIVATION_PER_TENSOR,
     dynamic_tensor_qparams,
     dynamic_tensor_qparams_torch,
+    quantize_static_tensors,
 )
 from mixprec.kernels.cpu import native_slow_path
 from mixprec.kernels.int8_conv import MAX_CONV_REDUCTION
@@ -225,10 +225,8 @@ class Int8StaticLinear(_Int8WeightLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)
-        if torch.compiler.is_compiling():  # PyTorch ops on the 0-dim parameters: no host sync, same bits
-            q, row_flag = quantize_static_torch(as_float32_matrix(x), self.input_scale, self.input_zero_point)
-        else:
-            q, row_flag = quantize_static(as_float32_matrix(x), float(self.input_scale), int(self.input_zero_point))
+        # the 0-dim buffers passed as tensors: nothing read back into Python, one graph under torch.compile
+        q, row_flag = quantize_static_tensors(as_float32_matrix(x), self.input_scale, self.input_zero_point)
         combined = self.input_scale * self.weight_scale
         y = rescale_accumulator(int8_matmul(q, self.weight.t()), row_flag, combined, self.bias)
         return restore_shape(y, x)
@@ -296,7 +294,7 @@ class Int8AsymLinear(_Int8WeightLinear):
         rows = as_float32_matrix(x)
         if torch.compiler.is_compiling():  # tensor qparams: no host sync, same bits
             scale, zero_point, rows = dynamic_tensor_qparams_torch(rows)
-            q, row_flag = quantize_static_torch(rows, scale, zero_point)
+            q, row_flag = quantize_static_tensors(rows, scale, zero_point)
         else:
             scale, zero_point, rows = dynamic_tensor_qparams(rows)
             q, row_flag = quantize_static(rows, scale, zero_point)

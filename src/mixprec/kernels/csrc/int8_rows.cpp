@@ -144,6 +144,20 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_static_s8(const at::Tensor& x, 
   return {q, flag};
 }
 
+// quantize_rows_static_s8 with the scale (float32) and zero point (int32) held in one-element
+// CPU tensors, as the modules store them: torch.compile's graphs pass the buffers themselves
+// instead of reading them back into Python numbers. The same bits.
+std::tuple<at::Tensor, at::Tensor> quantize_rows_static_s8_t(const at::Tensor& x, const at::Tensor& scale,
+                                                             const at::Tensor& zero_point) {
+  TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == at::kFloat && scale.device().is_cpu(),
+              "quantize_rows_static_s8_t takes the scale as a one-element float32 CPU tensor, got ",
+              scale.numel(), " elements of ", scale.scalar_type());
+  TORCH_CHECK(zero_point.numel() == 1 && zero_point.scalar_type() == at::kInt && zero_point.device().is_cpu(),
+              "quantize_rows_static_s8_t takes the zero point as a one-element int32 CPU tensor, got ",
+              zero_point.numel(), " elements of ", zero_point.scalar_type());
+  return quantize_rows_static_s8(x, scale.item<float>(), zero_point.item<int32_t>());
+}
+
 // Work units per element given to split_rows: inputs of 2**19 elements and more run on
 // both cores (64 x 28 x 28 x 16 floats: 0.26 ms on one thread, 0.15 ms on two, measured here).
 constexpr int64_t kQuantizeWorkPerElement = 8;
@@ -413,6 +427,7 @@ TORCH_LIBRARY(mixprec, m) {
   m.def("quantize_rows_s8(Tensor x) -> (Tensor, Tensor)");
   m.def("quantize_rows_u8(Tensor x) -> (Tensor, Tensor)");
   m.def("quantize_rows_static_s8(Tensor x, float scale, int zero_point) -> (Tensor, Tensor)");
+  m.def("quantize_rows_static_s8_t(Tensor x, Tensor scale, Tensor zero_point) -> (Tensor, Tensor)");
   m.def("quantize_samples_u8(Tensor x, int samples, float scale, int zero_point) -> (Tensor, Tensor)");
   m.def("int8_linear_dynamic(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor");
   m.def("w8_linear_rows(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
@@ -427,6 +442,7 @@ TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
   m.impl("quantize_rows_s8", &quantize_rows_s8);
   m.impl("quantize_rows_u8", &quantize_rows_u8);
   m.impl("quantize_rows_static_s8", &quantize_rows_static_s8);
+  m.impl("quantize_rows_static_s8_t", &quantize_rows_static_s8_t);
   m.impl("quantize_samples_u8", &quantize_samples_u8);
   m.impl("int8_linear_dynamic", &int8_linear_dynamic);
   m.impl("w8_linear_rows", &w8_linear_rows);
