@@ -11,9 +11,12 @@ import torch
 from torch import nn
 
 import mixprec
+from mixprec.formats import qparams_from_tensor
 from mixprec.kernels import int8_linear, native, onednn_int8
+from mixprec.kernels.activation_quant import quantize_static_torch, rescale_accumulator_torch
 from mixprec.kernels.int8_linear import int8_linear_packed
-from mixprec.nn import Int8DynamicLinear, Int8PackedLinear, int8_dynamic_class
+from mixprec.nn import Int8DynamicLinear, Int8PackedLinear, Int8StaticLinear, int8_dynamic_class
+from mixprec.nn.linear_int8 import STATIC_ACTIVATION
 
 pytestmark = pytest.mark.skipif(not onednn_int8.available(), reason="no VNNI/AMX int8 kernel in oneDNN here")
 
@@ -166,6 +169,33 @@ def test_few_rows_of_a_dense_int8_weight_stream_it_with_the_int_mm_bits(out_feat
             got = int8_linear.int8_linear_dynamic(x, weight, scale, b)
             assert torch.equal(got.nan_to_num().view(torch.int32), expected.nan_to_num().view(torch.int32)), rows
             assert torch.equal(got.isnan(), expected.isnan())
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [(17, 5), (33, 130), (512, 576)])
+def test_few_rows_of_an_int8_static_linear_stream_the_weight_with_the_int_mm_bits(
+        out_features: int, in_features: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # int8-static feeds its calibrated codes + 128 to csrc/int8_dense_rows.cpp (the zero point's term is in the
+    # bias); torch._int_mm on the signed codes and the same rescale is the reference.
+    if not native.int8_dense_rows_available():
+        pytest.skip("no AVX512-VNNI kernel in this build")
+    monkeypatch.setattr(int8_linear, "DENSE_ROWS_MIN_WEIGHTS", 1)
+    generator = torch.Generator().manual_seed(out_features + in_features)
+    layer = nn.Linear(in_features, out_features)
+    module = Int8StaticLinear.from_float(
+        layer, qparams_from_tensor(torch.randn(64, in_features, generator=generator) * 2, STATIC_ACTIVATION))
+    assert "streaming the weight once" in module.kernel
+    for rows in (1, 2, 3, 4, 5):
+        x = torch.randn(rows, in_features, generator=generator) * 3
+        x[-1, 0] = float("inf")  # saturates
+        if rows == 3:
+            x[1, -1] = float("nan")
+        q, flag = quantize_static_torch(x, module.input_scale, module.input_zero_point)
+        exact = q.to(torch.int64) @ module.weight.t().to(torch.int64)
+        expected = rescale_accumulator_torch(exact, flag, module.input_scale * module.weight_scale, module.bias)
+        with torch.no_grad():
+            got = module(x)
+        assert torch.equal(got.nan_to_num().view(torch.int32), expected.nan_to_num().view(torch.int32)), rows
+        assert torch.equal(got.isnan(), expected.isnan())
 
 
 def test_the_dense_rows_kernel_refuses_bad_operands() -> None:

@@ -7,7 +7,12 @@ from mixprec.kernels.activation_quant import (
     rescale_accumulator,
     rescale_accumulator_torch,
 )
-from mixprec.kernels.int8_linear import int8_linear_dynamic, int8_linear_dynamic_torch, int8_linear_packed
+from mixprec.kernels.int8_linear import (
+    int8_linear_dynamic,
+    int8_linear_dynamic_torch,
+    int8_linear_packed,
+    int8_linear_static,
+)
 from mixprec.kernels.int8_matmul import KERNEL_NAME as INT8_MATMUL_KERNEL
 from mixprec.kernels.int8_matmul import MAX_REDUCTION, int8_matmul, int8_matmul_reference
 
@@ -17,6 +22,7 @@ __all__ = [
     "int8_linear_dynamic",
     "int8_linear_dynamic_torch",
     "int8_linear_packed",
+    "int8_linear_static",
     "int8_matmul",
     "int8_matmul_reference",
     "quantize_per_token_symmetric_torch",

@@ -8,6 +8,8 @@ from torch import Tensor
 from mixprec.kernels import native, onednn_int8
 from mixprec.kernels.activation_quant import (
     quantize_per_token_symmetric_torch,
+    quantize_static_tensors,
+    rescale_accumulator,
     rescale_accumulator_,
     rescale_accumulator_torch,
 )
@@ -39,12 +41,41 @@ def int8_linear_dynamic(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: T
     repacks it every call; every path gives identical bits.
     """
     if native.available() and x.is_contiguous():
-        if (x.shape[0] <= PACKED_ROWS_MAX and weight.numel() >= DENSE_ROWS_MIN_WEIGHTS and weight.is_contiguous()
-                and native.int8_dense_rows_available()):
+        if _dense_rows_apply(x, weight):
             q, row_scale = native.quantize_rows_u8(x)
             return native.int8_dense_rows(q, row_scale, weight, weight_scale, bias)
         return native.int8_linear_dynamic(x, weight, weight_scale, bias)
     return int8_linear_dynamic_torch(x, weight, weight_scale, bias)
+
+
+def dense_rows_note(weight: Tensor) -> str:
+    """The kernel-name suffix for a dense int8 ``weight`` whose few-row calls stream it once ('' if they do not)."""
+    if weight.numel() < DENSE_ROWS_MIN_WEIGHTS or not native.int8_dense_rows_available():
+        return ""
+    return f"; up to {PACKED_ROWS_MAX} rows: AVX512-VNNI C++ kernel streaming the weight once"
+
+
+def _dense_rows_apply(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``x``'s rows go to the few-row kernel that streams the dense int8 ``weight`` once."""
+    return (x.shape[0] <= PACKED_ROWS_MAX and weight.numel() >= DENSE_ROWS_MIN_WEIGHTS and weight.is_contiguous()
+            and native.int8_dense_rows_available())
+
+
+def int8_linear_static(x: Tensor, input_scale: Tensor, input_zero_point: Tensor, weight: Tensor,
+                       combined_scale: Tensor, bias: Tensor) -> Tensor:
+    """The ``int8-static`` linear of float32 ``x [M, K]``: ``q = clamp(round_half_even(x / s_x) + z_x, -128,
+    127)`` (:func:`~mixprec.kernels.activation_quant.quantize_static_tensors`; ``input_scale`` and
+    ``input_zero_point`` one-element float32 / int32 tensors), the exact int32 ``acc = sum_k q * w`` against the
+    int8 ``weight [N, K]``, then ``((acc * flag) * combined_scale) + bias`` in float32 (``flag`` 1, or NaN for a
+    row holding NaN; the zero point's term is folded into ``bias``). Up to :data:`PACKED_ROWS_MAX` rows with a
+    weight of :data:`DENSE_ROWS_MIN_WEIGHTS` elements and more run the few-row kernel that streams the weight once
+    (``csrc/int8_dense_rows.cpp``, fed ``q + 128`` as uint8 with zero point 128: the same sums, the same bits)
+    instead of ``torch._int_mm``, which repacks it every call."""
+    q, row_flag = quantize_static_tensors(x, input_scale, input_zero_point)
+    if native.available() and _dense_rows_apply(q, weight):
+        offset = q.view(torch.uint8) ^ 0x80  # two's complement q + 128, as uint8
+        return native.int8_dense_rows(offset, row_flag, weight, combined_scale, bias)
+    return rescale_accumulator(int8_matmul(q, weight.t()), row_flag, combined_scale, bias)
 
 
 def int8_linear_packed(x: Tensor, packed: Tensor, unit_scale: Tensor, zero_points: Tensor, weight_scale: Tensor,

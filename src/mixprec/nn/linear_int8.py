@@ -19,6 +19,7 @@ from mixprec.kernels import (
     MAX_REDUCTION,
     int8_linear_dynamic,
     int8_linear_packed,
+    int8_linear_static,
     int8_matmul,
     native,
     onednn_int8,
@@ -33,7 +34,7 @@ from mixprec.kernels.activation_quant import (
 )
 from mixprec.kernels.cpu import native_slow_path
 from mixprec.kernels.int8_conv import MAX_CONV_REDUCTION
-from mixprec.kernels.int8_linear import PACKED_ROWS_MAX
+from mixprec.kernels.int8_linear import PACKED_ROWS_MAX, dense_rows_note
 from mixprec.kernels.onednn_int8 import KERNEL_NAME as ONEDNN_KERNEL
 from mixprec.kernels.weight_only import KERNEL_NAME as W8_KERNEL
 from mixprec.kernels.weight_only import w8_linear
@@ -116,7 +117,7 @@ class Int8DynamicLinear(_Int8WeightLinear):
     @property
     def kernel(self) -> str:  # type: ignore[override]
         fused = "one fused C++ call" if native.available() else "PyTorch ops"
-        return f"{INT8_MATMUL_KERNEL}; per-token quantization and rescale in {fused}"
+        return f"{INT8_MATMUL_KERNEL}; per-token quantization and rescale in {fused}{dense_rows_note(self.weight)}"
 
     @property
     def slow_path(self) -> str | None:
@@ -197,7 +198,7 @@ class Int8StaticLinear(_Int8WeightLinear):
     @property
     def kernel(self) -> str:  # type: ignore[override]
         fused = "fused C++" if native.available() else "PyTorch-op"
-        return f"{INT8_MATMUL_KERNEL}; {fused} static quantization and rescale"
+        return f"{INT8_MATMUL_KERNEL}; {fused} static quantization and rescale{dense_rows_note(self.weight)}"
 
     @property
     def slow_path(self) -> str | None:
@@ -226,9 +227,8 @@ class Int8StaticLinear(_Int8WeightLinear):
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)
         # the 0-dim buffers passed as tensors: nothing read back into Python, one graph under torch.compile
-        q, row_flag = quantize_static_tensors(as_float32_matrix(x), self.input_scale, self.input_zero_point)
-        combined = self.input_scale * self.weight_scale
-        y = rescale_accumulator(int8_matmul(q, self.weight.t()), row_flag, combined, self.bias)
+        y = int8_linear_static(as_float32_matrix(x), self.input_scale, self.input_zero_point, self.weight,
+                               self.input_scale * self.weight_scale, self.bias)
         return restore_shape(y, x)
 
 
