@@ -22,7 +22,7 @@ from mixprec.quantize import quantize
 from mixprec.timing import SPIN_SETTLE_SECONDS
 
 BATCHES = (1, 8, 128, 1024)
-PRECISIONS = ("int8", "w8", "w4", "w4a8", "bf16", "fp16")
+PRECISIONS = ("int8", "int8-static", "int8-asym", "w8", "w4", "w4a8", "bf16", "fp16")
 #: Left out of this sweep: 100x slower than float32, one call at M = 1024 would take minutes.
 SKIPPED_PEERS = ("torchao int4 weight-only, fp32 act",)
 #: Paths also timed under ``torch.compile``, as "<name>, compiled".
@@ -38,7 +38,7 @@ def candidates(features: int) -> tuple[dict[str, Callable[[Tensor], Tensor]], di
     kernels, failures = {}, {}
     for precision in PRECISIONS:
         model = copy.deepcopy(layer)
-        quantize(model, precision)
+        quantize(model, precision, calibration=[torch.randn(64, features)] if precision == "int8-static" else None)
         paths[f"mixprec {precision}"] = model
         kernels[f"mixprec {precision}"] = model[0].kernel
     forced = nn.Sequential(Int8DynamicLinear.from_float(layer[0]))
