@@ -97,6 +97,8 @@ def test_encoder_bench_measures_speed_error_and_memory_of_a_tiny_encoder() -> No
         encoder.run(shape, rounds=1, only=["mixprec int3"])
     with pytest.raises(ValueError, match="needs a model with an nn.Linear"):
         build_peer(ORT_PEER, torch.nn.Conv1d(4, 4, 3))
+    with pytest.raises(ValueError, match=r"takes \[rows, features\] or \[batch, seq, features\], got 1-D"):
+        build_peer(ORT_PEER, torch.nn.Linear(4, 3))(torch.zeros(4))
 
 
 def test_bench_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
