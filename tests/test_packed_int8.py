@@ -15,7 +15,13 @@ from mixprec.formats import qparams_from_tensor
 from mixprec.kernels import int8_linear, native, onednn_int8
 from mixprec.kernels.activation_quant import quantize_static_torch, rescale_accumulator_torch
 from mixprec.kernels.int8_linear import int8_linear_packed
-from mixprec.nn import Int8DynamicLinear, Int8PackedLinear, Int8StaticLinear, int8_dynamic_class
+from mixprec.nn import (
+    Int8DynamicLinear,
+    Int8PackedLinear,
+    Int8StaticLinear,
+    Int8StaticPackedLinear,
+    int8_dynamic_class,
+)
 from mixprec.nn.linear_int8 import STATIC_ACTIVATION
 
 pytestmark = pytest.mark.skipif(not onednn_int8.available(), reason="no VNNI/AMX int8 kernel in oneDNN here")
@@ -196,6 +202,61 @@ def test_few_rows_of_an_int8_static_linear_stream_the_weight_with_the_int_mm_bit
             got = module(x)
         assert torch.equal(got.nan_to_num().view(torch.int32), expected.nan_to_num().view(torch.int32)), rows
         assert torch.equal(got.isnan(), expected.isnan())
+
+
+def test_packed_int8_static_gives_the_dense_bits_checkpoints_and_onnx(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Weights from PACKED_MIN_WEIGHTS up hold only oneDNN's pack; its GEMM (and, up to 4 rows, the in-place
+    # kernel) on the calibrated codes + 128 gives the dense layer's bits; checkpoints and the ONNX export carry
+    # the dense codes.
+    torch.manual_seed(3)
+    build = lambda: nn.Sequential(nn.Linear(130, 72), nn.ReLU(), nn.Linear(72, 8))  # noqa: E731
+    model, calibration = build(), [torch.randn(32, 130) * 2]
+    dense = copy.deepcopy(model)
+    mixprec.quantize(dense, "int8-static", calibration=calibration)
+    monkeypatch.setattr(onednn_int8, "PACKED_MIN_WEIGHTS", 1)
+    report = mixprec.quantize(model, "int8-static", calibration=calibration)
+    assert type(dense[0]) is Int8StaticLinear and isinstance(model[0], Int8StaticPackedLinear)
+    assert "weight" not in model[0]._buffers and "oneDNN, prepacked" in report.layer("0").kernel
+    assert report.total_bytes == mixprec.quantize(copy.deepcopy(build()), "int8-static",
+                                                  calibration=calibration).total_bytes  # dense bytes, not oneDNN's
+    assert model[0]._rows_in_place == onednn_int8.reads_in_place(dense[0].weight, model[0]._packed)
+    for rows in (1, 3, 4, 5, 64):
+        x = torch.randn(rows, 130) * 3
+        x[0, 0] = float("inf")
+        if rows == 3:
+            x[1, 5] = float("nan")
+        with torch.no_grad():
+            got, expected = model(x), dense(x)
+        assert torch.equal(got.nan_to_num().view(torch.int32), expected.nan_to_num().view(torch.int32)), rows
+        assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(model.state_dict()["0.weight"], dense.state_dict()["0.weight"])
+    mixprec.save(model, tmp_path / "m.safetensors")
+    x = torch.randn(4, 130)
+    loaded = build()
+    mixprec.load(loaded, tmp_path / "m.safetensors")
+    assert isinstance(loaded[0], Int8StaticPackedLinear) and torch.equal(loaded(x), model(x))
+    onnxruntime = pytest.importorskip("onnxruntime")
+    mixprec.export(model, tmp_path / "m.onnx", format="onnx", example=x)
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    ort_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert torch.equal(torch.from_numpy(ort_out), dense(x))  # the static export is bit-exact in ONNX Runtime
+
+
+def test_packed_int8_static_compiles_to_one_graph_with_the_eager_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(onednn_int8, "PACKED_MIN_WEIGHTS", 1)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 16)).eval()
+    mixprec.quantize(model, "int8-static", calibration=[torch.randn(32, 256)])
+    assert isinstance(model[0], Int8StaticPackedLinear)
+    for rows in (1, 9):  # the in-place few-row kernel, then oneDNN's GEMM
+        x = torch.randn(rows, 256)
+        torch._dynamo.reset()
+        assert torch._dynamo.explain(model)(x).graph_break_count == 0
+        torch._dynamo.reset()
+        with torch.no_grad():
+            assert torch.equal(torch.compile(model, dynamic=False)(x), model(x))
+    torch._dynamo.reset()
 
 
 def test_the_dense_rows_kernel_refuses_bad_operands() -> None:

@@ -64,7 +64,6 @@ from mixprec.nn import (
     Int8Conv,
     Int8Embedding,
     Int8StaticConv,
-    Int8StaticLinear,
     Int8TensorFakeQuantLinear,
     QuantizedModule,
     W4A8Linear,
@@ -76,6 +75,7 @@ from mixprec.nn import (
     W8GroupLinear,
     W8Linear,
     int8_dynamic_class,
+    int8_static_class,
 )
 from mixprec.nn.conv_layout import ConvLayout, is_conv
 
@@ -211,7 +211,7 @@ def _int8_linear_empty(module: nn.Module, _precision: Precision) -> nn.Module:
 def _static_linear(module: nn.Module, _precision: Precision, qparams: QParams | None, hessian: Tensor | None):  # noqa: ANN202
     if qparams is None:
         raise PolicyError("int8-static needs calibrated input parameters")
-    return Int8StaticLinear.from_float(module, qparams, hessian)
+    return int8_static_class(module.in_features, module.out_features).from_float(module, qparams, hessian)
 
 
 def _static_conv(module: nn.Module, _precision: Precision, qparams: QParams | None, _hessian: Tensor | None):  # noqa: ANN202
@@ -228,7 +228,7 @@ LINEAR = LayerKind(
         "fp16": (lambda m, p, q, h: HalfLinear.from_float(m, p.family), lambda m, p: HalfLinear(*_shape(m), p.family)),
         "int8": (lambda m, p, q, h: int8_dynamic_class(m.in_features, m.out_features).from_float(m, h),
                  _int8_linear_empty),
-        "int8-static": (_static_linear, lambda m, p: Int8StaticLinear(*_shape(m))),
+        "int8-static": (_static_linear, lambda m, p: int8_static_class(m.in_features, m.out_features)(*_shape(m))),
         "int8-asym": (lambda m, p, q, h: Int8AsymLinear.from_float(m, h), lambda m, p: Int8AsymLinear(*_shape(m))),
         "int8-tensor": (lambda m, p, q, h: Int8TensorFakeQuantLinear.from_float(m, h),
                         lambda m, p: Int8TensorFakeQuantLinear(*_shape(m))),

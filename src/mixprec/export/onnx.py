@@ -197,7 +197,7 @@ class _OnnxLinear(nn.Module):
         elif isinstance(module, W8GroupLinear):
             self._nbits(module.weight, module.weight_scale, 8, module.group_size, False)
         elif isinstance(module, Int8StaticLinear):
-            self.register_buffer("weight_t", module.weight.t().contiguous())
+            self.register_buffer("weight_t", module.weight_codes().t().contiguous())
             self.register_buffer("input_scale", module.input_scale.reshape(()).clone())
             self.register_buffer("zero_point", module.input_zero_point.to(torch.float32).reshape(()))
             self.register_buffer("combined", (module.input_scale * module.weight_scale).reshape(-1))
@@ -222,7 +222,7 @@ class _OnnxLinear(nn.Module):
         if hasattr(self, "blocks"):
             return _MatMulNBits.apply(x, self.blocks, self.scales, self.bias, self.bits, self.block,
                                       self.per_token_int8, self.out_features)
-        if self.kind is Int8StaticLinear:
+        if issubclass(self.kind, Int8StaticLinear):
             return _Int8Static.apply(x, self.weight_t, self.input_scale, self.zero_point, self.combined, self.bias)
         if issubclass(self.kind, W8Linear):
             return _W8.apply(x, self.weight_t, self.scale, self.bias)

@@ -12,6 +12,7 @@ from mixprec.kernels.int8_linear import (
     int8_linear_dynamic_torch,
     int8_linear_packed,
     int8_linear_static,
+    int8_linear_static_packed,
 )
 from mixprec.kernels.int8_matmul import KERNEL_NAME as INT8_MATMUL_KERNEL
 from mixprec.kernels.int8_matmul import MAX_REDUCTION, int8_matmul, int8_matmul_reference
@@ -23,6 +24,7 @@ __all__ = [
     "int8_linear_dynamic_torch",
     "int8_linear_packed",
     "int8_linear_static",
+    "int8_linear_static_packed",
     "int8_matmul",
     "int8_matmul_reference",
     "quantize_per_token_symmetric_torch",

@@ -98,3 +98,19 @@ def int8_linear_packed(x: Tensor, packed: Tensor, unit_scale: Tensor, zero_point
         q = (q_signed.to(torch.int16) + 128).to(torch.uint8)
     return rescale_accumulator_(onednn_int8.matmul_u8(q, packed, unit_scale, zero_points), row_scale, weight_scale,
                                 bias)
+
+
+def int8_linear_static_packed(x: Tensor, input_scale: Tensor, input_zero_point: Tensor, packed: Tensor,
+                              unit_scale: Tensor, zero_points: Tensor, combined_scale: Tensor, bias: Tensor,
+                              in_place_rows: bool = False) -> Tensor:
+    """:func:`int8_linear_static` with the GEMM run by oneDNN on prepacked weights (see
+    :func:`int8_linear_packed` for the operands): the calibrated codes + 128 as uint8 with zero point 128 give
+    the same exact int32 sums, and the same float32 rescale follows, so the bits are
+    :func:`int8_linear_static`'s; up to :data:`PACKED_ROWS_MAX` rows read the packed bytes in place when
+    ``in_place_rows``."""
+    q, row_flag = quantize_static_tensors(x, input_scale, input_zero_point)
+    offset = q.view(torch.uint8) ^ 0x80  # two's complement q + 128, as uint8
+    if native.available() and in_place_rows and q.shape[0] <= PACKED_ROWS_MAX:
+        return native.int8_packed_rows(offset, row_flag, packed, combined_scale, bias)
+    return rescale_accumulator_(onednn_int8.matmul_u8(offset, packed, unit_scale, zero_points), row_flag,
+                                combined_scale, bias)

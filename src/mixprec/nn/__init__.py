@@ -9,9 +9,11 @@ from mixprec.nn.linear_int8 import (
     Int8DynamicLinear,
     Int8PackedLinear,
     Int8StaticLinear,
+    Int8StaticPackedLinear,
     Int8TensorFakeQuantLinear,
     W8Linear,
     int8_dynamic_class,
+    int8_static_class,
 )
 from mixprec.nn.linear_weight_only import W4A8Linear, W4Linear, W8GroupLinear
 
@@ -29,6 +31,7 @@ __all__ = [
     "Int8PackedLinear",
     "Int8AsymLinear",
     "Int8StaticLinear",
+    "Int8StaticPackedLinear",
     "Int8TensorFakeQuantLinear",
     "QuantizedModule",
     "W4A8Linear",
@@ -38,4 +41,5 @@ __all__ = [
     "W8GroupLinear",
     "W8Linear",
     "int8_dynamic_class",
+    "int8_static_class",
 ]

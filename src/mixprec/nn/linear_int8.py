@@ -20,6 +20,7 @@ from mixprec.kernels import (
     int8_linear_dynamic,
     int8_linear_packed,
     int8_linear_static,
+    int8_linear_static_packed,
     int8_matmul,
     native,
     onednn_int8,
@@ -129,27 +130,22 @@ class Int8DynamicLinear(_Int8WeightLinear):
         return restore_shape(y, x)
 
 
-class Int8PackedLinear(PackedWeightMixin, Int8DynamicLinear):
-    """``int8`` holding its weight only in oneDNN's prepacked layout (no dense copy).
+class _OneDnnPackedWeight(PackedWeightMixin):
+    """For int8 linears holding their weight only in oneDNN's prepacked layout (no dense copy):
+    ``state_dict()`` unpacks it to the ordinary dense int8 ``[out, in]`` tensor, so checkpoints do not depend
+    on the layout, and loading packs it again. Bytes are counted as the dense size (oneDNN may pad its blocks).
+    Goes before the int8 linear class it packs (whose ``__init__`` registers the dense ``weight``)."""
 
-    Same arithmetic, same bits as :class:`Int8DynamicLinear`; the GEMM runs in oneDNN's
-    u8 x s8 kernel (VNNI/AMX). ``state_dict()`` unpacks the weight to the ordinary dense
-    int8 ``[out, in]`` tensor, so checkpoints do not depend on the layout, and loading
-    packs it again. Bytes are counted as the dense size (oneDNN may pad its blocks).
-    """
+    in_features: int
+    out_features: int
+    #: How the activations are quantized, for the kernel name.
+    activation_steps: str
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
-        super().__init__(in_features, out_features, bias)
-        self._store_codes(self._buffers.pop("weight"))
+        super().__init__(in_features, out_features, bias)  # type: ignore[call-arg]
+        self._store_codes(self._buffers.pop("weight"))  # type: ignore[attr-defined]
         self._unit_scale = torch.ones(out_features)
         self._zero_points = torch.zeros(out_features, dtype=torch.int32)
-
-    @property
-    def kernel(self) -> str:  # type: ignore[override]
-        fused = "fused C++" if native.available() else "PyTorch-op"
-        rows = (f"; up to {PACKED_ROWS_MAX} rows: {onednn_int8.IN_PLACE_ROWS_KERNEL_NAME}"
-                if self._rows_in_place else "")
-        return f"{ONEDNN_KERNEL}; {fused} per-token quantization and rescale{rows}"
 
     @property
     def dense_weight_shape(self) -> tuple[int, int]:
@@ -163,13 +159,30 @@ class Int8PackedLinear(PackedWeightMixin, Int8DynamicLinear):
         return onednn_int8.unpack(self._packed)
 
     @property
+    def kernel(self) -> str:
+        fused = "fused C++" if native.available() else "PyTorch-op"
+        rows = (f"; up to {PACKED_ROWS_MAX} rows: {onednn_int8.IN_PLACE_ROWS_KERNEL_NAME}"
+                if self._rows_in_place else "")
+        return f"{ONEDNN_KERNEL}; {fused} {self.activation_steps} and rescale{rows}"
+
+    @property
     def slow_path(self) -> str | None:
-        if reason := super().slow_path:
+        if reason := super().slow_path:  # type: ignore[misc]
             return reason
         if native.int8_packed_rows_available() and not self._rows_in_place:
             return ("oneDNN packed this weight in a layout mixprec's few-row kernel does not read (another oneDNN "
                     "version?); decoding (1-4 rows) runs oneDNN's GEMM, about 1.3-1.5x slower from DRAM")
         return None
+
+
+class Int8PackedLinear(_OneDnnPackedWeight, Int8DynamicLinear):
+    """``int8`` holding its weight only in oneDNN's prepacked layout (no dense copy).
+
+    Same arithmetic, same bits as :class:`Int8DynamicLinear`; the GEMM runs in oneDNN's
+    u8 x s8 kernel (VNNI/AMX). See :class:`_OneDnnPackedWeight` for checkpoints and bytes.
+    """
+
+    activation_steps = "per-token quantization"
 
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, type(self).__name__)
@@ -219,7 +232,7 @@ class Int8StaticLinear(_Int8WeightLinear):
         module.input_scale.copy_(input_qparams.scale)
         module.input_zero_point.copy_(input_qparams.zero_point)
         bias = linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features)
-        row_sums = module.weight.to(torch.int32).sum(dim=1).to(torch.float32)
+        row_sums = module.weight_codes().to(torch.int32).sum(dim=1).to(torch.float32)
         combined = module.input_scale * module.weight_scale
         module.bias.copy_(bias - combined * module.input_zero_point.to(torch.float32) * row_sums)
         return module
@@ -230,6 +243,27 @@ class Int8StaticLinear(_Int8WeightLinear):
         y = int8_linear_static(as_float32_matrix(x), self.input_scale, self.input_zero_point, self.weight,
                                self.input_scale * self.weight_scale, self.bias)
         return restore_shape(y, x)
+
+
+class Int8StaticPackedLinear(_OneDnnPackedWeight, Int8StaticLinear):
+    """``int8-static`` holding its weight only in oneDNN's prepacked layout (no dense copy), for the
+    weights where oneDNN's GEMM is faster here (:func:`int8_static_class`). Same arithmetic, same bits as
+    :class:`Int8StaticLinear`: the calibrated codes + 128 go to oneDNN's u8 x s8 kernel (zero point 128, the
+    exact int32 sums), up to 4 rows to mixprec's kernel reading the packed bytes in place."""
+
+    activation_steps = "static quantization"
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_linear_input(x, self.in_features, type(self).__name__)
+        y = int8_linear_static_packed(as_float32_matrix(x), self.input_scale, self.input_zero_point, self._packed,
+                                      self._unit_scale, self._zero_points, self.input_scale * self.weight_scale,
+                                      self.bias, self._rows_in_place)
+        return restore_shape(y, x)
+
+
+def int8_static_class(in_features: int, out_features: int) -> type[Int8StaticLinear]:
+    """The ``int8-static`` module for a shape: oneDNN-packed where that kernel is faster here."""
+    return Int8StaticPackedLinear if onednn_int8.prefer_packed(out_features, in_features) else Int8StaticLinear
 
 
 class Int8AsymLinear(_Int8WeightLinear):
