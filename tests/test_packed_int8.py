@@ -16,6 +16,8 @@ from mixprec.kernels import int8_linear, native, onednn_int8
 from mixprec.kernels.activation_quant import quantize_static_torch, rescale_accumulator_torch
 from mixprec.kernels.int8_linear import int8_linear_packed
 from mixprec.nn import (
+    Int8AsymLinear,
+    Int8AsymPackedLinear,
     Int8DynamicLinear,
     Int8PackedLinear,
     Int8StaticLinear,
@@ -204,23 +206,24 @@ def test_few_rows_of_an_int8_static_linear_stream_the_weight_with_the_int_mm_bit
         assert torch.equal(got.isnan(), expected.isnan())
 
 
-def test_packed_int8_static_gives_the_dense_bits_checkpoints_and_onnx(tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    # Weights from PACKED_MIN_WEIGHTS up hold only oneDNN's pack; its GEMM (and, up to 4 rows, the in-place
-    # kernel) on the calibrated codes + 128 gives the dense layer's bits; checkpoints and the ONNX export carry
-    # the dense codes.
+@pytest.mark.parametrize(("precision", "dense_class", "packed_class"), [
+    ("int8-static", Int8StaticLinear, Int8StaticPackedLinear), ("int8-asym", Int8AsymLinear, Int8AsymPackedLinear)])
+def test_packed_static_and_asym_give_the_dense_bits_checkpoints_and_onnx(
+        precision: str, dense_class: type, packed_class: type, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Weights from PACKED_MIN_WEIGHTS up hold only oneDNN's pack; its GEMM on the codes + 128 (int8-static: up to 4
+    # rows the in-place kernel; int8-asym: the call's zero point + 128 as oneDNN's source zero point) gives the
+    # dense layer's bits; checkpoints and the ONNX export carry the dense codes.
     torch.manual_seed(3)
     build = lambda: nn.Sequential(nn.Linear(130, 72), nn.ReLU(), nn.Linear(72, 8))  # noqa: E731
-    model, calibration = build(), [torch.randn(32, 130) * 2]
+    model = build()
+    calibration = [torch.randn(32, 130) * 2] if precision == "int8-static" else None
     dense = copy.deepcopy(model)
-    mixprec.quantize(dense, "int8-static", calibration=calibration)
+    dense_report = mixprec.quantize(dense, precision, calibration=calibration)
     monkeypatch.setattr(onednn_int8, "PACKED_MIN_WEIGHTS", 1)
-    report = mixprec.quantize(model, "int8-static", calibration=calibration)
-    assert type(dense[0]) is Int8StaticLinear and isinstance(model[0], Int8StaticPackedLinear)
+    report = mixprec.quantize(model, precision, calibration=calibration)
+    assert type(dense[0]) is dense_class and isinstance(model[0], packed_class)
     assert "weight" not in model[0]._buffers and "oneDNN, prepacked" in report.layer("0").kernel
-    assert report.total_bytes == mixprec.quantize(copy.deepcopy(build()), "int8-static",
-                                                  calibration=calibration).total_bytes  # dense bytes, not oneDNN's
-    assert model[0]._rows_in_place == onednn_int8.reads_in_place(dense[0].weight, model[0]._packed)
+    assert report.total_bytes == dense_report.total_bytes  # dense bytes, not oneDNN's
     for rows in (1, 3, 4, 5, 64):
         x = torch.randn(rows, 130) * 3
         x[0, 0] = float("inf")
@@ -235,20 +238,23 @@ def test_packed_int8_static_gives_the_dense_bits_checkpoints_and_onnx(tmp_path: 
     x = torch.randn(4, 130)
     loaded = build()
     mixprec.load(loaded, tmp_path / "m.safetensors")
-    assert isinstance(loaded[0], Int8StaticPackedLinear) and torch.equal(loaded(x), model(x))
+    assert isinstance(loaded[0], packed_class) and torch.equal(loaded(x), model(x))
     onnxruntime = pytest.importorskip("onnxruntime")
     mixprec.export(model, tmp_path / "m.onnx", format="onnx", example=x)
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     ort_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    assert torch.equal(torch.from_numpy(ort_out), dense(x))  # the static export is bit-exact in ONNX Runtime
+    assert torch.equal(torch.from_numpy(ort_out), dense(x))  # both exports are bit-exact in ONNX Runtime
 
 
-def test_packed_int8_static_compiles_to_one_graph_with_the_eager_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("precision", "packed_class"), [("int8-static", Int8StaticPackedLinear),
+                                                        ("int8-asym", Int8AsymPackedLinear)])
+def test_packed_static_and_asym_compile_to_one_graph_with_the_eager_bits(precision: str, packed_class: type,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(onednn_int8, "PACKED_MIN_WEIGHTS", 1)
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 16)).eval()
-    mixprec.quantize(model, "int8-static", calibration=[torch.randn(32, 256)])
-    assert isinstance(model[0], Int8StaticPackedLinear)
+    mixprec.quantize(model, precision, calibration=[torch.randn(32, 256)] if precision == "int8-static" else None)
+    assert isinstance(model[0], packed_class)
     for rows in (1, 9):  # the in-place few-row kernel, then oneDNN's GEMM
         x = torch.randn(rows, 256)
         torch._dynamo.reset()

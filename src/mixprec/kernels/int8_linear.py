@@ -8,6 +8,7 @@ from torch import Tensor
 from mixprec.kernels import native, onednn_int8
 from mixprec.kernels.activation_quant import (
     quantize_per_token_symmetric_torch,
+    quantize_static,
     quantize_static_tensors,
     rescale_accumulator,
     rescale_accumulator_,
@@ -114,3 +115,20 @@ def int8_linear_static_packed(x: Tensor, input_scale: Tensor, input_zero_point: 
         return native.int8_packed_rows(offset, row_flag, packed, combined_scale, bias)
     return rescale_accumulator_(onednn_int8.matmul_u8(offset, packed, unit_scale, zero_points), row_flag,
                                 combined_scale, bias)
+
+
+def int8_linear_asym_packed(rows: Tensor, scale: Tensor | float, zero_point: Tensor | int, packed: Tensor,
+                            unit_scale: Tensor, zero_points: Tensor, weight_scale: Tensor,
+                            bias: Tensor | None) -> Tensor:
+    """The ``int8-asym`` linear with the GEMM run by oneDNN on prepacked weights: ``q = clamp(round_half_even(
+    x / s_x) + z_x, -128, 127)`` for this call's ``s_x``, ``z_x`` (``rows`` already has +-inf replaced by NaN),
+    ``q + 128`` as uint8 against oneDNN's source zero point ``z_x + 128``, which gives the exact
+    ``acc = sum_k (q - z_x) * w`` that the ``torch._int_mm`` path forms with the weight's row sums; then the same
+    float32 rescale ``((acc * flag) * (s_w * s_x)) + b``. The same bits."""
+    if isinstance(scale, Tensor):
+        q, row_flag = quantize_static_tensors(rows, scale, zero_point)  # type: ignore[arg-type]
+    else:
+        q, row_flag = quantize_static(rows, scale, int(zero_point))
+    offset = q.view(torch.uint8) ^ 0x80  # two's complement q + 128, as uint8
+    acc = onednn_int8.matmul_u8_zp(offset, packed, unit_scale, zero_points, zero_point + 128)
+    return rescale_accumulator_(acc, row_flag, weight_scale * scale, bias)

@@ -62,9 +62,10 @@ def unpack(packed: Tensor) -> Tensor:
     return packed.to_dense().t().contiguous()
 
 
-def _onednn_matmul_u8(q: Tensor, packed: Tensor, unit_scale: Tensor, zero_points: Tensor) -> Tensor:
-    return torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, packed, unit_scale, zero_points, None, 1.0, 0,
-                                              torch.float32, "none", [], "")
+def _onednn_matmul_u8(q: Tensor, packed: Tensor, unit_scale: Tensor, zero_points: Tensor,
+                      source_zero_point: int = 128) -> Tensor:
+    return torch.ops.onednn.qlinear_pointwise(q, 1.0, source_zero_point, packed, unit_scale, zero_points, None, 1.0,
+                                              0, torch.float32, "none", [], "")
 
 
 @torch.library.custom_op("mixprec::onednn_matmul_u8", mutates_args=())
@@ -90,6 +91,28 @@ def matmul_u8(q: Tensor, packed: Tensor, unit_scale: Tensor, zero_points: Tensor
     if torch.compiler.is_compiling():
         return _matmul_u8_operator(q, packed, unit_scale, zero_points)
     return _onednn_matmul_u8(q, packed, unit_scale, zero_points)
+
+
+@torch.library.custom_op("mixprec::onednn_matmul_u8_zp", mutates_args=())
+def _matmul_u8_zp_operator(q: Tensor, packed: Tensor, unit_scale: Tensor, zero_points: Tensor,
+                           source_zero_point: Tensor) -> Tensor:
+    return _onednn_matmul_u8(q, packed, unit_scale, zero_points, int(source_zero_point))
+
+
+@_matmul_u8_zp_operator.register_fake
+def _matmul_u8_zp_shape(q: Tensor, packed: Tensor, unit_scale: Tensor, zero_points: Tensor,  # noqa: ARG001
+                        source_zero_point: Tensor) -> Tensor:  # noqa: ARG001
+    return q.new_empty((q.shape[0], unit_scale.shape[0]), dtype=torch.float32)
+
+
+def matmul_u8_zp(q: Tensor, packed: Tensor, unit_scale: Tensor, zero_points: Tensor,
+                 source_zero_point: Tensor | int) -> Tensor:
+    """``float(sum_k (q[m, k] - z) * w[n, k])`` for a uint8 source zero point ``z`` in [0, 255] (a Python int,
+    or a one-element integer tensor under ``torch.compile``): :func:`matmul_u8` with another zero point, exact
+    in int32 for the reductions ``int8-asym`` allows (tests pin it to an int64 reference)."""
+    if torch.compiler.is_compiling():
+        return _matmul_u8_zp_operator(q, packed, unit_scale, zero_points, torch.as_tensor(source_zero_point))
+    return _onednn_matmul_u8(q, packed, unit_scale, zero_points, int(source_zero_point))
 
 
 def slow_path(out_features: int, in_features: int) -> str | None:

@@ -6,12 +6,14 @@ from mixprec.nn.embedding import HalfEmbedding, Int8Embedding, W4Embedding, W8Gr
 from mixprec.nn.linear_half import HalfLinear
 from mixprec.nn.linear_int8 import (
     Int8AsymLinear,
+    Int8AsymPackedLinear,
     Int8DynamicLinear,
     Int8PackedLinear,
     Int8StaticLinear,
     Int8StaticPackedLinear,
     Int8TensorFakeQuantLinear,
     W8Linear,
+    int8_asym_class,
     int8_dynamic_class,
     int8_static_class,
 )
@@ -30,6 +32,7 @@ __all__ = [
     "Int8Embedding",
     "Int8PackedLinear",
     "Int8AsymLinear",
+    "Int8AsymPackedLinear",
     "Int8StaticLinear",
     "Int8StaticPackedLinear",
     "Int8TensorFakeQuantLinear",
@@ -40,6 +43,7 @@ __all__ = [
     "W8GroupEmbedding",
     "W8GroupLinear",
     "W8Linear",
+    "int8_asym_class",
     "int8_dynamic_class",
     "int8_static_class",
 ]

@@ -17,6 +17,7 @@ from mixprec.formats.affine import QParams
 from mixprec.kernels import (
     INT8_MATMUL_KERNEL,
     MAX_REDUCTION,
+    int8_linear_asym_packed,
     int8_linear_dynamic,
     int8_linear_packed,
     int8_linear_static,
@@ -335,6 +336,43 @@ class Int8AsymLinear(_Int8WeightLinear):
         acc = int8_matmul(q, self.weight.t()).sub_(self.weight_row_sums() * zero_point)  # exact: see above
         y = rescale_accumulator(acc, row_flag, self.weight_scale * scale, self.bias)
         return restore_shape(y, x)
+
+
+class Int8AsymPackedLinear(_OneDnnPackedWeight, Int8AsymLinear):
+    """``int8-asym`` holding its weight only in oneDNN's prepacked layout (no dense copy), for the weights where
+    oneDNN's GEMM is faster here (:func:`int8_asym_class`). Same arithmetic, same bits as :class:`Int8AsymLinear`:
+    oneDNN takes each call's zero point as its source zero point (no weight row sums needed), at every M."""
+
+    activation_steps = "per-tensor quantization"
+
+    def _refresh_row_sums(self) -> None:
+        self._row_sums = None  # oneDNN subtracts the zero point's term itself
+
+    @property
+    def slow_path(self) -> str | None:
+        return Int8AsymLinear.slow_path.fget(self)  # type: ignore[attr-defined]  # no in-place rows kernel here
+
+    @property
+    def kernel(self) -> str:  # type: ignore[override]
+        fused = "fused C++" if native.available() else "PyTorch-op"
+        return f"{ONEDNN_KERNEL}, the call's zero point as oneDNN's source zero point; {fused} per-tensor " \
+               "quantization and rescale"
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_linear_input(x, self.in_features, type(self).__name__)
+        rows = as_float32_matrix(x)
+        if torch.compiler.is_compiling():  # tensor qparams: no host sync, same bits
+            scale, zero_point, rows = dynamic_tensor_qparams_torch(rows)
+        else:
+            scale, zero_point, rows = dynamic_tensor_qparams(rows)
+        y = int8_linear_asym_packed(rows, scale, zero_point, self._packed, self._unit_scale, self._zero_points,
+                                    self.weight_scale, self.bias)
+        return restore_shape(y, x)
+
+
+def int8_asym_class(in_features: int, out_features: int) -> type[Int8AsymLinear]:
+    """The ``int8-asym`` module for a shape: oneDNN-packed where that kernel is faster here."""
+    return Int8AsymPackedLinear if onednn_int8.prefer_packed(out_features, in_features) else Int8AsymLinear
 
 
 class Int8TensorFakeQuantLinear(_Int8WeightLinear):
