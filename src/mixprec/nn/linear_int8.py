@@ -349,8 +349,8 @@ class Int8AsymPackedLinear(_OneDnnPackedWeight, Int8AsymLinear):
         self._row_sums = None  # oneDNN subtracts the zero point's term itself
 
     @property
-    def slow_path(self) -> str | None:
-        return Int8AsymLinear.slow_path.fget(self)  # type: ignore[attr-defined]  # no in-place rows kernel here
+    def slow_path(self) -> str | None:  # no in-place few-row kernel here, so no layout to report
+        return native_slow_path()
 
     @property
     def kernel(self) -> str:  # type: ignore[override]
