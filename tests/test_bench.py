@@ -12,6 +12,7 @@ from mixprec.bench import encoder
 from mixprec.bench.encoder import EncoderShape
 from mixprec.bench.memory import bytes_allocated
 from mixprec.bench.peers import build_peer
+from mixprec.bench.profiling import self_cpu_ms_per_call
 from mixprec.cli import main
 from mixprec.timing import interleaved_medians
 
@@ -143,3 +144,13 @@ def test_the_cnn_benchmark_refuses_a_path_it_does_not_have() -> None:
                           timeout=120)
     assert done.returncode == 2
     assert "--paths: 'bogus' names none of the paths" in done.stderr and "ONNX Runtime static int8" in done.stderr
+
+
+def test_the_operator_profile_counts_a_call_and_refuses_bad_counts() -> None:
+    x = torch.ones(64, 64)
+    rows = dict(self_cpu_ms_per_call(lambda: torch.mm(x, x), calls=3, warmup=1))
+    assert "aten::mm" in rows and rows["aten::mm"] > 0
+    with pytest.raises(ValueError, match="calls must be >= 1 and warmup >= 0, got calls=0"):
+        self_cpu_ms_per_call(lambda: None, calls=0)
+    with pytest.raises(ValueError, match="got calls=1, warmup=-1"):
+        self_cpu_ms_per_call(lambda: None, calls=1, warmup=-1)

@@ -153,6 +153,23 @@ def test_onednn_accumulators_equal_int64_reference(m: int, k: int, n: int) -> No
     assert torch.equal(got, int8_matmul_reference(q, w.t()).to(torch.float32))
 
 
+@pytest.mark.skipif(not onednn_int8.available(), reason="this CPU has no VNNI/AMX int8 kernel in oneDNN")
+@pytest.mark.parametrize("m,k,n", [(1, 7, 3), (5, 130, 72), (64, 2000, 40)])
+def test_onednn_accumulators_with_any_source_zero_point_equal_int64_reference(m: int, k: int, n: int) -> None:
+    # int8-asym's packed GEMM: each call's zero point + 128 as oneDNN's source zero point, eager and as the operator
+    # torch.compile calls
+    generator = torch.Generator().manual_seed(m + 3 * k + n)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=generator)
+    packed, ones, zeros = onednn_int8.prepack(w), torch.ones(n), torch.zeros(n, dtype=torch.int32)
+    for zero_point in (0, 1, 127, 128, 200, 255):
+        u = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=generator)
+        u[0] = 255 if zero_point < 128 else 0  # the largest |u - z| in a whole row
+        expected = ((u.to(torch.int64) - zero_point) @ w.t().to(torch.int64)).to(torch.float32)
+        assert torch.equal(onednn_int8.matmul_u8_zp(u, packed, ones, zeros, zero_point), expected), zero_point
+        assert torch.equal(torch.ops.mixprec.onednn_matmul_u8_zp(u, packed, ones, zeros, torch.tensor(zero_point)),
+                           expected)
+
+
 @pytest.mark.parametrize("rows", [1, 3, 7, 13])  # full blocks of 6 rows and partial ones
 def test_w8_rows_kernel_matches_a_float64_reference(rows: int) -> None:
     generator = torch.Generator().manual_seed(11)

@@ -109,7 +109,7 @@ def matmul_u8_zp(q: Tensor, packed: Tensor, unit_scale: Tensor, zero_points: Ten
                  source_zero_point: Tensor | int) -> Tensor:
     """``float(sum_k (q[m, k] - z) * w[n, k])`` for a uint8 source zero point ``z`` in [0, 255] (a Python int,
     or a one-element integer tensor under ``torch.compile``): :func:`matmul_u8` with another zero point, exact
-    in int32 for the reductions ``int8-asym`` allows (tests pin it to an int64 reference)."""
+    in int32 for the reductions ``int8-asym`` allows (tests pin it to an int64 reference for z in 0..255)."""
     if torch.compiler.is_compiling():
         return _matmul_u8_zp_operator(q, packed, unit_scale, zero_points, torch.as_tensor(source_zero_point))
     return _onednn_matmul_u8(q, packed, unit_scale, zero_points, int(source_zero_point))
