@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 
 import mixprec
-from mixprec.bench.peers import compiled_name, torch_dynamic_int8
+from mixprec.bench.peers import allow_compiled_versions, compiled_name, torch_dynamic_int8
 from mixprec.bench.sweep import batch_sweep
 from mixprec.report.results import print_table, write_csv
 from mixprec.studies.fashion_mnist import MLP
@@ -49,8 +49,7 @@ def main() -> None:
         candidates[f"torch dynamic int8 ({engine})"] = torch_dynamic_int8(fp32, engine)
     for name in COMPILED:
         candidates[compiled_name(name)] = torch.compile(candidates[name], dynamic=False)
-    versions = len(COMPILED) * len(BATCHES)  # the same forward code, compiled once per path and batch size
-    with torch._dynamo.config.patch(recompile_limit=versions, accumulated_recompile_limit=4 * versions):
+    with allow_compiled_versions(len(COMPILED) * len(BATCHES)):
         rows, columns = batch_sweep(
             candidates, lambda batch: torch.rand(batch, 784),
             BATCHES, args.rounds, prefix="b", unit="us", min_seconds=0.05

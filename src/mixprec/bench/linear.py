@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from mixprec.bench.peers import PEERS, build_peer, compiled_name, failure_reason
+from mixprec.bench.peers import PEERS, allow_compiled_versions, build_peer, compiled_name, failure_reason
 from mixprec.bench.sweep import batch_sweep
 from mixprec.nn import Int8DynamicLinear
 from mixprec.quantize import quantize
@@ -60,10 +60,7 @@ def candidates(features: int) -> tuple[dict[str, Callable[[Tensor], Tensor]], di
 def run(features: int, rounds: int) -> tuple[list[dict[str, object]], list[str], dict[str, str], dict[str, str]]:
     """Table rows and columns (see :func:`~mixprec.bench.sweep.batch_sweep`), kernels, failures."""
     paths, kernels, failures = candidates(features)
-    # Every compiled path compiles the same forward code once per M: past dynamo's default limit
-    # of 8 versions per code object it would silently run the rest eagerly.
-    versions = len(BATCHES) * len(COMPILED)
-    with torch._dynamo.config.patch(recompile_limit=versions, accumulated_recompile_limit=4 * versions):
+    with allow_compiled_versions(len(BATCHES) * len(COMPILED)):
         rows, columns = batch_sweep(paths, lambda batch: torch.randn(batch, features), BATCHES, rounds,
                                     prefix="M", unit="ms", min_seconds=0.1, settle_seconds=SPIN_SETTLE_SECONDS)
     return rows, columns, kernels, failures

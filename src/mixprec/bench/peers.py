@@ -7,6 +7,7 @@ build raise; callers report the reason instead of hiding the row.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 
@@ -123,6 +124,13 @@ COMPILED_SUFFIX = ", compiled"
 def compiled_name(name: str) -> str:
     """The name of path ``name`` under ``torch.compile`` (a peer's "(eager)" dropped)."""
     return name.removesuffix(" (eager)") + COMPILED_SUFFIX
+
+
+def allow_compiled_versions(versions: int) -> contextlib.AbstractContextManager:
+    """Dynamo's recompile limits raised to ``versions`` inside the block: every compiled path compiles the same
+    forward code again (per path and input shape), and past the default of 8 versions per code object dynamo
+    would silently run the rest eagerly."""
+    return torch._dynamo.config.patch(recompile_limit=versions, accumulated_recompile_limit=4 * versions)
 
 
 def failure_reason(exc: BaseException) -> str:

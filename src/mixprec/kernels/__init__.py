@@ -8,7 +8,6 @@ from mixprec.kernels.activation_quant import (
     rescale_accumulator_torch,
 )
 from mixprec.kernels.int8_linear import (
-    int8_linear_asym_packed,
     int8_linear_dynamic,
     int8_linear_dynamic_torch,
     int8_linear_packed,
@@ -21,7 +20,6 @@ from mixprec.kernels.int8_matmul import MAX_REDUCTION, int8_matmul, int8_matmul_
 __all__ = [
     "INT8_MATMUL_KERNEL",
     "MAX_REDUCTION",
-    "int8_linear_asym_packed",
     "int8_linear_dynamic",
     "int8_linear_dynamic_torch",
     "int8_linear_packed",

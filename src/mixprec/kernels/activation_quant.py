@@ -93,6 +93,12 @@ def quantize_static_tensors(x: Tensor, scale: Tensor, zero_point: Tensor) -> tup
     return quantize_static_torch(x, scale, zero_point)
 
 
+def offset_codes(q: Tensor) -> Tensor:
+    """int8 codes ``q`` as the uint8 codes ``q + 128`` (zero point 128) that oneDNN's and mixprec's u8 x s8
+    kernels take: two's complement with the sign bit flipped, exact."""
+    return q.view(torch.uint8) ^ 0x80
+
+
 def dynamic_tensor_qparams(x: Tensor) -> tuple[float, int, Tensor]:
     """``(scale, int8 zero point, x)`` covering this call's ``x``: ``ACTIVATION_PER_TENSOR``'s
     grid over ``[min(x), max(x)]`` widened to hold 0 (``scale = (max' - min') / 255``, never

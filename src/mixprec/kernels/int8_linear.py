@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from mixprec.kernels import native, onednn_int8
 from mixprec.kernels.activation_quant import (
+    offset_codes,
     quantize_per_token_symmetric_torch,
-    quantize_static,
     quantize_static_tensors,
     rescale_accumulator,
     rescale_accumulator_,
@@ -73,9 +72,8 @@ def int8_linear_static(x: Tensor, input_scale: Tensor, input_zero_point: Tensor,
     (``csrc/int8_dense_rows.cpp``, fed ``q + 128`` as uint8 with zero point 128: the same sums, the same bits)
     instead of ``torch._int_mm``, which repacks it every call."""
     q, row_flag = quantize_static_tensors(x, input_scale, input_zero_point)
-    if native.available() and _dense_rows_apply(q, weight):
-        offset = q.view(torch.uint8) ^ 0x80  # two's complement q + 128, as uint8
-        return native.int8_dense_rows(offset, row_flag, weight, combined_scale, bias)
+    if _dense_rows_apply(q, weight):
+        return native.int8_dense_rows(offset_codes(q), row_flag, weight, combined_scale, bias)
     return rescale_accumulator(int8_matmul(q, weight.t()), row_flag, combined_scale, bias)
 
 
@@ -96,7 +94,7 @@ def int8_linear_packed(x: Tensor, packed: Tensor, unit_scale: Tensor, zero_point
             return native.int8_packed_rows(q, row_scale, packed, weight_scale, bias)
     else:
         q_signed, row_scale = quantize_per_token_symmetric_torch(x)
-        q = (q_signed.to(torch.int16) + 128).to(torch.uint8)
+        q = offset_codes(q_signed)
     return rescale_accumulator_(onednn_int8.matmul_u8(q, packed, unit_scale, zero_points), row_scale, weight_scale,
                                 bias)
 
@@ -110,25 +108,9 @@ def int8_linear_static_packed(x: Tensor, input_scale: Tensor, input_zero_point: 
     :func:`int8_linear_static`'s; up to :data:`PACKED_ROWS_MAX` rows read the packed bytes in place when
     ``in_place_rows``."""
     q, row_flag = quantize_static_tensors(x, input_scale, input_zero_point)
-    offset = q.view(torch.uint8) ^ 0x80  # two's complement q + 128, as uint8
+    offset = offset_codes(q)
     if native.available() and in_place_rows and q.shape[0] <= PACKED_ROWS_MAX:
         return native.int8_packed_rows(offset, row_flag, packed, combined_scale, bias)
     return rescale_accumulator_(onednn_int8.matmul_u8(offset, packed, unit_scale, zero_points), row_flag,
                                 combined_scale, bias)
 
-
-def int8_linear_asym_packed(rows: Tensor, scale: Tensor | float, zero_point: Tensor | int, packed: Tensor,
-                            unit_scale: Tensor, zero_points: Tensor, weight_scale: Tensor,
-                            bias: Tensor | None) -> Tensor:
-    """The ``int8-asym`` linear with the GEMM run by oneDNN on prepacked weights: ``q = clamp(round_half_even(
-    x / s_x) + z_x, -128, 127)`` for this call's ``s_x``, ``z_x`` (``rows`` already has +-inf replaced by NaN),
-    ``q + 128`` as uint8 against oneDNN's source zero point ``z_x + 128``, which gives the exact
-    ``acc = sum_k (q - z_x) * w`` that the ``torch._int_mm`` path forms with the weight's row sums; then the same
-    float32 rescale ``((acc * flag) * (s_w * s_x)) + b``. The same bits."""
-    if isinstance(scale, Tensor):
-        q, row_flag = quantize_static_tensors(rows, scale, zero_point)  # type: ignore[arg-type]
-    else:
-        q, row_flag = quantize_static(rows, scale, int(zero_point))
-    offset = q.view(torch.uint8) ^ 0x80  # two's complement q + 128, as uint8
-    acc = onednn_int8.matmul_u8_zp(offset, packed, unit_scale, zero_points, zero_point + 128)
-    return rescale_accumulator_(acc, row_flag, weight_scale * scale, bias)

@@ -17,7 +17,6 @@ from mixprec.formats.affine import QParams
 from mixprec.kernels import (
     INT8_MATMUL_KERNEL,
     MAX_REDUCTION,
-    int8_linear_asym_packed,
     int8_linear_dynamic,
     int8_linear_packed,
     int8_linear_static,
@@ -32,7 +31,9 @@ from mixprec.kernels.activation_quant import (
     ACTIVATION_PER_TENSOR,
     dynamic_tensor_qparams,
     dynamic_tensor_qparams_torch,
+    offset_codes,
     quantize_static_tensors,
+    rescale_accumulator_,
 )
 from mixprec.kernels.cpu import native_slow_path
 from mixprec.kernels.int8_conv import MAX_CONV_REDUCTION
@@ -333,9 +334,12 @@ class Int8AsymLinear(_Int8WeightLinear):
         else:
             scale, zero_point, rows = dynamic_tensor_qparams(rows)
             q, row_flag = quantize_static(rows, scale, zero_point)
+        return restore_shape(self._product(q, row_flag, scale, zero_point), x)
+
+    def _product(self, q: Tensor, row_flag: Tensor, scale: Tensor | float, zero_point: Tensor | int) -> Tensor:
+        """``((acc * flag) * (s_w * s_x)) + b`` for this call's codes ``q``, ``acc = sum_k (q - z_x) * w`` exact."""
         acc = int8_matmul(q, self.weight.t()).sub_(self.weight_row_sums() * zero_point)  # exact: see above
-        y = rescale_accumulator(acc, row_flag, self.weight_scale * scale, self.bias)
-        return restore_shape(y, x)
+        return rescale_accumulator(acc, row_flag, self.weight_scale * scale, self.bias)
 
 
 class Int8AsymPackedLinear(_OneDnnPackedWeight, Int8AsymLinear):
@@ -358,16 +362,11 @@ class Int8AsymPackedLinear(_OneDnnPackedWeight, Int8AsymLinear):
         return f"{ONEDNN_KERNEL}, the call's zero point as oneDNN's source zero point; {fused} per-tensor " \
                "quantization and rescale"
 
-    def forward(self, x: Tensor) -> Tensor:
-        check_linear_input(x, self.in_features, type(self).__name__)
-        rows = as_float32_matrix(x)
-        if torch.compiler.is_compiling():  # tensor qparams: no host sync, same bits
-            scale, zero_point, rows = dynamic_tensor_qparams_torch(rows)
-        else:
-            scale, zero_point, rows = dynamic_tensor_qparams(rows)
-        y = int8_linear_asym_packed(rows, scale, zero_point, self._packed, self._unit_scale, self._zero_points,
-                                    self.weight_scale, self.bias)
-        return restore_shape(y, x)
+    def _product(self, q: Tensor, row_flag: Tensor, scale: Tensor | float, zero_point: Tensor | int) -> Tensor:
+        # q + 128 against oneDNN's source zero point z_x + 128: oneDNN forms the exact sum_k (q - z_x) * w itself
+        acc = onednn_int8.matmul_u8_zp(offset_codes(q), self._packed, self._unit_scale, self._zero_points,
+                                       zero_point + 128)
+        return rescale_accumulator_(acc, row_flag, self.weight_scale * scale, self.bias)
 
 
 def int8_asym_class(in_features: int, out_features: int) -> type[Int8AsymLinear]:
