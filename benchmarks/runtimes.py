@@ -11,7 +11,8 @@ dynamic=True)``, compiled while scoring STS-B, before timing; float32, eager int
 through ``mixprec.PackedEncoder``, which runs the real tokens only), ONNX Runtime on mixprec's exports (float32,
 int8, int8-asym (ONNX Runtime's own activation rounding, per-channel weights), int8 with w4g64
 embeddings, w4a8g32, the fp16-attention recipe) and ONNX Runtime's own
-``quantize_dynamic`` (uniform dynamic int8, its defaults) of the same float32 file; and
+``quantize_dynamic`` (uniform dynamic int8, its defaults; 7-bit weights on x86 without VNNI, as its
+documentation advises) of the same float32 file; and
 transformers reading mixprec's compressed-tensors folders (int8, w4g32, the recipe with
 fp16 embeddings) beside mixprec eager on the same policy (accuracy only). Every
 path's STS-B test Spearman x100 (all 1,379 pairs, mean-pooled embeddings) and milliseconds
@@ -102,6 +103,7 @@ def run_minilm(rounds: int, out: Path, data: str | None) -> list[dict[str, objec
     import transformers
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from mixprec.bench.peers import onnxruntime_reduce_range
     from mixprec.studies.minilm import load_model, model_path, tokenize
     from mixprec.studies.minilm_search import StsbScorer
 
@@ -114,7 +116,8 @@ def run_minilm(rounds: int, out: Path, data: str | None) -> list[dict[str, objec
     paths: dict[str, tuple[nn.Module, str]] = {"PyTorch float32": (reference, "-")}
     mixprec.export(reference, work / "fp32.onnx", format="onnx")
     paths["ONNX Runtime float32 (mixprec export)"] = (OrtEncoder(work / "fp32.onnx", threads), "-")
-    quantize_dynamic(str(work / "fp32.onnx"), str(work / "ort-int8.onnx"), weight_type=QuantType.QInt8)
+    quantize_dynamic(str(work / "fp32.onnx"), str(work / "ort-int8.onnx"), weight_type=QuantType.QInt8,
+                     reduce_range=onnxruntime_reduce_range())
     paths["ONNX Runtime quantize_dynamic int8 (its own)"] = (OrtEncoder(work / "ort-int8.onnx", threads), "-")
     eager_policies = {"int8": Policy(default="int8"),
                       "int8-asym, int8 embeddings": Policy([(EMBEDDINGS, "int8")], default="int8-asym"),

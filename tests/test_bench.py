@@ -91,7 +91,8 @@ def test_encoder_bench_measures_speed_error_and_memory_of_a_tiny_encoder() -> No
     assert int8["steady_bytes"] > 0 and by_path["fp32"]["steady_bytes"] > 0
     compiled = by_path["mixprec int8, compiled"]  # the same layers; inductor fuses the float operators around them
     assert 0 < compiled["max_rel_error"] < 0.05 and compiled["steady_bytes"] == ""
-    assert 0 < by_path[ORT_PEER]["max_rel_error"] < 0.01  # its per-tensor uint8 activations: measured 0.0030
+    assert 0 < by_path[ORT_PEER]["max_rel_error"] < 0.01  # per-tensor uint8 activations: measured 0.0030 (VNNI), 0.0034
+    # (AVX2, where the peer takes 7-bit weights as ONNX Runtime advises; 0.054 with 8-bit ones)
     assert set(by_path) == {"fp32", "mixprec int8", "mixprec w4", "mixprec int8, compiled", ORT_PEER}
     assert "best mixprec path" in encoder.summary(rows)
     with pytest.raises(ValueError, match="unknown encoder paths"):

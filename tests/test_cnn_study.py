@@ -43,6 +43,30 @@ def test_a_short_dscnn_study_writes_every_row_and_the_comparison(tmp_path: Path)
     assert [fold["batchnorm"] for fold in payload["folded"]][:2] == ["features.1", "features.4"]
 
 
+def test_the_dscnn_cross_validated_over_speakers_pools_their_recordings(tmp_path: Path) -> None:
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    config = CnnStudyConfig(data=str(data), out=str(tmp_path), models=("dscnn",), dscnn_epochs=1,
+                            kws_test_speaker="george,lucas", budget_ratios=(0.6,), random_policies=3, group=2,
+                            resamples=20, rounds=1, refine_evaluations=2)
+    payload = run(config)["dscnn"]
+    folds = payload["folds"]
+    assert [f["test_samples"] for f in folds] == [500, 500] and "george" in folds[0]["task"]
+    rows = rows_by_label(payload)
+    for label in ("fp32", "int8", "w4", "searched 0.6x int8 bytes", "refined 0.6x int8 bytes"):
+        # equal folds: the pooled accuracy is the mean of the two (each rounded to 0.01)
+        mean = (folds[0]["accuracy"][label] + folds[1]["accuracy"][label]) / 2
+        assert abs(rows[label]["accuracy"] - mean) <= 0.01
+        assert rows[label]["ms_b64"] is None  # folds are not timed
+    assert folds[0]["accuracy"]["fp32"] != folds[1]["accuracy"]["fp32"]  # two models, two test sets
+    assert len(payload["random_policies"]["0.6x"]) == 3
+    assert payload["random_baseline"]["0.6x"]["accuracy"]["searched"] == pytest.approx(
+        rows["searched 0.6x int8 bytes"]["accuracy"] / 100, abs=1e-4)
+    with pytest.raises(InputError, match=r"unknown 'bob'; name one or more of george, jackson, lucas"):
+        run(CnnStudyConfig(data=str(data), out=str(tmp_path), models=("dscnn",), kws_test_speaker="lucas,bob"))
+    with pytest.raises(InputError, match="a name repeats"):
+        run(CnnStudyConfig(data=str(data), out=str(tmp_path), models=("dscnn",), kws_test_speaker="lucas,lucas"))
+
+
 def rows_by_label(payload: dict) -> dict[str, dict]:
     return {row["label"]: row for row in payload["results"]}
 

@@ -258,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     cnn.add_argument("--resnet-epochs", type=_positive, default=3, help="ResNet-8 epochs (default: %(default)s)")
     cnn.add_argument("--dscnn-epochs", type=_positive, default=15, help="DS-CNN epochs (default: %(default)s)")
     cnn.add_argument("--kws-test-speaker", default="lucas",
-                     help="speaker held out as the DS-CNN's test set; '' for the dataset's own split of takes "
+                     help="speaker held out as the DS-CNN's test set; 'all' or several, comma-separated: each in turn "
+                          "(one model per speaker, test recordings pooled, no timing); '' for the dataset's own "
+                          "split of takes "
                           "(default: %(default)s)")
     cnn.add_argument("--kws-normalization", choices=("recording", "dataset"), default="recording",
                      help="standardize each DS-CNN grid by its own mean and deviation, or all by the training "

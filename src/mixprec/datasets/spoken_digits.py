@@ -113,6 +113,14 @@ def spoken_digit_features(split: str, steps: int = 8, bands: int = 16,
     return features, np.array([r.digit for r in recordings])
 
 
+def speakers(root: str | os.PathLike[str] | None = None) -> list[str]:
+    """The speakers' names found in the recordings' file names, sorted."""
+    names = sorted({match[2] for path in locate(root).iterdir() if (match := FILE_PATTERN.match(path.name))})
+    if not names:
+        raise DataError(f"no recordings in {locate(root)}")
+    return names
+
+
 def held_out_speaker_features(test_speaker: str, steps: int = 8, bands: int = 16,
                               root: str | os.PathLike[str] | None = None) -> tuple[np.ndarray, ...]:
     """``(train_x, train_y, test_x, test_y)`` with every recording of ``test_speaker`` held out for

@@ -23,6 +23,12 @@ For each model (:mod:`mixprec.studies.cnn_models`):
    logits), for every policy: where the searched policy ranks among the random ones, and how
    well fidelity predicts test accuracy among them (:func:`fidelity_ranks`).
 5. Throughput at batch 1 and 64 (interleaved medians, one process), a Pareto plot, CSV/JSON.
+
+With ``kws_test_speaker="all"`` (or several names, comma-separated) the DS-CNN is cross-validated
+over speakers: each speaker is held out in turn, a model trained on the others and steps 1-4 run
+on it (the random policies are the same layer choices in every fold); each policy's per-sample
+scores are pooled over the folds (3,000 recordings instead of one speaker's 500) before the
+comparisons of step 4. Step 5 is left out there.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from mixprec.analysis import (
 from mixprec.analysis.search import policy_for
 from mixprec.analysis.sensitivity import FORWARD_METRICS, mean_kl_divergence
 from mixprec.batchnorm import fold_batchnorm
+from mixprec.datasets.spoken_digits import speakers
 from mixprec.errors import InputError
 from mixprec.policy import Policy
 from mixprec.quantize import quantize
@@ -75,6 +82,8 @@ from mixprec.timing import interleaved_medians
 COLUMNS = ("label", "accuracy", "drop_vs_fp32", "test_nll", "train_kl", "bytes", "bytes_vs_int8", "predicted_ms_b64",
            "ms_b1", "ms_b64", "speedup_b64")
 CANDIDATES = ("int8", "w4", "bf16")
+#: ``kws_test_speaker`` value that cross-validates the DS-CNN over every speaker.
+EVERY_SPEAKER = "all"
 
 
 @dataclass(frozen=True)
@@ -85,7 +94,9 @@ class CnnStudyConfig:
     resnet_epochs: int = 3
     dscnn_epochs: int = 15
     #: The DS-CNN's test set: this speaker's 500 recordings, never heard in training (None: the
-    #: dataset's own split, where float32 reaches 99.7% and no policy can differ).
+    #: dataset's own split, where float32 reaches 99.7% and no policy can differ; "all": every
+    #: speaker held out in turn, one model trained per fold, the test samples pooled; several names
+    #: separated by commas: those speakers in turn).
     kws_test_speaker: str | None = "lucas"
     #: How the DS-CNN's grids are standardized (:data:`~mixprec.studies.cnn_models.NORMALIZATIONS`).
     kws_normalization: str = "recording"
@@ -219,10 +230,35 @@ class _Runner:
         return PolicyScore(hits, losses, report.total_bytes, kl)
 
 
-def run_model(name: str, config: CnnStudyConfig, out: Path, console: Console) -> dict[str, Any]:
-    """The study for one model; writes ``{name}-results.csv/.json`` and ``{name}-pareto.png``."""
-    title, make_task, make_model, epochs_of, batch_size = MODELS[name]
-    task = make_task(config)
+class _Scored(NamedTuple):
+    """A policy scored in one fold (or pooled over folds): its scores, the policy and the program's
+    predicted seconds at batch 64 (None where no choices were given)."""
+
+    score: PolicyScore
+    policy: Policy
+    predicted_s: float | None
+
+
+class _Fold(NamedTuple):
+    """One trained model's part of the study (one test speaker's, where the DS-CNN is cross-validated)."""
+
+    task: Task
+    scored: dict[str, _Scored]
+    #: Budget key ("0.6x") -> the random policies' scores, in the order of ``pool_choices``.
+    pools: dict[str, list[PolicyScore]]
+    pool_choices: dict[str, list[dict[str, str]]]
+    refinements: dict[str, dict[str, Any]]
+    models: dict[str, nn.Module]
+    int8_bytes: int
+    folded: list[dict[str, Any]]
+    train_seconds: float
+
+
+def _run_fold(name: str, config: CnnStudyConfig, task: Task,
+              pool_choices: dict[str, list[dict[str, str]]] | None) -> _Fold:
+    """Train one model on ``task`` and score every policy on its test set. ``pool_choices``: the
+    random policies of each budget (the same layer choices in every fold); None draws them."""
+    _, _, make_model, epochs_of, batch_size = MODELS[name]
     started = time.perf_counter()
     fp32 = train(seeded(make_model, config.seed), task, epochs_of(config), config.seed, batch_size)
     train_seconds = time.perf_counter() - started
@@ -231,65 +267,115 @@ def run_model(name: str, config: CnnStudyConfig, out: Path, console: Console) ->
     sample = task.x_train[pick[: config.sensitivity_samples]]
     calibration = list(task.x_train[pick[: config.calibration_samples]].split(128))
     table = sensitivity(fp32, list(sample.split(128)), CANDIDATES, metric=config.sensitivity_metric, progress=False)
-    batch64, batch1 = task.x_test[:64], task.x_test[:1]
-    latency = measure_latency(fp32, batch64, CANDIDATES, rounds=config.rounds, progress=False)
+    latency = measure_latency(fp32, task.x_test[:64], CANDIDATES, rounds=config.rounds, progress=False)
     problem = build_problem(fp32, table, latency)
     runner = _Runner(fp32, task, problem, calibration, sample)
     int8_bytes = uniform_bytes(fp32, "int8")
-    rows: dict[str, dict[str, Any]] = {}
-    policies: dict[str, Policy] = {}
+    scored: dict[str, _Scored] = {}
 
-    def add(label: str, policy: Policy, choices: dict[str, str] | None = None,
-            keep: bool = False) -> PolicyScore:
-        scored = runner.score(label, policy, keep)
-        hits, losses, size, kl = scored
-        policies[label] = policy
-        predicted = problem.seconds_of(choices) if choices is not None else None
-        rows[label] = {"label": label, "accuracy": round(100.0 * float(hits.mean()), 2),
-                       "test_nll": round(float(losses.mean()), 5), "bytes": size,
-                       "bytes_vs_int8": round(size / int8_bytes, 3),
-                       "train_kl": round(kl, 6),
-                       "predicted_ms_b64": None if predicted is None else round(predicted * 1e3, 3)}
-        return scored
+    def add(label: str, policy: Policy, choices: dict[str, str] | None = None, keep: bool = True) -> PolicyScore:
+        score = runner.score(label, policy, keep)
+        scored[label] = _Scored(score, policy, problem.seconds_of(choices) if choices is not None else None)
+        return score
 
-    add("fp32", Policy(default="fp32"), uniform_choices(problem, "fp32"), keep=True)
+    add("fp32", Policy(default="fp32"), uniform_choices(problem, "fp32"))
     for precision in ("bf16", "int8", "int8-static", "w4"):
-        choices = None if precision == "int8-static" else uniform_choices(problem, precision)
-        add(precision, Policy(default=precision), choices, keep=True)
-    comparisons, refinements = {}, {}
+        add(precision, Policy(default=precision),
+            None if precision == "int8-static" else uniform_choices(problem, precision))
+    pools, refinements = {}, {}
+    drawn: dict[str, list[dict[str, str]]] = {}
     rng = np.random.default_rng(config.seed)
     for ratio in config.budget_ratios:
-        budget = int(ratio * int8_bytes)
+        key, budget = f"{ratio:g}x", int(ratio * int8_bytes)
         result = search(fp32, table, budget_bytes=budget, latency=latency)
-        searched = add(f"searched {ratio:g}x int8 bytes", result.policy, result.choices, keep=True)
+        add(f"searched {key} int8 bytes", result.policy, result.choices)
         heuristic = weight_error_ranking(fp32, problem, budget)
-        add(f"NNCF-style {ratio:g}x", policy_for(heuristic), heuristic)
-        contenders = {"searched": searched}
+        add(f"NNCF-style {key}", policy_for(heuristic), heuristic, keep=False)
         if config.refine_evaluations:
             refined = refine(fp32, problem, result.choices, budget, runner.fidelity, config.refine_evaluations)
-            contenders["refined"] = add(f"refined {ratio:g}x int8 bytes", policy_for(refined.choices),
-                                        refined.choices, keep=True)
-            refinements[f"{ratio:g}x"] = {"evaluations": refined.evaluations, "steps": len(refined.step_costs),
-                                          "train_kl_start": round(refined.start_cost, 6),
-                                          "train_kl": round(refined.cost, 6), "exhausted": refined.exhausted}
-        pool = [runner.score("random", policy_for(random_choices(problem, budget, rng)))
-                for _ in range(config.random_policies)]
-        for kind, contender in contenders.items():
-            key = f"{ratio:g}x" if kind == "searched" else f"{ratio:g}x {kind}"
-            comparisons[key] = {
-                "budget_bytes": budget,
+            add(f"refined {key} int8 bytes", policy_for(refined.choices), refined.choices)
+            refinements[key] = {"evaluations": refined.evaluations, "steps": len(refined.step_costs),
+                                "train_kl_start": round(refined.start_cost, 6),
+                                "train_kl": round(refined.cost, 6), "exhausted": refined.exhausted}
+        drawn[key] = (pool_choices[key] if pool_choices is not None else
+                      [random_choices(problem, budget, rng) for _ in range(config.random_policies)])
+        pools[key] = [runner.score("random", policy_for(choices)) for choices in drawn[key]]
+    by_latency = search(fp32, table, budget_latency_s=problem.seconds_of(uniform_choices(problem, "int8")),
+                        latency=latency)
+    add("searched, int8 latency", by_latency.policy, by_latency.choices)
+    return _Fold(task, scored, pools, drawn, refinements, runner.models, int8_bytes,
+                 [asdict(f) for f in folds.folds], train_seconds)
+
+
+def _pooled(scores: list[PolicyScore]) -> PolicyScore:
+    """One policy's scores over several folds: the test samples of every fold in order, the largest
+    bytes (the policies of a label may differ between folds) and the mean training KL."""
+    return PolicyScore(np.concatenate([s.hits for s in scores]), np.concatenate([s.losses for s in scores]),
+                       max(s.bytes for s in scores), float(np.mean([s.train_kl for s in scores])))
+
+
+def _comparisons(config: CnnStudyConfig, scored: dict[str, PolicyScore], pools: dict[str, list[PolicyScore]],
+                 int8_bytes: int) -> dict[str, dict[str, Any]]:
+    """The searched (and refined) policy of each budget against the cross-fitted random best."""
+    comparisons = {}
+    for ratio in config.budget_ratios:
+        key, pool = f"{ratio:g}x", pools[f"{ratio:g}x"]
+        for kind in ("searched", "refined"):
+            contender = scored.get(f"{kind} {key} int8 bytes")
+            if contender is None:
+                continue
+            comparisons[key if kind == "searched" else f"{key} {kind}"] = {
+                "budget_bytes": int(ratio * int8_bytes),
                 "accuracy": cross_fitted_share(contender.hits, [p.hits for p in pool], config.group,
                                                config.resamples, config.seed),
                 "test_nll": cross_fitted_share(contender.losses, [p.losses for p in pool], config.group,
                                                config.resamples, config.seed, higher_is_better=False),
                 "fidelity": fidelity_ranks(contender.train_kl, [p.train_kl for p in pool], [p.hits for p in pool],
                                            [p.losses for p in pool])}
-    int8_latency = problem.seconds_of(uniform_choices(problem, "int8"))
-    by_latency = search(fp32, table, budget_latency_s=int8_latency, latency=latency)
-    add("searched, int8 latency", by_latency.policy, by_latency.choices, keep=True)
-    with torch.no_grad():
-        b64 = interleaved_medians({k: (lambda m=m: m(batch64)) for k, m in runner.models.items()}, config.rounds)
-        b1 = interleaved_medians({k: (lambda m=m: m(batch1)) for k, m in runner.models.items()}, config.rounds)
+    return comparisons
+
+
+def _tasks(name: str, config: CnnStudyConfig) -> list[Task]:
+    """The model's task; for the DS-CNN with several test speakers (``"all"`` or a comma-separated
+    list), one task per speaker held out."""
+    held_out = config.kws_test_speaker or ""
+    names = speakers(config.data) if held_out == EVERY_SPEAKER else held_out.split(",")
+    if name == "dscnn" and len(names) > 1:
+        return [spoken_digits_task(config.data, speaker, config.kws_normalization) for speaker in names]
+    return [MODELS[name][1](config)]
+
+
+def run_model(name: str, config: CnnStudyConfig, out: Path, console: Console) -> dict[str, Any]:
+    """The study for one model; writes ``{name}-results.csv/.json`` and ``{name}-pareto.png``.
+
+    Over several folds (every speaker held out in turn) each label's test samples are pooled (the
+    searched policies are each fold's own; the random ones are the same choices in every fold),
+    and the models are not timed (the single-speaker run and ``benchmarks/cnn.py`` time them)."""
+    title, _, _, epochs_of, _ = MODELS[name]
+    folds: list[_Fold] = []
+    for task in _tasks(name, config):
+        folds.append(_run_fold(name, config, task, folds[0].pool_choices if folds else None))
+    labels = list(folds[0].scored)
+    scored = {label: _pooled([f.scored[label].score for f in folds]) for label in labels}
+    pools = {key: [_pooled([f.pools[key][i] for f in folds]) for i in range(config.random_policies)]
+             for key in folds[0].pools}
+    int8_bytes = folds[0].int8_bytes
+    comparisons = _comparisons(config, scored, pools, int8_bytes)
+    rows = {}
+    for label, score in scored.items():
+        predicted = [f.scored[label].predicted_s for f in folds]
+        rows[label] = {"label": label, "accuracy": round(100.0 * float(score.hits.mean()), 2),
+                       "test_nll": round(float(score.losses.mean()), 5), "bytes": score.bytes,
+                       "bytes_vs_int8": round(score.bytes / int8_bytes, 3), "train_kl": round(score.train_kl, 6),
+                       "predicted_ms_b64": None if None in predicted else round(float(np.mean(predicted)) * 1e3, 3)}
+    timed: dict[str, dict[str, float]] = {"b1": {}, "b64": {}}
+    if len(folds) == 1:
+        models, x_test = folds[0].models, folds[0].task.x_test
+        with torch.no_grad():
+            for batch, key in ((64, "b64"), (1, "b1")):
+                timed[key] = interleaved_medians({k: (lambda m=m, x=x_test[:batch]: m(x)) for k, m in models.items()},
+                                                 config.rounds)
+    b1, b64 = timed["b1"], timed["b64"]
     fp32_accuracy = rows["fp32"]["accuracy"]
     for label, row in rows.items():
         row["drop_vs_fp32"] = round(fp32_accuracy - row["accuracy"], 2)
@@ -297,16 +383,26 @@ def run_model(name: str, config: CnnStudyConfig, out: Path, console: Console) ->
         row["ms_b64"] = round(b64[label] * 1e3, 3) if label in b64 else None
         row["speedup_b64"] = round(b64["fp32"] / b64[label], 2) if label in b64 else None
     results = list(rows.values())
-    print_table(f"{title}, {task.name}: {epochs_of(config)} epochs (seed {config.seed}), "
+    task_name = (folds[0].task.name if len(folds) == 1 else
+                 f"{len(folds)} folds: {', '.join(f.task.name for f in folds)}")
+    print_table(f"{title}, {task_name}: {epochs_of(config)} epochs (seed {config.seed}), "
                 f"{torch.get_num_threads()} threads", results, COLUMNS, console)
     console.print(comparisons)
+    refinements = folds[0].refinements if len(folds) == 1 else [f.refinements for f in folds]
     console.print({"refinements": refinements})
     write_csv(out / f"{name}-results.csv", results, COLUMNS)
-    payload = {"model": title, "task": task.name, "config": asdict(config), "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "train_seconds": round(train_seconds, 1),
-               "folded": [asdict(f) for f in folds.folds], "int8_bytes": int8_bytes, "results": results,
+    payload = {"model": title, "task": task_name, "config": asdict(config), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "train_seconds": round(sum(f.train_seconds for f in folds), 1),
+               "folded": folds[0].folded, "int8_bytes": int8_bytes, "results": results,
                "random_baseline": comparisons, "refinements": refinements,
-               "policies": {label: p.to_dict() for label, p in policies.items()}}
+               "policies": {label: s.policy.to_dict() for label, s in folds[0].scored.items()},
+               "random_policies": folds[0].pool_choices}
+    if len(folds) > 1:
+        payload["folds"] = [{"task": f.task.name, "test_samples": len(f.task.y_test),
+                             "accuracy": {label: round(100.0 * float(s.score.hits.mean()), 2)
+                                          for label, s in f.scored.items()},
+                             "policies": {label: s.policy.to_dict() for label, s in f.scored.items()}}
+                            for f in folds]
     write_json(out / f"{name}-results.json", payload)
     searched_points = [(r["bytes"], r["predicted_ms_b64"], r["accuracy"]) for r in results
                        if r["label"].startswith("searched") and "latency" not in r["label"]]
@@ -317,9 +413,22 @@ def run_model(name: str, config: CnnStudyConfig, out: Path, console: Console) ->
     return payload
 
 
+def _check_test_speakers(config: CnnStudyConfig) -> None:
+    """Refuse unknown or repeated DS-CNN test speakers before any model trains."""
+    if "dscnn" not in config.models or config.kws_test_speaker in (None, "", EVERY_SPEAKER):
+        return
+    names, known = config.kws_test_speaker.split(","), speakers(config.data)
+    unknown = [n for n in names if n not in known]
+    if unknown or len(set(names)) < len(names):
+        raise InputError(f"DS-CNN test speakers {config.kws_test_speaker!r}: "
+                         f"{'unknown ' + ', '.join(map(repr, unknown)) if unknown else 'a name repeats'}; "
+                         f"name one or more of {', '.join(known)}, or 'all'")
+
+
 def run(config: CnnStudyConfig, console: Console | None = None) -> dict[str, Any]:
     """Run the study for each model of ``config``; returns each model's payload."""
     config.check()
+    _check_test_speakers(config)
     console = console or Console(width=200)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
