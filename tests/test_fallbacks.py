@@ -11,7 +11,9 @@ from torch import nn
 
 from mixprec import Policy, quantize
 from mixprec.kernels import cpu, native, onednn_int8
+from mixprec.kernels import w4a8_linear as w4a8
 
+W4A8_NO_VNNI = "the native build has no AVX512-VNNI kernel (this CPU or compiler lacks it)"
 PRECISIONS = ("int8", "int8-static", "int8-asym", "w8", "w4", "w4a8", "bf16", "fp16")
 
 
@@ -39,7 +41,10 @@ def test_every_precision_runs_on_a_bare_cpu_with_the_same_results(precision: str
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(5, 64)
     fast, fast_report = run(precision, x)
-    expected_here = (cpu.half_slow_path(precision) if precision in ("bf16", "fp16") else None) or ""
+    lacking = {"bf16": cpu.half_slow_path("bf16"), "fp16": cpu.half_slow_path("fp16"),  # what this CPU lacks
+               "int8": onednn_int8.slow_path(2048, 2048),
+               "w4a8": None if w4a8.native_path() else cpu.native_slow_path() or W4A8_NO_VNNI}
+    expected_here = lacking.get(precision) or ""
     assert fast_report.layer("2").slow_path == expected_here
     force_bare_cpu(monkeypatch)
     with pytest.warns(RuntimeWarning, match=r"'2'.* runs? a slow path") as caught:
