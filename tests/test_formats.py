@@ -93,6 +93,7 @@ def test_int4_packing_round_trips_signed(codes: np.ndarray) -> None:
 def test_int4_packing_round_trips_unsigned(codes: np.ndarray) -> None:
     q = torch.from_numpy(codes)
     assert torch.equal(unpack_int4(pack_int4(q), signed=False), q)
+    assert torch.equal(pack_int4(q, check_range=False), pack_int4(q))  # codes in range: the same bytes unchecked
 
 
 def test_int4_nibble_order_is_low_first() -> None:

@@ -273,10 +273,9 @@ def _run_fold(name: str, config: CnnStudyConfig, task: Task,
     int8_bytes = uniform_bytes(fp32, "int8")
     scored: dict[str, _Scored] = {}
 
-    def add(label: str, policy: Policy, choices: dict[str, str] | None = None, keep: bool = True) -> PolicyScore:
-        score = runner.score(label, policy, keep)
-        scored[label] = _Scored(score, policy, problem.seconds_of(choices) if choices is not None else None)
-        return score
+    def add(label: str, policy: Policy, choices: dict[str, str] | None = None, keep: bool = True) -> None:
+        scored[label] = _Scored(runner.score(label, policy, keep), policy,
+                                problem.seconds_of(choices) if choices is not None else None)
 
     add("fp32", Policy(default="fp32"), uniform_choices(problem, "fp32"))
     for precision in ("bf16", "int8", "int8-static", "w4"):
