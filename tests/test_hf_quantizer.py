@@ -60,11 +60,13 @@ def test_quantizing_while_loading_gives_quantizes_bits(arch: str, tmp_path: Path
 def test_save_pretrained_and_from_pretrained_round_trip(tmp_path: Path) -> None:
     folder = save_float(tmp_path, hidden=2048)  # 2048 x 2048 projections: the oneDNN-packed int8 layout
     loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=MixprecConfig(MIXED)).eval()
-    int8_class = Int8PackedLinear if onednn_int8.available() else Int8DynamicLinear  # the pack needs VNNI or AMX
-    assert type(loaded.model.layers[0].self_attn.q_proj) is int8_class
+    packed = onednn_int8.available()  # oneDNN's pack needs VNNI or AMX; else the layer holds the dense codes
+    layer = loaded.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, Int8DynamicLinear) and isinstance(layer, Int8PackedLinear) == packed
     loaded.save_pretrained(tmp_path / "quantized")
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "quantized").eval()
-    assert type(again.model.layers[0].self_attn.q_proj) is int8_class
+    layer = again.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, Int8DynamicLinear) and isinstance(layer, Int8PackedLinear) == packed
     assert again.model.layers[0].mlp.up_proj.weight_packed.dtype == torch.uint8
     assert torch.equal(logits(again), logits(loaded))
 
