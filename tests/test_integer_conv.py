@@ -9,17 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cpu_kinds import AVX512_VNNI_BUILD
 from test_integer_fc import litert_outputs
 
 from mixprec import InputError
 from mixprec.integer import Conv2DNode, DepthwiseConv2DNode, Graph, Quantization, TensorSpec, export_tflite, load_tflite
 from mixprec.integer.ops.conv import output_size
-from mixprec.kernels import cpu
-
-
-def native_vnni_build() -> bool:
-    """Whether the native build (-march=native) has the AVX512-VNNI convolution kernels that take packs."""
-    return {"avx512_vnni", "avx512bw"} <= cpu.cpu_flags()
 
 
 def _weight_quant(rng: np.random.Generator, count: int, per_channel: bool, axis: int) -> Quantization:
@@ -381,7 +376,7 @@ def test_the_native_vector_paths_are_byte_identical_to_the_numpy_reference(depth
                                                    params.input_offset),
                       native.tflite_depthwise_pack(weights, bias, multiplier[:1], shift[:1], params.input_offset),
                       native.tflite_depthwise_pack(weights, bias, multiplier, shift, params.input_offset - 1)):
-            assert other.numel() > 0 or not native_vnni_build()  # without VNNI: nothing packed, nothing to refuse
+            assert other.numel() > 0 or not AVX512_VNNI_BUILD  # without VNNI: nothing packed, nothing to refuse
             with pytest.raises(RuntimeError, match="must come from tflite_depthwise_pack") if other.numel() \
                     else contextlib.nullcontext():
                 native.tflite_conv2d(torch.from_numpy(x), *arguments[:-1], other)
@@ -497,7 +492,7 @@ def test_windows_read_in_place_are_byte_identical_to_the_numpy_reference() -> No
         assert np.array_equal(per_call.numpy(), expected), trial
     other = native.tflite_conv2d_pack(weights, bias, 21, 12, channels, *geometry, params.input_offset)
     # without AVX512-VNNI the build packs nothing (an empty pack: no pack), so there is nothing to refuse
-    assert other.numel() > 0 or not native_vnni_build()
+    assert other.numel() > 0 or not AVX512_VNNI_BUILD
     with pytest.raises(RuntimeError, match="must come from tflite_conv2d_pack for this geometry") if other.numel() \
             else contextlib.nullcontext():
         native.tflite_conv2d(torch.from_numpy(x), weights, bias, multiplier, shift, *geometry, params.input_offset,

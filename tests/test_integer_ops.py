@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cpu_kinds import AVX512_BUILD
 from test_integer_fc import litert_outputs
 
 from mixprec import InputError
@@ -24,10 +25,6 @@ from mixprec.integer import (
 )
 from mixprec.integer.core.rounding import round_half_away
 from mixprec.integer.ops.conversions import quantize
-from mixprec.kernels import cpu
-
-#: Whether the native build (-march=native) has the AVX-512 kernels (the int8 ADD's float estimate).
-AVX512_BUILD = {"avx512f", "avx512bw"} <= cpu.cpu_flags()
 
 needs_litert = pytest.mark.skipif(
     not all(__import__("importlib").util.find_spec(m) for m in ("ai_edge_litert", "tflite")),

@@ -334,12 +334,19 @@ def _comparisons(config: CnnStudyConfig, scored: dict[str, PolicyScore], pools: 
     return comparisons
 
 
+def _test_speakers(config: CnnStudyConfig) -> list[str]:
+    """The DS-CNN's test speakers named by ``kws_test_speaker`` (none for the dataset's own split)."""
+    held_out = config.kws_test_speaker or ""
+    if held_out == EVERY_SPEAKER:
+        return speakers(config.data)
+    return held_out.split(",") if held_out else []
+
+
 def _tasks(name: str, config: CnnStudyConfig) -> list[Task]:
     """The model's task; for the DS-CNN with several test speakers (``"all"`` or a comma-separated
     list), one task per speaker held out."""
-    held_out = config.kws_test_speaker or ""
-    names = speakers(config.data) if held_out == EVERY_SPEAKER else held_out.split(",")
-    if name == "dscnn" and len(names) > 1:
+    names = _test_speakers(config) if name == "dscnn" else []
+    if len(names) > 1:
         return [spoken_digits_task(config.data, speaker, config.kws_normalization) for speaker in names]
     return [MODELS[name][1](config)]
 
@@ -416,7 +423,7 @@ def _check_test_speakers(config: CnnStudyConfig) -> None:
     """Refuse unknown or repeated DS-CNN test speakers before any model trains."""
     if "dscnn" not in config.models or config.kws_test_speaker in (None, "", EVERY_SPEAKER):
         return
-    names, known = config.kws_test_speaker.split(","), speakers(config.data)
+    names, known = _test_speakers(config), speakers(config.data)
     unknown = [n for n in names if n not in known]
     if unknown or len(set(names)) < len(names):
         raise InputError(f"DS-CNN test speakers {config.kws_test_speaker!r}: "
