@@ -43,7 +43,7 @@ def test_every_precision_runs_on_a_bare_cpu_with_the_same_results(precision: str
     fast, fast_report = run(precision, x)
     lacking = {"bf16": cpu.half_slow_path("bf16"), "fp16": cpu.half_slow_path("fp16"),  # what this CPU lacks
                "int8": onednn_int8.slow_path(2048, 2048),
-               "w4a8": None if w4a8.native_path() else cpu.native_slow_path() or W4A8_NO_VNNI}
+               "w4a8": None if w4a8.blocked_native_path() else cpu.native_slow_path() or W4A8_NO_VNNI}
     expected_here = lacking.get(precision) or ""
     assert fast_report.layer("2").slow_path == expected_here
     force_bare_cpu(monkeypatch)

@@ -11,9 +11,7 @@ import torch
 from torch import nn
 
 import mixprec
-from mixprec.formats import qparams_from_tensor
-from mixprec.kernels import int8_linear, native, onednn_int8
-from mixprec.kernels.activation_quant import quantize_static_torch, rescale_accumulator_torch
+from mixprec.kernels import native, onednn_int8
 from mixprec.kernels.int8_linear import int8_linear_packed
 from mixprec.nn import (
     Int8AsymLinear,
@@ -24,7 +22,6 @@ from mixprec.nn import (
     Int8StaticPackedLinear,
     int8_dynamic_class,
 )
-from mixprec.nn.linear_int8 import STATIC_ACTIVATION
 
 pytestmark = pytest.mark.skipif(not onednn_int8.available(), reason="no VNNI/AMX int8 kernel in oneDNN here")
 
@@ -51,7 +48,7 @@ def test_few_rows_read_the_packed_weight_in_place_with_the_gemm_bits(out_feature
     # Up to 4 rows stream oneDNN's packed bytes (csrc/int8_packed_rows.cpp); oneDNN's own GEMM on the same
     # packed tensor is the reference: exact int32 sums, the same float32 epilogue, hence the same bits.
     if not native.int8_packed_rows_available():
-        pytest.skip("no AVX512-VNNI kernel in this build")
+        pytest.skip("no AVX512-VNNI or AVX2 kernel in this build")
     torch.manual_seed(out_features + in_features)
     layer = nn.Linear(in_features, out_features)
     layer.weight.data[0, :3] = torch.tensor([-50.0, 50.0, -50.0])  # codes -127/127 beside tiny ones
@@ -74,7 +71,7 @@ def test_few_rows_read_the_packed_weight_in_place_with_the_gemm_bits(out_feature
 
 def test_a_packed_layout_the_kernel_cannot_read_is_reported_as_a_slow_path(monkeypatch: pytest.MonkeyPatch) -> None:
     if not native.int8_packed_rows_available():
-        pytest.skip("no AVX512-VNNI kernel in this build")
+        pytest.skip("no AVX512-VNNI or AVX2 kernel in this build")
     layer = nn.Linear(64, 64)
     assert Int8PackedLinear.from_float(layer).slow_path is None
     monkeypatch.setattr(native, "int8_packed_layout_matches", lambda weight, packed: False)
@@ -86,7 +83,7 @@ def test_a_packed_layout_the_kernel_cannot_read_is_reported_as_a_slow_path(monke
 
 def test_the_in_place_layout_check_refuses_another_weight_and_the_kernel_bad_input() -> None:
     if not native.int8_packed_rows_available():
-        pytest.skip("no AVX512-VNNI kernel in this build")
+        pytest.skip("no AVX512-VNNI or AVX2 kernel in this build")
     torch.manual_seed(3)
     weight = torch.randint(-128, 128, (128, 64), dtype=torch.int8)
     packed = onednn_int8.prepack(weight)
@@ -155,56 +152,6 @@ def test_without_onednn_int8_everything_stays_dense(monkeypatch: pytest.MonkeyPa
     assert int8_dynamic_class(4096, 4096) is Int8DynamicLinear
 
 
-@pytest.mark.parametrize(("out_features", "in_features"), [(1, 1), (17, 5), (40, 200), (33, 130), (512, 576)])
-def test_few_rows_of_a_dense_int8_weight_stream_it_with_the_int_mm_bits(out_features: int, in_features: int,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    # Up to 4 rows and weights of DENSE_ROWS_MIN_WEIGHTS elements or more run csrc/int8_dense_rows.cpp; the
-    # fused torch._int_mm call is the reference (exact int32 sums, the same float32 epilogue).
-    if not native.int8_dense_rows_available():
-        pytest.skip("no AVX512-VNNI kernel in this build")
-    monkeypatch.setattr(int8_linear, "DENSE_ROWS_MIN_WEIGHTS", 1)
-    generator = torch.Generator().manual_seed(out_features * in_features)
-    weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
-    weight[0] = -127  # the largest weight sum, whose 128 * sum the kernel takes back out
-    scale, bias = torch.rand(out_features, generator=generator) * 0.01, torch.randn(out_features, generator=generator)
-    for rows in (1, 2, 3, 4):
-        x = torch.randn(rows, in_features, generator=generator) * 3
-        x[-1, 0] = 1e4  # a row of zero codes but one
-        if rows == 3:
-            x[1, -1] = float("nan")
-        for b in (bias, None):
-            expected = native.int8_linear_dynamic(x, weight, scale, b)
-            got = int8_linear.int8_linear_dynamic(x, weight, scale, b)
-            assert torch.equal(got.nan_to_num().view(torch.int32), expected.nan_to_num().view(torch.int32)), rows
-            assert torch.equal(got.isnan(), expected.isnan())
-
-
-@pytest.mark.parametrize(("out_features", "in_features"), [(17, 5), (33, 130), (512, 576)])
-def test_few_rows_of_an_int8_static_linear_stream_the_weight_with_the_int_mm_bits(
-        out_features: int, in_features: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    # int8-static feeds its calibrated codes + 128 to csrc/int8_dense_rows.cpp (the zero point's term is in the
-    # bias); torch._int_mm on the signed codes and the same rescale is the reference.
-    if not native.int8_dense_rows_available():
-        pytest.skip("no AVX512-VNNI kernel in this build")
-    monkeypatch.setattr(int8_linear, "DENSE_ROWS_MIN_WEIGHTS", 1)
-    generator = torch.Generator().manual_seed(out_features + in_features)
-    layer = nn.Linear(in_features, out_features)
-    module = Int8StaticLinear.from_float(
-        layer, qparams_from_tensor(torch.randn(64, in_features, generator=generator) * 2, STATIC_ACTIVATION))
-    assert "streaming the weight once" in module.kernel
-    for rows in (1, 2, 3, 4, 5):
-        x = torch.randn(rows, in_features, generator=generator) * 3
-        x[-1, 0] = float("inf")  # saturates
-        if rows == 3:
-            x[1, -1] = float("nan")
-        q, flag = quantize_static_torch(x, module.input_scale, module.input_zero_point)
-        exact = q.to(torch.int64) @ module.weight.t().to(torch.int64)
-        expected = rescale_accumulator_torch(exact, flag, module.input_scale * module.weight_scale, module.bias)
-        with torch.no_grad():
-            got = module(x)
-        assert torch.equal(got.nan_to_num().view(torch.int32), expected.nan_to_num().view(torch.int32)), rows
-        assert torch.equal(got.isnan(), expected.isnan())
-
 
 @pytest.mark.parametrize(("precision", "dense_class", "packed_class"), [
     ("int8-static", Int8StaticLinear, Int8StaticPackedLinear), ("int8-asym", Int8AsymLinear, Int8AsymPackedLinear)])
@@ -263,18 +210,3 @@ def test_packed_static_and_asym_compile_to_one_graph_with_the_eager_bits(precisi
         with torch.no_grad():
             assert torch.equal(torch.compile(model, dynamic=False)(x), model(x))
     torch._dynamo.reset()
-
-
-def test_the_dense_rows_kernel_refuses_bad_operands() -> None:
-    if not native.int8_dense_rows_available():
-        pytest.skip("no AVX512-VNNI kernel in this build")
-    q, weight, ones = torch.full((1, 64), 128, dtype=torch.uint8), torch.ones(32, 64, dtype=torch.int8), torch.ones(32)
-    assert torch.equal(native.int8_dense_rows(q, torch.ones(1), weight, ones, None), torch.zeros(1, 32))
-    with pytest.raises(RuntimeError, match="1 to 4 rows, got 5"):
-        native.int8_dense_rows(q.expand(5, 64).contiguous(), torch.ones(5), weight, ones, None)
-    with pytest.raises(RuntimeError, match="contiguous int8 CPU weight"):
-        native.int8_dense_rows(q, torch.ones(1), weight[:, :63], ones, None)
-    with pytest.raises(RuntimeError, match="col_scale must be float32 with one value per output channel"):
-        native.int8_dense_rows(q, torch.ones(1), weight, torch.ones(31), None)
-    with pytest.raises(RuntimeError, match="uint8 CPU codes"):
-        native.int8_dense_rows(q.to(torch.int8), torch.ones(1), weight, ones, None)

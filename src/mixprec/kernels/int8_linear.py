@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from mixprec.kernels import native, onednn_int8
+from mixprec.kernels import cpu, native, onednn_int8
 from mixprec.kernels.activation_quant import (
     offset_codes,
     quantize_per_token_symmetric_torch,
@@ -37,7 +37,7 @@ def int8_linear_dynamic(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: T
     :func:`~mixprec.kernels.activation_quant.rescale_accumulator` for the exact arithmetic.
     The native path does all three steps in one call, and up to :data:`PACKED_ROWS_MAX` rows
     (weights of :data:`DENSE_ROWS_MIN_WEIGHTS` elements and more) stream the weight once in
-    mixprec's VNNI kernel (``csrc/int8_dense_rows.cpp``) instead of ``torch._int_mm``, which
+    mixprec's VNNI (or, without it, AVX2) kernel (``csrc/int8_dense_rows.cpp``) instead of ``torch._int_mm``, which
     repacks it every call; every path gives identical bits.
     """
     if native.available() and x.is_contiguous():
@@ -52,7 +52,8 @@ def dense_rows_note(weight: Tensor) -> str:
     """The kernel-name suffix for a dense int8 ``weight`` whose few-row calls stream it once ('' if they do not)."""
     if weight.numel() < DENSE_ROWS_MIN_WEIGHTS or not native.int8_dense_rows_available():
         return ""
-    return f"; up to {PACKED_ROWS_MAX} rows: AVX512-VNNI C++ kernel streaming the weight once"
+    isa = "AVX512-VNNI" if "avx512_vnni" in cpu.cpu_flags() else "AVX2"
+    return f"; up to {PACKED_ROWS_MAX} rows: {isa} C++ kernel streaming the weight once"
 
 
 def _dense_rows_apply(x: Tensor, weight: Tensor) -> bool:

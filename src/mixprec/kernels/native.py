@@ -181,7 +181,7 @@ def w4_linear_rows(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
 
 @torch.compiler.assume_constant_result
 def int8_dense_rows_available() -> bool:
-    """Whether the native build has the few-row kernel for dense int8 weights (AVX512-VNNI; see
+    """Whether the native build has the few-row kernel for dense int8 weights (AVX512-VNNI or AVX2; see
     csrc/int8_dense_rows.cpp)."""
     return available() and bool(torch.ops.mixprec.int8_dense_rows_available())
 
@@ -220,6 +220,13 @@ def w4a8_linear_blocked(xq: torch.Tensor, x_scale: torch.Tensor, codes: torch.Te
 def w4a8_available() -> bool:
     """Whether the native build has the AVX512-VNNI int4 x int8 kernel (see csrc/w4a8_gemm.cpp)."""
     return available() and bool(torch.ops.mixprec.w4a8_available())
+
+
+@torch.compiler.assume_constant_result
+def w4a8_blocked_available() -> bool:
+    """Whether the native build runs w4a8's blocked layout: the AVX512-VNNI kernel, or without VNNI the AVX2 one
+    (csrc/w4a8_gemm.cpp; the same bits)."""
+    return available() and bool(torch.ops.mixprec.w4a8_blocked_available())
 
 
 def w4a8_linear(xq: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,

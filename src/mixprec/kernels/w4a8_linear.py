@@ -13,7 +13,9 @@ contiguous stream per 32 channels read in place at every M (4096 x 4096 at M = 1
 weight streamed from DRAM: 0.34-0.39 ms, against 0.53-0.63 ms for the packed codes read in
 place by the kernel it replaced and 0.29-0.32 ms for a plain sum of the same bytes). Both
 layouts give the same bits. Each row's output depends on that row alone, so a row gives the
-same bits in any batch. Fallback (no native build, or no AVX512-VNNI): the weight expanded
+same bits in any batch. Without AVX512-VNNI the blocked layout runs an AVX2 form of the same
+kernel (vpmaddubsw pairs, exact in int16; the same bits). Fallback (no native build, or neither
+instruction set; the packed layout without VNNI): the weight expanded
 to float32 (``q * s`` is exact) times the float32 codes in one matmul, rescaled per row;
 it differs from the native path by float32 rounding only.
 """
@@ -30,12 +32,26 @@ from mixprec.kernels.activation_quant import quantize_per_token_symmetric_torch
 from mixprec.kernels.weight_only import w4_dequantize_torch
 
 KERNEL_NAME = "int4 weights x dynamic int8 activations: AVX512-VNNI C++ GEMM, int32 per group, float32 group sums"
+AVX2_KERNEL_NAME = ("int4 weights x dynamic int8 activations: AVX2 C++ GEMM (int16 pair sums), int32 per group, "
+                    "float32 group sums")
 FALLBACK_KERNEL_NAME = "int4 weights expanded to float32 x int8 activation codes, float32 matmul (PyTorch ops)"
 
 
 def native_path() -> bool:
     """Whether :func:`w4a8_linear` runs the VNNI kernel here."""
     return native.w4a8_available()
+
+
+def blocked_native_path() -> bool:
+    """Whether :func:`w4a8_linear_blocked` runs a native kernel here (VNNI, or AVX2 without it)."""
+    return native.w4a8_blocked_available()
+
+
+def kernel_name(blocked: bool) -> str:
+    """What a ``w4a8`` layer of either layout runs here."""
+    if blocked and blocked_native_path() and not native_path():
+        return AVX2_KERNEL_NAME
+    return KERNEL_NAME if native_path() else FALLBACK_KERNEL_NAME
 
 
 def w4a8_linear_torch(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
@@ -123,8 +139,9 @@ def from_blocked(codes: Tensor, scale: Tensor, out_features: int) -> tuple[Tenso
 
 
 def w4a8_linear_blocked(x: Tensor, codes: Tensor, scale: Tensor, out_features: int, bias: Tensor | None) -> Tensor:
-    """:func:`w4a8_linear` on the blocked layout (:func:`to_blocked`); the same bits."""
-    if native_path() and x.is_contiguous():
+    """:func:`w4a8_linear` on the blocked layout (:func:`to_blocked`); the same bits. Without VNNI, AVX2 runs
+    the same integer sums and float32 steps natively (``csrc/w4a8_gemm.cpp``)."""
+    if blocked_native_path() and x.is_contiguous():
         xq, row_scale = native.quantize_rows_s8(x)
         return native.w4a8_linear_blocked(xq, row_scale, codes, scale, out_features, bias)
     packed, dense_scale = from_blocked(codes, scale, out_features)

@@ -223,14 +223,15 @@ class W4A8Linear(W4Linear):
 
     @property
     def kernel(self) -> str:  # type: ignore[override]
-        if not w4a8.native_path():
-            return w4a8.FALLBACK_KERNEL_NAME
+        name = w4a8.kernel_name(self.blocked)
+        if name == w4a8.FALLBACK_KERNEL_NAME:
+            return name
         layout = "blocked layout read in place" if self.blocked else "packed layout unpacked per call"
-        return f"{w4a8.KERNEL_NAME}; {layout}"
+        return f"{name}; {layout}"
 
     @property
     def slow_path(self) -> str | None:
-        if w4a8.native_path():
+        if w4a8.native_path() or (self.blocked and w4a8.blocked_native_path()):
             return None
         return native_slow_path() or "the native build has no AVX512-VNNI kernel (this CPU or compiler lacks it)"
 

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "avx2_lanes.h"
 #include "even_odd_split.h"
 #include "half_floats.h"
 #include "split_rows.h"
@@ -14,7 +15,7 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(MIXPREC_AVX2_LANES)
 #include <immintrin.h>
 #endif
 
@@ -68,6 +69,22 @@ void dequantize_rows_into(const uint8_t* packed, const at::Half* scale, int64_t 
         unpack32(prow + k / 2, table, table, low, high);
         _mm512_storeu_ps(wrow + k, _mm512_permutex2var_ps(low, even, high));
         _mm512_storeu_ps(wrow + k + 16, _mm512_permutex2var_ps(low, odd, high));
+      }
+      done = cols;
+    }
+#elif defined(MIXPREC_AVX2_LANES)
+    if (group % 32 == 0) {
+      const __m128i table = mixprec::avx2::int4_code_bytes(), nibble = _mm_set1_epi8(0x0F);
+      for (int64_t k = 0; k < cols; k += 32) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(prow + k / 2));
+        const __m128i low = _mm_shuffle_epi8(table, _mm_and_si128(bytes, nibble));
+        const __m128i high = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
+        const __m128i first = _mm_unpacklo_epi8(low, high), second = _mm_unpackhi_epi8(low, high);  // element order
+        const __m256 scale = _mm256_set1_ps(srow[k / group]);
+        _mm256_storeu_ps(wrow + k, _mm256_mul_ps(mixprec::avx2::low8_to_floats(first), scale));
+        _mm256_storeu_ps(wrow + k + 8, _mm256_mul_ps(mixprec::avx2::high8_to_floats(first), scale));
+        _mm256_storeu_ps(wrow + k + 16, _mm256_mul_ps(mixprec::avx2::low8_to_floats(second), scale));
+        _mm256_storeu_ps(wrow + k + 24, _mm256_mul_ps(mixprec::avx2::high8_to_floats(second), scale));
       }
       done = cols;
     }
@@ -155,6 +172,44 @@ void linear_block(const float* xd, int64_t cols, const uint8_t* packed, const at
 }
 #endif
 
+#if defined(MIXPREC_AVX2_LANES)
+// linear_block with 8 lanes (AVX2 + FMA) for Rows (1 or 2) rows of x: each chunk of 32 codes (16
+// bytes) becomes four vectors of 8 scaled weights (low nibbles of bytes 0-7 and 8-15, then the high
+// ones), each with its own accumulator per row of x, summed at the end in a fixed order; a row's
+// order depends on K only. 2 x 4 accumulators, 4 weights, x and two constants fit 16 registers.
+template <int Rows>
+void linear_block_avx2(const float* xd, int64_t cols, const uint8_t* packed, const at::Half* scale, int64_t group,
+                       const float* bias, int64_t outs, int64_t begin, int64_t end, float* yp) {
+  const int64_t groups = cols / group;
+  std::vector<float> srow(groups);
+  const __m128i table = mixprec::avx2::int4_code_bytes(), nibble = _mm_set1_epi8(0x0F);
+  for (int64_t n = begin; n < end; ++n) {
+    const uint8_t* prow = packed + n * (cols / 2);
+    mixprec::halves_to_floats(scale + n * groups, srow.data(), groups);
+    __m256 acc[Rows][4];
+    for (auto& row : acc)
+      for (auto& a : row) a = _mm256_setzero_ps();
+    for (int64_t k = 0; k < cols; k += 32) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(prow + k / 2));
+      const __m128i low = _mm_shuffle_epi8(table, _mm_and_si128(bytes, nibble));
+      const __m128i high = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
+      const __m256 s = _mm256_set1_ps(srow[k / group]);
+      const __m256 w[4] = {_mm256_mul_ps(mixprec::avx2::low8_to_floats(low), s),
+                           _mm256_mul_ps(mixprec::avx2::high8_to_floats(low), s),
+                           _mm256_mul_ps(mixprec::avx2::low8_to_floats(high), s),
+                           _mm256_mul_ps(mixprec::avx2::high8_to_floats(high), s)};
+      for (int m = 0; m < Rows; ++m)
+        for (int v = 0; v < 4; ++v)
+          acc[m][v] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(xd + m * cols + k + 8 * v), acc[m][v]);
+    }
+    for (int m = 0; m < Rows; ++m) {
+      const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3]));
+      yp[m * outs + n] = mixprec::avx2::sum_lanes(sum) + (bias != nullptr ? bias[n] : 0.0f);
+    }
+  }
+}
+#endif
+
 // y[m, n] for output rows [begin, end): sum_k x[m, k] * w[n, k] + bias[n] in float32.
 void linear_rows(const float* xp, int64_t rows, int64_t cols, const uint8_t* packed, const at::Half* scale,
                  int64_t group, const float* bias, int64_t outs, int64_t begin, int64_t end, float* yp) {
@@ -172,6 +227,20 @@ void linear_rows(const float* xp, int64_t rows, int64_t cols, const uint8_t* pac
         linear_block<4, 1>(xd.data() + m * cols, cols, packed, scale, group, bias, outs, tile, tile_end, yp + m * outs);
       for (; m < rows; ++m)
         linear_block<1, 2>(xd.data() + m * cols, cols, packed, scale, group, bias, outs, tile, tile_end, yp + m * outs);
+    }
+    return;
+  }
+#elif defined(MIXPREC_AVX2_LANES)
+  if (group % 32 == 0) {
+    const std::vector<float> xd = mixprec::split_even_odd(xp, rows, cols, 32);  // cols % 32 == 0: no padding
+    constexpr int64_t kTileRows = 32;  // as above: every row of x against a tile of weight rows in cache
+    for (int64_t tile = begin; tile < end; tile += kTileRows) {
+      const int64_t tile_end = std::min(end, tile + kTileRows);
+      int64_t m = 0;
+      for (; m + 2 <= rows; m += 2)
+        linear_block_avx2<2>(xd.data() + m * cols, cols, packed, scale, group, bias, outs, tile, tile_end, yp + m * outs);
+      if (m < rows)
+        linear_block_avx2<1>(xd.data() + m * cols, cols, packed, scale, group, bias, outs, tile, tile_end, yp + m * outs);
     }
     return;
   }

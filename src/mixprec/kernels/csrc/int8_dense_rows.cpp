@@ -5,7 +5,8 @@
 // lanes, and of ones with the weights for the row's sum, so acc = sum_k q * w = sum (q + 128) * w
 // - 128 * sum w, exact in int32 (wrapping sums reach the exact value, |acc| <= K * 2**14). Sixteen
 // rows' lane vectors are then added across lanes by a permute tree into one vector (lane r: row r),
-// and the epilogue is int8_rows_common.h's: the torch._int_mm path's bits.
+// and the epilogue is int8_rows_common.h's: the torch._int_mm path's bits. CPUs with AVX2 and without
+// AVX512-VNNI run the int16 form below (vpmaddwd), the same sums.
 #include <ATen/ATen.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -15,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "int8_rows_common.h"
 
@@ -89,6 +91,45 @@ void row_blocks(const uint8_t* q, int64_t cols, const int8_t* w, const float* ro
                                          bias ? &bs : nullptr, lanes, y + m * outs + n0);
   }
 }
+#elif defined(__AVX2__)
+constexpr bool kNative = true;
+
+// The 8 int32 lanes of v added in a fixed tree (integer sums: the order cannot change the result).
+inline int32_t sum_lanes(__m256i v) {
+  __m128i half = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  half = _mm_add_epi32(half, _mm_unpackhi_epi64(half, half));
+  return _mm_cvtsi128_si32(_mm_add_epi32(half, _mm_shuffle_epi32(half, 1)));
+}
+
+// Without VNNI: the activation codes as int16 (q - 128, the int8 codes), each weight row widened to
+// int16 16 bytes at a time, and vpmaddwd's pair sums (at most 2 * 128 * 128 in magnitude: no
+// saturation, unlike vpmaddubsw's int16 pairs) added into 8 int32 lanes per row of x. The same exact
+// sums as the VNNI form, the epilogue of int8_rows_common.h in scalar code: the same bits.
+template <int Rows>
+void row_blocks(const uint8_t* q, int64_t cols, const int8_t* w, const float* row_scale, const float* col_scale,
+                const float* bias, int64_t outs, int64_t begin, int64_t end, float* y) {
+  const int64_t whole = cols / 16 * 16;
+  std::vector<int16_t> codes(Rows * cols);
+  for (int64_t i = 0; i < Rows * cols; ++i) codes[i] = static_cast<int16_t>(q[i] - 128);
+  const int16_t* x = codes.data();
+  for (int64_t n = std::min(outs, begin * kRows); n < std::min(outs, end * kRows); ++n) {
+    const int8_t* row = w + n * cols;
+    __m256i acc[Rows];
+    for (auto& a : acc) a = _mm256_setzero_si256();
+    for (int64_t c = 0; c < whole; c += 16) {
+      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c)));
+      for (int m = 0; m < Rows; ++m)
+        acc[m] = _mm256_add_epi32(
+            acc[m], _mm256_madd_epi16(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * cols + c))));
+    }
+    for (int m = 0; m < Rows; ++m) {
+      int32_t sum = sum_lanes(acc[m]);
+      for (int64_t c = whole; c < cols; ++c) sum += int32_t{x[m * cols + c]} * row[c];
+      const float scaled = static_cast<float>(sum) * row_scale[m] * col_scale[n];
+      y[m * outs + n] = bias ? scaled + bias[n] : scaled;
+    }
+  }
+}
 #else
 constexpr bool kNative = false;
 #endif
@@ -99,7 +140,7 @@ bool int8_dense_rows_available() { return kNative; }
 // per-row scales and the dense int8 weight [N, K] with its per-channel scales.
 at::Tensor int8_dense_rows(const at::Tensor& q, const at::Tensor& row_scale, const at::Tensor& weight,
                            const at::Tensor& col_scale, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(kNative, "int8_dense_rows: this build has no AVX512-VNNI kernel");
+  TORCH_CHECK(kNative, "int8_dense_rows: this build has neither the AVX512-VNNI nor the AVX2 kernel");
   TORCH_CHECK(q.dim() == 2, "int8_dense_rows takes contiguous uint8 CPU codes [M, K], got ", q.toString(), " ",
               q.sizes());
   const int64_t rows = q.size(0), cols = q.size(1);
@@ -110,7 +151,7 @@ at::Tensor int8_dense_rows(const at::Tensor& q, const at::Tensor& row_scale, con
   const int64_t outs = weight.size(0);
   const bool has_bias = mixprec::int8_rows::check_operands("int8_dense_rows", q, row_scale, col_scale, bias, outs);
   auto y = at::empty({rows, outs}, col_scale.options());
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if (defined(__AVX512VNNI__) && defined(__AVX512BW__)) || defined(__AVX2__)
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const int8_t* wp = weight.data_ptr<int8_t>();
   const float *rs = row_scale.data_ptr<float>(), *cs = col_scale.data_ptr<float>();

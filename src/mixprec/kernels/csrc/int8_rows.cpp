@@ -6,6 +6,7 @@
 // them 2-3x slower (0.24 ms against 0.08 ms to quantize 128 x 4096).
 #include <ATen/ATen.h>
 #include <immintrin.h>
+#include "avx2_lanes.h"
 #include "half_floats.h"
 #include "split_rows.h"
 #include <torch/library.h>
@@ -266,11 +267,11 @@ at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& weight, co
 // Weight-only int8 for few rows: y[m, n] = (sum_k x[m, k] * float(w[n, k])) * scale[n]
 // + bias[n], the weight read once per call (4x fewer bytes than float32) and converted in
 // registers. Blocks of kW8Channels output channels x up to kW8Rows rows of x share each
-// converted chunk of 16 weights; blocks of channels are split over PyTorch's threads. Each
-// sum is 16 float32 lanes of fused multiply-adds over k = 16j + lane, then the lanes added
-// in a fixed tree, then the k % 16 tail: the order depends on K only, so a row's output is
-// the same bits whatever else shares its batch (results differ from a float32 matmul by
-// rounding only).
+// converted chunk of 16 weights (AVX2: 8 weights, 2 rows of x at a time); blocks of channels are
+// split over PyTorch's threads. Each sum is 16 (AVX2: 8) float32 lanes of fused multiply-adds over
+// k = 16j + lane, then the lanes added in a fixed tree, then the k % 16 (8) tail: the order depends
+// on K and the CPU only, so a row's output is the same bits whatever else shares its batch
+// (results differ from a float32 matmul by rounding only).
 constexpr int kW8Channels = 4;
 constexpr int kW8Rows = 6;
 
@@ -278,14 +279,54 @@ constexpr int kW8Rows = 6;
 // and each converted chunk of 16 weights is multiplied by its group's scale first (exact:
 // an 8-bit code times an fp16 scale fits float32's significand), so the sums are of
 // x * (q * s); the caller needs the group size to be a multiple of 16.
+#if defined(MIXPREC_AVX2_LANES)
+// w8_block's vector part with 8 lanes (AVX2 + FMA), for Pair (1 or 2) rows of x: 16 registers hold
+// no more than 2 x 4 accumulators beside the 4 converted chunks. The sums of each row of x run over
+// k = 8j + lane, then the lanes are added in avx2::sum_lanes's tree; a row's order depends on K only.
+// `prefetch`: the next block's codes, one 64-byte line per 16 codes (as w8_block), or nullptr.
+template <int Pair>
+void w8_pass_avx2(const float* x, int64_t k_total, const int8_t* const* row_codes, const float* const* row_scales,
+                  int64_t span, int64_t vector_end, const int8_t* prefetch, float* sums) {
+  __m256 acc[Pair][kW8Channels];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (int64_t g = 0; k < vector_end; ++g) {
+    __m256 scale[kW8Channels];
+    if (row_scales[0] != nullptr)
+      for (int c = 0; c < kW8Channels; ++c) scale[c] = _mm256_set1_ps(row_scales[c][g]);
+    for (const int64_t span_end = std::min(k + span, vector_end); k < span_end; k += 8) {
+      if (prefetch != nullptr && k % 16 == 0) _mm_prefetch(reinterpret_cast<const char*>(prefetch + 4 * k), _MM_HINT_T0);
+      __m256 wv[kW8Channels];
+      for (int c = 0; c < kW8Channels; ++c) {
+        wv[c] = mixprec::avx2::low8_to_floats(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row_codes[c] + k)));
+        if (row_scales[0] != nullptr) wv[c] = _mm256_mul_ps(wv[c], scale[c]);
+      }
+      for (int r = 0; r < Pair; ++r) {
+        __m256 xv = _mm256_loadu_ps(x + r * k_total + k);
+        asm("" : "+x"(xv));  // one load of x per chunk (see w8_block)
+        for (int c = 0; c < kW8Channels; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < Pair; ++r)
+    for (int c = 0; c < kW8Channels; ++c) sums[r * kW8Channels + c] = mixprec::avx2::sum_lanes(acc[r][c]);
+}
+#endif
+
 template <int Rows>
 void w8_block(const float* x, int64_t k_total, const int8_t* w, int channels, const float* scales, int64_t group,
               float* sums) {
   // sums[r * kW8Channels + c] = dot(x row r, weight row c) for Rows rows and `channels` <= 4 rows of w
   int64_t k = 0;
+#if defined(__AVX512F__) || defined(MIXPREC_AVX2_LANES)
 #if defined(__AVX512F__)
+  constexpr int64_t kLanes = 16;
+#else
+  constexpr int64_t kLanes = 8;
+#endif
   const int64_t groups = scales != nullptr ? k_total / group : 0;
-  const int64_t vector_end = k_total / 16 * 16;
+  const int64_t vector_end = k_total / kLanes * kLanes;
   const int64_t span = scales != nullptr ? group : vector_end;  // chunks that share one scale
   const int8_t* row_codes[kW8Channels];
   const int8_t* next_block = w + kW8Channels * k_total;  // contiguous, kW8Channels * k_total bytes
@@ -295,6 +336,8 @@ void w8_block(const float* x, int64_t k_total, const int8_t* w, int channels, co
     row_codes[c] = w + row * k_total;
     row_scales[c] = scales != nullptr ? scales + row * groups : nullptr;
   }
+#endif
+#if defined(__AVX512F__)
   __m512 acc[Rows][kW8Channels];
   for (int r = 0; r < Rows; ++r)
     for (int c = 0; c < kW8Channels; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -323,6 +366,17 @@ void w8_block(const float* x, int64_t k_total, const int8_t* w, int channels, co
   }
   for (int r = 0; r < Rows; ++r)
     for (int c = 0; c < kW8Channels; ++c) sums[r * kW8Channels + c] = _mm512_reduce_add_ps(acc[r][c]);
+#elif defined(MIXPREC_AVX2_LANES)
+  for (int r = 0; r < Rows; r += 2) {  // the next block's codes are prefetched in the first pass only
+    const int8_t* prefetch = r == 0 ? next_block : nullptr;
+    if (r + 1 < Rows)
+      w8_pass_avx2<2>(x + r * k_total, k_total, row_codes, row_scales, span, vector_end, prefetch,
+                      sums + r * kW8Channels);
+    else
+      w8_pass_avx2<1>(x + r * k_total, k_total, row_codes, row_scales, span, vector_end, prefetch,
+                      sums + r * kW8Channels);
+  }
+  k = vector_end;
 #else
   for (int r = 0; r < Rows; ++r)
     for (int c = 0; c < kW8Channels; ++c) sums[r * kW8Channels + c] = 0.0f;

@@ -41,6 +41,14 @@
 #else
 #define MIXPREC_W4A8 0
 #endif
+// Without VNNI, AVX2 (with FMA and F16C) runs the blocked layout's kernel (blocked_rows_avx2).
+#if !MIXPREC_W4A8 && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+
+#define MIXPREC_W4A8_BLOCKED_AVX2 1
+#else
+#define MIXPREC_W4A8_BLOCKED_AVX2 0
+#endif
 
 namespace {
 
@@ -61,7 +69,7 @@ void check_inputs(const at::Tensor& xq, const at::Tensor& x_scale, const at::Ten
               "bias must be contiguous float32 [N]");
 }
 
-#if MIXPREC_W4A8
+#if MIXPREC_W4A8 || MIXPREC_W4A8_BLOCKED_AVX2
 // -8 * sum of each group of G codes of each row: the accumulators' starting values.
 std::vector<int32_t> group_offsets(const int8_t* xq, int64_t rows, int64_t cols, int64_t group) {
   const int64_t groups = cols / group;
@@ -76,7 +84,9 @@ std::vector<int32_t> group_offsets(const int8_t* xq, int64_t rows, int64_t cols,
     }
   return offsets;
 }
+#endif
 
+#if MIXPREC_W4A8
 // The four unsigned codes u = q + 8 of elements k..k+3 from the two packed bytes holding
 // them (element 2i in the low nibble of byte i), as the bytes of one 32-bit lane: each
 // 16-bit word [b, b] becomes [b & 15, b >> 4], after XOR 0x88 turned nibbles into q + 8.
@@ -270,8 +280,87 @@ void blocked_blocks(const int8_t* xq, const int32_t* offsets, const float* x_sca
 }
 #endif
 
+#if MIXPREC_W4A8_BLOCKED_AVX2
+// blocked_rows without VNNI, for Rows (1 or 2) rows of x: each 32-channel octet line (128 bytes) is
+// four vectors of 8 lanes; vpdpbusd's four products per lane become vpmaddubsw of the unsigned low
+// nibbles with the first quad of x and of the high ones with the second (u8 x s8 pairs into int16:
+// at most 2 * 15 * 128 = 3840, no saturation), their int16 sum (at most 7680), then vpmaddwd with
+// ones into the int32 lanes. The same exact group sums and the same float32 steps as blocked_rows
+// (fma per group in increasing g, then fma(sum, sx, bias)): the same bits.
+template <int Rows>
+void blocked_rows_avx2(const int8_t* xq, const int32_t* offsets, const float* x_scale, int64_t cols, int64_t group,
+                       const uint8_t* codes, const at::Half* scale, const float* bias, int64_t b, int64_t outs,
+                       float* y) {
+  const int64_t groups = cols / group, octets_per_group = group / 8;
+  const uint8_t* block = codes + b * (cols / 8) * kBlock * 4;
+  const at::Half* block_scale = scale + b * groups * kBlock;
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x88)), nibble = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 sum[Rows][4];
+  for (auto& row : sum)
+    for (auto& v : row) v = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i acc[Rows][4];
+    for (int m = 0; m < Rows; ++m)
+      for (auto& v : acc[m]) v = _mm256_set1_epi32(offsets[m * groups + g]);
+    const uint8_t* wg = block + g * octets_per_group * kBlock * 4;
+    const int8_t* xg = xq + g * group;
+    for (int64_t o = 0; o < octets_per_group; ++o) {
+      __m256i xa[Rows], xb[Rows];
+      for (int m = 0; m < Rows; ++m) {
+        int32_t quads[2];
+        std::memcpy(quads, xg + m * cols + o * 8, sizeof(quads));
+        xa[m] = _mm256_set1_epi32(quads[0]);
+        xb[m] = _mm256_set1_epi32(quads[1]);
+      }
+      for (int v = 0; v < 4; ++v) {
+        const __m256i w = _mm256_xor_si256(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + o * kBlock * 4 + 32 * v)), flip);
+        const __m256i low = _mm256_and_si256(w, nibble), high = _mm256_and_si256(_mm256_srli_epi16(w, 4), nibble);
+        for (int m = 0; m < Rows; ++m) {
+          const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, xa[m]), _mm256_maddubs_epi16(high, xb[m]));
+          acc[m][v] = _mm256_add_epi32(acc[m][v], _mm256_madd_epi16(pairs, ones));
+        }
+      }
+    }
+    for (int v = 0; v < 4; ++v) {
+      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_scale + g * kBlock + 8 * v)));
+      for (int m = 0; m < Rows; ++m) sum[m][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m][v]), s, sum[m][v]);
+    }
+  }
+  const int64_t n0 = b * kBlock, count = std::min(kBlock, outs - n0);
+  float lanes[kBlock] = {}, out[kBlock];
+  if (bias != nullptr) std::copy(bias + n0, bias + n0 + count, lanes);
+  for (int m = 0; m < Rows; ++m) {
+    const __m256 sx = _mm256_set1_ps(x_scale[m]);
+    for (int v = 0; v < 4; ++v)
+      _mm256_storeu_ps(out + 8 * v, _mm256_fmadd_ps(sum[m][v], sx, _mm256_loadu_ps(lanes + 8 * v)));
+    std::copy(out, out + count, y + m * outs + n0);
+  }
+}
+
+// Every row of x against blocked-layout blocks [block_begin, block_end), two rows at a time.
+void blocked_blocks_avx2(const int8_t* xq, const int32_t* offsets, const float* x_scale, int64_t rows, int64_t cols,
+                         int64_t group, const uint8_t* codes, const at::Half* scale, const float* bias, int64_t outs,
+                         int64_t block_begin, int64_t block_end, float* y) {
+  const int64_t groups = cols / group;
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    int64_t m = 0;
+    for (; m + 2 <= rows; m += 2)
+      blocked_rows_avx2<2>(xq + m * cols, offsets + m * groups, x_scale + m, cols, group, codes, scale, bias, b, outs,
+                           y + m * outs);
+    if (m < rows)
+      blocked_rows_avx2<1>(xq + m * cols, offsets + m * groups, x_scale + m, cols, group, codes, scale, bias, b, outs,
+                           y + m * outs);
+  }
+}
+#endif
+
 // Whether this build has the VNNI kernel (AVX512-VNNI and AVX512-BW at compile time).
 bool w4a8_available() { return MIXPREC_W4A8 == 1; }
+
+// Whether this build runs the blocked layout natively: the VNNI kernel, or AVX2's.
+bool w4a8_blocked_available() { return MIXPREC_W4A8 == 1 || MIXPREC_W4A8_BLOCKED_AVX2 == 1; }
 
 at::Tensor w4a8_linear(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& packed,
                        const at::Tensor& scale, const c10::optional<at::Tensor>& bias) {
@@ -298,7 +387,8 @@ at::Tensor w4a8_linear(const at::Tensor& xq, const at::Tensor& x_scale, const at
 // float16, out_features = N (N' = N rounded up to 32), G a multiple of 8.
 at::Tensor w4a8_linear_blocked(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& codes,
                                const at::Tensor& scale, int64_t out_features, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(w4a8_available(), "this build of the mixprec kernels has no AVX512-VNNI int4 x int8 kernel");
+  TORCH_CHECK(w4a8_blocked_available(),
+              "this build of the mixprec kernels has no AVX512-VNNI or AVX2 int4 x int8 kernel");
   TORCH_CHECK(xq.dim() == 2 && xq.scalar_type() == at::kChar && xq.is_contiguous() && xq.device().is_cpu(),
               "xq must be a contiguous int8 CPU matrix [M, K]");
   TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous() && x_scale.numel() == xq.size(0),
@@ -318,15 +408,20 @@ at::Tensor w4a8_linear_blocked(const at::Tensor& xq, const at::Tensor& x_scale, 
                   (bias->numel() == out_features && bias->scalar_type() == at::kFloat && bias->is_contiguous()),
               "bias must be contiguous float32 [N]");
   auto y = at::empty({rows, out_features}, x_scale.options());
+#if MIXPREC_W4A8 || MIXPREC_W4A8_BLOCKED_AVX2
 #if MIXPREC_W4A8
+  const auto run_blocks = blocked_blocks;
+#else
+  const auto run_blocks = blocked_blocks_avx2;
+#endif
   const int64_t group = cols / scale.size(1);
   const int8_t* xp = xq.data_ptr<int8_t>();
   const std::vector<int32_t> offsets = group_offsets(xp, rows, cols, group);
   const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
   // Work: the weight read once, plus the multiply (16 multiply-adds cost about one weight read).
   mixprec::split_rows(blocks, out_features * cols + rows * out_features * cols / 16, [&](int64_t b, int64_t e) {
-    blocked_blocks(xp, offsets.data(), x_scale.data_ptr<float>(), rows, cols, group, codes.data_ptr<uint8_t>(),
-                   scale.data_ptr<at::Half>(), bp, out_features, b, e, y.data_ptr<float>());
+    run_blocks(xp, offsets.data(), x_scale.data_ptr<float>(), rows, cols, group, codes.data_ptr<uint8_t>(),
+               scale.data_ptr<at::Half>(), bp, out_features, b, e, y.data_ptr<float>());
   });
 #endif
   return y;
@@ -336,6 +431,7 @@ at::Tensor w4a8_linear_blocked(const at::Tensor& xq, const at::Tensor& x_scale, 
 
 TORCH_LIBRARY_FRAGMENT(mixprec, m) {
   m.def("w4a8_available() -> bool", &w4a8_available);
+  m.def("w4a8_blocked_available() -> bool", &w4a8_blocked_available);
   m.def("w4a8_linear(Tensor xq, Tensor x_scale, Tensor packed, Tensor scale, Tensor? bias) -> Tensor");
   m.def("w4a8_linear_blocked(Tensor xq, Tensor x_scale, Tensor codes, Tensor scale, int out_features, "
         "Tensor? bias) -> Tensor");
