@@ -22,7 +22,10 @@ multiply-adds, for group sizes that are multiples of 16.
 - otherwise: the weight is expanded to float32 in tiles of at most 2**22 elements (16 MiB,
   one buffer reused) and each tile multiplied in float32 (0.85-1.05x float32: the
   float32 matmul bounds it; no whole float32 copy of the weight is ever held).
-Without the native build both are a PyTorch expansion of the whole weight.
+Without the native build both are a PyTorch expansion of the whole weight. On CPUs without AVX-512
+the fused kernels of all three run in AVX2's 8 lanes (``csrc/avx2_lanes.h``; group sizes that are
+multiples of 32 for ``w4gN``), the same algorithm with shorter vectors, so their sums round in
+another order (BENCHMARKS.md: "Decoding on a CPU without AVX-512").
 """
 
 from __future__ import annotations
