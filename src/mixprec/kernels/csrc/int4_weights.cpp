@@ -238,9 +238,11 @@ void linear_rows(const float* xp, int64_t rows, int64_t cols, const uint8_t* pac
       const int64_t tile_end = std::min(end, tile + kTileRows);
       int64_t m = 0;
       for (; m + 2 <= rows; m += 2)
-        linear_block_avx2<2>(xd.data() + m * cols, cols, packed, scale, group, bias, outs, tile, tile_end, yp + m * outs);
+        linear_block_avx2<2>(xd.data() + m * cols, cols, packed, scale, group, bias, outs, tile, tile_end,
+                             yp + m * outs);
       if (m < rows)
-        linear_block_avx2<1>(xd.data() + m * cols, cols, packed, scale, group, bias, outs, tile, tile_end, yp + m * outs);
+        linear_block_avx2<1>(xd.data() + m * cols, cols, packed, scale, group, bias, outs, tile, tile_end,
+                             yp + m * outs);
     }
     return;
   }

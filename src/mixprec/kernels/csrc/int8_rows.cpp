@@ -296,7 +296,8 @@ void w8_pass_avx2(const float* x, int64_t k_total, const int8_t* const* row_code
     if (row_scales[0] != nullptr)
       for (int c = 0; c < kW8Channels; ++c) scale[c] = _mm256_set1_ps(row_scales[c][g]);
     for (const int64_t span_end = std::min(k + span, vector_end); k < span_end; k += 8) {
-      if (prefetch != nullptr && k % 16 == 0) _mm_prefetch(reinterpret_cast<const char*>(prefetch + 4 * k), _MM_HINT_T0);
+      if (prefetch != nullptr && k % 16 == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(prefetch + 4 * k), _MM_HINT_T0);
       __m256 wv[kW8Channels];
       for (int c = 0; c < kW8Channels; ++c) {
         wv[c] = mixprec::avx2::low8_to_floats(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row_codes[c] + k)));

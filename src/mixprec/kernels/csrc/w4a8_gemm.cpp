@@ -324,7 +324,8 @@ void blocked_rows_avx2(const int8_t* xq, const int32_t* offsets, const float* x_
       }
     }
     for (int v = 0; v < 4; ++v) {
-      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_scale + g * kBlock + 8 * v)));
+      const __m256 s =
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_scale + g * kBlock + 8 * v)));
       for (int m = 0; m < Rows; ++m) sum[m][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m][v]), s, sum[m][v]);
     }
   }
