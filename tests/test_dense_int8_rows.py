@@ -26,7 +26,7 @@ def test_few_rows_of_a_dense_int8_weight_stream_it_with_the_int_mm_bits(out_feat
     weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
     weight[0] = -127  # the largest weight sum, whose 128 * sum the kernel takes back out
     scale, bias = torch.rand(out_features, generator=generator) * 0.01, torch.randn(out_features, generator=generator)
-    for rows in (1, 2, 3, 4):
+    for rows in (1, 2, 3, 4, 9):  # 9: chunks of 4, 4 and 1 where oneDNN has no VNNI int8 GEMM
         x = torch.randn(rows, in_features, generator=generator) * 3
         x[-1, 0] = 1e4  # a row of zero codes but one
         if rows == 3:
@@ -66,8 +66,8 @@ def test_few_rows_of_an_int8_static_linear_stream_the_weight_with_the_int_mm_bit
 def test_the_dense_rows_kernel_refuses_bad_operands() -> None:
     q, weight, ones = torch.full((1, 64), 128, dtype=torch.uint8), torch.ones(32, 64, dtype=torch.int8), torch.ones(32)
     assert torch.equal(native.int8_dense_rows(q, torch.ones(1), weight, ones, None), torch.zeros(1, 32))
-    with pytest.raises(RuntimeError, match="1 to 4 rows, got 5"):
-        native.int8_dense_rows(q.expand(5, 64).contiguous(), torch.ones(5), weight, ones, None)
+    with pytest.raises(RuntimeError, match="rows, got 0"):
+        native.int8_dense_rows(q[:0], torch.ones(0), weight, ones, None)
     with pytest.raises(RuntimeError, match="contiguous int8 CPU weight"):
         native.int8_dense_rows(q, torch.ones(1), weight[:, :63], ones, None)
     with pytest.raises(RuntimeError, match="col_scale must be float32 with one value per output channel"):
@@ -78,11 +78,13 @@ def test_the_dense_rows_kernel_refuses_bad_operands() -> None:
 
 def test_the_extreme_codes_sum_exactly() -> None:
     # -128 codes against -128 weights: each product 2**14, a pair 2**15, past int16 (where AVX2's u8 x s8 pair
-    # sums saturate); K = 4099 also leaves a tail after the vector steps. Exact int64 sums are the reference.
-    q = torch.zeros(4, 4099, dtype=torch.uint8)  # codes -128 (+ 128)
+    # sums saturate); K = 4099 also leaves a tail after the vector steps; 11 rows run as chunks of 4, 4 and 3.
+    # Exact int64 sums are the reference.
+    q = torch.zeros(11, 4099, dtype=torch.uint8)  # codes -128 (+ 128)
     q[1], q[2, ::2], q[3] = 255, 255, torch.arange(4099) % 256  # 127; mixed; every code
+    q[4:] = torch.randint(0, 256, (7, 4099), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     weight = torch.full((19, 4099), -128, dtype=torch.int8)
     weight[1::2, 1::3] = 127
     exact = (q.to(torch.int64) - 128) @ weight.t().to(torch.int64)
-    ones, halves = torch.ones(19), torch.full((4,), 0.5)
+    ones, halves = torch.ones(19), torch.full((11,), 0.5)
     assert torch.equal(native.int8_dense_rows(q, halves, weight, ones, None), (exact.double() * 0.5).float())

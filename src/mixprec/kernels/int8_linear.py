@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from mixprec.kernels import cpu, native, onednn_int8
@@ -52,13 +53,25 @@ def dense_rows_note(weight: Tensor) -> str:
     """The kernel-name suffix for a dense int8 ``weight`` whose few-row calls stream it once ('' if they do not)."""
     if weight.numel() < DENSE_ROWS_MIN_WEIGHTS or not native.int8_dense_rows_available():
         return ""
-    isa = "AVX512-VNNI" if "avx512_vnni" in cpu.cpu_flags() else "AVX2"
-    return f"; up to {PACKED_ROWS_MAX} rows: {isa} C++ kernel streaming the weight once"
+    if "avx512_vnni" in cpu.cpu_flags():
+        return f"; up to {PACKED_ROWS_MAX} rows: AVX512-VNNI C++ kernel streaming the weight once"
+    return f"; AVX2 C++ kernel streaming the weight once per {PACKED_ROWS_MAX} rows"
+
+
+@torch.compiler.assume_constant_result
+def _onednn_int8_gemm() -> bool:
+    """Whether oneDNN's int8 GEMM has a VNNI/AMX kernel here (a constant in compiled graphs)."""
+    return onednn_int8.available()
 
 
 def _dense_rows_apply(x: Tensor, weight: Tensor) -> bool:
-    """Whether ``x``'s rows go to the few-row kernel that streams the dense int8 ``weight`` once."""
-    return (x.shape[0] <= PACKED_ROWS_MAX and weight.numel() >= DENSE_ROWS_MIN_WEIGHTS and weight.is_contiguous()
+    """Whether ``x``'s rows go to the kernel that streams the dense int8 ``weight`` once per four rows: up to
+    :data:`PACKED_ROWS_MAX` rows, and any number where oneDNN's int8 GEMM has no VNNI/AMX kernel (measured on an
+    AVX2-only CPU, 128 x 2048 rows against a 5632 x 2048 weight: 72 ms, against 810 ms in ``torch._int_mm`` and 72
+    ms for float32; ``benchmarks/int8_many_rows.py``)."""
+    rows = x.shape[0]
+    return (1 <= rows and (rows <= PACKED_ROWS_MAX or not _onednn_int8_gemm())
+            and weight.numel() >= DENSE_ROWS_MIN_WEIGHTS and weight.is_contiguous()
             and native.int8_dense_rows_available())
 
 

@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "int8_rows_common.h"
@@ -136,8 +137,8 @@ constexpr bool kNative = false;
 
 bool int8_dense_rows_available() { return kNative; }
 
-// y [M, N] float32 of the int8 linear for uint8 codes q [M, K] (M <= 4; the int8 codes + 128), their
-// per-row scales and the dense int8 weight [N, K] with its per-channel scales.
+// y [M, N] float32 of the int8 linear for uint8 codes q [M, K] (any M >= 1, four rows at a time; the int8
+// codes + 128), their per-row scales and the dense int8 weight [N, K] with its per-channel scales.
 at::Tensor int8_dense_rows(const at::Tensor& q, const at::Tensor& row_scale, const at::Tensor& weight,
                            const at::Tensor& col_scale, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(kNative, "int8_dense_rows: this build has neither the AVX512-VNNI nor the AVX2 kernel");
@@ -149,7 +150,8 @@ at::Tensor int8_dense_rows(const at::Tensor& q, const at::Tensor& row_scale, con
               "int8_dense_rows takes a contiguous int8 CPU weight [N, K] with K = ", cols, ", got ", weight.toString(),
               " ", weight.sizes());
   const int64_t outs = weight.size(0);
-  const bool has_bias = mixprec::int8_rows::check_operands("int8_dense_rows", q, row_scale, col_scale, bias, outs);
+  const bool has_bias = mixprec::int8_rows::check_operands("int8_dense_rows", q, row_scale, col_scale, bias, outs,
+                                                           std::numeric_limits<int64_t>::max());
   auto y = at::empty({rows, outs}, col_scale.options());
 #if (defined(__AVX512VNNI__) && defined(__AVX512BW__)) || defined(__AVX2__)
   const uint8_t* qp = q.data_ptr<uint8_t>();
@@ -158,12 +160,18 @@ at::Tensor int8_dense_rows(const at::Tensor& q, const at::Tensor& row_scale, con
   const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   // Memory-bound: both threads pay from 256 KiB of weights on (split_rows's 2**22 is for compute).
+  // Rows of x four at a time (kMaxRows), each chunk against this thread's weight rows.
   const auto body = [&](int64_t begin, int64_t end) {
-    switch (rows) {
-      case 1: row_blocks<1>(qp, cols, wp, rs, cs, bp, outs, begin, end, yp); break;
-      case 2: row_blocks<2>(qp, cols, wp, rs, cs, bp, outs, begin, end, yp); break;
-      case 3: row_blocks<3>(qp, cols, wp, rs, cs, bp, outs, begin, end, yp); break;
-      default: row_blocks<4>(qp, cols, wp, rs, cs, bp, outs, begin, end, yp); break;
+    for (int64_t m0 = 0; m0 < rows; m0 += mixprec::int8_rows::kMaxRows) {
+      const uint8_t* qm = qp + m0 * cols;
+      const float* rm = rs + m0;
+      float* ym = yp + m0 * outs;
+      switch (std::min(mixprec::int8_rows::kMaxRows, rows - m0)) {
+        case 1: row_blocks<1>(qm, cols, wp, rm, cs, bp, outs, begin, end, ym); break;
+        case 2: row_blocks<2>(qm, cols, wp, rm, cs, bp, outs, begin, end, ym); break;
+        case 3: row_blocks<3>(qm, cols, wp, rm, cs, bp, outs, begin, end, ym); break;
+        default: row_blocks<4>(qm, cols, wp, rm, cs, bp, outs, begin, end, ym); break;
+      }
     }
   };
   const int64_t blocks = (outs + kRows - 1) / kRows;

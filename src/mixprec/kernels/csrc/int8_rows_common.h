@@ -14,15 +14,16 @@ namespace mixprec::int8_rows {
 // Rows of x these kernels take.
 constexpr int64_t kMaxRows = 4;
 
-// Refuses codes q [M, K] (uint8, the int8 codes + 128; 1 <= M <= 4; K <= 2**17 so int32 sums cannot
-// overflow), row scales, col_scale [N] and bias [N] the kernel `name` cannot read; returns whether a
-// bias is given.
+// Refuses codes q [M, K] (uint8, the int8 codes + 128; 1 <= M <= max_rows; K <= 2**17 so int32 sums
+// cannot overflow), row scales, col_scale [N] and bias [N] the kernel `name` cannot read; returns whether
+// a bias is given.
 inline bool check_operands(const char* name, const at::Tensor& q, const at::Tensor& row_scale,
-                           const at::Tensor& col_scale, const c10::optional<at::Tensor>& bias, int64_t outs) {
+                           const at::Tensor& col_scale, const c10::optional<at::Tensor>& bias, int64_t outs,
+                           int64_t max_rows = kMaxRows) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous() && q.device().is_cpu(), name,
               " takes contiguous uint8 CPU codes [M, K], got ", q.toString(), " ", q.sizes());
   const int64_t rows = q.size(0), cols = q.size(1);
-  TORCH_CHECK(rows >= 1 && rows <= kMaxRows, name, " takes 1 to ", kMaxRows, " rows, got ", rows);
+  TORCH_CHECK(rows >= 1 && rows <= max_rows, name, " takes 1 to ", max_rows, " rows, got ", rows);
   TORCH_CHECK(cols >= 1 && cols <= (int64_t{1} << 17) && outs >= 1, name,
               " needs 1 <= K <= 2**17 (int32 sums cannot overflow) and N >= 1, got K = ", cols, ", N = ", outs);
   TORCH_CHECK(row_scale.scalar_type() == at::kFloat && row_scale.numel() == rows && row_scale.is_contiguous(), name,
