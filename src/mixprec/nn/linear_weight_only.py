@@ -231,7 +231,7 @@ class W4A8Linear(W4Linear):
 
     @property
     def slow_path(self) -> str | None:
-        if w4a8.native_path() or (self.blocked and w4a8.blocked_native_path()):
+        if w4a8.kernel_name(self.blocked) != w4a8.FALLBACK_KERNEL_NAME:
             return None
         return native_slow_path() or "the native build has no AVX512-VNNI kernel (this CPU or compiler lacks it)"
 
