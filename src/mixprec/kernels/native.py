@@ -270,7 +270,7 @@ def tflite_conv2d(*args: object) -> torch.Tensor:
 
 def tflite_conv2d_pack(*args: object) -> torch.Tensor:
     """An int8 CONV_2D's weights packed once for an input size (any batch), for tflite_conv2d's ``prepacked``;
-    an empty tensor where that convolution does not run as the VNNI GEMM (see csrc/tflite_conv.cpp)."""
+    an empty tensor where that convolution does not run as the VNNI or AVX2 GEMM (see csrc/tflite_conv.cpp)."""
     return torch.ops.mixprec.tflite_conv2d_pack(*args)
 
 

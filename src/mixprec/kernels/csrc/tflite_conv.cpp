@@ -38,6 +38,7 @@
 #include "tflite_add_lookup.h"
 #include "tflite_bias.h"
 #include "tflite_rescale.h"
+#include "tflite_store8.h"
 
 namespace {
 
@@ -64,31 +65,9 @@ inline int32_t requantize_wide(int64_t acc, int32_t multiplier, int32_t shift) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 constexpr bool kVectorRescale = true;
 
-// The int8 rescale and output offset of 16 int32 totals, in float32 and exact (the activation clamp follows on the
-// int8 codes: clamp(), codes64(), operator()). With a right shift R = -shift >= 0, requantize() + offset is
-// floor(X) for X = V + c, V = total * m / 2^(31 + R) and c = offset + 1/2 + 2^-(R+1) - [p < -2^30] 2^-R
-// (p = total * m; for R = 0 just offset + 1/2): srdhm is floor((p + 2^30) / 2^31), RoundingDivideByPOT floor((q +
-// 2^(R-1) - [q < 0]) / 2^R), and nested floor divisions of integers compose. A left shift L is R = 0 with V = total
-// * m * 2^(L - 31) (where total * 2^L saturates, |V| >= m >= 2^30 clamps the same way). The sign term is taken from
-// total < 0, the same as p < -2^30 except for total = -1 with m = 2^30, where both give floor(1/2 - 2^-R) =
-// floor(1/2) = 0 for R > 0. In float32, g = fma(float(total), float(m / 2^(31 + R)), float(c + e)) with e = 2^-14:
-// where it matters (|g| <= 129, so |V| <= 258) the two operand roundings and the fma's cost |V| 2^-23 + |g| 2^-24
-// and c's 2^-17, together under 3/4 e. So floor(g) = floor(X) wherever g's fraction is at least 2e; lanes within 2e
-// above a whole number (about one in 8,000, and every lane with |g| >= 2^23, whose fraction is 0) take the integer
-// rescale (requantize16) instead. Where |X| > 129 floor(g) may be off by the larger error, but it lies past the
-// int8 range on the same side as floor(X), so the saturating conversion to int8 and the activation clamp, which
-// every caller applies, give the same code. Multipliers outside {0} u [2^30, 2^31) (never written by
-// quantize_multiplier) always take the integer one.
-// 2^e as a double, exactly std::ldexp(1.0, e) (a normal number's bits for -1022 <= e <= 1023), without the
-// library call: the rescale tables take two per channel on every call.
-inline double power_of_two(int e) {
-  if (e < -1022 || e > 1023) return std::ldexp(1.0, e);
-  const uint64_t bits = static_cast<uint64_t>(e + 1023) << 52;
-  double value;
-  std::memcpy(&value, &bits, sizeof value);
-  return value;
-}
-
+// The int8 rescale and output offset of 16 int32 totals, in float32 and exact (mixprec::FloorRescale: floor(g) where
+// g's fraction is at least 2e, the integer rescale requantize16 for the other lanes); the activation clamp follows on
+// the int8 codes: clamp(), codes64(), operator().
 class Int8Store16 {
  public:
   Int8Store16(const int32_t* m, const int32_t* s, bool per_channel, int64_t channels, int32_t output_offset,
@@ -98,15 +77,14 @@ class Int8Store16 {
         high_(_mm512_set1_epi32(act_max)), low_bytes_(_mm512_set1_epi8(static_cast<char>(act_min))),
         high_bytes_(_mm512_set1_epi8(static_cast<char>(act_max))) {
     const int64_t count = per_channel ? channels : 1;
-    fast_ = std::all_of(m, m + count, [](int32_t v) { return v == 0 || v >= (int32_t{1} << 30); });
+    fast_ = std::all_of(m, m + count, mixprec::floor_rescale_fits);
     for (int64_t c = 0; c < static_cast<int64_t>(table_.size() / 3); ++c) {
-      const int64_t k = per_channel ? c : 0, right = s[k] > 0 ? 0 : -int64_t{s[k]};
-      const double tie = right > 0 ? power_of_two(static_cast<int>(-right - 1)) : 0.0;
-      const double base = output_offset + 0.5 + tie + kMargin;
+      const int64_t k = per_channel ? c : 0;
+      const mixprec::FloorRescale constants = mixprec::floor_rescale(m[k], s[k], output_offset);
       float* v = table_.data() + (c / 16) * 48 + c % 16;
-      v[0] = static_cast<float>(static_cast<double>(m[k]) * power_of_two(static_cast<int>(s[k] - 31)));
-      v[16] = static_cast<float>(base);
-      v[32] = static_cast<float>(base - 2 * tie);
+      v[0] = constants.scale;
+      v[16] = constants.base;
+      v[32] = constants.base_negative;
     }
   }
 
@@ -156,8 +134,6 @@ class Int8Store16 {
   }
 
  private:
-  static constexpr float kMargin = 1.0f / 16384;
-
   // floor(g) of 16 totals (see above) and the lanes to redo in integers (fraction of g below 2e): the fraction by
   // vreduceps (g - floor(g), exact), the floor by a conversion rounding down.
   __attribute__((always_inline)) __m512i floor_of(__m512i total, int64_t first_channel, __mmask16* near) const {
@@ -166,7 +142,7 @@ class Int8Store16 {
     const __m512 c = _mm512_mask_mov_ps(_mm512_loadu_ps(v + 16), negative, _mm512_loadu_ps(v + 32));
     const __m512 g = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_loadu_ps(v), c);
     *near = _mm512_cmp_ps_mask(_mm512_reduce_ps(g, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
-                               _mm512_set1_ps(2 * kMargin), _CMP_LT_OQ);
+                               _mm512_set1_ps(2 * mixprec::kFloorMargin), _CMP_LT_OQ);
     return _mm512_cvt_roundps_epi32(g, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   }
 
@@ -255,6 +231,13 @@ void convolve(const Geometry& g, const In* in, const int8_t* wt, const std::vect
     store = std::make_unique<Int8Store16>(m, s, per_channel, g.out_channels, static_cast<int32_t>(output_offset),
                                           static_cast<int32_t>(act_min), static_cast<int32_t>(act_max));
   }
+#elif defined(MIXPREC_AVX2_LANES)
+  std::unique_ptr<mixprec::Int8Store8> store;
+  if constexpr (sizeof(In) == 1) {
+    store = std::make_unique<mixprec::Int8Store8>(m, s, per_channel, g.out_channels,
+                                                  static_cast<int32_t>(output_offset), static_cast<int32_t>(act_min),
+                                                  static_cast<int32_t>(act_max));
+  }
 #endif
   const int64_t work = g.batch * g.out_h * g.out_w * g.out_channels * g.kh * g.kw * (g.depthwise ? 1 : g.channels);
   mixprec::split_rows_balanced(g.batch * g.out_h, work, [&](int64_t begin, int64_t end) {
@@ -298,6 +281,17 @@ void convolve(const Geometry& g, const In* in, const int8_t* wt, const std::vect
           for (; first + 16 <= g.out_channels; first += 16) {
             __m512i total = _mm512_loadu_si512(acc.data() + first);
             if (!bias32.empty()) total = _mm512_add_epi32(total, _mm512_loadu_si512(bias32.data() + first));
+            (*store)(total, first, reinterpret_cast<int8_t*>(dst) + first);
+          }
+        }
+#elif defined(MIXPREC_AVX2_LANES)
+        if constexpr (sizeof(In) == 1) {
+          for (; first + 8 <= g.out_channels; first += 8) {
+            __m256i total = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc.data() + first));
+            if (!bias32.empty()) {
+              const auto* start = reinterpret_cast<const __m256i*>(bias32.data() + first);
+              total = _mm256_add_epi32(total, _mm256_loadu_si256(start));
+            }
             (*store)(total, first, reinterpret_cast<int8_t*>(dst) + first);
           }
         }
@@ -619,6 +613,161 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* packed_we
 }
 #endif
 
+#if defined(MIXPREC_AVX2_LANES)
+// An int8 CONV_2D as a GEMM in 16-bit integers on AVX2 (no VNNI; conv_gemm_avx2): each output pixel's window [kh,
+// kw, in] gathered as int16 values x + input_offset (0 at points outside the image and in one element padding the
+// window to an even length), the weights widened to int16 once and packed [depth / 2][blocks of 8 output
+// channels][8 lanes][2 consecutive window elements], and vpmaddwd summing the pairs of products exactly in int32
+// (|x + input_offset| <= 255, |w| <= 128), accumulated from the bias. No shift of the codes is taken back: the same
+// integer sums as convolve().
+struct Avx2GemmLayout {
+  int64_t window, depth;  // the window's elements, rounded up to even
+};
+
+inline Avx2GemmLayout avx2_gemm_layout(const Geometry& g) {
+  const int64_t window = g.kh * g.kw * g.channels;
+  return {window, (window + 1) / 2 * 2};
+}
+
+// conv_gemm_avx2's accumulators start from the bias (int32 for int8 input), zeros without one.
+std::vector<int32_t> gemm_start_avx2(const std::vector<int64_t>& bias, int64_t out_channels) {
+  if (bias.empty()) return std::vector<int32_t>(static_cast<size_t>(out_channels), 0);
+  return std::vector<int32_t>(bias.begin(), bias.end());
+}
+
+std::vector<int16_t> pack_gemm_weights_avx2(const Geometry& g, const int8_t* wt) {
+  const Avx2GemmLayout layout = avx2_gemm_layout(g);
+  const int64_t outs = g.out_channels, blocks = outs / 8;
+  std::vector<int16_t> packed(static_cast<size_t>(layout.depth * outs), 0);
+  for (int64_t c = 0; c < outs; ++c) {
+    for (int64_t k = 0; k < layout.window; ++k) {
+      packed[static_cast<size_t>((((k / 2) * blocks + c / 8) * 8 + c % 8) * 2 + k % 2)] = wt[c * layout.window + k];
+    }
+  }
+  return packed;
+}
+
+// kPixels x kBlocks tile: acc[p][b] = bias[8 b + lane] + sum_k row_p[k] w[8 b + lane, k], each pixel's pair of
+// elements broadcast into every lane.
+template <int kPixels, int kBlocks>
+inline void window_tile_avx2(const int16_t* const* rows, int64_t pairs, const int16_t* packed, int64_t blocks,
+                             const int32_t* bias, __m256i (&out)[kPixels][kBlocks]) {
+  __m256i acc[kPixels][kBlocks];
+#pragma GCC unroll 8
+  for (int p = 0; p < kPixels; ++p)
+#pragma GCC unroll 4
+    for (int b = 0; b < kBlocks; ++b) acc[p][b] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias + 8 * b));
+  const int16_t* wk = packed;
+  for (int64_t k = 0; k < pairs; ++k, wk += blocks * 16) {
+    __m256i w[kBlocks];
+#pragma GCC unroll 4
+    for (int b = 0; b < kBlocks; ++b) w[b] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 16 * b));
+#pragma GCC unroll 8
+    for (int p = 0; p < kPixels; ++p) {
+      int32_t pair;
+      std::memcpy(&pair, rows[p] + 2 * k, 4);
+      const __m256i broadcast = _mm256_set1_epi32(pair);
+#pragma GCC unroll 4
+      for (int b = 0; b < kBlocks; ++b) acc[p][b] = _mm256_add_epi32(acc[p][b], _mm256_madd_epi16(broadcast, w[b]));
+    }
+  }
+#pragma GCC unroll 8
+  for (int p = 0; p < kPixels; ++p)
+#pragma GCC unroll 4
+    for (int b = 0; b < kBlocks; ++b) out[p][b] = acc[p][b];
+}
+
+// dst[i] = src[i] + offset as int16, count elements.
+inline void widen_with_offset(const int8_t* src, int16_t* dst, int64_t count, int16_t offset) {
+  const __m256i shift = _mm256_set1_epi16(offset);
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const __m256i wide = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_add_epi16(wide, shift));
+  }
+  for (; i < count; ++i) dst[i] = static_cast<int16_t>(src[i] + offset);
+}
+
+// Pixels per register tile (kAvx2TilePixels x 2 accumulators, 2 weight registers and a broadcast of the 16) and per
+// gathered chunk.
+constexpr int kAvx2TilePixels = 6;
+constexpr int64_t kAvx2Chunk = 8 * kAvx2TilePixels;
+
+void conv_gemm_avx2(const Geometry& g, const int8_t* in, const int16_t* packed_weights, const int32_t* bias,
+                    const int32_t* m, const int32_t* s, bool per_channel, int32_t in_off, int32_t output_offset,
+                    int32_t act_min, int32_t act_max, const FinishingAdd& add, int8_t* o) {
+  const Avx2GemmLayout layout = avx2_gemm_layout(g);
+  const int64_t window = layout.window, depth = layout.depth, pairs = depth / 2;
+  const int64_t outs = g.out_channels, blocks = outs / 8, pixels = g.batch * g.out_h * g.out_w;
+  const auto offset = static_cast<int16_t>(in_off);
+  const mixprec::Int8Store8 store(m, s, per_channel, outs, output_offset, act_min, act_max);
+  // an unpadded 1x1 stride-1 convolution: the window is the pixel, consecutive pixels consecutive
+  const bool direct = g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_top == 0 &&
+                      g.pad_left == 0 && g.out_h == g.height && g.out_w == g.width && depth == window;
+  auto gather = [&](int64_t pixel, int16_t* row) {
+    const int64_t n = pixel / (g.out_h * g.out_w), y = pixel / g.out_w % g.out_h, xo = pixel % g.out_w;
+    const int64_t ix0 = xo * g.stride_w - g.pad_left;
+    const bool whole_rows = g.dilation_w == 1 && ix0 >= 0 && ix0 + g.kw <= g.width;  // kw pixels in one run
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      const int64_t iy = y * g.stride_h - g.pad_top + ky * g.dilation_h;
+      if (whole_rows && iy >= 0 && iy < g.height) {
+        widen_with_offset(in + ((n * g.height + iy) * g.width + ix0) * g.channels, row, g.kw * g.channels, offset);
+        row += g.kw * g.channels;
+        continue;
+      }
+      for (int64_t kx = 0; kx < g.kw; ++kx, row += g.channels) {
+        const int64_t ix = xo * g.stride_w - g.pad_left + kx * g.dilation_w;
+        if (iy < 0 || iy >= g.height || ix < 0 || ix >= g.width) {
+          std::memset(row, 0, static_cast<size_t>(g.channels) * 2);
+        } else {
+          widen_with_offset(in + ((n * g.height + iy) * g.width + ix) * g.channels, row, g.channels, offset);
+        }
+      }
+    }
+    if (depth > window) *row = 0;  // under zero weights
+  };
+  // one tile of kPixels pixels from pixel `first` (all output channels)
+  auto multiply = [&](auto pixels_tag, const int16_t* const* rows, int64_t first) {
+    constexpr int kPixels = decltype(pixels_tag)::value;
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+      __m256i acc[kPixels][2];
+      window_tile_avx2<kPixels, 2>(rows, pairs, packed_weights + b * 16, blocks, bias + b * 8, acc);
+      for (int i = 0; i < kPixels; ++i) {
+        for (int k = 0; k < 2; ++k) store(acc[i][k], (b + k) * 8, o + (first + i) * outs + (b + k) * 8);
+      }
+    }
+    if (b < blocks) {
+      __m256i acc[kPixels][1];
+      window_tile_avx2<kPixels, 1>(rows, pairs, packed_weights + b * 16, blocks, bias + b * 8, acc);
+      for (int i = 0; i < kPixels; ++i) store(acc[i][0], b * 8, o + (first + i) * outs + b * 8);
+    }
+  };
+  mixprec::split_rows_balanced(pixels, pixels * depth * outs, [&](int64_t begin, int64_t end) {
+    std::vector<int16_t> gathered(static_cast<size_t>(kAvx2Chunk * depth));
+    const int16_t* rows[kAvx2TilePixels];
+    for (int64_t chunk = begin; chunk < end; chunk += kAvx2Chunk) {
+      const int64_t count = std::min(kAvx2Chunk, end - chunk);
+      if (direct) {
+        widen_with_offset(in + chunk * depth, gathered.data(), count * depth, offset);
+      } else {
+        for (int64_t i = 0; i < count; ++i) gather(chunk + i, gathered.data() + i * depth);
+      }
+      int64_t p = 0;
+      for (; p + kAvx2TilePixels <= count; p += kAvx2TilePixels) {
+        for (int i = 0; i < kAvx2TilePixels; ++i) rows[i] = gathered.data() + (p + i) * depth;
+        multiply(std::integral_constant<int, kAvx2TilePixels>{}, rows, chunk + p);
+      }
+      for (; p < count; ++p) {
+        rows[0] = gathered.data() + p * depth;
+        multiply(std::integral_constant<int, 1>{}, rows, chunk + p);
+      }
+      add.apply(o, chunk * outs, (chunk + count) * outs);  // the chunk's codes, still in the cache
+    }
+  });
+}
+#endif
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // One padded row of `span` columns (pad_left of them before the image) as uint8 codes + 128, `lanes` bytes per
 // column (channels rounded up to 64; the bytes past the channels are left as they are): the image row at `source`
@@ -827,20 +976,27 @@ void depthwise_vnni(const Geometry& g, const int8_t* in, const DepthwiseView& w,
 }
 #endif
 
-// Whether the int8 CONV_2D GEMM (conv_gemm_vnni) runs this convolution: output channels a multiple of 16, the
-// code of a point outside the image (-input_offset) representable in int8.
+// Whether the int8 CONV_2D GEMM (conv_gemm_vnni; conv_gemm_avx2 on AVX2) runs this convolution: output channels a
+// multiple of 16 (8), the code of a point outside the image (-input_offset) representable in int8.
 inline bool takes_gemm(const Geometry& g, bool wide, int64_t input_offset) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   return !wide && !g.depthwise && g.out_channels % 16 == 0 && input_offset >= -127 && input_offset <= 128;
+#elif defined(MIXPREC_AVX2_LANES)
+  return !wide && !g.depthwise && g.out_channels % 8 == 0 && input_offset >= -127 && input_offset <= 128;
 #else
   return false;
 #endif
 }
 
 // A prepacked GEMM: kPackHeader int64 naming what it was packed for (the geometry but the batch, and the input
-// offset), then the corrected bias int32 [out], then the packed weights int8 [depth x out] (pack_gemm_weights).
+// offset), then the corrected bias int32 [out], then the packed weights int8 [depth x out] (pack_gemm_weights); for
+// conv_gemm_avx2 the bias int32 [out], then its int16 weights [depth x out] (pack_gemm_weights_avx2).
 constexpr int64_t kPackHeader = 16;
+#if defined(MIXPREC_AVX2_LANES)
+constexpr int64_t kPackMagic = 0x6d78707263706132;  // "mxprcpa2"
+#else
 constexpr int64_t kPackMagic = 0x6d78707263707631;  // "mxprcpv1"
+#endif
 
 std::array<int64_t, kPackHeader> pack_header(const Geometry& g, int64_t input_offset) {
   return {kPackMagic, g.height, g.width, g.channels, g.kh, g.kw, g.out_channels, g.out_h, g.out_w, g.stride_h,
@@ -888,6 +1044,33 @@ Geometry checked_geometry(int64_t batch, int64_t height, int64_t width, int64_t 
   return g;
 }
 
+// The start of a prepacked GEMM after its header (the int32 starts, then the weights' weight_bytes), checked to come
+// from tflite_conv2d_pack for this geometry and input offset; nullptr without a pack.
+const int8_t* gemm_pack_body(const c10::optional<at::Tensor>& prepacked, const Geometry& g, int64_t input_offset,
+                             int64_t weight_bytes) {
+  if (!prepacked.has_value() || prepacked->numel() == 0) return nullptr;
+  const auto header = pack_header(g, input_offset);
+  const int64_t header_bytes = kPackHeader * 8;
+  TORCH_CHECK(prepacked->scalar_type() == at::kChar && prepacked->is_contiguous() &&
+                  prepacked->numel() == header_bytes + g.out_channels * 4 + weight_bytes &&
+                  std::memcmp(prepacked->data_ptr<int8_t>(), header.data(), header_bytes) == 0,
+              "prepacked weights must come from tflite_conv2d_pack for this geometry and input offset");
+  return prepacked->data_ptr<int8_t>() + header_bytes;
+}
+
+// The GEMM's pack as one int8 tensor: the header, the int32 start of each output channel, the weights' bytes.
+at::Tensor gemm_pack_tensor(const Geometry& g, int64_t input_offset, const std::vector<int32_t>& start,
+                            const void* weights, int64_t weight_bytes, const at::TensorOptions& options) {
+  const auto header = pack_header(g, input_offset);
+  const int64_t header_bytes = kPackHeader * 8, start_bytes = g.out_channels * 4;
+  auto out = at::empty({header_bytes + start_bytes + weight_bytes}, options);
+  auto* bytes = out.data_ptr<int8_t>();
+  std::memcpy(bytes, header.data(), static_cast<size_t>(header_bytes));
+  std::memcpy(bytes + header_bytes, start.data(), static_cast<size_t>(start_bytes));
+  std::memcpy(bytes + header_bytes + start_bytes, weights, static_cast<size_t>(weight_bytes));
+  return out;
+}
+
 // The int8 CONV_2D GEMM's weights packed once for an input of height x width x channels (any batch), for
 // tflite_conv2d's `prepacked`; an empty tensor where that convolution does not take the GEMM.
 at::Tensor tflite_conv2d_pack(const at::Tensor& w, const c10::optional<at::Tensor>& bias, int64_t height,
@@ -901,14 +1084,14 @@ at::Tensor tflite_conv2d_pack(const at::Tensor& w, const c10::optional<at::Tenso
   const GemmWeights packed = pack_gemm_weights(g, gemm_layout(g), w.data_ptr<int8_t>(),
                                                mixprec::bias_as_int64(bias, g.out_channels, false),
                                                static_cast<int32_t>(input_offset));
-  const auto header = pack_header(g, input_offset);
-  const int64_t header_bytes = kPackHeader * 8, corrected_bytes = g.out_channels * 4;
-  auto out = at::empty({header_bytes + corrected_bytes + static_cast<int64_t>(packed.packed.size())}, w.options());
-  auto* bytes = out.data_ptr<int8_t>();
-  std::memcpy(bytes, header.data(), static_cast<size_t>(header_bytes));
-  std::memcpy(bytes + header_bytes, packed.corrected.data(), static_cast<size_t>(corrected_bytes));
-  std::memcpy(bytes + header_bytes + corrected_bytes, packed.packed.data(), packed.packed.size());
-  return out;
+  return gemm_pack_tensor(g, input_offset, packed.corrected, packed.packed.data(),
+                          static_cast<int64_t>(packed.packed.size()), w.options());
+#elif defined(MIXPREC_AVX2_LANES)
+  if (!takes_gemm(g, false, input_offset)) return at::empty({0}, w.options());
+  const std::vector<int16_t> packed = pack_gemm_weights_avx2(g, w.data_ptr<int8_t>());
+  return gemm_pack_tensor(g, input_offset,
+                          gemm_start_avx2(mixprec::bias_as_int64(bias, g.out_channels, false), g.out_channels),
+                          packed.data(), static_cast<int64_t>(packed.size()) * 2, w.options());
 #else
   return at::empty({0}, w.options());
 #endif
@@ -1007,15 +1190,9 @@ at::Tensor tflite_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::op
     GemmWeights local;
     const int8_t* packed_weights = nullptr;
     const int32_t* corrected = nullptr;
-    if (prepacked.has_value() && prepacked->numel() > 0) {
-      const auto header = pack_header(g, input_offset);
-      const int64_t header_bytes = kPackHeader * 8, corrected_bytes = g.out_channels * 4;
-      TORCH_CHECK(prepacked->scalar_type() == at::kChar && prepacked->is_contiguous() &&
-                      prepacked->numel() == header_bytes + corrected_bytes + gemm_layout(g).depth * g.out_channels &&
-                      std::memcmp(prepacked->data_ptr<int8_t>(), header.data(), header_bytes) == 0,
-                  "prepacked weights must come from tflite_conv2d_pack for this geometry and input offset");
-      corrected = reinterpret_cast<const int32_t*>(prepacked->data_ptr<int8_t>() + header_bytes);
-      packed_weights = prepacked->data_ptr<int8_t>() + header_bytes + corrected_bytes;
+    if (const int8_t* body = gemm_pack_body(prepacked, g, input_offset, gemm_layout(g).depth * g.out_channels)) {
+      corrected = reinterpret_cast<const int32_t*>(body);
+      packed_weights = body + g.out_channels * 4;
     } else {
       local = pack_gemm_weights(g, gemm_layout(g), w.data_ptr<int8_t>(), bias64, in_off);
       packed_weights = local.packed.data();
@@ -1039,6 +1216,27 @@ at::Tensor tflite_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::op
     depthwise_vnni(g, x.data_ptr<int8_t>(), view, m, s, per_channel, in_off, static_cast<int32_t>(output_offset),
                    static_cast<int32_t>(act_min), static_cast<int32_t>(act_max), out.data_ptr<int8_t>());
     add.apply(out.data_ptr<int8_t>(), 0, out.numel());
+    return out;
+  }
+#elif defined(MIXPREC_AVX2_LANES)
+  if (takes_gemm(g, wide, input_offset)) {
+    std::vector<int16_t> local_weights;
+    std::vector<int32_t> local_start;
+    const int16_t* packed_weights = nullptr;
+    const int32_t* start = nullptr;
+    if (const int8_t* body =
+            gemm_pack_body(prepacked, g, input_offset, avx2_gemm_layout(g).depth * g.out_channels * 2)) {
+      start = reinterpret_cast<const int32_t*>(body);
+      packed_weights = reinterpret_cast<const int16_t*>(body + g.out_channels * 4);
+    } else {
+      local_weights = pack_gemm_weights_avx2(g, w.data_ptr<int8_t>());
+      local_start = gemm_start_avx2(bias64, g.out_channels);
+      packed_weights = local_weights.data();
+      start = local_start.data();
+    }
+    conv_gemm_avx2(g, x.data_ptr<int8_t>(), packed_weights, start, m, s, per_channel, in_off,
+                   static_cast<int32_t>(output_offset), static_cast<int32_t>(act_min), static_cast<int32_t>(act_max),
+                   add, out.data_ptr<int8_t>());
     return out;
   }
 #endif

@@ -6,7 +6,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 namespace mixprec {
@@ -38,6 +40,47 @@ inline int32_t requantize(int32_t acc, int32_t multiplier, int32_t shift) {
   const int32_t saturated = static_cast<int32_t>(std::clamp<int64_t>(
       shifted, std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::max()));
   return rounding_divide_by_pot(srdhm(saturated, multiplier), right);
+}
+
+// 2^e as a double, exactly std::ldexp(1.0, e) (a normal number's bits for -1022 <= e <= 1023), without the
+// library call: the rescale tables take two per channel on every call.
+inline double power_of_two(int e) {
+  if (e < -1022 || e > 1023) return std::ldexp(1.0, e);
+  const uint64_t bits = static_cast<uint64_t>(e + 1023) << 52;
+  double value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+// The int8 rescale plus output offset in float32, exact where it is used (the convolutions' vector stores, 16 lanes
+// with AVX-512, 8 with AVX2). With a right shift R = -shift >= 0, requantize() + offset is floor(X) for X = V + c,
+// V = total * m / 2^(31 + R) and c = offset + 1/2 + 2^-(R+1) - [p < -2^30] 2^-R (p = total * m; for R = 0 just
+// offset + 1/2): srdhm is floor((p + 2^30) / 2^31), RoundingDivideByPOT floor((q + 2^(R-1) - [q < 0]) / 2^R), and
+// nested floor divisions of integers compose. A left shift L is R = 0 with V = total * m * 2^(L - 31) (where total *
+// 2^L saturates, |V| >= m >= 2^30 clamps the same way). The sign term is taken from total < 0, the same as p < -2^30
+// except for total = -1 with m = 2^30, where both give floor(1/2 - 2^-R) = floor(1/2) = 0 for R > 0. In float32,
+// g = fma(float(total), scale, base or base_negative) = fma(float(total), float(m / 2^(31 + R)), float(c + e)) with
+// e = kFloorMargin = 2^-14: where it matters (|g| <= 129, so |V| <= 258) the two operand roundings and the fma's cost
+// |V| 2^-23 + |g| 2^-24 and c's 2^-17, together under 3/4 e. So floor(g) = floor(X) wherever g's fraction g -
+// floor(g) is at least 2e; lanes within 2e above a whole number (about one in 8,000, and every lane with |g| >=
+// 2^23, whose fraction is 0) take the integer rescale instead. Where |X| > 129 floor(g) may be off by the larger
+// error, but it lies past the int8 range on the same side as floor(X), so saturating to int8 and the activation
+// clamp, which every caller applies, give the same code. Multipliers outside {0} u [2^30, 2^31) (never written by
+// quantize_multiplier) always take the integer one (floor_rescale_fits).
+constexpr float kFloorMargin = 1.0f / 16384;
+
+struct FloorRescale {
+  float scale, base, base_negative;  // float(m / 2^(31 + R)), float(c + e) for total >= 0 and for total < 0
+};
+
+inline bool floor_rescale_fits(int32_t multiplier) { return multiplier == 0 || multiplier >= (int32_t{1} << 30); }
+
+inline FloorRescale floor_rescale(int32_t multiplier, int32_t shift, int32_t output_offset) {
+  const int64_t right = shift > 0 ? 0 : -int64_t{shift};
+  const double tie = right > 0 ? power_of_two(static_cast<int>(-right - 1)) : 0.0;
+  const double base = output_offset + 0.5 + tie + kFloorMargin;
+  return {static_cast<float>(static_cast<double>(multiplier) * power_of_two(static_cast<int>(shift - 31))),
+          static_cast<float>(base), static_cast<float>(base - 2 * tie)};
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
