@@ -204,6 +204,34 @@ inline void for_each_window_point(const Geometry& g, int64_t n, int64_t y, int64
   }
 }
 
+// Writes output pixel `pixel`'s window (kh x kw points of `channels` elements of the NHWC input) to row in the order
+// (ky, kx, channel) and returns the end of what it wrote. copy(dst, src, count) copies count input elements as the
+// caller's element type holds them; outside(dst, count) writes count elements of a point outside the image.
+template <typename T, typename Copy, typename Outside>
+inline T* gather_window(const Geometry& g, const int8_t* in, int64_t pixel, T* row, const Copy& copy,
+                        const Outside& outside) {
+  const int64_t n = pixel / (g.out_h * g.out_w), y = pixel / g.out_w % g.out_h, xo = pixel % g.out_w;
+  const int64_t ix0 = xo * g.stride_w - g.pad_left;
+  const bool whole_rows = g.dilation_w == 1 && ix0 >= 0 && ix0 + g.kw <= g.width;  // kw pixels in one copy
+  for (int64_t ky = 0; ky < g.kh; ++ky) {
+    const int64_t iy = y * g.stride_h - g.pad_top + ky * g.dilation_h;
+    if (whole_rows && iy >= 0 && iy < g.height) {
+      copy(row, in + ((n * g.height + iy) * g.width + ix0) * g.channels, g.kw * g.channels);
+      row += g.kw * g.channels;
+      continue;
+    }
+    for (int64_t kx = 0; kx < g.kw; ++kx, row += g.channels) {
+      const int64_t ix = ix0 + kx * g.dilation_w;
+      if (iy < 0 || iy >= g.height || ix < 0 || ix >= g.width) {
+        outside(row, g.channels);
+      } else {
+        copy(row, in + ((n * g.height + iy) * g.width + ix) * g.channels, g.channels);
+      }
+    }
+  }
+  return row;
+}
+
 // In: int8 (gemmlowp's rescale) or int16 (16x8: the reduced rescale). Sum: what the window's
 // products are summed in (int32 wherever that cannot overflow); the bias joins in int64 at the end.
 template <typename In, typename Sum>
@@ -468,25 +496,8 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* packed_we
     _mm512_mask_storeu_epi8(dst, mask, _mm512_maskz_loadu_epi8(mask, src));
   };
   auto gather = [&](int64_t pixel, int8_t* row) {
-    const int64_t n = pixel / (g.out_h * g.out_w), y = pixel / g.out_w % g.out_h, xo = pixel % g.out_w;
-    const int64_t ix0 = xo * g.stride_w - g.pad_left;
-    const bool whole_rows = g.dilation_w == 1 && ix0 >= 0 && ix0 + g.kw <= g.width;  // kw pixels in one copy
-    for (int64_t ky = 0; ky < g.kh; ++ky) {
-      const int64_t iy = y * g.stride_h - g.pad_top + ky * g.dilation_h;
-      if (whole_rows && iy >= 0 && iy < g.height) {
-        copy(row, in + ((n * g.height + iy) * g.width + ix0) * g.channels, g.kw * g.channels);
-        row += g.kw * g.channels;
-        continue;
-      }
-      for (int64_t kx = 0; kx < g.kw; ++kx, row += g.channels) {
-        const int64_t ix = xo * g.stride_w - g.pad_left + kx * g.dilation_w;
-        if (iy < 0 || iy >= g.height || ix < 0 || ix >= g.width) {
-          std::memset(row, outside, static_cast<size_t>(g.channels));
-        } else {
-          copy(row, in + ((n * g.height + iy) * g.width + ix) * g.channels, g.channels);
-        }
-      }
-    }
+    const auto fill = [outside](int8_t* dst, int64_t count) { std::memset(dst, outside, static_cast<size_t>(count)); };
+    row = gather_window(g, in, pixel, row, copy, fill);
     std::memset(row, 0, static_cast<size_t>(depth - window));  // under zero weights
   };
   // one register tile of kPixels pixels from pixel `first` (all output channels), pixel i's runs at base[i]
@@ -705,25 +716,11 @@ void conv_gemm_avx2(const Geometry& g, const int8_t* in, const int16_t* packed_w
   const bool direct = g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_top == 0 &&
                       g.pad_left == 0 && g.out_h == g.height && g.out_w == g.width && depth == window;
   auto gather = [&](int64_t pixel, int16_t* row) {
-    const int64_t n = pixel / (g.out_h * g.out_w), y = pixel / g.out_w % g.out_h, xo = pixel % g.out_w;
-    const int64_t ix0 = xo * g.stride_w - g.pad_left;
-    const bool whole_rows = g.dilation_w == 1 && ix0 >= 0 && ix0 + g.kw <= g.width;  // kw pixels in one run
-    for (int64_t ky = 0; ky < g.kh; ++ky) {
-      const int64_t iy = y * g.stride_h - g.pad_top + ky * g.dilation_h;
-      if (whole_rows && iy >= 0 && iy < g.height) {
-        widen_with_offset(in + ((n * g.height + iy) * g.width + ix0) * g.channels, row, g.kw * g.channels, offset);
-        row += g.kw * g.channels;
-        continue;
-      }
-      for (int64_t kx = 0; kx < g.kw; ++kx, row += g.channels) {
-        const int64_t ix = xo * g.stride_w - g.pad_left + kx * g.dilation_w;
-        if (iy < 0 || iy >= g.height || ix < 0 || ix >= g.width) {
-          std::memset(row, 0, static_cast<size_t>(g.channels) * 2);
-        } else {
-          widen_with_offset(in + ((n * g.height + iy) * g.width + ix) * g.channels, row, g.channels, offset);
-        }
-      }
-    }
+    const auto widen = [offset](int16_t* dst, const int8_t* src, int64_t count) {
+      widen_with_offset(src, dst, count, offset);
+    };
+    const auto zero = [](int16_t* dst, int64_t count) { std::memset(dst, 0, static_cast<size_t>(count) * 2); };
+    row = gather_window(g, in, pixel, row, widen, zero);
     if (depth > window) *row = 0;  // under zero weights
   };
   // one tile of kPixels pixels from pixel `first` (all output channels)
