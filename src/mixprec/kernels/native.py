@@ -26,7 +26,7 @@ _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("int8_rows.cpp", "int4_weights.cpp", "kv_dequant.cpp", "kv_attention.cpp", "kws_pipeline.cpp",
                          "w4a8_gemm.cpp", "tflite_conv.cpp", "tflite_reduce.cpp",
                          "tflite_requantize.cpp", "tflite_fully_connected.cpp", "tflite_add.cpp",
-                         "tflite_program.cpp", "int8_packed_rows.cpp", "int8_dense_rows.cpp")]
+                         "tflite_program.cpp", "int8_packed_rows.cpp", "int8_dense_rows.cpp", "llama_decode.cpp")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 
 
@@ -251,6 +251,16 @@ def kv_dequantize_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.T
 def kv_attention_available() -> bool:
     """Whether the native build has the decode attention over cache codes (see csrc/kv_attention.cpp)."""
     return available() and bool(torch.ops.mixprec.kv_attention_available())
+
+
+def llama_decode_layers(hidden: torch.Tensor, weights: list[torch.Tensor], final_norm: torch.Tensor,
+                        cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                        position: int, heads: int, kv_heads: int, intermediate: int, eps: float,
+                        scaling: float) -> torch.Tensor:
+    """Every layer of a Llama-family decoder with ``w4a8`` projections for the rows of ``hidden`` at positions
+    ``[position, position + rows)``, writing their keys and values into the caches (see csrc/llama_decode.cpp)."""
+    return torch.ops.mixprec.llama_decode_layers(hidden, weights, final_norm, cos, sin, key_cache, value_cache,
+                                                 position, heads, kv_heads, intermediate, eps, scaling)
 
 
 def kv_decode_attention(query: torch.Tensor, key_codes: torch.Tensor, key_scale: torch.Tensor,

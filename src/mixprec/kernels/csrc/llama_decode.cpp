@@ -1,0 +1,204 @@
+// A Llama-family decoder stack in one native call: every layer's RMSNorm, the seven w4a8 projections, rotary
+// positions, grouped-query attention over a float32 KV cache, SiLU x up and the residual adds, for M new tokens at
+// positions [position, position + M). The token embedding and the head stay with the caller.
+//
+// Each projection is mixprec's own operators, called through the dispatcher (no Python between them):
+// quantize_rows_s8 (per-row symmetric int8) and w4a8_linear_blocked, so a projection gives the bits the W4A8Linear
+// module gives for the same input rows. The float32 steps around them follow transformers' LlamaDecoderLayer:
+// RMSNorm y = w * (x * rsqrt(mean(x^2) + eps)) (the mean summed in double in vector lanes, then rounded to
+// float32), RoPE q' = q * cos + rotate_half(q) * sin (rotate_half(q) = [-q2, q1]; two products, one add: the build
+// contracts no FMA), attention softmax(q . k * scaling) v with the maximum subtracted (float32, the q . k sums in
+// vector lanes), causal over the cache, SiLU(g) = g / (1 + exp(-g)). Rounding inside the norms' means and the
+// attention sums differs from PyTorch's order, so logits agree with transformers' to float rounding, not bit for
+// bit.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// Per layer: input norm, post-attention norm, then codes and scale of q, k, v, o, gate, up, down.
+constexpr int64_t kTensorsPerLayer = 16;
+enum Projection : int64_t { kQuery, kKey, kValue, kOutput, kGate, kUp, kDown };
+
+struct Shape {
+  int64_t rows, hidden, heads, kv_heads, head_dim, intermediate, max_length;
+};
+
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mixprec::quantize_rows_s8", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
+  return op.call(x);
+}
+
+at::Tensor w4a8(const std::tuple<at::Tensor, at::Tensor>& xq, at::TensorList weights, int64_t layer,
+                Projection projection, int64_t out_features) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mixprec::w4a8_linear_blocked", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, int64_t, const c10::optional<at::Tensor>&)>();
+  const int64_t base = layer * kTensorsPerLayer + 2 + 2 * projection;
+  return op.call(std::get<0>(xq), std::get<1>(xq), weights[base], weights[base + 1], out_features, c10::nullopt);
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t rows = x.size(0), n = x.size(1);
+  auto y = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = xp + r * n;
+    double squares = 0;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < n; ++i) squares += static_cast<double>(row[i]) * row[i];
+    const float inverse = 1.0f / std::sqrt(static_cast<float>(squares / static_cast<double>(n)) +
+                                           static_cast<float>(eps));
+    for (int64_t i = 0; i < n; ++i) yp[r * n + i] = w[i] * (row[i] * inverse);
+  }
+  return y;
+}
+
+// v: [rows, heads * head_dim], row r at position + r; cos and sin: [max_length, head_dim].
+void rotate(at::Tensor& v, int64_t heads, const Shape& s, const float* cos, const float* sin, int64_t position) {
+  float* p = v.data_ptr<float>();
+  const int64_t half = s.head_dim / 2;
+  for (int64_t r = 0; r < s.rows; ++r) {
+    const float* c = cos + (position + r) * s.head_dim;
+    const float* n = sin + (position + r) * s.head_dim;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* x = p + (r * heads + h) * s.head_dim;
+      for (int64_t j = 0; j < half; ++j) {
+        const float a = x[j], b = x[j + half];
+        x[j] = a * c[j] - b * n[j];
+        x[j + half] = b * c[j + half] + a * n[j + half];
+      }
+    }
+  }
+}
+
+// Copies k, v [rows, kv_heads * head_dim] into this layer's cache [kv_heads, max_length, head_dim] at position.
+void store_cache(const at::Tensor& k, const at::Tensor& v, float* key_cache, float* value_cache, const Shape& s,
+                 int64_t position) {
+  for (int64_t r = 0; r < s.rows; ++r)
+    for (int64_t h = 0; h < s.kv_heads; ++h) {
+      const int64_t from = (r * s.kv_heads + h) * s.head_dim, to = (h * s.max_length + position + r) * s.head_dim;
+      std::copy_n(k.data_ptr<float>() + from, s.head_dim, key_cache + to);
+      std::copy_n(v.data_ptr<float>() + from, s.head_dim, value_cache + to);
+    }
+}
+
+// Row r (position + r) attends to cache positions [0, position + r]; head h reads kv head h / (heads / kv_heads).
+at::Tensor attend(const at::Tensor& q, const float* key_cache, const float* value_cache, const Shape& s,
+                  int64_t position, float scaling) {
+  auto out = at::empty({s.rows, s.heads * s.head_dim}, q.options());
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t group = s.heads / s.kv_heads, d = s.head_dim;
+  at::parallel_for(0, s.rows * s.heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(static_cast<size_t>(position + s.rows));
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t r = index / s.heads, h = index % s.heads, length = position + r + 1;
+      const float* query = qp + index * d;
+      const float* keys = key_cache + (h / group) * s.max_length * d;
+      const float* values = value_cache + (h / group) * s.max_length * d;
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < length; ++t) {
+        float dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j < d; ++j) dot += query[j] * keys[t * d + j];
+        scores[t] = dot * scaling;
+        top = std::max(top, scores[t]);
+      }
+      float total = 0;
+      for (int64_t t = 0; t < length; ++t) total += scores[t] = std::exp(scores[t] - top);
+      float* o = op + index * d;
+      std::fill_n(o, d, 0.0f);
+      for (int64_t t = 0; t < length; ++t)
+        for (int64_t j = 0; j < d; ++j) o[j] += scores[t] * values[t * d + j];
+      for (int64_t j = 0; j < d; ++j) o[j] /= total;
+    }
+  });
+  return out;
+}
+
+// gate <- SiLU(gate) * up, in place.
+void silu_times(at::Tensor& gate, const at::Tensor& up) {
+  float* g = gate.data_ptr<float>();
+  const float* u = up.data_ptr<float>();
+  for (int64_t i = 0; i < gate.numel(); ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+void check_float_tensor(const at::Tensor& t, std::vector<int64_t> shape, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.sizes() == shape, what,
+              " must be a contiguous float32 CPU tensor of shape ", at::IntArrayRef(shape), ", got ",
+              t.scalar_type(), " ", t.sizes());
+}
+
+// hidden: [M, H] float32 (the embedded tokens); returns the last layer's output after final_norm, [M, H].
+at::Tensor llama_decode_layers(const at::Tensor& hidden, at::TensorList weights, const at::Tensor& final_norm,
+                               const at::Tensor& cos, const at::Tensor& sin, at::Tensor& key_cache,
+                               at::Tensor& value_cache, int64_t position, int64_t heads, int64_t kv_heads,
+                               int64_t intermediate, double eps, double scaling) {
+  TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) >= 1, "hidden must be [tokens, hidden_size], got ", hidden.sizes());
+  TORCH_CHECK(key_cache.dim() == 4, "key_cache must be [layers, kv_heads, max_length, head_dim], got ",
+              key_cache.sizes());
+  const int64_t layers = key_cache.size(0);
+  const Shape s{hidden.size(0), hidden.size(1), heads, kv_heads, key_cache.size(3), intermediate, key_cache.size(2)};
+  TORCH_CHECK(heads >= 1 && kv_heads >= 1 && heads % kv_heads == 0 && s.head_dim % 2 == 0 && intermediate >= 1,
+              "heads (", heads, ") must be a multiple of kv_heads (", kv_heads, ") and head_dim (", s.head_dim,
+              ") even");
+  check_float_tensor(hidden, {s.rows, s.hidden}, "hidden");
+  check_float_tensor(key_cache, {layers, kv_heads, s.max_length, s.head_dim}, "key_cache");
+  check_float_tensor(value_cache, {layers, kv_heads, s.max_length, s.head_dim}, "value_cache");
+  check_float_tensor(cos, {s.max_length, s.head_dim}, "cos");
+  check_float_tensor(sin, {s.max_length, s.head_dim}, "sin");
+  check_float_tensor(final_norm, {s.hidden}, "final_norm");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * kTensorsPerLayer, "weights must hold ",
+              kTensorsPerLayer, " tensors per layer (", layers, " layers), got ", weights.size());
+  TORCH_CHECK(position >= 0 && position + s.rows <= s.max_length, "tokens at positions [", position, ", ",
+              position + s.rows, ") do not fit a cache of ", s.max_length);
+  for (int64_t l = 0; l < layers; ++l) {
+    check_float_tensor(weights[l * kTensorsPerLayer], {s.hidden}, "input_layernorm weight");
+    check_float_tensor(weights[l * kTensorsPerLayer + 1], {s.hidden}, "post_attention_layernorm weight");
+  }
+  const int64_t q_out = heads * s.head_dim, kv_out = kv_heads * s.head_dim;
+  at::Tensor x = hidden.clone();
+  for (int64_t l = 0; l < layers; ++l) {
+    float* keys = key_cache.data_ptr<float>() + l * kv_heads * s.max_length * s.head_dim;
+    float* values = value_cache.data_ptr<float>() + l * kv_heads * s.max_length * s.head_dim;
+    const auto normed = quantize_rows(rms_norm(x, weights[l * kTensorsPerLayer], eps));
+    at::Tensor q = w4a8(normed, weights, l, kQuery, q_out);
+    at::Tensor k = w4a8(normed, weights, l, kKey, kv_out);
+    const at::Tensor v = w4a8(normed, weights, l, kValue, kv_out);
+    rotate(q, heads, s, cos.data_ptr<float>(), sin.data_ptr<float>(), position);
+    rotate(k, kv_heads, s, cos.data_ptr<float>(), sin.data_ptr<float>(), position);
+    store_cache(k, v, keys, values, s, position);
+    const at::Tensor attention = attend(q, keys, values, s, position, static_cast<float>(scaling));
+    x.add_(w4a8(quantize_rows(attention), weights, l, kOutput, s.hidden));
+    const auto post = quantize_rows(rms_norm(x, weights[l * kTensorsPerLayer + 1], eps));
+    at::Tensor gate = w4a8(post, weights, l, kGate, intermediate);
+    silu_times(gate, w4a8(post, weights, l, kUp, intermediate));
+    x.add_(w4a8(quantize_rows(gate), weights, l, kDown, s.hidden));
+  }
+  return rms_norm(x, final_norm, eps);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mixprec, m) {
+  m.def("llama_decode_layers(Tensor hidden, Tensor[] weights, Tensor final_norm, Tensor cos, Tensor sin, "
+        "Tensor(a!) key_cache, Tensor(b!) value_cache, int position, int heads, int kv_heads, int intermediate, "
+        "float eps, float scaling) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) { m.impl("llama_decode_layers", &llama_decode_layers); }

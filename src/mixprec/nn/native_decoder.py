@@ -1,0 +1,156 @@
+"""Decode a transformers Llama-family model quantized to ``w4a8gN`` with one native call per step.
+
+A decoding step of a PyTorch model pays for every operator it runs: about 300 a step for a 22-layer
+Llama-shaped model, 7 ms of a 26 ms compiled step on a 2-core Zen 4 (BENCHMARKS.md), while its
+weights stream from DRAM in about 20 ms. :class:`NativeLlamaDecoder` runs the whole decoder stack of a
+model whose seven projections per layer are ``w4a8gN`` (the blocked layout) in one C++ call
+(``csrc/llama_decode.cpp``): RMSNorm, the projections through mixprec's own quantize and ``w4a8``
+operators, rotary positions, grouped-query attention over its own float32 KV cache, SiLU x up and the
+residual adds. The token embedding and the head run as the model's own modules (any precision).
+
+Each projection gives the bits its module gives for the same input rows; the float32 steps around them
+round in another order than transformers' (the norms' means, attention sums), so logits agree with the
+model's own forward to float rounding (tested), not bit for bit.
+
+Supported: ``model_type == "llama"`` (SmolLM2, TinyLlama, Llama 2 / 3 and their rotary scalings: the
+cos/sin tables come from the model's own rotary module), SiLU MLP, no projection biases, every
+``q/k/v/o/gate/up/down_proj`` a :class:`~mixprec.nn.linear_weight_only.W4A8Linear` in the blocked layout
+(``w4a8gN`` with N a multiple of 8) and float32 norms. Anything else is refused with what would fit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mixprec.errors import InputError
+from mixprec.kernels import native
+from mixprec.nn.linear_weight_only import W4A8Linear
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")
+
+
+def _supported_config(config: object) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type != "llama":
+        raise InputError(f"NativeLlamaDecoder runs Llama-family models (config.model_type 'llama'), got {model_type!r}")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise InputError(f"NativeLlamaDecoder needs hidden_act 'silu', the model has {config.hidden_act!r}")
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(config, flag, False):
+            raise InputError(f"NativeLlamaDecoder needs projections without biases, the config sets {flag}=True")
+    if getattr(config, "pretraining_tp", 1) != 1:
+        raise InputError(f"NativeLlamaDecoder needs pretraining_tp 1, got {config.pretraining_tp}")
+
+
+def _projection(layer: nn.Module, index: int, name: str) -> W4A8Linear:
+    module = layer.get_submodule(name)
+    if not isinstance(module, W4A8Linear) or not module.blocked or module.bias is not None:
+        kind = type(module).__name__ + (" (not blocked)" if isinstance(module, W4A8Linear) else "")
+        raise InputError(f"model.layers.{index}.{name} is {kind}; NativeLlamaDecoder needs every projection "
+                         "quantized to w4a8gN with N a multiple of 8 (the blocked layout), without bias, e.g. "
+                         "Policy([(r'lm_head|model\\.embed_tokens', 'w8g32')], default='w4a8g32')")
+    return module
+
+
+def _norm_weight(module: nn.Module, name: str) -> Tensor:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        raise InputError(f"{name} must be an RMSNorm with a float32 CPU weight, got {type(module).__name__}")
+    return weight.detach().contiguous()
+
+
+class NativeLlamaDecoder:
+    """Greedy decoding and step-by-step logits of a ``w4a8gN`` Llama-family model, one native call a step.
+
+    ``max_length`` (tokens) sizes the float32 KV cache: ``2 x layers x kv_heads x max_length x head_dim x 4``
+    bytes, allocated once. :meth:`forward` appends tokens at :attr:`position` and returns their logits;
+    :meth:`truncate` moves the position back (the cache beyond it is overwritten by later calls);
+    :meth:`generate` decodes greedily.
+    """
+
+    def __init__(self, model: nn.Module, max_length: int) -> None:
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+            raise InputError(f"max_length must be a positive int (tokens), got {max_length!r}")
+        if not native.available() or not native.w4a8_blocked_available():
+            raise InputError("NativeLlamaDecoder needs mixprec's native kernels with the w4a8 blocked kernel "
+                             f"(AVX512-VNNI or AVX2); here: {native.load_error() or 'no such kernel in this build'}")
+        config = getattr(model, "config", None)
+        _supported_config(config)
+        decoder = getattr(model, "model", None)
+        layers = getattr(decoder, "layers", None)
+        if layers is None or not hasattr(model, "lm_head"):
+            raise InputError("NativeLlamaDecoder needs a transformers LlamaForCausalLM (model.model.layers, lm_head)")
+        weights: list[Tensor] = []
+        for index, layer in enumerate(layers):
+            weights.append(_norm_weight(layer.input_layernorm, f"model.layers.{index}.input_layernorm"))
+            weights.append(_norm_weight(layer.post_attention_layernorm,
+                                        f"model.layers.{index}.post_attention_layernorm"))
+            for name in PROJECTIONS:
+                module = _projection(layer, index, name)
+                weights += [module.codes_blocked, module.scale_blocked]
+        self.model = model
+        self.weights = weights
+        self.final_norm = _norm_weight(decoder.norm, "model.norm")
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads)
+        self.intermediate = int(config.intermediate_size)
+        self.eps = float(config.rms_norm_eps)
+        self.scaling = float(layers[0].self_attn.scaling)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        with torch.inference_mode():
+            positions = torch.arange(max_length).unsqueeze(0)
+            probe = torch.zeros(1, dtype=torch.float32)
+            cos, sin = decoder.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        cache_shape = (len(layers), self.kv_heads, max_length, head_dim)
+        self.key_cache = torch.zeros(cache_shape, dtype=torch.float32)
+        self.value_cache = torch.zeros(cache_shape, dtype=torch.float32)
+        self.max_length = max_length
+        self.position = 0
+
+    def truncate(self, length: int) -> None:
+        """Forget every token from position ``length`` on (0 <= length <= :attr:`position`)."""
+        if not isinstance(length, int) or not 0 <= length <= self.position:
+            raise InputError(f"length must be an int in [0, {self.position}] (the tokens held), got {length!r}")
+        self.position = length
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """Logits ``[tokens, vocab]`` (float32) of ``input_ids`` (a 1-D int64 tensor of token ids, or ``[1, tokens]``)
+        placed at positions ``[position, position + tokens)``; the position then advances past them."""
+        if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            raise InputError(f"input_ids must be an int64 tensor of token ids, got {type(input_ids).__name__} "
+                             f"{getattr(input_ids, 'dtype', '')}")
+        ids = input_ids.reshape(-1) if input_ids.dim() == 2 and input_ids.shape[0] == 1 else input_ids
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise InputError(f"input_ids must be [tokens] or [1, tokens] with tokens >= 1, "
+                             f"got {tuple(input_ids.shape)}")
+        if self.position + ids.numel() > self.max_length:
+            raise InputError(f"{ids.numel()} tokens at position {self.position} exceed max_length {self.max_length}; "
+                             "make a decoder with a larger max_length or truncate()")
+        with torch.inference_mode():
+            hidden = self.model.model.embed_tokens(ids.long()).float().contiguous()
+            out = native.llama_decode_layers(hidden, self.weights, self.final_norm, self.cos, self.sin,
+                                             self.key_cache, self.value_cache, self.position, self.heads,
+                                             self.kv_heads, self.intermediate, self.eps, self.scaling)
+            logits = self.model.lm_head(out).float()
+        self.position += ids.numel()
+        return logits
+
+    __call__ = forward
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int) -> Tensor:
+        """Greedy continuation: the prompt from position 0, then ``max_new_tokens`` tokens one step each;
+        returns the new token ids (int64 ``[max_new_tokens]``)."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        self.truncate(0)
+        logits = self.forward(input_ids)
+        tokens = []
+        for _ in range(max_new_tokens):
+            token = logits[-1].argmax().reshape(1)
+            tokens.append(token)
+            if len(tokens) < max_new_tokens:
+                logits = self.forward(token)
+        return torch.cat(tokens)

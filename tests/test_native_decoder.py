@@ -1,0 +1,141 @@
+"""NativeLlamaDecoder: one native call a step gives transformers' logits for a w4a8 Llama (prompt, single steps,
+several tokens at once, grouped-query attention, Llama 3 rotary scaling), greedy decoding picks the same tokens,
+and bad models and inputs are refused with what would fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mixprec
+from mixprec import InputError, NativeLlamaDecoder, Policy
+from mixprec.kernels import native
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.skipif(not (native.available() and native.w4a8_blocked_available()),
+                                reason="no native w4a8 blocked kernel in this build")
+
+W4A8 = Policy([(r"lm_head|model\.embed_tokens", "w8g32")], default="w4a8g32")
+
+
+def tiny_llama(policy: Policy | None = W4A8, **overrides: object) -> torch.nn.Module:
+    settings = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)
+    settings.update(overrides)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).eval()
+    if policy is not None:
+        mixprec.quantize(model, policy)
+    return model
+
+
+def reference_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(ids[None]).logits[0]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 8},
+                                       {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                         "high_freq_factor": 4.0,
+                                                         "original_max_position_embeddings": 16}}],
+                         ids=["gqa", "mha", "llama3-rope"])
+def test_logits_match_transformers_for_the_prompt_single_steps_and_chunks(overrides: dict) -> None:
+    model = tiny_llama(**overrides)
+    ids = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(1))
+    expected = reference_logits(model, ids)
+    decoder = NativeLlamaDecoder(model, max_length=48)
+    got = torch.cat([decoder(ids[:24]), decoder(ids[24:25]), decoder(ids[25:26]), decoder(ids[26:])])
+    assert decoder.position == 40
+    # measured: at most 2.4e-7 of logits up to 0.94, VNNI and AVX2 builds (the norms and attention sums round)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-6), (got - expected).abs().max()
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    decoder.truncate(30)  # the cache past 30 is overwritten: the same logits again
+    assert torch.allclose(decoder(ids[30:]), expected[30:], rtol=0, atol=1e-6)
+
+
+def test_greedy_generation_picks_transformers_tokens() -> None:
+    model = tiny_llama()
+    prompt = torch.randint(0, 320, (12,), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = model.generate(prompt[None], max_new_tokens=10, do_sample=False, pad_token_id=0)[0, 12:]
+    decoder = NativeLlamaDecoder(model, max_length=32)
+    assert torch.equal(decoder.generate(prompt, max_new_tokens=10), expected)
+    assert torch.equal(decoder.generate(prompt[None], max_new_tokens=3), expected[:3])  # [1, tokens] too
+
+
+def test_one_token_is_the_layers_own_modules_composed() -> None:
+    """A first token attends to itself alone (softmax of one score: its value exactly), so the decoder's output is
+    the model's own modules composed: norms, v / o / gate / up / down projections, residual adds, head."""
+    model = tiny_llama(num_hidden_layers=1)
+    layer = model.model.layers[0]
+    ids = torch.tensor([5])
+    with torch.inference_mode():
+        x = model.model.embed_tokens(ids).float()
+        value = layer.self_attn.v_proj(layer.input_layernorm(x)).reshape(2, 16)  # 2 kv heads, 4 query heads each
+        attention = layer.self_attn.o_proj(value.repeat_interleave(4, dim=0).reshape(1, 128))
+        h = x + attention
+        mlp = layer.mlp.down_proj(torch.nn.functional.silu(layer.mlp.gate_proj(layer.post_attention_layernorm(h)))
+                                  * layer.mlp.up_proj(layer.post_attention_layernorm(h)))
+        expected = model.lm_head(model.model.norm(h + mlp))
+    got = NativeLlamaDecoder(model, max_length=4)(ids)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-6), (got - expected).abs().max()
+
+
+def test_unsupported_models_are_refused_naming_what_would_fit() -> None:
+    with pytest.raises(InputError, match=r"model.layers.0.self_attn.q_proj is Int8DynamicLinear; .*w4a8gN"):
+        NativeLlamaDecoder(tiny_llama(Policy([(r"model\.layers\.0\.self_attn\.q_proj", "int8"),
+                                              (r"lm_head|model\.embed_tokens", "w8g32")], default="w4a8g32")),
+                           max_length=8)
+    with pytest.raises(InputError, match=r"model.layers.0.self_attn.q_proj is Linear"):
+        NativeLlamaDecoder(tiny_llama(policy=None), max_length=8)
+    with pytest.raises(InputError, match="projections without biases, the config sets attention_bias=True"):
+        NativeLlamaDecoder(tiny_llama(attention_bias=True), max_length=8)
+    with pytest.raises(InputError, match="hidden_act 'silu'"):
+        NativeLlamaDecoder(tiny_llama(hidden_act="gelu"), max_length=8)
+    torch.manual_seed(0)
+    mistral = transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2)).eval()
+    with pytest.raises(InputError, match=r"model_type 'llama'\), got 'mistral'"):
+        NativeLlamaDecoder(mistral, max_length=8)
+
+
+def test_bad_lengths_and_token_ids_are_refused() -> None:
+    model = tiny_llama(num_hidden_layers=1)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(InputError, match="max_length must be a positive int"):
+            NativeLlamaDecoder(model, max_length=bad)  # type: ignore[arg-type]
+    decoder = NativeLlamaDecoder(model, max_length=8)
+    with pytest.raises(InputError, match="int64 tensor of token ids"):
+        decoder(torch.zeros(3))
+    with pytest.raises(InputError, match=r"\[tokens\] or \[1, tokens\] with tokens >= 1, got \(2, 3\)"):
+        decoder(torch.zeros(2, 3, dtype=torch.int64))
+    with pytest.raises(InputError, match=r"\[tokens\] or \[1, tokens\] with tokens >= 1, got \(0,\)"):
+        decoder(torch.zeros(0, dtype=torch.int64))
+    decoder(torch.arange(6))
+    with pytest.raises(InputError, match="3 tokens at position 6 exceed max_length 8"):
+        decoder(torch.arange(3))
+    with pytest.raises(InputError, match=r"length must be an int in \[0, 6\]"):
+        decoder.truncate(7)
+    with pytest.raises(InputError, match="max_new_tokens must be a positive int"):
+        decoder.generate(torch.arange(3), max_new_tokens=0)
+
+
+def test_the_native_operator_checks_its_tensors() -> None:
+    model = tiny_llama(num_hidden_layers=1)
+    decoder = NativeLlamaDecoder(model, max_length=8)
+    hidden = torch.zeros(2, 128)
+    arguments = dict(weights=decoder.weights, final_norm=decoder.final_norm, cos=decoder.cos, sin=decoder.sin,
+                     key_cache=decoder.key_cache, value_cache=decoder.value_cache, position=0, heads=8, kv_heads=2,
+                     intermediate=256, eps=1e-6, scaling=0.25)
+    with pytest.raises(RuntimeError, match="hidden must be a contiguous float32 CPU tensor"):
+        native.llama_decode_layers(hidden.double(), **arguments)
+    with pytest.raises(RuntimeError, match=r"do not fit a cache of 8"):
+        native.llama_decode_layers(hidden, **{**arguments, "position": 7})
+    with pytest.raises(RuntimeError, match="weights must hold 16 tensors per layer"):
+        native.llama_decode_layers(hidden, **{**arguments, "weights": decoder.weights[:-1]})
+    with pytest.raises(RuntimeError, match=r"must be a multiple of kv_heads \(3\)"):
+        native.llama_decode_layers(hidden, **{**arguments, "kv_heads": 3})
+    with pytest.raises(RuntimeError, match="value_cache must be a contiguous float32 CPU tensor"):
+        native.llama_decode_layers(hidden, **{**arguments, "value_cache": decoder.value_cache[:, :, :4]})
