@@ -113,6 +113,10 @@ def test_bad_lengths_and_token_ids_are_refused() -> None:
         decoder(torch.zeros(2, 3, dtype=torch.int64))
     with pytest.raises(InputError, match=r"\[tokens\] or \[1, tokens\] with tokens >= 1, got \(0,\)"):
         decoder(torch.zeros(0, dtype=torch.int64))
+    for ids in (torch.tensor([3, 320]), torch.tensor([-1])):
+        with pytest.raises(InputError, match=r"token ids must lie in \[0, 320\)"):
+            decoder(ids)
+    assert decoder.position == 0  # nothing was placed
     decoder(torch.arange(6))
     with pytest.raises(InputError, match="3 tokens at position 6 exceed max_length 8"):
         decoder(torch.arange(3))

@@ -69,7 +69,8 @@ class NativeLlamaDecoder:
     ``max_length`` (tokens) sizes the float32 KV cache: ``2 x layers x kv_heads x max_length x head_dim x 4``
     bytes, allocated once. :meth:`forward` appends tokens at :attr:`position` and returns their logits;
     :meth:`truncate` moves the position back (the cache beyond it is overwritten by later calls);
-    :meth:`generate` decodes greedily.
+    :meth:`generate` decodes greedily. The decoder holds the projection and norm tensors the model had when it
+    was made: quantize or load the model again, and make a new decoder.
     """
 
     def __init__(self, model: nn.Module, max_length: int) -> None:
@@ -128,6 +129,10 @@ class NativeLlamaDecoder:
         if ids.dim() != 1 or ids.numel() == 0:
             raise InputError(f"input_ids must be [tokens] or [1, tokens] with tokens >= 1, "
                              f"got {tuple(input_ids.shape)}")
+        vocab = int(self.model.config.vocab_size)
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise InputError(f"token ids must lie in [0, {vocab}) (the model's vocabulary), got ids from "
+                             f"{int(ids.min())} to {int(ids.max())}")
         if self.position + ids.numel() > self.max_length:
             raise InputError(f"{ids.numel()} tokens at position {self.position} exceed max_length {self.max_length}; "
                              "make a decoder with a larger max_length or truncate()")
