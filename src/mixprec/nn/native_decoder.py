@@ -110,8 +110,12 @@ class NativeLlamaDecoder:
         cache_shape = (len(layers), self.kv_heads, max_length, head_dim)
         self.key_cache = torch.zeros(cache_shape, dtype=torch.float32)
         self.value_cache = torch.zeros(cache_shape, dtype=torch.float32)
-        self.max_length = max_length
         self.position = 0
+
+    @property
+    def max_length(self) -> int:
+        """The most tokens the KV cache holds."""
+        return int(self.key_cache.shape[2])
 
     def truncate(self, length: int) -> None:
         """Forget every token from position ``length`` on (0 <= length <= :attr:`position`)."""
@@ -130,9 +134,10 @@ class NativeLlamaDecoder:
             raise InputError(f"input_ids must be [tokens] or [1, tokens] with tokens >= 1, "
                              f"got {tuple(input_ids.shape)}")
         vocab = int(self.model.config.vocab_size)
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise InputError(f"token ids must lie in [0, {vocab}) (the model's vocabulary), got ids from "
-                             f"{int(ids.min())} to {int(ids.max())}")
+        low, high = (int(bound) for bound in torch.aminmax(ids))
+        if low < 0 or high >= vocab:
+            raise InputError(f"token ids must lie in [0, {vocab}) (the model's vocabulary), got ids from {low} to "
+                             f"{high}")
         if self.position + ids.numel() > self.max_length:
             raise InputError(f"{ids.numel()} tokens at position {self.position} exceed max_length {self.max_length}; "
                              "make a decoder with a larger max_length or truncate()")

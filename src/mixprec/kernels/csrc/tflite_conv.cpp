@@ -204,6 +204,13 @@ inline void for_each_window_point(const Geometry& g, int64_t n, int64_t y, int64
   }
 }
 
+// An unpadded 1x1 stride-1 convolution on the input's own grid: each window is one pixel, consecutive windows
+// consecutive in the input (the GEMMs read them in place when their length also suits the kernel).
+inline bool windows_are_pixels(const Geometry& g) {
+  return g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_top == 0 && g.pad_left == 0 &&
+         g.out_h == g.height && g.out_w == g.width;
+}
+
 // Writes output pixel `pixel`'s window (kh x kw points of `channels` elements of the NHWC input) to row in the order
 // (ky, kx, channel) and returns the end of what it wrote. copy(dst, src, count) copies count input elements as the
 // caller's element type holds them; outside(dst, count) writes count elements of a point outside the image.
@@ -442,8 +449,7 @@ struct GemmLayout {
 
 inline GemmLayout gemm_layout(const Geometry& g) {
   const int64_t window = g.kh * g.kw * g.channels;
-  const bool direct = g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_top == 0 &&
-                      g.pad_left == 0 && g.out_h == g.height && g.out_w == g.width && window % 4 == 0;
+  const bool direct = windows_are_pixels(g) && window % 4 == 0;
   const bool in_place = !direct && g.dilation_w == 1;
   const int64_t run_count = in_place ? g.kh : 1, real = in_place ? g.kw * g.channels : window;
   const int64_t run = (real + 3) / 4 * 4;
@@ -633,11 +639,12 @@ void conv_gemm_vnni(const Geometry& g, const int8_t* in, const int8_t* packed_we
 // integer sums as convolve().
 struct Avx2GemmLayout {
   int64_t window, depth;  // the window's elements, rounded up to even
+  bool direct;            // windows_are_pixels with an even window: each window widened straight from the input
 };
 
 inline Avx2GemmLayout avx2_gemm_layout(const Geometry& g) {
   const int64_t window = g.kh * g.kw * g.channels;
-  return {window, (window + 1) / 2 * 2};
+  return {window, (window + 1) / 2 * 2, windows_are_pixels(g) && window % 2 == 0};
 }
 
 // conv_gemm_avx2's accumulators start from the bias (int32 for int8 input), zeros without one.
@@ -712,9 +719,6 @@ void conv_gemm_avx2(const Geometry& g, const int8_t* in, const int16_t* packed_w
   const int64_t outs = g.out_channels, blocks = outs / 8, pixels = g.batch * g.out_h * g.out_w;
   const auto offset = static_cast<int16_t>(in_off);
   const mixprec::Int8Store8 store(m, s, per_channel, outs, output_offset, act_min, act_max);
-  // an unpadded 1x1 stride-1 convolution: the window is the pixel, consecutive pixels consecutive
-  const bool direct = g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_top == 0 &&
-                      g.pad_left == 0 && g.out_h == g.height && g.out_w == g.width && depth == window;
   auto gather = [&](int64_t pixel, int16_t* row) {
     const auto widen = [offset](int16_t* dst, const int8_t* src, int64_t count) {
       widen_with_offset(src, dst, count, offset);
@@ -745,7 +749,7 @@ void conv_gemm_avx2(const Geometry& g, const int8_t* in, const int16_t* packed_w
     const int16_t* rows[kAvx2TilePixels];
     for (int64_t chunk = begin; chunk < end; chunk += kAvx2Chunk) {
       const int64_t count = std::min(kAvx2Chunk, end - chunk);
-      if (direct) {
+      if (layout.direct) {
         widen_with_offset(in + chunk * depth, gathered.data(), count * depth, offset);
       } else {
         for (int64_t i = 0; i < count; ++i) gather(chunk + i, gathered.data() + i * depth);
