@@ -17,10 +17,12 @@ same position), tokens/s from the median of interleaved rounds (each a block of 
 0.3 s per path: llama.cpp's and PyTorch's threads spin after a call); prefill = one forward of 128
 tokens, no cache. ``bytes/token``: the weight bytes a decode step reads (every tensor once, the
 input embedding one row; ``mixprec.bench.decoding.decode_step_bytes``; for llama.cpp the file
-minus its token embedding); ``limit``: DRAM read bandwidth (a 1 GiB sum, measured at the start and
-the end of the run, the median kept) / bytes per token. llama.cpp runs mixprec's own GGUF exports
-of the ``w8g32`` (Q8_0) and ``w4g32`` (Q4_0, embedding Q8_0) models. ``--native``: these ``w4a8`` paths
-also run through ``mixprec.NativeLlamaDecoder`` (the decoder stack in one native call a step). ``--compiled``:
+minus its token embedding); ``limit``: DRAM read bandwidth / bytes per token, the bandwidth that of a 1 GiB
+float32 sum timed as one more candidate in the decode rounds (this machine's bandwidth has phases, 32 and 58 GB/s
+read minutes apart: a reading taken alone before or after the rounds, also printed, can miss the rounds' phase).
+llama.cpp runs mixprec's own GGUF exports of the ``w8g32`` (Q8_0) and ``w4g32`` (Q4_0, embedding Q8_0) models.
+``--native``: these mixprec paths (``int8``, ``w4a8`` or a mix of them) also run through
+``mixprec.NativeLlamaDecoder`` (the decoder stack in one native call a step). ``--compiled``:
 these paths also run under ``torch.compile`` (default inductor backend, compiled before timing; the same
 model, its own KV cache), reported as "<path>, compiled" with the number of graph breaks.
 
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 import warnings
@@ -44,7 +45,13 @@ from torch import nn
 
 import mixprec
 from mixprec import Policy
-from mixprec.bench.decoding import decode_step_bytes, dram_read_bandwidth, llama_cpp_decode_step, torch_decode_step
+from mixprec.bench.decoding import (
+    BANDWIDTH_ARRAY_BYTES,
+    decode_step_bytes,
+    dram_read_bandwidth,
+    llama_cpp_decode_step,
+    torch_decode_step,
+)
 from mixprec.bench.profiling import print_profile, self_cpu_ms_per_call
 from mixprec.report.results import print_table, write_csv
 from mixprec.timing import interleaved_medians
@@ -72,6 +79,8 @@ GGUF_EXPORTS = {"w8g32": "Q8_0", "w4g32": "Q4_0"}
 DEFAULT_COMPILED = "mixprec int8,mixprec w4g32,mixprec w4a8g32,torchao int4 g32 (bf16 activations)"
 PROMPT_TOKENS = 64
 PREFILL_TOKENS = 128
+#: The bandwidth probe's name among the decode rounds' candidates.
+DRAM_PROBE = "DRAM read (1 GiB float32 sum)"
 
 
 @dataclass
@@ -268,8 +277,8 @@ def main() -> None:
     parser.add_argument("--compiled", default=DEFAULT_COMPILED,
                         help=f"comma-separated paths also run compiled (default: {DEFAULT_COMPILED!r}; '' for none)")
     parser.add_argument("--native", default="",
-                        help="comma-separated mixprec w4a8 paths also run through NativeLlamaDecoder (one native call "
-                             "a step), reported as '<path>, native step'")
+                        help="comma-separated mixprec int8 / w4a8 / mix paths also run through NativeLlamaDecoder (one "
+                             "native call a step), reported as '<path>, native step'")
     parser.add_argument("--out", type=Path, default=Path("runs/decode"))
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="instead of timing: profile STEPS decode steps of each path (torch.profiler, self CPU ms "
@@ -302,12 +311,14 @@ def main() -> None:
                               top=16)
             return
         bandwidths.append(dram_read_bandwidth())
-        decode = interleaved_medians({name: p.decode for name, p in paths.items()}, rounds=args.rounds,
-                                     min_seconds=0.3)
+        probe = torch.ones(BANDWIDTH_ARRAY_BYTES // 4)
+        decode = interleaved_medians({**{name: p.decode for name, p in paths.items()}, DRAM_PROBE: probe.sum},
+                                     rounds=args.rounds, min_seconds=0.3)
+        bandwidth = BANDWIDTH_ARRAY_BYTES / decode.pop(DRAM_PROBE)
+        del probe
         prefill = interleaved_medians({name: p.prefill for name, p in paths.items()}, rounds=max(3, args.rounds // 2),
                                       min_seconds=0.0, warmup=1)
     bandwidths.append(dram_read_bandwidth())
-    bandwidth = statistics.median(bandwidths)
     rows = []
     for name, path in paths.items():
         limit = bandwidth / path.step_bytes
@@ -320,7 +331,8 @@ def main() -> None:
     threads = torch.get_num_threads()
     columns = list(rows[0])
     print_table(f"{args.model}: decode after {PROMPT_TOKENS} tokens, prefill of {PREFILL_TOKENS}, {threads} threads, "
-                f"DRAM read {bandwidth / 1e9:.1f} GB/s (median of {', '.join(f'{b / 1e9:.1f}' for b in bandwidths)})",
+                f"DRAM read {bandwidth / 1e9:.1f} GB/s in the decode rounds (alone before / between / after: "
+                f"{', '.join(f'{b / 1e9:.1f}' for b in bandwidths)})",
                 rows, columns)
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / f"{args.model}.csv", rows, columns)

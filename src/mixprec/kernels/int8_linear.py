@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
@@ -64,15 +66,20 @@ def _onednn_int8_gemm() -> bool:
     return onednn_int8.available()
 
 
+def dense_rows_max(weight: Tensor) -> int:
+    """Most rows of ``x`` whose linear against the dense int8 ``weight`` runs the kernel that streams it once per four
+    rows (0: none): :data:`PACKED_ROWS_MAX`, or every count (``sys.maxsize``) where oneDNN's int8 GEMM has no
+    VNNI/AMX kernel (measured on an AVX2-only CPU, 128 x 2048 rows against a 5632 x 2048 weight: 72 ms, against 810
+    ms in ``torch._int_mm`` and 72 ms for float32; ``benchmarks/int8_many_rows.py``)."""
+    if (weight.numel() < DENSE_ROWS_MIN_WEIGHTS or not weight.is_contiguous()
+            or not native.int8_dense_rows_available()):
+        return 0
+    return PACKED_ROWS_MAX if _onednn_int8_gemm() else sys.maxsize
+
+
 def _dense_rows_apply(x: Tensor, weight: Tensor) -> bool:
-    """Whether ``x``'s rows go to the kernel that streams the dense int8 ``weight`` once per four rows: up to
-    :data:`PACKED_ROWS_MAX` rows, and any number where oneDNN's int8 GEMM has no VNNI/AMX kernel (measured on an
-    AVX2-only CPU, 128 x 2048 rows against a 5632 x 2048 weight: 72 ms, against 810 ms in ``torch._int_mm`` and 72
-    ms for float32; ``benchmarks/int8_many_rows.py``)."""
-    rows = x.shape[0]
-    return (1 <= rows and (rows <= PACKED_ROWS_MAX or not _onednn_int8_gemm())
-            and weight.numel() >= DENSE_ROWS_MIN_WEIGHTS and weight.is_contiguous()
-            and native.int8_dense_rows_available())
+    """Whether ``x``'s rows go to the kernel that streams the dense int8 ``weight`` once (:func:`dense_rows_max`)."""
+    return 1 <= x.shape[0] <= dense_rows_max(weight)
 
 
 def int8_linear_static(x: Tensor, input_scale: Tensor, input_zero_point: Tensor, weight: Tensor,

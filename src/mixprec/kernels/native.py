@@ -253,14 +253,15 @@ def kv_attention_available() -> bool:
     return available() and bool(torch.ops.mixprec.kv_attention_available())
 
 
-def llama_decode_layers(hidden: torch.Tensor, weights: list[torch.Tensor], final_norm: torch.Tensor,
+def llama_decode_layers(hidden: torch.Tensor, weights: list[torch.Tensor], plans: list[int], final_norm: torch.Tensor,
                         cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                         position: int, heads: int, kv_heads: int, intermediate: int, eps: float,
                         scaling: float) -> torch.Tensor:
-    """Every layer of a Llama-family decoder with ``w4a8`` projections for the rows of ``hidden`` at positions
-    ``[position, position + rows)``, writing their keys and values into the caches (see csrc/llama_decode.cpp)."""
-    return torch.ops.mixprec.llama_decode_layers(hidden, weights, final_norm, cos, sin, key_cache, value_cache,
-                                                 position, heads, kv_heads, intermediate, eps, scaling)
+    """Every layer of a Llama-family decoder with ``w4a8`` / ``int8`` projections (``plans``: kernel and few-row
+    bound of each) for the rows of ``hidden`` at positions ``[position, position + rows)``, writing their keys and
+    values into the caches (see csrc/llama_decode.cpp)."""
+    return torch.ops.mixprec.llama_decode_layers(hidden, weights, plans, final_norm, cos, sin, key_cache,
+                                                 value_cache, position, heads, kv_heads, intermediate, eps, scaling)
 
 
 def kv_decode_attention(query: torch.Tensor, key_codes: torch.Tensor, key_scale: torch.Tensor,

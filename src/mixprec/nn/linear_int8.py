@@ -160,6 +160,11 @@ class _OneDnnPackedWeight(PackedWeightMixin):
     def weight_codes(self) -> Tensor:
         return onednn_int8.unpack(self._packed)
 
+    def onednn_operands(self) -> tuple[Tensor, Tensor, Tensor, bool]:
+        """The packed weight, the unit scales and zero points oneDNN's call takes, and whether up to
+        :data:`~mixprec.kernels.int8_linear.PACKED_ROWS_MAX` rows read the packed bytes in place."""
+        return self._packed, self._unit_scale, self._zero_points, self._rows_in_place
+
     @property
     def kernel(self) -> str:
         fused = "fused C++" if native.available() else "PyTorch-op"

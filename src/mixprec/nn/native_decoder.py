@@ -1,12 +1,13 @@
-"""Decode a transformers Llama-family model quantized to ``w4a8gN`` with one native call per step.
+"""Decode a transformers Llama-family model quantized to ``w4a8gN`` and / or ``int8`` with one native call per step.
 
 A decoding step of a PyTorch model pays for every operator it runs: about 300 a step for a 22-layer
 Llama-shaped model, 7 ms of a 26 ms compiled step on a 2-core Zen 4 (BENCHMARKS.md), while its
 weights stream from DRAM in about 20 ms. :class:`NativeLlamaDecoder` runs the whole decoder stack of a
-model whose seven projections per layer are ``w4a8gN`` (the blocked layout) in one C++ call
-(``csrc/llama_decode.cpp``): RMSNorm, the projections through mixprec's own quantize and ``w4a8``
-operators, rotary positions, grouped-query attention over its own float32 KV cache, SiLU x up and the
-residual adds. The token embedding and the head run as the model's own modules (any precision).
+model whose seven projections per layer are ``w4a8gN`` (the blocked layout) or ``int8``, in any mix, in one
+C++ call (``csrc/llama_decode.cpp``): RMSNorm, the projections through the operators their modules call
+(mixprec's quantize, ``w4a8`` and int8 kernels, oneDNN's for a packed int8 weight and many rows), rotary
+positions, grouped-query attention over its own float32 KV cache, SiLU x up and the residual adds. The token
+embedding and the head run as the model's own modules (any precision).
 
 Each projection gives the bits its module gives for the same input rows; the float32 steps around them
 round in another order than transformers' (the norms' means, attention sums), so logits agree with the
@@ -17,7 +18,8 @@ model such a difference can flip an int8 activation code, which later layers amp
 Supported: ``model_type == "llama"`` (SmolLM2, TinyLlama, Llama 2 / 3 and their rotary scalings: the
 cos/sin tables come from the model's own rotary module), SiLU MLP, no projection biases, every
 ``q/k/v/o/gate/up/down_proj`` a :class:`~mixprec.nn.linear_weight_only.W4A8Linear` in the blocked layout
-(``w4a8gN`` with N a multiple of 8) and float32 norms. Anything else is refused with what would fit.
+(``w4a8gN`` with N a multiple of 8) or an ``int8`` :class:`~mixprec.nn.linear_int8.Int8DynamicLinear` (dense or
+oneDNN-packed), and float32 norms. Anything else is refused with what would fit.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from torch import Tensor, nn
 
 from mixprec.errors import InputError
 from mixprec.kernels import native
+from mixprec.kernels.int8_linear import PACKED_ROWS_MAX, dense_rows_max
+from mixprec.nn.linear_int8 import Int8DynamicLinear, Int8PackedLinear
 from mixprec.nn.linear_weight_only import W4A8Linear
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -46,14 +50,30 @@ def _supported_config(config: object) -> None:
         raise InputError(f"NativeLlamaDecoder needs pretraining_tp 1, got {config.pretraining_tp}")
 
 
-def _projection(layer: nn.Module, index: int, name: str) -> W4A8Linear:
+#: The kernels of csrc/llama_decode.cpp (its ``Kernel``).
+W4A8_BLOCKED, INT8_DENSE, INT8_PACKED = 0, 1, 2
+
+
+def _projection_plan(layer: nn.Module, index: int, name: str) -> tuple[int, int, list[Tensor]]:
+    """The kernel, the most rows its few-row path takes, and the four tensors (unused ones empty) of a projection."""
     module = layer.get_submodule(name)
-    if not isinstance(module, W4A8Linear) or not module.blocked or module.bias is not None:
-        kind = type(module).__name__ + (" (not blocked)" if isinstance(module, W4A8Linear) else "")
-        raise InputError(f"model.layers.{index}.{name} is {kind}; NativeLlamaDecoder needs every projection "
-                         "quantized to w4a8gN with N a multiple of 8 (the blocked layout), without bias, e.g. "
-                         "Policy([(r'lm_head|model\\.embed_tokens', 'w8g32')], default='w4a8g32')")
-    return module
+    empty = torch.empty(0)
+    if getattr(module, "bias", None) is None:
+        if isinstance(module, W4A8Linear) and module.blocked and native.w4a8_blocked_available():
+            return W4A8_BLOCKED, 0, [module.codes_blocked, module.scale_blocked, empty, empty]
+        if isinstance(module, Int8PackedLinear):
+            packed, unit_scale, zero_points, in_place = module.onednn_operands()
+            return INT8_PACKED, PACKED_ROWS_MAX if in_place else 0, [packed, module.weight_scale, unit_scale,
+                                                                     zero_points]
+        if type(module) is Int8DynamicLinear:
+            return INT8_DENSE, dense_rows_max(module.weight), [module.weight, module.weight_scale, empty, empty]
+    kind = type(module).__name__ + (" with a bias" if getattr(module, "bias", None) is not None else "")
+    if isinstance(module, W4A8Linear):
+        kind += "" if module.blocked else " (not blocked)"
+        kind += "" if native.w4a8_blocked_available() else " (no w4a8 blocked kernel in this build: needs AVX2)"
+    raise InputError(f"model.layers.{index}.{name} is {kind}; NativeLlamaDecoder needs every projection quantized to "
+                     "int8 or to w4a8gN with N a multiple of 8 (the blocked layout), without bias, e.g. "
+                     "Policy([(r'lm_head|model\\.embed_tokens', 'w8g32')], default='w4a8g32')")
 
 
 def _norm_weight(module: nn.Module, name: str) -> Tensor:
@@ -64,7 +84,7 @@ def _norm_weight(module: nn.Module, name: str) -> Tensor:
 
 
 class NativeLlamaDecoder:
-    """Greedy decoding and step-by-step logits of a ``w4a8gN`` Llama-family model, one native call a step.
+    """Greedy decoding and step-by-step logits of a ``w4a8gN`` / ``int8`` Llama-family model, one native call a step.
 
     ``max_length`` (tokens) sizes the float32 KV cache: ``2 x layers x kv_heads x max_length x head_dim x 4``
     bytes, allocated once. :meth:`forward` appends tokens at :attr:`position` and returns their logits;
@@ -76,9 +96,8 @@ class NativeLlamaDecoder:
     def __init__(self, model: nn.Module, max_length: int) -> None:
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
             raise InputError(f"max_length must be a positive int (tokens), got {max_length!r}")
-        if not native.available() or not native.w4a8_blocked_available():
-            raise InputError("NativeLlamaDecoder needs mixprec's native kernels with the w4a8 blocked kernel "
-                             f"(AVX512-VNNI or AVX2); here: {native.load_error() or 'no such kernel in this build'}")
+        if not native.available():
+            raise InputError(f"NativeLlamaDecoder needs mixprec's native kernels; here: {native.load_error()}")
         config = getattr(model, "config", None)
         _supported_config(config)
         decoder = getattr(model, "model", None)
@@ -86,15 +105,17 @@ class NativeLlamaDecoder:
         if layers is None or not hasattr(model, "lm_head"):
             raise InputError("NativeLlamaDecoder needs a transformers LlamaForCausalLM (model.model.layers, lm_head)")
         weights: list[Tensor] = []
+        plans: list[int] = []
         for index, layer in enumerate(layers):
             weights.append(_norm_weight(layer.input_layernorm, f"model.layers.{index}.input_layernorm"))
             weights.append(_norm_weight(layer.post_attention_layernorm,
                                         f"model.layers.{index}.post_attention_layernorm"))
             for name in PROJECTIONS:
-                module = _projection(layer, index, name)
-                weights += [module.codes_blocked, module.scale_blocked]
+                kernel, few_rows_max, tensors = _projection_plan(layer, index, name)
+                plans += [kernel, few_rows_max]
+                weights += tensors
         self.model = model
-        self.weights = weights
+        self.weights, self.plans = weights, plans
         self.final_norm = _norm_weight(decoder.norm, "model.norm")
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
@@ -143,7 +164,7 @@ class NativeLlamaDecoder:
                              "make a decoder with a larger max_length or truncate()")
         with torch.inference_mode():
             hidden = self.model.model.embed_tokens(ids.long()).float().contiguous()
-            out = native.llama_decode_layers(hidden, self.weights, self.final_norm, self.cos, self.sin,
+            out = native.llama_decode_layers(hidden, self.weights, self.plans, self.final_norm, self.cos, self.sin,
                                              self.key_cache, self.value_cache, self.position, self.heads,
                                              self.kv_heads, self.intermediate, self.eps, self.scaling)
             logits = self.model.lm_head(out).float()

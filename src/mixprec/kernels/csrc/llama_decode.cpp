@@ -1,16 +1,20 @@
-// A Llama-family decoder stack in one native call: every layer's RMSNorm, the seven w4a8 projections, rotary
+// A Llama-family decoder stack in one native call: every layer's RMSNorm, the seven quantized projections, rotary
 // positions, grouped-query attention over a float32 KV cache, SiLU x up and the residual adds, for M new tokens at
 // positions [position, position + M). The token embedding and the head stay with the caller.
 //
-// Each projection is mixprec's own operators, called through the dispatcher (no Python between them):
-// quantize_rows_s8 (per-row symmetric int8) and w4a8_linear_blocked, so a projection gives the bits the W4A8Linear
-// module gives for the same input rows. The float32 steps around them follow transformers' LlamaDecoderLayer:
-// RMSNorm y = w * (x * rsqrt(mean(x^2) + eps)) (the mean summed in double in vector lanes, then rounded to
-// float32), RoPE q' = q * cos + rotate_half(q) * sin (rotate_half(q) = [-q2, q1]; two products, one add: the build
-// contracts no FMA), attention softmax(q . k * scaling) v with the maximum subtracted (float32, the q . k sums in
-// vector lanes), causal over the cache, SiLU(g) = g / (1 + exp(-g)). Rounding inside the norms' means and the
-// attention sums differs from PyTorch's order, so logits agree with transformers' to float rounding, not bit for
-// bit.
+// Each projection runs the operators its mixprec module runs, called through the dispatcher (no Python between
+// them), so it gives the module's bits for the same input rows:
+//   w4a8 (blocked layout): quantize_rows_s8 (per-row symmetric int8), w4a8_linear_blocked;
+//   int8, dense weight: up to few_rows_max rows quantize_rows_u8 + int8_dense_rows, else int8_linear_dynamic;
+//   int8, oneDNN-packed weight: quantize_rows_u8, then up to few_rows_max rows int8_packed_rows (reading the
+//     packed bytes in place), else oneDNN's qlinear_pointwise (u8 x s8, zero point 128) + rescale_rows_cols_.
+// A layer's input rows are quantized once per code kind however many projections read them. The float32 steps
+// around the projections follow transformers' LlamaDecoderLayer: RMSNorm y = w * (x * rsqrt(mean(x^2) + eps)) (the
+// mean summed in double in vector lanes, then rounded to float32), RoPE q' = q * cos + rotate_half(q) * sin
+// (rotate_half(q) = [-q2, q1]; two products, one add: the build contracts no FMA), attention
+// softmax(q . k * scaling) v with the maximum subtracted (float32, the q . k sums in vector lanes), causal over the
+// cache, SiLU(g) = g / (1 + exp(-g)). Rounding inside the norms' means and the attention sums differs from
+// PyTorch's order, so logits agree with transformers' to float rounding, not bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -20,35 +24,116 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
 namespace {
 
-// Per layer: input norm, post-attention norm, then codes and scale of q, k, v, o, gate, up, down.
-constexpr int64_t kTensorsPerLayer = 16;
+// Per layer: input norm, post-attention norm, then four tensors for each of q, k, v, o, gate, up, down (see Kernel).
+constexpr int64_t kTensorsPerProjection = 4;
+constexpr int64_t kProjections = 7;
+constexpr int64_t kTensorsPerLayer = 2 + kProjections * kTensorsPerProjection;
 enum Projection : int64_t { kQuery, kKey, kValue, kOutput, kGate, kUp, kDown };
+
+// How a projection runs, and its four tensors (unused ones are empty):
+enum Kernel : int64_t {
+  kW4A8Blocked = 0,  // codes_blocked, scale_blocked
+  kInt8Dense = 1,    // weight int8 [N, K], weight_scale [N]
+  kInt8Packed = 2,   // oneDNN-packed weight, weight_scale [N], unit_scale ones [N], zero_points int32 zeros [N]
+};
 
 struct Shape {
   int64_t rows, hidden, heads, kv_heads, head_dim, intermediate, max_length;
 };
 
-std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mixprec::quantize_rows_s8", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
-  return op.call(x);
+using Codes = std::tuple<at::Tensor, at::Tensor>;  // codes [M, K], per-row scales [M, 1]
+using Quantize = Codes(const at::Tensor&);
+// (q, row_scale, weight, col_scale, bias): int8_dense_rows' and int8_packed_rows' signature.
+using FewRows = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const c10::optional<at::Tensor>&);
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> operator_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-at::Tensor w4a8(const std::tuple<at::Tensor, at::Tensor>& xq, at::TensorList weights, int64_t layer,
-                Projection projection, int64_t out_features) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mixprec::w4a8_linear_blocked", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, int64_t, const c10::optional<at::Tensor>&)>();
-  const int64_t base = layer * kTensorsPerLayer + 2 + 2 * projection;
-  return op.call(std::get<0>(xq), std::get<1>(xq), weights[base], weights[base + 1], out_features, c10::nullopt);
+// A projection's float32 input rows and their int8 codes, made once per kind on first use.
+class ProjectionInput {
+ public:
+  explicit ProjectionInput(at::Tensor rows) : rows_(std::move(rows)) {}
+  const at::Tensor& rows() const { return rows_; }
+  const Codes& signed_codes() {  // per-row symmetric int8
+    static const auto quantize = operator_handle<Quantize>("mixprec::quantize_rows_s8");
+    if (!signed_) signed_ = quantize.call(rows_);
+    return *signed_;
+  }
+  const Codes& offset_codes() {  // the same codes + 128, as uint8
+    static const auto quantize = operator_handle<Quantize>("mixprec::quantize_rows_u8");
+    if (!offset_) offset_ = quantize.call(rows_);
+    return *offset_;
+  }
+
+ private:
+  at::Tensor rows_;
+  std::optional<Codes> signed_, offset_;
+};
+
+at::Tensor w4a8(const Codes& xq, const at::Tensor& codes, const at::Tensor& scale, int64_t out_features) {
+  static const auto op = operator_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&, int64_t, const c10::optional<at::Tensor>&)>(
+      "mixprec::w4a8_linear_blocked");
+  return op.call(std::get<0>(xq), std::get<1>(xq), codes, scale, out_features, c10::nullopt);
 }
+
+// The few-row int8 kernels: the dense weight streamed once, or oneDNN's packed bytes read in place.
+at::Tensor int8_few_rows(bool packed, const Codes& xq, const at::Tensor& weight, const at::Tensor& scale) {
+  static const auto dense = operator_handle<FewRows>("mixprec::int8_dense_rows");
+  static const auto in_place = operator_handle<FewRows>("mixprec::int8_packed_rows");
+  return (packed ? in_place : dense).call(std::get<0>(xq), std::get<1>(xq), weight, scale, c10::nullopt);
+}
+
+at::Tensor int8_dynamic(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
+  static const auto op = operator_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                    const c10::optional<at::Tensor>&)>("mixprec::int8_linear_dynamic");
+  return op.call(x, weight, scale, c10::nullopt);
+}
+
+// float(sum_k (q - 128) * w) from oneDNN, then acc * row_scale * col_scale in place (the module's epilogue).
+at::Tensor int8_onednn(const Codes& xq, const at::Tensor* t) {
+  static const auto matmul =
+      operator_handle<at::Tensor(at::Tensor, double, int64_t, at::Tensor, at::Tensor, at::Tensor,
+                                 std::optional<at::Tensor>, double, int64_t, std::optional<at::ScalarType>,
+                                 c10::string_view, torch::List<std::optional<at::Scalar>>, c10::string_view)>(
+          "onednn::qlinear_pointwise");  // oneDNN registers its kernel taking every argument by value
+  static const auto rescale =
+      operator_handle<void(at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&)>(
+          "mixprec::rescale_rows_cols_");
+  at::Tensor acc = matmul.call(std::get<0>(xq), 1.0, 128, t[0], t[2], t[3], std::nullopt, 1.0, 0, at::kFloat, "none",
+                               torch::List<std::optional<at::Scalar>>(), "");
+  rescale.call(acc, std::get<1>(xq), t[1], c10::nullopt);
+  return acc;
+}
+
+// Runs projection p of layer l on its input rows as its plan says: plans holds (kernel, few_rows_max) per projection.
+struct Projections {
+  at::TensorList weights;
+  const int64_t* plans;
+
+  at::Tensor operator()(ProjectionInput& in, int64_t layer, Projection projection, int64_t out_features) const {
+    const at::Tensor* t = &weights[layer * kTensorsPerLayer + 2 + projection * kTensorsPerProjection];
+    const int64_t* plan = plans + 2 * (layer * kProjections + projection);
+    const bool few_rows = in.rows().size(0) <= plan[1];
+    switch (plan[0]) {
+      case kW4A8Blocked:
+        return w4a8(in.signed_codes(), t[0], t[1], out_features);
+      case kInt8Dense:
+        return few_rows ? int8_few_rows(false, in.offset_codes(), t[0], t[1]) : int8_dynamic(in.rows(), t[0], t[1]);
+      default:
+        return few_rows ? int8_few_rows(true, in.offset_codes(), t[0], t[1]) : int8_onednn(in.offset_codes(), t);
+    }
+  }
+};
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const int64_t rows = x.size(0), n = x.size(1);
@@ -145,10 +230,10 @@ void check_float_tensor(const at::Tensor& t, std::vector<int64_t> shape, const c
 }
 
 // hidden: [M, H] float32 (the embedded tokens); returns the last layer's output after final_norm, [M, H].
-at::Tensor llama_decode_layers(const at::Tensor& hidden, at::TensorList weights, const at::Tensor& final_norm,
-                               const at::Tensor& cos, const at::Tensor& sin, at::Tensor& key_cache,
-                               at::Tensor& value_cache, int64_t position, int64_t heads, int64_t kv_heads,
-                               int64_t intermediate, double eps, double scaling) {
+at::Tensor llama_decode_layers(const at::Tensor& hidden, at::TensorList weights, at::IntArrayRef plans,
+                               const at::Tensor& final_norm, const at::Tensor& cos, const at::Tensor& sin,
+                               at::Tensor& key_cache, at::Tensor& value_cache, int64_t position, int64_t heads,
+                               int64_t kv_heads, int64_t intermediate, double eps, double scaling) {
   TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) >= 1, "hidden must be [tokens, hidden_size], got ", hidden.sizes());
   TORCH_CHECK(key_cache.dim() == 4, "key_cache must be [layers, kv_heads, max_length, head_dim], got ",
               key_cache.sizes());
@@ -171,24 +256,32 @@ at::Tensor llama_decode_layers(const at::Tensor& hidden, at::TensorList weights,
     check_float_tensor(weights[l * kTensorsPerLayer], {s.hidden}, "input_layernorm weight");
     check_float_tensor(weights[l * kTensorsPerLayer + 1], {s.hidden}, "post_attention_layernorm weight");
   }
+  TORCH_CHECK(static_cast<int64_t>(plans.size()) == layers * kProjections * 2,
+              "plans must hold (kernel, few_rows_max) for ", kProjections, " projections per layer (",
+              layers * kProjections * 2, " ints), got ", plans.size());
+  for (size_t i = 0; i < plans.size(); i += 2)
+    TORCH_CHECK(plans[i] >= kW4A8Blocked && plans[i] <= kInt8Packed, "plans[", i, "] = ", plans[i],
+                " is not a kernel (0 w4a8 blocked, 1 int8 dense, 2 int8 oneDNN-packed)");
+  const Projections project{weights, plans.data()};
   const int64_t q_out = heads * s.head_dim, kv_out = kv_heads * s.head_dim;
   at::Tensor x = hidden.clone();
   for (int64_t l = 0; l < layers; ++l) {
     float* keys = key_cache.data_ptr<float>() + l * kv_heads * s.max_length * s.head_dim;
     float* values = value_cache.data_ptr<float>() + l * kv_heads * s.max_length * s.head_dim;
-    const auto normed = quantize_rows(rms_norm(x, weights[l * kTensorsPerLayer], eps));
-    at::Tensor q = w4a8(normed, weights, l, kQuery, q_out);
-    at::Tensor k = w4a8(normed, weights, l, kKey, kv_out);
-    const at::Tensor v = w4a8(normed, weights, l, kValue, kv_out);
+    ProjectionInput normed(rms_norm(x, weights[l * kTensorsPerLayer], eps));
+    at::Tensor q = project(normed, l, kQuery, q_out);
+    at::Tensor k = project(normed, l, kKey, kv_out);
+    const at::Tensor v = project(normed, l, kValue, kv_out);
     rotate(q, heads, s, cos.data_ptr<float>(), sin.data_ptr<float>(), position);
     rotate(k, kv_heads, s, cos.data_ptr<float>(), sin.data_ptr<float>(), position);
     store_cache(k, v, keys, values, s, position);
-    const at::Tensor attention = attend(q, keys, values, s, position, static_cast<float>(scaling));
-    x.add_(w4a8(quantize_rows(attention), weights, l, kOutput, s.hidden));
-    const auto post = quantize_rows(rms_norm(x, weights[l * kTensorsPerLayer + 1], eps));
-    at::Tensor gate = w4a8(post, weights, l, kGate, intermediate);
-    silu_times(gate, w4a8(post, weights, l, kUp, intermediate));
-    x.add_(w4a8(quantize_rows(gate), weights, l, kDown, s.hidden));
+    ProjectionInput attention(attend(q, keys, values, s, position, static_cast<float>(scaling)));
+    x.add_(project(attention, l, kOutput, s.hidden));
+    ProjectionInput post(rms_norm(x, weights[l * kTensorsPerLayer + 1], eps));
+    at::Tensor gate = project(post, l, kGate, intermediate);
+    silu_times(gate, project(post, l, kUp, intermediate));
+    ProjectionInput activated(gate);
+    x.add_(project(activated, l, kDown, s.hidden));
   }
   return rms_norm(x, final_norm, eps);
 }
@@ -196,9 +289,11 @@ at::Tensor llama_decode_layers(const at::Tensor& hidden, at::TensorList weights,
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mixprec, m) {
-  m.def("llama_decode_layers(Tensor hidden, Tensor[] weights, Tensor final_norm, Tensor cos, Tensor sin, "
-        "Tensor(a!) key_cache, Tensor(b!) value_cache, int position, int heads, int kv_heads, int intermediate, "
-        "float eps, float scaling) -> Tensor");
+  m.def("llama_decode_layers(Tensor hidden, Tensor[] weights, int[] plans, Tensor final_norm, Tensor cos, "
+        "Tensor sin, Tensor(a!) key_cache, Tensor(b!) value_cache, int position, int heads, int kv_heads, "
+        "int intermediate, float eps, float scaling) -> Tensor");
 }
 
+// An int8 projection's oneDNN-packed weight is an MkldnnCPU tensor, so the dispatcher picks that key when one is held.
 TORCH_LIBRARY_IMPL(mixprec, CPU, m) { m.impl("llama_decode_layers", &llama_decode_layers); }
+TORCH_LIBRARY_IMPL(mixprec, MkldnnCPU, m) { m.impl("llama_decode_layers", &llama_decode_layers); }
