@@ -98,6 +98,39 @@ def test_greedy_generation_picks_transformers_tokens() -> None:
     assert torch.equal(decoder.generate(prompt[None], max_new_tokens=3), expected[:3])  # [1, tokens] too
 
 
+def test_generation_stops_at_an_end_token_as_transformers_does() -> None:
+    model = tiny_llama()
+    prompt = torch.randint(0, 320, (12,), generator=torch.Generator().manual_seed(7))  # 10 distinct greedy tokens
+    decoder = NativeLlamaDecoder(model, max_length=32)
+    greedy = decoder.generate(prompt, max_new_tokens=10)
+    eos = int(greedy[3])
+    first = int((greedy == eos).nonzero()[0])
+    assert first == 3
+    with torch.inference_mode():
+        expected = model.generate(prompt[None], max_new_tokens=10, do_sample=False, eos_token_id=eos,
+                                  pad_token_id=0)[0, 12:]
+    assert torch.equal(decoder.generate(prompt, max_new_tokens=10, eos_token_id=eos), greedy[:first + 1])
+    assert torch.equal(decoder.generate(prompt, max_new_tokens=10, eos_token_id=eos), expected)
+    assert torch.equal(decoder.generate(prompt, max_new_tokens=10, eos_token_id=[319, eos]), greedy[:first + 1])
+
+
+def test_sampling_draws_from_the_top_k_logits_and_repeats_with_a_seeded_generator() -> None:
+    model = tiny_llama()
+    prompt = torch.randint(0, 320, (12,), generator=torch.Generator().manual_seed(2))
+    decoder = NativeLlamaDecoder(model, max_length=32)
+    greedy = decoder.generate(prompt, max_new_tokens=8)
+    assert torch.equal(decoder.generate(prompt, max_new_tokens=8, temperature=1.0, top_k=1), greedy)
+    sampled = decoder.generate(prompt, max_new_tokens=8, temperature=2.0, top_k=5,
+                               generator=torch.Generator().manual_seed(7))
+    again = decoder.generate(prompt, max_new_tokens=8, temperature=2.0, top_k=5,
+                             generator=torch.Generator().manual_seed(7))
+    assert torch.equal(sampled, again)
+    logits = reference_logits(model, torch.cat([prompt, sampled]))[11:-1]  # the logits each token was drawn from
+    for row, token in zip(logits, sampled, strict=True):
+        assert int(token) in row.topk(5).indices.tolist()
+    assert not torch.equal(sampled, greedy)  # measured: seed 7 draws 7 of 8 tokens off their context's argmax
+
+
 def test_one_token_is_the_layers_own_modules_composed() -> None:
     """A first token attends to itself alone (softmax of one score: its value exactly), so the decoder's output is
     the model's own modules composed: norms, v / o / gate / up / down projections, residual adds, head."""
@@ -158,15 +191,26 @@ def test_bad_lengths_and_token_ids_are_refused() -> None:
         decoder.truncate(7)
     with pytest.raises(InputError, match="max_new_tokens must be a positive int"):
         decoder.generate(torch.arange(3), max_new_tokens=0)
+    for eos in (320, -1, [2, 400], True):
+        with pytest.raises(InputError, match=r"eos_token_id must be a token id or a sequence of them in \[0, 320\)"):
+            decoder.generate(torch.arange(3), max_new_tokens=2, eos_token_id=eos)  # type: ignore[arg-type]
+    for temperature in (-0.5, float("nan"), float("inf"), "1"):
+        with pytest.raises(InputError, match="temperature must be a finite number >= 0"):
+            decoder.generate(torch.arange(3), max_new_tokens=2, temperature=temperature)  # type: ignore[arg-type]
+    for top_k in (0, 321, 2.0):
+        with pytest.raises(InputError, match=r"top_k must be None or an int in \[1, 320\]"):
+            decoder.generate(torch.arange(3), max_new_tokens=2, temperature=1.0, top_k=top_k)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="with temperature 0 decoding is greedy"):
+        decoder.generate(torch.arange(3), max_new_tokens=2, top_k=5)
 
 
 def test_the_native_operator_checks_its_tensors() -> None:
     model = tiny_llama(num_hidden_layers=1)
     decoder = NativeLlamaDecoder(model, max_length=8)
     hidden = torch.zeros(2, 128)
-    arguments = dict(weights=decoder.weights, plans=decoder.plans, final_norm=decoder.final_norm, cos=decoder.cos, sin=decoder.sin,
-                     key_cache=decoder.key_cache, value_cache=decoder.value_cache, position=0, heads=8, kv_heads=2,
-                     intermediate=256, eps=1e-6, scaling=0.25)
+    arguments = dict(weights=decoder.weights, plans=decoder.plans, final_norm=decoder.final_norm, cos=decoder.cos,
+                     sin=decoder.sin, key_cache=decoder.key_cache, value_cache=decoder.value_cache, position=0, heads=8,
+                     kv_heads=2, intermediate=256, eps=1e-6, scaling=0.25)
     with pytest.raises(RuntimeError, match="hidden must be a contiguous float32 CPU tensor"):
         native.llama_decode_layers(hidden.double(), **arguments)
     with pytest.raises(RuntimeError, match=r"do not fit a cache of 8"):

@@ -24,6 +24,9 @@ oneDNN-packed), and float32 norms. Anything else is refused with what would fit.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -89,8 +92,8 @@ class NativeLlamaDecoder:
     ``max_length`` (tokens) sizes the float32 KV cache: ``2 x layers x kv_heads x max_length x head_dim x 4``
     bytes, allocated once. :meth:`forward` appends tokens at :attr:`position` and returns their logits;
     :meth:`truncate` moves the position back (the cache beyond it is overwritten by later calls);
-    :meth:`generate` decodes greedily. The decoder holds the projection and norm tensors the model had when it
-    was made: quantize or load the model again, and make a new decoder.
+    :meth:`generate` decodes greedily or samples, up to an end token. The decoder holds the projection and norm
+    tensors the model had when it was made: quantize or load the model again, and make a new decoder.
     """
 
     def __init__(self, model: nn.Module, max_length: int) -> None:
@@ -173,17 +176,52 @@ class NativeLlamaDecoder:
 
     __call__ = forward
 
-    def generate(self, input_ids: Tensor, max_new_tokens: int) -> Tensor:
-        """Greedy continuation: the prompt from position 0, then ``max_new_tokens`` tokens one step each;
-        returns the new token ids (int64 ``[max_new_tokens]``)."""
+    def generate(self, input_ids: Tensor, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
+                 temperature: float = 0.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """The prompt's continuation: ``input_ids`` placed from position 0, then up to ``max_new_tokens`` tokens one
+        step each, stopping after the first one in ``eos_token_id`` (that token is returned too). ``temperature`` 0:
+        greedy (the argmax; the first of tied logits); > 0: each token drawn from ``softmax(logits / temperature)``
+        over the ``top_k`` largest logits (every token if None) with ``generator`` (``torch.multinomial``). Returns the
+        new token ids, int64 ``[tokens]``."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        stop = self._stop_tokens(eos_token_id)
+        self._check_sampling(temperature, top_k)
         self.truncate(0)
         logits = self.forward(input_ids)
-        tokens = []
-        for _ in range(max_new_tokens):
-            token = logits[-1].argmax().reshape(1)
+        tokens: list[Tensor] = []
+        while True:
+            token = _next_token(logits[-1], temperature, top_k, generator)
             tokens.append(token)
-            if len(tokens) < max_new_tokens:
-                logits = self.forward(token)
-        return torch.cat(tokens)
+            if len(tokens) == max_new_tokens or int(token) in stop:
+                return torch.cat(tokens)
+            logits = self.forward(token)
+
+    def _stop_tokens(self, eos_token_id: int | Sequence[int] | None) -> set[int]:
+        ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        vocab = int(self.model.config.vocab_size)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids):
+            raise InputError(f"eos_token_id must be a token id or a sequence of them in [0, {vocab}), got "
+                             f"{eos_token_id!r}")
+        return set(ids)
+
+    def _check_sampling(self, temperature: float, top_k: int | None) -> None:
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+            raise InputError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+        vocab = int(self.model.config.vocab_size)
+        if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= vocab):
+            raise InputError(f"top_k must be None or an int in [1, {vocab}] (the vocabulary), got {top_k!r}")
+        if top_k is not None and temperature == 0:
+            raise InputError("top_k limits sampling; with temperature 0 decoding is greedy: give a temperature > 0")
+
+
+def _next_token(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    """One token id (int64 ``[1]``) from a row of logits: the argmax at temperature 0, else a draw (see generate)."""
+    if temperature == 0:
+        return logits.argmax().reshape(1)
+    scaled = logits / temperature
+    if top_k is None:
+        return torch.multinomial(scaled.softmax(-1), 1, generator=generator)
+    values, indices = scaled.topk(top_k)
+    return indices[torch.multinomial(values.softmax(-1), 1, generator=generator)]
