@@ -12,9 +12,9 @@
 // around the projections follow transformers' LlamaDecoderLayer: RMSNorm y = w * (x * rsqrt(mean(x^2) + eps)) (the
 // mean summed in double in vector lanes, then rounded to float32), RoPE q' = q * cos + rotate_half(q) * sin
 // (rotate_half(q) = [-q2, q1]; two products, one add: the build contracts no FMA), attention
-// softmax(q . k * scaling) v with the maximum subtracted (float32, the q . k sums in vector lanes), causal over the
-// cache, SiLU(g) = g / (1 + exp(-g)). Rounding inside the norms' means and the attention sums differs from
-// PyTorch's order, so logits agree with transformers' to float rounding, not bit for bit.
+// softmax(q . k * scaling) v (float32, the q . k sums in vector lanes; ATen's softmax), causal over the cache, and
+// ATen's SiLU. Rounding inside the norms' means and the attention sums differs from PyTorch's order, so logits
+// agree with transformers' to float rounding, not bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -183,44 +183,45 @@ void store_cache(const at::Tensor& k, const at::Tensor& v, float* key_cache, flo
 }
 
 // Row r (position + r) attends to cache positions [0, position + r]; head h reads kv head h / (heads / kv_heads).
+// The scores q . k * scaling of every row and head (-inf past a row's causal end) go through one ATen softmax (its
+// vectorized exp), then each output is the probabilities' weighted sum of the values.
 at::Tensor attend(const at::Tensor& q, const float* key_cache, const float* value_cache, const Shape& s,
                   int64_t position, float scaling) {
-  auto out = at::empty({s.rows, s.heads * s.head_dim}, q.options());
+  const int64_t group = s.heads / s.kv_heads, d = s.head_dim, span = position + s.rows;
+  auto scores = at::empty({s.rows * s.heads, span}, q.options());
   const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t group = s.heads / s.kv_heads, d = s.head_dim;
+  float* sp = scores.data_ptr<float>();
   at::parallel_for(0, s.rows * s.heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(static_cast<size_t>(position + s.rows));
     for (int64_t index = begin; index < end; ++index) {
       const int64_t r = index / s.heads, h = index % s.heads, length = position + r + 1;
       const float* query = qp + index * d;
       const float* keys = key_cache + (h / group) * s.max_length * d;
-      const float* values = value_cache + (h / group) * s.max_length * d;
-      float top = -std::numeric_limits<float>::infinity();
+      float* row = sp + index * span;
       for (int64_t t = 0; t < length; ++t) {
         float dot = 0;
 #pragma omp simd reduction(+ : dot)
         for (int64_t j = 0; j < d; ++j) dot += query[j] * keys[t * d + j];
-        scores[t] = dot * scaling;
-        top = std::max(top, scores[t]);
+        row[t] = dot * scaling;
       }
-      float total = 0;
-      for (int64_t t = 0; t < length; ++t) total += scores[t] = std::exp(scores[t] - top);
+      std::fill(row + length, row + span, -std::numeric_limits<float>::infinity());
+    }
+  });
+  const at::Tensor probabilities = at::_softmax(scores, -1, false);
+  const float* pp = probabilities.data_ptr<float>();
+  auto out = at::empty({s.rows, s.heads * d}, q.options());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, s.rows * s.heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t r = index / s.heads, h = index % s.heads, length = position + r + 1;
+      const float* values = value_cache + (h / group) * s.max_length * d;
+      const float* p = pp + index * span;
       float* o = op + index * d;
       std::fill_n(o, d, 0.0f);
       for (int64_t t = 0; t < length; ++t)
-        for (int64_t j = 0; j < d; ++j) o[j] += scores[t] * values[t * d + j];
-      for (int64_t j = 0; j < d; ++j) o[j] /= total;
+        for (int64_t j = 0; j < d; ++j) o[j] += p[t] * values[t * d + j];
     }
   });
   return out;
-}
-
-// gate <- SiLU(gate) * up, in place.
-void silu_times(at::Tensor& gate, const at::Tensor& up) {
-  float* g = gate.data_ptr<float>();
-  const float* u = up.data_ptr<float>();
-  for (int64_t i = 0; i < gate.numel(); ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
 void check_float_tensor(const at::Tensor& t, std::vector<int64_t> shape, const char* what) {
@@ -279,7 +280,7 @@ at::Tensor llama_decode_layers(const at::Tensor& hidden, at::TensorList weights,
     x.add_(project(attention, l, kOutput, s.hidden));
     ProjectionInput post(rms_norm(x, weights[l * kTensorsPerLayer + 1], eps));
     at::Tensor gate = project(post, l, kGate, intermediate);
-    silu_times(gate, project(post, l, kUp, intermediate));
+    at::silu_(gate).mul_(project(post, l, kUp, intermediate));  // ATen's SiLU: transformers' own bits
     ProjectionInput activated(gate);
     x.add_(project(activated, l, kDown, s.hidden));
   }
