@@ -10,6 +10,8 @@ import torch
 import mixprec
 from mixprec import InputError, NativeLlamaDecoder, Policy
 from mixprec.kernels import int8_linear, native, onednn_int8
+from mixprec.nn.linear_int8 import Int8DynamicLinear
+from mixprec.nn.linear_weight_only import W4A8Linear
 
 transformers = pytest.importorskip("transformers")
 
@@ -22,12 +24,14 @@ ATTENTION_INT8_MLP_W4A8 = Policy([(r"lm_head|model\.embed_tokens", "w8g32"), (r"
                                  default="int8")
 
 
-def tiny_llama(policy: Policy | None = W4A8, **overrides: object) -> torch.nn.Module:
+def tiny_llama(policy: Policy | None = W4A8, family: str = "Llama", **overrides: object) -> torch.nn.Module:
+    """A random 3-layer model of a transformers family (``Llama``, ``Mistral``, ``Qwen2``, ...), quantized."""
     settings = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                     num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)
     settings.update(overrides)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).eval()
+    config = getattr(transformers, f"{family}Config")(**settings)
+    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
     if policy is not None:
         mixprec.quantize(model, policy)
     return model
@@ -36,6 +40,44 @@ def tiny_llama(policy: Policy | None = W4A8, **overrides: object) -> torch.nn.Mo
 def reference_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         return model(ids[None]).logits[0]
+
+
+#: How near x / (amax / 127) may come to a rounding tie (k + 0.5) before float rounding can move its int8 code: the
+#: native step's norms and attention round in another order (a few ulps; 7.6e-6 is one ulp of 64 to 127). Measured
+#: over 12 seeds x 12 tiny models, VNNI and AVX2 builds: 62 runs in 288 moved a code, all at margins <= 2.9e-5.
+TIE = 6e-5
+
+
+def tie_margins(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Per position of transformers' forward of ``ids``: the smallest distance of any per-token int8-quantized
+    activation (every w4a8 / int8 projection's input) from a rounding tie, in units of its scale."""
+    margins = torch.full((len(ids),), 0.5)
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        scaled = x / (x.abs().amax(-1, keepdim=True) / 127)
+        margins.copy_(torch.minimum(margins, (scaled - scaled.floor() - 0.5).abs().nan_to_num(0.5).amin(-1)))
+
+    hooks = [module.register_forward_pre_hook(record) for module in model.modules()
+             if isinstance(module, (W4A8Linear, Int8DynamicLinear))]
+    try:
+        reference_logits(model, ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return margins
+
+
+def assert_matches_up_to_ties(got: torch.Tensor, expected: torch.Tensor, margins: torch.Tensor) -> None:
+    """Logits equal to 1e-6 at every position, up to the first one (if any) where transformers' forward holds an
+    activation within :data:`TIE` of a rounding tie: there float rounding may move an int8 code, and the cache carries
+    the change to every later position (measured: 1e-3 to 1e-2 of these logits)."""
+    error = (got - expected).abs().amax(-1)
+    off = (error > 1e-6).nonzero().flatten()
+    if len(off):
+        first = int(off[0])
+        assert margins[first] < TIE, (f"position {first} differs by {error[first]:.2e} with no activation within "
+                                      f"{TIE} of a rounding tie (nearest {margins[first]:.2e})")
 
 
 @pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 8},
@@ -51,10 +93,10 @@ def test_logits_match_transformers_for_the_prompt_single_steps_and_chunks(overri
     got = torch.cat([decoder(ids[:24]), decoder(ids[24:25]), decoder(ids[25:26]), decoder(ids[26:])])
     assert decoder.position == 40
     # measured: at most 2.4e-7 of logits up to 0.94, VNNI and AVX2 builds (the norms and attention sums round)
-    assert torch.allclose(got, expected, rtol=0, atol=1e-6), (got - expected).abs().max()
-    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    margins = tie_margins(model, ids)
+    assert_matches_up_to_ties(got, expected, margins)
     decoder.truncate(30)  # the cache past 30 is overwritten: the same logits again
-    assert torch.allclose(decoder(ids[30:]), expected[30:], rtol=0, atol=1e-6)
+    assert torch.equal(decoder(ids[30:]), got[30:])
 
 
 @pytest.mark.parametrize("layout", ["dense", "dense-few-rows", "onednn-packed", "attention-int8-mlp-w4a8"])
@@ -73,8 +115,8 @@ def test_int8_projections_dense_packed_or_beside_w4a8_match_transformers(layout:
             pytest.skip("no few-row int8 kernel in this build")
         monkeypatch.setattr(int8_linear, "DENSE_ROWS_MIN_WEIGHTS", 1)  # as for weights of 2^18 elements and more
     model = tiny_llama(ATTENTION_INT8_MLP_W4A8 if layout.startswith("attention") else INT8)
-    # Ids whose activations land on an int8 rounding tie in transformers would flip a code here (seed 3 with the
-    # mixed policy: an o_proj input exactly at k + 0.5, logits 3.4e-3 apart); seed 4 has none that round apart.
+    # Seed 3 puts an o_proj input of the mixed policy exactly on a tie (logits 3.4e-3 apart from there on); seed 4
+    # none that round apart on the VNNI and AVX2 builds.
     ids = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(4))
     expected = reference_logits(model, ids)
     decoder = NativeLlamaDecoder(model, max_length=40)
@@ -85,7 +127,25 @@ def test_int8_projections_dense_packed_or_beside_w4a8_match_transformers(layout:
                                     and native.int8_packed_rows_available())
     got = torch.cat([decoder(ids[:24]), decoder(ids[24:25]), decoder(ids[25:28]), decoder(ids[28:])])
     # measured: at most 2.2e-7 of logits up to 1.07 in every layout (the same float32 steps as w4a8)
-    assert torch.allclose(got, expected, rtol=0, atol=1e-6), (got - expected).abs().max()
+    assert_matches_up_to_ties(got, expected, tie_margins(model, ids))
+
+
+@pytest.mark.parametrize("policy", [W4A8, INT8], ids=["w4a8", "int8"])
+@pytest.mark.parametrize(("family", "overrides"), [("Mistral", {"sliding_window": 40}), ("Qwen2", {}),
+                                                   ("Llama", {"attention_bias": True, "mlp_bias": True})],
+                         ids=["mistral-window-40", "qwen2-qkv-biases", "llama-all-biases"])
+def test_mistral_qwen2_and_biased_projections_match_transformers(family: str, overrides: dict,
+                                                                 policy: Policy) -> None:
+    """Mistral within its sliding window (every token in reach: the same attention), Qwen2's q / k / v biases and
+    biases on all seven projections: each projection adds its bias in its module's kernel."""
+    model = tiny_llama(policy, family=family, **overrides)
+    # Seeds 1 to 12 on the VNNI and AVX2 builds: 6, 7 and 11 meet no rounding tie in any of the six models.
+    ids = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(6))
+    expected = reference_logits(model, ids)
+    decoder = NativeLlamaDecoder(model, max_length=40)
+    got = torch.cat([decoder(ids[:24]), decoder(ids[24:25]), decoder(ids[25:28]), decoder(ids[28:])])
+    # measured: at most 1.8e-7 of logits up to 0.91 (the same float32 steps as Llama's)
+    assert_matches_up_to_ties(got, expected, tie_margins(model, ids))
 
 
 def test_greedy_generation_picks_transformers_tokens() -> None:
@@ -156,16 +216,15 @@ def test_unsupported_models_are_refused_naming_what_would_fit() -> None:
                            max_length=8)
     with pytest.raises(InputError, match=r"model.layers.0.self_attn.q_proj is Linear"):
         NativeLlamaDecoder(tiny_llama(policy=None), max_length=8)
-    with pytest.raises(InputError, match="projections without biases, the config sets attention_bias=True"):
-        NativeLlamaDecoder(tiny_llama(attention_bias=True), max_length=8)
     with pytest.raises(InputError, match="hidden_act 'silu'"):
         NativeLlamaDecoder(tiny_llama(hidden_act="gelu"), max_length=8)
-    torch.manual_seed(0)
-    mistral = transformers.MistralForCausalLM(transformers.MistralConfig(
-        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2)).eval()
-    with pytest.raises(InputError, match=r"model_type 'llama'\), got 'mistral'"):
-        NativeLlamaDecoder(mistral, max_length=8)
+    with pytest.raises(InputError, match=r"model_type one of \('llama', 'mistral', 'qwen2'\)\), got 'qwen3'"):
+        NativeLlamaDecoder(tiny_llama(family="Qwen3", head_dim=16), max_length=8)  # its q / k norms: not Llama's
+    with pytest.raises(InputError, match=r"sliding window of 16 tokens.*max_length <= 16 \(got 48\)"):
+        NativeLlamaDecoder(tiny_llama(family="Mistral", sliding_window=16), max_length=48)
+    with pytest.raises(InputError, match=r"sliding window of 8 tokens.*max_length <= 8 \(got 9\)"):
+        NativeLlamaDecoder(tiny_llama(family="Qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1),
+                           max_length=9)
 
 
 def test_bad_lengths_and_token_ids_are_refused() -> None:
@@ -215,7 +274,7 @@ def test_the_native_operator_checks_its_tensors() -> None:
         native.llama_decode_layers(hidden.double(), **arguments)
     with pytest.raises(RuntimeError, match=r"do not fit a cache of 8"):
         native.llama_decode_layers(hidden, **{**arguments, "position": 7})
-    with pytest.raises(RuntimeError, match="weights must hold 30 tensors per layer"):
+    with pytest.raises(RuntimeError, match="weights must hold 37 tensors per layer"):
         native.llama_decode_layers(hidden, **{**arguments, "weights": decoder.weights[:-1]})
     with pytest.raises(RuntimeError, match=r"plans must hold \(kernel, few_rows_max\) for 7 projections"):
         native.llama_decode_layers(hidden, **{**arguments, "plans": decoder.plans[:-2]})

@@ -15,8 +15,9 @@ model's own forward to float rounding (2.4e-7 on random tiny models, tested), no
 model such a difference can flip an int8 activation code, which later layers amplify: SmolLM2-135M
 ``w4a8g32`` moves as much when transformers' own input moves one ulp (``benchmarks/native_decoder_fidelity.py``).
 
-Supported: ``model_type == "llama"`` (SmolLM2, TinyLlama, Llama 2 / 3 and their rotary scalings: the
-cos/sin tables come from the model's own rotary module), SiLU MLP, no projection biases, every
+Supported: ``model_type`` ``"llama"`` (SmolLM2, TinyLlama, Llama 2 / 3 and their rotary scalings: the cos/sin
+tables come from the model's own rotary module), ``"mistral"`` (while ``max_length`` is within its sliding window)
+and ``"qwen2"`` (Qwen2 / 2.5: biased q / k / v), SiLU MLP, projection biases or none, every
 ``q/k/v/o/gate/up/down_proj`` a :class:`~mixprec.nn.linear_weight_only.W4A8Linear` in the blocked layout
 (``w4a8gN`` with N a multiple of 8) or an ``int8`` :class:`~mixprec.nn.linear_int8.Int8DynamicLinear` (dense or
 oneDNN-packed), and float32 norms. Anything else is refused with what would fit.
@@ -40,17 +41,31 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
                "mlp.up_proj", "mlp.down_proj")
 
 
+#: transformers' model types whose decoder layer is Llama's (Mistral: a sliding window; Qwen2: q / k / v biases).
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
 def _supported_config(config: object) -> None:
     model_type = getattr(config, "model_type", None)
-    if model_type != "llama":
-        raise InputError(f"NativeLlamaDecoder runs Llama-family models (config.model_type 'llama'), got {model_type!r}")
+    if model_type not in MODEL_TYPES:
+        raise InputError(f"NativeLlamaDecoder runs Llama-family models (config.model_type one of {MODEL_TYPES}), got "
+                         f"{model_type!r}")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise InputError(f"NativeLlamaDecoder needs hidden_act 'silu', the model has {config.hidden_act!r}")
-    for flag in ("attention_bias", "mlp_bias"):
-        if getattr(config, flag, False):
-            raise InputError(f"NativeLlamaDecoder needs projections without biases, the config sets {flag}=True")
     if getattr(config, "pretraining_tp", 1) != 1:
         raise InputError(f"NativeLlamaDecoder needs pretraining_tp 1, got {config.pretraining_tp}")
+
+
+def _check_window(config: object, layers: nn.Module, max_length: int) -> None:
+    """Refuse a sliding attention window shorter than ``max_length``: the native attention sees every earlier token,
+    which equals windowed attention only while no token is farther back than the window."""
+    windows = [getattr(layer.self_attn, "sliding_window", None) for layer in layers]
+    if getattr(config, "model_type", None) == "mistral":
+        windows.append(getattr(config, "sliding_window", None))
+    shortest = min((w for w in windows if w is not None), default=None)
+    if shortest is not None and max_length > shortest:
+        raise InputError(f"the model attends through a sliding window of {shortest} tokens, which NativeLlamaDecoder "
+                         f"does not apply: give max_length <= {shortest} (got {max_length})")
 
 
 #: The kernels of csrc/llama_decode.cpp (its ``Kernel``).
@@ -58,24 +73,26 @@ W4A8_BLOCKED, INT8_DENSE, INT8_PACKED = 0, 1, 2
 
 
 def _projection_plan(layer: nn.Module, index: int, name: str) -> tuple[int, int, list[Tensor]]:
-    """The kernel, the most rows its few-row path takes, and the four tensors (unused ones empty) of a projection."""
+    """The kernel, the most rows its few-row path takes, and the five tensors of a projection: four the kernel reads
+    (unused ones empty), then the float32 bias (empty: none)."""
     module = layer.get_submodule(name)
     empty = torch.empty(0)
-    if getattr(module, "bias", None) is None:
-        if isinstance(module, W4A8Linear) and module.blocked and native.w4a8_blocked_available():
-            return W4A8_BLOCKED, 0, [module.codes_blocked, module.scale_blocked, empty, empty]
-        if isinstance(module, Int8PackedLinear):
-            packed, unit_scale, zero_points, in_place = module.onednn_operands()
-            return INT8_PACKED, PACKED_ROWS_MAX if in_place else 0, [packed, module.weight_scale, unit_scale,
-                                                                     zero_points]
-        if type(module) is Int8DynamicLinear:
-            return INT8_DENSE, dense_rows_max(module.weight), [module.weight, module.weight_scale, empty, empty]
-    kind = type(module).__name__ + (" with a bias" if getattr(module, "bias", None) is not None else "")
+    bias = getattr(module, "bias", None)
+    bias = empty if bias is None else bias.detach()
+    if isinstance(module, W4A8Linear) and module.blocked and native.w4a8_blocked_available():
+        return W4A8_BLOCKED, 0, [module.codes_blocked, module.scale_blocked, empty, empty, bias]
+    if isinstance(module, Int8PackedLinear):
+        packed, unit_scale, zero_points, in_place = module.onednn_operands()
+        return INT8_PACKED, PACKED_ROWS_MAX if in_place else 0, [packed, module.weight_scale, unit_scale,
+                                                                 zero_points, bias]
+    if type(module) is Int8DynamicLinear:
+        return INT8_DENSE, dense_rows_max(module.weight), [module.weight, module.weight_scale, empty, empty, bias]
+    kind = type(module).__name__
     if isinstance(module, W4A8Linear):
         kind += "" if module.blocked else " (not blocked)"
         kind += "" if native.w4a8_blocked_available() else " (no w4a8 blocked kernel in this build: needs AVX2)"
     raise InputError(f"model.layers.{index}.{name} is {kind}; NativeLlamaDecoder needs every projection quantized to "
-                     "int8 or to w4a8gN with N a multiple of 8 (the blocked layout), without bias, e.g. "
+                     "int8 or to w4a8gN with N a multiple of 8 (the blocked layout), e.g. "
                      "Policy([(r'lm_head|model\\.embed_tokens', 'w8g32')], default='w4a8g32')")
 
 
@@ -107,6 +124,7 @@ class NativeLlamaDecoder:
         layers = getattr(decoder, "layers", None)
         if layers is None or not hasattr(model, "lm_head"):
             raise InputError("NativeLlamaDecoder needs a transformers LlamaForCausalLM (model.model.layers, lm_head)")
+        _check_window(config, layers, max_length)
         weights: list[Tensor] = []
         plans: list[int] = []
         for index, layer in enumerate(layers):

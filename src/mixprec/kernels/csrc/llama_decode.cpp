@@ -30,13 +30,14 @@
 
 namespace {
 
-// Per layer: input norm, post-attention norm, then four tensors for each of q, k, v, o, gate, up, down (see Kernel).
-constexpr int64_t kTensorsPerProjection = 4;
+// Per layer: input norm, post-attention norm, then five tensors for each of q, k, v, o, gate, up, down: four as
+// Kernel says, then the float32 bias [N] (empty: none).
+constexpr int64_t kTensorsPerProjection = 5;
 constexpr int64_t kProjections = 7;
 constexpr int64_t kTensorsPerLayer = 2 + kProjections * kTensorsPerProjection;
 enum Projection : int64_t { kQuery, kKey, kValue, kOutput, kGate, kUp, kDown };
 
-// How a projection runs, and its four tensors (unused ones are empty):
+// How a projection runs, and its first four tensors (unused ones are empty):
 enum Kernel : int64_t {
   kW4A8Blocked = 0,  // codes_blocked, scale_blocked
   kInt8Dense = 1,    // weight int8 [N, K], weight_scale [N]
@@ -48,6 +49,7 @@ struct Shape {
 };
 
 using Codes = std::tuple<at::Tensor, at::Tensor>;  // codes [M, K], per-row scales [M, 1]
+using Bias = c10::optional<at::Tensor>;
 using Quantize = Codes(const at::Tensor&);
 // (q, row_scale, weight, col_scale, bias): int8_dense_rows' and int8_packed_rows' signature.
 using FewRows = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -79,28 +81,30 @@ class ProjectionInput {
   std::optional<Codes> signed_, offset_;
 };
 
-at::Tensor w4a8(const Codes& xq, const at::Tensor& codes, const at::Tensor& scale, int64_t out_features) {
+at::Tensor w4a8(const Codes& xq, const at::Tensor& codes, const at::Tensor& scale, int64_t out_features,
+                const Bias& bias) {
   static const auto op = operator_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                     const at::Tensor&, int64_t, const c10::optional<at::Tensor>&)>(
       "mixprec::w4a8_linear_blocked");
-  return op.call(std::get<0>(xq), std::get<1>(xq), codes, scale, out_features, c10::nullopt);
+  return op.call(std::get<0>(xq), std::get<1>(xq), codes, scale, out_features, bias);
 }
 
 // The few-row int8 kernels: the dense weight streamed once, or oneDNN's packed bytes read in place.
-at::Tensor int8_few_rows(bool packed, const Codes& xq, const at::Tensor& weight, const at::Tensor& scale) {
+at::Tensor int8_few_rows(bool packed, const Codes& xq, const at::Tensor& weight, const at::Tensor& scale,
+                         const Bias& bias) {
   static const auto dense = operator_handle<FewRows>("mixprec::int8_dense_rows");
   static const auto in_place = operator_handle<FewRows>("mixprec::int8_packed_rows");
-  return (packed ? in_place : dense).call(std::get<0>(xq), std::get<1>(xq), weight, scale, c10::nullopt);
+  return (packed ? in_place : dense).call(std::get<0>(xq), std::get<1>(xq), weight, scale, bias);
 }
 
-at::Tensor int8_dynamic(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
+at::Tensor int8_dynamic(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, const Bias& bias) {
   static const auto op = operator_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                     const c10::optional<at::Tensor>&)>("mixprec::int8_linear_dynamic");
-  return op.call(x, weight, scale, c10::nullopt);
+  return op.call(x, weight, scale, bias);
 }
 
-// float(sum_k (q - 128) * w) from oneDNN, then acc * row_scale * col_scale in place (the module's epilogue).
-at::Tensor int8_onednn(const Codes& xq, const at::Tensor* t) {
+// float(sum_k (q - 128) * w) from oneDNN, then acc * row_scale * col_scale + bias in place (the module's epilogue).
+at::Tensor int8_onednn(const Codes& xq, const at::Tensor* t, const Bias& bias) {
   static const auto matmul =
       operator_handle<at::Tensor(at::Tensor, double, int64_t, at::Tensor, at::Tensor, at::Tensor,
                                  std::optional<at::Tensor>, double, int64_t, std::optional<at::ScalarType>,
@@ -111,7 +115,7 @@ at::Tensor int8_onednn(const Codes& xq, const at::Tensor* t) {
           "mixprec::rescale_rows_cols_");
   at::Tensor acc = matmul.call(std::get<0>(xq), 1.0, 128, t[0], t[2], t[3], std::nullopt, 1.0, 0, at::kFloat, "none",
                                torch::List<std::optional<at::Scalar>>(), "");
-  rescale.call(acc, std::get<1>(xq), t[1], c10::nullopt);
+  rescale.call(acc, std::get<1>(xq), t[1], bias);
   return acc;
 }
 
@@ -124,13 +128,16 @@ struct Projections {
     const at::Tensor* t = &weights[layer * kTensorsPerLayer + 2 + projection * kTensorsPerProjection];
     const int64_t* plan = plans + 2 * (layer * kProjections + projection);
     const bool few_rows = in.rows().size(0) <= plan[1];
+    const Bias bias = t[4].numel() > 0 ? Bias(t[4]) : c10::nullopt;
     switch (plan[0]) {
       case kW4A8Blocked:
-        return w4a8(in.signed_codes(), t[0], t[1], out_features);
+        return w4a8(in.signed_codes(), t[0], t[1], out_features, bias);
       case kInt8Dense:
-        return few_rows ? int8_few_rows(false, in.offset_codes(), t[0], t[1]) : int8_dynamic(in.rows(), t[0], t[1]);
+        return few_rows ? int8_few_rows(false, in.offset_codes(), t[0], t[1], bias)
+                        : int8_dynamic(in.rows(), t[0], t[1], bias);
       default:
-        return few_rows ? int8_few_rows(true, in.offset_codes(), t[0], t[1]) : int8_onednn(in.offset_codes(), t);
+        return few_rows ? int8_few_rows(true, in.offset_codes(), t[0], t[1], bias)
+                        : int8_onednn(in.offset_codes(), t, bias);
     }
   }
 };
