@@ -43,3 +43,22 @@ def import_example() -> Callable[[str], ModuleType]:
         finally:
             sys.path.remove(str(EXAMPLES))
     return load
+
+
+@pytest.fixture(scope="session")
+def tokenizer(shared_data: Path):  # noqa: ANN201
+    """A byte-level BPE tokenizer of 384 tokens trained by the ``tokenizers`` library on STS-B sentences (a
+    ``transformers.PreTrainedTokenizerFast``; end token ``<|endoftext|>``)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from mixprec.datasets.text_tasks import load_stsb_test
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(list(load_stsb_test(shared_data).first[:500]), trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>",
+                                                eos_token="<|endoftext|>")

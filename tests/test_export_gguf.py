@@ -33,21 +33,6 @@ EVERY_PRECISION = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer(shared_data: Path):  # noqa: ANN201
-    """A byte-level BPE tokenizer trained by the ``tokenizers`` library on STS-B sentences."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(list(load_stsb_test(shared_data).first[:500]), trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>",
-                                                eos_token="<|endoftext|>")
-
-
 def tiny_lm(arch: str = "llama", tied: bool = True, vocab: int = 384) -> torch.nn.Module:
     torch.manual_seed(0)
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

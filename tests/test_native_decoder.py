@@ -284,3 +284,35 @@ def test_the_native_operator_checks_its_tensors() -> None:
         native.llama_decode_layers(hidden, **{**arguments, "kv_heads": 3})
     with pytest.raises(RuntimeError, match="value_cache must be a contiguous float32 CPU tensor"):
         native.llama_decode_layers(hidden, **{**arguments, "value_cache": decoder.value_cache[:, :, :4]})
+
+
+def test_generate_command_continues_a_prompt_as_transformers_does(tokenizer, tmp_path, capsys) -> None:  # noqa: ANN001
+    from mixprec.cli import PROJECTIONS_RULE, main
+
+    folder = tmp_path / "tiny-llama"
+    tiny_llama(policy=None, vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    prompt = "A man is playing a guitar."
+    model = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    mixprec.quantize(model, Policy([(PROJECTIONS_RULE, "int8")]))
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        expected = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
+    assert main(["generate", str(folder), "--prompt", prompt, "--precision", "int8", "--max-new-tokens", "6"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{folder}: ") and "x smaller" in lines[0]
+    assert lines[1] == prompt + tokenizer.decode(expected, skip_special_tokens=True)
+    assert lines[2].startswith(f"[prompt: {ids.shape[1]} tokens in ")
+    assert f"{len(expected) - 1} more at " in lines[2]
+
+
+def test_generate_command_refuses_precisions_the_native_step_does_not_run(capsys) -> None:  # noqa: ANN001
+    from mixprec.cli import main
+
+    for argv, message in ((["--precision", "w8g32"], "runs int8 and w4a8gN projections"),
+                          (["--max-new-tokens", "0"], "must be a positive integer"),
+                          (["--precision", "int7"], "int7")):
+        with pytest.raises(SystemExit):
+            main(["generate", "any-model", "--prompt", "hi", *argv])
+        assert message in capsys.readouterr().err

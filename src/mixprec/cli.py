@@ -151,6 +151,59 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {written} ({args.format})")
 
 
+#: The seven projections of each Llama-family decoder layer: what ``generate --precision`` quantizes.
+PROJECTIONS_RULE = r"model\.layers\.\d+\.(self_attn\.[qkvo]|mlp\.(gate|up|down))_proj"
+
+
+def _native_precision(text: str) -> str:
+    """A precision NativeLlamaDecoder's projections run: ``int8`` or ``w4a8gN``."""
+    precision = _precisions(text)[0]
+    if precision != "int8" and not precision.startswith("w4a8g"):
+        raise argparse.ArgumentTypeError(f"the native decode step runs int8 and w4a8gN projections (e.g. w4a8g32), "
+                                         f"got {precision!r}; other precisions: quantize and run the model itself")
+    return precision
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import time
+
+    import torch
+
+    from mixprec.hf import load_pretrained, load_tokenizer
+    from mixprec.nn.native_decoder import NativeLlamaDecoder
+    from mixprec.policy import Policy
+    from mixprec.quantize import quantize
+
+    policy = Policy.from_toml(args.policy) if args.policy else Policy([(PROJECTIONS_RULE, args.precision)])
+    model = load_pretrained(args.model, causal_lm=True)
+    tokenizer = load_tokenizer(args.model)
+    report = quantize(model, policy)
+    print(f"{args.model}: {report.fp32_bytes:,} B -> {report.total_bytes:,} B ({report.compression:.2f}x smaller)")
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids[0]
+    decoder = NativeLlamaDecoder(model, max_length=len(ids) + args.max_new_tokens)
+    eos = None if args.ignore_eos else tokenizer.eos_token_id
+    generator = None if args.seed is None else torch.Generator().manual_seed(args.seed)
+    tokens: list[int] = []
+    shown = ""
+    times = [time.perf_counter()]
+
+    def stream(token: int) -> None:  # prints the text as it grows (a character may span several tokens)
+        nonlocal shown
+        times.append(time.perf_counter())
+        tokens.append(token)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+
+    print(args.prompt, end="", flush=True)
+    decoder.generate(ids, args.max_new_tokens, eos_token_id=eos, temperature=args.temperature, top_k=args.top_k,
+                     generator=generator, streamer=stream)
+    prefill = times[1] - times[0]
+    steps = len(tokens) - 1
+    rate = f", {steps} more at {steps / (times[-1] - times[1]):.1f} tokens/s" if steps else ""
+    print(f"\n[prompt: {len(ids)} tokens in {prefill:.3f} s, first new token included{rate}]")
+
+
 def _bench(args: argparse.Namespace) -> None:
     import warnings
 
@@ -375,6 +428,23 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("--gguf-pre", help="gguf: llama.cpp's pre-tokenizer name (e.g. smollm, llama-bpe, qwen2); "
                                              "inferred only for plain GPT-2 byte-level BPE")
     exporter.set_defaults(func=_export)
+    generate = sub.add_parser("generate", help="quantize a Llama / Mistral / Qwen2 causal LM and continue a prompt, "
+                                               "the decoder stack in one native call per token (NativeLlamaDecoder)")
+    generate.add_argument("model", help="a Hugging Face model folder, hub name or .gguf file")
+    generate.add_argument("--prompt", required=True, help="the text to continue")
+    quantized = generate.add_mutually_exclusive_group()
+    quantized.add_argument("--precision", type=_native_precision, default="w4a8g32",
+                           help="of the seven projections of every layer (int8 or w4a8gN; embedding and head stay "
+                                "float32; default: %(default)s)")
+    quantized.add_argument("--policy", help="policy TOML for the whole model (projections int8 / w4a8gN; embedding "
+                                            "and head in any precision)")
+    generate.add_argument("--max-new-tokens", type=_positive, default=64, help="default: %(default)s")
+    generate.add_argument("--temperature", type=float, default=0.0,
+                          help="0: greedy (default); > 0: sample from softmax(logits / temperature)")
+    generate.add_argument("--top-k", type=_positive, help="sample among the k most likely tokens")
+    generate.add_argument("--seed", type=int, help="seed of the sampling generator")
+    generate.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's end token")
+    generate.set_defaults(func=_generate)
     bench = sub.add_parser("bench", help="speed and memory against float32 and the peer libraries")
     bench.add_argument("what", choices=("linear", "encoder"),
                        help="linear: one Linear at M = 1, 8, 128, 1024; encoder: a BERT-shaped 6-layer encoder")

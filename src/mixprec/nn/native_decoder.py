@@ -26,7 +26,7 @@ oneDNN-packed), and float32 norms. Anything else is refused with what would fit.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -195,13 +195,14 @@ class NativeLlamaDecoder:
     __call__ = forward
 
     def generate(self, input_ids: Tensor, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
-                 temperature: float = 0.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None,
+                 streamer: Callable[[int], object] | None = None) -> Tensor:
         """The prompt's continuation: ``input_ids`` placed from position 0, then up to ``max_new_tokens`` tokens one
         step each, stopping after the first one in ``eos_token_id`` (that token is returned too). ``temperature`` 0:
         greedy (the argmax; the first of tied logits); > 0: each token drawn from ``softmax(logits / temperature)``
-        over the ``top_k`` largest logits (every token if None) with ``generator`` (``torch.multinomial``). Returns the
-        new token ids, int64 ``[tokens]``."""
+        over the ``top_k`` largest logits (every token if None) with ``generator`` (``torch.multinomial``).
+        ``streamer`` is called with each new token id as soon as it is chosen. Returns the new token ids, int64
+        ``[tokens]``."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         stop = self._stop_tokens(eos_token_id)
@@ -212,6 +213,8 @@ class NativeLlamaDecoder:
         while True:
             token = _next_token(logits[-1], temperature, top_k, generator)
             tokens.append(token)
+            if streamer is not None:
+                streamer(int(token))
             if len(tokens) == max_new_tokens or int(token) in stop:
                 return torch.cat(tokens)
             logits = self.forward(token)
