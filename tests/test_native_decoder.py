@@ -312,6 +312,7 @@ def test_generate_command_refuses_precisions_the_native_step_does_not_run(capsys
 
     for argv, message in ((["--precision", "w8g32"], "runs int8 and w4a8gN projections"),
                           (["--max-new-tokens", "0"], "must be a positive integer"),
+                          (["--temperature", "-1"], "must be a finite number >= 0"),
                           (["--precision", "int7"], "int7")):
         with pytest.raises(SystemExit):
             main(["generate", "any-model", "--prompt", "hi", *argv])

@@ -164,6 +164,16 @@ def _native_precision(text: str) -> str:
     return precision
 
 
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 (0: greedy), got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0: greedy), got {text}")
+    return value
+
+
 def _generate(args: argparse.Namespace) -> None:
     import time
 
@@ -192,8 +202,9 @@ def _generate(args: argparse.Namespace) -> None:
         times.append(time.perf_counter())
         tokens.append(token)
         text = tokenizer.decode(tokens, skip_special_tokens=True)
-        print(text[len(shown):], end="", flush=True)
-        shown = text
+        if not text.endswith("\ufffd"):  # not inside a character whose bytes are still coming
+            print(text[len(shown):], end="", flush=True)
+            shown = text
 
     print(args.prompt, end="", flush=True)
     decoder.generate(ids, args.max_new_tokens, eos_token_id=eos, temperature=args.temperature, top_k=args.top_k,
@@ -439,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantized.add_argument("--policy", help="policy TOML for the whole model (projections int8 / w4a8gN; embedding "
                                             "and head in any precision)")
     generate.add_argument("--max-new-tokens", type=_positive, default=64, help="default: %(default)s")
-    generate.add_argument("--temperature", type=float, default=0.0,
+    generate.add_argument("--temperature", type=_temperature, default=0.0,
                           help="0: greedy (default); > 0: sample from softmax(logits / temperature)")
     generate.add_argument("--top-k", type=_positive, help="sample among the k most likely tokens")
     generate.add_argument("--seed", type=int, help="seed of the sampling generator")

@@ -104,7 +104,8 @@ def _norm_weight(module: nn.Module, name: str) -> Tensor:
 
 
 class NativeLlamaDecoder:
-    """Greedy decoding and step-by-step logits of a ``w4a8gN`` / ``int8`` Llama-family model, one native call a step.
+    """Step-by-step logits and generation (greedy or sampled) of a ``w4a8gN`` / ``int8`` Llama-family model, one
+    native call a step.
 
     ``max_length`` (tokens) sizes the float32 KV cache: ``2 x layers x kv_heads x max_length x head_dim x 4``
     bytes, allocated once. :meth:`forward` appends tokens at :attr:`position` and returns their logits;
