@@ -286,34 +286,65 @@ def test_the_native_operator_checks_its_tensors() -> None:
         native.llama_decode_layers(hidden, **{**arguments, "value_cache": decoder.value_cache[:, :, :4]})
 
 
-def test_generate_command_continues_a_prompt_as_transformers_does(tokenizer, tmp_path, capsys) -> None:  # noqa: ANN001
-    from mixprec.cli import PROJECTIONS_RULE, main
-
-    folder = tmp_path / "tiny-llama"
+@pytest.fixture(scope="module")
+def tiny_llama_folder(tokenizer, tmp_path_factory) -> object:  # noqa: ANN001
+    """A random 3-layer Llama saved with the BPE tokenizer of conftest (384 tokens)."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
     tiny_llama(policy=None, vocab_size=len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("runtime", ["native", "transformers"])
+def test_generate_command_continues_a_prompt_as_transformers_does(runtime: str, tiny_llama_folder, tokenizer,
+                                                                  capsys) -> None:  # noqa: ANN001
+    from mixprec.cli import PROJECTIONS_RULE, main
+
     prompt = "A man is playing a guitar."
-    model = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
-    mixprec.quantize(model, Policy([(PROJECTIONS_RULE, "int8")]))
+    precision = "int8" if runtime == "native" else "w8g32"  # any precision through transformers' generate
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_folder).eval()
+    mixprec.quantize(model, Policy([(PROJECTIONS_RULE, precision)]))
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.inference_mode():
         expected = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                                   pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
-    assert main(["generate", str(folder), "--prompt", prompt, "--precision", "int8", "--max-new-tokens", "6"]) == 0
+    assert main(["generate", str(tiny_llama_folder), "--prompt", prompt, "--precision", precision,
+                 "--max-new-tokens", "6", "--runtime", runtime]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"{folder}: ") and "x smaller" in lines[0]
+    assert lines[0].startswith(f"{tiny_llama_folder}: ") and "x smaller" in lines[0]
     assert lines[1] == prompt + tokenizer.decode(expected, skip_special_tokens=True)
     assert lines[2].startswith(f"[prompt: {ids.shape[1]} tokens in ")
     assert f"{len(expected) - 1} more at " in lines[2]
 
 
-def test_generate_command_refuses_precisions_the_native_step_does_not_run(capsys) -> None:  # noqa: ANN001
+def test_generate_text_samples_alike_in_both_runtimes_and_refuses_bad_settings(tiny_llama_folder,
+                                                                                tokenizer) -> None:  # noqa: ANN001
+    from mixprec.bench.text_generation import generate_text
+
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_folder).eval()
+    mixprec.quantize(model, Policy([(r".*_proj", "int8")]))
+    written: list[str] = []
+    native_run = generate_text(model, tokenizer, "Two dogs", 5, write=written.append)
+    eager_run = generate_text(model, tokenizer, "Two dogs", 5, runtime="transformers")
+    assert native_run.text == eager_run.text == "".join(written) and native_run.new_tokens == eager_run.new_tokens
+    for runtime in ("native", "transformers"):
+        with pytest.raises(InputError, match="temperature must be a finite number >= 0"):
+            generate_text(model, tokenizer, "Two dogs", 5, runtime=runtime, temperature=-1.0)
+        with pytest.raises(InputError, match="with temperature 0 decoding is greedy"):
+            generate_text(model, tokenizer, "Two dogs", 5, runtime=runtime, top_k=3)
+    with pytest.raises(InputError, match=r"runtime must be one of \('native', 'transformers'\), got 'onnx'"):
+        generate_text(model, tokenizer, "Two dogs", 5, runtime="onnx")
+
+
+def test_generate_command_refuses_bad_settings_before_loading_the_model(capsys) -> None:  # noqa: ANN001
     from mixprec.cli import main
 
-    for argv, message in ((["--precision", "w8g32"], "runs int8 and w4a8gN projections"),
-                          (["--max-new-tokens", "0"], "must be a positive integer"),
+    assert main(["generate", "no-such-model", "--prompt", "hi", "--precision", "w8g32"]) == 2
+    assert "the native decode step runs int8 and w4a8gN projections" in capsys.readouterr().err
+    for argv, message in ((["--max-new-tokens", "0"], "must be a positive integer"),
                           (["--temperature", "-1"], "must be a finite number >= 0"),
-                          (["--precision", "int7"], "int7")):
+                          (["--precision", "int7"], "int7"),
+                          (["--runtime", "onnx"], "invalid choice")):
         with pytest.raises(SystemExit):
-            main(["generate", "any-model", "--prompt", "hi", *argv])
+            main(["generate", "no-such-model", "--prompt", "hi", *argv])
         assert message in capsys.readouterr().err

@@ -155,13 +155,9 @@ def _export(args: argparse.Namespace) -> None:
 PROJECTIONS_RULE = r"model\.layers\.\d+\.(self_attn\.[qkvo]|mlp\.(gate|up|down))_proj"
 
 
-def _native_precision(text: str) -> str:
-    """A precision NativeLlamaDecoder's projections run: ``int8`` or ``w4a8gN``."""
-    precision = _precisions(text)[0]
-    if precision != "int8" and not precision.startswith("w4a8g"):
-        raise argparse.ArgumentTypeError(f"the native decode step runs int8 and w4a8gN projections (e.g. w4a8g32), "
-                                         f"got {precision!r}; other precisions: quantize and run the model itself")
-    return precision
+def _runs_natively(precision: str) -> bool:
+    """Whether NativeLlamaDecoder's projections run this precision: ``int8`` or ``w4a8gN``."""
+    return precision == "int8" or precision.startswith("w4a8g")
 
 
 def _temperature(text: str) -> float:
@@ -175,44 +171,25 @@ def _temperature(text: str) -> float:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    import time
-
-    import torch
-
+    from mixprec.bench.text_generation import generate_text
     from mixprec.hf import load_pretrained, load_tokenizer
-    from mixprec.nn.native_decoder import NativeLlamaDecoder
     from mixprec.policy import Policy
     from mixprec.quantize import quantize
 
+    if args.runtime == "native" and not args.policy and not _runs_natively(args.precision):
+        raise MixprecError(f"the native decode step runs int8 and w4a8gN projections (e.g. w4a8g32), got "
+                           f"{args.precision!r}; other precisions: --runtime transformers")
     policy = Policy.from_toml(args.policy) if args.policy else Policy([(PROJECTIONS_RULE, args.precision)])
     model = load_pretrained(args.model, causal_lm=True)
     tokenizer = load_tokenizer(args.model)
     report = quantize(model, policy)
     print(f"{args.model}: {report.fp32_bytes:,} B -> {report.total_bytes:,} B ({report.compression:.2f}x smaller)")
-    ids = tokenizer(args.prompt, return_tensors="pt").input_ids[0]
-    decoder = NativeLlamaDecoder(model, max_length=len(ids) + args.max_new_tokens)
-    eos = None if args.ignore_eos else tokenizer.eos_token_id
-    generator = None if args.seed is None else torch.Generator().manual_seed(args.seed)
-    tokens: list[int] = []
-    shown = ""
-    times = [time.perf_counter()]
-
-    def stream(token: int) -> None:  # prints the text as it grows (a character may span several tokens)
-        nonlocal shown
-        times.append(time.perf_counter())
-        tokens.append(token)
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # not inside a character whose bytes are still coming
-            print(text[len(shown):], end="", flush=True)
-            shown = text
-
     print(args.prompt, end="", flush=True)
-    decoder.generate(ids, args.max_new_tokens, eos_token_id=eos, temperature=args.temperature, top_k=args.top_k,
-                     generator=generator, streamer=stream)
-    prefill = times[1] - times[0]
-    steps = len(tokens) - 1
-    rate = f", {steps} more at {steps / (times[-1] - times[1]):.1f} tokens/s" if steps else ""
-    print(f"\n[prompt: {len(ids)} tokens in {prefill:.3f} s, first new token included{rate}]")
+    result = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, runtime=args.runtime,
+                           eos_token_id=None if args.ignore_eos else tokenizer.eos_token_id,
+                           temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                           write=lambda text: print(text, end="", flush=True))
+    print("\n" + result.summary())
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -439,14 +416,14 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("--gguf-pre", help="gguf: llama.cpp's pre-tokenizer name (e.g. smollm, llama-bpe, qwen2); "
                                              "inferred only for plain GPT-2 byte-level BPE")
     exporter.set_defaults(func=_export)
-    generate = sub.add_parser("generate", help="quantize a Llama / Mistral / Qwen2 causal LM and continue a prompt, "
-                                               "the decoder stack in one native call per token (NativeLlamaDecoder)")
+    generate = sub.add_parser("generate", help="quantize a causal LM and continue a prompt, by default with the "
+                                               "decoder stack in one native call per token (NativeLlamaDecoder)")
     generate.add_argument("model", help="a Hugging Face model folder, hub name or .gguf file")
     generate.add_argument("--prompt", required=True, help="the text to continue")
     quantized = generate.add_mutually_exclusive_group()
-    quantized.add_argument("--precision", type=_native_precision, default="w4a8g32",
-                           help="of the seven projections of every layer (int8 or w4a8gN; embedding and head stay "
-                                "float32; default: %(default)s)")
+    quantized.add_argument("--precision", type=lambda text: _precisions(text)[0], default="w4a8g32",
+                           help="of the seven projections of every layer (native: int8 or w4a8gN; embedding and "
+                                "head stay float32; default: %(default)s)")
     quantized.add_argument("--policy", help="policy TOML for the whole model (projections int8 / w4a8gN; embedding "
                                             "and head in any precision)")
     generate.add_argument("--max-new-tokens", type=_positive, default=64, help="default: %(default)s")
@@ -455,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=_positive, help="sample among the k most likely tokens")
     generate.add_argument("--seed", type=int, help="seed of the sampling generator")
     generate.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's end token")
+    generate.add_argument("--runtime", choices=("native", "transformers"), default="native",
+                          help="native: NativeLlamaDecoder (Llama / Mistral / Qwen2, int8 / w4a8gN projections); "
+                               "transformers: the quantized model's own generate (any model and precision)")
     generate.set_defaults(func=_generate)
     bench = sub.add_parser("bench", help="speed and memory against float32 and the peer libraries")
     bench.add_argument("what", choices=("linear", "encoder"),

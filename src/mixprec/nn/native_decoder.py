@@ -207,7 +207,7 @@ class NativeLlamaDecoder:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         stop = self._stop_tokens(eos_token_id)
-        self._check_sampling(temperature, top_k)
+        check_sampling(temperature, top_k, int(self.model.config.vocab_size))
         self.truncate(0)
         logits = self.forward(input_ids)
         tokens: list[Tensor] = []
@@ -228,14 +228,15 @@ class NativeLlamaDecoder:
                              f"{eos_token_id!r}")
         return set(ids)
 
-    def _check_sampling(self, temperature: float, top_k: int | None) -> None:
-        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-            raise InputError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
-        vocab = int(self.model.config.vocab_size)
-        if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= vocab):
-            raise InputError(f"top_k must be None or an int in [1, {vocab}] (the vocabulary), got {top_k!r}")
-        if top_k is not None and temperature == 0:
-            raise InputError("top_k limits sampling; with temperature 0 decoding is greedy: give a temperature > 0")
+def check_sampling(temperature: float, top_k: int | None, vocab: int) -> None:
+    """Refuse a temperature that is not a finite number >= 0 (0: greedy), a ``top_k`` outside ``[1, vocab]``, and a
+    ``top_k`` without sampling."""
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise InputError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= vocab):
+        raise InputError(f"top_k must be None or an int in [1, {vocab}] (the vocabulary), got {top_k!r}")
+    if top_k is not None and temperature == 0:
+        raise InputError("top_k limits sampling; with temperature 0 decoding is greedy: give a temperature > 0")
 
 
 def _next_token(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
