@@ -276,6 +276,11 @@ def test_the_native_operator_checks_its_tensors() -> None:
         native.llama_decode_layers(hidden, **{**arguments, "position": 7})
     with pytest.raises(RuntimeError, match="weights must hold 37 tensors per layer"):
         native.llama_decode_layers(hidden, **{**arguments, "weights": decoder.weights[:-1]})
+    int8_decoder = NativeLlamaDecoder(tiny_llama(INT8, num_hidden_layers=1), max_length=8)
+    swapped = list(int8_decoder.weights)
+    swapped[2:7] = int8_decoder.weights[7:12]  # q_proj's tensors replaced by k_proj's: 32 outputs instead of 128
+    with pytest.raises(RuntimeError, match=r"layer 0, projection 0 .* gives \[2, 32\], .* need \[2, 128\]"):
+        native.llama_decode_layers(hidden, **{**arguments, "weights": swapped, "plans": int8_decoder.plans})
     with pytest.raises(RuntimeError, match=r"plans must hold \(kernel, few_rows_max\) for 7 projections"):
         native.llama_decode_layers(hidden, **{**arguments, "plans": decoder.plans[:-2]})
     with pytest.raises(RuntimeError, match=r"plans\[2\] = 5 is not a kernel"):

@@ -127,18 +127,27 @@ struct Projections {
   at::Tensor operator()(ProjectionInput& in, int64_t layer, Projection projection, int64_t out_features) const {
     const at::Tensor* t = &weights[layer * kTensorsPerLayer + 2 + projection * kTensorsPerProjection];
     const int64_t* plan = plans + 2 * (layer * kProjections + projection);
-    const bool few_rows = in.rows().size(0) <= plan[1];
+    const int64_t rows = in.rows().size(0);
+    const bool few_rows = rows <= plan[1];
     const Bias bias = t[4].numel() > 0 ? Bias(t[4]) : c10::nullopt;
+    at::Tensor y;
     switch (plan[0]) {
       case kW4A8Blocked:
-        return w4a8(in.signed_codes(), t[0], t[1], out_features, bias);
+        y = w4a8(in.signed_codes(), t[0], t[1], out_features, bias);
+        break;
       case kInt8Dense:
-        return few_rows ? int8_few_rows(false, in.offset_codes(), t[0], t[1], bias)
-                        : int8_dynamic(in.rows(), t[0], t[1], bias);
+        y = few_rows ? int8_few_rows(false, in.offset_codes(), t[0], t[1], bias)
+                     : int8_dynamic(in.rows(), t[0], t[1], bias);
+        break;
       default:
-        return few_rows ? int8_few_rows(true, in.offset_codes(), t[0], t[1], bias)
-                        : int8_onednn(in.offset_codes(), t, bias);
+        y = few_rows ? int8_few_rows(true, in.offset_codes(), t[0], t[1], bias)
+                     : int8_onednn(in.offset_codes(), t, bias);
     }
+    // The steps after a projection write through its output's pointer: its shape must be the model's.
+    TORCH_CHECK(y.dim() == 2 && y.size(0) == rows && y.size(1) == out_features, "layer ", layer, ", projection ",
+                static_cast<int64_t>(projection), " (q k v o gate up down) gives ", y.sizes(),
+                ", the model's shapes need [", rows, ", ", out_features, "]");
+    return y;
   }
 };
 
