@@ -341,6 +341,20 @@ def test_generate_text_samples_alike_in_both_runtimes_and_refuses_bad_settings(t
         generate_text(model, tokenizer, "Two dogs", 5, runtime="onnx")
 
 
+def test_a_chat_prompt_is_the_users_message_in_the_chat_template(tokenizer) -> None:  # noqa: ANN001
+    import copy
+
+    from mixprec.bench.text_generation import prompt_ids
+
+    with pytest.raises(InputError, match="this tokenizer has no chat template"):
+        prompt_ids(tokenizer, "Two dogs", chat=True)
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+    expected = chat("User: Two dogs\nAssistant:", add_special_tokens=False).input_ids
+    assert prompt_ids(chat, "Two dogs", chat=True).tolist() == expected
+    assert prompt_ids(chat, "Two dogs").tolist() == chat("Two dogs").input_ids
+
+
 def test_generate_command_refuses_bad_settings_before_loading_the_model(capsys) -> None:  # noqa: ANN001
     from mixprec.cli import main
 

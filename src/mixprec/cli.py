@@ -184,10 +184,10 @@ def _generate(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.model)
     report = quantize(model, policy)
     print(f"{args.model}: {report.fp32_bytes:,} B -> {report.total_bytes:,} B ({report.compression:.2f}x smaller)")
-    print(args.prompt, end="", flush=True)
+    print(f"> {args.prompt}\n" if args.chat else args.prompt, end="", flush=True)
     result = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, runtime=args.runtime,
                            eos_token_id=None if args.ignore_eos else tokenizer.eos_token_id,
-                           temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                           temperature=args.temperature, top_k=args.top_k, seed=args.seed, chat=args.chat,
                            write=lambda text: print(text, end="", flush=True))
     print("\n" + result.summary())
 
@@ -419,7 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate = sub.add_parser("generate", help="quantize a causal LM and continue a prompt, by default with the "
                                                "decoder stack in one native call per token (NativeLlamaDecoder)")
     generate.add_argument("model", help="a Hugging Face model folder, hub name or .gguf file")
-    generate.add_argument("--prompt", required=True, help="the text to continue")
+    generate.add_argument("--prompt", required=True, help="the text to continue (with --chat: a message to answer)")
+    generate.add_argument("--chat", action="store_true",
+                          help="put the prompt in the tokenizer's chat template as a user's message")
     quantized = generate.add_mutually_exclusive_group()
     quantized.add_argument("--precision", type=lambda text: _precisions(text)[0], default="w4a8g32",
                            help="of the seven projections of every layer (native: int8 or w4a8gN; embedding and "

@@ -67,15 +67,29 @@ class _TextStream:
         """Nothing left to write: every token was written when it came."""
 
 
+def prompt_ids(tokenizer: object, prompt: str, chat: bool = False) -> torch.Tensor:
+    """The prompt's token ids (int64 ``[tokens]``); with ``chat``, the prompt as a user's message in the tokenizer's
+    chat template, ending where the assistant's answer begins."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InputError("this tokenizer has no chat template: leave chat off and give the text to continue")
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],  # type: ignore[attr-defined]
+                                               add_generation_prompt=True, tokenize=False)
+        return tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids[0]  # type: ignore[operator]
+    return tokenizer(prompt, return_tensors="pt").input_ids[0]  # type: ignore[operator]
+
+
 def generate_text(model: nn.Module, tokenizer: object, prompt: str, max_new_tokens: int, runtime: str = "native",
                   eos_token_id: int | None = None, temperature: float = 0.0, top_k: int | None = None,
-                  seed: int | None = None, write: Callable[[str], object] = lambda text: None) -> TextGeneration:
-    """Continue ``prompt`` (text, tokenized by ``tokenizer``) by up to ``max_new_tokens`` tokens, stopping after
-    ``eos_token_id``; greedy at ``temperature`` 0, else sampled from ``softmax(logits / temperature)`` over the
-    ``top_k`` largest logits (``seed`` seeds the draws). ``write`` receives the new text as it is decoded."""
+                  seed: int | None = None, chat: bool = False,
+                  write: Callable[[str], object] = lambda text: None) -> TextGeneration:
+    """Continue ``prompt`` (text, tokenized by ``tokenizer``; with ``chat``, answer it as a user's message: see
+    :func:`prompt_ids`) by up to ``max_new_tokens`` tokens, stopping after ``eos_token_id``; greedy at
+    ``temperature`` 0, else sampled from ``softmax(logits / temperature)`` over the ``top_k`` largest logits
+    (``seed`` seeds the draws). ``write`` receives the new text as it is decoded."""
     if runtime not in RUNTIMES:
         raise InputError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
-    ids = tokenizer(prompt, return_tensors="pt").input_ids[0]  # type: ignore[operator]
+    ids = prompt_ids(tokenizer, prompt, chat)
     stream = _TextStream(tokenizer, write)
     if runtime == "native":
         decoder = NativeLlamaDecoder(model, max_length=len(ids) + max_new_tokens)
