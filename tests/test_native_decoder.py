@@ -1,6 +1,7 @@
-"""NativeLlamaDecoder: one native call a step gives transformers' logits for a w4a8 Llama (prompt, single steps,
-several tokens at once, grouped-query attention, Llama 3 rotary scaling), greedy decoding picks the same tokens,
-and bad models and inputs are refused with what would fit."""
+"""NativeLlamaDecoder: one native call a step gives transformers' logits (up to int8 rounding ties, see TIE) for
+w4a8 / int8 / mixed Llama, Mistral and Qwen2 models (prompt, single steps, several tokens at once, grouped-query
+attention, Llama 3 rotary scaling, biases), generation stops and samples as it should, ``mixprec generate`` gives
+transformers' text in both runtimes, and bad models and inputs are refused with what would fit."""
 
 from __future__ import annotations
 
