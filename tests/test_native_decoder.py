@@ -308,14 +308,15 @@ def test_generate_command_continues_a_prompt_as_transformers_does(runtime: str, 
 
     prompt = "A man is playing a guitar."
     precision = "int8" if runtime == "native" else "w8g32"  # any precision through transformers' generate
+    head = ["--head", "fp32"] if runtime == "transformers" else []  # else the default: an int8 head
     model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_folder).eval()
-    mixprec.quantize(model, Policy([(PROJECTIONS_RULE, precision)]))
+    mixprec.quantize(model, Policy([(PROJECTIONS_RULE, precision)] + ([] if head else [(r"lm_head", "int8")])))
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.inference_mode():
         expected = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                                   pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
     assert main(["generate", str(tiny_llama_folder), "--prompt", prompt, "--precision", precision,
-                 "--max-new-tokens", "6", "--runtime", runtime]) == 0
+                 "--max-new-tokens", "6", "--runtime", runtime, *head]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"{tiny_llama_folder}: ") and "x smaller" in lines[0]
     assert lines[1] == prompt + tokenizer.decode(expected, skip_special_tokens=True)
@@ -361,6 +362,8 @@ def test_generate_command_refuses_bad_settings_before_loading_the_model(capsys) 
 
     assert main(["generate", "no-such-model", "--prompt", "hi", "--precision", "w8g32"]) == 2
     assert "the native decode step runs int8 and w4a8gN projections" in capsys.readouterr().err
+    assert main(["generate", "no-such-model", "--prompt", "hi", "--policy", "p.toml", "--head", "int8"]) == 2
+    assert "--head goes with --precision" in capsys.readouterr().err
     for argv, message in ((["--max-new-tokens", "0"], "must be a positive integer"),
                           (["--temperature", "-1"], "must be a finite number >= 0"),
                           (["--precision", "int7"], "int7"),

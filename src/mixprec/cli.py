@@ -179,7 +179,13 @@ def _generate(args: argparse.Namespace) -> None:
     if args.runtime == "native" and not args.policy and not _runs_natively(args.precision):
         raise MixprecError(f"the native decode step runs int8 and w4a8gN projections (e.g. w4a8g32), got "
                            f"{args.precision!r}; other precisions: --runtime transformers")
-    policy = Policy.from_toml(args.policy) if args.policy else Policy([(PROJECTIONS_RULE, args.precision)])
+    if args.policy and args.head:
+        raise MixprecError("--head goes with --precision; with --policy give the head (lm_head) a rule there")
+    if args.policy:
+        policy = Policy.from_toml(args.policy)
+    else:
+        head = args.head or "int8"
+        policy = Policy([(PROJECTIONS_RULE, args.precision)] + ([(r"lm_head", head)] if head != "fp32" else []))
     model = load_pretrained(args.model, causal_lm=True)
     tokenizer = load_tokenizer(args.model)
     report = quantize(model, policy)
@@ -424,10 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="put the prompt in the tokenizer's chat template as a user's message")
     quantized = generate.add_mutually_exclusive_group()
     quantized.add_argument("--precision", type=lambda text: _precisions(text)[0], default="w4a8g32",
-                           help="of the seven projections of every layer (native: int8 or w4a8gN; embedding and "
-                                "head stay float32; default: %(default)s)")
+                           help="of the seven projections of every layer (native: int8 or w4a8gN; the embedding "
+                                "stays float32, the head: --head; default: %(default)s)")
     quantized.add_argument("--policy", help="policy TOML for the whole model (projections int8 / w4a8gN; embedding "
                                             "and head in any precision)")
+    generate.add_argument("--head", type=lambda text: _precisions(text)[0],
+                          help="with --precision: the head's precision (default int8; fp32 keeps it float; a head "
+                               "tied to the embedding gets its own quantized copy)")
     generate.add_argument("--max-new-tokens", type=_positive, default=64, help="default: %(default)s")
     generate.add_argument("--temperature", type=_temperature, default=0.0,
                           help="0: greedy (default); > 0: sample from softmax(logits / temperature)")
