@@ -304,7 +304,8 @@ def tiny_llama_folder(tokenizer, tmp_path_factory) -> object:  # noqa: ANN001
 @pytest.mark.parametrize("runtime", ["native", "transformers"])
 def test_generate_command_continues_a_prompt_as_transformers_does(runtime: str, tiny_llama_folder, tokenizer,
                                                                   capsys) -> None:  # noqa: ANN001
-    from mixprec.cli import PROJECTIONS_RULE, main
+    from mixprec.cli import main
+    from mixprec.nn.native_decoder import PROJECTIONS_RULE
 
     prompt = "A man is playing a guitar."
     precision = "int8" if runtime == "native" else "w8g32"  # any precision through transformers' generate

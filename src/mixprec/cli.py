@@ -151,10 +151,6 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {written} ({args.format})")
 
 
-#: The seven projections of each Llama-family decoder layer: what ``generate --precision`` quantizes.
-PROJECTIONS_RULE = r"model\.layers\.\d+\.(self_attn\.[qkvo]|mlp\.(gate|up|down))_proj"
-
-
 def _runs_natively(precision: str) -> bool:
     """Whether NativeLlamaDecoder's projections run this precision: ``int8`` or ``w4a8gN``."""
     return precision == "int8" or precision.startswith("w4a8g")
@@ -173,6 +169,7 @@ def _temperature(text: str) -> float:
 def _generate(args: argparse.Namespace) -> None:
     from mixprec.bench.text_generation import generate_text
     from mixprec.hf import load_pretrained, load_tokenizer
+    from mixprec.nn.native_decoder import PROJECTIONS_RULE
     from mixprec.policy import Policy
     from mixprec.quantize import quantize
 

@@ -37,9 +37,9 @@ class TextGeneration:
 
 
 class _TextStream:
-    """Collects new token ids, notes when each came, and writes the text as it grows (a character whose bytes are
-    still coming is held back). Called per token by NativeLlamaDecoder; ``put`` / ``end`` are transformers'
-    streamer interface (its first ``put`` is the prompt)."""
+    """Collects new token ids, notes when each came (times[0]: when the stream was made, just before generating),
+    and writes the text as it grows (a character whose bytes are still coming is held back). Called per token by
+    NativeLlamaDecoder; ``put`` / ``end`` are transformers' streamer interface (its first ``put`` is the prompt)."""
 
     def __init__(self, tokenizer: object, write: Callable[[str], object]) -> None:
         self.tokenizer, self.write = tokenizer, write
@@ -89,23 +89,22 @@ def generate_text(model: nn.Module, tokenizer: object, prompt: str, max_new_toke
     (``seed`` seeds the draws). ``write`` receives the new text as it is decoded."""
     if runtime not in RUNTIMES:
         raise InputError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    check_sampling(temperature, top_k, int(model.config.vocab_size))  # type: ignore[union-attr]
     ids = prompt_ids(tokenizer, prompt, chat)
-    stream = _TextStream(tokenizer, write)
     if runtime == "native":
         decoder = NativeLlamaDecoder(model, max_length=len(ids) + max_new_tokens)
         generator = None if seed is None else torch.Generator().manual_seed(seed)
-        stream.times = [time.perf_counter()]
+        stream = _TextStream(tokenizer, write)
         decoder.generate(ids, max_new_tokens, eos_token_id=eos_token_id, temperature=temperature, top_k=top_k,
                          generator=generator, streamer=stream)
     else:
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        check_sampling(temperature, top_k, int(model.config.vocab_size))  # type: ignore[union-attr]
         if seed is not None:
             torch.manual_seed(seed)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0} if temperature > 0 else {
             "do_sample": False}
-        stream.times = [time.perf_counter()]
+        stream = _TextStream(tokenizer, write)
         with torch.inference_mode():
             model.generate(ids[None], max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,  # type: ignore[operator]
                            pad_token_id=eos_token_id if eos_token_id is not None else 0, streamer=stream, **sampling)

@@ -39,6 +39,8 @@ from mixprec.nn.linear_weight_only import W4A8Linear
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                "mlp.up_proj", "mlp.down_proj")
+#: A policy pattern matching the seven projections of every decoder layer (what ``mixprec generate --precision`` sets).
+PROJECTIONS_RULE = r"model\.layers\.\d+\.(" + "|".join(name.replace(".", r"\.") for name in PROJECTIONS) + ")"
 
 
 #: transformers' model types whose decoder layer is Llama's (Mistral: a sliding window; Qwen2: q / k / v biases).
