@@ -191,7 +191,7 @@ def _generate(args: argparse.Namespace) -> None:
     result = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, runtime=args.runtime,
                            eos_token_id=None if args.ignore_eos else tokenizer.eos_token_id,
                            temperature=args.temperature, top_k=args.top_k, seed=args.seed, chat=args.chat,
-                           write=lambda text: print(text, end="", flush=True))
+                           kv_bits=args.kv_bits, write=lambda text: print(text, end="", flush=True))
     print("\n" + result.summary())
 
 
@@ -440,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=_positive, help="sample among the k most likely tokens")
     generate.add_argument("--seed", type=int, help="seed of the sampling generator")
     generate.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's end token")
+    generate.add_argument("--kv-bits", type=int, choices=(4, 8),
+                          help="quantize the KV cache to these bits (mixprec's KIVI cache: chunks of 64 tokens, the "
+                               "newest 64 to 127 in float32); default: float32")
     generate.add_argument("--runtime", choices=("native", "transformers"), default="native",
                           help="native: NativeLlamaDecoder (Llama / Mistral / Qwen2, int8 / w4a8gN projections); "
                                "transformers: the quantized model's own generate (any model and precision)")

@@ -12,10 +12,13 @@ import torch
 from torch import nn
 
 from mixprec.errors import InputError
+from mixprec.nn.kv_cache import check_kv_config
 from mixprec.nn.native_decoder import NativeLlamaDecoder, check_sampling
 
 #: Where the tokens come from: mixprec's native decode step, or the quantized model's own ``generate``.
 RUNTIMES = ("native", "transformers")
+#: The quantized KV cache's tokens per key chunk and its float32 window (``kv_bits``), in both runtimes.
+KV_GROUP_SIZE, KV_RESIDUAL = 64, 64
 
 
 @dataclass(frozen=True)
@@ -81,20 +84,25 @@ def prompt_ids(tokenizer: object, prompt: str, chat: bool = False) -> torch.Tens
 
 def generate_text(model: nn.Module, tokenizer: object, prompt: str, max_new_tokens: int, runtime: str = "native",
                   eos_token_id: int | None = None, temperature: float = 0.0, top_k: int | None = None,
-                  seed: int | None = None, chat: bool = False,
+                  seed: int | None = None, chat: bool = False, kv_bits: int | None = None,
                   write: Callable[[str], object] = lambda text: None) -> TextGeneration:
     """Continue ``prompt`` (text, tokenized by ``tokenizer``; with ``chat``, answer it as a user's message: see
     :func:`prompt_ids`) by up to ``max_new_tokens`` tokens, stopping after ``eos_token_id``; greedy at
     ``temperature`` 0, else sampled from ``softmax(logits / temperature)`` over the ``top_k`` largest logits
-    (``seed`` seeds the draws). ``write`` receives the new text as it is decoded."""
+    (``seed`` seeds the draws). ``kv_bits`` (4 or 8) quantizes the KV cache (:class:`mixprec.kv.QuantizedKVCache`'s
+    layout, chunks of 64 tokens, the newest 64 to 127 in float32; None: float32). ``write`` receives the new text as it
+    is decoded."""
     if runtime not in RUNTIMES:
         raise InputError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     check_sampling(temperature, top_k, int(model.config.vocab_size))  # type: ignore[union-attr]
+    if kv_bits is not None:
+        check_kv_config(kv_bits, KV_GROUP_SIZE, KV_RESIDUAL)
     ids = prompt_ids(tokenizer, prompt, chat)
     if runtime == "native":
-        decoder = NativeLlamaDecoder(model, max_length=len(ids) + max_new_tokens)
+        decoder = NativeLlamaDecoder(model, max_length=len(ids) + max_new_tokens, kv_bits=kv_bits,
+                                     kv_group_size=KV_GROUP_SIZE, kv_residual=KV_RESIDUAL)
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         stream = _TextStream(tokenizer, write)
         decoder.generate(ids, max_new_tokens, eos_token_id=eos_token_id, temperature=temperature, top_k=top_k,
@@ -104,6 +112,10 @@ def generate_text(model: nn.Module, tokenizer: object, prompt: str, max_new_toke
             torch.manual_seed(seed)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0} if temperature > 0 else {
             "do_sample": False}
+        if kv_bits is not None:
+            from mixprec.kv import QuantizedKVCache  # needs transformers, as this runtime does
+
+            sampling["past_key_values"] = QuantizedKVCache(kv_bits, KV_GROUP_SIZE, KV_RESIDUAL)
         stream = _TextStream(tokenizer, write)
         with torch.inference_mode():
             model.generate(ids[None], max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,  # type: ignore[operator]

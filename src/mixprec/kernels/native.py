@@ -26,7 +26,8 @@ _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("int8_rows.cpp", "int4_weights.cpp", "kv_dequant.cpp", "kv_attention.cpp", "kws_pipeline.cpp",
                          "w4a8_gemm.cpp", "tflite_conv.cpp", "tflite_reduce.cpp",
                          "tflite_requantize.cpp", "tflite_fully_connected.cpp", "tflite_add.cpp",
-                         "tflite_program.cpp", "int8_packed_rows.cpp", "int8_dense_rows.cpp", "llama_decode.cpp")]
+                         "tflite_program.cpp", "int8_packed_rows.cpp", "int8_dense_rows.cpp", "kv_cache_store.cpp",
+                         "llama_decode.cpp")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 
 
@@ -262,6 +263,25 @@ def llama_decode_layers(hidden: torch.Tensor, weights: list[torch.Tensor], plans
     values into the caches (see csrc/llama_decode.cpp)."""
     return torch.ops.mixprec.llama_decode_layers(hidden, weights, plans, final_norm, cos, sin, key_cache,
                                                  value_cache, position, heads, kv_heads, intermediate, eps, scaling)
+
+
+def llama_decode_layers_quantized_kv(hidden: torch.Tensor, weights: list[torch.Tensor], plans: list[int],
+                                     final_norm: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                                     kv_cache: list[torch.Tensor], position: int, heads: int, kv_heads: int,
+                                     intermediate: int, eps: float, scaling: float, bits: int, group: int,
+                                     residual: int, value_group: int) -> torch.Tensor:
+    """:func:`llama_decode_layers` over a quantized KV cache: the nine tensors of csrc/kv_cache_store.h, updated in
+    place (the layout and rounding of :class:`mixprec.nn.kv_cache.QuantizedKV`)."""
+    return torch.ops.mixprec.llama_decode_layers_quantized_kv(hidden, weights, plans, final_norm, cos, sin, kv_cache,
+                                                              position, heads, kv_heads, intermediate, eps, scaling,
+                                                              bits, group, residual, value_group)
+
+
+def kv_quantize_chunk(keys: torch.Tensor, values: torch.Tensor, bits: int,
+                      value_group: int) -> tuple[torch.Tensor, ...]:
+    """One chunk of ``[kv_heads, group, head_dim]`` float32 keys and values quantized as the native decoder's KV cache
+    quantizes it: key codes, scales and zero points, then the values' (csrc/kv_cache_store.cpp)."""
+    return tuple(torch.ops.mixprec.kv_quantize_chunk(keys, values, bits, value_group))
 
 
 def kv_decode_attention(query: torch.Tensor, key_codes: torch.Tensor, key_scale: torch.Tensor,

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from mixprec.errors import InputError
 from mixprec.kernels import native
 from mixprec.kernels.int8_linear import PACKED_ROWS_MAX, dense_rows_max
+from mixprec.nn.kv_cache import check_kv_config
 from mixprec.nn.linear_int8 import Int8DynamicLinear, Int8PackedLinear
 from mixprec.nn.linear_weight_only import W4A8Linear
 
@@ -109,16 +110,21 @@ class NativeLlamaDecoder:
     """Step-by-step logits and generation (greedy or sampled) of a ``w4a8gN`` / ``int8`` Llama-family model, one
     native call a step.
 
-    ``max_length`` (tokens) sizes the float32 KV cache: ``2 x layers x kv_heads x max_length x head_dim x 4``
-    bytes, allocated once. :meth:`forward` appends tokens at :attr:`position` and returns their logits;
-    :meth:`truncate` moves the position back (the cache beyond it is overwritten by later calls);
-    :meth:`generate` decodes greedily or samples, up to an end token. The decoder holds the projection and norm
-    tensors the model had when it was made: quantize or load the model again, and make a new decoder.
+    ``max_length`` (tokens) sizes the KV cache, allocated once: float32 ``2 x layers x kv_heads x max_length x
+    head_dim x 4`` bytes; with ``kv_bits`` (4 or 8) the codes, scales and zero points of up to ``max_length -
+    kv_residual`` tokens and a float32 window of ``kv_residual + kv_group_size`` (:attr:`kv_cache_bytes`).
+    :meth:`forward` appends tokens at :attr:`position` and returns their logits; :meth:`truncate` moves the position
+    back (the cache beyond it is overwritten by later calls; a quantized cache cannot give back tokens it has turned
+    into codes); :meth:`generate` decodes greedily or samples, up to an end token. The decoder holds the projection
+    and norm tensors the model had when it was made: quantize or load the model again, and make a new decoder.
     """
 
-    def __init__(self, model: nn.Module, max_length: int) -> None:
+    def __init__(self, model: nn.Module, max_length: int, kv_bits: int | None = None, kv_group_size: int = 64,
+                 kv_residual: int = 64) -> None:
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
             raise InputError(f"max_length must be a positive int (tokens), got {max_length!r}")
+        if kv_bits is not None:
+            check_kv_config(kv_bits, kv_group_size, kv_residual)
         if not native.available():
             raise InputError(f"NativeLlamaDecoder needs mixprec's native kernels; here: {native.load_error()}")
         config = getattr(model, "config", None)
@@ -152,20 +158,46 @@ class NativeLlamaDecoder:
             probe = torch.zeros(1, dtype=torch.float32)
             cos, sin = decoder.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
-        cache_shape = (len(layers), self.kv_heads, max_length, head_dim)
-        self.key_cache = torch.zeros(cache_shape, dtype=torch.float32)
-        self.value_cache = torch.zeros(cache_shape, dtype=torch.float32)
+        self.kv_bits, self.kv_group_size, self.kv_residual = kv_bits, kv_group_size, kv_residual
+        self._max_length = max_length
+        self.kv_value_group: int | None = None
+        if kv_bits is None:
+            cache_shape = (len(layers), self.kv_heads, max_length, head_dim)
+            self.kv_cache = [torch.zeros(cache_shape), torch.zeros(cache_shape)]
+        else:
+            self.kv_value_group = min(kv_group_size, head_dim)
+            if head_dim % self.kv_value_group:
+                raise InputError(f"kv_group_size {kv_group_size} does not divide head_dim {head_dim}: give a divisor "
+                                 f"of {head_dim} or a multiple of it")
+            self.kv_cache = _quantized_kv_cache(len(layers), self.kv_heads, head_dim, max_length, kv_bits,
+                                                kv_group_size, kv_residual, self.kv_value_group)
         self.position = 0
 
     @property
     def max_length(self) -> int:
         """The most tokens the KV cache holds."""
-        return int(self.key_cache.shape[2])
+        return self._max_length
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes the KV cache holds, allocated for :attr:`max_length` tokens."""
+        return sum(t.nbytes for t in self.kv_cache)
+
+    @property
+    def quantized_tokens(self) -> int:
+        """Tokens the quantized KV cache holds as codes (0 for a float32 cache)."""
+        return 0 if self.kv_bits is None else int(self.kv_cache[-1][0])
 
     def truncate(self, length: int) -> None:
-        """Forget every token from position ``length`` on (0 <= length <= :attr:`position`)."""
+        """Forget every token from position ``length`` on: 0 <= length <= :attr:`position`, and with a quantized
+        cache either 0 or at least :attr:`quantized_tokens` (codes cannot be turned back into the float keys)."""
         if not isinstance(length, int) or not 0 <= length <= self.position:
             raise InputError(f"length must be an int in [0, {self.position}] (the tokens held), got {length!r}")
+        if 0 < length < self.quantized_tokens:
+            raise InputError(f"the KV cache holds tokens [0, {self.quantized_tokens}) as codes; truncate to 0 or to "
+                             f"a length in [{self.quantized_tokens}, {self.position}], got {length}")
+        if length == 0 and self.kv_bits is not None:
+            self.kv_cache[-1].zero_()
         self.position = length
 
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -188,9 +220,15 @@ class NativeLlamaDecoder:
                              "make a decoder with a larger max_length or truncate()")
         with torch.inference_mode():
             hidden = self.model.model.embed_tokens(ids.long()).float().contiguous()
-            out = native.llama_decode_layers(hidden, self.weights, self.plans, self.final_norm, self.cos, self.sin,
-                                             self.key_cache, self.value_cache, self.position, self.heads,
-                                             self.kv_heads, self.intermediate, self.eps, self.scaling)
+            if self.kv_bits is None:
+                out = native.llama_decode_layers(hidden, self.weights, self.plans, self.final_norm, self.cos,
+                                                 self.sin, *self.kv_cache, self.position, self.heads, self.kv_heads,
+                                                 self.intermediate, self.eps, self.scaling)
+            else:
+                out = native.llama_decode_layers_quantized_kv(
+                    hidden, self.weights, self.plans, self.final_norm, self.cos, self.sin, self.kv_cache,
+                    self.position, self.heads, self.kv_heads, self.intermediate, self.eps, self.scaling, self.kv_bits,
+                    self.kv_group_size, self.kv_residual, self.kv_value_group)
             logits = self.model.lm_head(out).float()
         self.position += ids.numel()
         return logits
@@ -229,6 +267,24 @@ class NativeLlamaDecoder:
             raise InputError(f"eos_token_id must be a token id or a sequence of them in [0, {vocab}), got "
                              f"{eos_token_id!r}")
         return set(ids)
+
+
+def _quantized_kv_cache(layers: int, kv_heads: int, head_dim: int, max_length: int, bits: int, group: int,
+                        residual: int, value_group: int) -> list[Tensor]:
+    """The nine tensors of csrc/kv_cache_store.h: codes for up to ``max_length - residual`` tokens (whole chunks),
+    their scales and zero points, the float32 window, the tokens held as codes per layer."""
+    capacity = max(0, max_length - residual) // group * group
+    row_bytes = head_dim * bits // 8
+    heads = (layers, kv_heads)
+    return [torch.zeros(*heads, capacity, row_bytes, dtype=torch.uint8),
+            torch.zeros(*heads, capacity // group, head_dim, dtype=torch.float16),
+            torch.zeros(*heads, capacity // group, head_dim, dtype=torch.uint8),
+            torch.zeros(*heads, capacity, row_bytes, dtype=torch.uint8),
+            torch.zeros(*heads, capacity, head_dim // value_group, dtype=torch.float16),
+            torch.zeros(*heads, capacity, head_dim // value_group, dtype=torch.uint8),
+            torch.zeros(*heads, residual + group, head_dim), torch.zeros(*heads, residual + group, head_dim),
+            torch.zeros(layers, dtype=torch.int64)]
+
 
 def check_sampling(temperature: float, top_k: int | None, vocab: int) -> None:
     """Refuse a temperature that is not a finite number >= 0 (0: greedy), a ``top_k`` outside ``[1, vocab]``, and a

@@ -14,6 +14,8 @@
 // over PyTorch's OpenMP threads and the partial results merged exactly as in
 // flash-decoding: m = max_s m_s, l = sum_s l_s e^(m_s - m), out = sum_s out_s e^(m_s - m) / l.
 // Needs AVX-512 (F, BW); head_dim a multiple of 32 and value groups a multiple of 32.
+#include "kv_attention.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -79,31 +81,15 @@ inline int64_t lane_channel(int64_t lane) {
   return Bits == 8 ? lane : (lane < 16 ? 2 * lane : 2 * (lane - 16) + 1);
 }
 
-struct Shapes {
-  int64_t heads, group_heads, dim, quantized, recent, group, value_group;
-};
-
-struct Operands {
-  const float* query;  // [B, H * R, D]
-  const uint8_t* key_codes;
-  const at::Half* key_scale;
-  const uint8_t* key_zero;
-  const uint8_t* value_codes;
-  const at::Half* value_scale;
-  const uint8_t* value_zero;
-  const float* recent_keys;  // [B, H, Tr, D]
-  const float* recent_values;
-  float scaling;
-};
+using mixprec::QuantizedKVView;
 
 // Partial attention of the R query heads of (b, h) over tokens [t0, t1): per head the
 // running max, the sum of exponentials and the unnormalized output (channel order).
 template <int Bits, int R>
-void attend_range(const Operands& in, const Shapes& s, int64_t b, int64_t h, int64_t t0, int64_t t1, float* max_out,
-                  float* sum_out, float* out) {
-  const int64_t dim = s.dim, blocks = dim / 32, row_bytes = dim * Bits / 8, len = t1 - t0;
-  const int64_t bh = b * s.heads + h;
-  const float* q = in.query + (b * s.heads * R + h * R) * dim;
+void attend_range(const QuantizedKVView& s, const float* query, float scaling, int64_t h, int64_t t0, int64_t t1,
+                  float* max_out, float* sum_out, float* out) {
+  const int64_t dim = s.dim, blocks = dim / 32, row_bytes = dim * Bits / 8, len = t1 - t0, bh = h;
+  const float* q = query + h * R * dim;
   std::vector<float> scores(R * std::max<int64_t>(len, 1));
   std::vector<float> folded(R * dim);  // a[r][lane] in block lane order
   std::vector<int32_t> zeros(dim);
@@ -113,17 +99,17 @@ void attend_range(const Operands& in, const Shapes& s, int64_t b, int64_t h, int
   for (int64_t t = t0; t < quantized_end; ++t) {
     if (t / s.group != chunk) {
       chunk = t / s.group;
-      const at::Half* scale = in.key_scale + (bh * (s.quantized / s.group) + chunk) * dim;
-      const uint8_t* zero = in.key_zero + (bh * (s.quantized / s.group) + chunk) * dim;
+      const at::Half* scale = s.key_scale + (bh * s.chunk_stride + chunk) * dim;
+      const uint8_t* zero = s.key_zero + (bh * s.chunk_stride + chunk) * dim;
       for (int64_t k = 0; k < blocks; ++k)
         for (int64_t lane = 0; lane < 32; ++lane) {
           const int64_t c = 32 * k + lane_channel<Bits>(lane);
           zeros[32 * k + lane] = zero[c];
           for (int r = 0; r < R; ++r)
-            folded[r * dim + 32 * k + lane] = q[r * dim + c] * in.scaling * static_cast<float>(scale[c]);
+            folded[r * dim + 32 * k + lane] = q[r * dim + c] * scaling * static_cast<float>(scale[c]);
         }
     }
-    const uint8_t* codes = in.key_codes + (bh * s.quantized + t) * row_bytes;
+    const uint8_t* codes = s.key_codes + (bh * s.code_stride + t) * row_bytes;
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < blocks; ++k) {
@@ -139,12 +125,12 @@ void attend_range(const Operands& in, const Shapes& s, int64_t b, int64_t h, int
     for (int r = 0; r < R; ++r) scores[r * len + (t - t0)] = _mm512_reduce_add_ps(acc[r]);
   }
   for (int64_t t = std::max(t0, s.quantized); t < t1; ++t) {
-    const float* key = in.recent_keys + (bh * s.recent + (t - s.quantized)) * dim;
+    const float* key = s.recent_keys + (bh * s.recent_stride + (t - s.quantized)) * dim;
     for (int r = 0; r < R; ++r) {
       __m512 acc = _mm512_setzero_ps();
       for (int64_t c = 0; c < dim; c += 16)
         acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * dim + c), _mm512_loadu_ps(key + c), acc);
-      scores[r * len + (t - t0)] = _mm512_reduce_add_ps(acc) * in.scaling;
+      scores[r * len + (t - t0)] = _mm512_reduce_add_ps(acc) * scaling;
     }
   }
   // ---- softmax numerators
@@ -173,9 +159,9 @@ void attend_range(const Operands& in, const Shapes& s, int64_t b, int64_t h, int
   std::vector<__m512> acc(static_cast<size_t>(R) * blocks * 2, _mm512_setzero_ps());
   const int64_t value_groups = dim / s.value_group;
   for (int64_t t = t0; t < quantized_end; ++t) {
-    const uint8_t* codes = in.value_codes + (bh * s.quantized + t) * row_bytes;
-    const at::Half* scale = in.value_scale + (bh * s.quantized + t) * value_groups;
-    const uint8_t* zero = in.value_zero + (bh * s.quantized + t) * value_groups;
+    const uint8_t* codes = s.value_codes + (bh * s.code_stride + t) * row_bytes;
+    const at::Half* scale = s.value_scale + (bh * s.code_stride + t) * value_groups;
+    const uint8_t* zero = s.value_zero + (bh * s.code_stride + t) * value_groups;
     for (int64_t k = 0; k < blocks; ++k) {
       const int64_t v = 32 * k / s.value_group;
       const __m512i z = _mm512_set1_epi32(zero[v]);
@@ -198,7 +184,7 @@ void attend_range(const Operands& in, const Shapes& s, int64_t b, int64_t h, int
       for (int64_t lane = 0; lane < 32; ++lane) out[r * dim + 32 * k + lane_channel<Bits>(lane)] = lanes[lane];
     }
   for (int64_t t = std::max(t0, s.quantized); t < t1; ++t) {
-    const float* value = in.recent_values + (bh * s.recent + (t - s.quantized)) * dim;
+    const float* value = s.recent_values + (bh * s.recent_stride + (t - s.quantized)) * dim;
     for (int r = 0; r < R; ++r) {
       const __m512 w = _mm512_set1_ps(scores[r * len + (t - t0)]);
       for (int64_t c = 0; c < dim; c += 16)
@@ -209,45 +195,46 @@ void attend_range(const Operands& in, const Shapes& s, int64_t b, int64_t h, int
 }
 
 template <int Bits, int R>
-void attend_all(const Operands& in, const Shapes& s, int64_t batch, float* y) {
-  const int64_t tokens = s.quantized + s.recent, dim = s.dim;
+void attend_all(const QuantizedKVView& s, const float* query, int64_t tokens, float scaling, float* y) {
+  const int64_t dim = s.dim;
   const int64_t splits = std::max<int64_t>(
       1, std::min<int64_t>(at::get_num_threads(), tokens / kMinTokensPerSplit));
-  const int64_t units = batch * s.heads * splits, per_split = (tokens + splits - 1) / splits;
+  const int64_t units = s.heads * splits, per_split = (tokens + splits - 1) / splits;
   std::vector<float> maxes(units * R), sums(units * R), partial(units * R * dim);
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t split = u % splits, bh = u / splits;
+      const int64_t split = u % splits, h = u / splits;
       const int64_t t0 = std::min(tokens, split * per_split), t1 = std::min(tokens, t0 + per_split);
-      attend_range<Bits, R>(in, s, bh / s.heads, bh % s.heads, t0, t1, maxes.data() + u * R, sums.data() + u * R,
+      attend_range<Bits, R>(s, query, scaling, h, t0, t1, maxes.data() + u * R, sums.data() + u * R,
                             partial.data() + u * R * dim);
     }
   });
-  for (int64_t bh = 0; bh < batch * s.heads; ++bh)
+  for (int64_t h = 0; h < s.heads; ++h)
     for (int r = 0; r < R; ++r) {
       float top = -std::numeric_limits<float>::infinity();
-      for (int64_t sp = 0; sp < splits; ++sp) top = std::max(top, maxes[(bh * splits + sp) * R + r]);
+      for (int64_t sp = 0; sp < splits; ++sp) top = std::max(top, maxes[(h * splits + sp) * R + r]);
       float total = 0.0f;
       std::vector<float> weights(splits);
       for (int64_t sp = 0; sp < splits; ++sp) {
-        const int64_t u = bh * splits + sp;
+        const int64_t u = h * splits + sp;
         weights[sp] = sums[u * R + r] > 0.0f ? std::exp(maxes[u * R + r] - top) : 0.0f;
         total += sums[u * R + r] * weights[sp];
       }
-      float* row = y + (bh * R + r) * dim;
+      float* row = y + (h * R + r) * dim;
       for (int64_t c = 0; c < dim; ++c) {
         float value = 0.0f;
-        for (int64_t sp = 0; sp < splits; ++sp) value += partial[((bh * splits + sp) * R + r) * dim + c] * weights[sp];
+        for (int64_t sp = 0; sp < splits; ++sp) value += partial[((h * splits + sp) * R + r) * dim + c] * weights[sp];
         row[c] = value / total;
       }
     }
 }
 
 template <int Bits, int R>
-void dispatch_group(int64_t group_heads, const Operands& in, const Shapes& s, int64_t batch, float* y) {
+void dispatch_group(int64_t group_heads, const QuantizedKVView& s, const float* query, int64_t tokens, float scaling,
+                    float* y) {
   if constexpr (R <= kMaxGroup) {
-    if (group_heads == R) return attend_all<Bits, R>(in, s, batch, y);
-    return dispatch_group<Bits, R + 1>(group_heads, in, s, batch, y);
+    if (group_heads == R) return attend_all<Bits, R>(s, query, tokens, scaling, y);
+    return dispatch_group<Bits, R + 1>(group_heads, s, query, tokens, scaling, y);
   }
   TORCH_CHECK(false, "query heads per KV head must be 1 to ", kMaxGroup);
 }
@@ -277,7 +264,8 @@ at::Tensor kv_decode_attention(const at::Tensor& query, const at::Tensor& key_co
               "query must be [B, H * R, D] for the cache's B, H and D");
   TORCH_CHECK(dim % 32 == 0, "head_dim must be a multiple of 32");
   TORCH_CHECK(key_codes.dim() == 4 && key_codes.scalar_type() == at::kByte && key_codes.size(0) == batch &&
-                  key_codes.size(1) == heads && key_codes.size(3) * 8 == dim * bits && value_codes.sizes() == key_codes.sizes() &&
+                  key_codes.size(1) == heads && key_codes.size(3) * 8 == dim * bits &&
+                  value_codes.sizes() == key_codes.sizes() &&
                   value_codes.scalar_type() == at::kByte,
               "key and value codes must be uint8 [B, H, Tq, D * bits / 8]");
   const int64_t quantized = key_codes.size(2);
@@ -291,22 +279,49 @@ at::Tensor kv_decode_attention(const at::Tensor& query, const at::Tensor& key_co
                   (dim / value_scale.size(3)) % 32 == 0,
               "value scales and zero points must be [B, H, Tq, D / Gv] float16 / uint8 with Gv a multiple of 32");
   auto y = at::empty({batch, query.size(1), dim}, query.options());
-#if MIXPREC_KV_ATTENTION
-  const Shapes shapes{heads, query.size(1) / heads, dim, quantized, recent_keys.size(2), group,
-                      dim / value_scale.size(3)};
-  const Operands operands{query.data_ptr<float>(), key_codes.data_ptr<uint8_t>(), key_scale.data_ptr<at::Half>(),
-                          key_zero.data_ptr<uint8_t>(), value_codes.data_ptr<uint8_t>(),
-                          value_scale.data_ptr<at::Half>(), value_zero.data_ptr<uint8_t>(),
-                          recent_keys.data_ptr<float>(), recent_values.data_ptr<float>(), static_cast<float>(scaling)};
-  if (bits == 8)
-    dispatch_group<8, 1>(shapes.group_heads, operands, shapes, batch, y.data_ptr<float>());
-  else
-    dispatch_group<4, 1>(shapes.group_heads, operands, shapes, batch, y.data_ptr<float>());
-#endif
+  const int64_t recent = recent_keys.size(2), group_heads = query.size(1) / heads;
+  TORCH_CHECK(group_heads >= 1 && group_heads <= kMaxGroup, "query heads per KV head must be 1 to ", kMaxGroup,
+              ", got ", group_heads);
+  for (int64_t b = 0; b < batch; ++b) {
+    const mixprec::QuantizedKVView view{key_codes.data_ptr<uint8_t>() + b * key_codes.stride(0),
+                                        key_scale.data_ptr<at::Half>() + b * key_scale.stride(0),
+                                        key_zero.data_ptr<uint8_t>() + b * key_zero.stride(0),
+                                        value_codes.data_ptr<uint8_t>() + b * value_codes.stride(0),
+                                        value_scale.data_ptr<at::Half>() + b * value_scale.stride(0),
+                                        value_zero.data_ptr<uint8_t>() + b * value_zero.stride(0),
+                                        recent_keys.data_ptr<float>() + b * recent_keys.stride(0),
+                                        recent_values.data_ptr<float>() + b * recent_values.stride(0),
+                                        heads, dim, bits, group, dim / value_scale.size(3), quantized, quantized,
+                                        quantized / group, recent};
+    mixprec::kv_attend(view, query.data_ptr<float>() + b * query.stride(0), group_heads, quantized + recent,
+                       static_cast<float>(scaling), y.data_ptr<float>() + b * y.stride(0));
+  }
   return y;
 }
 
 }  // namespace
+
+namespace mixprec {
+
+bool kv_attend_supported(int64_t dim, int64_t value_group, int64_t query_group) {
+  return MIXPREC_KV_ATTENTION == 1 && dim % 32 == 0 && value_group % 32 == 0 && query_group >= 1 &&
+         query_group <= kMaxGroup;
+}
+
+void kv_attend(const QuantizedKVView& cache, const float* query, int64_t query_group, int64_t length, float scaling,
+               float* out) {
+  TORCH_CHECK(kv_attend_supported(cache.dim, cache.value_group, query_group), "kv_attend: no AVX-512 decode attention "
+              "for head_dim ", cache.dim, ", value group ", cache.value_group, ", ", query_group,
+              " query heads per KV head in this build");
+#if MIXPREC_KV_ATTENTION
+  if (cache.bits == 8)
+    dispatch_group<8, 1>(query_group, cache, query, length, scaling, out);
+  else
+    dispatch_group<4, 1>(query_group, cache, query, length, scaling, out);
+#endif
+}
+
+}  // namespace mixprec
 
 TORCH_LIBRARY_FRAGMENT(mixprec, m) {
   m.def("kv_attention_available() -> bool", &kv_attention_available);

@@ -1,6 +1,9 @@
 // A Llama-family decoder stack in one native call: every layer's RMSNorm, the seven quantized projections, rotary
 // positions, grouped-query attention over a float32 KV cache, SiLU x up and the residual adds, for M new tokens at
-// positions [position, position + M). The token embedding and the head stay with the caller.
+// positions [position, position + M). The token embedding and the head stay with the caller. The KV cache is float32
+// (llama_decode_layers) or quantized as mixprec/nn/kv_cache.py quantizes it (llama_decode_layers_quantized_kv, see
+// kv_cache_store.h): each step's keys and values are appended first, then every row attends over the cache as it
+// then is (AVX-512: the codes read in place by kv_attention.cpp; otherwise dequantized, then the float attention).
 //
 // Each projection runs the operators its mixprec module runs, called through the dispatcher (no Python between
 // them), so it gives the module's bits for the same input rows:
@@ -19,6 +22,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include "kv_cache_store.h"
 
 #include <algorithm>
 #include <cmath>
@@ -187,22 +192,12 @@ void rotate(at::Tensor& v, int64_t heads, const Shape& s, const float* cos, cons
   }
 }
 
-// Copies k, v [rows, kv_heads * head_dim] into this layer's cache [kv_heads, max_length, head_dim] at position.
-void store_cache(const at::Tensor& k, const at::Tensor& v, float* key_cache, float* value_cache, const Shape& s,
-                 int64_t position) {
-  for (int64_t r = 0; r < s.rows; ++r)
-    for (int64_t h = 0; h < s.kv_heads; ++h) {
-      const int64_t from = (r * s.kv_heads + h) * s.head_dim, to = (h * s.max_length + position + r) * s.head_dim;
-      std::copy_n(k.data_ptr<float>() + from, s.head_dim, key_cache + to);
-      std::copy_n(v.data_ptr<float>() + from, s.head_dim, value_cache + to);
-    }
-}
-
-// Row r (position + r) attends to cache positions [0, position + r]; head h reads kv head h / (heads / kv_heads).
+// Row r (position + r) attends to cache positions [0, position + r]; head h reads kv head h / (heads / kv_heads), its
+// keys and values at key_cache / value_cache + kv_head * stride * head_dim.
 // The scores q . k * scaling of every row and head (-inf past a row's causal end) go through one ATen softmax (its
 // vectorized exp), then each output is the probabilities' weighted sum of the values.
-at::Tensor attend(const at::Tensor& q, const float* key_cache, const float* value_cache, const Shape& s,
-                  int64_t position, float scaling) {
+at::Tensor attend(const at::Tensor& q, const float* key_cache, const float* value_cache, int64_t stride,
+                  const Shape& s, int64_t position, float scaling) {
   const int64_t group = s.heads / s.kv_heads, d = s.head_dim, span = position + s.rows;
   auto scores = at::empty({s.rows * s.heads, span}, q.options());
   const float* qp = q.data_ptr<float>();
@@ -211,7 +206,7 @@ at::Tensor attend(const at::Tensor& q, const float* key_cache, const float* valu
     for (int64_t index = begin; index < end; ++index) {
       const int64_t r = index / s.heads, h = index % s.heads, length = position + r + 1;
       const float* query = qp + index * d;
-      const float* keys = key_cache + (h / group) * s.max_length * d;
+      const float* keys = key_cache + (h / group) * stride * d;
       float* row = sp + index * span;
       for (int64_t t = 0; t < length; ++t) {
         float dot = 0;
@@ -229,7 +224,7 @@ at::Tensor attend(const at::Tensor& q, const float* key_cache, const float* valu
   at::parallel_for(0, s.rows * s.heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index) {
       const int64_t r = index / s.heads, h = index % s.heads, length = position + r + 1;
-      const float* values = value_cache + (h / group) * s.max_length * d;
+      const float* values = value_cache + (h / group) * stride * d;
       const float* p = pp + index * span;
       float* o = op + index * d;
       std::fill_n(o, d, 0.0f);
@@ -246,22 +241,89 @@ void check_float_tensor(const at::Tensor& t, std::vector<int64_t> shape, const c
               t.scalar_type(), " ", t.sizes());
 }
 
+// The float32 cache: keys and values [layers, kv_heads, max_length, head_dim].
+class FloatCache {
+ public:
+  FloatCache(at::Tensor& keys, at::Tensor& values) : keys_(keys), values_(values) {
+    TORCH_CHECK(keys.dim() == 4, "key_cache must be [layers, kv_heads, max_length, head_dim], got ", keys.sizes());
+    check_float_tensor(values, keys.sizes().vec(), "value_cache");
+    check_float_tensor(keys, keys.sizes().vec(), "key_cache");
+  }
+  int64_t layers() const { return keys_.size(0); }
+  int64_t kv_heads() const { return keys_.size(1); }
+  int64_t head_dim() const { return keys_.size(3); }
+  int64_t max_length() const { return keys_.size(2); }
+
+  // Copies k, v [rows, kv_heads * head_dim] into layer l's cache at position.
+  void append(int64_t l, const at::Tensor& k, const at::Tensor& v, const Shape& s, int64_t position) {
+    for (int64_t r = 0; r < s.rows; ++r)
+      for (int64_t h = 0; h < s.kv_heads; ++h) {
+        const int64_t from = (r * s.kv_heads + h) * s.head_dim, to = (h * s.max_length + position + r) * s.head_dim;
+        std::copy_n(k.data_ptr<float>() + from, s.head_dim, layer(keys_, l) + to);
+        std::copy_n(v.data_ptr<float>() + from, s.head_dim, layer(values_, l) + to);
+      }
+  }
+  at::Tensor attend(int64_t l, const at::Tensor& q, const Shape& s, int64_t position, float scaling) {
+    return ::attend(q, layer(keys_, l), layer(values_, l), s.max_length, s, position, scaling);
+  }
+
+ private:
+  float* layer(at::Tensor& t, int64_t l) { return t.data_ptr<float>() + l * t.stride(0); }
+  at::Tensor& keys_;
+  at::Tensor& values_;
+};
+
+// The quantized cache (kv_cache_store.h). Without the AVX-512 kernel for these shapes each layer's keys and values
+// are dequantized into scratch rows and attended in float.
+class QuantizedCache {
+ public:
+  QuantizedCache(at::TensorList tensors, int64_t bits, int64_t group, int64_t residual, int64_t value_group,
+                 int64_t max_length)
+      : store_(tensors, bits, group, residual, value_group), max_length_(max_length) {}
+  int64_t layers() const { return store_.layers(); }
+  int64_t kv_heads() const { return store_.heads(); }
+  int64_t head_dim() const { return store_.dim(); }
+  int64_t max_length() const { return max_length_; }
+
+  void append(int64_t l, const at::Tensor& k, const at::Tensor& v, const Shape& s, int64_t position) {
+    store_.append(l, k.data_ptr<float>(), v.data_ptr<float>(), s.rows, position);
+  }
+  at::Tensor attend(int64_t l, const at::Tensor& q, const Shape& s, int64_t position, float scaling) {
+    const int64_t group = s.heads / s.kv_heads, span = position + s.rows;
+    const mixprec::QuantizedKVView view = store_.view(l);
+    if (mixprec::kv_attend_supported(s.head_dim, view.value_group, group)) {
+      auto out = at::empty({s.rows, s.heads * s.head_dim}, q.options());
+      for (int64_t r = 0; r < s.rows; ++r)
+        mixprec::kv_attend(view, q.data_ptr<float>() + r * s.heads * s.head_dim, group, position + r + 1, scaling,
+                           out.data_ptr<float>() + r * s.heads * s.head_dim);
+      return out;
+    }
+    keys_.resize(s.kv_heads * span * s.head_dim);
+    values_.resize(keys_.size());
+    store_.dequantize(l, span, keys_.data(), values_.data(), span);
+    return ::attend(q, keys_.data(), values_.data(), span, s, position, scaling);
+  }
+
+ private:
+  mixprec::QuantizedKVStore store_;
+  int64_t max_length_;
+  std::vector<float> keys_, values_;
+};
+
 // hidden: [M, H] float32 (the embedded tokens); returns the last layer's output after final_norm, [M, H].
-at::Tensor llama_decode_layers(const at::Tensor& hidden, at::TensorList weights, at::IntArrayRef plans,
-                               const at::Tensor& final_norm, const at::Tensor& cos, const at::Tensor& sin,
-                               at::Tensor& key_cache, at::Tensor& value_cache, int64_t position, int64_t heads,
-                               int64_t kv_heads, int64_t intermediate, double eps, double scaling) {
+template <typename Cache>
+at::Tensor decode_layers(const at::Tensor& hidden, at::TensorList weights, at::IntArrayRef plans,
+                         const at::Tensor& final_norm, const at::Tensor& cos, const at::Tensor& sin, Cache& cache,
+                         int64_t position, int64_t heads, int64_t kv_heads, int64_t intermediate, double eps,
+                         double scaling) {
   TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) >= 1, "hidden must be [tokens, hidden_size], got ", hidden.sizes());
-  TORCH_CHECK(key_cache.dim() == 4, "key_cache must be [layers, kv_heads, max_length, head_dim], got ",
-              key_cache.sizes());
-  const int64_t layers = key_cache.size(0);
-  const Shape s{hidden.size(0), hidden.size(1), heads, kv_heads, key_cache.size(3), intermediate, key_cache.size(2)};
+  const int64_t layers = cache.layers();
+  const Shape s{hidden.size(0), hidden.size(1), heads, kv_heads, cache.head_dim(), intermediate, cache.max_length()};
   TORCH_CHECK(heads >= 1 && kv_heads >= 1 && heads % kv_heads == 0 && s.head_dim % 2 == 0 && intermediate >= 1,
               "heads (", heads, ") must be a multiple of kv_heads (", kv_heads, ") and head_dim (", s.head_dim,
               ") even");
+  TORCH_CHECK(cache.kv_heads() == kv_heads, "the cache holds ", cache.kv_heads(), " KV heads, the model ", kv_heads);
   check_float_tensor(hidden, {s.rows, s.hidden}, "hidden");
-  check_float_tensor(key_cache, {layers, kv_heads, s.max_length, s.head_dim}, "key_cache");
-  check_float_tensor(value_cache, {layers, kv_heads, s.max_length, s.head_dim}, "value_cache");
   check_float_tensor(cos, {s.max_length, s.head_dim}, "cos");
   check_float_tensor(sin, {s.max_length, s.head_dim}, "sin");
   check_float_tensor(final_norm, {s.hidden}, "final_norm");
@@ -283,16 +345,14 @@ at::Tensor llama_decode_layers(const at::Tensor& hidden, at::TensorList weights,
   const int64_t q_out = heads * s.head_dim, kv_out = kv_heads * s.head_dim;
   at::Tensor x = hidden.clone();
   for (int64_t l = 0; l < layers; ++l) {
-    float* keys = key_cache.data_ptr<float>() + l * kv_heads * s.max_length * s.head_dim;
-    float* values = value_cache.data_ptr<float>() + l * kv_heads * s.max_length * s.head_dim;
     ProjectionInput normed(rms_norm(x, weights[l * kTensorsPerLayer], eps));
     at::Tensor q = project(normed, l, kQuery, q_out);
     at::Tensor k = project(normed, l, kKey, kv_out);
     const at::Tensor v = project(normed, l, kValue, kv_out);
     rotate(q, heads, s, cos.data_ptr<float>(), sin.data_ptr<float>(), position);
     rotate(k, kv_heads, s, cos.data_ptr<float>(), sin.data_ptr<float>(), position);
-    store_cache(k, v, keys, values, s, position);
-    ProjectionInput attention(attend(q, keys, values, s, position, static_cast<float>(scaling)));
+    cache.append(l, k, v, s, position);
+    ProjectionInput attention(cache.attend(l, q, s, position, static_cast<float>(scaling)));
     x.add_(project(attention, l, kOutput, s.hidden));
     ProjectionInput post(rms_norm(x, weights[l * kTensorsPerLayer + 1], eps));
     at::Tensor gate = project(post, l, kGate, intermediate);
@@ -303,14 +363,43 @@ at::Tensor llama_decode_layers(const at::Tensor& hidden, at::TensorList weights,
   return rms_norm(x, final_norm, eps);
 }
 
+at::Tensor llama_decode_layers(const at::Tensor& hidden, at::TensorList weights, at::IntArrayRef plans,
+                               const at::Tensor& final_norm, const at::Tensor& cos, const at::Tensor& sin,
+                               at::Tensor& key_cache, at::Tensor& value_cache, int64_t position, int64_t heads,
+                               int64_t kv_heads, int64_t intermediate, double eps, double scaling) {
+  FloatCache cache(key_cache, value_cache);
+  return decode_layers(hidden, weights, plans, final_norm, cos, sin, cache, position, heads, kv_heads, intermediate,
+                       eps, scaling);
+}
+
+// kv_cache: the nine tensors of kv_cache_store.h, quantized_tokens [layers] included (advanced in place).
+at::Tensor llama_decode_layers_quantized_kv(const at::Tensor& hidden, at::TensorList weights, at::IntArrayRef plans,
+                                            const at::Tensor& final_norm, const at::Tensor& cos, const at::Tensor& sin,
+                                            at::TensorList kv_cache, int64_t position, int64_t heads,
+                                            int64_t kv_heads, int64_t intermediate, double eps, double scaling,
+                                            int64_t bits, int64_t group, int64_t residual, int64_t value_group) {
+  QuantizedCache cache(kv_cache, bits, group, residual, value_group, cos.size(0));
+  return decode_layers(hidden, weights, plans, final_norm, cos, sin, cache, position, heads, kv_heads, intermediate,
+                       eps, scaling);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mixprec, m) {
   m.def("llama_decode_layers(Tensor hidden, Tensor[] weights, int[] plans, Tensor final_norm, Tensor cos, "
         "Tensor sin, Tensor(a!) key_cache, Tensor(b!) value_cache, int position, int heads, int kv_heads, "
         "int intermediate, float eps, float scaling) -> Tensor");
+  m.def("llama_decode_layers_quantized_kv(Tensor hidden, Tensor[] weights, int[] plans, Tensor final_norm, "
+        "Tensor cos, Tensor sin, Tensor(a!)[] kv_cache, int position, int heads, int kv_heads, int intermediate, "
+        "float eps, float scaling, int bits, int group, int residual, int value_group) -> Tensor");
 }
 
 // An int8 projection's oneDNN-packed weight is an MkldnnCPU tensor, so the dispatcher picks that key when one is held.
-TORCH_LIBRARY_IMPL(mixprec, CPU, m) { m.impl("llama_decode_layers", &llama_decode_layers); }
-TORCH_LIBRARY_IMPL(mixprec, MkldnnCPU, m) { m.impl("llama_decode_layers", &llama_decode_layers); }
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
+  m.impl("llama_decode_layers", &llama_decode_layers);
+  m.impl("llama_decode_layers_quantized_kv", &llama_decode_layers_quantized_kv);
+}
+TORCH_LIBRARY_IMPL(mixprec, MkldnnCPU, m) {
+  m.impl("llama_decode_layers", &llama_decode_layers);
+  m.impl("llama_decode_layers_quantized_kv", &llama_decode_layers_quantized_kv);
+}
