@@ -3,7 +3,9 @@
 // positions [position, position + M). The token embedding and the head stay with the caller. The KV cache is float32
 // (llama_decode_layers) or quantized as mixprec/nn/kv_cache.py quantizes it (llama_decode_layers_quantized_kv, see
 // kv_cache_store.h): each step's keys and values are appended first, then every row attends over the cache as it
-// then is (AVX-512: the codes read in place by kv_attention.cpp; otherwise dequantized, then the float attention).
+// then is (a decode step on AVX-512: the codes read in place by kv_attention.cpp; otherwise dequantized first).
+// Several rows attend through ATen's scaled_dot_product_attention with a causal mask, one row through the loops
+// below.
 //
 // Each projection runs the operators its mixprec module runs, called through the dispatcher (no Python between
 // them), so it gives the module's bits for the same input rows:
@@ -235,6 +237,20 @@ at::Tensor attend(const at::Tensor& q, const float* key_cache, const float* valu
   return out;
 }
 
+// Several rows (a prompt) through ATen's scaled_dot_product_attention (its vectorized flash kernel, grouped-query)
+// over keys and values [kv_heads, >= position + rows, head_dim] (any stride between heads): row r attends to tokens
+// [0, position + r]. transformers' own attention call.
+at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const Shape& s,
+                       int64_t position, double scaling) {
+  const int64_t span = position + s.rows;
+  const auto options = q.options().dtype(at::kLong);
+  const at::Tensor mask = at::arange(span, options).unsqueeze(0) <= at::arange(position, span, options).unsqueeze(1);
+  const at::Tensor out = at::scaled_dot_product_attention(
+      q.view({s.rows, s.heads, s.head_dim}).transpose(0, 1).unsqueeze(0), keys.narrow(1, 0, span).unsqueeze(0),
+      values.narrow(1, 0, span).unsqueeze(0), mask, 0.0, false, scaling, true);
+  return out[0].transpose(0, 1).reshape({s.rows, s.heads * s.head_dim});
+}
+
 void check_float_tensor(const at::Tensor& t, std::vector<int64_t> shape, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.sizes() == shape, what,
               " must be a contiguous float32 CPU tensor of shape ", at::IntArrayRef(shape), ", got ",
@@ -264,6 +280,7 @@ class FloatCache {
       }
   }
   at::Tensor attend(int64_t l, const at::Tensor& q, const Shape& s, int64_t position, float scaling) {
+    if (s.rows > 1) return attend_rows(q, keys_[l], values_[l], s, position, scaling);
     return ::attend(q, layer(keys_, l), layer(values_, l), s.max_length, s, position, scaling);
   }
 
@@ -273,8 +290,9 @@ class FloatCache {
   at::Tensor& values_;
 };
 
-// The quantized cache (kv_cache_store.h). Without the AVX-512 kernel for these shapes each layer's keys and values
-// are dequantized into scratch rows and attended in float.
+// The quantized cache (kv_cache_store.h). One row (a decode step) reads the codes in place (AVX-512, the shapes
+// kv_attend takes); several rows (a prompt), or one without that kernel, attend in float32 over the layer's keys and
+// values dequantized first, as mixprec.kv.QuantizedKVCache does for a prompt.
 class QuantizedCache {
  public:
   QuantizedCache(at::TensorList tensors, int64_t bits, int64_t group, int64_t residual, int64_t value_group,
@@ -291,23 +309,20 @@ class QuantizedCache {
   at::Tensor attend(int64_t l, const at::Tensor& q, const Shape& s, int64_t position, float scaling) {
     const int64_t group = s.heads / s.kv_heads, span = position + s.rows;
     const mixprec::QuantizedKVView view = store_.view(l);
-    if (mixprec::kv_attend_supported(s.head_dim, view.value_group, group)) {
-      auto out = at::empty({s.rows, s.heads * s.head_dim}, q.options());
-      for (int64_t r = 0; r < s.rows; ++r)
-        mixprec::kv_attend(view, q.data_ptr<float>() + r * s.heads * s.head_dim, group, position + r + 1, scaling,
-                           out.data_ptr<float>() + r * s.heads * s.head_dim);
+    if (s.rows == 1 && mixprec::kv_attend_supported(s.head_dim, view.value_group, group)) {
+      auto out = at::empty({1, s.heads * s.head_dim}, q.options());
+      mixprec::kv_attend(view, q.data_ptr<float>(), group, position + 1, scaling, out.data_ptr<float>());
       return out;
     }
-    keys_.resize(s.kv_heads * span * s.head_dim);
-    values_.resize(keys_.size());
-    store_.dequantize(l, span, keys_.data(), values_.data(), span);
-    return ::attend(q, keys_.data(), values_.data(), span, s, position, scaling);
+    const at::Tensor keys = at::empty({s.kv_heads, span, s.head_dim}, q.options()), values = at::empty_like(keys);
+    store_.dequantize(l, span, keys.data_ptr<float>(), values.data_ptr<float>(), span);
+    if (s.rows > 1) return attend_rows(q, keys, values, s, position, scaling);
+    return ::attend(q, keys.data_ptr<float>(), values.data_ptr<float>(), span, s, position, scaling);
   }
 
  private:
   mixprec::QuantizedKVStore store_;
   int64_t max_length_;
-  std::vector<float> keys_, values_;
 };
 
 // hidden: [M, H] float32 (the embedded tokens); returns the last layer's output after final_norm, [M, H].
