@@ -183,3 +183,21 @@ def test_generate_text_quantizes_the_cache_in_both_runtimes(tiny_llama_folder, t
     for bad in (2, 16):
         with pytest.raises(InputError, match=f"KV cache bits must be 4 or 8, got {bad}"):
             text_generation.generate_text(model, tokenizer, "Two dogs", 5, kv_bits=bad)
+
+
+def test_a_step_that_fails_part_way_empties_the_quantized_cache() -> None:
+    model = tiny_llama(W4A8, hidden_size=256, attention_bias=True)
+    ids = torch.randint(0, 320, (30,), generator=torch.Generator().manual_seed(3))
+    expected = NativeLlamaDecoder(model, max_length=40, kv_bits=8, kv_group_size=8, kv_residual=4)(ids)
+    decoder = NativeLlamaDecoder(model, max_length=40, kv_bits=8, kv_group_size=8, kv_residual=4)
+    decoder(ids[:20])
+    bias = model.model.layers[1].self_attn.k_proj.bias
+    saved = bias.detach().clone()
+    with torch.no_grad():
+        bias[0] = float("nan")  # layer 1's keys: layer 0 has appended (and quantized) before the error
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        decoder(ids[20:])
+    assert decoder.position == 0 and decoder.quantized_tokens == 0 and int(decoder.kv_cache[-1].max()) == 0
+    with torch.no_grad():
+        bias.copy_(saved)
+    assert torch.equal(decoder(ids), expected)  # a clean start again

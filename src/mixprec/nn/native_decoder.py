@@ -202,7 +202,9 @@ class NativeLlamaDecoder:
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """Logits ``[tokens, vocab]`` (float32) of ``input_ids`` (a 1-D int64 tensor of token ids, or ``[1, tokens]``)
-        placed at positions ``[position, position + tokens)``; the position then advances past them."""
+        placed at positions ``[position, position + tokens)``; the position then advances past them. A step that fails
+        inside the native call (keys or values that are NaN or Inf, which a quantized cache cannot hold) empties a
+        quantized cache (position 0) before the error propagates."""
         if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
             raise InputError(f"input_ids must be an int64 tensor of token ids, got {type(input_ids).__name__} "
                              f"{getattr(input_ids, 'dtype', '')}")
@@ -225,10 +227,14 @@ class NativeLlamaDecoder:
                                                  self.sin, *self.kv_cache, self.position, self.heads, self.kv_heads,
                                                  self.intermediate, self.eps, self.scaling)
             else:
-                out = native.llama_decode_layers_quantized_kv(
-                    hidden, self.weights, self.plans, self.final_norm, self.cos, self.sin, self.kv_cache,
-                    self.position, self.heads, self.kv_heads, self.intermediate, self.eps, self.scaling, self.kv_bits,
-                    self.kv_group_size, self.kv_residual, self.kv_value_group)
+                try:
+                    out = native.llama_decode_layers_quantized_kv(
+                        hidden, self.weights, self.plans, self.final_norm, self.cos, self.sin, self.kv_cache,
+                        self.position, self.heads, self.kv_heads, self.intermediate, self.eps, self.scaling,
+                        self.kv_bits, self.kv_group_size, self.kv_residual, self.kv_value_group)
+                except RuntimeError:
+                    self.truncate(0)  # layers the step reached may hold more tokens as codes than the others
+                    raise
             logits = self.model.lm_head(out).float()
         self.position += ids.numel()
         return logits
