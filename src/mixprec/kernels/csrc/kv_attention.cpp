@@ -155,34 +155,33 @@ void attend_range(const QuantizedKVView& s, const float* query, float scaling, i
     max_out[r] = len > 0 ? top : -std::numeric_limits<float>::infinity();
     sum_out[r] = _mm512_reduce_add_ps(total);
   }
-  // ---- values
-  std::vector<__m512> acc(static_cast<size_t>(R) * blocks * 2, _mm512_setzero_ps());
+  // ---- values, one 32-channel block at a time (its 2R accumulators stay in registers; each lane still sums the
+  // tokens in order)
   const int64_t value_groups = dim / s.value_group;
-  for (int64_t t = t0; t < quantized_end; ++t) {
-    const uint8_t* codes = s.value_codes + (bh * s.code_stride + t) * row_bytes;
-    const at::Half* scale = s.value_scale + (bh * s.code_stride + t) * value_groups;
-    const uint8_t* zero = s.value_zero + (bh * s.code_stride + t) * value_groups;
-    for (int64_t k = 0; k < blocks; ++k) {
-      const int64_t v = 32 * k / s.value_group;
-      const __m512i z = _mm512_set1_epi32(zero[v]);
+  for (int64_t k = 0; k < blocks; ++k) {
+    const int64_t v = 32 * k / s.value_group;
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t t = t0; t < quantized_end; ++t) {
+      const int64_t token = bh * s.code_stride + t;
+      const __m512i z = _mm512_set1_epi32(s.value_zero[token * value_groups + v]);
       const __m512i zero_pair[2] = {z, z};
       __m512 d[2];
-      block_codes<Bits>(codes + k * 32 * Bits / 8, zero_pair, d);
-      const float value_scale = static_cast<float>(scale[v]);
+      block_codes<Bits>(s.value_codes + token * row_bytes + k * 32 * Bits / 8, zero_pair, d);
+      const float value_scale = static_cast<float>(s.value_scale[token * value_groups + v]);
       for (int r = 0; r < R; ++r) {
         const __m512 w = _mm512_set1_ps(scores[r * len + (t - t0)] * value_scale);
-        acc[(r * blocks + k) * 2] = _mm512_fmadd_ps(w, d[0], acc[(r * blocks + k) * 2]);
-        acc[(r * blocks + k) * 2 + 1] = _mm512_fmadd_ps(w, d[1], acc[(r * blocks + k) * 2 + 1]);
+        acc[r][0] = _mm512_fmadd_ps(w, d[0], acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(w, d[1], acc[r][1]);
       }
     }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int64_t k = 0; k < blocks; ++k) {
+    for (int r = 0; r < R; ++r) {
       alignas(64) float lanes[32];
-      _mm512_store_ps(lanes, acc[(r * blocks + k) * 2]);
-      _mm512_store_ps(lanes + 16, acc[(r * blocks + k) * 2 + 1]);
+      _mm512_store_ps(lanes, acc[r][0]);
+      _mm512_store_ps(lanes + 16, acc[r][1]);
       for (int64_t lane = 0; lane < 32; ++lane) out[r * dim + 32 * k + lane_channel<Bits>(lane)] = lanes[lane];
     }
+  }
   for (int64_t t = std::max(t0, s.quantized); t < t1; ++t) {
     const float* value = s.recent_values + (bh * s.recent_stride + (t - s.quantized)) * dim;
     for (int r = 0; r < R; ++r) {
