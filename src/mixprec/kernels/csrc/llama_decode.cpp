@@ -1,5 +1,5 @@
 // A Llama-family decoder stack in one native call: every layer's RMSNorm, the seven quantized projections, rotary
-// positions, grouped-query attention over a float32 KV cache, SiLU x up and the residual adds, for M new tokens at
+// positions, grouped-query attention over its KV cache, SiLU x up and the residual adds, for M new tokens at
 // positions [position, position + M). The token embedding and the head stay with the caller. The KV cache is float32
 // (llama_decode_layers) or quantized as mixprec/nn/kv_cache.py quantizes it (llama_decode_layers_quantized_kv, see
 // kv_cache_store.h): each step's keys and values are appended first, then every row attends over the cache as it
