@@ -7,6 +7,8 @@
 // low nibble. Non-finite keys or values and scales beyond float16's range are refused.
 #include "kv_cache_store.h"
 
+#include "kv_dequant.h"
+
 #include <torch/library.h>
 
 #include <algorithm>
@@ -43,9 +45,6 @@ inline void put(uint8_t* row, int64_t c, uint8_t q, int64_t bits) {
     row[c / 2] |= static_cast<uint8_t>(q << 4);
 }
 
-inline float get(const uint8_t* row, int64_t c, int64_t bits) {
-  return static_cast<float>(bits == 8 ? row[c] : (c % 2 == 0 ? row[c / 2] & 0xF : row[c / 2] >> 4));
-}
 
 }  // namespace
 
@@ -177,6 +176,7 @@ QuantizedKVView QuantizedKVStore::view(int64_t l) const {
 void QuantizedKVStore::dequantize(int64_t l, int64_t length, float* keys, float* values, int64_t stride) const {
   const QuantizedKVView v = view(l);
   const int64_t value_groups = dim_ / value_group_;
+  std::vector<float> key_zero(dim_), key_scale(dim_);  // the current key chunk's, as float32
   for (int64_t h = 0; h < heads_; ++h)
     for (int64_t t = 0; t < length; ++t) {
       float* k = keys + (h * stride + t) * dim_;
@@ -186,14 +186,19 @@ void QuantizedKVStore::dequantize(int64_t l, int64_t length, float* keys, float*
         std::memcpy(x, v.recent_values + (h * window_ + t - v.quantized) * dim_, dim_ * sizeof(float));
         continue;
       }
-      const uint8_t* key_row = v.key_codes + (h * capacity_ + t) * row_bytes_;
-      const uint8_t* value_row = v.value_codes + (h * capacity_ + t) * row_bytes_;
       const int64_t chunk = (h * v.chunk_stride + t / group_) * dim_, token = (h * capacity_ + t) * value_groups;
-      for (int64_t c = 0; c < dim_; ++c) {
-        k[c] = (get(key_row, c, bits_) - static_cast<float>(v.key_zero[chunk + c])) *
-               static_cast<float>(v.key_scale[chunk + c]);
-        const int64_t g = token + c / value_group_;
-        x[c] = (get(value_row, c, bits_) - static_cast<float>(v.value_zero[g])) * static_cast<float>(v.value_scale[g]);
+      if (t % group_ == 0)
+        for (int64_t c = 0; c < dim_; ++c) {
+          key_zero[c] = static_cast<float>(v.key_zero[chunk + c]);
+          key_scale[c] = static_cast<float>(v.key_scale[chunk + c]);
+        }
+      dequantize_span<1>(bits_, v.key_codes + (h * capacity_ + t) * row_bytes_, 0, dim_, key_zero.data(),
+                         key_scale.data(), k);
+      for (int64_t g = 0; g < value_groups; ++g) {
+        const float zero = static_cast<float>(v.value_zero[token + g]);
+        const float scale = static_cast<float>(v.value_scale[token + g]);
+        dequantize_span<0>(bits_, v.value_codes + (h * capacity_ + t) * row_bytes_, g * value_group_, value_group_,
+                           &zero, &scale, x + g * value_group_);
       }
     }
 }

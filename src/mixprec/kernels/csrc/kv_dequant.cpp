@@ -1,6 +1,8 @@
 // Dequantization of the quantized KV cache (mixprec/nn/kv_cache.py) straight into the
 // float32 tensor attention reads, one pass: x = (q - zero) * scale, each step rounded to
 // float32 as the PyTorch reference does ((float(q) - float(zero)) * float(scale)).
+#include "kv_dequant.h"
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -8,25 +10,6 @@
 #include <vector>
 
 namespace {
-
-// dst[d] = (code[d] - zero[d]) * scale[d] for d in [0, count), codes from `row` starting at
-// element `first` (even); ZeroStep/ScaleStep 0 broadcast one zero point/scale, 1 index them.
-template <int Bits, int Step>
-inline void dequantize_span(const uint8_t* row, int64_t first, int64_t count, const float* zero, const float* scale,
-                            float* dst) {
-  if constexpr (Bits == 8) {
-#pragma omp simd
-    for (int64_t d = 0; d < count; ++d)
-      dst[d] = (static_cast<float>(row[first + d]) - zero[d * Step]) * scale[d * Step];
-  } else {
-    const uint8_t* bytes = row + first / 2;
-#pragma omp simd
-    for (int64_t i = 0; i < count / 2; ++i) {
-      dst[2 * i] = (static_cast<float>(bytes[i] & 0xF) - zero[2 * i * Step]) * scale[2 * i * Step];
-      dst[2 * i + 1] = (static_cast<float>(bytes[i] >> 4) - zero[(2 * i + 1) * Step]) * scale[(2 * i + 1) * Step];
-    }
-  }
-}
 
 void check(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& out,
            int64_t bits) {
@@ -67,10 +50,7 @@ void kv_dequantize_keys(const at::Tensor& codes, const at::Tensor& scale, const 
           }
         const uint8_t* row = cp + ((b * heads + h) * tokens + t) * row_bytes;
         float* dst = op + b * out.stride(0) + h * out.stride(1) + t * out.stride(2);
-        if (bits == 8)
-          dequantize_span<8, 1>(row, 0, dim, zero_f.data(), scale_f.data(), dst);
-        else
-          dequantize_span<4, 1>(row, 0, dim, zero_f.data(), scale_f.data(), dst);
+        mixprec::dequantize_span<1>(bits, row, 0, dim, zero_f.data(), scale_f.data(), dst);
       }
 }
 
@@ -96,10 +76,7 @@ void kv_dequantize_values(const at::Tensor& codes, const at::Tensor& scale, cons
         for (int64_t g = 0; g < groups; ++g) {
           const float s = static_cast<float>(sp[index * groups + g]);
           const float z = static_cast<float>(zp[index * groups + g]);
-          if (bits == 8)
-            dequantize_span<8, 0>(row, g * group, group, &z, &s, dst + g * group);
-          else
-            dequantize_span<4, 0>(row, g * group, group, &z, &s, dst + g * group);
+          mixprec::dequantize_span<0>(bits, row, g * group, group, &z, &s, dst + g * group);
         }
       }
 }
