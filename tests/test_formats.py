@@ -15,6 +15,7 @@ from mixprec.formats import (
     all_finite,
     count_infinite,
     dequantize,
+    fp16_scale,
     pack_int4,
     param_shape,
     qparams_from_range,
@@ -203,6 +204,24 @@ def test_row_chunked_weight_quantization_gives_the_same_codes(monkeypatch: pytes
                  QuantSpec()):
         qp = qparams_from_tensor(weight, spec)
         assert torch.equal(base.quantize_rows_in_chunks(weight, qp), quantize(weight, qp))
+
+
+@pytest.mark.parametrize("cols", [96, 45])  # an odd row length: blocks of an even row count, one pad nibble
+def test_row_chunked_int4_packing_gives_the_packed_codes(monkeypatch: pytest.MonkeyPatch, cols: int) -> None:
+    monkeypatch.setattr(base, "QUANTIZE_CHUNK_ELEMENTS", 7 * cols)  # blocks of 7 (8 for odd rows), the last partial
+    weight = torch.randn(101, cols, generator=torch.Generator().manual_seed(11))
+    specs = [QuantSpec(bits=4, granularity="channel", axis=0)]
+    specs += [QuantSpec(bits=4, granularity="group", group_size=32)] if cols % 32 == 0 else []
+    for spec in specs:
+        packed, qp = base.round_weight_int4_packed(weight, spec, scale_fn=fp16_scale)
+        codes, expected_qp = base.round_weight(weight, spec, scale_fn=fp16_scale)
+        flat = codes.reshape(-1)
+        flat = torch.cat((flat, flat.new_zeros(flat.numel() % 2)))
+        assert torch.equal(qp.scale, expected_qp.scale)
+        assert torch.equal(packed, pack_int4(flat))
+        assert torch.equal(unpack_int4(packed, signed=True)[: codes.numel()], flat[: codes.numel()])
+    with pytest.raises(ValueError, match="needs a 4-bit spec, got 8 bits"):
+        base.round_weight_int4_packed(weight, QuantSpec(granularity="channel", axis=0))
 
 
 def test_scalar_asymmetric_qparams_equal_the_tensor_ones() -> None:

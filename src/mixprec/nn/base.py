@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from mixprec.errors import InputError
-from mixprec.formats import QParams, QuantSpec, fp16_scale, integer_dtype, qparams_from_tensor, quantize
+from mixprec.formats import QParams, QuantSpec, fp16_scale, integer_dtype, pack_int4, qparams_from_tensor, quantize
 from mixprec.gptq import gptq_quantize
 
 
@@ -210,10 +210,35 @@ def round_weight(weight: Tensor, spec: QuantSpec, hessian: Tensor | None = None,
     weight = weight.detach().to(torch.float32)
     if hessian is not None:
         return gptq_quantize(weight, hessian, spec, scale_fn=scale_fn)
-    qp = qparams_from_tensor(weight, spec)
-    if scale_fn is not None:
-        qp = QParams(spec, scale_fn(qp.scale), qp.zero_point)
+    qp = weight_qparams(weight, spec, scale_fn)
     return quantize_rows_in_chunks(weight, qp), qp
+
+
+def round_weight_int4_packed(weight: Tensor, spec: QuantSpec,
+                             scale_fn: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, QParams]:
+    """:func:`round_weight` (round to nearest) of a ``[out, in]`` weight under a 4-bit ``spec``,
+    packed two codes per byte in ``weight.reshape(-1)`` order (:func:`~mixprec.formats.pack_int4`'s
+    nibbles; one zero nibble pads an odd count): a flat uint8 tensor of ``(numel + 1) // 2`` bytes.
+    Rows are rounded and packed a block at a time, so neither the int8 codes nor packing's
+    temporaries ever exist for the whole weight (the same bytes as packing ``round_weight``'s codes)."""
+    weight = weight.detach().to(torch.float32)
+    if spec.bits != 4:
+        raise ValueError(f"round_weight_int4_packed needs a 4-bit spec, got {spec.bits} bits")
+    qp = weight_qparams(weight, spec, scale_fn)
+    cols = weight.shape[1]
+    packed = torch.empty((weight.numel() + 1) // 2, dtype=torch.uint8)
+    for begin, _end, codes in _quantized_row_blocks(weight, qp, row_multiple=1 if cols % 2 == 0 else 2):
+        flat = codes.reshape(-1)
+        if flat.numel() % 2:  # the last block of an odd count
+            flat = torch.cat((flat, flat.new_zeros(1)))
+        packed[begin * cols // 2: begin * cols // 2 + flat.numel() // 2] = pack_int4(flat)
+    return packed, qp
+
+
+def weight_qparams(weight: Tensor, spec: QuantSpec, scale_fn: Callable[[Tensor], Tensor] | None = None) -> QParams:
+    """Min/max parameters of a float32 weight under ``spec``, the scales then passed through ``scale_fn``."""
+    qp = qparams_from_tensor(weight, spec)
+    return qp if scale_fn is None else QParams(spec, scale_fn(qp.scale), qp.zero_point)
 
 
 #: Most weight elements quantized at once by :func:`quantize_rows_in_chunks` (1 MiB of float32).
@@ -224,16 +249,26 @@ def quantize_rows_in_chunks(weight: Tensor, qp: QParams) -> Tensor:
     """``quantize(weight, qp)`` for a ``[out, in]`` weight, a block of rows at a time, so
     the float temporaries stay at most :data:`QUANTIZE_CHUNK_ELEMENTS` elements (same codes:
     per-tensor, per-output-channel and per-group parameters never span rows)."""
+    codes = torch.empty(weight.shape, dtype=integer_dtype(qp.spec))
+    for begin, end, block in _quantized_row_blocks(weight, qp):
+        codes[begin:end] = block
+    return codes
+
+
+def _quantized_row_blocks(weight: Tensor, qp: QParams, row_multiple: int = 1) -> Iterator[tuple[int, int, Tensor]]:
+    """``(begin, end, quantize(weight[begin:end]))`` over blocks of about :data:`QUANTIZE_CHUNK_ELEMENTS`
+    elements, each block's row count a multiple of ``row_multiple`` (but the last); one block when the
+    parameters run along another axis than the rows."""
     spec = qp.spec
     if spec.granularity == "channel" and spec.axis not in (0, -2):
-        return quantize(weight, qp)
+        yield 0, weight.shape[0], quantize(weight, qp)
+        return
     rows_per_chunk = max(1, QUANTIZE_CHUNK_ELEMENTS // max(1, weight.shape[1]))
-    codes = torch.empty(weight.shape, dtype=integer_dtype(spec))
+    rows_per_chunk = -(-rows_per_chunk // row_multiple) * row_multiple
     for begin in range(0, weight.shape[0], rows_per_chunk):
-        end = begin + rows_per_chunk
+        end = min(begin + rows_per_chunk, weight.shape[0])
         rows_qp = qp if spec.granularity == "tensor" else QParams(spec, qp.scale[begin:end], qp.zero_point[begin:end])
-        codes[begin:end] = quantize(weight[begin:end], rows_qp)
-    return codes
+        yield begin, end, quantize(weight[begin:end], rows_qp)
 
 
 def w4_group_spec(group_size: int) -> QuantSpec:

@@ -15,12 +15,12 @@ from typing import Self
 import torch
 from torch import Tensor, nn
 
-from mixprec.formats import QuantSpec, fp16_scale, half_dtype, pack_int4, to_half, unpack_int4
+from mixprec.formats import QuantSpec, fp16_scale, half_dtype, to_half, unpack_int4
 from mixprec.formats.affine import QParams
 from mixprec.kernels import int8_conv
 from mixprec.kernels.activation_quant import dynamic_tensor_qparams
 from mixprec.kernels.int8_conv import MAX_CONV_REDUCTION
-from mixprec.nn.base import PackedWeightMixin, QuantizedModule, round_weight, w4_group_spec
+from mixprec.nn.base import PackedWeightMixin, QuantizedModule, round_weight, round_weight_int4_packed, w4_group_spec
 from mixprec.nn.conv_layout import ConvLayout
 from mixprec.nn.linear_int8 import STATIC_ACTIVATION, WEIGHT_PER_CHANNEL
 
@@ -163,11 +163,8 @@ class W4Conv(QuantizedConv):
     def from_float(cls, conv: nn.Module, group_size: int | None = None) -> Self:
         module = cls(ConvLayout.of(conv), group_size)
         rows = conv.weight.detach().reshape(module.layout.out_channels, -1)
-        codes, qp = round_weight(rows, module.spec, scale_fn=fp16_scale)
-        flat = codes.reshape(-1)
-        if flat.numel() % 2:
-            flat = torch.cat((flat, flat.new_zeros(1)))
-        module.weight_packed.copy_(pack_int4(flat))
+        packed, qp = round_weight_int4_packed(rows, module.spec, scale_fn=fp16_scale)
+        module.weight_packed.copy_(packed)
         module.weight_scale.copy_(qp.scale.reshape(module.weight_scale.shape))
         if module.bias is not None:
             module.bias.copy_(conv.bias.detach())

@@ -24,13 +24,13 @@ from mixprec.kernels.weight_only import (
     w8g_linear,
 )
 from mixprec.nn.base import (
-    QUANTIZE_CHUNK_ELEMENTS,
     QuantizedModule,
     W8GroupStorage,
     as_float32_matrix,
     check_linear_input,
     restore_shape,
     round_weight,
+    round_weight_int4_packed,
     w4_group_spec,
 )
 
@@ -75,10 +75,12 @@ class W4Linear(QuantizedModule):
     def from_float(cls, linear: nn.Linear, group_size: int = 32, hessian: Tensor | None = None) -> W4Linear:
         """Quantize ``linear`` (GPTQ if ``hessian`` is given, else round to nearest)."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
-        codes, qp = round_weight(linear.weight, module.spec, hessian, scale_fn=fp16_scale)
-        rows_per_chunk = max(1, QUANTIZE_CHUNK_ELEMENTS // linear.in_features)
-        for begin in range(0, linear.out_features, rows_per_chunk):  # packing's int16 temporaries stay small
-            module.weight_packed[begin:begin + rows_per_chunk] = pack_int4(codes[begin:begin + rows_per_chunk])
+        if hessian is None:
+            packed, qp = round_weight_int4_packed(linear.weight, module.spec, scale_fn=fp16_scale)
+        else:
+            codes, qp = round_weight(linear.weight, module.spec, hessian, scale_fn=fp16_scale)
+            packed = pack_int4(codes)
+        module.weight_packed.copy_(packed.view(module.weight_packed.shape))
         module.weight_scale.copy_(qp.scale)
         if module.bias is not None:
             module.bias.copy_(linear.bias.detach())
