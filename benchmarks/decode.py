@@ -50,6 +50,7 @@ from mixprec.bench.decoding import (
     decode_step_bytes,
     dram_read_bandwidth,
     llama_cpp_decode_step,
+    native_decode_step,
     torch_decode_step,
 )
 from mixprec.bench.profiling import print_profile, self_cpu_ms_per_call
@@ -171,14 +172,8 @@ def compiled_path(model: nn.Module, prompt: torch.Tensor, prefill_ids: torch.Ten
 def native_path(model: nn.Module, prompt: torch.Tensor, prefill_ids: torch.Tensor) -> Runner:
     """mixprec's :class:`~mixprec.nn.native_decoder.NativeLlamaDecoder`: the decoder stack in one native call a
     step, the prompt prefilled once, each decode step at position ``len(prompt)``."""
-    decoder = mixprec.NativeLlamaDecoder(model, max_length=len(prompt) + 1)
+    decode = native_decode_step(mixprec.NativeLlamaDecoder(model, max_length=len(prompt) + 1), prompt)
     prefiller = mixprec.NativeLlamaDecoder(model, max_length=len(prefill_ids))  # its own cache: the prompt's stays
-    decoder(prompt)
-    step = prompt[-1:]
-
-    def decode() -> object:
-        decoder.truncate(len(prompt))
-        return decoder(step)
 
     def prefill() -> object:
         prefiller.truncate(0)

@@ -31,14 +31,18 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import mixprec
 from mixprec import NativeLlamaDecoder, Policy
-from mixprec.bench.decoding import BANDWIDTH_ARRAY_BYTES, decode_step_bytes, llama_cpp_decode_step
+from mixprec.bench.decoding import (
+    BANDWIDTH_ARRAY_BYTES,
+    decode_step_bytes,
+    llama_cpp_decode_step,
+    native_decode_step,
+)
 from mixprec.nn.native_decoder import PROJECTIONS_RULE
 from mixprec.report.results import print_table, write_csv
 from mixprec.timing import interleaved_medians
@@ -106,18 +110,6 @@ def quality_rows(model: torch.nn.Module, ids: torch.Tensor) -> list[dict[str, ob
             rows.append({"runtime": runtime, "KV cache": kind, "tokens": len(ids),
                          "perplexity": round(math.exp(nll), 3), "argmax = native float32 KV %": round(100 * agree, 1)})
     return rows
-
-
-def native_decode_step(decoder: NativeLlamaDecoder, prompt: torch.Tensor) -> Callable[[], object]:
-    """Prefills ``prompt``; returns a call that decodes position ``len(prompt)`` (the cache cut back after each)."""
-    decoder(prompt)
-    step = prompt[-1:]
-
-    def decode() -> object:
-        decoder.truncate(len(prompt))
-        return decoder(step)
-
-    return decode
 
 
 def llama_cpp_weight_bytes(file: Path) -> int:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mixprec.accounting import own_tensors
+from mixprec.nn.native_decoder import NativeLlamaDecoder
 
 #: Bytes of the array summed by :func:`dram_read_bandwidth` (1 GiB: 32x this CPU's L3).
 BANDWIDTH_ARRAY_BYTES = 1 << 30
@@ -95,6 +96,21 @@ def torch_decode_step(model: nn.Module, prompt: Tensor) -> Callable[[], object]:
         out = model(step, past_key_values=cache, use_cache=True)
         cache.crop(-1)  # drop the step just taken: every call decodes position len(prompt)
         return out
+
+    return decode
+
+
+def native_decode_step(decoder: NativeLlamaDecoder, prompt: Tensor) -> Callable[[], object]:
+    """Prefills ``prompt`` (1-D token ids) into ``decoder``; returns a call that decodes the token after it, then
+    cuts the cache back to the prompt (every call decodes position ``len(prompt)``)."""
+    if prompt.dim() != 1 or len(prompt) < 2:
+        raise ValueError(f"prompt must be 1-D token ids of at least 2 tokens, got shape {tuple(prompt.shape)}")
+    decoder(prompt)
+    step = prompt[-1:]
+
+    def decode() -> object:
+        decoder.truncate(len(prompt))
+        return decoder(step)
 
     return decode
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from mixprec.errors import InputError
 from mixprec.formats import QParams, QuantSpec, fp16_scale, integer_dtype, pack_int4, qparams_from_tensor, quantize
 from mixprec.gptq import gptq_quantize
+from mixprec.kernels.huge_pages import zeros_in_huge_pages
 
 
 class QuantizedModule(nn.Module):
@@ -294,7 +295,7 @@ class W8GroupStorage(QuantizedModule):
             raise ValueError(f"group size {group_size} does not divide the {columns} weights of a row")
         self.group_size = group_size
         self.precision = f"w8g{group_size}"
-        self.register_buffer("weight", torch.zeros(rows, columns, dtype=torch.int8))
+        self.register_buffer("weight", zeros_in_huge_pages((rows, columns), torch.int8))
         self.register_buffer("weight_scale", torch.ones(rows, columns // group_size, dtype=torch.float16))
 
     def _set_codes(self, weight: Tensor, hessian: Tensor | None = None) -> None:

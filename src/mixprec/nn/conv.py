@@ -19,6 +19,7 @@ from mixprec.formats import QuantSpec, fp16_scale, half_dtype, to_half, unpack_i
 from mixprec.formats.affine import QParams
 from mixprec.kernels import int8_conv
 from mixprec.kernels.activation_quant import dynamic_tensor_qparams
+from mixprec.kernels.huge_pages import zeros_in_huge_pages
 from mixprec.kernels.int8_conv import MAX_CONV_REDUCTION
 from mixprec.nn.base import PackedWeightMixin, QuantizedModule, round_weight, round_weight_int4_packed, w4_group_spec
 from mixprec.nn.conv_layout import ConvLayout
@@ -65,7 +66,7 @@ class HalfConv(QuantizedConv):
         dtype = half_dtype(fmt)
         self.kernel = f"{fmt} convolution (float32 accumulation, {fmt} output)"
         self.overflow_count = 0
-        self.register_buffer("weight", torch.zeros(layout.weight_shape, dtype=dtype))
+        self.register_buffer("weight", zeros_in_huge_pages(layout.weight_shape, dtype))
         self.register_buffer("bias", torch.zeros(layout.out_channels, dtype=dtype) if layout.bias else None)
 
     @classmethod
@@ -92,7 +93,7 @@ class _Int8WeightConv(QuantizedConv):
 
     def __init__(self, layout: ConvLayout, precision: str) -> None:
         super().__init__(layout, precision)
-        self.register_buffer("weight", torch.zeros(layout.weight_shape, dtype=torch.int8))
+        self.register_buffer("weight", zeros_in_huge_pages(layout.weight_shape, torch.int8))
         self.register_buffer("weight_scale", torch.ones(layout.out_channels))
         self.register_buffer("bias", torch.zeros(layout.out_channels) if layout.bias else None)
 
@@ -148,7 +149,7 @@ class W4Conv(QuantizedConv):
         if layout.window % self.group_size:
             raise ValueError(f"group size {self.group_size} does not divide the window of {layout.window} weights")
         count = layout.out_channels * layout.window
-        self.register_buffer("weight_packed", torch.zeros((count + 1) // 2, dtype=torch.uint8))
+        self.register_buffer("weight_packed", zeros_in_huge_pages(((count + 1) // 2,), torch.uint8))
         self.register_buffer("weight_scale",
                              torch.ones(layout.out_channels, layout.window // self.group_size, dtype=torch.float16))
         self.register_buffer("bias", torch.zeros(layout.out_channels) if layout.bias else None)

@@ -33,6 +33,7 @@ from mixprec.formats import (
     to_half,
     unpack_int4,
 )
+from mixprec.kernels.huge_pages import zeros_in_huge_pages
 from mixprec.nn.base import QuantizedModule, W8GroupStorage, check_token_ids
 
 
@@ -70,7 +71,7 @@ class _IntEmbedding(_LookupTable):
         self.bits, self.group_size = bits, group_size
         groups = embedding_dim // group_size
         width = embedding_dim if bits == 8 else embedding_dim // 2
-        self.register_buffer("weight", torch.zeros(num_embeddings, width, dtype=torch.uint8))
+        self.register_buffer("weight", zeros_in_huge_pages((num_embeddings, width), torch.uint8))
         self.register_buffer("weight_scale", torch.ones(num_embeddings, groups, dtype=scale_dtype))
         self.register_buffer("weight_zero_point", torch.zeros(num_embeddings, groups, dtype=torch.uint8))
 
@@ -150,7 +151,7 @@ class HalfEmbedding(QuantizedModule):
         self.precision = fmt
         self.kernel = f"{fmt} row gather"
         self.overflow_count = 0
-        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=half_dtype(fmt)))
+        self.register_buffer("weight", zeros_in_huge_pages((num_embeddings, embedding_dim), half_dtype(fmt)))
 
     @classmethod
     def from_float(cls, embedding: nn.Embedding, fmt: str) -> HalfEmbedding:

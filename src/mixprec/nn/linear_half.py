@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from mixprec.formats import half_dtype, to_half
 from mixprec.kernels.cpu import half_slow_path
+from mixprec.kernels.huge_pages import zeros_in_huge_pages
 from mixprec.nn.base import QuantizedModule, check_linear_input
 
 
@@ -31,7 +32,7 @@ class HalfLinear(QuantizedModule):
         self.kernel = f"{fmt} GEMM (float32 accumulation, {fmt} output)"
         self._slow_path = half_slow_path(fmt)
         self.overflow_count = 0
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=dtype))
+        self.register_buffer("weight", zeros_in_huge_pages((out_features, in_features), dtype))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
 
     @classmethod

@@ -36,6 +36,7 @@ from mixprec.kernels.activation_quant import (
     rescale_accumulator_,
 )
 from mixprec.kernels.cpu import native_slow_path
+from mixprec.kernels.huge_pages import zeros_in_huge_pages
 from mixprec.kernels.int8_conv import MAX_CONV_REDUCTION
 from mixprec.kernels.int8_linear import PACKED_ROWS_MAX, dense_rows_note
 from mixprec.kernels.onednn_int8 import KERNEL_NAME as ONEDNN_KERNEL
@@ -70,7 +71,7 @@ class _Int8WeightLinear(QuantizedModule):
                              "whose int32 accumulator cannot overflow")
         self.in_features, self.out_features = in_features, out_features
         nscales = out_features if self.weight_spec.granularity == "channel" else 1
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight", zeros_in_huge_pages((out_features, in_features), torch.int8))
         self.register_buffer("weight_scale", torch.ones(nscales))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 

@@ -14,6 +14,7 @@ from mixprec.formats import QuantSpec, fp16_scale, pack_int4
 from mixprec.kernels import native
 from mixprec.kernels import w4a8_linear as w4a8
 from mixprec.kernels.cpu import native_slow_path
+from mixprec.kernels.huge_pages import zeros_in_huge_pages
 from mixprec.kernels.weight_only import (
     W4_FALLBACK_KERNEL_NAME,
     W4_KERNEL_NAME,
@@ -53,7 +54,7 @@ class W4Linear(QuantizedModule):
             raise ValueError(f"group size {group_size} does not divide in_features {in_features}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.precision = f"w4g{group_size}"
-        self.register_buffer("weight_packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("weight_packed", zeros_in_huge_pages((out_features, in_features // 2), torch.uint8))
         self.register_buffer(
             "weight_scale", torch.ones(out_features, in_features // group_size, dtype=torch.float16)
         )
@@ -133,7 +134,7 @@ class W4A8Linear(W4Linear):
         if self.blocked:
             packed, scale = self._buffers.pop("weight_packed"), self._buffers.pop("weight_scale")
             code_shape, scale_shape = w4a8.blocked_shapes(out_features, in_features, group_size)
-            self.register_buffer("codes_blocked", torch.empty(code_shape, dtype=torch.uint8))
+            self.register_buffer("codes_blocked", zeros_in_huge_pages(code_shape, torch.uint8))
             self.register_buffer("scale_blocked", torch.empty(scale_shape, dtype=torch.float16))
             self._store(packed, scale)
 

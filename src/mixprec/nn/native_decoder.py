@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from mixprec.errors import InputError
 from mixprec.kernels import native
+from mixprec.kernels.huge_pages import zeros_in_huge_pages
 from mixprec.kernels.int8_linear import PACKED_ROWS_MAX, dense_rows_max
 from mixprec.nn.kv_cache import check_kv_config
 from mixprec.nn.linear_int8 import Int8DynamicLinear, Int8PackedLinear
@@ -163,7 +164,7 @@ class NativeLlamaDecoder:
         self.kv_value_group: int | None = None
         if kv_bits is None:
             cache_shape = (len(layers), self.kv_heads, max_length, head_dim)
-            self.kv_cache = [torch.zeros(cache_shape), torch.zeros(cache_shape)]
+            self.kv_cache = [zeros_in_huge_pages(cache_shape, torch.float32) for _ in range(2)]  # keys, values
         else:
             self.kv_value_group = min(kv_group_size, head_dim)
             if head_dim % self.kv_value_group:
@@ -282,10 +283,10 @@ def _quantized_kv_cache(layers: int, kv_heads: int, head_dim: int, max_length: i
     capacity = max(0, max_length - residual) // group * group
     row_bytes = head_dim * bits // 8
     heads = (layers, kv_heads)
-    return [torch.zeros(*heads, capacity, row_bytes, dtype=torch.uint8),
+    return [zeros_in_huge_pages((*heads, capacity, row_bytes), torch.uint8),
             torch.zeros(*heads, capacity // group, head_dim, dtype=torch.float16),
             torch.zeros(*heads, capacity // group, head_dim, dtype=torch.uint8),
-            torch.zeros(*heads, capacity, row_bytes, dtype=torch.uint8),
+            zeros_in_huge_pages((*heads, capacity, row_bytes), torch.uint8),
             torch.zeros(*heads, capacity, head_dim // value_group, dtype=torch.float16),
             torch.zeros(*heads, capacity, head_dim // value_group, dtype=torch.uint8),
             torch.zeros(*heads, residual + group, head_dim), torch.zeros(*heads, residual + group, head_dim),
