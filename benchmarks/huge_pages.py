@@ -4,20 +4,19 @@
 
 The 1.17B Llama shape of ``benchmarks/decode.py`` (random weights, seed 0; 22 layers, hidden 2048, MLP 5632)
 quantized by ``mixprec.quantize`` with one of that benchmark's policies: mixprec's weight buffers then lie in memory
-advised for transparent huge pages (``mixprec.kernels.huge_pages``). ``copy.deepcopy`` of the quantized model holds
-the same values in ordinary memory (4 KiB pages). Each model decodes one token after a 64-token prompt through
+advised for transparent huge pages and oneDNN's packed ``int8`` weights are collapsed into them
+(``mixprec.kernels.huge_pages``). The same model built and quantized again with ``MIXPREC_HUGE_PAGES=0`` holds the
+same values in ordinary memory (4 KiB pages). Each model decodes one token after a 64-token prompt through
 ``mixprec.NativeLlamaDecoder`` (``--eager``: also through the model's own forward), the cache cut back after each
 step, in interleaved rounds of blocks of at least 0.5 s, each block after a 50 ms pause and one untimed call; a
 1 GiB float32 sum in each kind of page is timed in every round too (this machine's DRAM read rate has a slow and
-a fast phase, minutes apart: every round is printed with its sums). oneDNN-packed ``int8`` weights (an ``int8``
-head) are allocated by PyTorch in 4 KiB pages in both models unless ``THP_MEM_ALLOC_ENABLE=1`` is set before the
-command (PyTorch's switch; it puts every large PyTorch allocation, the deep copy's included, in huge pages).
+a fast phase, minutes apart: every round is printed with its sums).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import os
 import statistics
 import sys
 import time
@@ -81,12 +80,17 @@ def main() -> None:
     model = llama_1b(VOCABULARY)
     mixprec.quantize(model, MIXPREC_POLICIES[args.policy])
     huge_mb = anon_huge_pages_mb()
-    plain = copy.deepcopy(model)
+    os.environ["MIXPREC_HUGE_PAGES"] = "0"  # the same model again, every buffer in ordinary pages
+    plain = llama_1b(VOCABULARY)
+    mixprec.quantize(plain, MIXPREC_POLICIES[args.policy])
     step_bytes = decode_step_bytes(model, model.get_input_embeddings())
     prompt = torch.arange(PROMPT_TOKENS) + 100
-    candidates: dict[str, Callable[[], object]] = {
-        f"{pages}, native": native_decode_step(mixprec.NativeLlamaDecoder(held, max_length=PROMPT_TOKENS + 1), prompt)
-        for pages, held in (("2 MiB pages", model), ("4 KiB pages", plain))}
+    candidates: dict[str, Callable[[], object]] = {}
+    for pages, held, wanted in (("2 MiB pages", model, "1"), ("4 KiB pages", plain, "0")):
+        os.environ["MIXPREC_HUGE_PAGES"] = wanted  # the decoder's KV cache too
+        decoder = mixprec.NativeLlamaDecoder(held, max_length=PROMPT_TOKENS + 1)
+        candidates[f"{pages}, native"] = native_decode_step(decoder, prompt)
+    del os.environ["MIXPREC_HUGE_PAGES"]
     if args.eager:
         candidates["2 MiB pages, eager"] = torch_decode_step(model, prompt)
         candidates["4 KiB pages, eager"] = torch_decode_step(plain, prompt)
@@ -97,13 +101,17 @@ def main() -> None:
     rows = []
     for name in candidates:
         tokens = statistics.median(measured[name])
+        plain_name = name.replace("2 MiB", "4 KiB")
+        ratio = statistics.median(a / b for a, b in zip(measured[name], measured[plain_name], strict=True))
         rows.append({"path": f"{args.policy}, {name}", "MB/token": round(step_bytes / 1e6),
-                     "decode tok/s": round(tokens, 2), "GB/s read": round(tokens * step_bytes / 1e9, 1)})
+                     "decode tok/s": round(tokens, 2), "GB/s read": round(tokens * step_bytes / 1e9, 1),
+                     "x 4 KiB pages (median of rounds)": round(ratio, 3) if plain_name != name else ""})
     for name in sums:
         rows.append({"path": name, "MB/token": "", "decode tok/s": "",
-                     "GB/s read": round(statistics.median(measured[name]) * BANDWIDTH_ARRAY_BYTES / 1e9, 1)})
+                     "GB/s read": round(statistics.median(measured[name]) * BANDWIDTH_ARRAY_BYTES / 1e9, 1),
+                     "x 4 KiB pages (median of rounds)": ""})
     print_table(f"decode on the 1.17B Llama shape, medians of {args.rounds} rounds (process AnonHugePages after "
-                f"quantizing: {huge_mb:.0f} MB)", rows, tuple(rows[0]))
+                f"the first model: {huge_mb:.0f} MB)", rows, tuple(rows[0]))
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "huge_pages.csv", rows, tuple(rows[0]))
     scale = {name: (f"{name} (tok/s)", 1.0) for name in candidates}

@@ -10,24 +10,45 @@ import torch
 from torch import nn
 
 import mixprec
-from mixprec.kernels.huge_pages import HUGE_PAGE_BYTES, transparent_huge_pages, zeros_in_huge_pages
+from mixprec.kernels import onednn_int8
+from mixprec.kernels.huge_pages import (
+    HUGE_PAGE_BYTES,
+    collapse_into_huge_pages,
+    transparent_huge_pages,
+    zeros_in_huge_pages,
+)
 
 offered = pytest.mark.skipif(transparent_huge_pages() not in ("always", "madvise"),
                              reason="the kernel offers no transparent huge pages here")
 
 
-def advised_for_huge_pages(address: int) -> bool:
-    """Whether the mapping holding ``address`` carries MADV_HUGEPAGE (``hg`` among its VmFlags in /proc/self/smaps)."""
-    inside = False
+def mapping_fields(address: int) -> dict[str, list[str]]:
+    """The /proc/self/smaps fields of the mapping holding ``address`` (name -> the words after it)."""
+    fields: dict[str, list[str]] | None = None
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
-            head = line.split()[0]
+            head, *rest = line.split()
             if "-" in head and ":" not in head:
+                if fields is not None:
+                    return fields
                 begin, end = (int(part, 16) for part in head.split("-"))
-                inside = begin <= address < end
-            elif inside and head == "VmFlags:":
-                return "hg" in line.split()[1:]
-    raise AssertionError(f"no mapping holds {address:#x}")
+                fields = {} if begin <= address < end else None
+            elif fields is not None:
+                fields[head.rstrip(":")] = rest
+    if fields is None:
+        raise AssertionError(f"no mapping holds {address:#x}")
+    return fields
+
+
+def from_own_mapping(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` lies in a mapping of zeros_in_huge_pages (a fixed-size storage over a Python buffer)
+    rather than memory from PyTorch's allocator (whose storages are resizable)."""
+    return not tensor.untyped_storage().resizable()
+
+
+def advised_for_huge_pages(address: int) -> bool:
+    """Whether the mapping holding ``address`` carries MADV_HUGEPAGE (``hg`` among its VmFlags)."""
+    return "hg" in mapping_fields(address)["VmFlags"]
 
 
 @pytest.mark.parametrize("shape,dtype", [((3, 5), torch.int8), ((0,), torch.uint8), ((4096, 1024), torch.int8),
@@ -42,13 +63,12 @@ def test_zeros_in_huge_pages_are_zeros_of_the_shape_and_dtype(shape: tuple[int, 
 
 
 @offered
-def test_buffers_from_two_mebibytes_are_advised_and_small_ones_are_plain() -> None:
+def test_buffers_from_two_mebibytes_are_advised_and_small_ones_are_torch_zeros() -> None:
     large = zeros_in_huge_pages((HUGE_PAGE_BYTES + 4096,), torch.uint8)
     assert large.data_ptr() % HUGE_PAGE_BYTES == 0  # whole huge pages from the first byte
     assert advised_for_huge_pages(large.data_ptr())
     assert not advised_for_huge_pages(large.data_ptr() + HUGE_PAGE_BYTES)  # the tail stays in 4 KiB pages
-    small = zeros_in_huge_pages((HUGE_PAGE_BYTES - 1,), torch.uint8)
-    assert not advised_for_huge_pages(small.data_ptr())
+    assert from_own_mapping(large) and not from_own_mapping(zeros_in_huge_pages((HUGE_PAGE_BYTES - 1,), torch.uint8))
 
 
 @offered
@@ -57,8 +77,8 @@ def test_quantized_modules_hold_their_codes_in_advised_memory_and_round_trip(tmp
     mixprec.quantize(model, mixprec.Policy([("0", "w4a8g32"), ("1", "w4g32")], default="w8g32"))
     for buffer in (model[0].codes_blocked, model[1].weight_packed, model[2].weight):
         assert advised_for_huge_pages(buffer.data_ptr())
-    plain = copy.deepcopy(model)  # the same buffers copied into ordinary memory
-    assert not advised_for_huge_pages(plain[0].codes_blocked.data_ptr())
+    plain = copy.deepcopy(model)  # the same buffers copied into PyTorch's memory
+    assert not from_own_mapping(plain[0].codes_blocked)
     x = torch.randn(3, 4096)
     expected = model[0](x)
     assert torch.equal(plain[0](x), expected) and torch.equal(plain[2].weight, model[2].weight)
@@ -74,3 +94,30 @@ def test_zeros_in_huge_pages_follow_the_default_device_and_refuse_negative_sizes
         assert zeros_in_huge_pages((4096, 4096), torch.int8).is_meta
     with pytest.raises(ValueError, match=r"needs sizes >= 0, got \(4, -1\)"):
         zeros_in_huge_pages((4, -1), torch.int8)
+
+
+@offered
+def test_written_memory_collapses_into_huge_pages_with_its_values() -> None:
+    generator = torch.Generator().manual_seed(1)
+    values = torch.randint(-128, 128, (3 * HUGE_PAGE_BYTES,), dtype=torch.int8, generator=generator)
+    written = values.clone()
+    collapsed = collapse_into_huge_pages(written.data_ptr(), written.nbytes)
+    if collapsed == 0:
+        pytest.skip("this kernel does not collapse (MADV_COLLAPSE needs Linux >= 6.1)")
+    assert collapsed >= 2 * HUGE_PAGE_BYTES  # every whole 2 MiB page inside the buffer
+    assert int(mapping_fields(written.data_ptr() + HUGE_PAGE_BYTES)["AnonHugePages"][0]) > 0
+    assert torch.equal(written, values)
+    weight = values[: 4096 * 1024].view(4096, 1024)
+    packed = onednn_int8.prepack(weight)  # collapses oneDNN's pack the same way
+    assert int(mapping_fields(torch.ops.mkldnn.data_ptr(packed) + HUGE_PAGE_BYTES)["AnonHugePages"][0]) > 0
+    assert torch.equal(onednn_int8.unpack(packed), weight)
+
+
+def test_huge_pages_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MIXPREC_HUGE_PAGES", "0")
+    buffer = zeros_in_huge_pages((2 * HUGE_PAGE_BYTES,), torch.uint8)
+    assert not from_own_mapping(buffer)
+    assert collapse_into_huge_pages(buffer.data_ptr(), buffer.nbytes) == 0
+    assert collapse_into_huge_pages(HUGE_PAGE_BYTES + 1, HUGE_PAGE_BYTES) == 0  # no whole huge page inside
+    with pytest.raises(ValueError, match="byte count >= 0, got 4096, -1"):
+        collapse_into_huge_pages(4096, -1)

@@ -16,12 +16,21 @@ and the native decoder's KV cache: from 2 MiB up it is a fresh private anonymous
 the codes are first written (the kernel hands out anonymous memory zero-filled: the same zeros). The
 tail shorter than 2 MiB stays in 4 KiB pages, so no memory is spent beyond the tensor's bytes. The
 result is an ordinary CPU tensor whose storage is that mapping, unmapped when the storage is freed.
+
+Memory that another allocator has already written (oneDNN's packed int8 weights, which PyTorch allocates)
+is moved into huge pages afterwards by :func:`collapse_into_huge_pages` (``madvise(MADV_COLLAPSE)``,
+Linux 6.1 and later; the values stay as they are).
+
+``MIXPREC_HUGE_PAGES=0`` in the environment turns both off (read at each call: plain ``torch.zeros``, no
+collapse), for comparisons and for systems where huge pages are unwelcome.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +40,9 @@ from torch import Tensor
 
 #: Bytes of one transparent huge page on x86-64, and the smallest buffer :func:`zeros_in_huge_pages` maps itself.
 HUGE_PAGE_BYTES = 2 << 20
+
+#: ``madvise``'s MADV_COLLAPSE (Linux >= 6.1; Python's ``mmap`` module names it only from 3.12 on).
+MADV_COLLAPSE = 25
 
 _THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -48,20 +60,42 @@ def transparent_huge_pages() -> str | None:
     return chosen[0] if chosen else None
 
 
+def huge_pages_wanted() -> bool:
+    """Whether mixprec places memory in huge pages here: the kernel offers them (``always`` or ``madvise``) and
+    ``MIXPREC_HUGE_PAGES`` is not ``0``."""
+    return os.environ.get("MIXPREC_HUGE_PAGES", "1") != "0" and transparent_huge_pages() in ("always", "madvise")
+
+
 def zeros_in_huge_pages(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
     """``torch.zeros(shape, dtype=dtype)``, in memory advised for 2 MiB pages when the tensor has at least
     :data:`HUGE_PAGE_BYTES` bytes, the default device is the CPU and the kernel offers transparent huge pages
-    (module docstring); otherwise ``torch.zeros`` itself."""
+    (module docstring) and ``MIXPREC_HUGE_PAGES`` is not ``0``; otherwise ``torch.zeros`` itself."""
     shape = tuple(int(size) for size in shape)
     if any(size < 0 for size in shape):
         raise ValueError(f"zeros_in_huge_pages needs sizes >= 0, got {shape}")
     count = math.prod(shape)
     nbytes = count * torch.empty((), dtype=dtype).element_size()
     if (nbytes < HUGE_PAGE_BYTES or torch.get_default_device().type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE")
-            or transparent_huge_pages() not in ("always", "madvise")):
+            or not huge_pages_wanted()):
         return torch.zeros(shape, dtype=dtype)
     # Private anonymous memory (a shared mapping would be shmem, under other rules), untouched: nothing resident yet.
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE)
     offset = -torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE_BYTES
     mapping.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES)
     return torch.frombuffer(mapping, dtype=dtype, count=count, offset=offset).view(shape)
+
+
+def collapse_into_huge_pages(address: int, nbytes: int) -> int:
+    """Asks Linux to move the whole 2 MiB pages inside ``[address, address + nbytes)``, anonymous memory this
+    process has already written, into huge pages now (``madvise(MADV_COLLAPSE)``, Linux >= 6.1). Returns the bytes
+    collapsed: 0 off Linux, with huge pages ``never`` or ``MIXPREC_HUGE_PAGES=0``, for ranges holding no whole huge
+    page, or where the kernel refuses (an older kernel, no huge page free): best effort, the values never change."""
+    if address < 0 or nbytes < 0:
+        raise ValueError(f"collapse_into_huge_pages needs an address and a byte count >= 0, got {address}, {nbytes}")
+    begin = -(-address // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+    end = (address + nbytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+    if end <= begin or not huge_pages_wanted():
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return end - begin if libc.madvise(begin, end - begin, MADV_COLLAPSE) == 0 else 0

@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from mixprec.kernels import native
+from mixprec.kernels import huge_pages, native
 from mixprec.kernels.cpu import cpu_flags
 
 #: Name recorded by modules that run :func:`matmul_u8`.
@@ -47,7 +47,10 @@ def prepack(weight: Tensor) -> Tensor:
         raise ValueError(f"prepack takes an int8 [N, K] weight, got {weight.dtype} {tuple(weight.shape)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
+        packed = torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
+    # PyTorch allocated and oneDNN wrote it: its whole 2 MiB pages into huge pages (decoding streams it)
+    huge_pages.collapse_into_huge_pages(torch.ops.mkldnn.data_ptr(packed), torch.ops.mkldnn._nbytes(packed))
+    return packed
 
 
 def reads_in_place(weight: Tensor, packed: Tensor) -> bool:
