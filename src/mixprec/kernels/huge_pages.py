@@ -81,7 +81,10 @@ def zeros_in_huge_pages(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
     # Private anonymous memory (a shared mapping would be shmem, under other rules), untouched: nothing resident yet.
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE)
     offset = -torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE_BYTES
-    mapping.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES)
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES)
+    except OSError:  # advice only: the zeros stand in 4 KiB pages
+        pass
     return torch.frombuffer(mapping, dtype=dtype, count=count, offset=offset).view(shape)
 
 
