@@ -3,12 +3,12 @@
 A decoding step reads every weight from DRAM once. Read through 4 KiB pages, a stream of a few MB
 crosses a page boundary every 4 KiB (a TLB miss each; the hardware prefetchers stop there). In 2 MiB
 pages the 1.17B Llama shape's native decode step ran 1.03-1.07x faster (medians of two runs) on this
-project's Zen 4 while its memory read fast, 1.01-1.02x in its slow phase; one w4a8 kernel streaming one
-128 MiB weight, 1.21x (BENCHMARKS.md: "Weights in huge pages"). Linux backs anonymous memory with huge pages where the
-process asks for them (``madvise(MADV_HUGEPAGE)``) when ``/sys/kernel/mm/transparent_hugepage/enabled``
-is ``madvise`` (a common default) and wherever it can when it is ``always``. PyTorch's own allocator
-asks only when the environment variable ``THP_MEM_ALLOC_ENABLE=1`` is set before it starts (that also
-covers oneDNN's packed int8 weights, which PyTorch allocates).
+project's Zen 4 while its memory read fast, 1.01-1.02x in its slow phase; one w4a8 kernel streaming
+one 128 MiB weight, 1.21x (BENCHMARKS.md: "Weights in huge pages"). Linux backs anonymous memory with
+huge pages where the process asks for them (``madvise(MADV_HUGEPAGE)``) when
+``/sys/kernel/mm/transparent_hugepage/enabled`` is ``madvise`` (a common default) and wherever it can
+when it is ``always``. PyTorch's own allocator asks only when the environment variable
+``THP_MEM_ALLOC_ENABLE=1`` is set before it starts.
 
 :func:`zeros_in_huge_pages` is ``torch.zeros`` for the weight buffers of mixprec's quantized modules
 and the native decoder's KV cache: from 2 MiB up it is a fresh private anonymous mapping whose whole
