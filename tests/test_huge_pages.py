@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import mixprec
-from mixprec.kernels import onednn_int8
+from mixprec.kernels import huge_pages, onednn_int8
 from mixprec.kernels.huge_pages import (
     HUGE_PAGE_BYTES,
     collapse_into_huge_pages,
@@ -113,10 +113,14 @@ def test_written_memory_collapses_into_huge_pages_with_its_values() -> None:
     assert torch.equal(onednn_int8.unpack(packed), weight)
 
 
-def test_huge_pages_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MIXPREC_HUGE_PAGES", "0")
+@pytest.mark.parametrize("switch", ["environment", "kernel says never"])
+def test_huge_pages_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, switch: str) -> None:
+    if switch == "environment":
+        monkeypatch.setenv("MIXPREC_HUGE_PAGES", "0")
+    else:
+        monkeypatch.setattr(huge_pages, "transparent_huge_pages", lambda: "never")
     buffer = zeros_in_huge_pages((2 * HUGE_PAGE_BYTES,), torch.uint8)
-    assert not from_own_mapping(buffer)
+    assert not from_own_mapping(buffer) and not buffer.any()
     assert collapse_into_huge_pages(buffer.data_ptr(), buffer.nbytes) == 0
     assert collapse_into_huge_pages(HUGE_PAGE_BYTES + 1, HUGE_PAGE_BYTES) == 0  # no whole huge page inside
     with pytest.raises(ValueError, match="byte count >= 0, got 4096, -1"):
