@@ -10,7 +10,7 @@ import torch
 
 import mixprec
 from mixprec import InputError, NativeLlamaDecoder, Policy
-from mixprec.kernels import int8_linear, native, onednn_int8
+from mixprec.kernels import int8_linear, native, onednn_int8, weight_only
 from mixprec.nn.linear_int8 import Int8DynamicLinear
 from mixprec.nn.linear_weight_only import W4A8Linear
 
@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(not (native.available() and native.w4a8_blocked_
 
 W4A8 = Policy([(r"lm_head|model\.embed_tokens", "w8g32")], default="w4a8g32")
 INT8 = Policy([(r"lm_head|model\.embed_tokens", "w8g32")], default="int8")
+W4 = Policy([(r"lm_head|model\.embed_tokens", "w8g32")], default="w4g32")
 ATTENTION_INT8_MLP_W4A8 = Policy([(r"lm_head|model\.embed_tokens", "w8g32"), (r".*\.mlp\..*", "w4a8g32")],
                                  default="int8")
 
@@ -149,6 +150,24 @@ def test_int8_projections_dense_packed_or_beside_w4a8_match_transformers(layout:
     assert_matches_up_to_ties(got, expected, tie_margins(model, ids))
 
 
+@pytest.mark.parametrize("tile_elements", [None, 128 * 40], ids=["tiles-default", "tiles-of-40-rows"])
+def test_w4_projections_run_their_modules_paths_and_match_transformers(tile_elements: int | None,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """w4gN projections (float32 activations) run w4_linear's two paths: the fused kernel up to 16 rows, the weight
+    expanded a tile of output rows at a time beyond (here also tiles that do not divide 128 or 256 outputs). No
+    activation is rounded to int8, so there are no ties: the logits are transformers' to float rounding."""
+    if tile_elements is not None:
+        monkeypatch.setattr(weight_only, "W4_TILE_ELEMENTS", tile_elements)
+    model = tiny_llama(W4)
+    ids = torch.randint(0, 320, (48,), generator=torch.Generator().manual_seed(2))
+    expected = reference_logits(model, ids)
+    decoder = NativeLlamaDecoder(model, max_length=48)
+    assert set(decoder.plans[0::2]) == {3}  # every projection: csrc/llama_decode.cpp's kW4Rows
+    got = torch.cat([decoder(ids[:24]), decoder(ids[24:25]), decoder(ids[25:40]), decoder(ids[40:])])
+    # measured: at most 3.6e-7 over 6 seeds x 3 tilings (logits up to 0.95): the norms and attention round apart
+    assert torch.allclose(got, expected, rtol=0, atol=1e-6), (got - expected).abs().max()
+
+
 @pytest.mark.parametrize("policy", [W4A8, INT8], ids=["w4a8", "int8"])
 @pytest.mark.parametrize(("family", "overrides"), [("Mistral", {"sliding_window": 40}), ("Qwen2", {}),
                                                    ("Llama", {"attention_bias": True, "mlp_bias": True})],
@@ -210,10 +229,11 @@ def test_sampling_draws_from_the_top_k_logits_and_repeats_with_a_seeded_generato
     assert not torch.equal(sampled, greedy)  # measured: seed 7 draws 7 of 8 tokens off their context's argmax
 
 
-def test_one_token_is_the_layers_own_modules_composed() -> None:
+@pytest.mark.parametrize("policy", [W4A8, W4], ids=["w4a8", "w4"])
+def test_one_token_is_the_layers_own_modules_composed(policy: Policy) -> None:
     """A first token attends to itself alone (softmax of one score: its value exactly), so the decoder's output is
     the model's own modules composed: norms, v / o / gate / up / down projections, residual adds, head."""
-    model = tiny_llama(num_hidden_layers=1)
+    model = tiny_llama(policy, num_hidden_layers=1)
     layer = model.model.layers[0]
     ids = torch.tensor([5])
     with torch.inference_mode():
@@ -229,7 +249,7 @@ def test_one_token_is_the_layers_own_modules_composed() -> None:
 
 
 def test_unsupported_models_are_refused_naming_what_would_fit() -> None:
-    with pytest.raises(InputError, match=r"model.layers.0.self_attn.q_proj is W8GroupLinear; .*int8 or to w4a8gN"):
+    with pytest.raises(InputError, match=r"model.layers.0.self_attn.q_proj is W8GroupLinear; .*int8, w4gN, or w4a8gN"):
         NativeLlamaDecoder(tiny_llama(Policy([(r"model\.layers\.0\.self_attn\.q_proj", "w8g32"),
                                               (r"lm_head|model\.embed_tokens", "w8g32")], default="w4a8g32")),
                            max_length=8)
@@ -377,10 +397,12 @@ def test_a_chat_prompt_is_the_users_message_in_the_chat_template(tokenizer) -> N
 
 
 def test_generate_command_refuses_bad_settings_before_loading_the_model(capsys) -> None:  # noqa: ANN001
-    from mixprec.cli import main
+    from mixprec.cli import _runs_natively, main
 
     assert main(["generate", "no-such-model", "--prompt", "hi", "--precision", "w8g32"]) == 2
-    assert "the native decode step runs int8 and w4a8gN projections" in capsys.readouterr().err
+    assert "the native decode step runs int8, w4gN and w4a8gN projections" in capsys.readouterr().err
+    assert all(map(_runs_natively, ("w4g32", "w4", "w4a8g64", "int8")))
+    assert not any(map(_runs_natively, ("w8g32", "w8", "int8-static", "bf16")))
     assert main(["generate", "no-such-model", "--prompt", "hi", "--policy", "p.toml", "--head", "int8"]) == 2
     assert "--head goes with --precision" in capsys.readouterr().err
     for argv, message in ((["--max-new-tokens", "0"], "must be a positive integer"),

@@ -152,8 +152,8 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _runs_natively(precision: str) -> bool:
-    """Whether NativeLlamaDecoder's projections run this precision: ``int8`` or ``w4a8gN``."""
-    return precision == "int8" or precision.startswith("w4a8g")
+    """Whether NativeLlamaDecoder's projections run this precision: ``int8``, ``w4`` / ``w4gN`` or ``w4a8gN``."""
+    return precision in ("int8", "w4") or precision.startswith(("w4g", "w4a8g"))
 
 
 def _temperature(text: str) -> float:
@@ -174,7 +174,7 @@ def _generate(args: argparse.Namespace) -> None:
     from mixprec.quantize import quantize
 
     if args.runtime == "native" and not args.policy and not _runs_natively(args.precision):
-        raise MixprecError(f"the native decode step runs int8 and w4a8gN projections (e.g. w4a8g32), got "
+        raise MixprecError(f"the native decode step runs int8, w4gN and w4a8gN projections (e.g. w4a8g32), got "
                            f"{args.precision!r}; other precisions: --runtime transformers")
     if args.policy and args.head:
         raise MixprecError("--head goes with --precision; with --policy give the head (lm_head) a rule there")
@@ -427,10 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="put the prompt in the tokenizer's chat template as a user's message")
     quantized = generate.add_mutually_exclusive_group()
     quantized.add_argument("--precision", type=lambda text: _precisions(text)[0], default="w4a8g32",
-                           help="of the seven projections of every layer (native: int8 or w4a8gN; the embedding "
+                           help="of the seven projections of every layer (native: int8, w4gN or w4a8gN; the embedding "
                                 "stays float32, the head: --head; default: %(default)s)")
-    quantized.add_argument("--policy", help="policy TOML for the whole model (projections int8 / w4a8gN; embedding "
-                                            "and head in any precision)")
+    quantized.add_argument("--policy", help="policy TOML for the whole model (projections int8 / w4gN / w4a8gN; "
+                                            "embedding and head in any precision)")
     generate.add_argument("--head", type=lambda text: _precisions(text)[0],
                           help="with --precision: the head's precision (default int8; fp32 keeps it float; a head "
                                "tied to the embedding gets its own quantized copy)")
@@ -444,8 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="quantize the KV cache to these bits (mixprec's KIVI cache: chunks of 64 tokens, the "
                                "newest 64 to 127 in float32); default: float32")
     generate.add_argument("--runtime", choices=("native", "transformers"), default="native",
-                          help="native: NativeLlamaDecoder (Llama / Mistral / Qwen2, int8 / w4a8gN projections); "
-                               "transformers: the quantized model's own generate (any model and precision)")
+                          help="native: NativeLlamaDecoder (Llama / Mistral / Qwen2, int8 / w4gN / w4a8gN "
+                               "projections); transformers: the quantized model's own generate (any model and "
+                               "precision)")
     generate.set_defaults(func=_generate)
     bench = sub.add_parser("bench", help="speed and memory against float32 and the peer libraries")
     bench.add_argument("what", choices=("linear", "encoder"),

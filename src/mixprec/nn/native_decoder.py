@@ -1,11 +1,11 @@
-"""Decode a transformers Llama-family model quantized to ``w4a8gN`` and / or ``int8`` with one native call per step.
+"""Decode a Llama-family model quantized to ``w4a8gN``, ``int8`` and / or ``w4gN`` with one native call a step.
 
 A decoding step of a PyTorch model pays for every operator it runs: about 300 a step for a 22-layer
 Llama-shaped model, 7 ms of a 26 ms compiled step on a 2-core Zen 4 (BENCHMARKS.md), while its
 weights stream from DRAM in about 20 ms. :class:`NativeLlamaDecoder` runs the whole decoder stack of a
-model whose seven projections per layer are ``w4a8gN`` (the blocked layout) or ``int8``, in any mix, in one
-C++ call (``csrc/llama_decode.cpp``): RMSNorm, the projections through the operators their modules call
-(mixprec's quantize, ``w4a8`` and int8 kernels, oneDNN's for a packed int8 weight and many rows), rotary
+model whose seven projections per layer are ``w4a8gN`` (the blocked layout), ``int8`` or ``w4gN``, in any mix,
+in one C++ call (``csrc/llama_decode.cpp``): RMSNorm, the projections through the operators their modules call
+(mixprec's quantize, ``w4a8``, ``w4`` and int8 kernels, oneDNN's for a packed int8 weight and many rows), rotary
 positions, grouped-query attention over its own float32 KV cache, SiLU x up and the residual adds. The token
 embedding and the head run as the model's own modules (any precision).
 
@@ -19,8 +19,10 @@ Supported: ``model_type`` ``"llama"`` (SmolLM2, TinyLlama, Llama 2 / 3 and their
 tables come from the model's own rotary module), ``"mistral"`` (while ``max_length`` is within its sliding window)
 and ``"qwen2"`` (Qwen2 / 2.5: biased q / k / v), SiLU MLP, projection biases or none, every
 ``q/k/v/o/gate/up/down_proj`` a :class:`~mixprec.nn.linear_weight_only.W4A8Linear` in the blocked layout
-(``w4a8gN`` with N a multiple of 8) or an ``int8`` :class:`~mixprec.nn.linear_int8.Int8DynamicLinear` (dense or
-oneDNN-packed), and float32 norms. Anything else is refused with what would fit.
+(``w4a8gN`` with N a multiple of 8), an ``int8`` :class:`~mixprec.nn.linear_int8.Int8DynamicLinear` (dense or
+oneDNN-packed) or a ``w4gN`` :class:`~mixprec.nn.linear_weight_only.W4Linear` (float32 activations: no int8
+rounding, so closer to the float model and slower from DRAM than ``w4a8gN``), and float32 norms. Anything else is
+refused with what would fit.
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ import torch
 from torch import Tensor, nn
 
 from mixprec.errors import InputError
-from mixprec.kernels import native
+from mixprec.kernels import native, weight_only
 from mixprec.kernels.huge_pages import zeros_in_huge_pages
 from mixprec.kernels.int8_linear import PACKED_ROWS_MAX, dense_rows_max
 from mixprec.nn.kv_cache import check_kv_config
 from mixprec.nn.linear_int8 import Int8DynamicLinear, Int8PackedLinear
-from mixprec.nn.linear_weight_only import W4A8Linear
+from mixprec.nn.linear_weight_only import W4A8Linear, W4Linear
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                "mlp.up_proj", "mlp.down_proj")
@@ -73,7 +75,7 @@ def _check_window(config: object, layers: nn.Module, max_length: int) -> None:
 
 
 #: The kernels of csrc/llama_decode.cpp (its ``Kernel``).
-W4A8_BLOCKED, INT8_DENSE, INT8_PACKED = 0, 1, 2
+W4A8_BLOCKED, INT8_DENSE, INT8_PACKED, W4_ROWS = 0, 1, 2, 3
 
 
 def _projection_plan(layer: nn.Module, index: int, name: str) -> tuple[int, int, list[Tensor]]:
@@ -91,12 +93,16 @@ def _projection_plan(layer: nn.Module, index: int, name: str) -> tuple[int, int,
                                                                  zero_points, bias]
     if type(module) is Int8DynamicLinear:
         return INT8_DENSE, dense_rows_max(module.weight), [module.weight, module.weight_scale, empty, empty, bias]
+    if type(module) is W4Linear:  # w4_linear's two paths: the fused kernel, then tiles of the expanded weight
+        tile_rows = max(1, min(module.out_features, weight_only.W4_TILE_ELEMENTS // module.in_features))
+        return W4_ROWS, weight_only.W4_ROWS_KERNEL_MAX_M, [module.weight_packed, module.weight_scale,
+                                                          torch.tensor([tile_rows]), empty, bias]
     kind = type(module).__name__
     if isinstance(module, W4A8Linear):
         kind += "" if module.blocked else " (not blocked)"
         kind += "" if native.w4a8_blocked_available() else " (no w4a8 blocked kernel in this build: needs AVX2)"
     raise InputError(f"model.layers.{index}.{name} is {kind}; NativeLlamaDecoder needs every projection quantized to "
-                     "int8 or to w4a8gN with N a multiple of 8 (the blocked layout), e.g. "
+                     "int8, w4gN, or w4a8gN with N a multiple of 8 (the blocked layout), e.g. "
                      "Policy([(r'lm_head|model\\.embed_tokens', 'w8g32')], default='w4a8g32')")
 
 
@@ -108,8 +114,8 @@ def _norm_weight(module: nn.Module, name: str) -> Tensor:
 
 
 class NativeLlamaDecoder:
-    """Step-by-step logits and generation (greedy or sampled) of a ``w4a8gN`` / ``int8`` Llama-family model, one
-    native call a step.
+    """Step-by-step logits and generation (greedy or sampled) of a ``w4a8gN`` / ``int8`` / ``w4gN`` Llama-family
+    model, one native call a step.
 
     ``max_length`` (tokens) sizes the KV cache, allocated once: float32 ``2 x layers x kv_heads x max_length x
     head_dim x 4`` bytes; with ``kv_bits`` (4 or 8) the codes, scales and zero points of up to ``max_length -

@@ -12,7 +12,9 @@
 //   w4a8 (blocked layout): quantize_rows_s8 (per-row symmetric int8), w4a8_linear_blocked;
 //   int8, dense weight: up to few_rows_max rows quantize_rows_u8 + int8_dense_rows, else int8_linear_dynamic;
 //   int8, oneDNN-packed weight: quantize_rows_u8, then up to few_rows_max rows int8_packed_rows (reading the
-//     packed bytes in place), else oneDNN's qlinear_pointwise (u8 x s8, zero point 128) + rescale_rows_cols_.
+//     packed bytes in place), else oneDNN's qlinear_pointwise (u8 x s8, zero point 128) + rescale_rows_cols_;
+//   w4gN (float32 activations): up to few_rows_max rows w4_linear_rows, else the weight expanded a tile of output
+//     rows at a time (w4_dequantize_rows) and multiplied by at::linear, as mixprec.kernels.weight_only.w4_linear.
 // A layer's input rows are quantized once per code kind however many projections read them. The float32 steps
 // around the projections follow transformers' LlamaDecoderLayer: RMSNorm y = w * (x * rsqrt(mean(x^2) + eps)) (the
 // mean summed in double in vector lanes, then rounded to float32), RoPE q' = q * cos + rotate_half(q) * sin
@@ -49,6 +51,7 @@ enum Kernel : int64_t {
   kW4A8Blocked = 0,  // codes_blocked, scale_blocked
   kInt8Dense = 1,    // weight int8 [N, K], weight_scale [N]
   kInt8Packed = 2,   // oneDNN-packed weight, weight_scale [N], unit_scale ones [N], zero_points int32 zeros [N]
+  kW4Rows = 3,       // weight_packed uint8 [N, K/2], weight_scale float16 [N, K/G], tile_rows int64 [1]
 };
 
 struct Shape {
@@ -126,6 +129,28 @@ at::Tensor int8_onednn(const Codes& xq, const at::Tensor* t, const Bias& bias) {
   return acc;
 }
 
+// w4gN with float32 rows: the fused kernel up to few_rows_max rows, else tiles of tile_rows output rows expanded
+// exactly to float32 and multiplied (mixprec.kernels.weight_only.w4_linear and w4_linear_tiled: the same operators).
+at::Tensor w4_rows(const at::Tensor& x, const at::Tensor* t, const Bias& bias, bool few_rows) {
+  static const auto fused = operator_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                       const c10::optional<at::Tensor>&)>("mixprec::w4_linear_rows");
+  static const auto expand = operator_handle<void(const at::Tensor&, const at::Tensor&, int64_t, at::Tensor&)>(
+      "mixprec::w4_dequantize_rows");
+  if (few_rows) return fused.call(x, t[0], t[1], bias);
+  const int64_t outs = t[0].size(0), tile_rows = t[2].item<int64_t>();
+  TORCH_CHECK(tile_rows >= 1, "a w4 projection's tile_rows must be >= 1, got ", tile_rows);
+  at::Tensor buffer = at::empty({std::min(tile_rows, outs), t[0].size(1) * 2}, x.options());
+  at::Tensor y = at::empty({x.size(0), outs}, x.options());
+  for (int64_t begin = 0; begin < outs; begin += tile_rows) {
+    const int64_t count = std::min(tile_rows, outs - begin);
+    at::Tensor tile = buffer.narrow(0, 0, count);
+    expand.call(t[0], t[1], begin, tile);
+    const Bias part = bias ? Bias(bias->narrow(0, begin, count)) : c10::nullopt;
+    y.narrow(1, begin, count).copy_(at::linear(x, tile, part));
+  }
+  return y;
+}
+
 // Runs projection p of layer l on its input rows as its plan says: plans holds (kernel, few_rows_max) per projection.
 struct Projections {
   at::TensorList weights;
@@ -146,9 +171,12 @@ struct Projections {
         y = few_rows ? int8_few_rows(false, in.offset_codes(), t[0], t[1], bias)
                      : int8_dynamic(in.rows(), t[0], t[1], bias);
         break;
-      default:
+      case kInt8Packed:
         y = few_rows ? int8_few_rows(true, in.offset_codes(), t[0], t[1], bias)
                      : int8_onednn(in.offset_codes(), t, bias);
+        break;
+      default:
+        y = w4_rows(in.rows(), t, bias, few_rows);
     }
     // The steps after a projection write through its output's pointer: its shape must be the model's.
     TORCH_CHECK(y.dim() == 2 && y.size(0) == rows && y.size(1) == out_features, "layer ", layer, ", projection ",
@@ -354,8 +382,8 @@ at::Tensor decode_layers(const at::Tensor& hidden, at::TensorList weights, at::I
               "plans must hold (kernel, few_rows_max) for ", kProjections, " projections per layer (",
               layers * kProjections * 2, " ints), got ", plans.size());
   for (size_t i = 0; i < plans.size(); i += 2)
-    TORCH_CHECK(plans[i] >= kW4A8Blocked && plans[i] <= kInt8Packed, "plans[", i, "] = ", plans[i],
-                " is not a kernel (0 w4a8 blocked, 1 int8 dense, 2 int8 oneDNN-packed)");
+    TORCH_CHECK(plans[i] >= kW4A8Blocked && plans[i] <= kW4Rows, "plans[", i, "] = ", plans[i],
+                " is not a kernel (0 w4a8 blocked, 1 int8 dense, 2 int8 oneDNN-packed, 3 w4gN)");
   const Projections project{weights, plans.data()};
   const int64_t q_out = heads * s.head_dim, kv_out = kv_heads * s.head_dim;
   at::Tensor x = hidden.clone();
