@@ -43,11 +43,11 @@ from mixprec.bench.decoding import (
     llama_cpp_decode_step,
     native_decode_step,
 )
+from mixprec.bench.text_generation import KV_GROUP_SIZE, KV_RESIDUAL
 from mixprec.nn.native_decoder import PROJECTIONS_RULE
 from mixprec.report.results import print_table, write_csv
 from mixprec.timing import interleaved_medians
 
-KV_GROUP, KV_RESIDUAL = 64, 64
 #: mixprec's KV precisions (None: float32) and llama.cpp's cache types (ggml type ids: f16 1, q8_0 8).
 NATIVE_KV = {"float32": None, "int8": 8, "int4": 4}
 LLAMA_CPP_KV = {"f16": (1, 2.0), "q8_0": (8, 34 / 32)}  # type id, bytes per element
@@ -62,11 +62,11 @@ def native_kv_bytes(decoder: NativeLlamaDecoder, tokens: int) -> int:
     per_token_float = 2 * layers * heads * head_dim * 4
     if decoder.kv_bits is None:
         return tokens * per_token_float
-    quantized = max(0, tokens - KV_RESIDUAL) // KV_GROUP * KV_GROUP
+    quantized = max(0, tokens - KV_RESIDUAL) // KV_GROUP_SIZE * KV_GROUP_SIZE
     value_group = decoder.kv_value_group
     assert value_group is not None
     per_token_codes = 2 * layers * heads * head_dim * decoder.kv_bits // 8
-    key_params = layers * heads * (quantized // KV_GROUP) * head_dim * 3  # float16 scale + uint8 zero point
+    key_params = layers * heads * (quantized // KV_GROUP_SIZE) * head_dim * 3  # float16 scale + uint8 zero point
     value_params = layers * heads * quantized * (head_dim // value_group) * 3
     return quantized * per_token_codes + key_params + value_params + (tokens - quantized) * per_token_float
 
@@ -85,14 +85,14 @@ def chunked_logits(model: torch.nn.Module, ids: torch.Tensor, kv_bits: int | Non
     """Logits of ``ids`` fed in chunks of :data:`QUALITY_CHUNK` tokens over a cache of ``kv_bits`` (None: float32),
     through the native step or transformers' forward."""
     if runtime == "native":
-        decoder = NativeLlamaDecoder(model, max_length=len(ids), kv_bits=kv_bits, kv_group_size=KV_GROUP,
+        decoder = NativeLlamaDecoder(model, max_length=len(ids), kv_bits=kv_bits, kv_group_size=KV_GROUP_SIZE,
                                      kv_residual=KV_RESIDUAL)
         return torch.cat([decoder(chunk) for chunk in ids.split(QUALITY_CHUNK)])
     from transformers import DynamicCache
 
     from mixprec.kv import QuantizedKVCache
 
-    cache = DynamicCache() if kv_bits is None else QuantizedKVCache(kv_bits, KV_GROUP, KV_RESIDUAL)
+    cache = DynamicCache() if kv_bits is None else QuantizedKVCache(kv_bits, KV_GROUP_SIZE, KV_RESIDUAL)
     return torch.cat([model(chunk[None], past_key_values=cache, use_cache=True).logits[0]
                       for chunk in ids.split(QUALITY_CHUNK)])
 
@@ -131,8 +131,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="the data folder holding stsb/ (default: $MIXPREC_DATA)")
     args = parser.parse_args()
     contexts = [int(text) for text in args.contexts.split(",") if text.strip()]
-    if not contexts or min(contexts) < KV_GROUP + KV_RESIDUAL or max(contexts) > 8000:
-        parser.error(f"--contexts must be lengths in [{KV_GROUP + KV_RESIDUAL}, 8000] (SmolLM2 holds 8192), got "
+    if not contexts or min(contexts) < KV_GROUP_SIZE + KV_RESIDUAL or max(contexts) > 8000:
+        parser.error(f"--contexts must be lengths in [{KV_GROUP_SIZE + KV_RESIDUAL}, 8000] (SmolLM2 holds 8192), got "
                      f"{args.contexts!r}")
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
@@ -165,8 +165,8 @@ def main() -> None:
             steps, step_bytes, prefill_seconds = {}, {}, {}
             for kind, bits in NATIVE_KV.items():
                 name = f"mixprec int8, native step, KV {kind}"
-                decoder = NativeLlamaDecoder(int8_model, max_length=context + 1, kv_bits=bits, kv_group_size=KV_GROUP,
-                                             kv_residual=KV_RESIDUAL)
+                decoder = NativeLlamaDecoder(int8_model, max_length=context + 1, kv_bits=bits,
+                                             kv_group_size=KV_GROUP_SIZE, kv_residual=KV_RESIDUAL)
                 start = time.perf_counter()
                 steps[name] = native_decode_step(decoder, prompt)
                 prefill_seconds[name] = time.perf_counter() - start

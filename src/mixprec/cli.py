@@ -152,8 +152,11 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _runs_natively(precision: str) -> bool:
-    """Whether NativeLlamaDecoder's projections run this precision: ``int8``, ``w4`` / ``w4gN`` or ``w4a8gN``."""
-    return precision in ("int8", "w4") or precision.startswith(("w4g", "w4a8g"))
+    """Whether NativeLlamaDecoder's projections run this precision (its family in ``NATIVE_FAMILIES``)."""
+    from mixprec.nn.native_decoder import NATIVE_FAMILIES
+    from mixprec.precision import parse_precision
+
+    return parse_precision(precision).family in NATIVE_FAMILIES
 
 
 def _temperature(text: str) -> float:

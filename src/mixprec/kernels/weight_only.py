@@ -75,14 +75,19 @@ def w4_dequantize_torch(packed: Tensor, scale: Tensor) -> Tensor:
     return (codes.view(out_features, groups, -1) * scale.to(torch.float32).unsqueeze(-1)).view(out_features, -1)
 
 
+def tile_rows(out_features: int, in_features: int) -> int:
+    """Output rows of one expanded weight tile: at most :data:`W4_TILE_ELEMENTS` float32 elements, at least one row."""
+    return max(1, min(out_features, W4_TILE_ELEMENTS // in_features))
+
+
 def w4_linear_tiled(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     """Float32 matmul against the int4 weight expanded tile by tile (output rows of the weight)."""
     out_features, in_features = packed.shape[0], packed.shape[1] * 2
-    tile_rows = max(1, min(out_features, W4_TILE_ELEMENTS // in_features))
-    buffer = torch.empty(tile_rows, in_features)
+    rows_per_tile = tile_rows(out_features, in_features)
+    buffer = torch.empty(rows_per_tile, in_features)
     y = torch.empty(x.shape[0], out_features)
-    for begin in range(0, out_features, tile_rows):
-        rows = min(tile_rows, out_features - begin)
+    for begin in range(0, out_features, rows_per_tile):
+        rows = min(rows_per_tile, out_features - begin)
         tile = buffer[:rows]
         native.w4_dequantize_rows(packed, scale, begin, tile)
         y[:, begin:begin + rows] = F.linear(x, tile, None if bias is None else bias[begin:begin + rows])
@@ -119,12 +124,12 @@ def w8g_linear(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None) -> 
     if (x.shape[0] <= ROWS_KERNEL_MAX_M and (in_features // scale.shape[1]) % 16 == 0 and native.available()
             and x.is_contiguous()):
         return native.w8g_linear_rows(x, codes, scale, bias)
-    tile_rows = max(1, min(out_features, W4_TILE_ELEMENTS // in_features))
-    if tile_rows == out_features:
+    rows_per_tile = tile_rows(out_features, in_features)
+    if rows_per_tile == out_features:
         return F.linear(x, w8g_dequantize(codes, scale), bias)
     y = torch.empty(x.shape[0], out_features)
-    for begin in range(0, out_features, tile_rows):
-        end = min(out_features, begin + tile_rows)
+    for begin in range(0, out_features, rows_per_tile):
+        end = min(out_features, begin + rows_per_tile)
         tile = w8g_dequantize(codes[begin:end], scale[begin:end])
         y[:, begin:end] = F.linear(x, tile, None if bias is None else bias[begin:end])
     return y

@@ -74,6 +74,9 @@ def _check_window(config: object, layers: nn.Module, max_length: int) -> None:
                          f"does not apply: give max_length <= {shortest} (got {max_length})")
 
 
+#: The precision families whose projection modules the native step runs (``w4a8gN``: N a multiple of 8).
+NATIVE_FAMILIES = ("int8", "w4", "w4a8")
+
 #: The kernels of csrc/llama_decode.cpp (its ``Kernel``).
 W4A8_BLOCKED, INT8_DENSE, INT8_PACKED, W4_ROWS = 0, 1, 2, 3
 
@@ -94,9 +97,9 @@ def _projection_plan(layer: nn.Module, index: int, name: str) -> tuple[int, int,
     if type(module) is Int8DynamicLinear:
         return INT8_DENSE, dense_rows_max(module.weight), [module.weight, module.weight_scale, empty, empty, bias]
     if type(module) is W4Linear:  # w4_linear's two paths: the fused kernel, then tiles of the expanded weight
-        tile_rows = max(1, min(module.out_features, weight_only.W4_TILE_ELEMENTS // module.in_features))
-        return W4_ROWS, weight_only.W4_ROWS_KERNEL_MAX_M, [module.weight_packed, module.weight_scale,
-                                                          torch.tensor([tile_rows]), empty, bias]
+        tiles = torch.tensor([weight_only.tile_rows(module.out_features, module.in_features)])
+        return W4_ROWS, weight_only.W4_ROWS_KERNEL_MAX_M, [module.weight_packed, module.weight_scale, tiles, empty,
+                                                          bias]
     kind = type(module).__name__
     if isinstance(module, W4A8Linear):
         kind += "" if module.blocked else " (not blocked)"
