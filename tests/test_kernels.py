@@ -244,7 +244,7 @@ def random_w4(n: int, k: int, group: int, seed: int) -> tuple[torch.Tensor, torc
 
 
 # Group sizes 32/64/128 take the vector paths (AVX-512 or AVX2), 16 and 28 the scalar ones.
-W4_SHAPES = [(70, 96, 32), (33, 4096, 128), (65, 48, 16), (9, 56, 28), (130, 2048, 64)]
+W4_SHAPES = [(70, 96, 32), (33, 4096, 128), (65, 48, 16), (9, 56, 28), (130, 2048, 64), (40, 512, 32), (24, 768, 256)]
 
 
 @pytest.mark.parametrize("n,k,group", W4_SHAPES)

@@ -170,6 +170,70 @@ void linear_block(const float* xd, int64_t cols, const uint8_t* packed, const at
     }
   }
 }
+
+// One row of x (decoding) with K a multiple of 128 and a group size of 32, 64 or a multiple of 128: each 64 bytes
+// of a weight row (128 codes) are read as 16 lanes of 8 nibbles, lane j holding codes 8j..8j+7 of the chunk;
+// shifting the lanes right by 4i puts code 8j+i in the low nibble of lane j (no shuffles: the weight's own layout),
+// and float(2^23 + (q XOR 8)) - (2^23 + 8) is the code q exactly. Per chunk and lane: t = sum_i q[8j+i] * x[8j+i]
+// (fused multiply-adds, two chains of four), then acc += t * s, s the lane's group scale (8 consecutive codes never
+// cross a multiple of 32). x arrives re-laid out as xl[c][i][j] = x[128c + 8j + i] (lane_layout). Sums in float32
+// in another order than linear_block's: the same result up to rounding. Measured here against linear_block<1, 2>:
+// 12.4 against 11.4 GB/s of a weight in the L3 on one core, a 1.17B decode step 1.07x.
+constexpr int64_t kLaneChunk = 128;
+
+std::vector<float> lane_layout(const float* x, int64_t cols) {
+  std::vector<float> out(cols);
+  for (int64_t c = 0; c < cols; c += kLaneChunk)
+    for (int64_t i = 0; i < 8; ++i)
+      for (int64_t j = 0; j < 16; ++j) out[c + 16 * i + j] = x[c + 8 * j + i];
+  return out;
+}
+
+void linear_one_row(const float* xl, int64_t cols, const uint8_t* packed, const at::Half* scale, int64_t group,
+                    const float* bias, int64_t begin, int64_t end, float* y) {
+  const int64_t groups = cols / group;
+  // The row's scales in float32 (a burst over 32 rows at a time was measured slower here: the core waits for it),
+  // 16 bytes readable from any group's.
+  std::vector<float> srow(groups + 4);
+  // Lane j of a chunk at c holds codes of group (c + 8j) / G: group c / G + (8j) / G for G = 32 or 64, c / G for G
+  // a multiple of 128.
+  const __m512i lane_group = _mm512_srli_epi32(
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(8)),
+      group == 32 ? 5u : group == 64 ? 6u : 31u);
+  const __m512i nibble = _mm512_set1_epi32(0x0F), magic = _mm512_set1_epi32(0x4B000008);  // 2^23 as float bits, | 8
+  const __m512 offset = _mm512_set1_ps(8388616.0f);                                         // 2^23 + 8
+  for (int64_t n = begin; n < end; ++n) {
+    const uint8_t* prow = packed + n * (cols / 2);
+    mixprec::halves_to_floats(scale + n * groups, srow.data(), groups);
+    // (lanes >> 4i & 0x0F) ^ 0x4B000008: the float 2^23 + (q + 8) of code 8j + i, q its two's complement value
+    const auto code = [&](__m512i lanes, int i) {
+      const __m512i shifted = _mm512_srl_epi32(lanes, _mm_cvtsi32_si128(4 * i));
+      return _mm512_sub_ps(_mm512_castsi512_ps(_mm512_ternarylogic_epi32(shifted, nibble, magic, 0x6A)), offset);
+    };
+    // Codes i, i + 2, i + 4, i + 6 of a chunk times their x, summed by fused multiply-adds.
+    const auto chain = [&](__m512i lanes, const float* xc, int i) {
+      __m512 t = _mm512_mul_ps(code(lanes, i), _mm512_loadu_ps(xc + 16 * i));
+      for (int step = i + 2; step < 8; step += 2)
+        t = _mm512_fmadd_ps(code(lanes, step), _mm512_loadu_ps(xc + 16 * step), t);
+      return t;
+    };
+    __m512 even_chunks = _mm512_setzero_ps(), odd_chunks = _mm512_setzero_ps();
+    const auto chunk = [&](int64_t c, __m512& acc) {
+      const __m512i lanes = _mm512_loadu_si512(prow + c / 2);
+      const __m512 t = _mm512_add_ps(chain(lanes, xl + c, 0), chain(lanes, xl + c, 1));
+      const __m512 s = _mm512_permutexvar_ps(lane_group, _mm512_castps128_ps512(_mm_loadu_ps(srow.data() + c / group)));
+      acc = _mm512_fmadd_ps(t, s, acc);
+    };
+    int64_t c = 0;
+    for (; c + 2 * kLaneChunk <= cols; c += 2 * kLaneChunk) {
+      chunk(c, even_chunks);
+      chunk(c + kLaneChunk, odd_chunks);
+    }
+    if (c < cols) chunk(c, even_chunks);
+    y[n] = _mm512_reduce_add_ps(_mm512_add_ps(even_chunks, odd_chunks)) + (bias != nullptr ? bias[n] : 0.0f);
+  }
+}
 #endif
 
 #if defined(MIXPREC_AVX2_LANES)
@@ -214,6 +278,11 @@ void linear_block_avx2(const float* xd, int64_t cols, const uint8_t* packed, con
 void linear_rows(const float* xp, int64_t rows, int64_t cols, const uint8_t* packed, const at::Half* scale,
                  int64_t group, const float* bias, int64_t outs, int64_t begin, int64_t end, float* yp) {
 #if defined(__AVX512F__)
+  if (rows == 1 && (group == 32 || group == 64 || group % kLaneChunk == 0) && cols % kLaneChunk == 0) {
+    const std::vector<float> xl = lane_layout(xp, cols);
+    linear_one_row(xl.data(), cols, packed, scale, group, bias, begin, end, yp);
+    return;
+  }
   if (group % 32 == 0) {
     const std::vector<float> xd = mixprec::split_even_odd(xp, rows, cols, 32);  // cols % 32 == 0: no padding
     // Weight rows a tile at a time, every row of x against a tile while it is in cache.
@@ -263,8 +332,8 @@ void linear_rows(const float* xp, int64_t rows, int64_t cols, const uint8_t* pac
 }
 
 // Int4 weight-only linear for few rows: the codes of each weight row are unpacked in
-// registers (a 16-entry table lookup, pre-scaled per group) and multiplied into all M rows
-// of x, so the weight is read at 0.5 byte per element. Float32 sums with fused
+// registers (a 16-entry table lookup, pre-scaled per group; one row of x: linear_one_row) and
+// multiplied into all M rows of x, so the weight is read at 0.5 byte per element. Float32 sums with fused
 // multiply-adds in a vectorized order: results differ from a float32 matmul of the
 // dequantized weight by rounding only.
 at::Tensor w4_linear_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
@@ -283,7 +352,8 @@ at::Tensor w4_linear_rows(const at::Tensor& x, const at::Tensor& packed, const a
   const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t group = cols / scale.size(1);
-  mixprec::split_rows(outs, outs * cols, [&](int64_t b, int64_t e) { linear_rows(xp, rows, cols, pp, sp, group, bp, outs, b, e, yp); });
+  mixprec::split_rows(outs, outs * cols,
+                      [&](int64_t b, int64_t e) { linear_rows(xp, rows, cols, pp, sp, group, bp, outs, b, e, yp); });
   return y;
 }
 
