@@ -55,6 +55,9 @@ namespace {
 
 // Output channels per unpacked block: two vectors of 16 int32 lanes.
 constexpr int64_t kBlock = 32;
+// Weight bytes from which the blocked kernel splits its blocks over threads at any row count (int8_dense_rows'
+// threshold).
+constexpr int64_t kStreamingParallelBytes = int64_t{1} << 18;
 
 void check_inputs(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& packed, const at::Tensor& scale,
                   const c10::optional<at::Tensor>& bias) {
@@ -431,8 +434,13 @@ at::Tensor w4a8_linear_blocked(const at::Tensor& xq, const at::Tensor& x_scale, 
   const int8_t* xp = xq.data_ptr<int8_t>();
   const std::vector<int32_t> offsets = group_offsets(xp, rows, cols, group);
   const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
-  // Work: the weight read once, plus the multiply (16 multiply-adds cost about one weight read).
-  mixprec::split_rows(blocks, out_features * cols + rows * out_features * cols / 16, [&](int64_t b, int64_t e) {
+  // Work: the weight read once, plus the multiply (16 multiply-adds cost about one weight read); a weight of
+  // kStreamingParallelBytes or more is split over the threads however few the rows, its read being the cost (the
+  // 1.17B shape's k and v, 288 KiB each, on two threads: its decode step 1.02x in the median paired round).
+  const int64_t weight_bytes = codes.numel() + 2 * scale.numel();
+  const int64_t work = std::max(out_features * cols + rows * out_features * cols / 16,
+                                weight_bytes * (mixprec::kMinParallelWork / kStreamingParallelBytes));
+  mixprec::split_rows(blocks, work, [&](int64_t b, int64_t e) {
     run_blocks(xp, offsets.data(), x_scale.data_ptr<float>(), rows, cols, group, codes.data_ptr<uint8_t>(),
                scale.data_ptr<at::Half>(), bp, out_features, b, e, y.data_ptr<float>());
   });
