@@ -243,7 +243,8 @@ def random_w4(n: int, k: int, group: int, seed: int) -> tuple[torch.Tensor, torc
     return packed, scale, torch.randn(n, generator=generator)
 
 
-# Group sizes 32/64/128 take the vector paths (AVX-512 or AVX2), 16 and 28 the scalar ones.
+# Group sizes 32/64/128 take the vector paths (AVX-512 or AVX2), 16 and 28 the scalar ones; with K a multiple of 128
+# and G 32, 64 or a multiple of 128 one row of x takes AVX-512's one-row kernel (linear_one_row).
 W4_SHAPES = [(70, 96, 32), (33, 4096, 128), (65, 48, 16), (9, 56, 28), (130, 2048, 64), (40, 512, 32), (24, 768, 256)]
 
 
