@@ -20,11 +20,11 @@
 #include <vector>
 
 #include "int8_rows_common.h"
+#include "split_rows.h"
 
 namespace {
 
 constexpr int64_t kRows = 16;    // weight rows reduced together (the lanes of the output vector)
-constexpr int64_t kParallelBytes = int64_t{1} << 18;  // weight bytes from which the rows are split over threads
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr bool kNative = true;
@@ -175,7 +175,7 @@ at::Tensor int8_dense_rows(const at::Tensor& q, const at::Tensor& row_scale, con
     }
   };
   const int64_t blocks = (outs + kRows - 1) / kRows;
-  if (outs * cols >= kParallelBytes && blocks > 1 && !at::in_parallel_region())
+  if (outs * cols >= mixprec::kStreamingParallelBytes && blocks > 1 && !at::in_parallel_region())
     at::parallel_for(0, blocks, 1, body);
   else
     body(0, blocks);

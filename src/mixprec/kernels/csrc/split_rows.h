@@ -16,6 +16,10 @@ namespace mixprec {
 // Elements of work below which one thread does everything.
 constexpr int64_t kMinParallelWork = int64_t{1} << 22;
 
+// Weight bytes from which a kernel that streams its weight once (few rows of x, memory-bound) splits it over the
+// threads, however little arithmetic there is.
+constexpr int64_t kStreamingParallelBytes = int64_t{1} << 18;
+
 template <typename Body>
 void split_rows(int64_t rows, int64_t work, const Body& body) {
   if (work < kMinParallelWork || rows < 2) {

@@ -26,6 +26,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "half_floats.h"
 #include "split_rows.h"
 #include "w4_layout.h"
 
@@ -55,9 +56,6 @@ namespace {
 
 // Output channels per unpacked block: two vectors of 16 int32 lanes.
 constexpr int64_t kBlock = 32;
-// Weight bytes from which the blocked kernel splits its blocks over threads at any row count (int8_dense_rows'
-// threshold).
-constexpr int64_t kStreamingParallelBytes = int64_t{1} << 18;
 
 void check_inputs(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& packed, const at::Tensor& scale,
                   const c10::optional<at::Tensor>& bias) {
@@ -94,9 +92,7 @@ std::vector<int32_t> group_offsets(const int8_t* xq, int64_t rows, int64_t cols,
 // stream trickling beside the codes was measured here to cost about a fifth of the DRAM read rate whenever the
 // rate is high (sum of a 1 GiB array 60-67 GB/s: 50-54 GB/s with the trickle, 62-63 with the burst).
 void widen_block_scales(const at::Half* scale, int64_t groups, int64_t b, float* widened) {
-  const at::Half* block_scale = scale + b * groups * kBlock;
-  for (int64_t i = 0; i < groups * kBlock; i += 8)
-    _mm256_storeu_ps(widened + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_scale + i))));
+  mixprec::halves_to_floats(scale + b * groups * kBlock, widened, groups * kBlock);
 }
 #endif
 
@@ -439,7 +435,7 @@ at::Tensor w4a8_linear_blocked(const at::Tensor& xq, const at::Tensor& x_scale, 
   // 1.17B shape's k and v, 288 KiB each, on two threads: its decode step 1.02x in the median paired round).
   const int64_t weight_bytes = codes.numel() + 2 * scale.numel();
   const int64_t work = std::max(out_features * cols + rows * out_features * cols / 16,
-                                weight_bytes * (mixprec::kMinParallelWork / kStreamingParallelBytes));
+                                weight_bytes * (mixprec::kMinParallelWork / mixprec::kStreamingParallelBytes));
   mixprec::split_rows(blocks, work, [&](int64_t b, int64_t e) {
     run_blocks(xp, offsets.data(), x_scale.data_ptr<float>(), rows, cols, group, codes.data_ptr<uint8_t>(),
                scale.data_ptr<at::Half>(), bp, out_features, b, e, y.data_ptr<float>());
