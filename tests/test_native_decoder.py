@@ -22,6 +22,9 @@ pytestmark = pytest.mark.skipif(not (native.available() and native.w4a8_blocked_
 W4A8 = Policy([(r"lm_head|model\.embed_tokens", "w8g32")], default="w4a8g32")
 INT8 = Policy([(r"lm_head|model\.embed_tokens", "w8g32")], default="int8")
 W4 = Policy([(r"lm_head|model\.embed_tokens", "w8g32")], default="w4g32")
+# q in groups of 64, k and v of 32: the three run one after another; gate and up in one call
+W4A8_MIXED_GROUPS = Policy([(r"lm_head|model\.embed_tokens", "w8g32"), (r".*q_proj", "w4a8g64")],
+                           default="w4a8g32")
 ATTENTION_INT8_MLP_W4A8 = Policy([(r"lm_head|model\.embed_tokens", "w8g32"), (r".*\.mlp\..*", "w4a8g32")],
                                  default="int8")
 
@@ -101,8 +104,9 @@ def assert_matches_up_to_ties(got: torch.Tensor, expected: torch.Tensor, margins
 @pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 8},
                                        {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                          "high_freq_factor": 4.0,
-                                                         "original_max_position_embeddings": 16}}],
-                         ids=["gqa", "mha", "llama3-rope"])
+                                                         "original_max_position_embeddings": 16}},
+                                       {"policy": W4A8_MIXED_GROUPS}],
+                         ids=["gqa", "mha", "llama3-rope", "w4a8-mixed-groups"])
 def test_logits_match_transformers_for_the_prompt_single_steps_and_chunks(overrides: dict) -> None:
     model = tiny_llama(**overrides)
     ids = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(1))

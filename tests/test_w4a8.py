@@ -161,6 +161,51 @@ def test_blocked_op_refuses_mismatched_operands() -> None:
         native.w4a8_linear_blocked(xq, torch.ones(2, 1), codes, scale, 20, torch.zeros(32))
 
 
+
+def random_blocked(n: int, k: int, group: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random weight of ``n`` channels in the blocked layout (codes, float16 scales)."""
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=generator)
+    scale = (torch.rand(n, k // group, generator=generator) * 0.1).half()
+    code_shape, scale_shape = w4a8.blocked_shapes(n, k, group)
+    codes, blocked_scale = torch.empty(code_shape, dtype=torch.uint8), torch.empty(scale_shape).half()
+    w4a8.to_blocked(packed, scale, codes, blocked_scale)
+    return codes, blocked_scale
+
+
+@needs_blocked
+@pytest.mark.parametrize("rows", [1, 5, 13])
+def test_many_weights_in_one_call_give_each_single_calls_bits(rows: int) -> None:
+    # 19 + 3 + 64 blocks of 32 channels (partial last blocks in the first two): more than 256 KiB in all, so two
+    # threads split the sequence, the cut falling inside the third weight; biases on some weights only.
+    generator = torch.Generator().manual_seed(rows)
+    k, group, widths = 1024, 32, [600, 70, 2048]
+    weights = [random_blocked(n, k, group, generator) for n in widths]
+    biases = [torch.randn(600, generator=generator), None, torch.randn(2048, generator=generator)]
+    xq = torch.randint(-128, 128, (rows, k), dtype=torch.int8, generator=generator)
+    x_scale = torch.rand(rows, 1, generator=generator)
+    outputs = native.w4a8_linear_blocked_many(xq, x_scale, [c for c, _ in weights], [s for _, s in weights], widths,
+                                              biases)
+    assert len(outputs) == 3
+    for (codes, scale), n, bias, y in zip(weights, widths, biases, outputs):
+        assert torch.equal(y, native.w4a8_linear_blocked(xq, x_scale, codes, scale, n, bias)), n
+
+
+@needs_blocked
+def test_many_weights_op_refuses_mismatched_operands() -> None:
+    generator = torch.Generator().manual_seed(0)
+    xq, x_scale = torch.zeros(2, 64, dtype=torch.int8), torch.ones(2, 1)
+    (c32, s32), (c16, s16) = random_blocked(20, 64, 32, generator), random_blocked(20, 64, 16, generator)
+    with pytest.raises(RuntimeError, match="one entry per weight"):
+        native.w4a8_linear_blocked_many(xq, x_scale, [c32, c32], [s32], [20, 20], [None, None])
+    with pytest.raises(RuntimeError, match="at least one"):
+        native.w4a8_linear_blocked_many(xq, x_scale, [], [], [], [])
+    with pytest.raises(RuntimeError, match="every weight must have the same group size: weight 1 has 16, weight 0 32"):
+        native.w4a8_linear_blocked_many(xq, x_scale, [c32, c16], [s32, s16], [20, 20], [None, None])
+    with pytest.raises(RuntimeError, match=r"codes must be a contiguous uint8 CPU tensor .* for N = 40"):
+        native.w4a8_linear_blocked_many(xq, x_scale, [c32, c32], [s32, s32], [20, 40], [None, None])
+    with pytest.raises(RuntimeError, match="bias must be contiguous float32"):
+        native.w4a8_linear_blocked_many(xq, x_scale, [c32], [s32], [20], [torch.zeros(20, dtype=torch.float64)])
+
 def test_module_holds_only_the_blocked_layout_and_checkpoints_the_packed_one(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(1)
     layer = nn.Linear(96, 40)

@@ -69,6 +69,11 @@ def _w4a8_linear_blocked(xq: Tensor, x_scale: Tensor, codes: Tensor, scale: Tens
     return _linear_out(xq, out_features)
 
 
+def _w4a8_linear_blocked_many(xq: Tensor, x_scale: Tensor, codes: list[Tensor], scales: list[Tensor],  # noqa: ARG001
+                              out_features: list[int], biases: list[Tensor | None]) -> list[Tensor]:  # noqa: ARG001
+    return [_linear_out(xq, n) for n in out_features]
+
+
 def _int8_dense_rows(q: Tensor, row_scale: Tensor, weight: Tensor, col_scale: Tensor,  # noqa: ARG001
                      bias: Tensor | None) -> Tensor:  # noqa: ARG001
     return _linear_out(q, weight.shape[0])
@@ -145,6 +150,7 @@ _FAKES = {
     "w4_linear_rows": _w4_linear_rows,
     "w4a8_linear": _w4a8_linear,
     "w4a8_linear_blocked": _w4a8_linear_blocked,
+    "w4a8_linear_blocked_many": _w4a8_linear_blocked_many,
     "int8_packed_rows": _int8_packed_rows,
     "int8_dense_rows": _int8_dense_rows,
     "rescale_rows_cols": _rescale_rows_cols,

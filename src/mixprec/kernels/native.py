@@ -217,6 +217,14 @@ def w4a8_linear_blocked(xq: torch.Tensor, x_scale: torch.Tensor, codes: torch.Te
     return torch.ops.mixprec.w4a8_linear_blocked(xq, x_scale, codes, scale, out_features, bias)
 
 
+def w4a8_linear_blocked_many(xq: torch.Tensor, x_scale: torch.Tensor, codes: list[torch.Tensor],
+                             scales: list[torch.Tensor], out_features: list[int],
+                             biases: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """:func:`w4a8_linear_blocked` of the same rows against several weights of one K and one group size, in one
+    parallel region (their blocks split over the threads as one sequence); each output has the single call's bits."""
+    return torch.ops.mixprec.w4a8_linear_blocked_many(xq, x_scale, codes, scales, out_features, biases)
+
+
 @torch.compiler.assume_constant_result
 def w4a8_available() -> bool:
     """Whether the native build has the AVX512-VNNI int4 x int8 kernel (see csrc/w4a8_gemm.cpp)."""

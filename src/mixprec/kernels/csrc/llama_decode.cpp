@@ -9,7 +9,9 @@
 //
 // Each projection runs the operators its mixprec module runs, called through the dispatcher (no Python between
 // them), so it gives the module's bits for the same input rows:
-//   w4a8 (blocked layout): quantize_rows_s8 (per-row symmetric int8), w4a8_linear_blocked;
+//   w4a8 (blocked layout): quantize_rows_s8 (per-row symmetric int8), w4a8_linear_blocked; q, k and v (and gate and
+//     up) in one w4a8_linear_blocked_many call when all three (both) are w4a8 of one group size: one parallel
+//     region, one run of bytes per thread across the weights, each output the single call's bits;
 //   int8, dense weight: up to few_rows_max rows quantize_rows_u8 + int8_dense_rows, else int8_linear_dynamic;
 //   int8, oneDNN-packed weight: quantize_rows_u8, then up to few_rows_max rows int8_packed_rows (reading the
 //     packed bytes in place), else oneDNN's qlinear_pointwise (u8 x s8, zero point 128) + rescale_rows_cols_;
@@ -151,13 +153,66 @@ at::Tensor w4_rows(const at::Tensor& x, const at::Tensor* t, const Bias& bias, b
   return y;
 }
 
+// Several blocked-layout w4a8 weights of one input and one group size in one call (w4a8_linear_blocked_many: one
+// parallel region, the weights' blocks split over the threads as one sequence; each output the single call's bits).
+std::vector<at::Tensor> w4a8_many(const Codes& xq, at::TensorList codes, at::TensorList scales,
+                                  at::IntArrayRef out_features, const c10::List<c10::optional<at::Tensor>>& biases) {
+  static const auto op = operator_handle<std::vector<at::Tensor>(
+      const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, at::IntArrayRef,
+      const c10::List<c10::optional<at::Tensor>>&)>("mixprec::w4a8_linear_blocked_many");
+  return op.call(std::get<0>(xq), std::get<1>(xq), codes, scales, out_features, biases);
+}
+
 // Runs projection p of layer l on its input rows as its plan says: plans holds (kernel, few_rows_max) per projection.
 struct Projections {
   at::TensorList weights;
   const int64_t* plans;
 
+  const at::Tensor* tensors(int64_t layer, Projection projection) const {
+    return &weights[layer * kTensorsPerLayer + 2 + projection * kTensorsPerProjection];
+  }
+  int64_t kernel(int64_t layer, Projection projection) const {
+    return plans[2 * (layer * kProjections + projection)];  // plans holds (kernel, few_rows_max) per projection
+  }
+
+  // Projections of one input (q, k, v; gate, up) with their output widths: in one call when every one is a blocked
+  // w4a8 weight of the same group size, else one after another.
+  std::vector<at::Tensor> many(ProjectionInput& in, int64_t layer, std::vector<Projection> which,
+                               std::vector<int64_t> out_features) const {
+    const at::Tensor& first_scale = tensors(layer, which[0])[1];
+    bool together = first_scale.dim() == 3;
+    for (const Projection p : which)
+      together = together && kernel(layer, p) == kW4A8Blocked && tensors(layer, p)[1].dim() == 3 &&
+                 tensors(layer, p)[1].size(1) == first_scale.size(1);
+    std::vector<at::Tensor> outputs;
+    if (!together) {
+      for (size_t i = 0; i < which.size(); ++i) outputs.push_back((*this)(in, layer, which[i], out_features[i]));
+      return outputs;
+    }
+    std::vector<at::Tensor> codes, scales;
+    c10::List<c10::optional<at::Tensor>> biases;
+    for (const Projection p : which) {
+      const at::Tensor* t = tensors(layer, p);
+      codes.push_back(t[0]);
+      scales.push_back(t[1]);
+      biases.push_back(t[4].numel() > 0 ? c10::optional<at::Tensor>(t[4]) : c10::nullopt);
+    }
+    outputs = w4a8_many(in.signed_codes(), codes, scales, out_features, biases);
+    for (size_t i = 0; i < which.size(); ++i) check_output(outputs[i], in.rows().size(0), layer, which[i],
+                                                           out_features[i]);
+    return outputs;
+  }
+
+  // The steps after a projection write through its output's pointer: its shape must be the model's.
+  static void check_output(const at::Tensor& y, int64_t rows, int64_t layer, Projection projection,
+                           int64_t out_features) {
+    TORCH_CHECK(y.dim() == 2 && y.size(0) == rows && y.size(1) == out_features, "layer ", layer, ", projection ",
+                static_cast<int64_t>(projection), " (q k v o gate up down) gives ", y.sizes(),
+                ", the model's shapes need [", rows, ", ", out_features, "]");
+  }
+
   at::Tensor operator()(ProjectionInput& in, int64_t layer, Projection projection, int64_t out_features) const {
-    const at::Tensor* t = &weights[layer * kTensorsPerLayer + 2 + projection * kTensorsPerProjection];
+    const at::Tensor* t = tensors(layer, projection);
     const int64_t* plan = plans + 2 * (layer * kProjections + projection);
     const int64_t rows = in.rows().size(0);
     const bool few_rows = rows <= plan[1];
@@ -178,10 +233,7 @@ struct Projections {
       default:
         y = w4_rows(in.rows(), t, bias, few_rows);
     }
-    // The steps after a projection write through its output's pointer: its shape must be the model's.
-    TORCH_CHECK(y.dim() == 2 && y.size(0) == rows && y.size(1) == out_features, "layer ", layer, ", projection ",
-                static_cast<int64_t>(projection), " (q k v o gate up down) gives ", y.sizes(),
-                ", the model's shapes need [", rows, ", ", out_features, "]");
+    check_output(y, rows, layer, projection, out_features);
     return y;
   }
 };
@@ -389,17 +441,19 @@ at::Tensor decode_layers(const at::Tensor& hidden, at::TensorList weights, at::I
   at::Tensor x = hidden.clone();
   for (int64_t l = 0; l < layers; ++l) {
     ProjectionInput normed(rms_norm(x, weights[l * kTensorsPerLayer], eps));
-    at::Tensor q = project(normed, l, kQuery, q_out);
-    at::Tensor k = project(normed, l, kKey, kv_out);
-    const at::Tensor v = project(normed, l, kValue, kv_out);
+    std::vector<at::Tensor> qkv = project.many(normed, l, {kQuery, kKey, kValue}, {q_out, kv_out, kv_out});
+    at::Tensor& q = qkv[0];
+    at::Tensor& k = qkv[1];
+    const at::Tensor& v = qkv[2];
     rotate(q, heads, s, cos.data_ptr<float>(), sin.data_ptr<float>(), position);
     rotate(k, kv_heads, s, cos.data_ptr<float>(), sin.data_ptr<float>(), position);
     cache.append(l, k, v, s, position);
     ProjectionInput attention(cache.attend(l, q, s, position, static_cast<float>(scaling)));
     x.add_(project(attention, l, kOutput, s.hidden));
     ProjectionInput post(rms_norm(x, weights[l * kTensorsPerLayer + 1], eps));
-    at::Tensor gate = project(post, l, kGate, intermediate);
-    at::silu_(gate).mul_(project(post, l, kUp, intermediate));  // ATen's SiLU: transformers' own bits
+    std::vector<at::Tensor> gate_up = project.many(post, l, {kGate, kUp}, {intermediate, intermediate});
+    at::Tensor& gate = gate_up[0];
+    at::silu_(gate).mul_(gate_up[1]);  // ATen's SiLU: transformers' own bits
     ProjectionInput activated(gate);
     x.add_(project(activated, l, kDown, s.hidden));
   }

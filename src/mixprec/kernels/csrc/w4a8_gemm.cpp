@@ -395,53 +395,97 @@ at::Tensor w4a8_linear(const at::Tensor& xq, const at::Tensor& x_scale, const at
   return y;
 }
 
-// The same linear on the blocked layout: codes [N'/32][K/8][32][4] uint8, scale [N'/32][K/G][32]
-// float16, out_features = N (N' = N rounded up to 32), G a multiple of 8.
-at::Tensor w4a8_linear_blocked(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& codes,
-                               const at::Tensor& scale, int64_t out_features, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(w4a8_blocked_available(),
-              "this build of the mixprec kernels has no AVX512-VNNI or AVX2 int4 x int8 kernel");
-  TORCH_CHECK(xq.dim() == 2 && xq.scalar_type() == at::kChar && xq.is_contiguous() && xq.device().is_cpu(),
-              "xq must be a contiguous int8 CPU matrix [M, K]");
-  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous() && x_scale.numel() == xq.size(0),
-              "x_scale must hold one float32 per row of xq");
-  const int64_t rows = xq.size(0), cols = xq.size(1), blocks = (out_features + kBlock - 1) / kBlock;
+// Checks one blocked-layout weight (codes [N'/32][K/8][32][4] uint8, scale [N'/32][K/G][32] float16, G a multiple
+// of 8 below 16384, bias float32 [N] or none) against K = cols; returns its bias pointer (nullptr: none).
+const float* check_blocked_weight(const at::Tensor& codes, const at::Tensor& scale, int64_t out_features,
+                                  const c10::optional<at::Tensor>& bias, int64_t cols) {
+  const int64_t blocks = (out_features + kBlock - 1) / kBlock;
   TORCH_CHECK(out_features >= 1 && codes.dim() == 4 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
                   codes.device().is_cpu() && codes.size(0) == blocks && codes.size(1) * 8 == cols &&
                   codes.size(2) == kBlock && codes.size(3) == 4,
               "codes must be a contiguous uint8 CPU tensor [ceil(N/32), K/8, 32, 4] for N = ", out_features,
               " and K = ", cols, ", got ", codes.sizes());
   TORCH_CHECK(scale.dim() == 3 && scale.scalar_type() == at::kHalf && scale.is_contiguous() &&
-                  scale.size(0) == blocks && scale.size(2) == kBlock && scale.size(1) > 0 &&
-                  cols % (8 * scale.size(1)) == 0 && cols / scale.size(1) < 16384,
-              "scale must be a contiguous float16 tensor [ceil(N/32), K/G, 32] with a group size G divisible by 8 "
-              "and below 16384, got ", scale.sizes());
+                  scale.device().is_cpu() && scale.size(0) == blocks && scale.size(2) == kBlock &&
+                  scale.size(1) > 0 && cols % (8 * scale.size(1)) == 0 && cols / scale.size(1) < 16384,
+              "scale must be a contiguous float16 CPU tensor [ceil(N/32), K/G, 32] with a group size G divisible by "
+              "8 and below 16384, got ", scale.sizes());
   TORCH_CHECK(!bias.has_value() || !bias->defined() ||
-                  (bias->numel() == out_features && bias->scalar_type() == at::kFloat && bias->is_contiguous()),
-              "bias must be contiguous float32 [N]");
-  auto y = at::empty({rows, out_features}, x_scale.options());
+                  (bias->numel() == out_features && bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                   bias->device().is_cpu()),
+              "bias must be contiguous float32 [N], a CPU tensor");
+  return bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
+}
+
+void check_activations(const at::Tensor& xq, const at::Tensor& x_scale) {
+  TORCH_CHECK(w4a8_blocked_available(),
+              "this build of the mixprec kernels has no AVX512-VNNI or AVX2 int4 x int8 kernel");
+  TORCH_CHECK(xq.dim() == 2 && xq.scalar_type() == at::kChar && xq.is_contiguous() && xq.device().is_cpu(),
+              "xq must be a contiguous int8 CPU matrix [M, K]");
+  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous() && x_scale.numel() == xq.size(0) &&
+                  x_scale.device().is_cpu(),
+              "x_scale must hold one float32 per row of xq");
+}
+
+// The same rows of x against several blocked-layout weights of one K and one group size G, in one parallel region:
+// their 32-channel blocks taken as one sequence (the first weight's, then the next one's) and split over the threads
+// in contiguous ranges, so that, decoding, each thread streams one run of bytes across the weights and the threads
+// meet once. Each output gets exactly the bits w4a8_linear_blocked gives (the same per-block arithmetic).
+std::vector<at::Tensor> w4a8_linear_blocked_many(const at::Tensor& xq, const at::Tensor& x_scale,
+                                                 at::TensorList codes, at::TensorList scales,
+                                                 at::IntArrayRef out_features,
+                                                 const c10::List<c10::optional<at::Tensor>>& biases) {
+  check_activations(xq, x_scale);
+  const size_t count = codes.size();
+  TORCH_CHECK(count >= 1 && scales.size() == count && out_features.size() == count && biases.size() == count,
+              "codes, scales, out_features and biases must hold one entry per weight (at least one), got ",
+              codes.size(), ", ", scales.size(), ", ", out_features.size(), " and ", biases.size());
+  const int64_t rows = xq.size(0), cols = xq.size(1);
+  std::vector<const float*> bias(count);
+  std::vector<int64_t> first_block(count + 1, 0);  // weight i holds blocks [first_block[i], first_block[i + 1])
+  int64_t weight_bytes = 0, work = 0;
+  for (size_t i = 0; i < count; ++i) {
+    bias[i] = check_blocked_weight(codes[i], scales[i], out_features[i], biases.get(i), cols);
+    TORCH_CHECK(scales[i].size(1) == scales[0].size(1), "every weight must have the same group size: weight ", i,
+                " has ", cols / scales[i].size(1), ", weight 0 ", cols / scales[0].size(1));
+    first_block[i + 1] = first_block[i] + codes[i].size(0);
+    weight_bytes += codes[i].numel() + 2 * scales[i].numel();
+    work += out_features[i] * cols + rows * out_features[i] * cols / 16;
+  }
+  std::vector<at::Tensor> outputs;
+  for (size_t i = 0; i < count; ++i) outputs.push_back(at::empty({rows, out_features[i]}, x_scale.options()));
 #if MIXPREC_W4A8 || MIXPREC_W4A8_BLOCKED_AVX2
 #if MIXPREC_W4A8
   const auto run_blocks = blocked_blocks;
 #else
   const auto run_blocks = blocked_blocks_avx2;
 #endif
-  const int64_t group = cols / scale.size(1);
+  const int64_t group = cols / scales[0].size(1);
   const int8_t* xp = xq.data_ptr<int8_t>();
   const std::vector<int32_t> offsets = group_offsets(xp, rows, cols, group);
-  const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
-  // Work: the weight read once, plus the multiply (16 multiply-adds cost about one weight read); a weight of
-  // kStreamingParallelBytes or more is split over the threads however few the rows, its read being the cost (the
-  // 1.17B shape's k and v, 288 KiB each, on two threads: its decode step 1.02x in the median paired round).
-  const int64_t weight_bytes = codes.numel() + 2 * scale.numel();
-  const int64_t work = std::max(out_features * cols + rows * out_features * cols / 16,
-                                weight_bytes * (mixprec::kMinParallelWork / mixprec::kStreamingParallelBytes));
-  mixprec::split_rows(blocks, work, [&](int64_t b, int64_t e) {
-    run_blocks(xp, offsets.data(), x_scale.data_ptr<float>(), rows, cols, group, codes.data_ptr<uint8_t>(),
-               scale.data_ptr<at::Half>(), bp, out_features, b, e, y.data_ptr<float>());
+  // Work: each weight read once, plus the multiply (16 multiply-adds cost about one weight read); weights of
+  // kStreamingParallelBytes or more in all are split over the threads however few the rows, their read being the
+  // cost (the 1.17B shape's k and v, 288 KiB each: its decode step 1.02x in the median paired round).
+  work = std::max(work, weight_bytes * (mixprec::kMinParallelWork / mixprec::kStreamingParallelBytes));
+  mixprec::split_rows(first_block[count], work, [&](int64_t begin, int64_t end) {
+    for (size_t i = 0; i < count; ++i) {
+      const int64_t b = std::max(begin, first_block[i]) - first_block[i];
+      const int64_t e = std::min(end, first_block[i + 1]) - first_block[i];
+      if (b < e)
+        run_blocks(xp, offsets.data(), x_scale.data_ptr<float>(), rows, cols, group, codes[i].data_ptr<uint8_t>(),
+                   scales[i].data_ptr<at::Half>(), bias[i], out_features[i], b, e, outputs[i].data_ptr<float>());
+    }
   });
 #endif
-  return y;
+  return outputs;
+}
+
+// The same linear on the blocked layout: codes [N'/32][K/8][32][4] uint8, scale [N'/32][K/G][32]
+// float16, out_features = N (N' = N rounded up to 32), G a multiple of 8.
+at::Tensor w4a8_linear_blocked(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& codes,
+                               const at::Tensor& scale, int64_t out_features, const c10::optional<at::Tensor>& bias) {
+  return w4a8_linear_blocked_many(xq, x_scale, codes, scale, {out_features},
+                                  c10::List<c10::optional<at::Tensor>>({bias}))[0];
 }
 
 }  // namespace
@@ -452,6 +496,8 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
   m.def("w4a8_linear(Tensor xq, Tensor x_scale, Tensor packed, Tensor scale, Tensor? bias) -> Tensor");
   m.def("w4a8_linear_blocked(Tensor xq, Tensor x_scale, Tensor codes, Tensor scale, int out_features, "
         "Tensor? bias) -> Tensor");
+  m.def("w4a8_linear_blocked_many(Tensor xq, Tensor x_scale, Tensor[] codes, Tensor[] scales, int[] out_features, "
+        "Tensor?[] biases) -> Tensor[]");
 }
 
 // CPU kernels under the CPU dispatch key (not a catch-all), so torch.compile can pair each with
@@ -459,4 +505,5 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
 TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
   m.impl("w4a8_linear", &w4a8_linear);
   m.impl("w4a8_linear_blocked", &w4a8_linear_blocked);
+  m.impl("w4a8_linear_blocked_many", &w4a8_linear_blocked_many);
 }
