@@ -108,11 +108,12 @@ def test_the_search_counts_a_tied_weight_once_and_predicts_exact_bytes() -> None
 
     model = tiny_llama()
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    for precision in ("int8", "w4", "bf16", "fp32"):
+    for precision in ("int8", "w4", "bf16", "fp16", "w8g32", "fp32"):  # bf16, fp16, w8g32: one quantized copy
         assert uniform_bytes(model, precision) == mixprec.quantize(tiny_llama(), Policy(default=precision)).total_bytes
     ids = torch.randint(0, 120, (2, 16), generator=torch.Generator().manual_seed(0))
-    table = sensitivity(model, [ids], ["int8", "w4"], progress=False)
+    table = sensitivity(model, [ids], ["int8", "w4", "w8g32"], progress=False)
     problem = build_problem(model, table)
+    assert [(t.layers, t.precision) for t in problem.merged] == [(("model.embed_tokens", "lm_head"), "w8g32")]
 
     def measured(choices: dict[str, str]) -> int:
         return mixprec.quantize(tiny_llama(), policy_for(choices)).total_bytes
@@ -121,6 +122,9 @@ def test_the_search_counts_a_tied_weight_once_and_predicts_exact_bytes() -> None
     head_only = everything_fp32 | {"lm_head": "int8"}  # the embedding still holds the float weight
     assert problem.bytes_of(everything_fp32) == model_bytes(model)
     assert problem.bytes_of(head_only) == measured(head_only) > model_bytes(model)
+    both_w8g32 = everything_fp32 | {"lm_head": "w8g32", "model.embed_tokens": "w8g32"}
+    w8g32_int8 = everything_fp32 | {"lm_head": "int8", "model.embed_tokens": "w8g32"}
+    assert problem.bytes_of(both_w8g32) == measured(both_w8g32) < problem.bytes_of(w8g32_int8) == measured(w8g32_int8)
     low, high = problem.limits("bytes")
     assert low == measured(problem.extreme("bytes", False)) < uniform_bytes(model, "int8")
     assert high == measured(problem.extreme("bytes", True)) > model_bytes(model)

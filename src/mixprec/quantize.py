@@ -20,6 +20,7 @@ from mixprec.observers import OBSERVERS, make_observer
 from mixprec.policy import LayerPlan, Policy, int8_conv_names
 from mixprec.precision import build, has_integer_weights, in_features, rounds_to_integers
 from mixprec.quant_report import LayerReport, QuantReport
+from mixprec.tied_weights import share_tied_storage, tied_groups
 
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 
@@ -47,6 +48,10 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
             only reads an ``int8`` / ``int8-static`` convolution's (folded) output in that
             convolution's epilogue (the ReLU becomes ``nn.Identity``; the kernel says so).
             False keeps them apart.
+
+    Layers whose float weight is one tied tensor (a language model's head and its input embedding) hold one
+    quantized tensor too when both store the same codes (e.g. both ``w8gN``, or both ``fp16``): the second layer's
+    equal buffers are pointed at the first's, and the report says so.
 
     Every check (policy, applicability, calibration) runs before the first layer is
     replaced; layers are then replaced one at a time and quantize keeps no reference to a
@@ -85,6 +90,7 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
     merges = plan_merges(model, {plan.name for plan in plans if plan.precision.family != "fp32"},
                          int8_conv_names(plans), fold_batchnorm)
     folds, relus, unfolded = merges.folds, merges.relus, merges.unfolded
+    tied = tied_groups((plan.name, plan.module) for plan in plans)
     built = []
     with torch.no_grad():
         while plans:
@@ -106,6 +112,7 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
                 built.append((name, new))
             del module  # the float layer is freed here unless the caller holds it
     warn_slow_paths(built)
+    sharing = share_tied_storage(model, tied)
     if built:
         guard_save_pretrained(model)
     rows = []
@@ -121,6 +128,8 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
             precision, rule, kernel = "folded", "fold_batchnorm", f"folded into {folded_into[name]!r}"
         elif name in unfolded:
             kernel = f"float32, not folded: {unfolded[name]}"
+        if name in sharing:
+            kernel = f"{kernel}; weight shared with {sharing[name]!r} (tied)"
         rows.append(LayerReport(
             name=name,
             module_type=kind,

@@ -32,6 +32,7 @@ from mixprec.nn.conv_layout import is_conv
 from mixprec.precision import build_empty, check_applicable, parse_precision
 from mixprec.quant_report import LayerReport, QuantReport
 from mixprec.quantize import guard_save_pretrained
+from mixprec.tied_weights import share_tied_storage, tied_groups
 
 FORMAT_VERSION = 1
 
@@ -103,6 +104,7 @@ def load(model: nn.Module, path: str | os.PathLike[str]) -> QuantReport:
     layers, aliases, folded, fused, stored = _read_metadata(Path(path))
     fp32_bytes = model_bytes(model)
     modules = dict(model.named_modules())
+    tied = tied_groups(modules.items())
     folds = _merged_into_convs(folded, (nn.BatchNorm1d, nn.BatchNorm2d), "folded BatchNorm", layers, modules)
     relus = _merged_into_convs(fused, (nn.ReLU,), "fused ReLU", layers, modules)
     replacements: dict[str, nn.Module] = {}
@@ -154,7 +156,8 @@ def load(model: nn.Module, path: str | os.PathLike[str]) -> QuantReport:
         warn_slow_paths(replacements.items())
         guard_save_pretrained(model)
         model.load_state_dict({k: tensors[k] for k in expected})
-    return _loaded_report(model, layers, fp32_bytes)
+        sharing = share_tied_storage(model, tied)  # tied layers saved as one tensor hold one again
+    return _loaded_report(model, layers, fp32_bytes, sharing)
 
 
 def _merged_into_convs(merged: dict, kinds: tuple[type[nn.Module], ...], what: str, layers: dict[str, str],
@@ -183,13 +186,16 @@ def _expected_state(model: nn.Module, replacements: dict[str, nn.Module]) -> dic
     return state
 
 
-def _loaded_report(model: nn.Module, layers: dict[str, str], fp32_bytes: int) -> QuantReport:
+def _loaded_report(model: nn.Module, layers: dict[str, str], fp32_bytes: int, sharing: dict[str, str]) -> QuantReport:
     rows = []
     for name, module in modules_with_tensors(model):
         bytes_after = own_bytes(module)
+        kernel = getattr(module, "kernel", "unchanged")
+        if name in sharing:
+            kernel = f"{kernel}; weight shared with {sharing[name]!r} (tied)"
         rows.append(LayerReport(
             name=name, module_type=type(module).__name__, precision=layers.get(name, "fp32"),
-            kernel=getattr(module, "kernel", "unchanged"), rule="checkpoint",
+            kernel=kernel, rule="checkpoint",
             bytes_before=bytes_after, bytes_after=bytes_after, slow_path=getattr(module, "slow_path", None) or "",
         ))
     return QuantReport(tuple(rows), model_bytes(model), fp32_bytes)

@@ -11,7 +11,10 @@ out), exactly one option per layer,
 solved exactly by HiGHS through ``scipy.optimize.milp``. A tensor several layers hold
 (a tied weight, e.g. a language model's head and its input embedding) counts once, and
 only while one of its holders stays float32: a binary ``z[t] = OR_l x[l, fp32]`` carries
-its bytes, so quantizing one holder does not free it. Costs are the sensitivity
+its bytes, so quantizing one holder does not free it. Holders that all take one precision
+whose storage they can share (:func:`mixprec.tied_weights.shareable_bytes`: e.g. ``w8gN``,
+``bf16``) hold one quantized copy: a binary ``y = AND_l x[l, p]`` takes the second copy's
+bytes off. Costs are the sensitivity
 table's (additive: SQNR noise powers and second-order loss terms add across layers to
 first order). ``fixed_bytes`` are the model's tensors outside the table's layers (norms,
 and layers the table does not cover, which stay float32). Among options of equal cost
@@ -34,6 +37,7 @@ from mixprec.analysis.sensitivity import SensitivityTable
 from mixprec.errors import PolicyError
 from mixprec.policy import Policy, quantizable_names
 from mixprec.precision import build_empty, check_applicable, parse_precision
+from mixprec.tied_weights import shareable_bytes, tied_groups
 
 
 @dataclass(frozen=True)
@@ -54,19 +58,32 @@ class SharedTensor:
 
 
 @dataclass(frozen=True)
+class MergedTensor:
+    """Quantized storage the holders of a tied weight share when every one of them takes
+    ``precision``: ``bytes`` is what all but the first would otherwise hold again (it is in
+    each holder's option)."""
+
+    bytes: int
+    layers: tuple[str, ...]
+    precision: str
+
+
+@dataclass(frozen=True)
 class SearchProblem:
-    """Per-layer options (model order), the bytes no choice changes, and the tensors the
-    layers share (whose bytes are not in any option's)."""
+    """Per-layer options (model order), the bytes no choice changes, the tensors the layers
+    share (whose bytes are not in any option's) and the quantized storage tied layers share."""
 
     layers: dict[str, tuple[Option, ...]]
     fixed_bytes: int
     base_s: float | None
     shared: tuple[SharedTensor, ...] = ()
+    merged: tuple[MergedTensor, ...] = ()
 
     def bytes_of(self, choices: dict[str, str]) -> int:
         """Whole-model bytes with ``choices`` (layers left out count as holding nothing)."""
         held = sum(t.bytes for t in self.shared if any(choices.get(layer) == "fp32" for layer in t.layers))
-        return self.fixed_bytes + held + sum(self._option(layer, p).bytes for layer, p in choices.items())
+        saved = sum(t.bytes for t in self.merged if all(choices.get(layer) == t.precision for layer in t.layers))
+        return self.fixed_bytes + held - saved + sum(self._option(layer, p).bytes for layer, p in choices.items())
 
     def seconds_of(self, choices: dict[str, str]) -> float | None:
         if self.base_s is None:
@@ -79,7 +96,7 @@ class SearchProblem:
     def extreme(self, key: str, largest: bool) -> dict[str, str]:
         """Choices that make ``key`` (``"bytes"`` or ``"seconds"``) smallest or largest: layer
         by layer, or by the exact program when shared tensors tie layers' bytes together."""
-        if key == "bytes" and self.shared:
+        if key == "bytes" and (self.shared or self.merged):
             return _bytes_extreme(self, largest)
         pick = max if largest else min
         return {layer: pick(options, key=lambda o: getattr(o, key)).precision for layer, options in self.layers.items()}
@@ -165,8 +182,23 @@ def build_problem(model: nn.Module, table: SensitivityTable, latency: LatencyTab
     fixed = model_bytes(model) - sum(t.bytes for t in shared) - sum(
         own_bytes(model.get_submodule(name)) - shared_bytes.get(name, 0) for name in layers)
     keeps_fp32 = {layer for layer, options in layers.items() if any(o.precision == "fp32" for o in options)}
-    return SearchProblem({k: tuple(v) for k, v in layers.items()}, fixed, None if latency is None else latency.base_s,
-                         tuple(t for t in shared if keeps_fp32 & set(t.layers)))
+    options = {k: tuple(v) for k, v in layers.items()}
+    return SearchProblem(options, fixed, None if latency is None else latency.base_s,
+                         tuple(t for t in shared if keeps_fp32 & set(t.layers)), _merged_tensors(model, options))
+
+
+def _merged_tensors(model: nn.Module, layers: dict[str, tuple[Option, ...]]) -> tuple[MergedTensor, ...]:
+    """For each tied weight among ``layers`` and each precision all its holders may take, the
+    bytes their quantized modules would share (empty builds; what quantize shares)."""
+    merged = []
+    for names in tied_groups((name, model.get_submodule(name)) for name in layers):
+        common = set.intersection(*({o.precision for o in layers[name]} for name in names)) - {"fp32"}
+        for precision in sorted(common):
+            target = parse_precision(precision)
+            same = shareable_bytes([build_empty(model.get_submodule(name), target) for name in names])
+            if same:
+                merged.append(MergedTensor(same * (len(names) - 1), tuple(names), precision))
+    return tuple(merged)
 
 
 def _shared_tensors(model: nn.Module, layers: set[str]) -> tuple[list[SharedTensor], dict[str, int]]:
@@ -187,7 +219,8 @@ def _shared_tensors(model: nn.Module, layers: set[str]) -> tuple[list[SharedTens
 def uniform_bytes(model: nn.Module, precision: str) -> int:
     """Exact bytes of ``model`` with every quantizable layer that takes ``precision`` at it
     (the rest float32), without building it: the reference of budget ratios. A tied tensor
-    is freed only when every module holding it is replaced."""
+    is freed only when every module holding it is replaced, and its holders then share what
+    their quantized storage has in common."""
     target = parse_precision(precision)
     if target.name == "fp32":
         return model_bytes(model)
@@ -200,7 +233,10 @@ def uniform_bytes(model: nn.Module, precision: str) -> int:
             continue
         replaced[name] = module
     freed = sum(size for size, holders in tensor_holders(model).values() if set(holders) <= replaced.keys())
-    return model_bytes(model) - freed + sum(own_bytes(build_empty(m, target)) for m in replaced.values())
+    built = {name: build_empty(module, target) for name, module in replaced.items()}
+    shared = sum(shareable_bytes([built[name] for name in names]) * (len(names) - 1)
+                 for names in tied_groups(replaced.items()))
+    return model_bytes(model) - freed - shared + sum(own_bytes(module) for module in built.values())
 
 
 def _seconds(times: dict[tuple[str, str], float] | None, layer: str, precision: str) -> float | None:
@@ -262,14 +298,15 @@ def solve(problem: SearchProblem, budget_bytes: float | None, budget_latency_s: 
     """Exact ILP solution (scipy's HiGHS); raises PolicyError if no choice fits."""
     _, LinearConstraint, _ = _scipy_milp()
     flat, sizes, constraints = _program(problem)
-    costs = np.array([o.cost for _, o in flat] + [0.0] * len(problem.shared), dtype=np.float64)
+    extra = [0.0] * (len(problem.shared) + len(problem.merged))
+    costs = np.array([o.cost for _, o in flat] + extra, dtype=np.float64)
     scale = costs.max() if costs.max() > 0 else 1.0
     # Tie-break: 1e-9 of the largest cost spread over bytes, so equal-cost options pick the smaller.
     objective = costs / scale + 1e-9 * sizes / sizes.max()
     if budget_bytes is not None:
         constraints.append(LinearConstraint(sizes[None, :], -np.inf, budget_bytes - problem.fixed_bytes))
     if budget_latency_s is not None:
-        seconds = np.array([o.seconds for _, o in flat] + [0.0] * len(problem.shared), dtype=np.float64)
+        seconds = np.array([o.seconds for _, o in flat] + extra, dtype=np.float64)
         constraints.append(LinearConstraint(seconds[None, :], -np.inf, budget_latency_s - (problem.base_s or 0.0)))
     choices = _minimize(objective, constraints, flat)
     if choices is None:
@@ -296,31 +333,47 @@ def _scipy_milp() -> tuple[Any, Any, Any]:
 
 def _program(problem: SearchProblem) -> tuple[list[tuple[str, Option]], np.ndarray, list[Any]]:
     """The program's variables (one binary per layer option, in ``flat`` order, then one per
-    shared tensor), their bytes, and the constraints every solution meets: one option per
-    layer, and each shared tensor's variable equal to the OR of its holders' fp32 options."""
+    shared tensor, then one per merged tensor), their bytes, and the constraints every
+    solution meets: one option per layer, each shared tensor's variable equal to the OR of
+    its holders' fp32 options, each merged tensor's equal to the AND of its holders' options
+    at its precision (its bytes negative: the copy it saves)."""
     _, LinearConstraint, _ = _scipy_milp()
     flat = [(layer, option) for layer, options in problem.layers.items() for option in options]
-    width = len(flat) + len(problem.shared)
-    sizes = np.array([o.bytes for _, o in flat] + [t.bytes for t in problem.shared], dtype=np.float64)
+    first_merged = len(flat) + len(problem.shared)
+    width = first_merged + len(problem.merged)
+    sizes = np.array([o.bytes for _, o in flat] + [t.bytes for t in problem.shared]
+                     + [-t.bytes for t in problem.merged], dtype=np.float64)
     one_hot = np.zeros((len(problem.layers), width))
     index_of = {layer: i for i, layer in enumerate(problem.layers)}
     for column, (layer, _) in enumerate(flat):
         one_hot[index_of[layer], column] = 1.0
     constraints = [LinearConstraint(one_hot, 1.0, 1.0)]
+    rows, lower, upper = [], [], []  # lower <= row . x <= upper
+
+    def add(coefficients: dict[int, float], low: float, high: float) -> None:
+        row = np.zeros(width)
+        for column, value in coefficients.items():
+            row[column] += value
+        rows.append(row)
+        lower.append(low)
+        upper.append(high)
+
     fp32_column = {layer: column for column, (layer, option) in enumerate(flat) if option.precision == "fp32"}
-    at_least, at_most = [], []
     for index, tensor in enumerate(problem.shared):
+        z = len(flat) + index
         columns = [fp32_column[layer] for layer in tensor.layers if layer in fp32_column]
-        for column in columns:  # z >= x[l, fp32]
-            row = np.zeros(width)
-            row[[len(flat) + index, column]] = (1.0, -1.0)
-            at_least.append(row)
-        row = np.zeros(width)  # z <= sum of x[l, fp32]
-        row[len(flat) + index], row[columns] = 1.0, -1.0
-        at_most.append(row)
-    if at_least:
-        constraints += [LinearConstraint(np.array(at_least), 0.0, np.inf),
-                        LinearConstraint(np.array(at_most), -np.inf, 0.0)]
+        for column in columns:
+            add({z: 1.0, column: -1.0}, 0.0, np.inf)  # z >= x[l, fp32]
+        add({z: 1.0, **dict.fromkeys(columns, -1.0)}, -np.inf, 0.0)  # z <= sum of x[l, fp32]
+    column_of = {(layer, option.precision): column for column, (layer, option) in enumerate(flat)}
+    for index, tensor in enumerate(problem.merged):
+        y = first_merged + index
+        columns = [column_of[(layer, tensor.precision)] for layer in tensor.layers]
+        for column in columns:
+            add({y: 1.0, column: -1.0}, -np.inf, 0.0)  # y <= x[l, p]
+        add({y: 1.0, **dict.fromkeys(columns, -1.0)}, 1.0 - len(columns), np.inf)  # y >= sum of x[l, p] - (n - 1)
+    if rows:
+        constraints.append(LinearConstraint(np.array(rows), np.array(lower), np.array(upper)))
     return flat, sizes, constraints
 
 
