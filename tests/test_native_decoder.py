@@ -353,7 +353,9 @@ def test_generate_command_continues_a_prompt_as_transformers_does(runtime: str, 
     precision = "int8" if runtime == "native" else "w8g32"  # any precision through transformers' generate
     head = ["--head", "fp32"] if runtime == "transformers" else []  # else the default: an int8 head
     model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_folder).eval()
-    mixprec.quantize(model, Policy([(PROJECTIONS_RULE, precision)] + ([] if head else [(r"lm_head", "int8")])))
+    # the defaults: an int8 head, a w8g32 embedding
+    mixprec.quantize(model, Policy([(PROJECTIONS_RULE, precision), (r"model\.embed_tokens", "w8g32")]
+                                   + ([] if head else [(r"lm_head", "int8")])))
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.inference_mode():
         expected = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_token_id,
@@ -365,6 +367,20 @@ def test_generate_command_continues_a_prompt_as_transformers_does(runtime: str, 
     assert lines[1] == prompt + tokenizer.decode(expected, skip_special_tokens=True)
     assert lines[2].startswith(f"[prompt: {ids.shape[1]} tokens in ")
     assert f"{len(expected) - 1} more at " in lines[2]
+
+
+@pytest.mark.parametrize("embedding", ["fp32", "w8g32", "int8"])
+def test_generate_command_quantizes_the_embedding_as_asked(embedding: str, tiny_llama_folder, capsys) -> None:  # noqa: ANN001
+    from mixprec.cli import main
+    from mixprec.nn.native_decoder import PROJECTIONS_RULE
+
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_folder).eval()
+    rules = [(PROJECTIONS_RULE, "int8"), (r"lm_head", "int8")]
+    expected = mixprec.quantize(model, Policy(rules + ([] if embedding == "fp32" else
+                                                        [(r"model\.embed_tokens", embedding)]))).total_bytes
+    assert main(["generate", str(tiny_llama_folder), "--prompt", "Hi", "--precision", "int8", "--embedding", embedding,
+                 "--max-new-tokens", "1"]) == 0
+    assert f" B -> {expected:,} B (" in capsys.readouterr().out.splitlines()[0]
 
 
 def test_generate_text_samples_alike_in_both_runtimes_and_refuses_bad_settings(tiny_llama_folder,
@@ -407,11 +423,13 @@ def test_generate_command_refuses_bad_settings_before_loading_the_model(capsys) 
     assert "the native decode step runs int8, w4gN and w4a8gN projections" in capsys.readouterr().err
     assert all(map(_runs_natively, ("w4g32", "w4", "w4a8g64", "int8")))
     assert not any(map(_runs_natively, ("w8g32", "w8", "int8-static", "bf16")))
-    assert main(["generate", "no-such-model", "--prompt", "hi", "--policy", "p.toml", "--head", "int8"]) == 2
-    assert "--head goes with --precision" in capsys.readouterr().err
+    for option in ("--head", "--embedding"):
+        assert main(["generate", "no-such-model", "--prompt", "hi", "--policy", "p.toml", option, "int8"]) == 2
+        assert "--head and --embedding go with --precision" in capsys.readouterr().err
     for argv, message in ((["--max-new-tokens", "0"], "must be a positive integer"),
                           (["--temperature", "-1"], "must be a finite number >= 0"),
                           (["--precision", "int7"], "int7"),
+                          (["--embedding", "int7"], "int7"),
                           (["--runtime", "onnx"], "invalid choice")):
         with pytest.raises(SystemExit):
             main(["generate", "no-such-model", "--prompt", "hi", *argv])

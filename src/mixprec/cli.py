@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -179,14 +180,17 @@ def _generate(args: argparse.Namespace) -> None:
     if args.runtime == "native" and not args.policy and not _runs_natively(args.precision):
         raise MixprecError(f"the native decode step runs int8, w4gN and w4a8gN projections (e.g. w4a8g32), got "
                            f"{args.precision!r}; other precisions: --runtime transformers")
-    if args.policy and args.head:
-        raise MixprecError("--head goes with --precision; with --policy give the head (lm_head) a rule there")
-    if args.policy:
-        policy = Policy.from_toml(args.policy)
-    else:
-        head = args.head or "int8"
-        policy = Policy([(PROJECTIONS_RULE, args.precision)] + ([(r"lm_head", head)] if head != "fp32" else []))
+    if args.policy and (args.head or args.embedding):
+        raise MixprecError("--head and --embedding go with --precision; with --policy give the head (lm_head) and "
+                           "the embedding rules there")
+    policy = Policy.from_toml(args.policy) if args.policy else None  # its mistakes before the model loads
     model = load_pretrained(args.model, causal_lm=True)
+    if policy is None:
+        head, embedding = args.head or "int8", args.embedding or "w8g32"
+        table = model.get_input_embeddings()
+        table_name = next(name for name, module in model.named_modules() if module is table)
+        policy = Policy([(PROJECTIONS_RULE, args.precision)] + ([(r"lm_head", head)] if head != "fp32" else [])
+                        + ([(re.escape(table_name), embedding)] if embedding != "fp32" else []))
     tokenizer = load_tokenizer(args.model)
     report = quantize(model, policy)
     print(f"{args.model}: {report.fp32_bytes:,} B -> {report.total_bytes:,} B ({report.compression:.2f}x smaller)")
@@ -430,13 +434,17 @@ def build_parser() -> argparse.ArgumentParser:
                           help="put the prompt in the tokenizer's chat template as a user's message")
     quantized = generate.add_mutually_exclusive_group()
     quantized.add_argument("--precision", type=lambda text: _precisions(text)[0], default="w4a8g32",
-                           help="of the seven projections of every layer (native: int8, w4gN or w4a8gN; the embedding "
-                                "stays float32, the head: --head; default: %(default)s)")
+                           help="of the seven projections of every layer (native: int8, w4gN or w4a8gN; the head: "
+                                "--head, the embedding: --embedding; default: %(default)s)")
     quantized.add_argument("--policy", help="policy TOML for the whole model (projections int8 / w4gN / w4a8gN; "
                                             "embedding and head in any precision)")
     generate.add_argument("--head", type=lambda text: _precisions(text)[0],
                           help="with --precision: the head's precision (default int8; fp32 keeps it float; a head "
-                               "tied to the embedding gets its own quantized copy)")
+                               "tied to the embedding shares its codes only where both store the same ones, e.g. "
+                               "both w8g32)")
+    generate.add_argument("--embedding", type=lambda text: _precisions(text)[0],
+                          help="with --precision: the input embedding's precision (default w8g32, as llama.cpp's "
+                               "Q8_0 token table; fp32 keeps it float)")
     generate.add_argument("--max-new-tokens", type=_positive, default=64, help="default: %(default)s")
     generate.add_argument("--temperature", type=_temperature, default=0.0,
                           help="0: greedy (default); > 0: sample from softmax(logits / temperature)")
