@@ -71,6 +71,26 @@ def test_save_pretrained_and_from_pretrained_round_trip(tmp_path: Path) -> None:
     assert torch.equal(logits(again), logits(loaded))
 
 
+@pytest.mark.parametrize("precision", ["w8g32", "bf16"])
+def test_a_tied_head_and_embedding_load_as_one_quantized_tensor_and_round_trip(precision: str, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    folder = save_float(tmp_path, tied=True)
+    policy = Policy([(r"lm_head|model\.embed_tokens", precision), (r".*mlp\..*", "w4g32")])
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    mixprec.quantize(reference, policy)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=MixprecConfig(policy)).eval()
+    for model in (reference, loaded):
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(logits(loaded), logits(reference))
+    loaded.save_pretrained(tmp_path / "quantized")
+    with safe_open(str(tmp_path / "quantized" / "model.safetensors"), "pt") as handle:
+        assert not [key for key in handle.keys() if key.startswith("lm_head.")]  # written once, as the embedding's
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "quantized").eval()
+    assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(logits(again), logits(reference))
+
+
 def test_refusals_before_loading(tmp_path: Path) -> None:
     folder = save_float(tmp_path)
     with pytest.raises(PolicyError, match="int8-static needs calibration data"):
@@ -83,9 +103,9 @@ def test_refusals_before_loading(tmp_path: Path) -> None:
         transformers.AutoModelForCausalLM.from_pretrained(
             folder, quantization_config=MixprecConfig(Policy([(r"model\.norm", "int8")])))
     tied = save_float(tmp_path / "tied", tied=True)
-    with pytest.raises(PolicyError, match="share one weight .* must stay fp32 here"):
-        transformers.AutoModelForCausalLM.from_pretrained(
-            tied, quantization_config=MixprecConfig(Policy([("lm_head", "int8")])))
+    for rules in ([("lm_head", "int8")], [("lm_head", "int8"), (r"model\.embed_tokens", "w8g32")]):
+        with pytest.raises(PolicyError, match="share one weight .* both take one precision whose codes they share"):
+            transformers.AutoModelForCausalLM.from_pretrained(tied, quantization_config=MixprecConfig(Policy(rules)))
     with pytest.raises(PolicyError, match="run on the CPU; load without a device_map"):
         transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=MixprecConfig(MIXED),
                                                           device_map={"": "cuda:0"})

@@ -10,20 +10,27 @@ Importing this module registers the quantization method ``"mixprec"`` with trans
   policy into ``config.json``; ``from_pretrained`` of that folder (after ``import
   mixprec.export.hf_quantizer``) rebuilds the same layers and loads them: bit-identical outputs.
 
+A head tied to its input embedding (``tie_word_embeddings``) is quantized with it when both take
+one precision whose codes the head can take from the embedding whole (``w8gN``, ``bf16``,
+``fp16``): the head holds the embedding's quantized tensors (one copy, written once by
+``save_pretrained`` and shared again on loading).
+
 The model computes in float32 (``dtype`` is forced to it). Refused, before anything loads:
-precisions that need calibration (``int8-static``; GPTQ is not offered here), quantizing
-either side of a tied embedding / LM head (transformers re-ties them after loading), and a
+precisions that need calibration (``int8-static``; GPTQ is not offered here), any other
+quantization of a tied embedding / LM head (transformers re-ties them after loading), and a
 policy that does not fit the model (unused rules, wrong precisions), with the policy's own
 messages.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 from torch import nn
 
+from mixprec.accounting import own_bytes
 from mixprec.errors import CheckpointError, PolicyError
 from mixprec.kernels.w4a8_linear import blocked_layout_applies
 from mixprec.nn import HalfLinear, Int8DynamicLinear, Int8PackedLinear, QuantizedModule, W4A8Linear
@@ -31,6 +38,7 @@ from mixprec.nn.base import warn_slow_paths
 from mixprec.nn.linear_int8 import int8_dynamic_class
 from mixprec.policy import Policy
 from mixprec.precision import as_linear, build, build_empty
+from mixprec.tied_weights import shareable_bytes
 
 try:
     from transformers.core_model_loading import ConversionOps
@@ -117,6 +125,7 @@ class MixprecQuantizer(HfQuantizer):
     def __init__(self, quantization_config: MixprecConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self.plans: dict[str, Any] = {}
+        self.tied_head: tuple[str, str] | None = None  # (head, embedding) sharing the embedding's quantized storage
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         device_map = kwargs.get("device_map")
@@ -132,7 +141,14 @@ class MixprecQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         plans = self.quantization_config.policy.plan(model, check_values=False)
         self.plans = {plan.name: plan for plan in plans if plan.precision.family != "fp32"}
-        self._refuse_tied(model)
+        self.tied_head = self._tied_head(model)
+        if self.tied_head:  # its weight never arrives: it takes the embedding's quantized storage after loading
+            head = self.tied_head[0]
+            getattr(model, "all_tied_weights_keys", {}).pop(f"{head}.weight", None)  # transformers ties Parameters
+            ignored = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())  # not missing: shared
+            model._keys_to_ignore_on_load_missing = ignored | {rf"^{re.escape(head)}\.weight(_scale)?$"}
+            if not self.pre_quantized:
+                _replace(model, head, build_empty(self.plans[head].module, self.plans[head].precision))
         if self.pre_quantized:
             for name, plan in self.plans.items():
                 if plan.precision.family == "int8" and not isinstance(plan.module, nn.Embedding):
@@ -145,17 +161,29 @@ class MixprecQuantizer(HfQuantizer):
                         empty = empty.relaid(blocked=False)
                 _replace(model, name, empty)
 
-    def _refuse_tied(self, model: nn.Module) -> None:
+    def _tied_head(self, model: nn.Module) -> tuple[str, str] | None:
+        """``(head, embedding)`` when they share one weight (tie_word_embeddings) and both are quantized to one
+        precision whose storage the head can take from the embedding whole (w8gN, bf16, fp16; no bias); None when
+        neither is quantized; refuses any other tie (transformers re-ties them after loading)."""
         if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-            return
+            return None
         names = {module: name for name, module in model.named_modules()}
-        tied = [names.get(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
-        quantized = [name for name in tied if name in self.plans]
-        if quantized:
-            holders, kept = " and ".join(map(repr, tied)), ", ".join(map(repr, quantized))
-            raise PolicyError(f"{holders} share one weight (tie_word_embeddings) and transformers re-ties them after "
-                              f"loading, so {kept} must stay fp32 here; quantize tied models with mixprec.quantize "
-                              "after loading instead")
+        embedding, head = (names.get(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()))
+        quantized = [name for name in (embedding, head) if name in self.plans]
+        if not quantized:
+            return None
+        if embedding in self.plans and head in self.plans:
+            precision = self.plans[head].precision
+            head_empty = build_empty(self.plans[head].module, precision)
+            table_empty = build_empty(self.plans[embedding].module, self.plans[embedding].precision)
+            if precision.name == self.plans[embedding].precision.name and \
+                    shareable_bytes([head_empty, table_empty]) == own_bytes(head_empty):
+                return head, embedding
+        holders, kept = f"{embedding!r} and {head!r}", ", ".join(map(repr, quantized))
+        raise PolicyError(f"{holders} share one weight (tie_word_embeddings) and transformers re-ties them after "
+                          f"loading, so here both take one precision whose codes they share (w8gN, bf16, fp16) or "
+                          f"both stay fp32 ({kept} quantized otherwise); or quantize the loaded model with "
+                          "mixprec.quantize")
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         layer, _, tensor = param_name.rpartition(".")
@@ -186,6 +214,10 @@ class MixprecQuantizer(HfQuantizer):
         _replace(model, name, quantized)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        if self.tied_head:  # the head's buffers: the embedding's own tensors (codes and scales), not copies
+            head, table = (model.get_submodule(name) for name in self.tied_head)
+            for key in [key for key, _ in head.named_buffers(recurse=False)]:
+                setattr(head, key, getattr(table, key))
         if self.pre_quantized:
             self._refuse_missing(model)
         for name, module in list(model.named_modules()):
