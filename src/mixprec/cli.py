@@ -188,9 +188,9 @@ def _generate(args: argparse.Namespace) -> None:
     if policy is None:
         head, embedding = args.head or "int8", args.embedding or "w8g32"
         table = model.get_input_embeddings()
-        table_name = next(name for name, module in model.named_modules() if module is table)
+        table_names = [re.escape(name) for name, module in model.named_modules() if module is table]
         policy = Policy([(PROJECTIONS_RULE, args.precision)] + ([(r"lm_head", head)] if head != "fp32" else [])
-                        + ([(re.escape(table_name), embedding)] if embedding != "fp32" else []))
+                        + ([(table_names[0], embedding)] if embedding != "fp32" and table_names else []))
     tokenizer = load_tokenizer(args.model)
     report = quantize(model, policy)
     print(f"{args.model}: {report.fp32_bytes:,} B -> {report.total_bytes:,} B ({report.compression:.2f}x smaller)")
