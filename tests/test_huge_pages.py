@@ -103,7 +103,8 @@ def test_written_memory_collapses_into_huge_pages_with_its_values(monkeypatch: p
     written = values.clone()
     collapsed = collapse_into_huge_pages(written.data_ptr(), written.nbytes)
     if collapsed == 0:
-        pytest.skip("this kernel does not collapse (MADV_COLLAPSE needs Linux >= 6.1)")
+        pytest.skip("MADV_COLLAPSE made no huge page: a kernel before Linux 6.1, or (best effort) no free 2 MiB page "
+                    "at this moment")
     assert collapsed >= 2 * HUGE_PAGE_BYTES  # every whole 2 MiB page inside the buffer
     assert int(mapping_fields(written.data_ptr() + HUGE_PAGE_BYTES)["AnonHugePages"][0]) > 0
     assert torch.equal(written, values)
