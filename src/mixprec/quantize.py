@@ -20,7 +20,7 @@ from mixprec.observers import OBSERVERS, make_observer
 from mixprec.policy import LayerPlan, Policy, int8_conv_names
 from mixprec.precision import build, has_integer_weights, in_features, rounds_to_integers
 from mixprec.quant_report import LayerReport, QuantReport
-from mixprec.tied_weights import share_tied_storage, tied_groups
+from mixprec.tied_weights import share_tied_storage, sharing_note, tied_groups
 
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 
@@ -129,7 +129,7 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
         elif name in unfolded:
             kernel = f"float32, not folded: {unfolded[name]}"
         if name in sharing:
-            kernel = f"{kernel}; weight shared with {sharing[name]!r} (tied)"
+            kernel = sharing_note(kernel, sharing[name])
         rows.append(LayerReport(
             name=name,
             module_type=kind,

@@ -32,7 +32,7 @@ from mixprec.nn.conv_layout import is_conv
 from mixprec.precision import build_empty, check_applicable, parse_precision
 from mixprec.quant_report import LayerReport, QuantReport
 from mixprec.quantize import guard_save_pretrained
-from mixprec.tied_weights import share_tied_storage, tied_groups
+from mixprec.tied_weights import share_tied_storage, sharing_note, tied_groups
 
 FORMAT_VERSION = 1
 
@@ -192,7 +192,7 @@ def _loaded_report(model: nn.Module, layers: dict[str, str], fp32_bytes: int, sh
         bytes_after = own_bytes(module)
         kernel = getattr(module, "kernel", "unchanged")
         if name in sharing:
-            kernel = f"{kernel}; weight shared with {sharing[name]!r} (tied)"
+            kernel = sharing_note(kernel, sharing[name])
         rows.append(LayerReport(
             name=name, module_type=type(module).__name__, precision=layers.get(name, "fp32"),
             kernel=kernel, rule="checkpoint",

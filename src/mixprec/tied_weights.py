@@ -22,6 +22,12 @@ def tied_groups(modules: Iterable[tuple[str, nn.Module]]) -> list[list[str]]:
     return [names for names in holders.values() if len(names) > 1]
 
 
+def _same_layout(a: Tensor | None, b: Tensor | None) -> bool:
+    """Whether two buffers could be one tensor: both plain (strided) tensors of one dtype and shape."""
+    return (a is not None and b is not None and a.layout == b.layout == torch.strided and a.dtype == b.dtype
+            and a.shape == b.shape)
+
+
 def share_equal_buffers(first: nn.Module, other: nn.Module) -> list[str]:
     """Points every buffer of ``other`` that equals ``first``'s buffer of the same name (layout, dtype, shape and each
     value) at ``first``'s tensor, so one storage serves both; returns the names shared. Buffers that differ in
@@ -30,11 +36,9 @@ def share_equal_buffers(first: nn.Module, other: nn.Module) -> list[str]:
     shared = []
     for name, buffer in list(other.named_buffers(recurse=False)):
         mine = own.get(name)
-        if (mine is None or mine is buffer or mine.layout != torch.strided or buffer.layout != torch.strided
-                or mine.dtype != buffer.dtype or mine.shape != buffer.shape or not torch.equal(mine, buffer)):
-            continue
-        setattr(other, name, mine)
-        shared.append(name)
+        if mine is not buffer and _same_layout(mine, buffer) and torch.equal(mine, buffer):
+            setattr(other, name, mine)
+            shared.append(name)
     return shared
 
 
@@ -53,18 +57,17 @@ def share_tied_storage(model: nn.Module, groups: list[list[str]]) -> dict[str, s
     return sharing
 
 
-def shareable_bytes(modules: list[nn.Module]) -> int:
-    """Bytes each of ``modules[1:]`` (quantized holders of one tied weight, e.g. empty builds of one precision) would
-    hold in common with ``modules[0]``: the first's buffers that every other holds under the same name with the same
-    layout, dtype and shape. Holders of one precision store equal codes there (one rounding rule per format), which
-    :func:`share_equal_buffers` then shares."""
-    first = dict(modules[0].named_buffers(recurse=False))
-    common = 0
-    for name, buffer in first.items():
-        if buffer is None or buffer.layout != torch.strided:
-            continue
-        others = [dict(module.named_buffers(recurse=False)).get(name) for module in modules[1:]]
-        if all(other is not None and other.layout == torch.strided and other.dtype == buffer.dtype
-               and other.shape == buffer.shape for other in others):
-            common += buffer.nbytes
-    return common
+def saved_by_sharing(modules: list[nn.Module]) -> int:
+    """Bytes ``modules[1:]`` (quantized holders of one tied weight, e.g. empty builds of one precision) would not hold
+    again by sharing ``modules[0]``'s buffers that every other holds under the same name in the same layout, dtype and
+    shape (:func:`share_equal_buffers` then shares them: holders of one precision store equal codes there, one
+    rounding rule per format)."""
+    others = [dict(module.named_buffers(recurse=False)) for module in modules[1:]]
+    common = sum(buffer.nbytes for name, buffer in modules[0].named_buffers(recurse=False)
+                 if all(_same_layout(buffer, other.get(name)) for other in others))
+    return common * len(others)
+
+
+def sharing_note(kernel: str, holder: str) -> str:
+    """The report's kernel text for a layer whose weight is ``holder``'s tensor."""
+    return f"{kernel}; weight shared with {holder!r} (tied)"

@@ -12,7 +12,7 @@ solved exactly by HiGHS through ``scipy.optimize.milp``. A tensor several layers
 (a tied weight, e.g. a language model's head and its input embedding) counts once, and
 only while one of its holders stays float32: a binary ``z[t] = OR_l x[l, fp32]`` carries
 its bytes, so quantizing one holder does not free it. Holders that all take one precision
-whose storage they can share (:func:`mixprec.tied_weights.shareable_bytes`: e.g. ``w8gN``,
+whose storage they can share (:func:`mixprec.tied_weights.saved_by_sharing`: e.g. ``w8gN``,
 ``bf16``) hold one quantized copy: a binary ``y = AND_l x[l, p]`` takes the second copy's
 bytes off. Costs are the sensitivity
 table's (additive: SQNR noise powers and second-order loss terms add across layers to
@@ -37,7 +37,7 @@ from mixprec.analysis.sensitivity import SensitivityTable
 from mixprec.errors import PolicyError
 from mixprec.policy import Policy, quantizable_names
 from mixprec.precision import build_empty, check_applicable, parse_precision
-from mixprec.tied_weights import shareable_bytes, tied_groups
+from mixprec.tied_weights import saved_by_sharing, tied_groups
 
 
 @dataclass(frozen=True)
@@ -195,9 +195,9 @@ def _merged_tensors(model: nn.Module, layers: dict[str, tuple[Option, ...]]) -> 
         common = set.intersection(*({o.precision for o in layers[name]} for name in names)) - {"fp32"}
         for precision in sorted(common):
             target = parse_precision(precision)
-            same = shareable_bytes([build_empty(model.get_submodule(name), target) for name in names])
-            if same:
-                merged.append(MergedTensor(same * (len(names) - 1), tuple(names), precision))
+            saved = saved_by_sharing([build_empty(model.get_submodule(name), target) for name in names])
+            if saved:
+                merged.append(MergedTensor(saved, tuple(names), precision))
     return tuple(merged)
 
 
@@ -234,8 +234,7 @@ def uniform_bytes(model: nn.Module, precision: str) -> int:
         replaced[name] = module
     freed = sum(size for size, holders in tensor_holders(model).values() if set(holders) <= replaced.keys())
     built = {name: build_empty(module, target) for name, module in replaced.items()}
-    shared = sum(shareable_bytes([built[name] for name in names]) * (len(names) - 1)
-                 for names in tied_groups(replaced.items()))
+    shared = sum(saved_by_sharing([built[name] for name in names]) for names in tied_groups(replaced.items()))
     return model_bytes(model) - freed - shared + sum(own_bytes(module) for module in built.values())
 
 

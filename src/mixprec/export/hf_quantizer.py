@@ -38,7 +38,7 @@ from mixprec.nn.base import warn_slow_paths
 from mixprec.nn.linear_int8 import int8_dynamic_class
 from mixprec.policy import Policy
 from mixprec.precision import as_linear, build, build_empty
-from mixprec.tied_weights import shareable_bytes
+from mixprec.tied_weights import saved_by_sharing
 
 try:
     from transformers.core_model_loading import ConversionOps
@@ -141,14 +141,15 @@ class MixprecQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         plans = self.quantization_config.policy.plan(model, check_values=False)
         self.plans = {plan.name: plan for plan in plans if plan.precision.family != "fp32"}
-        self.tied_head = self._tied_head(model)
-        if self.tied_head:  # its weight never arrives: it takes the embedding's quantized storage after loading
-            head = self.tied_head[0]
+        tied = self._tied_head(model)
+        if tied:  # the head's weight never arrives: it takes the embedding's quantized storage after loading
+            head, embedding, head_empty = tied
+            self.tied_head = head, embedding
             getattr(model, "all_tied_weights_keys", {}).pop(f"{head}.weight", None)  # transformers ties Parameters
             ignored = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())  # not missing: shared
             model._keys_to_ignore_on_load_missing = ignored | {rf"^{re.escape(head)}\.weight(_scale)?$"}
             if not self.pre_quantized:
-                _replace(model, head, build_empty(self.plans[head].module, self.plans[head].precision))
+                _replace(model, head, head_empty)
         if self.pre_quantized:
             for name, plan in self.plans.items():
                 if plan.precision.family == "int8" and not isinstance(plan.module, nn.Embedding):
@@ -161,10 +162,11 @@ class MixprecQuantizer(HfQuantizer):
                         empty = empty.relaid(blocked=False)
                 _replace(model, name, empty)
 
-    def _tied_head(self, model: nn.Module) -> tuple[str, str] | None:
-        """``(head, embedding)`` when they share one weight (tie_word_embeddings) and both are quantized to one
-        precision whose storage the head can take from the embedding whole (w8gN, bf16, fp16; no bias); None when
-        neither is quantized; refuses any other tie (transformers re-ties them after loading)."""
+    def _tied_head(self, model: nn.Module) -> tuple[str, str, nn.Module] | None:
+        """``(head, embedding, the head's empty quantized module)`` when they share one weight (tie_word_embeddings)
+        and both are quantized to one precision whose storage the head can take from the embedding whole (w8gN,
+        bf16, fp16; no bias); None when neither is quantized; refuses any other tie (transformers re-ties them after
+        loading)."""
         if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
             return None
         names = {module: name for name, module in model.named_modules()}
@@ -172,13 +174,12 @@ class MixprecQuantizer(HfQuantizer):
         quantized = [name for name in (embedding, head) if name in self.plans]
         if not quantized:
             return None
-        if embedding in self.plans and head in self.plans:
-            precision = self.plans[head].precision
-            head_empty = build_empty(self.plans[head].module, precision)
-            table_empty = build_empty(self.plans[embedding].module, self.plans[embedding].precision)
-            if precision.name == self.plans[embedding].precision.name and \
-                    shareable_bytes([head_empty, table_empty]) == own_bytes(head_empty):
-                return head, embedding
+        if embedding in self.plans and head in self.plans and \
+                self.plans[head].precision.name == self.plans[embedding].precision.name:
+            head_empty, table_empty = (build_empty(self.plans[name].module, self.plans[name].precision)
+                                       for name in (head, embedding))
+            if saved_by_sharing([head_empty, table_empty]) == own_bytes(head_empty):
+                return head, embedding, head_empty
         holders, kept = f"{embedding!r} and {head!r}", ", ".join(map(repr, quantized))
         raise PolicyError(f"{holders} share one weight (tie_word_embeddings) and transformers re-ties them after "
                           f"loading, so here both take one precision whose codes they share (w8gN, bf16, fp16) or "

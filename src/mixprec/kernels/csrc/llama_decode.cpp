@@ -171,8 +171,9 @@ struct Projections {
   const at::Tensor* tensors(int64_t layer, Projection projection) const {
     return &weights[layer * kTensorsPerLayer + 2 + projection * kTensorsPerProjection];
   }
-  int64_t kernel(int64_t layer, Projection projection) const {
-    return plans[2 * (layer * kProjections + projection)];  // plans holds (kernel, few_rows_max) per projection
+  static Bias bias_of(const at::Tensor* t) { return t[4].numel() > 0 ? Bias(t[4]) : c10::nullopt; }
+  const int64_t* plan(int64_t layer, Projection projection) const {  // (kernel, few_rows_max)
+    return plans + 2 * (layer * kProjections + projection);
   }
 
   // Projections of one input (q, k, v; gate, up) with their output widths: in one call when every one is a blocked
@@ -182,7 +183,7 @@ struct Projections {
     const at::Tensor& first_scale = tensors(layer, which[0])[1];
     bool together = first_scale.dim() == 3;
     for (const Projection p : which)
-      together = together && kernel(layer, p) == kW4A8Blocked && tensors(layer, p)[1].dim() == 3 &&
+      together = together && plan(layer, p)[0] == kW4A8Blocked && tensors(layer, p)[1].dim() == 3 &&
                  tensors(layer, p)[1].size(1) == first_scale.size(1);
     std::vector<at::Tensor> outputs;
     if (!together) {
@@ -195,7 +196,7 @@ struct Projections {
       const at::Tensor* t = tensors(layer, p);
       codes.push_back(t[0]);
       scales.push_back(t[1]);
-      biases.push_back(t[4].numel() > 0 ? c10::optional<at::Tensor>(t[4]) : c10::nullopt);
+      biases.push_back(bias_of(t));
     }
     outputs = w4a8_many(in.signed_codes(), codes, scales, out_features, biases);
     for (size_t i = 0; i < which.size(); ++i) check_output(outputs[i], in.rows().size(0), layer, which[i],
@@ -213,12 +214,12 @@ struct Projections {
 
   at::Tensor operator()(ProjectionInput& in, int64_t layer, Projection projection, int64_t out_features) const {
     const at::Tensor* t = tensors(layer, projection);
-    const int64_t* plan = plans + 2 * (layer * kProjections + projection);
+    const int64_t* kernel_and_limit = plan(layer, projection);
     const int64_t rows = in.rows().size(0);
-    const bool few_rows = rows <= plan[1];
-    const Bias bias = t[4].numel() > 0 ? Bias(t[4]) : c10::nullopt;
+    const bool few_rows = rows <= kernel_and_limit[1];
+    const Bias bias = bias_of(t);
     at::Tensor y;
-    switch (plan[0]) {
+    switch (kernel_and_limit[0]) {
       case kW4A8Blocked:
         y = w4a8(in.signed_codes(), t[0], t[1], out_features, bias);
         break;

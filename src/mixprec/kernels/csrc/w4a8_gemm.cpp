@@ -57,12 +57,18 @@ namespace {
 // Output channels per unpacked block: two vectors of 16 int32 lanes.
 constexpr int64_t kBlock = 32;
 
-void check_inputs(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& packed, const at::Tensor& scale,
-                  const c10::optional<at::Tensor>& bias) {
+// The activation operands of both layouts: int8 codes xq [M, K] and one float32 scale per row.
+void check_activations(const at::Tensor& xq, const at::Tensor& x_scale) {
   TORCH_CHECK(xq.dim() == 2 && xq.scalar_type() == at::kChar && xq.is_contiguous() && xq.device().is_cpu(),
               "xq must be a contiguous int8 CPU matrix [M, K]");
-  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous() && x_scale.numel() == xq.size(0),
+  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous() && x_scale.numel() == xq.size(0) &&
+                  x_scale.device().is_cpu(),
               "x_scale must hold one float32 per row of xq");
+}
+
+void check_inputs(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& packed, const at::Tensor& scale,
+                  const c10::optional<at::Tensor>& bias) {
+  check_activations(xq, x_scale);
   const int64_t cols = xq.size(1);
   mixprec::check_w4_layout(packed, scale, cols, 4);
   TORCH_CHECK(cols / scale.size(1) < 16384, "group size must be below 16384");
@@ -417,16 +423,6 @@ const float* check_blocked_weight(const at::Tensor& codes, const at::Tensor& sca
   return bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
 }
 
-void check_activations(const at::Tensor& xq, const at::Tensor& x_scale) {
-  TORCH_CHECK(w4a8_blocked_available(),
-              "this build of the mixprec kernels has no AVX512-VNNI or AVX2 int4 x int8 kernel");
-  TORCH_CHECK(xq.dim() == 2 && xq.scalar_type() == at::kChar && xq.is_contiguous() && xq.device().is_cpu(),
-              "xq must be a contiguous int8 CPU matrix [M, K]");
-  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous() && x_scale.numel() == xq.size(0) &&
-                  x_scale.device().is_cpu(),
-              "x_scale must hold one float32 per row of xq");
-}
-
 // The same rows of x against several blocked-layout weights of one K and one group size G, in one parallel region:
 // their 32-channel blocks taken as one sequence (the first weight's, then the next one's) and split over the threads
 // in contiguous ranges, so that, decoding, each thread streams one run of bytes across the weights and the threads
@@ -435,6 +431,8 @@ std::vector<at::Tensor> w4a8_linear_blocked_many(const at::Tensor& xq, const at:
                                                  at::TensorList codes, at::TensorList scales,
                                                  at::IntArrayRef out_features,
                                                  const c10::List<c10::optional<at::Tensor>>& biases) {
+  TORCH_CHECK(w4a8_blocked_available(),
+              "this build of the mixprec kernels has no AVX512-VNNI or AVX2 int4 x int8 kernel");
   check_activations(xq, x_scale);
   const size_t count = codes.size();
   TORCH_CHECK(count >= 1 && scales.size() == count && out_features.size() == count && biases.size() == count,
