@@ -12,8 +12,11 @@ from torch import nn
 import mixprec
 from mixprec.kernels import huge_pages, onednn_int8
 from mixprec.kernels.huge_pages import (
+    GATHER_ALIGNMENT,
     HUGE_PAGE_BYTES,
     collapse_into_huge_pages,
+    gather_in_huge_pages,
+    laid_one_after_another,
     transparent_huge_pages,
     zeros_in_huge_pages,
 )
@@ -87,6 +90,61 @@ def test_quantized_modules_hold_their_codes_in_advised_memory_and_round_trip(tmp
     fresh = nn.Sequential(nn.Linear(4096, 1024), nn.Linear(2048, 2048), nn.Linear(1024, 4096))
     mixprec.load(fresh, path)
     assert torch.equal(fresh[0](x), expected)
+
+
+def mixed_tensors() -> list[torch.Tensor]:
+    """Tensors of several dtypes and sizes (odd byte counts, an empty one), 2.6 MB in all."""
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randint(0, 256, (1000, 1031), dtype=torch.uint8, generator=generator),
+            torch.randn(333, 64, generator=generator).half(), torch.empty(0), torch.randn(7, generator=generator),
+            torch.randint(-128, 128, (HUGE_PAGE_BYTES // 2 + 5,), dtype=torch.int8, generator=generator),
+            torch.randn(3, 5, generator=generator).bfloat16()]
+
+
+@offered
+def test_gathered_tensors_keep_their_values_lie_one_after_another_each_with_its_own_storage(tmp_path: Path) -> None:
+    tensors = mixed_tensors()
+    with torch.inference_mode():
+        gathered = gather_in_huge_pages(tensors)
+    assert len(gathered) == len(tensors) and not any(t.is_inference() for t in gathered)
+    for before, after in zip(tensors, gathered, strict=True):
+        assert after.dtype == before.dtype and after.shape == before.shape and torch.equal(after, before)
+        assert after.data_ptr() != before.data_ptr() or not before.numel()
+    present = [t for t in gathered if t.numel()]
+    assert laid_one_after_another(gathered) and not laid_one_after_another(tensors)
+    assert all(t.data_ptr() % GATHER_ALIGNMENT == 0 for t in present)
+    assert present[0].data_ptr() % HUGE_PAGE_BYTES == 0 and advised_for_huge_pages(present[-1].data_ptr())
+    # one storage each, over its own bytes: savers and tied-weight checks tell them apart
+    assert [t.untyped_storage().nbytes() for t in present] == [t.nbytes for t in present]
+    assert len({t.untyped_storage().data_ptr() for t in present}) == len(present)
+    assert gather_in_huge_pages(gathered) == gathered  # already gathered: the same tensors back
+    gathered[1][0, 0] = 7  # writable; the others unchanged
+    assert float(gathered[1][0, 0]) == 7 and torch.equal(gathered[0], tensors[0])
+    from safetensors.torch import load_file, save_file
+    save_file({str(i): t for i, t in enumerate(gathered)}, tmp_path / "gathered.safetensors")
+    loaded = load_file(tmp_path / "gathered.safetensors")
+    assert all(torch.equal(loaded[str(i)], t) for i, t in enumerate(gathered))
+
+
+@pytest.mark.parametrize("case", ["below one huge page", "environment off"])
+def test_gathering_leaves_the_tensors_as_they_are_when_it_would_not_help(case: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    tensors = mixed_tensors()
+    if case == "environment off":
+        monkeypatch.setenv("MIXPREC_HUGE_PAGES", "0")
+    else:
+        tensors = tensors[1:4]
+    assert all(after is before for after, before in zip(gather_in_huge_pages(tensors), tensors, strict=True))
+
+
+def test_gathering_refuses_what_it_cannot_lay_out() -> None:
+    with pytest.raises(ValueError, match="contiguous strided CPU tensors; tensor 1 is torch.strided on cpu, not "
+                                         "contiguous"):
+        gather_in_huge_pages([torch.zeros(4), torch.zeros(4, 4).t()])
+    with pytest.raises(ValueError, match="tensor 0 is torch.sparse_coo on cpu"):
+        gather_in_huge_pages([torch.zeros(4, 4).to_sparse()])
+    with pytest.raises(ValueError, match="CPU tensors; item 0 is list"):
+        gather_in_huge_pages([[1, 2]])  # type: ignore[list-item]
 
 
 def test_zeros_in_huge_pages_follow_the_default_device_and_refuse_negative_sizes() -> None:

@@ -10,7 +10,8 @@ import torch
 
 import mixprec
 from mixprec import InputError, NativeLlamaDecoder, Policy
-from mixprec.kernels import int8_linear, native, onednn_int8, weight_only
+from mixprec.accounting import model_bytes
+from mixprec.kernels import huge_pages, int8_linear, native, onednn_int8, weight_only
 from mixprec.nn.linear_int8 import Int8DynamicLinear
 from mixprec.nn.linear_weight_only import W4A8Linear
 
@@ -250,6 +251,40 @@ def test_one_token_is_the_layers_own_modules_composed(policy: Policy) -> None:
         expected = model.lm_head(model.model.norm(h + mlp))
     got = NativeLlamaDecoder(model, max_length=4)(ids)
     assert torch.allclose(got, expected, rtol=0, atol=1e-6), (got - expected).abs().max()
+
+
+@pytest.mark.skipif(huge_pages.transparent_huge_pages() not in ("always", "madvise"),
+                    reason="the kernel offers no transparent huge pages here")
+@pytest.mark.parametrize("policy", [W4A8, INT8], ids=["w4a8", "int8"])
+def test_the_decoder_gathers_the_layers_tensors_into_huge_pages_shared_with_the_model(
+        policy: Policy, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    model = tiny_llama(policy, hidden_size=512, intermediate_size=1024, qkv_bias=True, family="Qwen2")
+    ids = torch.arange(6) + 3
+    eager = reference_logits(model, ids)
+    held_bytes = model_bytes(model)
+    monkeypatch.setenv("MIXPREC_HUGE_PAGES", "0")
+    apart = NativeLlamaDecoder(model, max_length=16)  # MIXPREC_HUGE_PAGES=0: the tensors where they were
+    monkeypatch.delenv("MIXPREC_HUGE_PAGES")
+    gathered = NativeLlamaDecoder(model, max_length=16)
+    moved = [t for t in gathered.weights if t.layout == torch.strided and t.numel()]
+    assert huge_pages.laid_one_after_another(moved) and len(moved) > 3 * 7
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(moved, [t for t in apart.weights
+                                                                   if t.layout == torch.strided and t.numel()]))
+    layer = model.model.layers[1]
+    down = layer.mlp.down_proj
+    scales = down.scale_blocked if isinstance(down, W4A8Linear) else down.weight_scale
+    for held in (layer.input_layernorm.weight, layer.self_attn.q_proj.bias, scales):
+        assert any(held.data_ptr() == t.data_ptr() for t in moved)  # the model holds the moved tensors
+    assert isinstance(layer.input_layernorm.weight, torch.nn.Parameter)  # a parameter stays one
+    assert torch.equal(gathered(ids), apart(ids))
+    assert torch.equal(reference_logits(model, ids), eager)
+    assert model_bytes(model) == held_bytes  # every moved tensor counted once, as before
+    again = NativeLlamaDecoder(model, max_length=16)  # already gathered: nothing moves twice
+    assert [t.data_ptr() for t in again.weights] == [t.data_ptr() for t in gathered.weights]
+    mixprec.save(model, tmp_path / "model.safetensors")
+    fresh = tiny_llama(None, hidden_size=512, intermediate_size=1024, qkv_bias=True, family="Qwen2")
+    mixprec.load(fresh, tmp_path / "model.safetensors")
+    assert torch.equal(reference_logits(fresh, ids), eager)
 
 
 def test_unsupported_models_are_refused_naming_what_would_fit() -> None:

@@ -17,6 +17,10 @@ the codes are first written (the kernel hands out anonymous memory zero-filled: 
 tail shorter than 2 MiB stays in 4 KiB pages, so no memory is spent beyond the tensor's bytes. The
 result is an ordinary CPU tensor whose storage is that mapping, unmapped when the storage is freed.
 
+:func:`gather_in_huge_pages` copies many tensors, small ones too, one after another into one such mapping, each
+with a storage of its own: a decode step's projection codes, their scales (a few hundred KB each, so never in huge
+pages alone) and biases then lie in 2 MiB pages in the order the step reads them (``NativeLlamaDecoder``).
+
 Memory that another allocator has already written (oneDNN's packed int8 weights, which PyTorch allocates)
 is moved into huge pages afterwards by :func:`collapse_into_huge_pages` (``madvise(MADV_COLLAPSE)``,
 Linux 6.1 and later; the values stay as they are).
@@ -78,14 +82,68 @@ def zeros_in_huge_pages(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
     if (nbytes < HUGE_PAGE_BYTES or torch.get_default_device().type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE")
             or not huge_pages_wanted()):
         return torch.zeros(shape, dtype=dtype)
-    # Private anonymous memory (a shared mapping would be shmem, under other rules), untouched: nothing resident yet.
+    mapping, offset = _advised_mapping(nbytes, nbytes // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES)
+    return torch.frombuffer(mapping, dtype=dtype, count=count, offset=offset).view(shape)
+
+
+def _advised_mapping(nbytes: int, advised: int) -> tuple[mmap.mmap, int]:
+    """A fresh private anonymous mapping (a shared one would be shmem, under other rules) with room for ``nbytes``
+    from a 2 MiB boundary, and that boundary's offset in it; the ``advised`` bytes from there on carry
+    MADV_HUGEPAGE. Nothing is resident until written; where the advice is refused the memory stays in 4 KiB pages."""
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE)
     offset = -torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE_BYTES
     try:
-        mapping.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES)
-    except OSError:  # advice only: the zeros stand in 4 KiB pages
+        mapping.madvise(mmap.MADV_HUGEPAGE, offset, advised)
+    except OSError:  # advice only
         pass
-    return torch.frombuffer(mapping, dtype=dtype, count=count, offset=offset).view(shape)
+    return mapping, offset
+
+
+#: Where :func:`gather_in_huge_pages` starts each tensor: a multiple of this many bytes (one cache line).
+GATHER_ALIGNMENT = 64
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // GATHER_ALIGNMENT) * GATHER_ALIGNMENT
+
+
+def laid_one_after_another(tensors: Sequence[Tensor]) -> bool:
+    """Whether each tensor starts where the one before it ends, rounded up to :data:`GATHER_ALIGNMENT` bytes (as
+    :func:`gather_in_huge_pages` lays them), so gathering them again would change nothing."""
+    present = [tensor for tensor in tensors if tensor.numel()]
+    return all(after.data_ptr() == before.data_ptr() + _aligned(before.nbytes)
+               for before, after in zip(present, present[1:]))
+
+
+def gather_in_huge_pages(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Copies of ``tensors`` (contiguous, strided CPU tensors) laid one after another in one fresh mapping advised
+    for 2 MiB pages, each starting at a multiple of :data:`GATHER_ALIGNMENT` bytes: the same dtypes, shapes and
+    values, each with a storage of its own over its bytes (so savers and tied-weight checks, which tell tensors apart
+    by storage, see them as before). The mapping is unmapped when the last of them is freed. Returns the tensors
+    themselves when huge pages are not wanted (:func:`huge_pages_wanted`), when they hold fewer than
+    :data:`HUGE_PAGE_BYTES` bytes in all, or when they already lie one after another (:func:`laid_one_after_another`).
+    """
+    tensors = list(tensors)
+    for index, tensor in enumerate(tensors):
+        if not isinstance(tensor, Tensor):
+            raise ValueError(f"gather_in_huge_pages takes CPU tensors; item {index} is {type(tensor).__name__}")
+        if tensor.layout != torch.strided or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            order = "" if tensor.is_contiguous() else ", not contiguous"
+            raise ValueError(f"gather_in_huge_pages takes contiguous strided CPU tensors; tensor {index} is "
+                             f"{tensor.layout} on {tensor.device}{order}")
+    total = sum(_aligned(tensor.nbytes) for tensor in tensors)
+    if total < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE") or not huge_pages_wanted() \
+            or laid_one_after_another(tensors):
+        return tensors
+    mapping, start = _advised_mapping(total, -(-total // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES)
+    gathered = []
+    with torch.inference_mode(False):  # ordinary tensors, writable later (a checkpoint loaded into them) wherever made
+        for tensor in tensors:
+            copy = torch.frombuffer(mapping, dtype=tensor.dtype, count=tensor.numel(), offset=start) \
+                if tensor.numel() else torch.empty(0, dtype=tensor.dtype)
+            gathered.append(copy.view(tensor.shape).copy_(tensor))
+            start += _aligned(tensor.nbytes)
+    return gathered
 
 
 def collapse_into_huge_pages(address: int, nbytes: int) -> int:
