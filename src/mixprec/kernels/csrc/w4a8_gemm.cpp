@@ -57,6 +57,15 @@ namespace {
 // Output channels per unpacked block: two vectors of 16 int32 lanes.
 constexpr int64_t kBlock = 32;
 
+#if MIXPREC_W4A8
+// How far ahead of its loads blocked_rows asks for the codes (prefetcht0, bytes of the block stream: four octet
+// lines). Decoding from DRAM the hardware prefetchers bring the stream towards the core but not into L1 soon
+// enough: one 324 MB weight read 1.065x faster so while a 1 GiB sum read 52-60 GB/s (256 bytes 1.054x; 640 and
+// more slower), the 1.17B decode step 1.031x in the median paired round; from the L3 and for many rows no change
+// (BENCHMARKS.md, "The w4a8 codes prefetched into L1").
+constexpr int64_t kCodePrefetchBytes = 512;
+#endif
+
 // The activation operands of both layouts: int8 codes xq [M, K] and one float32 scale per row.
 void check_activations(const at::Tensor& xq, const at::Tensor& x_scale) {
   TORCH_CHECK(xq.dim() == 2 && xq.scalar_type() == at::kChar && xq.is_contiguous() && xq.device().is_cpu(),
@@ -257,6 +266,9 @@ void blocked_rows(const int8_t* xq, const int32_t* offsets, const float* x_scale
     const uint8_t* wg = block + g * octets_per_group * kBlock * 4;
     const int8_t* xg = xq + g * group;
     for (int64_t o = 0; o < octets_per_group; ++o) {
+      const char* ahead = reinterpret_cast<const char*>(wg + o * kBlock * 4 + kCodePrefetchBytes);
+      _mm_prefetch(ahead, _MM_HINT_T0);  // never faults, past the end of the codes too
+      _mm_prefetch(ahead + 64, _MM_HINT_T0);
       const __m512i v0 = _mm512_xor_si512(_mm512_loadu_si512(wg + o * kBlock * 4), flip);
       const __m512i v1 = _mm512_xor_si512(_mm512_loadu_si512(wg + o * kBlock * 4 + 64), flip);
       const __m512i low0 = _mm512_and_si512(v0, nibble), high0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), nibble);
