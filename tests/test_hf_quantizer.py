@@ -133,3 +133,12 @@ def test_damaged_or_foreign_folders_are_refused(tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         transformers.AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_loading_gives_the_freed_float_weights_back_to_the_system(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = save_float(tmp_path)
+    calls: list[int] = []
+    monkeypatch.setattr(hf_quantizer, "release_free_heap", lambda: calls.append(1))
+    transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=MixprecConfig(MIXED))
+    assert calls == [1]  # once, after the weights are in (mixprec.heap)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import weakref
 from pathlib import Path
 
 import pytest
@@ -104,8 +105,12 @@ def mixed_tensors() -> list[torch.Tensor]:
 @offered
 def test_gathered_tensors_keep_their_values_lie_one_after_another_each_with_its_own_storage(tmp_path: Path) -> None:
     tensors = mixed_tensors()
+    gathered = list(tensors)
+    seen: list[tuple[int, torch.Tensor]] = []
     with torch.inference_mode():
-        gathered = gather_in_huge_pages(tensors)
+        assert gather_in_huge_pages(gathered, lambda index, copy: seen.append((index, copy)))
+    assert [index for index, _ in seen] == list(range(len(tensors)))
+    assert all(copy is gathered[index] for index, copy in seen)
     assert len(gathered) == len(tensors) and not any(t.is_inference() for t in gathered)
     for before, after in zip(tensors, gathered, strict=True):
         assert after.dtype == before.dtype and after.shape == before.shape and torch.equal(after, before)
@@ -117,7 +122,8 @@ def test_gathered_tensors_keep_their_values_lie_one_after_another_each_with_its_
     # one storage each, over its own bytes: savers and tied-weight checks tell them apart
     assert [t.untyped_storage().nbytes() for t in present] == [t.nbytes for t in present]
     assert len({t.untyped_storage().data_ptr() for t in present}) == len(present)
-    assert gather_in_huge_pages(gathered) == gathered  # already gathered: the same tensors back
+    again = list(gathered)
+    assert not gather_in_huge_pages(again) and all(a is b for a, b in zip(again, gathered, strict=True))
     gathered[1][0, 0] = 7  # writable; the others unchanged
     assert float(gathered[1][0, 0]) == 7 and torch.equal(gathered[0], tensors[0])
     from safetensors.torch import load_file, save_file
@@ -134,7 +140,19 @@ def test_gathering_leaves_the_tensors_as_they_are_when_it_would_not_help(case: s
         monkeypatch.setenv("MIXPREC_HUGE_PAGES", "0")
     else:
         tensors = tensors[1:4]
-    assert all(after is before for after, before in zip(gather_in_huge_pages(tensors), tensors, strict=True))
+    kept = list(tensors)
+    assert not gather_in_huge_pages(kept) and all(after is before for after, before in zip(kept, tensors, strict=True))
+
+
+@offered
+def test_each_original_is_freed_before_the_next_is_copied() -> None:
+    tensors = [torch.full((HUGE_PAGE_BYTES // 4,), float(index)) for index in range(3)]  # held by the list only
+    originals = [weakref.ref(tensor) for tensor in tensors]
+    alive_when_replaced = []
+    assert gather_in_huge_pages(tensors, lambda index, copy: alive_when_replaced.append(
+        [reference() is not None for reference in originals]))
+    assert alive_when_replaced == [[False, True, True], [False, False, True], [False, False, False]]
+    assert [float(tensor[-1]) for tensor in tensors] == [0.0, 1.0, 2.0]
 
 
 def test_gathering_refuses_what_it_cannot_lay_out() -> None:
@@ -145,6 +163,8 @@ def test_gathering_refuses_what_it_cannot_lay_out() -> None:
         gather_in_huge_pages([torch.zeros(4, 4).to_sparse()])
     with pytest.raises(ValueError, match="CPU tensors; item 0 is list"):
         gather_in_huge_pages([[1, 2]])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="a list of tensors \\(its entries are replaced\\), got tuple"):
+        gather_in_huge_pages((torch.zeros(4),))  # type: ignore[arg-type]
 
 
 def test_zeros_in_huge_pages_follow_the_default_device_and_refuse_negative_sizes() -> None:

@@ -12,6 +12,7 @@ import mixprec
 from mixprec import InputError, NativeLlamaDecoder, Policy
 from mixprec.accounting import model_bytes
 from mixprec.kernels import huge_pages, int8_linear, native, onednn_int8, weight_only
+from mixprec.nn import native_decoder
 from mixprec.nn.linear_int8 import Int8DynamicLinear
 from mixprec.nn.linear_weight_only import W4A8Linear
 
@@ -279,7 +280,10 @@ def test_the_decoder_gathers_the_layers_tensors_into_huge_pages_shared_with_the_
     assert torch.equal(gathered(ids), apart(ids))
     assert torch.equal(reference_logits(model, ids), eager)
     assert model_bytes(model) == held_bytes  # every moved tensor counted once, as before
+    released: list[int] = []
+    monkeypatch.setattr(native_decoder, "release_free_heap", lambda: released.append(1))
     again = NativeLlamaDecoder(model, max_length=16)  # already gathered: nothing moves twice
+    assert released == [1]  # the freed originals' heap pages go back to the system (mixprec.heap)
     assert [t.data_ptr() for t in again.weights] == [t.data_ptr() for t in gathered.weights]
     mixprec.save(model, tmp_path / "model.safetensors")
     fresh = tiny_llama(None, hidden_size=512, intermediate_size=1024, qkv_bias=True, family="Qwen2")

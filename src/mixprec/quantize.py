@@ -14,6 +14,7 @@ from mixprec.batchnorm import folded_conv, plan_merges, replace_module
 from mixprec.errors import CalibrationError, ExportError, PolicyError
 from mixprec.formats import QParams, all_finite
 from mixprec.gptq import HessianAccumulator
+from mixprec.heap import release_free_heap
 from mixprec.nn.base import warn_slow_paths
 from mixprec.nn.linear_int8 import STATIC_ACTIVATION
 from mixprec.observers import OBSERVERS, make_observer
@@ -142,7 +143,9 @@ def quantize(model: nn.Module, policy: Policy | str, calibration: Iterable[Any] 
             weight_rounding=("gptq" if name in gptq_names else "nearest") if integer_weights else "-",
             slow_path=getattr(module, "slow_path", None) or "",
         ))
-    return QuantReport(tuple(rows), model_bytes(model), fp32_bytes)
+    report = QuantReport(tuple(rows), model_bytes(model), fp32_bytes)
+    release_free_heap()  # the float weights and every temporary freed above (see mixprec.heap)
+    return report
 
 
 def calibrate(

@@ -25,6 +25,7 @@ from mixprec.accounting import model_bytes, modules_with_tensors, own_bytes
 from mixprec.batchnorm import with_bias_template
 from mixprec.errors import CheckpointError, MixprecError
 from mixprec.formats import all_finite
+from mixprec.heap import release_free_heap
 from mixprec.io_utils import atomic_path
 from mixprec.nn import QuantizedModule
 from mixprec.nn.base import warn_slow_paths
@@ -157,6 +158,7 @@ def load(model: nn.Module, path: str | os.PathLike[str]) -> QuantReport:
         guard_save_pretrained(model)
         model.load_state_dict({k: tensors[k] for k in expected})
         sharing = share_tied_storage(model, tied)  # tied layers saved as one tensor hold one again
+    release_free_heap()  # the float layers replaced and the file's tensors copied in (see mixprec.heap)
     return _loaded_report(model, layers, fp32_bytes, sharing)
 
 

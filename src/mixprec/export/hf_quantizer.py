@@ -32,6 +32,7 @@ from torch import nn
 
 from mixprec.accounting import own_bytes
 from mixprec.errors import CheckpointError, PolicyError
+from mixprec.heap import release_free_heap
 from mixprec.kernels.w4a8_linear import blocked_layout_applies
 from mixprec.nn import HalfLinear, Int8DynamicLinear, Int8PackedLinear, QuantizedModule, W4A8Linear
 from mixprec.nn.base import warn_slow_paths
@@ -238,6 +239,7 @@ class MixprecQuantizer(HfQuantizer):
                 wanted = module.weight.dtype if isinstance(module, HalfLinear) else torch.float32
                 module.bias = bias.detach().to(wanted)
         warn_slow_paths((name, m) for name, m in model.named_modules() if isinstance(m, QuantizedModule))
+        release_free_heap()  # the float weights transformers read and freed (see mixprec.heap)
 
     def _refuse_missing(self, model: nn.Module) -> None:
         """A mixprec folder must hold every tensor of every quantized layer: transformers fills a

@@ -36,7 +36,7 @@ import math
 import mmap
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -115,15 +115,12 @@ def laid_one_after_another(tensors: Sequence[Tensor]) -> bool:
                for before, after in zip(present, present[1:]))
 
 
-def gather_in_huge_pages(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """Copies of ``tensors`` (contiguous, strided CPU tensors) laid one after another in one fresh mapping advised
-    for 2 MiB pages, each starting at a multiple of :data:`GATHER_ALIGNMENT` bytes: the same dtypes, shapes and
-    values, each with a storage of its own over its bytes (so savers and tied-weight checks, which tell tensors apart
-    by storage, see them as before). The mapping is unmapped when the last of them is freed. Returns the tensors
-    themselves when huge pages are not wanted (:func:`huge_pages_wanted`), when they hold fewer than
-    :data:`HUGE_PAGE_BYTES` bytes in all, or when they already lie one after another (:func:`laid_one_after_another`).
-    """
-    tensors = list(tensors)
+def _check_gatherable(tensors: list[Tensor]) -> None:
+    """Refuses what :func:`gather_in_huge_pages` cannot move, naming the entry (its own frame, so that no loop
+    variable keeps an original alive while they are moved)."""
+    if not isinstance(tensors, list):
+        raise ValueError(f"gather_in_huge_pages takes a list of tensors (its entries are replaced), got "
+                         f"{type(tensors).__name__}")
     for index, tensor in enumerate(tensors):
         if not isinstance(tensor, Tensor):
             raise ValueError(f"gather_in_huge_pages takes CPU tensors; item {index} is {type(tensor).__name__}")
@@ -131,19 +128,36 @@ def gather_in_huge_pages(tensors: Sequence[Tensor]) -> list[Tensor]:
             order = "" if tensor.is_contiguous() else ", not contiguous"
             raise ValueError(f"gather_in_huge_pages takes contiguous strided CPU tensors; tensor {index} is "
                              f"{tensor.layout} on {tensor.device}{order}")
+
+
+def gather_in_huge_pages(tensors: list[Tensor], replaced: Callable[[int, Tensor], None] | None = None) -> bool:
+    """Moves ``tensors`` (a list of contiguous, strided CPU tensors) one after another into one fresh mapping advised
+    for 2 MiB pages, each starting at a multiple of :data:`GATHER_ALIGNMENT` bytes: ``tensors[i]`` becomes a copy
+    with the same dtype, shape and values and a storage of its own over its bytes (so savers and tied-weight checks,
+    which tell tensors apart by storage, see them as before), one at a time, and ``replaced(i, copy)`` is called
+    right after each, for the caller to give the copy to whatever else held the original: each original can then be
+    freed before the next is copied, so moving holds about one tensor's bytes more than before, not a second copy of
+    them all. The mapping is unmapped when the last copy is freed. Moves nothing and returns False when huge pages
+    are not wanted (:func:`huge_pages_wanted`), when the tensors hold fewer than :data:`HUGE_PAGE_BYTES` bytes in
+    all, or when they already lie one after another (:func:`laid_one_after_another`); True when it moved them.
+    """
+    _check_gatherable(tensors)
     total = sum(_aligned(tensor.nbytes) for tensor in tensors)
     if total < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE") or not huge_pages_wanted() \
             or laid_one_after_another(tensors):
-        return tensors
+        return False
     mapping, start = _advised_mapping(total, -(-total // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES)
-    gathered = []
     with torch.inference_mode(False):  # ordinary tensors, writable later (a checkpoint loaded into them) wherever made
-        for tensor in tensors:
-            copy = torch.frombuffer(mapping, dtype=tensor.dtype, count=tensor.numel(), offset=start) \
-                if tensor.numel() else torch.empty(0, dtype=tensor.dtype)
-            gathered.append(copy.view(tensor.shape).copy_(tensor))
-            start += _aligned(tensor.nbytes)
-    return gathered
+        for index in range(len(tensors)):
+            original = tensors[index]
+            copy = torch.frombuffer(mapping, dtype=original.dtype, count=original.numel(), offset=start) \
+                if original.numel() else torch.empty(0, dtype=original.dtype)
+            tensors[index] = copy.view(original.shape).copy_(original)
+            start += _aligned(original.nbytes)
+            del original, copy
+            if replaced is not None:
+                replaced(index, tensors[index])
+    return True
 
 
 def collapse_into_huge_pages(address: int, nbytes: int) -> int:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from mixprec.errors import InputError
+from mixprec.heap import release_free_heap
 from mixprec.kernels import native, weight_only
 from mixprec.kernels.huge_pages import gather_in_huge_pages, zeros_in_huge_pages
 from mixprec.kernels.int8_linear import PACKED_ROWS_MAX, dense_rows_max
@@ -116,28 +117,45 @@ def _gather_key(tensor: Tensor) -> tuple[int, torch.dtype, tuple[int, ...]] | No
     return tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)
 
 
-def _gather_held_tensors(layers: nn.Module, weights: list[Tensor]) -> list[Tensor]:
-    """``weights`` with every tensor that one of ``layers``' modules holds as a parameter or buffer moved into huge
-    pages one after another in the order a step reads them (``gather_in_huge_pages``: the 1.17B Llama shape's step
-    ran 1.02-1.04x faster so, ``benchmarks/huge_pages.py``), and the modules given the moved tensors in place of
-    their own, so the model and the decoder share them and no memory is spent twice. Tensors that no module holds
-    (oneDNN's packed weights, empty placeholders) stay as they are; values never change."""
+def _holders(layers: nn.Module) -> dict[tuple, list[tuple[dict[str, Tensor | None], str]]]:
+    """Where ``layers``' modules hold each movable tensor (``_gather_key``): their parameter or buffer tables and
+    the names in them."""
     holders: dict[tuple, list[tuple[dict[str, Tensor | None], str]]] = {}
     for module in layers.modules():
         for table in (module._parameters, module._buffers):
-            for name, tensor in table.items():
-                if tensor is not None and (key := _gather_key(tensor)) is not None:
+            for name in table:
+                key = None if table[name] is None else _gather_key(table[name])
+                if key is not None:
                     holders.setdefault(key, []).append((table, name))
-    movable = {key: tensor for tensor in weights if (key := _gather_key(tensor)) in holders}
-    moved = dict(zip(movable, gather_in_huge_pages(list(movable.values())), strict=True))
-    for key, tensor in moved.items():
-        for table, name in holders[key]:
+    return holders
+
+
+def _gather_held_tensors(layers: nn.Module, weights: list[Tensor]) -> None:
+    """Moves every tensor of ``weights`` that one of ``layers``' modules holds as a parameter or buffer into huge
+    pages, one after another in the order a step reads them (``gather_in_huge_pages``: the 1.17B Llama shape's step
+    ran 1.02-1.04x faster so, ``benchmarks/huge_pages.py``), replacing it in ``weights`` and in every module holding
+    it as soon as it is copied: the model and the decoder share the moved tensors, each original is freed before the
+    next is copied, no memory is spent twice. Tensors that no module holds (oneDNN's packed weights, empty
+    placeholders) stay as they are; values never change."""
+    holders = _holders(layers)
+    places: dict[tuple, list[int]] = {}  # each movable tensor's positions in weights, in the order first read
+    for position, key in enumerate(_gather_key(tensor) for tensor in weights):
+        if key in holders:
+            places.setdefault(key, []).append(position)
+    keys = list(places)
+    moving = [weights[places[key][0]] for key in keys]
+
+    def replaced(index: int, copy: Tensor) -> None:
+        for position in places[keys[index]]:
+            weights[position] = copy
+        for table, name in holders[keys[index]]:
             held = table[name]
             if isinstance(held, nn.Parameter):
-                held.data = tensor
+                held.data = copy
             else:
-                table[name] = tensor
-    return [moved.get(_gather_key(tensor), tensor) for tensor in weights]
+                table[name] = copy
+
+    gather_in_huge_pages(moving, replaced)
 
 
 def _norm_weight(module: nn.Module, name: str) -> Tensor:
@@ -189,7 +207,9 @@ class NativeLlamaDecoder:
                 weights += tensors
         self.model = model
         self.plans = plans
-        self.weights = _gather_held_tensors(layers, weights)
+        _gather_held_tensors(layers, weights)
+        release_free_heap()  # the originals of the gathered tensors (see mixprec.heap)
+        self.weights = weights
         self.final_norm = _norm_weight(decoder.norm, "model.norm")
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
