@@ -5,8 +5,8 @@ codes). glibc's allocator serves allocations below its mmap threshold (128 KiB a
 mmapped blocks are freed) from its heap and keeps the heap's free pages when they lie below a block still in use:
 the process's resident memory then stays well above what the model holds. ``quantize``, ``load``, loading through
 ``MixprecConfig`` and ``NativeLlamaDecoder`` therefore end with :func:`release_free_heap`: the 1.17B Llama shape of
-``benchmarks/decode.py`` quantized to ``w4a8g32 / head int8`` left its process 1,522 MiB above the model's tensors
-and the process's start before, 77 MiB with it (80-90 ms); ``int8``: 151 and 81 MiB (``benchmarks/resident_memory.py``;
+``benchmarks/decode.py`` quantized to ``int8`` left its process 624 MiB above the model's tensors and the process's
+start without it, 81 MiB with it (5-90 ms); ``w4a8g32 / head int8`` 92 and 77 MiB (``benchmarks/resident_memory.py``;
 BENCHMARKS.md, "Resident memory after quantizing").
 """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 
@@ -79,6 +80,14 @@ class QuantizedModule(nn.Module):
         return sum(t.nbytes for t in self.state_dict().values())
 
 
+def held_state_tensors(module: nn.Module, computed: Iterable[str]) -> list[Tensor]:
+    """The parameters and persistent buffers ``module`` itself holds, but those named in ``computed`` (a layout its
+    state dict replaces by tensors computed on saving)."""
+    skip = set(computed) | module._non_persistent_buffers_set
+    return [tensor for table in (module._parameters, module._buffers) for name, tensor in table.items()
+            if tensor is not None and name not in skip]
+
+
 class PackedWeightMixin:
     """For int8 modules that may hold their weight only in a backend's opaque prepacked tensor
     (the ``weight`` buffer then absent): ``state_dict()`` carries the dense int8 codes as
@@ -92,6 +101,13 @@ class PackedWeightMixin:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if "weight" not in self._buffers:
             destination[prefix + "weight"] = self.weight_codes()
+
+    def held_state(self) -> tuple[list[Tensor], int] | None:
+        """For byte accounting without unpacking: the state-dict tensors held as saved, and the bytes of the dense
+        codes computed on saving (None: the dense codes are held, the state dict is what the module holds)."""
+        if "weight" in self._buffers:
+            return None
+        return held_state_tensors(self, ()), math.prod(self.dense_weight_shape)  # int8: a byte per code
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:

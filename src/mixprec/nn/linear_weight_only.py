@@ -29,6 +29,7 @@ from mixprec.nn.base import (
     W8GroupStorage,
     as_float32_matrix,
     check_linear_input,
+    held_state_tensors,
     restore_shape,
     round_weight,
     round_weight_int4_packed,
@@ -197,6 +198,16 @@ class W4A8Linear(W4Linear):
             del destination[prefix + "codes_blocked"], destination[prefix + "scale_blocked"]
             packed, scale = w4a8.from_blocked(self.codes_blocked, self.scale_blocked, self.out_features)
             destination[prefix + "weight_packed"], destination[prefix + "weight_scale"] = packed, scale
+
+    def held_state(self) -> tuple[list[Tensor], int] | None:
+        """For byte accounting without converting: the state-dict tensors held as saved (the bias), and the bytes of
+        the packed codes (uint8 ``[out, in/2]``) and scales (float16 ``[out, in/G]``) computed from the blocked layout
+        on saving (None: the packed layout is held as saved)."""
+        if not self.blocked:
+            return None
+        groups = self.in_features // self.group_size
+        computed = self.out_features * self.in_features // 2 + self.out_features * groups * 2
+        return held_state_tensors(self, ("codes_blocked", "scale_blocked")), computed
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
