@@ -18,7 +18,7 @@ def held_and_computed(module: nn.Module) -> tuple[list[torch.Tensor], int]:
     """What ``module``'s own state dict holds, counted without computing anything: the tensors it holds as saved,
     and the bytes of those it computes on saving from another layout (a module with such a layout says so through
     ``held_state()``: a blocked ``w4a8`` weight, oneDNN's packed int8 weight; converting them only to count bytes
-    took 2.8 s of a 12.5 s ``quantize`` of a 1.17B Llama shape, and a copy of every weight at once)."""
+    took 4.3 s of a 12.5 s ``quantize`` of a 1.17B Llama shape, and a copy of every weight at once)."""
     held_state = getattr(module, "held_state", None)
     state = held_state() if callable(held_state) else None
     return (own_tensors(module), 0) if state is None else state
