@@ -13,18 +13,12 @@ from torch import nn
 
 import mixprec
 from mixprec import heap, serialization
+from mixprec.bench.process_memory import anon_bytes
 
 quantizing = importlib.import_module("mixprec.quantize")  # the package's quantize is the function
 
 glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or heap._malloc_trim() is None,
                            reason="needs glibc's malloc_trim (Linux)")
-
-
-def resident_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 @glibc
@@ -38,9 +32,9 @@ def test_free_heap_pages_below_a_live_block_go_back_to_the_system() -> None:
     for block in blocks:
         free(block)
     gc.collect()
-    held = resident_mb()
+    held = anon_bytes() / 2**20
     assert heap.release_free_heap()
-    released = held - resident_mb()
+    released = held - anon_bytes() / 2**20
     free(top)
     assert released > 200, f"only {released:.0f} MB of 256 went back"
 
